@@ -1,0 +1,204 @@
+"""Pydantic models for kollm.yaml. Errors name the YAML path and say how to fix it."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from kollm.errors import ConfigError
+from kollm.pipeline.step import STRICT
+
+CONFIG_FILE = "kollm.yaml"
+
+
+class TrackingConfig(BaseModel):
+    model_config = STRICT
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/.kollm/mlflow.db. "
+        "PostgreSQL: postgresql://user@host:5432/db.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name. Default: the project name.")
+    artifact_location: str | None = Field(
+        None, description="Where MLflow stores run artifacts for a new experiment (e.g. s3://bucket/kollm). Default: .kollm/mlartifacts."
+    )
+
+
+class DataSource(BaseModel):
+    model_config = STRICT
+    path: str = Field(..., description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...).")
+    format: Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"] = Field(
+        "auto", description="File format. auto: from the file extension (a folder with dataset_info.json is hf)."
+    )
+
+
+class Resources(BaseModel):
+    model_config = STRICT
+    gpus: int = Field(0, ge=0, description="GPUs the step needs. >1 runs training on several GPUs of one host.")
+    cpus: float = Field(1, gt=0, description="CPU cores the step needs (the Ray executor reserves them).")
+    memory: str | None = Field(None, description="Memory the step needs, e.g. 8Gi (the Ray and KFP executors reserve it).")
+
+
+class StepSpec(BaseModel):
+    model_config = STRICT
+    kind: str = Field(..., description="The step kind: prepare, cpt, sft, align, evaluate, register, python.")
+    name: str | None = Field(None, description="A unique name for the step. Default: the kind.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The step's settings; `kollm schema` lists them per kind.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Input name -> a data source name, an earlier step's name, or STEP.OUTPUT. "
+        "Default: the latest earlier output of the type the input accepts.",
+    )
+    resources: Resources = Field(default_factory=Resources)
+    retries: int = Field(0, ge=0, le=20, description="How often to retry the step after an unexpected error.")
+    retry_backoff_s: float = Field(2.0, ge=0, description="Seconds before the first retry; doubled on each further retry.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in " ./:\\")):
+            raise ValueError("a step name may not be empty or contain spaces, '.', '/', ':' or '\\'")
+        return v
+
+
+class ProjectConfig(BaseModel):
+    """The whole kollm.yaml."""
+
+    model_config = STRICT
+    project: str = Field(..., description="The project name (also the default MLflow experiment and registered model name).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: dict[str, DataSource] = Field(default_factory=dict, description="Named raw data sources, read by prepare steps.")
+    steps: list[StepSpec] = Field(..., min_length=1, description="The pipeline: steps run in this order.")
+    executor: Literal["local"] = Field("local", description="Which executor runs the steps.")
+
+
+def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:
+    out = prefix
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+_EXPECTED = {
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping (key: value)",
+    "list_type": "a list",
+    "model_type": "a mapping (key: value)",
+    "model_attributes_type": "a mapping (key: value)",
+}
+
+
+def pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """Turn a pydantic ValidationError into one line per problem: `steps[2].config.lr: expected a number, got "fast"`."""
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = format_loc(loc, prefix)
+        typ = e["type"]
+        if typ in _EXPECTED:
+            problems.append(f"{where}: expected {_EXPECTED[typ]}, got {_describe(e.get('input'))}")
+        elif typ == "missing":
+            problems.append(f"{where}: required field is missing")
+        elif typ == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[:-1]) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            if close:
+                hint = f"did you mean '{close[0]}'?"
+            elif allowed:
+                hint = "allowed keys: " + ", ".join(allowed)
+            else:
+                hint = "remove it"
+            problems.append(f"{where}: unknown key; {hint}")
+        elif typ == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            problems.append(f"{where}: expected one of {expected}, got {_describe(e.get('input'))}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg[0].lower() + msg[1:] if msg else msg}")
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at `loc`, for 'did you mean' hints."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            ann = current.model_fields[part].annotation
+            current = _unwrap_model(ann)
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _unwrap_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def find_config(path: str | os.PathLike[str] | None) -> Path:
+    """The kollm.yaml for PATH: the file itself, or kollm.yaml in the folder (default: the current folder)."""
+    p = Path(path) if path else Path.cwd()
+    if p.is_dir():
+        p = p / CONFIG_FILE
+    if not p.exists():
+        raise ConfigError(
+            f"no {CONFIG_FILE} at {p}",
+        ) from None
+    return p.resolve()
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> tuple[ProjectConfig, Path]:
+    """Read and validate kollm.yaml. Returns the config and the file's path. Raises ConfigError."""
+    file = find_config(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"not valid YAML{where}: {problem}", source=str(file)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text; save the file as UTF-8", source=str(file)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping with keys project, steps (and optionally tracking, data, executor)", source=str(file))
+    try:
+        cfg = ProjectConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(pydantic_problems(e, model=ProjectConfig), source=str(file)) from None
+    return cfg, file

@@ -1,0 +1,1 @@
+"""Pipeline spec, wiring, the runner with its step cache, artifacts and MLflow tracking."""

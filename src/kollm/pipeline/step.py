@@ -1,0 +1,138 @@
+"""The contract between the runner and a step kind.
+
+A step kind is a module in `kollm.steps` (one file per kind, readable top to bottom) that defines:
+
+    KIND: str                                  # the `kind:` users write in kollm.yaml
+    class Config(pydantic.BaseModel): ...       # the step's `config:` block; use `model_config = STRICT`
+    def inputs(config) -> dict[str, InputSpec]  # named inputs and the artifact types they accept
+    def outputs(config) -> dict[str, str]       # output name -> artifact type
+    CODE: tuple[str, ...]                       # modules/packages whose source is hashed into the cache key
+    def run(ctx: StepContext) -> StepResult     # do the work; write each output into ctx.output_path(name)
+
+Steps share this Protocol, not a base class. The runner owns caching, atomic writes, retries, tracking
+and wiring: a step only reads `ctx.inputs`, writes files under `ctx.output_path(name)` and returns metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from kollm.pipeline.tracking import StepTracker
+
+# Every pydantic model of kollm.yaml forbids unknown keys, so a typo is an error that names the field.
+STRICT = ConfigDict(extra="forbid")
+
+# Artifact types. Datasets: "corpus" (text), "instructions" (chat messages), "preferences"
+# (prompt/chosen/rejected). "model": a Hugging Face folder. "metrics": metrics.json. "report": HTML and JSON.
+# "source": a raw data source from the `data:` section of kollm.yaml (input of `prepare`).
+ARTIFACT_TYPES = ("source", "corpus", "instructions", "preferences", "model", "metrics", "report")
+DATASET_TYPES = ("corpus", "instructions", "preferences")
+
+ARTIFACT_META_FILE = "kollm-artifact.json"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A typed, content-addressed output of a step (or a raw data source).
+
+    `path` is a folder (for a "source": the folder the files were matched in, or None for a URL);
+    `digest` is "sha256:<hex>" over the folder's files (names and bytes); `meta` is small JSON
+    (row counts, stats, base model, ...) that the producing step returned in `StepResult.meta`.
+    """
+
+    type: str
+    path: Path | None
+    digest: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "path": str(self.path) if self.path else None, "digest": self.digest, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Artifact:
+        return cls(data["type"], Path(data["path"]) if data["path"] else None, data["digest"], data.get("meta", {}))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A named input of a step kind: which artifact types it accepts and whether it may be absent."""
+
+    types: tuple[str, ...]
+    optional: bool = False
+    help: str = ""
+
+
+@dataclass
+class StepResult:
+    """What `run` returns: final metrics (logged to MLflow) and per-output metadata stored with the artifact."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A finished step of the current pipeline run, visible to later steps (for lineage)."""
+
+    name: str
+    kind: str
+    key: str
+    run_id: str | None  # the step's nested MLflow run
+    cache_hit: bool
+    outputs: dict[str, Artifact]
+    metrics: dict[str, float]
+
+
+class Progress(Protocol):
+    def __call__(self, items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]: ...
+
+
+def _no_progress(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]:
+    yield from items
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use. Created by the runner for one attempt of one step."""
+
+    name: str
+    kind: str
+    config: Any  # the step module's Config instance
+    inputs: dict[str, Artifact]  # resolved inputs; an absent optional input is not in the dict
+    output_dir: Path  # a fresh, empty temporary folder; the runner renames it into the cache when run() returns
+    checkpoint_dir: Path  # stable for this cache key across attempts and crashes: training resumes from here
+    project_dir: Path  # the folder with kollm.yaml
+    state_dir: Path  # <project>/.kollm
+    tracker: StepTracker  # the step's nested MLflow run
+    run_id: str | None  # the parent (pipeline) MLflow run id
+    upstream: list[StepRecord]  # earlier steps of this pipeline run, in order
+    resources: Any  # the step's `resources:` block (gpus, cpus, memory)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("kollm.step"))
+    progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
+
+    def output_path(self, name: str) -> Path:
+        """The folder to write output `name` into (created on first use)."""
+        path = self.output_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def logs_dir(self, category: str) -> Path:
+        """`.kollm/logs/<category>/` (training, inference, system, api), created on first use."""
+        path = self.state_dir / "logs" / category
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def read_artifact_meta(folder: Path) -> dict[str, Any]:
+    """The kollm metadata the runner stores beside an artifact's files."""
+    return json.loads((folder / ARTIFACT_META_FILE).read_text())

@@ -1,0 +1,84 @@
+"""`python`: run a user function (`callable: module:function`) as a pipeline step.
+
+The function receives the StepContext and may return a dict of metrics (or a StepResult). Its module's
+source is part of the cache key, so editing the function re-runs the step.
+
+    - kind: python
+      name: count
+      config:
+        callable: myproject.steps:count_rows
+        outputs: {summary: metrics}
+        params: {threshold: 3}
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from kollm.errors import StepFailed
+from kollm.pipeline.step import ARTIFACT_TYPES, STRICT, InputSpec, StepContext, StepResult
+
+KIND = "python"
+
+
+class Config(BaseModel):
+    model_config = STRICT
+    callable: str = Field(..., description="module:function to call with the StepContext (the project folder is on sys.path).")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="Input name -> accepted artifact type (e.g. {data: corpus}); wired like any step's inputs."
+    )
+    outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> artifact type the function writes.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Free-form parameters, passed as ctx.config.params.")
+
+    @field_validator("callable")
+    @classmethod
+    def _module_function(cls, v: str) -> str:
+        if v.count(":") != 1 or not all(v.split(":")):
+            raise ValueError(f"expected 'module:function', got \"{v}\"")
+        return v
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _known_types(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, typ in v.items():
+            if typ not in ARTIFACT_TYPES:
+                raise ValueError(f"'{name}' has unknown artifact type '{typ}'; use one of {', '.join(ARTIFACT_TYPES)}")
+        return v
+
+
+def inputs(config: Config) -> dict[str, InputSpec]:
+    return {name: InputSpec((typ,)) for name, typ in config.inputs.items()}
+
+
+def outputs(config: Config) -> dict[str, str]:
+    return dict(config.outputs)
+
+
+def code(config: Config) -> tuple[str, ...]:
+    return ("kollm.steps.python", config.callable.split(":")[0])
+
+
+def resolve(spec: str) -> Any:
+    module_name, func_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise StepFailed(f"cannot import '{module_name}' for callable '{spec}': {e}") from None
+    try:
+        return getattr(module, func_name)
+    except AttributeError:
+        raise StepFailed(f"module '{module_name}' has no function '{func_name}'") from None
+
+
+def run(ctx: StepContext) -> StepResult:
+    project = str(ctx.project_dir)
+    if project not in sys.path:
+        sys.path.insert(0, project)
+    result = resolve(ctx.config.callable)(ctx)
+    if isinstance(result, StepResult):
+        return result
+    return StepResult(metrics={k: float(v) for k, v in (result or {}).items()})
