@@ -1,0 +1,1 @@
+"""Model and tokenizer building, packing, the training loop, checkpoints."""
