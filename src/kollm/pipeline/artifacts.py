@@ -1,0 +1,84 @@
+"""Content digests and atomic writes for artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kollm.pipeline.step import ARTIFACT_META_FILE
+
+_CHUNK = 1 << 20
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_digest(folder: Path, *, exclude: Iterable[str] = (ARTIFACT_META_FILE,)) -> str:
+    """sha256 over every file below `folder` (relative name and content), in a stable order."""
+    skip = set(exclude)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(b"\0")
+        h.update(file_digest(path).encode())
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def files_digest(files: Iterable[tuple[str, str]]) -> str:
+    """sha256 over (name, per-file digest) pairs."""
+    h = hashlib.sha256()
+    for name, digest in sorted(files):
+        h.update(f"{name}\0{digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below `folder` to disk before it is published by a rename."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path) -> bool:
+    """Atomically move the finished folder `tmp` to `final`. False (and `tmp` removed) if `final` already exists."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fsync_tree(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if final.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    return True

@@ -1,0 +1,106 @@
+"""Read pipeline runs back from MLflow for `kollm runs` and `kollm show`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kollm.config import load_config
+from kollm.errors import NotFound
+from kollm.pipeline.tracking import client_for, tracking_uri
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    started: str
+    status: str
+    steps: int
+    cache_hits: int
+    duration: str
+
+
+@dataclass(frozen=True)
+class StepRow:
+    name: str
+    kind: str
+    status: str
+    cache: str
+    duration: str
+    key: str
+    outputs: str
+    metrics: str
+
+
+def _fmt_time(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _fmt_duration(start: int | None, end: int | None) -> str:
+    return f"{(end - start) / 1000:.1f}s" if start and end else "-"
+
+
+def _open(path: str | Path | None):
+    cfg, file = load_config(path)
+    client = client_for(tracking_uri(file.parent, cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment or cfg.project)
+    return client, exp
+
+
+def list_runs(path: str | Path | None = None, limit: int = 20) -> list[RunRow]:
+    client, exp = _open(path)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`kollm.pipeline` = 'true'", max_results=limit, order_by=["attributes.start_time DESC"])
+    rows = []
+    for r in runs:
+        m = r.data.metrics
+        rows.append(
+            RunRow(
+                run_id=r.info.run_id,
+                started=_fmt_time(r.info.start_time),
+                status=r.info.status,
+                steps=int(m.get("steps", 0)),
+                cache_hits=int(m.get("cache_hits", 0)),
+                duration=_fmt_duration(r.info.start_time, r.info.end_time),
+            )
+        )
+    return rows
+
+
+def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow]]:
+    client, exp = _open(path)
+    if exp is None:
+        raise NotFound("no runs yet in this project; `kollm run` starts one")
+    pipelines = client.search_runs([exp.experiment_id], filter_string="tags.`kollm.pipeline` = 'true'", max_results=1000, order_by=["attributes.start_time DESC"])
+    if run_id == "latest":
+        matches = pipelines[:1]
+    else:
+        matches = [r for r in pipelines if r.info.run_id.startswith(run_id)]
+    if len(matches) != 1:
+        what = "no run" if not matches else f"{len(matches)} runs"
+        raise NotFound(f"{what} matching '{run_id}'", hint="`kollm runs` lists run ids; use a longer prefix or 'latest'")
+    run = matches[0]
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000, order_by=["attributes.start_time ASC"]
+    )
+    steps = []
+    for c in children:
+        tags, m = c.data.tags, c.data.metrics
+        outputs = ", ".join(f"{k.split('.')[2]}={v.removeprefix('sha256:')[:12]}" for k, v in sorted(tags.items()) if k.startswith("kollm.output."))
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "duration_s")
+        steps.append(
+            StepRow(
+                name=tags.get("kollm.step", c.info.run_name),
+                kind=tags.get("kollm.kind", "?"),
+                status=c.info.status,
+                cache="hit" if tags.get("kollm.cache_hit") == "true" else "miss",
+                duration=f"{m['duration_s']:.2f}s" if "duration_s" in m else "-",
+                key=tags.get("kollm.cache_key", "")[:12],
+                outputs=outputs,
+                metrics=metrics[:200],
+            )
+        )
+    info = RunRow(run.info.run_id, _fmt_time(run.info.start_time), run.info.status, len(steps), sum(s.cache == "hit" for s in steps), _fmt_duration(run.info.start_time, run.info.end_time))
+    return info, steps
