@@ -181,6 +181,41 @@ def step_run(
 
 # --- serve (kollm.serve) ------------------------------------------------------------------------
 
+
+@app.command("serve")
+def serve_cmd(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model folder.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 routes (default: $KOLLM_API_KEY; unset: no auth).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The `model` name clients send (default: the registered name or folder name).")] = None,
+    backend: Annotated[str, typer.Option(help="auto (vLLM on CUDA when installed), transformers or vllm.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 32,
+    context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
+    graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+    project: ProjectOpt = None,
+) -> None:
+    """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
+    from kollm.serve import serve
+
+    serve(
+        model_uri,
+        host=host,
+        port=port,
+        api_key=api_key,
+        project_dir=project_dir(project),
+        served_model_name=served_model_name,
+        backend=backend,  # type: ignore[arg-type]  # checked by load_engine
+        device=device,
+        dtype=dtype,
+        max_batch_size=max_batch_size,
+        context_length=context_length,
+        graceful_timeout=graceful_timeout,
+    )
+
+
 # --- registry (kollm.registry) ------------------------------------------------------------------
 
 # --- rollout (kollm.rollout) --------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Prometheus metrics of the serving layer, in the process-wide registry, labelled by model version.
+
+Several apps in one process (the canary gateway's stable and canary arms) share these families and are told
+apart by the `model_version` label. Names:
+
+    kollm_requests_total{model_version,endpoint,status_code}         counter
+    kollm_request_latency_seconds{model_version,endpoint}            histogram, arrival to last byte
+    kollm_time_to_first_token_seconds{model_version,endpoint}        histogram
+    kollm_output_tokens_total{model_version}                          counter
+    kollm_prompt_tokens_total{model_version}                          counter
+    kollm_request_tokens_per_second{model_version}                    histogram, output tokens / generation time per request
+    kollm_requests_in_flight{model_version}                           gauge (/v1 requests being handled)
+    kollm_queue_depth{model_version}                                  gauge (requests waiting for a batch slot)
+    kollm_running_sequences{model_version}                            gauge (sequences in the running batch)
+
+Server-wide output tokens/s is `rate(kollm_output_tokens_total[1m])`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, float("inf"))
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, float("inf"))
+RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
+
+REQUESTS = Counter("kollm_requests", "HTTP requests served", ["model_version", "endpoint", "status_code"], registry=REGISTRY)
+LATENCY = Histogram(
+    "kollm_request_latency_seconds", "Request latency, arrival to last byte", ["model_version", "endpoint"], buckets=LATENCY_BUCKETS
+)
+TTFT = Histogram(
+    "kollm_time_to_first_token_seconds", "Time from arrival to the first generated token", ["model_version", "endpoint"], buckets=TTFT_BUCKETS
+)
+OUTPUT_TOKENS = Counter("kollm_output_tokens", "Generated tokens", ["model_version"])
+PROMPT_TOKENS = Counter("kollm_prompt_tokens", "Prompt tokens processed", ["model_version"])
+TOKENS_PER_SECOND = Histogram(
+    "kollm_request_tokens_per_second", "Output tokens per second of generation, per request", ["model_version"], buckets=RATE_BUCKETS
+)
+IN_FLIGHT = Gauge("kollm_requests_in_flight", "/v1 requests being handled", ["model_version"])
+QUEUE_DEPTH = Gauge("kollm_queue_depth", "Requests waiting for a batch slot", ["model_version"])
+RUNNING = Gauge("kollm_running_sequences", "Sequences in the running batch", ["model_version"])
+
+
+def track_engine(model_version: str, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
+    """Make the queue-depth and running gauges of this version read the engine at scrape time."""
+    QUEUE_DEPTH.labels(model_version).set_function(queue_depth)
+    RUNNING.labels(model_version).set_function(running)
