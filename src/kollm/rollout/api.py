@@ -1,0 +1,119 @@
+"""HTTP admin endpoints of the rollout controller, served by the gateway under /admin/rollout/.
+
+  POST /admin/rollout/start    body: {"name": NAME, "steps": [...], "pause_s": ..., "analysis": "...", ...}
+  GET  /admin/rollout/status
+  POST /admin/rollout/pause | resume | abort | promote
+
+With an API key set on the server, every call needs `Authorization: Bearer KEY`. Errors answer
+{"error": {"message": ..., "hint": ...}} with 400 (bad settings), 401, 404 (wrong model name) or 409 (the
+command does not fit the rollout's status).
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.rollout.controller import RegistryTarget, RolloutConflict, RolloutController, rollout_store
+from kollm.rollout.state import RolloutSpec
+from kollm.serve.gateway import Gateway
+
+
+class AbortRequest(BaseModel):
+    reason: str = Field("aborted by user", description="Why; recorded on the version and sent with the alert.")
+
+
+def status_json(controller: RolloutController) -> dict[str, Any]:
+    gw = controller.gateway
+    st = controller.status()
+    return {
+        "rollout": None if st is None else st.to_json(),
+        "gateway": {
+            "model": controller.name,
+            "stable_version": gw.stable.version,
+            "canary_version": None if gw.canary is None else gw.canary.version,
+            "canary_weight": gw.weight,
+            "inflight": {"stable": gw.stable.inflight, "canary": 0 if gw.canary is None else gw.canary.inflight},
+        },
+    }
+
+
+def admin_app(controller: RolloutController, *, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="kollm rollout admin", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "missing or wrong API key", "pass --api-key or set KOLLM_API_KEY")
+        return await call_next(request)
+
+    @app.exception_handler(KollmError)
+    async def kollm_error(request: Request, e: KollmError) -> JSONResponse:
+        code = 400 if isinstance(e, ConfigError) else 404 if isinstance(e, NotFound) else 409 if isinstance(e, RolloutConflict) else 500
+        return _error(code, e.message, e.hint)
+
+    @app.post("/admin/rollout/start")
+    async def start(request: Request) -> dict[str, Any]:
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise ConfigError("request body is not JSON") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise ConfigError('request body needs "name": the registered model name')
+        name = raw.pop("name")
+        spec = RolloutSpec.build(**raw)
+        await controller.start(name, spec)
+        return status_json(controller)
+
+    @app.get("/admin/rollout/status")
+    async def status() -> dict[str, Any]:
+        return status_json(controller)
+
+    @app.post("/admin/rollout/pause")
+    async def pause() -> dict[str, Any]:
+        await controller.pause()
+        return status_json(controller)
+
+    @app.post("/admin/rollout/resume")
+    async def resume() -> dict[str, Any]:
+        await controller.resume()
+        return status_json(controller)
+
+    @app.post("/admin/rollout/abort")
+    async def abort(request: Request) -> dict[str, Any]:
+        body = await request.body()
+        try:
+            reason = AbortRequest.model_validate_json(body).reason if body else "aborted by user"
+        except ValidationError:
+            raise ConfigError('abort body must be JSON like {"reason": "..."}') from None
+        await controller.abort(reason)
+        return status_json(controller)
+
+    @app.post("/admin/rollout/promote")
+    async def promote() -> dict[str, Any]:
+        await controller.promote()
+        return status_json(controller)
+
+    return app
+
+
+def _error(code: int, message: str, hint: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "hint": hint}}, status_code=code)
+
+
+def attach_rollout(gateway: Gateway, *, project_dir: Path, model_name: str, tracking_uri: str, api_key: str | None = None,
+                   tick_s: float = 0.05) -> RolloutController:
+    """Give a gateway that has a canary its rollout controller (state in <project>/.kollm/rollouts/) and the
+    /admin/rollout/ endpoints."""
+    controller = RolloutController(gateway, rollout_store(project_dir), RegistryTarget(tracking_uri, model_name),
+                                   api_key=api_key, tick_s=tick_s)
+    gateway.admin_app = admin_app(controller, api_key=api_key)
+    return controller

@@ -1,0 +1,145 @@
+"""What `kollm rollout ...` calls: HTTP requests to the admin endpoints of a running gateway.
+
+The gateway URL defaults to $KOLLM_GATEWAY, else http://127.0.0.1:8000; the API key to $KOLLM_API_KEY.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import ValidationError
+
+from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.rollout.analysis import DEFAULT_ANALYSIS
+from kollm.rollout.state import ProbePrompt, RolloutSpec, parse_duration, parse_steps
+
+DEFAULT_GATEWAY = "http://127.0.0.1:8000"
+GATEWAY_ENV = "KOLLM_GATEWAY"
+API_KEY_ENV = "KOLLM_API_KEY"
+
+Command = Literal["status", "pause", "resume", "abort", "promote"]
+
+
+def gateway_url(explicit: str | None = None) -> str:
+    return (explicit or os.environ.get(GATEWAY_ENV) or DEFAULT_GATEWAY).rstrip("/")
+
+
+def load_probe(path: Path) -> list[ProbePrompt]:
+    """A JSONL file, one {"prompt": ..., "expect": ...} per line ("expect" optional)."""
+    if not path.exists():
+        raise ConfigError(f"--probe {path}: no such file")
+    prompts = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(ProbePrompt.model_validate(json.loads(line)))
+        except (ValueError, ValidationError) as e:
+            first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise ConfigError(f'--probe {path}, line {i}: expected {{"prompt": "...", "expect": "..."}} ({first})') from None
+    if not prompts:
+        raise ConfigError(f"--probe {path}: no prompts in the file")
+    return prompts
+
+
+def build_spec(
+    *,
+    steps: str = "20,40,60,80",
+    pause: str = "2m",
+    analysis: str = DEFAULT_ANALYSIS,
+    failure_limit: int = 2,
+    min_requests: int = 10,
+    alert_webhook: str | None = None,
+    probe: Path | None = None,
+) -> RolloutSpec:
+    """Validate the CLI options into a RolloutSpec (clear errors before anything is sent)."""
+    if alert_webhook:
+        from kollm.monitor.alerts import check_webhook_url
+
+        check_webhook_url(alert_webhook)
+    return RolloutSpec.build(
+        steps=parse_steps(steps),
+        pause_s=parse_duration(pause),
+        analysis=analysis,
+        failure_limit=failure_limit,
+        min_requests=min_requests,
+        alert_webhook=alert_webhook,
+        probe=[p.model_dump() for p in load_probe(probe)] if probe else [],
+    )
+
+
+def start(name: str, spec: RolloutSpec, *, gateway: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+    """Start rolling out the gateway's canary of NAME. Returns the status (see `status`)."""
+    return _call("POST", "start", {"name": name, **spec.model_dump()}, gateway=gateway, api_key=api_key)
+
+
+def command(cmd: Command, *, gateway: str | None = None, api_key: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """status | pause | resume | abort | promote; returns {"rollout": state or None, "gateway": {...}}."""
+    if cmd == "status":
+        return _call("GET", "status", None, gateway=gateway, api_key=api_key)
+    body = {"reason": reason} if cmd == "abort" and reason else None
+    return _call("POST", cmd, body, gateway=gateway, api_key=api_key)
+
+
+def _call(method: str, cmd: str, body: dict | None, *, gateway: str | None, api_key: str | None) -> dict[str, Any]:
+    url = f"{gateway_url(gateway)}/admin/rollout/{cmd}"
+    key = api_key or os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.request(method, url, json=body, headers=headers, timeout=60)
+    except httpx.HTTPError as e:
+        raise KollmError(
+            f"cannot reach the gateway at {gateway_url(gateway)} ({type(e).__name__})",
+            hint="start it with `kollm serve models:/NAME@champion --canary models:/NAME@challenger`, or pass --gateway URL",
+        ) from None
+    try:
+        data = r.json()
+    except ValueError:
+        data = {}
+    if r.status_code == 200:
+        return data
+    err = data.get("error", {}) if isinstance(data, dict) else {}
+    message = err.get("message") or f"HTTP {r.status_code} from {url}"
+    if r.status_code == 404 and not err:
+        message = f"{gateway_url(gateway)} has no rollout admin endpoints; is it a gateway started with --canary?"
+    cls = {400: ConfigError, 404: NotFound}.get(r.status_code)
+    if cls is ConfigError:
+        raise ConfigError(message)
+    if cls is NotFound:
+        raise NotFound(message, hint=err.get("hint"))
+    raise KollmError(message, hint=err.get("hint"))
+
+
+def format_status(data: dict[str, Any]) -> str:
+    """Human-readable lines for `kollm rollout status`."""
+    gw = data["gateway"]
+    lines = [
+        f"model {gw['model']}: stable version {gw['stable_version']}, canary version {gw['canary_version'] or '-'} "
+        f"at {gw['canary_weight']:g}%"
+    ]
+    st = data.get("rollout")
+    if st is None:
+        lines.append(f"no rollout started (kollm rollout start {gw['model']})")
+        return "\n".join(lines)
+    spec = st["spec"]
+    steps = ",".join(f"{w:g}" for w in spec["steps"])
+    lines.append(
+        f"rollout of version {st['canary_version']}: {st['status'].upper()}, step {st['step'] + 1}/{len(spec['steps'])} "
+        f"(steps {steps}, pause {spec['pause_s']:g}s), failures {st['failures']}/{spec['failure_limit']}"
+    )
+    lines.append(f"  {st['message']}")
+    if st["status"] == "progressing":
+        left = st["window_started_at"] + spec["pause_s"] - time.time()
+        lines.append(f"  next analysis in {max(left, 0):.0f}s ({spec['analysis']})")
+    for h in st["history"][-5:]:
+        res = h["result"]
+        vals = ", ".join(f"{k}={v:g}" for k, v in res["values"].items() if k in ("success_rate", "p95_ms", "probe_pass_rate"))
+        lines.append(f"  step {h['step']} @ {h['weight']:g}%: {res['verdict']} ({res['requests']} requests; {vals})")
+    for a in st["alerts"][-3:]:
+        lines.append(f"  alert {'sent' if a['delivered'] else 'NOT sent: ' + str(a['error'])}")
+    return "\n".join(lines)

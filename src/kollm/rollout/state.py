@@ -1,0 +1,192 @@
+"""Rollout settings and persisted rollout state (.kollm/rollouts/<name>.json, written atomically)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from kollm.config import pydantic_problems
+from kollm.errors import ConfigError
+from kollm.pipeline.step import STRICT
+from kollm.rollout.analysis import DEFAULT_ANALYSIS, AnalysisResult, parse_analysis
+
+Status = Literal["progressing", "paused", "promoted", "rolled_back", "aborted"]
+ACTIVE: tuple[Status, ...] = ("progressing", "paused")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(text: str | float | int, *, what: str = "--pause") -> float:
+    """Seconds from '2m', '30s', '1.5h', '500ms' or a bare number of seconds."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        m = _DURATION.match(text)
+        if not m:
+            raise ConfigError(f"{what}: {text!r} is not a duration; write e.g. 2m, 30s, 500ms or 1h")
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{what}: must be longer than 0 seconds")
+    return seconds
+
+
+def parse_steps(text: str) -> list[float]:
+    """'20,40,60,80' -> [20.0, 40.0, 60.0, 80.0]; strictly increasing percentages in (0, 100)."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(float(part.strip().rstrip("%")))
+        except ValueError:
+            raise ConfigError(f"--steps: {part.strip()!r} is not a number; write canary weights in percent, e.g. 20,40,60,80") from None
+    return out
+
+
+class ProbePrompt(BaseModel):
+    model_config = STRICT
+    prompt: str = Field(..., min_length=1, description="A user message sent to the canary.")
+    expect: str | None = Field(None, description="A substring the reply must contain (default: any non-empty reply passes).")
+
+
+class RolloutSpec(BaseModel):
+    """How a rollout proceeds. The defaults are `--steps 20,40,60,80 --pause 2m
+    --analysis "success_rate>=0.95,p95_ms<=2000" --failure-limit 2`."""
+
+    model_config = STRICT
+    steps: list[float] = Field([20, 40, 60, 80], min_length=1, description="Canary weights in percent, one per step, increasing.")
+    pause_s: float = Field(120.0, gt=0, description="Seconds each step holds its weight; the canary's requests in that window are analysed at its end.")
+    analysis: str = Field(DEFAULT_ANALYSIS, description='Conditions every window must meet, e.g. "success_rate>=0.95,p95_ms<=2000".')
+    failure_limit: int = Field(2, ge=1, description="Failed analyses (over the whole rollout) that roll the canary back.")
+    min_requests: int = Field(10, ge=1, description="Fewer canary requests in a window make it inconclusive: the step is held and re-analysed.")
+    alert_webhook: str | None = Field(None, description="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK).")
+    probe: list[ProbePrompt] = Field(default_factory=list, description="Quality probe: prompts sent to the canary every window (metric probe_pass_rate).")
+    probe_max_tokens: int = Field(32, ge=1, le=4096, description="max_tokens for each probe prompt.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, v: list[float]) -> list[float]:
+        for w in v:
+            if not 0 < w <= 100:
+                raise ValueError(f"each weight must be between 0 (exclusive) and 100, got {w:g}")
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError("weights must increase from step to step, e.g. 20,40,60,80")
+        return v
+
+    @field_validator("analysis")
+    @classmethod
+    def _analysis_parses(cls, v: str) -> str:
+        parse_analysis(v)  # raises ConfigError with the bad part named
+        return v
+
+    @model_validator(mode="after")
+    def _probe_needed(self) -> "RolloutSpec":
+        uses_probe = any(c.metric == "probe_pass_rate" for c in parse_analysis(self.analysis))
+        if uses_probe and not self.probe:
+            raise ValueError("analysis uses probe_pass_rate but no probe prompts were given (--probe FILE.jsonl)")
+        return self
+
+    @classmethod
+    def build(cls, **values: object) -> "RolloutSpec":
+        """Validate, turning any problem into one ConfigError naming the option."""
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(pydantic_problems(e, model=cls), source="rollout") from None
+
+
+@dataclass
+class StepRecord:
+    """One analysed window."""
+
+    step: int  # 1-based
+    weight: float
+    at: float
+    result: AnalysisResult
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "weight": self.weight, "at": self.at, "result": self.result.to_json(), "note": self.note}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StepRecord":
+        return cls(d["step"], d["weight"], d["at"], AnalysisResult.from_json(d["result"]), d.get("note", ""))
+
+
+@dataclass
+class RolloutState:
+    """Everything needed to resume a rollout after a restart."""
+
+    name: str
+    stable_version: str
+    canary_version: str
+    spec: RolloutSpec
+    status: Status = "progressing"
+    step: int = 0  # index into spec.steps
+    weight: float = 0.0
+    failures: int = 0
+    message: str = ""
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    window_started_at: float = field(default_factory=time.time)
+    ended_at: float | None = None  # when it was promoted, rolled back or aborted (traffic already switched)
+    history: list[StepRecord] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["spec"] = self.spec.model_dump()
+        d["history"] = [h.to_json() for h in self.history]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RolloutState":
+        d = dict(d)
+        d["spec"] = RolloutSpec.model_validate(d["spec"])
+        d["history"] = [StepRecord.from_json(h) for h in d.get("history", [])]
+        return cls(**d)
+
+
+class RolloutStore:
+    """Rollout state files in one folder, one per registered model name."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        return self.folder / f"{safe}.json"
+
+    def load(self, name: str) -> RolloutState | None:
+        p = self.path(name)
+        if not p.exists():
+            return None
+        try:
+            return RolloutState.from_json(json.loads(p.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, ValidationError) as e:
+            raise ConfigError(f"{p}: unreadable rollout state ({e}); move the file away to start over") from None
+
+    def save(self, state: RolloutState) -> None:
+        state.updated_at = time.time()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.path(state.name)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(state.to_json(), f, ensure_ascii=False, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

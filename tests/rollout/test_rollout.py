@@ -1,0 +1,153 @@
+"""Canary rollouts end to end: real uvicorn, real openai/httpx clients, real MLflow aliases, compressed time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from kollm.rollout import client as rollout_client
+from kollm.rollout.api import attach_rollout
+from kollm.serve.gateway import Arm, Gateway
+
+from .conftest import Load, Server, serving_app, state_file, wait_for
+
+PAUSE = 0.5
+
+
+def make_gateway(registered, project, *, canary_app=None, api_key=None):
+    stable = Arm(serving_app("1"), version="1", model_name=registered.name)
+    canary = Arm(canary_app or serving_app("2"), version="2", model_name=registered.name)
+    gw = Gateway(stable, canary)
+    attach_rollout(gw, project_dir=project, model_name=registered.name, tracking_uri=registered.tracking_uri, api_key=api_key)
+    return gw
+
+
+def start(url, name, **kw):
+    spec = rollout_client.build_spec(**{"pause": f"{PAUSE}s", "min_requests": 3, **kw})
+    return rollout_client.start(name, spec, gateway=url)
+
+
+def status(url):
+    return rollout_client.command("status", gateway=url)
+
+
+def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path, webhook):
+    gw = make_gateway(registered, tmp_path)
+    with Server(gw) as srv, Load(srv.url, registered.name) as load:
+        time.sleep(0.2)
+        start(srv.url, registered.name, steps="25,50,75", alert_webhook=webhook.url)
+        wait_for(lambda: status(srv.url)["rollout"]["status"] == "promoted", 15, "promotion")
+        promoted_at = time.time()
+        time.sleep(0.5)  # load keeps running across the swap
+        st = status(srv.url)
+    assert load.result.failed == [], load.result.failed[:5]
+    assert load.result.ok > 50
+    assert [h["result"]["verdict"] for h in st["rollout"]["history"]] == ["pass", "pass", "pass"]
+    assert st["gateway"]["stable_version"] == "2" and st["gateway"]["canary_version"] is None
+    assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
+    assert registered.tags("2")["kollm.rollout.result"] == "promoted"
+    saved = json.loads(state_file(tmp_path, registered.name).read_text())
+    assert saved["status"] == "promoted" and saved["weight"] == 100
+    wait_for(lambda: webhook.received, 5, "the promotion alert")
+    assert "promoted" in webhook.received[0]["text"]
+
+
+def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path, webhook):
+    gw = make_gateway(registered, tmp_path, canary_app=serving_app("2", fail_ratio=0.3))
+    with Server(gw) as srv, Load(srv.url, registered.name) as load:
+        time.sleep(0.2)
+        t0 = time.time()
+        start(srv.url, registered.name, alert_webhook=webhook.url)
+        wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
+        elapsed = time.time() - t0
+        before = load.result.versions.copy()
+        time.sleep(0.5)
+        after = load.result.versions - before
+    saved = json.loads(state_file(tmp_path, registered.name).read_text())
+    assert saved["status"] == "rolled_back" and saved["weight"] == 0
+    assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
+    assert saved["ended_at"] - saved["started_at"] < 2 * PAUSE + 0.5, elapsed
+    assert set(after) == {"1"}, after  # weight 0: only the stable version serves
+    assert load.result.failed == [], load.result.failed[:5]  # every error came from the canary itself
+    assert load.result.canary_errors > 0
+    assert registered.alias("champion") == "1"
+    assert "success_rate" in registered.tags("2")["kollm.rollout.failed_analysis"]
+    wait_for(lambda: webhook.received, 5, "the rollback alert")
+    assert "ROLLED BACK" in webhook.received[0]["text"] and registered.name in webhook.received[0]["text"]
+
+
+def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, webhook):
+    gw = make_gateway(registered, tmp_path, canary_app=serving_app("2", delay_s=0.3))
+    with Server(gw) as srv, Load(srv.url, registered.name, threads=6) as load:
+        time.sleep(0.2)
+        start(srv.url, registered.name, analysis="success_rate>=0.95,p95_ms<=150", alert_webhook=webhook.url)
+        wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
+        time.sleep(0.5)  # slow canary requests in flight at the rollback finish
+    saved = json.loads(state_file(tmp_path, registered.name).read_text())
+    assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
+    assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"])
+    assert "p95_ms" in saved["message"]
+    assert load.result.failed == [] and load.result.canary_errors == 0, load.result.failed[:5]
+    assert load.result.versions["2"] > 0  # the canary did serve (slowly) before the rollback
+    assert registered.alias("champion") == "1"
+    wait_for(lambda: webhook.received, 5, "the rollback alert")
+    assert "p95_ms" in webhook.received[0]["text"]
+
+
+def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_path):
+    with Server(make_gateway(registered, tmp_path)) as srv, Load(srv.url, registered.name):
+        start(srv.url, registered.name, pause="1s")
+        wait_for(lambda: status(srv.url)["rollout"]["step"] == 1, 10, "step 2")
+    saved = json.loads(state_file(tmp_path, registered.name).read_text())
+    assert saved["status"] == "progressing" and saved["step"] == 1 and saved["weight"] == 40
+
+    # a new process would build everything again from the project folder: new apps, new gateway
+    with Server(make_gateway(registered, tmp_path)) as srv:
+        st = status(srv.url)
+        assert st["rollout"]["step"] == 1 and st["rollout"]["status"] == "progressing"
+        assert st["gateway"]["canary_weight"] == 40
+        assert "resumed" in st["rollout"]["message"]
+        assert [h["result"]["verdict"] for h in st["rollout"]["history"]] == ["pass"]
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert f'kollm_rollout_step{{rollout="{registered.name}"}} 2.0' in metrics
+        assert f'kollm_rollout_canary_weight_percent{{rollout="{registered.name}"}} 40.0' in metrics
+        with Load(srv.url, registered.name):
+            wait_for(lambda: status(srv.url)["rollout"]["step"] == 2, 10, "step 3 after the restart")
+        rollout_client.command("promote", gateway=srv.url)
+        assert status(srv.url)["rollout"]["status"] == "promoted"
+    assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
+
+
+def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
+    gw = make_gateway(registered, tmp_path, api_key="s3cret")
+    with Server(gw) as srv:
+        r = httpx.get(f"{srv.url}/admin/rollout/status")
+        assert r.status_code == 401
+        with pytest.raises(Exception, match="API key"):
+            rollout_client.command("status", gateway=srv.url)
+        key = {"gateway": srv.url, "api_key": "s3cret"}
+        with pytest.raises(Exception, match="not 'other'"):
+            rollout_client.start("other", rollout_client.build_spec(), **key)
+        rollout_client.start(registered.name, rollout_client.build_spec(pause="0.3s", alert_webhook=webhook.url), **key)
+        with pytest.raises(Exception, match="progressing"):
+            rollout_client.start(registered.name, rollout_client.build_spec(), **key)
+        paused = rollout_client.command("pause", **key)["rollout"]
+        assert paused["status"] == "paused" and paused["weight"] == 20
+        time.sleep(0.8)  # no analysis while paused (no traffic would make it inconclusive)
+        st = rollout_client.command("status", **key)["rollout"]
+        assert st["history"] == [] and st["status"] == "paused"
+        assert rollout_client.command("resume", **key)["rollout"]["status"] == "progressing"
+        wait_for(lambda: rollout_client.command("status", **key)["rollout"]["history"], 5, "an inconclusive window")
+        st = rollout_client.command("status", **key)["rollout"]
+        assert st["history"][0]["result"]["verdict"] == "inconclusive" and st["step"] == 0 and st["failures"] == 0
+        aborted = rollout_client.command("abort", reason="bad vibes", **key)
+        assert aborted["rollout"]["status"] == "aborted" and aborted["gateway"]["canary_weight"] == 0
+        with pytest.raises(Exception, match="aborted"):
+            rollout_client.command("resume", **key)
+    assert registered.alias("champion") == "1"
+    assert registered.tags("2")["kollm.rollout.reason"] == "bad vibes"
+    wait_for(lambda: webhook.received, 5, "the abort alert")
+    assert "bad vibes" in webhook.received[0]["text"]
