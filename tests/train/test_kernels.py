@@ -140,3 +140,71 @@ def test_varlen_model_saves_and_loads_without_kollm_attention(tmp_path) -> None:
     model.save_pretrained(tmp_path)
     cfg = (tmp_path / "config.json").read_text()
     assert kernels.VARLEN_ATTENTION not in cfg
+
+
+# ------------------------------------------------------------------------------------------ GPU (skipped on CPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_varlen_attention_equals_masked_sdpa_with_gradients() -> None:
+    torch.manual_seed(0)
+    lengths = [1, 37, 128, 300, 5, 553]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    n = sum(lengths)
+    q = torch.randn(n, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(n, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(n, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(n, 8, 64, device="cuda", dtype=torch.bfloat16)
+    out = kernels._flash_varlen(q, k, v, cu, max(lengths), 0.125)
+    (out.float() * g).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = kernels._masked_sdpa(q.double(), k.double(), v.double(), cu, 0.125)
+    (ref * g.double()).sum().backward()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, ref) < 1e-2
+    for got, t in zip(grads, (q, k, v), strict=True):
+        assert rel(got, t.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_packed_row_equals_separate_documents(compiled: bool) -> None:
+    model = tiny_model(kernels.attention_implementation("cuda")).cuda()
+    assert model.config._attn_implementation == kernels.VARLEN_ATTENTION
+    if compiled:
+        kernels.compile_model(model)
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(0, 97, (n,), generator=g) for n in (17, 30, 9, 8)]
+    input_ids = torch.cat(docs).view(2, 32).cuda()
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs]).view(2, 32).cuda()
+    labels = input_ids.clone()
+    labels[position_ids == 0] = IGNORE_INDEX
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        packed, n = lm_loss(model, input_ids, labels, position_ids)
+        ref = sum(_plain_loss(model.float(), d[None].cuda(), d[None].cuda()) for d in docs)
+    assert n.item() == sum(len(d) - 1 for d in docs)
+    assert abs(packed.item() - ref.item()) / ref.item() < 1e-2
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_chunked_ce_bf16_close_to_fp32_reference() -> None:
+    torch.manual_seed(0)
+    h = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(32000, 256, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 32000, (4096,), device="cuda")
+    t[::7] = IGNORE_INDEX
+    loss = chunked_linear_cross_entropy(h, w, t, 1024)
+    loss.backward()
+    hr, wr = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 5e-3
+    assert ((h.grad.float() - hr.grad).norm() / hr.grad.norm()).item() < 2e-2
+    assert ((w.grad.float() - wr.grad).norm() / wr.grad.norm()).item() < 2e-2

@@ -39,8 +39,7 @@ DEFAULT_CHUNK_TOKENS = 8192
 # --------------------------------------------------------------------------------------------
 
 
-@cache
-def _varlen_api() -> tuple[Callable, frozenset[str]] | None:
+def _find_varlen() -> tuple[Callable, frozenset[str]] | None:
     """PyTorch's FlashAttention varlen entry point and the keyword names it takes (they changed between releases)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -49,9 +48,13 @@ def _varlen_api() -> tuple[Callable, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+# Resolved once at import, so that compiled code sees constants.
+_VARLEN = _find_varlen()
+
+
 def attention_implementation(device: torch.device | str) -> str:
     """The `attn_implementation` to load models with for training on `device`."""
-    if torch.device(device).type == "cuda" and _varlen_api() is not None:
+    if torch.device(device).type == "cuda" and _VARLEN is not None:
         return VARLEN_ATTENTION
     return "sdpa"
 
@@ -73,9 +76,8 @@ def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
     """Causal attention within each [cu[i], cu[i+1]) span. q: [N, Hq, D], k/v: [N, Hkv, D] -> [N, Hq, D]."""
-    api = _varlen_api()
-    assert api is not None
-    varlen_attn, params = api
+    assert _VARLEN is not None
+    varlen_attn, params = _VARLEN
     kwargs: dict = {"scale": scale}
     if "is_causal" in params:
         kwargs["is_causal"] = True
