@@ -1,0 +1,159 @@
+"""Deduplication: exact (a hash of the normalized text) and near-duplicate (MinHash + LSH via datasketch).
+
+Near-duplicates are found on a canonical form of the text: lower-cased, with every character that is not
+a letter or digit removed, so texts that differ only in spacing or punctuation ("안녕하세요, 여러분!" /
+"안녕 하세요 여러분") are the same text. The canonical form is only a key: the stored text keeps its
+punctuation.
+
+MinHash signatures are computed with numpy over character shingles (k-grams of code points), using the
+permutations of a `datasketch.MinHash` and its "affine32" scheme, so each signature equals what
+`datasketch.MinHash(hashfunc=identity).update_batch(shingle_hashes)` gives (a test checks this), only
+faster. `signatures_batch` is a pure function over a batch (it runs in worker processes);
+`NearDupIndex` (a `datasketch.MinHashLSH`) runs in one process and keeps the first of each group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from kollm.pipeline.step import STRICT
+
+
+class DedupConfig(BaseModel):
+    model_config = STRICT
+    exact: bool = Field(True, description="Drop rows whose normalized text equals an earlier row's (reason dedup:exact).")
+    near: bool = Field(True, description="Drop rows that are near-duplicates of an earlier row (reason dedup:near).")
+    threshold: float = Field(
+        0.8, gt=0, lt=1, description="Jaccard similarity of character shingles above which two rows are near-duplicates."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more accurate, slower).")
+    shingle_size: int = Field(5, ge=1, le=32, description="Characters per shingle (letters and digits only; spaces and punctuation ignored).")
+    seed: int = Field(1, description="MinHash seed.")
+
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def canonical(text: str) -> str:
+    """The near-duplicate key of a text: lower case, letters and digits only."""
+    return _NON_WORD.sub("", text.lower())
+
+
+def exact_key(text: str) -> str:
+    """The exact-duplicate key of a (normalized) text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash
+
+    a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    return a.astype(np.uint32), b.astype(np.uint32)
+
+
+_P = np.uint64(1_000_003)
+
+
+def shingle_hashes(text: str, k: int) -> np.ndarray:
+    """32-bit hashes of the distinct k-character shingles of the canonical text (one shingle if it is shorter)."""
+    key = canonical(text)
+    if not key:
+        return np.zeros(0, dtype=np.uint32)
+    cps = np.frombuffer(key.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    k = min(k, len(cps))
+    n = len(cps) - k + 1
+    h = np.zeros(n, dtype=np.uint64)
+    for j in range(k):
+        h = h * _P + cps[j : j + n]
+    h ^= h >> np.uint64(29)
+    return np.unique((h ^ (h >> np.uint64(32))).astype(np.uint32))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def signature(hashes: np.ndarray, num_perm: int = 128, seed: int = 1, chunk: int = 4096) -> np.ndarray:
+    """The MinHash signature (uint32[num_perm]) of a set of 32-bit shingle hashes (datasketch affine32 scheme)."""
+    a, b = _permutations(num_perm, seed)
+    sig = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+    if len(hashes) == 0:
+        return sig
+    mixed = _fmix32(hashes.astype(np.uint32))
+    with np.errstate(over="ignore"):
+        for i in range(0, len(mixed), chunk):
+            part = mixed[i : i + chunk, None] * a[None, :] + b[None, :]
+            np.minimum(sig, part.min(axis=0), out=sig)
+    return sig
+
+
+def signatures_batch(texts: list[str], cfg: DedupConfig) -> np.ndarray:
+    """MinHash signatures of many texts: uint32[len(texts), num_perm]. Pure; runs in worker processes."""
+    out = np.empty((len(texts), cfg.num_perm), dtype=np.uint32)
+    for i, text in enumerate(texts):
+        out[i] = signature(shingle_hashes(text, cfg.shingle_size), cfg.num_perm, cfg.seed)
+    return out
+
+
+def jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two signatures."""
+    return float(np.mean(sig_a == sig_b))
+
+
+class NearDupIndex:
+    """A MinHash LSH index of kept rows. `match` returns the key of a kept row whose estimated Jaccard
+    similarity is at least the threshold (LSH candidates are verified), else None."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1):
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self.seed = seed
+        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.sigs: dict[int, np.ndarray] = {}
+
+    def _lean(self, sig: np.ndarray):
+        from datasketch import LeanMinHash
+
+        return LeanMinHash(seed=self.seed, hashvalues=sig, scheme="affine32")
+
+    def match(self, sig: np.ndarray) -> int | None:
+        best, best_j = None, -1.0
+        for key in self.lsh.query(self._lean(sig)):
+            j = jaccard(sig, self.sigs[key])
+            if j >= self.threshold and (j > best_j or (j == best_j and key < best)):
+                best, best_j = key, j
+        return best
+
+    def add(self, key: int, sig: np.ndarray) -> None:
+        self.lsh.insert(key, self._lean(sig), check_duplication=False)
+        self.sigs[key] = sig
+
+    def __len__(self) -> int:
+        return len(self.sigs)
+
+
+def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, seed: int = 1) -> np.ndarray:
+    """For rows in order, -1 for a row to keep, else the index of the earlier kept row it near-duplicates.
+    Rows with keep=False are skipped (and stay -1). One pass, first occurrence wins; deterministic."""
+    index = NearDupIndex(threshold, sigs.shape[1], seed)
+    dup_of = np.full(len(sigs), -1, dtype=np.int64)
+    for i in range(len(sigs)):
+        if not keep[i]:
+            continue
+        j = index.match(sigs[i])
+        if j is None:
+            index.add(i, sigs[i])
+        else:
+            dup_of[i] = j
+    return dup_of

@@ -1,0 +1,143 @@
+"""Korean text normalization: pure functions over strings and pandas batches.
+
+What `normalize_text` does, in this order (the order makes it idempotent):
+
+1. Line breaks: CRLF, CR, U+2028/U+2029 and other line separators become "\\n".
+2. Invisible characters are removed: control characters (except tab and newline), zero-width and other
+   format characters (ZWSP, BOM, soft hyphen, direction marks, ...) and Hangul fillers. A zero-width joiner
+   between two emoji is kept, so emoji ZWJ sequences (👩‍💻) keep their meaning.
+3. Full-width ASCII (ＡＢＣ１２３！) becomes ASCII, half-width Hangul letters become the usual letters, and
+   unusual spaces (NBSP, ideographic space, en/em/thin spaces) become a plain space.
+4. Unicode NFC: decomposed syllables (macOS file names, NFD text) and conjoining jamo sequences are
+   composed into precomposed syllables (ᄒ+ᅡ+ᆫ -> 한).
+5. Conjoining jamo left over that form no syllable are written as compatibility jamo (ᄏᄏ -> ㅋㅋ).
+6. Whitespace: runs of spaces and tabs inside a line become one space, lines are stripped, three or more
+   line breaks become a blank line, and the text is stripped.
+
+Punctuation, symbols, emoji, Hanja and every letter are kept: normalization never deletes meaning.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import pandas as pd
+
+# --- character tables, built once from the Unicode database ---------------------------------------
+
+
+def _conjoining_to_compat() -> dict[int, str]:
+    """Conjoining jamo (U+1100-U+11FF) -> compatibility jamo (U+3131-U+318E), matched by Unicode name."""
+    compat = {}
+    for cp in range(0x3131, 0x318F):
+        name = unicodedata.name(chr(cp), "")
+        if name.startswith("HANGUL LETTER "):
+            compat[name.removeprefix("HANGUL LETTER ")] = chr(cp)
+    table = {}
+    for cp in range(0x1100, 0x1200):
+        name = unicodedata.name(chr(cp), "")
+        for prefix in ("HANGUL CHOSEONG ", "HANGUL JUNGSEONG ", "HANGUL JONGSEONG "):
+            if name.startswith(prefix) and name.removeprefix(prefix) in compat:
+                table[cp] = compat[name.removeprefix(prefix)]
+    return table
+
+
+_JAMO_TO_COMPAT = _conjoining_to_compat()
+_HANGUL_FILLERS = (0x115F, 0x1160, 0x3164, 0xFFA0)
+_ZWJ = "\u200d"
+
+
+def _width_table() -> dict[int, str]:
+    """Full-width ASCII -> ASCII, half-width Hangul -> compatibility jamo, other half/full-width forms -> NFKC."""
+    table: dict[int, str] = {}
+    for cp in range(0xFF01, 0xFFEF):
+        c = chr(cp)
+        if unicodedata.category(c) == "Cn" or cp in _HANGUL_FILLERS:
+            continue
+        mapped = unicodedata.normalize("NFKC", c)
+        if len(mapped) == 1 and ord(mapped) in _JAMO_TO_COMPAT:
+            mapped = _JAMO_TO_COMPAT[ord(mapped)]
+        if mapped != c:
+            table[cp] = mapped
+    return table
+
+
+def _space_and_line_table() -> dict[int, str | None]:
+    table: dict[int, str | None] = {}
+    for cp in (0x00A0, 0x1680, *range(0x2000, 0x200B), 0x202F, 0x205F, 0x3000, 0x000B, 0x000C):
+        table[cp] = " "
+    for cp in (0x0085, 0x2028, 0x2029):
+        table[cp] = "\n"
+    return table
+
+
+def _invisible() -> dict[int, None]:
+    """Control (Cc) and format (Cf) characters and Hangul fillers, minus tab, newline and ZWJ (handled apart)."""
+    table: dict[int, None] = {}
+    for cp in (*range(0x20000), *range(0xE0000, 0xE1000)):
+        if cp in (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0085, 0x200D):
+            continue
+        cat = unicodedata.category(chr(cp))
+        if cat == "Cc" or (cat == "Cf" and not 0xE0000 <= cp <= 0xE007F) or cp in _HANGUL_FILLERS:
+            table[cp] = None
+    # Tag characters (U+E0020-E007F) are part of emoji flag sequences (🏴 subdivision flags); keep them.
+    return table
+
+
+_TRANSLATE: dict[int, str | None] = {**_invisible(), **_width_table(), **_space_and_line_table()}
+_COMPAT_TRANSLATE = {cp: c for cp, c in _JAMO_TO_COMPAT.items()}
+
+_CRLF = re.compile(r"\r\n?")
+_ZWJ_NOT_EMOJI = re.compile(r"(?<![\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\U0001F3FB-\U0001F3FF])\u200d|\u200d(?![\U0001F000-\U0001FAFF\u2600-\u27BF])")
+_SPACES = re.compile(r"[ \t]+")
+_LINE_EDGES = re.compile(r" ?\n ?")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_CONJOINING = re.compile(r"[\u1100-\u11FF]")
+
+
+def normalize_text(text: str) -> str:
+    """Normalize one Korean text (see the module docstring). Idempotent; never deletes a Hangul syllable."""
+    text = _CRLF.sub("\n", text)
+    if _ZWJ in text:
+        text = _ZWJ_NOT_EMOJI.sub("", text)
+    text = text.translate(_TRANSLATE)
+    text = unicodedata.normalize("NFC", text)
+    if _CONJOINING.search(text):
+        text = text.translate(_COMPAT_TRANSLATE)
+    text = _SPACES.sub(" ", text)
+    text = _LINE_EDGES.sub("\n", text)
+    text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+# --- measurements ---------------------------------------------------------------------------------
+
+_HANGUL_CHARS = re.compile(r"[\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97F\uD7B0-\uD7FF]")
+_LETTERS = re.compile(r"[^\W\d_]")
+
+
+def is_hangul_syllable(ch: str) -> bool:
+    return "\uac00" <= ch <= "\ud7a3"
+
+
+def count_hangul_syllables(text: str) -> int:
+    return sum(1 for ch in text if "\uac00" <= ch <= "\ud7a3")
+
+
+def hangul_ratio(text: str) -> float:
+    """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters."""
+    letters = len(_LETTERS.findall(text))
+    if not letters:
+        return 0.0
+    return len(_HANGUL_CHARS.findall(text)) / letters
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+
+def normalize_batch(batch: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Normalize every text field of a batch of a dataset kind (corpus, instructions, preferences)."""
+    from kollm.data.schema import map_texts
+
+    return map_texts(batch, kind, normalize_text)

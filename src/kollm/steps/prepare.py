@@ -1,0 +1,402 @@
+"""`prepare`: raw Korean data -> a clean, deduplicated, PII-masked dataset with a train/eval split.
+
+    - kind: prepare
+      name: prepare-corpus
+      inputs: {source: corpus}          # a source from the `data:` section
+      config:
+        dataset: corpus                 # corpus | instructions | preferences (the output's artifact type)
+        txt_mode: paragraph             # .txt files: a document per file, or per blank-line block
+        filters: {min_chars: 20, min_hangul_ratio: 0.5}
+        dedup: {threshold: 0.8}
+        pii: {rrn: drop, phone: mask}
+        split: {eval_fraction: 0.05}
+        gate: {max_rejected_fraction: 0.5, min_train_rows: 100}
+        num_proc: 2
+
+Per row, in order (each a pure function over a pandas batch, run in `num_proc` processes):
+schema (raw row -> canonical columns) -> Korean normalization -> PII masking -> quality filters -> MinHash
+signature. Then, in one process: exact deduplication, near-duplicate removal (MinHash LSH, first occurrence
+wins, across all sources), the train/eval split by content hash, and the validation gate. A rejected row is
+counted under its reason (`schema:*`, `read:*`, `pii:*`, `filter:*`, `dedup:*`) and shown in the report.
+
+Outputs: `dataset` (train.parquet, eval.parquet, stats.json) and `report` (report.html, stats.json).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from hashlib import blake2b
+from itertools import repeat
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field, field_validator
+
+from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, near_duplicates, signatures_batch
+from kollm.data.filters import FilterConfig, quality_batch
+from kollm.data.korean import normalize_text
+from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
+from kollm.data.readers import SourceFiles, TxtMode, read_source
+from kollm.data.report import ReportData, render
+from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
+from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
+from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult
+
+KIND = "prepare"
+
+
+def _no_progress(items, *, total=None, description=""):
+    return items
+
+
+class SplitConfig(BaseModel):
+    model_config = STRICT
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of rows (by content hash) that go to the eval split.")
+    seed: int = Field(0, description="Salt of the split hash; change it to draw a different (still deterministic) split.")
+
+
+class Config(BaseModel):
+    model_config = STRICT
+    dataset: Literal["corpus", "instructions", "preferences"] = Field(
+        "corpus", description="The dataset kind to produce (the output's artifact type): corpus (text), "
+        "instructions (chat messages), preferences (prompt/chosen/rejected)."
+    )
+    sources: list[str] = Field(
+        default_factory=lambda: ["source"], min_length=1,
+        description="Names of this step's source inputs (wire each under `inputs:`). Rows of all sources are "
+        "prepared together and deduplicated across them.",
+    )
+    text_field: str = Field("text", description="The column holding the text, for a corpus read from jsonl/parquet/csv/hf.")
+    txt_mode: TxtMode = Field("file", description=".txt files: `file` (a document per file) or `paragraph` (a document per blank-line block).")
+    normalize: bool = Field(True, description="Korean Unicode normalization (NFC, jamo, invisible characters, full-width forms, spaces).")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
+    pii: PiiConfig = Field(default_factory=PiiConfig, description="What to do with each kind of personal information.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="The train/eval split.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Limits that fail the step when broken.")
+    num_proc: int = Field(1, ge=1, le=256, description="Processes for the per-row transforms.")
+    batch_rows: int = Field(1000, ge=1, description="Rows per batch handed to a process.")
+    report_examples: int = Field(5, ge=0, le=100, description="Examples of removed rows per reason in the report.")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("source input names must be unique")
+        return v
+
+
+def inputs(config: Config) -> dict[str, InputSpec]:
+    return {name: InputSpec(("source",), help="a raw data source from the `data:` section") for name in config.sources}
+
+
+def outputs(config: Config) -> dict[str, str]:
+    return {"dataset": config.dataset, "report": "report"}
+
+
+def code(config: Config) -> tuple[str, ...]:
+    return ("kollm.steps.prepare", "kollm.data")
+
+
+# --- per batch: pure, runs in worker processes ----------------------------------------------------
+
+
+@dataclass
+class Processed:
+    frame: pd.DataFrame  # canonical columns + _source, _reject, _raw, _chars, _hangul_ratio, _exact, _split
+    sigs: np.ndarray  # MinHash signatures (rows that are already rejected: zeros)
+    pii: Counter[str]
+    raw_bytes: int
+
+
+def split_position(key: str, seed: int) -> float:
+    """A row's place in [0, 1) from its content: rows below eval_fraction go to eval. Deterministic."""
+    h = blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
+    """schema -> normalize -> PII -> quality filters -> exact key, split position and MinHash signature."""
+    kind = cfg.dataset
+    frame = to_schema_batch(raw, kind, cfg.text_field)
+    parsed = (frame[REJECT] == "").to_numpy()
+    raw_bytes = sum(len(t.encode("utf-8")) for t in content_text(frame[parsed], kind))
+    if cfg.normalize:
+        frame = map_texts(frame, kind, normalize_text)
+    frame, pii = pii_batch(frame, kind, cfg.pii)
+    frame = quality_batch(frame, kind, cfg.filters)
+    live = (frame[REJECT] == "").to_numpy()
+    texts = content_text(frame[live], kind)
+    exact = [""] * len(frame)
+    split = [0.0] * len(frame)
+    for i, text, key in zip(np.flatnonzero(live), texts, split_key_text(frame[live], kind)):
+        exact[i] = exact_key(text)
+        split[i] = split_position(key, cfg.split.seed)
+    frame["_exact"] = exact
+    frame["_split"] = split
+    sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
+    if cfg.dedup.near and live.any():
+        sigs[live] = signatures_batch(texts, cfg.dedup)
+    return Processed(frame, sigs, pii, raw_bytes)
+
+
+def _process_star(args: tuple[pd.DataFrame, Config]) -> Processed:
+    return process_batch(*args)
+
+
+# --- the whole dataset: one process -----------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    train: pd.DataFrame
+    eval: pd.DataFrame
+    counts: Counts
+    pii: dict[str, int]
+    report: ReportData
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def rechunk(batches: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame]:
+    for df in batches:
+        for start in range(0, len(df), rows):
+            yield df.iloc[start : start + rows].reset_index(drop=True)
+
+
+def _pool(num_proc: int) -> ProcessPoolExecutor:
+    # forkserver: workers fork from a clean server process (no MLflow/torch threads inherited), and
+    # start fast because the server has imported this module once.
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["kollm.steps.prepare", "datasketch"])
+    return ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
+
+
+def run_transforms(batches: Iterable[pd.DataFrame], cfg: Config, progress=_no_progress) -> Iterator[Processed]:
+    """The per-row transforms over all batches, in order, in `cfg.num_proc` processes."""
+    chunks = rechunk(batches, cfg.batch_rows)
+    if cfg.num_proc == 1:
+        yield from progress((process_batch(c, cfg) for c in chunks), description="prepare: transform")
+        return
+    with _pool(cfg.num_proc) as pool:
+        results = pool.map(_process_star, zip(chunks, repeat(cfg)), chunksize=1)
+        yield from progress(results, description=f"prepare: transform ({cfg.num_proc} processes)")
+
+
+def _example(row: pd.Series, kind: str) -> str:
+    if row[REJECT].startswith(("schema:", "read:")):
+        text = row.get("_raw") or ""
+    else:
+        text = content_text(pd.DataFrame([row]), kind)[0]
+    text = mask_text(text)
+    return text if len(text) <= 300 else text[:300] + " …"
+
+
+def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+    """Run every stage over raw batches and split. Does not check the gate (see `check_gate`)."""
+    kind = cfg.dataset
+    t0 = time.perf_counter()
+    frames, sig_parts, pii, raw_bytes = [], [], Counter(), 0
+    for p in run_transforms(batches, cfg, progress):
+        frames.append(p.frame)
+        sig_parts.append(p.sigs)
+        pii.update(p.pii)
+        raw_bytes += p.raw_bytes
+    t_transform = time.perf_counter() - t0
+    cols = [*COLUMNS[kind], SOURCE, REJECT, "_raw", "_chars", "_hangul_ratio", "_exact", "_split"]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in cols})
+    if "_raw" not in df.columns:
+        df["_raw"] = None
+    sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.dedup.num_perm), dtype=np.uint32)
+    reasons = df[REJECT].to_numpy(dtype=object)
+
+    # exact duplicates: the first occurrence wins
+    if cfg.dedup.exact:
+        seen: set[str] = set()
+        for i, (r, key) in enumerate(zip(reasons, df["_exact"])):
+            if r:
+                continue
+            if key in seen:
+                reasons[i] = "dedup:exact"
+            else:
+                seen.add(key)
+    # near duplicates (MinHash LSH), across every source; kept rows never near-duplicate each other,
+    # so no eval row can have a near-duplicate in train
+    t1 = time.perf_counter()
+    if cfg.dedup.near:
+        dup_of = near_duplicates(sigs, reasons == "", cfg.dedup.threshold, cfg.dedup.seed)
+        reasons[dup_of >= 0] = "dedup:near"
+    t_near = time.perf_counter() - t1
+    df[REJECT] = reasons
+
+    kept = df[df[REJECT] == ""]
+    is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy()
+    moved = 0
+    if not cfg.dedup.near and is_eval.any():
+        moved = _decontaminate(sigs[kept.index.to_numpy()], is_eval, cfg)
+    train, eval_ = kept[~is_eval], kept[is_eval]
+
+    rejected = df[df[REJECT] != ""]
+    counts = Counts(total=len(df), train=len(train), eval=len(eval_), reasons=dict(Counter(rejected[REJECT])))
+    examples: dict[str, list[str]] = {}
+    if cfg.report_examples:
+        for reason, group in rejected.groupby(REJECT, sort=True):
+            examples[str(reason)] = [_example(row, kind) for _, row in group.head(cfg.report_examples).iterrows()]
+    sources = dict(Counter(df[SOURCE].map(_source_label)))
+    report = ReportData(
+        step=step, kind=kind, counts=counts, pii_found={t: pii.get(t, 0) for t in PII_TYPES},
+        chars=kept["_chars"].tolist(), hangul_ratios=kept["_hangul_ratio"].tolist(), examples=examples, sources=sources,
+    )
+    elapsed = time.perf_counter() - t0
+    chars = kept["_chars"].to_numpy()
+    stats = {
+        "dataset": kind,
+        "columns": list(COLUMNS[kind]),
+        "rows_read": counts.total,
+        "rows_kept": counts.kept,
+        "train_rows": counts.train,
+        "eval_rows": counts.eval,
+        "rows_rejected": counts.rejected,
+        "rejected_fraction": counts.rejected / counts.total if counts.total else 0.0,
+        "rejected_by_reason": dict(sorted(counts.reasons.items())),
+        "pii_found": report.pii_found,
+        "rows_per_source": sources,
+        "eval_moved_to_train": moved,
+        "chars_mean": float(chars.mean()) if len(chars) else 0.0,
+        "chars_p50": float(np.percentile(chars, 50)) if len(chars) else 0.0,
+        "chars_p95": float(np.percentile(chars, 95)) if len(chars) else 0.0,
+        "hangul_ratio_mean": float(kept["_hangul_ratio"].mean()) if len(kept) else 0.0,
+        "seconds": {"total": elapsed, "transform": t_transform, "near_dedup": t_near},
+        "input_text_mb": raw_bytes / 1e6,
+    }
+    return Prepared(train=train[list(COLUMNS[kind])].reset_index(drop=True), eval=eval_[list(COLUMNS[kind])].reset_index(drop=True),
+                    counts=counts, pii=report.pii_found, report=report, stats=stats)
+
+
+def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
+    """Without near-dedup, move every eval row that near-duplicates a train row into train. Returns how many."""
+    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.seed)
+    for i in np.flatnonzero(is_eval):
+        index.add(int(i), sigs[i])
+    moved = 0
+    for i in np.flatnonzero(~is_eval):
+        j = index.match(sigs[i])
+        if j is not None and is_eval[j]:
+            is_eval[j] = False
+            moved += 1
+    return moved
+
+
+def _source_label(path: str) -> str:
+    return str(path).rsplit("/", 1)[-1] if path else "?"
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def arrow_schema(kind: str):
+    import pyarrow as pa
+
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    fields = {"corpus": [("text", pa.string())], "instructions": [("messages", message)],
+              "preferences": [("prompt", message), ("chosen", pa.string()), ("rejected", pa.string())]}[kind]
+    return pa.schema(fields)
+
+
+def write_parquet(df: pd.DataFrame, path: Path, kind: str) -> None:
+    """Write atomically (a temp file, then rename) with the agreed column types, even for 0 rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(df.to_dict("records"), schema=arrow_schema(kind))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str:
+    from hashlib import sha256
+
+    return "sha256:" + sha256(path.read_bytes()).hexdigest()
+
+
+def _metric_name(reason: str) -> str:
+    return reason.replace(":", ".")
+
+
+# --- the step ---------------------------------------------------------------------------------------
+
+
+def run(ctx: StepContext) -> StepResult:
+    cfg: Config = ctx.config
+    sources = [
+        SourceFiles(name=art.meta.get("name", name), uri=art.meta.get("uri", ""), format=art.meta.get("format", "auto"),
+                    files=list(art.meta.get("files", [])))
+        for name, art in ((n, ctx.inputs[n]) for n in cfg.sources)
+    ]
+    ctx.log.info("prepare %s: %s from %s", ctx.name, cfg.dataset, ", ".join(s.uri for s in sources))
+
+    def batches() -> Iterator[pd.DataFrame]:
+        for src in sources:
+            yield from read_source(src, cfg.txt_mode)
+
+    prepared = prepare_batches(batches(), cfg, step=ctx.name, progress=ctx.progress)
+    counts = prepared.counts
+    broken = violations(counts, cfg.gate)
+    prepared.report.failed = [f"config.gate.{limit}: {msg}" for limit, msg in broken]
+    html = render(prepared.report)
+
+    metrics = {k: float(prepared.stats[k]) for k in ("rows_read", "rows_kept", "train_rows", "eval_rows", "rows_rejected",
+                                                      "rejected_fraction", "chars_mean", "hangul_ratio_mean", "eval_moved_to_train")}
+    metrics |= {f"rejected.{_metric_name(r)}": float(n) for r, n in counts.reasons.items()}
+    metrics |= {f"pii.{t}": float(n) for t, n in prepared.pii.items()}
+    ctx.tracker.log_metrics(metrics)
+
+    if broken:
+        failed_report = ctx.logs_dir("system") / f"prepare-{ctx.name}-report.html"
+        _write_text(failed_report, html)
+        ctx.tracker.log_artifact(failed_report, "prepare")
+        check_gate(counts, cfg.gate, ctx.name, str(failed_report))
+
+    data_dir = ctx.output_path("dataset")
+    write_parquet(prepared.train, data_dir / "train.parquet", cfg.dataset)
+    write_parquet(prepared.eval, data_dir / "eval.parquet", cfg.dataset)
+    stats_text = json.dumps(prepared.stats, ensure_ascii=False, indent=2)
+    _write_text(data_dir / "stats.json", stats_text)
+    report_dir = ctx.output_path("report")
+    _write_text(report_dir / "report.html", html)
+    _write_text(report_dir / "stats.json", stats_text)
+    ctx.tracker.log_artifact(data_dir / "stats.json", "prepare")
+    ctx.tracker.log_artifact(report_dir / "report.html", "prepare")
+
+    for name in cfg.sources:
+        ctx.tracker.log_dataset(ctx.inputs[name], name=f"{ctx.name}/{name}", context="source")
+    for split, frame in (("train", prepared.train), ("eval", prepared.eval)):
+        path = data_dir / f"{split}.parquet"
+        ctx.tracker.log_dataset(
+            Artifact(cfg.dataset, Path(f"{ctx.name}/dataset/{split}.parquet"), file_digest(path), {"rows": len(frame), "split": split}),
+            name=f"{ctx.name}/{split}", context=split,
+        )
+    ctx.log.info(summary(counts, f"prepare step '{ctx.name}' finished"))
+    meta = {
+        "rows": counts.kept, "train_rows": counts.train, "eval_rows": counts.eval, "rows_read": counts.total,
+        "rows_rejected": counts.rejected, "rejected_by_reason": dict(sorted(counts.reasons.items())),
+        "columns": list(COLUMNS[cfg.dataset]), "pii_found": prepared.pii,
+    }
+    return StepResult(metrics=metrics, meta={"dataset": meta, "report": {"rows_read": counts.total, "rows_kept": counts.kept}})
