@@ -1,0 +1,465 @@
+"""The model registry: MLflow Model Registry with aliases (`champion`, `challenger`, `previous`), never stages.
+
+Library API (the CLI `kollm registry list|show|promote|rollback` and the serving/rollout code call these):
+
+    list_models(project_dir=None) -> list[str]
+    list_versions(name, project_dir=None) -> list[VersionInfo]          # newest first
+    show(name, ref="champion", project_dir=None) -> VersionInfo          # ref: a version number or an alias
+    promote(name, version=None, reason="", project_dir=None) -> AliasMove
+        champion -> `version` (default: the current challenger); the old champion becomes `previous`;
+        the `challenger` alias is removed when it pointed at the promoted version.
+    rollback(name, reason="", project_dir=None) -> AliasMove
+        champion -> the version under `previous`; `previous` is removed (a second rollback needs a new promotion).
+    audit_trail(name, project_dir=None) -> list[AuditEntry]              # every alias move, oldest first
+    resolve_model_uri(uri, project_dir=None) -> Path
+        `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/PATH` or a local folder -> a local
+        Hugging Face model folder (downloaded once into <project>/.kollm/models/ and reused).
+
+Every alias move is recorded twice: tags on the model version (`kollm.<alias>_since`, `kollm.<alias>_reason`,
+and `kollm.rolled_back_at/_reason` on a version that was rolled back) and one `kollm.audit.NNNNNN` tag on the
+registered model holding a JSON AuditEntry (when, who, what moved, why).
+
+The tracking/registry URI is the project's: kollm.yaml `tracking.uri`, else $MLFLOW_TRACKING_URI, else
+sqlite:///<project>/.kollm/mlflow.db.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kollm.errors import KollmError, NotFound
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous"
+
+AUDIT_PREFIX = "kollm.audit."
+HF_ARTIFACT = "hf_model"  # the pyfunc artifact name that holds the Hugging Face folder (see kollm.eval.pyfunc_hf)
+
+_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
+_MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)/?$")
+_RUNS = re.compile(r"^runs:/(?P<run_id>[0-9a-zA-Z]+)/(?P<path>.+)$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str | None
+    source: str
+    created: datetime
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One alias move, stored as JSON in a `kollm.audit.NNNNNN` tag of the registered model."""
+
+    at: str  # ISO 8601, UTC
+    action: str  # register | promote | rollback
+    alias: str  # the alias that moved
+    version: str  # where it points now
+    replaced: str | None  # where it pointed before (None: it was unset)
+    reason: str
+    user: str
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """The result of promote/rollback: the new champion and what happened to the other aliases."""
+
+    name: str
+    action: str
+    champion: str
+    previous: str | None
+    replaced: str | None  # the champion before the move
+    reason: str
+    at: str
+
+
+# --- tracking ---------------------------------------------------------------------------------------------
+
+
+def tracking_uri(project_dir: Path | None = None) -> str:
+    """The project's MLflow tracking URI (see kollm.pipeline.tracking)."""
+    from kollm.pipeline.tracking import tracking_uri as project_tracking_uri
+
+    return project_tracking_uri(project_dir)
+
+
+def client(project_dir: Path | None = None) -> MlflowClient:
+    """An MlflowClient for the project's tracking server and registry (the same URI)."""
+    uri = tracking_uri(project_dir)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _not_found(e: MlflowException) -> bool:
+    return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def _version_info(mv) -> VersionInfo:  # mv: mlflow ModelVersion
+    return VersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        aliases=tuple(sorted(mv.aliases or ())),
+        run_id=mv.run_id or None,
+        source=mv.source or "",
+        created=datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, UTC),
+        description=mv.description or "",
+        tags=dict(mv.tags or {}),
+    )
+
+
+def _aliases(model) -> dict[str, str]:  # model: mlflow RegisteredModel
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def _registered_model(c: MlflowClient, name: str):
+    try:
+        return c.get_registered_model(name)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        names = [m.name for m in c.search_registered_models(max_results=50)]
+        hint = ("registered models: " + ", ".join(names)) if names else "no model is registered yet: run a pipeline with a `register` step"
+        raise NotFound(f"no registered model '{name}' at {c.tracking_uri}", hint=hint) from None
+
+
+def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
+    """`ref` is a version number or an alias. NotFound names what exists."""
+    model = _registered_model(c, name)
+    aliases = _aliases(model)
+    ref = ref.lstrip("@")
+    if ref.isdigit():
+        try:
+            return _version_info(c.get_model_version(name, ref))
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+            raise NotFound(f"model '{name}' has no version {ref}", hint=f"versions: {', '.join(map(str, known)) or 'none'}") from None
+    if ref not in aliases:
+        existing = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
+        raise NotFound(f"model '{name}' has no alias '{ref}'", hint=f"aliases: {existing}")
+    return _version_info(c.get_model_version(name, aliases[ref]))
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def list_models(project_dir: Path | None = None) -> list[str]:
+    c = client(project_dir)
+    return sorted(m.name for m in c.search_registered_models(max_results=1000))
+
+
+def list_versions(name: str, project_dir: Path | None = None) -> list[VersionInfo]:
+    """All versions of `name`, newest first."""
+    c = client(project_dir)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in _aliases(_registered_model(c, name)).items():
+        by_version.setdefault(version, []).append(alias)
+    versions = [_version_info(v) for v in c.search_model_versions(f"name = '{name}'")]
+    # search results do not carry aliases in every store; take them from the registered model
+    versions = [replace(v, aliases=tuple(sorted(by_version.get(v.version, [])))) for v in versions]
+    return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+
+def show(name: str, ref: str = CHAMPION, project_dir: Path | None = None) -> VersionInfo:
+    """One version by number ("3") or alias ("champion", "@challenger")."""
+    return _get_version(client(project_dir), name, ref)
+
+
+def audit_trail(name: str, project_dir: Path | None = None) -> list[AuditEntry]:
+    """Every recorded alias move of `name`, oldest first."""
+    model = _registered_model(client(project_dir), name)
+    entries = sorted((k, v) for k, v in (model.tags or {}).items() if k.startswith(AUDIT_PREFIX))
+    return [AuditEntry(**json.loads(v)) for _, v in entries]
+
+
+# --- moving aliases ---------------------------------------------------------------------------------------
+
+
+def _record(c: MlflowClient, name: str, entry: AuditEntry) -> None:
+    model = c.get_registered_model(name)
+    seq = sum(1 for k in (model.tags or {}) if k.startswith(AUDIT_PREFIX))
+    c.set_registered_model_tag(name, f"{AUDIT_PREFIX}{seq:06d}", json.dumps(asdict(entry), ensure_ascii=False))
+    c.set_registered_model_tag(name, "kollm.last_move", f"{entry.at} {entry.action}: {entry.alias} -> v{entry.version}")
+
+
+def _move(c: MlflowClient, name: str, alias: str, version: str, *, action: str, reason: str, at: str) -> str | None:
+    """Point `alias` at `version`, tag the version, record the move. Returns the version it pointed at before."""
+    before = _aliases(c.get_registered_model(name)).get(alias)
+    c.set_registered_model_alias(name, alias, version)
+    c.set_model_version_tag(name, version, f"kollm.{alias}_since", at)
+    c.set_model_version_tag(name, version, f"kollm.{alias}_reason", reason[:4000])
+    _record(c, name, AuditEntry(at=at, action=action, alias=alias, version=version, replaced=before, reason=reason[:2000], user=_user()))
+    return before
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def set_alias(name: str, alias: str, version: str, *, reason: str, action: str = "register", project_dir: Path | None = None) -> str | None:
+    """Point `alias` at `version` with an audit record (used by `register` for `challenger`). Returns the old target."""
+    c = client(project_dir)
+    _get_version(c, name, str(version))
+    return _move(c, name, alias, str(version), action=action, reason=reason, at=_now())
+
+
+def promote(name: str, version: str | int | None = None, reason: str = "", project_dir: Path | None = None) -> AliasMove:
+    """Make `version` (default: the current challenger) the champion; the old champion becomes `previous`."""
+    c = client(project_dir)
+    model = _registered_model(c, name)
+    aliases = _aliases(model)
+    if version is None:
+        if CHALLENGER not in aliases:
+            raise NotFound(
+                f"model '{name}' has no '{CHALLENGER}' to promote",
+                hint=f"pass a version (kollm registry promote {name} --version N) or register a new one with `kollm run`",
+            )
+        version = aliases[CHALLENGER]
+    version = str(_get_version(c, name, str(version)).version)
+    old = aliases.get(CHAMPION)
+    if old == version:
+        raise KollmError(f"version {version} of '{name}' is already the champion", hint="promote another version")
+    at = _now()
+    reason = reason or "promoted"
+    if old is not None:
+        _move(c, name, PREVIOUS, old, action="promote", reason=f"replaced by v{version}: {reason}", at=at)
+    _move(c, name, CHAMPION, version, action="promote", reason=reason, at=at)
+    if aliases.get(CHALLENGER) == version:
+        c.delete_registered_model_alias(name, CHALLENGER)
+    return AliasMove(name=name, action="promote", champion=version, previous=old, replaced=old, reason=reason, at=at)
+
+
+def rollback(name: str, reason: str = "", project_dir: Path | None = None) -> AliasMove:
+    """Restore the version under `previous` as champion; the rolled-back version is tagged, `previous` removed."""
+    c = client(project_dir)
+    aliases = _aliases(_registered_model(c, name))
+    if PREVIOUS not in aliases:
+        raise NotFound(
+            f"model '{name}' has no '{PREVIOUS}' version to roll back to",
+            hint="a rollback needs an earlier promotion; promote a version explicitly with `kollm registry promote NAME --version N`",
+        )
+    restored, bad = aliases[PREVIOUS], aliases.get(CHAMPION)
+    at = _now()
+    reason = reason or "rolled back"
+    _move(c, name, CHAMPION, restored, action="rollback", reason=reason, at=at)
+    c.delete_registered_model_alias(name, PREVIOUS)
+    if bad is not None and bad != restored:
+        c.set_model_version_tag(name, bad, "kollm.rolled_back_at", at)
+        c.set_model_version_tag(name, bad, "kollm.rolled_back_reason", reason[:4000])
+    return AliasMove(name=name, action="rollback", champion=restored, previous=None, replaced=bad, reason=reason, at=at)
+
+
+# --- resolving model URIs to local folders ----------------------------------------------------------------
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _hf_folder_in(download: Path, what: str) -> Path:
+    """The Hugging Face folder inside a downloaded MLflow model (pyfunc with an `hf_model` artifact) or folder."""
+    mlmodel = download / "MLmodel"
+    if mlmodel.is_file():
+        spec = yaml.safe_load(mlmodel.read_text()) or {}
+        artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {}) or {}
+        if HF_ARTIFACT in artifacts:
+            folder = download / artifacts[HF_ARTIFACT]["path"]
+            if _is_hf_folder(folder):
+                return folder
+    if _is_hf_folder(download):
+        return download
+    candidates = sorted(p.parent for p in download.glob("*/config.json")) + sorted(p.parent for p in download.glob("*/*/config.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise NotFound(
+        f"{what} is not a Hugging Face model (no config.json found in {download})",
+        hint="register models with a kollm `register` step, or point at a folder saved with save_pretrained",
+    )
+
+
+def _cache_root(project_dir: Path | None) -> Path:
+    if project_dir is not None:
+        return Path(project_dir) / ".kollm" / "models"
+    return Path(tempfile.gettempdir()) / "kollm-models"
+
+
+def _download_once(cache: Path, download) -> Path:  # download: Callable[[str], None] writing into a folder
+    """Download into a temp folder beside `cache` and rename it into place (atomic; reused afterwards)."""
+    if cache.is_dir():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".{cache.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        download(str(tmp))
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            if not cache.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z._-]+", "_", text)[:80]
+
+
+def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
+    """A local Hugging Face model folder for `uri`.
+
+    Accepts `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID/PATH`, `file://PATH` or a local
+    folder (relative paths are relative to `project_dir`, else the current folder). Registry and run
+    artifacts are downloaded from the MLflow artifact store once, into <project>/.kollm/models/
+    (a temp folder without a project). Raises NotFound with what exists when the name, alias, version,
+    run or folder is missing.
+    """
+    uri = uri.strip()
+    if uri.startswith("models:/"):
+        match = _MODELS_ALIAS.match(uri) or _MODELS_VERSION.match(uri)
+        if not match:
+            raise NotFound(f"cannot parse model URI '{uri}'", hint="use models:/NAME@ALIAS or models:/NAME/VERSION")
+        c = client(project_dir)
+        parts = match.groupdict()
+        info = _get_version(c, parts["name"], parts.get("alias") or parts["version"])
+        key = hashlib.sha256(f"{c.tracking_uri}\0{info.source}".encode()).hexdigest()[:12]
+        cache = _cache_root(project_dir) / f"{_safe(info.name)}-v{info.version}-{key}"
+        source = c.get_model_version_download_uri(info.name, info.version)
+        from mlflow.artifacts import download_artifacts
+
+        folder = _download_once(cache, lambda dst: download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=c.tracking_uri))
+        return _hf_folder_in(_single_child(folder), f"{uri} (version {info.version})")
+    if uri.startswith("runs:/"):
+        match = _RUNS.match(uri)
+        if not match:
+            raise NotFound(f"cannot parse run URI '{uri}'", hint="use runs:/RUN_ID/PATH, e.g. runs:/0a1b.../model")
+        c = client(project_dir)
+        run_id, path = match["run_id"], match["path"].strip("/")
+        try:
+            c.get_run(run_id)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            raise NotFound(f"no MLflow run '{run_id}' at {c.tracking_uri}", hint="`kollm runs` lists the runs") from None
+        key = hashlib.sha256(f"{c.tracking_uri}\0{run_id}\0{path}".encode()).hexdigest()[:12]
+        cache = _cache_root(project_dir) / f"run-{run_id[:12]}-{key}"
+
+        def download(dst: str) -> None:
+            try:
+                c.download_artifacts(run_id, path, dst_path=dst)
+            except (MlflowException, OSError) as e:
+                raise NotFound(f"run {run_id} has no artifact '{path}'", hint=f"MLflow said: {str(e).splitlines()[0][:200]}") from None
+
+        folder = _download_once(cache, download)
+        return _hf_folder_in(_single_child(folder), uri)
+    raw = uri.removeprefix("file://")
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = (Path(project_dir) if project_dir is not None else Path.cwd()) / path
+    if not path.exists():
+        raise NotFound(
+            f"model '{uri}' not found: no folder {path}",
+            hint="use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local Hugging Face folder",
+        )
+    return _hf_folder_in(path.resolve(), uri)
+
+
+def _single_child(folder: Path) -> Path:
+    """download_artifacts of `x/model` writes `dst/model/...`; step into a lone subfolder."""
+    children = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if len(children) == 1 and children[0].is_dir() and not (folder / "MLmodel").exists():
+        return children[0]
+    return folder
+
+
+# --- registering ------------------------------------------------------------------------------------------
+
+PYFUNC_CODE = Path(__file__).parent / "eval" / "pyfunc_hf.py"
+
+
+def register_folder(
+    name: str,
+    hf_folder: Path,
+    *,
+    run_id: str,
+    tags: dict[str, str],
+    description: str = "",
+    alias: str | None = CHALLENGER,
+    reason: str = "registered",
+    project_dir: Path | None = None,
+) -> VersionInfo:
+    """Log `hf_folder` as an MLflow pyfunc model (artifact `model` of run `run_id`), register it as a new version
+    of `name` with `tags`, and point `alias` at it. The version loads in plain MLflow with
+    `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` (see kollm.eval.pyfunc_hf) and in kollm with resolve_model_uri.
+    """
+    import mlflow
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    c = client(project_dir)
+    signature = ModelSignature(
+        inputs=None,  # prompts (strings), chat message lists, or a DataFrame with a `prompt` column
+        outputs=None,
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("batch_size", "long", 8)]),
+    )
+    requirements = [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+    ]
+    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp:
+        local = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            path=str(local),
+            python_model=str(PYFUNC_CODE),
+            artifacts={HF_ARTIFACT: str(hf_folder)},
+            signature=signature,
+            pip_requirements=requirements,
+        )
+        c.log_artifacts(run_id, str(local), "model")
+    try:
+        c.create_registered_model(name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = c.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags, description=description)
+    if alias:
+        _move(c, name, alias, str(mv.version), action="register", reason=reason, at=_now())
+    return _get_version(c, name, str(mv.version))

@@ -1,0 +1,164 @@
+"""The registry against real MLflow stores (SQLite, and PostgreSQL with @pytest.mark.postgres)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "eval"))
+from tiny_model import save_tiny  # noqa: E402
+
+from kollm import registry  # noqa: E402
+from kollm.errors import KollmError, NotFound  # noqa: E402
+
+
+def make_project(root: Path, uri: str | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
+    (root / "kollm.yaml").write_text(f"project: reg-test\n{tracking}steps:\n  - kind: python\n    config: {{callable: 'm:f'}}\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(monkeypatch):
+    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def new_run(project: Path) -> str:
+    c = registry.client(project)
+    exp = c.get_experiment_by_name("reg-test")
+    exp_id = exp.experiment_id if exp else c.create_experiment("reg-test", artifact_location=(project / "mlartifacts").as_uri())
+    return c.create_run(exp_id).info.run_id
+
+
+def register(project: Path, folder: Path, **tags: str) -> registry.VersionInfo:
+    return registry.register_folder("tiny", folder, run_id=new_run(project), tags=tags, project_dir=project)
+
+
+def test_register_loads_in_plain_mlflow_and_resolves_to_hf_folder(tmp_path, tiny_folder):
+    project = make_project(tmp_path / "p")
+    v = register(project, tiny_folder, **{"kollm.data.prepare.data": "sha256:abc"})
+    assert v.version == "1" and v.aliases == ("challenger",)
+    assert v.tags["kollm.data.prepare.data"] == "sha256:abc"
+
+    uri = registry.tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny@challenger")
+    out = model.predict(["안녕하세요", "서울은"], params={"max_new_tokens": 4})
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    chat = model.predict([[{"role": "user", "content": "안녕?"}]], params={"max_new_tokens": 3})
+    assert len(chat) == 1
+
+    folder = registry.resolve_model_uri("models:/tiny@challenger", project)
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert folder.is_relative_to(project / ".kollm" / "models")
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(folder).config.hidden_size == 32
+    # the same version resolves to the same downloaded folder; by number too
+    assert registry.resolve_model_uri("models:/tiny@challenger", project) == folder
+    assert registry.resolve_model_uri("models:/tiny/1", project) == folder
+    # runs:/ and local folders
+    run_folder = registry.resolve_model_uri(f"runs:/{v.run_id}/model", project)
+    assert (run_folder / "model.safetensors").is_file()
+    assert registry.resolve_model_uri(str(tiny_folder), project) == tiny_folder.resolve()
+
+
+def test_resolve_errors_name_what_exists(tmp_path, tiny_folder):
+    project = make_project(tmp_path / "p")
+    with pytest.raises(NotFound, match="no registered model 'tiny'"):
+        registry.resolve_model_uri("models:/tiny@champion", project)
+    register(project, tiny_folder)
+    with pytest.raises(NotFound, match="no alias 'champion'") as e:
+        registry.resolve_model_uri("models:/tiny@champion", project)
+    assert "challenger -> v1" in str(e.value)
+    with pytest.raises(NotFound, match="no version 7"):
+        registry.resolve_model_uri("models:/tiny/7", project)
+    with pytest.raises(NotFound, match="no folder"):
+        registry.resolve_model_uri("does/not/exist", project)
+    with pytest.raises(NotFound, match="no MLflow run"):
+        registry.resolve_model_uri("runs:/0123456789abcdef/model", project)
+    with pytest.raises(NotFound, match="cannot parse"):
+        registry.resolve_model_uri("models:/tiny", project)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    with pytest.raises(NotFound, match="not a Hugging Face model"):
+        registry.resolve_model_uri(str(not_a_model), project)
+
+
+def alias_flow(project: Path, folder: Path) -> None:
+    """register -> promote -> register -> promote -> rollback, checking aliases and the audit trail."""
+    with pytest.raises(NotFound, match="no registered model"):
+        registry.promote("tiny", project_dir=project)
+    register(project, folder)
+    with pytest.raises(NotFound, match="no 'previous'"):
+        registry.rollback("tiny", reason="nothing to roll back", project_dir=project)
+
+    first = registry.promote("tiny", reason="first release", project_dir=project)
+    assert (first.champion, first.previous) == ("1", None)
+    assert registry.show("tiny", "champion", project).aliases == ("champion",)  # challenger consumed
+    with pytest.raises(NotFound, match="no 'challenger'"):
+        registry.promote("tiny", project_dir=project)
+    with pytest.raises(KollmError, match="already the champion"):
+        registry.promote("tiny", version=1, project_dir=project)
+
+    register(project, folder)  # v2 -> challenger
+    assert registry.show("tiny", "@challenger", project).version == "2"
+    move = registry.promote("tiny", reason="canary passed: success 0.99", project_dir=project)
+    assert (move.champion, move.previous, move.replaced) == ("2", "1", "1")
+    versions = {v.version: v for v in registry.list_versions("tiny", project)}
+    assert list(versions) == ["2", "1"]
+    assert versions["2"].aliases == ("champion",) and versions["1"].aliases == ("previous",)
+    assert versions["2"].tags["kollm.champion_reason"] == "canary passed: success 0.99"
+    assert "kollm.champion_since" in versions["2"].tags
+
+    back = registry.rollback("tiny", reason="p95 latency 2.3 s > 1 s", project_dir=project)
+    assert (back.champion, back.replaced) == ("1", "2")
+    versions = {v.version: v for v in registry.list_versions("tiny", project)}
+    assert versions["1"].aliases == ("champion",) and versions["2"].aliases == ()
+    assert versions["2"].tags["kollm.rolled_back_reason"] == "p95 latency 2.3 s > 1 s"
+    assert versions["1"].tags["kollm.champion_reason"] == "p95 latency 2.3 s > 1 s"
+    with pytest.raises(NotFound, match="no 'previous'"):
+        registry.rollback("tiny", project_dir=project)
+
+    trail = registry.audit_trail("tiny", project)
+    assert [(e.action, e.alias, e.version, e.replaced) for e in trail] == [
+        ("register", "challenger", "1", None),
+        ("promote", "champion", "1", None),
+        ("register", "challenger", "2", None),
+        ("promote", "previous", "1", None),
+        ("promote", "champion", "2", "1"),
+        ("rollback", "champion", "1", "2"),
+    ]
+    assert trail[-1].reason == "p95 latency 2.3 s > 1 s" and trail[-1].at
+    raw = registry.client(project).get_registered_model("tiny").tags
+    assert json.loads(raw["kollm.audit.000005"])["action"] == "rollback"
+    # kollm resolves the champion alias to v1's files after the rollback
+    assert registry.resolve_model_uri("models:/tiny@champion", project).is_relative_to(project / ".kollm" / "models")
+    assert "-v1-" in str(registry.resolve_model_uri("models:/tiny@champion", project))
+
+
+def test_promote_and_rollback_sqlite(tmp_path, tiny_folder):
+    alias_flow(make_project(tmp_path / "p"), tiny_folder)
+
+
+@pytest.mark.postgres
+def test_promote_and_rollback_postgres(tmp_path, tiny_folder, postgres_uri):
+    project = make_project(tmp_path / "p", uri=postgres_uri)
+    assert registry.tracking_uri(project).startswith("postgresql://")
+    alias_flow(project, tiny_folder)
+    assert not (project / ".kollm" / "mlflow.db").exists()
