@@ -14,12 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import openai
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 import pytest
 import uvicorn
 
 from kollm.pipeline.tracking import client_for
+from kollm.serve import create_app
+from kollm.serve.engine import EngineClosed, TokenChunk
 
 
 def free_port() -> int:
@@ -78,7 +78,11 @@ class Registered:
 
 @pytest.fixture
 def registered(tracking_uri, tmp_path) -> Registered:
-    """A registered model with version 1 = champion and version 2 = challenger (real MLflow on SQLite)."""
+    """A registered model with version 1 = champion and version 2 = challenger (real MLflow on SQLite); the
+    project folder tmp_path (its kollm.yaml) uses that tracking URI."""
+    (tmp_path / "kollm.yaml").write_text(
+        f"project: kodemo\ntracking:\n  uri: {tracking_uri}\nsteps:\n  - kind: python\n", encoding="utf-8"
+    )
     name = f"kodemo-{uuid.uuid4().hex[:8]}"
     client = client_for(tracking_uri)
     client.create_registered_model(name)
@@ -196,23 +200,55 @@ def state_file(project: Path, name: str) -> Path:
     return project / ".kollm" / "rollouts" / f"{name}.json"
 
 
-def serving_app(version: str, *, fail_ratio: float = 0.0, delay_s: float = 0.0):
-    """A small OpenAI-shaped app standing in for kollm.serve.create_app (until it lands)."""
-    app = FastAPI()
-    count = {"n": 0}
+class FakeEngine:
+    """A small engine implementing kollm.serve.engine.Engine: it answers "vN 답변" token by token, and can fail
+    a share of its requests or take a fixed time per request (the canary's *behaviour*; HTTP is the real app)."""
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        body = await request.json()
-        count["n"] += 1
-        if delay_s:
-            await asyncio.sleep(delay_s)
-        if fail_ratio and (count["n"] % 10) < fail_ratio * 10:
-            return JSONResponse({"error": {"message": "engine failed", "type": "server_error"}}, status_code=500)
-        return {
-            "id": f"chatcmpl-{count['n']}", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": f"v{version} 답변"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
+    context_length = 512
 
-    return app
+    def __init__(self, version: str, *, fail_ratio: float = 0.0, delay_s: float = 0.0):
+        self.version, self.fail_ratio, self.delay_s = version, fail_ratio, delay_s
+        self.count = 0
+        self.closed = False
+        self._running = 0
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))[:64] or [0]
+
+    def encode_chat(self, messages) -> list[int]:
+        return self.encode_prompt("".join(m.content for m in messages))
+
+    async def generate(self, prompt_ids, params, request_id):
+        if self.closed:
+            raise EngineClosed("engine is shut down")
+        self.count += 1
+        n = self.count
+        self._running += 1
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if self.fail_ratio and (n % 10) < self.fail_ratio * 10:
+                raise RuntimeError(f"engine v{self.version} failed on request {n}")
+            words = [f"v{self.version}", " 답변"][: params.max_tokens]
+            for i, w in enumerate(words, start=1):
+                yield TokenChunk(w, i, "stop" if i == len(words) else None)
+        finally:
+            self._running -= 1
+
+    def ready(self) -> bool:
+        return not self.closed
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def running(self) -> int:
+        return self._running
+
+    async def shutdown(self) -> None:
+        self.closed = True
+
+
+def serving_app(version: str, *, name: str, fail_ratio: float = 0.0, delay_s: float = 0.0, api_key: str | None = None):
+    """The real kollm serving app (kollm.serve.create_app) around a FakeEngine."""
+    engine = FakeEngine(version, fail_ratio=fail_ratio, delay_s=delay_s)
+    return create_app(engine, model_name=name, model_version=version, api_key=api_key)

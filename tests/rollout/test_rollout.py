@@ -17,11 +17,12 @@ from .conftest import Load, Server, serving_app, state_file, wait_for
 PAUSE = 0.5
 
 
-def make_gateway(registered, project, *, canary_app=None, api_key=None):
-    stable = Arm(serving_app("1"), version="1", model_name=registered.name)
-    canary = Arm(canary_app or serving_app("2"), version="2", model_name=registered.name)
+def make_gateway(registered, project, *, api_key=None, **canary_behaviour):
+    name = registered.name
+    stable = Arm(serving_app("1", name=name, api_key=api_key), version="1", model_name=name)
+    canary = Arm(serving_app("2", name=name, api_key=api_key, **canary_behaviour), version="2", model_name=name)
     gw = Gateway(stable, canary)
-    attach_rollout(gw, project_dir=project, model_name=registered.name, tracking_uri=registered.tracking_uri, api_key=api_key)
+    attach_rollout(gw, project_dir=project, model_name=name, api_key=api_key)
     return gw
 
 
@@ -56,11 +57,11 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
 
 
 def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path, webhook):
-    gw = make_gateway(registered, tmp_path, canary_app=serving_app("2", fail_ratio=0.3))
+    gw = make_gateway(registered, tmp_path, fail_ratio=0.3)
     with Server(gw) as srv, Load(srv.url, registered.name) as load:
         time.sleep(0.2)
         t0 = time.time()
-        start(srv.url, registered.name, alert_webhook=webhook.url)
+        start(srv.url, registered.name, pause="1s", alert_webhook=webhook.url)
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
         elapsed = time.time() - t0
         before = load.result.versions.copy()
@@ -69,7 +70,7 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     assert saved["status"] == "rolled_back" and saved["weight"] == 0
     assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
-    assert saved["ended_at"] - saved["started_at"] < 2 * PAUSE + 0.5, elapsed
+    assert saved["ended_at"] - saved["started_at"] < 2 * 1.0 + 0.5, elapsed  # two 1 s intervals
     assert set(after) == {"1"}, after  # weight 0: only the stable version serves
     assert load.result.failed == [], load.result.failed[:5]  # every error came from the canary itself
     assert load.result.canary_errors > 0
@@ -80,15 +81,16 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
 
 
 def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, webhook):
-    gw = make_gateway(registered, tmp_path, canary_app=serving_app("2", delay_s=0.3))
+    gw = make_gateway(registered, tmp_path, delay_s=0.3)
     with Server(gw) as srv, Load(srv.url, registered.name, threads=6) as load:
         time.sleep(0.2)
         start(srv.url, registered.name, analysis="success_rate>=0.95,p95_ms<=150", alert_webhook=webhook.url)
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
         time.sleep(0.5)  # slow canary requests in flight at the rollback finish
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
-    assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
-    assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"])
+    verdicts = [h["result"]["verdict"] for h in saved["history"]]
+    assert verdicts[-2:] == ["fail", "fail"] and "pass" not in verdicts, verdicts  # inconclusive: too few slow requests
+    assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"] if h["result"]["verdict"] == "fail")
     assert "p95_ms" in saved["message"]
     assert load.result.failed == [] and load.result.canary_errors == 0, load.result.failed[:5]
     assert load.result.versions["2"] > 0  # the canary did serve (slowly) before the rollback

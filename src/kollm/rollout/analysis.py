@@ -165,10 +165,24 @@ def measure(samples: list[Sample], probe: ProbeResult | None = None) -> dict[str
 
 
 def analyse(
-    criteria: list[Criterion], samples: list[Sample], *, min_requests: int, probe: ProbeResult | None = None
+    criteria: list[Criterion],
+    samples: list[Sample],
+    *,
+    min_requests: int,
+    pending_ms: list[float] = (),
+    probe: ProbeResult | None = None,
 ) -> AnalysisResult:
-    """Judge one interval. Traffic criteria are judged only on at least `min_requests` canary requests; with
-    fewer the interval is inconclusive (unless the probe, which needs no traffic, already fails)."""
+    """Judge one interval.
+
+    `pending_ms`: how long the requests still in flight at the interval's end have been running. One that
+    already exceeds the smallest latency limit is counted as a (successful) sample with that latency: a lower
+    bound that is already too slow, so a canary that hangs fails instead of never producing a sample. (Such a
+    request is counted again when it completes; that only errs towards rolling back.)
+    Traffic criteria are judged only on at least `min_requests` samples; with fewer the interval is
+    inconclusive, unless the probe (which needs no traffic) already fails."""
+    limits = [c.threshold for c in criteria if c.metric.endswith("_ms")]
+    if limits:
+        samples = [*samples, *(Sample(True, ms) for ms in pending_ms if ms > min(limits))]
     values = measure(samples, probe)
     n = len(samples)
     enough = n >= min_requests

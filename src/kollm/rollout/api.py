@@ -109,11 +109,11 @@ def _error(code: int, message: str, hint: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "hint": hint}}, status_code=code)
 
 
-def attach_rollout(gateway: Gateway, *, project_dir: Path, model_name: str, tracking_uri: str, api_key: str | None = None,
+def attach_rollout(gateway: Gateway, *, project_dir: Path | None, model_name: str, api_key: str | None = None,
                    tick_s: float = 0.05) -> RolloutController:
     """Give a gateway that has a canary its rollout controller (state in <project>/.kollm/rollouts/) and the
     /admin/rollout/ endpoints."""
-    controller = RolloutController(gateway, rollout_store(project_dir), RegistryTarget(tracking_uri, model_name),
+    controller = RolloutController(gateway, rollout_store(project_dir), RegistryTarget(project_dir, model_name),
                                    api_key=api_key, tick_s=tick_s)
     gateway.admin_app = admin_app(controller, api_key=api_key)
     return controller

@@ -43,9 +43,9 @@ class RolloutConflict(KollmError):
 
 @dataclass(frozen=True)
 class RegistryTarget:
-    """Where the rollout's aliases live: the tracking/registry URI and the registered model name."""
+    """Where the rollout's aliases live: the project (its tracking/registry URI) and the registered model name."""
 
-    tracking_uri: str
+    project_dir: Path | None
     model_name: str
 
 
@@ -206,9 +206,10 @@ class RolloutController:
     async def _end_window(self, st: RolloutState) -> None:
         canary = self.gateway.canary
         assert canary is not None
-        samples = canary.take_window()
+        samples, pending_ms = canary.take_window()
         probe = await self._run_probe(st) if st.spec.probe else None
-        result = analyse(parse_analysis(st.spec.analysis), samples, min_requests=st.spec.min_requests, probe=probe)
+        result = analyse(parse_analysis(st.spec.analysis), samples, min_requests=st.spec.min_requests,
+                         pending_ms=pending_ms, probe=probe)
         note = "probe: " + "; ".join(probe.failures[:5]) if probe is not None and probe.failures else ""
         st.history.append(StepRecord(st.step + 1, st.weight, time.time(), result, note))
         self._m_analysis.labels(st.name, result.verdict).inc()
@@ -242,7 +243,7 @@ class RolloutController:
 
     async def _promote(self, st: RolloutState, why: str) -> None:
         try:
-            await asyncio.to_thread(registry_ops.promote, self.registry.tracking_uri, st.name, st.canary_version,
+            await asyncio.to_thread(registry_ops.promote, self.registry.project_dir, st.name, st.canary_version,
                                     f"kollm rollout: {why}")
         except Exception as e:  # the registry is the source of truth: do not swap traffic it does not agree with
             st.status = "paused"
@@ -259,7 +260,7 @@ class RolloutController:
 
     async def _tag(self, st: RolloutState, tags: dict[str, str]) -> None:
         try:
-            await asyncio.to_thread(registry_ops.tag_version, self.registry.tracking_uri, st.name, st.canary_version, tags)
+            await asyncio.to_thread(registry_ops.tag_version, self.registry.project_dir, st.name, st.canary_version, tags)
         except Exception as e:
             log.error("rollout %s: could not tag version %s: %s", st.name, st.canary_version, e)
             st.message += f" (tagging the version failed: {e})"
@@ -317,5 +318,6 @@ class RolloutController:
             self._m_status.labels(self.name, s).set(1 if s == current else 0)
 
 
-def rollout_store(project_dir: Path) -> RolloutStore:
-    return RolloutStore(Path(project_dir) / ".kollm" / "rollouts")
+def rollout_store(project_dir: Path | None) -> RolloutStore:
+    """Rollout state lives in <project>/.kollm/rollouts/ (the current folder without a project)."""
+    return RolloutStore(Path(project_dir or Path.cwd()) / ".kollm" / "rollouts")

@@ -118,14 +118,13 @@ class Arm:
     def record(self, ok: bool, latency_ms: float) -> None:
         self._window.append(Sample(ok, latency_ms))
 
-    def take_window(self) -> list[Sample]:
-        """The requests completed since the last call, plus the ones still in flight with their time so far
-        (a lower bound), so a canary that hangs is judged slow instead of having no samples. A request in
-        flight across a window's end thus counts in both windows, which only errs towards rolling back.
-        Starts a new window."""
+    def take_window(self) -> tuple[list[Sample], list[float]]:
+        """The requests completed since the last call, and the elapsed milliseconds of those still in flight
+        (the analysis counts a still-running request once it is already slower than a latency limit, so a
+        canary that hangs is judged slow rather than having no samples). Starts a new window."""
         now = time.perf_counter()
         out, self._window = self._window, []
-        return out + [Sample(True, (now - t) * 1000) for t in self._started.values()]
+        return out, [(now - t) * 1000 for t in self._started.values()]
 
 
 class Gateway:
@@ -239,13 +238,15 @@ class Gateway:
 
     async def _dispatch(self, arm_name: ArmName, arm: Arm, scope: Scope, receive: Receive, send: Send, start: float) -> None:
         status = 500
-        version_headers = [(VERSION_HEADER.encode(), arm.version.encode()), (ARM_HEADER.encode(), arm_name.encode())]
+        ours = [(VERSION_HEADER.encode(), arm.version.encode()), (ARM_HEADER.encode(), arm_name.encode())]
+        replaced = {k for k, _ in ours}
 
         async def wrapped_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), *version_headers]}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in replaced]
+                message = {**message, "headers": [*kept, *ours]}
             await send(message)
 
         token = id(scope)
