@@ -1,0 +1,98 @@
+"""Korean normalization: edge cases and properties (idempotent, never loses a Hangul syllable)."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kollm.data.korean import count_hangul_syllables, hangul_ratio, normalize_batch, normalize_text
+
+
+def test_decomposed_syllables_and_conjoining_jamo_are_composed():
+    nfd = unicodedata.normalize("NFD", "한국어 자연어 처리")
+    assert nfd != "한국어 자연어 처리"
+    assert normalize_text(nfd) == "한국어 자연어 처리"
+    assert normalize_text("\u1112\u1161\u11ab\u1100\u1173\u11af") == "한글"
+
+
+def test_leftover_conjoining_jamo_become_compatibility_jamo():
+    assert normalize_text("ᄏᄏᄏ 웃겨") == "ㅋㅋㅋ 웃겨"
+    assert normalize_text("ㅋㅋㅋ ㅠㅠ") == "ㅋㅋㅋ ㅠㅠ"  # compatibility jamo are left alone (not composed)
+
+
+def test_invisible_characters_removed_but_emoji_zwj_sequences_kept():
+    assert normalize_text("안\u200b녕\ufeff하\u00ad세요\u200e") == "안녕하세요"
+    assert normalize_text("한\u0000국\u0007어") == "한국어"
+    assert normalize_text("개발자 👩\u200d💻 입니다") == "개발자 👩\u200d💻 입니다"
+    assert normalize_text("가\u200d나") == "가나"
+    assert normalize_text("이름\u3164입니다") == "이름입니다"  # Hangul filler used as an invisible character
+
+
+def test_full_width_ascii_digits_and_spaces():
+    assert normalize_text("ＡＢＣ　１２３！ 가격은 ￦５,０００") == "ABC 123! 가격은 ₩5,000"
+    assert normalize_text("서울\u00a0특별시\u2003종로구") == "서울 특별시 종로구"
+    assert normalize_text("ﾡﾢ") == "ㄱㄲ"  # half-width Hangul letters
+
+
+def test_punctuation_emoji_mixed_scripts_and_meaning_kept():
+    text = "「대한민국」은 민주공화국이다! 3·1운동(1919년)… 정말? 😀 Hello, 世界 #태그 @사람 100%"
+    assert normalize_text(text) == text
+
+
+def test_whitespace_and_line_breaks():
+    assert normalize_text("  첫 줄   입니다\t\t끝  \r\n\r\n\r\n\r\n둘째 줄 \u2028셋째") == "첫 줄 입니다 끝\n\n둘째 줄\n셋째"
+
+
+def test_hangul_ratio():
+    assert hangul_ratio("한국어 text") == 3 / 7
+    assert hangul_ratio("1234 !!!") == 0.0
+    assert hangul_ratio("순수한 한국어") == 1.0
+
+
+def test_normalize_batch_touches_every_text_of_every_kind():
+    nfd = unicodedata.normalize("NFD", "안녕")
+    corpus = pd.DataFrame({"text": [f" {nfd}\u200b "], "_reject": [""]})
+    assert normalize_batch(corpus, "corpus")["text"].tolist() == ["안녕"]
+    msgs = pd.DataFrame({"messages": [[{"role": "user", "content": nfd}, {"role": "assistant", "content": "ＯＫ"}]], "_reject": [""]})
+    out = normalize_batch(msgs, "instructions")["messages"][0]
+    assert [m["content"] for m in out] == ["안녕", "OK"]
+    prefs = pd.DataFrame({"prompt": [[{"role": "user", "content": nfd}]], "chosen": ["１"], "rejected": [" 2 "], "_reject": [""]})
+    out = normalize_batch(prefs, "preferences").iloc[0]
+    assert (out["prompt"][0]["content"], out["chosen"], out["rejected"]) == ("안녕", "1", "2")
+    assert msgs["messages"][0][0]["content"] == nfd  # pure: the input batch is unchanged
+
+
+_korean_text = st.text(
+    alphabet=st.one_of(
+        st.characters(min_codepoint=0xAC00, max_codepoint=0xD7A3),
+        st.characters(min_codepoint=0x1100, max_codepoint=0x11FF),
+        st.characters(min_codepoint=0x3130, max_codepoint=0x318F),
+        st.sampled_from(list(" \t\n\r\u200b\u200d\ufeff\u00a0\u3000ＡＢ１２！。、·…「」😀👩💻\u0301\u0000ａ")),
+        st.characters(),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_korean_text)
+def test_normalization_is_idempotent(text):
+    once = normalize_text(text)
+    assert normalize_text(once) == once
+
+
+@settings(max_examples=400, deadline=None)
+@given(_korean_text)
+def test_normalization_never_drops_hangul_syllables(text):
+    assert count_hangul_syllables(normalize_text(text)) >= count_hangul_syllables(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["가", "한", "국", "어", "힣", " ", ",", ".", "!", "a", "1", "😀", "\u200b", "\n"]), max_size=60))
+def test_syllables_are_kept_in_order(chars):
+    text = "".join(chars)
+    syllables = [c for c in text if "가" <= c <= "힣"]
+    assert [c for c in normalize_text(text) if "가" <= c <= "힣"] == syllables

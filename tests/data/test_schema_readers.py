@@ -1,0 +1,114 @@
+"""Schemas of the three dataset kinds (with rejection reasons) and the readers for every format."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pandas as pd
+import pytest
+
+from kollm.data.readers import SourceFiles, read_source
+from kollm.data.schema import canonical_row, to_schema_batch
+from kollm.errors import StepFailed
+
+
+def reasons(rows: list[dict], kind: str) -> list[str]:
+    return to_schema_batch(pd.DataFrame(rows), kind)["_reject"].tolist()
+
+
+def test_corpus_schema():
+    assert reasons([{"text": "안녕"}, {"text": ""}, {"text": 3}, {"other": "x"}], "corpus") == [
+        "", "schema:empty_text", "schema:text_not_text", "schema:missing_text"]
+
+
+def test_instructions_chat_and_alpaca_forms():
+    chat = {"messages": [{"role": "system", "content": "친절하게"}, {"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}
+    assert canonical_row(chat, "instructions") == chat
+    alpaca = canonical_row({"instruction": "요약해 줘", "input": "긴 글", "output": "요약", "system": "비서"}, "instructions")
+    assert alpaca["messages"] == [{"role": "system", "content": "비서"}, {"role": "user", "content": "요약해 줘\n\n긴 글"},
+                                  {"role": "assistant", "content": "요약"}]
+    bad = [
+        {"messages": [{"role": "user", "content": "질문만"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "assistant", "content": "y"}]},
+        {"messages": "문자열"},
+        {"instruction": "출력 없음"},
+        {"foo": 1},
+    ]
+    assert reasons(bad, "instructions") == [
+        "schema:messages_no_assistant_reply", "schema:messages_bad_role", "schema:messages_empty_content",
+        "schema:messages_no_user_turn", "schema:messages_not_messages", "schema:missing_output", "schema:missing_messages"]
+
+
+def test_preferences_plain_chat_and_implicit_prompt():
+    plain = canonical_row({"prompt": "수도는?", "chosen": "서울", "rejected": "부산"}, "preferences")
+    assert plain == {"prompt": [{"role": "user", "content": "수도는?"}], "chosen": "서울", "rejected": "부산"}
+    chat = canonical_row({"prompt": [{"role": "user", "content": "수도는?"}], "chosen": [{"role": "assistant", "content": "서울"}],
+                          "rejected": {"role": "assistant", "content": "부산"}}, "preferences")
+    assert chat == plain
+    implicit = canonical_row({"chosen": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "서울"}],
+                              "rejected": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "부산"}]}, "preferences")
+    assert implicit == plain
+    assert reasons([{"prompt": "q", "chosen": "같음", "rejected": "같음"}, {"prompt": "q", "chosen": "a"},
+                    {"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}], "preferences") == [
+        "schema:chosen_equals_rejected", "schema:missing_rejected", "schema:prompt_not_ending_with_user"]
+
+
+def test_txt_file_and_paragraph_modes(tmp_path):
+    (tmp_path / "a.txt").write_text("첫 문단입니다.\n둘째 줄.\n\n\n둘째 문단입니다.\n", encoding="utf-8")
+    src = SourceFiles("c", str(tmp_path), "auto", [str(tmp_path / "a.txt")])
+    assert [len(df) for df in read_source(src, "file")] == [1]
+    paras = pd.concat(read_source(src, "paragraph"))["text"].tolist()
+    assert paras == ["첫 문단입니다.\n둘째 줄.", "둘째 문단입니다.\n"]
+
+
+def test_jsonl_invalid_lines_become_rejected_rows(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "좋은 줄"}\n{broken\n[1, 2]\n\n{"text": "또 좋은 줄"}\n', encoding="utf-8")
+    df = pd.concat(read_source(SourceFiles("d", str(f), "auto", [str(f)])))
+    out = to_schema_batch(df, "corpus")
+    assert out["_reject"].tolist() == ["", "read:invalid_json", "read:not_an_object", ""]
+    assert out["text"][3] == "또 좋은 줄"
+
+
+def test_parquet_csv_and_hf_folders(tmp_path):
+    rows = [{"text": "한국어 문장 하나"}, {"text": "한국어 문장 둘"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "b.csv", index=False)
+    for name in ("a.parquet", "b.csv"):
+        df = pd.concat(read_source(SourceFiles("s", str(tmp_path / name), "auto", [str(tmp_path / name)])))
+        assert df["text"].tolist() == ["한국어 문장 하나", "한국어 문장 둘"]
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "hf"))
+    files = [str(p) for p in (tmp_path / "hf").rglob("*") if p.is_file()]
+    df = pd.concat(read_source(SourceFiles("h", str(tmp_path / "hf"), "auto", files)))
+    assert sorted(df["text"]) == sorted(["한국어 문장 하나", "한국어 문장 둘", "한국어 문장 하나"])
+
+
+def test_chat_columns_survive_parquet(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "c.parquet")
+    df = pd.concat(read_source(SourceFiles("s", "", "parquet", [str(tmp_path / "c.parquet")])))
+    assert to_schema_batch(df, "instructions")["messages"][0] == rows[0]["messages"]
+
+
+def test_fsspec_urls(tmp_path):
+    with fsspec.open("memory://kollm-test/data.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "메모리 파일 시스템"}, ensure_ascii=False) + "\n")
+    df = pd.concat(read_source(SourceFiles("m", "memory://kollm-test/data.jsonl", "auto", ["memory://kollm-test/data.jsonl"])))
+    assert df["text"].tolist() == ["메모리 파일 시스템"]
+    (tmp_path / "x.txt").write_text("파일 URL", encoding="utf-8")
+    url = f"file://{tmp_path / 'x.txt'}"
+    assert pd.concat(read_source(SourceFiles("f", url, "auto", [url])))["text"].tolist() == ["파일 URL"]
+
+
+def test_unknown_extension_and_broken_file_name_the_file(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"\x00")
+    with pytest.raises(StepFailed, match="format of .*x.bin"):
+        list(read_source(SourceFiles("b", str(tmp_path), "auto", [str(tmp_path / "x.bin")])))
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(StepFailed, match="bad.parquet"):
+        list(read_source(SourceFiles("b", str(tmp_path), "auto", [str(tmp_path / "bad.parquet")])))
