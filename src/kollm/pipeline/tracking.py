@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 MAX_PARAM_LEN = 6000
 BATCH = 100
+# The user's own $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable too, so reading
+# it later would make one project's store leak into the next project opened in the same process.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def tracking_uri(project_dir: Path | None = None, cfg: ProjectConfig | None = None) -> str:
@@ -34,8 +37,8 @@ def tracking_uri(project_dir: Path | None = None, cfg: ProjectConfig | None = No
         cfg, _ = load_config(project_dir)
     if cfg is not None and cfg.tracking.uri:
         return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     base = (project_dir or Path.cwd()).resolve() / ".kollm"
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'mlflow.db'}"
@@ -46,9 +49,29 @@ def client_for(uri: str) -> MlflowClient:
     import mlflow
     from mlflow import MlflowClient
 
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        _probe_database(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _probe_database(uri: str) -> None:
+    """One quick connection attempt: MLflow itself retries an unreachable database for about 100 s."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5} if uri.startswith(("postgresql", "mysql")) else {})
+    try:
+        with engine.connect():
+            pass
+    except Exception as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        raise KollmError(
+            f"cannot open the MLflow tracking store {uri}: {reason}",
+            hint="check tracking.uri in kollm.yaml or $MLFLOW_TRACKING_URI, and that the database server is running",
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
