@@ -49,6 +49,7 @@ def build_tiny_model(path: Path, *, context: int = 256, seed: int = 0) -> Path:
         pad_token_id=fast.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        initializer_range=0.5,  # large random weights: varied, context-dependent greedy outputs (0.02 repeats one token)
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=[fast.eos_token_id], pad_token_id=fast.pad_token_id)
