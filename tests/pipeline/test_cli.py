@@ -1,0 +1,82 @@
+"""The CLI through subprocess: run, runs, show, step run, and a real kill -9 in the middle of a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from mlflow import MlflowClient
+
+from .helpers import calls, make_project
+
+
+def kollm(kollm_bin, *args, env=None, cwd=None, check=True):
+    proc = subprocess.run([kollm_bin, *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_kill_9_then_resume(tmp_path, kollm_bin):
+    root = make_project(tmp_path / "p")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count"}
+    proc = subprocess.Popen([kollm_bin, "run", str(root), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "step never started"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = [p.name for p in (root / ".kollm" / "steps").iterdir()]
+    assert len(finished) == 1  # only `corpus` was published; `count` was killed mid-way
+    assert calls(root) == ["make_corpus"]
+
+    out = kollm(kollm_bin, "run", str(root), "--quiet").stdout.strip()
+    assert calls(root) == ["make_corpus", "count:count", "count:count2"]  # corpus not recomputed
+    assert len(list((root / ".kollm" / "steps").iterdir())) == 3
+    assert not (root / ".kollm" / "tmp").exists() or not any((root / ".kollm" / "tmp").iterdir())
+    for manifest in (root / ".kollm" / "steps").glob("*/step.json"):
+        json.loads(manifest.read_text())  # complete, valid manifests only
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve()}/.kollm/mlflow.db")
+    exp = client.get_experiment_by_name("testproj")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id], "tags.`kollm.pipeline` = 'true'"))
+    assert statuses == ["FINISHED", "KILLED"]  # the killed run is not left RUNNING forever
+    assert client.get_run(out).info.status == "FINISHED"
+
+
+def test_run_runs_show_and_step_run(tmp_path, kollm_bin):
+    root = make_project(tmp_path / "p")
+    first = kollm(kollm_bin, "run", "--quiet", cwd=root).stdout.strip()
+    second = kollm(kollm_bin, "run", cwd=root)
+    assert "3 cached" in second.stderr and "✓ count (cached" in second.stderr
+    listing = kollm(kollm_bin, "runs", cwd=root).stdout
+    assert first[:8] in listing and "FINISHED" in listing
+    shown = kollm(kollm_bin, "show", first[:10], "--path", str(root)).stdout
+    assert "corpus" in shown and "count2" in shown and "miss" in shown
+    step = json.loads(kollm(kollm_bin, "step", "run", str(root), "--step", "count", "--force").stdout)
+    assert step["cache_hit"] is False and step["outputs"]["m"]["type"] == "metrics"
+    missing = kollm(kollm_bin, "show", "ffffffff", "--path", str(root), check=False)
+    assert missing.returncode == 4 and "no run matching 'ffffffff'" in missing.stderr
+
+
+def test_second_runner_on_same_project_is_refused(tmp_path, kollm_bin):
+    root = make_project(tmp_path / "p")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count"}
+    proc = subprocess.Popen([kollm_bin, "run", str(root), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        other = kollm(kollm_bin, "run", str(root), "--quiet", check=False)
+        assert other.returncode == 1 and "another kollm run is using this project" in other.stderr
+    finally:
+        proc.kill()
+        proc.wait()
