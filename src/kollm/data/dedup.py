@@ -139,6 +139,10 @@ class NearDupIndex:
         self.lsh.insert(key, self._lean(sig), check_duplication=False)
         self.sigs[key] = sig
 
+    def remove(self, key: int) -> None:
+        self.lsh.remove(key)
+        del self.sigs[key]
+
     def __len__(self) -> int:
         return len(self.sigs)
 

@@ -144,7 +144,7 @@ def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
     frame["_exact"] = exact
     frame["_split"] = split
     sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
-    if cfg.dedup.near and live.any():
+    if (cfg.dedup.near or cfg.split.eval_fraction > 0) and live.any():  # also for the train/eval overlap check
         sigs[live] = signatures_batch(texts, cfg.dedup)
     return Processed(frame, sigs, pii, raw_bytes)
 
@@ -240,7 +240,7 @@ def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str =
     df[REJECT] = reasons
 
     kept = df[df[REJECT] == ""]
-    is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy()
+    is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy().copy()
     moved = 0
     if not cfg.dedup.near and is_eval.any():
         moved = _decontaminate(sigs[kept.index.to_numpy()], is_eval, cfg)
@@ -284,15 +284,19 @@ def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str =
 
 
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
-    """Without near-dedup, move every eval row that near-duplicates a train row into train. Returns how many."""
+    """Without near-dedup, move every eval row that near-duplicates a train row into train (and then the eval
+    rows that near-duplicate a moved one). Changes `is_eval` in place; returns how many rows moved."""
     index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.seed)
     for i in np.flatnonzero(is_eval):
         index.add(int(i), sigs[i])
+    queue = [int(i) for i in np.flatnonzero(~is_eval)]
     moved = 0
-    for i in np.flatnonzero(~is_eval):
-        j = index.match(sigs[i])
-        if j is not None and is_eval[j]:
+    while queue:
+        i = queue.pop()
+        while (j := index.match(sigs[i])) is not None:
+            index.remove(j)
             is_eval[j] = False
+            queue.append(j)
             moved += 1
     return moved
 
