@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -325,8 +326,10 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
     attn = kernels.attention_implementation(device)
     model = build_model(shape, args.max_len, attn, seed=args.seed)
     n_params = param_count(model)
+    if args.chunk_tokens:
+        kernels.DEFAULT_CHUNK_TOKENS = args.chunk_tokens
     if args.compile:
-        kernels.compile_model(model)
+        kernels.compile_model(model, activation_memory_budget=args.act_budget)
     micro = args.micro_batch or args.batch
     cfg = kloop.LoopConfig(
         max_steps=args.warmup + args.steps,
@@ -344,13 +347,29 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         precision="bf16" if device.type == "cuda" else "fp32",
     )
     meter = Meter(device, args.warmup)
+    profiler = None
+
+    def on_log(log: kloop.StepLog) -> None:
+        nonlocal profiler
+        meter.step_end(dataset.served, log.loss)
+        if args.profile and log.step == args.warmup:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            profiler.start()
+        if profiler is not None and log.step == args.warmup + 3:
+            profiler.stop()
+            table = profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40, max_name_column_width=70)
+            print(table, flush=True)
+            profiler = None
+
     fresh_device(device)
-    kloop.train(model, dataset, cfg, device=device, on_log=lambda log: meter.step_end(dataset.served, log.loss))
+    kloop.train(model, dataset, cfg, device=device, on_log=on_log)
     settings = {
         "rows": f"{args.batch} x {args.max_len}",
         "micro_batch": micro,
         "attn_implementation": attn,
         "compile": args.compile,
+        "activation_memory_budget": args.act_budget,
+        "chunk_tokens": kernels.DEFAULT_CHUNK_TOKENS,
         "fill": round(rows.stats.fill, 4),
         "objective": objective,
     }
@@ -377,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to TRL at equal steps")
+    ap.add_argument("--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)")
+    ap.add_argument("--chunk-tokens", type=int, default=0, help="kollm: tokens per loss chunk (0: kernels default)")
+    ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 steps after warmup")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    ap.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -407,21 +431,30 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    if args.single:
+        name = args.single
+        if name.startswith("trl"):
+            r = run_trl(name, args, examples, device, packing=name != "trl_default", liger=name == "trl_packed_liger")
+        elif name == "plain_compiled":
+            r = run_plain(name, args, examples, device)
+        else:
+            r = run_kollm(name, args, examples, device, objective=name.removeprefix("kollm_"))
+        args.result.write_text(json.dumps(asdict(r)))
+        return 0
+
+    # Each run in its own process: Liger patches transformers' Llama classes globally, compiled code and
+    # allocator state would carry over, and a crash in one run must not take the others down.
     results: list[RunResult] = []
+    base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     for name in runs:
         print(f"--- {name}", flush=True)
-        try:
-            if name.startswith("trl"):
-                r = run_trl(name, args, examples, device, packing=name != "trl_default", liger=name == "trl_packed_liger")
-            elif name == "plain_compiled":
-                r = run_plain(name, args, examples, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            result_file = Path(tmp) / "result.json"
+            proc = subprocess.run([sys.executable, __file__, *base_argv, "--single", name, "--result", str(result_file)])
+            if proc.returncode == 0 and result_file.exists():
+                r = RunResult(**json.loads(result_file.read_text()))
             else:
-                r = run_kollm(name, args, examples, device, objective=name.removeprefix("kollm_"))
-        except Exception as exc:  # a failed run is reported, the others still run
-            import traceback
-
-            traceback.print_exc()
-            r = RunResult(name, 0.0, 0.0, None, 0, 0, 0.0, [], error=f"{type(exc).__name__}: {exc}")
+                r = RunResult(name, 0.0, 0.0, None, 0, 0, 0.0, [], error=f"the run exited with status {proc.returncode} (see its output above)")
         results.append(r)
         peak = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
         print(f"    {r.tokens_per_s:,.0f} tok/s  mfu {r.mfu:.1%}  peak {peak} GiB  losses {[round(x, 3) for x in r.losses]}", flush=True)

@@ -132,10 +132,14 @@ def varlen_attention_forward(
     q = query.transpose(1, 2).reshape(b * t, hq, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    if q.is_cuda:
-        out = _flash_varlen(q, k, v, cu_seq_lens_q, int(max_length_q or t), scaling)
-    else:
-        out = _masked_sdpa(q, k, v, cu_seq_lens_q, scaling)
+    if not q.is_cuda:
+        return _masked_sdpa(q, k, v, cu_seq_lens_q, scaling).reshape(b, t, hq, d), None
+    # FlashAttention takes 16-bit inputs only. Under autocast the rotary embedding leaves q and k in fp32
+    # (its cos/sin follow the fp32 residual stream); run in the autocast dtype, like SDPA does under autocast.
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else value.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    out = _flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, int(max_length_q or t), scaling)
     return out.reshape(b, t, hq, d), None
 
 
@@ -229,7 +233,7 @@ def lm_loss(
     *,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy and the number of tokens that carry loss.
 
@@ -241,7 +245,7 @@ def lm_loss(
 
     Optional: `cu_seqlens` (int32 [n_docs + 1], offsets into the flattened batch) and `max_seqlen`,
     when the data loader already knows the document lengths; otherwise they are derived from
-    `position_ids` (one device-to-host sync). `chunk_tokens`: tokens per chunk of the loss.
+    `position_ids` (one device-to-host sync). `chunk_tokens`: tokens per chunk of the loss (default DEFAULT_CHUNK_TOKENS).
     """
     decoder = model.get_decoder()
     kwargs: dict = {}
@@ -271,7 +275,9 @@ def lm_loss(
     if type(head) is nn.Linear and head.bias is None:
         dtype = _compute_dtype(hidden.device, head.weight.dtype)
         with torch.autocast(hidden.device.type, enabled=False):
-            loss_sum = chunked_linear_cross_entropy(hidden.to(dtype), head.weight.to(dtype), targets, chunk_tokens)
+            loss_sum = chunked_linear_cross_entropy(
+                hidden.to(dtype), head.weight.to(dtype), targets, chunk_tokens or DEFAULT_CHUNK_TOKENS
+            )
         return loss_sum, n_tokens
     # Anything else in the head (an adapter, a bias): the plain path.
     logits = head(hidden).float()
@@ -279,12 +285,18 @@ def lm_loss(
     return loss_sum, n_tokens
 
 
-def compile_model(model: nn.Module) -> nn.Module:
+def compile_model(model: nn.Module, *, activation_memory_budget: float | None = None) -> nn.Module:
     """Compile each decoder layer in place (torch.compile); returns the same model.
 
     Per-layer compilation keeps one graph for all layers (fast to compile), works under PEFT
     wrappers, and leaves `lm_loss`'s chunked loss and the varlen attention's boundaries outside.
+    `activation_memory_budget` (0..1): the fraction of a layer's activations kept for the backward
+    pass; the compiler recomputes the cheapest rest (torch._functorch's memory-budget partitioner).
     """
+    if activation_memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = activation_memory_budget
     for layer in model.get_decoder().layers:
         layer.compile()
     return model
