@@ -1,0 +1,109 @@
+"""`align`: preference alignment with DPO, ORPO or KTO on a preferences dataset (prompt, chosen, rejected).
+
+    - kind: align
+      config:
+        method: dpo              # dpo | orpo | kto
+        beta: 0.1
+        max_steps: 30
+        lr: 5.0e-5
+        seq_len: 256             # the longest prompt + reply kept
+
+The base model defaults to the previous step's `model` output. DPO and KTO compare against the starting
+model as the frozen reference (its log-probabilities are computed once before training); ORPO needs none.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
+from kollm.train.config import TrainingConfig
+
+KIND = "align"
+
+
+class Config(TrainingConfig):
+    model_config = STRICT
+    method: Literal["dpo", "orpo", "kto"] = Field("dpo", description="The preference objective.")
+    beta: float = Field(0.1, gt=0, description="DPO/KTO: strength of the pull toward the reference; ORPO: weight of the odds-ratio term.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only: assumed probability that a preference label is flipped.")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(4, ge=1, description="Preference pairs per micro-batch per GPU.")
+
+
+def inputs(config: Config) -> dict[str, InputSpec]:
+    return {
+        "data": InputSpec(("preferences",), help="Preference pairs (prompt, chosen, rejected)."),
+        "model": InputSpec(("model",), optional=True, help="The model to align (default: the previous step's model)."),
+    }
+
+
+def outputs(config: Config) -> dict[str, str]:
+    return {"model": "model"}
+
+
+def code(config: Config) -> tuple[str, ...]:
+    return ("kollm.steps.align", "kollm.train")
+
+
+def run(ctx: StepContext) -> StepResult:
+    from kollm.train import recipe
+
+    job = recipe.make_job(ctx, default_scratch=False)
+    return recipe.execute(ctx, job, train)
+
+
+def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imported lazily: torch is heavy)
+    from functools import partial
+
+    from kollm.errors import StepFailed
+    from kollm.train import prefs, recipe
+    from kollm.train.data import PreferenceDataset, collate_preferences, encode_preferences, read_preferences
+    from kollm.train.loop import evaluate
+    from kollm.train.loop import train as train_loop
+
+    cfg = job.config
+    records = read_preferences(job.data.path, "train")
+    if not records:
+        raise StepFailed(f"the preferences dataset {job.data.path} has no training rows")
+    model, tokenizer, base = recipe.load_base(
+        job, env, lambda: [t for r in records for t in (r["chosen"], r["rejected"], *(m["content"] for m in r["prompt"]))]
+    )
+    pairs, dropped = encode_preferences(tokenizer, records, cfg.seq_len)
+    if not pairs:
+        raise StepFailed(f"no preference pair has a reply within seq_len={cfg.seq_len} tokens; raise seq_len")
+    dataset = PreferenceDataset(pairs, kl=cfg.method == "kto")
+    eval_records = read_preferences(job.data.path, "eval")
+    eval_pairs = encode_preferences(tokenizer, eval_records, cfg.seq_len)[0] if eval_records else []
+    eval_set = PreferenceDataset(eval_pairs, kl=cfg.method == "kto") if eval_pairs else None
+    collate = partial(collate_preferences, pad_id=tokenizer.pad_token_id)
+    if cfg.method in ("dpo", "kto"):
+        for ds in (dataset, eval_set):
+            if ds is not None:
+                prefs.add_reference_logps(
+                    model, ds, device=env.device, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, precision=cfg.precision
+                )
+    objective = {
+        "dpo": lambda: prefs.dpo(cfg.beta, cfg.label_smoothing),
+        "orpo": lambda: prefs.orpo(cfg.beta),
+        "kto": lambda: prefs.kto(cfg.beta),
+    }[cfg.method]()
+    loop = recipe.loop_config(cfg, len(dataset), env.world)
+    env.log_params(recipe.params_for_tracking(job, loop, pairs=len(pairs), dropped=dropped, trainable_params=base["trainable_params"]))
+    result = train_loop(
+        model, dataset, loop, device=env.device, objective=objective, collate=collate, checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress, on_log=env.on_log, description=f"{job.step}: {cfg.method}",
+    )
+    extra: dict[str, float] = {"pairs": float(len(pairs))}
+    eval_loss = None
+    if eval_set is not None:
+        eval_loss, eval_metrics = evaluate(
+            model, eval_set, device=env.device, batch_size=cfg.batch_size, objective=objective, collate=collate, precision=cfg.precision
+        )
+        extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+    metrics = recipe.step_metrics(result, eval_loss, extra)
+    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta["method"] = cfg.method
+    return StepResult(metrics=metrics, meta={"model": meta})

@@ -1,0 +1,102 @@
+"""Training checkpoints: trainable weights, optimizer, scheduler, RNG and data position, written atomically.
+
+Layout: `<checkpoint_dir>/step-00000040/{weights.pt, optimizer.pt, state.pt}`. A checkpoint is written into a
+temporary folder and renamed into place, so a killed process leaves either a complete checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "step-"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: restored on resume."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    offset: int = 0  # items (rows or pairs) of this epoch already consumed, per rank
+    tokens: int = 0  # input tokens processed (all ranks)
+    losses: list[float] = field(default_factory=list)  # the mean loss of every optimizer step
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(checkpoint_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, *, keep: int = 2) -> Path:
+    """Write a checkpoint for `state.step` atomically and keep only the newest `keep` ones."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"{PREFIX}{state.step:08d}"
+    tmp = checkpoint_dir / f".tmp-{PREFIX}{state.step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(trainable_state(model), tmp / "weights.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"train": state.__dict__, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(checkpoint_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not checkpoint_dir.exists():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.name.startswith(PREFIX) and (p / "state.pt").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def latest(checkpoint_dir: Path | None) -> Path | None:
+    if checkpoint_dir is None:
+        return None
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    """Restore a checkpoint written by `save` into model/optimizer/scheduler and the RNGs; return the state."""
+    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    params = dict(model.named_parameters())
+    unknown = set(weights) - set(params)
+    if unknown:
+        raise RuntimeError(f"checkpoint {path} does not match the model (unknown parameters such as {sorted(unknown)[:3]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file: RNG tuples need pickle
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return TrainState(**blob["train"])

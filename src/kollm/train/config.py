@@ -1,0 +1,64 @@
+"""Settings shared by the training steps (cpt, sft, align). Each step's `Config` extends `TrainingConfig`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from kollm.pipeline.step import STRICT
+from kollm.train.modeling import PRESETS
+
+
+class LoraSettings(BaseModel):
+    model_config = STRICT
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer but the head."
+    )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base quantized with bitsandbytes (CUDA GPU only)."
+    )
+    merge: bool = Field(
+        True, description="Merge the adapter into the saved model folder (it is saved in adapter/ as well). false: the folder keeps the base weights."
+    )
+
+
+class TrainingConfig(BaseModel):
+    model_config = STRICT
+    base_model: str | None = Field(
+        None,
+        description="A hub name or local folder, or `scratch` (a new small Llama and a BPE tokenizer trained on the corpus). "
+        "Default: the `model` input (a previous step's model); for cpt without one, scratch.",
+    )
+    preset: Literal["tiny", "small", "base"] = Field("tiny", description="Size of the scratch model: " + ", ".join(PRESETS) + ".")
+    vocab_size: int | None = Field(None, ge=300, description="Scratch tokenizer vocabulary size. Default: the preset's.")
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template (or a path to a .jinja file). Default: the model's own, else kollm's Korean ChatML template."
+    )
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (`lora: {}` for the defaults).")
+    seq_len: int = Field(512, ge=16, description="Tokens per packed training row.")
+    batch_size: int = Field(8, ge=1, description="Rows (or preference pairs) per micro-batch per GPU.")
+    tokens_per_step: int | None = Field(
+        None, ge=1, description="Tokens per optimizer step; sets gradient accumulation. Default: one micro-batch per step."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps. Default: `epochs` passes over the data.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine schedule ends at lr * min_lr_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
+    checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    compile: bool = Field(False, description="torch.compile the model (faster on GPU after a warm-up).")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainingConfig:
+        if self.base_model is not None and self.base_model != "scratch" and self.vocab_size is not None:
+            raise ValueError("vocab_size applies only to base_model: scratch")
+        return self

@@ -1,0 +1,285 @@
+"""The training loop shared by cpt, sft and align.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` rows per rank. Each micro-batch returns a
+summed loss and the number of items that carry it (tokens for language modelling, pairs for preferences); the
+gradients are divided by the total count over all micro-batches and ranks before clipping, so the step
+minimises the exact token mean however the tokens fall into micro-batches (gradient accumulation by token count).
+
+Language-model objectives go through `kollm.train.kernels.lm_loss` (the performance seam). Rows are packed and
+fixed-length, labels are pre-aligned, bf16 autocast runs on GPU, AdamW is fused where available, and the same
+code runs under torch.distributed (DDP): each rank reads its shard of the data, rank 0 logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kollm.pipeline.step import Progress, _no_progress
+from kollm.train import checkpoint as ckpt
+from kollm.train.data import ResumableSampler
+from kollm.train.kernels import IGNORE_INDEX, lm_loss
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int  # optimizer steps
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    batch_size: int = 8  # rows (or pairs) per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    checkpoint_every: int = 0  # 0: no checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    compile: bool = False
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32
+    shuffle: bool = True
+
+
+@dataclass
+class LossOut:
+    """A micro-batch's summed loss, how many items (tokens or pairs) it sums over, and extra metric sums."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOut]
+
+
+@dataclass
+class StepLog:
+    step: int
+    epoch: int
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens_per_s: float
+    tokens: int
+    gpu_memory_gb: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # objective-specific means (e.g. DPO reward margin)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    tokens: int
+    seconds: float
+    resumed_from: int | None  # the checkpoint step this run resumed from
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-max(1, min(10, len(self.losses) // 5)) :]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def lm_objective(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOut:
+    """Next-token loss on a packed batch (no attention mask: position_ids make attention per-document)."""
+    loss_sum, n = lm_loss(model, batch["input_ids"], batch["labels"], batch.get("position_ids"), None)
+    return LossOut(loss_sum, n)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def autocast_for(device: torch.device, precision: str) -> Any:
+    if device.type == "cuda" and (precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda" and all(p.dtype.is_floating_point for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batches(
+    dataset: torch.utils.data.Dataset, cfg: LoopConfig, collate: Callable | None, state: ckpt.TrainState, device: torch.device
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """(epoch, offset after this batch, batch) forever, starting at the saved data position."""
+    rank, world = rank_and_world()
+    n = len(dataset)
+    epoch, offset = state.epoch, state.offset
+    per_rank = n // world
+    if per_rank == 0:
+        raise ValueError(f"the dataset has {n} examples, fewer than the {world} ranks training on it")
+    while True:
+        if offset >= per_rank:
+            epoch, offset = epoch + 1, 0
+        sampler = ResumableSampler(n, seed=cfg.seed, epoch=epoch, offset=offset, rank=rank, world=world, shuffle=cfg.shuffle)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda", num_workers=0
+        )
+        for batch in loader:
+            offset = min(per_rank, offset + cfg.batch_size)
+            yield epoch, offset, {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        offset = per_rank
+
+
+def train(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    cfg: LoopConfig,
+    *,
+    device: torch.device,
+    objective: LossFn = lm_objective,
+    collate: Callable | None = None,
+    checkpoint_dir: Path | None = None,
+    progress: Progress = _no_progress,
+    on_log: Callable[[StepLog], None] | None = None,
+    description: str = "training",
+) -> TrainResult:
+    """Train `model` in place for `cfg.max_steps` optimizer steps, resuming from the newest checkpoint in
+    `checkpoint_dir` if there is one. `on_log` is called on rank 0 every `cfg.log_every` steps and at the end."""
+    rank, world = rank_and_world()
+    torch.manual_seed(cfg.seed + rank)
+    raw = model.to(device)
+    raw.train()
+    optimizer = make_optimizer(raw, cfg, device)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = ckpt.TrainState()
+    resumed_from = None
+    last = ckpt.latest(checkpoint_dir)
+    if last is not None:
+        state = ckpt.load(last, raw, optimizer, scheduler)
+        resumed_from = state.step
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        model = raw
+    if cfg.compile:
+        model = torch.compile(model)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    batches = _batches(dataset, cfg, collate, state, device)
+    autocast = autocast_for(device, cfg.precision)
+    started = time.perf_counter()
+    window_t, window_tokens = time.perf_counter(), 0
+    for step in progress(range(state.step, cfg.max_steps), total=cfg.max_steps - state.step, description=description):
+        loss_sum = torch.zeros((), device=device)
+        count = torch.zeros((), device=device)
+        metric_sums: dict[str, torch.Tensor] = {}
+        step_tokens = 0
+        for micro in range(cfg.grad_accum):
+            epoch, offset, batch = next(batches)
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                out = objective(model, batch)
+            out.loss_sum.backward()
+            loss_sum += out.loss_sum.detach().float()
+            count += out.count.detach().float()
+            for k, v in out.metrics.items():
+                metric_sums[k] = metric_sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+            step_tokens += batch["input_ids"].numel()
+        totals = torch.stack([loss_sum, count, *metric_sums.values()])
+        if world > 1:
+            dist.all_reduce(totals)  # sums over ranks; DDP averaged the gradients, so scale by world / count
+        denom = totals[1].clamp(min=1)
+        scale = (world / denom).item()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = (totals[0] / denom).item()
+        state.step, state.epoch, state.offset = step + 1, epoch, offset
+        state.tokens += step_tokens * world
+        state.losses.append(step_loss)
+        window_tokens += step_tokens * world
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps and checkpoint_dir is not None:
+            if rank == 0:
+                ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            if world > 1:
+                dist.barrier()
+        if rank == 0 and on_log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
+            now = time.perf_counter()
+            metrics = {k: (v / denom).item() for k, v in zip(metric_sums, totals[2:], strict=True)}
+            on_log(
+                StepLog(
+                    step=state.step,
+                    epoch=epoch,
+                    loss=step_loss,
+                    learning_rate=lr,
+                    grad_norm=float(grad_norm),
+                    tokens_per_s=window_tokens / max(now - window_t, 1e-9),
+                    tokens=state.tokens,
+                    gpu_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                    metrics=metrics,
+                )
+            )
+            window_t, window_tokens = now, 0
+    raw.eval()
+    return TrainResult(
+        steps=state.step, losses=state.losses, tokens=state.tokens, seconds=time.perf_counter() - started, resumed_from=resumed_from
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    objective: LossFn = lm_objective,
+    collate: Callable | None = None,
+    precision: str = "auto",
+) -> tuple[float, dict[str, float]]:
+    """Mean loss (and objective metrics) over a whole dataset, without gradients."""
+    model.eval()
+    loss_sum, count, sums = 0.0, 0.0, {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    with autocast_for(device, precision):
+        for batch in loader:
+            out = objective(model, {k: v.to(device) for k, v in batch.items()})
+            loss_sum += out.loss_sum.float().item()
+            count += out.count.float().item()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.float().item()
+    denom = max(count, 1.0)
+    return loss_sum / denom, {k: v / denom for k, v in sums.items()}
+
+
+def loss_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss in a batch of aligned labels (the first position never predicts anything)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -1,0 +1,139 @@
+"""The training loop: learning, exact gradient accumulation, LoRA, and checkpoint/resume after a real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kollm.train import checkpoint as ckpt
+from kollm.train.data import RowDataset, encode_corpus, pack_stream
+from kollm.train.loop import LoopConfig, train
+from kollm.train.modeling import apply_lora, scratch_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def rows(tokenizer, texts):
+    return pack_stream(encode_corpus(texts(120), tokenizer), 48, tokenizer.pad_token_id)
+
+
+def test_loss_decreases(tiny_model, rows):
+    logs = []
+    result = train(tiny_model, RowDataset(rows), LoopConfig(max_steps=25, lr=3e-3, batch_size=8, log_every=5), device=CPU, on_log=logs.append)
+    assert result.steps == 25 and len(result.losses) == 25
+    assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
+    assert [e.step for e in logs] == [5, 10, 15, 20, 25]
+    assert all(e.learning_rate > 0 and e.grad_norm > 0 and e.tokens_per_s > 0 for e in logs)
+    assert 25 * 4 * 48 < logs[-1].tokens <= 25 * 8 * 48  # batches at an epoch end may be partial
+
+
+def test_gradient_accumulation_is_exact_token_mean(tokenizer, rows):
+    """Two micro-batches of 4 rows give the same update as one batch of 8 even when they hold very different
+    numbers of loss tokens: gradients are divided by the step's total token count, not averaged per micro-batch."""
+    import copy
+
+    import numpy as np
+
+    from kollm.train.kernels import IGNORE_INDEX
+
+    uneven = copy.deepcopy(rows)
+    uneven.labels[:4, 8:] = IGNORE_INDEX  # the first micro-batch carries far fewer loss tokens
+    a = scratch_model("tiny", tokenizer, seed=1, attn_implementation="sdpa")
+    b = scratch_model("tiny", tokenizer, seed=1, attn_implementation="sdpa")
+    ds = RowDataset(uneven)
+    la, lb = [], []
+    ra = train(a, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=8, grad_accum=1, shuffle=False), device=CPU, on_log=la.append)
+    rb = train(b, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=4, grad_accum=2, shuffle=False), device=CPU, on_log=lb.append)
+    assert np.count_nonzero(uneven.labels[:4] != IGNORE_INDEX) * 3 < np.count_nonzero(uneven.labels[4:8] != IGNORE_INDEX)
+    assert ra.losses == pytest.approx(rb.losses, rel=1e-5)
+    assert [e.grad_norm for e in la] == pytest.approx([e.grad_norm for e in lb], rel=1e-4)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-4), (n, (pa - pb).abs().max())
+
+
+def test_lora_changes_every_trainable_parameter_and_no_frozen_one(tiny_model, rows):
+    model = apply_lora(tiny_model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", quantized=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    train(model, RowDataset(rows), LoopConfig(max_steps=3, lr=1e-2, batch_size=4), device=CPU)
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, json, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from conftest import korean_texts
+    from kollm.train.modeling import train_tokenizer, scratch_model
+    from kollm.train.data import encode_corpus, pack_stream, RowDataset
+    from kollm.train.loop import LoopConfig, train
+
+    ckpt_dir, out, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    tok = train_tokenizer(korean_texts(300), 400)
+    model = scratch_model("tiny", tok, seed=0, attn_implementation="sdpa")
+    rows = pack_stream(encode_corpus(korean_texts(120), tok), 48, tok.pad_token_id)
+    cfg = LoopConfig(max_steps=10, lr=3e-3, batch_size=8, checkpoint_every=3, warmup_steps=2)
+    result = train(model, RowDataset(rows), cfg, device=torch.device("cpu"),
+                   checkpoint_dir=None if ckpt_dir == "-" else __import__("pathlib").Path(ckpt_dir),
+                   on_log=lambda e: time.sleep(delay))
+    json.dump({{"losses": result.losses, "resumed_from": result.resumed_from,
+               "weight": float(sum(p.double().sum() for p in model.parameters()))}}, open(out, "w"))
+    """
+)
+
+
+def _run(script: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(script), *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    import json
+
+    script = tmp_path / "job.py"
+    script.write_text(RESUME_SCRIPT.format(tests=str(Path(__file__).parent)))
+    ckpt_dir = tmp_path / "ckpt"
+    # 1. Start a run that logs slowly, and SIGKILL it once a checkpoint exists (mid-training, for real).
+    proc = _run(script, str(ckpt_dir), str(tmp_path / "killed.json"), "0.4")
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(ckpt_dir) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.list_checkpoints(ckpt_dir), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.json").exists()  # it really died before finishing
+    first = ckpt.list_checkpoints(ckpt_dir)[-1]
+    # 2. Re-run: resumes from the newest checkpoint; 3. an uninterrupted run for reference (in parallel).
+    resumed = _run(script, str(ckpt_dir), str(tmp_path / "resumed.json"), "0")
+    fresh = _run(script, "-", str(tmp_path / "fresh.json"), "0")
+    assert resumed.wait(timeout=180) == 0 and fresh.wait(timeout=180) == 0
+    r = json.loads((tmp_path / "resumed.json").read_text())
+    f = json.loads((tmp_path / "fresh.json").read_text())
+    assert r["resumed_from"] is not None and r["resumed_from"] >= int(first.name.split("-")[1])
+    assert f["resumed_from"] is None
+    assert len(r["losses"]) == len(f["losses"]) == 10
+    assert r["losses"] == pytest.approx(f["losses"], rel=1e-4)
+    assert r["weight"] == pytest.approx(f["weight"], rel=1e-5)
+
+
+def test_checkpoint_write_is_atomic_and_pruned(tmp_path, tiny_model, rows):
+    cfg = LoopConfig(max_steps=7, lr=1e-3, batch_size=4, checkpoint_every=2, keep_checkpoints=2)
+    train(tiny_model, RowDataset(rows), cfg, device=CPU, checkpoint_dir=tmp_path)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    # A half-written checkpoint (no state.pt) is ignored.
+    (tmp_path / "step-00000008").mkdir()
+    assert ckpt.latest(tmp_path).name == "step-00000006"
