@@ -111,8 +111,9 @@ def tracking_uri(project_dir: Path | None = None) -> str:
 
 def client(project_dir: Path | None = None) -> MlflowClient:
     """An MlflowClient for the project's tracking server and registry (the same URI)."""
-    uri = tracking_uri(project_dir)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    from kollm.pipeline.tracking import client_for
+
+    return client_for(tracking_uri(project_dir))  # a clear, fast error when a database store is unreachable
 
 
 def _now() -> str:

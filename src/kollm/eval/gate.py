@@ -141,7 +141,7 @@ def decide(
             detail += f", {rule.alias} = {_fmt(reference)}"
             if rule.adjust_op:
                 detail += f" -> needs {rule.op} {_fmt(bound)}"
-        elif not ok:
+        else:
             detail += f", needs {rule.op} {_fmt(bound)}"
         outcomes.append(Outcome(rule.text, "pass" if ok else "fail", value, bound, reference, detail))
     return GateDecision(all(o.status != "fail" for o in outcomes), outcomes)

@@ -1,0 +1,341 @@
+"""`evaluate`: perplexity on the held-out split, generation suites, optional lm-eval tasks, and the quality gate.
+
+    - kind: evaluate
+      inputs: {suite: eval_suite}          # a data source with the suite JSONL (only with `generation:`)
+      config:
+        generation: {metrics: [contains, chrf], max_new_tokens: 32}
+        gate:
+          - perplexity <= 60
+          - contains >= 0.5
+          - perplexity <= champion * 1.05  # relative: at most 5 % worse than the current champion
+
+Inputs: `model` (default: the latest model), `data` (default: the latest corpus or instructions dataset; its
+eval.parquet is scored) and, with `generation:`, `suite` (a data source). The same evaluation runs on the
+registered `champion` (and any alias a rule names), so the report and relative rules compare both on the same
+eval set; results are cached per model digest and eval-set digest in .kollm/eval-cache/.
+
+Perplexity over instructions scores assistant tokens only (`perplexity_targets: assistant`, what SFT trains)
+or the whole chat-templated text (`all`). Outputs: `metrics` (metrics.json: candidate and champion metrics,
+the gate decision with every reason) and `report` (report.html). A failed gate logs everything, then raises
+GateFailed (exit code 3), so nothing after it (`register`) runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from kollm.errors import ConfigError, GateFailed, NotFound, StepFailed
+from kollm.eval.gate import check_rule
+from kollm.eval.harness import LmEvalConfig
+from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult
+
+KIND = "evaluate"
+EVAL_CODE = ("kollm.eval.perplexity", "kollm.eval.generation", "kollm.eval.harness")
+SCORE_DIGEST_TAG = "kollm.model_digest"  # set by `register` on every version
+
+
+class GenerationConfig(BaseModel):
+    model_config = STRICT
+    metrics: list[Literal["exact", "contains", "chrf", "regex"]] = Field(
+        ["exact", "contains", "chrf"], min_length=1, description="Metrics for suite cases that name none: exact, contains, chrf, regex."
+    )
+    max_new_tokens: int = Field(64, gt=0, le=4096, description="Tokens to generate per case (greedy).")
+    batch_size: int = Field(8, gt=0, description="Prompts generated together (left-padded).")
+    chat: bool | None = Field(None, description="Render string prompts with the chat template. Default: when the tokenizer has one.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N cases (quick checks).")
+
+
+class Config(BaseModel):
+    model_config = STRICT
+    perplexity: bool = Field(True, description="Score perplexity on the `data` input's eval.parquet (when one is wired).")
+    perplexity_targets: Literal["assistant", "all"] = Field(
+        "assistant", description="Instructions data: score assistant replies only (as SFT trains) or the whole chat-templated text."
+    )
+    max_length: int = Field(1024, gt=1, description="Tokens per scored sequence; longer documents are scored in windows.")
+    batch_size: int = Field(4, gt=0, description="Sequences per forward pass for perplexity.")
+    max_eval_rows: int | None = Field(2000, gt=0, description="Score at most this many held-out rows (the first ones). null: all.")
+    generation: GenerationConfig | None = Field(None, description="Run the generation suite from the `suite` input.")
+    lm_eval: LmEvalConfig | None = Field(None, description="lm-evaluation-harness tasks (needs `pip install lm-eval`).")
+    gate: list[Annotated[str, AfterValidator(check_rule)]] = Field(
+        default_factory=list,
+        description='Gate rules, each "METRIC OP BOUND": "perplexity <= 40", "contains >= 0.85", "chrf >= champion + 1". '
+        "All must hold or the pipeline stops before `register`.",
+    )
+    require_champion: bool = Field(False, description="Fail relative rules (instead of skipping them) while no champion exists.")
+    compare_to: list[str] = Field(["champion"], description="Registered-model aliases to evaluate side by side with the candidate.")
+    registered_model: str | None = Field(None, description="The registered model whose aliases are compared. Default: the project name.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models. auto: cuda when available.")
+
+
+def inputs(config: Config) -> dict[str, InputSpec]:
+    specs = {
+        "model": InputSpec(("model",), help="The candidate model."),
+        "data": InputSpec(("corpus", "instructions"), optional=True, help="A dataset whose eval.parquet is scored for perplexity."),
+    }
+    if config.generation is not None:
+        specs["suite"] = InputSpec(("source",), help="A data source with the suite JSONL (prompt, expected, metric).")
+    return specs
+
+
+def outputs(config: Config) -> dict[str, str]:
+    return {"metrics": "metrics", "report": "report"}
+
+
+def code(config: Config) -> tuple[str, ...]:
+    return ("kollm.steps.evaluate", "kollm.eval")
+
+
+# --- what gets evaluated ----------------------------------------------------------------------------------
+
+
+def _eval_rows(data: Artifact, limit: int | None) -> tuple[str, list[Any]]:
+    import pandas as pd
+
+    path = data.path / "eval.parquet"
+    if not path.is_file():
+        raise StepFailed(f"the {data.type} dataset {data.path} has no eval.parquet", hint="set eval_fraction in the prepare step")
+    column = "text" if data.type == "corpus" else "messages"
+    frame = pd.read_parquet(path, columns=[column])
+    values = list(frame[column][:limit] if limit else frame[column])
+    if column == "messages":
+        values = [[{"role": str(m["role"]), "content": str(m["content"])} for m in conv] for conv in values]
+    return column, values
+
+
+def _suite_files(suite: Artifact) -> list[Path]:
+    files = [Path(f) for f in suite.meta.get("files", []) if str(f).endswith((".jsonl", ".json"))]
+    if not files:
+        raise ConfigError(f"inputs.suite: the data source '{suite.meta.get('name')}' has no .jsonl file", hint="point it at the suite JSONL")
+    return files
+
+
+def _load_cases(files: list[Path], limit: int | None) -> list[Any]:
+    from kollm.eval.generation import load_suite
+
+    cases = []
+    for f in files:
+        for case in load_suite(f):
+            cases.append(case if len(files) == 1 else case.model_copy(update={"id": f"{f.stem}:{case.id}"}))
+    return cases[:limit] if limit else cases
+
+
+def _expected_metrics(cfg: Config, has_data: bool, cases: list[Any]) -> set[str] | None:
+    """Metric names this evaluation will produce (None: unknown until lm-eval runs)."""
+    names: set[str] = set()
+    if cfg.perplexity and has_data:
+        names |= {"perplexity", "nll"}
+    for case in cases:
+        names |= set(case.metrics(cfg.generation.metrics))
+    return None if cfg.lm_eval else names
+
+
+def _check_rules(ctx: StepContext, rules: list[Any], produced: set[str] | None) -> None:
+    if produced is None:
+        return
+    problems = [
+        f"steps.{ctx.name}.config.gate[{i}]: '{r.text}' uses metric '{r.metric}', which this evaluation does not produce "
+        f"(it produces: {', '.join(sorted(produced)) or 'nothing'})"
+        for i, r in enumerate(rules)
+        if r.metric not in produced
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but no CUDA device is available; use device: auto")
+    return choice
+
+
+def evaluate_model(
+    ctx: StepContext,
+    folder: Path,
+    *,
+    label: str,
+    model_digest: str,
+    eval_digest: str,
+    data: tuple[str, list[Any]] | None,
+    cases: list[Any],
+    device: str,
+):
+    """Every configured measurement of one model folder. Returns a ModelEval."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kollm.eval import perplexity as ppl
+    from kollm.eval.generation import run_suite
+    from kollm.eval.harness import run_lm_eval
+    from kollm.eval.report import ModelEval
+
+    cfg: Config = ctx.config
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    suite_cases = []
+    if data is not None:
+        column, rows = data
+        if column == "text":
+            seqs = ppl.encode_corpus(tokenizer, rows, cfg.max_length)
+        else:
+            seqs = ppl.encode_chats(tokenizer, rows, cfg.perplexity_targets, cfg.max_length)
+        if seqs:
+            res = ppl.perplexity(model, seqs, batch_size=cfg.batch_size, pad_id=pad_id, progress=ctx.progress)
+            metrics.update(perplexity=res.perplexity, nll=res.nll)
+            counts.update(perplexity=res.sequences, nll=res.sequences)
+            metrics["eval_tokens"] = float(res.tokens)
+        else:
+            ctx.log.warning("evaluate: no held-out row has tokens to score; perplexity skipped")
+    if cases:
+        gen = cfg.generation
+        suite = run_suite(
+            model, tokenizer, cases, default_metrics=gen.metrics, chat=gen.chat, max_new_tokens=gen.max_new_tokens,
+            batch_size=gen.batch_size, max_length=getattr(model.config, "max_position_embeddings", None), progress=ctx.progress,
+        )
+        metrics.update(suite.metrics)
+        counts.update(suite.counts)
+        suite_cases = suite.cases
+    del model
+    if cfg.lm_eval is not None:
+        metrics.update(run_lm_eval(folder, cfg.lm_eval, ctx.project_dir, device))
+    return ModelEval(label, model_digest, eval_digest, metrics, counts, suite_cases)
+
+
+def _cached(ctx: StepContext, model_digest: str, eval_digest: str, compute):
+    """Results of a model on this eval set from .kollm/eval-cache/, computing and storing them when missing."""
+    from kollm.eval.report import ModelEval
+    from kollm.pipeline.artifacts import write_json_atomic
+
+    name = f"{model_digest.removeprefix('sha256:')[:24]}-{eval_digest[:24]}.json"
+    path = ctx.state_dir / "eval-cache" / name
+    if path.is_file():
+        try:
+            return ModelEval.from_json(json.loads(path.read_text(encoding="utf-8"))), True
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # a cache file from another version: recompute
+    result = compute()
+    write_json_atomic(path, result.to_json())
+    return result, False
+
+
+def run(ctx: StepContext) -> StepResult:
+    from kollm import registry
+    from kollm.config import load_config
+    from kollm.eval.gate import decide, parse_rule
+    from kollm.eval.report import render, training_curves
+    from kollm.pipeline.artifacts import json_digest, write_json_atomic
+    from kollm.pipeline.runner import code_digest
+
+    cfg: Config = ctx.config
+    rules = [parse_rule(r) for r in cfg.gate]
+    model_in = ctx.inputs["model"]
+    data_in = ctx.inputs.get("data") if cfg.perplexity else None
+    cases = _load_cases(_suite_files(ctx.inputs["suite"]), cfg.generation.limit) if cfg.generation else []
+    _check_rules(ctx, rules, _expected_metrics(cfg, data_in is not None, cases))
+    data = _eval_rows(data_in, cfg.max_eval_rows) if data_in is not None else None
+    if not data and not cases and cfg.lm_eval is None:
+        raise ConfigError(
+            f"steps.{ctx.name}: nothing to evaluate: no held-out data is wired and no generation suite or lm_eval is configured",
+            hint="put a prepare step before it, or add `generation:` with `inputs: {suite: <data source>}`",
+        )
+    device = _device(cfg.device)
+    eval_digest = json_digest(
+        {
+            "data": data_in.digest if data_in else None,
+            "suite": ctx.inputs["suite"].digest if cfg.generation else None,
+            "settings": cfg.model_dump(mode="json", exclude={"gate", "require_champion", "compare_to", "registered_model", "device"}),
+            "code": code_digest(EVAL_CODE),
+        }
+    )
+
+    def measure(folder: Path, label: str, digest: str):
+        return lambda: evaluate_model(ctx, folder, label=label, model_digest=digest, eval_digest=eval_digest, data=data, cases=cases, device=device)
+
+    candidate, _ = _cached(ctx, model_in.digest, eval_digest, measure(model_in.path, "candidate", model_in.digest))
+    candidate = replace(candidate, label="candidate")
+
+    # the same evaluation of the registered aliases (champion, and any alias a rule names)
+    project_name = load_config(ctx.project_dir)[0].project
+    model_name = cfg.registered_model or project_name
+    aliases = list(dict.fromkeys([*cfg.compare_to, *(r.alias for r in rules if r.alias)]))
+    references: dict[str, Any] = {}
+    for alias in aliases:
+        try:
+            version = registry.show(model_name, alias, ctx.project_dir)
+        except NotFound:
+            references[alias] = None
+            continue
+        digest = version.tags.get(SCORE_DIGEST_TAG) or f"mlflow-{model_name}-v{version.version}-{json_digest(version.source)[:12]}"
+        label = f"{alias} (v{version.version})"
+        if digest == model_in.digest:
+            ref = replace(candidate, label=label)
+        else:
+            folder = registry.resolve_model_uri(f"models:/{model_name}/{version.version}", ctx.project_dir)
+            ref, _ = _cached(ctx, digest, eval_digest, measure(folder, label, digest))
+        references[alias] = replace(ref, label=label, version=version.version)
+
+    ref_metrics = {a: (r.metrics if r else None) for a, r in references.items()}
+    decision = decide(rules, candidate.metrics, ref_metrics, require_reference=cfg.require_champion) if rules else None
+
+    # outputs: metrics.json and report.html
+    metrics_doc = {
+        "model": {"digest": model_in.digest, "path": str(model_in.path)},
+        "eval_digest": eval_digest,
+        "metrics": candidate.metrics,
+        "counts": candidate.counts,
+        "references": {
+            a: ({"version": r.version, "digest": r.model_digest, "metrics": r.metrics} if r else None) for a, r in references.items()
+        },
+        "gate": decision.to_json() if decision else None,
+        "registered_model": model_name,
+    }
+    metrics_dir = ctx.output_path("metrics")
+    write_json_atomic(metrics_dir / "metrics.json", metrics_doc)
+    curves = training_curves(ctx.upstream, registry.client(ctx.project_dir), ctx.state_dir / "logs" / "training")
+    report_dir = ctx.output_path("report")
+    html = render(
+        title=f"{project_name}: evaluation ({ctx.name})",
+        subtitle=f"candidate {model_in.digest[:19]} · registered model '{model_name}' · pipeline run {ctx.run_id}",
+        candidate=candidate,
+        references=references,
+        gate=decision,
+        curves=curves,
+    )
+    (report_dir / "report.html").write_text(html, encoding="utf-8")
+    write_json_atomic(report_dir / "report.json", {**metrics_doc, "cases": [c.__dict__ for c in candidate.cases]})
+
+    # tracking: metrics, the champion's metrics beside them, the decision and every reason
+    logged = dict(candidate.metrics)
+    for alias, r in references.items():
+        if r is not None:
+            logged.update({f"{alias}.{k}": v for k, v in r.metrics.items()})
+    if decision is not None:
+        logged["gate_passed"] = float(decision.passed)
+        ctx.tracker.set_tags({"kollm.gate": "passed" if decision.passed else "failed", "kollm.gate.reasons": "\n".join(decision.reasons)})
+    ctx.tracker.log_metrics(logged)
+    ctx.tracker.log_artifact(metrics_dir / "metrics.json", "evaluation")
+    ctx.tracker.log_artifact(report_dir / "report.html", "evaluation")
+
+    if decision is not None and not decision.passed:
+        kept = ctx.state_dir / "reports" / f"{ctx.name}-gate-failed.html"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(report_dir / "report.html", kept)
+        raise GateFailed(
+            decision.explain(f"quality gate of step '{ctx.name}'"),
+            hint=f"nothing was registered; report: {kept} (also in MLflow run {ctx.tracker.run_id})",
+        )
+    meta = {"gate": None if decision is None else decision.passed, "eval_digest": eval_digest, "model_digest": model_in.digest}
+    return StepResult(metrics=logged, meta={"metrics": meta, "report": meta})

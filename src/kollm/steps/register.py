@@ -1,0 +1,136 @@
+"""`register`: put the model into the MLflow Model Registry with its lineage, and point an alias at it.
+
+    - kind: register
+      config:
+        name: korean-quickstart   # default: the project name
+        alias: challenger         # default; promote it with `kollm registry promote NAME`
+
+The model is logged as an MLflow pyfunc model (the Hugging Face folder is its artifact `hf_model`), so it
+loads with `mlflow.pyfunc.load_model("models:/NAME@challenger")` in plain MLflow and with
+`kollm serve models:/NAME@challenger`. The new version carries tags that lead back to everything it came from:
+
+    kollm.pipeline_run_id, kollm.step_run_id, kollm.step_runs     MLflow runs of the pipeline and each step
+    kollm.data.<STEP>.<OUTPUT>                                    content digests of the prepared datasets
+    kollm.model_digest, kollm.base_model                          the model artifact and what it started from
+    kollm.metric.<NAME>, kollm.gate, kollm.gate.reasons           the evaluation and the gate decision
+
+With a `metrics` input (default: the latest evaluate step) a failed gate refuses to register (GateFailed).
+Aliases only; MLflow's deprecated stages are never used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+from kollm.errors import GateFailed
+from kollm.pipeline.step import DATASET_TYPES, STRICT, InputSpec, StepContext, StepResult
+
+KIND = "register"
+TRAINING_KINDS = ("cpt", "sft", "align")
+
+
+class Config(BaseModel):
+    model_config = STRICT
+    name: str | None = Field(None, description="Registered model name. Default: the project name.")
+    alias: str | None = Field("challenger", description="Alias to point at the new version (null: none).")
+    description: str = Field("", description="Description stored on the model version.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags for the model version.")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or not v.replace("_", "").replace("-", "").isalnum() or v.isdigit()):
+            raise ValueError(f'"{v}" is not a valid alias; use letters, digits, - and _ (e.g. challenger)')
+        return v
+
+
+def inputs(config: Config) -> dict[str, InputSpec]:
+    return {
+        "model": InputSpec(("model",), help="The model to register (default: the latest model)."),
+        "metrics": InputSpec(("metrics",), optional=True, help="The evaluation (metrics.json) whose gate must have passed."),
+    }
+
+
+def outputs(config: Config) -> dict[str, str]:
+    return {"registration": "report"}
+
+
+def code(config: Config) -> tuple[str, ...]:
+    return ("kollm.steps.register", "kollm.registry", "kollm.eval.pyfunc_hf")
+
+
+def lineage_tags(ctx: StepContext) -> dict[str, str]:
+    """Tags that trace a version back to its pipeline run, step runs, datasets, base model and evaluation."""
+    model = ctx.inputs["model"]
+    tags = {
+        "kollm.pipeline_run_id": ctx.run_id or "",
+        "kollm.step_run_id": ctx.tracker.run_id or "",
+        "kollm.step_runs": json.dumps({r.name: r.run_id for r in ctx.upstream}),
+        "kollm.model_digest": model.digest,
+    }
+    datasets = {}
+    for record in ctx.upstream:
+        if record.kind != "prepare":
+            continue
+        for out, artifact in record.outputs.items():
+            if artifact.type in DATASET_TYPES:
+                tags[f"kollm.data.{record.name}.{out}"] = artifact.digest
+                datasets[f"{record.name}.{out}"] = {"type": artifact.type, "digest": artifact.digest}
+    tags["kollm.data"] = json.dumps(datasets)
+    bases = [r.outputs[o].meta.get("base_model") for r in ctx.upstream if r.kind in TRAINING_KINDS for o in r.outputs if r.outputs[o].type == "model"]
+    base = next((b for b in bases if b), None) or _kollm_json(model.path).get("base_model")
+    if isinstance(base, dict):
+        base = base.get("source") or json.dumps(base)
+    tags["kollm.base_model"] = str(base or "unknown")
+    return tags
+
+
+def _kollm_json(folder: Path | None) -> dict:
+    try:
+        return json.loads((folder / "kollm.json").read_text(encoding="utf-8"))
+    except (OSError, TypeError, json.JSONDecodeError):
+        return {}
+
+
+def run(ctx: StepContext) -> StepResult:
+    from kollm import registry
+    from kollm.config import load_config
+    from kollm.pipeline.artifacts import write_json_atomic
+
+    cfg: Config = ctx.config
+    name = cfg.name or load_config(ctx.project_dir)[0].project
+    tags = lineage_tags(ctx)
+    evaluation = ctx.inputs.get("metrics")
+    if evaluation is not None:
+        doc = json.loads((evaluation.path / "metrics.json").read_text(encoding="utf-8"))
+        gate = doc.get("gate")
+        if gate is not None and not gate["passed"]:
+            raise GateFailed(
+                "the evaluation's quality gate failed; refusing to register:\n  " + "\n  ".join(gate["reasons"]),
+                hint=f"see {evaluation.path / 'metrics.json'}",
+            )
+        for metric, value in (doc.get("metrics") or {}).items():
+            tags[f"kollm.metric.{metric}"] = f"{value:.6g}"
+        tags["kollm.gate"] = "none" if gate is None else "passed"
+        tags["kollm.gate.reasons"] = "\n".join(gate["reasons"]) if gate else ""
+        tags["kollm.eval_digest"] = str(doc.get("eval_digest", ""))
+    tags.update(cfg.tags)
+    version = registry.register_folder(
+        name,
+        ctx.inputs["model"].path,
+        run_id=ctx.tracker.run_id,
+        tags=tags,
+        description=cfg.description,
+        alias=cfg.alias,
+        reason=f"registered by pipeline run {ctx.run_id} (step {ctx.name})",
+        project_dir=ctx.project_dir,
+    )
+    uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
+    ctx.tracker.set_tags({"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri})
+    ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
+    record = {"name": name, "version": version.version, "alias": cfg.alias, "model_uri": uri, "version_uri": version.uri, "tags": tags}
+    write_json_atomic(ctx.output_path("registration") / "registration.json", record)
+    return StepResult(metrics={"registered_version": float(version.version)}, meta={"registration": {"name": name, "version": version.version, "uri": uri}})
