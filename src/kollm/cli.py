@@ -196,10 +196,17 @@ def serve_cmd(
     context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
     project: ProjectOpt = None,
+    canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
     from kollm.serve import serve
 
+    if canary is not None:
+        from functools import partial
+
+        from kollm.rollout.serving import serve_canary
+
+        serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
     serve(
         model_uri,
         host=host,
@@ -218,7 +225,194 @@ def serve_cmd(
 
 # --- registry (kollm.registry) ------------------------------------------------------------------
 
+registry_app = typer.Typer(help="The model registry (MLflow aliases champion / challenger / previous): list, show, promote, rollback.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+ModelNameArg = Annotated[Optional[str], typer.Argument(help="Registered model name (default: the project name).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", "-m", help="Why; stored in the audit trail and on the version's tags.")]
+RegistryJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _model_name(name: str | None, project: Path | None) -> str:
+    if name:
+        return name
+    if project is None:
+        raise KollmError("no model name given and no kollm.yaml here", hint="pass NAME, run inside a project, or use --project DIR")
+    from kollm.config import load_config
+
+    return load_config(project)[0].project
+
+
+def _version_dict(v: Any) -> dict[str, Any]:
+    return {"name": v.name, "version": v.version, "aliases": list(v.aliases), "run_id": v.run_id, "source": v.source,
+            "created": v.created.isoformat(timespec="seconds"), "description": v.description, "tags": v.tags}
+
+
+@registry_app.command("list")
+def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json: RegistryJsonOpt = False) -> None:
+    """Versions of a registered model, newest first, with aliases, gate and metrics (no NAME outside a project: all models)."""
+    from kollm import registry
+
+    proj = project_dir(project)
+    if name is None and proj is None:
+        names = registry.list_models(None)
+        if as_json:
+            print(json.dumps(names))
+        else:
+            out.print("\n".join(names) or "no registered models")
+        return
+    model = _model_name(name, proj)
+    versions = registry.list_versions(model, proj)
+    if as_json:
+        print(json.dumps([_version_dict(v) for v in versions], ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{model}", title_justify="left")
+    for col in ("version", "aliases", "created", "gate", "perplexity", "base model", "pipeline run"):
+        table.add_column(col, overflow="fold")
+    for v in versions:
+        table.add_row(v.version, ", ".join(v.aliases), v.created.strftime("%Y-%m-%d %H:%M"), v.tags.get("kollm.gate", ""),
+                      v.tags.get("kollm.metric.perplexity", ""), v.tags.get("kollm.base_model", ""), v.tags.get("kollm.pipeline_run_id", "")[:12])
+    out.print(table)
+
+
+@registry_app.command("show")
+def registry_show(
+    name: ModelNameArg = None,
+    ref: Annotated[str, typer.Argument(help="A version number or an alias.")] = "champion",
+    project: ProjectOpt = None,
+    as_json: RegistryJsonOpt = False,
+) -> None:
+    """One version (default: the champion): aliases, lineage tags, metrics and its alias history."""
+    from kollm import registry
+
+    proj = project_dir(project)
+    if name is not None and (name.isdigit() or name.startswith("@")) and ref == "champion":
+        name, ref = None, name  # `kollm registry show 3` / `show @challenger` inside a project
+    model = _model_name(name, proj)
+    v = registry.show(model, ref, proj)
+    trail = [e for e in registry.audit_trail(model, proj) if e.version == v.version or e.replaced == v.version]
+    if as_json:
+        print(json.dumps({**_version_dict(v), "history": [e.__dict__ for e in trail]}, ensure_ascii=False, indent=2))
+        return
+    out.print(f"[bold]{escape(v.uri)}[/]  aliases: {escape(', '.join(v.aliases) or '-')}  created {v.created:%Y-%m-%d %H:%M} UTC")
+    out.print(f"run {v.run_id}  source {escape(v.source)}")
+    table = Table(title="tags", title_justify="left", show_header=False)
+    for key in sorted(k for k in v.tags if not k.startswith("mlflow.")):
+        table.add_row(escape(key), escape(v.tags[key]))
+    out.print(table)
+    for e in trail:
+        moved = f"{e.alias} -> v{e.version}" + (f" (was v{e.replaced})" if e.replaced else "")
+        out.print(f"{e.at}  {e.action:8}  {escape(moved)}  by {escape(e.user)}: {escape(e.reason)}")
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: ModelNameArg = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="The version to promote (default: the challenger).")] = None,
+    reason: ReasonOpt = "promoted from the command line",
+    project: ProjectOpt = None,
+) -> None:
+    """Make a version (default: the challenger) the champion; the old champion becomes `previous`."""
+    from kollm import registry
+
+    proj = project_dir(project)
+    move = registry.promote(_model_name(name, proj), version, reason=reason, project_dir=proj)
+    before = f"; previous -> v{move.previous}" if move.previous else ""
+    out.print(f"[green]promoted[/] {escape(move.name)}: champion -> v{move.champion}{before}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(name: ModelNameArg = None, reason: ReasonOpt = "rolled back from the command line", project: ProjectOpt = None) -> None:
+    """Restore the `previous` version as champion (the rolled-back version is tagged with when and why)."""
+    from kollm import registry
+
+    proj = project_dir(project)
+    move = registry.rollback(_model_name(name, proj), reason=reason, project_dir=proj)
+    out.print(f"[yellow]rolled back[/] {escape(move.name)}: champion -> v{move.champion} (was v{move.replaced})")
+
+
 # --- rollout (kollm.rollout) --------------------------------------------------------------------
+
+rollout_app = typer.Typer(
+    help="Canary rollout of the challenger served by `kollm serve MODEL --canary models:/NAME@challenger` (talks to its /admin/rollout/ API).",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+GatewayOpt = Annotated[Optional[str], typer.Option("--gateway", help="The gateway's URL (default: $KOLLM_GATEWAY, else http://127.0.0.1:8000).")]
+AdminKeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="The gateway's API key (default: $KOLLM_API_KEY).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full status as JSON.")]
+
+
+def _rollout_print(data: dict[str, Any], as_json: bool) -> None:
+    from kollm.rollout.client import format_status
+
+    print(json.dumps(data, ensure_ascii=False, indent=2)) if as_json else out.print(escape(format_status(data)), highlight=False)
+
+
+@rollout_app.command("start")
+def rollout_start(
+    name: Annotated[str, typer.Argument(help="The registered model name whose canary the gateway serves.")],
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
+    pause: Annotated[str, typer.Option(help="How long each step holds its weight before its analysis (e.g. 2m, 30s).")] = "2m",
+    analysis: Annotated[str, typer.Option(help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate).")] = "success_rate>=0.95,p95_ms<=2000",
+    failure_limit: Annotated[int, typer.Option(help="Failed analyses that roll the canary back.")] = 2,
+    min_requests: Annotated[int, typer.Option(help="Fewer canary requests in a step make its analysis inconclusive (the step is held).")] = 10,
+    alert_webhook: Annotated[Optional[str], typer.Option(help="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK).")] = None,
+    probe: Annotated[Optional[Path], typer.Option(help='Quality probe: a JSONL file of {"prompt": ..., "expect": ...} sent to the canary every step.')] = None,
+    gateway: GatewayOpt = None,
+    api_key: AdminKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start the rollout: 20 -> 40 -> 60 -> 80 % with analysis after each step, then promote (or roll back)."""
+    from kollm.rollout.client import start
+
+    _rollout_print(start(name, steps=steps, pause=pause, analysis=analysis, failure_limit=failure_limit, min_requests=min_requests,
+                         alert_webhook=alert_webhook, probe=probe, gateway=gateway, api_key=api_key), as_json)
+
+
+@rollout_app.command("status")
+def rollout_status(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Show the weights, the current step and the analysis results."""
+    from kollm.rollout.client import command
+
+    _rollout_print(command("status", gateway=gateway, api_key=api_key), as_json)
+
+
+@rollout_app.command("pause")
+def rollout_pause(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Hold the current weight; no analysis until resumed."""
+    from kollm.rollout.client import command
+
+    _rollout_print(command("pause", gateway=gateway, api_key=api_key), as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Continue a paused rollout (the current step starts a fresh analysis window)."""
+    from kollm.rollout.client import command
+
+    _rollout_print(command("resume", gateway=gateway, api_key=api_key), as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    reason: Annotated[str, typer.Option(help="Why; recorded on the version and sent with the alert.")] = "aborted by user",
+    gateway: GatewayOpt = None,
+    api_key: AdminKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send all traffic back to the champion now; the champion alias does not move."""
+    from kollm.rollout.client import command
+
+    _rollout_print(command("abort", reason=reason, gateway=gateway, api_key=api_key), as_json)
+
+
+@rollout_app.command("promote")
+def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Promote the canary now, skipping the remaining steps: champion -> canary version, previous kept."""
+    from kollm.rollout.client import command
+
+    _rollout_print(command("promote", gateway=gateway, api_key=api_key), as_json)
+
 
 
 def main() -> None:
