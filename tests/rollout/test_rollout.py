@@ -27,8 +27,7 @@ def make_gateway(registered, project, *, api_key=None, **canary_behaviour):
 
 
 def start(url, name, **kw):
-    spec = rollout_client.build_spec(**{"pause": f"{PAUSE}s", "min_requests": 3, **kw})
-    return rollout_client.start(name, spec, gateway=url)
+    return rollout_client.start(name, **{"pause": f"{PAUSE}s", "min_requests": 3, **kw}, gateway=url)
 
 
 def status(url):
@@ -41,12 +40,13 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
         time.sleep(0.2)
         start(srv.url, registered.name, steps="25,50,75", alert_webhook=webhook.url)
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "promoted", 15, "promotion")
-        promoted_at = time.time()
         time.sleep(0.5)  # load keeps running across the swap
         st = status(srv.url)
     assert load.result.failed == [], load.result.failed[:5]
     assert load.result.ok > 50
-    assert [h["result"]["verdict"] for h in st["rollout"]["history"]] == ["pass", "pass", "pass"]
+    verdicts = [h["result"]["verdict"] for h in st["rollout"]["history"]]
+    assert [v for v in verdicts if v != "inconclusive"] == ["pass", "pass", "pass"], verdicts  # (too little traffic: held)
+    assert [h["weight"] for h in st["rollout"]["history"] if h["result"]["verdict"] == "pass"] == [25, 50, 75]
     assert st["gateway"]["stable_version"] == "2" and st["gateway"]["canary_version"] is None
     assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
     assert registered.tags("2")["kollm.rollout.result"] == "promoted"
@@ -61,7 +61,8 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
     with Server(gw) as srv, Load(srv.url, registered.name) as load:
         time.sleep(0.2)
         t0 = time.time()
-        start(srv.url, registered.name, pause="1s", alert_webhook=webhook.url)
+        # 8 samples hold at least one of the canary's 3-in-10 failures; 50 % gives ~2x that at this load
+        start(srv.url, registered.name, steps="50,75", pause="1s", min_requests=8, alert_webhook=webhook.url)
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
         elapsed = time.time() - t0
         before = load.result.versions.copy()
@@ -132,10 +133,10 @@ def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
             rollout_client.command("status", gateway=srv.url)
         key = {"gateway": srv.url, "api_key": "s3cret"}
         with pytest.raises(Exception, match="not 'other'"):
-            rollout_client.start("other", rollout_client.build_spec(), **key)
-        rollout_client.start(registered.name, rollout_client.build_spec(pause="0.3s", alert_webhook=webhook.url), **key)
+            rollout_client.start("other", **key)
+        rollout_client.start(registered.name, pause="0.3s", alert_webhook=webhook.url, **key)
         with pytest.raises(Exception, match="progressing"):
-            rollout_client.start(registered.name, rollout_client.build_spec(), **key)
+            rollout_client.start(registered.name, **key)
         paused = rollout_client.command("pause", **key)["rollout"]
         assert paused["status"] == "paused" and paused["weight"] == 20
         time.sleep(0.8)  # no analysis while paused (no traffic would make it inconclusive)

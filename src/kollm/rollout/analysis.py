@@ -8,6 +8,7 @@ interval to pass. Too few canary requests make the interval *inconclusive* (neit
 
 from __future__ import annotations
 
+import difflib
 import math
 import operator
 import re
@@ -68,8 +69,9 @@ def parse_analysis(text: str) -> list[Criterion]:
             raise ConfigError(f"{where}: expected METRIC OP NUMBER, e.g. success_rate>=0.95 (OP is one of >=, <=, >, <)")
         metric, op, raw = m.groups()
         if metric not in METRICS:
-            known = ", ".join(METRICS)
-            raise ConfigError(f"{where}: unknown metric {metric!r}; known metrics: {known}")
+            close = difflib.get_close_matches(metric, METRICS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known metrics: " + ", ".join(METRICS)
+            raise ConfigError(f"{where}: unknown metric {metric!r}; {hint}")
         if op not in _OPS:
             fix = {"=>": ">=", "=<": "<="}.get(op)
             hint = f"write {fix}" if fix else "use >=, <=, > or <"

@@ -73,8 +73,22 @@ def build_spec(
     )
 
 
-def start(name: str, spec: RolloutSpec, *, gateway: str | None = None, api_key: str | None = None) -> dict[str, Any]:
-    """Start rolling out the gateway's canary of NAME. Returns the status (see `status`)."""
+def start(
+    name: str,
+    *,
+    steps: str = "20,40,60,80",
+    pause: str = "2m",
+    analysis: str = DEFAULT_ANALYSIS,
+    failure_limit: int = 2,
+    min_requests: int = 10,
+    alert_webhook: str | None = None,
+    probe: Path | None = None,
+    gateway: str | None = None,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Start rolling out the gateway's canary of NAME (options checked here first). Returns the status."""
+    spec = build_spec(steps=steps, pause=pause, analysis=analysis, failure_limit=failure_limit, min_requests=min_requests,
+                      alert_webhook=alert_webhook, probe=probe)
     return _call("POST", "start", {"name": name, **spec.model_dump()}, gateway=gateway, api_key=api_key)
 
 

@@ -98,7 +98,18 @@ class RolloutSpec(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as e:
-            raise ConfigError(pydantic_problems(e, model=cls), source="rollout") from None
+            problems = [_as_option(p) for p in pydantic_problems(e, model=cls)]
+            raise ConfigError(problems) from None
+
+
+def _as_option(problem: str) -> str:
+    """'pause_s: ...' -> '--pause: ...' (the names users typed)."""
+    field_name, sep, rest = problem.partition(":")
+    head = field_name.split("[")[0].split(".")[0]
+    if head in RolloutSpec.model_fields:
+        option = "--" + {"pause_s": "pause", "probe_max_tokens": "probe-max-tokens"}.get(head, head).replace("_", "-")
+        return option + field_name[len(head):] + sep + rest
+    return problem
 
 
 @dataclass
