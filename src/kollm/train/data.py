@@ -173,8 +173,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], *, only_last: bo
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(a <= start < b for a, b in spans):
+    for k, (start, end) in enumerate(enc["offset_mapping"]):
+        # overlap, not containment: a token may join the prompt's trailing space with the reply's first letter
+        if any(start < b and end > a for a, b in spans):
             labels[k] = ids[k]
     return ids, labels
 

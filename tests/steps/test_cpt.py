@@ -1,0 +1,152 @@
+"""`cpt` through the real runner: a scratch model trained on a corpus, saved as a plain Hugging Face folder,
+logged to MLflow and JSON logs; a pipeline killed mid-training resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import kollm
+from kollm.errors import ConfigError
+
+DATA_PY = '''
+import random
+import pandas as pd
+
+SYL = "가나다라마바사아자차카타파하서울부산한국어문장입니다오늘날씨좋네요학교공부책"
+
+def _sentence(rng):
+    return " ".join("".join(rng.choice(SYL) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(3, 10))) + "."
+
+def make(ctx):
+    rng = random.Random(0)
+    out = ctx.output_path("corpus")
+    texts = [" ".join(_sentence(rng) for _ in range(3)) for _ in range(ctx.config.params.get("docs", 120))]
+    pd.DataFrame({"text": texts[:-10]}).to_parquet(out / "train.parquet")
+    pd.DataFrame({"text": texts[-10:]}).to_parquet(out / "eval.parquet")
+    (out / "stats.json").write_text("{}")
+    return {"docs": len(texts)}
+'''
+
+CPT = "{base_model: scratch, preset: tiny, vocab_size: 400, seq_len: 64, max_steps: 12, lr: 3.0e-3, batch_size: 4, log_every: 2, checkpoint_every: 3}"
+
+
+def make_project(root: Path, cpt_config: str = CPT, docs: int = 120) -> Path:
+    module = f"data_{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(DATA_PY, encoding="utf-8")
+    (root / "kollm.yaml").write_text(
+        textwrap.dedent(
+            f"""\
+            project: cpt-test
+            steps:
+              - kind: python
+                name: data
+                config: {{callable: "{module}:make", outputs: {{corpus: corpus}}, params: {{docs: {docs}}}}}
+              - kind: cpt
+                config: {cpt_config}
+            """
+        ),
+        encoding="utf-8",
+    )
+    return root
+
+
+LOAD_WITHOUT_KOLLM = textwrap.dedent(
+    """
+    import sys, json
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = sys.argv[1]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "안녕하세요"}], tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert "kollm" not in sys.modules
+    print(json.dumps({"text": tok.decode(out[0]), "eos": model.generation_config.eos_token_id}))
+    """
+)
+
+
+def load_and_generate(folder: Path) -> dict:
+    """Load a Model artifact with plain transformers in a fresh interpreter that never imports kollm."""
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_KOLLM, str(folder)], capture_output=True, text=True, timeout=180, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_cpt_step_trains_saves_logs(tmp_path):
+    root = make_project(tmp_path / "p")
+    result = kollm.run(root)
+    rec = result.steps["cpt"]
+    model = rec.outputs["model"]
+    folder = model.path
+    assert model.type == "model"
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "kollm.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth"))]  # safetensors only
+    meta = json.loads((folder / "kollm.json").read_text())
+    assert meta["pipeline_run_id"] == result.run_id
+    assert meta["data"]["data"]["digest"] == result.steps["data"].outputs["corpus"].digest
+    assert meta["base_model"]["source"] == "scratch" and meta["config"]["max_steps"] == 12
+    assert meta["training"]["steps"] == 12
+    # learned something, and evaluated on the eval split
+    assert rec.metrics["train_loss"] < 5.5 and "eval_loss" in rec.metrics
+    # JSON training logs: one object per line
+    lines = [json.loads(x) for x in (root / ".kollm" / "logs" / "training" / "cpt.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
+    assert {"timestamp", "level", "step_name", "epoch", "step", "loss", "learning_rate"} <= set(lines[0])
+    # MLflow: per-step loss, learning rate, grad norm, throughput in the step's nested run
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / '.kollm' / 'mlflow.db'}")
+    history = client.get_metric_history(rec.run_id, "loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    for key in ("learning_rate", "grad_norm", "tokens_per_s"):
+        assert client.get_metric_history(rec.run_id, key)
+    assert client.get_run(rec.run_id).data.params["train.total_steps"] == "12"
+    # plain transformers loads and generates; generation stops at <|im_end|>
+    out = load_and_generate(folder)
+    assert len(out["eos"]) == 2
+    # the checkpoints of a finished step are gone
+    assert not list((root / ".kollm" / "checkpoints").glob("*/step-*"))
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_cpt_from_checkpoint(tmp_path):
+    cfg = CPT.replace("max_steps: 12", "max_steps: 30")
+    root = make_project(tmp_path / "p", cfg)
+    reference = make_project(tmp_path / "ref", cfg)
+    # 1. run the pipeline in a subprocess and SIGKILL it once a cpt checkpoint exists
+    code = f"import kollm; kollm.run({str(root)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((root / ".kollm" / "checkpoints").glob("*/step-*/state.pt")):
+        time.sleep(0.2)
+    assert list((root / ".kollm" / "checkpoints").glob("*/step-*/state.pt")), "no checkpoint before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2. re-run: the step resumes from its newest checkpoint and finishes
+    resumed = kollm.run(root).steps["cpt"]
+    meta = json.loads((resumed.outputs["model"].path / "kollm.json").read_text())
+    assert meta["training"]["resumed_from"] is not None and meta["training"]["resumed_from"] >= 3
+    # 3. it ends where an uninterrupted run ends
+    fresh = kollm.run(reference).steps["cpt"]
+    assert resumed.metrics["train_loss"] == pytest.approx(fresh.metrics["train_loss"], rel=1e-4)
+    assert resumed.metrics["eval_loss"] == pytest.approx(fresh.metrics["eval_loss"], rel=1e-4)
+
+
+def test_bad_config_names_the_field(tmp_path):
+    root = make_project(tmp_path / "p", "{base_model: scratch, lr: fast}")
+    with pytest.raises(ConfigError, match=r"config\.lr"):
+        kollm.run(root)
