@@ -161,18 +161,21 @@ def _run_step(
         **{f"kollm.input.{k}.ref": str(step.inputs[k]) for k in inputs},
     }
     st = tracker.step(step.name, step.kind, tags)
-    st.log_params(config_json)
     if cached is not None:
         outputs = {n: Artifact(o["type"], final / n, o["digest"], o.get("meta", {})) for n, o in cached["outputs"].items()}
         metrics = cached.get("metrics", {})
         duration = time.perf_counter() - t0
-        st.set_tags({f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()})
-        st.log_metrics({**metrics, "duration_s": duration})
+        st.log(
+            params=config_json,
+            metrics={**metrics, "duration_s": duration},
+            tags={f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()},
+        )
         st.end("FINISHED")
         log.write("step_cached", step=step.name, key=key)
         report("cached", step.name, {"key": key, "duration_s": duration})
         return StepRecord(step.name, step.kind, key, st.run_id, True, outputs, metrics), duration
 
+    st.log_params(config_json)
     report("started", step.name, {"key": key})
     log.write("step_started", step=step.name, key=key)
     checkpoint_dir = pipe.state_dir / "checkpoints" / key
@@ -247,8 +250,7 @@ def _run_step(
     publish_dir(tmp, final)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     duration = time.perf_counter() - t0
-    st.set_tags({f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()})
-    st.log_metrics({**metrics, "duration_s": duration})
+    st.log(metrics={**metrics, "duration_s": duration}, tags={f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()})
     st.end("FINISHED")
     log.write("step_finished", step=step.name, key=key, duration_s=duration)
     report("finished", step.name, {"key": key, "duration_s": duration, "metrics": metrics})
