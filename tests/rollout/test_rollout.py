@@ -154,3 +154,43 @@ def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
     assert registered.tags("2")["kollm.rollout.reason"] == "bad vibes"
     wait_for(lambda: webhook.received, 5, "the abort alert")
     assert "bad vibes" in webhook.received[0]["text"]
+
+
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from kollm.cli import app
+
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_cli_and_quality_probe(registered, tmp_path, webhook):
+    """`kollm rollout ...` against a running gateway; the probe alone judges the canary (no user traffic)."""
+    good = tmp_path / "probe-good.jsonl"
+    good.write_text('{"prompt": "안녕하세요", "expect": "답변"}\n{"prompt": "서울은?"}\n', encoding="utf-8")
+    bad = tmp_path / "probe-bad.jsonl"
+    bad.write_text('{"prompt": "대한민국의 수도는?", "expect": "서울"}\n', encoding="utf-8")
+    with Server(make_gateway(registered, tmp_path, api_key="k")) as srv:
+        gw = ["--gateway", srv.url, "--api-key", "k"]
+        r = run_cli("rollout", "status", *gw)
+        assert r.exit_code == 0 and "no rollout started" in r.output
+        r = run_cli("rollout", "start", registered.name, "--steps", "50,100", "--pause", "0.3s", "--analysis", "probe_pass_rate>=1",
+                    "--probe", str(bad), "--alert-webhook", webhook.url, *gw)
+        assert r.exit_code == 0, r.output
+        wait_for(lambda: status_with_key(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback by the probe")
+        r = run_cli("rollout", "status", *gw)
+        assert "ROLLED_BACK" in r.output and "probe_pass_rate=0" in r.output
+        hist = status_with_key(srv.url)["rollout"]["history"]
+        assert [h["result"]["verdict"] for h in hist] == ["fail", "fail"] and "lacks '서울'" in hist[0]["note"]
+
+        r = run_cli("rollout", "start", registered.name, "--steps", "50,100", "--pause", "0.3s", "--analysis", "probe_pass_rate>=1",
+                    "--probe", str(good), *gw)
+        assert r.exit_code == 0, r.output
+        wait_for(lambda: status_with_key(srv.url)["rollout"]["status"] == "promoted", 10, "promotion by the probe")
+        r = run_cli("rollout", "status", "--json", *gw)
+        assert json.loads(r.output)["gateway"]["stable_version"] == "2"
+    assert registered.alias("champion") == "2"
+
+
+def status_with_key(url):
+    return rollout_client.command("status", gateway=url, api_key="k")

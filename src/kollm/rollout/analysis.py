@@ -37,7 +37,7 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
 }
 
-_CRITERION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|>|<|==|=|!=|=>|=<)\s*(\S.*?)\s*$")
+_CRITERION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(>=|<=|==|!=|=>|=<|>|<|=)\s*(\S.*?)\s*$")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -175,7 +176,9 @@ class RolloutStore:
         self.folder = Path(folder)
 
     def path(self, name: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        safe = re.sub(r"[^\w.-]", "_", name)
+        if safe != name:  # keep names that differ only in odd characters apart
+            safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
         return self.folder / f"{safe}.json"
 
     def load(self, name: str) -> RolloutState | None:
