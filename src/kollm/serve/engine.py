@@ -186,6 +186,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     stops: StopFilter
     generator: torch.Generator | None = None
+    arrived: float = field(default_factory=time.perf_counter)
     out_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
@@ -231,6 +232,7 @@ class TransformersEngine:
         self._stopping = False
         self._ready = False
         self._failure: BaseException | None = None
+        self._step_time = 0.0  # moving average of one decode step, seconds
         # batch state, owned by the worker thread
         self._seqs: list[_Sequence] = []
         self._cache = None
@@ -324,12 +326,14 @@ class TransformersEngine:
                             self._cond.wait()
                         if self._stopping and not self._waiting and not self._seqs:
                             return
-                        admitted = self._admit()
+                        admitted = self._admit() if self._should_admit() else []
                     self._drop(lambda s: s.cancelled)
                     if admitted:
                         self._prefill(admitted)
                     if self._seqs:
+                        started = time.perf_counter()
                         self._decode()
+                        self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - started)
         except BaseException as e:  # a bug or an out-of-memory: fail every request rather than hang them
             log.exception("inference engine failed")
             self._failure = e
@@ -342,6 +346,21 @@ class TransformersEngine:
     def _warmup(self) -> None:
         ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
         self.model(input_ids=ids, use_cache=False)
+
+    def _should_admit(self) -> bool:
+        """Prefill now, or let a few more requests arrive first? A prefill is one more forward pass, so while a
+        batch is running, newcomers are admitted in groups: once they could fill the free slots or a quarter of
+        the batch, or once the oldest has waited two decode steps."""
+        if not self._waiting:
+            return False
+        if not self._seqs:
+            return True
+        free = self.max_batch_size - len(self._seqs)
+        if free <= 0:
+            return False
+        if len(self._waiting) >= min(free, max(1, len(self._seqs) // 4)):
+            return True
+        return time.perf_counter() - self._waiting[0].arrived >= 2 * self._step_time
 
     def _admit(self) -> list[_Sequence]:
         """Take waiting requests while batch slots and the prefill token budget allow (always at least one)."""
