@@ -329,10 +329,10 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
     if args.chunk_tokens:
         kernels.DEFAULT_CHUNK_TOKENS = args.chunk_tokens
     if args.compile:
-        kernels.compile_model(model, activation_memory_budget=args.act_budget)
+        kernels.compile_model(model, per_layer=args.compile_per_layer, activation_memory_budget=args.act_budget)
     micro = args.micro_batch or args.batch
     cfg = kloop.LoopConfig(
-        max_steps=args.warmup + args.steps,
+        max_steps=args.warmup + args.steps + (3 if args.profile else 0),  # profiled steps come after the timed ones
         lr=args.lr,
         min_lr_ratio=1.0,  # constant, as TRL's runs here
         warmup_steps=0,
@@ -351,11 +351,12 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
 
     def on_log(log: kloop.StepLog) -> None:
         nonlocal profiler
-        meter.step_end(dataset.served, log.loss)
-        if args.profile and log.step == args.warmup:
+        if log.step <= args.warmup + args.steps:
+            meter.step_end(dataset.served, log.loss)
+        if args.profile and log.step == args.warmup + args.steps:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             profiler.start()
-        if profiler is not None and log.step == args.warmup + 3:
+        if profiler is not None and log.step == args.warmup + args.steps + 3:
             profiler.stop()
             table = profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40, max_name_column_width=70)
             print(table, flush=True)
@@ -368,6 +369,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         "micro_batch": micro,
         "attn_implementation": attn,
         "compile": args.compile,
+        "compile_per_layer": args.compile_per_layer,
         "activation_memory_budget": args.act_budget,
         "chunk_tokens": kernels.DEFAULT_CHUNK_TOKENS,
         "fill": round(rows.stats.fill, 4),
@@ -397,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to TRL at equal steps")
     ap.add_argument("--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)")
+    ap.add_argument("--compile-per-layer", action="store_true", help="kollm: compile each layer, not the whole decoder")
     ap.add_argument("--chunk-tokens", type=int, default=0, help="kollm: tokens per loss chunk (0: kernels default)")
-    ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 steps after warmup")
+    ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 extra steps after the timed ones")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: run one configuration in this process
     ap.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)

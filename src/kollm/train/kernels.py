@@ -59,8 +59,8 @@ def attention_implementation(device: torch.device | str) -> str:
     return "sdpa"
 
 
-def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """`cu_seqlens` (int32, [n_docs + 1]) and the longest document of a packed [B, T] batch.
+def document_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
+    """`cu_seqlens` (int32, [n_docs + 1]): where the documents of a packed [B, T] batch start, flattened.
 
     A document starts where the position does not continue the previous one, and at every row start.
     """
@@ -69,9 +69,7 @@ def document_boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     idx = torch.nonzero(starts.reshape(-1)).flatten()
-    cu = torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    return cu, max_len
+    return torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
@@ -243,9 +241,9 @@ def lm_loss(
     which makes attention per-document. Returns (loss_sum, n_tokens): divide by n_tokens summed
     over gradient-accumulation micro-batches for an exact token-mean loss.
 
-    Optional: `cu_seqlens` (int32 [n_docs + 1], offsets into the flattened batch) and `max_seqlen`,
-    when the data loader already knows the document lengths; otherwise they are derived from
-    `position_ids` (one device-to-host sync). `chunk_tokens`: tokens per chunk of the loss (default DEFAULT_CHUNK_TOKENS).
+    Optional: `cu_seqlens` (int32 [n_docs + 1], offsets into the flattened batch), when the data
+    loader already knows the document lengths; otherwise they are derived from `position_ids` (a
+    device-to-host sync). `max_seqlen` is accepted for callers that have it; the row length is used. `chunk_tokens`: tokens per chunk of the loss (default DEFAULT_CHUNK_TOKENS).
     """
     decoder = model.get_decoder()
     kwargs: dict = {}
@@ -254,15 +252,18 @@ def lm_loss(
             if position_ids is None:
                 b, t = input_ids.shape
                 cu_seqlens = torch.arange(0, b * t + 1, t, dtype=torch.int32, device=input_ids.device)
-                max_seqlen = t
             else:
-                cu_seqlens, max_seqlen = document_boundaries(position_ids)
+                cu_seqlens = document_boundaries(position_ids)
         cu_seqlens = cu_seqlens.to(input_ids.device, non_blocking=True)
+        # The number of documents changes every batch: tell the compiler up front (no recompilation).
+        torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
+        # The row length bounds every document; a constant keeps compiled graphs static (FlashAttention's
+        # blocks past a document's end return at once, so the bound costs next to nothing).
         kwargs = {
             "cu_seq_lens_q": cu_seqlens,
             "cu_seq_lens_k": cu_seqlens,
-            "max_length_q": max_seqlen or input_ids.shape[1],
-            "max_length_k": max_seqlen or input_ids.shape[1],
+            "max_length_q": input_ids.shape[1],
+            "max_length_k": input_ids.shape[1],
         }
     hidden = decoder(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **kwargs
@@ -285,18 +286,24 @@ def lm_loss(
     return loss_sum, n_tokens
 
 
-def compile_model(model: nn.Module, *, activation_memory_budget: float | None = None) -> nn.Module:
-    """Compile each decoder layer in place (torch.compile); returns the same model.
+def compile_model(model: nn.Module, *, per_layer: bool = False, activation_memory_budget: float | None = None) -> nn.Module:
+    """Compile the decoder in place with torch.compile; returns the same model.
 
-    Per-layer compilation keeps one graph for all layers (fast to compile), works under PEFT
-    wrappers, and leaves `lm_loss`'s chunked loss and the varlen attention's boundaries outside.
-    `activation_memory_budget` (0..1): the fraction of a layer's activations kept for the backward
-    pass; the compiler recomputes the cheapest rest (torch._functorch's memory-budget partitioner).
+    The whole decoder becomes one graph (forward) and one (backward): a 0.35B model runs kernels of
+    tens of microseconds, and per-layer graphs leave the GPU waiting on Python. `per_layer=True`
+    compiles each layer instead (faster to compile, one graph reused by every layer). Either way
+    `lm_loss`'s chunked loss stays outside, and so does the boundary computation.
+    `activation_memory_budget` (0..1): the fraction of activations kept for the backward pass; the
+    compiler recomputes the cheapest rest (torch._functorch's memory-budget partitioner).
     """
     if activation_memory_budget is not None:
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
-    for layer in model.get_decoder().layers:
-        layer.compile()
+    decoder = model.get_decoder()
+    if per_layer:
+        for layer in decoder.layers:
+            layer.compile()
+    else:
+        decoder.compile()
     return model
