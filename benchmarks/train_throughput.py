@@ -358,7 +358,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
             profiler.start()
         if profiler is not None and log.step == args.warmup + args.steps + 3:
             profiler.stop()
-            table = profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40, max_name_column_width=70)
+            table = profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
             print(table, flush=True)
             profiler = None
 
