@@ -181,3 +181,29 @@ def test_unreachable_tracking_store_is_a_clear_error(tmp_path):
     (root / "kollm.yaml").write_text(cfg.replace("project: testproj\n", "project: testproj\ntracking: {uri: 'postgresql://nobody@127.0.0.1:1/none'}\n"))
     with pytest.raises(kollm.errors.KollmError, match="cannot open the MLflow tracking store postgresql://nobody@127.0.0.1:1/none"):
         kollm.run(root)
+
+
+def test_fsspec_url_source(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/kollm-test/a.txt", "가나다\n".encode())
+    fs.pipe("/kollm-test/b.txt", "라마바\n".encode())
+    (tmp_path / "memsteps.py").write_text(
+        "import fsspec\n"
+        "def read(ctx):\n"
+        "    files = ctx.inputs['src'].meta['files']\n"
+        "    text = ''.join(fsspec.open(f, 'rt', encoding='utf-8').open().read() for f in files)\n"
+        "    (ctx.output_path('data') / 'all.txt').write_text(text, encoding='utf-8')\n"
+        "    return {'files': len(files)}\n"
+    )
+    (tmp_path / "kollm.yaml").write_text(
+        "project: mem\ndata: {raw: {path: 'memory://kollm-test/*.txt'}}\n"
+        "steps:\n  - {kind: python, name: read, config: {callable: 'memsteps:read', inputs: {src: source}, outputs: {data: corpus}}}\n"
+    )
+    first = kollm.run(tmp_path)
+    assert first.steps["read"].metrics["files"] == 2
+    assert (first.steps["read"].outputs["data"].path / "all.txt").read_text(encoding="utf-8") == "가나다\n라마바\n"
+    assert kollm.run(tmp_path).steps["read"].cache_hit
+    fs.pipe("/kollm-test/c.txt", "사아자\n".encode())  # new remote file -> new source digest -> re-run
+    assert not kollm.run(tmp_path).steps["read"].cache_hit
