@@ -44,8 +44,8 @@ def new_run(project: Path) -> str:
     return c.create_run(exp_id).info.run_id
 
 
-def register(project: Path, folder: Path, **tags: str) -> registry.VersionInfo:
-    return registry.register_folder("tiny", folder, run_id=new_run(project), tags=tags, project_dir=project)
+def register(project: Path, folder: Path, name: str = "tiny", **tags: str) -> registry.VersionInfo:
+    return registry.register_folder(name, folder, run_id=new_run(project), tags=tags, project_dir=project)
 
 
 def test_register_loads_in_plain_mlflow_and_resolves_to_hf_folder(tmp_path, tiny_folder):
@@ -162,3 +162,27 @@ def test_promote_and_rollback_postgres(tmp_path, tiny_folder, postgres_uri):
     assert registry.tracking_uri(project).startswith("postgresql://")
     alias_flow(project, tiny_folder)
     assert not (project / ".kollm" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_cli_promote_rollback_list_show(tmp_path, tiny_folder, kollm_bin):
+    import subprocess
+
+    project = make_project(tmp_path / "p")
+    register(project, tiny_folder, name="reg-test")  # the project's name: commands default to it
+    registry.promote("reg-test", reason="baseline", project_dir=project)
+    register(project, tiny_folder, name="reg-test")
+
+    def kollm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([kollm_bin, "registry", *args], cwd=project, capture_output=True, text=True, timeout=120)
+
+    done = kollm("promote", "-m", "canary ok")  # the challenger (v2)
+    assert done.returncode == 0, done.stderr
+    assert "champion -> v2; previous -> v1" in done.stdout
+    done = kollm("rollback", "reg-test", "--reason", "error rate 12%")
+    assert done.returncode == 0 and "champion -> v1 (was v2)" in done.stdout
+    shown = json.loads(kollm("show", "2", "--json").stdout)
+    assert shown["aliases"] == [] and shown["tags"]["kollm.rolled_back_reason"] == "error rate 12%"
+    assert [h["action"] for h in shown["history"]] == ["register", "promote", "rollback"]
+    missing = kollm("rollback")
+    assert missing.returncode == 4 and "no 'previous'" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,95 @@
+"""The register step through the runner: lineage tags, the challenger alias, loading in plain MLflow."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
+from evalproject import make_project  # noqa: E402
+
+import kollm  # noqa: E402
+from kollm import registry  # noqa: E402
+from kollm.errors import GateFailed  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+def check_registered(project: Path, result) -> None:
+    v = registry.show("evaltest", "challenger", project)
+    assert v.version == "1" and v.aliases == ("challenger",)
+    prep = result.steps["prep"].outputs["dataset"]
+    # the tags lead back to the prepared dataset, the pipeline run and every step run
+    assert v.tags["kollm.data.prep.dataset"] == prep.digest
+    assert json.loads(v.tags["kollm.data"]) == {"prep.dataset": {"type": "corpus", "digest": prep.digest}}
+    assert v.tags["kollm.pipeline_run_id"] == result.run_id
+    assert json.loads(v.tags["kollm.step_runs"]) == {n: result.steps[n].run_id for n in ("prep", "build", "evaluate")}
+    assert v.tags["kollm.step_run_id"] == result.steps["register"].run_id == v.run_id
+    assert v.tags["kollm.model_digest"] == result.steps["build"].outputs["model"].digest
+    assert v.tags["kollm.gate"] == "passed" and "PASS: perplexity" in v.tags["kollm.gate.reasons"]
+    evaluated = json.loads((result.steps["evaluate"].outputs["metrics"].path / "metrics.json").read_text())["metrics"]
+    assert float(v.tags["kollm.metric.perplexity"]) == pytest.approx(evaluated["perplexity"], rel=1e-5)
+    # the dataset digest is the one the prepare step's MLflow run recorded
+    prep_run = registry.client(project).get_run(result.steps["prep"].run_id)
+    assert prep_run.data.tags["kollm.output.dataset.digest"] == prep.digest
+    # kollm resolves the alias to the very files the pipeline built
+    folder = registry.resolve_model_uri("models:/evaltest@challenger", project)
+    built = result.steps["build"].outputs["model"].path
+    assert (folder / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
+    record = json.loads((result.steps["register"].outputs["registration"].path / "registration.json").read_text())
+    assert record["model_uri"] == "models:/evaltest@challenger" and record["version"] == "1"
+
+
+def test_register_through_the_runner(tmp_path):
+    project = make_project(tmp_path / "p", gate=["perplexity <= 100000"])
+    result = kollm.run(project)
+    check_registered(project, result)
+
+    uri = registry.tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/evaltest@challenger")  # plain MLflow, no kollm code involved
+    assert len(model.predict(["서울은"], params={"max_new_tokens": 3})) == 1
+
+    again = kollm.run(project)  # unchanged: register is a cache hit, no second version
+    assert again.steps["register"].cache_hit
+    assert [v.version for v in registry.list_versions("evaltest", project)] == ["1"]
+
+
+def test_register_refuses_a_failed_evaluation(tmp_path):
+    project = make_project(tmp_path / "p", gate=["perplexity <= 100000"])
+    (project / "fakeeval.py").write_text(
+        "import json\n"
+        "def failed(ctx):\n"
+        "    doc = {'metrics': {'perplexity': 99.0}, 'gate': {'passed': False, 'reasons': ['FAIL: perplexity = 99, needs <= 40']}}\n"
+        "    (ctx.output_path('m') / 'metrics.json').write_text(json.dumps(doc))\n"
+    )
+    text = (project / "kollm.yaml").read_text()
+    text = text.replace(
+        "  - kind: register\n",
+        "  - kind: python\n    name: fake\n    config: {callable: 'fakeeval:failed', outputs: {m: metrics}}\n"
+        "  - kind: register\n    inputs: {metrics: fake}\n",
+    )
+    (project / "kollm.yaml").write_text(text)
+    with pytest.raises(GateFailed, match="refusing to register:\n  FAIL: perplexity = 99, needs <= 40"):
+        kollm.run(project)
+    assert registry.list_models(project) == []
+
+
+@pytest.mark.postgres
+def test_register_through_the_runner_on_postgres(tmp_path, postgres_uri):
+    project = make_project(tmp_path / "p", gate=["perplexity <= 100000"], uri=postgres_uri)
+    result = kollm.run(project)
+    check_registered(project, result)
+    assert not (project / ".kollm" / "mlflow.db").exists()
