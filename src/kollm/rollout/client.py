@@ -132,10 +132,11 @@ def _call(method: str, cmd: str, body: dict | None, *, gateway: str | None, api_
 def format_status(data: dict[str, Any]) -> str:
     """Human-readable lines for `kollm rollout status`."""
     gw = data["gateway"]
-    lines = [
-        f"model {gw['model']}: stable version {gw['stable_version']}, canary version {gw['canary_version'] or '-'} "
-        f"at {gw['canary_weight']:g}%"
-    ]
+    if gw["canary_version"] is None:
+        lines = [f"model {gw['model']}: version {gw['stable_version']} serves 100% (no canary)"]
+    else:
+        w = gw["canary_weight"]
+        lines = [f"model {gw['model']}: stable version {gw['stable_version']} at {100 - w:g}%, canary version {gw['canary_version']} at {w:g}%"]
     st = data.get("rollout")
     if st is None:
         lines.append(f"no rollout started (kollm rollout start {gw['model']})")
