@@ -208,3 +208,27 @@ def test_gpu_chunked_ce_bf16_close_to_fp32_reference() -> None:
     assert abs(loss.item() - ref.item()) / ref.item() < 5e-3
     assert ((h.grad.float() - hr.grad).norm() / hr.grad.norm()).item() < 2e-2
     assert ((w.grad.float() - wr.grad).norm() / wr.grad.norm()).item() < 2e-2
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/train_throughput.py --cpu --tiny: kollm's sft and cpt runs train, report and agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--cpu", "--tiny", "--runs", "kollm_sft,kollm_cpt", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"kollm_sft", "kollm_cpt"}
+    for r in runs.values():
+        assert r["error"] is None and r["tokens_per_s"] > 0 and r["real_tokens"] > 0
+        assert len(r["losses"]) == 3 and all(4.0 < x < 8.0 for x in r["losses"])  # ln(512) = 6.24 at random init
+    assert "kollm_sft" in proc.stdout and "tokens/s" in proc.stdout
