@@ -12,7 +12,7 @@ from kollm.rollout import client as rollout_client
 from kollm.rollout.api import attach_rollout
 from kollm.serve.gateway import Arm, Gateway
 
-from .conftest import Load, Server, serving_app, state_file, wait_for
+from .conftest import Load, Server, free_port, serving_app, state_file, wait_for
 
 PAUSE = 0.5
 
@@ -42,6 +42,13 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "promoted", 15, "promotion")
         time.sleep(0.5)  # load keeps running across the swap
         st = status(srv.url)
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    n = registered.name
+    assert f'kollm_rollout_analysis_total{{rollout="{n}",verdict="pass"}} 3.0' in metrics
+    assert f'kollm_rollout_status{{rollout="{n}",status="promoted"}} 1.0' in metrics
+    assert f'kollm_rollout_canary_weight_percent{{rollout="{n}"}} 0.0' in metrics  # no canary left: all on the new stable
+    assert 'kollm_gateway_requests_total{arm="canary",outcome="success",version="2"}' in metrics
+    assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="2",status_code="200"}' in metrics  # the app's own
     assert load.result.failed == [], load.result.failed[:5]
     assert load.result.ok > 50
     verdicts = [h["result"]["verdict"] for h in st["rollout"]["history"]]
@@ -101,8 +108,9 @@ def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, w
 
 
 def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_path):
+    dead_webhook = f"http://127.0.0.1:{free_port()}/nobody-listens"
     with Server(make_gateway(registered, tmp_path)) as srv, Load(srv.url, registered.name):
-        start(srv.url, registered.name, pause="1s")
+        start(srv.url, registered.name, pause="1s", alert_webhook=dead_webhook)
         wait_for(lambda: status(srv.url)["rollout"]["step"] == 1, 10, "step 2")
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     assert saved["status"] == "progressing" and saved["step"] == 1 and saved["weight"] == 40
@@ -121,7 +129,9 @@ def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_pa
             wait_for(lambda: status(srv.url)["rollout"]["step"] == 2, 10, "step 3 after the restart")
         rollout_client.command("promote", gateway=srv.url)
         assert status(srv.url)["rollout"]["status"] == "promoted"
+        alerts = wait_for(lambda: status(srv.url)["rollout"]["alerts"], 10, "the alert attempt")
     assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
+    assert not alerts[0]["delivered"] and "Connect" in alerts[0]["error"]  # a dead webhook breaks nothing
 
 
 def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
