@@ -206,6 +206,39 @@ def test_split_and_output_are_deterministic_and_independent_of_num_proc():
     assert set(other_seed.eval["text"]) != set(one.eval["text"])
 
 
+def test_workers_reading_files_give_the_same_result(tmp_path):
+    from kollm.data.readers import SourceFiles
+    from kollm.steps.prepare import prepare_sources
+
+    texts, _ = corpus_with_near_duplicates(200, dup_fraction=0.15, seed=8)
+    files = []
+    for i in range(0, 200, 20):
+        f = tmp_path / f"part{i:03d}.jsonl"
+        _write_jsonl(f, [{"text": t} for t in texts[i : i + 20]] + [{"text": texts[0]}])
+        files.append(str(f))
+    src = [SourceFiles("s", str(tmp_path), "auto", files)]
+    one = prepare_sources(src, Config(num_proc=1, batch_rows=16))
+    two = prepare_sources(src, Config(num_proc=2, batch_rows=16))
+    assert one.train.equals(two.train) and one.eval.equals(two.eval) and one.counts == two.counts
+    assert one.counts.reasons["dedup:exact"] >= 10 and one.stats["input_text_mb"] == two.stats["input_text_mb"]
+
+
+def test_transform_batch_is_a_batch_function_independent_of_batch_boundaries():
+    from kollm.steps.prepare import transform_batch
+
+    texts, _ = corpus_with_near_duplicates(30, seed=9)
+    texts[3] = "전화 010-1234-5678 로 연락하세요. " + texts[3]
+    raw = pd.DataFrame({"text": texts})
+    cfg = Config()
+    whole = transform_batch(raw, cfg)
+    parts = pd.concat([transform_batch(raw.iloc[:13].reset_index(drop=True), cfg),
+                       transform_batch(raw.iloc[13:].reset_index(drop=True), cfg)], ignore_index=True)
+    assert whole.drop(columns="_minhash").equals(parts.drop(columns="_minhash"))
+    assert all((a == b).all() for a, b in zip(whole["_minhash"], parts["_minhash"]))
+    assert whole["_pii_phone"].tolist()[3] == 1 and "<PHONE>" in whole["text"][3]
+    assert list(raw["text"]) == texts  # the input batch is not modified
+
+
 def test_without_near_dedup_eval_rows_that_near_duplicate_train_move_to_train():
     base = "오늘은 날씨가 정말 좋네요. 공원에 가서 산책을 하고, 친구들과 맛있는 점심을 먹었습니다. 내일도 맑았으면 좋겠어요."
     texts = [base + f" 추신{i}" + "." * (i % 3) for i in range(40)]

@@ -56,8 +56,8 @@ class Features:
     words: int = 0
 
 
-_WORDS = re.compile(r"\S+")
-_SYMBOL = re.compile(r"[^\w\s]")
+_SPACE_RUNS = re.compile(r"\s+")
+_SYMBOL_RUNS = re.compile(r"[^\w\s]+")
 
 
 def dup_line_fraction(text: str) -> float:
@@ -74,26 +74,26 @@ def dup_line_fraction(text: str) -> float:
 def top_ngram_fraction(text: str, n: int) -> float:
     """Characters covered by all occurrences of the most frequent word n-gram / characters in words
     (the Gopher repetition measure). 0 when no n-gram occurs twice."""
-    words = _WORDS.findall(text)
+    words = text.split()
     if len(words) < n + 1:
         return 0.0
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    grams = Counter(zip(*(words[i:] for i in range(n))))
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
-    total = sum(len(w) for w in words)
-    return min(1.0, count * sum(len(w) for w in gram) / total) if total else 0.0
+    total = sum(map(len, words))
+    return min(1.0, count * sum(map(len, gram)) / total) if total else 0.0
 
 
 def symbol_ratio(text: str) -> float:
     """Punctuation and symbols / non-space characters."""
-    nonspace = len(text) - sum(1 for ch in text if ch.isspace())
-    return len(_SYMBOL.findall(text)) / nonspace if nonspace else 0.0
+    nonspace = len(text) - sum(map(len, _SPACE_RUNS.findall(text)))
+    return sum(map(len, _SYMBOL_RUNS.findall(text))) / nonspace if nonspace else 0.0
 
 
 def quality_features(text: str, ngram_size: int = 3) -> Features:
     return Features(
-        words=len(_WORDS.findall(text)),
+        words=len(text.split()),
         chars=len(text),
         hangul_ratio=hangul_ratio(text),
         dup_line_fraction=dup_line_fraction(text),

@@ -88,9 +88,26 @@ def _invisible() -> dict[int, None]:
 _TRANSLATE: dict[int, str | None] = {**_invisible(), **_width_table(), **_space_and_line_table()}
 _COMPAT_TRANSLATE = {cp: c for cp, c in _JAMO_TO_COMPAT.items()}
 
+
+def _char_class(cps: list[int]) -> re.Pattern[str]:
+    """A regex character class matching exactly these code points (as ranges)."""
+    parts, cps = [], sorted(cps)
+    start = prev = cps[0]
+    for cp in [*cps[1:], None]:
+        if cp is not None and cp == prev + 1:
+            prev = cp
+            continue
+        parts.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev > start else ""))
+        if cp is not None:
+            start = prev = cp
+    return re.compile("[" + "".join(parts) + "]")
+
+
+_NEEDS_TRANSLATE = _char_class(list(_TRANSLATE))  # most texts need no translation: test first (much faster)
+
 _CRLF = re.compile(r"\r\n?")
 _ZWJ_NOT_EMOJI = re.compile(r"(?<![\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\U0001F3FB-\U0001F3FF])\u200d|\u200d(?![\U0001F000-\U0001FAFF\u2600-\u27BF])")
-_SPACES = re.compile(r"[ \t]+")
+_SPACES = re.compile(r"[ \t]{2,}|\t")
 _LINE_EDGES = re.compile(r" ?\n ?")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _CONJOINING = re.compile(r"[\u1100-\u11FF]")
@@ -98,23 +115,27 @@ _CONJOINING = re.compile(r"[\u1100-\u11FF]")
 
 def normalize_text(text: str) -> str:
     """Normalize one Korean text (see the module docstring). Idempotent; never deletes a Hangul syllable."""
-    text = _CRLF.sub("\n", text)
+    if "\r" in text:
+        text = _CRLF.sub("\n", text)
     if _ZWJ in text:
         text = _ZWJ_NOT_EMOJI.sub("", text)
-    text = text.translate(_TRANSLATE)
+    if _NEEDS_TRANSLATE.search(text):
+        text = text.translate(_TRANSLATE)
     text = unicodedata.normalize("NFC", text)
     if _CONJOINING.search(text):
         text = text.translate(_COMPAT_TRANSLATE)
     text = _SPACES.sub(" ", text)
-    text = _LINE_EDGES.sub("\n", text)
-    text = _MANY_NEWLINES.sub("\n\n", text)
+    if " \n" in text or "\n " in text:
+        text = _LINE_EDGES.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip()
 
 
 # --- measurements ---------------------------------------------------------------------------------
 
-_HANGUL_CHARS = re.compile(r"[\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97F\uD7B0-\uD7FF]")
-_LETTERS = re.compile(r"[^\W\d_]")
+_HANGUL_RUNS = re.compile(r"[\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97F\uD7B0-\uD7FF]+")
+_LETTER_RUNS = re.compile(r"[^\W\d_]+")
 
 
 def is_hangul_syllable(ch: str) -> bool:
@@ -127,10 +148,10 @@ def count_hangul_syllables(text: str) -> int:
 
 def hangul_ratio(text: str) -> float:
     """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters."""
-    letters = len(_LETTERS.findall(text))
+    letters = sum(map(len, _LETTER_RUNS.findall(text)))
     if not letters:
         return 0.0
-    return len(_HANGUL_CHARS.findall(text)) / letters
+    return sum(map(len, _HANGUL_RUNS.findall(text))) / letters
 
 
 # --- batches --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from kollm.pipeline.step import STRICT
 
 PII_TYPES = ("rrn", "phone", "email", "card", "account")
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}", re.ASCII)
+_EMAIL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}", re.ASCII)
 _RRN = re.compile(r"(?<!\d)(\d{2})(\d{2})(\d{2})[ ]?[-–][ ]?([1-8])(\d{6})(?!\d)|(?<![\d-])(\d{2})(\d{2})(\d{2})([1-8])(\d{6})(?![\d-])")
 _CARD = re.compile(r"(?<![\d-])(?:\d{4}[- ]\d{4}[- ]\d{4}[- ]\d{1,7}|\d{4}[- ]\d{6}[- ]\d{5}|\d{13,19})(?![\d-])")
 _PHONE = re.compile(
@@ -47,6 +47,9 @@ _ACCOUNT_HYPHEN = re.compile(r"(?<![\d-])\d{2,6}-\d{2,6}-\d{2,7}(?:-\d{1,3})?(?!
 _ACCOUNT_CONTEXT = re.compile(
     r"(?:계좌|통장|입금|송금|이체|은행|국민|신한|우리|하나|농협|기업|카카오뱅크|토스뱅크|우체국|새마을|신협)[^\d\n]{0,15}(?<!\d)(\d{10,14})(?!\d)"
 )
+
+
+_MAYBE_PII = re.compile(r"@|\d[\d \t.\-–()]{7,}\d|\d{9}")
 
 
 def rrn_valid(digits: str) -> bool:
@@ -121,7 +124,7 @@ def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES), detect: fr
     still counted and left as it was.
     """
     found: Counter[str] = Counter()
-    if not any(ch.isdigit() or ch == "@" for ch in text):
+    if not _MAYBE_PII.search(text):  # every type needs an "@" or 9+ digits close together
         return PiiScan(text, found)
     kept: list[str] = []
     if "email" in detect and "@" in text:
@@ -163,26 +166,27 @@ class PiiConfig(BaseModel):
         return {t: getattr(self, t) for t in PII_TYPES}
 
 
-def pii_batch(batch: pd.DataFrame, kind: str, cfg: PiiConfig) -> tuple[pd.DataFrame, Counter[str]]:
+def pii_batch(batch: pd.DataFrame, kind: str, cfg: PiiConfig, per_row: bool = False):
     """Scan every text of a canonical batch: mask what `cfg` masks, reject rows (reason `pii:<type>`) holding a
-    type whose action is `drop`. Returns the new batch and how many values of each type were found. Pure."""
+    type whose action is `drop`. Returns the new batch and how many values of each type were found (in all,
+    or per row with `per_row=True`). Pure."""
     actions = cfg.actions()
     mask = frozenset(t for t, a in actions.items() if a == "mask")
     drop = [t for t in PII_TYPES if actions[t] == "drop"]
     found: Counter[str] = Counter()
-    per_row: list[Counter[str]] = [Counter() for _ in range(len(batch))]
+    per_row_found: list[Counter[str]] = [Counter() for _ in range(len(batch))]
 
     def scan(i: int, text: str) -> str:
         result = scan_text(text, mask=mask)
-        per_row[i].update(result.found)
+        per_row_found[i].update(result.found)
         return result.text
 
     out = map_texts_indexed(batch, kind, scan)
     reasons = out[REJECT].tolist()
-    for i, row_found in enumerate(per_row):
+    for i, row_found in enumerate(per_row_found):
         found.update(row_found)
         dropped = next((t for t in drop if row_found[t]), None)
         if dropped and not reasons[i]:
             reasons[i] = f"pii:{dropped}"
     out[REJECT] = reasons
-    return out, found
+    return (out, per_row_found) if per_row else (out, found)

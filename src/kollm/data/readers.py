@@ -150,10 +150,15 @@ def read_hf(uri: str) -> Iterator[pd.DataFrame]:
             yield df
 
 
+def is_hf_source(src: SourceFiles) -> bool:
+    """A Hugging Face `save_to_disk` folder: read as a whole, not file by file."""
+    return src.format == "hf" or (src.format == "auto" and _is_hf_folder(src.uri, src.files))
+
+
 def read_source(src: SourceFiles, txt_mode: TxtMode = "file") -> Iterator[pd.DataFrame]:
     """Yield raw batches of every file of a source. Raises StepFailed naming the file on unreadable data."""
     fmt = src.format
-    if fmt == "hf" or (fmt == "auto" and _is_hf_folder(src.uri, src.files)):
+    if is_hf_source(src):
         try:
             yield from read_hf(src.uri)
         except Exception as e:  # datasets raises many types for a broken folder

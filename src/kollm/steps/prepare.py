@@ -45,7 +45,7 @@ from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, near_duplicat
 from kollm.data.filters import FilterConfig, quality_batch
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
-from kollm.data.readers import SourceFiles, TxtMode, read_source
+from kollm.data.readers import SourceFiles, TxtMode, is_hf_source, read_source
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
@@ -116,6 +116,7 @@ class Processed:
     sigs: np.ndarray  # MinHash signatures (rows that are already rejected: zeros)
     pii: Counter[str]
     raw_bytes: int
+    cpu_s: float = 0.0  # CPU seconds this batch took in its process
 
 
 def split_position(key: str, seed: int) -> float:
@@ -124,15 +125,21 @@ def split_position(key: str, seed: int) -> float:
     return int.from_bytes(h, "big") / 2**64
 
 
-def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
-    """schema -> normalize -> PII -> quality filters -> exact key, split position and MinHash signature."""
+def transform_batch(raw: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """The per-row stages as one pandas batch -> pandas batch function (what Ray Data's `map_batches` runs):
+    schema -> normalize -> PII -> quality filters -> exact key, split position and MinHash signature.
+
+    Adds `_bytes` (UTF-8 bytes of the row's texts as read), `_pii_<type>` (values found), `_exact`, `_split`
+    and `_minhash` (uint32 signature; empty for rejected rows) to the canonical columns. Pure.
+    """
     kind = cfg.dataset
     frame = to_schema_batch(raw, kind, cfg.text_field)
     parsed = (frame[REJECT] == "").to_numpy()
-    raw_bytes = sum(len(t.encode("utf-8")) for t in content_text(frame[parsed], kind))
+    nbytes = np.zeros(len(frame), dtype=np.int64)
+    nbytes[parsed] = [len(t.encode("utf-8")) for t in content_text(frame[parsed], kind)]
     if cfg.normalize:
         frame = map_texts(frame, kind, normalize_text)
-    frame, pii = pii_batch(frame, kind, cfg.pii)
+    frame, per_row = pii_batch(frame, kind, cfg.pii, per_row=True)
     frame = quality_batch(frame, kind, cfg.filters)
     live = (frame[REJECT] == "").to_numpy()
     texts = content_text(frame[live], kind)
@@ -141,12 +148,31 @@ def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
     for i, text, key in zip(np.flatnonzero(live), texts, split_key_text(frame[live], kind)):
         exact[i] = exact_key(text)
         split[i] = split_position(key, cfg.split.seed)
+    frame["_bytes"] = nbytes
+    for t in PII_TYPES:
+        frame[f"_pii_{t}"] = [c[t] for c in per_row]
     frame["_exact"] = exact
     frame["_split"] = split
-    sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
+    empty = np.zeros(0, dtype=np.uint32)
+    sigs: list[np.ndarray] = [empty] * len(frame)
     if (cfg.dedup.near or cfg.split.eval_fraction > 0) and live.any():  # also for the train/eval overlap check
-        sigs[live] = signatures_batch(texts, cfg.dedup)
-    return Processed(frame, sigs, pii, raw_bytes)
+        for i, sig in zip(np.flatnonzero(live), signatures_batch(texts, cfg.dedup)):
+            sigs[i] = sig
+    frame["_minhash"] = pd.Series(sigs, index=frame.index, dtype=object)
+    return frame
+
+
+def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
+    """`transform_batch`, with the signatures as one array and the PII counts summed (for the local executor)."""
+    cpu0 = time.process_time()
+    frame = transform_batch(raw, cfg)
+    sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
+    for i, sig in enumerate(frame.pop("_minhash")):
+        if len(sig):
+            sigs[i] = sig
+    pii = Counter({t: int(frame.pop(f"_pii_{t}").sum()) for t in PII_TYPES})
+    raw_bytes = int(frame.pop("_bytes").sum())
+    return Processed(frame, sigs, +pii, raw_bytes, time.process_time() - cpu0)
 
 
 def _process_star(args: tuple[pd.DataFrame, Config]) -> Processed:
@@ -164,6 +190,7 @@ class Prepared:
     pii: dict[str, int]
     report: ReportData
     stats: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def rechunk(batches: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame]:
@@ -173,13 +200,10 @@ def rechunk(batches: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame
 
 
 def _pool(num_proc: int) -> ProcessPoolExecutor:
-    # forkserver: workers fork from a clean server process (no MLflow/torch threads inherited), and
-    # start fast because the server has imported this module once.
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["kollm.steps.prepare", "datasketch"])
-    return ProcessPoolExecutor(max_workers=num_proc, mp_context=ctx)
+    # fork (Linux): workers start at once with this process's modules already imported (like `datasets.map`
+    # with num_proc). They only run the pure transforms above. Elsewhere: spawn.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=num_proc, mp_context=mp.get_context(method))
 
 
 def run_transforms(batches: Iterable[pd.DataFrame], cfg: Config, progress=_no_progress) -> Iterator[Processed]:
@@ -202,16 +226,53 @@ def _example(row: pd.Series, kind: str) -> str:
     return text if len(text) <= 300 else text[:300] + " …"
 
 
+def _process_file(task: tuple[SourceFiles, Config]) -> list[Processed]:
+    """Read one file of a source and transform its batches (in a worker process)."""
+    src, cfg = task
+    cpu0 = time.process_time()
+    results = [process_batch(chunk, cfg) for chunk in rechunk(read_source(src, cfg.txt_mode), cfg.batch_rows)]
+    if results:  # count the reading too
+        results[0].cpu_s += time.process_time() - cpu0 - sum(r.cpu_s for r in results)
+    return results
+
+
+def prepare_sources(sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+    """Read, transform, deduplicate and split every source. With several processes and enough files, each
+    worker reads its own files (reading and parsing then run in parallel too); otherwise this process reads
+    and hands out batches. Either way rows arrive in source and file order, so the result is the same."""
+    tasks = [SourceFiles(s.name, s.uri, s.format, [f]) for s in sources if not is_hf_source(s) for f in s.files]
+    if cfg.num_proc > 1 and len(tasks) >= 2 * cfg.num_proc and not any(is_hf_source(s) for s in sources):
+        def per_file() -> Iterator[Processed]:
+            with _pool(cfg.num_proc) as pool:
+                for results in progress(pool.map(_process_file, zip(tasks, repeat(cfg))), total=len(tasks),
+                                        description=f"prepare: read and transform ({cfg.num_proc} processes)"):
+                    yield from results
+
+        return _prepare(per_file(), cfg, step)
+
+    def batches() -> Iterator[pd.DataFrame]:
+        for src in sources:
+            yield from read_source(src, cfg.txt_mode)
+
+    return prepare_batches(batches(), cfg, step=step, progress=progress)
+
+
 def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
     """Run every stage over raw batches and split. Does not check the gate (see `check_gate`)."""
+    return _prepare(run_transforms(batches, cfg, progress), cfg, step)
+
+
+def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared:
     kind = cfg.dataset
     t0 = time.perf_counter()
-    frames, sig_parts, pii, raw_bytes = [], [], Counter(), 0
-    for p in run_transforms(batches, cfg, progress):
+    cpu_main0 = time.process_time()
+    frames, sig_parts, pii, raw_bytes, worker_cpu = [], [], Counter(), 0, 0.0
+    for p in processed:
         frames.append(p.frame)
         sig_parts.append(p.sigs)
         pii.update(p.pii)
         raw_bytes += p.raw_bytes
+        worker_cpu += p.cpu_s
     t_transform = time.perf_counter() - t0
     cols = [*COLUMNS[kind], SOURCE, REJECT, "_raw", "_chars", "_hangul_ratio", "_exact", "_split"]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in cols})
@@ -276,11 +337,17 @@ def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str =
         "chars_p50": float(np.percentile(chars, 50)) if len(chars) else 0.0,
         "chars_p95": float(np.percentile(chars, 95)) if len(chars) else 0.0,
         "hangul_ratio_mean": float(kept["_hangul_ratio"].mean()) if len(kept) else 0.0,
-        "seconds": {"total": elapsed, "transform": t_transform, "near_dedup": t_near},
         "input_text_mb": raw_bytes / 1e6,
     }
+    # Timings stay out of stats.json, so the same data gives the same artifact digest.
+    timing = {
+        "seconds_total": elapsed, "seconds_transform": t_transform, "seconds_near_dedup": t_near,
+        # CPU seconds of the main process, and of the per-row transforms wherever they ran (in-process when num_proc=1)
+        "cpu_seconds_main": time.process_time() - cpu_main0, "cpu_seconds_transforms": worker_cpu,
+        "mb_per_s": raw_bytes / 1e6 / elapsed if elapsed else 0.0,
+    }
     return Prepared(train=train[list(COLUMNS[kind])].reset_index(drop=True), eval=eval_[list(COLUMNS[kind])].reset_index(drop=True),
-                    counts=counts, pii=report.pii_found, report=report, stats=stats)
+                    counts=counts, pii=report.pii_found, report=report, stats=stats, timing=timing)
 
 
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
@@ -322,7 +389,7 @@ def write_parquet(df: pd.DataFrame, path: Path, kind: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(df.to_dict("records"), schema=arrow_schema(kind))
+    table = pa.Table.from_pandas(df, schema=arrow_schema(kind), preserve_index=False)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -356,11 +423,7 @@ def run(ctx: StepContext) -> StepResult:
     ]
     ctx.log.info("prepare %s: %s from %s", ctx.name, cfg.dataset, ", ".join(s.uri for s in sources))
 
-    def batches() -> Iterator[pd.DataFrame]:
-        for src in sources:
-            yield from read_source(src, cfg.txt_mode)
-
-    prepared = prepare_batches(batches(), cfg, step=ctx.name, progress=ctx.progress)
+    prepared = prepare_sources(sources, cfg, step=ctx.name, progress=ctx.progress)
     counts = prepared.counts
     broken = violations(counts, cfg.gate)
     prepared.report.failed = [f"config.gate.{limit}: {msg}" for limit, msg in broken]
@@ -370,7 +433,7 @@ def run(ctx: StepContext) -> StepResult:
                                                       "rejected_fraction", "chars_mean", "hangul_ratio_mean", "eval_moved_to_train")}
     metrics |= {f"rejected.{_metric_name(r)}": float(n) for r, n in counts.reasons.items()}
     metrics |= {f"pii.{t}": float(n) for t, n in prepared.pii.items()}
-    ctx.tracker.log_metrics(metrics)
+    ctx.tracker.log_metrics({**metrics, **{f"timing.{k}": v for k, v in prepared.timing.items()}})
 
     if broken:
         failed_report = ctx.logs_dir("system") / f"prepare-{ctx.name}-report.html"
