@@ -91,7 +91,9 @@ class RolloutController:
             saved.weight = self.gateway.weight
             saved.window_started_at = time.time()
             canary.take_window()
-            saved.message = f"resumed after a gateway restart at step {saved.step + 1}/{len(saved.spec.steps)}"
+            where = f"step {saved.step + 1}/{len(saved.spec.steps)}, canary weight {saved.weight:g}%"
+            saved.message = (f"resumed after a gateway restart at {where}" if saved.status == "progressing"
+                             else f"gateway restarted; still paused at {where}")
             self.store.save(saved)
             log.info("rollout %s: %s", self.name, saved.message)
         elif saved is not None and saved.status == "rolled_back" and canary is not None and saved.canary_version == canary.version:
