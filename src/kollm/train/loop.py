@@ -1,3 +1,4 @@
+# kollm-train: loop ready
 """The training loop shared by cpt, sft and align.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` rows per rank. Each micro-batch returns a
@@ -7,7 +8,9 @@ minimises the exact token mean however the tokens fall into micro-batches (gradi
 
 Language-model objectives go through `kollm.train.kernels.lm_loss` (the performance seam). Rows are packed and
 fixed-length, labels are pre-aligned, bf16 autocast runs on GPU, AdamW is fused where available, and the same
-code runs under torch.distributed (DDP): each rank reads its shard of the data, rank 0 logs and checkpoints.
+code runs data-parallel under torch.distributed: each rank reads its shard of the data, gradients are summed
+over ranks once per optimizer step (an explicit all-reduce rather than the DistributedDataParallel wrapper,
+because `lm_loss` reaches into the model's decoder and head), and rank 0 logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from kollm.pipeline.step import Progress, _no_progress
 from kollm.train import checkpoint as ckpt
 from kollm.train.data import ResumableSampler
-from kollm.train.kernels import IGNORE_INDEX, lm_loss
+from kollm.train.kernels import IGNORE_INDEX, compile_model, lm_loss
 
 
 @dataclass
@@ -179,15 +182,11 @@ def train(
     if last is not None:
         state = ckpt.load(last, raw, optimizer, scheduler)
         resumed_from = state.step
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        model = raw
-    if cfg.compile:
-        model = torch.compile(model)
     params = [p for p in raw.parameters() if p.requires_grad]
+    if world > 1:  # every rank starts from rank 0's weights
+        for p in raw.parameters():
+            dist.broadcast(p.data, src=0)
+    model = compile_model(raw) if cfg.compile else raw
     batches = _batches(dataset, cfg, collate, state, device)
     autocast = autocast_for(device, cfg.precision)
     started = time.perf_counter()
@@ -199,8 +198,7 @@ def train(
         step_tokens = 0
         for micro in range(cfg.grad_accum):
             epoch, offset, batch = next(batches)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
+            with autocast:
                 out = objective(model, batch)
             out.loss_sum.backward()
             loss_sum += out.loss_sum.detach().float()
@@ -209,13 +207,16 @@ def train(
                 metric_sums[k] = metric_sums.get(k, torch.zeros((), device=device)) + v.detach().float()
             step_tokens += batch["input_ids"].numel()
         totals = torch.stack([loss_sum, count, *metric_sums.values()])
-        if world > 1:
-            dist.all_reduce(totals)  # sums over ranks; DDP averaged the gradients, so scale by world / count
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if world > 1:  # data parallel: sum gradients, loss and counts over ranks, once per optimizer step
+            handles = [dist.all_reduce(g, async_op=True) for g in grads]
+            dist.all_reduce(totals)
+            for h in handles:
+                h.wait()
         denom = totals[1].clamp(min=1)
-        scale = (world / denom).item()
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale)
+        torch._foreach_mul_(grads, (1.0 / denom).item())
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()

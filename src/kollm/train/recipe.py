@@ -301,7 +301,7 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
     attn = attention_implementation(env.device)
     quantize = cfg.lora.quantize if cfg.lora else None
     if job.base_model == "scratch":
-        tokenizer = _scratch_tokenizer(job, texts)
+        tokenizer = _scratch_tokenizer(job, env, texts)
         model = modeling.scratch_model(cfg.preset, tokenizer, seed=cfg.seed, attn_implementation=attn)
         base = {"source": "scratch", "preset": cfg.preset, "vocab_size": len(tokenizer)}
         if quantize:
@@ -326,33 +326,31 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
     return model, tokenizer, base
 
 
-def _scratch_tokenizer(job: Job, texts: Callable[[], list[str]]) -> Any:
-    """Train the scratch tokenizer once per checkpoint folder, so a resumed run uses the very same vocabulary."""
+def _scratch_tokenizer(job: Job, env: Env, texts: Callable[[], list[str]]) -> Any:
+    """Train the scratch tokenizer once per checkpoint folder (rank 0), so that every rank and a resumed run
+    use the very same vocabulary."""
     from transformers import AutoTokenizer
 
     saved = job.checkpoint_dir / "tokenizer"
-    if (saved / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(saved)
-    if job.tokenizer_corpus is not None and job.tokenizer_corpus.path is not None:
-        from kollm.train.data import read_split
+    if env.rank == 0 and not (saved / "tokenizer.json").exists():
+        if job.tokenizer_corpus is not None and job.tokenizer_corpus.path is not None:
+            from kollm.train.data import read_split
 
-        corpus = read_split(job.tokenizer_corpus.path, "train", "text")
-    else:
-        corpus = texts()
-    if not corpus:
-        raise StepFailed("base_model: scratch needs text to train its tokenizer, but the corpus is empty")
-    vocab = job.config.vocab_size or modeling.PRESETS[job.config.preset].vocab
-    tokenizer = modeling.train_tokenizer(corpus, vocab)
-    tmp = job.checkpoint_dir / f".tmp-tokenizer-{os.getpid()}"
-    tokenizer.save_pretrained(tmp)
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    if saved.exists():  # another rank got there first
-        import shutil
+            corpus = read_split(job.tokenizer_corpus.path, "train", "text")
+        else:
+            corpus = texts()
+        if not corpus:
+            raise StepFailed("base_model: scratch needs text to train its tokenizer, but the corpus is empty")
+        vocab = job.config.vocab_size or modeling.PRESETS[job.config.preset].vocab
+        tokenizer = modeling.train_tokenizer(corpus, vocab)
+        tmp = job.checkpoint_dir / f".tmp-tokenizer-{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, saved)
+    if env.world > 1:
+        import torch.distributed as dist
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        return AutoTokenizer.from_pretrained(saved)
-    os.replace(tmp, saved)
-    return tokenizer
+        dist.barrier()
+    return AutoTokenizer.from_pretrained(saved)
 
 
 def loop_config(cfg: TrainingConfig, n_items: int, world: int, *, seq_len: int | None = None) -> LoopConfig:
