@@ -210,7 +210,7 @@ def measure(kind: str, args, texts: list[str], levels: list[int]) -> list[LevelR
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, __file__, "--_server", kind, "--model-dir", str(args.model_dir), "--port", str(port), "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--threads", str(args.threads)]
+           "--max-batch-size", str(args.max_batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
     log = open(Path(args.model_dir).parent / f"{kind}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
