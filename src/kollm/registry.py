@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -445,7 +446,9 @@ def register_folder(
         f"torch=={torch.__version__.split('+')[0]}",
         f"transformers=={transformers.__version__}",
     ]
-    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the signature above is deliberate
+        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(local),

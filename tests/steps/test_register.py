@@ -43,6 +43,9 @@ def check_registered(project: Path, result) -> None:
     # the dataset digest is the one the prepare step's MLflow run recorded
     prep_run = registry.client(project).get_run(result.steps["prep"].run_id)
     assert prep_run.data.tags["kollm.output.dataset.digest"] == prep.digest
+    # ... and to the raw files it read
+    assert v.tags["kollm.source.prep.source"] == prep_run.data.tags["kollm.input.source.digest"]
+    assert v.tags["kollm.source.prep.source"].startswith("sha256:")
     # kollm resolves the alias to the very files the pipeline built
     folder = registry.resolve_model_uri("models:/evaltest@challenger", project)
     built = result.steps["build"].outputs["model"].path
@@ -93,3 +96,28 @@ def test_register_through_the_runner_on_postgres(tmp_path, postgres_uri):
     result = kollm.run(project)
     check_registered(project, result)
     assert not (project / ".kollm" / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_quickstart_registers_a_version_that_leads_back_to_its_data(tmp_path):
+    from kollm.examples import init_project
+
+    project = init_project(tmp_path / "qs", "korean-quickstart")
+    result = kollm.run(project)
+    v = registry.show("korean-quickstart", "challenger", project)
+    for prep in ("prepare-corpus", "prepare-sft", "prepare-prefs"):
+        assert v.tags[f"kollm.data.{prep}.dataset"] == result.steps[prep].outputs["dataset"].digest
+    assert v.tags["kollm.pipeline_run_id"] == result.run_id
+    assert v.tags["kollm.model_digest"] == result.steps["align"].outputs["model"].digest
+    assert v.tags["kollm.base_model"] == "scratch" and v.tags["kollm.gate"] == "passed"
+    doc = json.loads((result.steps["evaluate"].outputs["metrics"].path / "metrics.json").read_text())
+    assert [o["status"] for o in doc["gate"]["outcomes"]] == ["pass", "pass", "skip"]  # no champion yet
+    html = (result.steps["evaluate"].outputs["report"].path / "report.html").read_text()
+    assert all(f"<h3>{step}</h3>" in html for step in ("cpt", "sft", "align"))  # loss curves of each training step
+
+    # after a promotion the evaluation compares with the champion (here: the same model, so the rule holds)
+    registry.promote("korean-quickstart", reason="first release", project_dir=project)
+    again = kollm.run(project, only="evaluate", force=["evaluate"])
+    doc = json.loads((again.steps["evaluate"].outputs["metrics"].path / "metrics.json").read_text())
+    assert doc["references"]["champion"]["version"] == "1"
+    assert doc["gate"]["outcomes"][2]["status"] == "pass"

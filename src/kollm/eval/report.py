@@ -220,7 +220,13 @@ def render(
     out.append("</table><p class='muted'>perplexity/nll: lower is better; exact/contains/regex: fraction of cases (0–1); chrf: sacrebleu chrF (0–100).</p>")
 
     out.append("<h2>Training loss</h2>")
-    out.append(svg_chart(curves) if curves else "<p class='muted'>No training steps upstream of this evaluation (or no loss history).</p>")
+    if not curves:
+        out.append("<p class='muted'>No training steps upstream of this evaluation (or no loss history).</p>")
+    by_step: dict[str, list[Curve]] = {}
+    for curve in curves:  # one chart per training step: CPT, SFT and DPO losses live on different scales
+        by_step.setdefault(curve.label.split(":")[0], []).append(curve)
+    for step, step_curves in by_step.items():
+        out.append(f"<h3>{_e(step)}</h3>{svg_chart(step_curves)}")
 
     if candidate.cases:
         shown = candidate.cases[:max_cases]

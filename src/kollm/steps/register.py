@@ -11,6 +11,7 @@ loads with `mlflow.pyfunc.load_model("models:/NAME@challenger")` in plain MLflow
 
     kollm.pipeline_run_id, kollm.step_run_id, kollm.step_runs     MLflow runs of the pipeline and each step
     kollm.data.<STEP>.<OUTPUT>                                    content digests of the prepared datasets
+    kollm.source.<STEP>.<INPUT>                                   digests of the raw data those steps read
     kollm.model_digest, kollm.base_model                          the model artifact and what it started from
     kollm.metric.<NAME>, kollm.gate, kollm.gate.reasons           the evaluation and the gate decision
 
@@ -64,6 +65,8 @@ def code(config: Config) -> tuple[str, ...]:
 
 def lineage_tags(ctx: StepContext) -> dict[str, str]:
     """Tags that trace a version back to its pipeline run, step runs, datasets, base model and evaluation."""
+    from kollm import registry
+
     model = ctx.inputs["model"]
     tags = {
         "kollm.pipeline_run_id": ctx.run_id or "",
@@ -72,9 +75,14 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
         "kollm.model_digest": model.digest,
     }
     datasets = {}
+    c = registry.client(ctx.project_dir)
     for record in ctx.upstream:
         if record.kind != "prepare":
             continue
+        if record.run_id:  # the raw sources the prepare step read (the runner tags each input's digest)
+            for key, value in c.get_run(record.run_id).data.tags.items():
+                if key.startswith("kollm.input.") and key.endswith(".digest"):
+                    tags[f"kollm.source.{record.name}.{key.removeprefix('kollm.input.').removesuffix('.digest')}"] = value
         for out, artifact in record.outputs.items():
             if artifact.type in DATASET_TYPES:
                 tags[f"kollm.data.{record.name}.{out}"] = artifact.digest
