@@ -132,6 +132,8 @@ def test_cli_exit_code_and_no_traceback(tmp_path, kollm_bin):
     assert "Traceback" not in proc.stderr + proc.stdout
     missing = subprocess.run([kollm_bin, "run", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no kollm.yaml at" in missing.stderr and "Traceback" not in missing.stderr
+    usage = subprocess.run([kollm_bin, "runs", "--limit", "abc"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "Invalid value for '--limit'" in usage.stderr and "Traceback" not in usage.stderr
 
 
 def test_schema_covers_step_kinds(tmp_path, kollm_bin):
