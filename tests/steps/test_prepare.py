@@ -246,3 +246,24 @@ def test_without_near_dedup_eval_rows_that_near_duplicate_train_move_to_train():
     out = prepare_batches([pd.DataFrame({"text": texts})], cfg)
     assert len(out.eval) == 0 and len(out.train) == 40
     assert out.stats["eval_moved_to_train"] > 0
+
+
+@pytest.mark.slow
+def test_fsspec_url_source_through_the_runner(tmp_path):
+    import fsspec
+
+    texts, _ = corpus_with_near_duplicates(40, seed=12)
+    url = f"memory://kollm-{uuid.uuid4().hex[:8]}/rows.jsonl"
+    with fsspec.open(url, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    (tmp_path / "kollm.yaml").write_text(textwrap.dedent(f"""\
+        project: url-test
+        data:
+          web: {{path: "{url}"}}
+        steps:
+          - kind: prepare
+            config: {{split: {{eval_fraction: 0.25}}}}
+        """), encoding="utf-8")
+    ds = kollm.run(tmp_path).steps["prepare"].outputs["dataset"]
+    assert ds.meta["rows_read"] == 40 and ds.meta["rows"] >= 35
+    assert len(pd.read_parquet(ds.path / "eval.parquet")) > 0
