@@ -52,7 +52,7 @@ def make_project(root: Path, steps_yaml: str) -> Path:
 project: sft-test
 steps:
   - kind: python
-    name: data
+    name: gen
     config: {{callable: "{module}:make", outputs: {{corpus: corpus, chats: instructions, prefs: preferences}}}}
 """
     (root / "kollm.yaml").write_text(head + textwrap.indent(textwrap.dedent(steps_yaml), "  "), encoding="utf-8")
@@ -74,7 +74,7 @@ def test_sft_lora_on_previous_model_saves_adapter_and_merged_model(tmp_path):
     meta = json.loads((sft.path / "kollm.json").read_text())
     assert meta["base_model"]["source"] == "artifact" and meta["base_model"]["digest"] == cpt.digest
     assert meta["base_model"]["lineage"]["source"] == "scratch"  # lineage back to the cpt step's base
-    assert meta["data"]["data"]["digest"] == result.steps["data"].outputs["chats"].digest
+    assert meta["data"]["data"]["digest"] == result.steps["gen"].outputs["chats"].digest
     assert meta["lora"] == {"adapter": "adapter", "merged": True}
     assert (sft.path / "adapter" / "adapter_model.safetensors").exists() and (sft.path / "adapter" / "adapter_config.json").exists()
     assert sft.meta["trainable_params"] < sft.meta["params"] / 5

@@ -1,4 +1,5 @@
-"""`align`: preference alignment with DPO, ORPO or KTO on a preferences dataset (prompt, chosen, rejected).
+"""`align`: preference alignment with DPO, ORPO or KTO on a preferences dataset (prompt, chosen, rejected),
+or GRPO with your own reward function on prompts (a preferences or instructions dataset).
 
     - kind: align
       config:
@@ -10,13 +11,18 @@
 
 The base model defaults to the previous step's `model` output. DPO and KTO compare against the starting
 model as the frozen reference (its log-probabilities are computed once before training); ORPO needs none.
+
+GRPO samples `num_generations` replies per prompt and scores them with `reward: module:function` (the
+project folder is on sys.path), called as `fn(prompts=[messages...], completions=[str...], **columns)`
+where columns are the dataset's other columns (chosen/rejected, or `answer`: the reference reply of an
+instructions dataset), returning one float per completion.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
 from kollm.train.config import TrainingConfig
@@ -26,16 +32,34 @@ KIND = "align"
 
 class Config(TrainingConfig):
     model_config = STRICT
-    method: Literal["dpo", "orpo", "kto"] = Field("dpo", description="The preference objective.")
+    method: Literal["dpo", "orpo", "kto", "grpo"] = Field("dpo", description="The preference objective.")
     beta: float = Field(0.1, gt=0, description="DPO/KTO: strength of the pull toward the reference; ORPO: weight of the odds-ratio term.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only: assumed probability that a preference label is flipped.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(4, ge=1, description="Preference pairs per micro-batch per GPU.")
+    batch_size: int = Field(4, ge=1, description="Preference pairs (GRPO: prompts) per micro-batch per GPU.")
+    reward: str | None = Field(None, description="GRPO: the reward function, module:function.")
+    num_generations: int = Field(4, ge=2, description="GRPO: replies sampled per prompt (a group).")
+    max_new_tokens: int = Field(64, ge=1, description="GRPO: longest sampled reply.")
+    temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature.")
+
+    @model_validator(mode="after")
+    def _grpo_needs_reward(self) -> Config:
+        if self.method == "grpo":
+            if not self.reward:
+                raise ValueError("method grpo needs `reward: module:function` (your reward function)")
+            if self.reward.count(":") != 1 or not all(self.reward.split(":")):
+                raise ValueError(f"reward: expected 'module:function', got \"{self.reward}\"")
+        elif self.reward:
+            raise ValueError(f"reward is used by method grpo only (method is {self.method})")
+        return self
 
 
 def inputs(config: Config) -> dict[str, InputSpec]:
     return {
-        "data": InputSpec(("preferences",), help="Preference pairs (prompt, chosen, rejected)."),
+        "data": InputSpec(
+            ("preferences", "instructions") if config.method == "grpo" else ("preferences",),
+            help="Preference pairs (prompt, chosen, rejected); GRPO also takes instructions (their prompts).",
+        ),
         "model": InputSpec(("model",), optional=True, help="The model to align (default: the previous step's model)."),
     }
 
@@ -45,7 +69,8 @@ def outputs(config: Config) -> dict[str, str]:
 
 
 def code(config: Config) -> tuple[str, ...]:
-    return ("kollm.steps.align", "kollm.train")
+    reward_module = (config.reward.split(":")[0],) if config.reward else ()
+    return ("kollm.steps.align", "kollm.train", *reward_module)
 
 
 def run(ctx: StepContext) -> StepResult:
@@ -65,6 +90,8 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
     from kollm.train.loop import train as train_loop
 
     cfg = job.config
+    if cfg.method == "grpo":
+        return _train_grpo(job, env)
     records = read_preferences(job.data.path, "train")
     if not records:
         raise StepFailed(f"the preferences dataset {job.data.path} has no training rows")
@@ -106,4 +133,62 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
     metrics = recipe.step_metrics(result, eval_loss, extra)
     meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
     meta["method"] = cfg.method
+    return StepResult(metrics=metrics, meta={"model": meta})
+
+
+def _prompts(job, split: str) -> list[dict]:  # noqa: ANN001 - recipe.Job
+    """GRPO prompts: from preferences (prompt + other columns) or instructions (the turns before the last reply)."""
+    from kollm.train.data import read_preferences, read_split
+
+    if job.data.type == "preferences":
+        return read_preferences(job.data.path, split)
+    out = []
+    for conv in read_split(job.data.path, split, "messages"):
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in conv]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last:
+            out.append({"prompt": msgs[:last], "answer": msgs[last]["content"]})
+    return out
+
+
+def _train_grpo(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env
+    from functools import partial
+
+    from kollm.errors import StepFailed
+    from kollm.steps.python import resolve
+    from kollm.train import modeling, prefs, recipe
+    from kollm.train.loop import evaluate
+    from kollm.train.loop import train as train_loop
+
+    cfg = job.config
+    reward_fn = resolve(cfg.reward)
+    records = _prompts(job, "train")
+    if not records:
+        raise StepFailed(f"the dataset {job.data.path} has no prompts to train on")
+    model, tokenizer, base = recipe.load_base(job, env, lambda: [m["content"] for r in records for m in r["prompt"]])
+    max_prompt = max(8, cfg.seq_len - cfg.max_new_tokens)
+    dataset = prefs.PromptDataset(tokenizer, records, max_prompt)
+    eval_records = _prompts(job, "eval")
+    eval_set = prefs.PromptDataset(tokenizer, eval_records, max_prompt) if eval_records else None
+    stop = modeling.end_of_turn_ids(tokenizer)
+    settings = {"num_generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "stop_ids": stop}
+    objective = prefs.grpo(tokenizer, dataset, reward_fn, **settings)
+    collate = partial(prefs.collate_prompts, pad_id=tokenizer.pad_token_id)
+    loop = recipe.loop_config(cfg, len(dataset), env.world)
+    env.log_params(recipe.params_for_tracking(job, loop, prompts=len(dataset), trainable_params=base["trainable_params"]))
+    result = train_loop(
+        model, dataset, loop, device=env.device, objective=objective, collate=collate, checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress, on_log=env.on_log, description=f"{job.step}: grpo",
+    )
+    extra: dict[str, float] = {"prompts": float(len(dataset))}
+    eval_loss = None
+    if eval_set is not None:
+        eval_objective = prefs.grpo(tokenizer, eval_set, reward_fn, **settings)
+        eval_loss, eval_metrics = evaluate(
+            model, eval_set, device=env.device, batch_size=cfg.batch_size, objective=eval_objective, collate=collate, precision=cfg.precision
+        )
+        extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+    metrics = recipe.step_metrics(result, eval_loss, extra)
+    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta["method"] = "grpo"
     return StepResult(metrics=metrics, meta={"model": meta})

@@ -120,3 +120,103 @@ def add_reference_logps(model: torch.nn.Module, dataset: PreferenceDataset, *, d
     dataset.ref_chosen, dataset.ref_rejected = chosen, rejected
     dataset.ref_kl = kl_ref if dataset.kl else None
     model.train(was_training)
+
+
+# ---------------------------------------------------------------- GRPO (online, with a user reward function)
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Prompts (chat messages ending with a user turn) rendered with the generation prompt, for GRPO."""
+
+    def __init__(self, tokenizer, records: list[dict], max_prompt_len: int):  # noqa: ANN001 - a HF tokenizer
+        from kollm.train.data import render
+
+        self.records = records
+        self.prompt_ids = []
+        for rec in records:
+            text = render(tokenizer, rec["prompt"], add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            self.prompt_ids.append(ids[-max_prompt_len:])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"ids": self.prompt_ids[i], "index": i}
+
+
+def collate_prompts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (generation appends on the right)."""
+    width = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for r, it in enumerate(items):
+        ids[r, width - len(it["ids"]) :] = torch.tensor(it["ids"], dtype=torch.long)
+        mask[r, width - len(it["ids"]) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "index": torch.tensor([it["index"] for it in items])}
+
+
+def grpo(
+    tokenizer,  # noqa: ANN001 - a HF tokenizer
+    dataset: PromptDataset,
+    reward_fn: Callable[..., list[float]],
+    *,
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float,
+    stop_ids: list[int],
+) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOut]:
+    """Group Relative Policy Optimization, one policy-gradient update per generated group (so the PPO ratio is
+    1 and needs no clipping) and no KL term (TRL's default beta=0): each prompt gets `num_generations`
+    sampled replies, scored by `reward_fn(prompts=..., completions=..., **other_columns)`; a reply's advantage
+    is its reward standardised within its group; the loss is -advantage x mean token log-prob of the reply."""
+    pad_id = tokenizer.pad_token_id
+
+    def objective(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOut:
+        prompts = batch["input_ids"]
+        width = prompts.shape[1]
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompts,
+                attention_mask=batch["attention_mask"],
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_generations,
+                eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+            )
+        completions = out[:, width:]
+        records = [dataset.records[int(i)] for i in batch["index"] for _ in range(num_generations)]
+        texts, seqs = [], []
+        for r, row in enumerate(completions.tolist()):
+            cut = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
+            reply = row[:cut]
+            texts.append(tokenizer.decode([t for t in reply if t not in stop_ids], skip_special_tokens=True))
+            p = [t for t, m in zip(prompts[r // num_generations].tolist(), batch["attention_mask"][r // num_generations].tolist()) if m]
+            seqs.append((p, reply))
+        extra = {k: [rec[k] for rec in records] for k in records[0] if k != "prompt"}
+        rewards = torch.tensor(
+            reward_fn(prompts=[rec["prompt"] for rec in records], completions=texts, **extra), dtype=torch.float32, device=prompts.device
+        )
+        if rewards.shape != (len(texts),):
+            raise ValueError(f"the reward function returned {tuple(rewards.shape)} values for {len(texts)} completions")
+        grouped = rewards.view(-1, num_generations)
+        adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+        length = max(len(p) + len(c) for p, c in seqs)
+        ids = torch.full((len(seqs), length), pad_id, dtype=torch.long, device=prompts.device)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for r, (p, c) in enumerate(seqs):
+            ids[r, : len(p) + len(c)] = torch.tensor(p + c, device=prompts.device)
+            labels[r, len(p) : len(p) + len(c)] = torch.tensor(c, device=prompts.device)
+        logps, n = sequence_logps(model, ids, labels)
+        losses = -adv * logps / n.clamp(min=1)
+        metrics = {
+            "reward": rewards.sum(),
+            "reward_std": grouped.std(1).sum() * num_generations,
+            "completion_length": n.float().sum(),
+        }
+        return LossOut(losses.sum(), torch.tensor(len(seqs), device=prompts.device), metrics)
+
+    return objective
