@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 import kollm
 from kollm.errors import ConfigError
@@ -150,3 +151,50 @@ def test_bad_config_names_the_field(tmp_path):
     root = make_project(tmp_path / "p", "{base_model: scratch, lr: fast}")
     with pytest.raises(ConfigError, match=r"config\.lr"):
         kollm.run(root)
+
+
+@pytest.mark.slow
+def test_cpt_from_a_local_folder_with_lora_and_a_custom_template(tmp_path, tokenizer_folder):
+    """base_model: a folder in the project (as a hub checkout would be), LoRA, a chat template from a .jinja file."""
+    root = make_project(
+        tmp_path / "p",
+        "{base_model: mybase, chat_template: tpl.jinja, seq_len: 64, max_steps: 4, lr: 1.0e-2, batch_size: 4, lora: {r: 4, merge: false}}",
+        docs=40,
+    )
+    import shutil
+
+    shutil.copytree(tokenizer_folder, root / "mybase")
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    (root / "tpl.jinja").write_text(template, encoding="utf-8")
+    rec = kollm.run(root).steps["cpt"]
+    folder = rec.outputs["model"].path
+    meta = json.loads((folder / "kollm.json").read_text())
+    assert meta["base_model"]["source"] == str((root / "mybase").resolve())
+    assert meta["lora"] == {"adapter": "adapter", "merged": False}
+    # merge: false keeps the base weights in the folder; the adapter is beside them
+    from safetensors.torch import load_file
+
+    base, saved = load_file(root / "mybase" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert all(torch.equal(base[k], saved[k]) for k in base)
+    assert (folder / "adapter" / "adapter_model.safetensors").exists()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).chat_template == template
+
+
+@pytest.fixture()
+def tokenizer_folder(tmp_path):
+    """A small pretrained-style model folder (what a hub download looks like)."""
+    import random
+
+    from kollm.train.modeling import scratch_model, train_tokenizer
+
+    rng = random.Random(0)
+    syl = "가나다라마바사아자차카타파하서울부산한국어문장입니다"
+    texts = [" ".join("".join(rng.choice(syl) for _ in range(3)) for _ in range(8)) for _ in range(200)]
+    tok = train_tokenizer(texts, 400)
+    model = scratch_model("tiny", tok, seed=0, attn_implementation="sdpa")
+    out = tmp_path / "base-folder"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

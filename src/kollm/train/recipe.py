@@ -87,6 +87,10 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
             f"steps.{ctx.name}.config.base_model: {ctx.kind} needs a base model; set base_model (a hub name, a folder, or scratch) "
             "or put a step that outputs a model (cpt, sft) before it"
         )
+    if cfg.chat_template and cfg.chat_template.endswith(".jinja") and (ctx.project_dir / cfg.chat_template).exists():
+        cfg = cfg.model_copy(update={"chat_template": str((ctx.project_dir / cfg.chat_template).resolve())})
+    elif cfg.chat_template and cfg.chat_template.endswith(".jinja") and not Path(cfg.chat_template).exists():
+        raise ConfigError(f"steps.{ctx.name}.config.chat_template: no file {cfg.chat_template} (relative to {ctx.project_dir})")
     corpus = None
     if base == "scratch":
         corpus = data if data.type == "corpus" else _latest_corpus(ctx)
