@@ -79,7 +79,7 @@ def _client(root: Path):
 
 @pytest.mark.slow
 def test_prepare_corpus_through_the_runner(tmp_path):
-    root = _corpus_project(tmp_path)
+    root = _corpus_project(tmp_path, num_proc=2)  # worker processes forked from the runner
     result = kollm.run(root)
     rec = result.steps["prep"]
     ds = rec.outputs["dataset"]
