@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -415,6 +417,12 @@ def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_
 
 
 def main() -> None:
+    # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
