@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results, args.loss_rtol)
     payload = {
         "benchmark": "train_throughput",
-        "command": "python benchmarks/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/train_throughput.py " + " ".join(_without_out(argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": _version("transformers"),
@@ -489,6 +489,18 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, summary)
     print(f"results: {out}")
     return 0 if summary["losses_agree"] and not any(r.error for r in results) else 1
+
+
+def _without_out(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            out.append(a)
+    return out
 
 
 def _version(mod: str) -> str | None:
