@@ -191,6 +191,13 @@ def train(
     autocast = autocast_for(device, cfg.precision)
     started = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
+    pending: list[torch.Tensor] = []  # step losses not yet read back from the device
+
+    def flush() -> None:
+        if pending:
+            state.losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     for step in progress(range(state.step, cfg.max_steps), total=cfg.max_steps - state.step, description=description):
         loss_sum = torch.zeros((), device=device)
         count = torch.zeros((), device=device)
@@ -214,7 +221,7 @@ def train(
             for h in handles:
                 h.wait()
         denom = totals[1].clamp(min=1)
-        torch._foreach_mul_(grads, (1.0 / denom).item())
+        torch._foreach_mul_(grads, 1.0 / denom)  # a tensor: no host sync
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -222,24 +229,25 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss = (totals[0] / denom).item()
+        pending.append(totals[0] / denom)  # read back (a host sync) only when logging or checkpointing
         state.step, state.epoch, state.offset = step + 1, epoch, offset
         state.tokens += step_tokens * world
-        state.losses.append(step_loss)
         window_tokens += step_tokens * world
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps and checkpoint_dir is not None:
+            flush()
             if rank == 0:
                 ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
             if world > 1:
                 dist.barrier()
         if rank == 0 and on_log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
+            flush()
             now = time.perf_counter()
             metrics = {k: (v / denom).item() for k, v in zip(metric_sums, totals[2:], strict=True)}
             on_log(
                 StepLog(
                     step=state.step,
                     epoch=epoch,
-                    loss=step_loss,
+                    loss=state.losses[-1],
                     learning_rate=lr,
                     grad_norm=float(grad_norm),
                     tokens_per_s=window_tokens / max(now - window_t, 1e-9),
@@ -249,6 +257,7 @@ def train(
                 )
             )
             window_t, window_tokens = now, 0
+    flush()
     raw.eval()
     return TrainResult(
         steps=state.step, losses=state.losses, tokens=state.tokens, seconds=time.perf_counter() - started, resumed_from=resumed_from
