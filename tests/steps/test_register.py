@@ -117,7 +117,7 @@ def test_quickstart_registers_a_version_that_leads_back_to_its_data(tmp_path):
 
     # after a promotion the evaluation compares with the champion (here: the same model, so the rule holds)
     registry.promote("korean-quickstart", reason="first release", project_dir=project)
-    again = kollm.run(project, only="evaluate", force=["evaluate"])
+    again = kollm.run(project, force=["evaluate"])
     doc = json.loads((again.steps["evaluate"].outputs["metrics"].path / "metrics.json").read_text())
     assert doc["references"]["champion"]["version"] == "1"
     assert doc["gate"]["outcomes"][2]["status"] == "pass"
