@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
-from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, near_duplicates, signatures_batch
+from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_batch
 from kollm.data.filters import FilterConfig, quality_batch
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
@@ -267,38 +267,39 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     t0 = time.perf_counter()
     cpu_main0 = time.process_time()
     frames, sig_parts, pii, raw_bytes, worker_cpu = [], [], Counter(), 0, 0.0
+    # Deduplicate batch by batch as they arrive (in order), so this work overlaps the workers' transforms.
+    # The first occurrence wins; kept rows never near-duplicate each other (MinHash LSH, across every
+    # source), so no eval row can have a near-duplicate in train.
+    seen: set[str] = set()
+    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.seed) if cfg.dedup.near else None
+    offset, t_near = 0, 0.0
     for p in processed:
+        reasons = p.frame[REJECT].to_numpy(dtype=object).copy()
+        for i, key in enumerate(p.frame["_exact"]):
+            if reasons[i]:
+                continue
+            if cfg.dedup.exact and key in seen:
+                reasons[i] = "dedup:exact"
+                continue
+            seen.add(key)
+            if index is not None:
+                t1 = time.perf_counter()
+                if index.match_or_add(offset + i, p.sigs[i]) is not None:
+                    reasons[i] = "dedup:near"
+                t_near += time.perf_counter() - t1
+        p.frame[REJECT] = reasons
         frames.append(p.frame)
         sig_parts.append(p.sigs)
         pii.update(p.pii)
         raw_bytes += p.raw_bytes
         worker_cpu += p.cpu_s
+        offset += len(p.frame)
     t_transform = time.perf_counter() - t0
     cols = [*COLUMNS[kind], SOURCE, REJECT, "_raw", "_chars", "_hangul_ratio", "_exact", "_split"]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in cols})
     if "_raw" not in df.columns:
         df["_raw"] = None
     sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.dedup.num_perm), dtype=np.uint32)
-    reasons = df[REJECT].to_numpy(dtype=object)
-
-    # exact duplicates: the first occurrence wins
-    if cfg.dedup.exact:
-        seen: set[str] = set()
-        for i, (r, key) in enumerate(zip(reasons, df["_exact"])):
-            if r:
-                continue
-            if key in seen:
-                reasons[i] = "dedup:exact"
-            else:
-                seen.add(key)
-    # near duplicates (MinHash LSH), across every source; kept rows never near-duplicate each other,
-    # so no eval row can have a near-duplicate in train
-    t1 = time.perf_counter()
-    if cfg.dedup.near:
-        dup_of = near_duplicates(sigs, reasons == "", cfg.dedup.threshold, cfg.dedup.seed)
-        reasons[dup_of >= 0] = "dedup:near"
-    t_near = time.perf_counter() - t1
-    df[REJECT] = reasons
 
     kept = df[df[REJECT] == ""]
     is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy().copy()
