@@ -12,7 +12,7 @@ Printed: output tokens/s and p50/p95 request latency at each concurrency, and ko
     python benchmarks/serve_throughput.py --device cuda --preset 349m --out results.json   # one H100
 
 Self-contained: builds a random-init Llama-shaped model and a byte-level BPE tokenizer itself (no hub, no MLflow);
-needs torch, transformers, tokenizers, fastapi, uvicorn, pydantic, httpx and prometheus-client.
+needs torch, transformers, tokenizers, fastapi (and its opentelemetry-api), uvicorn, pydantic, httpx and prometheus-client.
 """
 
 from __future__ import annotations
@@ -172,33 +172,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-async def drive(url: str, texts: list[str], concurrency: int, total: int, max_tokens: int) -> LevelResult:
-    import httpx
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client: httpx spends milliseconds of CPU per request, which on a small CPU
+    box would throttle the load generator rather than the server under test."""
 
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        self.writer.write(head.encode() + body)
+        status_line, *lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+        if headers.get("transfer-encoding") == "chunked":
+            data = bytearray()
+            while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
+                data += (await self.reader.readexactly(size + 2))[:-2]
+            await self.reader.readuntil(b"\r\n")
+            return int(status_line.split()[1]), bytes(data)
+        return int(status_line.split()[1]), await self.reader.readexactly(int(headers.get("content-length", "0")))
+
+
+async def drive(port: int, texts: list[str], concurrency: int, total: int, max_tokens: int) -> LevelResult:
     latencies: list[float] = []
     tokens = 0
     errors = 0
     next_index = 0
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client() -> None:
         nonlocal tokens, errors, next_index
-        while next_index < total:
-            i = next_index
-            next_index += 1
-            body = {"model": "bench", "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-            start = time.perf_counter()
-            r = await http.post("/v1/completions", json=body)
-            latencies.append(time.perf_counter() - start)
-            if r.status_code != 200:
-                errors += 1
-                continue
-            tokens += r.json()["usage"]["completion_tokens"]
+        conn = Connection(*await asyncio.open_connection("127.0.0.1", port))
+        try:
+            while next_index < total:
+                i = next_index
+                next_index += 1
+                body = {"model": "bench", "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                start = time.perf_counter()
+                status, data = await conn.post("/v1/completions", json.dumps(body).encode())
+                latencies.append(time.perf_counter() - start)
+                if status != 200:
+                    errors += 1
+                    continue
+                tokens += json.loads(data)["usage"]["completion_tokens"]
+        finally:
+            conn.writer.close()
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=3600) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
     return LevelResult(concurrency, total, seconds, tokens, tokens / seconds, statistics.median(latencies), percentile(latencies, 0.95), errors)
 
 
@@ -227,11 +248,11 @@ def measure(kind: str, args, texts: list[str], levels: list[int]) -> list[LevelR
             if time.time() > deadline:
                 raise SystemExit(f"the {kind} server did not become ready; see {log.name}")
             time.sleep(0.2)
-        asyncio.run(drive(url, texts, 2, 4, args.max_tokens))  # warm-up: kernels, allocator, tokenizer
+        asyncio.run(drive(port, texts, 2, 4, args.max_tokens))  # warm-up: kernels, allocator, tokenizer
         results = []
         for c in levels:
             total = args.requests or max(2 * c, 8)
-            r = asyncio.run(drive(url, texts, c, total, args.max_tokens))
+            r = asyncio.run(drive(port, texts, c, total, args.max_tokens))
             print(f"  {kind:8s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  p95 {r.p95_s:7.3f}s  errors {r.errors}", flush=True)
             results.append(r)
         return results
