@@ -95,12 +95,9 @@ def test_base_preset_throughput(capsys):
     from kollm.train.data import PackedRows, PackStats
 
     packed = PackedRows(ids.int().numpy(), labels.int().numpy(), pos.int().numpy(), PackStats(rows, rows * seq, 0, rows, seq))
-    for compile in (False, True):
-        logs: list[StepLog] = []
-        m = scratch_model("base", _Vocab(), seed=0, attn_implementation=attention_implementation(CUDA)) if compile else model
-        train(m, RowDataset(packed), LoopConfig(max_steps=16, lr=1e-4, batch_size=8, log_every=8, compile=compile), device=CUDA, on_log=logs.append)
-        with capsys.disabled():
-            print(f"\nbase preset ({n_params / 1e6:.0f}M params), seq {seq}, batch 8, compile={compile}: "
-                  f"{logs[-1].tokens_per_s:,.0f} tokens/s (steps 9-16), peak {logs[-1].gpu_memory_gb:.1f} GiB")
-        del m
-        torch.cuda.empty_cache()
+    logs: list[StepLog] = []
+    train(model, RowDataset(packed), LoopConfig(max_steps=12, lr=1e-4, batch_size=8, log_every=6), device=CUDA, on_log=logs.append)
+    with capsys.disabled():
+        print(f"\nbase preset ({n_params / 1e6:.0f}M params), seq {seq}, batch 8, eager: "
+              f"{logs[-1].tokens_per_s:,.0f} tokens/s (steps 7-12), peak {logs[-1].gpu_memory_gb:.1f} GiB")
+    assert logs[-1].loss < logs[0].loss + 1.0
