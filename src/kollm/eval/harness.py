@@ -42,14 +42,16 @@ def run_lm_eval(model_path: Path, cfg: LmEvalConfig, project_dir: Path, device: 
     """Run the tasks on a local HF folder; returns {"TASK.METRIC": value} (stderr entries left out)."""
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ConfigError(f"lm_eval: lm-eval is not installed; {INSTALL_HINT}") from None
     include = None
-    if cfg.include_path:
+    if cfg.include_path:  # task YAMLs over local data (lm-eval >= 0.4.2: a TaskManager with include_path)
+        from lm_eval.tasks import TaskManager
+
         include = Path(cfg.include_path) if Path(cfg.include_path).is_absolute() else project_dir / cfg.include_path
         if not include.is_dir():
             raise ConfigError(f"lm_eval.include_path: no folder {include}")
+    extra = {"task_manager": TaskManager(include_path=str(include))} if include else {}
     try:
         out = lm_eval.simple_evaluate(
             model="hf",
@@ -59,13 +61,18 @@ def run_lm_eval(model_path: Path, cfg: LmEvalConfig, project_dir: Path, device: 
             limit=cfg.limit,
             batch_size=cfg.batch_size,
             device=device,
-            task_manager=TaskManager(include_path=str(include)) if include else TaskManager(),
+            **extra,
         )
     except Exception as e:  # the harness raises plain exceptions for unknown tasks and unreachable data
         raise StepFailed(f"lm-eval failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                          hint="check the task names and that their data is available offline (include_path)") from None
+    return flatten_results(out or {})
+
+
+def flatten_results(out: dict) -> dict[str, float]:
+    """lm-eval's {"results": {task: {"acc,none": 0.7, "acc_stderr,none": 0.01, "alias": ...}}} -> {"task.acc": 0.7}."""
     metrics: dict[str, float] = {}
-    for task, values in (out or {}).get("results", {}).items():
+    for task, values in out.get("results", {}).items():
         for key, value in values.items():
             name = key.split(",")[0]
             if name == "alias" or name.endswith("_stderr") or not isinstance(value, (int, float)):
