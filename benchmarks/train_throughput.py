@@ -11,6 +11,7 @@ Runs (each from the same initial weights, on the same examples, in this one proc
   plain_compiled    a plain PyTorch loop: 8 x 2048 causal rows (no document masking), torch.compile, fused AdamW
   kollm_sft         kollm.train.data.pack_examples + kollm.train.loop.train (loss on completions only)
   kollm_cpt         kollm.train.data.pack_stream + kollm.train.loop.train (loss on every token)
+  kollm_sft_lowmem  kollm_sft in micro-batches of 2 rows, recomputing most activations (activation memory budget)
 
 Throughput counts real (non-padding) tokens only. MFU = 6 * parameters * tokens/s / 989 TFLOP/s (H100 SXM
 dense bf16), the convention of the issue's reference numbers.
@@ -48,7 +49,7 @@ from kollm.train import loop as kloop  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PAD_ID = 0  # never produced by the data generator
-ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt")
+ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt", "kollm_sft_lowmem")
 
 
 @dataclass(frozen=True)
@@ -317,7 +318,12 @@ class CountingRows(kdata.RowDataset):
 
 
 def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, objective: str) -> RunResult:
+    """kollm's own path: its packing, then kollm.train.loop.train with compile: true (kernels.compile_model)."""
     shape = SHAPES[args.model]
+    lowmem = name.endswith("_lowmem")
+    micro = (args.lowmem_micro_batch if lowmem else args.micro_batch) or args.batch
+    budget = args.lowmem_act_budget if lowmem else args.act_budget
+    chunk = (args.lowmem_chunk_tokens if lowmem else args.chunk_tokens) or kernels.DEFAULT_CHUNK_TOKENS
     if objective == "sft":
         rows = kdata.pack_examples([(e.ids, sft_labels(e)) for e in examples], args.max_len, PAD_ID)
     else:
@@ -326,11 +332,11 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
     attn = kernels.attention_implementation(device)
     model = build_model(shape, args.max_len, attn, seed=args.seed)
     n_params = param_count(model)
-    if args.chunk_tokens:
-        kernels.DEFAULT_CHUNK_TOKENS = args.chunk_tokens
-    if args.compile:
-        kernels.compile_model(model, per_layer=args.compile_per_layer, activation_memory_budget=args.act_budget)
-    micro = args.micro_batch or args.batch
+    kernels.DEFAULT_CHUNK_TOKENS = chunk
+    if budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = budget
     cfg = kloop.LoopConfig(
         max_steps=args.warmup + args.steps + (3 if args.profile else 0),  # profiled steps come after the timed ones
         lr=args.lr,
@@ -341,43 +347,62 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         weight_decay=0.0,
         betas=(0.9, 0.999),
         grad_clip=1.0,
-        log_every=1,
+        # The loop reads losses back only when it logs: log at the end of warmup and at the end.
+        log_every=1 if args.profile else max(1, args.warmup),
         seed=args.seed,
-        compile=False,  # compiled above, per layer
+        compile=args.compile,
         precision="bf16" if device.type == "cuda" else "fp32",
     )
-    meter = Meter(device, args.warmup)
+    marks: list[tuple[int, float, int]] = []  # (step, time after a device sync, real tokens served)
     profiler = None
 
     def on_log(log: kloop.StepLog) -> None:
         nonlocal profiler
-        if log.step <= args.warmup + args.steps:
-            meter.step_end(dataset.served, log.loss)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append((log.step, time.perf_counter(), dataset.served))
         if args.profile and log.step == args.warmup + args.steps:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             profiler.start()
         if profiler is not None and log.step == args.warmup + args.steps + 3:
             profiler.stop()
-            table = profiler.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            table = profiler.key_averages().table(
+                sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25, max_name_column_width=60
+            )
             print(table, flush=True)
             profiler = None
 
     fresh_device(device)
-    kloop.train(model, dataset, cfg, device=device, on_log=on_log)
+    started = time.perf_counter()
+    result = kloop.train(model, dataset, cfg, device=device, on_log=on_log)
+    first = (0, started, 0) if args.warmup == 0 else next(m for m in marks if m[0] == args.warmup)
+    last = next(m for m in marks if m[0] == args.warmup + args.steps)
+    seconds, tokens = last[1] - first[1], last[2] - first[2]
+    tps = tokens / max(seconds, 1e-9)
     settings = {
         "rows": f"{args.batch} x {args.max_len}",
         "micro_batch": micro,
         "attn_implementation": attn,
         "compile": args.compile,
-        "compile_per_layer": args.compile_per_layer,
-        "activation_memory_budget": args.act_budget,
-        "chunk_tokens": kernels.DEFAULT_CHUNK_TOKENS,
+        "activation_memory_budget": budget,
+        "chunk_tokens": chunk,
         "fill": round(rows.stats.fill, 4),
         "objective": objective,
     }
-    result = meter.result(name, n_params, settings)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = RunResult(
+        name=name,
+        tokens_per_s=tps,
+        mfu=6 * n_params * tps / PEAK_FLOPS,
+        peak_memory_gib=peak,
+        measured_steps=args.steps,
+        real_tokens=tokens,
+        seconds=seconds,
+        losses=result.losses[: args.warmup + args.steps],
+        settings=settings,
+    )
     del model
-    return result
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -399,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to TRL at equal steps")
     ap.add_argument("--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)")
-    ap.add_argument("--compile-per-layer", action="store_true", help="kollm: compile each layer, not the whole decoder")
+    ap.add_argument("--lowmem-micro-batch", type=int, default=2, help="kollm_sft_lowmem: rows per micro-batch")
+    ap.add_argument("--lowmem-act-budget", type=float, default=0.05, help="kollm_sft_lowmem: fraction of activations kept")
+    ap.add_argument("--lowmem-chunk-tokens", type=int, default=2048, help="kollm_sft_lowmem: tokens per loss chunk")
     ap.add_argument("--chunk-tokens", type=int, default=0, help="kollm: tokens per loss chunk (0: kernels default)")
     ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 extra steps after the timed ones")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)")
@@ -418,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown runs {sorted(unknown)}; choose from {', '.join(ALL_RUNS)}")
     if device.type != "cuda" and "trl_packed_liger" in runs:
         runs.remove("trl_packed_liger")  # Liger's kernels are Triton (GPU only)
-    if args.batch % (args.micro_batch or args.batch):
-        ap.error("--batch must be a multiple of --micro-batch")
+    if args.batch % (args.micro_batch or args.batch) or args.batch % args.lowmem_micro_batch:
+        ap.error("--batch must be a multiple of --micro-batch and --lowmem-micro-batch")
     if device.type != "cuda":
         args.compile = False  # inductor's CPU code generation is slower than the few steps it would speed up
 
@@ -441,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "plain_compiled":
             r = run_plain(name, args, examples, device)
         else:
-            r = run_kollm(name, args, examples, device, objective=name.removeprefix("kollm_"))
+            r = run_kollm(name, args, examples, device, objective=name.removeprefix("kollm_").removesuffix("_lowmem"))
         args.result.write_text(json.dumps(asdict(r)))
         return 0
 
@@ -528,7 +555,7 @@ def summarize(results: list[RunResult], rtol: float) -> dict[str, Any]:
     ref = by.get("trl_packed_liger") or by.get("trl_packed")
     ok = True
     if ref is not None:
-        for name in ("kollm_sft", "kollm_cpt", "trl_default", "trl_packed"):
+        for name in ("kollm_sft", "kollm_cpt", "kollm_sft_lowmem", "trl_default", "trl_packed"):
             r = by.get(name)
             if r is None or r is ref or not r.losses:
                 continue
