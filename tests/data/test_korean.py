@@ -96,3 +96,20 @@ def test_syllables_are_kept_in_order(chars):
     text = "".join(chars)
     syllables = [c for c in text if "가" <= c <= "힣"]
     assert [c for c in normalize_text(text) if "가" <= c <= "힣"] == syllables
+
+
+def test_code_indentation_and_fenced_blocks_are_kept():
+    code = "def f(x):\n    if x:\n\treturn 1  \n    return 0"
+    assert normalize_text(code) == "def f(x):\n    if x:\n\treturn 1\n    return 0"
+    answer = "예시 코드입니다:\n\n```python\nx  = 1   # 정렬된  주석\ny  = 22  # 둘째\n```\n끝   입니다"
+    assert normalize_text(answer) == "예시 코드입니다:\n\n```python\nx  = 1   # 정렬된  주석\ny  = 22  # 둘째\n```\n끝 입니다"
+    assert normalize_text("목록:\n  - 하나   둘\n  - 셋 ") == "목록:\n  - 하나 둘\n  - 셋"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["```", "`", " ", "  ", "\t", "\n", "\r\n", "가", "한", "x", "\u3000", "\u2028"]), max_size=40))
+def test_normalization_with_indentation_and_fences_is_idempotent(parts):
+    text = "".join(parts)
+    once = normalize_text(text)
+    assert normalize_text(once) == once
+    assert [c for c in once if "가" <= c <= "힣"] == [c for c in text if "가" <= c <= "힣"]

@@ -11,8 +11,10 @@ What `normalize_text` does, in this order (the order makes it idempotent):
 4. Unicode NFC: decomposed syllables (macOS file names, NFD text) and conjoining jamo sequences are
    composed into precomposed syllables (ᄒ+ᅡ+ᆫ -> 한).
 5. Conjoining jamo left over that form no syllable are written as compatibility jamo (ᄏᄏ -> ㅋㅋ).
-6. Whitespace: runs of spaces and tabs inside a line become one space, lines are stripped, three or more
-   line breaks become a blank line, and the text is stripped.
+6. Whitespace: runs of spaces and tabs inside a line become one space, trailing spaces and tabs of each
+   line are removed, three or more line breaks become a blank line, and the text is stripped. A line's
+   leading indentation is kept (code in SFT answers keeps its meaning), and inside a fenced code block
+   (a line starting with ```) spaces within a line are kept too (aligned code and tables).
 
 Punctuation, symbols, emoji, Hanja and every letter are kept: normalization never deletes meaning.
 """
@@ -107,8 +109,9 @@ _NEEDS_TRANSLATE = _char_class(list(_TRANSLATE))  # most texts need no translati
 
 _CRLF = re.compile(r"\r\n?")
 _ZWJ_NOT_EMOJI = re.compile(r"(?<![\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\U0001F3FB-\U0001F3FF])\u200d|\u200d(?![\U0001F000-\U0001FAFF\u2600-\u27BF])")
-_SPACES = re.compile(r"[ \t]{2,}|\t")
-_LINE_EDGES = re.compile(r" ?\n ?")
+_INNER_SPACES = re.compile(r"(?<=[^ \t\n])(?:[ \t]{2,}|\t)")  # not at a line start: indentation is kept
+_TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
+_FENCE = "```"
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _CONJOINING = re.compile(r"[\u1100-\u11FF]")
 
@@ -124,12 +127,23 @@ def normalize_text(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     if _CONJOINING.search(text):
         text = text.translate(_COMPAT_TRANSLATE)
-    text = _SPACES.sub(" ", text)
-    if " \n" in text or "\n " in text:
-        text = _LINE_EDGES.sub("\n", text)
+    text = _spaces(text)
     if "\n\n\n" in text:
         text = _MANY_NEWLINES.sub("\n\n", text)
     return text.strip()
+
+
+def _spaces(text: str) -> str:
+    """Collapse spaces inside lines and drop trailing ones; keep indentation, and fenced code as it is."""
+    if _FENCE not in text:
+        return _INNER_SPACES.sub(" ", _TRAILING_SPACES.sub("", text))
+    lines, fenced = [], False
+    for line in text.split("\n"):
+        line = line.rstrip(" \t")
+        is_fence = line.lstrip(" \t").startswith(_FENCE)
+        lines.append(line if fenced and not is_fence else _INNER_SPACES.sub(" ", line))
+        fenced ^= is_fence
+    return "\n".join(lines)
 
 
 # --- measurements ---------------------------------------------------------------------------------
