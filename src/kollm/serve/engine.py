@@ -192,10 +192,25 @@ class _Sequence:
     finished: bool = False
 
     def emit(self, item: TokenChunk | BaseException) -> None:
+        _deliver([(self, item)])
+
+
+def _put_all(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
+
+
+def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
+    """Hand chunks to their requests' event loops: one wake-up per loop per step, not one per token."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for seq, item in items:
+        by_loop.setdefault(seq.loop, []).append((seq, item))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
+            for seq, _ in batch:
+                seq.cancelled = True
 
 
 class TransformersEngine:
@@ -459,6 +474,7 @@ class TransformersEngine:
 
     def _accept(self, seqs: Sequence[_Sequence], tokens: list[int]) -> None:
         """Record each sequence's new token, send its text, and drop the rows that finished."""
+        out: list[tuple[_Sequence, TokenChunk]] = []
         for seq, token in zip(seqs, tokens):
             if seq.cancelled:
                 continue
@@ -478,7 +494,8 @@ class TransformersEngine:
                 text += seq.stops.flush()
             if finish is not None:
                 seq.finished = True
-            seq.emit(TokenChunk(text=text, completion_tokens=n, finish_reason=finish))
+            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish)))
+        _deliver(out)
         self._drop(lambda s: s.finished or s.cancelled)
 
     def _drop(self, gone) -> None:
