@@ -20,7 +20,7 @@ from rich.table import Table
 from kollm.errors import KollmError
 
 app = typer.Typer(help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-step_app = typer.Typer(help="Run single steps (used by the Ray and Kubeflow executors).", no_args_is_help=True)
+step_app = typer.Typer(help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True)
 app.add_typer(step_app, name="step")
 out = Console()
 err = Console(stderr=True)
@@ -73,7 +73,7 @@ def validate(path: PathArg = None) -> None:
 def run_cmd(
     path: PathArg = None,
     from_step: Annotated[Optional[str], typer.Option("--from", help="Reuse cached steps before STEP; re-run it and all later steps.")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run only STEP (earlier steps must be cached).")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only STEP (earlier steps must be cached; add --force STEP to recompute it).")] = None,
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STEP even if cached (repeatable).")] = None,
     executor: Annotated[str, typer.Option(help="Executor: local.")] = "local",
     quiet: QuietOpt = False,
@@ -421,6 +421,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -428,8 +429,7 @@ def main() -> None:
     try:
         app()  # standalone: typer prints usage errors itself (exit 2); our errors come out here
     except KollmError as e:
-        step = getattr(e, "step", None)
-        head = f"step '{step}': " if step and f"'{step}'" not in e.message else ""
+        head = f"step '{e.step}': " if e.step and f"'{e.step}'" not in e.message else ""
         err.print(f"[bold red]error:[/] {escape(head + e.message)}", highlight=False, soft_wrap=True)
         if e.hint:
             err.print(f"  [dim]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)

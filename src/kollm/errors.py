@@ -7,6 +7,7 @@ class KollmError(Exception):
     """Base class: `str(err)` is the whole message shown to the user; `exit_code` is what the CLI returns."""
 
     exit_code = 1
+    step: str | None = None  # the pipeline step that raised it, set by the runner
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message

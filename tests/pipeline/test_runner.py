@@ -207,3 +207,60 @@ def test_fsspec_url_source(tmp_path):
     assert kollm.run(tmp_path).steps["read"].cache_hit
     fs.pipe("/kollm-test/c.txt", "사아자\n".encode())  # new remote file -> new source digest -> re-run
     assert not kollm.run(tmp_path).steps["read"].cache_hit
+
+
+def test_metric_name_mlflow_rejects_is_a_clear_error_and_nothing_is_cached(tmp_path):
+    (tmp_path / "badmetric.py").write_text(
+        "def f(ctx):\n    (ctx.output_path('m') / 'x.txt').write_text('x')\n    return {'acc@1': 0.5}\n"
+    )
+    (tmp_path / "kollm.yaml").write_text(
+        "project: bm\nsteps:\n  - {kind: python, name: f, config: {callable: 'badmetric:f', outputs: {m: metrics}, params: {'a@b?': 1}}}\n"
+    )
+    with pytest.raises(StepFailed, match="returned metric name\\(s\\) MLflow cannot store: 'acc@1'"):
+        kollm.run(tmp_path)
+    assert not (tmp_path / ".kollm" / "steps").exists() or not any((tmp_path / ".kollm" / "steps").iterdir())
+    (tmp_path / "badmetric.py").write_text(
+        "def f(ctx):\n    (ctx.output_path('m') / 'x.txt').write_text('x')\n    return {'acc_at_1': 0.5}\n"
+    )
+    result = kollm.run(tmp_path)  # the param key with odd characters is logged under a cleaned name
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/.kollm/mlflow.db")
+    assert client.get_run(result.steps["f"].run_id).data.params["params.a_b_"] == "1"
+
+
+def test_edited_user_module_runs_its_new_code_in_the_same_process(tmp_path):
+    mod = tmp_path / "userstep_edit.py"
+    body = "def f(ctx):\n    (ctx.output_path('m') / 'v.txt').write_text('{v}')\n    return {{'v': {v}}}\n"
+    mod.write_text(body.format(v=1))
+    (tmp_path / "kollm.yaml").write_text(
+        "project: ed\nsteps:\n  - {kind: python, name: f, config: {callable: 'userstep_edit:f', outputs: {m: metrics}}}\n"
+    )
+    assert kollm.run(tmp_path).steps["f"].metrics["v"] == 1
+    mod.write_text(body.format(v=2) + "# a longer file\n")
+    second = kollm.run(tmp_path).steps["f"]
+    assert not second.cache_hit and second.metrics["v"] == 2
+    assert (second.outputs["m"].path / "v.txt").read_text() == "2"
+
+
+def test_same_module_name_in_two_projects(tmp_path):
+    for name, value in [("one", 1), ("two", 2)]:
+        root = tmp_path / name
+        root.mkdir()
+        (root / "shared_name_steps.py").write_text(f"def f(ctx):\n    (ctx.output_path('m') / 'v.txt').write_text('x')\n    return {{'v': {value}}}\n")
+        (root / "kollm.yaml").write_text(
+            f"project: {name}\nsteps:\n  - {{kind: python, name: f, config: {{callable: 'shared_name_steps:f', outputs: {{m: metrics}}}}}}\n"
+        )
+    assert kollm.run(tmp_path / "one").steps["f"].metrics["v"] == 1
+    assert kollm.run(tmp_path / "two").steps["f"].metrics["v"] == 2
+
+
+def test_only_reads_upstream_from_cache_without_new_runs(tmp_path):
+    root = make_project(tmp_path / "p")
+    first = kollm.run(root)
+    only = kollm.run(root, only="count", force=["count"])
+    assert only.steps["corpus"].run_id == first.steps["corpus"].run_id  # the cached run, not a new one
+    assert not only.steps["count"].cache_hit
+    with pytest.raises(ConfigError, match="--only and --from cannot be combined"):
+        kollm.run(root, only="count", from_step="corpus")
+    # a forced step before --from is recomputed, not demanded from the cache
+    forced = kollm.run(root, from_step="count2", force=["corpus"])
+    assert not forced.steps["corpus"].cache_hit

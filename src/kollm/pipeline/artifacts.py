@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,15 +69,8 @@ def fsync_tree(folder: Path) -> None:
                 os.close(fd)
 
 
-def publish_dir(tmp: Path, final: Path) -> bool:
-    """Atomically move the finished folder `tmp` to `final`. False (and `tmp` removed) if `final` already exists."""
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Atomically move the finished folder `tmp` to `final` (the caller holds the project lock)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     fsync_tree(tmp)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if final.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        raise
-    return True
+    os.rename(tmp, final)

@@ -56,13 +56,18 @@ def list_runs(path: str | Path | None = None, limit: int = 20) -> list[RunRow]:
     rows = []
     for r in runs:
         m = r.data.metrics
+        if "steps" in m:  # a finished run logged its counts
+            steps, hits = int(m["steps"]), int(m.get("cache_hits", 0))
+        else:  # failed, killed or still running: count its step runs
+            children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{r.info.run_id}'", max_results=1000)
+            steps, hits = len(children), sum(c.data.tags.get("kollm.cache_hit") == "true" for c in children)
         rows.append(
             RunRow(
                 run_id=r.info.run_id,
                 started=_fmt_time(r.info.start_time),
                 status=r.info.status,
-                steps=int(m.get("steps", 0)),
-                cache_hits=int(m.get("cache_hits", 0)),
+                steps=steps,
+                cache_hits=hits,
                 duration=_fmt_duration(r.info.start_time, r.info.end_time),
             )
         )

@@ -12,7 +12,6 @@ so a finished step with the same key is reused, never recomputed, and a killed r
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 import kollm
 from kollm.errors import ConfigError, KollmError, StepFailed
 from kollm.pipeline.artifacts import folder_digest, json_digest, publish_dir, write_json_atomic
-from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
+from kollm.pipeline.spec import Pipeline, ResolvedStep, find_module, load_pipeline, resolve_source
 from kollm.pipeline.step import ARTIFACT_META_FILE, Artifact, Progress, StepContext, StepRecord, StepResult, _no_progress
 from kollm.pipeline.tracking import PipelineTracker
 
@@ -65,7 +64,8 @@ def run(
     """Run the pipeline in kollm.yaml at `path`. Finished steps with unchanged keys are reused.
 
     force: step names to re-run even if cached. from_step: reuse the steps before it from the cache and
-    re-run it and every later step. only: run just this step (earlier steps must be cached).
+    re-run it and every later step. only: just this step (reused if cached; add it to `force` to recompute);
+    earlier steps must be cached and are read from the cache without new MLflow runs.
     parent_run_id: attach to an existing pipeline MLflow run (used by `kollm step run`).
     """
     pipe = load_pipeline(path)
@@ -73,15 +73,18 @@ def run(
     for flag, value in [("--from", from_step), ("--only", only), *[("--force", f) for f in force]]:
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such step; steps are: {', '.join(names)}")
+    if only and from_step:
+        raise ConfigError("--only and --from cannot be combined: --only runs one step, --from runs a step and all after it")
     forced = set(force)
     if from_step:
         forced |= set(names[names.index(from_step) :])
-    cached_only = set(names[: names.index(from_step)]) if from_step else set()
-    if only:
+        cached_only = set(names[: names.index(from_step)])
+    elif only:
         cached_only = set(names[: names.index(only)])
-        selected = names[: names.index(only) + 1]
     else:
-        selected = names
+        cached_only = set()
+    cached_only -= forced  # a forced step is recomputed, even before --from/--only
+    selected = names[: names.index(only) + 1] if only else names
 
     state = pipe.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -147,11 +150,14 @@ def _run_step(
     )[:32]
     final = pipe.state_dir / "steps" / key
     cached = None if force else _read_manifest(final)
-    if cached is None and cached_only:
-        raise StepFailed(
-            f"step '{step.name}' has no cached result for its current config and inputs",
-            hint="run the whole pipeline first (or start earlier with --from)",
-        )
+    if cached_only:  # an upstream step of --only/--from: read from the cache, no new MLflow run
+        if cached is None:
+            raise StepFailed(
+                f"step '{step.name}' has no cached result for its current config and inputs",
+                hint="run the whole pipeline first (or start earlier with --from)",
+            )
+        outputs = {n: Artifact(o["type"], final / n, o["digest"], o.get("meta", {})) for n, o in cached["outputs"].items()}
+        return StepRecord(step.name, step.kind, key, cached.get("run_id"), True, outputs, cached.get("metrics", {})), 0.0
     tags = {
         "kollm.cache_key": key,
         "kollm.cache_hit": str(cached is not None).lower(),
@@ -191,11 +197,12 @@ def _run_step(
         )
         try:
             res = step.module.run(ctx) or StepResult()
+            _check_metric_names(step, res)
             break
         except KollmError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             _fail(st, log, step, e, report)
-            e.step = step.name  # type: ignore[attr-defined]
+            e.step = step.name
             raise
         except (KeyboardInterrupt, SystemExit):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,7 +223,7 @@ def _run_step(
                 hint=f"full traceback in {log.path}",
             )
             _fail(st, log, step, err, report)
-            err.step = step.name  # type: ignore[attr-defined]
+            err.step = step.name
             raise err from None
 
     missing = [n for n in step.outputs if not (tmp / n).is_dir() or not any((tmp / n).iterdir())]
@@ -257,6 +264,17 @@ def _run_step(
     return StepRecord(step.name, step.kind, key, st.run_id, False, outputs, metrics), duration
 
 
+def _check_metric_names(step: ResolvedStep, res: StepResult) -> None:
+    from kollm.pipeline.tracking import bad_metric_name
+
+    bad = [k for k in res.metrics if bad_metric_name(k)]
+    if bad:
+        raise StepFailed(
+            f"step '{step.name}' returned metric name(s) MLflow cannot store: {', '.join(repr(b) for b in bad)}",
+            hint="metric names may contain letters, digits, spaces and _ - . / : only",
+        )
+
+
 def _fail(st: Any, log: _EventLog, step: ResolvedStep, err: KollmError, report: Reporter) -> None:
     st.set_tags({"kollm.error": str(err)})
     st.end("FAILED")
@@ -291,7 +309,7 @@ def code_digest(modules: tuple[str, ...]) -> str:
     """Digest of the source files of `modules` (a package: every .py below it)."""
     parts = []
     for mod in sorted(modules):
-        spec = importlib.util.find_spec(mod)
+        spec = find_module(mod)
         if spec is None:
             raise ConfigError(f"cannot find module '{mod}'")
         if spec.submodule_search_locations:

@@ -6,15 +6,16 @@ Every problem found is reported at once, each naming its YAML path and how to fi
 from __future__ import annotations
 
 import glob as globmod
+import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from importlib.machinery import ModuleSpec, PathFinder
 from types import ModuleType
-from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from kollm.config import DataSource, ProjectConfig, load_config, pydantic_problems
+from kollm.config import DataSource, ProjectConfig, Resources, load_config, pydantic_problems
 from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.artifacts import file_digest, files_digest
 from kollm.pipeline.step import Artifact, InputSpec
@@ -44,7 +45,7 @@ class ResolvedStep:
     outputs: dict[str, str]  # output name -> artifact type
     retries: int
     retry_backoff_s: float
-    resources: Any
+    resources: Resources
 
     @property
     def where(self) -> str:
@@ -62,19 +63,15 @@ class Pipeline:
     def state_dir(self) -> Path:
         return self.project_dir / ".kollm"
 
-    def step(self, name: str) -> ResolvedStep:
-        for s in self.steps:
-            if s.name == name:
-                return s
-        raise ConfigError(f"no step named '{name}'; steps are: {', '.join(s.name for s in self.steps)}")
-
 
 def load_pipeline(path: str | Path | None = None) -> Pipeline:
     """Read, validate and wire kollm.yaml. Raises ConfigError listing every problem."""
     cfg, file = load_config(path)
     project_dir = file.parent
-    if str(project_dir) not in sys.path:  # `python` steps import user modules from the project folder
-        sys.path.insert(0, str(project_dir))
+    # `python` steps import user modules from the project folder: this project's folder goes first
+    if str(project_dir) in sys.path:
+        sys.path.remove(str(project_dir))
+    sys.path.insert(0, str(project_dir))
     problems: list[str] = []
 
     for name, src in cfg.data.items():
@@ -111,7 +108,7 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
             problems.extend(f"{where}.config: {p}" for p in e.problems)
             continue
         in_specs: dict[str, InputSpec] = module.inputs(config)
-        wired, wire_problems = _wire(where, name, in_specs, spec.inputs, cfg, steps)
+        wired, wire_problems = _wire(where, i, name, in_specs, spec.inputs, cfg, steps)
         problems.extend(wire_problems)
         steps.append(
             ResolvedStep(
@@ -132,20 +129,24 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
     return Pipeline(cfg=cfg, file=file, project_dir=project_dir, steps=steps)
 
 
-def _check_code(modules: tuple[str, ...]) -> None:
-    import importlib.util
+def find_module(name: str) -> ModuleSpec | None:
+    """Where `name` would be imported from now. Top-level names are searched on sys.path afresh, because
+    sys.modules may still hold a module of that name from another project opened in this process."""
+    try:
+        return (PathFinder.find_spec(name) if "." not in name else None) or importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
+
+def _check_code(modules: tuple[str, ...]) -> None:
     for mod in modules:
-        try:
-            found = importlib.util.find_spec(mod)
-        except (ImportError, ValueError):
-            found = None
-        if found is None:
+        if find_module(mod) is None:
             raise ConfigError(f"cannot find module '{mod}' (is it in the project folder or installed?)")
 
 
 def _wire(
     where: str,
+    index: int,
     name: str,
     in_specs: dict[str, InputSpec],
     explicit: dict[str, str],
@@ -161,7 +162,7 @@ def _wire(
     for input_name, spec in in_specs.items():
         accepted = " or ".join(spec.types)
         if input_name in explicit:
-            ref, problem = _parse_ref(explicit[input_name], spec, cfg, earlier)
+            ref, problem = _parse_ref(explicit[input_name], spec, cfg, earlier, index)
             if problem:
                 problems.append(f"{where}.inputs.{input_name}: {problem}")
             else:
@@ -196,7 +197,9 @@ def _default_ref(spec: InputSpec, cfg: ProjectConfig, earlier: list[ResolvedStep
     return None
 
 
-def _parse_ref(text: str, spec: InputSpec, cfg: ProjectConfig, earlier: list[ResolvedStep]) -> tuple[InputRef | None, str | None]:
+def _parse_ref(
+    text: str, spec: InputSpec, cfg: ProjectConfig, earlier: list[ResolvedStep], index: int
+) -> tuple[InputRef | None, str | None]:
     accepted = " or ".join(spec.types)
     by_name = {s.name: s for s in earlier}
     step_name, _, output = text.partition(".")
@@ -219,9 +222,10 @@ def _parse_ref(text: str, spec: InputSpec, cfg: ProjectConfig, earlier: list[Res
         if "source" not in spec.types:
             return None, f"'{text}' is a raw data source, but this input needs {accepted}; name the prepare step that reads it instead"
         return InputRef(source=text), None
-    later = [s.name for s in cfg.steps[len(earlier):] if (s.name or s.kind) == step_name]
-    if later:
+    if any((s.name or s.kind) == step_name for s in cfg.steps[index:]):
         return None, f"step '{step_name}' runs later; an input can only come from an earlier step"
+    if any((s.name or s.kind) == step_name for s in cfg.steps[:index]):
+        return None, f"step '{step_name}' is not valid (see its own errors), so its outputs cannot be wired"
     options = [s.name for s in earlier] + list(cfg.data)
     return None, f"'{text}' is neither an earlier step nor a data source (known: {', '.join(options) or 'none'})"
 

@@ -6,7 +6,7 @@ A step kind is a module in `kollm.steps` (one file per kind, readable top to bot
     class Config(pydantic.BaseModel): ...       # the step's `config:` block; use `model_config = STRICT`
     def inputs(config) -> dict[str, InputSpec]  # named inputs and the artifact types they accept
     def outputs(config) -> dict[str, str]       # output name -> artifact type
-    CODE: tuple[str, ...]                       # modules/packages whose source is hashed into the cache key
+    def code(config) -> tuple[str, ...]         # modules/packages whose source is hashed into the cache key
     def run(ctx: StepContext) -> StepResult     # do the work; write each output into ctx.output_path(name)
 
 Steps share this Protocol, not a base class. The runner owns caching, atomic writes, retries, tracking
@@ -15,7 +15,6 @@ and wiring: a step only reads `ctx.inputs`, writes files under `ctx.output_path(
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
+    from kollm.config import Resources
     from kollm.pipeline.tracking import StepTracker
 
 # Every pydantic model of kollm.yaml forbids unknown keys, so a typo is an error that names the field.
@@ -57,10 +57,6 @@ class Artifact:
 
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "path": str(self.path) if self.path else None, "digest": self.digest, "meta": self.meta}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Artifact:
-        return cls(data["type"], Path(data["path"]) if data["path"] else None, data["digest"], data.get("meta", {}))
 
 
 @dataclass(frozen=True)
@@ -116,7 +112,7 @@ class StepContext:
     tracker: StepTracker  # the step's nested MLflow run
     run_id: str | None  # the parent (pipeline) MLflow run id
     upstream: list[StepRecord]  # earlier steps of this pipeline run, in order
-    resources: Any  # the step's `resources:` block (gpus, cpus, memory)
+    resources: Resources  # the step's `resources:` block (gpus, cpus, memory)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kollm.step"))
     progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
 
@@ -131,8 +127,3 @@ class StepContext:
         path = self.state_dir / "logs" / category
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-def read_artifact_meta(folder: Path) -> dict[str, Any]:
-    """The kollm metadata the runner stores beside an artifact's files."""
-    return json.loads((folder / ARTIFACT_META_FILE).read_text())

@@ -7,11 +7,15 @@ MLflow is the one source of truth for runs and lineage. The default store is SQL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
+import re
 import socket
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kollm.errors import KollmError
@@ -53,36 +57,37 @@ def client_for(uri: str) -> MlflowClient:
 
     if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
         _probe_database(uri)
-    if uri.startswith("sqlite:"):
-        _sqlite_wal()
+    if uri.startswith("sqlite:///"):
+        _sqlite_wal(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-_wal_installed = False
+_wal_files: set[str] = set()
 
 
-def _sqlite_wal() -> None:
-    """WAL journal with synchronous=NORMAL on SQLite stores: one fsync per checkpoint instead of one per commit.
-
-    Durable against a killed process (kill -9); only a power loss may drop the last few tracking writes.
-    """
-    global _wal_installed
-    if _wal_installed:
-        return
+def _sqlite_wal(uri: str) -> None:
+    """WAL journal with synchronous=NORMAL on kollm's SQLite tracking stores: one fsync per checkpoint instead
+    of one per commit. Durable against a killed process (kill -9); only a power loss may drop the last few
+    tracking writes. Other SQLite databases in the process are left alone."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    @event.listens_for(Engine, "connect")
-    def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-        if type(dbapi_conn).__module__ == "sqlite3":
+    if not _wal_files:
+
+        @event.listens_for(Engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            if type(dbapi_conn).__module__ != "sqlite3":
+                return
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            files = {os.path.realpath(row[2]) for row in cur.execute("PRAGMA database_list") if row[2]}
+            if files & _wal_files:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
-    _wal_installed = True
+    _wal_files.add(os.path.realpath(uri.removeprefix("sqlite:///")))
 
 
 def _probe_database(uri: str) -> None:
@@ -103,10 +108,24 @@ def _probe_database(uri: str) -> None:
         engine.dispose()
 
 
+_NAME_OK = re.compile(r"^[/\w.\- :]*$")
+
+
+def bad_metric_name(name: str) -> bool:
+    """True when MLflow would reject `name` as a metric or param key."""
+    norm = posixpath.normpath(name)
+    return not name or not _NAME_OK.match(name) or norm != name or norm.startswith(("..", "/"))
+
+
+def _param_key(key: str) -> str:
+    """Config keys become param names; characters MLflow rejects are replaced (the full config is in the cache key)."""
+    return re.sub(r"[^/\w.\- :]", "_", key) or "_"
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{_param_key(str(k))}"
         if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
@@ -125,6 +144,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """An MLflow store error while logging becomes one clear KollmError instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
+
+
 class StepTracker:
     """Logging into one (nested) MLflow run. Step code uses this through `ctx.tracker`."""
 
@@ -141,8 +171,9 @@ class StepTracker:
         p = [Param(k, v) for k, v in flatten(params or {}).items()]
         m = [Metric(k, float(v), ts, step or 0) for k, v in (metrics or {}).items()]
         t = [RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in (tags or {}).items()]
-        for i in range(0, max(len(p), len(m), len(t)), BATCH):
-            self._client.log_batch(self.run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True)
+        with _store_errors():
+            for i in range(0, max(len(p), len(m), len(t)), BATCH):
+                self._client.log_batch(self.run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.log(params=params)
@@ -211,11 +242,12 @@ class PipelineTracker:
         return self.run_id
 
     def step(self, name: str, kind: str, tags: dict[str, Any]) -> StepTracker:
-        run = self.client.create_run(
+        with _store_errors():
+            run = self.client.create_run(
             self.experiment_id,
-            run_name=name,
-            tags={"mlflow.parentRunId": self.run_id, "kollm.step": name, "kollm.kind": kind, **tags},
-        )
+                run_name=name,
+                tags={"mlflow.parentRunId": self.run_id, "kollm.step": name, "kollm.kind": kind, **tags},
+            )
         return StepTracker(self.client, run.info.run_id)
 
     def finish(self, status: str, metrics: dict[str, float] | None = None) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -62,10 +64,32 @@ def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.python", config.callable.split(":")[0])
 
 
-def resolve(spec: str) -> Any:
+# project-local modules: the (file, mtime) each was imported from
+_loaded: dict[str, tuple[str, int]] = {}
+
+
+def _import(module_name: str, project_dir: Path) -> ModuleType:
+    """Import a user module. One from the project folder is imported afresh when it was edited since, or when
+    sys.modules holds another project's module of the same name, so the code that runs is the code hashed
+    into the cache key."""
+    from kollm.pipeline.spec import find_module
+
+    found = find_module(module_name)
+    origin = Path(found.origin).resolve() if found is not None and found.origin else None
+    if origin is None or project_dir.resolve() not in origin.parents:
+        return importlib.import_module(module_name)
+    stamp = (str(origin), origin.stat().st_mtime_ns)
+    if module_name in sys.modules and _loaded.get(module_name) != stamp:
+        del sys.modules[module_name]
+    module = importlib.import_module(module_name)
+    _loaded[module_name] = stamp
+    return module
+
+
+def resolve(spec: str, project_dir: Path) -> Any:
     module_name, func_name = spec.split(":")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name, project_dir)
     except ImportError as e:
         raise StepFailed(f"cannot import '{module_name}' for callable '{spec}': {e}") from None
     try:
@@ -75,10 +99,7 @@ def resolve(spec: str) -> Any:
 
 
 def run(ctx: StepContext) -> StepResult:
-    project = str(ctx.project_dir)
-    if project not in sys.path:
-        sys.path.insert(0, project)
-    result = resolve(ctx.config.callable)(ctx)
+    result = resolve(ctx.config.callable, ctx.project_dir)(ctx)  # load_pipeline put the project on sys.path
     if isinstance(result, StepResult):
         return result
     return StepResult(metrics={k: float(v) for k, v in (result or {}).items()})
