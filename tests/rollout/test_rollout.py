@@ -42,6 +42,7 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "promoted", 15, "promotion")
         time.sleep(0.5)  # load keeps running across the swap
         st = status(srv.url)
+        promoted_kept = gw.stable.take_window()[0]  # the promoted arm's requests since the swap
         metrics = httpx.get(f"{srv.url}/metrics").text
     n = registered.name
     assert f'kollm_rollout_analysis_total{{rollout="{n}",verdict="pass"}} 3.0' in metrics
@@ -55,6 +56,7 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
     assert [v for v in verdicts if v != "inconclusive"] == ["pass", "pass", "pass"], verdicts  # (too little traffic: held)
     assert [h["weight"] for h in st["rollout"]["history"] if h["result"]["verdict"] == "pass"] == [25, 50, 75]
     assert st["gateway"]["stable_version"] == "2" and st["gateway"]["canary_version"] is None
+    assert gw.stable.version == "2" and promoted_kept == []  # no analysis window left open: nothing piles up
     assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
     assert registered.tags("2")["kollm.rollout.result"] == "promoted"
     saved = json.loads(state_file(tmp_path, registered.name).read_text())

@@ -152,3 +152,25 @@ def test_promotion_mid_request_finishes_on_the_old_arm_and_retires_it_after(serv
             break
         threading.Event().wait(0.02)
     assert engines["1"].shut_down and not engines["2"].shut_down
+
+
+def test_arms_keep_samples_only_while_an_analysis_window_is_open(served):
+    """The stable arm and a canary outside a rollout keep no per-request samples (their traffic is unbounded);
+    an open window on the canary keeps every one of its requests for the analysis."""
+    gw, _ = gateway(weight=0)
+    url = served(gw)
+    with httpx.Client(base_url=url) as c:
+        for _ in range(5):
+            assert c.post(CHAT, json=body()).headers["x-kollm-arm"] == "stable"
+            assert c.post(CHAT, json=body(), headers={"x-kollm-canary": "always"}).headers["x-kollm-arm"] == "canary"
+        assert gw.stable.take_window()[0] == [] and gw.canary.take_window()[0] == []  # the latter opens a window
+        gw.stable.close_window()
+        for _ in range(3):
+            c.post(CHAT, json=body(), headers={"x-kollm-canary": "always"})
+            c.post(CHAT, json=body())
+        samples, pending = gw.canary.take_window()
+        assert len(samples) == 3 and all(s.ok for s in samples) and pending == []
+        assert gw.stable.take_window()[0] == []
+        gw.canary.close_window()
+        c.post(CHAT, json=body(), headers={"x-kollm-canary": "always"})
+        assert gw.canary.take_window()[0] == []

@@ -90,7 +90,8 @@ class RolloutController:
             self.gateway.set_weight(saved.spec.steps[saved.step])
             saved.weight = self.gateway.weight
             saved.window_started_at = time.time()
-            canary.take_window()
+            if saved.status == "progressing":
+                canary.take_window()  # a paused rollout keeps no samples until it is resumed
             where = f"step {saved.step + 1}/{len(saved.spec.steps)}, canary weight {saved.weight:g}%"
             saved.message = (f"resumed after a gateway restart at {where}" if saved.status == "progressing"
                              else f"gateway restarted; still paused at {where}")
@@ -151,6 +152,7 @@ class RolloutController:
         async with self._lock:
             st = self._require("progressing", "pause")
             st.status = "paused"
+            self._close_window()
             st.message = f"paused at step {st.step + 1} (weight {st.weight:g}%)"
             self._save(st)
             return st
@@ -166,6 +168,7 @@ class RolloutController:
         async with self._lock:
             st = self._require(ACTIVE, "abort")
             self.gateway.set_weight(0)
+            self._close_window()
             st.status, st.weight, st.message, st.ended_at = "aborted", 0.0, reason, time.time()
             self._save(st)
             await self._tag(st, {"kollm.rollout.result": "aborted", "kollm.rollout.reason": reason})
@@ -234,6 +237,7 @@ class RolloutController:
 
     async def _rollback(self, st: RolloutState, result: AnalysisResult) -> None:
         self.gateway.set_weight(0)  # at once, before any slow call
+        self._close_window()
         st.status, st.weight, st.ended_at = "rolled_back", 0.0, time.time()
         st.message = f"rolled back after {st.failures} failed analyses; last: {result.reason}"
         self._save(st)
@@ -244,6 +248,7 @@ class RolloutController:
                         f"Champion stays version {st.stable_version}.")
 
     async def _promote(self, st: RolloutState, why: str) -> None:
+        self._close_window()  # no more analysis: as the stable arm (or paused) it must not keep every request
         try:
             await asyncio.to_thread(registry_ops.promote, self.registry.project_dir, st.name, st.canary_version,
                                     f"kollm rollout: {why}")
@@ -305,6 +310,10 @@ class RolloutController:
                 else:
                     passed += 1
         return ProbeResult(passed, len(st.spec.probe), failures)
+
+    def _close_window(self) -> None:
+        if self.gateway.canary is not None:
+            self.gateway.canary.close_window()
 
     def _save(self, st: RolloutState) -> None:
         self.store.save(st)

@@ -106,7 +106,7 @@ class Arm:
     version: str
     model_name: str = ""
     uri: str = ""
-    _window: list[Sample] = field(default_factory=list, repr=False)
+    _window: list[Sample] | None = field(default=None, repr=False)  # None: no analysis window open, nothing kept
     _started: dict[int, float] = field(default_factory=dict, repr=False)  # in-flight request -> start time
     _lifespan: _Lifespan | None = field(default=None, repr=False)
     _drained: asyncio.Event | None = field(default=None, repr=False)
@@ -116,15 +116,23 @@ class Arm:
         return len(self._started)
 
     def record(self, ok: bool, latency_ms: float) -> None:
-        self._window.append(Sample(ok, latency_ms))
+        """Keep a completed request's outcome for the analysis, only while a window is open (the stable arm,
+        and a canary between rollouts, keep nothing: their traffic is unbounded)."""
+        if self._window is not None:
+            self._window.append(Sample(ok, latency_ms))
 
     def take_window(self) -> tuple[list[Sample], list[float]]:
-        """The requests completed since the last call, and the elapsed milliseconds of those still in flight
-        (the analysis counts a still-running request once it is already slower than a latency limit, so a
-        canary that hangs is judged slow rather than having no samples). Starts a new window."""
+        """The requests completed since the last call (none unless a window was open), and the elapsed
+        milliseconds of those still in flight (the analysis counts a still-running request once it is already
+        slower than a latency limit, so a canary that hangs is judged slow rather than having no samples).
+        Opens a new, empty window."""
         now = time.perf_counter()
-        out, self._window = self._window, []
+        out, self._window = self._window or [], []
         return out, [(now - t) * 1000 for t in self._started.values()]
+
+    def close_window(self) -> None:
+        """Stop keeping samples (the rollout is paused or over) and drop those kept so far."""
+        self._window = None
 
 
 class Gateway:
