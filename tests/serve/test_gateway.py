@@ -174,3 +174,24 @@ def test_arms_keep_samples_only_while_an_analysis_window_is_open(served):
         gw.canary.close_window()
         c.post(CHAT, json=body(), headers={"x-kollm-canary": "always"})
         assert gw.canary.take_window()[0] == []
+
+
+@pytest.mark.parametrize("weight", [0, 50, 100])
+def test_bodies_over_the_buffer_limit_are_served_at_every_weight(served, monkeypatch, weight):
+    """A body larger than the gateway buffers is not rejected mid-rollout (nor at any weight): what was read is
+    replayed, the rest streams through, and the chosen app gets it intact."""
+    import kollm.serve.gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_BODY_BYTES", 1000)
+    gw, engines = gateway(weight=weight)
+    url = served(gw)
+    long_text = "한국어 " * 20_000  # well over 64 KiB: several receive() messages, the first already over the limit
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for i in range(3):
+            r = c.post(CHAT, json={**body(user=f"u{i}"), "messages": [{"role": "user", "content": long_text}]})
+            assert r.status_code == 200, r.text
+            assert engines[r.headers["x-kollm-model-version"]].last_chat[-1].content == long_text
+        small = c.post(CHAT, json=body(user="u1"))  # under the limit the user is still read (sticky)
+        assert small.status_code == 200
+        if weight == 50:
+            assert small.headers["x-kollm-arm"] == ("canary" if user_bucket("u1") < 50 else "stable")

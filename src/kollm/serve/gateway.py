@@ -6,7 +6,9 @@ Each request goes to one arm:
      request goes to the canary when bucket < canary weight (sticky: a user stays on one arm while the weight
      holds, and a user on the canary stays there as the weight grows);
   3. else a random draw against the weight.
-The body is read once (to find `user`) and replayed to the chosen app. `send` is wrapped to add the
+The body is read once (to find `user`) and replayed to the chosen app; a body over MAX_BODY_BYTES is not
+buffered further: what was read is replayed, the rest streams through, and the request is routed by a random
+draw (its `user` unread). The gateway itself never rejects a request for its size, at any weight. `send` is wrapped to add the
 `x-kollm-model-version` and `x-kollm-arm` headers and to record, per arm, the status and latency (arrival to
 the last byte) that the rollout analysis judges.
 
@@ -233,14 +235,12 @@ class Gateway:
             return
         user = None
         if self.canary is not None and override is None and 0 < self.weight < 100 and scope.get("method") == "POST":
-            body, disconnected = await _read_body(receive)
-            if body is None:
-                await _plain(send, 413, f"request body larger than {MAX_BODY_BYTES} bytes")
+            received, complete = await _read_body(receive)
+            if received is None:  # the client left
                 return
-            if disconnected:
-                return
-            user = _user_of(body)
-            receive = _replay(body, receive)
+            if complete:
+                user = _user_of(b"".join(m.get("body", b"") for m in received))
+            receive = _replay(received, receive)
         arm_name, arm = self.choose(override, user)
         await self._dispatch(arm_name, arm, scope, receive, send, start)
 
@@ -313,32 +313,31 @@ def _header(scope: Scope, name: str) -> str | None:
     return None
 
 
-async def _read_body(receive: Receive) -> tuple[bytes | None, bool]:
-    """The whole request body (None when over MAX_BODY_BYTES) and whether the client disconnected."""
-    chunks: list[bytes] = []
+async def _read_body(receive: Receive) -> tuple[list[Message] | None, bool]:
+    """The request's body messages as received, up to the whole body or until more than MAX_BODY_BYTES were
+    read, and whether that is the whole body. (None, False) when the client disconnected."""
+    received: list[Message] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"", True
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
             return None, False
-        chunks.append(chunk)
+        received.append(message)
         if not message.get("more_body", False):
-            return b"".join(chunks), False
+            return received, True
+        size += len(message.get("body", b""))
+        if size > MAX_BODY_BYTES:
+            return received, False
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that hands the buffered body to the app once, then passes through (for disconnects)."""
-    pending = True
+def _replay(received: list[Message], receive: Receive) -> Receive:
+    """A receive that hands the buffered body messages to the app in order, then passes through (the rest of
+    an oversized body, disconnects)."""
+    pending = list(reversed(received))
 
     async def replay() -> Message:
-        nonlocal pending
         if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
+            return pending.pop()
         return await receive()
 
     return replay
