@@ -8,7 +8,7 @@ import pytest
 
 from kollm.errors import ConfigError
 from kollm.rollout.analysis import Criterion, ProbeResult, Sample, analyse, parse_analysis, percentile
-from kollm.rollout.state import RolloutSpec, RolloutState, RolloutStore, StepRecord, parse_duration, parse_steps
+from kollm.rollout.state import Alert, RolloutSpec, RolloutState, RolloutStore, StepRecord, parse_duration, parse_steps
 
 DEFAULT = parse_analysis("success_rate>=0.95,p95_ms<=2000")
 
@@ -95,11 +95,15 @@ def test_state_round_trips_and_writes_atomically(tmp_path):
     st = RolloutState(name="m/한국", stable_version="1", canary_version="2", spec=RolloutSpec.build(steps=[10, 50]))
     st.step, st.weight, st.failures = 1, 50.0, 1
     st.history.append(StepRecord(1, 10, 1.0, analyse(DEFAULT, ok(10), min_requests=1)))
+    st.alerts.append(Alert(2.0, "롤백", delivered=False, error="ConnectError: refused"))
     store.save(st)
     assert [p.name for p in store.folder.iterdir()] == [store.path("m/한국").name]  # no temp files left
     assert store.path("m/한국").name.startswith("m_한국-") and store.path("kodemo").name == "kodemo.json"
     back = store.load("m/한국")
     assert back.to_json() == st.to_json()
+    assert back.alerts == [Alert(2.0, "롤백", False, "ConnectError: refused")]
+    saved = json.loads(store.path("m/한국").read_text())
+    assert saved["alerts"] == [{"at": 2.0, "text": "롤백", "delivered": False, "error": "ConnectError: refused"}]  # the file format is unchanged
     store.path("broken").write_text("{", encoding="utf-8")
     with pytest.raises(ConfigError, match="unreadable rollout state"):
         store.load("broken")

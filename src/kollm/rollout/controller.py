@@ -27,7 +27,7 @@ from kollm.errors import ConfigError, KollmError, NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
-from kollm.rollout.state import ACTIVE, RolloutSpec, RolloutState, RolloutStore, StepRecord
+from kollm.rollout.state import ACTIVE, Alert, RolloutSpec, RolloutState, RolloutStore, StepRecord
 from kollm.serve.gateway import Gateway
 
 log = logging.getLogger("kollm.rollout")
@@ -278,7 +278,7 @@ class RolloutController:
 
         async def deliver() -> None:
             outcome = await send_alert(st.spec.alert_webhook, text)
-            st.alerts.append({"at": time.time(), "text": text, "delivered": outcome.delivered, "error": outcome.error})
+            st.alerts.append(Alert(time.time(), text, outcome.delivered, outcome.error))
             self.store.save(st)
 
         task = asyncio.get_running_loop().create_task(deliver())

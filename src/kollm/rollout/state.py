@@ -132,6 +132,16 @@ class StepRecord:
 
 
 @dataclass
+class Alert:
+    """One alert the rollout sent (or tried to send) to its webhook."""
+
+    at: float
+    text: str
+    delivered: bool
+    error: str | None = None
+
+
+@dataclass
 class RolloutState:
     """Everything needed to resume a rollout after a restart."""
 
@@ -149,7 +159,7 @@ class RolloutState:
     window_started_at: float = field(default_factory=time.time)
     ended_at: float | None = None  # when it was promoted, rolled back or aborted (traffic already switched)
     history: list[StepRecord] = field(default_factory=list)
-    alerts: list[dict] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -166,6 +176,7 @@ class RolloutState:
         d = dict(d)
         d["spec"] = RolloutSpec.model_validate(d["spec"])
         d["history"] = [StepRecord.from_json(h) for h in d.get("history", [])]
+        d["alerts"] = [Alert(**a) for a in d.get("alerts", [])]
         return cls(**d)
 
 
