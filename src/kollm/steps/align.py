@@ -153,6 +153,7 @@ def _prompts(job, split: str) -> list[dict]:  # noqa: ANN001 - recipe.Job
 
 def _train_grpo(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env
     from functools import partial
+    from pathlib import Path
 
     from kollm.errors import StepFailed
     from kollm.steps.python import resolve
@@ -161,7 +162,7 @@ def _train_grpo(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.En
     from kollm.train.loop import train as train_loop
 
     cfg = job.config
-    reward_fn = resolve(cfg.reward)
+    reward_fn = resolve(cfg.reward, job.project_dir or Path.cwd())
     records = _prompts(job, "train")
     if not records:
         raise StepFailed(f"the dataset {job.data.path} has no prompts to train on")

@@ -47,6 +47,7 @@ class Job:
     checkpoint_dir: Path
     log_file: Path  # JSON lines
     lineage: dict[str, Any] = field(default_factory=dict)  # run ids and input digests for kollm.json
+    project_dir: Path | None = None  # where user modules (a GRPO reward function) are imported from
 
 
 @dataclass
@@ -113,6 +114,7 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
         checkpoint_dir=ctx.checkpoint_dir,
         log_file=ctx.logs_dir("training") / f"{ctx.name}.jsonl",
         lineage=lineage,
+        project_dir=ctx.project_dir,
     )
 
 
