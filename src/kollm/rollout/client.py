@@ -17,10 +17,10 @@ from pydantic import ValidationError
 from kollm.errors import ConfigError, KollmError, NotFound
 from kollm.rollout.analysis import DEFAULT_ANALYSIS
 from kollm.rollout.state import ProbePrompt, RolloutSpec, parse_duration, parse_steps
+from kollm.serve import API_KEY_ENV
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
 GATEWAY_ENV = "KOLLM_GATEWAY"
-API_KEY_ENV = "KOLLM_API_KEY"
 
 Command = Literal["status", "pause", "resume", "abort", "promote"]
 
@@ -47,32 +47,6 @@ def load_probe(path: Path) -> list[ProbePrompt]:
     return prompts
 
 
-def build_spec(
-    *,
-    steps: str = "20,40,60,80",
-    pause: str = "2m",
-    analysis: str = DEFAULT_ANALYSIS,
-    failure_limit: int = 2,
-    min_requests: int = 10,
-    alert_webhook: str | None = None,
-    probe: Path | None = None,
-) -> RolloutSpec:
-    """Validate the CLI options into a RolloutSpec (clear errors before anything is sent)."""
-    if alert_webhook:
-        from kollm.monitor.alerts import check_webhook_url
-
-        check_webhook_url(alert_webhook)
-    return RolloutSpec.build(
-        steps=parse_steps(steps),
-        pause_s=parse_duration(pause),
-        analysis=analysis,
-        failure_limit=failure_limit,
-        min_requests=min_requests,
-        alert_webhook=alert_webhook,
-        probe=[p.model_dump() for p in load_probe(probe)] if probe else [],
-    )
-
-
 def start(
     name: str,
     *,
@@ -86,9 +60,21 @@ def start(
     gateway: str | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
-    """Start rolling out the gateway's canary of NAME (options checked here first). Returns the status."""
-    spec = build_spec(steps=steps, pause=pause, analysis=analysis, failure_limit=failure_limit, min_requests=min_requests,
-                      alert_webhook=alert_webhook, probe=probe)
+    """Start rolling out the gateway's canary of NAME. The options are validated into a RolloutSpec here, so
+    a bad one is named before anything is sent. Returns the status."""
+    if alert_webhook:
+        from kollm.monitor.alerts import check_webhook_url
+
+        check_webhook_url(alert_webhook)
+    spec = RolloutSpec.build(
+        steps=parse_steps(steps),
+        pause_s=parse_duration(pause),
+        analysis=analysis,
+        failure_limit=failure_limit,
+        min_requests=min_requests,
+        alert_webhook=alert_webhook,
+        probe=[p.model_dump() for p in load_probe(probe)] if probe else [],
+    )
     return _call("POST", "start", {"name": name, **spec.model_dump()}, gateway=gateway, api_key=api_key)
 
 

@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import httpx
 from prometheus_client import Counter, Gauge
@@ -27,12 +28,12 @@ from kollm.errors import ConfigError, KollmError, NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
-from kollm.rollout.state import ACTIVE, Alert, RolloutSpec, RolloutState, RolloutStore, StepRecord
+from kollm.rollout.state import ACTIVE, Alert, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
 from kollm.serve.gateway import Gateway
 
 log = logging.getLogger("kollm.rollout")
 
-STATUSES = ("none", "progressing", "paused", "promoted", "rolled_back", "aborted")
+STATUSES = ("none", *get_args(Status))  # the kollm_rollout_status gauge's labels ("none": no rollout started)
 
 
 class RolloutConflict(KollmError):

@@ -67,7 +67,7 @@ def build_canary_gateway(
     for uri, version in ((stable_uri, stable_version), (canary_uri, canary_version)):
         engine = load_engine(resolve(uri, project_dir), **engine_options)
         app = create_app(engine, model_name=served, model_version=version, api_key=api_key, log_dir=root / ".kollm" / "logs")
-        arms.append(Arm(app, version=version, model_name=served, uri=uri))
+        arms.append(Arm(app, version=version, model_name=served))
     gateway = Gateway(arms[0], arms[1])
     attach_rollout(gateway, project_dir=project_dir, model_name=name, api_key=api_key)
     return gateway

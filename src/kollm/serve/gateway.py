@@ -107,7 +107,6 @@ class Arm:
     app: ASGIApp
     version: str
     model_name: str = ""
-    uri: str = ""
     _window: list[Sample] | None = field(default=None, repr=False)  # None: no analysis window open, nothing kept
     _started: dict[int, float] = field(default_factory=dict, repr=False)  # in-flight request -> start time
     _lifespan: _Lifespan | None = field(default=None, repr=False)
@@ -176,12 +175,6 @@ class Gateway:
             raise RuntimeError("there is no canary to promote")
         old, self.stable, self.canary, self.weight = self.stable, self.canary, None, 0.0
         self._retire(old)
-
-    def drop_canary(self) -> None:
-        """Remove the canary arm (its in-flight requests finish first)."""
-        old, self.canary, self.weight = self.canary, None, 0.0
-        if old is not None:
-            self._retire(old)
 
     def _retire(self, arm: Arm) -> None:
         async def retire() -> None:
