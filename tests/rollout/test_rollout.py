@@ -8,8 +8,10 @@ import time
 import httpx
 import pytest
 
+from kollm.errors import KollmError, NotFound
 from kollm.rollout import client as rollout_client
 from kollm.rollout.api import attach_rollout
+from kollm.rollout.state import RolloutConflict
 from kollm.serve.gateway import Arm, Gateway
 
 from .conftest import Load, Server, free_port, serving_app, state_file, wait_for
@@ -141,13 +143,14 @@ def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
     with Server(gw) as srv:
         r = httpx.get(f"{srv.url}/admin/rollout/status")
         assert r.status_code == 401
-        with pytest.raises(Exception, match="API key"):
+        with pytest.raises(KollmError, match="API key") as e:
             rollout_client.command("status", gateway=srv.url)
+        assert e.type is KollmError  # 401: not a settings, not-found or conflict error
         key = {"gateway": srv.url, "api_key": "s3cret"}
-        with pytest.raises(Exception, match="not 'other'"):
+        with pytest.raises(NotFound, match="not 'other'"):
             rollout_client.start("other", **key)
         rollout_client.start(registered.name, pause="0.3s", alert_webhook=webhook.url, **key)
-        with pytest.raises(Exception, match="progressing"):
+        with pytest.raises(RolloutConflict, match="progressing"):
             rollout_client.start(registered.name, **key)
         paused = rollout_client.command("pause", **key)["rollout"]
         assert paused["status"] == "paused" and paused["weight"] == 20
@@ -160,7 +163,7 @@ def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
         assert st["history"][0]["result"]["verdict"] == "inconclusive" and st["step"] == 0 and st["failures"] == 0
         aborted = rollout_client.command("abort", reason="bad vibes", **key)
         assert aborted["rollout"]["status"] == "aborted" and aborted["gateway"]["canary_weight"] == 0
-        with pytest.raises(Exception, match="aborted"):
+        with pytest.raises(RolloutConflict, match="aborted"):
             rollout_client.command("resume", **key)
     assert registered.alias("champion") == "1"
     assert registered.tags("2")["kollm.rollout.reason"] == "bad vibes"

@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from kollm.errors import ConfigError, KollmError, NotFound
-from kollm.rollout.controller import RegistryTarget, RolloutConflict, RolloutController, rollout_store
-from kollm.rollout.state import RolloutSpec
+from kollm.rollout.controller import RegistryTarget, RolloutController, rollout_store
+from kollm.rollout.state import RolloutConflict, RolloutSpec
 from kollm.serve.gateway import Gateway
 
 

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kollm.errors import ConfigError, KollmError, NotFound
 from kollm.rollout.analysis import DEFAULT_ANALYSIS
-from kollm.rollout.state import ProbePrompt, RolloutSpec, parse_duration, parse_steps
+from kollm.rollout.state import ProbePrompt, RolloutConflict, RolloutSpec, parse_duration, parse_steps
 from kollm.serve import API_KEY_ENV
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8000"
@@ -107,11 +107,12 @@ def _call(method: str, cmd: str, body: dict | None, *, gateway: str | None, api_
     message = err.get("message") or f"HTTP {r.status_code} from {url}"
     if r.status_code == 404 and not err:
         message = f"{gateway_url(gateway)} has no rollout admin endpoints; is it a gateway started with --canary?"
-    cls = {400: ConfigError, 404: NotFound}.get(r.status_code)
-    if cls is ConfigError:
+    if r.status_code == 400:
         raise ConfigError(message)
-    if cls is NotFound:
+    if r.status_code == 404:
         raise NotFound(message, hint=err.get("hint"))
+    if r.status_code == 409:
+        raise RolloutConflict(message, hint=err.get("hint"))
     raise KollmError(message, hint=err.get("hint"))
 
 

@@ -24,22 +24,16 @@ from typing import get_args
 import httpx
 from prometheus_client import Counter, Gauge
 
-from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.errors import ConfigError, NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
-from kollm.rollout.state import ACTIVE, Alert, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
+from kollm.rollout.state import ACTIVE, Alert, RolloutConflict, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
 from kollm.serve.gateway import Gateway
 
 log = logging.getLogger("kollm.rollout")
 
 STATUSES = ("none", *get_args(Status))  # the kollm_rollout_status gauge's labels ("none": no rollout started)
-
-
-class RolloutConflict(KollmError):
-    """The command does not fit the rollout's current status (e.g. resume a rollout that is not paused)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

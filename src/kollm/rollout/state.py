@@ -15,12 +15,19 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kollm.config import pydantic_problems
-from kollm.errors import ConfigError
+from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.step import STRICT
 from kollm.rollout.analysis import DEFAULT_ANALYSIS, AnalysisResult, parse_analysis
 
 Status = Literal["progressing", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE: tuple[Status, ...] = ("progressing", "paused")
+
+class RolloutConflict(KollmError):
+    """The command does not fit the rollout's current status (e.g. resume a rollout that is not paused).
+    The admin API answers it with 409; the client raises it again from a 409."""
+
+    exit_code = 1
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
