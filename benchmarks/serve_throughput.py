@@ -305,6 +305,8 @@ def main() -> None:
         started = time.perf_counter()
         params = build_model(args.model_dir, preset)
         print(f"built a random {preset} model ({params / 1e6:.2f}M parameters) in {time.perf_counter() - started:.1f}s at {args.model_dir}")
+    elif not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"--model-dir {args.model_dir}: not a model folder (no config.json); leave it out to build a random model")
     texts = prompts(args.model_dir, 64, args.prompt_tokens)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"device {args.device} ({device_name}), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy")

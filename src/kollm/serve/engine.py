@@ -229,6 +229,11 @@ class TransformersEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":
+            # cuDNN attention rebuilds its execution graph whenever the key length changes, i.e. at every decode
+            # step: measured on an H100 (349M model, batch 32, padded): 88.5 ms per step with it, 20.2 ms without.
+            # Flash / memory-efficient attention take over. (A process-wide switch; it serves this engine's process.)
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
