@@ -73,14 +73,13 @@ class RunResult:
     name: str
     tokens_per_s: float
     mfu: float
-    peak_memory_gib: float | None  # over the timed steps (steady state)
+    peak_memory_gib: float | None
     measured_steps: int
     real_tokens: int
     seconds: float
     losses: list[float]
     settings: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    peak_memory_with_warmup_gib: float | None = None  # including the first steps (compilation, autotuning)
 
 
 # ------------------------------------------------------------------------------------------ model and data
@@ -156,7 +155,6 @@ class Meter:
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.losses: list[float] = []
-        self.warmup_peak: float | None = None
 
     def step_end(self, cumulative_tokens: int, loss: float | None = None) -> None:
         if self.device.type == "cuda":
@@ -165,8 +163,6 @@ class Meter:
         self.tokens.append(int(cumulative_tokens))
         if loss is not None:
             self.losses.append(float(loss))
-        if len(self.times) == self.warmup:
-            self.warmup_peak = peak_and_reset(self.device)
 
     def result(self, name: str, n_params: int, settings: dict[str, Any]) -> RunResult:
         w = min(self.warmup, len(self.times) - 1)
@@ -174,7 +170,7 @@ class Meter:
         tokens = self.tokens[-1] - (self.tokens[w - 1] if w > 0 else 0)
         steps = len(self.times) - w
         tps = tokens / max(seconds, 1e-9)
-        peak = peak_and_reset(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         return RunResult(
             name=name,
             tokens_per_s=tps,
@@ -185,17 +181,7 @@ class Meter:
             seconds=seconds,
             losses=self.losses,
             settings=settings,
-            peak_memory_with_warmup_gib=max(peak, self.warmup_peak) if peak is not None and self.warmup_peak is not None else peak,
         )
-
-
-def peak_and_reset(device: torch.device) -> float | None:
-    """Peak allocated GiB since the last reset, then reset."""
-    if device.type != "cuda":
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
 
 
 def fresh_device(device: torch.device) -> None:
@@ -368,7 +354,6 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         precision="bf16" if device.type == "cuda" else "fp32",
     )
     marks: list[tuple[int, float, int]] = []  # (step, time after a device sync, real tokens served)
-    warmup_peak: list[float | None] = []
     profiler = None
 
     def on_log(log: kloop.StepLog) -> None:
@@ -376,8 +361,6 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         marks.append((log.step, time.perf_counter(), dataset.served))
-        if log.step == args.warmup:
-            warmup_peak.append(peak_and_reset(device))
         if args.profile and log.step == args.warmup + args.steps:
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
             profiler.start()
@@ -406,11 +389,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         "fill": round(rows.stats.fill, 4),
         "objective": objective,
     }
-    peak = peak_and_reset(device)
-    if peak is not None and warmup_peak and warmup_peak[0] is not None:
-        peak_all = max(peak, warmup_peak[0])
-    else:
-        peak_all = peak
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     out = RunResult(
         name=name,
         tokens_per_s=tps,
@@ -421,7 +400,6 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         seconds=seconds,
         losses=result.losses[: args.warmup + args.steps],
         settings=settings,
-        peak_memory_with_warmup_gib=peak_all,
     )
     del model
     return out
@@ -603,18 +581,17 @@ def summarize(results: list[RunResult], rtol: float) -> dict[str, Any]:
 def print_table(results: list[RunResult], summary: dict[str, Any]) -> None:
     ratios = summary["ratios"]
     print()
-    print("peak GiB: max allocated over the timed steps (in brackets: including warmup, i.e. compilation)")
-    print(f"{'run':<18} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>15} {'vs TRL':>7} {'vs TRL+pk+liger':>15} {'loss@1':>7} {'loss@end':>8}")
+    print(f"{'run':<18} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs TRL':>7} {'vs TRL+pk+liger':>15} {'loss@1':>7} {'loss@end':>8}")
     for r in results:
         if r.error:
             print(f"{r.name:<18} ERROR {r.error[:80]}")
             continue
         rr = ratios.get(r.name, {})
-        peak = f"{r.peak_memory_gib:.2f} ({r.peak_memory_with_warmup_gib:.2f})" if r.peak_memory_gib is not None else "-"
+        peak = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
         first = f"{r.losses[0]:.3f}" if r.losses else "-"
         last = f"{np.mean(r.losses[-3:]):.3f}" if r.losses else "-"
         print(
-            f"{r.name:<18} {r.tokens_per_s:>10,.0f} {r.mfu:>6.1%} {peak:>15} {rr.get('vs_trl_default', float('nan')):>6.2f}x "
+            f"{r.name:<18} {r.tokens_per_s:>10,.0f} {r.mfu:>6.1%} {peak:>9} {rr.get('vs_trl_default', float('nan')):>6.2f}x "
             f"{rr.get('vs_trl_packed_liger', float('nan')):>14.2f}x {first:>7} {last:>8}"
         )
     for name, c in summary["loss_checks"].items():
