@@ -7,28 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"kollm serve exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("kollm serve did not become ready")
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits(tiny_model_dir, tmp_path):

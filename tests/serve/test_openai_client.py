@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -122,10 +123,15 @@ def test_api_key_with_the_openai_client(tiny_model_dir):
 def test_logs_and_metrics_after_traffic(client, tiny_server):
     raw = client.chat.completions.with_raw_response.create(model="tiny", messages=MSG, max_tokens=3)
     rid = raw.headers["x-request-id"]
-    api = [json.loads(line) for line in (tiny_server.log_dir / "api" / "api.jsonl").read_text().splitlines()]
-    inference = [json.loads(line) for line in (tiny_server.log_dir / "inference" / "inference.jsonl").read_text().splitlines()]
-    assert any(e["request_id"] == rid and e["status"] == 200 and e["path"] == "/v1/chat/completions" for e in api)
-    assert any(e["request_id"] == rid and e["prompt_tokens"] > 0 for e in inference)
+
+    def logged(kind: str) -> list[dict]:
+        return [json.loads(line) for line in (tiny_server.log_dir / kind / f"{kind}.jsonl").read_text().splitlines()]
+
+    deadline = time.time() + 10  # the access line is written once the last byte has gone out, just after the client has it
+    while not any(e["request_id"] == rid for e in logged("api")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert any(e["request_id"] == rid and e["status"] == 200 and e["path"] == "/v1/chat/completions" for e in logged("api"))
+    assert any(e["request_id"] == rid and e["prompt_tokens"] > 0 for e in logged("inference"))
     text = httpx.get(tiny_server.url + "/metrics").text
     assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="7",status_code="200"}' in text
     assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="7",status_code="400"}' in text

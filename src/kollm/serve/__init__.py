@@ -3,6 +3,7 @@
 Public API:
     serve(model_uri, *, host, port, api_key, project_dir, ...)   resolve, load, and run the server until SIGINT/SIGTERM
     describe_model_uri(model_uri, project_dir) -> (name, version) the served model name and version for a URI
+    resolve(model_uri, project_dir) -> Path                        the local model folder (registry URIs via kollm.registry)
     create_app(engine, *, model_name, model_version, api_key, log_dir, shutdown_engine) -> FastAPI   (kollm.serve.router)
     load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length) -> Engine    (kollm.serve.engine)
 
