@@ -112,3 +112,82 @@ def test_unknown_extension_and_broken_file_name_the_file(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(StepFailed, match="bad.parquet"):
         list(read_source(SourceFiles("b", str(tmp_path), "auto", [str(tmp_path / "bad.parquet")])))
+
+
+def test_non_utf8_files_fail_naming_file_byte_offset_and_fix(tmp_path):
+    """An EUC-KR file used to be decoded with replacement characters (every row then `filter:low_hangul_ratio`)."""
+    files = {
+        "k.jsonl": '{"text": "ok"}\n{"text": "한국어 문장"}\n',
+        "k.txt": "ascii first line\n둘째 줄\n",
+        "k.csv": "text\nok\n나빠\n",
+    }
+    for name, text in files.items():
+        data = text.encode("cp949")
+        with pytest.raises(UnicodeDecodeError) as utf8_error:
+            data.decode("utf-8")
+        (tmp_path / name).write_bytes(data)
+        src = SourceFiles("k", str(tmp_path), "auto", [str(tmp_path / name)])
+        with pytest.raises(StepFailed) as err:
+            list(read_source(src, "paragraph"))
+        assert utf8_error.value.start == text.index(next(c for c in text if ord(c) > 127))
+        assert name in err.value.message and f"byte {utf8_error.value.start}" in err.value.message and "utf-8" in err.value.message
+        assert "iconv -f cp949 -t utf-8" in err.value.hint and "encoding: cp949" in err.value.hint
+        texts = pd.concat(read_source(src, "file", encoding="cp949"))["text"].tolist()
+        assert texts[-1] in ("한국어 문장", "ascii first line\n둘째 줄\n", "나빠"), texts
+
+
+def test_utf8_bom_is_skipped(tmp_path):
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + '{"text": "가"}\n'.encode())
+    (tmp_path / "b.csv").write_bytes(b"\xef\xbb\xbf" + "text\n나\n".encode())
+    for name, want in (("b.jsonl", "가"), ("b.csv", "나")):
+        df = pd.concat(read_source(SourceFiles("b", "", "auto", [str(tmp_path / name)])))
+        assert df["text"].tolist() == [want]
+
+
+def test_text_jsonl_and_csv_are_read_in_batches_of_batch_rows(tmp_path):
+    (tmp_path / "p.txt").write_text("\n\n".join(f"문단 {i}" for i in range(5)) + "\n", encoding="utf-8")
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": f"줄 {i}"}, ensure_ascii=False) + "\n" for i in range(5)), encoding="utf-8")
+    (tmp_path / "c.csv").write_text("text\n" + "".join(f"칸 {i}\n" for i in range(5)), encoding="utf-8")
+    for name in ("p.txt", "r.jsonl", "c.csv"):
+        batches = list(read_source(SourceFiles("s", "", "auto", [str(tmp_path / name)]), "paragraph", batch_rows=2))
+        assert [len(b) for b in batches] == [2, 2, 1], name
+        assert [t.split()[-1] for t in pd.concat(batches)["text"]] == ["0", "1", "2", "3", "4"], name
+
+
+def test_paragraph_blocks_are_split_as_before(tmp_path):
+    """Streaming lines gives exactly the blocks of splitting the whole text on blank lines."""
+    import re
+
+    text = "a\r\n \r\n\r\n  \n\nb\n\u3000\nc\n\n\n\n  d\n \t\n"
+    (tmp_path / "e.txt").write_bytes(text.encode())
+    got = pd.concat(read_source(SourceFiles("e", "", "auto", [str(tmp_path / "e.txt")]), "paragraph", batch_rows=1))["text"].tolist()
+    want = [b for b in re.split(r"\n[ \t\u3000]*\n+", text.replace("\r\n", "\n")) if b.strip()]
+    assert got == want
+
+
+def test_jsonl_is_streamed(tmp_path):
+    """The first batch comes before the file is complete (a pipe whose writer waits for it)."""
+    import os
+    import threading
+
+    fifo = tmp_path / "s.jsonl"
+    os.mkfifo(fifo)
+    got_first, wrote_all = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with open(fifo, "w", encoding="utf-8") as f:
+            f.write('{"text": "하나"}\n{"text": "둘"}\n')
+            f.flush()
+            got_first.wait(5)  # a reader of whole files waits for the end of the file: the test then fails
+            f.write('{"text": "셋"}\n')
+        wrote_all.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    batches = read_source(SourceFiles("s", "", "jsonl", [str(fifo)]), batch_rows=2)
+    first = next(batches)
+    streamed = not wrote_all.is_set()
+    got_first.set()
+    rest = list(batches)
+    writer.join()
+    assert streamed and first["text"].tolist() == ["하나", "둘"] and [b["text"].tolist() for b in rest] == [["셋"]]

@@ -267,3 +267,28 @@ def test_fsspec_url_source_through_the_runner(tmp_path):
     ds = kollm.run(tmp_path).steps["prepare"].outputs["dataset"]
     assert ds.meta["rows_read"] == 40 and ds.meta["rows"] >= 35
     assert len(pd.read_parquet(ds.path / "eval.parquet")) > 0
+
+
+def test_encoding_option_reads_cp949_files_in_both_reading_paths(tmp_path):
+    from pydantic import ValidationError
+
+    from kollm.data.readers import SourceFiles
+    from kollm.steps.prepare import prepare_sources
+
+    texts, _ = corpus_with_near_duplicates(40, seed=13)
+    files = []
+    for i in range(0, 40, 10):
+        f = tmp_path / f"euckr{i:02d}.jsonl"
+        f.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[i : i + 10]).encode("cp949"))
+        files.append(str(f))
+    src = [SourceFiles("old", str(tmp_path), "auto", files)]
+    with pytest.raises(StepFailed, match="euckr00.jsonl is not valid utf-8"):
+        prepare_sources(src, Config())
+    for num_proc in (1, 2):  # 2: each worker reads its own files
+        out = prepare_sources(src, Config(encoding="cp949", num_proc=num_proc, batch_rows=7))
+        assert out.counts.total == 40 and "filter:low_hangul_ratio" not in out.counts.reasons
+        assert set(out.train["text"]) | set(out.eval["text"]) <= set(texts)
+    with pytest.raises(ValidationError, match="not ASCII-compatible"):
+        Config(encoding="utf-16")
+    with pytest.raises(ValidationError, match="unknown encoding"):
+        Config(encoding="klingon")

@@ -1,4 +1,7 @@
-"""Readers: files of a data source -> pandas batches of raw rows (one batch per file, or per chunk).
+"""Readers: files of a data source -> pandas batches of raw rows, streamed: text, JSON Lines and CSV files are
+read line by line into batches of at most `batch_rows` rows, parquet by row group, `hf` folders in chunks.
+Text files are decoded strictly with the step's `encoding` (UTF-8 unless set; a leading UTF-8 BOM is skipped):
+bytes that are not valid fail the step naming the file and byte offset, never garbled text.
 
 Formats: `txt` (a document per file, or per blank-line-separated block), `jsonl` (a JSON object per line;
 a line that is not valid JSON becomes a rejected row with reason `read:invalid_json`), `parquet`, `csv`,
@@ -14,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +43,7 @@ _EXTENSIONS = {
     ".tsv": "csv",
 }
 _HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-_BLANK_LINES = re.compile(r"\n[ \t\u3000]*\n+")
+_BLANK_LINE = re.compile(r"[ \t\u3000]*")
 
 
 @dataclass(frozen=True)
@@ -79,43 +82,141 @@ def _is_hf_folder(uri: str, files: list[str]) -> bool:
     return False
 
 
-def read_text(path: str, mode: TxtMode) -> pd.DataFrame:
-    raw = _read_bytes(path)
-    text = raw.decode("utf-8-sig", errors="replace")
-    if mode == "file":
-        docs = [text]
-    else:
-        docs = [block for block in _BLANK_LINES.split(text.replace("\r\n", "\n")) if block.strip()]
-    return pd.DataFrame({"text": docs, SOURCE: path})
+class NotDecodable(Exception):
+    """A text file holds bytes that are not valid in the expected encoding."""
+
+    def __init__(self, path: str, encoding: str, offset: int, reason: str):
+        super().__init__(f"{path} is not valid {encoding}: {reason} at byte {offset}")
+        self.path, self.encoding, self.offset = path, encoding, offset
 
 
-def _read_bytes(path: str) -> bytes:
+def check_encoding(encoding: str) -> str:
+    """A codec name Python knows whose line breaks are a single "\\n" byte (UTF-8, CP949, EUC-KR, ...)."""
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"unknown encoding '{encoding}' (e.g. utf-8, cp949, euc-kr)") from None
+    if "\n".encode(encoding) != b"\n":
+        raise ValueError(f"'{encoding}' is not ASCII-compatible; convert the files to UTF-8 first (iconv -f {encoding} -t utf-8)")
+    return encoding
+
+
+def _lines(path: str, encoding: str) -> Iterator[str]:
+    """The lines of a text file (each with its "\\n"), decoded strictly one at a time. A UTF-8 byte order mark
+    at the start is skipped."""
+    import codecs
+
+    utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+    codec = "utf-8" if utf8 else encoding
+    offset = 0
     with _open(path) as f:
-        return f.read()
+        for raw in f:
+            if offset == 0 and utf8 and raw.startswith(codecs.BOM_UTF8):
+                raw, offset = raw[3:], 3
+            try:
+                yield raw.decode(codec)
+            except UnicodeDecodeError as e:
+                raise NotDecodable(path, encoding, offset + e.start, e.reason) from None
+            offset += len(raw)
 
 
-def read_jsonl(path: str) -> pd.DataFrame:
-    rows: list[dict[str, Any]] = []
-    reasons: list[str] = []
-    for line in _read_bytes(path).decode("utf-8-sig", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            rows.append({})
-            reasons.append("read:invalid_json")
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-            reasons.append("")
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Blocks separated by blank lines; the same blocks as `_BLANK_LINES.split(text)` on the whole text."""
+    block: list[str] = []
+    skipping = False  # after a separator: further empty lines belong to it
+    for line in lines:
+        line = line.replace("\r\n", "\n")
+        if skipping:
+            if line == "\n":
+                continue
+            skipping, block = False, [line]
+        elif block and line.endswith("\n") and _BLANK_LINE.fullmatch(line[:-1]):
+            block[-1] = block[-1][:-1]
+            yield "".join(block)
+            block, skipping = [], True
         else:
-            rows.append({})
-            reasons.append("read:not_an_object")
-    df = pd.DataFrame.from_records(rows) if rows else pd.DataFrame()
-    df[SOURCE] = path
-    df[REJECT] = reasons
-    return df
+            block.append(line)
+    yield "".join(block)
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_text(path: str, mode: TxtMode, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    lines = _lines(path, encoding)
+    docs = ["".join(lines)] if mode == "file" else (block for block in _paragraphs(lines) if block.strip())
+    for batch in _batched(docs, batch_rows):
+        yield pd.DataFrame({"text": batch, SOURCE: path})
+
+
+def _json_row(line: str) -> tuple[dict[str, Any], str]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return {}, "read:invalid_json"
+    return (obj, "") if isinstance(obj, dict) else ({}, "read:not_an_object")
+
+
+def read_jsonl(path: str, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    rows = (_json_row(line) for line in _lines(path, encoding) if line.strip())
+    for batch in _batched(rows, batch_rows):
+        df = pd.DataFrame.from_records([r for r, _ in batch])
+        if df.empty:
+            df = pd.DataFrame(index=range(len(batch)))
+        df[SOURCE] = path
+        df[REJECT] = [reason for _, reason in batch]
+        yield df
+
+
+class _TextStream(io.TextIOBase):
+    """A read-only text stream over decoded lines (so that pandas reads a file without holding it whole)."""
+
+    def __init__(self, lines: Iterator[str]):
+        self._lines = lines
+        self._buf = ""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        parts, have = [self._buf], len(self._buf)
+        while size is None or size < 0 or have < size:
+            line = next(self._lines, None)
+            if line is None:
+                break
+            parts.append(line)
+            have += len(line)
+        text = "".join(parts)
+        if size is None or size < 0:
+            self._buf = ""
+            return text
+        self._buf = text[size:]
+        return text[:size]
+
+    def readline(self, size: int | None = -1) -> str:
+        if self._buf:
+            line, self._buf = self._buf, ""
+            return line
+        return next(self._lines, "")
+
+
+def read_csv(path: str, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    sep = "\t" if path.lower().endswith(".tsv") else ","
+    reader = pd.read_csv(_TextStream(_lines(path, encoding)), sep=sep, dtype=str, keep_default_na=False, chunksize=batch_rows)
+    with reader:
+        for df in reader:
+            df[SOURCE] = path
+            yield df
 
 
 def read_parquet(path: str) -> Iterator[pd.DataFrame]:
@@ -127,14 +228,6 @@ def read_parquet(path: str) -> Iterator[pd.DataFrame]:
             df = pf.read_row_group(rg).to_pandas()
             df[SOURCE] = path
             yield df
-
-
-def read_csv(path: str) -> pd.DataFrame:
-    sep = "\t" if path.lower().endswith(".tsv") else ","
-    with _open(path) as f:
-        df = pd.read_csv(io.BytesIO(f.read()), sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    df[SOURCE] = path
-    return df
 
 
 def read_hf(uri: str) -> Iterator[pd.DataFrame]:
@@ -155,8 +248,10 @@ def is_hf_source(src: SourceFiles) -> bool:
     return src.format == "hf" or (src.format == "auto" and _is_hf_folder(src.uri, src.files))
 
 
-def read_source(src: SourceFiles, txt_mode: TxtMode = "file") -> Iterator[pd.DataFrame]:
-    """Yield raw batches of every file of a source. Raises StepFailed naming the file on unreadable data."""
+def read_source(src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+    """Yield raw batches of every file of a source: at most `batch_rows` rows each for text, JSON Lines and CSV
+    files (read line by line, decoded strictly with `encoding`), a row group for parquet. Raises StepFailed
+    naming the file on unreadable data, and the byte offset of bytes that are not valid `encoding`."""
     fmt = src.format
     if is_hf_source(src):
         try:
@@ -176,16 +271,22 @@ def read_source(src: SourceFiles, txt_mode: TxtMode = "file") -> Iterator[pd.Dat
             )
         try:
             if f == "txt":
-                yield read_text(path, txt_mode)
+                yield from read_text(path, txt_mode, encoding, batch_rows)
             elif f == "jsonl":
-                yield read_jsonl(path)
+                yield from read_jsonl(path, encoding, batch_rows)
             elif f == "parquet":
                 yield from read_parquet(path)
             elif f == "csv":
-                yield read_csv(path)
+                yield from read_csv(path, encoding, batch_rows)
             else:
                 raise StepFailed(f"data.{src.name}: format '{f}' needs a folder written by save_to_disk, not the file {path}")
         except StepFailed:
             raise
+        except NotDecodable as e:
+            raise StepFailed(
+                f"data.{src.name}: {e}",
+                hint=f"convert the file, e.g. `iconv -f cp949 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`, "
+                "or set the prepare step's `encoding: cp949` (or the file's encoding) in kollm.yaml",
+            ) from None
         except Exception as e:  # OSError, pyarrow and pandas parser errors: no common base
             raise StepFailed(f"data.{src.name}: cannot read {path} as {f}: {type(e).__name__}: {e}", hint="fix or remove the file") from None

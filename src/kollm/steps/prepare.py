@@ -45,7 +45,7 @@ from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_ba
 from kollm.data.filters import FilterConfig, quality_batch
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
-from kollm.data.readers import SourceFiles, TxtMode, is_hf_source, read_source
+from kollm.data.readers import SourceFiles, TxtMode, check_encoding, is_hf_source, read_source
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
@@ -77,6 +77,10 @@ class Config(BaseModel):
     )
     text_field: str = Field("text", description="The column holding the text, for a corpus read from jsonl/parquet/csv/hf.")
     txt_mode: TxtMode = Field("file", description=".txt files: `file` (a document per file) or `paragraph` (a document per blank-line block).")
+    encoding: str = Field(
+        "utf-8", description="Encoding of the source's txt, jsonl and csv files, e.g. cp949 or euc-kr for older Korean files "
+        "(bytes that are not valid in it fail the step, naming the file and byte offset)."
+    )
     normalize: bool = Field(True, description="Korean Unicode normalization (NFC, jamo, invisible characters, full-width forms, spaces).")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
@@ -86,6 +90,11 @@ class Config(BaseModel):
     num_proc: int = Field(1, ge=1, le=256, description="Processes for the per-row transforms.")
     batch_rows: int = Field(1000, ge=1, description="Rows per batch handed to a process.")
     report_examples: int = Field(5, ge=0, le=100, description="Examples of removed rows per reason in the report.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        return check_encoding(v)
 
     @field_validator("sources")
     @classmethod
@@ -226,11 +235,15 @@ def _example(row: pd.Series, kind: str) -> str:
     return text if len(text) <= 300 else text[:300] + " …"
 
 
+def _read(src: SourceFiles, cfg: Config) -> Iterator[pd.DataFrame]:
+    return read_source(src, cfg.txt_mode, encoding=cfg.encoding, batch_rows=cfg.batch_rows)
+
+
 def _process_file(task: tuple[SourceFiles, Config]) -> list[Processed]:
     """Read one file of a source and transform its batches (in a worker process)."""
     src, cfg = task
     cpu0 = time.process_time()
-    results = [process_batch(chunk, cfg) for chunk in rechunk(read_source(src, cfg.txt_mode), cfg.batch_rows)]
+    results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg), cfg.batch_rows)]
     if results:  # count the reading too
         results[0].cpu_s += time.process_time() - cpu0 - sum(r.cpu_s for r in results)
     return results
@@ -252,7 +265,7 @@ def prepare_sources(sources: list[SourceFiles], cfg: Config, *, step: str = "pre
 
     def batches() -> Iterator[pd.DataFrame]:
         for src in sources:
-            yield from read_source(src, cfg.txt_mode)
+            yield from _read(src, cfg)
 
     return prepare_batches(batches(), cfg, step=step, progress=progress)
 
