@@ -191,3 +191,26 @@ def test_jsonl_is_streamed(tmp_path):
     rest = list(batches)
     writer.join()
     assert streamed and first["text"].tolist() == ["하나", "둘"] and [b["text"].tolist() for b in rest] == [["셋"]]
+
+
+def test_json_arrays_are_read_as_rows(tmp_path):
+    """KoAlpaca/Alpaca ship one JSON array (pretty-printed); it used to be read as JSON Lines (all invalid_json)."""
+    rows = [{"instruction": f"질문 {i}", "input": "", "output": f"답 {i}"} for i in range(5)]
+    (tmp_path / "ko_alpaca.json").write_text("\n  " + json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    batches = list(read_source(SourceFiles("a", "", "auto", [str(tmp_path / "ko_alpaca.json")]), batch_rows=2))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    out = to_schema_batch(pd.concat(batches, ignore_index=True), "instructions")
+    assert out["_reject"].tolist() == [""] * 5 and out["messages"][4][1]["content"] == "답 4"
+    (tmp_path / "mixed.json").write_text(json.dumps([{"text": "가"}, 3, "x"]), encoding="utf-8")
+    df = pd.concat(read_source(SourceFiles("m", "", "auto", [str(tmp_path / "mixed.json")])))
+    assert df["_reject"].tolist() == ["", "read:not_an_object", "read:not_an_object"]
+
+
+def test_json_object_holding_the_rows_under_a_key_is_a_clear_error(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": [{"text": "가"}]}, indent=2), encoding="utf-8")
+    with pytest.raises(StepFailed) as err:
+        list(read_source(SourceFiles("w", "", "auto", [str(tmp_path / "wrapped.json")])))
+    assert "wrapped.json" in err.value.message and "'data'" in err.value.message
+    assert "jq -c '.data[]'" in err.value.hint
+    (tmp_path / "one.json").write_text(json.dumps({"text": "한 줄"}, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert pd.concat(read_source(SourceFiles("o", "", "auto", [str(tmp_path / "one.json")])))["text"].tolist() == ["한 줄"]

@@ -3,7 +3,8 @@ read line by line into batches of at most `batch_rows` rows, parquet by row grou
 Text files are decoded strictly with the step's `encoding` (UTF-8 unless set; a leading UTF-8 BOM is skipped):
 bytes that are not valid fail the step naming the file and byte offset, never garbled text.
 
-Formats: `txt` (a document per file, or per blank-line-separated block), `jsonl` (a JSON object per line;
+Formats: `txt` (a document per file, or per blank-line-separated block), `jsonl` (a JSON object per line, or
+one JSON array of objects as in Alpaca/KoAlpaca `.json` files;
 a line that is not valid JSON becomes a rejected row with reason `read:invalid_json`), `parquet`, `csv`,
 and `hf` (a Hugging Face `datasets` folder written by `save_to_disk`, a Dataset or a DatasetDict).
 Paths may be local or fsspec URLs (s3://, gs://, memory://, file://); s3 credentials come from the
@@ -18,6 +19,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -82,12 +84,23 @@ def _is_hf_folder(uri: str, files: list[str]) -> bool:
     return False
 
 
-class NotDecodable(Exception):
+class UnreadableFile(Exception):
+    """A file that cannot be read as its format; `read_source` turns it into StepFailed naming the source."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class NotDecodable(UnreadableFile):
     """A text file holds bytes that are not valid in the expected encoding."""
 
     def __init__(self, path: str, encoding: str, offset: int, reason: str):
-        super().__init__(f"{path} is not valid {encoding}: {reason} at byte {offset}")
-        self.path, self.encoding, self.offset = path, encoding, offset
+        super().__init__(
+            f"{path} is not valid {encoding}: {reason} at byte {offset}",
+            hint=f"convert the file, e.g. `iconv -f cp949 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`, "
+            "or set the prepare step's `encoding: cp949` (or the file's encoding) in kollm.yaml",
+        )
 
 
 def check_encoding(encoding: str) -> str:
@@ -167,9 +180,48 @@ def _json_row(line: str) -> tuple[dict[str, Any], str]:
     return (obj, "") if isinstance(obj, dict) else ({}, "read:not_an_object")
 
 
+def _json_rows(path: str, lines: Iterator[str]) -> Iterator[tuple[dict[str, Any], str]]:
+    """(row, rejection reason) per JSON object. JSON Lines, or one JSON array of objects (Alpaca/KoAlpaca
+    `.json` files; read whole), or one JSON object (a single row; an object holding the rows in a list
+    under a key is an error that names the key)."""
+    head: list[str] = []
+    for line in lines:  # up to the first non-blank line
+        head.append(line)
+        if line.strip():
+            break
+    first = head[-1].strip() if head else ""
+    rest: Iterable[str] = chain(head, lines)
+    if first.startswith("[") or (first.startswith("{") and _json_row(first)[1]):
+        text = "".join(rest)
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            rest = text.split("\n")  # JSON Lines after all, with broken lines
+        else:
+            yield from _whole_json_rows(path, whole)
+            return
+    for line in rest:
+        if line.strip():
+            yield _json_row(line)
+
+
+def _whole_json_rows(path: str, whole: Any) -> Iterator[tuple[dict[str, Any], str]]:
+    if isinstance(whole, list):
+        yield from (((obj, "") if isinstance(obj, dict) else ({}, "read:not_an_object")) for obj in whole)
+    elif isinstance(whole, dict):
+        keys = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+        if keys:
+            raise UnreadableFile(
+                f"{path} is one JSON object holding the rows in a list under '{keys[0]}', not JSON Lines or a JSON array",
+                hint=f"write the rows as JSON Lines, e.g. `jq -c '.{keys[0]}[]' {path} > {Path(path).stem}.jsonl`",
+            )
+        yield whole, ""
+    else:
+        yield {}, "read:not_an_object"
+
+
 def read_jsonl(path: str, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
-    rows = (_json_row(line) for line in _lines(path, encoding) if line.strip())
-    for batch in _batched(rows, batch_rows):
+    for batch in _batched(_json_rows(path, _lines(path, encoding)), batch_rows):
         df = pd.DataFrame.from_records([r for r, _ in batch])
         if df.empty:
             df = pd.DataFrame(index=range(len(batch)))
@@ -282,11 +334,7 @@ def read_source(src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str =
                 raise StepFailed(f"data.{src.name}: format '{f}' needs a folder written by save_to_disk, not the file {path}")
         except StepFailed:
             raise
-        except NotDecodable as e:
-            raise StepFailed(
-                f"data.{src.name}: {e}",
-                hint=f"convert the file, e.g. `iconv -f cp949 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`, "
-                "or set the prepare step's `encoding: cp949` (or the file's encoding) in kollm.yaml",
-            ) from None
+        except UnreadableFile as e:
+            raise StepFailed(f"data.{src.name}: {e.message}", hint=e.hint) from None
         except Exception as e:  # OSError, pyarrow and pandas parser errors: no common base
             raise StepFailed(f"data.{src.name}: cannot read {path} as {f}: {type(e).__name__}: {e}", hint="fix or remove the file") from None

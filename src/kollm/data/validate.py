@@ -97,4 +97,7 @@ def check_gate(counts: Counts, gate: GateConfig, step: str, report_path: str | N
     lines += [f"    config.gate.{limit}: {msg}" for limit, msg in broken]
     if report_path:
         lines.append(f"  report with examples of rejected rows: {report_path}")
-    raise StepFailed("\n".join(lines), hint=_HINTS[broken[0][0]])
+    limits = [limit for limit, _ in broken]
+    # Rows that break the schema also count as rejected: then fixing the schema, not the filters, is the advice.
+    hint_for = "max_schema_error_fraction" if "max_schema_error_fraction" in limits else limits[0]
+    raise StepFailed("\n".join(lines), hint=_HINTS[hint_for])
