@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -70,3 +71,18 @@ def test_quickstart_prepare_steps_pass_their_gates(tmp_path):
         out = prepare_batches(read_source(SourceFiles(step.name, str(path), src.format, files), step.config.txt_mode), step.config)
         assert not violations(out.counts, step.config.gate), (step.name, out.counts)
         assert out.counts.train >= 100 and out.counts.eval >= 10, (step.name, out.counts)
+
+
+def test_init_into_an_existing_empty_folder_keeps_that_folder(tmp_path, monkeypatch):
+    """`kollm init .` used to replace the current folder (rmdir + rename), leaving the shell in a deleted one."""
+    import os
+
+    here = tmp_path / "here"
+    here.mkdir()
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    root = init_project(Path("."))
+    assert root == here and here.stat().st_ino == inode
+    assert Path(os.getcwd()).stat().st_ino == inode and Path("kollm.yaml").exists()
+    assert (here / "data" / "corpus").is_dir() and (here / "data" / "instructions.jsonl").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]  # the temporary folder is gone

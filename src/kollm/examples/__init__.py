@@ -74,7 +74,9 @@ def init_project(dest: Path, example: str = "korean-quickstart") -> Path:
     """Copy the example folder to `dest` and generate its data files. Returns the project folder.
 
     Refuses a `dest` that exists and is not empty. Everything is written to a temporary folder beside
-    `dest` first and renamed into place, so a failure leaves nothing half-written.
+    `dest` first and renamed into place, so a failure leaves nothing half-written. An existing empty `dest`
+    (`kollm init .`) is kept, not replaced (a shell inside it stays in a folder that exists): the generated
+    files and folders are moved into it.
     """
     dest = Path(dest).expanduser().resolve()
     src = EXAMPLES_DIR / example
@@ -88,11 +90,26 @@ def init_project(dest: Path, example: str = "korean-quickstart") -> Path:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".kollm"))
         if example == "korean-quickstart":
             generate_quickstart_data(tmp)
-        os.chmod(tmp, 0o755)
         if dest.exists():
-            dest.rmdir()  # empty (checked above)
-        os.replace(tmp, dest)
+            _move_children(tmp, dest)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _move_children(src: Path, dest: Path) -> None:
+    """Rename every entry of `src` into the empty folder `dest`; on failure, take back what was moved."""
+    moved: list[Path] = []
+    try:
+        for child in sorted(src.iterdir()):
+            os.replace(child, dest / child.name)
+            moved.append(child)
+    except BaseException:
+        for child in moved:
+            os.replace(dest / child.name, child)
+        raise
