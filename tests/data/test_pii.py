@@ -138,3 +138,27 @@ def test_masking_removes_every_planted_value(data):
     masked = mask_text(text)
     for value in planted:
         assert value not in masked, (value, masked)
+
+
+def test_ordinary_words_and_other_hyphenated_numbers_are_not_accounts():
+    """우리/하나/국민/기업 are ordinary words, and hyphenated digit groups are law, patent and business numbers too."""
+    for text in [
+        "우리 회사의 연 매출은 1234567890원",
+        "하나 더 말하자면 총 1234567890원입니다",
+        "국민 1인당 부채는 12345678901원",
+        "기업 가치가 1500000000000원으로 평가",
+        "법률 제12345-678-901호",
+        "사업자등록번호 120-81-47521",
+        "특허 출원번호 10-2020-0012345",
+    ]:
+        assert mask_text(text) == text, text
+
+
+def test_accounts_with_a_bank_name_or_account_word_or_a_bank_format():
+    assert mask_text("우리은행 1002123456789로 입금") == "우리은행 <ACCOUNT>로 입금"
+    assert mask_text("하나은행 계좌는 12345678901234") == "하나은행 계좌는 <ACCOUNT>"
+    assert mask_text("IBK기업은행 123-456789-01-234") == "IBK기업은행 <ACCOUNT>"
+    assert mask_text("카카오뱅크 3333-01-1234567") == "카카오뱅크 <ACCOUNT>"
+    assert mask_text("신한 110-123-456789 (홍길동)") == "신한 <ACCOUNT> (홍길동)"
+    assert mask_text("이체할 곳: 123-45-67890") == "이체할 곳: <ACCOUNT>"  # an unusual shape, but after 이체
+    assert mask_text("1002-123-456789로 보내 주세요") == "<ACCOUNT>로 보내 주세요"  # 우리은행's shape, no context needed

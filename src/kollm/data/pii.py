@@ -10,8 +10,11 @@ because Korean particles stick to numbers: "010-1234-5678로 연락"):
   `-`, `.`, ` ` or no separator, and +82 forms.
 - `EMAIL`: local@domain.tld (the TLD is ASCII letters, so a following particle "...com으로" is not eaten).
 - `CARD`: 13-19 digits (in groups of 4, or 4-6-5 for Amex) that pass the Luhn check.
-- `ACCOUNT`: bank account numbers: 3-4 hyphenated digit groups with 10-14 digits in all, or a bare run of
-  10-14 digits within a few words after 계좌/통장/입금/송금/은행 or a bank's name.
+- `ACCOUNT`: bank account numbers: 10-14 digits, bare or in 3-4 hyphenated groups, within a few words after
+  계좌/통장/입금/송금/이체/예금주, a word ending in 은행/뱅크 (우리은행, KB국민은행, 카카오뱅크, ...) or an unambiguous
+  bank name (신한, 농협, 우체국, ...); without such a word, only hyphenated groups in the shape a bank uses
+  (신한 3-3-6, 우리 4-3-6, 국민 6-2-6, ...). 우리/하나/국민/기업 alone are ordinary words, and other hyphenated
+  numbers (사업자등록번호 3-2-5, 법률 제12345-678-901호, 특허 10-2020-0012345) are not accounts.
 
 Each type's action is configurable: `mask` (replace with `<TYPE>`), `drop` (reject the row, reason `pii:<type>`)
 or `keep`. Masking is a pure function over strings and pandas batches.
@@ -43,10 +46,17 @@ _PHONE = re.compile(
     r"|0(?:1[016789])\d{7,8}"  # mobile without separators
     r")(?![\d-])"
 )
+_ACCOUNT_NUMBER = r"\d{10,14}|\d{2,6}-\d{2,6}-\d{2,7}(?:-\d{1,3})?"
 _ACCOUNT_HYPHEN = re.compile(r"(?<![\d-])\d{2,6}-\d{2,6}-\d{2,7}(?:-\d{1,3})?(?![\d-])")
 _ACCOUNT_CONTEXT = re.compile(
-    r"(?:계좌|통장|입금|송금|이체|은행|국민|신한|우리|하나|농협|기업|카카오뱅크|토스뱅크|우체국|새마을|신협)[^\d\n]{0,15}(?<!\d)(\d{10,14})(?!\d)"
+    r"(?:계좌|통장|입금|송금|이체|예금주|은행|뱅크|신한|농협|우체국|새마을금고|신협|수협|씨티|KB국민|IBK|SC제일)"
+    rf"[^\d\n]{{0,15}}(?<![\d-])({_ACCOUNT_NUMBER})(?![\d-])"
 )
+# Group lengths of account numbers as the major banks print them (no context word needed for these).
+_BANK_SHAPES = {
+    (6, 2, 6), (3, 2, 4, 3), (3, 3, 6), (3, 2, 6), (4, 3, 6), (3, 6, 5), (3, 4, 4, 2), (3, 6, 2, 3),
+    (4, 2, 7), (4, 2, 7, 1), (4, 4, 4), (3, 6, 3), (3, 2, 6, 1), (3, 3, 6, 1),
+}
 
 
 _MAYBE_PII = re.compile(r"@|\d[\d \t.\-–()]{7,}\d|\d{9}")
@@ -136,9 +146,10 @@ def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES), detect: fr
     if "phone" in detect:
         text = _replace(_PHONE, text, "phone", None, found, "phone" in mask, kept)
     if "account" in detect:
-        account_len = lambda m: 10 <= len(_digits(m.group(0))) <= 14  # noqa: E731
-        text = _replace(_ACCOUNT_HYPHEN, text, "account", account_len, found, "account" in mask, kept)
-        text = _replace(_ACCOUNT_CONTEXT, text, "account", None, found, "account" in mask, kept, group=1)
+        account_len = lambda m: 10 <= len(_digits(m.group(1))) <= 14  # noqa: E731
+        text = _replace(_ACCOUNT_CONTEXT, text, "account", account_len, found, "account" in mask, kept, group=1)
+        bank_shape = lambda m: tuple(map(len, m.group(0).split("-"))) in _BANK_SHAPES  # noqa: E731
+        text = _replace(_ACCOUNT_HYPHEN, text, "account", bank_shape, found, "account" in mask, kept)
     if kept:
         text = _SENTINEL.sub(lambda m: kept[i] if 0 <= (i := ord(m.group(1)) - 0xF0000) < len(kept) else m.group(0), text)
     return PiiScan(text, found)
