@@ -8,7 +8,12 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kollm.data.korean import count_hangul_syllables, hangul_ratio, normalize_batch, normalize_text
+from kollm.data.korean import hangul_ratio, normalize_text
+from kollm.steps.prepare import Config, transform_batch
+
+
+def count_hangul_syllables(text: str) -> int:
+    return sum(1 for ch in text if "가" <= ch <= "힣")
 
 
 def test_decomposed_syllables_and_conjoining_jamo_are_composed():
@@ -52,15 +57,16 @@ def test_hangul_ratio():
     assert hangul_ratio("순수한 한국어") == 1.0
 
 
-def test_normalize_batch_touches_every_text_of_every_kind():
+def test_prepare_normalizes_every_text_of_every_kind():
+    def normalized(raw: pd.DataFrame, kind: str) -> pd.Series:
+        return transform_batch(raw, Config(dataset=kind)).iloc[0]
+
     nfd = unicodedata.normalize("NFD", "안녕")
-    corpus = pd.DataFrame({"text": [f" {nfd}\u200b "], "_reject": [""]})
-    assert normalize_batch(corpus, "corpus")["text"].tolist() == ["안녕"]
-    msgs = pd.DataFrame({"messages": [[{"role": "user", "content": nfd}, {"role": "assistant", "content": "ＯＫ"}]], "_reject": [""]})
-    out = normalize_batch(msgs, "instructions")["messages"][0]
-    assert [m["content"] for m in out] == ["안녕", "OK"]
-    prefs = pd.DataFrame({"prompt": [[{"role": "user", "content": nfd}]], "chosen": ["１"], "rejected": [" 2 "], "_reject": [""]})
-    out = normalize_batch(prefs, "preferences").iloc[0]
+    assert normalized(pd.DataFrame({"text": [f" {nfd}\u200b "]}), "corpus")["text"] == "안녕"
+    msgs = pd.DataFrame({"messages": [[{"role": "user", "content": nfd}, {"role": "assistant", "content": "ＯＫ"}]]})
+    assert [m["content"] for m in normalized(msgs, "instructions")["messages"]] == ["안녕", "OK"]
+    prefs = pd.DataFrame({"prompt": [[{"role": "user", "content": nfd}]], "chosen": ["１"], "rejected": [" 2 "]})
+    out = normalized(prefs, "preferences")
     assert (out["prompt"][0]["content"], out["chosen"], out["rejected"]) == ("안녕", "1", "2")
     assert msgs["messages"][0][0]["content"] == nfd  # pure: the input batch is unchanged
 

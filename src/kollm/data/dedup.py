@@ -155,9 +155,6 @@ class NearDupIndex:
         self.lsh.remove(key)
         del self.sigs[key]
 
-    def __len__(self) -> int:
-        return len(self.sigs)
-
 
 def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, seed: int = 1) -> np.ndarray:
     """For rows in order, -1 for a row to keep, else the index of the earlier kept row it near-duplicates.

@@ -1,4 +1,4 @@
-"""Korean text normalization: pure functions over strings and pandas batches.
+"""Korean text normalization: pure functions over strings (the prepare step maps them over batches).
 
 What `normalize_text` does, in this order (the order makes it idempotent):
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-
-import pandas as pd
 
 # --- character tables, built once from the Unicode database ---------------------------------------
 
@@ -152,14 +150,6 @@ _HANGUL_RUNS = re.compile(r"[\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97
 _LETTER_RUNS = re.compile(r"[^\W\d_]+")
 
 
-def is_hangul_syllable(ch: str) -> bool:
-    return "\uac00" <= ch <= "\ud7a3"
-
-
-def count_hangul_syllables(text: str) -> int:
-    return sum(1 for ch in text if "\uac00" <= ch <= "\ud7a3")
-
-
 def hangul_ratio(text: str) -> float:
     """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters."""
     letters = sum(map(len, _LETTER_RUNS.findall(text)))
@@ -167,12 +157,3 @@ def hangul_ratio(text: str) -> float:
         return 0.0
     return sum(map(len, _HANGUL_RUNS.findall(text))) / letters
 
-
-# --- batches --------------------------------------------------------------------------------------
-
-
-def normalize_batch(batch: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Normalize every text field of a batch of a dataset kind (corpus, instructions, preferences)."""
-    from kollm.data.schema import map_texts
-
-    return map_texts(batch, kind, normalize_text)

@@ -126,8 +126,8 @@ def _replace(pattern: re.Pattern[str], text: str, kind: str, valid, found: Count
 _SENTINEL = re.compile("\ue000(.)\ue001", re.DOTALL)
 
 
-def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES), detect: frozenset[str] = frozenset(PII_TYPES)) -> PiiScan:
-    """Find PII of the `detect` types in `text`; replace those in `mask` with `<TYPE>` placeholders.
+def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES)) -> PiiScan:
+    """Find PII of every type in `text`; replace those in `mask` with `<TYPE>` placeholders.
 
     Types are scanned in a fixed order (e-mail, RRN, card, phone, account) and a found value is out of the
     way before the next type looks, so one value is counted once. A detected value that is not masked is
@@ -137,19 +137,15 @@ def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES), detect: fr
     if not _MAYBE_PII.search(text):  # every type needs an "@" or 9+ digits close together
         return PiiScan(text, found)
     kept: list[str] = []
-    if "email" in detect and "@" in text:
+    if "@" in text:
         text = _replace(_EMAIL, text, "email", None, found, "email" in mask, kept)
-    if "rrn" in detect:
-        text = _replace(_RRN, text, "rrn", lambda m: rrn_valid(_digits(m.group(0))), found, "rrn" in mask, kept)
-    if "card" in detect:
-        text = _replace(_CARD, text, "card", lambda m: luhn_valid(_digits(m.group(0))), found, "card" in mask, kept)
-    if "phone" in detect:
-        text = _replace(_PHONE, text, "phone", None, found, "phone" in mask, kept)
-    if "account" in detect:
-        account_len = lambda m: 10 <= len(_digits(m.group(1))) <= 14  # noqa: E731
-        text = _replace(_ACCOUNT_CONTEXT, text, "account", account_len, found, "account" in mask, kept, group=1)
-        bank_shape = lambda m: tuple(map(len, m.group(0).split("-"))) in _BANK_SHAPES  # noqa: E731
-        text = _replace(_ACCOUNT_HYPHEN, text, "account", bank_shape, found, "account" in mask, kept)
+    text = _replace(_RRN, text, "rrn", lambda m: rrn_valid(_digits(m.group(0))), found, "rrn" in mask, kept)
+    text = _replace(_CARD, text, "card", lambda m: luhn_valid(_digits(m.group(0))), found, "card" in mask, kept)
+    text = _replace(_PHONE, text, "phone", None, found, "phone" in mask, kept)
+    account_len = lambda m: 10 <= len(_digits(m.group(1))) <= 14  # noqa: E731
+    text = _replace(_ACCOUNT_CONTEXT, text, "account", account_len, found, "account" in mask, kept, group=1)
+    bank_shape = lambda m: tuple(map(len, m.group(0).split("-"))) in _BANK_SHAPES  # noqa: E731
+    text = _replace(_ACCOUNT_HYPHEN, text, "account", bank_shape, found, "account" in mask, kept)
     if kept:
         text = _SENTINEL.sub(lambda m: kept[i] if 0 <= (i := ord(m.group(1)) - 0xF0000) < len(kept) else m.group(0), text)
     return PiiScan(text, found)

@@ -49,13 +49,10 @@ from kollm.data.readers import SourceFiles, TxtMode, check_encoding, is_hf_sourc
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
-from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult
+from kollm.pipeline.artifacts import file_digest
+from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult, _no_progress
 
 KIND = "prepare"
-
-
-def _no_progress(items, *, total=None, description=""):
-    return items
 
 
 class SplitConfig(BaseModel):
@@ -415,12 +412,6 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def file_digest(path: Path) -> str:
-    from hashlib import sha256
-
-    return "sha256:" + sha256(path.read_bytes()).hexdigest()
-
-
 def _metric_name(reason: str) -> str:
     return reason.replace(":", ".")
 
@@ -471,7 +462,7 @@ def run(ctx: StepContext) -> StepResult:
     for split, frame in (("train", prepared.train), ("eval", prepared.eval)):
         path = data_dir / f"{split}.parquet"
         ctx.tracker.log_dataset(
-            Artifact(cfg.dataset, Path(f"{ctx.name}/dataset/{split}.parquet"), file_digest(path), {"rows": len(frame), "split": split}),
+            Artifact(cfg.dataset, Path(f"{ctx.name}/dataset/{split}.parquet"), "sha256:" + file_digest(path), {"rows": len(frame), "split": split}),
             name=f"{ctx.name}/{split}", context=split,
         )
     ctx.log.info(summary(counts, f"prepare step '{ctx.name}' finished"))
