@@ -20,7 +20,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from itertools import chain
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ class SourceFiles:
     name: str
     uri: str
     format: str
-    files: list[str] = field(default_factory=list)
+    files: list[str]
 
 
 def _is_url(path: str) -> bool:

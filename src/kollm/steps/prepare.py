@@ -421,11 +421,9 @@ def _metric_name(reason: str) -> str:
 
 def run(ctx: StepContext) -> StepResult:
     cfg: Config = ctx.config
-    sources = [
-        SourceFiles(name=art.meta.get("name", name), uri=art.meta.get("uri", ""), format=art.meta.get("format", "auto"),
-                    files=list(art.meta.get("files", [])))
-        for name, art in ((n, ctx.inputs[n]) for n in cfg.sources)
-    ]
+    # The runner's source artifacts (pipeline.spec.resolve_source) always carry these four keys.
+    metas = [ctx.inputs[n].meta for n in cfg.sources]
+    sources = [SourceFiles(name=m["name"], uri=m["uri"], format=m["format"], files=list(m["files"])) for m in metas]
     ctx.log.info("prepare %s: %s from %s", ctx.name, cfg.dataset, ", ".join(s.uri for s in sources))
 
     prepared = prepare_sources(sources, cfg, step=ctx.name, progress=ctx.progress)
