@@ -124,11 +124,13 @@ class StopFilter:
         if not self.stops:
             return text, False
         buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # the stop that completes first wins (earliest end, then earliest start): the same cut however the
+        # text was split into pushes, because generation ends as soon as one completes
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self._pending = ""
             self.stopped = True
-            return buf[: min(hits)], True
+            return buf[: min(hits)[1]], True
         hold = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), hold, -1):
