@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "eval"))
-from tiny_model import save_tiny  # noqa: E402
+from tests.tiny import save_tiny
 
-from kollm import registry  # noqa: E402
-from kollm.errors import KollmError, NotFound  # noqa: E402
+from kollm import registry
+from kollm.errors import KollmError, NotFound
 
 
 def make_project(root: Path, uri: str | None = None) -> Path:

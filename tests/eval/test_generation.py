@@ -20,7 +20,7 @@ from kollm.eval.generation import (
     score_exact,
     score_regex,
 )
-from tiny_model import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_model, tiny_tokenizer
 
 
 def test_exact_and_contains_normalize_korean_and_whitespace():

@@ -9,7 +9,7 @@ import torch
 
 from kollm.errors import StepFailed
 from kollm.eval.perplexity import Encoded, encode_chat, encode_corpus, perplexity
-from tiny_model import tiny_model, tiny_tokenizer
+from tests.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

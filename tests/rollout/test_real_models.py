@@ -18,14 +18,13 @@ from kollm.rollout.serving import build_canary_gateway
 
 from .conftest import Load, Server, free_port, wait_for
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "serve"))
-from tiny_model import build_tiny_model  # noqa: E402
+from tests.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return [build_tiny_model(root / f"tiny-{seed}", seed=seed) for seed in (1, 2)]
+    return [save_tiny(root / f"tiny-{seed}", seed=seed) for seed in (1, 2)]
 
 
 def register_tiny(registered, folders: list[Path]) -> None:

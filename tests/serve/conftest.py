@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -13,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_model import build_tiny_model  # noqa: E402
+from tests.tiny import save_tiny
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,7 +28,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    # large random weights: varied, context-dependent greedy outputs (0.02 repeats one token)
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", init_range=0.5)
 
 
 def free_port() -> int:

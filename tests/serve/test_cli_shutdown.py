@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 
-from conftest import free_port, wait_ready
+from .conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from conftest import start_server
+from .conftest import start_server
 
 pytestmark = pytest.mark.slow
 

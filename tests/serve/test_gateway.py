@@ -10,8 +10,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
-from conftest import start_server
-from fake_engine import FakeEngine
+from .conftest import start_server
+from .fake_engine import FakeEngine
 
 from kollm.serve import create_app
 from kollm.serve.gateway import Arm, Gateway, user_bucket

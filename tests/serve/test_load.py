@@ -13,8 +13,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, wait_ready
-from rawhttp import Connection
+from .conftest import free_port, wait_ready
+from .rawhttp import Connection
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server
+from .conftest import start_server
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fake_engine import FakeEngine
+from .fake_engine import FakeEngine
 from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 

@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 STEPS_PY = '''
-from tiny_model import save_tiny
+from evaltiny import save_tiny
 
 def build(ctx):
     save_tiny(ctx.output_path("model"), seed=ctx.config.params["seed"])
@@ -35,7 +35,7 @@ def make_project(root: Path, *, gate: list[str], seed: int = 0, uri: str | None 
         {"prompt": [{"role": "user", "content": "숫자를 말해 주세요"}], "expected": r"\\d", "metric": "regex", "id": "digit"},
     ]
     (root / "data" / "suite.jsonl").write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in suite), encoding="utf-8")
-    shutil.copy(HERE.parent / "eval" / "tiny_model.py", root / "tiny_model.py")
+    shutil.copy(HERE.parent / "tiny.py", root / "evaltiny.py")  # the project imports it from its own folder
     (root / "tinysteps.py").write_text(STEPS_PY, encoding="utf-8")
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
     gate_yaml = "[" + ", ".join(json.dumps(g) for g in gate) + "]"

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent.parent / "eval"))
-from evalproject import make_project  # noqa: E402
+from tests.steps.evalproject import make_project
 
-import kollm  # noqa: E402
-from kollm import registry  # noqa: E402
-from kollm.errors import ConfigError, GateFailed  # noqa: E402
+import kollm
+from kollm import registry
+from kollm.errors import ConfigError, GateFailed
 
 
 @pytest.fixture(autouse=True)
