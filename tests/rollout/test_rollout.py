@@ -71,18 +71,17 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
     gw = make_gateway(registered, tmp_path, fail_ratio=0.3)
     with Server(gw) as srv, Load(srv.url, registered.name) as load:
         time.sleep(0.2)
-        t0 = time.time()
         # 8 samples hold at least one of the canary's 3-in-10 failures; 50 % gives ~2x that at this load
         start(srv.url, registered.name, steps="50,75", pause="1s", min_requests=8, alert_webhook=webhook.url)
         wait_for(lambda: status(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback")
-        elapsed = time.time() - t0
         before = load.result.versions.copy()
         time.sleep(0.5)
         after = load.result.versions - before
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     assert saved["status"] == "rolled_back" and saved["weight"] == 0
+    # rolled back after exactly two analysis intervals (counted in windows, not wall time: the suite asserts
+    # behaviour, and a loaded CI machine stretches each 1 s interval)
     assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
-    assert saved["ended_at"] - saved["started_at"] < 2 * 1.0 + 0.5, elapsed  # two 1 s intervals
     assert set(after) == {"1"}, after  # weight 0: only the stable version serves
     assert load.result.failed == [], load.result.failed[:5]  # every error came from the canary itself
     assert load.result.canary_errors > 0
