@@ -15,6 +15,17 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 KOLLM = str(Path(sys.executable).parent / "kollm")
 
 
+@pytest.fixture(autouse=True)
+def isolated_tracking(monkeypatch):
+    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI; keep one test's store out of the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
 @pytest.fixture
 def kollm_bin() -> str:
     """The installed `kollm` entry point of this interpreter's environment."""

@@ -21,13 +21,6 @@ def make_project(root: Path, uri: str | None = None) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_tracking(monkeypatch):
-    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlflow
 import pytest
 from starlette.testclient import TestClient
 
@@ -13,12 +12,6 @@ from kollm.serve import create_app, describe_model_uri, load_engine, resolve
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def isolated_tracking(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def test_models_uri_resolves_alias_to_version(tmp_path, tiny_model_dir):

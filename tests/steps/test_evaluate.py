@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from tests.steps.evalproject import make_project
@@ -16,12 +15,6 @@ from kollm import registry
 from kollm.errors import ConfigError, GateFailed
 
 
-@pytest.fixture(autouse=True)
-def isolated_tracking(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def read_metrics(result) -> dict:

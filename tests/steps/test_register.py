@@ -15,12 +15,6 @@ from kollm import registry
 from kollm.errors import GateFailed
 
 
-@pytest.fixture(autouse=True)
-def isolated_tracking(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def check_registered(project: Path, result) -> None:
