@@ -446,9 +446,9 @@ def register_folder(
         f"torch=={torch.__version__.split('+')[0]}",
         f"transformers=={transformers.__version__}",
     ]
-    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings():
-        # MLflow nags about type hints and input examples; the signature above is deliberate
-        warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    # MLflow nags about type hints and input examples; the signature above is deliberate. It forces its own
+    # "once" filter around that check, so filters cannot silence it: record the warnings and drop them.
+    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings(record=True):
         local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             path=str(local),

@@ -13,14 +13,10 @@ Generation is greedy, batched with left padding. This file must only import mlfl
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow
 from mlflow.pyfunc import PythonModel
-
-# MLflow checks `predict` for type hints when the class below is defined; their absence is deliberate (see predict)
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class HFCausalLM(PythonModel):
