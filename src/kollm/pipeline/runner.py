@@ -156,7 +156,7 @@ def _run_step(
                 f"step '{step.name}' has no cached result for its current config and inputs",
                 hint="run the whole pipeline first (or start earlier with --from)",
             )
-        outputs = {n: Artifact(o["type"], final / n, o["digest"], o.get("meta", {})) for n, o in cached["outputs"].items()}
+        outputs = _cached_outputs(final, cached)
         return StepRecord(step.name, step.kind, key, cached.get("run_id"), True, outputs, cached.get("metrics", {})), 0.0
     tags = {
         "kollm.cache_key": key,
@@ -168,7 +168,7 @@ def _run_step(
     }
     st = tracker.step(step.name, step.kind, tags)
     if cached is not None:
-        outputs = {n: Artifact(o["type"], final / n, o["digest"], o.get("meta", {})) for n, o in cached["outputs"].items()}
+        outputs = _cached_outputs(final, cached)
         metrics = cached.get("metrics", {})
         duration = time.perf_counter() - t0
         st.log(
@@ -290,6 +290,10 @@ def _resolve_inputs(pipe: Pipeline, step: ResolvedStep, result: RunResult) -> di
         else:
             inputs[name] = result.steps[ref.step].outputs[ref.output]
     return inputs
+
+
+def _cached_outputs(folder: Path, manifest: dict[str, Any]) -> dict[str, Artifact]:
+    return {n: Artifact(o["type"], folder / n, o["digest"], o.get("meta", {})) for n, o in manifest["outputs"].items()}
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -102,8 +102,7 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
             problems.extend(pydantic_problems(e, prefix=f"{where}.config", model=module.Config))
             continue
         try:
-            module.code(config)  # resolves user modules of `python` steps early
-            _check_code(module.code(config))
+            _check_code(module.code(config))  # a `python` step's user module must exist before anything runs
         except ConfigError as e:
             problems.extend(f"{where}.config: {p}" for p in e.problems)
             continue

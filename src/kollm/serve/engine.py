@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -104,6 +104,21 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Finish every accepted request, then release the model."""
         ...
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[ChatTurn]) -> list[int]:
+    """Prompt ids for a chat with the model's chat template (both backends tokenize with the HF tokenizer)."""
+    if not tokenizer.chat_template:
+        raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as e:
+        raise PromptError(f"the model's chat template rejected the messages: {e}") from None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class StopFilter:
@@ -271,17 +286,7 @@ class TransformersEngine:
         return list(ids)
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as e:
-            raise PromptError(f"the model's chat template rejected the messages: {e}") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_chat(self.tokenizer, messages)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
         if self._failure is not None:
@@ -542,17 +547,7 @@ class VLLMEngine:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        if not self.tokenizer.chat_template:
-            raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as e:
-            raise PromptError(f"the model's chat template rejected the messages: {e}") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_chat(self.tokenizer, messages)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
         from vllm import SamplingParams as VllmSamplingParams
