@@ -62,3 +62,27 @@ def test_planted_near_duplicates_precision_recall():
 
 def test_empty_text_has_a_signature():
     assert signatures_batch(["", "!!!"], DedupConfig(num_perm=32)).shape == (2, 32)
+
+
+def test_index_finds_the_candidates_datasketch_lsh_finds():
+    """NearDupIndex bands signatures like datasketch's MinHashLSH: the same LSH candidates for every query."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    from kollm.data.dedup import NearDupIndex
+
+    texts, _ = corpus_with_near_duplicates(400, dup_fraction=0.3, seed=4)
+    sigs = signatures_batch(texts, DedupConfig())
+    for threshold in (0.7, 0.8):
+        ours, theirs = NearDupIndex(threshold, 128), MinHashLSH(threshold=threshold, num_perm=128)
+        for i, sig in enumerate(sigs[:200]):
+            ours.add(i, sig)
+            theirs.insert(i, LeanMinHash(seed=1, hashvalues=sig, scheme="affine32"))
+        for sig in sigs[200:]:
+            found = set(theirs.query(LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")))
+            assert ours.candidates(sig) == found
+        assert sum(bool(ours.candidates(s)) for s in sigs[200:]) > 20
+        for i in range(0, 200, 3):
+            ours.remove(i)
+            theirs.remove(i)
+        for sig in sigs[200:]:
+            assert ours.candidates(sig) == set(theirs.query(LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")))

@@ -9,7 +9,8 @@ MinHash signatures are computed with numpy over character shingles (k-grams of c
 permutations of a `datasketch.MinHash` and its "affine32" scheme, so each signature equals what
 `datasketch.MinHash(hashfunc=identity).update_batch(shingle_hashes)` gives (a test checks this), only
 faster. `signatures_batch` is a pure function over a batch (it runs in worker processes);
-`NearDupIndex` (a `datasketch.MinHashLSH`) runs in one process and keeps the first of each group.
+`NearDupIndex` (the banding of `datasketch.MinHashLSH`, a test checks it finds the same candidates) runs in
+one process and keeps the first of each group.
 """
 
 from __future__ import annotations
@@ -114,46 +115,80 @@ def jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     return float(np.mean(sig_a == sig_b))
 
 
+@lru_cache(maxsize=16)
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) that `datasketch.MinHashLSH(threshold, num_perm)` picks (equal false-positive and
+    false-negative weights)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return lsh.b, lsh.r
+
+
 class NearDupIndex:
     """A MinHash LSH index of kept rows. `match` returns the key of a kept row whose estimated Jaccard
-    similarity is at least the threshold (LSH candidates are verified), else None."""
+    similarity is at least the threshold (LSH candidates are verified), else None.
+
+    The banding is datasketch's `MinHashLSH` (the same bands and rows per band, so the same candidates), kept
+    as one dict per band from the band's bytes to the keys holding it: a lookup per band, without building a
+    `LeanMinHash` per row (several times faster; this runs in one process)."""
 
     def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1):
-        from datasketch import MinHashLSH
-
         self.threshold = threshold
         self.seed = seed
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.bands, rows = lsh_bands(threshold, num_perm)
+        self._width = rows * 4  # bytes of a band of uint32 values
+        self.tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
         self.sigs: dict[int, np.ndarray] = {}
 
-    def _lean(self, sig: np.ndarray):
-        from datasketch import LeanMinHash
+    def _keys(self, sig: np.ndarray) -> list[bytes]:
+        row, w = np.ascontiguousarray(sig, dtype=np.uint32).tobytes(), self._width
+        return [row[i * w : (i + 1) * w] for i in range(self.bands)]
 
-        return LeanMinHash(seed=self.seed, hashvalues=sig, scheme="affine32")
+    def _candidates(self, keys: list[bytes]) -> set[int]:
+        found: set[int] = set()
+        for table, k in zip(self.tables, keys):
+            if keys_in_band := table.get(k):
+                found.update(keys_in_band)
+        return found
 
-    def match(self, sig: np.ndarray, lean=None) -> int | None:
+    def candidates(self, sig: np.ndarray) -> set[int]:
+        """Keys of the kept rows that share a band with `sig` (not yet verified)."""
+        return self._candidates(self._keys(sig))
+
+    def _match(self, sig: np.ndarray, keys: list[bytes]) -> int | None:
         best, best_j = None, -1.0
-        for key in self.lsh.query(lean if lean is not None else self._lean(sig)):
+        for key in self._candidates(keys):
             j = jaccard(sig, self.sigs[key])
             if j >= self.threshold and (j > best_j or (j == best_j and key < best)):
                 best, best_j = key, j
         return best
 
-    def add(self, key: int, sig: np.ndarray, lean=None) -> None:
-        self.lsh.insert(key, lean if lean is not None else self._lean(sig), check_duplication=False)
+    def _add(self, key: int, sig: np.ndarray, keys: list[bytes]) -> None:
+        for table, k in zip(self.tables, keys):
+            table.setdefault(k, []).append(key)
         self.sigs[key] = sig
+
+    def match(self, sig: np.ndarray) -> int | None:
+        return self._match(sig, self._keys(sig))
+
+    def add(self, key: int, sig: np.ndarray) -> None:
+        self._add(key, sig, self._keys(sig))
 
     def match_or_add(self, key: int, sig: np.ndarray) -> int | None:
         """The kept row `sig` near-duplicates, or None after adding it as kept."""
-        lean = self._lean(sig)
-        found = self.match(sig, lean)
+        keys = self._keys(sig)
+        found = self._match(sig, keys)
         if found is None:
-            self.add(key, sig, lean)
+            self._add(key, sig, keys)
         return found
 
     def remove(self, key: int) -> None:
-        self.lsh.remove(key)
-        del self.sigs[key]
+        for table, k in zip(self.tables, self._keys(self.sigs.pop(key))):
+            keys = table[k]
+            keys.remove(key)
+            if not keys:
+                del table[k]
 
 
 def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, seed: int = 1) -> np.ndarray:
