@@ -91,37 +91,53 @@ def run(
     with _project_lock(state):
         shutil.rmtree(state / "tmp", ignore_errors=True)  # leftovers of a killed run; we hold the lock
         tracker = PipelineTracker(pipe.cfg, pipe.project_dir)
-        if parent_run_id:
-            tracker.run_id = parent_run_id
-        else:
-            tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": kollm.__version__})
-        result = RunResult(run_id=tracker.run_id, status="RUNNING")
-        log = _EventLog(state / "logs" / "system" / f"{tracker.run_id}.jsonl")
-        log.write("pipeline_started", steps=selected)
-        t_pipeline = time.perf_counter()
         try:
-            for step in pipe.steps:
-                if step.name not in selected:
-                    break
-                record, duration = _run_step(
-                    pipe, step, result, tracker, log, report, progress,
-                    force=step.name in forced, cached_only=step.name in cached_only,
-                )
-                result.steps[step.name] = record
-                result.durations[step.name] = duration
-        except BaseException as e:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            log.write("pipeline_failed", error=str(e), status=status)
-            if not parent_run_id:
-                tracker.finish(status)
-            result.status = status
-            raise
+            return _run_pipeline(pipe, tracker, selected, forced, cached_only, parent_run_id, report, progress)
+        finally:
+            tracker.close()
+
+
+def _run_pipeline(
+    pipe: Pipeline,
+    tracker: PipelineTracker,
+    selected: list[str],
+    forced: set[str],
+    cached_only: set[str],
+    parent_run_id: str | None,
+    report: Reporter,
+    progress: Progress,
+) -> RunResult:
+    if parent_run_id:
+        tracker.run_id = parent_run_id
+    else:
+        tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": kollm.__version__})
+    result = RunResult(run_id=tracker.run_id, status="RUNNING")
+    log = _EventLog(pipe.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")
+    log.write("pipeline_started", steps=selected)
+    t_pipeline = time.perf_counter()
+    try:
+        for step in pipe.steps:
+            if step.name not in selected:
+                break
+            record, duration = _run_step(
+                pipe, step, result, tracker, log, report, progress,
+                force=step.name in forced, cached_only=step.name in cached_only,
+            )
+            result.steps[step.name] = record
+            result.durations[step.name] = duration
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        log.write("pipeline_failed", error=str(e), status=status)
         if not parent_run_id:
-            hits = sum(r.cache_hit for r in result.steps.values())
-            tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t_pipeline, "steps": len(result.steps), "cache_hits": hits})
-        log.write("pipeline_finished", duration_s=time.perf_counter() - t_pipeline)
-        result.status = "FINISHED"
-        return result
+            tracker.finish(status)
+        result.status = status
+        raise
+    if not parent_run_id:
+        hits = sum(r.cache_hit for r in result.steps.values())
+        tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t_pipeline, "steps": len(result.steps), "cache_hits": hits})
+    log.write("pipeline_finished", duration_s=time.perf_counter() - t_pipeline)
+    result.status = "FINISHED"
+    return result
 
 
 def _run_step(

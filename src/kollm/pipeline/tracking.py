@@ -13,12 +13,15 @@ import os
 import posixpath
 import re
 import socket
+import sqlite3
+import sys
 import time
 from pathlib import Path
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kollm.errors import KollmError
+from kollm.pipeline.sqlite_runs import SqliteRuns
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -147,33 +150,96 @@ def _pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """An MLflow store error while logging becomes one clear KollmError instead of a traceback."""
-    from mlflow.exceptions import MlflowException
-
     try:
         yield
-    except MlflowException as e:
+    except sqlite3.Error as e:  # kollm's own writes into the SQLite store (sqlite_runs)
         raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:
+        exceptions = sys.modules.get("mlflow.exceptions")  # only MLflow can have raised one of its errors
+        if exceptions is None or not isinstance(e, exceptions.MlflowException):
+            raise
+        raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
+
+
+def _point_mlflow_at(uri: str) -> None:
+    """What client_for() does for MLflow's global URIs (step code may use mlflow's fluent API), without importing
+    MLflow when nothing has yet: MLflow reads these variables when it first needs a URI."""
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ["MLFLOW_REGISTRY_URI"] = uri
+
+
+class RunWriter:
+    """Creates, logs to and ends runs in one tracking store: through kollm's SQLite writer where it applies
+    (see sqlite_runs), otherwise, and for anything that writer declines, through MLflow's own client."""
+
+    def __init__(self, uri: str, fast: SqliteRuns | None = None, client: MlflowClient | None = None):
+        self.uri = uri
+        self.fast = fast
+        self._client = client
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = client_for(self.uri)
+        return self._client
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+        with _store_errors():
+            if self.fast is not None and self.fast.experiment_id == experiment_id:
+                run_id = self.fast.create_run(run_name, tags)
+                if run_id is not None:
+                    return run_id
+            return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def log_batch(self, run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        with _store_errors():
+            if self.fast is not None and max(len(params), len(metrics), len(tags)) <= 1000:
+                if self.fast.log_batch(run_id, params, metrics, tags, timestamp=ts, step=step):
+                    return
+            from mlflow.entities import Metric, Param, RunTag
+
+            p = [Param(k, v) for k, v in params.items()]
+            m = [Metric(k, v, ts, step) for k, v in metrics.items()]
+            t = [RunTag(k, v) for k, v in tags.items()]
+            for i in range(0, max(len(p), len(m), len(t)), BATCH):
+                self.client.log_batch(run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True)
+
+    def set_terminated(self, run_id: str, status: str) -> None:
+        with _store_errors():
+            if self.fast is not None and self.fast.set_terminated(run_id, status):
+                return
+            self.client.set_terminated(run_id, status=status)
+
+    def close(self) -> None:
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
 
 
 class StepTracker:
     """Logging into one (nested) MLflow run. Step code uses this through `ctx.tracker`."""
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None):
-        self._client = client
+    def __init__(self, writer: RunWriter | None, run_id: str | None):
+        self._writer = writer
         self.run_id = run_id
 
     def log(self, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, Any] | None = None, step: int | None = None) -> None:
-        """Params, metrics and tags in as few MLflow calls as the store allows (1 for up to 100 of each)."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        ts = int(time.time() * 1000)
-        p = [Param(k, v) for k, v in flatten(params or {}).items()]
-        m = [Metric(k, float(v), ts, step or 0) for k, v in (metrics or {}).items()]
-        t = [RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in (tags or {}).items()]
-        with _store_errors():
-            for i in range(0, max(len(p), len(m), len(t)), BATCH):
-                self._client.log_batch(self.run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True)
+        """Params, metrics and tags in as few store writes as possible (1 for up to 100 of each)."""
+        self._writer.log_batch(
+            self.run_id,
+            params=flatten(params or {}),
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            tags={k: str(v)[:MAX_PARAM_LEN] for k, v in (tags or {}).items()},
+            step=step or 0,
+        )
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.log(params=params)
@@ -187,9 +253,9 @@ class StepTracker:
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            self._writer.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._writer.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_dataset(self, artifact: Artifact, name: str, context: str) -> None:
         """Record a dataset artifact as an MLflow run input (name, digest, source, row counts)."""
@@ -202,10 +268,10 @@ class StepTracker:
             source=json.dumps({"uri": str(artifact.path), "type": artifact.type}),
             profile=json.dumps(artifact.meta, default=str)[:MAX_PARAM_LEN],
         )
-        self._client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+        self._writer.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
     def end(self, status: str) -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        self._writer.set_terminated(self.run_id, status)
 
 
 class PipelineTracker:
@@ -213,13 +279,20 @@ class PipelineTracker:
 
     def __init__(self, cfg: ProjectConfig, project_dir: Path):
         self.uri = tracking_uri(project_dir, cfg)
+        name = cfg.tracking.experiment or cfg.project
+        fast = SqliteRuns.open(self.uri, name)  # an existing SQLite store and experiment: no MLflow import needed
+        if fast is not None:
+            _point_mlflow_at(self.uri)
+            self.experiment_id = fast.experiment_id
+            self.writer = RunWriter(self.uri, fast=fast)
+            self.run_id: str | None = None
+            return
         try:
-            self.client = client_for(self.uri)
-            name = cfg.tracking.experiment or cfg.project
-            exp = self.client.get_experiment_by_name(name)
+            client = client_for(self.uri)
+            exp = client.get_experiment_by_name(name)
             if exp is None:
                 location = cfg.tracking.artifact_location or (project_dir / ".kollm" / "mlartifacts").resolve().as_uri()
-                self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+                self.experiment_id = client.create_experiment(name, artifact_location=location)
             else:
                 self.experiment_id = exp.experiment_id
         except KollmError:
@@ -229,39 +302,45 @@ class PipelineTracker:
                 f"cannot open the MLflow tracking store {self.uri}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                 hint="check tracking.uri in kollm.yaml or $MLFLOW_TRACKING_URI",
             ) from None
-        self.run_id: str | None = None
+        self.writer = RunWriter(self.uri, client=client)
+        self.run_id = None
 
     def start(self, project: str, tags: dict[str, Any]) -> str:
         self._end_stale_runs()
-        run = self.client.create_run(
+        self.run_id = self.writer.create_run(
             self.experiment_id,
-            run_name=f"{project}-{time.strftime('%Y%m%d-%H%M%S')}",
-            tags={"kollm.pipeline": "true", "kollm.host": socket.gethostname(), "kollm.pid": str(os.getpid()), **tags},
+            f"{project}-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"kollm.pipeline": "true", "kollm.host": socket.gethostname(), "kollm.pid": str(os.getpid()), **{k: str(v) for k, v in tags.items()}},
         )
-        self.run_id = run.info.run_id
         return self.run_id
 
     def step(self, name: str, kind: str, tags: dict[str, Any]) -> StepTracker:
-        with _store_errors():
-            run = self.client.create_run(
+        run_id = self.writer.create_run(
             self.experiment_id,
-                run_name=name,
-                tags={"mlflow.parentRunId": self.run_id, "kollm.step": name, "kollm.kind": kind, **tags},
-            )
-        return StepTracker(self.client, run.info.run_id)
+            name,
+            {"mlflow.parentRunId": self.run_id, "kollm.step": name, "kollm.kind": kind, **{k: str(v) for k, v in tags.items()}},
+        )
+        return StepTracker(self.writer, run_id)
 
     def finish(self, status: str, metrics: dict[str, float] | None = None) -> None:
         if metrics:
-            StepTracker(self.client, self.run_id).log_metrics(metrics)
-        self.client.set_terminated(self.run_id, status=status)
+            StepTracker(self.writer, self.run_id).log_metrics(metrics)
+        self.writer.set_terminated(self.run_id, status)
+
+    def close(self) -> None:
+        self.writer.close()
 
     def _end_stale_runs(self) -> None:
         """Runs left RUNNING by a killed process on this host are marked KILLED, so `kollm runs` tells the truth."""
         host = socket.gethostname()
-        stale = self.client.search_runs(
-            [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`kollm.host` = '{host}'", max_results=200
-        )
-        for run in stale:
-            pid = run.data.tags.get("kollm.pid")
+        with _store_errors():
+            if self.writer.fast is not None:
+                stale = self.writer.fast.running_runs(host)
+            else:
+                runs = self.writer.client.search_runs(
+                    [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`kollm.host` = '{host}'", max_results=200
+                )
+                stale = [(r.info.run_id, r.data.tags.get("kollm.pid")) for r in runs]
+        for run_id, pid in stale:
             if pid and pid.isdigit() and not _pid_alive(int(pid)):
-                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.writer.set_terminated(run_id, "KILLED")

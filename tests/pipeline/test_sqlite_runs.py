@@ -1,0 +1,170 @@
+"""kollm's direct SQLite writer (pipeline/sqlite_runs.py) writes the same rows MLflow writes, declines what it
+must leave to MLflow, and lets a fully cached `kollm run` record its runs without importing MLflow."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+import kollm
+from kollm.errors import KollmError
+from kollm.pipeline.sqlite_runs import SCHEMA_REVISIONS, SqliteRuns
+from kollm.pipeline.tracking import RunWriter, StepTracker, client_for
+
+from .helpers import make_project
+
+TAGS = {"mlflow.parentRunId": "p" * 32, "kollm.step": "s", "kollm.cache_key": "abc", "kollm.input.data.digest": "sha256:00"}
+PARAMS = {"callable": "m:f", "params.lr": "0.1", "inputs.src": "source"}
+TS = 1_700_000_000_000
+
+
+def _store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    return uri, client, exp
+
+
+def _log_both_ways(tmp_path):
+    """The same runs written by MLflow's client and by SqliteRuns; returns (uri, client, mlflow_run, kollm_run)."""
+    uri, client, exp = _store(tmp_path)
+    a = client.create_run(exp, run_name="s", tags=TAGS).info.run_id
+    client.log_batch(a, params=[Param(k, v) for k, v in PARAMS.items()],
+                     metrics=[Metric("loss", 2.0, TS, 5), Metric("nan", float("nan"), TS, 5), Metric("inf", float("inf"), TS, 5)],
+                     tags=[RunTag("kollm.output.out.digest", "sha256:11")], synchronous=True)
+    client.log_batch(a, metrics=[Metric("loss", 3.0, TS + 1, 4), Metric("acc", 0.5, TS, 0)], tags=[RunTag("kollm.step", "s2")], synchronous=True)
+    client.log_batch(a, params=[Param("callable", "m:f")], synchronous=True)  # the same value again is allowed
+    client.set_terminated(a, status="FINISHED")
+
+    fast = SqliteRuns.open(uri, "e")
+    assert fast is not None and fast.experiment_id == exp
+    b = fast.create_run("s", TAGS)
+    assert fast.log_batch(b, PARAMS, {"loss": 2.0, "nan": float("nan"), "inf": float("inf")}, {"kollm.output.out.digest": "sha256:11"}, timestamp=TS, step=5) is True
+    # log_batch gives one step and timestamp per call, as StepTracker.log does
+    assert fast.log_batch(b, {}, {"loss": 3.0}, {"kollm.step": "s2"}, timestamp=TS + 1, step=4) is True
+    assert fast.log_batch(b, {}, {"acc": 0.5}, {}, timestamp=TS, step=0) is True
+    assert fast.log_batch(b, {"callable": "m:f"}, {}, {}, timestamp=TS, step=0) is True
+    assert fast.set_terminated(b, "FINISHED") is True
+    fast.close()
+    return uri, client, a, b
+
+
+def _rows(db, run_id):
+    con = sqlite3.connect(db)
+    try:
+        run = con.execute(
+            "SELECT name, source_type, source_name, entry_point_name, user_id, status, source_version, lifecycle_stage,"
+            " replace(artifact_uri, ?, 'ID'), experiment_id, deleted_time, end_time IS NOT NULL, start_time > 0 FROM runs WHERE run_uuid = ?",
+            (run_id, run_id),
+        ).fetchall()
+        out = {"runs": run}
+        for table, cols in [("tags", "key, value"), ("params", "key, value"), ("metrics", "key, value, step, is_nan"),
+                            ("latest_metrics", "key, value, step, is_nan")]:
+            out[table] = sorted(con.execute(f"SELECT {cols} FROM {table} WHERE run_uuid = ?", (run_id,)).fetchall(), key=repr)
+        return out
+    finally:
+        con.close()
+
+
+def test_installed_mlflow_schema_is_one_the_writer_was_checked_against(tmp_path):
+    _store(tmp_path)
+    (revision,) = sqlite3.connect(tmp_path / "mlflow.db").execute("SELECT version_num FROM alembic_version").fetchone()
+    assert revision in SCHEMA_REVISIONS, (
+        f"MLflow's tracking schema is now at {revision}: check sqlite_runs.py against MLflow's SqlAlchemyStore, then add it"
+    )
+
+
+def test_rows_match_what_mlflow_writes(tmp_path):
+    uri, client, a, b = _log_both_ways(tmp_path)
+    ra, rb = _rows(tmp_path / "mlflow.db", a), _rows(tmp_path / "mlflow.db", b)
+    assert ra == rb
+    assert ("loss", 2.0, 5, 0) in rb["latest_metrics"]  # greatest step wins, as in MLflow
+    ga, gb = client.get_run(a), client.get_run(b)  # and MLflow reads both back alike
+    assert gb.data.params == ga.data.params == PARAMS
+    assert gb.data.tags == ga.data.tags and gb.data.tags["kollm.step"] == "s2" and gb.data.tags["mlflow.runName"] == "s"
+    assert gb.data.metrics.keys() == ga.data.metrics.keys()
+    assert gb.info.status == "FINISHED" and gb.info.artifact_uri == ga.info.artifact_uri.replace(a, b)
+    assert [m.value for m in client.get_metric_history(b, "loss")] == [2.0, 3.0]
+
+
+def test_declined_writes_go_through_mlflow_and_its_errors(tmp_path):
+    uri, client, exp = _store(tmp_path)
+    fast = SqliteRuns.open(uri, "e")
+    writer = RunWriter(uri, fast=fast)
+    run = writer.create_run(exp, "s", {"kollm.step": "s"})
+    tracker = StepTracker(writer, run)
+    tracker.log(params={"lr": 0.1})
+    assert fast.log_batch(run, {"lr": "0.2"}, {}, {}, timestamp=TS, step=0) is False  # a changed param: declined
+    with pytest.raises(KollmError, match="Changing param values is not allowed"):
+        tracker.log(params={"lr": 0.2})
+    assert fast.log_batch(run, {}, {"bad@name": 1.0}, {}, timestamp=TS, step=0) is False
+    with pytest.raises(KollmError, match="MLflow tracking failed"):
+        tracker.log(metrics={"bad@name": 1.0})
+    tracker.log(tags={"mlflow.runName": "renamed"})  # MLflow also renames the run itself
+    assert client.get_run(run).info.run_name == "renamed"
+    tracker.end("FINISHED")
+    assert fast.set_terminated(run, "FINISHED") is True
+    client.delete_run(run)
+    assert fast.set_terminated(run, "KILLED") is False  # not active any more: MLflow decides
+
+
+def test_open_declines_stores_it_does_not_know(tmp_path):
+    assert SqliteRuns.open(f"sqlite:///{tmp_path / 'none.db'}", "e") is None
+    assert not (tmp_path / "none.db").exists()  # nothing created: MLflow creates new stores
+    uri, client, exp = _store(tmp_path)
+    assert SqliteRuns.open(uri, "missing") is None
+    assert SqliteRuns.open("postgresql://u@127.0.0.1:5432/db", "e") is None
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    con.execute("UPDATE alembic_version SET version_num = 'abcdef012345'")
+    con.commit()
+    con.close()
+    assert SqliteRuns.open(uri, "e") is None
+
+
+def test_cached_rerun_tracks_every_step_without_importing_mlflow(tmp_path, kollm_bin):
+    root = make_project(tmp_path / "p")
+    first = kollm.run(root)  # creates the store (through MLflow)
+    script = textwrap.dedent(f"""
+        import sys, kollm
+        result = kollm.run({str(root)!r})
+        assert all(r.cache_hit for r in result.steps.values())
+        print(result.run_id, "mlflow" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    run_id, imported = out[0], out[1]
+    assert imported == "False"
+    cli = subprocess.run(
+        [sys.executable, "-c", "import sys; from kollm.cli import main\ntry:\n    main()\nfinally:\n    print('mlflow' in sys.modules)",
+         "run", str(root), "--quiet"], capture_output=True, text=True,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.split()[-1] == "False"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve()}/.kollm/mlflow.db")
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["kollm.pipeline"] == "true"
+    assert parent.data.metrics["cache_hits"] == 3 and parent.data.metrics["steps"] == 3
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    assert sorted(c.data.tags["kollm.step"] for c in children) == ["corpus", "count", "count2"]
+    for child in children:
+        rec = first.steps[child.data.tags["kollm.step"]]
+        tags = child.data.tags
+        assert child.info.status == "FINISHED" and child.info.end_time >= child.info.start_time
+        assert tags["kollm.cache_key"] == rec.key and tags["kollm.cache_hit"] == "true"
+        assert tags["kollm.kind"] == "python" and tags["mlflow.runName"] == rec.name
+        for name, art in rec.outputs.items():
+            assert tags[f"kollm.output.{name}.digest"] == art.digest
+        assert any(k.startswith("kollm.input.") and k.endswith(".digest") for k in tags)
+        assert child.data.params["callable"].endswith((":make_corpus", ":count"))
+        assert "duration_s" in child.data.metrics
+        assert all(child.data.metrics[k] == v for k, v in rec.metrics.items())
+    count = next(c for c in children if c.data.tags["kollm.step"] == "count")
+    assert count.data.tags["kollm.input.data.digest"] == first.steps["corpus"].outputs["data"].digest
+    listing = subprocess.run([kollm_bin, "show", run_id[:10], "--path", str(root)], capture_output=True, text=True, check=True).stdout
+    assert "hit" in listing and "miss" not in listing
