@@ -112,7 +112,7 @@ def signatures_batch(texts: list[str], cfg: DedupConfig) -> np.ndarray:
 
 def jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
     """Estimated Jaccard similarity of two signatures."""
-    return float(np.mean(sig_a == sig_b))
+    return np.count_nonzero(sig_a == sig_b) / len(sig_a)
 
 
 @lru_cache(maxsize=16)
@@ -138,18 +138,25 @@ class NearDupIndex:
         self.seed = seed
         self.bands, rows = lsh_bands(threshold, num_perm)
         self._width = rows * 4  # bytes of a band of uint32 values
-        self.tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        # band bytes -> the key holding it, or a list of keys when several do (few): ints are not tracked by
+        # the garbage collector, so a big index does not slow every collection down
+        self.tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(self.bands)]
         self.sigs: dict[int, np.ndarray] = {}
 
     def _keys(self, sig: np.ndarray) -> list[bytes]:
-        row, w = np.ascontiguousarray(sig, dtype=np.uint32).tobytes(), self._width
-        return [row[i * w : (i + 1) * w] for i in range(self.bands)]
+        row, w = sig.astype(np.uint32, copy=False).tobytes(), self._width
+        return [row[i : i + w] for i in range(0, self.bands * w, w)]
 
     def _candidates(self, keys: list[bytes]) -> set[int]:
         found: set[int] = set()
         for table, k in zip(self.tables, keys):
-            if keys_in_band := table.get(k):
-                found.update(keys_in_band)
+            held = table.get(k)
+            if held is None:
+                continue
+            if type(held) is int:
+                found.add(held)
+            else:
+                found.update(held)
         return found
 
     def candidates(self, sig: np.ndarray) -> set[int]:
@@ -166,7 +173,13 @@ class NearDupIndex:
 
     def _add(self, key: int, sig: np.ndarray, keys: list[bytes]) -> None:
         for table, k in zip(self.tables, keys):
-            table.setdefault(k, []).append(key)
+            held = table.get(k)
+            if held is None:
+                table[k] = key
+            elif type(held) is int:
+                table[k] = [held, key]
+            else:
+                held.append(key)
         self.sigs[key] = sig
 
     def match(self, sig: np.ndarray) -> int | None:
@@ -185,10 +198,13 @@ class NearDupIndex:
 
     def remove(self, key: int) -> None:
         for table, k in zip(self.tables, self._keys(self.sigs.pop(key))):
-            keys = table[k]
-            keys.remove(key)
-            if not keys:
+            held = table[k]
+            if type(held) is int:
                 del table[k]
+            else:
+                held.remove(key)
+                if len(held) == 1:
+                    table[k] = held[0]
 
 
 def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, seed: int = 1) -> np.ndarray:
