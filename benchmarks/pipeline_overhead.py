@@ -6,7 +6,8 @@ Measures
   - kollm per-step overhead: wall time of each executed step minus the time spent inside the step function
     (cache key, input digests, MLflow nested run, atomic publish, manifest), median over steps and repeats;
   - cached rerun: `kollm.run()` in-process with every step cached (excludes interpreter start), and both
-    `kollm run` and `dvc repro` as fresh processes (includes interpreter start) on unchanged pipelines;
+    `kollm run` and `dvc repro` as fresh processes (includes interpreter start) on unchanged pipelines. kollm
+    records each rerun in MLflow as usual (a parent run and 6 nested runs in the project's SQLite store);
   - first (uncached) run of the whole pipeline for both.
 Needs `dvc` (pip install dvc); without it only kollm is measured.
 """
@@ -49,7 +50,11 @@ def kollm_project(root: Path) -> None:
     for i in range(N_STEPS):
         inputs = "{src: source}" if i == 0 else "{src: corpus}"
         wire = "inputs: {src: raw}" if i == 0 else f"inputs: {{src: s{i - 1}}}"
-        steps.append(f"  - {{kind: python, name: s{i}, {wire}, config: {{callable: 'bench_steps:noop', inputs: {inputs}, outputs: {{out: corpus}}}}}}")
+        # params.i gives each step its own cache key: otherwise steps 2-6 (same code, config and input bytes) would
+        # share step 1's key and be reused on the first run, while dvc runs all six commands
+        steps.append(
+            f"  - {{kind: python, name: s{i}, {wire}, config: {{callable: 'bench_steps:noop', inputs: {inputs}, outputs: {{out: corpus}}, params: {{i: {i}}}}}}}"
+        )
     (root / "kollm.yaml").write_text("project: bench\ndata: {raw: {path: input.txt}}\nsteps:\n" + "\n".join(steps) + "\n", encoding="utf-8")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
 import sqlite3
 import threading
@@ -40,8 +41,8 @@ _PLAIN_LOCATION = re.compile(r"^(?:[a-z][a-z0-9+.\-]*://[^/?#;]*)?/[^?#;]*$")
 def _key_ok(key: object) -> bool:
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN or not _NAME_OK.match(key):
         return False
-    norm = os.path.normpath(key)
-    return norm == key and not norm.startswith(("..", "/"))
+    norm = posixpath.normpath(key)  # MLflow's path_not_unique
+    return norm == key and norm != "." and not norm.startswith(("..", "/"))
 
 
 def _now_ms() -> int:

@@ -302,7 +302,8 @@ class PipelineTracker:
                 f"cannot open the MLflow tracking store {self.uri}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                 hint="check tracking.uri in kollm.yaml or $MLFLOW_TRACKING_URI",
             ) from None
-        self.writer = RunWriter(self.uri, client=client)
+        # MLflow has now created the store and the experiment; kollm's writer may take over from here
+        self.writer = RunWriter(self.uri, fast=SqliteRuns.open(self.uri, name), client=client)
         self.run_id = None
 
     def start(self, project: str, tags: dict[str, Any]) -> str:
