@@ -182,16 +182,14 @@ def _run_step(
         **{f"kollm.input.{k}.digest": a.digest for k, a in inputs.items()},
         **{f"kollm.input.{k}.ref": str(step.inputs[k]) for k in inputs},
     }
+    if cached is not None:  # outputs known already: their digests go in with the run's other tags
+        outputs = _cached_outputs(final, cached)
+        tags.update({f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()})
     st = tracker.step(step.name, step.kind, tags)
     if cached is not None:
-        outputs = _cached_outputs(final, cached)
         metrics = cached.get("metrics", {})
         duration = time.perf_counter() - t0
-        st.log(
-            params=config_json,
-            metrics={**metrics, "duration_s": duration},
-            tags={f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()},
-        )
+        st.log(params=config_json, metrics={**metrics, "duration_s": duration})
         st.end("FINISHED")
         log.write("step_cached", step=step.name, key=key)
         report("cached", step.name, {"key": key, "duration_s": duration})

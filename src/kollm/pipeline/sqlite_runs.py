@@ -130,7 +130,7 @@ class SqliteRuns:
             return False
         if not all(isinstance(v, str) and len(v) <= MAX_TAG_VAL_LEN for v in tags.values()):
             return False
-        if not all(isinstance(v, float) for v in metrics.values()):
+        if not all(isinstance(v, float) for v in metrics.values()) or type(step) is not int or type(timestamp) is not int:
             return False
         rows = [(k, *_sanitize(v)) for k, v in metrics.items()]
         with self._transaction() as cur:
