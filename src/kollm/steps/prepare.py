@@ -168,10 +168,19 @@ def transform_batch(raw: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return frame
 
 
+# Columns of plain strings, per kind. `process_batch` stores them as Arrow strings: one buffer each, so a
+# batch goes to the main process without pickling every string, and Parquet writing does not convert them.
+_STRING_COLUMNS = {"corpus": ("text",), "instructions": (), "preferences": ("chosen", "rejected")}
+_ARROW_STR = pd.StringDtype("pyarrow", na_value=np.nan)
+
+
 def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
-    """`transform_batch`, with the signatures as one array and the PII counts summed (for the local executor)."""
+    """`transform_batch`, with the signatures as one array, the PII counts summed and the texts as Arrow
+    strings (for the local executor)."""
     cpu0 = time.process_time()
     frame = transform_batch(raw, cfg)
+    for col in _STRING_COLUMNS[cfg.dataset]:
+        frame[col] = frame[col].astype(_ARROW_STR)
     sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
     for i, sig in enumerate(frame.pop("_minhash")):
         if len(sig):
@@ -312,14 +321,18 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
         df["_raw"] = None
     sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.dedup.num_perm), dtype=np.uint32)
 
-    kept = df[df[REJECT] == ""]
+    # Row positions, then one take per output: filtering the whole frame would copy every text several times.
+    live = (df[REJECT] == "").to_numpy(dtype=bool)
+    kept_at, rejected_at = np.flatnonzero(live), np.flatnonzero(~live)
+    kept = df[["_chars", "_hangul_ratio", "_split"]].take(kept_at)
     is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy().copy()
     moved = 0
     if not cfg.dedup.near and is_eval.any():
-        moved = _decontaminate(sigs[kept.index.to_numpy()], is_eval, cfg)
-    train, eval_ = kept[~is_eval], kept[is_eval]
+        moved = _decontaminate(sigs[kept_at], is_eval, cfg)
+    out_cols = list(COLUMNS[kind])
+    train, eval_ = df[out_cols].take(kept_at[~is_eval]), df[out_cols].take(kept_at[is_eval])
 
-    rejected = df[df[REJECT] != ""]
+    rejected = df.take(rejected_at)
     counts = Counts(total=len(df), train=len(train), eval=len(eval_), reasons=dict(Counter(rejected[REJECT])))
     examples: dict[str, list[str]] = {}
     if cfg.report_examples:
@@ -358,7 +371,7 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
         "cpu_seconds_main": time.process_time() - cpu_main0, "cpu_seconds_transforms": worker_cpu,
         "mb_per_s": raw_bytes / 1e6 / elapsed if elapsed else 0.0,
     }
-    return Prepared(train=train[list(COLUMNS[kind])].reset_index(drop=True), eval=eval_[list(COLUMNS[kind])].reset_index(drop=True),
+    return Prepared(train=train.reset_index(drop=True), eval=eval_.reset_index(drop=True),
                     counts=counts, pii=report.pii_found, report=report, stats=stats, timing=timing)
 
 
