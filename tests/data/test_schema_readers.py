@@ -214,3 +214,42 @@ def test_json_object_holding_the_rows_under_a_key_is_a_clear_error(tmp_path):
     assert "jq -c '.data[]'" in err.value.hint
     (tmp_path / "one.json").write_text(json.dumps({"text": "한 줄"}, indent=2, ensure_ascii=False), encoding="utf-8")
     assert pd.concat(read_source(SourceFiles("o", "", "auto", [str(tmp_path / "one.json")])))["text"].tolist() == ["한 줄"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "cp949"])
+def test_jsonl_byte_ranges_read_every_row_once_in_order(tmp_path, encoding):
+    """A JSON Lines file read in byte ranges (as worker processes read a large file) gives the rows of one
+    whole read: every line once, in order, whatever byte a range starts at."""
+    from kollm.data.readers import jsonl_ranges
+
+    lines = [json.dumps({"text": f"{i}번째 문서입니다. " * (i % 7 + 1)}, ensure_ascii=False) for i in range(60)]
+    lines[10] = "{not json"
+    lines[20] = ""
+    body = "\n".join(lines) + "\n"
+    data = (b"\xef\xbb\xbf" if encoding == "utf-8" else b"") + body.encode(encoding)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(data)
+    src = SourceFiles("s", "", "auto", [str(path)])
+    whole = pd.concat(read_source(src, encoding=encoding), ignore_index=True)
+    assert len(whole) == 59 and whole["_reject"].tolist()[10] == "read:invalid_json"
+    for piece in (len(data), 97, 500, 1000, len(data) - 1):
+        ranges = jsonl_ranges(str(path), encoding, piece) or [(0, len(data))]
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        parts = [df for r in ranges for df in read_source(src, encoding=encoding, batch_rows=7, byte_range=r)]
+        got = pd.concat(parts, ignore_index=True)
+        assert got["text"].fillna("").tolist() == whole["text"].fillna("").tolist()
+        assert got["_reject"].tolist() == whole["_reject"].tolist()
+    assert jsonl_ranges(str(path), encoding, len(data)) is None  # small enough: read whole
+
+
+def test_json_arrays_and_urls_are_not_cut_into_byte_ranges(tmp_path):
+    from kollm.data.readers import jsonl_ranges
+
+    rows = [{"text": f"문서 {i}"} for i in range(50)]
+    (tmp_path / "array.json").write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
+    assert jsonl_ranges(str(tmp_path / "array.json"), "utf-8", 100) is None
+    (tmp_path / "one.json").write_text(json.dumps({"text": "가" * 500}, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert jsonl_ranges(str(tmp_path / "one.json"), "utf-8", 100) is None
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "\xff"}\n' * 50)
+    assert jsonl_ranges(str(tmp_path / "bad.jsonl"), "utf-8", 100) is None  # the whole read reports the bytes
+    assert jsonl_ranges("memory://kollm-test/x.jsonl", "utf-8", 100) is None

@@ -300,3 +300,24 @@ def test_encoding_option_reads_cp949_files_in_both_reading_paths(tmp_path):
         Config(encoding="utf-16")
     with pytest.raises(ValidationError, match="unknown encoding"):
         Config(encoding="klingon")
+
+
+def test_one_large_jsonl_file_is_read_in_byte_ranges_by_the_workers(tmp_path, monkeypatch):
+    import kollm.steps.prepare as prepare
+    from kollm.data.readers import SourceFiles
+    from kollm.steps.prepare import file_tasks, prepare_sources, write_parquet
+
+    texts, _ = corpus_with_near_duplicates(150, dup_fraction=0.15, seed=14)
+    f = tmp_path / "all.jsonl"
+    _write_jsonl(f, [{"text": t} for t in texts] + [{"text": texts[3]}])
+    src = [SourceFiles("s", str(f), "auto", [str(f)])]
+    monkeypatch.setattr(prepare, "MIN_PIECE_BYTES", f.stat().st_size // 9)
+    assert len(file_tasks(src, Config(num_proc=2))) >= 9
+    one = prepare_sources(src, Config(num_proc=1, batch_rows=16))
+    two = prepare_sources(src, Config(num_proc=2, batch_rows=16))
+    assert one.counts == two.counts and one.stats == two.stats and one.counts.total == 151
+    assert one.counts.reasons["dedup:exact"] == 1 and one.counts.reasons["dedup:near"] >= 5
+    for name, prepared in (("one", one), ("two", two)):
+        (tmp_path / name).mkdir()
+        write_parquet(prepared.train, tmp_path / name / "train.parquet", "corpus")
+    assert (tmp_path / "one" / "train.parquet").read_bytes() == (tmp_path / "two" / "train.parquet").read_bytes()

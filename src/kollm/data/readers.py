@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from itertools import chain
@@ -116,16 +117,24 @@ def check_encoding(encoding: str) -> str:
     return encoding
 
 
-def _lines(path: str, encoding: str) -> Iterator[str]:
+def _lines(path: str, encoding: str, byte_range: tuple[int, int] | None = None) -> Iterator[str]:
     """The lines of a text file (each with its "\\n"), decoded strictly one at a time. A UTF-8 byte order mark
-    at the start is skipped."""
+    at the start is skipped. With `byte_range=(start, end)`: only the lines that begin at a byte in
+    [start, end), so consecutive ranges read every line once (a "\\n" byte only ends lines in the
+    ASCII-compatible encodings `check_encoding` allows)."""
     import codecs
 
     utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
     codec = "utf-8" if utf8 else encoding
+    start, end = byte_range or (0, None)
     offset = 0
     with _open(path) as f:
+        if start > 0:  # skip the line that began before `start` (it belongs to the previous range)
+            f.seek(start - 1)
+            offset = start - 1 + len(f.readline())
         for raw in f:
+            if end is not None and offset >= end:
+                break
             if offset == 0 and utf8 and raw.startswith(codecs.BOM_UTF8):
                 raw, offset = raw[3:], 3
             try:
@@ -133,6 +142,26 @@ def _lines(path: str, encoding: str) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise NotDecodable(path, encoding, offset + e.start, e.reason) from None
             offset += len(raw)
+
+
+def jsonl_ranges(path: str, encoding: str, piece_bytes: int) -> list[tuple[int, int]] | None:
+    """Equal byte ranges of at most `piece_bytes` that split a local JSON Lines file into parts read on their own
+    (`read_source(..., byte_range=)`), or None when the file is small, not a regular local file, or one JSON
+    array or object (read whole)."""
+    if _is_url(path) or not os.path.isfile(path):
+        return None
+    size = os.path.getsize(path)
+    if size <= piece_bytes:
+        return None
+    try:
+        first = next((line.strip() for line in _lines(path, encoding) if line.strip()), "")
+    except (UnreadableFile, OSError):
+        return None  # reading the whole file reports it
+    if first.startswith("[") or (first.startswith("{") and _json_row(first)[1]):
+        return None  # a JSON array or one object over several lines: see _json_rows
+    parts = -(-size // piece_bytes)
+    cuts = [size * i // parts for i in range(parts + 1)]  # equal parts
+    return list(zip(cuts, cuts[1:]))
 
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
@@ -220,8 +249,12 @@ def _whole_json_rows(path: str, whole: Any) -> Iterator[tuple[dict[str, Any], st
         yield {}, "read:not_an_object"
 
 
-def read_jsonl(path: str, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
-    for batch in _batched(_json_rows(path, _lines(path, encoding)), batch_rows):
+def read_jsonl(path: str, encoding: str = "utf-8", batch_rows: int = 10_000, byte_range: tuple[int, int] | None = None) -> Iterator[pd.DataFrame]:
+    if byte_range is None:
+        rows = _json_rows(path, _lines(path, encoding))
+    else:  # a part of a JSON Lines file (see jsonl_ranges)
+        rows = (_json_row(line) for line in _lines(path, encoding, byte_range) if line.strip())
+    for batch in _batched(rows, batch_rows):
         df = pd.DataFrame.from_records([r for r, _ in batch])
         if df.empty:
             df = pd.DataFrame(index=range(len(batch)))
@@ -300,10 +333,14 @@ def is_hf_source(src: SourceFiles) -> bool:
     return src.format == "hf" or (src.format == "auto" and _is_hf_folder(src.uri, src.files))
 
 
-def read_source(src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
+def read_source(
+    src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str = "utf-8", batch_rows: int = 10_000,
+    byte_range: tuple[int, int] | None = None,
+) -> Iterator[pd.DataFrame]:
     """Yield raw batches of every file of a source: at most `batch_rows` rows each for text, JSON Lines and CSV
     files (read line by line, decoded strictly with `encoding`), a row group for parquet. Raises StepFailed
-    naming the file on unreadable data, and the byte offset of bytes that are not valid `encoding`."""
+    naming the file on unreadable data, and the byte offset of bytes that are not valid `encoding`.
+    `byte_range`: read only that part of a source's one JSON Lines file (from `jsonl_ranges`)."""
     fmt = src.format
     if is_hf_source(src):
         try:
@@ -325,7 +362,7 @@ def read_source(src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str =
             if f == "txt":
                 yield from read_text(path, txt_mode, encoding, batch_rows)
             elif f == "jsonl":
-                yield from read_jsonl(path, encoding, batch_rows)
+                yield from read_jsonl(path, encoding, batch_rows, byte_range)
             elif f == "parquet":
                 yield from read_parquet(path)
             elif f == "csv":

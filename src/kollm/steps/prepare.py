@@ -45,7 +45,7 @@ from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_ba
 from kollm.data.filters import FilterConfig, quality_batch
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
-from kollm.data.readers import SourceFiles, TxtMode, check_encoding, is_hf_source, read_source
+from kollm.data.readers import SourceFiles, TxtMode, check_encoding, file_format, is_hf_source, jsonl_ranges, read_source
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
@@ -241,33 +241,55 @@ def _example(row: pd.Series, kind: str) -> str:
     return text if len(text) <= 300 else text[:300] + " …"
 
 
-def _read(src: SourceFiles, cfg: Config) -> Iterator[pd.DataFrame]:
-    return read_source(src, cfg.txt_mode, encoding=cfg.encoding, batch_rows=cfg.batch_rows)
+def _read(src: SourceFiles, cfg: Config, byte_range: tuple[int, int] | None = None) -> Iterator[pd.DataFrame]:
+    return read_source(src, cfg.txt_mode, encoding=cfg.encoding, batch_rows=cfg.batch_rows, byte_range=byte_range)
 
 
-def _process_file(task: tuple[SourceFiles, Config]) -> list[Processed]:
-    """Read one file of a source and transform its batches (in a worker process)."""
-    src, cfg = task
+Task = tuple[SourceFiles, tuple[int, int] | None]  # one file of a source, or a byte range of a JSON Lines file
+
+MIN_PIECE_BYTES = 1 << 20
+
+
+def file_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
+    """What the worker processes read, in order: each file of each source, with local JSON Lines files cut into
+    byte ranges so there are about 16 tasks per process (similar sizes keep the processes busy to the end)."""
+    files = [(s, f) for s in sources for f in s.files]
+    total = sum(os.path.getsize(f) for _, f in files if "://" not in f and os.path.isfile(f))
+    piece = max(MIN_PIECE_BYTES, total // (16 * cfg.num_proc))
+    tasks: list[Task] = []
+    for s, f in files:
+        one = SourceFiles(s.name, s.uri, s.format, [f])
+        fmt = s.format if s.format != "auto" else file_format(f)
+        ranges = jsonl_ranges(f, cfg.encoding, piece) if fmt == "jsonl" else None
+        tasks += [(one, r) for r in ranges] if ranges else [(one, None)]
+    return tasks
+
+
+def _process_file(task: tuple[Task, Config]) -> list[Processed]:
+    """Read one file (or byte range) of a source and transform its batches (in a worker process)."""
+    (src, byte_range), cfg = task
     cpu0 = time.process_time()
-    results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg), cfg.batch_rows)]
+    results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg, byte_range), cfg.batch_rows)]
     if results:  # count the reading too
         results[0].cpu_s += time.process_time() - cpu0 - sum(r.cpu_s for r in results)
     return results
 
 
 def prepare_sources(sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
-    """Read, transform, deduplicate and split every source. With several processes and enough files, each
-    worker reads its own files (reading and parsing then run in parallel too); otherwise this process reads
-    and hands out batches. Either way rows arrive in source and file order, so the result is the same."""
-    tasks = [SourceFiles(s.name, s.uri, s.format, [f]) for s in sources if not is_hf_source(s) for f in s.files]
-    if cfg.num_proc > 1 and len(tasks) >= 2 * cfg.num_proc and not any(is_hf_source(s) for s in sources):
-        def per_file() -> Iterator[Processed]:
-            with _pool(cfg.num_proc) as pool:
-                for results in progress(pool.map(_process_file, zip(tasks, repeat(cfg))), total=len(tasks),
-                                        description=f"prepare: read and transform ({cfg.num_proc} processes)"):
-                    yield from results
+    """Read, transform, deduplicate and split every source. With several processes and enough files (or large
+    enough JSON Lines files, read in byte ranges), each worker reads its own parts (reading and parsing then
+    run in parallel too); otherwise this process reads and hands out batches. Either way rows arrive in
+    source and file order, so the result is the same."""
+    if cfg.num_proc > 1 and not any(is_hf_source(s) for s in sources):
+        tasks = file_tasks(sources, cfg)
+        if len(tasks) >= 2 * cfg.num_proc:
+            def per_file() -> Iterator[Processed]:
+                with _pool(cfg.num_proc) as pool:
+                    for results in progress(pool.map(_process_file, zip(tasks, repeat(cfg))), total=len(tasks),
+                                            description=f"prepare: read and transform ({cfg.num_proc} processes)"):
+                        yield from results
 
-        return _prepare(per_file(), cfg, step)
+            return _prepare(per_file(), cfg, step)
 
     def batches() -> Iterator[pd.DataFrame]:
         for src in sources:
@@ -285,17 +307,31 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     kind = cfg.dataset
     t0 = time.perf_counter()
     cpu_main0 = time.process_time()
-    frames, sig_parts, pii, raw_bytes, worker_cpu = [], [], Counter(), 0, 0.0
-    # Deduplicate batch by batch as they arrive (in order), so this work overlaps the workers' transforms.
+    pii, raw_bytes, worker_cpu, total = Counter(), 0, 0.0, 0
+    out_cols = list(COLUMNS[kind])
+    # Deduplicate batch by batch as they arrive (in order), and set each batch's kept rows aside by split, so
+    # this work overlaps the workers' transforms and little is left once the last batch is in.
     # The first occurrence wins; kept rows never near-duplicate each other (MinHash LSH, across every
-    # source), so no eval row can have a near-duplicate in train.
+    # source), so no eval row can have a near-duplicate in train. Without near-dedup the split is settled at
+    # the end (eval rows that near-duplicate train rows move to train).
+    split_now = cfg.dedup.near or cfg.split.eval_fraction == 0
+    train_parts: list[pd.DataFrame] = []
+    eval_parts: list[pd.DataFrame] = []
+    kept_parts: list[pd.DataFrame] = []  # when the split waits for the end
+    eval_flags: list[np.ndarray] = []
+    kept_sigs: list[np.ndarray] = []
+    rejected_parts: list[pd.DataFrame] = []
+    chars_parts: list[np.ndarray] = []
+    hangul_parts: list[np.ndarray] = []
+    paths: Counter[str] = Counter()
     seen: set[str] = set()
     index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm, cfg.dedup.seed) if cfg.dedup.near else None
-    offset, t_dedup = 0, 0.0
+    t_dedup = 0.0
     for p in processed:
         t1 = time.perf_counter()
-        reasons = p.frame[REJECT].tolist()
-        exact = p.frame["_exact"].tolist()
+        frame = p.frame
+        reasons = frame[REJECT].tolist()
+        exact = frame["_exact"].tolist()
         for i in [i for i, r in enumerate(reasons) if not r]:
             key = exact[i]
             if key in seen:
@@ -304,47 +340,63 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
                     continue
             else:
                 seen.add(key)
-            if index is not None and index.match_or_add(offset + i, p.sigs[i]) is not None:
+            if index is not None and index.match_or_add(total + i, p.sigs[i]) is not None:
                 reasons[i] = "dedup:near"
         t_dedup += time.perf_counter() - t1
-        p.frame[REJECT] = reasons
-        frames.append(p.frame)
-        sig_parts.append(p.sigs)
+        live = np.array([not r for r in reasons], dtype=bool)
+        kept_at = np.flatnonzero(live)
+        if not live.all():
+            frame[REJECT] = reasons
+            rejected_parts.append(frame.take(np.flatnonzero(~live)))
+        is_eval = frame["_split"].to_numpy()[kept_at] < cfg.split.eval_fraction
+        if split_now:
+            train_parts.append(_rows(frame, out_cols, kept_at[~is_eval]))
+            eval_parts.append(_rows(frame, out_cols, kept_at[is_eval]))
+        else:
+            kept_parts.append(_rows(frame, out_cols, kept_at))
+            eval_flags.append(is_eval)
+            kept_sigs.append(p.sigs[kept_at])
+        chars_parts.append(frame["_chars"].to_numpy()[kept_at])
+        hangul_parts.append(frame["_hangul_ratio"].to_numpy()[kept_at])
+        paths.update(frame[SOURCE].tolist())
         pii.update(p.pii)
         raw_bytes += p.raw_bytes
         worker_cpu += p.cpu_s
-        offset += len(p.frame)
+        total += len(frame)
     t_transform = time.perf_counter() - t0
-    cols = [*COLUMNS[kind], SOURCE, REJECT, "_raw", "_chars", "_hangul_ratio", "_exact", "_split"]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in cols})
-    if "_raw" not in df.columns:
-        df["_raw"] = None
-    sigs = np.concatenate(sig_parts) if sig_parts else np.zeros((0, cfg.dedup.num_perm), dtype=np.uint32)
 
-    # Row positions, then one take per output: filtering the whole frame would copy every text several times.
-    live = (df[REJECT] == "").to_numpy(dtype=bool)
-    kept_at, rejected_at = np.flatnonzero(live), np.flatnonzero(~live)
-    kept = df[["_chars", "_hangul_ratio", "_split"]].take(kept_at)
-    is_eval = (kept["_split"] < cfg.split.eval_fraction).to_numpy().copy()
+    def concat(parts: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
+
     moved = 0
-    if not cfg.dedup.near and is_eval.any():
-        moved = _decontaminate(sigs[kept_at], is_eval, cfg)
-    out_cols = list(COLUMNS[kind])
-    train, eval_ = df[out_cols].take(kept_at[~is_eval]), df[out_cols].take(kept_at[is_eval])
+    if split_now:
+        train, eval_ = concat(train_parts, out_cols), concat(eval_parts, out_cols)
+    else:
+        kept_all = concat(kept_parts, out_cols)
+        is_eval = np.concatenate(eval_flags) if eval_flags else np.zeros(0, dtype=bool)
+        if is_eval.any():
+            moved = _decontaminate(np.concatenate(kept_sigs), is_eval, cfg)
+        train, eval_ = kept_all.take(np.flatnonzero(~is_eval)), kept_all.take(np.flatnonzero(is_eval))
 
-    rejected = df.take(rejected_at)
-    counts = Counts(total=len(df), train=len(train), eval=len(eval_), reasons=dict(Counter(rejected[REJECT])))
+    rejected = concat(rejected_parts, [*out_cols, SOURCE, REJECT, "_raw"])
+    if "_raw" not in rejected.columns:
+        rejected["_raw"] = None
+    counts = Counts(total=total, train=len(train), eval=len(eval_), reasons=dict(Counter(rejected[REJECT])))
     examples: dict[str, list[str]] = {}
     if cfg.report_examples:
         for reason, group in rejected.groupby(REJECT, sort=True):
             examples[str(reason)] = [_example(row, kind) for _, row in group.head(cfg.report_examples).iterrows()]
-    sources = dict(Counter(df[SOURCE].map(_source_label)))
+    sources: dict[str, int] = {}
+    for path, n in paths.items():
+        label = _source_label(path)
+        sources[label] = sources.get(label, 0) + n
+    chars = np.concatenate(chars_parts) if chars_parts else np.zeros(0, dtype=np.int64)
+    hangul = pd.Series(np.concatenate(hangul_parts) if hangul_parts else np.zeros(0), dtype=float)
     report = ReportData(
         step=step, kind=kind, counts=counts, pii_found={t: pii.get(t, 0) for t in PII_TYPES},
-        chars=kept["_chars"].tolist(), hangul_ratios=kept["_hangul_ratio"].tolist(), examples=examples, sources=sources,
+        chars=chars.tolist(), hangul_ratios=hangul.tolist(), examples=examples, sources=sources,
     )
     elapsed = time.perf_counter() - t0
-    chars = kept["_chars"].to_numpy()
     stats = {
         "dataset": kind,
         "columns": list(COLUMNS[kind]),
@@ -361,7 +413,7 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
         "chars_mean": float(chars.mean()) if len(chars) else 0.0,
         "chars_p50": float(np.percentile(chars, 50)) if len(chars) else 0.0,
         "chars_p95": float(np.percentile(chars, 95)) if len(chars) else 0.0,
-        "hangul_ratio_mean": float(kept["_hangul_ratio"].mean()) if len(kept) else 0.0,
+        "hangul_ratio_mean": float(hangul.mean()) if len(hangul) else 0.0,
         "input_text_mb": raw_bytes / 1e6,
     }
     # Timings stay out of stats.json, so the same data gives the same artifact digest.
@@ -373,6 +425,12 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     }
     return Prepared(train=train.reset_index(drop=True), eval=eval_.reset_index(drop=True),
                     counts=counts, pii=report.pii_found, report=report, stats=stats, timing=timing)
+
+
+def _rows(frame: pd.DataFrame, cols: list[str], at: np.ndarray) -> pd.DataFrame:
+    """The rows at these positions, of these columns (column by column: cheaper than DataFrame.take for a
+    few columns)."""
+    return pd.DataFrame({c: frame[c].array.take(at) for c in cols})
 
 
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
@@ -414,7 +472,8 @@ def write_parquet(df: pd.DataFrame, path: Path, kind: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(df, schema=arrow_schema(kind), preserve_index=False)
+    # One chunk per column: the file's bytes then do not depend on how the rows were batched.
+    table = pa.Table.from_pandas(df, schema=arrow_schema(kind), preserve_index=False).combine_chunks()
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
