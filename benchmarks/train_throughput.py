@@ -11,7 +11,8 @@ Runs (each from the same initial weights, on the same examples, in this one proc
   plain_compiled    a plain PyTorch loop: 8 x 2048 causal rows (no document masking), torch.compile, fused AdamW
   kollm_sft         kollm.train.data.pack_examples + kollm.train.loop.train (loss on completions only)
   kollm_cpt         kollm.train.data.pack_stream + kollm.train.loop.train (loss on every token)
-  kollm_sft_lowmem  kollm_sft in micro-batches of 2 rows, recomputing most activations (activation memory budget)
+  kollm_sft_lowmem  kollm_sft with gradient_checkpointing: true (each layer recomputed in the backward pass) and
+                    smaller loss chunks: the memory of TRL's runs, which checkpoint activations by default
 
 Throughput counts real (non-padding) tokens only. MFU = 6 * parameters * tokens/s / 989 TFLOP/s (H100 SXM
 dense bf16), the convention of the issue's reference numbers.
@@ -46,25 +47,17 @@ sys.path.insert(0, str(ROOT / "src"))
 from kollm.train import data as kdata  # noqa: E402
 from kollm.train import kernels  # noqa: E402
 from kollm.train import loop as kloop  # noqa: E402
+from kollm.train.modeling import PRESETS, Preset  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PAD_ID = 0  # never produced by the data generator
 ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt", "kollm_sft_lowmem")
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
+# The 349M shape is kollm's `base` scratch preset; `tiny` is a CPU smoke check.
 SHAPES = {
-    "349m": ModelShape(hidden=1024, layers=24, heads=16, kv_heads=8, intermediate=2816, vocab=32000),
-    "tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512),
+    "349m": PRESETS["base"],
+    "tiny": Preset(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512, max_positions=128, tied=False),
 }
 
 
@@ -85,7 +78,7 @@ class RunResult:
 # ------------------------------------------------------------------------------------------ model and data
 
 
-def build_model(shape: ModelShape, max_len: int, attn: str, seed: int = 0) -> torch.nn.Module:
+def build_model(shape: Preset, max_len: int, attn: str, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -96,7 +89,7 @@ def build_model(shape: ModelShape, max_len: int, attn: str, seed: int = 0) -> to
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=max_len,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tied,
         pad_token_id=PAD_ID,
         bos_token_id=1,
         eos_token_id=2,
@@ -322,6 +315,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
     shape = SHAPES[args.model]
     lowmem = name.endswith("_lowmem")
     micro = (args.lowmem_micro_batch if lowmem else args.micro_batch) or args.batch
+    checkpointing = lowmem or args.grad_ckpt
     budget = args.lowmem_act_budget if lowmem else args.act_budget
     chunk = (args.lowmem_chunk_tokens if lowmem else args.chunk_tokens) or kernels.DEFAULT_CHUNK_TOKENS
     if objective == "sft":
@@ -351,6 +345,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         log_every=1 if args.profile else max(1, args.warmup),
         seed=args.seed,
         compile=args.compile,
+        gradient_checkpointing=checkpointing,
         precision="bf16" if device.type == "cuda" else "fp32",
     )
     marks: list[tuple[int, float, int]] = []  # (step, time after a device sync, real tokens served)
@@ -373,8 +368,13 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
             profiler = None
 
     fresh_device(device)
+    if args.memory_report:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     started = time.perf_counter()
     result = kloop.train(model, dataset, cfg, device=device, on_log=on_log)
+    if args.memory_report:
+        print_memory_report(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
     first = (0, started, 0) if args.warmup == 0 else next(m for m in marks if m[0] == args.warmup)
     last = next(m for m in marks if m[0] == args.warmup + args.steps)
     seconds, tokens = last[1] - first[1], last[2] - first[2]
@@ -385,6 +385,7 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
         "attn_implementation": attn,
         "compile": args.compile,
         "activation_memory_budget": budget,
+        "gradient_checkpointing": checkpointing,
         "chunk_tokens": chunk,
         "fill": round(rows.stats.fill, 4),
         "objective": objective,
@@ -403,6 +404,30 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
     )
     del model
     return out
+
+
+def print_memory_report(snapshot: dict[str, Any], top: int = 20) -> None:
+    """The allocations alive at the moment of peak allocated memory, largest first, with where they were made."""
+    live: dict[int, dict[str, Any]] = {}
+    total = peak = 0
+    at_peak: list[dict[str, Any]] = []
+    for trace in snapshot["device_traces"]:
+        for ev in trace:
+            if ev["action"] == "alloc":
+                live[ev["addr"]] = ev
+                total += ev["size"]
+                if total > peak:
+                    peak, at_peak = total, list(live.values())
+            elif ev["action"] == "free_completed" and ev["addr"] in live:
+                total -= live.pop(ev["addr"])["size"]
+    print(f"memory report: peak {peak / 2**30:.2f} GiB over the recorded events; largest live allocations then:")
+    groups: dict[str, list[int]] = {}
+    for ev in at_peak:
+        frames = [f for f in ev.get("frames", []) if "site-packages/torch/" not in f["filename"] or "_inductor" in f["filename"]]
+        where = " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in frames[:3]) or "?"
+        groups.setdefault(where, []).append(ev["size"])
+    for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"  {sum(sizes) / 2**20:9.1f} MiB  {len(sizes):5d} blocks  {where}")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -424,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to TRL at equal steps")
     ap.add_argument("--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)")
-    ap.add_argument("--lowmem-micro-batch", type=int, default=2, help="kollm_sft_lowmem: rows per micro-batch")
-    ap.add_argument("--lowmem-act-budget", type=float, default=0.05, help="kollm_sft_lowmem: fraction of activations kept")
+    ap.add_argument("--grad-ckpt", action="store_true", help="kollm: gradient checkpointing in every kollm run")
+    ap.add_argument("--lowmem-micro-batch", type=int, default=0, help="kollm_sft_lowmem: rows per micro-batch (0: --batch)")
+    ap.add_argument("--lowmem-act-budget", type=float, default=None, help="kollm_sft_lowmem: fraction of activations kept")
     ap.add_argument("--lowmem-chunk-tokens", type=int, default=2048, help="kollm_sft_lowmem: tokens per loss chunk")
     ap.add_argument("--chunk-tokens", type=int, default=0, help="kollm: tokens per loss chunk (0: kernels default)")
+    ap.add_argument("--memory-report", action="store_true", help="kollm (CUDA): list the allocations alive at peak memory")
     ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 extra steps after the timed ones")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: run one configuration in this process
@@ -445,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown runs {sorted(unknown)}; choose from {', '.join(ALL_RUNS)}")
     if device.type != "cuda" and "trl_packed_liger" in runs:
         runs.remove("trl_packed_liger")  # Liger's kernels are Triton (GPU only)
-    if args.batch % (args.micro_batch or args.batch) or args.batch % args.lowmem_micro_batch:
+    if args.batch % (args.micro_batch or args.batch) or args.batch % (args.lowmem_micro_batch or args.batch):
         ap.error("--batch must be a multiple of --micro-batch and --lowmem-micro-batch")
     if device.type != "cuda":
         args.compile = False  # inductor's CPU code generation is slower than the few steps it would speed up
@@ -508,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
         "summary": summary,
     }
-    out = args.out or ROOT / "benchmarks" / "results" / f"train_throughput_{'h100' if device.type == 'cuda' else 'cpu'}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / f"train_throughput_{_device_tag(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -516,6 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, summary)
     print(f"results: {out}")
     return 0 if summary["losses_agree"] and not any(r.error for r in results) else 1
+
+
+def _device_tag(device: torch.device) -> str:
+    """h100, h200, ... from the GPU's name (cuda when it names none of these), or cpu."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return next((tag.lower() for tag in ("H100", "H200", "B200", "A100") if tag in name), "cuda")
 
 
 def _without_out(argv: list[str]) -> list[str]:
@@ -539,7 +574,7 @@ def _version(mod: str) -> str | None:
         return None
 
 
-def param_count_of(shape: ModelShape, max_len: int) -> int:
+def param_count_of(shape: Preset, max_len: int) -> int:
     with torch.device("meta"):
         return param_count(build_model(shape, max_len, "sdpa"))
 

@@ -137,3 +137,20 @@ def test_checkpoint_write_is_atomic_and_pruned(tmp_path, tiny_model, rows):
     # A half-written checkpoint (no state.pt) is ignored.
     (tmp_path / "step-00000008").mkdir()
     assert ckpt.latest(tmp_path).name == "step-00000006"
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_identically(tokenizer, rows):
+    """gradient_checkpointing: every decoder layer runs again in the backward pass, and the updates are the same."""
+    calls = {"plain": 0, "checkpointed": 0}
+    models, results = {}, {}
+    for name in calls:
+        model = scratch_model("tiny", tokenizer, seed=3, attn_implementation="sdpa")
+        model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+        cfg = LoopConfig(max_steps=3, lr=1e-3, batch_size=4, shuffle=False, gradient_checkpointing=name == "checkpointed")
+        results[name] = train(model, RowDataset(rows), cfg, device=CPU)
+        models[name] = model
+    assert calls == {"plain": 3, "checkpointed": 6}
+    assert results["checkpointed"].losses == pytest.approx(results["plain"].losses, rel=1e-5)
+    for pa, pb in zip(models["plain"].parameters(), models["checkpointed"].parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+    assert all("forward" not in vars(layer) for layer in models["checkpointed"].get_decoder().layers)  # left as it came

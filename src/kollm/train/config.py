@@ -55,6 +55,11 @@ class TrainingConfig(BaseModel):
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     seed: int = Field(0, description="Seed for initialisation and data order.")
     compile: bool = Field(False, description="torch.compile the model (faster on GPU after a warm-up).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each layer's input and recompute the layer in the backward pass: activation memory falls "
+        "to a few percent for about a third more compute. For long sequences or a model that does not fit otherwise.",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
 
     @model_validator(mode="after")

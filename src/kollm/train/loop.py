@@ -15,6 +15,7 @@ because `lm_loss` reaches into the model's decoder and head), and rank 0 logs an
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ class LoopConfig:
     log_every: int = 1
     seed: int = 0
     compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32
     shuffle: bool = True
 
@@ -109,6 +111,22 @@ def autocast_for(device: torch.device, precision: str) -> Any:
     if device.type == "cpu" and precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def checkpoint_layers(model: torch.nn.Module, *, enable: bool = True) -> None:
+    """Gradient checkpointing: keep only each decoder layer's input and run the layer again in the backward pass.
+
+    Non-reentrant `torch.utils.checkpoint`, so torch.compile traces through it and partitions the recomputation
+    like any other graph. Done here rather than through transformers' `gradient_checkpointing_enable`, whose
+    behaviour differs between releases. `enable=False` restores the layers' own forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.get_decoder().layers:
+        if enable:
+            layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+        else:
+            layer.__dict__.pop("forward", None)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -186,6 +204,8 @@ def train(
     if world > 1:  # every rank starts from rank 0's weights
         for p in raw.parameters():
             dist.broadcast(p.data, src=0)
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(raw)
     model = compile_model(raw) if cfg.compile else raw
     batches = _batches(dataset, cfg, collate, state, device)
     autocast = autocast_for(device, cfg.precision)
@@ -224,6 +244,7 @@ def train(
         torch._foreach_mul_(grads, 1.0 / denom)  # a tensor: no host sync
         for p, g in zip(params, grads, strict=True):
             p.grad = g
+        del grads  # kept to the next step, the list would hold last step's gradients through its whole forward
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -258,6 +279,8 @@ def train(
             )
             window_t, window_tokens = now, 0
     flush()
+    if cfg.gradient_checkpointing:
+        checkpoint_layers(raw, enable=False)
     raw.eval()
     return TrainResult(
         steps=state.step, losses=state.losses, tokens=state.tokens, seconds=time.perf_counter() - started, resumed_from=resumed_from

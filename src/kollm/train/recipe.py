@@ -377,6 +377,7 @@ def loop_config(cfg: TrainingConfig, n_items: int, world: int, *, seq_len: int |
         log_every=cfg.log_every,
         seed=cfg.seed,
         compile=cfg.compile,
+        gradient_checkpointing=cfg.gradient_checkpointing,
         precision=cfg.precision,
     )
 
