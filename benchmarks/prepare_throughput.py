@@ -245,8 +245,8 @@ def main() -> None:
     serial = c2["cpu_main"] / c1["cpu"]
     print(f"CPU seconds: 1 process {c1['cpu']:.1f} (dedup {c1['cpu_dedup']:.2f} of it); 2 processes {c2['cpu']:.1f} = main {c2['cpu_main']:.1f} "
           f"+ workers {c2['cpu_workers']:.1f} ({c2['cpu_workers'] / (c1['cpu'] - c2['cpu_main']):.2f}x the same work in one process)")
-    print(f"main process share: {serial:.1%} of the 1-process CPU; speedup on 2 idle cores from these CPU seconds: {ideal:.2f}x "
-          f"(Amdahl with no overlap would give {1 / (serial + (1 - serial) / 2):.2f}x)")
+    print(f"main process share: {serial:.1%} of the 1-process CPU, which alone bounds the speedup at {2 / (1 + serial):.2f}x (Amdahl); "
+          f"with the workers' CPU seconds too: {ideal:.2f}x on 2 idle cores")
     print(f"machine: a pure-Python loop scales {min(scaling):.2f}x to {max(scaling):.2f}x over 2 processes in the same run")
     print(f"per-core rate, 1 process: {rows['kollm num_proc=1'][3]:.2f} MB/s wall, {rows['kollm num_proc=1'][4]:.2f} MB per CPU-second (target >= 1)")
     print()

@@ -266,12 +266,17 @@ def file_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
 
 
 def _process_file(task: tuple[Task, Config]) -> list[Processed]:
-    """Read one file (or byte range) of a source and transform its batches (in a worker process)."""
+    """Read one file (or byte range) of a source and transform its batches (in a worker process). The batches
+    go back as one: fewer, larger results cost the main process less to receive and settle."""
     (src, byte_range), cfg = task
     cpu0 = time.process_time()
     results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg, byte_range), cfg.batch_rows)]
+    if len(results) > 1:
+        pii = sum((r.pii for r in results), Counter())
+        results = [Processed(pd.concat([r.frame for r in results], ignore_index=True), np.concatenate([r.sigs for r in results]),
+                             pii, sum(r.raw_bytes for r in results))]
     if results:  # count the reading too
-        results[0].cpu_s += time.process_time() - cpu0 - sum(r.cpu_s for r in results)
+        results[0].cpu_s = time.process_time() - cpu0
     return results
 
 
