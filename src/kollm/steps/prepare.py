@@ -252,16 +252,21 @@ MIN_PIECE_BYTES = 1 << 20
 
 def file_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
     """What the worker processes read, in order: each file of each source, with local JSON Lines files cut into
-    byte ranges so there are about 16 tasks per process (similar sizes keep the processes busy to the end)."""
+    byte ranges so there are about 16 tasks per process, and smaller ones for the last eighth of the bytes (the
+    processes then finish close together: the last task is short)."""
     files = [(s, f) for s in sources for f in s.files]
-    total = sum(os.path.getsize(f) for _, f in files if "://" not in f and os.path.isfile(f))
+    sizes = [os.path.getsize(f) if "://" not in f and os.path.isfile(f) else 0 for _, f in files]
+    total = sum(sizes)
     piece = max(MIN_PIECE_BYTES, total // (16 * cfg.num_proc))
     tasks: list[Task] = []
-    for s, f in files:
+    done = 0
+    for (s, f), size in zip(files, sizes):
         one = SourceFiles(s.name, s.uri, s.format, [f])
         fmt = s.format if s.format != "auto" else file_format(f)
-        ranges = jsonl_ranges(f, cfg.encoding, piece) if fmt == "jsonl" else None
+        tail = done + size > total * 7 // 8
+        ranges = jsonl_ranges(f, cfg.encoding, piece // 4 if tail else piece) if fmt == "jsonl" else None
         tasks += [(one, r) for r in ranges] if ranges else [(one, None)]
+        done += size
     return tasks
 
 
