@@ -19,9 +19,9 @@ What runs, in one process tree, on the same generated Korean corpus (JSONL files
 
 Targets: >= 1 MB/s per core end to end, near-duplicate F1 >= 0.95, 2-process speedup >= 1.8x. Wall-clock
 rates depend on what else runs on the machine, so the output also gives:
-- CPU seconds (user + system, from getrusage) of the main process and of the worker processes, so serial
-  work shows whatever the load: the main process's share bounds the speedup (Amdahl), and workers' CPU
-  seconds above one process's show what running two at once costs;
+- CPU seconds (user + system, from getrusage) of the main process and of the worker processes, whatever the
+  load: the main process's part is the work that is not spread over the workers, and workers' CPU seconds
+  above one process's show what running two at once costs;
 - the machine's own 2-process scaling right then: a pure-Python loop run alone and then twice at once
   (what two busy cores give; a noisy or shared machine gives less than 2x);
 - load averages before and after.
@@ -241,16 +241,16 @@ def main() -> None:
           f"{', '.join(f'{r:.2f}x' for r in ratios)}); {speedup:.2f}x from the best wall time of each")
     print(f"outputs of 1 and 2 processes byte-identical: {'yes' if identical else 'NO'}")
     # Where the CPU goes. One process does everything (its dedup share is timed inside). With two, the main
-    # process deduplicates results as they arrive, assembles and writes; the workers read and transform.
-    # On 2 idle cores the best the 2-process run can do is max(main, (main + workers) / 2).
+    # process deduplicates results as they arrive and settles them into train/eval, then concatenates and
+    # writes; the workers read and transform. The main process's work runs beside the workers', so on 2 idle
+    # cores the 2-process run needs at least max(main, (main + workers) / 2).
     c1 = min(runs[1], key=lambda x: x["cpu"])
     c2 = min(runs[2], key=lambda x: x["cpu"])
     ideal = c1["cpu"] / max(c2["cpu_main"], c2["cpu"] / 2)
-    serial = c2["cpu_main"] / c1["cpu"]
     print(f"CPU seconds: 1 process {c1['cpu']:.1f} (dedup {c1['cpu_dedup']:.2f} of it); 2 processes {c2['cpu']:.1f} = main {c2['cpu_main']:.1f} "
-          f"+ workers {c2['cpu_workers']:.1f} ({c2['cpu_workers'] / (c1['cpu'] - c2['cpu_main']):.2f}x the same work in one process)")
-    print(f"main process share: {serial:.1%} of the 1-process CPU, which alone bounds the speedup at {2 / (1 + serial):.2f}x (Amdahl); "
-          f"with the workers' CPU seconds too: {ideal:.2f}x on 2 idle cores")
+          f"({c2['cpu_main'] / c1['cpu']:.1%} of the 1-process CPU) + workers {c2['cpu_workers']:.1f} "
+          f"({c2['cpu_workers'] / (c1['cpu'] - c2['cpu_main']):.2f}x the rest of the work in one process)")
+    print(f"speedup these CPU seconds allow on 2 idle cores: {ideal:.2f}x")
     print(f"machine: a pure-Python loop scales {min(scaling):.2f}x to {max(scaling):.2f}x over 2 processes in the same run")
     print(f"per-core rate, 1 process: {rows['kollm num_proc=1'][3]:.2f} MB/s wall, {rows['kollm num_proc=1'][4]:.2f} MB per CPU-second (target >= 1)")
     print()
