@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from kollm.train import data as kdata  # noqa: E402
 from kollm.train import kernels  # noqa: E402
 from kollm.train import loop as kloop  # noqa: E402
-from kollm.train.modeling import PRESETS, Preset  # noqa: E402
+from kollm.train.config import PRESETS, Preset  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PAD_ID = 0  # never produced by the data generator

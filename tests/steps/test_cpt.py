@@ -198,3 +198,13 @@ def tokenizer_folder(tmp_path):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def test_training_step_configs_load_without_torch():
+    """Loading a pipeline (and skipping its cached training steps) reads the step configs only: no torch import."""
+    import subprocess
+    import sys
+
+    script = "import sys, kollm.steps.cpt, kollm.steps.sft, kollm.steps.align; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

@@ -1,13 +1,35 @@
-"""Settings shared by the training steps (cpt, sft, align). Each step's `Config` extends `TrainingConfig`."""
+"""Settings shared by the training steps (cpt, sft, align), and the scratch model presets. Each step's `Config`
+extends `TrainingConfig`. No torch here: step configs load (and cached steps are skipped) without importing it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from kollm.pipeline.step import STRICT
-from kollm.train.modeling import PRESETS
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    tied: bool
+
+
+# Llama-shaped presets for `base_model: scratch`. tiny: 0.9M parameters (4k vocabulary), trains on CPU in a fraction of a second per step;
+# small: 32M; base: 349M with a 32k vocabulary (the shape of the GPU throughput benchmark).
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=4096, max_positions=2048, tied=True),
+    "small": Preset(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16384, max_positions=4096, tied=True),
+    "base": Preset(hidden=1024, layers=24, heads=16, kv_heads=8, intermediate=2816, vocab=32000, max_positions=4096, tied=False),
+}
 
 
 class LoraSettings(BaseModel):

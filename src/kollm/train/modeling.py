@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kollm.errors import ConfigError, StepFailed
+from kollm.train.config import PRESETS
 
 log = logging.getLogger("kollm.train")
 
@@ -31,27 +31,6 @@ CHAT_TEMPLATE = (
 BOS_EOS = "<|endoftext|>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS_EOS, IM_START, IM_END, PAD]
-
-
-@dataclass(frozen=True)
-class Preset:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    max_positions: int
-    tied: bool
-
-
-# Llama-shaped presets for `base_model: scratch`. tiny: 0.9M parameters (4k vocabulary), trains on CPU in a fraction of a second per step;
-# small: 32M; base: 349M with a 32k vocabulary (the shape of the GPU throughput benchmark).
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=4096, max_positions=2048, tied=True),
-    "small": Preset(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16384, max_positions=4096, tied=True),
-    "base": Preset(hidden=1024, layers=24, heads=16, kv_heads=8, intermediate=2816, vocab=32000, max_positions=4096, tied=False),
-}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:

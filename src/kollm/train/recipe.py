@@ -24,7 +24,7 @@ import torch
 from kollm.errors import ConfigError, StepFailed
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
-from kollm.train.config import TrainingConfig
+from kollm.train.config import PRESETS, TrainingConfig
 from kollm.train.kernels import attention_implementation
 from kollm.train.loop import LoopConfig, StepLog, TrainResult
 
@@ -347,7 +347,7 @@ def _scratch_tokenizer(job: Job, env: Env, texts: Callable[[], list[str]]) -> An
             corpus = texts()
         if not corpus:
             raise StepFailed("base_model: scratch needs text to train its tokenizer, but the corpus is empty")
-        vocab = job.config.vocab_size or modeling.PRESETS[job.config.preset].vocab
+        vocab = job.config.vocab_size or PRESETS[job.config.preset].vocab
         tokenizer = modeling.train_tokenizer(corpus, vocab)
         tmp = job.checkpoint_dir / f".tmp-tokenizer-{os.getpid()}"
         tokenizer.save_pretrained(tmp)
