@@ -11,8 +11,9 @@ Runs (each from the same initial weights, on the same examples, in this one proc
   plain_compiled    a plain PyTorch loop: 8 x 2048 causal rows (no document masking), torch.compile, fused AdamW
   kollm_sft         kollm.train.data.pack_examples + kollm.train.loop.train (loss on completions only)
   kollm_cpt         kollm.train.data.pack_stream + kollm.train.loop.train (loss on every token)
-  kollm_sft_lowmem  kollm_sft with gradient_checkpointing: true (each layer recomputed in the backward pass) and
-                    smaller loss chunks: the memory of TRL's runs, which checkpoint activations by default
+  kollm_sft_lowmem  kollm_sft with gradient_checkpointing: true (each layer but its attention recomputed in the
+                    backward pass, bf16 residual stream) and smaller loss chunks: below the memory of TRL's runs,
+                    which checkpoint activations by default
 
 Throughput counts real (non-padding) tokens only. MFU = 6 * parameters * tokens/s / 989 TFLOP/s (H100 SXM
 dense bf16), the convention of the issue's reference numbers.

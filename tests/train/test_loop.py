@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -139,8 +140,20 @@ def test_checkpoint_write_is_atomic_and_pruned(tmp_path, tiny_model, rows):
     assert ckpt.latest(tmp_path).name == "step-00000006"
 
 
-def test_gradient_checkpointing_recomputes_layers_and_trains_identically(tokenizer, rows):
-    """gradient_checkpointing: every decoder layer runs again in the backward pass, and the updates are the same."""
+def test_gradient_checkpointing_recomputes_layers_and_trains_identically(tokenizer, rows, monkeypatch):
+    """gradient_checkpointing: every decoder layer's MLP runs again in the backward pass while the attention
+    kernel's output is kept, and the updates are the same."""
+    from kollm.train import loop
+
+    decisions: list[tuple[str, str]] = []
+    keep_attention = loop._keep_attention
+
+    def recording_policy(ctx, op, *args, **kwargs):
+        policy = keep_attention(ctx, op, *args, **kwargs)
+        decisions.append((str(op), policy.name))
+        return policy
+
+    monkeypatch.setattr(loop, "_keep_attention", recording_policy)
     calls = {"plain": 0, "checkpointed": 0}
     models, results = {}, {}
     for name in calls:
@@ -150,7 +163,23 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_identically(tokeniz
         results[name] = train(model, RowDataset(rows), cfg, device=CPU)
         models[name] = model
     assert calls == {"plain": 3, "checkpointed": 6}
+    saved = {op for op, policy in decisions if policy == "MUST_SAVE"}
+    assert saved and all("attention" in op for op in saved)  # the attention op is kept ...
+    assert any(policy == "PREFER_RECOMPUTE" and "mm" in op for op, policy in decisions)  # ... the matmuls recomputed
     assert results["checkpointed"].losses == pytest.approx(results["plain"].losses, rel=1e-5)
     for pa, pb in zip(models["plain"].parameters(), models["checkpointed"].parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-5)
     assert all("forward" not in vars(layer) for layer in models["checkpointed"].get_decoder().layers)  # left as it came
+
+
+def test_gradient_checkpointing_under_bf16_keeps_the_residual_stream_in_bf16(tokenizer, rows):
+    """Under bf16 autocast the checkpointed layers see (and keep) bf16 inputs; without checkpointing they are fp32."""
+    seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
+    for checkpointing in seen:
+        model = scratch_model("tiny", tokenizer, seed=3, attn_implementation="sdpa")
+        model.get_decoder().layers[0].register_forward_pre_hook(lambda m, args, kw, c=checkpointing: seen[c].add(kw.get("hidden_states", args[0] if args else None).dtype), with_kwargs=True)
+        cfg = LoopConfig(max_steps=2, lr=1e-3, batch_size=4, precision="bf16", gradient_checkpointing=checkpointing)
+        result = train(model, RowDataset(rows), cfg, device=CPU)
+        assert all(math.isfinite(x) for x in result.losses)
+        assert model.get_input_embeddings()._forward_hooks == {}  # the cast is removed after training
+    assert seen == {True: {torch.bfloat16}, False: {torch.float32}}

@@ -79,8 +79,9 @@ class TrainingConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile the model (faster on GPU after a warm-up).")
     gradient_checkpointing: bool = Field(
         False,
-        description="Keep only each layer's input and recompute the layer in the backward pass: activation memory falls "
-        "to a few percent for about a third more compute. For long sequences or a model that does not fit otherwise.",
+        description="Keep only each layer's input and attention output (and, under bf16, a bf16 residual stream) and "
+        "recompute the rest of the layer in the backward pass: a third of the peak memory for about 15 % fewer tokens/s "
+        "(349M model, one GPU). For long sequences or a model that does not fit otherwise.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
 

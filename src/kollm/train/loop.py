@@ -113,20 +113,45 @@ def autocast_for(device: torch.device, precision: str) -> Any:
     return nullcontext()
 
 
-def checkpoint_layers(model: torch.nn.Module, *, enable: bool = True) -> None:
-    """Gradient checkpointing: keep only each decoder layer's input and run the layer again in the backward pass.
+def _keep_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing policy: keep what the attention kernel returns, recompute every other op."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    name = str(op)
+    return CheckpointPolicy.MUST_SAVE if "attn" in name or "attention" in name else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None = None) -> Callable[[], None]:
+    """Gradient checkpointing: keep each decoder layer's input and its attention output, and recompute the rest of
+    the layer in the backward pass (the attention kernel is the costly part to recompute, its output is small).
+    With `residual_dtype` (bf16 under bf16 autocast) the residual stream, and so each kept layer input, is held
+    in that dtype rather than fp32. Returns the function that undoes both.
 
     Non-reentrant `torch.utils.checkpoint`, so torch.compile traces through it and partitions the recomputation
     like any other graph. Done here rather than through transformers' `gradient_checkpointing_enable`, whose
-    behaviour differs between releases. `enable=False` restores the layers' own forward.
+    behaviour differs between releases.
     """
-    from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    for layer in model.get_decoder().layers:
-        if enable:
-            layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
-        else:
+    layers = list(model.get_decoder().layers)
+    for layer in layers:
+        layer.forward = functools.partial(
+            checkpoint,
+            type(layer).forward.__get__(layer),
+            use_reentrant=False,
+            context_fn=lambda: create_selective_checkpoint_contexts(_keep_attention),
+        )
+    hook = None
+    if residual_dtype is not None:
+        hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(residual_dtype))
+
+    def undo() -> None:
+        for layer in layers:
             layer.__dict__.pop("forward", None)
+        if hook is not None:
+            hook.remove()
+
+    return undo
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -204,11 +229,13 @@ def train(
     if world > 1:  # every rank starts from rank 0's weights
         for p in raw.parameters():
             dist.broadcast(p.data, src=0)
+    autocast = autocast_for(device, cfg.precision)
+    undo_checkpointing = None
     if cfg.gradient_checkpointing:
-        checkpoint_layers(raw)
+        bf16 = isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
+        undo_checkpointing = checkpoint_layers(raw, torch.bfloat16 if bf16 else None)
     model = compile_model(raw) if cfg.compile else raw
     batches = _batches(dataset, cfg, collate, state, device)
-    autocast = autocast_for(device, cfg.precision)
     started = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
     pending: list[torch.Tensor] = []  # step losses not yet read back from the device
@@ -279,8 +306,8 @@ def train(
             )
             window_t, window_tokens = now, 0
     flush()
-    if cfg.gradient_checkpointing:
-        checkpoint_layers(raw, enable=False)
+    if undo_checkpointing is not None:
+        undo_checkpointing()
     raw.eval()
     return TrainResult(
         steps=state.step, losses=state.losses, tokens=state.tokens, seconds=time.perf_counter() - started, resumed_from=resumed_from
