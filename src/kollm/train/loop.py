@@ -49,7 +49,7 @@ class LoopConfig:
     log_every: int = 1
     seed: int = 0
     compile: bool = False
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    gradient_checkpointing: bool = False  # recompute the layers in the backward pass (see checkpoint_layers)
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32
     shuffle: bool = True
 
