@@ -169,3 +169,11 @@ def test_cached_rerun_tracks_every_step_without_importing_mlflow(tmp_path, kollm
     assert count.data.tags["kollm.input.data.digest"] == first.steps["corpus"].outputs["data"].digest
     listing = subprocess.run([kollm_bin, "show", run_id[:10], "--path", str(root)], capture_output=True, text=True, check=True).stdout
     assert "hit" in listing and "miss" not in listing
+
+
+def test_bad_key_is_mlflows_rule_for_metric_param_and_tag_keys():
+    """One rule for the runner's metric-name check and the writer: MLflow's characters and path_not_unique."""
+    from kollm.pipeline.sqlite_runs import bad_key
+
+    assert not any(bad_key(k) for k in ("loss", "eval/loss", "a.b", "train loss", "x-y:z"))
+    assert all(bad_key(k) for k in ("", "acc@1", ".", "./a", "a/../b", "../a", "/a", "a//b", "a/"))

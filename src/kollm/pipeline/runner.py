@@ -279,9 +279,9 @@ def _run_step(
 
 
 def _check_metric_names(step: ResolvedStep, res: StepResult) -> None:
-    from kollm.pipeline.tracking import bad_metric_name
+    from kollm.pipeline.sqlite_runs import bad_key
 
-    bad = [k for k in res.metrics if bad_metric_name(k)]
+    bad = [k for k in res.metrics if bad_key(k)]
     if bad:
         raise StepFailed(
             f"step '{step.name}' returned metric name(s) MLflow cannot store: {', '.join(repr(b) for b in bad)}",

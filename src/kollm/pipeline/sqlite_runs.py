@@ -38,11 +38,15 @@ _NAME_OK = re.compile(r"^[/\w.\- :]*$")
 _PLAIN_LOCATION = re.compile(r"^(?:[a-z][a-z0-9+.\-]*://[^/?#;]*)?/[^?#;]*$")
 
 
+def bad_key(name: str) -> bool:
+    """True when MLflow would reject `name` as a metric, param or tag key (its characters, or MLflow's
+    path_not_unique: a key that is not its own normal path, `.`, or one reaching above or starting at `/`)."""
+    norm = posixpath.normpath(name)
+    return not name or not _NAME_OK.match(name) or norm != name or norm == "." or norm.startswith(("..", "/"))
+
+
 def _key_ok(key: object) -> bool:
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LEN or not _NAME_OK.match(key):
-        return False
-    norm = posixpath.normpath(key)  # MLflow's path_not_unique
-    return norm == key and norm != "." and not norm.startswith(("..", "/"))
+    return isinstance(key, str) and len(key) <= MAX_KEY_LEN and not bad_key(key)
 
 
 def _now_ms() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import posixpath
 import re
 import socket
 import sqlite3
@@ -109,15 +108,6 @@ def _probe_database(uri: str) -> None:
         ) from None
     finally:
         engine.dispose()
-
-
-_NAME_OK = re.compile(r"^[/\w.\- :]*$")
-
-
-def bad_metric_name(name: str) -> bool:
-    """True when MLflow would reject `name` as a metric or param key."""
-    norm = posixpath.normpath(name)
-    return not name or not _NAME_OK.match(name) or norm != name or norm.startswith(("..", "/"))
 
 
 def _param_key(key: str) -> str:
