@@ -14,6 +14,7 @@ Runs (each from the same initial weights, on the same examples, in this one proc
   kollm_sft_lowmem  kollm_sft with gradient_checkpointing: true (each layer but its attention recomputed in the
                     backward pass, bf16 residual stream) and smaller loss chunks: below the memory of TRL's runs,
                     which checkpoint activations by default
+  kollm_cpt_lowmem  kollm_cpt with the same settings as kollm_sft_lowmem
 
 Throughput counts real (non-padding) tokens only. MFU = 6 * parameters * tokens/s / 989 TFLOP/s (H100 SXM
 dense bf16), the convention of the issue's reference numbers.
@@ -52,7 +53,7 @@ from kollm.train.config import PRESETS, Preset  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PAD_ID = 0  # never produced by the data generator
-ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt", "kollm_sft_lowmem")
+ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt", "kollm_sft_lowmem", "kollm_cpt_lowmem")
 
 
 # The 349M shape is kollm's `base` scratch preset; `tiny` is a CPU smoke check.
@@ -591,7 +592,7 @@ def summarize(results: list[RunResult], rtol: float) -> dict[str, Any]:
     ref = by.get("trl_packed_liger") or by.get("trl_packed")
     ok = True
     if ref is not None:
-        for name in ("kollm_sft", "kollm_cpt", "kollm_sft_lowmem", "trl_default", "trl_packed"):
+        for name in ("kollm_sft", "kollm_cpt", "kollm_sft_lowmem", "kollm_cpt_lowmem", "trl_default", "trl_packed"):
             r = by.get(name)
             if r is None or r is ref or not r.losses:
                 continue

@@ -61,6 +61,44 @@ def test_gradient_accumulation_is_exact_token_mean(tokenizer, rows):
         assert torch.allclose(pa, pb, atol=1e-4), (n, (pa - pb).abs().max())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e3])
+def test_one_divisor_does_what_mean_then_clip_grad_norm_does(fused, max_norm):
+    """The loop turns summed gradients into the clipped mean gradient with one divisor, which the fused AdamW
+    kernel applies as it reads them (optimizer.grad_scale): the same update as dividing, clip_grad_norm_, step."""
+    from kollm.train.loop import _mean_and_clip
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 4), (4,), (3, 5)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    summed = [torch.randn(s, generator=gen) * 7 for s in shapes]
+    denom = torch.tensor(12.0)
+
+    ref = [torch.nn.Parameter(t.clone()) for t in start]
+    for p, g in zip(ref, summed):
+        p.grad = g / denom
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, max_norm if max_norm > 0 else float("inf"))
+    torch.optim.AdamW(ref, lr=0.1).step()
+
+    got = [torch.nn.Parameter(t.clone()) for t in start]
+    grads = [g.clone() for g in summed]
+    norm, divisor = _mean_and_clip(grads, denom, max_norm)
+    for p, g in zip(got, grads):
+        p.grad = g
+    opt = torch.optim.AdamW(got, lr=0.1, fused=fused)
+    if fused:
+        opt.grad_scale = divisor
+    else:
+        torch._foreach_div_(grads, divisor)
+    opt.step()
+
+    assert float(norm) == pytest.approx(float(ref_norm), rel=1e-6)
+    assert (float(divisor) > float(denom)) == (0 < max_norm < float(ref_norm))
+    for a, b, s0 in zip(got, ref, start):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)  # AdamW's update alone hardly shows a scale
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a, s0)
+
+
 def test_lora_changes_every_trainable_parameter_and_no_frozen_one(tiny_model, rows):
     model = apply_lora(tiny_model, r=4, alpha=8, dropout=0.0, target_modules="all-linear", quantized=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -154,6 +154,16 @@ def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None
     return undo
 
 
+def _mean_and_clip(grads: list[torch.Tensor], denom: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For summed gradients over `denom` items: the norm of the mean gradient, and the one divisor that makes
+    them the mean gradient clipped to `max_norm` (0: no clipping), as torch.nn.utils.clip_grad_norm_ would."""
+    norms = torch._foreach_norm(grads)
+    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) / denom
+    if max_norm <= 0:
+        return norm, denom
+    return norm, denom / torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():
@@ -218,6 +228,7 @@ def train(
     raw = model.to(device)
     raw.train()
     optimizer = make_optimizer(raw, cfg, device)
+    fused_optimizer = bool(optimizer.defaults.get("fused"))
     scheduler = make_scheduler(optimizer, cfg)
     state = ckpt.TrainState()
     resumed_from = None
@@ -268,11 +279,14 @@ def train(
             for h in handles:
                 h.wait()
         denom = totals[1].clamp(min=1)
-        torch._foreach_mul_(grads, 1.0 / denom)  # a tensor: no host sync
+        grad_norm, divisor = _mean_and_clip(grads, denom, cfg.grad_clip)  # tensors: no host sync
         for p, g in zip(params, grads, strict=True):
             p.grad = g
+        if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
+            optimizer.grad_scale = divisor  # the hook torch.amp.GradScaler uses
+        else:
+            torch._foreach_div_(grads, divisor)
         del grads  # kept to the next step, the list would hold last step's gradients through its whole forward
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
