@@ -80,7 +80,7 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False,
         description="Keep only each layer's input and attention output (and, under bf16, a bf16 residual stream) and "
-        "recompute the rest of the layer in the backward pass: a third of the peak memory for about 15 % fewer tokens/s "
+        "recompute the rest of the layer in the backward pass: a third of the peak memory for about 12 % fewer tokens/s "
         "(349M model, one GPU). For long sequences or a model that does not fit otherwise.",
     )
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
