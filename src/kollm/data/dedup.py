@@ -133,9 +133,8 @@ class NearDupIndex:
     as one dict per band from the band's bytes to the keys holding it: a lookup per band, without building a
     `LeanMinHash` per row (several times faster; this runs in one process)."""
 
-    def __init__(self, threshold: float, num_perm: int = 128, seed: int = 1):
+    def __init__(self, threshold: float, num_perm: int = 128):
         self.threshold = threshold
-        self.seed = seed
         self.bands, rows = lsh_bands(threshold, num_perm)
         self._width = rows * 4  # bytes of a band of uint32 values
         # band bytes -> the key holding it, or a list of keys when several do (few): ints are not tracked by
@@ -207,10 +206,10 @@ class NearDupIndex:
                     table[k] = held[0]
 
 
-def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, seed: int = 1) -> np.ndarray:
+def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float) -> np.ndarray:
     """For rows in order, -1 for a row to keep, else the index of the earlier kept row it near-duplicates.
     Rows with keep=False are skipped (and stay -1). One pass, first occurrence wins; deterministic."""
-    index = NearDupIndex(threshold, sigs.shape[1], seed)
+    index = NearDupIndex(threshold, sigs.shape[1])
     dup_of = np.full(len(sigs), -1, dtype=np.int64)
     for i in range(len(sigs)):
         if not keep[i]:
