@@ -142,11 +142,10 @@ def _store_errors() -> Iterator[None]:
     """An MLflow store error while logging becomes one clear KollmError instead of a traceback."""
     try:
         yield
-    except sqlite3.Error as e:  # kollm's own writes into the SQLite store (sqlite_runs)
-        raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
     except Exception as e:
         exceptions = sys.modules.get("mlflow.exceptions")  # only MLflow can have raised one of its errors
-        if exceptions is None or not isinstance(e, exceptions.MlflowException):
+        from_mlflow = exceptions is not None and isinstance(e, exceptions.MlflowException)
+        if not (from_mlflow or isinstance(e, sqlite3.Error)):  # sqlite3: kollm's own writes (sqlite_runs)
             raise
         raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
 
