@@ -137,6 +137,7 @@ class LoadResult:
     ok: int = 0
     failed: list[str] = field(default_factory=list)
     versions: Counter = field(default_factory=Counter)
+    served: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time the request was sent, version)
     canary_errors: int = 0  # failures answered by the canary arm itself (its own behaviour, not a swap)
     by_user: dict[str, set] = field(default_factory=dict)
 
@@ -157,6 +158,7 @@ class Load:
         while not self._stop.is_set():
             user = f"user-{(i * 1000 + n) % self.users}"
             n += 1
+            sent = time.monotonic()
             try:
                 raw = client.chat.completions.with_raw_response.create(
                     model=self.model, messages=[{"role": "user", "content": "안녕하세요"}], max_tokens=4, user=user
@@ -165,6 +167,7 @@ class Load:
                 with self._lock:
                     self.result.ok += 1
                     self.result.versions[raw.headers["x-kollm-model-version"]] += 1
+                    self.result.served.append((sent, raw.headers["x-kollm-model-version"]))
             except openai.APIStatusError as e:
                 with self._lock:
                     if e.response.headers.get("x-kollm-arm") == "canary":
