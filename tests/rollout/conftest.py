@@ -134,12 +134,17 @@ def webhook():
 
 @dataclass
 class LoadResult:
-    ok: int = 0
     failed: list[str] = field(default_factory=list)
-    versions: Counter = field(default_factory=Counter)
     served: list[tuple[float, str]] = field(default_factory=list)  # (monotonic time the request was sent, version)
     canary_errors: int = 0  # failures answered by the canary arm itself (its own behaviour, not a swap)
-    by_user: dict[str, set] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> int:
+        return len(self.served)
+
+    def versions(self, sent_after: float = float("-inf")) -> Counter:
+        """How many successful requests each version answered, of those sent after `sent_after` (monotonic)."""
+        return Counter(version for sent, version in self.served if sent > sent_after)
 
 
 class Load:
@@ -165,8 +170,6 @@ class Load:
                 )
                 raw.parse()
                 with self._lock:
-                    self.result.ok += 1
-                    self.result.versions[raw.headers["x-kollm-model-version"]] += 1
                     self.result.served.append((sent, raw.headers["x-kollm-model-version"]))
             except openai.APIStatusError as e:
                 with self._lock:

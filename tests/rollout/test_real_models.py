@@ -52,7 +52,8 @@ def test_tiny_models_promoted_through_the_gateway(registered, tmp_path, tiny_fol
         wait_for(lambda: rollout_client.command("status", gateway=srv.url)["rollout"]["status"] == "promoted", 30, "promotion")
         time.sleep(0.5)
     assert load.result.failed == [], load.result.failed[:3]
-    assert load.result.versions["3"] > 0 and load.result.versions["4"] > 0
+    versions = load.result.versions()
+    assert versions["3"] > 0 and versions["4"] > 0
     assert registered.alias("champion") == "4" and registered.alias("previous") == "3"
 
 

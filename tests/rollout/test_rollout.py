@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 
 import httpx
 import pytest
@@ -78,7 +77,7 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
         rolled_back_at = time.monotonic()
         time.sleep(0.5)
     # requests sent once the rollback was visible (one sent just before may still finish on the canary)
-    after = Counter(version for sent, version in load.result.served if sent > rolled_back_at)
+    after = load.result.versions(sent_after=rolled_back_at)
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     assert saved["status"] == "rolled_back" and saved["weight"] == 0
     # rolled back after exactly two analysis intervals (counted in windows, not wall time: the suite asserts
@@ -106,7 +105,7 @@ def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, w
     assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"] if h["result"]["verdict"] == "fail")
     assert "p95_ms" in saved["message"]
     assert load.result.failed == [] and load.result.canary_errors == 0, load.result.failed[:5]
-    assert load.result.versions["2"] > 0  # the canary did serve (slowly) before the rollback
+    assert load.result.versions()["2"] > 0  # the canary did serve (slowly) before the rollback
     assert registered.alias("champion") == "1"
     wait_for(lambda: webhook.received, 5, "the rollback alert")
     assert "p95_ms" in webhook.received[0]["text"]
