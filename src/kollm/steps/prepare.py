@@ -113,6 +113,10 @@ def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.prepare", "kollm.data")
 
 
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return {}  # nothing outside its inputs, config and code
+
+
 # --- per batch: pure, runs in worker processes ----------------------------------------------------
 
 
