@@ -115,6 +115,7 @@ class StepContext:
     resources: Resources  # the step's `resources:` block (gpus, cpus, memory)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kollm.step"))
     progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
+    executor: str = "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""
