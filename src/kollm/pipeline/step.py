@@ -139,7 +139,7 @@ class StepContext:
     progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
     key: str = ""  # this step's cache key (register tags the version it creates with it)
     attempt: int = 0  # 0 for the first try, 1 for the first retry, ...
-    executor: str = "local"  # which executor runs the step: "local" or "ray" (prepare and training scale out on Ray)
+    executor: str = "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""
