@@ -75,7 +75,8 @@ def run_cmd(
     from_step: Annotated[Optional[str], typer.Option("--from", help="Reuse cached steps before STEP; re-run it and all later steps.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only STEP (earlier steps must be cached; add --force STEP to recompute it).")] = None,
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STEP even if cached (repeatable).")] = None,
-    executor: Annotated[Optional[str], typer.Option(help="Executor: local (default: kollm.yaml's `executor`).")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="Executor: local or ray (default: kollm.yaml's `executor`, else local).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray only: the cluster address (auto, ray://HOST:10001); default: a local Ray instance.")] = None,
     store: Annotated[Optional[str], typer.Option(help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -84,7 +85,7 @@ def run_cmd(
 
     show = not quiet
     t0 = time.perf_counter()
-    result = run(path, force=force or (), from_step=from_step, only=only, executor=executor, store=store,
+    result = run(path, force=force or (), from_step=from_step, only=only, executor=executor, address=address, store=store,
                  report=_step_lines(show), progress=_progress(show))
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:

@@ -80,6 +80,14 @@ class StepSpec(BaseModel):
         return v
 
 
+class ExecutorConfig(BaseModel):
+    model_config = STRICT
+    kind: Literal["local", "ray"] = Field("local", description="local: this machine; ray: steps as Ray tasks (pip install 'kollm[ray]').")
+    address: str | None = Field(
+        None, description="Ray only: the cluster (auto, ray://HOST:10001). Default: a local Ray instance started for the run."
+    )
+
+
 class ProjectConfig(BaseModel):
     """The whole kollm.yaml."""
 
@@ -88,7 +96,12 @@ class ProjectConfig(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: dict[str, DataSource] = Field(default_factory=dict, description="Named raw data sources, read by prepare steps.")
     steps: list[StepSpec] = Field(..., min_length=1, description="The pipeline: steps run in this order.")
-    executor: Literal["local"] = Field("local", description="Which executor runs the steps.")
+    executor: ExecutorConfig = Field(default_factory=lambda: ExecutorConfig(), description="Which executor runs the steps: local or ray (or {kind: ray, address: ...}).")
+
+    @field_validator("executor", mode="before")
+    @classmethod
+    def _executor_shorthand(cls, v: Any) -> Any:
+        return {"kind": v} if isinstance(v, str) else v
 
 
 def format_loc(loc: tuple[Any, ...], prefix: str = "") -> str:

@@ -52,15 +52,19 @@ def run(
     pipe = load_pipeline(path)
     selection = select(pipe, force, from_step, only)
     p = plan(pipe, overrides, steps=selection.steps)
-    kind = executor or pipe.cfg.executor
+    kind = executor or pipe.cfg.executor.kind
     st = open_store(store, pipe.state_dir)
     ex: Executor
     if kind == "local":
         from kollm.executors.local import LocalExecutor
 
         ex = LocalExecutor()
+    elif kind == "ray":
+        from kollm.executors.ray import RayExecutor
+
+        ex = RayExecutor(address or pipe.cfg.executor.address)
     else:
         from kollm.errors import ConfigError
 
-        raise ConfigError(f"--executor {kind}: unknown executor; use local")
+        raise ConfigError(f"--executor {kind}: unknown executor; use local or ray")
     return ex.run(p, selection, st, parent_run_id=parent_run_id, report=report, progress=progress)
