@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
     project = data.open_project(project_dir)
     store = data.Store(project)
     env = Environment(loader=PackageLoader("kollm.ui", "templates"), autoescape=select_autoescape(["html"]))
-    env.filters.update(duration=_duration, short=_short, num=data.fmt, urlq=lambda s: quote(str(s), safe=""))
+    env.filters.update(duration=_duration, short=_short, num=data.fmt, urlq=lambda s: quote(str(s), safe=""),
+                       pretty=lambda o: json.dumps(o, ensure_ascii=False, indent=2, default=str))
     env.globals.update(project=project, writable=api_key is not None, gate_of=data.gate_of, metrics_of=data.metrics_of, fmt_ts=_fmt_ts)
     app = FastAPI(title="kollm ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

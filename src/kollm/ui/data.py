@@ -314,11 +314,13 @@ def version_lineage(store: Store, name: str, ref: str) -> Lineage:
     run_ids = [rid for rid in step_runs.values() if rid]
     if v.tags.get("kollm.step_run_id"):
         run_ids.append(v.tags["kollm.step_run_id"])
+    from mlflow.exceptions import MlflowException
+
     steps = []
     for rid in dict.fromkeys(run_ids):
         try:
             steps.append(step_from_run(store.client.get_run(rid)))
-        except Exception:  # a deleted run: the tags still name its digests
+        except MlflowException:  # a deleted run: the version's tags still name its digests
             continue
     datasets = {k.removeprefix("kollm.data."): val for k, val in v.tags.items() if k.startswith("kollm.data.")}
     sources = {k.removeprefix("kollm.source."): val for k, val in v.tags.items() if k.startswith("kollm.source.")}
