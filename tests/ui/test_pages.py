@@ -197,13 +197,35 @@ def test_korean_text_renders_with_a_korean_font(demo, page):
     shoot(page, "registry-korean-390")
 
 
-def test_read_only_ui_binds_to_loopback_only(demo):
+def test_kollm_ui_command(demo):
+    """`kollm ui` serves the project; without a key it refuses any address but loopback, with one clear message."""
+    import os
+    import time
+
+    from tests.conftest import KOLLM
+    from tests.rollout.conftest import free_port
+
     check_bind("127.0.0.1", None)
     check_bind("0.0.0.0", "some-key")
     with pytest.raises(ConfigError, match="without an API key the UI is read-only"):
         check_bind("0.0.0.0", None)
-    from tests.conftest import KOLLM
-
-    env_free = {k: v for k, v in __import__("os").environ.items() if k != "KOLLM_API_KEY"}
-    r = subprocess.run([KOLLM, "ui", "--project", str(demo.dir), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, env=env_free)
+    env = {k: v for k, v in os.environ.items() if k != "KOLLM_API_KEY"}
+    r = subprocess.run([KOLLM, "ui", "--project", str(demo.dir), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "listens on 127.0.0.1 only" in r.stderr and "Traceback" not in r.stderr
+
+    port = free_port()
+    proc = subprocess.Popen([KOLLM, "ui", "--port", str(port)], cwd=demo.dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/runs", timeout=10)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert page is not None and page.status_code == 200, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert demo.run_ids[0] in page.text and "read-only" in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/static/style.css").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -24,6 +24,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.rollout.state import RolloutConflict
 from kollm.ui import data, svg
 
 HERE = Path(__file__).parent
@@ -100,7 +101,7 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
 
     def unlocked(request: Request) -> bool:
         given = request.cookies.get(COOKIE, "")
-        return token is not None and hmac.compare_digest(given, token)
+        return token is not None and hmac.compare_digest(given.encode(), token.encode())
 
     def page(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
         body = env.get_template(template).render(request=request, unlocked=unlocked(request), path=request.url.path, **ctx)
@@ -111,7 +112,8 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
         return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
 
     def authorize(request: Request, fields: dict[str, str]) -> bool:
-        """True when the request may change state; a typed key that matches also sets the session cookie."""
+        """Raises Forbidden unless the request may change state (a typed key that matches, or the session cookie).
+        Returns True when the key was typed, so the response sets the cookie."""
         if api_key is None:
             raise Forbidden("this UI is read-only", hint="start it with `kollm ui --api-key KEY` (or $KOLLM_API_KEY) to promote, roll back or steer rollouts")
         typed = fields.get("api_key", "")
@@ -129,7 +131,7 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
 
     @app.exception_handler(KollmError)
     async def kollm_error(request: Request, e: KollmError) -> HTMLResponse:
-        code = 403 if isinstance(e, Forbidden) else 404 if isinstance(e, NotFound) else 400 if isinstance(e, ConfigError) else 409 if type(e).__name__ == "RolloutConflict" else 503
+        code = 403 if isinstance(e, Forbidden) else 404 if isinstance(e, NotFound) else 400 if isinstance(e, ConfigError) else 409 if isinstance(e, RolloutConflict) else 503
         return page(request, "error.html", status=code, message=e.message, hint=e.hint)
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -150,9 +152,9 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
                     chart=svg.chart(view.curves))
 
     @app.get("/steps/{run_id}", response_class=HTMLResponse)
-    def step(request: Request, run_id: str) -> HTMLResponse:
+    def step(request: Request, run_id: str, fragment: bool = False) -> HTMLResponse:
         view = data.step_view(store, run_id)
-        return page(request, "step.html", view=view, chart=svg.chart(view.curves))
+        return page(request, "step_live.html" if fragment else "step.html", view=view, chart=svg.chart(view.curves))
 
     @app.get("/steps/{run_id}/artifact")
     def artifact(run_id: str, path: str) -> Response:
