@@ -95,7 +95,7 @@ def demo(tmp_path_factory, browser):
         context = browser.new_context(viewport=DESKTOP)
         context.set_default_timeout(30_000)
         pg = context.new_page()
-        pg.goto(f"{ui.url}/runs")
+        pg.goto(f"{ui.url}/runs", timeout=180_000)  # the first page creates the MLflow tables: slow on a busy machine
         t0 = time.monotonic()
         proc = _kollm(["run", "--quiet"], project)
         try:
