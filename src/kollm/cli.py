@@ -456,6 +456,26 @@ def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_
 
 
 
+# --- ui (kollm.ui) ------------------------------------------------------------------------------
+
+
+@app.command("ui")
+def ui_cmd(
+    project: ProjectOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    api_key: Annotated[Optional[str], typer.Option(help="The gateway's API key (default: $KOLLM_API_KEY); needed to promote, roll back or steer a rollout. Without it the UI is read-only.")] = None,
+    gateway: GatewayOpt = None,
+) -> None:
+    """A web dashboard: runs and their step graphs, steps, registry, lineage and the live rollout."""
+    from kollm.ui import serve_ui
+
+    proj = project_dir(project)
+    if proj is None:
+        raise KollmError("no kollm.yaml here", hint="run inside a project folder or pass --project DIR")
+    serve_ui(proj, host=host, port=port, api_key=api_key, gateway=gateway)
+
+
 def main() -> None:
     # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,38 @@
+"""`kollm ui`: a web dashboard over one project's runs, registry, lineage and live rollout.
+
+    serve_ui(project_dir, host="127.0.0.1", port=8080, api_key=None, gateway=None)   # blocks; Ctrl-C stops it
+    create_app(project_dir, api_key=None, gateway=None) -> FastAPI                  # kollm.ui.app
+
+Without an API key the UI is read-only and binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kollm.errors import ConfigError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """A read-only UI (no key) listens on loopback only: anyone who can reach it could read every run."""
+    if api_key is None and host not in LOOPBACK:
+        raise ConfigError(
+            f"--host {host}: without an API key the UI is read-only and listens on 127.0.0.1 only; "
+            "pass --api-key KEY (or set KOLLM_API_KEY) to serve it on other addresses"
+        )
+
+
+def serve_ui(project_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, gateway: str | None = None) -> None:
+    import uvicorn
+
+    from kollm.serve import API_KEY_ENV
+    from kollm.ui.app import create_app
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(host, api_key)
+    app = create_app(project_dir, api_key=api_key, gateway=gateway)
+    print(f"kollm ui for {project_dir} on http://{host}:{port}  ({'actions need the API key' if api_key else 'read-only'})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
