@@ -198,16 +198,21 @@ def serve_cmd(
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
+    inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults).")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
+    from functools import partial
+
     from kollm.serve import serve
 
     if canary is not None:
-        from functools import partial
-
         from kollm.rollout.serving import serve_canary
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
+        if inject_faults:
+            raise KollmError("--inject-faults is not supported with --canary", hint="inject faults into a plain `kollm serve MODEL`")
+    else:
+        serve = partial(serve, inject_faults=inject_faults)
     serve(
         model_uri,
         host=host,
@@ -413,6 +418,39 @@ def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_
     from kollm.rollout.client import command
 
     _rollout_print(command("promote", gateway=gateway, api_key=api_key), as_json)
+
+
+# --- monitor (kollm.monitor) --------------------------------------------------------------------
+
+monitor_app = typer.Typer(help="Monitoring: Prometheus rules and dashboards, the training/drift exporter, drift reports.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("config")
+def monitor_config(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write prometheus.yml, rules/ and dashboards/ into.")],
+    target: Annotated[list[str], typer.Option("--target", help="JOB=HOST:PORT to scrape (repeatable), e.g. kollm-serve=127.0.0.1:8000.")],
+    scrape_interval: Annotated[str, typer.Option(help="Prometheus scrape interval.")] = "15s",
+    evaluation_interval: Annotated[str, typer.Option(help="Prometheus rule evaluation interval.")] = "15s",
+) -> None:
+    """Write a prometheus.yml that scrapes TARGETs with kollm's alerting and recording rules, plus the Grafana dashboards."""
+    from kollm.monitor.prometheus import write_config
+
+    path = write_config(out_dir, target, scrape_interval=scrape_interval, evaluation_interval=evaluation_interval)
+    out.print(f"[green]wrote[/] {path}  —  next: [bold]prometheus --config.file={path}[/]")
+
+
+@monitor_app.command("exporter")
+def monitor_exporter(
+    project: ProjectOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+) -> None:
+    """Serve /metrics with training (loss, step, GPU memory) and drift gauges read from the project's .kollm files."""
+    from kollm.monitor.exporter import run_exporter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_exporter(project_dir(project) or Path.cwd(), host=host, port=port)
 
 
 
