@@ -453,6 +453,34 @@ def monitor_exporter(
     run_exporter(project_dir(project) or Path.cwd(), host=host, port=port)
 
 
+@monitor_app.command("drift")
+def monitor_drift(
+    project: ProjectOpt = None,
+    reference: Annotated[Optional[Path], typer.Option(help="The training data: a prepared dataset folder (train.parquet + stats.json), or a .parquet/.jsonl of `text` rows (default: the newest prepared dataset under .kollm).")] = None,
+    window: Annotated[str, typer.Option(help="How much recent traffic to compare (e.g. 24h, 30m, 7d).")] = "24h",
+    threshold: Annotated[float, typer.Option(help="PSI over which a feature counts as drifted (0.1 small, 0.25 significant).")] = 0.25,
+    min_requests: Annotated[int, typer.Option(help="Fewer served requests in the window is an error.", min=1)] = 30,
+    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the result as MLflow metrics (experiment kollm-monitor).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare recent served traffic (.kollm/logs/inference) with the training data per feature (PSI, KS); write an HTML report."""
+    from kollm.monitor.drift import check_drift
+
+    root = project_dir(project) or Path.cwd()
+    result = check_drift(root, reference, window=window, threshold=threshold, min_requests=min_requests, track=mlflow)
+    if as_json:
+        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows", title_justify="left")
+    for col in ("feature", "PSI", "KS", "KS p", "reference mean", "current mean", ""):
+        table.add_column(col)
+    for name, f in result.features.items():
+        table.add_row(name, f"{f.psi:.3f}", f"{f.ks_statistic:.3f}", f"{f.ks_pvalue:.2g}", f"{f.reference_mean:.3f}", f"{f.current_mean:.3f}",
+                      "[red]drifted[/]" if f.drifted else "ok")
+    out.print(table)
+    out.print(f"report: {escape(result.report)}")
+
+
 
 def main() -> None:
     # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).

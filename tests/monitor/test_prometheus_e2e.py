@@ -50,7 +50,7 @@ def test_prometheus_loads_the_rules_and_fires_on_injected_errors(tiny_model_dir,
     statuses: list[int | str] = []
     load = threading.Thread(target=_load, args=(url, stop, statuses), daemon=True)
     try:
-        wait_ready(url, serve)
+        wait_ready(url, serve, timeout=300)  # a loaded 2-core CI machine
         config = scrape_config([f"kollm-serve=127.0.0.1:{port}"], [str(p) for p in rule_files()], scrape_interval="2s", evaluation_interval="1s")
         prom = Prometheus(config, tmp_path / "prometheus")
         groups = prom.api("rules")["groups"]
