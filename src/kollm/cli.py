@@ -481,6 +481,65 @@ def monitor_drift(
     out.print(f"report: {escape(result.report)}")
 
 
+# --- watch (kollm.monitor.watch) ----------------------------------------------------------------
+
+
+@app.command("watch")
+def watch_cmd(
+    project: ProjectOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit (for cron or a Kubeflow recurring run).")] = False,
+    now: Annotated[bool, typer.Option("--now", help="Add a manual trigger: retrain in this cycle.")] = False,
+    schedule: Annotated[Optional[str], typer.Option(help="Cron schedule in UTC, e.g. '0 3 * * *' (daily at 03:00).")] = None,
+    data: Annotated[bool, typer.Option("--data/--no-data", help="Trigger when the project's local data sources change (digest).")] = True,
+    drift_threshold: Annotated[Optional[float], typer.Option(help="Trigger when a feature's PSI is over this (see `kollm monitor drift`).")] = None,
+    drift_window: Annotated[str, typer.Option(help="Traffic window for the drift check.")] = "24h",
+    drift_every: Annotated[str, typer.Option(help="How often to check drift (e.g. 1h).")] = "1h",
+    gateway: Annotated[Optional[str], typer.Option(help="The canary gateway to roll a new challenger out on (`kollm serve ... --canary models:/NAME@challenger`); none: only register.")] = None,
+    api_key: AdminKeyOpt = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the project name).")] = None,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent.")] = "20,40,60,80",
+    pause: Annotated[str, typer.Option(help="Hold per canary step before its analysis.")] = "2m",
+    analysis: Annotated[str, typer.Option(help="Canary analysis conditions.")] = "success_rate>=0.95,p95_ms<=2000",
+    min_requests: Annotated[int, typer.Option(help="Canary requests a step needs for its analysis.")] = 10,
+    alert_webhook: Annotated[Optional[str], typer.Option(help="Slack-compatible webhook for outcomes (default: $KOLLM_ALERT_WEBHOOK).")] = None,
+    webhook_port: Annotated[Optional[int], typer.Option(help="Receive MLflow registry webhooks on this port (long-running mode).")] = None,
+    webhook_secret: Annotated[Optional[str], typer.Option(help="The MLflow webhook's secret for HMAC verification (default: $KOLLM_WEBHOOK_SECRET).")] = None,
+    interval: Annotated[str, typer.Option(help="Time between cycles in long-running mode.")] = "1m",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of --once as JSON.")] = False,
+) -> None:
+    """Retrain on a schedule, new data, drift or a registry webhook; roll a gated challenger out on the gateway."""
+    from kollm.monitor.drift import parse_window
+    from kollm.monitor.watch import WatchSettings, parse_cron, run_cycle, watch
+
+    if schedule:
+        parse_cron(schedule)
+    if alert_webhook:
+        from kollm.monitor.alerts import check_webhook_url
+
+        check_webhook_url(alert_webhook)
+    settings = WatchSettings(
+        project_dir=project_dir(project) or Path.cwd(), schedule=schedule, watch_data=data, drift_threshold=drift_threshold,
+        drift_window=drift_window, drift_every_s=parse_window(drift_every), gateway=gateway, api_key=api_key, model_name=model_name,
+        rollout_steps=steps, rollout_pause=pause, rollout_analysis=analysis, rollout_min_requests=min_requests, alert_webhook=alert_webhook,
+        webhook_port=webhook_port, webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
+    )
+    if not (settings.project_dir / "kollm.yaml").exists():
+        raise KollmError(f"no kollm.yaml in {settings.project_dir}", hint="run inside a project or pass --project DIR")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not once:
+        watch(settings, interval_s=parse_window(interval))
+        return
+    outcome = run_cycle(settings, manual=now)
+    if as_json:
+        print(json.dumps(outcome.to_json(), ensure_ascii=False, indent=2))
+    else:
+        out.print(f"[bold]{outcome.kind}[/]: {escape(outcome.message)}", highlight=False)
+        if outcome.steps_run or outcome.steps_cached:
+            out.print(f"  steps run: {', '.join(outcome.steps_run) or '-'}; from the cache: {', '.join(outcome.steps_cached) or '-'}")
+    if outcome.kind in ("failed", "gate_failed", "rolled_back", "aborted", "rollout_timeout", "gateway_not_serving_challenger"):
+        raise typer.Exit(1)
+
+
 
 def main() -> None:
     # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).
