@@ -212,6 +212,10 @@ def serve_cmd(
         if inject_faults:
             raise KollmError("--inject-faults is not supported with --canary", hint="inject faults into a plain `kollm serve MODEL`")
     else:
+        if inject_faults:
+            from kollm.serve.faults import parse_faults
+
+            parse_faults(inject_faults)  # a bad option is named before the model loads
         serve = partial(serve, inject_faults=inject_faults)
     serve(
         model_uri,

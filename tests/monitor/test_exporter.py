@@ -58,3 +58,31 @@ def test_drift_gauges_come_from_the_last_report(tmp_path):
     assert s[("kollm_drift_detected", (("feature", "prompt_chars"),))] == 0
     assert s[("kollm_drift_window_requests", ())] == 120
     assert s[("kollm_drift_last_run_timestamp_seconds", ())] == 1700000000.0
+
+
+def test_cli_exporter_serves_metrics(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .conftest import free_port
+
+    _write(tmp_path / ".kollm" / "logs" / "training" / "cpt.jsonl", [{"timestamp": "2026-01-01T00:00:00+00:00", "step_name": "cpt", "step": 5, "loss": 3.25}])
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kollm.cli", "monitor", "exporter", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert 'kollm_training_loss{step_name="cpt"} 3.25' in text

@@ -66,8 +66,8 @@ def test_injected_errors_are_500s_counted_by_the_serving_metrics():
     assert _metric(text, "kollm_requests_total", model_version="faulty-1", endpoint="/v1/chat/completions", status_code="500") == engine.injected
 
 
-def test_serve_names_a_bad_inject_faults_option(tmp_path, tiny_model_dir):
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(free_port()), "--inject-faults", "errors=1"],
+def test_serve_names_a_bad_inject_faults_option(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kollm.cli", "serve", str(tmp_path / "model"), "--port", str(free_port()), "--inject-faults", "errors=1"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--inject-faults" in r.stderr and "error_rate" in r.stderr

@@ -23,9 +23,12 @@ import logging
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kollm.errors import ConfigError
-from kollm.serve.engine import ChatTurn, Engine, SamplingParams, TokenChunk
+
+if TYPE_CHECKING:  # parsing --inject-faults must not import torch
+    from kollm.serve.engine import ChatTurn, Engine, SamplingParams, TokenChunk
 
 log = logging.getLogger("kollm.serve")
 
