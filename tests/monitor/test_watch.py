@@ -181,3 +181,35 @@ def test_cli_watch_once(project):
     assert json.loads(r.stdout)["kind"] == "baseline"
     r = subprocess.run([sys.executable, "-m", "kollm.cli", "watch", "--once", "--schedule", "0 3 * *"], cwd=project, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--schedule" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_long_running_watch_retrains_on_a_verified_registry_webhook(project):
+    import threading
+
+    from kollm.monitor.watch import watch
+
+    from .conftest import free_port
+
+    port = free_port()
+    settings = WatchSettings(project_dir=project, webhook_secret="s3cret", webhook_port=port, model_name="watchdemo")
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(settings,), kwargs={"interval_s": 0.5, "stop": stop}, daemon=True)
+    thread.start()
+    store = StateStore(settings.state_dir)
+    try:
+        deadline = time.time() + 120
+        while store.load().data_digest is None:  # the first cycle recorded its baseline
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.2)
+        body = json.dumps({"entity": "model_version_alias", "action": "created", "data": {"name": "base-ko", "alias": "latest", "version": "4"}}).encode()
+        assert httpx.post(f"http://127.0.0.1:{port}/", content=body, headers=_signed("s3cret", body), timeout=30).status_code == 202
+        while not store.load().history:
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    outcome = store.load().history[0]
+    assert outcome["kind"] == "no_new_challenger" and outcome["steps_run"] == ["prep"]  # the first pipeline run
+    assert [t["detail"] for t in outcome["triggers"]] == ["registry webhook model_version_alias.created base-ko 4"]
+    assert not thread.is_alive()
