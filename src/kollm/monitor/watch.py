@@ -397,6 +397,18 @@ def run_cycle(settings: WatchSettings, *, now: float | None = None, manual: bool
         state = store.load()
         now = time.time() if now is None else now
         first = state.data_digest is None and state.last_schedule_check is None and not state.history
+        resumed = state.running is not None
+        if not resumed:
+            state.pending += store.drain() + detect(settings, state, now)
+            if manual:
+                state.pending.append(Trigger(kind="manual", detail="kollm watch --now", at=now))
+            store.save(state)  # the triggers are safe before anything runs
+            if not state.pending:
+                return Outcome("baseline" if first else "idle", "recorded the data digest and schedule; nothing to do yet" if first else "nothing to do")
+        busy = _rollout_active(settings)
+        if busy:
+            waiting = state.running.triggers if state.running is not None else state.pending
+            return Outcome("waiting", f"{busy}; {len(waiting)} trigger(s) wait for it", triggers=waiting)
         if state.running is not None:
             state.running.attempts += 1
             if state.running.attempts > MAX_ATTEMPTS:
@@ -405,19 +417,9 @@ def run_cycle(settings: WatchSettings, *, now: float | None = None, manual: bool
                 return _finish(settings, store, state, outcome)
             log.info("resuming the run of %d trigger(s) that a previous watcher did not finish", len(state.running.triggers))
         else:
-            state.pending += store.drain() + detect(settings, state, now)
-            if manual:
-                state.pending.append(Trigger(kind="manual", detail="kollm watch --now", at=now))
-        store.save(state)  # the triggers are safe before anything runs
-        if state.running is None and not state.pending:
-            return Outcome("baseline" if first else "idle", "recorded the data digest and schedule; nothing to do yet" if first else "nothing to do")
-        busy = _rollout_active(settings)
-        if busy:
-            return Outcome("waiting", f"{busy}; {len(state.pending)} trigger(s) wait for it", triggers=state.pending)
-        if state.running is None:
             state.running = Running(triggers=state.pending, started_at=now)
             state.pending = []
-            store.save(state)
+        store.save(state)
         triggers = state.running.triggers
         try:
             outcome = retrain(settings, state)
