@@ -238,16 +238,25 @@ def serve_cmd(
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
+    inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults).")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
+    from functools import partial
+
     from kollm.serve import serve
 
     if canary is not None:
-        from functools import partial
-
         from kollm.rollout.serving import serve_canary
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
+        if inject_faults:
+            raise KollmError("--inject-faults is not supported with --canary", hint="inject faults into a plain `kollm serve MODEL`")
+    else:
+        if inject_faults:
+            from kollm.serve.faults import parse_faults
+
+            parse_faults(inject_faults)  # a bad option is named before the model loads
+        serve = partial(serve, inject_faults=inject_faults)
     serve(
         model_uri,
         host=host,
@@ -453,6 +462,126 @@ def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_
     from kollm.rollout.client import command
 
     _rollout_print(command("promote", gateway=gateway, api_key=api_key), as_json)
+
+
+# --- monitor (kollm.monitor) --------------------------------------------------------------------
+
+monitor_app = typer.Typer(help="Monitoring: Prometheus rules and dashboards, the training/drift exporter, drift reports.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("config")
+def monitor_config(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write prometheus.yml, rules/ and dashboards/ into.")],
+    target: Annotated[list[str], typer.Option("--target", help="JOB=HOST:PORT to scrape (repeatable), e.g. kollm-serve=127.0.0.1:8000.")],
+    scrape_interval: Annotated[str, typer.Option(help="Prometheus scrape interval.")] = "15s",
+    evaluation_interval: Annotated[str, typer.Option(help="Prometheus rule evaluation interval.")] = "15s",
+) -> None:
+    """Write a prometheus.yml that scrapes TARGETs with kollm's alerting and recording rules, plus the Grafana dashboards."""
+    from kollm.monitor.prometheus import write_config
+
+    path = write_config(out_dir, target, scrape_interval=scrape_interval, evaluation_interval=evaluation_interval)
+    out.print(f"[green]wrote[/] {path}  —  next: [bold]prometheus --config.file={path}[/]")
+
+
+@monitor_app.command("exporter")
+def monitor_exporter(
+    project: ProjectOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9464,
+) -> None:
+    """Serve /metrics with training (loss, step, GPU memory) and drift gauges read from the project's .kollm files."""
+    from kollm.monitor.exporter import run_exporter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_exporter(project_dir(project) or Path.cwd(), host=host, port=port)
+
+
+@monitor_app.command("drift")
+def monitor_drift(
+    project: ProjectOpt = None,
+    reference: Annotated[Optional[Path], typer.Option(help="The training data: a prepared dataset folder (train.parquet + stats.json), or a .parquet/.jsonl of `text` rows (default: the newest prepared dataset under .kollm).")] = None,
+    window: Annotated[str, typer.Option(help="How much recent traffic to compare (e.g. 24h, 30m, 7d).")] = "24h",
+    threshold: Annotated[float, typer.Option(help="PSI over which a feature counts as drifted (0.1 small, 0.25 significant).")] = 0.25,
+    min_requests: Annotated[int, typer.Option(help="Fewer served requests in the window is an error.", min=1)] = 30,
+    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the result as MLflow metrics (experiment kollm-monitor).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compare recent served traffic (.kollm/logs/inference) with the training data per feature (PSI, KS); write an HTML report."""
+    from kollm.monitor.drift import check_drift
+
+    root = project_dir(project) or Path.cwd()
+    result = check_drift(root, reference, window=window, threshold=threshold, min_requests=min_requests, track=mlflow)
+    if as_json:
+        print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows", title_justify="left")
+    for col in ("feature", "PSI", "KS", "KS p", "reference mean", "current mean", ""):
+        table.add_column(col)
+    for name, f in result.features.items():
+        table.add_row(name, f"{f.psi:.3f}", f"{f.ks_statistic:.3f}", f"{f.ks_pvalue:.2g}", f"{f.reference_mean:.3f}", f"{f.current_mean:.3f}",
+                      "[red]drifted[/]" if f.drifted else "ok")
+    out.print(table)
+    out.print(f"report: {escape(result.report)}")
+
+
+# --- watch (kollm.monitor.watch) ----------------------------------------------------------------
+
+
+@app.command("watch")
+def watch_cmd(
+    project: ProjectOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit (for cron or a Kubeflow recurring run).")] = False,
+    now: Annotated[bool, typer.Option("--now", help="Add a manual trigger: retrain in this cycle.")] = False,
+    schedule: Annotated[Optional[str], typer.Option(help="Cron schedule in UTC, e.g. '0 3 * * *' (daily at 03:00).")] = None,
+    data: Annotated[bool, typer.Option("--data/--no-data", help="Trigger when the project's local data sources change (digest).")] = True,
+    drift_threshold: Annotated[Optional[float], typer.Option(help="Trigger when a feature's PSI is over this (see `kollm monitor drift`).")] = None,
+    drift_window: Annotated[str, typer.Option(help="Traffic window for the drift check.")] = "24h",
+    drift_every: Annotated[str, typer.Option(help="How often to check drift (e.g. 1h).")] = "1h",
+    gateway: Annotated[Optional[str], typer.Option(help="The canary gateway to roll a new challenger out on (`kollm serve ... --canary models:/NAME@challenger`); none: only register.")] = None,
+    api_key: AdminKeyOpt = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the project name).")] = None,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent.")] = "20,40,60,80",
+    pause: Annotated[str, typer.Option(help="Hold per canary step before its analysis.")] = "2m",
+    analysis: Annotated[str, typer.Option(help="Canary analysis conditions.")] = "success_rate>=0.95,p95_ms<=2000",
+    min_requests: Annotated[int, typer.Option(help="Canary requests a step needs for its analysis.")] = 10,
+    alert_webhook: Annotated[Optional[str], typer.Option(help="Slack-compatible webhook for outcomes (default: $KOLLM_ALERT_WEBHOOK).")] = None,
+    webhook_port: Annotated[Optional[int], typer.Option(help="Receive MLflow registry webhooks on this port (long-running mode).")] = None,
+    webhook_secret: Annotated[Optional[str], typer.Option(help="The MLflow webhook's secret for HMAC verification (default: $KOLLM_WEBHOOK_SECRET).")] = None,
+    interval: Annotated[str, typer.Option(help="Time between cycles in long-running mode.")] = "1m",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of --once as JSON.")] = False,
+) -> None:
+    """Retrain on a schedule, new data, drift or a registry webhook; roll a gated challenger out on the gateway."""
+    from kollm.monitor.drift import parse_window
+    from kollm.monitor.watch import WatchSettings, parse_cron, run_cycle, watch
+
+    if schedule:
+        parse_cron(schedule)
+    if alert_webhook:
+        from kollm.monitor.alerts import check_webhook_url
+
+        check_webhook_url(alert_webhook)
+    settings = WatchSettings(
+        project_dir=project_dir(project) or Path.cwd(), schedule=schedule, watch_data=data, drift_threshold=drift_threshold,
+        drift_window=drift_window, drift_every_s=parse_window(drift_every), gateway=gateway, api_key=api_key, model_name=model_name,
+        rollout_steps=steps, rollout_pause=pause, rollout_analysis=analysis, rollout_min_requests=min_requests, alert_webhook=alert_webhook,
+        webhook_port=webhook_port, webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
+    )
+    if not (settings.project_dir / "kollm.yaml").exists():
+        raise KollmError(f"no kollm.yaml in {settings.project_dir}", hint="run inside a project or pass --project DIR")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not once:
+        watch(settings, interval_s=parse_window(interval))
+        return
+    outcome = run_cycle(settings, manual=now)
+    if as_json:
+        print(json.dumps(outcome.to_json(), ensure_ascii=False, indent=2))
+    else:
+        out.print(f"[bold]{outcome.kind}[/]: {escape(outcome.message)}", highlight=False)
+        if outcome.steps_run or outcome.steps_cached:
+            out.print(f"  steps run: {', '.join(outcome.steps_run) or '-'}; from the cache: {', '.join(outcome.steps_cached) or '-'}")
+    if outcome.kind in ("failed", "gate_failed", "rolled_back", "aborted", "rollout_timeout", "gateway_not_serving_challenger"):
+        raise typer.Exit(1)
 
 
 

@@ -97,10 +97,12 @@ def serve(
     context_length: int | None = None,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    inject_faults: str | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
     The API key defaults to $KOLLM_API_KEY (none: no auth). Logs go to <project_dir or cwd>/.kollm/logs/{api,inference}/.
+    `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults.
     """
     import uvicorn
 
@@ -108,9 +110,16 @@ def serve(
     from kollm.serve.router import create_app as _create_app
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    faults = None
+    if inject_faults:
+        from kollm.serve.faults import FaultyEngine, parse_faults
+
+        faults = parse_faults(inject_faults)
     name, version = describe_model_uri(model_uri, project_dir)
     path = resolve(model_uri, project_dir)
     engine = _load_engine(path, backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length)
+    if faults is not None:
+        engine = FaultyEngine(engine, faults)
     root = Path(project_dir) if project_dir is not None else Path.cwd()
     app = _create_app(
         engine,

@@ -45,6 +45,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kollm.monitor.features import request_features
 from kollm.monitor.logging import JsonLinesLogger
 from kollm.serve import metrics
 from kollm.serve.engine import ChatTurn, Engine, EngineClosed, EngineOverloaded, PromptError, SamplingParams, TokenChunk
@@ -328,6 +329,7 @@ def create_app(
                 ttft_s=None if ttft is None else round(ttft, 4),
                 latency_s=round(end - timing.start, 4),
                 user=body.user,
+                features=request_features(body, prompt_tokens, completion_tokens),  # for `kollm monitor drift`
             )
 
     async def collect(gen: AsyncIterator[TokenChunk], first: TokenChunk) -> tuple[str, int, str | None]:
