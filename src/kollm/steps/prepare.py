@@ -335,7 +335,7 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     hangul_parts: list[np.ndarray] = []
     paths: Counter[str] = Counter()
     seen: set[str] = set()
-    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm) if cfg.dedup.near else None
+    index = NearDupIndex.from_config(cfg.dedup) if cfg.dedup.near else None
     t_dedup = 0.0
     for p in processed:
         t1 = time.perf_counter()
@@ -446,7 +446,7 @@ def _rows(frame: pd.DataFrame, cols: list[str], at: np.ndarray) -> pd.DataFrame:
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
     """Without near-dedup, move every eval row that near-duplicates a train row into train (and then the eval
     rows that near-duplicate a moved one). Changes `is_eval` in place; returns how many rows moved."""
-    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm)
+    index = NearDupIndex.from_config(cfg.dedup)
     for i in np.flatnonzero(is_eval):
         index.add(int(i), sigs[i])
     queue = [int(i) for i in np.flatnonzero(~is_eval)]
