@@ -164,9 +164,9 @@ def naive_minhash_dedup(texts: list[str], threshold: float = 0.8, num_perm: int 
 
 
 def _dedup_label(c) -> str:
-    form = "romanized, sound-folded" if c.transliteration else "Hangul"
+    form = f"romanized, sound-folded, {c.shingle_chars}-unit shingles" if c.transliteration else f"Hangul char {c.shingle_chars}-grams"
     short = f", short-document slack {c.short_doc_slack}" if c.short_doc_slack else ""
-    return f"{form} char {c.shingle_chars}-gram MinHash LSH, threshold {c.threshold}{short}"
+    return f"{form}, MinHash LSH, threshold {c.threshold}{short}"
 
 
 def prf(truth: np.ndarray, found: np.ndarray) -> tuple[float, float, float]:

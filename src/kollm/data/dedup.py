@@ -282,38 +282,22 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-class NearDupIndex:
-    """A MinHash LSH index of kept rows. `match` returns the key of a kept row whose estimated Jaccard
-    similarity is at least the threshold (LSH candidates are verified), else None. With `short_doc_slack`,
-    the threshold of each pair depends on its shorter side's size (`pair_threshold`) and the bands are those
-    of `min_threshold`, so short pairs become candidates too.
+class _Bands:
+    """The banding of datasketch's `MinHashLSH` for one threshold, kept as one dict per band from the band's bytes
+    to the keys holding it: a lookup per band, without building a `LeanMinHash` per row."""
 
-    The banding is datasketch's `MinHashLSH` (the same bands and rows per band, so the same candidates), kept
-    as one dict per band from the band's bytes to the keys holding it: a lookup per band, without building a
-    `LeanMinHash` per row (several times faster; this runs in one process)."""
-
-    def __init__(self, threshold: float, num_perm: int = 128, short_doc_slack: int = 0, min_threshold: float | None = None):
-        self.threshold = threshold
-        self.slack = short_doc_slack
-        self.min_threshold = threshold if min_threshold is None or short_doc_slack <= 0 else min(min_threshold, threshold)
-        self.bands, rows = lsh_bands(self.min_threshold, num_perm)
+    def __init__(self, threshold: float, num_perm: int):
+        self.bands, rows = lsh_bands(threshold, num_perm)
         self._width = rows * 4  # bytes of a band of uint32 values
         # band bytes -> the key holding it, or a list of keys when several do (few): ints are not tracked by
         # the garbage collector, so a big index does not slow every collection down
         self.tables: list[dict[bytes, int | list[int]]] = [{} for _ in range(self.bands)]
-        self.sigs: dict[int, np.ndarray] = {}
-        self.sizes: dict[int, float] = {}
 
-    @classmethod
-    def from_config(cls, cfg: DedupConfig) -> NearDupIndex:
-        return cls(cfg.threshold, cfg.num_perm, cfg.short_doc_slack, cfg.min_threshold)
-
-    def _keys(self, sig: np.ndarray) -> list[bytes]:
+    def keys(self, sig: np.ndarray) -> list[bytes]:
         row, w = sig.astype(np.uint32, copy=False).tobytes(), self._width
         return [row[i : i + w] for i in range(0, self.bands * w, w)]
 
-    def _candidates(self, keys: list[bytes]) -> set[int]:
-        found: set[int] = set()
+    def candidates(self, keys: list[bytes], found: set[int]) -> set[int]:
         for table, k in zip(self.tables, keys):
             held = table.get(k)
             if held is None:
@@ -324,21 +308,7 @@ class NearDupIndex:
                 found.update(held)
         return found
 
-    def candidates(self, sig: np.ndarray) -> set[int]:
-        """Keys of the kept rows that share a band with `sig` (not yet verified)."""
-        return self._candidates(self._keys(sig))
-
-    def _match(self, sig: np.ndarray, keys: list[bytes]) -> int | None:
-        best, best_j = None, -1.0
-        size = set_size(sig) if self.slack > 0 else 0.0
-        for key in self._candidates(keys):
-            j = jaccard(sig, self.sigs[key])
-            need = pair_threshold(min(size, self.sizes[key]), self.threshold, self.slack, self.min_threshold) if self.slack > 0 else self.threshold
-            if j >= need and (j > best_j or (j == best_j and key < best)):
-                best, best_j = key, j
-        return best
-
-    def _add(self, key: int, sig: np.ndarray, keys: list[bytes]) -> None:
+    def add(self, key: int, keys: list[bytes]) -> None:
         for table, k in zip(self.tables, keys):
             held = table.get(k)
             if held is None:
@@ -347,27 +317,9 @@ class NearDupIndex:
                 table[k] = [held, key]
             else:
                 held.append(key)
-        self.sigs[key] = sig
-        if self.slack > 0:
-            self.sizes[key] = set_size(sig)
 
-    def match(self, sig: np.ndarray) -> int | None:
-        return self._match(sig, self._keys(sig))
-
-    def add(self, key: int, sig: np.ndarray) -> None:
-        self._add(key, sig, self._keys(sig))
-
-    def match_or_add(self, key: int, sig: np.ndarray) -> int | None:
-        """The kept row `sig` near-duplicates, or None after adding it as kept."""
-        keys = self._keys(sig)
-        found = self._match(sig, keys)
-        if found is None:
-            self._add(key, sig, keys)
-        return found
-
-    def remove(self, key: int) -> None:
-        self.sizes.pop(key, None)
-        for table, k in zip(self.tables, self._keys(self.sigs.pop(key))):
+    def remove(self, key: int, keys: list[bytes]) -> None:
+        for table, k in zip(self.tables, keys):
             held = table[k]
             if type(held) is int:
                 del table[k]
@@ -375,6 +327,88 @@ class NearDupIndex:
                 held.remove(key)
                 if len(held) == 1:
                     table[k] = held[0]
+
+
+_Keys = tuple[list[bytes], list[bytes] | None]  # a signature's band keys: main bands, short-document bands
+
+
+class NearDupIndex:
+    """A MinHash LSH index of kept rows. `match` returns the key of a kept row whose estimated Jaccard
+    similarity is at least the threshold (LSH candidates are verified), else None.
+
+    The banding is datasketch's `MinHashLSH` (the same bands and rows per band, so the same candidates; several
+    times faster; this runs in one process). With `short_doc_slack`, a pair's threshold depends on its smaller
+    side's size (`pair_threshold`), and short rows are also banded for `min_threshold`: only rows with fewer
+    than `short_size` shingles, since a pair with a lower threshold has a side below `n_full` (where the
+    threshold is whole again) and Jaccard <= smaller / larger, so its larger side is below n_full / min_threshold
+    (with a margin for the size estimate). Long documents then cost what they did without the slack."""
+
+    def __init__(self, threshold: float, num_perm: int = 128, short_doc_slack: int = 0, min_threshold: float | None = None):
+        self.threshold = threshold
+        self.slack = max(0, short_doc_slack)
+        self.min_threshold = threshold if min_threshold is None or not self.slack else min(min_threshold, threshold)
+        self.main = _Bands(threshold, num_perm)
+        self.short = _Bands(self.min_threshold, num_perm) if self.min_threshold < threshold else None
+        n_full = self.slack * (1 + threshold) / (1 - threshold)
+        self.short_size = 1.25 * n_full / self.min_threshold if self.short else 0.0
+        self.sigs: dict[int, np.ndarray] = {}
+        self.sizes: dict[int, float] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DedupConfig) -> NearDupIndex:
+        return cls(cfg.threshold, cfg.num_perm, cfg.short_doc_slack, cfg.min_threshold)
+
+    def _keys(self, sig: np.ndarray) -> tuple[_Keys, float]:
+        size = set_size(sig) if self.short else 0.0
+        short = self.short.keys(sig) if self.short and size < self.short_size else None
+        return (self.main.keys(sig), short), size
+
+    def candidates(self, sig: np.ndarray) -> set[int]:
+        """Keys of the kept rows that share a band with `sig` (not yet verified)."""
+        (main, short), _ = self._keys(sig)
+        found = self.main.candidates(main, set())
+        return self.short.candidates(short, found) if self.short and short else found
+
+    def _match(self, sig: np.ndarray, keys: _Keys, size: float) -> int | None:
+        best, best_j = None, -1.0
+        found = self.main.candidates(keys[0], set())
+        if self.short and keys[1]:
+            self.short.candidates(keys[1], found)
+        for key in found:
+            j = jaccard(sig, self.sigs[key])
+            need = pair_threshold(min(size, self.sizes[key]), self.threshold, self.slack, self.min_threshold) if self.short else self.threshold
+            if j >= need and (j > best_j or (j == best_j and key < best)):
+                best, best_j = key, j
+        return best
+
+    def _add(self, key: int, sig: np.ndarray, keys: _Keys, size: float) -> None:
+        self.main.add(key, keys[0])
+        if self.short and keys[1]:
+            self.short.add(key, keys[1])
+        self.sigs[key] = sig
+        if self.short:
+            self.sizes[key] = size
+
+    def match(self, sig: np.ndarray) -> int | None:
+        return self._match(sig, *self._keys(sig))
+
+    def add(self, key: int, sig: np.ndarray) -> None:
+        self._add(key, sig, *self._keys(sig))
+
+    def match_or_add(self, key: int, sig: np.ndarray) -> int | None:
+        """The kept row `sig` near-duplicates, or None after adding it as kept."""
+        keys, size = self._keys(sig)
+        found = self._match(sig, keys, size)
+        if found is None:
+            self._add(key, sig, keys, size)
+        return found
+
+    def remove(self, key: int) -> None:
+        (main, short), _ = self._keys(self.sigs.pop(key))
+        self.sizes.pop(key, None)
+        self.main.remove(key, main)
+        if self.short and short:
+            self.short.remove(key, short)
 
 
 def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, short_doc_slack: int = 0,
