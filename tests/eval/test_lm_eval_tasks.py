@@ -66,3 +66,30 @@ def test_ko_quickstart_mc_end_to_end_metrics_gate_report_and_registry_tags(tmp_p
     (project / "kollm.yaml").write_text(text, encoding="utf-8")
     with pytest.raises(GateFailed, match=r"FAIL.*ko_quickstart_mc\.acc"):
         kollm.run(project)
+
+
+def test_include_path_task_over_local_json_files(tmp_path):
+    """How the README points lm-eval at local copies: a task YAML in `include_path` whose dataset is local files
+    (datasets' json loader), run on a tiny model through the hf backend."""
+    import shutil
+
+    from kollm.eval.harness import run_lm_eval
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    model = tmp_path / "model"
+    tok = tiny_tokenizer()
+    tiny_model(tok).save_pretrained(model)
+    tok.save_pretrained(model)
+    data = tmp_path / "copies" / "quiz.json"
+    data.parent.mkdir()
+    shutil.copyfile(KOLLM_TASKS / "ko_quickstart_mc" / "ko_quickstart_mc.json", data)
+    tasks = tmp_path / "project" / "tasks"
+    tasks.mkdir(parents=True)
+    (tasks / "local_quiz.yaml").write_text(
+        "task: local_quiz\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "질문: {{question}}\\n답:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n", encoding="utf-8")
+    scores = run_lm_eval(model, LmEvalConfig(tasks=["local_quiz"], limit=4, include_path="tasks"), tmp_path / "project", "cpu")
+    assert set(scores) == {"local_quiz.acc"} and scores["local_quiz.acc"] in (0, 0.25, 0.5, 0.75, 1)
