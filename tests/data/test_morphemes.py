@@ -86,3 +86,16 @@ def test_tokenizer_is_validated_and_the_error_names_the_field(tmp_path):
         """), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"steps\[0\]\.config\.filters\.tokenizer"):
         kollm.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_kiwi_output_is_the_same_for_any_num_proc():
+    from kollm.data.synthetic import corpus_with_near_duplicates
+
+    texts, _ = corpus_with_near_duplicates(40, dup_fraction=0.2, seed=21)
+    batches = [pd.DataFrame({"text": texts[i : i + 10], "_source": f"f{i}"}) for i in range(0, 40, 10)]
+    cfg = {"filters": {"tokenizer": "kiwi"}, "split": {"eval_fraction": 0.2}, "batch_rows": 10}
+    one = prepare_batches(batches, Config(**cfg))
+    two = prepare_batches(batches, Config(**cfg, num_proc=2))
+    assert one.train.equals(two.train) and one.eval.equals(two.eval) and one.stats == two.stats
+    assert one.stats["morphemes_mean"] > 0

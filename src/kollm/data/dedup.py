@@ -15,8 +15,9 @@ and in Latin letters (데비안 / Debian, 리눅스 / Linux) meets itself:
    Why romanize Hangul rather than map Latin words to Hangul: romanization is a fixed syllable-by-syllable
    table (fast: one `str.translate`), while Latin -> Hangul needs word-level loanword rules and a
    dictionary (Debian -> 데비안, but data -> 데이터); the fold then absorbs the spellings where English and
-   the Korean reading differ (리눅스 "rinukseu" / Linux, 파이썬 "paisseon" / Python). Shingles are longer
-   in this form (8 letters, about three syllables, by default) because its alphabet is smaller.
+   the Korean reading differ (리눅스 "rinukseu" / Linux, 파이썬 "paisseon" / Python). Shingles are k sound
+   units (a unit ends after a vowel: about a syllable; 3 by default), so they span as much text as Hangul
+   shingles and there are as many; digits are kept as they are (templated rows that differ in numbers stay apart).
 3. The threshold accounts for short documents: one changed word changes about `shingle_size` + its length
    shingles whatever the document's length, which is most of a 40-character paragraph. Two texts are
    near-duplicates when their estimated Jaccard similarity is at least
@@ -50,7 +51,7 @@ class DedupConfig(BaseModel):
     exact: bool = Field(True, description="Drop rows whose normalized text equals an earlier row's (reason dedup:exact).")
     near: bool = Field(True, description="Drop rows that are near-duplicates of an earlier row (reason dedup:near).")
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="Jaccard similarity of character shingles above which two rows are near-duplicates."
+        0.8, gt=0, lt=1, description="Jaccard similarity of shingles above which two rows are near-duplicates (long rows; see short_doc_slack)."
     )
     transliteration: bool = Field(
         True, description="Compare texts in a romanized, sound-folded form, so a loanword in Hangul and in Latin letters "
@@ -63,8 +64,8 @@ class DedupConfig(BaseModel):
     min_threshold: float = Field(0.5, gt=0, lt=1, description="The lowest threshold `short_doc_slack` may lower a pair's threshold to.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more accurate, slower).")
     shingle_size: int | None = Field(
-        None, ge=1, le=32, description="Characters per shingle (letters and digits only; spaces and punctuation ignored). "
-        "Default: 8 with transliteration (romanized letters), 5 without (Hangul syllables)."
+        None, ge=1, le=32, description="Shingle size (letters and digits only; spaces and punctuation ignored). Default: 3 sound "
+        "units (about a syllable each) with transliteration, 5 characters without."
     )
     seed: int = Field(1, description="MinHash seed.")
 
