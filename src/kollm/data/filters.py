@@ -127,23 +127,27 @@ def top_ngram_fraction(text: str, n: int) -> float:
     """Characters covered by all occurrences of the most frequent word n-gram / characters in words
     (the Gopher repetition measure). 0 when no n-gram occurs twice."""
     words = text.split()
-    return unit_top_ngram_fraction(words, [len(w) for w in words], n)
+    if len(words) < n + 1:
+        return 0.0
+    grams = Counter(zip(*(words[i:] for i in range(n))))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    total = sum(map(len, words))
+    return min(1.0, count * sum(map(len, gram)) / total) if total else 0.0
 
 
-def unit_top_ngram_fraction(units: Sequence[str], lengths: Sequence[int], n: int) -> float:
-    """`top_ngram_fraction` over any units (words, or morphemes with their surface lengths)."""
+def unit_top_ngram_fraction(units: Sequence[str], length: dict[str, int], n: int) -> float:
+    """`top_ngram_fraction` over units whose characters in the text are `length[unit]` (morphemes: their
+    surface span, as "form/tag" units)."""
     if len(units) < n + 1:
         return 0.0
     grams = Counter(zip(*(units[i:] for i in range(n))))
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
-    total = sum(lengths)
-    if not total:
-        return 0.0
-    # the characters of one occurrence of the n-gram (any occurrence: the same units have the same lengths)
-    first = next(i for i in range(len(units) - n + 1) if tuple(units[i : i + n]) == gram)
-    return min(1.0, count * sum(lengths[first : first + n]) / total)
+    total = sum(length[u] for u in units)
+    return min(1.0, count * sum(length[u] for u in gram) / total) if total else 0.0
 
 
 _SENTENCE_BREAKS = re.compile(r"(?<=[.!?。？！…])\s+|\n+")
@@ -151,7 +155,8 @@ _SENTENCE_BREAKS = re.compile(r"(?<=[.!?。？！…])\s+|\n+")
 
 def sentence_count(text: str) -> int:
     """Sentences, split after . ! ? (and their full-width forms, …) followed by a space, and at line breaks."""
-    return sum(1 for part in _SENTENCE_BREAKS.split(text) if part.strip())
+    text = text.strip()
+    return len(_SENTENCE_BREAKS.findall(text)) + 1 if text else 0
 
 
 @lru_cache(maxsize=1)
@@ -175,13 +180,14 @@ def quality_features(text: str, ngram_size: int = 3, tokenizer: str = "whitespac
     if tokenizer == "kiwi":
         tokens = kiwi().tokenize(text)
         units = [f"{t.form}/{t.tag}" for t in tokens]
+        length = {u: t.len for u, t in zip(units, tokens)}  # a morpheme's surface span (the same form, nearly always the same)
         pos = Counter(pos_class(t.tag) for t in tokens)
         return Features(
             words=len(text.split()),
             chars=len(text),
             hangul_ratio=hangul_ratio(text),
             dup_line_fraction=dup_line_fraction(text),
-            top_ngram_fraction=unit_top_ngram_fraction(units, [t.len for t in tokens], ngram_size),
+            top_ngram_fraction=unit_top_ngram_fraction(units, length, ngram_size),
             symbol_ratio=symbol_ratio(text),
             sentences=tokens[-1].sent_position + 1 if tokens else 0,
             morphemes=len(tokens),
