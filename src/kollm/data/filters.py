@@ -79,7 +79,7 @@ class FilterConfig(BaseModel):
     @classmethod
     def _installed(cls, v: str) -> str:
         if v == "kiwi" and importlib.util.find_spec("kiwipiepy") is None:
-            raise ValueError("tokenizer: kiwi needs kiwipiepy; install it with `pip install kiwipiepy` or use tokenizer: whitespace")
+            raise ValueError("tokenizer: kiwi needs kiwipiepy; install it with `pip install 'kollm[kiwi]'` or use tokenizer: whitespace")
         return v
 
 
