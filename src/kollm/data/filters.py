@@ -24,7 +24,6 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
-
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator, model_validator
 
