@@ -2,6 +2,7 @@
 
     python benchmarks/prepare_throughput.py            # 50 MB corpus, 1 and 2 processes, 3 rounds (~5 minutes)
     python benchmarks/prepare_throughput.py --mb 10 --repeats 1    # quicker
+    python benchmarks/prepare_throughput.py --compare dedup-hangul     # also the previous (Hangul-only) dedup form
 
 What runs, in one process tree, on the same generated Korean corpus (JSONL files, read and written end to end):
 - kollm: `prepare_sources` (reading, schema, normalization, PII masking, quality filters, MinHash signatures,
@@ -15,7 +16,12 @@ What runs, in one process tree, on the same generated Korean corpus (JSONL files
   insert/query), timed on a sample (it is too slow for the whole corpus in the time budget) and combined
   with the loop's rate into an end-to-end estimate.
 - near-duplicate precision/recall/F1 of both on a corpus with planted near-duplicates (copies with changed
-  spacing and punctuation and up to two word edits).
+  spacing and punctuation and up to two word edits), and of kollm on the planted transliteration set
+  (tests/data/loanwords.py: 25 short paragraphs, each with spacing, punctuation and Latin-letter loanword copies).
+- `--compare NAME` (repeatable) adds kollm variants, each run with num_proc=1 in every round beside the
+  default: `dedup-hangul` (the Hangul-only comparison form without the short-document threshold, i.e.
+  transliteration-aware dedup off), `tokenizer-kiwi` (morpheme-aware filters with kiwipiepy). The table shows
+  their rates and the ratio of the default's rate to theirs, and the near-duplicate tables their quality.
 
 Targets: >= 1 MB/s per core end to end, near-duplicate F1 >= 0.95, 2-process speedup >= 1.8x. Wall-clock
 rates depend on what else runs on the machine, so the output also gives:
@@ -64,11 +70,18 @@ def _cpu() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def run_kollm(paths: list[str], num_proc: int, out: Path) -> dict:
+# kollm variants for --compare: overrides of the prepare step's config
+VARIANTS: dict[str, dict] = {
+    "dedup-hangul": {"dedup": {"transliteration": False, "short_doc_slack": 0}},
+    "tokenizer-kiwi": {"filters": {"tokenizer": "kiwi"}},
+}
+
+
+def run_kollm(paths: list[str], num_proc: int, out: Path, overrides: dict | None = None) -> dict:
     from kollm.data.readers import SourceFiles
     from kollm.steps.prepare import Config, prepare_sources, write_parquet
 
-    cfg = Config(num_proc=num_proc, batch_rows=500)
+    cfg = Config(num_proc=num_proc, batch_rows=500, **(overrides or {}))
     (main0, kids0), t0 = _cpu(), time.perf_counter()
     prepared = prepare_sources([SourceFiles("bench", "", "jsonl", paths)], cfg, step="bench")
     out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +163,12 @@ def naive_minhash_dedup(texts: list[str], threshold: float = 0.8, num_perm: int 
     return dup
 
 
+def _dedup_label(c) -> str:
+    form = f"romanized, sound-folded, {c.shingle_chars}-unit shingles" if c.transliteration else f"Hangul char {c.shingle_chars}-grams"
+    short = f", short-document slack {c.short_doc_slack}" if c.short_doc_slack else ""
+    return f"{form}, MinHash LSH, threshold {c.threshold}{short}"
+
+
 def prf(truth: np.ndarray, found: np.ndarray) -> tuple[float, float, float]:
     tp = int((truth & found).sum())
     p = tp / max(int(found.sum()), 1)
@@ -163,6 +182,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (1 process, 2 processes); the table uses the best wall time of each")
     ap.add_argument("--sample-mb", type=float, default=3.0, help="sample for the naive datasketch baseline (default 3)")
     ap.add_argument("--dup-docs", type=int, default=3000, help="documents in the planted near-duplicate corpus")
+    ap.add_argument("--compare", action="append", default=[], choices=sorted(VARIANTS),
+                    help="also run this kollm variant (num_proc=1) in every round; repeatable")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prepare_throughput.json"), help="results as JSON")
     args = ap.parse_args()
 
@@ -199,6 +220,7 @@ def main() -> None:
         rows["baseline (1 process)"] = (1, n_docs / (mb / base_rate), base_rate, base_rate, base_cpu_rate)
 
         runs: dict[int, list[dict]] = {1: [], 2: []}
+        variant_runs: dict[str, list[dict]] = {v: [] for v in args.compare}
         scaling = []
         for r in range(args.repeats):
             scaling.append(machine_scaling())
@@ -208,20 +230,39 @@ def main() -> None:
                 print(f"round {r + 1}: kollm num_proc={n}: {res['wall']:.1f}s, CPU {res['cpu']:.1f}s (main {res['cpu_main']:.1f}, "
                       f"workers {res['cpu_workers']:.1f}); kept {res['kept']:,}, exact dups {res['exact']}, near dups {res['near']}; "
                       f"load {os.getloadavg()[0]:.1f}")
+            for v in args.compare:
+                res = run_kollm(paths, 1, tmp / f"kollm-{v}", VARIANTS[v])
+                variant_runs[v].append(res)
+                print(f"round {r + 1}: kollm num_proc=1 ({v}): {res['wall']:.1f}s, CPU {res['cpu']:.1f}s; kept {res['kept']:,}, "
+                      f"exact dups {res['exact']}, near dups {res['near']}; load {os.getloadavg()[0]:.1f}")
             print(f"round {r + 1}: a pure-Python loop runs {scaling[-1]:.2f}x faster in 2 processes than in 1 on this machine now")
         identical = len({x["digest"] for x in runs[1] + runs[2]}) == 1 and len({x["stats"] for x in runs[1] + runs[2]}) == 1
         best = {n: min(runs[n], key=lambda x: x["wall"]) for n in (1, 2)}
         for n in (1, 2):
             w, c = best[n]["wall"], min(x["cpu"] for x in runs[n])
             rows[f"kollm num_proc={n}"] = (n, n_docs / w, mb / w, mb / w / n, mb / c)
+        for v, vruns in variant_runs.items():
+            w, c = min(x["wall"] for x in vruns), min(x["cpu"] for x in vruns)
+            rows[f"kollm num_proc=1 ({v})"] = (1, n_docs / w, mb / w, mb / w, mb / c)
 
     # near-duplicate quality
     texts, origin = corpus_with_near_duplicates(args.dup_docs, dup_fraction=0.15, seed=7)
     truth = np.array(origin) >= 0
-    sigs = signatures_batch(texts, DedupConfig())
-    kollm_found = near_duplicates(sigs, np.ones(len(texts), bool), DedupConfig().threshold) >= 0
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for tests.data.loanwords
+    from tests.data.loanwords import corpus as loanword_corpus
+
+    def kollm_dups(docs: list[str], cfg: DedupConfig) -> np.ndarray:
+        sigs = signatures_batch(docs, cfg)
+        return near_duplicates(sigs, np.ones(len(docs), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold) >= 0
+
+    loan_texts, loan_origin = loanword_corpus()
+    loan_truth = np.array(loan_origin) >= 0
+    dedup_modes = {"default": DedupConfig(), **{v: DedupConfig(**VARIANTS[v]["dedup"]) for v in args.compare if "dedup" in VARIANTS[v]}}
+    quality = {m: (prf(truth, kollm_dups(texts, c)), prf(loan_truth, kollm_dups(loan_texts, c))) for m, c in dedup_modes.items()}
     naive_found = naive_minhash_dedup(texts)
-    kq, bq = prf(truth, kollm_found), prf(truth, naive_found)
+    kq, bq = quality["default"][0], prf(truth, naive_found)
     load1 = os.getloadavg()
 
     print()
@@ -230,6 +271,10 @@ def main() -> None:
     b = rows["baseline (1 process)"][2]
     for name, (n, dps, rate, per_core, cpu_rate) in rows.items():
         print(f"| {name} | {n} | {dps:,.0f} | {rate:.2f} | {per_core:.2f} | {cpu_rate:.2f} | {rate / b:.2f}x |")
+    for v in args.compare:
+        d, x = rows["kollm num_proc=1"], rows[f"kollm num_proc=1 ({v})"]
+        print(f"default vs {v} (1 process): {d[2]:.2f} vs {x[2]:.2f} MB/s ({d[2] / x[2]:.2f}x), "
+              f"{d[4]:.2f} vs {x[4]:.2f} MB per CPU-second ({d[4] / x[4]:.2f}x)")
     s1, s2 = rows["kollm num_proc=1"][2], rows["kollm num_proc=2"][2]
     speedup = s2 / s1
     # The machine's speed drifts over tens of seconds (other work, shared host): a 1-process and a 2-process
@@ -257,8 +302,18 @@ def main() -> None:
     print(f"near-duplicates ({args.dup_docs} documents, {int(truth.sum())} planted):")
     print("| method | precision | recall | F1 |")
     print("|---|---|---|---|")
-    print(f"| kollm (canonical char 5-gram MinHash LSH, threshold 0.8) | {kq[0]:.3f} | {kq[1]:.3f} | {kq[2]:.3f} |")
+    for m, c in dedup_modes.items():
+        q = quality[m][0]
+        print(f"| kollm {m} ({_dedup_label(c)}) | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} |")
     print(f"| naive datasketch (raw word 3-grams, threshold 0.8) | {bq[0]:.3f} | {bq[1]:.3f} | {bq[2]:.3f} |")
+    print()
+    print(f"transliterated loanwords (tests/data/loanwords.py: {len(loan_texts) - int(loan_truth.sum())} short paragraphs, "
+          f"{int(loan_truth.sum())} planted copies, 25 with the loanword in Latin letters):")
+    print("| method | precision | recall | F1 | copies found |")
+    print("|---|---|---|---|---|")
+    for m, c in dedup_modes.items():
+        q = quality[m][1]
+        print(f"| kollm {m} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {round(q[1] * loan_truth.sum())} of {int(loan_truth.sum())} |")
     print()
     print(f"CPUs: {os.cpu_count()}, load average before {load0[0]:.1f}, after {load1[0]:.1f} "
           "(other work on the machine slows wall-clock rates; MB per CPU-second does not depend on it)")
@@ -269,7 +324,10 @@ def main() -> None:
         "speedup_2_processes_best_walls": speedup, "identical_outputs": identical,
         "runs": {str(n): [{k: v for k, v in x.items() if k not in ("digest", "stats")} for x in runs[n]] for n in (1, 2)},
         "speedup_from_cpu_seconds": ideal, "machine_scaling": scaling,
-        "near_dup": {"kollm": dict(zip(("precision", "recall", "f1"), kq)), "naive_datasketch": dict(zip(("precision", "recall", "f1"), bq))},
+        "near_dup": {"kollm": dict(zip(("precision", "recall", "f1"), kq)), "naive_datasketch": dict(zip(("precision", "recall", "f1"), bq)),
+                     **{f"kollm {m}": dict(zip(("precision", "recall", "f1"), q[0])) for m, q in quality.items() if m != "default"}},
+        "near_dup_loanwords": {m: dict(zip(("precision", "recall", "f1"), q[1])) for m, q in quality.items()},
+        "variants": {v: VARIANTS[v] for v in args.compare},
         "cpus": os.cpu_count(), "load_before": load0[0], "load_after": load1[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

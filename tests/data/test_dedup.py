@@ -4,6 +4,7 @@ spacing or punctuation, precision/recall on planted near-duplicates."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from datasketch import MinHash
 
 from kollm.data.dedup import DedupConfig, canonical, exact_key, jaccard, near_duplicates, shingle_hashes, signature, signatures_batch
@@ -86,3 +87,60 @@ def test_index_finds_the_candidates_datasketch_lsh_finds():
             theirs.remove(i)
         for sig in sigs[200:]:
             assert ours.candidates(sig) == set(theirs.query(LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")))
+
+
+def test_translit_key_meets_loanwords_in_hangul_and_latin_letters():
+    from kollm.data.dedup import translit_key
+
+    for hangul, latin in [("데비안", "Debian"), ("우분투", "UBUNTU"), ("리눅스", "Linux"), ("파이썬", "Python"), ("커피", "coffee")]:
+        a = shingle_hashes(f"{hangul}를 설치했다", 3, transliteration=True)
+        b = shingle_hashes(f"{latin}를 설치했다", 3, transliteration=True)
+        assert set(a.tolist()) == set(b.tolist()), (hangul, latin, translit_key(hangul), translit_key(latin))
+    # different words stay apart, and punctuation, spacing and case still do not count
+    assert translit_key("데비안") != translit_key("페도라")
+    assert translit_key("Hello, WORLD!") == translit_key("hello world")
+
+
+def test_transliterated_short_paragraphs_are_near_duplicates():
+    """The planted set: 25 short paragraphs (32-98 characters), each with a spacing, a punctuation and a
+    transliterated copy (데비안 -> Debian). Transliteration-aware dedup with the short-document threshold finds
+    every copy and merges no two paragraphs; the Hangul-only comparison form misses transliterated copies."""
+    from tests.data.loanwords import corpus
+
+    texts, origin = corpus()
+    truth = np.array(origin)
+
+    def found(cfg: DedupConfig) -> np.ndarray:
+        return near_duplicates(signatures_batch(texts, cfg), np.ones(len(texts), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold)
+
+    dup_of = found(DedupConfig())
+    assert dup_of.tolist() == truth.tolist()  # every copy points at its own paragraph; no paragraph is dropped
+    hangul = found(DedupConfig(transliteration=False, short_doc_slack=0))
+    latin_copies = np.arange(3, len(texts), 4)
+    assert (hangul[latin_copies] < 0).sum() >= 10  # what the issue found: transliterated copies survive
+    assert (hangul[truth < 0] < 0).all()
+
+
+def test_short_document_threshold():
+    from kollm.data.dedup import pair_threshold, set_size
+
+    assert pair_threshold(1000, 0.8, 20, 0.5) == 0.8  # long documents keep the threshold
+    assert pair_threshold(100, 0.8, 20, 0.5) == pytest.approx(80 / 120)
+    assert pair_threshold(30, 0.8, 20, 0.5) == 0.5  # never below min_threshold
+    assert pair_threshold(30, 0.8, 0, 0.5) == 0.8
+    sig = signatures_batch(["가나다라마바사아자차카타파하" * 3], DedupConfig(transliteration=False, shingle_size=3))[0]
+    assert 10 <= set_size(sig) <= 18  # 14 distinct shingles, estimated from the signature
+
+
+def test_min_threshold_above_threshold_is_a_config_error():
+    with pytest.raises(ValueError, match="min_threshold"):
+        DedupConfig(threshold=0.6, min_threshold=0.7)
+
+
+def test_short_texts_that_differ_in_numbers_are_not_near_duplicates():
+    """Templated rows (a question per number) stay apart: digits are not collapsed (1 / 11) and the
+    short-document slack covers one changed word, not several."""
+    texts = [f"{i}번째 질문입니다. 서울의 역사에 대해 알려 주세요.\n{i}번째 답변입니다. 서울은 {i * 7}년의 역사를 생각해 볼 수 있습니다." for i in range(40)]
+    cfg = DedupConfig()
+    dup_of = near_duplicates(signatures_batch(texts, cfg), np.ones(len(texts), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold)
+    assert (dup_of == -1).all()

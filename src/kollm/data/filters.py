@@ -1,17 +1,31 @@
-"""Quality filters: length, Hangul ratio, repetition (duplicate lines, repeated n-grams) and symbol ratio.
+"""Quality filters: length, Hangul ratio, repetition (duplicate lines, repeated n-grams), symbol ratio and
+sentence count.
 
 `quality_features` measures a text; `quality_reason` turns measurements into a rejection reason (or "");
 `quality_batch` does both over a canonical pandas batch and records the features for the report.
+
+`tokenizer: whitespace` (the default) counts words split on spaces; `tokenizer: kiwi` analyses each text into
+morphemes with kiwipiepy (its model ships in the `kiwipiepy_model` wheel: nothing is downloaded). Korean
+spacing is unreliable (particles attach to words, spacing errors are common), so with kiwi the repeated
+n-grams are n-grams of morphemes (form and tag), sentences are kiwi's sentences, and the step's stats.json and
+report also describe the morphemes (per text, per word, the share of each part of speech). Kiwi is much slower
+than the rest of `prepare` (benchmarks/prepare_throughput.py --compare tokenizer-kiwi measures it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from kollm.data.korean import hangul_ratio
 from kollm.data.schema import REJECT, filter_text
@@ -28,9 +42,20 @@ class FilterConfig(BaseModel):
     max_dup_line_fraction: float = Field(
         0.3, ge=0, le=1, description="Reject texts where more than this fraction of the characters sit in lines repeated elsewhere in the text."
     )
-    ngram_size: int = Field(3, ge=1, le=20, description="Word n-gram size for the repetition check.")
+    tokenizer: Literal["whitespace", "kiwi"] = Field(
+        "whitespace", description="Units of the repetition check and the text statistics: whitespace words, or morphemes "
+        "from kiwipiepy's Korean analyser (`kiwi`: measures Korean whatever its spacing; much slower)."
+    )
+    ngram_size: int | None = Field(
+        None, ge=1, le=20, description="N-gram size of the repetition check. Default: 3 words, or 5 morphemes with tokenizer: kiwi "
+        "(a Korean word is two to three morphemes; on kolaw, 5-morpheme and 3-word repetition measure alike)."
+    )
     max_top_ngram_fraction: float = Field(
-        0.2, ge=0, le=1, description="Reject texts where the most frequent word n-gram covers more than this fraction of the characters."
+        0.2, ge=0, le=1, description="Reject texts where the most frequent word (or morpheme) n-gram covers more than this fraction of the characters."
+    )
+    min_sentences: int = Field(
+        0, ge=0, description="Reject texts with fewer sentences than this (kiwi's sentences with tokenizer: kiwi, else split after . ! ? and "
+        "at line breaks). 0: off."
     )
     repetition_min_words: int = Field(
         30, ge=0, description="Apply the two repetition checks only to texts with at least this many words (short Q&A repeats the question by nature)."
@@ -45,6 +70,29 @@ class FilterConfig(BaseModel):
             raise ValueError(f"max_chars ({self.max_chars}) must be greater than min_chars ({self.min_chars})")
         return self
 
+    @property
+    def ngram(self) -> int:
+        return self.ngram_size or (5 if self.tokenizer == "kiwi" else 3)
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _installed(cls, v: str) -> str:
+        if v == "kiwi" and importlib.util.find_spec("kiwipiepy") is None:
+            raise ValueError("tokenizer: kiwi needs kiwipiepy; install it with `pip install 'kollm[kiwi]'` or use tokenizer: whitespace")
+        return v
+
+
+# Parts of speech counted in the stats (kiwi's Sejong tags by their first letters): nouns, predicates
+# (verbs, adjectives, copulas), particles, endings, foreign words and Hanja; everything else is "other".
+POS_CLASSES = ("noun", "predicate", "particle", "ending", "foreign", "other")
+_POS_OF = {"N": "noun", "V": "predicate", "J": "particle", "E": "ending"}
+
+
+def pos_class(tag: str) -> str:
+    if tag in ("SL", "SH"):
+        return "foreign"
+    return _POS_OF.get(tag[:1], "other")
+
 
 @dataclass(frozen=True)
 class Features:
@@ -54,6 +102,9 @@ class Features:
     top_ngram_fraction: float
     symbol_ratio: float
     words: int = 0
+    sentences: int = 0
+    morphemes: int = 0  # with tokenizer: kiwi
+    pos: tuple[int, ...] = ()  # morphemes per POS_CLASSES, with tokenizer: kiwi
 
 
 _SPACE_RUNS = re.compile(r"\s+")
@@ -85,13 +136,62 @@ def top_ngram_fraction(text: str, n: int) -> float:
     return min(1.0, count * sum(map(len, gram)) / total) if total else 0.0
 
 
+def unit_top_ngram_fraction(units: Sequence[str], length: dict[str, int], n: int) -> float:
+    """`top_ngram_fraction` over units whose characters in the text are `length[unit]` (morphemes: their
+    surface span, as "form/tag" units)."""
+    if len(units) < n + 1:
+        return 0.0
+    grams = Counter(zip(*(units[i:] for i in range(n))))
+    gram, count = grams.most_common(1)[0]
+    if count < 2:
+        return 0.0
+    total = sum(length[u] for u in units)
+    return min(1.0, count * sum(length[u] for u in gram) / total) if total else 0.0
+
+
+_SENTENCE_BREAKS = re.compile(r"(?<=[.!?。？！…])\s+|\n+")
+
+
+def sentence_count(text: str) -> int:
+    """Sentences, split after . ! ? (and their full-width forms, …) followed by a space, and at line breaks."""
+    text = text.strip()
+    return len(_SENTENCE_BREAKS.findall(text)) + 1 if text else 0
+
+
+@lru_cache(maxsize=1)
+def kiwi():
+    """One kiwipiepy analyser per process (loading its model takes seconds), single-threaded (prepare runs
+    one per worker process), without the typo and multi-word dictionaries (faster to load)."""
+    from kiwipiepy import Kiwi
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # num_workers=0: single-threaded since 0.21
+        return Kiwi(num_workers=0, load_typo_dict=False, load_multi_dict=False)
+
+
 def symbol_ratio(text: str) -> float:
     """Punctuation and symbols / non-space characters."""
     nonspace = len(text) - sum(map(len, _SPACE_RUNS.findall(text)))
     return sum(map(len, _SYMBOL_RUNS.findall(text))) / nonspace if nonspace else 0.0
 
 
-def quality_features(text: str, ngram_size: int = 3) -> Features:
+def quality_features(text: str, ngram_size: int = 3, tokenizer: str = "whitespace") -> Features:
+    if tokenizer == "kiwi":
+        tokens = kiwi().tokenize(text)
+        units = [f"{t.form}/{t.tag}" for t in tokens]
+        length = {u: t.len for u, t in zip(units, tokens)}  # a morpheme's surface span (the same form, nearly always the same)
+        pos = Counter(pos_class(t.tag) for t in tokens)
+        return Features(
+            words=len(text.split()),
+            chars=len(text),
+            hangul_ratio=hangul_ratio(text),
+            dup_line_fraction=dup_line_fraction(text),
+            top_ngram_fraction=unit_top_ngram_fraction(units, length, ngram_size),
+            symbol_ratio=symbol_ratio(text),
+            sentences=tokens[-1].sent_position + 1 if tokens else 0,
+            morphemes=len(tokens),
+            pos=tuple(pos[c] for c in POS_CLASSES),
+        )
     return Features(
         words=len(text.split()),
         chars=len(text),
@@ -99,6 +199,7 @@ def quality_features(text: str, ngram_size: int = 3) -> Features:
         dup_line_fraction=dup_line_fraction(text),
         top_ngram_fraction=top_ngram_fraction(text, ngram_size),
         symbol_ratio=symbol_ratio(text),
+        sentences=sentence_count(text),
     )
 
 
@@ -116,23 +217,58 @@ def quality_reason(f: Features, cfg: FilterConfig) -> str:
         return "filter:repeated_ngrams"
     if f.symbol_ratio > cfg.max_symbol_ratio:
         return "filter:too_many_symbols"
+    if f.sentences < cfg.min_sentences:
+        return "filter:too_few_sentences"
     return ""
 
 
+# Per-row counts `quality_batch` records for the stats and the report (0 on rejected rows).
+TEXT_STAT_COLUMNS = ("_words", "_sentences", "_morphemes", *(f"_pos_{c}" for c in POS_CLASSES))
+
+
 def quality_batch(batch: pd.DataFrame, kind: str, cfg: FilterConfig) -> pd.DataFrame:
-    """Measure and filter a canonical batch. Adds `_chars` and `_hangul_ratio` (for the report) and sets
-    `_reject` on rows that fail a filter. Rows already rejected are left as they are. Pure."""
+    """Measure and filter a canonical batch. Adds `_chars`, `_hangul_ratio` and the TEXT_STAT_COLUMNS (for the
+    stats and the report) and sets `_reject` on rows that fail a filter. Rows already rejected are left as they
+    are. Pure."""
     out = batch.copy()
     chars = [0] * len(out)
     ratios = [0.0] * len(out)
+    counts = np.zeros((len(out), len(TEXT_STAT_COLUMNS)), dtype=np.int64)
     reasons = out[REJECT].tolist()
     live = [i for i, r in enumerate(reasons) if not r]
     texts = filter_text(out.iloc[live], kind) if live else []
     for i, text in zip(live, texts):
-        f = quality_features(text, cfg.ngram_size)
+        f = quality_features(text, cfg.ngram, cfg.tokenizer)
         chars[i], ratios[i] = f.chars, f.hangul_ratio
+        counts[i, :3] = f.words, f.sentences, f.morphemes
+        if f.pos:
+            counts[i, 3:] = f.pos
         reasons[i] = quality_reason(f, cfg)
     out["_chars"] = chars
     out["_hangul_ratio"] = ratios
+    for j, col in enumerate(TEXT_STAT_COLUMNS):
+        out[col] = counts[:, j]
     out[REJECT] = reasons
     return out
+
+
+def text_stats(counts: np.ndarray, tokenizer: str) -> dict[str, Any]:
+    """Statistics of the kept rows' TEXT_STAT_COLUMNS (one row each) for stats.json: words and sentences per
+    row, and with kiwi morphemes per row and per word and the share of each part of speech."""
+    rows = len(counts)
+    words, sentences, morphemes = (counts[:, j] if rows else np.zeros(0) for j in range(3))
+    stats: dict[str, Any] = {
+        "tokenizer": tokenizer,
+        "words_mean": float(words.mean()) if rows else 0.0,
+        "sentences_mean": float(sentences.mean()) if rows else 0.0,
+        "sentences_p50": float(np.percentile(sentences, 50)) if rows else 0.0,
+    }
+    if tokenizer == "kiwi":
+        total = int(morphemes.sum())
+        pos = counts[:, 3:].sum(axis=0) if rows else np.zeros(len(POS_CLASSES))
+        stats |= {
+            "morphemes_mean": float(morphemes.mean()) if rows else 0.0,
+            "morphemes_per_word": total / int(words.sum()) if rows and words.sum() else 0.0,
+            "pos_fraction": {c: (float(n) / total if total else 0.0) for c, n in zip(POS_CLASSES, pos)},
+        }
+    return stats

@@ -146,14 +146,14 @@ def _spaces(text: str) -> str:
 
 # --- measurements ---------------------------------------------------------------------------------
 
-_HANGUL_RUNS = re.compile(r"[\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97F\uD7B0-\uD7FF]+")
-_LETTER_RUNS = re.compile(r"[^\W\d_]+")
+_NOT_HANGUL = re.compile(r"[^\uAC00-\uD7A3\u1100-\u11FF\u3131-\u318E\uA960-\uA97F\uD7B0-\uD7FF]+")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
 
 
 def hangul_ratio(text: str) -> float:
     """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters."""
-    letters = sum(map(len, _LETTER_RUNS.findall(text)))
+    letters = _NOT_LETTER.sub("", text)  # deleting the rest is cheaper than collecting runs
     if not letters:
         return 0.0
-    return sum(map(len, _HANGUL_RUNS.findall(text))) / letters
+    return len(_NOT_HANGUL.sub("", letters)) / len(letters)
 

@@ -1,5 +1,6 @@
-"""The HTML report of a prepare step: counts per filter and reason, length and Hangul-ratio histograms
-(plain HTML bars, no external assets), PII counts and masked examples of removed rows."""
+"""The HTML report of a prepare step: counts per filter and reason, length, Hangul-ratio and sentence
+histograms (plain HTML bars, no external assets), morpheme statistics (tokenizer: kiwi), PII counts and masked
+examples of removed rows."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kollm.data.validate import Counts
 
@@ -22,6 +24,9 @@ class ReportData:
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> masked, truncated texts
     sources: dict[str, int] = field(default_factory=dict)  # source name -> rows read
     failed: list[str] = field(default_factory=list)  # gate violations, when the gate failed
+    sentences: Sequence[int] = ()  # sentences per kept row
+    morphemes: Sequence[int] = ()  # morphemes per kept row (tokenizer: kiwi; else empty)
+    text_stats: dict[str, Any] = field(default_factory=dict)  # kollm.data.filters.text_stats
 
 
 def length_histogram(chars: Sequence[int]) -> list[tuple[str, int]]:
@@ -69,6 +74,24 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;border-radius:4px;font-s
 """
 
 
+def _text_section(data: ReportData) -> str:
+    """Sentences per row, and with kiwi morphemes per row and the parts of speech."""
+    ts = data.text_stats
+    out = [f"<h2>Sentences per kept row <span class=muted>(tokenizer: {html.escape(str(ts.get('tokenizer', 'whitespace')))})</span></h2>"]
+    if ts:
+        rows = [("words per row (mean)", ts.get("words_mean", 0.0)), ("sentences per row (mean)", ts.get("sentences_mean", 0.0))]
+        if "morphemes_mean" in ts:
+            rows += [("morphemes per row (mean)", ts["morphemes_mean"]), ("morphemes per word", ts["morphemes_per_word"])]
+        out.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{v:,.2f}</td></tr>" for k, v in rows) + "</table>")
+    out.append(_bars(length_histogram(data.sentences)))
+    if data.morphemes:
+        out.append("<h2>Morphemes per kept row (kiwi)</h2>" + _bars(length_histogram(data.morphemes)))
+        pos = ts.get("pos_fraction", {})
+        total = sum(data.morphemes)
+        out.append("<h2>Parts of speech of the morphemes (kiwi)</h2>" + _bars([(k, round(v * total)) for k, v in pos.items()], total))
+    return "\n".join(out)
+
+
 def render(data: ReportData) -> str:
     c = data.counts
     parts = [
@@ -96,6 +119,7 @@ def render(data: ReportData) -> str:
     parts.append("<h2>PII values found</h2>" + _bars(sorted(data.pii_found.items())))
     parts.append("<h2>Length of kept rows (characters)</h2>" + _bars(length_histogram(data.chars)))
     parts.append("<h2>Hangul ratio of kept rows (Hangul / letters)</h2>" + _bars(ratio_histogram(data.hangul_ratios)))
+    parts.append(_text_section(data))
     parts.append("<h2>Examples of removed rows <span class=muted>(PII masked, truncated)</span></h2>")
     if not data.examples:
         parts.append("<p class=muted>no rows were removed</p>")

@@ -43,7 +43,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
 from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_batch
-from kollm.data.filters import FilterConfig, quality_batch
+from kollm.data.filters import TEXT_STAT_COLUMNS, FilterConfig, quality_batch, text_stats
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
 from kollm.data.readers import SourceFiles, TxtMode, check_encoding, file_format, is_hf_source, jsonl_ranges, read_source
@@ -416,9 +416,10 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     rejected_parts: list[pd.DataFrame] = []
     chars_parts: list[np.ndarray] = []
     hangul_parts: list[np.ndarray] = []
+    text_parts: list[np.ndarray] = []  # TEXT_STAT_COLUMNS of kept rows (words, sentences, morphemes)
     paths: Counter[str] = Counter()
     seen: set[str] = set()
-    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm) if cfg.dedup.near else None
+    index = NearDupIndex.from_config(cfg.dedup) if cfg.dedup.near else None
     t_dedup = 0.0
     for p in processed:
         t1 = time.perf_counter()
@@ -451,6 +452,7 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
             kept_sigs.append(p.sigs[kept_at])
         chars_parts.append(frame["_chars"].to_numpy()[kept_at])
         hangul_parts.append(frame["_hangul_ratio"].to_numpy()[kept_at])
+        text_parts.append(frame[list(TEXT_STAT_COLUMNS)].to_numpy()[kept_at])
         paths.update(frame[SOURCE].tolist())
         pii.update(p.pii)
         raw_bytes += p.raw_bytes
@@ -485,9 +487,13 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
         sources[label] = sources.get(label, 0) + n
     chars = np.concatenate(chars_parts) if chars_parts else np.zeros(0, dtype=np.int64)
     hangul = pd.Series(np.concatenate(hangul_parts) if hangul_parts else np.zeros(0), dtype=float)
+    text_counts = np.concatenate(text_parts) if text_parts else np.zeros((0, len(TEXT_STAT_COLUMNS)), dtype=np.int64)
+    text = text_stats(text_counts, cfg.filters.tokenizer)
     report = ReportData(
         step=step, kind=kind, counts=counts, pii_found={t: pii.get(t, 0) for t in PII_TYPES},
         chars=chars.tolist(), hangul_ratios=hangul.tolist(), examples=examples, sources=sources,
+        sentences=text_counts[:, 1].tolist(), morphemes=text_counts[:, 2].tolist() if cfg.filters.tokenizer == "kiwi" else [],
+        text_stats=text,
     )
     elapsed = time.perf_counter() - t0
     stats = {
@@ -508,6 +514,7 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
         "chars_p95": float(np.percentile(chars, 95)) if len(chars) else 0.0,
         "hangul_ratio_mean": float(hangul.mean()) if len(hangul) else 0.0,
         "input_text_mb": raw_bytes / 1e6,
+        **text,  # tokenizer, words and sentences per row; with kiwi, morphemes and parts of speech
     }
     # Timings stay out of stats.json, so the same data gives the same artifact digest.
     timing = {
@@ -529,7 +536,7 @@ def _rows(frame: pd.DataFrame, cols: list[str], at: np.ndarray) -> pd.DataFrame:
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
     """Without near-dedup, move every eval row that near-duplicates a train row into train (and then the eval
     rows that near-duplicate a moved one). Changes `is_eval` in place; returns how many rows moved."""
-    index = NearDupIndex(cfg.dedup.threshold, cfg.dedup.num_perm)
+    index = NearDupIndex.from_config(cfg.dedup)
     for i in np.flatnonzero(is_eval):
         index.add(int(i), sigs[i])
     queue = [int(i) for i in np.flatnonzero(~is_eval)]
@@ -600,6 +607,7 @@ def run(ctx: StepContext) -> StepResult:
 
     metrics = {k: float(prepared.stats[k]) for k in ("rows_read", "rows_kept", "train_rows", "eval_rows", "rows_rejected",
                                                       "rejected_fraction", "chars_mean", "hangul_ratio_mean", "eval_moved_to_train")}
+    metrics |= {k: float(prepared.stats[k]) for k in ("sentences_mean", "morphemes_mean", "morphemes_per_word") if k in prepared.stats}
     metrics |= {f"rejected.{_metric_name(r)}": float(n) for r, n in counts.reasons.items()}
     metrics |= {f"pii.{t}": float(n) for t, n in prepared.pii.items()}
     ctx.tracker.log_metrics({**metrics, **{f"timing.{k}": v for k, v in prepared.timing.items()}})
