@@ -221,23 +221,32 @@ def test_two_runners_on_one_project(tmp_path, kollm_bin):
     root = make_project(tmp_path / "p")
     corpus = json.loads(_kollm(kollm_bin, "step", "run", str(root), "--step", "corpus").stdout)
     uri = corpus["outputs"]["data"]["uri"]
-    marker = tmp_path / "marker"
-    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count", "KOLLM_TEST_SLEEP": "6"}
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count", "KOLLM_TEST_RELEASE": str(release)}
     slow = subprocess.Popen([kollm_bin, "step", "run", str(root), "--step", "count", "--input", f"data={uri}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiter = None
     try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert slow.poll() is None and time.time() < deadline, slow.stderr.read() if slow.poll() is not None else ""
+        deadline = time.time() + 300
+        while not marker.exists():  # `count` is at work (and holds its key) until we create `release`
+            assert slow.poll() is None and time.time() < deadline, slow.stderr.read() if slow.poll() is not None else "timeout"
             time.sleep(0.05)
         other = _kollm(kollm_bin, "step", "run", str(root), "--step", "count2", "--input", f"data={uri}")
-        assert slow.poll() is None  # count2 finished while count was still at work
-        assert not json.loads(other.stdout)["cache_hit"]
-        waiter = _kollm(kollm_bin, "run", str(root))  # reaches `count` in flight: waits, then reuses it
-        assert "waiting to reuse its result" in waiter.stderr and "✓ count (cached" in waiter.stderr
-        assert slow.wait(60) == 0
+        assert not json.loads(other.stdout)["cache_hit"] and slow.poll() is None  # count2 ran while count was at work
+        waiter = subprocess.Popen([kollm_bin, "run", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        logs = root / ".kollm" / "logs" / "system"
+        while not any("step_waiting" in f.read_text() for f in logs.glob("*.jsonl")):  # it reached `count` in flight
+            assert waiter.poll() is None and time.time() < deadline, waiter.stderr.read() if waiter.poll() is not None else "timeout"
+            time.sleep(0.05)
+        release.write_text("go")
+        assert slow.wait(120) == 0
+        _, err = waiter.communicate(timeout=120)
+        assert waiter.returncode == 0, err
+        assert "✓ count (cached" in err  # reused, not computed twice
     finally:
-        slow.kill()
+        for p in (slow, waiter):
+            if p is not None:
+                p.kill()
     assert calls(root) == ["make_corpus", "count:count2", "count:count"]
 
 
