@@ -62,16 +62,19 @@ def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'kollm[ray]'")
     root = Path(__file__).resolve().parent.parent
     paths = [str(root / "src"), str(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))  # the raylet and its workers inherit it
+    env = {
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)),  # the raylet and its workers inherit it
+        # Ray Train gives a worker group 60 s to start; on a loaded 2-core CI machine importing torch can take longer
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600",
+    }
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = before
-    try:
-        yield context
+        yield ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
     finally:
         ray.shutdown()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

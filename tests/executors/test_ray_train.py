@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from safetensors.torch import load_file
 
 from kollm.config import Resources
 from kollm.errors import StepFailed
-from kollm.pipeline.step import Artifact
+from kollm.pipeline.step import Artifact, StepContext
 from kollm.steps import cpt
 from kollm.train.ray_train import check_fits, launch_ray, memory_bytes
 from kollm.train.recipe import Env, Job, TrainingLog
@@ -52,7 +54,7 @@ def single(tmp_path_factory):
 
 
 class Tracker:
-    """Records what launch_ray forwards to the step's MLflow run."""
+    """Records what training forwards to the step's MLflow run."""
 
     run_id = "test"
 
@@ -66,30 +68,53 @@ class Tracker:
     def log_params(self, params):
         self.params.update(params)
 
+    def log_dataset(self, artifact, name, context):
+        pass
 
-def test_two_ray_train_workers_match_one_process(ray_cluster, tmp_path, single):
+
+def _context(tmp_path, name: str, executor: str, resources: Resources) -> StepContext:
+    """A cpt step's context as the runner makes it, with batch 2 per worker."""
+    job = _job(tmp_path, name, batch_size=2, max_steps=6)
+    return StepContext(
+        name=name, kind="cpt", config=job.config, inputs={"data": job.data}, output_dir=tmp_path / name / "out",
+        checkpoint_dir=job.checkpoint_dir, project_dir=tmp_path, state_dir=tmp_path / ".kollm", tracker=Tracker(), run_id=None,
+        upstream=[], resources=resources, executor=executor,
+    )
+
+
+def _assert_matches_one_process(ctx: StepContext, result, single) -> None:
     single_dir, reference = single
-    job = _job(tmp_path, "ray", batch_size=2, max_steps=6)
-    seen: list[int] = []
-    tracker = Tracker()
-    result = launch_ray(cpt.train, job, workers=2, use_gpu=False, progress=lambda it, **kw: (seen.append(x) or x for x in it),
-                        training_log=TrainingLog(job.log_file, job.step, tracker))
-    assert seen == [1, 2, 3, 4, 5, 6]  # rank 0's log lines reached this process's progress bar, once each
     assert result.metrics["steps"] == reference.metrics["steps"] == 6
     assert result.metrics["tokens"] == reference.metrics["tokens"]
     assert result.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-4)
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
-    assert result.meta["model"]["kind"] == "cpt" and result.meta == reference.meta
-    a = load_file(tmp_path / "ray" / "model" / "model.safetensors")
+    assert result.meta == reference.meta
+    a = load_file(ctx.output_dir / "model" / "model.safetensors")
     b = load_file(single_dir / "single" / "model" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
-    logs = [json.loads(x) for x in job.log_file.read_text().splitlines()]
-    assert [x["step"] for x in logs] == [1, 2, 3, 4, 5, 6]  # written by the driver, rank 0 only
+    logs = [json.loads(x) for x in (ctx.state_dir / "logs" / "training" / f"{ctx.name}.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logs if "step" in x] == [1, 2, 3, 4, 5, 6]  # rank 0 only
     ref_logs = [json.loads(x) for x in (single_dir / "logs" / "single.jsonl").read_text().splitlines()]
-    assert [x["loss"] for x in logs] == pytest.approx([x["loss"] for x in ref_logs], rel=1e-4)  # the loss curve
-    assert [s for _, s in tracker.metrics] == [1, 2, 3, 4, 5, 6] and "loss" in tracker.metrics[0][0]
-    assert tracker.params["train.total_steps"] == 6
+    assert [x["loss"] for x in logs if "step" in x] == pytest.approx([x["loss"] for x in ref_logs], rel=1e-4)  # the loss curve
+    assert [s for _, s in ctx.tracker.metrics] == [1, 2, 3, 4, 5, 6] and "loss" in ctx.tracker.metrics[0][0]
+    assert ctx.tracker.params["train.total_steps"] == 6
+
+
+def test_two_ray_train_workers_match_one_process(ray_cluster, tmp_path, single):
+    """A cpt step with `resources: {workers: 2}` under the ray executor: recipe.execute -> launch_ray."""
+    seen: list[int] = []
+    ctx = _context(tmp_path, "ray", "ray", Resources(workers=2, cpus=2))
+    ctx.progress = lambda it, **kw: (seen.append(x) or x for x in it)
+    result = cpt.run(ctx)
+    assert seen == [1, 2, 3, 4, 5, 6]  # rank 0's log lines reached this process's progress bar, once each
+    _assert_matches_one_process(ctx, result, single)
+
+
+def test_workers_under_the_local_executor_run_gloo_processes(tmp_path, single):
+    """The same step with the local executor: `workers: 2` runs 2 processes of this host over gloo (recipe.launch)."""
+    ctx = _context(tmp_path, "local2", "local", Resources(workers=2, cpus=2))
+    _assert_matches_one_process(ctx, cpt.run(ctx), single)
 
 
 def crash_once_at_step_3(job: Job, env: Env):
@@ -108,6 +133,7 @@ def crash_once_at_step_3(job: Job, env: Env):
     return cpt.train(job, env)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluster, tmp_path, single):
     _, reference = single
     job = _job(tmp_path, "crash", batch_size=2, max_steps=6)
@@ -123,10 +149,63 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluste
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
 
 
+def hang_at_step_3(job: Job, env: Env):
+    """cpt.train, but rank 0 stops for good right after logging step 3 (a checkpoint of step 2 exists), and says so."""
+    log = env.on_log
+
+    def on_log(entry):
+        log(entry)
+        if entry.step == 3:
+            (job.checkpoint_dir.parent / "at-step-3").write_text("waiting to be killed")
+            time.sleep(3600)
+
+    if env.rank == 0:
+        env.on_log = on_log
+    return cpt.train(job, env)
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+import ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+from kollm.train.ray_train import launch_ray
+from tests.executors.test_ray_train import _job, hang_at_step_3
+launch_ray(hang_at_step_3, _job(Path(sys.argv[2]), "driver", batch_size=2, max_steps=6), workers=2, use_gpu=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_a_checkpoint_the_next_run_resumes_from(ray_cluster, tmp_path, single):
+    """`kill -9` of the driver process (kollm run) mid-training: Ray ends its workers with it, and the next run of the
+    same job (same checkpoint folder) resumes from the last checkpoint and ends where an uninterrupted run ends."""
+    _, reference = single
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, ray_cluster.address_info["address"], str(tmp_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = tmp_path / "driver" / "at-step-3"
+    try:
+        deadline = time.monotonic() + 360
+        while not marker.exists():
+            assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the driver never reached step 3"
+            time.sleep(0.5)
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+    job = _job(tmp_path, "driver", batch_size=2, max_steps=6)
+    result = launch_ray(cpt.train, job, workers=2, use_gpu=False)
+    lineage = json.loads((job.output_dir / "kollm.json").read_text())
+    assert lineage["training"]["resumed_from"] == 2
+    assert result.metrics["steps"] == 6 and result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
+
+
 def test_a_worker_error_reaches_the_driver_as_one_message(ray_cluster, tmp_path):
     job = _job(tmp_path, "empty", batch_size=2, rows=0)  # no text to train the scratch tokenizer on
     with pytest.raises(StepFailed) as err:
-        launch_ray(cpt.train, job, workers=2, use_gpu=False, max_failures=0)
+        launch_ray(cpt.train, job, workers=1, use_gpu=False, max_failures=0)
     assert str(err.value) == f"the corpus {tmp_path / 'data-0'} has no training rows"  # as cpt.train raised it, no traceback
 
 

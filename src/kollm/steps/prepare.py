@@ -13,7 +13,8 @@
         gate: {max_rejected_fraction: 0.5, min_train_rows: 100}
         num_proc: 2
 
-Per row, in order (each a pure function over a pandas batch, run in `num_proc` processes):
+Per row, in order (each a pure function over a pandas batch, run in `num_proc` processes, or in `num_proc` Ray Data
+tasks under the ray executor):
 schema (raw row -> canonical columns) -> Korean normalization -> PII masking -> quality filters -> MinHash
 signature. Then, in one process: exact deduplication, near-duplicate removal (MinHash LSH, first occurrence
 wins, across all sources), the train/eval split by content hash, and the validation gate. A rejected row is

@@ -99,7 +99,7 @@ class _QueueLog(TrainingLog):
     """Rank 0's on_log hook on a Ray worker: the JSON records go to the driver through a Ray queue (the
     worker may be on another machine than the project's log folder)."""
 
-    def __init__(self, queue: Any, step_name: str):  # noqa: super().__init__ would create the log folder here
+    def __init__(self, queue: Any, step_name: str):  # not super().__init__: that creates the log folder on this worker
         self.queue = queue
         self.step_name = step_name
         self.tracker = None
@@ -197,8 +197,8 @@ def launch_ray(
     try:
         for _ in progress(events(), total=None, description=f"{job.step} (Ray Train, {workers} worker{'s' * (workers > 1)})"):
             pass
-    finally:
         thread.join()
+    finally:  # on Ctrl-C too: the workers and the controller end with this driver
         ray.kill(queue.actor)
     if "error" in outcome:
         raise _step_failed(outcome["error"]) from None
