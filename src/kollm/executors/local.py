@@ -175,6 +175,8 @@ class _Schedule:
         busy = list(running)
         if not busy:
             return True  # alone, a step runs even if it asks for more than the machine has
+        if not self.shared.store.shared:
+            return False  # child processes would not see this process's memory:// store
         r, cap = step.resources, self.capacity
         cpus = sum(s.resources.cpus for s in busy) + r.cpus
         gpus = sum(s.resources.gpus for s in busy) + r.gpus

@@ -51,6 +51,8 @@ class RayExecutor:
 
         ray = require_ray()
         pipe = plan.pipeline
+        if not store.shared:
+            raise ConfigError(f"--store {store.url}: this store lives in one process's memory; Ray tasks need a folder or an s3:// store")
         remote = self.address not in (None, "auto", "local")
         if remote:
             _check_shared(pipe.project_dir, store)

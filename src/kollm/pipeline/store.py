@@ -40,6 +40,7 @@ class ArtifactStore(Protocol):
     """Finished steps by cache key. Every method is safe to call from several processes at once."""
 
     url: str
+    shared: bool  # False for a store that only this process sees (memory://): steps must then run in this process
 
     def lookup(self, key: str) -> Manifest | None:
         """The manifest of the finished step with this key, or None (also for a half-published one)."""
@@ -94,6 +95,8 @@ def read_artifact_meta(folder: Path) -> dict[str, Any]:
 
 class LocalStore:
     """Finished steps in a folder on this machine (or a shared file system mounted on every worker)."""
+
+    shared = True
 
     def __init__(self, root: Path):
         self.root = root
@@ -183,6 +186,7 @@ class FsspecStore:
             raise KollmError(f"store {url}: {e}", hint="install the fsspec driver for this URL (s3: pip install 'kollm[s3]')") from None
         self.cache_dir = cache_dir
         self.local_tmp = cache_dir / "tmp"
+        self.shared = "memory" not in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.base.rstrip("/"), *parts])
