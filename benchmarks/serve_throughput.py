@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 PRESETS = {
     # name: (hidden, layers, heads, kv heads, mlp, vocab, context)
     "tiny": (32, 2, 4, 2, 64, 320, 512),
+    "40m": (512, 8, 8, 8, 1536, 16000, 2048),
     "349m": (1024, 24, 16, 8, 2816, 32000, 2048),
 }
 
@@ -79,8 +80,8 @@ def build_model(folder: Path, preset: str) -> int:
         bos_token_id=None, tie_word_embeddings=preset == "tiny", initializer_range=0.5 if preset == "tiny" else 0.02,
     )
     torch.manual_seed(0)
-    dtype = torch.float32 if preset == "tiny" else torch.bfloat16
-    with torch.device("cuda" if torch.cuda.is_available() and preset != "tiny" else "cpu"):
+    dtype = torch.float32 if preset != "349m" else torch.bfloat16
+    with torch.device("cuda" if torch.cuda.is_available() and preset == "349m" else "cpu"):
         model = LlamaForCausalLM(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=[fast.eos_token_id], pad_token_id=fast.pad_token_id)
     model.save_pretrained(folder)
