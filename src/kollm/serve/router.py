@@ -472,7 +472,7 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLo
     return CompletionLogprobs(
         tokens=[t.token for t in items],
         token_logprobs=[t.logprob for t in items],
-        top_logprobs=[dict(t.top) for t in items],
+        top_logprobs=[dict(reversed(t.top)) for t in items],  # two tokens may read alike (byte fragments): the likelier one stays
         text_offset=offsets,
     )
 
