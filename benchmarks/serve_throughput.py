@@ -6,10 +6,17 @@ last one returns) with the same prompts and settings: greedy decoding, exactly -
 per request (kollm `ignore_eos`, the baseline `min_new_tokens`). The baseline is the usual first server people
 write: a plain FastAPI handler that runs `model.generate` for one request at a time under a lock.
 
-Printed: output tokens/s and p50/p95 request latency at each concurrency, and kollm/baseline ratios.
+A second baseline, at concurrency 1 only: a bare `model.generate` loop in the benchmark's own process (no HTTP,
+no server), with the same thread settings, alternating with kollm requests in paired rounds (--bare-rounds) so
+both see the same load on a shared machine. It is the floor a server adds its overhead to; kollm's target is to
+match it (ratio >= 1x) despite serving over HTTP.
+
+Printed: output tokens/s and p50/p95 request latency at each concurrency, kollm/baseline ratios, and
+kollm/bare-generate at concurrency 1.
 
     python benchmarks/serve_throughput.py                                      # CPU, tiny model (~1 min)
     python benchmarks/serve_throughput.py --device cuda --preset 349m --out results.json   # one H100
+    python benchmarks/serve_throughput.py --preset 40m --max-tokens 64 --prompt-tokens 64 --threads 0   # CPU, 40M, torch's threads
 
 Self-contained: builds a random-init Llama-shaped model and a byte-level BPE tokenizer itself (no hub, no MLflow);
 needs torch, transformers, tokenizers, fastapi (and its opentelemetry-api), uvicorn, pydantic, httpx and prometheus-client.
@@ -37,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 PRESETS = {
     # name: (hidden, layers, heads, kv heads, mlp, vocab, context)
     "tiny": (32, 2, 4, 2, 64, 320, 512),
+    "40m": (512, 8, 8, 8, 1536, 16000, 2048),
     "349m": (1024, 24, 16, 8, 2816, 32000, 2048),
 }
 
@@ -79,8 +87,8 @@ def build_model(folder: Path, preset: str) -> int:
         bos_token_id=None, tie_word_embeddings=preset == "tiny", initializer_range=0.5 if preset == "tiny" else 0.02,
     )
     torch.manual_seed(0)
-    dtype = torch.float32 if preset == "tiny" else torch.bfloat16
-    with torch.device("cuda" if torch.cuda.is_available() and preset != "tiny" else "cpu"):
+    dtype = torch.float32 if preset != "349m" else torch.bfloat16
+    with torch.device("cuda" if torch.cuda.is_available() and preset == "349m" else "cpu"):
         model = LlamaForCausalLM(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=[fast.eos_token_id], pad_token_id=fast.pad_token_id)
     model.save_pretrained(folder)
@@ -144,6 +152,47 @@ def run_baseline_server(args) -> None:
         return {"status": "ready"}
 
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+class BareLoop:
+    """The bare generate loop, in the benchmark's own process (no HTTP, no server): one prompt at a time."""
+
+    def __init__(self, args):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch, self.device, self.n = torch, args.device, args.max_tokens
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tok = AutoTokenizer.from_pretrained(args.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(self.device).eval()
+
+    def one(self, text: str) -> float:
+        enc = self.tok(text, return_tensors="pt").to(self.device)
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, pad_token_id=self.tok.pad_token_id)
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+        assert out.shape[1] - enc["input_ids"].shape[1] == self.n
+        return time.perf_counter() - start
+
+
+def paired_c1(port: int, bare: BareLoop, texts: list[str], rounds: int, max_tokens: int) -> tuple[LevelResult, LevelResult]:
+    """Concurrency 1, kollm over HTTP and the bare loop alternating (2 requests each per round), so that both
+    see the same machine load; returns (kollm, bare) totals."""
+    k_lat: list[float] = []
+    b_lat: list[float] = []
+    bare.one(texts[0])
+    for r in range(rounds):
+        k = asyncio.run(drive(port, texts[2 * r :], 1, 2, max_tokens))
+        k_lat += [k.seconds / 2] * 2
+        b_lat += [bare.one(texts[(2 * r + i) % len(texts)]) for i in range(2)]
+    n = max_tokens * len(k_lat)
+
+    def result(lat: list[float]) -> LevelResult:
+        return LevelResult(1, len(lat), sum(lat), n, n / sum(lat), statistics.median(lat), percentile(lat, 0.95), 0)
+
+    return result(k_lat), result(b_lat)
 
 
 # --- the load generator -----------------------------------------------------------------------------------
@@ -223,7 +272,7 @@ async def drive(port: int, texts: list[str], concurrency: int, total: int, max_t
     return LevelResult(concurrency, total, seconds, tokens, tokens / seconds, statistics.median(latencies), percentile(latencies, 0.95), errors)
 
 
-def measure(kind: str, args, texts: list[str], levels: list[int]) -> list[LevelResult]:
+def measure(kind: str, args, texts: list[str], levels: list[int], bare: BareLoop | None = None) -> tuple[list[LevelResult], tuple | None]:
     import httpx
 
     port = free_port()
@@ -255,7 +304,12 @@ def measure(kind: str, args, texts: list[str], levels: list[int]) -> list[LevelR
             r = asyncio.run(drive(port, texts, c, total, args.max_tokens))
             print(f"  {kind:8s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  p95 {r.p95_s:7.3f}s  errors {r.errors}", flush=True)
             results.append(r)
-        return results
+        pair = None
+        if bare is not None:
+            pair = paired_c1(port, bare, texts, args.bare_rounds, args.max_tokens)
+            for name, r in zip(("kollm", "bare"), pair):
+                print(f"  {name:8s} c=1   {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  (paired rounds{', generate without HTTP' if name == 'bare' else ''})", flush=True)
+        return results, pair
     finally:
         proc.terminate()
         try:
@@ -274,10 +328,11 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default: 32 tiny, 64 349m)")
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default: max(2*C, 8))")
     p.add_argument("--max-batch-size", type=int, default=None, help="kollm's batch limit (default: the largest concurrency)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each server (default: 1 on CPU, which is fastest on a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each server and the bare loop (default: 1 on CPU, which is fastest on a shared machine; 0: torch's default, all cores)")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse a model folder instead of building one")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--bare-rounds", type=int, default=4, help="paired rounds of kollm vs a bare generate loop at concurrency 1 (0: skip)")
     p.add_argument("--_server", choices=["kollm", "baseline"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._server:
@@ -298,6 +353,9 @@ def main() -> None:
     args.max_batch_size = args.max_batch_size or max(args.concurrency)
     if args.threads is None and not args.device.startswith("cuda"):
         args.threads = 1
+    args.threads = args.threads or None  # 0: torch's default in every process
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the bare loop runs here
     work = Path(tempfile.mkdtemp(prefix="kollm-bench-"))
     params = None
     if args.model_dir is None:
@@ -311,8 +369,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(f"device {args.device} ({device_name}), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy")
 
-    kollm = measure("kollm", args, texts, args.concurrency)
-    baseline = measure("baseline", args, texts, args.concurrency)
+    bare = BareLoop(args) if args.bare_rounds else None
+    kollm, pair = measure("kollm", args, texts, args.concurrency, bare)
+    baseline, _ = measure("baseline", args, texts, args.concurrency)
 
     header = f"{'concurrency':>11} | {'baseline tok/s':>14} | {'kollm tok/s':>11} | {'tok/s ratio':>11} | {'baseline p50/p95 s':>18} | {'kollm p50/p95 s':>15} | {'p95 ratio':>9}"
     print("\n" + header + "\n" + "-" * len(header))
@@ -323,12 +382,19 @@ def main() -> None:
         print(f"{k.concurrency:>11} | {b.tokens_per_s:>14.1f} | {k.tokens_per_s:>11.1f} | {speedup:>10.2f}x | {b.p50_s:>8.3f} / {b.p95_s:<7.3f} | {k.p50_s:>6.3f} / {k.p95_s:<6.3f} | {p95_ratio:>8.2f}x")
         rows.append({"concurrency": k.concurrency, "baseline": asdict(b), "kollm": asdict(k), "tokens_per_s_ratio": speedup, "p95_latency_ratio_baseline_over_kollm": p95_ratio})
     errors = sum(r.errors for r in kollm + baseline)
+    bare_ratio = None
+    if pair is not None:
+        k1, b1 = pair
+        bare_ratio = k1.tokens_per_s / b1.tokens_per_s
+        print(f"\nconcurrency 1, {args.bare_rounds} paired rounds: kollm over HTTP {k1.tokens_per_s:.1f} tok/s, bare generate loop "
+              f"(no HTTP) {b1.tokens_per_s:.1f} tok/s: {bare_ratio:.2f}x (target >= 1x)")
     print(f"\nerrors: {errors}. tok/s ratio = kollm / baseline (higher is better); p95 ratio = baseline p95 / kollm p95 (higher is better).")
     if args.out:
         result = {
             "benchmark": "serve_throughput", "device": args.device, "device_name": device_name, "preset": preset, "parameters": params,
             "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_batch_size": args.max_batch_size, "threads": args.threads,
             "torch": torch.__version__, "python": platform.python_version(), "levels": rows, "errors": errors,
+            "paired_c1": None if pair is None else {"kollm": asdict(pair[0]), "bare_generate": asdict(pair[1])}, "kollm_over_bare_c1": bare_ratio,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

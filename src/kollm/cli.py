@@ -239,13 +239,19 @@ def serve_cmd(
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
     inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults).")] = None,
+    follow_interval: Annotated[float, typer.Option(help="With models:/NAME@ALIAS: seconds between registry checks; a new version the alias points to replaces the served one without failing requests (0: do not follow).")] = 10.0,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (a bigger one gets 413).", min=1024)] = 4 * 1024 * 1024,
 ) -> None:
-    """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
+    """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
+
+    Exit codes: 0 after Ctrl-C/SIGTERM, 2 bad options, 4 model not found, 5 could not listen (port in use)."""
     from functools import partial
 
     from kollm.serve import serve
 
+    extra: dict[str, Any] = {"follow_interval": follow_interval, "max_body_bytes": max_request_bytes}
     if canary is not None:
+        extra = {}
         from kollm.rollout.serving import serve_canary
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
@@ -270,6 +276,7 @@ def serve_cmd(
         max_batch_size=max_batch_size,
         context_length=context_length,
         graceful_timeout=graceful_timeout,
+        **extra,
     )
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
-from kollm.serve.engine import ChatTurn, PromptError, SamplingParams, StopFilter, TokenChunk
+from kollm.serve.engine import ChatTurn, PromptError, RequestError, SamplingParams, StopFilter, TokenChunk, TokenLogprob
 
 
 class FakeEngine:
@@ -17,6 +17,7 @@ class FakeEngine:
         self.cancelled: list[str] = []
         self.fail_with: BaseException | None = None
         self.is_ready = True
+        self.is_alive = True
         self.shut_down = False
         self.last_chat: list[ChatTurn] = []
 
@@ -29,10 +30,12 @@ class FakeEngine:
             raise PromptError("the chat template rejected the messages")
         return self.encode_prompt("".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
         self.calls.append((list(prompt_ids), params, request_id))
         if self.fail_with is not None:
             raise self.fail_with
+        if params.response_format is not None:
+            raise RequestError("response_format is not served by this engine", param="response_format")
         stops = StopFilter(params.stop)
         finished = False
         try:
@@ -44,7 +47,8 @@ class FakeEngine:
                 if finish is not None and not hit:
                     text += stops.flush()
                 finished = finish is not None
-                yield TokenChunk(text=text, completion_tokens=n, finish_reason=finish)
+                lp = () if params.logprobs is None else (TokenLogprob(ch, -0.5, tuple((ch * (k + 1), -1.0 - k) for k in range(params.logprobs))),)
+                yield TokenChunk(text=text, completion_tokens=n, finish_reason=finish, logprobs=lp)
                 if finished:
                     return
         finally:
@@ -53,6 +57,9 @@ class FakeEngine:
 
     def ready(self) -> bool:
         return self.is_ready
+
+    def alive(self) -> bool:
+        return self.is_alive
 
     def queue_depth(self) -> int:
         return 0

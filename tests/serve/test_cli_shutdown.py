@@ -66,3 +66,21 @@ def test_serve_reports_a_missing_model_without_a_traceback(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 4, r.stderr
     assert "Traceback" not in r.stderr and "not found" in r.stderr
+
+
+def test_a_busy_port_fails_before_the_model_loads_with_exit_code_5(tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(port), "--device", "cpu"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 5, (r.returncode, r.stderr)
+    assert f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+    assert "Traceback" not in r.stderr and "loaded" not in r.stderr  # nothing was loaded
+    # a model that cannot be found is still a not-found (4), and bad options a usage error (2): all distinct from the gate's 3
+    r = subprocess.run([sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(free_port()), "--follow-interval", "-1"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--follow-interval" in r.stderr, r.stderr

@@ -136,3 +136,36 @@ def test_logs_and_metrics_after_traffic(client, tiny_server):
     assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="7",status_code="200"}' in text
     assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="7",status_code="400"}' in text
     assert httpx.get(tiny_server.url + "/ready").json()["status"] == "ready"
+
+
+def test_openai_client_defaults_logprobs_and_penalties(client):
+    """The SDK's own parameters at their defaults, logprobs and penalties, against the real engine."""
+    base = dict(model="tiny", messages=MSG, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**base)
+    r = client.chat.completions.create(**base, logprobs=False, presence_penalty=0, frequency_penalty=0, n=1, stream_options=None,
+                                       service_tier="auto", parallel_tool_calls=True, store=False, tools=[], user="u1", metadata={"a": "b"})
+    assert r.choices[0].message.content == plain.choices[0].message.content and r.choices[0].logprobs is None
+    r = client.chat.completions.create(**base, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5 and "".join(t.token for t in content) == plain.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.token == t.top_logprobs[0].token and t.logprob <= 0 for t in content)  # greedy: the top token
+    penalised = client.chat.completions.create(**{**base, "max_tokens": 12}, presence_penalty=2, frequency_penalty=2)
+    assert penalised.usage.completion_tokens == 12
+    c = client.completions.create(model="tiny", prompt="서울은", max_tokens=4, temperature=0, logprobs=2, echo=False, extra_body={"ignore_eos": True})
+    # two byte-fragment tokens can both read "\ufffd", and OpenAI's format keys top_logprobs by text: 1 or 2 entries
+    assert len(c.choices[0].logprobs.tokens) == 4 and all(1 <= len(d) <= 2 for d in c.choices[0].logprobs.top_logprobs)
+    assert c.choices[0].logprobs.token_logprobs == [max(d.values()) for d in c.choices[0].logprobs.top_logprobs]  # greedy
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**base, response_format={"type": "json_object"})
+    assert e.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**base, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert e.value.param == "tools"
+
+
+def test_tiny_temperatures_answer_and_leave_the_engine_healthy(client, tiny_server):
+    for t in (1e-38, 5e-324, 1e-6):
+        r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=t, top_p=1e-9)
+        assert r.choices[0].finish_reason in ("length", "stop")
+    assert httpx.get(tiny_server.url + "/health").status_code == 200
+    assert client.completions.create(model="tiny", prompt="안녕", max_tokens=2).usage.completion_tokens >= 1

@@ -47,7 +47,7 @@ def test_chat_completion_shape_usage_and_headers():
     assert r.headers["x-request-id"] == "req-123"
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "ko-chat" and body["id"] == "chatcmpl-req-123"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": REPLY[:5]}, "finish_reason": "length", "logprobs": None}]
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": REPLY[:5], "refusal": None}, "finish_reason": "length", "logprobs": None}]
     prompt_len = len(engine.calls[0][0])
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": prompt_len + 5}
 
@@ -129,7 +129,20 @@ BAD = [
     (json.dumps({"model": "ko-chat", "messages": []}).encode(), 400, "messages", "invalid_request"),
     (json.dumps({"model": "ko-chat"}).encode(), 400, "messages", "invalid_request"),
     (json.dumps(chat(foo=1)).encode(), 400, "foo", "invalid_request"),
-    (json.dumps(chat(logprobs=True)).encode(), 400, "logprobs", "invalid_request"),
+    (json.dumps(chat(top_logprobs=2)).encode(), 400, "top_logprobs", "invalid_request"),
+    (json.dumps(chat(logprobs=True, top_logprobs=21)).encode(), 400, "top_logprobs", "invalid_request"),
+    (json.dumps(chat(tools=[{"type": "function", "function": {"name": "f"}}])).encode(), 400, "tools", "invalid_request"),
+    (json.dumps(chat(tool_choice="required")).encode(), 400, "tool_choice", "invalid_request"),
+    (json.dumps(chat(response_format={"type": "json_schema"})).encode(), 400, "response_format", "invalid_request"),
+    (json.dumps(chat(store=True)).encode(), 400, "store", "invalid_request"),
+    (json.dumps(chat(modalities=["text", "audio"])).encode(), 400, "modalities", "invalid_request"),
+    (json.dumps(chat(presence_penalty=2.5)).encode(), 400, "presence_penalty", "invalid_request"),
+    (json.dumps(chat(logit_bias={"abc": 1})).encode(), 400, "logit_bias", "invalid_request"),
+    (json.dumps(chat(logit_bias={"5": 101})).encode(), 400, "logit_bias", "invalid_request"),
+    (json.dumps(chat(repetition_penalty=0)).encode(), 400, "repetition_penalty", "invalid_request"),
+    (json.dumps({"model": "ko-chat", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}).encode(), 400, "messages.0.role", "invalid_request"),
+    (json.dumps({"model": "ko-chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "messages.0.content", "invalid_request"),
+    (json.dumps({"model": "ko-chat", "messages": [{"role": "user"}]}).encode(), 400, "messages.0.content", None),
     (json.dumps(chat(content=5)).encode(), 400, "messages.0.content", "invalid_request"),
     (json.dumps(chat(content=[])).encode(), 400, "messages.0.content", "invalid_request"),
     (json.dumps({"model": "ko-chat", "messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "messages.0.role", "invalid_request"),

@@ -4,9 +4,13 @@
   GET  /admin/rollout/status
   POST /admin/rollout/pause | resume | abort | promote
 
-With an API key set on the server, every call needs `Authorization: Bearer KEY`. Errors answer
-{"error": {"message": ..., "hint": ...}} with 400 (bad settings), 401, 404 (wrong model name) or 409 (the
-command does not fit the rollout's status).
+With an API key set on the server, every call needs `Authorization: Bearer KEY`. Against cross-site request
+forgery (a web page POSTing to a gateway on the user's machine or network, which needs no key when none is
+set): every POST must say `Content-Type: application/json` (which a browser cannot send cross-site without a
+CORS preflight, and none is ever granted), and a request whose `Origin` is not the gateway itself, or that a
+browser marks `Sec-Fetch-Site: cross-site`, is refused with 403. Errors answer {"error": {"message": ...,
+"hint": ...}} with 400 (bad settings), 401, 403, 404 (wrong model name), 409 (the command does not fit the
+rollout's status) or 415 (not JSON).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -49,6 +54,9 @@ def admin_app(controller: RolloutController, *, api_key: str | None = None) -> F
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
+        refused = _cross_site(request)
+        if refused is not None:
+            return refused
         if api_key:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
@@ -103,6 +111,18 @@ def admin_app(controller: RolloutController, *, api_key: str | None = None) -> F
         return status_json(controller)
 
     return app
+
+
+def _cross_site(request: Request) -> JSONResponse | None:
+    """A 403 for a request a browser sent from another site, a 415 for a POST that is not JSON; else None."""
+    origin = request.headers.get("origin")
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()):
+        return _error(403, f"cross-origin request refused (Origin {origin[:100]!r})", "call the admin endpoints from `kollm rollout` or a script, not a web page")
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return _error(403, "cross-site request refused", "call the admin endpoints from `kollm rollout` or a script, not a web page")
+    if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return _error(415, "admin POSTs must send Content-Type: application/json", 'send a JSON body, e.g. {} (curl -H "Content-Type: application/json" -d "{}")')
+    return None
 
 
 def _error(code: int, message: str, hint: str | None = None) -> JSONResponse:

@@ -82,7 +82,7 @@ def command(cmd: Command, *, gateway: str | None = None, api_key: str | None = N
     """status | pause | resume | abort | promote; returns {"rollout": state or None, "gateway": {...}}."""
     if cmd == "status":
         return _call("GET", "status", None, gateway=gateway, api_key=api_key)
-    body = {"reason": reason} if cmd == "abort" and reason else None
+    body = {"reason": reason} if cmd == "abort" and reason else {}  # a JSON body: the admin API refuses non-JSON POSTs (CSRF)
     return _call("POST", cmd, body, gateway=gateway, api_key=api_key)
 
 

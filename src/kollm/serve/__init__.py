@@ -1,24 +1,32 @@
 """OpenAI-compatible serving (`kollm serve MODEL_URI`).
 
 Public API:
-    serve(model_uri, *, host, port, api_key, project_dir, ...)   resolve, load, and run the server until SIGINT/SIGTERM
+    serve(model_uri, *, host, port, api_key, project_dir, ...)   bind the port, resolve, load, and run the server until
+                                                                  SIGINT/SIGTERM (following a models:/NAME@ALIAS URI)
+    ServeError                                                    could not start serving (exit code 5)
+    bind_socket(host, port) -> socket                             the listening socket, or a ServeError
     describe_model_uri(model_uri, project_dir) -> (name, version) the served model name and version for a URI
     resolve(model_uri, project_dir) -> Path                        the local model folder (registry URIs via kollm.registry)
     create_app(engine, *, model_name, model_version, api_key, log_dir, shutdown_engine) -> FastAPI   (kollm.serve.router)
     load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length) -> Engine    (kollm.serve.engine)
 
 Layout (as vLLM's): protocol.py (OpenAI pydantic models), router.py (HTTP only), engine.py (Engine protocol,
-continuous-batching transformers backend, vLLM backend), metrics.py (Prometheus), gateway.py (canary routing).
+continuous-batching transformers backend, vLLM backend), metrics.py (Prometheus), gateway.py (canary routing,
+stable-arm replacement), follow.py (alias following), logs.py (rotated JSON logs).
 
 A Ray Serve deployment wraps the same app: `serve.ingress(create_app(load_engine(path), model_name=...))`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from kollm.errors import ConfigError, KollmError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -82,6 +90,30 @@ def resolve(model_uri: str, project_dir: Path | None = None) -> Path:
     return resolve_model_uri(model_uri, project_dir)
 
 
+class ServeError(KollmError):
+    """`kollm serve` could not start serving (the port is in use, the address is not available). Exit code 5."""
+
+    exit_code = 5
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket for host:port, bound before the model is loaded so that a busy port fails at once."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: not an address of this machine ({e.strerror})", hint="use 127.0.0.1, 0.0.0.0 or this machine's name") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is already in use", hint="stop the other server (`ss -ltnp` shows it) or pass --port N") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pass another --host or --port") from None
+    return sock
+
+
 def serve(
     model_uri: str,
     *,
@@ -96,40 +128,98 @@ def serve(
     max_batch_size: int = 32,
     context_length: int | None = None,
     graceful_timeout: float = 30.0,
+    follow_interval: float = 10.0,
+    max_body_bytes: int | None = None,
     log_level: str = "info",
     inject_faults: str | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
-    The API key defaults to $KOLLM_API_KEY (none: no auth). Logs go to <project_dir or cwd>/.kollm/logs/{api,inference}/.
+    The port is bound first, so a busy port is a ServeError (exit code 5) before any model is loaded. The API key
+    defaults to $KOLLM_API_KEY (none: no auth). Logs go to <project_dir or cwd>/.kollm/logs/{api,inference}/.
+    A `models:/NAME@ALIAS` URI is followed: the registry is polled every `follow_interval` seconds (0: never) and
+    a new version the alias points to replaces the served one without failing a request (kollm.serve.follow).
     `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults.
     """
     import uvicorn
 
     from kollm.serve.engine import load_engine as _load_engine
+    from kollm.serve.follow import parse_alias_uri
+    from kollm.serve.router import MAX_BODY_BYTES
     from kollm.serve.router import create_app as _create_app
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("kollm.serve")
     faults = None
     if inject_faults:
         from kollm.serve.faults import FaultyEngine, parse_faults
 
         faults = parse_faults(inject_faults)
-    name, version = describe_model_uri(model_uri, project_dir)
-    path = resolve(model_uri, project_dir)
-    engine = _load_engine(path, backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length)
-    if faults is not None:
-        engine = FaultyEngine(engine, faults)
-    root = Path(project_dir) if project_dir is not None else Path.cwd()
-    app = _create_app(
-        engine,
-        model_name=served_model_name or name,
-        model_version=version,
-        api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
-        log_dir=root / ".kollm" / "logs",
-    )
-    logging.getLogger("kollm.serve").info("serving %s (version %s) from %s on http://%s:%d/v1", served_model_name or name, version, path, host, port)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=graceful_timeout, lifespan="on"
-    )
-    uvicorn.Server(config).run()
+    if follow_interval < 0:
+        raise ConfigError(f"--follow-interval {follow_interval}: give seconds >= 0 (0: do not follow the alias)")
+    sock = bind_socket(host, port)
+    try:
+        name, version = describe_model_uri(model_uri, project_dir)
+        path = resolve(model_uri, project_dir)
+        served = served_model_name or name
+        root = Path(project_dir) if project_dir is not None else Path.cwd()
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length)
+        app_options = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs", max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+        engine = _load_engine(path, **engine_options)
+        if faults is not None:
+            engine = FaultyEngine(engine, faults)
+        app = _create_app(engine, model_version=version, **app_options)
+        alias = parse_alias_uri(model_uri)
+        if alias is not None and follow_interval > 0:
+            app = _following(app, version, alias, project_dir, follow_interval, engine_options, app_options)
+        where = f"http://{host}:{sock.getsockname()[1]}/v1"
+        following = f", following {alias[0]}@{alias[1]} every {follow_interval:g}s" if alias is not None and follow_interval > 0 else ""
+        log.info("serving %s (version %s) from %s on %s%s", served, version, path, where, following)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=graceful_timeout, lifespan="on"
+        )
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise ServeError("the server failed to start; see the log above")
+
+
+def _following(app, version: str, alias: tuple[str, str], project_dir: Path | None, interval: float,
+               engine_options: dict, app_options: dict):
+    """A gateway serving `app` that swaps in the version `alias` points to whenever it moves."""
+    import asyncio
+
+    from kollm.serve.engine import load_engine as _load_engine
+    from kollm.serve.follow import AliasFollower
+    from kollm.serve.gateway import Arm, Gateway
+    from kollm.serve.router import create_app as _create_app
+
+    name, alias_name = alias
+
+    async def load(new_version: str) -> Arm:
+        path = await asyncio.to_thread(resolve, f"models:/{name}/{new_version}", project_dir)
+        engine = await asyncio.to_thread(_load_engine, path, **engine_options)
+        while not engine.ready():  # warm before it takes traffic
+            if not engine.alive():
+                raise KollmError(f"version {new_version} failed to start its engine")
+            await asyncio.sleep(0.05)
+        return Arm(_create_app(engine, model_version=new_version, **app_options), version=new_version, model_name=app_options["model_name"])
+
+    gateway = Gateway(Arm(app, version=version, model_name=app_options["model_name"]))
+    follower = AliasFollower(gateway, name=name, alias=alias_name, load=load, project_dir=project_dir, interval=interval)
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.get_running_loop().create_task(follower.run()))
+
+    async def stop() -> None:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    gateway.on_startup.append(start)
+    gateway.on_shutdown.append(stop)
+    return gateway

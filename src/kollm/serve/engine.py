@@ -2,12 +2,15 @@
 
 Public API:
     Engine                 the protocol the router (and tests' fake engines) implement
-    SamplingParams         per-request sampling settings (max_tokens, temperature, top_p, stop, seed, ignore_eos)
+    SamplingParams         per-request sampling settings (max_tokens, temperature, top_p, stop, seed, penalties, ...)
     ChatTurn               one chat message handed to `Engine.encode_chat`
-    TokenChunk             what `Engine.generate` yields: new text, tokens so far, and the finish reason at the end
-    PromptError            the prompt cannot be encoded (e.g. the model has no chat template): a 400
+    TokenChunk             what `Engine.generate` yields: new text, tokens so far, the finish reason at the end, logprobs
+    TokenLogprob           one generated token's logprob and its top alternatives
+    RequestError           the request cannot be served as asked (a 400 naming the field); PromptError is one
     EngineOverloaded       the waiting queue is full: a 503
-    EngineClosed           the engine is shutting down: a 503
+    EngineClosed           the engine is shutting down or dead: a 503
+    EngineError            the engine failed while serving this request: a 500 for it alone
+    sample(logits, seqs)   the native engine's sampler (penalties, greedy/temperature/top-k/min-p/top-p)
     TransformersEngine     continuous batching over a Hugging Face causal LM, on CPU or CUDA
     VLLMEngine             vLLM's AsyncLLMEngine, when the `vllm` package is installed
     load_engine(path, ...) the engine for a model folder (backend "auto" picks vLLM on CUDA when installed)
@@ -18,8 +21,12 @@ worker admits waiting requests (up to `max_batch_size` running), prefills them t
 their KV cache into the running batch, and then runs ONE decode step for every running sequence at once. A
 sequence leaves the batch the moment it finishes (end-of-sequence token, a stop sequence, max_tokens), and its
 slot is reused at the next step: continuous (iteration-level) batching as in Orca/vLLM, over Hugging Face's
-DynamicCache. Each request has its own temperature/top_p/seed; a seeded request samples from its own generator,
+DynamicCache. Each request has its own sampling settings; a seeded request samples from its own generator,
 so its output does not depend on what else is in the batch (up to floating-point effects of batching).
+
+Failures: a step (prefill or decode) that raises fails the requests it touched with EngineError and the loop
+goes on with an empty batch; MAX_CONSECUTIVE_FAILURES failing steps in a row end the worker, after which
+`alive()` is False (so /health answers 503) and every request gets EngineClosed.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -43,14 +51,30 @@ FinishReason = Literal["stop", "length"]
 Backend = Literal["auto", "transformers", "vllm"]
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM): dividing logits by 1e-38 overflows to inf
+MAX_CONSECUTIVE_FAILURES = 5  # failed engine steps in a row (none succeeding between them) before the engine gives up
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """One request's sampling settings. Every field has a neutral default, so a backend may read only those it
+    serves; a backend that cannot honour a non-default value raises RequestError naming the field."""
+
     max_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # below SAMPLING_EPS: greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted once per time a token was generated
+    repetition_penalty: float = 1.0  # vLLM/HF: logits of prompt and generated tokens divided (>0) or multiplied (<0) by it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; K >= 0: the sampled token's logprob and the K most likely
+    response_format: Literal["json_object", "json_schema"] | None = None  # constrain the output to JSON
+    json_schema: str | None = None  # with response_format json_schema: the schema, as JSON text
 
 
 @dataclass(frozen=True)
@@ -60,14 +84,37 @@ class ChatTurn:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability under the model (before penalties and temperature, as vLLM's
+    default), with the `top` most likely tokens at that position as (token text, logprob)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     text: str  # text new since the previous chunk (empty while held back, e.g. a possible stop-sequence prefix)
     completion_tokens: int  # tokens generated so far for this request
     finish_reason: FinishReason | None = None  # set on the last chunk
+    logprobs: tuple[TokenLogprob, ...] = ()  # with SamplingParams.logprobs: one per token generated since the previous chunk
 
 
-class PromptError(ValueError):
+class RequestError(ValueError):
+    """The request cannot be served as asked (a 400 naming `param`): raised by encode_* or by generate() before
+    its first chunk, e.g. a logit_bias token outside the vocabulary or a response_format the backend cannot do."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+class PromptError(RequestError):
     """The prompt cannot be turned into tokens (no chat template, a template that rejects the messages)."""
+
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="invalid_prompt")
 
 
 class EngineOverloaded(RuntimeError):
@@ -75,7 +122,11 @@ class EngineOverloaded(RuntimeError):
 
 
 class EngineClosed(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+    """The engine is shutting down, or is dead, and takes no new requests."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving this request (a bug, out of memory): the request fails, the engine goes on."""
 
 
 class Engine(Protocol):
@@ -89,12 +140,18 @@ class Engine(Protocol):
         """Apply the model's chat template (with the generation prompt) and tokenize. Raises PromptError."""
         ...
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
-        """Stream one completion. Closing the iterator early cancels the request. Raises EngineOverloaded/EngineClosed."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
+        """Stream one completion. Closing the generator early (`aclose()`) cancels the request.
+        Raises RequestError (a 400), EngineOverloaded / EngineClosed (a 503), EngineError (this request failed)."""
         ...
 
     def ready(self) -> bool:
         """True once the model is loaded and warmed up, False again once shutdown has begun."""
+        ...
+
+    def alive(self) -> bool:
+        """False once the engine can no longer serve at all (its worker died): /health answers 503 so that a
+        liveness probe restarts the process. True while loading and while draining."""
         ...
 
     def queue_depth(self) -> int: ...
@@ -207,9 +264,22 @@ class _Sequence:
     out_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    # penalty state, built at admission only for requests that ask for penalties (on the model's device)
+    counts: torch.Tensor | None = None  # [V] how often each token was generated
+    seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
 
     def emit(self, item: TokenChunk | BaseException) -> None:
         _deliver([(self, item)])
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature < SAMPLING_EPS
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits are changed before sampling (penalties, bias)."""
+        return self.counts is not None or self.seen is not None or self.bias is not None
 
 
 def _put_all(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
@@ -228,6 +298,90 @@ def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             for seq, _ in batch:
                 seq.cancelled = True
+
+
+def _safe_logprob(x: float) -> float:
+    """OpenAI writes -9999.0 for a token the model gives no chance; JSON has no -Infinity or NaN."""
+    return x if x > -9999.0 else -9999.0
+
+
+def sample(logits: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
+    """The next token of each row: penalties and logit_bias, then greedy (temperature < SAMPLING_EPS) or
+    temperature, top-k, min-p and top-p sampling. Safe for every value the API accepts: scaled logits are
+    taken relative to each row's maximum (so never +inf), and the most likely token is never filtered out, so
+    every row keeps a finite probability mass to draw from. A row the model filled with NaN falls back to greedy."""
+    logits = logits.float()
+    processed = [i for i, s in enumerate(seqs) if s.processed]
+    if processed:
+        logits = logits.clone()
+        for i in processed:
+            _apply_penalties(logits[i], seqs[i])
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    chosen = logits.argmax(-1)
+    rows = [i for i, s in enumerate(seqs) if not s.greedy]
+    if not rows:
+        return chosen
+    idx = torch.tensor(rows, device=logits.device)
+    x = logits[idx]
+    top = x.max(-1, keepdim=True).values
+    finite = torch.isfinite(top).squeeze(-1)
+    x = (x - top.nan_to_num(neginf=0.0)) / torch.tensor([seqs[i].params.temperature for i in rows], device=x.device)[:, None]
+    x = torch.where(finite[:, None], x, 0.0)  # a row with nothing finite draws uniformly, then is replaced below
+    ks = [seqs[i].params.top_k for i in rows]
+    if any(0 < k < x.shape[-1] for k in ks):
+        k_max = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else 1
+        kth = x.topk(min(k_max, x.shape[-1]), dim=-1).values
+        limit = torch.tensor([(k - 1 if 0 < k < x.shape[-1] else -1) for k in ks], device=x.device)
+        cut = kth.gather(-1, limit.clamp(min=0)[:, None])
+        x = torch.where((limit[:, None] >= 0) & (x < cut), float("-inf"), x)
+    min_p = torch.tensor([seqs[i].params.min_p for i in rows], device=x.device)
+    if bool((min_p > 0).any()):
+        x = x.masked_fill(x < torch.log(min_p.clamp(min=1e-30))[:, None], float("-inf"))  # x is log(p / p_max) * 1/T
+    top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=x.device)
+    if bool((top_p < 1.0).any()):
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p[:, None]  # never drops the most likely token
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x)
+    probs = x.softmax(-1)
+    shared = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+    if shared:
+        chosen[idx[shared]] = torch.multinomial(probs[shared], 1).squeeze(-1)
+    for j, i in enumerate(rows):
+        gen = seqs[i].generator
+        if gen is not None:
+            chosen[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    if not bool(finite.all()):  # a row of NaN from the model: greedy over what is left (argmax of -inf: token 0)
+        chosen[idx[~finite]] = logits[idx[~finite]].argmax(-1)
+    return chosen
+
+
+def _apply_penalties(row: torch.Tensor, seq: _Sequence) -> None:
+    p = seq.params
+    if seq.seen is not None:
+        vals = row[seq.seen]
+        row[seq.seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if seq.counts is not None:
+        row -= p.frequency_penalty * seq.counts + p.presence_penalty * (seq.counts > 0).float()
+    if seq.bias is not None:
+        row.index_add_(0, seq.bias[0], seq.bias[1])
+
+
+def _leave_a_core_for_http() -> None:
+    """On CPU, decode with one intra-op thread less than the cores this process may use (at least one).
+
+    The worker thread's OpenMP team waits for all its threads at every op; when the event loop thread (HTTP,
+    detokenized chunks) takes one of those cores, a team member is descheduled and every op waits a scheduler
+    slice for it. Issue #17 measured 5.5 output tokens/s at concurrency 1 on a 2-core machine (40M model, torch's
+    default of 2 threads) against 20 for a bare generate loop, which has no other thread; a server here with 1
+    thread did 36.6. vLLM's CPU backend reserves a core for its front end likewise. A process-wide setting (this
+    is the serving process); it only ever lowers the thread count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    spare = max(1, cores - 1)
+    if torch.get_num_threads() > spare:
+        log.info("decoding with %d CPU threads (one of %d cores left for the HTTP event loop)", spare, cores)
+        torch.set_num_threads(spare)
 
 
 class TransformersEngine:
@@ -251,11 +405,14 @@ class TransformersEngine:
             # step: measured on an H100 (349M model, batch 32, padded): 88.5 ms per step with it, 20.2 ms without.
             # Flash / memory-efficient attention take over. (A process-wide switch; it serves this engine's process.)
             torch.backends.cuda.enable_cudnn_sdp(False)
+        if self.device.type == "cpu":
+            _leave_a_core_for_http()
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         cfg_len = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_length = min(context_length, cfg_len) if context_length else cfg_len
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -263,6 +420,7 @@ class TransformersEngine:
         self.eos_ids = frozenset(eos_ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
+        self._token_text: dict[int, str] = {}
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -270,6 +428,7 @@ class TransformersEngine:
         self._ready = False
         self._failure: BaseException | None = None
         self._step_time = 0.0  # moving average of one decode step, seconds
+        self.failed_steps = 0  # engine steps that failed (each failed only the requests in it)
         # batch state, owned by the worker thread
         self._seqs: list[_Sequence] = []
         self._cache = None
@@ -288,11 +447,23 @@ class TransformersEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+    def _check(self, params: SamplingParams) -> None:
+        if params.response_format is not None:
+            raise RequestError(
+                f"response_format {params.response_format} is not served by kollm's native engine (it cannot constrain "
+                "its output to JSON); leave response_format out or serve with --backend vllm",
+                param="response_format",
+            )
+        for token, _ in params.logit_bias:
+            if not 0 <= token < self.vocab_size:
+                raise RequestError(f"logit_bias: token id {token} is outside this model's vocabulary of {self.vocab_size}", param="logit_bias")
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
+        self._check(params)
         if self._failure is not None:
-            raise EngineClosed(f"the engine failed: {self._failure!r}")
+            raise EngineClosed(f"the inference engine is dead ({self._failure!r}); the server must be restarted")
         gen = None
-        if params.seed is not None and params.temperature > 0:
+        if params.seed is not None and params.temperature >= SAMPLING_EPS:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed % 2**64)
         seq = _Sequence(
@@ -329,6 +500,9 @@ class TransformersEngine:
     def ready(self) -> bool:
         return self._ready and not self._stopping and self._failure is None
 
+    def alive(self) -> bool:
+        return self._failure is None
+
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -347,28 +521,58 @@ class TransformersEngine:
             with torch.inference_mode():
                 self._warmup()
                 self._ready = True
-                while True:
-                    with self._cond:
-                        while not self._waiting and not self._seqs and not self._stopping:
-                            self._cond.wait()
-                        if self._stopping and not self._waiting and not self._seqs:
-                            return
-                        admitted = self._admit() if self._should_admit() else []
-                    self._drop(lambda s: s.cancelled)
-                    if admitted:
-                        self._prefill(admitted)
-                    if self._seqs:
-                        started = time.perf_counter()
-                        self._decode()
-                        self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - started)
-        except BaseException as e:  # a bug or an out-of-memory: fail every request rather than hang them
-            log.exception("inference engine failed")
+                self._loop()
+        except BaseException as e:  # the loop itself broke, or every step kept failing: the engine is dead
+            log.exception("inference engine died")
             self._failure = e
             with self._cond:
                 pending = list(self._waiting) + self._seqs
                 self._waiting.clear()
+            self._reset()
             for s in pending:
-                s.emit(EngineClosed(f"the inference engine failed: {e!r}"))
+                s.emit(EngineClosed(f"the inference engine died: {e!r}"))
+
+    def _loop(self) -> None:
+        """Admit, prefill and decode until shutdown. A step that raises fails only the requests it touched (the
+        running batch is rebuilt empty) and the loop goes on; MAX_CONSECUTIVE_FAILURES failed steps in a row
+        with no successful step between them (a broken device) end it."""
+        consecutive = 0
+        while True:
+            with self._cond:
+                while not self._waiting and not self._seqs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._seqs:
+                    return
+                admitted = self._admit() if self._should_admit() else []
+            self._drop(lambda s: s.cancelled)
+            touched: list[_Sequence] = []
+            try:
+                if admitted:
+                    touched = admitted
+                    prefilled = self._prefill(admitted)  # touches no batch state: a failure here fails only `admitted`
+                    touched = admitted + self._seqs
+                    self._merge(admitted, *prefilled)
+                if self._seqs:
+                    touched = list(self._seqs)
+                    started = time.perf_counter()
+                    self._decode()
+                    self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - started)
+                consecutive = 0
+            except Exception as e:
+                consecutive += 1
+                self.failed_steps += 1
+                log.exception("engine step failed; failing the %d request(s) it touched and going on", len(touched))
+                if any(s in self._seqs for s in touched):  # the running batch's cache is suspect: start it afresh
+                    self._reset()
+                for s in touched:
+                    if not s.finished and not s.cancelled:
+                        s.finished = True
+                        s.emit(EngineError(f"the inference engine failed on this request ({type(e).__name__}: {e}); retry"))
+                if consecutive >= MAX_CONSECUTIVE_FAILURES:
+                    raise
+
+    def _reset(self) -> None:
+        self._seqs, self._cache, self._mask, self._next = [], None, None, None
 
     def _warmup(self) -> None:
         ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
@@ -405,9 +609,22 @@ class TransformersEngine:
             out.append(self._waiting.popleft())
         return out
 
-    def _prefill(self, seqs: list[_Sequence]) -> None:
+    def _init_penalties(self, seq: _Sequence) -> None:
+        p = seq.params
+        if p.frequency_penalty or p.presence_penalty:
+            seq.counts = torch.zeros(self.vocab_size, device=self.device)
+        if p.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[torch.tensor([t for t in seq.prompt_ids if 0 <= t < self.vocab_size], dtype=torch.long, device=self.device)] = True
+        if p.logit_bias:
+            ids, biases = zip(*p.logit_bias)
+            seq.bias = (torch.tensor(ids, device=self.device), torch.tensor(biases, dtype=torch.float32, device=self.device))
+
+    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, torch.Tensor, list[TokenLogprob | None]]:
         from transformers import DynamicCache
 
+        for s in seqs:
+            self._init_penalties(s)
         length = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), length), dtype=torch.bool)
@@ -420,14 +637,18 @@ class TransformersEngine:
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
         )
-        tokens = self._sample(out.logits[:, -1, :], seqs)
-        self._merge(seqs, out.past_key_values, mask, tokens)
-        self._accept(seqs, tokens)
+        logits = out.logits[:, -1, :]
+        tokens = sample(logits, seqs)
+        return out.past_key_values, mask, tokens, self._logprobs(logits, tokens, seqs)
 
-    def _merge(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: list[int]) -> None:
-        new_next = torch.tensor(tokens, dtype=torch.long, device=self.device)
+    def _merge(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor, logprobs: list[TokenLogprob | None]) -> None:
+        """Add prefilled sequences to the running batch (their KV cache, mask and first token), then send that token."""
+        self._join(seqs, cache, mask, tokens)
+        self._accept(seqs, tokens.tolist(), logprobs)
+
+    def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         if self._cache is None:
-            self._seqs, self._cache, self._mask, self._next = list(seqs), cache, mask, new_next
+            self._seqs, self._cache, self._mask, self._next = list(seqs), cache, mask, tokens
             return
         t_old, t_new = self._mask.shape[1], mask.shape[1]
         width = max(t_old, t_new)
@@ -443,7 +664,7 @@ class TransformersEngine:
             old_layer.keys = torch.cat([pad_left(old_layer.keys, width - t_old, 2), pad_left(new_layer.keys, width - t_new, 2)])
             old_layer.values = torch.cat([pad_left(old_layer.values, width - t_old, 2), pad_left(new_layer.values, width - t_new, 2)])
         self._mask = torch.cat([pad_left(self._mask, width - t_old, 1), pad_left(mask, width - t_new, 1)])
-        self._next = torch.cat([self._next, new_next])
+        self._next = torch.cat([self._next, tokens])
         self._seqs.extend(seqs)
 
     def _decode(self) -> None:
@@ -454,43 +675,48 @@ class TransformersEngine:
             input_ids=self._next[:, None], attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
         )
         self._mask = mask
-        tokens = self._sample(out.logits[:, -1, :], self._seqs)
-        self._next = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        self._accept(self._seqs, tokens)
+        logits = out.logits[:, -1, :]
+        tokens = sample(logits, self._seqs)
+        logprobs = self._logprobs(logits, tokens, self._seqs)
+        self._next = tokens
+        self._accept(self._seqs, tokens.tolist(), logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: Sequence[_Sequence]) -> list[int]:
-        logits = logits.float()
-        chosen = logits.argmax(-1)
-        rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
-        if rows:
-            idx = torch.tensor(rows, device=logits.device)
-            temps = torch.tensor([seqs[i].params.temperature for i in rows], device=logits.device)
-            top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=logits.device)
-            scaled = logits[idx] / temps[:, None]
-            if bool((top_p < 1.0).any()):
-                sorted_logits, order = scaled.sort(dim=-1, descending=True)
-                probs = sorted_logits.softmax(-1)
-                drop = probs.cumsum(-1) - probs > top_p[:, None]  # never drops the most likely token
-                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-                scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-            probs = scaled.softmax(-1)
-            shared = [j for j, i in enumerate(rows) if seqs[i].generator is None]
-            if shared:
-                picked = torch.multinomial(probs[shared], 1).squeeze(-1)
-                chosen[idx[shared]] = picked
-            for j, i in enumerate(rows):
-                gen = seqs[i].generator
-                if gen is not None:
-                    chosen[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
-        return chosen.tolist()
+    def _text_of(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text
 
-    def _accept(self, seqs: Sequence[_Sequence], tokens: list[int]) -> None:
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[_Sequence]) -> list[TokenLogprob | None]:
+        """For rows that asked for logprobs: the sampled token's logprob and the K most likely, from the model's
+        raw distribution (log-softmax of its logits)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=logits.device)
+        lp = logits[idx].float().log_softmax(-1)
+        picked = lp.gather(-1, tokens[idx][:, None]).squeeze(-1).tolist()
+        k = max(seqs[i].params.logprobs or 0 for i in rows)
+        top_vals, top_ids = (lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            want = seqs[i].params.logprobs or 0
+            top = tuple((self._text_of(t), _safe_logprob(v)) for t, v in zip(top_ids[j][:want], top_vals[j][:want]))
+            out[i] = TokenLogprob(self._text_of(int(tokens[i])), _safe_logprob(picked[j]), top)
+        return out
+
+    def _accept(self, seqs: Sequence[_Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """Record each sequence's new token, send its text, and drop the rows that finished."""
-        out: list[tuple[_Sequence, TokenChunk]] = []
-        for seq, token in zip(seqs, tokens):
+        out: list[tuple[_Sequence, TokenChunk | BaseException]] = []
+        for seq, token, lp in zip(seqs, tokens, logprobs):
             if seq.cancelled:
                 continue
             seq.out_ids.append(token)
+            if seq.counts is not None:
+                seq.counts[token] += 1
+            if seq.seen is not None:
+                seq.seen[token] = True
             n = len(seq.out_ids)
             finish: FinishReason | None = None
             if token in self.eos_ids and not seq.params.ignore_eos:
@@ -506,7 +732,7 @@ class TransformersEngine:
                 text += seq.stops.flush()
             if finish is not None:
                 seq.finished = True
-            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish)))
+            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish, logprobs=() if lp is None else (lp,))))
         _deliver(out)
         self._drop(lambda s: s.finished or s.cancelled)
 
@@ -515,7 +741,7 @@ class TransformersEngine:
         if len(keep) == len(self._seqs):
             return
         if not keep:
-            self._seqs, self._cache, self._mask, self._next = [], None, None, None
+            self._reset()
             return
         index = torch.tensor(keep, device=self.device)
         self._seqs = [self._seqs[i] for i in keep]
@@ -549,7 +775,7 @@ class VLLMEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
         from vllm import SamplingParams as VllmSamplingParams
 
         if self._closing:
@@ -585,6 +811,9 @@ class VLLMEngine:
 
     def ready(self) -> bool:
         return not self._closing
+
+    def alive(self) -> bool:
+        return True
 
     def queue_depth(self) -> int:
         return self._waiting

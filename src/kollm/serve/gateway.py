@@ -12,7 +12,8 @@ draw (its `user` unread). The gateway itself never rejects a request for its siz
 `x-kollm-model-version` and `x-kollm-arm` headers and to record, per arm, the status and latency (arrival to
 the last byte) that the rollout analysis judges.
 
-Changing the weight, promoting the canary or rolling it back only replace references: a request keeps the arm
+Changing the weight, promoting the canary, rolling it back or replacing the stable arm (a server following a
+registry alias, kollm.serve.follow) only replace references: a request keeps the arm
 it was dispatched to until its last byte, and a retired arm's lifespan is shut down only once its in-flight
 requests have drained. No request fails because of a swap.
 
@@ -174,6 +175,15 @@ class Gateway:
         if self.canary is None:
             raise RuntimeError("there is no canary to promote")
         old, self.stable, self.canary, self.weight = self.stable, self.canary, None, 0.0
+        self._retire(old)
+
+    async def replace_stable(self, arm: Arm) -> None:
+        """Serve `arm` in place of the stable arm (alias following): its lifespan is started first, then new
+        requests go to it, and the old arm retires once its in-flight requests have finished."""
+        if arm._lifespan is None:
+            arm._lifespan = _Lifespan(arm.app)
+            await arm._lifespan.startup()
+        old, self.stable = self.stable, arm
         self._retire(old)
 
     def _retire(self, arm: Arm) -> None:

@@ -1,21 +1,30 @@
 """The HTTP layer: an OpenAI-compatible FastAPI app around any `Engine`.
 
 Public API:
-    create_app(engine, *, model_name, model_version=None, api_key=None, log_dir=None, shutdown_engine=True) -> FastAPI
+    create_app(engine, *, model_name, model_version=None, api_key=None, log_dir=None, shutdown_engine=True,
+               max_body_bytes=MAX_BODY_BYTES) -> FastAPI
+    router                 the APIRouter with the handlers (they read the `Served` in `app.state.served`)
+    Served                 what one app serves: the engine, the model name and version, the inference log
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions (JSON or, with
-`"stream": true`, server-sent events ending in `data: [DONE]`), GET /health (liveness), GET /ready (200 once the
-model is loaded and warm, 503 while loading or draining), GET /metrics (Prometheus, see kollm.serve.metrics).
+`"stream": true`, server-sent events ending in `data: [DONE]`), GET /health (liveness: 503 once the engine is
+dead), GET /ready (200 once the model is loaded and warm, 503 while loading or draining), GET /metrics
+(Prometheus, see kollm.serve.metrics). The request fields served are listed in kollm.serve.protocol.
 
 Every response carries `x-kollm-model-version` (the version that served it, "unversioned" when none was given)
 and `x-request-id` (the client's, when it sent a well-formed one, else a new one). Errors are OpenAI-style JSON
 `{"error": {"message", "type", "param", "code"}}`: 400 for anything wrong with the request (bad JSON, invalid
 UTF-8, wrong types, unknown fields, empty messages, max_tokens <= 0 or past the context, a prompt longer than the
-context), 401 for a missing/wrong API key (when `api_key` is set; /health, /ready and /metrics stay open), 404 for
-an unknown model or route, 503 when the engine is overloaded or shutting down. A bad request never gets a 5xx.
+context, a field set to a value this engine cannot serve), 401 for a missing/wrong API key (when `api_key` is
+set; /health, /ready and /metrics stay open), 404 for an unknown model or route, 413 for a body over
+`max_body_bytes`, 503 when the engine is overloaded, shutting down or dead, and 500 (for that request only)
+when the engine failed while serving it. A bad request never gets a 5xx.
+
+Prompts are tokenized in a worker thread, so a long prompt never stalls other requests or the probes.
 
 Logs (when `log_dir` is given, normally `<project>/.kollm/logs`): one JSON line per HTTP request in
-`api/api.jsonl`, one per generation in `inference/inference.jsonl`, both with the request id.
+`api/api.jsonl`, one per generation in `inference/inference.jsonl`, both with the request id; client-controlled
+fields (`user`, the path) are cut to 256 characters and the files rotate at 64 MiB (kollm.serve.logs).
 
 The app's lifespan shuts the engine down on exit (after uvicorn has let in-flight requests finish). To mount the
 app inside another ASGI app (the canary gateway, Ray Serve), drive its lifespan (`app.router.lifespan_context(app)`)
@@ -32,13 +41,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import REGISTRY, generate_latest
@@ -48,7 +57,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kollm.monitor.features import request_features
 from kollm.monitor.logging import JsonLinesLogger
 from kollm.serve import metrics
-from kollm.serve.engine import ChatTurn, Engine, EngineClosed, EngineOverloaded, PromptError, SamplingParams, TokenChunk
+from kollm.serve.engine import (
+    ChatTurn,
+    Engine,
+    EngineClosed,
+    EngineError,
+    EngineOverloaded,
+    RequestError,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+)
+from kollm.serve.logs import RotatingJsonLinesLogger, clip
 from kollm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -56,13 +76,17 @@ from kollm.serve.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
 )
 
@@ -70,10 +94,17 @@ log = logging.getLogger("kollm.serve")
 
 VERSION_HEADER = "x-kollm-model-version"
 REQUEST_ID_HEADER = "x-request-id"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_CHOICES = 64
 ENDPOINTS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/ready", "/metrics"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_SERVED_FIELDS = (
+    "model, messages/prompt, max_tokens, max_completion_tokens, temperature, top_p, stop, n, seed, stream, stream_options, "
+    "presence_penalty, frequency_penalty, logit_bias, logprobs, top_logprobs, echo, response_format, user, and the "
+    "OpenAI fields accepted at their defaults; vLLM's repetition_penalty, top_k, min_p, ignore_eos"
+)
 
 
 class APIError(Exception):
@@ -98,19 +129,19 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "extra_forbidden":
         path = ".".join(str(p) for p in loc)
-        msg = f"{path}: unknown field (kollm serves the OpenAI fields model, messages/prompt, max_tokens, temperature, top_p, stop, n, seed, stream, stream_options, user)"
-        return msg, path
+        return f"{path}: unknown field (kollm serves {_SERVED_FIELDS})", path
     if first.get("type") in ("json_invalid", "json_type"):
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     if first.get("type") == "missing" and not loc:
         return "the request body is missing: send a JSON object", None
+
     # union members add type tags to the location (messages.0.content.str); keep field names and indexes only
     def clean(loc) -> str:
         kept = [p for p in loc if p != "body" and (isinstance(p, int) or (_FIELD.fullmatch(str(p)) and str(p) not in _TYPE_TAGS))]
         return ".".join(str(p) for p in kept)
 
     path = clean(first.get("loc", ())) or None
-    msg = first.get("msg", "invalid value")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     others = {clean(e.get("loc", ())) for e in errors} - {path or ""}  # a union reports each member: count fields, not members
     more = f" (and {len(others)} more field{'s' if len(others) > 1 else ''})" if others else ""
     return (f"{path}: {msg}{more}" if path else f"{msg}{more}"), path
@@ -126,14 +157,20 @@ class _Timing:
             self.first_token = time.perf_counter()
 
 
-class _HTTPMiddleware:
-    """Request ids, the model-version header, API-key auth for /v1, request metrics and the API log."""
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes ({limit // (1024 * 1024)} MiB)")
 
-    def __init__(self, app, *, version: str, api_key: str | None, api_log: JsonLinesLogger | None):
+
+class _HTTPMiddleware:
+    """Request ids, the model-version header, API-key auth for /v1, the body-size limit, request metrics and the API log."""
+
+    def __init__(self, app, *, version: str, api_key: str | None, api_log: JsonLinesLogger | None, max_body_bytes: int):
         self.app = app
         self.version = version
         self.api_key = api_key.encode() if api_key else None
         self.api_log = api_log
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -165,10 +202,16 @@ class _HTTPMiddleware:
                 await error_response(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`", code="invalid_api_key")(
                     scope, receive, send_with_headers
                 )
+            elif self._declared_length(headers) > self.max_body_bytes:
+                too_large = _BodyTooLarge(self.max_body_bytes)
+                await error_response(413, too_large.detail, code="request_too_large")(scope, receive, send_with_headers)
             else:
-                await self.app(scope, receive, send_with_headers)
+                await self.app(scope, self._limited(receive), send_with_headers)
+        except _BodyTooLarge as e:  # a chunked body that grew past the limit outside a FastAPI route
+            if not started:
+                await error_response(413, e.detail, code="request_too_large")(scope, receive, send_with_headers)
         except Exception:
-            log.exception("unhandled error for %s %s (request %s)", scope.get("method"), path, rid)
+            log.exception("unhandled error for %s %s (request %s)", scope.get("method"), clip(path), rid)
             if not started:
                 await error_response(500, f"internal server error (request id {rid})", type="server_error", code="internal_error")(
                     scope, receive, send_with_headers
@@ -184,8 +227,8 @@ class _HTTPMiddleware:
                 self.api_log.log(
                     "http_request",
                     request_id=rid,
-                    method=scope.get("method"),
-                    path=path,
+                    method=clip(scope.get("method")),
+                    path=clip(path),
                     status=status,
                     latency_ms=round(elapsed * 1000, 2),
                     model_version=self.version,
@@ -197,62 +240,53 @@ class _HTTPMiddleware:
         scheme, _, token = value.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
+    @staticmethod
+    def _declared_length(headers: dict[bytes, bytes]) -> int:
+        try:
+            return int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return 0
 
-def create_app(
-    engine: Engine,
-    *,
-    model_name: str,
-    model_version: str | None = None,
-    api_key: str | None = None,
-    log_dir: Path | None = None,
-    shutdown_engine: bool = True,
-) -> FastAPI:
-    """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring)."""
-    version = model_version or "unversioned"
-    api_log = JsonLinesLogger(Path(log_dir) / "api" / "api.jsonl") if log_dir else None
-    inference_log = JsonLinesLogger(Path(log_dir) / "inference" / "inference.jsonl") if log_dir else None
-    created = int(time.time())
-    metrics.track_engine(version, engine.queue_depth, engine.running)
+    def _limited(self, receive):
+        """`receive` that raises a 413 once more than max_body_bytes arrived (bodies without a content-length)."""
+        size = 0
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        if shutdown_engine:
-            await engine.shutdown()
+        async def limited():
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
 
-    app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
-    app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
-    app.add_middleware(_HTTPMiddleware, version=version, api_key=api_key, api_log=api_log)
-    bad_request = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+        return limited
 
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(list(exc.errors()))
-        return error_response(400, message, param=param, code="invalid_request")
+# --- what the handlers serve ------------------------------------------------------------------------------
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if exc.status_code == 400:
-            message = "the request body could not be read: send UTF-8 encoded JSON"
-        elif exc.status_code == 404:
-            message = f"no route {request.url.path}; see /docs for the API"
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, message, code=str(exc.status_code))
 
-    def card() -> ModelCard:
-        return ModelCard(id=model_name, created=created, version=model_version, max_model_len=engine.context_length)
+@dataclass
+class Served:
+    """One app's model: set as `app.state.served` by create_app and read by the handlers."""
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}", param="model", code="model_not_found")
+    engine: Engine
+    model_name: str
+    version: str
+    inference_log: JsonLinesLogger | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    def budget(prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
-        ctx = engine.context_length
+    def card(self) -> ModelCard:
+        version = None if self.version == "unversioned" else self.version
+        return ModelCard(id=self.model_name, created=self.created, version=version, max_model_len=self.engine.context_length)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {self.model_name!r}", param="model", code="model_not_found")
+
+    def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
+        """max_tokens, checked against the context (default: the rest of the context)."""
+        ctx = self.engine.context_length
         if len(prompt_ids) >= ctx:
             raise APIError(
                 400,
@@ -272,246 +306,445 @@ def create_app(
             )
         return max_tokens
 
-    def params_for(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_list(),
-            seed=None if body.seed is None else body.seed + choice,
-            ignore_eos=body.ignore_eos,
-        )
 
-    @dataclass
-    class _Job:
-        prompt_ids: list[int]
-        params: SamplingParams
+def _served(request: Request) -> Served:
+    return request.app.state.served
 
-    async def start(jobs: list[_Job], rid: str, timing: _Timing) -> tuple[list[AsyncIterator[TokenChunk]], list[TokenChunk]]:
-        """Submit every job and wait for each one's first chunk, so that errors come back before any byte is sent."""
-        gens = [engine.generate(j.prompt_ids, j.params, f"{rid}-{i}") for i, j in enumerate(jobs)]
-        try:
-            firsts = await asyncio.gather(*(anext(g) for g in gens))
-        except EngineOverloaded as e:
-            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+
+def _logit_bias(body: ChatCompletionRequest | CompletionRequest) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.isdigit():
+            raise APIError(400, f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got {clip(key, 32)!r}",
+                           param="logit_bias", code="invalid_request")
+        out.append((int(key), bias))
+    return tuple(out)
+
+
+def _response_format(body: ChatCompletionRequest | CompletionRequest) -> tuple[Any, str | None]:
+    rf = getattr(body, "response_format", None)
+    if rf is None or rf.type == "text":
+        return None, None
+    if rf.type == "json_object":
+        return "json_object", None
+    if rf.json_schema is None or rf.json_schema.schema_ is None:
+        raise APIError(400, 'response_format: type json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+                       param="response_format", code="invalid_request")
+    return "json_schema", json.dumps(rf.json_schema.schema_)
+
+
+def _params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+    response_format, schema = _response_format(body)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop_list(),
+        seed=None if body.seed is None else body.seed + choice,
+        ignore_eos=bool(body.ignore_eos),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=_logit_bias(body),
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        logprobs=logprobs,
+        response_format=response_format,
+        json_schema=schema,
+    )
+
+
+@dataclass
+class _Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Result:
+    text: str
+    tokens: int
+    finish: str | None
+    logprobs: list[TokenLogprob]
+
+
+async def _tokenize(fn, *args) -> Any:
+    """Tokenize in a worker thread (a long prompt must not stall the event loop); RequestError is a 400."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except RequestError as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+
+
+async def _start(engine: Engine, jobs: list[_Job], rid: str, timing: _Timing) -> tuple[list[AsyncGenerator[TokenChunk, None]], list[TokenChunk]]:
+    """Submit every job and wait for each one's first chunk, so that errors come back before any byte is sent."""
+    gens = [engine.generate(j.prompt_ids, j.params, f"{rid}-{i}") for i, j in enumerate(jobs)]
+    try:
+        firsts = await asyncio.gather(*(anext(g) for g in gens))
+    except BaseException as e:
+        await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        if isinstance(e, RequestError):
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
+        if isinstance(e, EngineOverloaded):
             raise APIError(503, f"the server is overloaded: {e}", type="server_error", code="overloaded") from None
-        except EngineClosed as e:
-            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        if isinstance(e, EngineClosed):
             raise APIError(503, f"{e}; retry on another replica", type="server_error", code="unavailable") from None
-        except BaseException:
-            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
-            raise
-        timing.token()
-        return gens, firsts
+        if isinstance(e, EngineError):
+            raise APIError(500, str(e), type="server_error", code="engine_error") from None
+        raise
+    timing.token()
+    return gens, firsts
 
-    def finish_metrics(endpoint: str, rid: str, timing: _Timing, prompt_tokens: int, completion_tokens: int, finishes: list[str | None], body, stream: bool) -> None:
-        end = time.perf_counter()
-        metrics.PROMPT_TOKENS.labels(version).inc(prompt_tokens)
-        metrics.OUTPUT_TOKENS.labels(version).inc(completion_tokens)
-        ttft = None
-        if timing.first_token is not None:
-            ttft = timing.first_token - timing.start
-            metrics.TTFT.labels(version, endpoint).observe(ttft)
-            if end > timing.start and completion_tokens:
-                metrics.TOKENS_PER_SECOND.labels(version).observe(completion_tokens / (end - timing.start))
-        if inference_log is not None:
-            inference_log.log(
-                "generation",
-                request_id=rid,
-                endpoint=endpoint,
-                model=model_name,
-                model_version=version,
-                stream=stream,
-                n=len(finishes),
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                finish_reasons=finishes,
-                ttft_s=None if ttft is None else round(ttft, 4),
-                latency_s=round(end - timing.start, 4),
-                user=body.user,
-                features=request_features(body, prompt_tokens, completion_tokens),  # for `kollm monitor drift`
-            )
 
-    async def collect(gen: AsyncIterator[TokenChunk], first: TokenChunk) -> tuple[str, int, str | None]:
-        parts, last = [first.text], first
+async def _collect(gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> _Result:
+    parts, last, logprobs = [first.text], first, list(first.logprobs)
+    try:
         if first.finish_reason is None:
             async for chunk in gen:
                 parts.append(chunk.text)
+                logprobs.extend(chunk.logprobs)
                 last = chunk
-        return "".join(parts), last.completion_tokens, last.finish_reason
+    except EngineError as e:
+        raise APIError(500, str(e), type="server_error", code="engine_error") from None
+    finally:
+        await gen.aclose()
+    return _Result("".join(parts), last.completion_tokens, last.finish_reason, logprobs)
 
-    def sse(obj: Any) -> str:
-        return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
 
-    async def merged(gens: list[AsyncIterator[TokenChunk]], firsts: list[TokenChunk]) -> AsyncIterator[tuple[int, TokenChunk]]:
-        """Chunks of all choices as they come, tagged with the choice index; closes every generator on exit."""
-        queue: asyncio.Queue[tuple[int, TokenChunk | None]] = asyncio.Queue()
+async def _merged(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> AsyncIterator[tuple[int, TokenChunk]]:
+    """Chunks of all choices as they come, tagged with the choice index; closes every generator on exit."""
+    queue: asyncio.Queue[tuple[int, TokenChunk | Exception | None]] = asyncio.Queue()
 
-        async def pump(i: int, gen: AsyncIterator[TokenChunk], first: TokenChunk) -> None:
-            try:
-                await queue.put((i, first))
-                if first.finish_reason is None:
-                    async for chunk in gen:
-                        await queue.put((i, chunk))
-            finally:
-                await gen.aclose()
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+    async def pump(i: int, gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> None:
         try:
-            done = 0
-            while done < len(tasks):
-                i, chunk = await queue.get()
-                if chunk is None:
-                    done += 1
-                    continue
-                yield i, chunk
-            for t in tasks:
-                t.result()  # re-raise an engine failure
+            await queue.put((i, first))
+            if first.finish_reason is None:
+                async for chunk in gen:
+                    await queue.put((i, chunk))
+        except Exception as e:  # an engine failure: handed to the consumer, which ends the stream
+            await queue.put((i, e))
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await gen.aclose()
+            await queue.put((i, None))
 
-    @app.get("/health", summary="Liveness: the process answers")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    tasks = [asyncio.create_task(pump(i, g, f)) for i, (g, f) in enumerate(zip(gens, firsts))]
+    try:
+        done = 0
+        while done < len(tasks):
+            i, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-    @app.get("/ready", summary="Readiness: the model is loaded and warm", responses={503: {"model": ErrorResponse}})
-    async def ready() -> Response:
-        if engine.ready():
-            return JSONResponse({"status": "ready", "model": model_name, "version": version})
-        return error_response(503, "the model is loading or the server is draining", type="server_error", code="not_ready")
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def _sse(obj: Any) -> str:
+    return f"data: {obj.model_dump_json(exclude_none=False)}\n\n"
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def list_models() -> ModelList:
-        return ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=bad_request)
-    async def get_model(model_id: str) -> ModelCard:
-        check_model(model_id)
-        return card()
+def _sse_error(e: BaseException) -> str:
+    code = "engine_error" if isinstance(e, EngineError) else "unavailable"
+    return f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=bad_request)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        timing = _Timing(time.perf_counter())
-        rid = request.state.request_id
-        check_model(body.model)
-        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-            raise APIError(400, "give max_tokens or max_completion_tokens, not two different values", param="max_tokens")
-        turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+
+def _chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    def entry(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+    return ChatLogprobs(
+        content=[
+            TokenLogprobEntry(**entry(t.token, t.logprob).model_dump(), top_logprobs=[entry(tok, lp) for tok, lp in t.top])
+            for t in items
+        ]
+    )
+
+
+def _completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return CompletionLogprobs(
+        tokens=[t.token for t in items],
+        token_logprobs=[t.logprob for t in items],
+        top_logprobs=[dict(reversed(t.top)) for t in items],  # two tokens may read alike (byte fragments): the likelier one stays
+        text_offset=offsets,
+    )
+
+
+def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, prompt_tokens: int, completion_tokens: int,
+                    finishes: list[str | None], body: Any, stream: bool) -> None:
+    end = time.perf_counter()
+    version = served.version
+    metrics.PROMPT_TOKENS.labels(version).inc(prompt_tokens)
+    metrics.OUTPUT_TOKENS.labels(version).inc(completion_tokens)
+    ttft = None
+    if timing.first_token is not None:
+        ttft = timing.first_token - timing.start
+        metrics.TTFT.labels(version, endpoint).observe(ttft)
+        if end > timing.start and completion_tokens:
+            metrics.TOKENS_PER_SECOND.labels(version).observe(completion_tokens / (end - timing.start))
+    if served.inference_log is not None:
+        served.inference_log.log(
+            "generation",
+            request_id=rid,
+            endpoint=endpoint,
+            model=served.model_name,
+            model_version=version,
+            stream=stream,
+            n=len(finishes),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            finish_reasons=finishes,
+            ttft_s=None if ttft is None else round(ttft, 4),
+            latency_s=round(end - timing.start, 4),
+            user=clip(body.user),
+            features=request_features(body, prompt_tokens, completion_tokens),  # for `kollm monitor drift`
+        )
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+@router.get("/health", summary="Liveness: the process and its engine can serve", responses={503: {"model": ErrorResponse}})
+async def health(request: Request) -> Response:
+    if _served(request).engine.alive():
+        return JSONResponse({"status": "ok"})
+    return error_response(503, "the inference engine is dead; restart the server", type="server_error", code="engine_dead")
+
+
+@router.get("/ready", summary="Readiness: the model is loaded and warm", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request) -> Response:
+    served = _served(request)
+    if served.engine.ready():
+        return JSONResponse({"status": "ready", "model": served.model_name, "version": served.version})
+    return error_response(503, "the model is loading or the server is draining", type="server_error", code="not_ready")
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def prometheus() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_served(request).card()])
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    served = _served(request)
+    served.check_model(model_id)
+    return served.card()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    timing = _Timing(time.perf_counter())
+    served, rid = _served(request), request.state.request_id
+    served.check_model(body.model)
+    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "give max_tokens or max_completion_tokens, not two different values", param="max_tokens")
+    for i, m in enumerate(body.messages):
+        if m.content is None:
+            raise APIError(400, f"messages.{i}.content: a {m.role} message needs content", param=f"messages.{i}.content")
+    turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+    prompt_ids = await _tokenize(served.engine.encode_chat, turns)
+    max_tokens = served.budget(prompt_ids, body.max_completion_tokens or body.max_tokens, "messages")
+    logprobs = body.top_logprobs_count()
+    jobs = [_Job(prompt_ids, _params(body, max_tokens, i, logprobs)) for i in range(body.choices())]
+    gens, firsts = await _start(served.engine, jobs, rid, timing)
+    cid = f"chatcmpl-{rid}"
+    with_logprobs = logprobs is not None
+    if not body.stream:
         try:
-            prompt_ids = engine.encode_chat(turns)
-        except PromptError as e:
-            raise APIError(400, str(e), param="messages", code="invalid_prompt") from None
-        max_tokens = budget(prompt_ids, body.max_completion_tokens or body.max_tokens, "messages")
-        jobs = [_Job(prompt_ids, params_for(body, max_tokens, i)) for i in range(body.n)]
-        gens, firsts = await start(jobs, rid, timing)
-        cid = f"chatcmpl-{rid}"
-        if not body.stream:
-            results = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts)))
-            completion = sum(r[1] for r in results)
-            finish_metrics("/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r[2] for r in results], body, False)
-            return JSONResponse(
-                ChatCompletionResponse(
-                    id=cid,
-                    model=model_name,
-                    system_fingerprint=version,
-                    choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f) for i, (t, _, f) in enumerate(results)],
-                    usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion),
-                ).model_dump()
-            )
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            results = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts)))
+        finally:
+            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        completion = sum(r.tokens for r in results)
+        _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r.finish for r in results], body, False)
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish,
+                       logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None)
+            for i, r in enumerate(results)
+        ]
+        return JSONResponse(
+            ChatCompletionResponse(
+                id=cid, model=served.model_name, system_fingerprint=served.version, choices=choices,
+                usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion),
+            ).model_dump()
+        )
+    include_usage = body.include_usage()
 
-        async def events() -> AsyncIterator[str]:
-            now = int(time.time())
-            tokens = [0] * len(jobs)
-            finishes: list[str | None] = [None] * len(jobs)
+    async def events() -> AsyncIterator[str]:
+        now = int(time.time())
+        tokens = [0] * len(jobs)
+        finishes: list[str | None] = [None] * len(jobs)
 
-            def chunk(i: int, delta: DeltaMessage, finish: str | None = None) -> str:
-                return sse(ChatCompletionChunk(id=cid, created=now, model=model_name, system_fingerprint=version,
-                                               choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=finish)]))
+        def chunk(i: int, delta: DeltaMessage, finish: str | None = None, lps: tuple[TokenLogprob, ...] = ()) -> str:
+            choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=_chat_logprobs(list(lps)) if with_logprobs and lps else None)
+            return _sse(ChatCompletionChunk(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]))
 
-            try:
-                for i in range(len(jobs)):
-                    yield chunk(i, DeltaMessage(role="assistant", content=""))
-                async for i, c in merged(gens, firsts):
-                    tokens[i] = c.completion_tokens
-                    if c.text:
-                        yield chunk(i, DeltaMessage(content=c.text))
-                    if c.finish_reason is not None:
-                        finishes[i] = c.finish_reason
-                        yield chunk(i, DeltaMessage(), c.finish_reason)
-                if include_usage:
-                    usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(tokens), total_tokens=len(prompt_ids) + sum(tokens))
-                    yield sse(ChatCompletionChunk(id=cid, created=now, model=model_name, system_fingerprint=version, choices=[], usage=usage))
-                yield "data: [DONE]\n\n"
-            except (EngineClosed, EngineOverloaded) as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': 'unavailable'}})}\n\n"
-            finally:
-                finish_metrics("/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True)
+        try:
+            for i in range(len(jobs)):
+                yield chunk(i, DeltaMessage(role="assistant", content=""))
+            async for i, c in _merged(gens, firsts):
+                tokens[i] = c.completion_tokens
+                if c.text or (with_logprobs and c.logprobs):
+                    yield chunk(i, DeltaMessage(content=c.text), lps=c.logprobs)
+                if c.finish_reason is not None:
+                    finishes[i] = c.finish_reason
+                    yield chunk(i, DeltaMessage(), c.finish_reason)
+            if include_usage:
+                usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(tokens), total_tokens=len(prompt_ids) + sum(tokens))
+                yield _sse(ChatCompletionChunk(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+        except (EngineClosed, EngineOverloaded, EngineError) as e:
+            yield _sse_error(e)
+        finally:
+            _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True)
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=bad_request)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        timing = _Timing(time.perf_counter())
-        rid = request.state.request_id
-        check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if len(prompts) * body.n > 64:
-            raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more than 64 choices in one request", param="n")
-        jobs: list[_Job] = []
-        prompt_tokens = 0
-        for p in prompts:
-            ids = engine.encode_prompt(p)
-            if not ids:
-                raise APIError(400, "the prompt is empty and this model has no beginning-of-text token", param="prompt")
-            max_tokens = budget(ids, body.max_tokens, "prompt")
-            prompt_tokens += len(ids)
-            jobs.extend(_Job(ids, params_for(body, max_tokens, j)) for j in range(body.n))
-        gens, firsts = await start(jobs, rid, timing)
-        cid = f"cmpl-{rid}"
-        if not body.stream:
-            results = await asyncio.gather(*(collect(g, f) for g, f in zip(gens, firsts)))
-            completion = sum(r[1] for r in results)
-            finish_metrics("/v1/completions", rid, timing, prompt_tokens, completion, [r[2] for r in results], body, False)
-            return JSONResponse(
-                CompletionResponse(
-                    id=cid,
-                    model=model_name,
-                    system_fingerprint=version,
-                    choices=[CompletionChoice(index=i, text=t, finish_reason=f) for i, (t, _, f) in enumerate(results)],
-                    usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
-                ).model_dump()
-            )
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
-            now = int(time.time())
-            tokens = [0] * len(jobs)
-            finishes: list[str | None] = [None] * len(jobs)
-            try:
-                async for i, c in merged(gens, firsts):
-                    tokens[i] = c.completion_tokens
-                    if c.finish_reason is not None:
-                        finishes[i] = c.finish_reason
-                    if c.text or c.finish_reason is not None:
-                        yield sse(CompletionResponse(id=cid, created=now, model=model_name, system_fingerprint=version,
-                                                     choices=[CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)]))
-                if include_usage:
-                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens), total_tokens=prompt_tokens + sum(tokens))
-                    yield sse(CompletionResponse(id=cid, created=now, model=model_name, system_fingerprint=version, choices=[], usage=usage))
-                yield "data: [DONE]\n\n"
-            except (EngineClosed, EngineOverloaded) as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': 'unavailable'}})}\n\n"
-            finally:
-                finish_metrics("/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    timing = _Timing(time.perf_counter())
+    served, rid = _served(request), request.state.request_id
+    served.check_model(body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    n = body.choices()
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", param="n")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs would need the prompt's logprobs, which are not served; drop one of them", param="echo")
+    encoded = await _tokenize(lambda: [served.engine.encode_prompt(p) for p in prompts])
+    jobs: list[_Job] = []
+    echo: list[str] = []
+    prompt_tokens = 0
+    for p, ids in zip(prompts, encoded):
+        if not ids:
+            raise APIError(400, "the prompt is empty and this model has no beginning-of-text token", param="prompt")
+        max_tokens = served.budget(ids, body.max_tokens, "prompt")
+        prompt_tokens += len(ids)
+        jobs.extend(_Job(ids, _params(body, max_tokens, j, body.logprobs)) for j in range(n))
+        echo.extend([p if body.echo else ""] * n)
+    gens, firsts = await _start(served.engine, jobs, rid, timing)
+    cid = f"cmpl-{rid}"
+    with_logprobs = body.logprobs is not None
+    if not body.stream:
+        try:
+            results = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts)))
+        finally:
+            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        completion = sum(r.tokens for r in results)
+        _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, completion, [r.finish for r in results], body, False)
+        choices = [
+            CompletionChoice(index=i, text=echo[i] + r.text, finish_reason=r.finish,
+                             logprobs=_completion_logprobs(r.logprobs, 0) if with_logprobs else None)
+            for i, r in enumerate(results)
+        ]
+        return JSONResponse(
+            CompletionResponse(
+                id=cid, model=served.model_name, system_fingerprint=served.version, choices=choices,
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
+            ).model_dump()
+        )
+    include_usage = body.include_usage()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    async def events() -> AsyncIterator[str]:
+        now = int(time.time())
+        tokens = [0] * len(jobs)
+        offsets = [0] * len(jobs)
+        finishes: list[str | None] = [None] * len(jobs)
+        try:
+            async for i, c in _merged(gens, firsts):
+                tokens[i] = c.completion_tokens
+                if c.finish_reason is not None:
+                    finishes[i] = c.finish_reason
+                text = c.text
+                if echo[i]:
+                    text, echo[i] = echo[i] + text, ""
+                if text or c.finish_reason is not None or (with_logprobs and c.logprobs):
+                    lps = _completion_logprobs(list(c.logprobs), offsets[i]) if with_logprobs else None
+                    offsets[i] += sum(len(t.token) for t in c.logprobs)
+                    choice = CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lps)
+                    yield _sse(CompletionResponse(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]))
+            if include_usage:
+                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens), total_tokens=prompt_tokens + sum(tokens))
+                yield _sse(CompletionResponse(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[], usage=usage))
+            yield "data: [DONE]\n\n"
+        except (EngineClosed, EngineOverloaded, EngineError) as e:
+            yield _sse_error(e)
+        finally:
+            _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True)
 
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    message, param = _validation_message(list(exc.errors()))
+    return error_response(400, message, param=param, code="invalid_request")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        message = "the request body could not be read: send UTF-8 encoded JSON"
+    elif exc.status_code == 404:
+        message = f"no route {clip(request.url.path)}; see /docs for the API"
+    else:
+        message = str(exc.detail)
+    code = "request_too_large" if exc.status_code == 413 else str(exc.status_code)
+    return error_response(exc.status_code, message, code=code)
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    model_version: str | None = None,
+    api_key: str | None = None,
+    log_dir: Path | None = None,
+    shutdown_engine: bool = True,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring)."""
+    version = model_version or "unversioned"
+    api_log = RotatingJsonLinesLogger(Path(log_dir) / "api" / "api.jsonl") if log_dir else None
+    inference_log = RotatingJsonLinesLogger(Path(log_dir) / "inference" / "inference.jsonl") if log_dir else None
+    metrics.track_engine(version, engine.queue_depth, engine.running)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if shutdown_engine:
+            await engine.shutdown()
+
+    app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
+    app.state.served = Served(engine, model_name, version, inference_log)
+    app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
+    app.add_middleware(_HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.include_router(router)
     return app

@@ -1,0 +1,100 @@
+"""Request-size limit, tokenizing off the event loop, clipped and rotated logs (HTTP layer over a scripted engine)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from starlette.testclient import TestClient
+
+from kollm.serve.logs import RotatingJsonLinesLogger, clip
+from kollm.serve.router import create_app
+
+from .fake_engine import FakeEngine
+
+
+class ThreadRecordingEngine(FakeEngine):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encode_threads: list[str] = []
+
+    def encode_prompt(self, text: str) -> list[int]:
+        self.encode_threads.append(threading.current_thread().name)
+        return super().encode_prompt(text)
+
+
+def make(engine=None, **kwargs):
+    engine = engine or FakeEngine("응답", context_length=1_000_000)
+    return TestClient(create_app(engine, model_name="m", model_version="1", **kwargs), raise_server_exceptions=False), engine
+
+
+def test_a_body_over_the_limit_is_a_413_naming_the_limit():
+    client, engine = make(max_body_bytes=10_000)
+    ok = {"model": "m", "prompt": "가" * 1000, "max_tokens": 2}
+    assert client.post("/v1/completions", json=ok).status_code == 200
+    big = {"model": "m", "prompt": "가" * 5000, "max_tokens": 2}
+    r = client.post("/v1/completions", json=big)
+    assert r.status_code == 413 and "10000 bytes" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "request_too_large" and r.headers["x-kollm-model-version"] == "1"
+
+    def chunks():  # no content-length: the limit is counted as the body arrives
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "10000 bytes" in r.json()["error"]["message"]
+    assert len(engine.calls) == 1  # neither big request reached the engine
+    assert client.post("/v1/completions", json=ok).status_code == 200
+
+
+def test_the_default_limit_is_4_mib():
+    client, _ = make()
+    r = client.post("/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "4194304 bytes (4 MiB)" in r.json()["error"]["message"]
+
+
+def test_prompts_are_tokenized_off_the_event_loop():
+    engine = ThreadRecordingEngine("응답", context_length=10_000)
+    client, _ = make(engine)
+    loop_thread = []
+
+    @client.app.get("/loop-thread")
+    async def where() -> dict:
+        loop_thread.append(threading.current_thread().name)
+        return {}
+
+    client.get("/loop-thread")
+    assert client.post("/v1/completions", json={"model": "m", "prompt": ["안녕", "서울"], "max_tokens": 2}).status_code == 200
+    assert len(engine.encode_threads) == 2 and loop_thread[0] not in engine.encode_threads
+
+
+def test_logged_user_is_clipped(tmp_path):
+    client, _ = make(log_dir=tmp_path)
+    user = "u" * 100_000
+    assert client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "user": user}).status_code == 200
+    assert client.get("/v1/" + "p" * 5000).status_code == 404
+    line = json.loads((tmp_path / "inference" / "inference.jsonl").read_text().splitlines()[-1])
+    assert line["user"] == "u" * 256 + "...[100000 chars]"
+    api = [json.loads(x) for x in (tmp_path / "api" / "api.jsonl").read_text().splitlines()]
+    assert max(len(e["path"]) for e in api) < 300
+    assert (tmp_path / "inference" / "inference.jsonl").stat().st_size < 1000
+
+
+def test_json_logs_rotate(tmp_path):
+    path = tmp_path / "api.jsonl"
+    log = RotatingJsonLinesLogger(path, max_bytes=1000, backups=2)
+    for i in range(100):
+        log.log("http_request", i=i, pad="x" * 50)
+    log.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["api.jsonl", "api.jsonl.1", "api.jsonl.2"]
+    assert all(p.stat().st_size < 1100 for p in tmp_path.iterdir())
+    newest = [json.loads(x)["i"] for x in path.read_text().splitlines()]
+    older = [json.loads(x)["i"] for x in (tmp_path / "api.jsonl.1").read_text().splitlines()]
+    assert newest[-1] == 99 and older[-1] == newest[0] - 1  # nothing lost between the current file and the last backup
+
+
+def test_clip():
+    assert clip("abc", 5) == "abc" and clip(None) is None and clip(3) == 3
+    assert clip("가" * 10, 4) == "가가가가...[10 chars]"
