@@ -190,17 +190,19 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 routes (default: $KOLLM_API_KEY; unset: no auth).")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The `model` name clients send (default: the registered name or folder name).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (vLLM on CUDA when installed), transformers or vllm.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (vLLM where it imports, else transformers), transformers (kollm's native engine) or vllm.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (the native engine; vLLM uses the device its build targets).")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 32,
     context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+    engine_arg: Annotated[Optional[list[str]], typer.Option(help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5).")] = None,
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics)."""
     from kollm.serve import serve
+    from kollm.serve.vllm_engine import parse_engine_args
 
     if canary is not None:
         from functools import partial
@@ -221,6 +223,7 @@ def serve_cmd(
         max_batch_size=max_batch_size,
         context_length=context_length,
         graceful_timeout=graceful_timeout,
+        engine_args=parse_engine_args(engine_arg or []),
     )
 
 

@@ -5,10 +5,10 @@ Public API:
     describe_model_uri(model_uri, project_dir) -> (name, version) the served model name and version for a URI
     resolve(model_uri, project_dir) -> Path                        the local model folder (registry URIs via kollm.registry)
     create_app(engine, *, model_name, model_version, api_key, log_dir, shutdown_engine) -> FastAPI   (kollm.serve.router)
-    load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length) -> Engine    (kollm.serve.engine)
+    load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length, engine_args) -> Engine    (kollm.serve.engine)
 
 Layout (as vLLM's): protocol.py (OpenAI pydantic models), router.py (HTTP only), engine.py (Engine protocol,
-continuous-batching transformers backend, vLLM backend), metrics.py (Prometheus), gateway.py (canary routing).
+continuous-batching transformers backend), vllm_engine.py (vLLM's AsyncLLM behind the protocol), metrics.py (Prometheus), gateway.py (canary routing).
 
 A Ray Serve deployment wraps the same app: `serve.ingress(create_app(load_engine(path), model_name=...))`.
 """
@@ -97,6 +97,7 @@ def serve(
     context_length: int | None = None,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    engine_args: dict | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -110,7 +111,9 @@ def serve(
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name, version = describe_model_uri(model_uri, project_dir)
     path = resolve(model_uri, project_dir)
-    engine = _load_engine(path, backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length)
+    engine = _load_engine(
+        path, backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args
+    )
     root = Path(project_dir) if project_dir is not None else Path.cwd()
     app = _create_app(
         engine,
