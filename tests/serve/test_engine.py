@@ -199,7 +199,7 @@ def test_load_engine_errors(tmp_path, tiny_model_dir):
 
     with pytest.raises(NotFound, match="no config.json"):
         load_engine(tmp_path)
-    with pytest.raises(ConfigError, match="vllm package is not installed"):
+    with pytest.raises(ConfigError, match="--backend vllm: vLLM is not importable here"):
         load_engine(tiny_model_dir, backend="vllm")
     with pytest.raises(ConfigError, match="--backend"):
         load_engine(tiny_model_dir, backend="tensorrt")

@@ -8,11 +8,11 @@ Public API:
     describe_model_uri(model_uri, project_dir) -> (name, version) the served model name and version for a URI
     resolve(model_uri, project_dir) -> Path                        the local model folder (registry URIs via kollm.registry)
     create_app(engine, *, model_name, model_version, api_key, log_dir, shutdown_engine) -> FastAPI   (kollm.serve.router)
-    load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length) -> Engine    (kollm.serve.engine)
+    load_engine(model_path, *, backend, device, dtype, max_batch_size, context_length, engine_args) -> Engine    (kollm.serve.engine)
 
 Layout (as vLLM's): protocol.py (OpenAI pydantic models), router.py (HTTP only), engine.py (Engine protocol,
-continuous-batching transformers backend, vLLM backend), metrics.py (Prometheus), gateway.py (canary routing,
-stable-arm replacement), follow.py (alias following), logs.py (rotated JSON logs).
+continuous-batching transformers backend), vllm_engine.py (vLLM's AsyncLLM behind the protocol), metrics.py
+(Prometheus), gateway.py (canary routing, stable-arm replacement), follow.py (alias following), logs.py (rotated JSON logs).
 
 A Ray Serve deployment wraps the same app: `serve.ingress(create_app(load_engine(path), model_name=...))`.
 """
@@ -132,6 +132,7 @@ def serve(
     max_body_bytes: int | None = None,
     log_level: str = "info",
     inject_faults: str | None = None,
+    engine_args: dict | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -164,7 +165,7 @@ def serve(
         served = served_model_name or name
         root = Path(project_dir) if project_dir is not None else Path.cwd()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length)
+        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args)
         app_options = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs", max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
         engine = _load_engine(path, **engine_options)
         if faults is not None:

