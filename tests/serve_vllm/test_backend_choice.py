@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from kollm.errors import ConfigError
-from kollm.serve.engine import SamplingParams, load_engine
-from kollm.serve.vllm_engine import SAMPLING_FIELDS, adapter_of, parse_engine_args, sampling_kwargs, vllm_importable
+from kollm.serve.engine import RequestError, SamplingParams, load_engine
+from kollm.serve.vllm_engine import SAMPLING_FIELDS, UNSERVED_FIELDS, adapter_of, parse_engine_args, sampling_kwargs, vllm_importable
 from tests.tiny import save_tiny
 
 from .conftest import KOLLM
@@ -19,12 +19,15 @@ from .conftest import KOLLM
 
 def test_every_sampling_field_reaches_vllm():
     """A field added to kollm's SamplingParams must be mapped to vLLM's (else --backend vllm silently ignores it)."""
-    assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS)
+    assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS) | set(UNSERVED_FIELDS)
+    with pytest.raises(RequestError, match="logprobs is not supported with --backend vllm"):
+        sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))
 
 
 def test_sampling_kwargs():
     kw = sampling_kwargs(SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, stop=("\n", "끝"), seed=-1, ignore_eos=True))
-    assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "stop": ["\n", "끝"], "seed": 2**63 - 1, "ignore_eos": True}
+    assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "stop": ["\n", "끝"], "seed": 2**63 - 1, "ignore_eos": True,
+                  "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None, "top_k": -1, "min_p": 0.0}
     edge = sampling_kwargs(SamplingParams(max_tokens=1, top_p=0.0, seed=2**64 - 1))
     assert 0 < edge["top_p"] < 1e-6  # vLLM wants top_p in (0, 1]; 0 keeps the most likely token, as a tiny top_p does
     assert 0 <= edge["seed"] < 2**63 and edge["stop"] is None

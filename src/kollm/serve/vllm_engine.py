@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kollm.errors import ConfigError
-from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, SamplingParams, TokenChunk, encode_chat
+from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, RequestError, SamplingParams, TokenChunk, encode_chat
 
 log = logging.getLogger("kollm.serve")
 
@@ -61,7 +61,15 @@ SAMPLING_FIELDS = {
     "stop": "stop",
     "seed": "seed",
     "ignore_eos": "ignore_eos",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "logit_bias": "logit_bias",
+    "top_k": "top_k",
+    "min_p": "min_p",
 }
+# Fields this backend does not serve yet: a request that sets one gets a 400 naming it (RequestError).
+UNSERVED_FIELDS = {"logprobs": None, "response_format": None, "json_schema": None}
 
 
 @functools.cache
@@ -88,10 +96,15 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     vLLM wants top_p in (0, 1]: top_p 0 (allowed by the OpenAI schema) keeps only the most likely token, which
     is what a tiny positive top_p does. Seeds are folded into 63 bits, as torch generators take them.
     """
+    for name, default in UNSERVED_FIELDS.items():
+        if getattr(params, name) != default:
+            raise RequestError(f"{name} is not supported with --backend vllm yet; use --backend transformers", param=name)
     kw: dict[str, Any] = {}
     for name, target in SAMPLING_FIELDS.items():
         kw[target] = getattr(params, name)
     kw["stop"] = list(params.stop) or None
+    kw["logit_bias"] = dict(params.logit_bias) or None
+    kw["top_k"] = params.top_k or -1  # kollm's 0 (off) is vLLM's -1
     kw["top_p"] = max(params.top_p, 1e-9)
     kw["seed"] = None if params.seed is None else params.seed % 2**63
     return kw
@@ -247,6 +260,9 @@ class VLLMEngine:
 
     def ready(self) -> bool:
         return not self._closing and not self._llm.errored
+
+    def alive(self) -> bool:
+        return not self._llm.errored
 
     def queue_depth(self) -> int:
         return self._waiting
