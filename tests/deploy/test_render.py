@@ -46,6 +46,31 @@ def test_rayjob_runs_one_step_with_explicit_inputs_into_the_store(examples):
     assert set(inputs["data"]) == {"cpt.data", "sft.data", "sft.model", "align.data", "align.model"}
 
 
+def test_the_clusters_kollm_yaml_is_valid_and_sends_artifacts_through_the_server(examples, quickstart, tmp_path):
+    from kollm.config import load_config
+
+    cm = next(d for d in yaml.safe_load_all(examples["k8s"]["config.yaml"]) if "kollm.yaml" in d["data"])
+    (tmp_path / "kollm.yaml").write_text(cm["data"]["kollm.yaml"], encoding="utf-8")
+    cluster, _ = load_config(tmp_path)
+    original, _ = load_config(quickstart)
+    assert cluster.tracking.artifact_location == "mlflow-artifacts:/korean-quickstart"
+    assert cluster.steps == original.steps and cluster.data == original.data
+
+
+def test_dockerfiles_install_torch_first_and_copy_what_the_source_tree_has(examples):
+    for name, text in examples["docker"].items():
+        lines = text.splitlines()
+        torch = next(i for i, line in enumerate(lines) if "pip install torch==2.13.0" in line)
+        kollm = next(i for i, line in enumerate(lines) if 'pip install ".[ray,s3]"' in line)
+        assert torch < kollm, name
+        for line in lines:
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (REPO / src).exists(), f"{name}: COPY {src} is not in the source tree"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in examples["docker"]["Dockerfile"]
+    assert "whl/cpu" not in examples["docker"]["Dockerfile.cuda"]
+
+
 def test_rayservice_runs_the_openai_app_in_builder_form(examples):
     svc = yaml.safe_load(examples["k8s"]["rayservice.yaml"])
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]

@@ -56,11 +56,22 @@ def config_maps(p: Project) -> list[Doc]:
         settings["MLFLOW_S3_ENDPOINT_URL"] = p.options.s3_endpoint
     return [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, f"{p.slug}-project", "config"),
-         "data": {"kollm.yaml": p.config_text}},
+         "data": {"kollm.yaml": cluster_config(p)}},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, settings_name(p), "config"), "data": settings},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, f"{p.slug}-step-inputs", "training"),
          "data": step_inputs(p)},
     ]
+
+
+def cluster_config(p: Project) -> str:
+    """kollm.yaml as the pods read it. Without `tracking.artifact_location` kollm would create the experiment with
+    its artifacts in the pod's own disk; in the cluster they go through the MLflow server's proxy to S3 instead."""
+    if p.pipeline.cfg.tracking.artifact_location:
+        return p.config_text
+    raw = yaml.safe_load(p.config_text)
+    raw.setdefault("tracking", {})["artifact_location"] = f"mlflow-artifacts:/{p.slug}"
+    return (f"# {p.pipeline.file.name} with tracking.artifact_location set for the cluster (written by kollm deploy render)\n"
+            + yaml_text(raw))
 
 
 def training_steps(p: Project) -> list[ResolvedStep]:
