@@ -213,6 +213,30 @@ def deploy_render(
         out.print(f"[green]wrote[/] {f}")
 
 
+compile_app = typer.Typer(help="Compile kollm.yaml for another orchestrator.", no_args_is_help=True)
+app.add_typer(compile_app, name="compile")
+
+
+@compile_app.command("kfp")
+def compile_kfp_cmd(
+    path: PathArg = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The pipeline IR YAML to write.")] = Path("pipeline.yaml"),
+    image: Annotated[str, typer.Option(help="The kollm image every component runs in.")] = "ghcr.io/kollm/kollm:0.1.0",
+    store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
+    bucket: Annotated[str, typer.Option(help="S3 bucket of the default store.")] = "kollm",
+    ray: Annotated[Optional[list[str]], typer.Option("--ray", help="Run STEP as a KubeRay RayJob (repeatable; steps with more than one GPU always are).")] = None,
+    project_dir: Annotated[str, typer.Option(help="The project folder inside the image (default: none; kollm.yaml travels as a pipeline parameter).")] = "",
+    namespace: Annotated[str, typer.Option(help="Namespace the RayJobs are created in.")] = "kubeflow",
+) -> None:
+    """Compile the pipeline to Kubeflow Pipelines IR (kfp 2.17): one component per step running `kollm step run`."""
+    from kollm.deploy import DeployOptions
+    from kollm.deploy.kfp import compile_kfp
+
+    f = compile_kfp(path, out_file, image=image, options=DeployOptions(store=store or "", bucket=bucket),
+                    ray_steps=tuple(ray or ()), project_dir=project_dir, namespace=namespace)
+    out.print(f"[green]wrote[/] {f}")
+
+
 # --- serve (kollm.serve) ------------------------------------------------------------------------
 
 

@@ -107,9 +107,13 @@ def kollm_env(p: Project) -> tuple[list[Doc], list[Doc]]:
     return env, [{"configMapRef": {"name": settings_name(p)}}]
 
 
+def cpu_quantity(cpus: float) -> str:
+    """2 -> "2", 0.5 -> "500m" (a Kubernetes quantity)."""
+    return str(int(cpus)) if float(cpus).is_integer() else f"{int(round(cpus * 1000))}m"
+
+
 def resources(cpus: float, memory: str | None, gpus: int) -> Doc:
-    cpu = str(int(cpus)) if float(cpus).is_integer() else f"{int(cpus * 1000)}m"
-    limits: Doc = {"cpu": cpu, "memory": memory or "8Gi"}
+    limits: Doc = {"cpu": cpu_quantity(cpus), "memory": memory or "8Gi"}
     if gpus:
         limits["nvidia.com/gpu"] = gpus
     return {"requests": dict(limits), "limits": limits}
