@@ -190,7 +190,7 @@ app.add_typer(deploy_app, name="deploy")
 def deploy_render(
     path: PathArg = None,
     target: Annotated[str, typer.Option("--target", "-t", help="k8s, compose or docker.")] = "k8s",
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the files into (created).")] = Path("deploy"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET).")] = None,
     image: Annotated[str, typer.Option(help="The kollm image the pods and containers run.")] = "ghcr.io/kollm/kollm:0.1.0",
     bucket: Annotated[str, typer.Option(help="S3 bucket for the artifact store and MLflow's artifacts.")] = "kollm",
     store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
@@ -209,7 +209,7 @@ def deploy_render(
     options = DeployOptions(image=image, bucket=bucket, store=store or "", s3_endpoint=s3_endpoint, serve_gpus=serve_gpus,
                             serve_replicas=replicas, steps=steps, pause=pause, analysis=analysis,
                             failure_limit=failure_limit, prometheus_url=prometheus_url)
-    for f in render(path, target, out_dir, options):
+    for f in render(path, target, out_dir or Path("deploy") / target, options):
         out.print(f"[green]wrote[/] {f}")
 
 
