@@ -223,19 +223,17 @@ def rollout(p: Project) -> Doc:
     """`kollm serve` pods behind an Argo Rollout. The version served is the template's KOLLM_MODEL_VERSION: change
     it to start a canary (20/40/60/80 % of the replicas, each held for the pause, analysed in the background)."""
     env, env_from = kollm_env(p)
-    volume, mount = project_volume(p)
     container = {
         "name": "kollm",
         "image": p.options.image,
         "args": ["serve", f"models:/{p.name}/$(KOLLM_MODEL_VERSION)", "--host", "0.0.0.0", "--port", str(SERVE_PORT),
-                 "--backend", p.backend, "--project", PROJECT_MOUNT],
+                 "--backend", p.backend],  # the registry from $MLFLOW_TRACKING_URI; logs under the image's /project
         "env": [{"name": "KOLLM_MODEL_VERSION", "value": "1"}] + env,
         "envFrom": env_from,
         "ports": [{"name": "http", "containerPort": SERVE_PORT}],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "initialDelaySeconds": 30},
         "resources": resources(2, "8Gi", p.options.serve_gpus),
-        "volumeMounts": [mount],
     }
     steps: list[Doc] = []
     for w in p.weights:
@@ -252,7 +250,7 @@ def rollout(p: Project) -> Doc:
                 "metadata": {"labels": serve_labels(p),
                              "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVE_PORT),
                                              "prometheus.io/path": "/metrics"}},
-                "spec": {"terminationGracePeriodSeconds": 45, "containers": [container], "volumes": [volume]},
+                "spec": {"terminationGracePeriodSeconds": 45, "containers": [container]},
             },
             "strategy": {"canary": {
                 "analysis": {
