@@ -74,7 +74,7 @@ def test_outputs_flow_between_components_as_uri_parameters(compiled):
     assert data.component_input_parameter == "data_corpus"
     assert spec.root.input_definitions.parameters["data_corpus"].default_value.string_value == "s3://kollm/korean-quickstart/data/corpus"
     outs = spec.components["comp-step-evaluate"].output_definitions.parameters
-    assert set(outs) == {"metrics", "report"} and all(o.parameter_type == 3 for o in outs.values())  # STRING
+    assert set(outs) == {"metrics", "report", "kollm_outputs"} and all(o.parameter_type == 3 for o in outs.values())  # STRING
 
 
 def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
@@ -121,3 +121,35 @@ def test_unknown_ray_step_and_cli(project, tmp_path, kollm_bin):
     assert r.returncode == 0, r.stderr
     spec, _ = specs(tmp_path / "p.yaml")
     assert "rayjob-sft" in spec.root.dag.tasks
+
+
+def step_run_takes_explicit_inputs() -> bool:
+    """`kollm step run --input/--store/--outputs-json` (the runner's one-attempt command) is in this kollm."""
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "kollm.cli", "step", "run", "--help"], capture_output=True, text=True, timeout=120)
+    return all(opt in r.stdout for opt in ("--input", "--store", "--outputs-json"))
+
+
+@pytest.mark.slow
+def test_kfp_local_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
+    if not step_run_takes_explicit_inputs():
+        pytest.skip("this kollm's `step run` has no --input/--store/--outputs-json yet")
+    import kfp.local
+    from kfp import components
+
+    import kollm
+    from tests.pipeline.helpers import make_project
+
+    expected = kollm.run(make_project(tmp_path / "local", module="steps_kfp_local"))
+    project = make_project(tmp_path / "kfp", module="steps_kfp_local")  # the same files, no cache
+    compiled = compile_kfp(project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    pipeline = components.load_component_from_file(str(compiled))
+    pipeline(project_dir=str(project), store=str(tmp_path / "store"), data_raw="")  # raw data: from kollm.yaml
+    results = {f.parent.name.removeprefix("step-"): json.loads(f.read_text())
+               for f in (tmp_path / "root").rglob("executor_output.json")}
+    assert set(results) == set(expected.steps)
+    for name, rec in expected.steps.items():
+        got = json.loads(results[name]["parameterValues"]["kollm_outputs"])
+        assert {o: v["digest"] for o, v in got["outputs"].items()} == {o: a.digest for o, a in rec.outputs.items()}, name

@@ -5,7 +5,7 @@ One lightweight component per step. Each runs exactly one attempt of its step wi
     python -m kollm.cli step run kollm.yaml --step NAME --input NAME=URI ... --attempt 1 --store URL --outputs-json FILE
 
 and returns its outputs' URIs in the store as string parameters, which the next components take as their
-inputs. A step's resources become set_cpu_limit / set_memory_limit / set_accelerator_type+limit, its retries
+inputs (plus `kollm_outputs`: the whole outputs JSON, with digests and the cache hit). A step's resources become set_cpu_limit / set_memory_limit / set_accelerator_type+limit, its retries
 set_retry with exponential backoff. Caching: kollm's key is a digest of the config, the input digests and the
 code; the components' inputs are the config text, the image (the code) and content-addressed artifact URIs, so
 KFP's cache key covers the same things, and KFP caching is on. A step that reads a raw data source (whose URI
@@ -46,9 +46,9 @@ def _step_function(step: ResolvedStep, ray: bool) -> str:
     params = [f"in_{ident(n)}: str" for n in step.inputs] + ["kollm_yaml: str", "store: str", "project_dir: str"]
     if ray:
         params += ["rayjob_manifest: str", "namespace: str"]
-    outs = ", ".join(f'("{ident(o)}", str)' for o in step.outputs)
+    outs = ", ".join([f'("{ident(o)}", str)' for o in step.outputs] + ['("kollm_outputs", str)'])
     inputs = "{" + ", ".join(f'"{n}": in_{ident(n)}' for n in step.inputs) + "}"
-    returns = "(" + "".join(f'result["outputs"]["{o}"]["uri"], ' for o in step.outputs) + ")"
+    returns = "(" + "".join(f'result["outputs"]["{o}"]["uri"], ' for o in step.outputs) + "json.dumps(result))"
     if ray:
         body = RAY_BODY
     else:
@@ -70,7 +70,8 @@ else:
 out = work / "outputs.json"
 cmd = [sys.executable, "-m", "kollm.cli", "step", "run", str(config), "--step", {step!r}]
 for name, uri in {inputs}.items():
-    cmd += ["--input", name + "=" + uri]
+    if uri:  # an empty data_NAME leaves the raw source to kollm.yaml (with project_dir)
+        cmd += ["--input", name + "=" + uri]
 cmd += ["--attempt", "1", "--store", store, "--outputs-json", str(out)]
 print(" ".join(cmd), flush=True)
 subprocess.run(cmd, check=True)
