@@ -52,3 +52,26 @@ def postgres_uri():
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance (2 CPUs, no dashboard) shared by every test of the session that asks for it;
+    started on first use (it takes several seconds) and shut down at the end. Its workers import this checkout's
+    `kollm` and `tests` packages (PYTHONPATH), so a test may hand them its own module-level functions."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'kollm[ray]'")
+    root = Path(__file__).resolve().parent.parent
+    paths = [str(root / "src"), str(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))  # the raylet and its workers inherit it
+    try:
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+    try:
+        yield context
+    finally:
+        ray.shutdown()

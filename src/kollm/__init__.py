@@ -25,7 +25,7 @@ def load(path: str | Path | None = None) -> Pipeline:
 
 
 def run(path: str | Path | None = None, **kwargs: Any) -> RunResult:
-    """Run the pipeline; see kollm.pipeline.runner.run for the options (force, from_step, only)."""
-    from kollm.pipeline.runner import run as _run
+    """Run the pipeline; see kollm.executors.run for the options (force, from_step, only, executor, store, ...)."""
+    from kollm.executors import run as _run
 
     return _run(path, **kwargs)

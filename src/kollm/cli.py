@@ -75,16 +75,26 @@ def run_cmd(
     from_step: Annotated[Optional[str], typer.Option("--from", help="Reuse cached steps before STEP; re-run it and all later steps.")] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only STEP (earlier steps must be cached; add --force STEP to recompute it).")] = None,
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STEP even if cached (repeatable).")] = None,
-    executor: Annotated[str, typer.Option(help="Executor: local.")] = "local",
+    executor: Annotated[Optional[str], typer.Option(help="Executor: local (default: kollm.yaml's `executor`).")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the pipeline. Finished steps whose config, inputs and code are unchanged are reused."""
-    from kollm.pipeline.runner import run
+    from kollm.executors import run
 
-    if executor != "local":
-        raise KollmError(f"--executor {executor}: only 'local' is available in this version")
     show = not quiet
     t0 = time.perf_counter()
+    result = run(path, force=force or (), from_step=from_step, only=only, executor=executor, store=store,
+                 report=_step_lines(show), progress=_progress(show))
+    hits = sum(r.cache_hit for r in result.steps.values())
+    if show:
+        err.print(f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s")
+    else:
+        print(result.run_id)
+
+
+def _step_lines(show: bool):
+    """The runner's events as one line each on stderr."""
 
     def report(event: str, step: str, detail: dict[str, Any]) -> None:
         if not show:
@@ -95,17 +105,14 @@ def run_cmd(
             err.print(f"[green]✓[/] {step} [dim](cached, {detail['duration_s']:.2f}s)[/]")
         elif event == "finished":
             err.print(f"[green]✓[/] {step} [dim]({detail['duration_s']:.1f}s)[/]")
+        elif event == "waiting":
+            err.print(f"[yellow]…[/] {step}: another kollm process is computing it; waiting to reuse its result")
         elif event == "retry":
             err.print(f"[yellow]↻[/] {step}: attempt {detail['attempt']} in {detail['delay_s']:.1f}s after {detail['error']}")
         elif event == "failed":
             err.print(f"[red]✗[/] {step}")
 
-    result = run(path, force=force or (), from_step=from_step, only=only, report=report, progress=_progress(show))
-    hits = sum(r.cache_hit for r in result.steps.values())
-    if show:
-        err.print(f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s")
-    else:
-        print(result.run_id)
+    return report
 
 
 def _progress(enabled: bool):
@@ -169,15 +176,47 @@ def schema() -> None:
 def step_run(
     step: Annotated[str, typer.Option("--step", help="The step to run.")],
     path: PathArg = None,
+    inputs: Annotated[Optional[list[str]], typer.Option("--input", help="NAME=URI: an input artifact (an output folder URI printed by an earlier `kollm step run`). Repeatable. Inputs not given come from data sources or the cache.")] = None,
+    store: Annotated[Optional[str], typer.Option(help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/.")] = None,
+    attempt: Annotated[int, typer.Option(help="Which attempt this is (0 = the first); recorded with the step's run.", min=0)] = 0,
     parent_run_id: Annotated[Optional[str], typer.Option(help="Attach to this pipeline MLflow run.")] = None,
+    outputs_json: Annotated[Optional[Path], typer.Option(help="Also write the result JSON (key, cache_hit, outputs with URIs and digests) to this file.")] = None,
     force: Annotated[bool, typer.Option(help="Re-run even if cached.")] = False,
+    overrides_json: Annotated[Optional[str], typer.Option(help='Config overrides as JSON: {"STEP.path": value} (what a sweep trial sets).', hidden=True)] = None,
 ) -> None:
-    """Run one step in this process; earlier steps must already be cached."""
-    from kollm.pipeline.runner import run
+    """Run exactly one attempt of one step, with explicit inputs: what a Kubernetes pod or a Ray task runs."""
+    from kollm.pipeline.runner import run_one
 
-    result = run(path, only=step, force=[step] if force else (), parent_run_id=parent_run_id)
-    rec = result.steps[step]
-    print(json.dumps({"step": step, "cache_hit": rec.cache_hit, "key": rec.key, "outputs": {k: a.to_json() for k, a in rec.outputs.items()}}))
+    given: dict[str, str] = {}
+    for item in inputs or []:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise KollmError(f"--input {item}: expected NAME=URI, e.g. --input data=file:///shared/steps/KEY/dataset")
+        given[name] = uri
+    overrides = _json_option("--overrides-json", overrides_json)
+    rec = run_one(path, step, inputs=given, store_url=store, attempt=attempt, parent_run_id=parent_run_id, force=force, overrides=overrides)
+    doc = {
+        "step": step, "key": rec.key, "cache_hit": rec.cache_hit, "run_id": rec.run_id, "metrics": rec.metrics,
+        "outputs": {k: {**a.to_json(), "uri": a.path.as_uri() if a.path else None} for k, a in rec.outputs.items()},
+    }
+    text = json.dumps(doc, ensure_ascii=False)
+    if outputs_json is not None:
+        from kollm.pipeline.artifacts import write_json_atomic
+
+        write_json_atomic(outputs_json, doc)
+    print(text)
+
+
+def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KollmError(f"{flag}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise KollmError(f"{flag}: expected a JSON object")
+    return value
 
 
 # --- deploy (kollm.deploy) ----------------------------------------------------------------------

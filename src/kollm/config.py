@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from kollm.errors import ConfigError
 from kollm.pipeline.step import STRICT
@@ -42,6 +42,20 @@ class Resources(BaseModel):
     gpus: int = Field(0, ge=0, description="GPUs the step needs. >1 runs training on several GPUs of one host.")
     cpus: float = Field(1, gt=0, description="CPU cores the step needs (the Ray executor reserves them).")
     memory: str | None = Field(None, description="Memory the step needs, e.g. 8Gi (the Ray and KFP executors reserve it).")
+    workers: int = Field(
+        1, ge=1, le=1024,
+        description="Number of Ray Train workers on CPU for a training step (DDP over gloo; with the local executor: "
+        "processes of this host). On GPUs the worker count is `gpus`.",
+    )
+
+    @model_validator(mode="after")
+    def _workers_or_gpus(self) -> Resources:
+        if self.workers > 1 and self.gpus > 0:
+            raise ValueError(
+                f"workers ({self.workers}) sets the number of CPU workers, but gpus ({self.gpus}) already runs one worker "
+                "per GPU; drop workers or set gpus: 0"
+            )
+        return self
 
 
 class StepSpec(BaseModel):

@@ -20,20 +20,27 @@ class ConfigError(KollmError):
 
     exit_code = 2
 
-    def __init__(self, problems: list[str] | str, *, source: str | None = None):
+    def __init__(self, problems: list[str] | str, *, source: str | None = None, hint: str | None = None):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         head = f"{source}: " if source else ""
         if len(self.problems) == 1:
             text = head + self.problems[0]
         else:
             text = head + f"{len(self.problems)} problems\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(text)
+        super().__init__(text, hint=hint)
 
 
 class StepFailed(KollmError):
     """A step could not finish (bad data, a validation gate, an exception in user code). Exit code 1."""
 
     exit_code = 1
+
+
+class StepCrashed(StepFailed):
+    """A step raised an unexpected exception (not a KollmError) and used up its retries. Exit code 5, so an
+    executor running `kollm step run` in a child process can tell a crash worth retrying from a user error."""
+
+    exit_code = 5
 
 
 class GateFailed(KollmError):

@@ -217,10 +217,11 @@ def _record(c: MlflowClient, name: str, entry: AuditEntry) -> None:
 def _move(c: MlflowClient, name: str, alias: str, version: str, *, action: str, reason: str, at: str) -> str | None:
     """Point `alias` at `version`, tag the version, record the move. Returns the version it pointed at before."""
     before = _aliases(c.get_registered_model(name)).get(alias)
+    # the audit entry first: a process killed half-way leaves a recorded move, never an alias moved without one
+    _record(c, name, AuditEntry(at=at, action=action, alias=alias, version=version, replaced=before, reason=reason[:2000], user=_user()))
     c.set_registered_model_alias(name, alias, version)
     c.set_model_version_tag(name, version, f"kollm.{alias}_since", at)
     c.set_model_version_tag(name, version, f"kollm.{alias}_reason", reason[:4000])
-    _record(c, name, AuditEntry(at=at, action=action, alias=alias, version=version, replaced=before, reason=reason[:2000], user=_user()))
     return before
 
 
@@ -424,18 +425,58 @@ def register_folder(
     alias: str | None = CHALLENGER,
     reason: str = "registered",
     project_dir: Path | None = None,
+    step_key: str | None = None,
 ) -> VersionInfo:
     """Log `hf_folder` as an MLflow pyfunc model (artifact `model` of run `run_id`), register it as a new version
     of `name` with `tags`, and point `alias` at it. The version loads in plain MLflow with
     `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` (see kollm.eval.pyfunc_hf) and in kollm with resolve_model_uri.
+
+    Idempotent per `step_key` (the register step's cache key): a version this key created already is returned
+    (with `alias` moved to it if a killed attempt stopped short of that), and model files an earlier, killed
+    attempt of the key logged completely are registered instead of being copied again.
     """
+    c = client(project_dir)
+    if step_key:
+        done = c.search_model_versions(f"name = '{name}' and tags.`{STEP_KEY_TAG}` = '{step_key}'")
+        if done:
+            version = str(min(int(v.version) for v in done))
+            if alias and _aliases(c.get_registered_model(name)).get(alias) != version:
+                _move(c, name, alias, version, action="register", reason=reason, at=_now())
+            return _get_version(c, name, version)
+        tags = {**tags, STEP_KEY_TAG: step_key}
+    source_run = _logged_by_earlier_attempt(c, run_id, step_key) if step_key else None
+    if source_run is None:
+        source_run = run_id
+        _log_pyfunc(c, run_id, hf_folder)
+    try:
+        c.create_registered_model(name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    mv = c.create_model_version(name, source=f"runs:/{source_run}/model", run_id=run_id, tags=tags, description=description)
+    if alias:
+        _move(c, name, alias, str(mv.version), action="register", reason=reason, at=_now())
+    return _get_version(c, name, str(mv.version))
+
+
+STEP_KEY_TAG = "kollm.step_key"
+MODEL_LOGGED_TAG = "kollm.model_logged"  # set on a run once its `model` artifact is completely logged
+
+
+def _logged_by_earlier_attempt(c: MlflowClient, run_id: str, step_key: str) -> str | None:
+    """A run of an earlier attempt of this register step whose model files were logged completely."""
+    experiment = c.get_run(run_id).info.experiment_id
+    runs = c.search_runs([experiment], filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _log_pyfunc(c: MlflowClient, run_id: str, hf_folder: Path) -> None:
     import mlflow
     import torch
     import transformers
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
 
-    c = client(project_dir)
     signature = ModelSignature(
         inputs=None,  # prompts (strings), chat message lists, or a DataFrame with a `prompt` column
         outputs=None,
@@ -458,12 +499,17 @@ def register_folder(
             pip_requirements=requirements,
         )
         c.log_artifacts(run_id, str(local), "model")
+    c.set_tag(run_id, MODEL_LOGGED_TAG, "true")
+
+
+def alias_versions(name: str, aliases: list[str], project_dir: Path | None = None) -> dict[str, str | None]:
+    """Which version each alias of `name` points at (None: unset, or no such model)."""
+    c = client(project_dir)
     try:
-        c.create_registered_model(name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}")
+        model = c.get_registered_model(name)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    mv = c.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags, description=description)
-    if alias:
-        _move(c, name, alias, str(mv.version), action="register", reason=reason, at=_now())
-    return _get_version(c, name, str(mv.version))
+        if _not_found(e):
+            return dict.fromkeys(aliases)
+        raise
+    known = model.aliases or {}
+    return {a: (str(known[a]) if a in known else None) for a in aliases}

@@ -24,7 +24,7 @@ def count(ctx):
     marker = os.environ.get("KOLLM_TEST_MARKER")
     if marker and ctx.name == os.environ.get("KOLLM_TEST_SLOW_STEP"):
         Path(marker).write_text(str(os.getpid()))
-        time.sleep(60)
+        time.sleep(float(os.environ.get("KOLLM_TEST_SLEEP", "60")))
     (ctx.output_path("m") / "metrics.json").write_text(json.dumps({"n": len(text)}))
     _touch(ctx, "count:" + ctx.name)
     return {"chars": len(text) * ctx.config.params.get("scale", 1)}
@@ -37,6 +37,14 @@ def flaky(ctx):
         raise RuntimeError(f"transient failure {n + 1}")
     (ctx.output_path("m") / "ok.txt").write_text("ok")
     return {"attempts": n + 1}
+
+def nap(ctx):
+    import time as _t
+    started = _t.time()
+    _t.sleep(ctx.config.params.get("seconds", 1.5))
+    (ctx.output_path("m") / "t.json").write_text(json.dumps({"name": ctx.name}))
+    _touch(ctx, "nap:" + ctx.name)
+    return {"started": started, "ended": _t.time()}
 
 def forgets_output(ctx):
     return {}

@@ -32,12 +32,13 @@ def test_kill_9_then_resume(tmp_path, kollm_bin):
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished = [p.name for p in (root / ".kollm" / "steps").iterdir()]
-    assert len(finished) == 1  # only `corpus` was published; `count` was killed mid-way
-    assert calls(root) == ["make_corpus"]
+    time.sleep(1)  # the child process running `count` dies with the runner
+    finished = {json.loads((p / "step.json").read_text())["name"] for p in (root / ".kollm" / "steps").iterdir()}
+    assert "count" not in finished and "corpus" in finished  # `count` was killed mid-way (count2 ran beside it)
+    assert calls(root)[0] == "make_corpus" and "count:count" not in calls(root)
 
     out = kollm(kollm_bin, "run", str(root), "--quiet").stdout.strip()
-    assert calls(root) == ["make_corpus", "count:count", "count:count2"]  # corpus not recomputed
+    assert sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]  # nothing computed twice
     assert len(list((root / ".kollm" / "steps").iterdir())) == 3
     assert not (root / ".kollm" / "tmp").exists() or not any((root / ".kollm" / "tmp").iterdir())
     for manifest in (root / ".kollm" / "steps").glob("*/step.json"):
@@ -63,20 +64,3 @@ def test_run_runs_show_and_step_run(tmp_path, kollm_bin):
     assert step["cache_hit"] is False and step["outputs"]["m"]["type"] == "metrics"
     missing = kollm(kollm_bin, "show", "ffffffff", "--path", str(root), check=False)
     assert missing.returncode == 4 and "no run matching 'ffffffff'" in missing.stderr
-
-
-def test_second_runner_on_same_project_is_refused(tmp_path, kollm_bin):
-    root = make_project(tmp_path / "p")
-    marker = tmp_path / "marker"
-    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count"}
-    proc = subprocess.Popen([kollm_bin, "run", str(root), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.1)
-        other = kollm(kollm_bin, "run", str(root), "--quiet", check=False)
-        assert other.returncode == 1 and "another kollm run is using this project" in other.stderr
-    finally:
-        proc.kill()
-        proc.wait()

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from kollm.pipeline.step import ARTIFACT_META_FILE
+from kollm.pipeline.step import METADATA_FILES
 
 _CHUNK = 1 << 20
 
@@ -23,8 +23,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def folder_digest(folder: Path, *, exclude: Iterable[str] = (ARTIFACT_META_FILE,)) -> str:
-    """sha256 over every file below `folder` (relative name and content), in a stable order."""
+def folder_digest(folder: Path, *, exclude: Iterable[str] = METADATA_FILES) -> str:
+    """sha256 over every file below `folder` (relative name and content), in a stable order; files named in
+    `exclude` (metadata: run ids, counters, lineage) are left out, so the digest is over content only."""
     skip = set(exclude)
     h = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip):
@@ -74,3 +75,22 @@ def publish_dir(tmp: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     fsync_tree(tmp)
     os.rename(tmp, final)
+
+
+def cached_folder_digest(folder: Path, cache_file: Path) -> str:
+    """folder_digest of a large folder that rarely changes (a local base model), with each file's digest kept in
+    `cache_file` by (path, size, mtime): a rerun reads the folder's metadata instead of every weight file."""
+    try:
+        cache: dict[str, str] = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    fresh: dict[str, str] = {}
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in METADATA_FILES):
+        st = path.stat()
+        stamp = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        fresh[stamp] = cache.get(stamp) or file_digest(path)
+        h.update(f"{path.relative_to(folder).as_posix()}\0{fresh[stamp]}\n".encode())
+    if any(k not in cache for k in fresh):
+        write_json_atomic(cache_file, {**{k: v for k, v in cache.items() if not k.startswith(str(folder.resolve()) + "/")}, **fresh})
+    return "sha256:" + h.hexdigest()

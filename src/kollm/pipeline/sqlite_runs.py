@@ -249,3 +249,25 @@ class _Transaction:
             self.use_mlflow = True
             return True
         return False
+
+
+def alias_versions(uri: str, name: str, aliases: list[str]) -> dict[str, str | None] | None:
+    """The version each alias of registered model `name` points at (None: unset), read from an MLflow SQLite
+    store at a known schema revision without importing MLflow; None where MLflow must answer instead."""
+    if not uri.startswith("sqlite:///") or "?" in uri or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        return None
+    path = uri.removeprefix("sqlite:///")
+    if not os.path.isfile(path):
+        return dict.fromkeys(aliases)  # no store yet: nothing is registered
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, timeout=30)
+        try:
+            revisions = [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")]
+            if len(revisions) != 1 or revisions[0] not in SCHEMA_REVISIONS:
+                return None
+            rows = dict(conn.execute("SELECT alias, version FROM registered_model_aliases WHERE name = ? AND workspace = 'default'", (name,)).fetchall())
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return {a: (str(rows[a]) if a in rows else None) for a in aliases}

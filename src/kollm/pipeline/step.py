@@ -9,7 +9,7 @@ A step kind is a module in `kollm.steps` (one file per kind, readable top to bot
     def code(config) -> tuple[str, ...]         # modules/packages whose source is hashed into the cache key
     def run(ctx: StepContext) -> StepResult     # do the work; write each output into ctx.output_path(name)
 
-Steps share this Protocol, not a base class. The runner owns caching, atomic writes, retries, tracking
+Steps share this Protocol (`StepKind` below), not a base class. The runner owns caching, atomic writes, retries, tracking
 and wiring: a step only reads `ctx.inputs`, writes files under `ctx.output_path(name)` and returns metrics.
 """
 
@@ -19,9 +19,9 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from kollm.config import Resources
@@ -37,6 +37,10 @@ ARTIFACT_TYPES = ("source", "corpus", "instructions", "preferences", "model", "m
 DATASET_TYPES = ("corpus", "instructions", "preferences")
 
 ARTIFACT_META_FILE = "kollm-artifact.json"
+# Files that describe an artifact rather than hold it: run ids, times, counters, lineage. They are not part of its
+# content digest, so a re-run whose data or weights come out byte-identical has the same digest and later steps
+# stay cached (a model's kollm.json names the pipeline run; a dataset's stats.json counts rejected rows).
+METADATA_FILES = frozenset({ARTIFACT_META_FILE, "kollm.json", "stats.json"})
 
 T = TypeVar("T")
 
@@ -93,6 +97,24 @@ class Progress(Protocol):
     def __call__(self, items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]: ...
 
 
+@runtime_checkable
+class StepKind(Protocol):
+    """What a step kind module defines (a module satisfies this Protocol; tests check every kind against it)."""
+
+    KIND: str
+    Config: type[BaseModel]
+
+    def inputs(self, config: Any) -> dict[str, InputSpec]: ...
+
+    def outputs(self, config: Any) -> dict[str, str]: ...
+
+    def code(self, config: Any) -> tuple[str, ...]: ...
+
+    def references(self, config: Any, project_dir: Path) -> dict[str, str]: ...
+
+    def run(self, ctx: StepContext) -> StepResult | None: ...
+
+
 def _no_progress(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]:
     yield from items
 
@@ -115,6 +137,9 @@ class StepContext:
     resources: Resources  # the step's `resources:` block (gpus, cpus, memory)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kollm.step"))
     progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
+    key: str = ""  # this step's cache key (register tags the version it creates with it)
+    attempt: int = 0  # 0 for the first try, 1 for the first retry, ...
+    executor: str = "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""

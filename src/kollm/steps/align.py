@@ -20,12 +20,14 @@ instructions dataset), returning one float per completion.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
-from kollm.train.config import TrainingConfig
+from kollm.train.config import TrainingConfig, base_model_reference, model_input
 
 KIND = "align"
 
@@ -60,8 +62,12 @@ def inputs(config: Config) -> dict[str, InputSpec]:
             ("preferences", "instructions") if config.method == "grpo" else ("preferences",),
             help="Preference pairs (prompt, chosen, rejected); GRPO also takes instructions (their prompts).",
         ),
-        "model": InputSpec(("model",), optional=True, help="The model to align (default: the previous step's model)."),
+        **model_input(config, "The model to align (default: the previous step's model)."),
     }
+
+
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return base_model_reference(config.base_model, project_dir)
 
 
 def outputs(config: Config) -> dict[str, str]:

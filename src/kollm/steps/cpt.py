@@ -15,10 +15,12 @@ document, no attention crosses a boundary). Output `model`: a Hugging Face folde
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
-from kollm.train.config import TrainingConfig
+from kollm.train.config import TrainingConfig, base_model_reference, model_input
 
 KIND = "cpt"
 
@@ -31,8 +33,12 @@ class Config(TrainingConfig):
 def inputs(config: Config) -> dict[str, InputSpec]:
     return {
         "data": InputSpec(("corpus",), help="The text corpus to train on."),
-        "model": InputSpec(("model",), optional=True, help="A model to continue from (default: config.base_model or scratch)."),
+        **model_input(config, "A model to continue from (default: scratch)."),
     }
+
+
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return base_model_reference(config.base_model, project_dir)
 
 
 def outputs(config: Config) -> dict[str, str]:

@@ -91,6 +91,26 @@ def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.evaluate", "kollm.eval")
 
 
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    """The registry versions the compared aliases point at: when `champion` moves, the evaluation (and any gate
+    rule relative to it) is made again instead of coming from the cache."""
+    from kollm.config import load_config
+    from kollm.eval.gate import parse_rule
+    from kollm.pipeline.sqlite_runs import alias_versions
+    from kollm.pipeline.tracking import tracking_uri
+
+    name = config.registered_model or load_config(project_dir)[0].project
+    aliases = list(dict.fromkeys([*config.compare_to, *(r.alias for r in map(parse_rule, config.gate) if r.alias)]))
+    if not aliases:
+        return {}
+    versions = alias_versions(tracking_uri(project_dir), name, aliases)
+    if versions is None:  # not a SQLite store kollm can read directly: ask MLflow
+        from kollm import registry
+
+        versions = registry.alias_versions(name, aliases, project_dir)
+    return {f"registry:{name}@{alias}": version or "none" for alias, version in versions.items()}
+
+
 # --- what gets evaluated ----------------------------------------------------------------------------------
 
 
@@ -237,7 +257,7 @@ def run(ctx: StepContext) -> StepResult:
     from kollm.eval.gate import decide, parse_rule
     from kollm.eval.report import render, training_curves
     from kollm.pipeline.artifacts import json_digest, write_json_atomic
-    from kollm.pipeline.runner import code_digest
+    from kollm.pipeline.plan import code_digest
 
     cfg: Config = ctx.config
     rules = [parse_rule(r) for r in cfg.gate]

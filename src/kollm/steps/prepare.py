@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import pickle
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,7 @@ from kollm.data.readers import SourceFiles, TxtMode, check_encoding, file_format
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
+from kollm.errors import KollmError
 from kollm.pipeline.artifacts import file_digest
 from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult, _no_progress
 
@@ -111,6 +113,10 @@ def outputs(config: Config) -> dict[str, str]:
 
 def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.prepare", "kollm.data")
+
+
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return {}  # nothing outside its inputs, config and code
 
 
 # --- per batch: pure, runs in worker processes ----------------------------------------------------
@@ -285,11 +291,16 @@ def _process_file(task: tuple[Task, Config]) -> list[Processed]:
     return results
 
 
-def prepare_sources(sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+def prepare_sources(
+    sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress, executor: str = "local"
+) -> Prepared:
     """Read, transform, deduplicate and split every source. With several processes and enough files (or large
     enough JSON Lines files, read in byte ranges), each worker reads its own parts (reading and parsing then
     run in parallel too); otherwise this process reads and hands out batches. Either way rows arrive in
-    source and file order, so the result is the same."""
+    source and file order, so the result is the same. `executor="ray"`: the reading and per-row stages run as
+    Ray Data tasks (see `prepare_sources_ray`), with the same result."""
+    if executor == "ray":
+        return prepare_sources_ray(sources, cfg, step=step, progress=progress)
     if cfg.num_proc > 1 and not any(is_hf_source(s) for s in sources):
         tasks = file_tasks(sources, cfg)
         if len(tasks) >= 2 * cfg.num_proc:
@@ -306,6 +317,78 @@ def prepare_sources(sources: list[SourceFiles], cfg: Config, *, step: str = "pre
             yield from _read(src, cfg)
 
     return prepare_batches(batches(), cfg, step=step, progress=progress)
+
+
+# --- on Ray Data -------------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise KollmError("the ray executor needs Ray, which is not installed here: pip install 'kollm[ray]'") from None
+    return ray
+
+
+def ray_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
+    """The parts Ray Data tasks read, in order: `file_tasks` per source; a Hugging Face folder as one part."""
+    return [t for s in sources for t in ([(s, None)] if is_hf_source(s) else file_tasks([s], cfg))]
+
+
+def _ray_process_parts(batch: pd.DataFrame, parts: list[Task], cfg: Config) -> Iterator[pd.DataFrame]:
+    """Ray Data `map_batches` function (in a Ray worker): read each part named in the batch and run the
+    per-row stages over its pandas batches (`process_batch`). The results go back pickled, one row per part,
+    so the driver gets exactly the frames, signatures and dtypes the local path gets."""
+    for i in batch["part"].tolist():
+        results = _process_file((parts[int(i)], cfg))
+        yield pd.DataFrame({"part": [int(i)], "processed": [pickle.dumps(results, protocol=5)]})
+
+
+def prepare_sources_ray(sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+    """`prepare_sources` on Ray Data: every file (or byte range of a JSON Lines file) of every source is one
+    row of a Ray Dataset; `map_batches` reads it and runs the per-row stages in a pool of `cfg.num_proc` Ray
+    tasks, in order (`preserve_order`); this process deduplicates, splits and checks the gate as the results
+    stream in. Same rows kept, same split, same Parquet bytes as the local path."""
+    ray = _import_ray()
+    from ray.data import TaskPoolStrategy
+
+    parts = ray_tasks(sources, cfg)
+    ds = ray.data.from_items([{"part": i} for i in range(len(parts))], override_num_blocks=max(1, len(parts)))
+    ds = ds.map_batches(
+        _ray_process_parts, batch_size=1, batch_format="pandas", compute=TaskPoolStrategy(size=max(1, min(cfg.num_proc, len(parts)))),
+        num_cpus=1, fn_kwargs={"parts": parts, "cfg": cfg},
+    )
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+
+    def processed() -> Iterator[Processed]:
+        try:
+            for batch in progress(ds.iter_batches(batch_size=None, batch_format="pandas"), total=len(parts),
+                                  description=f"prepare: read and transform (Ray Data, {cfg.num_proc} tasks)"):
+                for blob in batch["processed"].tolist():
+                    yield from pickle.loads(blob)
+        except Exception as e:  # a task's error comes back wrapped (RayTaskError(StepFailed), with a traceback)
+            cause = _kollm_cause(e)
+            if cause is None:
+                raise
+            # Ray Data appends its retry advice to the exception's text: show the step's own message only
+            cause.args = (cause.message if cause.hint is None else f"{cause.message}\n  hint: {cause.hint}",)
+            raise cause from None
+
+    return _prepare(processed(), cfg, step)
+
+
+def _kollm_cause(e: BaseException | None) -> KollmError | None:
+    """The KollmError (an unreadable file, ...) that a Ray task raised, from the exceptions wrapped around it."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, KollmError) and type(e).__module__.startswith("kollm."):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
@@ -509,7 +592,7 @@ def run(ctx: StepContext) -> StepResult:
     sources = [SourceFiles(name=m["name"], uri=m["uri"], format=m["format"], files=list(m["files"])) for m in metas]
     ctx.log.info("prepare %s: %s from %s", ctx.name, cfg.dataset, ", ".join(s.uri for s in sources))
 
-    prepared = prepare_sources(sources, cfg, step=ctx.name, progress=ctx.progress)
+    prepared = prepare_sources(sources, cfg, step=ctx.name, progress=ctx.progress, executor=ctx.executor)
     counts = prepared.counts
     broken = violations(counts, cfg.gate)
     prepared.report.failed = [f"config.gate.{limit}: {msg}" for limit, msg in broken]

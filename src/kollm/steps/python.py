@@ -64,6 +64,10 @@ def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.python", config.callable.split(":")[0])
 
 
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return {}  # nothing outside its inputs, config and code
+
+
 # project-local modules: the (file, mtime) each was imported from
 _loaded: dict[str, tuple[str, int]] = {}
 

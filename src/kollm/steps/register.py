@@ -63,6 +63,10 @@ def code(config: Config) -> tuple[str, ...]:
     return ("kollm.steps.register", "kollm.registry", "kollm.eval.pyfunc_hf")
 
 
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return {}  # nothing outside its inputs, config and code
+
+
 def lineage_tags(ctx: StepContext) -> dict[str, str]:
     """Tags that trace a version back to its pipeline run, step runs, datasets, base model and evaluation."""
     from kollm import registry
@@ -135,6 +139,7 @@ def run(ctx: StepContext) -> StepResult:
         alias=cfg.alias,
         reason=f"registered by pipeline run {ctx.run_id} (step {ctx.name})",
         project_dir=ctx.project_dir,
+        step_key=ctx.key or None,
     )
     uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
     ctx.tracker.set_tags({"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri})

@@ -14,10 +14,12 @@ their end-of-turn tokens carry loss. The base model defaults to the previous ste
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
-from kollm.train.config import TrainingConfig
+from kollm.train.config import TrainingConfig, base_model_reference, model_input
 
 KIND = "sft"
 
@@ -30,8 +32,12 @@ class Config(TrainingConfig):
 def inputs(config: Config) -> dict[str, InputSpec]:
     return {
         "data": InputSpec(("instructions",), help="Chat conversations (messages)."),
-        "model": InputSpec(("model",), optional=True, help="The model to fine-tune (default: the previous step's model)."),
+        **model_input(config, "The model to fine-tune (default: the previous step's model)."),
     }
+
+
+def references(config: Config, project_dir: Path) -> dict[str, str]:
+    return base_model_reference(config.base_model, project_dir)
 
 
 def outputs(config: Config) -> dict[str, str]:

@@ -3,12 +3,15 @@ extends `TrainingConfig`. No torch here: step configs load (and cached steps are
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from kollm.pipeline.step import STRICT
+from kollm.pipeline.artifacts import cached_folder_digest
+from kollm.pipeline.step import STRICT, InputSpec
 
 
 @dataclass(frozen=True)
@@ -90,3 +93,33 @@ class TrainingConfig(BaseModel):
         if self.base_model is not None and self.base_model != "scratch" and self.vocab_size is not None:
             raise ValueError("vocab_size applies only to base_model: scratch")
         return self
+
+
+def model_input(config: TrainingConfig, help: str) -> dict[str, InputSpec]:
+    """The optional `model` input of a training step, absent when `base_model` names the model to start from:
+    then nothing is wired to it by default, and lineage (validate, MLflow tags, kollm.json) names the model that
+    training actually starts from."""
+    return {} if config.base_model else {"model": InputSpec(("model",), optional=True, help=help)}
+
+
+def base_model_reference(base_model: str | None, project_dir: Path) -> dict[str, str]:
+    """What a step's key must cover about a `base_model` outside the pipeline: a local folder's content digest
+    (so new weights saved into the same folder re-run the step), or a hub model's cached revision where known."""
+    if base_model is None or base_model == "scratch":
+        return {}
+    local = project_dir / base_model  # an absolute base_model stays absolute
+    if local.is_dir():
+        return {"base_model": cached_folder_digest(local, project_dir / ".kollm" / "digests.json")}
+    return {"base_model": f"{base_model}@{hub_revision(base_model) or 'unknown-revision'}"}
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit of `name`'s `main` ref in the local Hugging Face cache, without importing huggingface_hub."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
+    )
+    ref = Path(cache) / f"models--{name.replace('/', '--')}" / "refs" / "main"
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None

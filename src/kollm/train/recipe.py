@@ -133,13 +133,22 @@ def _latest_corpus(ctx: StepContext) -> Artifact | None:
 
 
 def execute(ctx: StepContext, job: Job, fn: Callable[[Job, Env], StepResult]) -> StepResult:
-    """Run `fn(job, env)` here, or on `resources.gpus` GPUs (one process each, DDP) when that is more than 1."""
+    """Run `fn(job, env)` here, or on `resources.gpus` GPUs (one process each, DDP) when that is more than 1, or on
+    `resources.workers` CPU processes (DDP over gloo). Under the ray executor: on that many Ray Train workers."""
     gpus = ctx.resources.gpus
     # Honour resources.cpus: on a shared machine, extra intra-op threads contend and slow training down.
     torch.set_num_threads(max(1, int(ctx.resources.cpus)))
     if ctx.tracker is not None:
         ctx.tracker.log_dataset(job.data, name=f"{job.step}-data", context="training")
     training_log = TrainingLog(job.log_file, job.step, ctx.tracker)
+    if ctx.executor == "ray":
+        from kollm.train.ray_train import launch_ray
+
+        workers = gpus or ctx.resources.workers
+        return launch_ray(fn, job, workers=workers, use_gpu=gpus > 0, cpus_per_worker=ctx.resources.cpus / workers,
+                          progress=ctx.progress, training_log=training_log)
+    if gpus == 0 and ctx.resources.workers > 1:
+        return launch(fn, job, world=ctx.resources.workers, backend="gloo", progress=ctx.progress, training_log=training_log)
     if gpus > 1:
         available = torch.cuda.device_count()
         if available < gpus:

@@ -1,0 +1,281 @@
+"""The local executor: steps run on this machine. A step starts as soon as the steps it reads from have finished
+and its declared `resources` (cpus, gpus, memory) fit beside the steps already running, so independent steps run
+at the same time. A step that runs alone runs in this process (a cached rerun costs milliseconds); steps that run
+side by side each run in a child process, `kollm step run --input ...` (libraries such as transformers and torch
+keep process-wide state, so two trainings in one process would interfere), with disjoint GPUs where they ask for
+GPUs. A step asking for more than the machine has runs alone. Unexpected errors are retried with exponential
+backoff (`retries`, `retry_backoff_s`), in this process or by starting the child again with the next `--attempt`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kollm import __version__
+from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
+from kollm.pipeline.plan import Plan
+from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, run_step
+from kollm.pipeline.spec import ResolvedStep
+from kollm.pipeline.step import Artifact, Progress, StepRecord
+from kollm.pipeline.store import ArtifactStore
+from kollm.pipeline.tracking import PipelineTracker, StepTracker
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    gpus: int
+    memory: int  # bytes
+
+    @classmethod
+    def of_this_machine(cls, need_gpus: bool) -> Capacity:
+        gpus = 0
+        if need_gpus:  # importing torch costs seconds: only when a step asks for a GPU
+            import torch
+
+            gpus = torch.cuda.device_count()
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return cls(float(len(os.sched_getaffinity(0))), gpus, pages)
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def memory_bytes(text: str | None) -> int:
+    """'8Gi', '512Mi', '2G', '1000' -> bytes (Kubernetes quantities); None -> 0."""
+    if not text:
+        return 0
+    t = text.strip()
+    num = t.rstrip("KkMmGgTtIi")
+    unit = t[len(num) :].lower()
+    if unit not in _UNITS:
+        raise ConfigError(f"resources.memory: '{text}' is not a quantity like 8Gi, 512Mi or 2G")
+    return int(float(num) * _UNITS[unit])
+
+
+class LocalExecutor:
+    name = "local"
+
+    def run(
+        self, plan: Plan, selection: Selection, store: ArtifactStore, *, parent_run_id: str | None, report: Reporter, progress: Progress
+    ) -> RunResult:
+        pipe = plan.pipeline
+        pipe.state_dir.mkdir(parents=True, exist_ok=True)
+        tracker = PipelineTracker(pipe.cfg, pipe.project_dir)
+        try:
+            if parent_run_id:
+                tracker.run_id = parent_run_id
+            else:
+                tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.executor": self.name})
+            return _Schedule(plan, selection, store, tracker, parent_run_id, report, progress, plan.overrides).run()
+        finally:
+            tracker.close()
+
+
+class _Schedule:
+    """One pipeline run: start steps as their inputs and resources allow, collect results, stop at the first error."""
+
+    def __init__(self, plan: Plan, selection: Selection, store: ArtifactStore, tracker: PipelineTracker,
+                 parent_run_id: str | None, report: Reporter, progress: Progress, overrides: dict[str, Any] | None):
+        self.plan, self.selection, self.tracker, self.parent_run_id = plan, selection, tracker, parent_run_id
+        self.log = EventLog(plan.pipeline.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")
+        self.shared = StepRun(plan, store, tracker, self.log, report, progress, executor="local")
+        self.records: dict[str, StepRecord] = {}
+        self.durations: dict[str, float] = {}
+        self.in_flight: dict[str, StepTracker] = {}
+        self.lock = threading.Lock()
+        self.done: queue.Queue[tuple[str, StepRecord | None, float, BaseException | None]] = queue.Queue()
+        steps = [plan.step(n) for n in selection.steps]
+        self.capacity = Capacity.of_this_machine(any(s.resources.gpus for s in steps))
+        self.free_gpus = list(range(self.capacity.gpus))
+        self.overrides = overrides
+
+    def run(self) -> RunResult:
+        result = RunResult(run_id=self.tracker.run_id or "", status="RUNNING")
+        self.log.write("pipeline_started", steps=self.selection.steps)
+        t0 = time.perf_counter()
+        try:
+            self._loop()
+        except BaseException as e:
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            with self.lock:
+                for st in self.in_flight.values():  # steps still at work in other threads
+                    st.end(status)
+            self.log.write("pipeline_failed", error=str(e), status=status)
+            if not self.parent_run_id:
+                self.tracker.finish(status)
+            result.status = status
+            raise
+        order = [n for n in self.selection.steps if n in self.records]
+        result.steps = {n: self.records[n] for n in order}
+        result.durations = {n: self.durations[n] for n in order}
+        if not self.parent_run_id:
+            hits = sum(r.cache_hit for r in result.steps.values())
+            self.tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
+        self.log.write("pipeline_finished", duration_s=time.perf_counter() - t0)
+        result.status = "FINISHED"
+        return result
+
+    def _loop(self) -> None:
+        pending = list(self.selection.steps)
+        running: dict[str, ResolvedStep] = {}
+        error: BaseException | None = None
+        while pending or running:
+            if error is None:
+                ready = [n for n in pending if all(d in self.records for d in self.plan.deps[n])]
+                started = []
+                for name in ready:
+                    step = self.plan.step(name)
+                    if name in self.selection.cached_only:  # a cache read: no thread, no resources
+                        self._finish(name, *self._run(step))
+                        pending.remove(name)
+                        continue
+                    if self._fits(step, running.values()):
+                        started.append(step)
+                        running[name] = step
+                        pending.remove(name)
+                if len(started) == 1 and len(running) == 1:  # alone: run here (Ctrl-C and signals behave as usual)
+                    del running[started[0].name]
+                    self._finish(started[0].name, *self._run(started[0]))
+                    continue
+                for step in started:
+                    with self.lock:
+                        gpus, self.free_gpus = self.free_gpus[: step.resources.gpus], self.free_gpus[step.resources.gpus :]
+                    threading.Thread(target=self._thread, args=(step, gpus), name=f"kollm-step-{step.name}", daemon=True).start()
+                if not running and pending and not started and not ready:
+                    break  # nothing can start: a dependency failed or was not selected
+            if not running:
+                if error is not None:
+                    break
+                continue
+            name, record, duration, exc = self.done.get()
+            del running[name]
+            if exc is not None:
+                error = error or exc
+                continue
+            assert record is not None
+            self._finish(name, record, duration)
+        if error is not None:
+            raise error
+
+    def _fits(self, step: ResolvedStep, running: Iterable[ResolvedStep]) -> bool:
+        busy = list(running)
+        if not busy:
+            return True  # alone, a step runs even if it asks for more than the machine has
+        r, cap = step.resources, self.capacity
+        cpus = sum(s.resources.cpus for s in busy) + r.cpus
+        gpus = sum(s.resources.gpus for s in busy) + r.gpus
+        mem = sum(memory_bytes(s.resources.memory) for s in busy) + memory_bytes(r.memory)
+        return cpus <= cap.cpus and gpus <= cap.gpus and mem <= cap.memory
+
+    def _inputs(self, step: ResolvedStep) -> dict[str, Artifact]:
+        out = self.plan.source_inputs(step)
+        for k, ref in step.inputs.items():
+            if ref.step is not None:
+                out[k] = self.records[ref.step].outputs[ref.output or ""]
+        return out
+
+    def _run(self, step: ResolvedStep) -> tuple[StepRecord, float]:
+        upstream = [self.records[n] for n in self.plan.ancestors(step.name)]
+        shared = StepRun(**{**vars(self.shared), "on_tracker": lambda st: self._track(step.name, st)})
+        return run_step(
+            step, self._inputs(step), upstream, shared,
+            force=step.name in self.selection.forced, cached_only=step.name in self.selection.cached_only,
+        )
+
+    def _thread(self, step: ResolvedStep, gpus: list[int]) -> None:
+        try:
+            record, duration = self._run_child(step, gpus)
+            self.done.put((step.name, record, duration, None))
+        except BaseException as e:  # handed to the main thread, which raises it
+            self.done.put((step.name, None, 0.0, e))
+        finally:
+            with self.lock:
+                self.free_gpus.extend(gpus)
+
+    def _run_child(self, step: ResolvedStep, gpus: list[int]) -> tuple[StepRecord, float]:
+        """The step in a child process (`kollm step run` with explicit inputs), retried like an in-process step."""
+        t0 = time.perf_counter()
+        report = self.shared.report
+        inputs = {k: a.path.as_uri() for k, a in self._inputs(step).items() if k in step.inputs and step.inputs[k].step is not None and a.path}
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if step.resources.gpus else {})}
+        attempt = 0
+        while True:
+            with tempfile.TemporaryDirectory(prefix="kollm-step-") as tmp:
+                result_file = os.path.join(tmp, "result.json")
+                cmd = [sys.executable, "-m", "kollm.cli", "step", "run", str(self.plan.pipeline.file), "--step", step.name,
+                       "--store", self.shared.store.url, "--attempt", str(attempt), "--outputs-json", result_file,
+                       *(["--parent-run-id", self.tracker.run_id] if self.tracker.run_id else []),
+                       *(["--force"] if step.name in self.selection.forced else []),
+                       *[a for k, uri in sorted(inputs.items()) for a in ("--input", f"{k}={uri}")]]
+                if self.overrides:
+                    cmd += ["--overrides-json", json.dumps(self.overrides)]
+                if attempt == 0:
+                    report("started", step.name, {"key": "(child process)"})
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+                if proc.returncode == 0:
+                    doc = json.loads(open(result_file, encoding="utf-8").read())
+                    break
+            message = _error_text(proc.stderr)
+            self.log.write("step_error", step=step.name, attempt=attempt, error=message, exit_code=proc.returncode)
+            if proc.returncode == StepCrashed.exit_code and attempt < step.retries:
+                delay = step.retry_backoff_s * (2**attempt)
+                attempt += 1
+                report("retry", step.name, {"attempt": attempt, "delay_s": delay, "error": message})
+                time.sleep(delay)
+                continue
+            report("failed", step.name, {"error": message})
+            err_class = _EXIT_CODES.get(proc.returncode, StepFailed)
+            raise err_class(message)
+        outputs = {n: Artifact(o["type"], Path(o["path"]), o["digest"], o.get("meta", {})) for n, o in doc["outputs"].items()}
+        record = StepRecord(step.name, step.kind, doc["key"], doc.get("run_id"), doc["cache_hit"], outputs, doc.get("metrics", {}))
+        duration = time.perf_counter() - t0
+        report("cached" if record.cache_hit else "finished", step.name, {"key": record.key, "duration_s": duration, "metrics": record.metrics})
+        return record, duration
+
+    def _track(self, name: str, st: StepTracker | None) -> None:
+        with self.lock:
+            if st is None:
+                self.in_flight.pop(name, None)
+            else:
+                self.in_flight[name] = st
+
+    def _finish(self, name: str, record: StepRecord, duration: float) -> None:
+        self.records[name] = record
+        self.durations[name] = duration
+
+
+# `kollm step run` exits with the code of the error it hit: the parent raises the same kind of error
+_EXIT_CODES: dict[int, type[KollmError]] = {1: StepFailed, 2: ConfigError, 3: GateFailed, 4: NotFound, 5: StepCrashed}
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the thread that started it dies, so a runner killed with
+    kill -9 leaves no step running on (Linux; elsewhere the child finishes its step and publishes it)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _error_text(stderr: str) -> str:
+    """The child's one error message (from `error:` on), or the end of its output."""
+    lines = stderr.strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("error: "):
+            return "\n".join(lines[i:]).removeprefix("error: ")
+    return "\n".join(lines[-15:]) or "the step's process ended without a message"

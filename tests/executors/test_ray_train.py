@@ -1,0 +1,168 @@
+"""Training on Ray Train: the cpt training function on 2 Ray Train CPU workers (gloo) matches one process that
+sees the same global batches; a worker killed mid-run is restarted and resumes from the last checkpoint with the
+same result; a worker's KollmError reaches the driver as the same one message; and what the cluster cannot hold
+is reported before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kollm.config import Resources
+from kollm.errors import StepFailed
+from kollm.pipeline.step import Artifact
+from kollm.steps import cpt
+from kollm.train.ray_train import check_fits, launch_ray, memory_bytes
+from kollm.train.recipe import Env, Job, TrainingLog
+from tests.train.conftest import korean_texts
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def _job(tmp_path, name: str, batch_size: int, *, max_steps: int = 4, rows: int = 80) -> Job:
+    data = tmp_path / f"data-{rows}"
+    if not data.exists():
+        data.mkdir()
+        pd.DataFrame({"text": korean_texts(rows)}).to_parquet(data / "train.parquet")
+        pd.DataFrame({"text": korean_texts(8, seed=9)}).to_parquet(data / "eval.parquet")
+    config = cpt.Config(
+        base_model="scratch", vocab_size=400, seq_len=48, max_steps=max_steps, lr=3e-3, batch_size=batch_size, log_every=1, checkpoint_every=2
+    )
+    art = Artifact("corpus", data, "sha256:test")
+    return Job(
+        step=name, kind="cpt", config=config, data=art, base_model="scratch", base_artifact=None, tokenizer_corpus=art,
+        output_dir=tmp_path / name / "model", checkpoint_dir=tmp_path / name / "ckpt", log_file=tmp_path / "logs" / f"{name}.jsonl",
+    )
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, batch 4: the reference the Ray runs are compared with."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("single")
+    job = _job(tmp, "single", batch_size=4, max_steps=6)
+    return tmp, cpt.train(job, Env(device=torch.device("cpu"), on_log=TrainingLog(job.log_file, job.step, None)))
+
+
+class Tracker:
+    """Records what launch_ray forwards to the step's MLflow run."""
+
+    run_id = "test"
+
+    def __init__(self):
+        self.metrics: list[tuple[dict, int | None]] = []
+        self.params: dict = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((metrics, step))
+
+    def log_params(self, params):
+        self.params.update(params)
+
+
+def test_two_ray_train_workers_match_one_process(ray_cluster, tmp_path, single):
+    single_dir, reference = single
+    job = _job(tmp_path, "ray", batch_size=2, max_steps=6)
+    seen: list[int] = []
+    tracker = Tracker()
+    result = launch_ray(cpt.train, job, workers=2, use_gpu=False, progress=lambda it, **kw: (seen.append(x) or x for x in it),
+                        training_log=TrainingLog(job.log_file, job.step, tracker))
+    assert seen == [1, 2, 3, 4, 5, 6]  # rank 0's log lines reached this process's progress bar, once each
+    assert result.metrics["steps"] == reference.metrics["steps"] == 6
+    assert result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-4)
+    assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
+    assert result.meta["model"]["kind"] == "cpt" and result.meta == reference.meta
+    a = load_file(tmp_path / "ray" / "model" / "model.safetensors")
+    b = load_file(single_dir / "single" / "model" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    logs = [json.loads(x) for x in job.log_file.read_text().splitlines()]
+    assert [x["step"] for x in logs] == [1, 2, 3, 4, 5, 6]  # written by the driver, rank 0 only
+    ref_logs = [json.loads(x) for x in (single_dir / "logs" / "single.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in logs] == pytest.approx([x["loss"] for x in ref_logs], rel=1e-4)  # the loss curve
+    assert [s for _, s in tracker.metrics] == [1, 2, 3, 4, 5, 6] and "loss" in tracker.metrics[0][0]
+    assert tracker.params["train.total_steps"] == 6
+
+
+def crash_once_at_step_3(job: Job, env: Env):
+    """cpt.train, but rank 0 dies hard (os._exit) right after logging step 3, once: a checkpoint of step 2 exists."""
+    marker = job.checkpoint_dir.parent / "crashed"
+    log = env.on_log
+
+    def on_log(entry):
+        log(entry)
+        if entry.step == 3 and not marker.exists():
+            marker.write_text("rank 0 died here")
+            os._exit(1)
+
+    if env.rank == 0:
+        env.on_log = on_log
+    return cpt.train(job, env)
+
+
+def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluster, tmp_path, single):
+    _, reference = single
+    job = _job(tmp_path, "crash", batch_size=2, max_steps=6)
+    seen: list[int] = []
+    result = launch_ray(crash_once_at_step_3, job, workers=2, use_gpu=False, progress=lambda it, **kw: (seen.append(x) or x for x in it),
+                        training_log=TrainingLog(job.log_file, job.step, None))
+    assert (tmp_path / "crash" / "crashed").exists()  # it did die
+    assert seen == [1, 2, 3, 3, 4, 5, 6]  # the restarted group went on from the step-2 checkpoint
+    lineage = json.loads((job.output_dir / "kollm.json").read_text())
+    assert lineage["training"]["resumed_from"] == 2
+    # and ends where an uninterrupted run ends
+    assert result.metrics["steps"] == 6 and result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
+
+
+def test_a_worker_error_reaches_the_driver_as_one_message(ray_cluster, tmp_path):
+    job = _job(tmp_path, "empty", batch_size=2, rows=0)  # no text to train the scratch tokenizer on
+    with pytest.raises(StepFailed) as err:
+        launch_ray(cpt.train, job, workers=2, use_gpu=False, max_failures=0)
+    assert str(err.value) == f"the corpus {tmp_path / 'data-0'} has no training rows"  # as cpt.train raised it, no traceback
+
+
+def test_check_fits_names_what_the_cluster_lacks(ray_cluster):
+    import ray
+
+    cluster = ray.cluster_resources()
+    assert check_fits(Resources(cpus=2, workers=2), cluster) == []
+    problems = check_fits(Resources(gpus=2, cpus=4, memory="100Ti"), cluster, step="sft")
+    assert len(problems) == 3
+    assert problems[0].startswith("steps.sft.resources.gpus is 2 but the Ray cluster has 0 GPU(s)")
+    assert problems[1].startswith("steps.sft.resources.cpus is 4 but the Ray cluster has 2 CPU(s)")
+    assert problems[2].startswith("steps.sft.resources.memory is 100Ti (102400.0 GiB) but the Ray cluster has")
+    assert check_fits(Resources(workers=3), cluster) == ["resources.workers is 3 but the Ray cluster has 2 CPU(s), one per worker; lower it or add nodes"]
+
+
+def test_check_fits_without_a_cluster():
+    cluster = {"CPU": 16.0, "GPU": 8.0, "memory": 64 * 2**30}
+    assert check_fits(Resources(gpus=8, cpus=16, memory="64Gi"), cluster) == []
+    assert check_fits(Resources(memory="65Gi"), cluster) == ["resources.memory is 65Gi (65.0 GiB) but the Ray cluster has 64.0 GiB; lower it or add nodes"]
+    assert check_fits(Resources(memory="lots"), cluster) == ["resources.memory: not a memory size: 'lots' (write e.g. 8Gi, 512Mi or 16G)"]
+    assert memory_bytes("8Gi") == 8 * 2**30 and memory_bytes("512M") == 512 * 10**6 and memory_bytes("2GiB") == 2 * 2**30
+
+
+def test_resources_workers_and_gpus_are_exclusive():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="drop workers or set gpus: 0"):
+        Resources(workers=2, gpus=1)
+    assert Resources(workers=4).workers == 4 and Resources().workers == 1
+
+
+def test_without_ray_installed_the_error_names_the_extra():
+    code = "import sys; sys.modules['ray'] = None\nfrom kollm.train.ray_train import require_ray\nrequire_ray()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == (
+        "kollm.errors.KollmError: the ray executor needs Ray, which is not installed here: pip install 'kollm[ray]'"
+    )
