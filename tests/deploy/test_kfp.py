@@ -72,7 +72,7 @@ def test_outputs_flow_between_components_as_uri_parameters(compiled):
     assert (model.producer_task, model.output_parameter_key) == ("rayjob-cpt", "model")
     data = spec.root.dag.tasks["step-prepare-corpus"].inputs.parameters["in_source"]
     assert data.component_input_parameter == "data_corpus"
-    assert spec.root.input_definitions.parameters["data_corpus"].default_value.string_value == "s3://kollm/korean-quickstart/data/corpus"
+    assert spec.root.input_definitions.parameters["data_corpus"].default_value.string_value == ""  # read as kollm.yaml names it
     outs = spec.components["comp-step-evaluate"].output_definitions.parameters
     assert set(outs) == {"metrics", "report", "kollm_outputs"} and all(o.parameter_type == 3 for o in outs.values())  # STRING
 
@@ -82,7 +82,7 @@ def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
     container = json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-step-sft"]["container"]
     assert container["image"] == "registry.example/kollm:1"
     source = "\n".join(container["command"])
-    for part in ('"step", "run"', '"--step", \'sft\'', '"--input", name + "=" + uri', '"--attempt", "1"',
+    for part in ('"step", "run"', '"--step", \'sft\'', '"--input", name + "=" + uri', '"--attempt", "0"',
                  '"--store", store', '"--outputs-json"', "in_model"):
         assert part in source, part
 
@@ -146,7 +146,7 @@ def test_kfp_local_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
     compiled = compile_kfp(project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = components.load_component_from_file(str(compiled))
-    pipeline(project_dir=str(project), store=str(tmp_path / "store"), data_raw="")  # raw data: from kollm.yaml
+    pipeline(project_dir=str(project), store=str(tmp_path / "store"))  # raw data: as kollm.yaml names it
     results = {f.parent.name.removeprefix("step-"): json.loads(f.read_text())
                for f in (tmp_path / "root").rglob("executor_output.json")}
     assert set(results) == set(expected.steps)

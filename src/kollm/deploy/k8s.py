@@ -79,13 +79,15 @@ def training_steps(p: Project) -> list[ResolvedStep]:
 
 
 def step_inputs(p: Project) -> dict[str, str]:
-    """`STEP.INPUT` -> the artifact folder URI that RayJob reads. Raw data sources live under STORE/data/NAME;
-    an earlier step's output URI is known once it has run (its --outputs-json): empty until filled in."""
-    out = {}
-    for s in training_steps(p):
-        for name, ref in s.inputs.items():
-            out[f"{s.name}.{name}"] = f"{p.store}/data/{ref.source}" if ref.source else ""
-    return out
+    """`STEP.INPUT` -> the URI of the earlier step's output folder that RayJob reads (the `uri` that step's
+    `--outputs-json` printed): empty until filled in. Inputs from raw data sources are not listed: kollm reads
+    them as kollm.yaml names them (use s3:// paths under `data:` for a cluster)."""
+    return {f"{s.name}.{name}": "" for s in training_steps(p) for name in step_artifact_inputs(s)}
+
+
+def step_artifact_inputs(step: ResolvedStep) -> list[str]:
+    """The inputs of STEP that come from earlier steps (the ones `kollm step run --input` takes)."""
+    return [name for name, ref in step.inputs.items() if ref.step]
 
 
 def input_env_name(input_name: str) -> str:
@@ -160,7 +162,7 @@ def ray_cluster(p: Project, worker_group: str, worker_res: Doc, worker_env: list
 
 def step_command(p: Project, step: ResolvedStep, outputs_json: str = "/tmp/kollm-outputs.json") -> str:
     """The shell line a RayJob's driver runs: one attempt of the step with explicit inputs, outputs into the store."""
-    inputs = " ".join(f'--input {name}="${input_env_name(name)}"' for name in step.inputs)
+    inputs = " ".join(f'--input {name}="${input_env_name(name)}"' for name in step_artifact_inputs(step))
     return (
         f"mkdir -p /tmp/kollm-project && cp {PROJECT_MOUNT}/kollm.yaml /tmp/kollm-project/ && cd /tmp/kollm-project && "
         f"kollm step run kollm.yaml --step {step.name} {inputs} --store {p.store} --outputs-json {outputs_json} && cat {outputs_json}"
@@ -172,7 +174,7 @@ def ray_job(p: Project, step: ResolvedStep) -> Doc:
     r = step.resources
     env = [{"name": input_env_name(name),
             "valueFrom": {"configMapKeyRef": {"name": f"{p.slug}-step-inputs", "key": f"{step.name}.{name}"}}}
-           for name in step.inputs]
+           for name in step_artifact_inputs(step)]
     spec: Doc = {
         "suspend": True,
         "entrypoint": step_command(p, step),

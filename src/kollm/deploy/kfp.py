@@ -2,7 +2,7 @@
 
 One lightweight component per step. Each runs exactly one attempt of its step with explicit inputs:
 
-    python -m kollm.cli step run kollm.yaml --step NAME --input NAME=URI ... --attempt 1 --store URL --outputs-json FILE
+    python -m kollm.cli step run kollm.yaml --step NAME --input NAME=URI ... --attempt 0 --store URL --outputs-json FILE
 
 and returns its outputs' URIs in the store as string parameters, which the next components take as their
 inputs (plus `kollm_outputs`: the whole outputs JSON, with digests and the cache hit). A step's resources become set_cpu_limit / set_memory_limit / set_accelerator_type+limit, its retries
@@ -70,9 +70,9 @@ else:
 out = work / "outputs.json"
 cmd = [sys.executable, "-m", "kollm.cli", "step", "run", str(config), "--step", {step!r}]
 for name, uri in {inputs}.items():
-    if uri:  # an empty data_NAME leaves the raw source to kollm.yaml (with project_dir)
+    if uri:  # an empty data_NAME (the default) leaves the raw source to kollm.yaml
         cmd += ["--input", name + "=" + uri]
-cmd += ["--attempt", "1", "--store", store, "--outputs-json", str(out)]
+cmd += ["--attempt", "0", "--store", store, "--outputs-json", str(out)]
 print(" ".join(cmd), flush=True)
 subprocess.run(cmd, check=True)
 result = json.loads(out.read_text(encoding="utf-8"))
@@ -90,7 +90,7 @@ job = json.loads(rayjob_manifest)
 name = job["metadata"]["name"] + "-" + uuid.uuid4().hex[:8]
 job["metadata"]["name"] = name
 result_uri = store.rstrip("/") + "/kfp-results/" + name + ".json"
-env = {{"{env_prefix}" + "".join(c if c.isalnum() else "_" for c in k.upper()): v for k, v in {inputs}.items()}}
+env = {{"{env_prefix}" + "".join(c if c.isalnum() else "_" for c in k.upper()): v for k, v in {inputs}.items() if v}}
 env["KOLLM_RESULT_URI"] = result_uri
 job["spec"]["runtimeEnvYAML"] = json.dumps({{"env_vars": env}})  # JSON is YAML
 api = client.CustomObjectsApi()
@@ -205,7 +205,7 @@ def _signature(p: Project, sources: list[str], project_dir: str, namespace: str)
               P("store", P.POSITIONAL_OR_KEYWORD, default=p.store, annotation=str),
               P("project_dir", P.POSITIONAL_OR_KEYWORD, default=project_dir, annotation=str),
               P("namespace", P.POSITIONAL_OR_KEYWORD, default=namespace, annotation=str)]
-    params += [P(f"data_{ident(s)}", P.POSITIONAL_OR_KEYWORD, default=f"{p.store}/data/{s}", annotation=str) for s in sources]
+    params += [P(f"data_{ident(s)}", P.POSITIONAL_OR_KEYWORD, default="", annotation=str) for s in sources]
     return inspect.Signature(params)
 
 
