@@ -101,6 +101,7 @@ def mlflow_server(postgres_uri, s3_server, tmp_path):
         log.close()
 
 
+@pytest.mark.timeout(1200)  # a server start, a PostgreSQL migration and a pipeline: 5-7 min on this loaded 2-core box
 def test_kollm_tracks_and_registers_through_an_mlflow_server_on_postgres_and_s3(mlflow_server, tmp_path, monkeypatch):
     uri, s3 = mlflow_server
     # the client holds no S3 credentials: artifacts travel through the server's proxy (--serve-artifacts)
