@@ -220,6 +220,63 @@ def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
     return value
 
 
+# --- deploy (kollm.deploy) ----------------------------------------------------------------------
+
+deploy_app = typer.Typer(help="Deployment files from kollm.yaml: Kubernetes (KubeRay, Argo Rollouts, MLflow), Docker Compose, the Dockerfile.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("render")
+def deploy_render(
+    path: PathArg = None,
+    target: Annotated[str, typer.Option("--target", "-t", help="k8s, compose or docker.")] = "k8s",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET).")] = None,
+    image: Annotated[str, typer.Option(help="The kollm image the pods and containers run.")] = "ghcr.io/kollm/kollm:0.1.0",
+    bucket: Annotated[str, typer.Option(help="S3 bucket for the artifact store and MLflow's artifacts.")] = "kollm",
+    store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
+    s3_endpoint: Annotated[str, typer.Option(help="An S3-compatible endpoint such as MinIO (default: AWS S3).")] = "",
+    serve_gpus: Annotated[int, typer.Option(help="GPUs per serving replica (0: CPU, transformers backend).", min=0)] = 0,
+    replicas: Annotated[int, typer.Option(help="Serving replicas of the Rollout (5 gives exact 20 % canary steps).", min=1)] = 5,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
+    pause: Annotated[str, typer.Option(help="How long each step holds its weight before its analysis.")] = "2m",
+    analysis: Annotated[str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")] = "success_rate>=0.95,p95_ms<=2000",
+    failure_limit: Annotated[int, typer.Option(help="Failed analysis windows that abort the rollout.", min=1)] = 2,
+    prometheus_url: Annotated[str, typer.Option(help="Prometheus the AnalysisTemplate queries.")] = "http://prometheus.monitoring.svc:9090",
+) -> None:
+    """Write Kubernetes manifests, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
+    from kollm.deploy import DeployOptions, render
+
+    options = DeployOptions(image=image, bucket=bucket, store=store or "", s3_endpoint=s3_endpoint, serve_gpus=serve_gpus,
+                            serve_replicas=replicas, steps=steps, pause=pause, analysis=analysis,
+                            failure_limit=failure_limit, prometheus_url=prometheus_url)
+    for f in render(path, target, out_dir or Path("deploy") / target, options):
+        out.print(f"[green]wrote[/] {f}")
+
+
+compile_app = typer.Typer(help="Compile kollm.yaml for another orchestrator.", no_args_is_help=True)
+app.add_typer(compile_app, name="compile")
+
+
+@compile_app.command("kfp")
+def compile_kfp_cmd(
+    path: PathArg = None,
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The pipeline IR YAML to write.")] = Path("pipeline.yaml"),
+    image: Annotated[str, typer.Option(help="The kollm image every component runs in.")] = "ghcr.io/kollm/kollm:0.1.0",
+    store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
+    bucket: Annotated[str, typer.Option(help="S3 bucket of the default store.")] = "kollm",
+    ray: Annotated[Optional[list[str]], typer.Option("--ray", help="Run STEP as a KubeRay RayJob (repeatable; steps with more than one GPU always are).")] = None,
+    project_dir: Annotated[str, typer.Option(help="The project folder inside the image (default: none; kollm.yaml travels as a pipeline parameter).")] = "",
+    namespace: Annotated[str, typer.Option(help="Namespace the RayJobs are created in.")] = "kubeflow",
+) -> None:
+    """Compile the pipeline to Kubeflow Pipelines IR (kfp 2.17): one component per step running `kollm step run`."""
+    from kollm.deploy import DeployOptions
+    from kollm.deploy.kfp import compile_kfp
+
+    f = compile_kfp(path, out_file, image=image, options=DeployOptions(store=store or "", bucket=bucket),
+                    ray_steps=tuple(ray or ()), project_dir=project_dir, namespace=namespace)
+    out.print(f"[green]wrote[/] {f}")
+
+
 # --- serve (kollm.serve) ------------------------------------------------------------------------
 
 
