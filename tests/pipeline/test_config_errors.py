@@ -99,7 +99,7 @@ def test_bad_step(tmp_path, what, steps, message):
     [
         ("project: t\nsteps: []\n", "steps: list should have at least 1 item after validation, not 0"),
         ("steps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", "project: required field is missing"),
-        ("project: t\nexecutor: k8s\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", "executor.kind: expected one of 'local', 'ray', got \"k8s\""),
+        ("project: t\nexecutor: k8s\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", "executor.kind: expected one of 'local' or 'ray', got \"k8s\""),
         ("project: t\ndata: {raw: {path: missing/*.txt}}\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", None),
         ("project: [unclosed\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
         ("- just\n- a list\n", "expected a mapping with keys project, steps (and optionally tracking, data, executor)"),

@@ -226,7 +226,7 @@ class _Schedule:
                 if self.overrides:
                     cmd += ["--overrides-json", json.dumps(self.overrides)]
                 if attempt == 0:
-                    report("started", step.name, {"key": "(child process)"})
+                    report("started", step.name, {"key": self.plan.key(step, self._inputs(step))})
                 proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
                 if proc.returncode == 0:
                     doc = json.loads(open(result_file, encoding="utf-8").read())

@@ -206,7 +206,7 @@ class _RaySchedule:
             options["memory"] = memory_bytes(r.memory)
         inputs = {k: a.path.as_uri() for k, a in self._inputs(step).items() if step.inputs.get(k) and step.inputs[k].step and a.path}
         if attempt == 0:
-            self.report("started", step.name, {"key": "(ray task)"})
+            self.report("started", step.name, {"key": self.plan.key(step, self._inputs(step))})
         return self.task.options(**options).remote(
             self.file, step.name, inputs, self.store.url, attempt, self.tracker.run_id, step.name in self.selection.forced, self.plan.overrides
         )
