@@ -280,7 +280,10 @@ class PipelineTracker:
             client = client_for(self.uri)
             exp = client.get_experiment_by_name(name)
             if exp is None:
-                location = cfg.tracking.artifact_location or (project_dir / ".kollm" / "mlartifacts").resolve().as_uri()
+                # a tracking server chooses where artifacts go (its --artifacts-destination, served to every client);
+                # a local store keeps them beside it in .kollm/mlartifacts
+                server = self.uri.startswith(("http://", "https://"))
+                location = cfg.tracking.artifact_location or (None if server else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri())
                 self.experiment_id = client.create_experiment(name, artifact_location=location)
             else:
                 self.experiment_id = exp.experiment_id
