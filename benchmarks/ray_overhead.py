@@ -13,6 +13,12 @@ Both write byte-identical Parquet files (checked). The ratio is local wall time 
 relative to local; goal >= 0.9 on 2 CPUs), per round and as the median of the rounds; the first Ray round also
 starts Ray's worker processes, so it is shown apart too.
 
+Part `steps` (`--part steps`): the executor's own cost per step. The same chain of N no-op `python` steps (the
+pipeline of benchmarks/pipeline_overhead.py) is run by `kollm.run(executor="local")` and by
+`kollm.run(executor="ray")` on a Ray instance that is already up (each step a Ray task that runs one attempt of
+its step with `run_one`), first uncached, then fully cached; Ray's added time per step = (ray - local) / N
+(goal < 1 s), median over rounds.
+
 Wall-clock rates depend on what else runs on the machine: load averages are printed before and after.
 """
 
@@ -89,16 +95,60 @@ def bench_prepare(mb: float, repeats: int) -> dict:
     return result
 
 
+def bench_steps(n_steps: int, repeats: int) -> dict:
+    import ray
+
+    import kollm
+    from pipeline_overhead import kollm_project
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"ray.init: {time.perf_counter() - t0:.1f} s (not counted)")
+    rounds = []
+    try:
+        for r in range(repeats):
+            row: dict = {}
+            for executor in ("local", "ray"):
+                with tempfile.TemporaryDirectory(prefix="kollm-ray-steps-") as tmp:
+                    root = Path(tmp) / "p"
+                    kollm_project(root)
+                    t = time.perf_counter()
+                    kollm.run(root, executor=executor)
+                    row[f"{executor}_first_s"] = time.perf_counter() - t
+                    t = time.perf_counter()
+                    kollm.run(root, executor=executor)
+                    row[f"{executor}_cached_s"] = time.perf_counter() - t
+            row["added_per_step_first_s"] = (row["ray_first_s"] - row["local_first_s"]) / n_steps
+            row["added_per_step_cached_s"] = (row["ray_cached_s"] - row["local_cached_s"]) / n_steps
+            rounds.append(row)
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    finally:
+        ray.shutdown()
+    med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
+    print(f"\n| {n_steps} no-op steps | local | ray | Ray's added time per step |")
+    print("|---|---|---|---|")
+    print(f"| first run | {med['local_first_s']:.2f} s | {med['ray_first_s']:.2f} s | {med['added_per_step_first_s']:.3f} s |")
+    print(f"| cached rerun | {med['local_cached_s']:.2f} s | {med['ray_cached_s']:.2f} s | {med['added_per_step_cached_s']:.3f} s |")
+    print(f"goal < 1 s per step: {'met' if max(med['added_per_step_first_s'], med['added_per_step_cached_s']) < 1 else 'NOT met'}")
+    return {"n_steps": n_steps, "rounds": rounds, "median": med}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["prepare"], default="prepare", help="what to measure (default: prepare)")
+    ap.add_argument("--part", choices=["prepare", "steps"], default="prepare", help="what to measure (default: prepare)")
     ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB for the prepare part (default 50)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (local, Ray) (default 3)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ray_overhead.json"), help="results as JSON")
+    ap.add_argument("--out", type=Path, default=None, help="results as JSON (default: benchmarks/results/ray_overhead[_steps].json)")
     args = ap.parse_args()
+    args.out = args.out or Path("benchmarks/results/ray_overhead.json" if args.part == "prepare" else "benchmarks/results/ray_overhead_steps.json")
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f}")
-    result = {"prepare": bench_prepare(args.mb, args.repeats)}
+    if args.part == "steps":
+        from pipeline_overhead import N_STEPS
+
+        result = {"steps": bench_steps(N_STEPS, args.repeats)}
+    else:
+        result = {"prepare": bench_prepare(args.mb, args.repeats)}
     load_after = os.getloadavg()
     print(f"load average after: {load_after[0]:.2f}")
     result["load_average"] = {"before": load_before[0], "after": load_after[0]}
