@@ -18,10 +18,10 @@ def test_rerun_is_fully_cached(tmp_path):
     root = make_project(tmp_path / "p")
     first = kollm.run(root)
     assert [r.cache_hit for r in first.steps.values()] == [False, False, False]
-    assert calls(root) == ["make_corpus", "count:count", "count:count2"]
+    assert calls(root)[0] == "make_corpus" and sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]  # count, count2: side by side
     second = kollm.run(root)
     assert [r.cache_hit for r in second.steps.values()] == [True, True, True]
-    assert calls(root) == ["make_corpus", "count:count", "count:count2"]  # nothing recomputed
+    assert sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]  # nothing recomputed
     for name, rec in first.steps.items():
         assert second.steps[name].outputs == rec.outputs
         assert second.steps[name].metrics == rec.metrics

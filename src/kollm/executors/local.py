@@ -17,21 +17,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from kollm import __version__
 from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
 from kollm.pipeline.plan import Plan
-from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, run_step
+from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
 from kollm.pipeline.spec import ResolvedStep
 from kollm.pipeline.step import Artifact, Progress, StepRecord
 from kollm.pipeline.store import ArtifactStore
 from kollm.pipeline.tracking import PipelineTracker, StepTracker
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,30 +102,12 @@ class _Schedule:
         self.overrides = overrides
 
     def run(self) -> RunResult:
-        result = RunResult(run_id=self.tracker.run_id or "", status="RUNNING")
-        self.log.write("pipeline_started", steps=self.selection.steps)
-        t0 = time.perf_counter()
-        try:
-            self._loop()
-        except BaseException as e:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            with self.lock:
-                for st in self.in_flight.values():  # steps still at work in other threads
-                    st.end(status)
-            self.log.write("pipeline_failed", error=str(e), status=status)
-            if not self.parent_run_id:
-                self.tracker.finish(status)
-            result.status = status
-            raise
-        order = [n for n in self.selection.steps if n in self.records]
-        result.steps = {n: self.records[n] for n in order}
-        result.durations = {n: self.durations[n] for n in order}
-        if not self.parent_run_id:
-            hits = sum(r.cache_hit for r in result.steps.values())
-            self.tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
-        self.log.write("pipeline_finished", duration_s=time.perf_counter() - t0)
-        result.status = "FINISHED"
-        return result
+        return drive(self.selection, self.tracker, self.log, self.parent_run_id, self._loop, self.records, self.durations, self._abort)
+
+    def _abort(self, status: str) -> None:
+        with self.lock:
+            for st in self.in_flight.values():  # steps still at work in other threads
+                st.end(status)
 
     def _loop(self) -> None:
         pending = list(self.selection.steps)
@@ -184,11 +164,7 @@ class _Schedule:
         return cpus <= cap.cpus and gpus <= cap.gpus and mem <= cap.memory
 
     def _inputs(self, step: ResolvedStep) -> dict[str, Artifact]:
-        out = self.plan.source_inputs(step)
-        for k, ref in step.inputs.items():
-            if ref.step is not None:
-                out[k] = self.records[ref.step].outputs[ref.output or ""]
-        return out
+        return self.plan.inputs(step, {n: r.outputs for n, r in self.records.items()})
 
     def _run(self, step: ResolvedStep) -> tuple[StepRecord, float]:
         upstream = [self.records[n] for n in self.plan.ancestors(step.name)]
@@ -212,7 +188,7 @@ class _Schedule:
         """The step in a child process (`kollm step run` with explicit inputs), retried like an in-process step."""
         t0 = time.perf_counter()
         report = self.shared.report
-        inputs = {k: a.path.as_uri() for k, a in self._inputs(step).items() if k in step.inputs and step.inputs[k].step is not None and a.path}
+        inputs = self.plan.input_uris(step, {n: r.outputs for n, r in self.records.items()})
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if step.resources.gpus else {})}
         attempt = 0
         while True:

@@ -17,7 +17,7 @@ from typing import Any
 from kollm import __version__
 from kollm.errors import ConfigError, KollmError, StepCrashed
 from kollm.pipeline.plan import Plan
-from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, run_step
+from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
 from kollm.pipeline.spec import ResolvedStep
 from kollm.pipeline.step import Artifact, Progress, StepRecord
 from kollm.pipeline.store import ArtifactStore, LocalStore
@@ -130,26 +130,7 @@ class _RaySchedule:
         self.durations: dict[str, float] = {}
 
     def run(self) -> RunResult:
-        result = RunResult(run_id=self.tracker.run_id or "", status="RUNNING")
-        self.log.write("pipeline_started", steps=self.selection.steps, executor="ray")
-        t0 = time.perf_counter()
-        try:
-            self._loop()
-        except BaseException as e:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            self.log.write("pipeline_failed", error=str(e), status=status)
-            if not self.parent_run_id:
-                self.tracker.finish(status)
-            raise
-        order = [n for n in self.selection.steps if n in self.records]
-        result.steps = {n: self.records[n] for n in order}
-        result.durations = {n: self.durations[n] for n in order}
-        if not self.parent_run_id:
-            hits = sum(r.cache_hit for r in result.steps.values())
-            self.tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
-        self.log.write("pipeline_finished", duration_s=time.perf_counter() - t0)
-        result.status = "FINISHED"
-        return result
+        return drive(self.selection, self.tracker, self.log, self.parent_run_id, self._loop, self.records, self.durations)
 
     def _loop(self) -> None:
         pending = list(self.selection.steps)
@@ -189,11 +170,7 @@ class _RaySchedule:
             raise error
 
     def _inputs(self, step: ResolvedStep) -> dict[str, Artifact]:
-        out = self.plan.source_inputs(step)
-        for k, ref in step.inputs.items():
-            if ref.step is not None:
-                out[k] = self.records[ref.step].outputs[ref.output or ""]
-        return out
+        return self.plan.inputs(step, {n: r.outputs for n, r in self.records.items()})
 
     def _submit(self, step: ResolvedStep, attempt: int) -> Any:
         from kollm.train.ray_train import memory_bytes
@@ -204,7 +181,7 @@ class _RaySchedule:
                                    "max_retries": 0, "name": f"kollm:{step.name}"}
         if r.memory and not coordinator:
             options["memory"] = memory_bytes(r.memory)
-        inputs = {k: a.path.as_uri() for k, a in self._inputs(step).items() if step.inputs.get(k) and step.inputs[k].step and a.path}
+        inputs = self.plan.input_uris(step, {n: r.outputs for n, r in self.records.items()})
         if attempt == 0:
             self.report("started", step.name, {"key": self.plan.key(step, self._inputs(step))})
         return self.task.options(**options).remote(

@@ -54,11 +54,17 @@ class Plan:
                 todo.extend(self.deps[d])
         return [s.name for s in self.steps if s.name in seen]
 
-    def source_inputs(self, step: ResolvedStep) -> dict[str, Artifact]:
-        return {k: self.sources[ref.source] for k, ref in step.inputs.items() if ref.source is not None}
-
     def key(self, step: ResolvedStep, inputs: dict[str, Artifact]) -> str:
         return step_key(step, inputs, self.references[step.name])
+
+    def inputs(self, step: ResolvedStep, outputs: dict[str, dict[str, Artifact]]) -> dict[str, Artifact]:
+        """The step's inputs: data sources, and the outputs of finished earlier steps (`outputs[step][name]`)."""
+        return {k: self.sources[ref.source] if ref.source is not None else outputs[ref.step or ""][ref.output or ""] for k, ref in step.inputs.items()}
+
+    def input_uris(self, step: ResolvedStep, outputs: dict[str, dict[str, Artifact]]) -> dict[str, str]:
+        """The `--input NAME=URI` of `kollm step run` for the step: earlier steps' output folders (data sources are
+        read by the step itself, as kollm.yaml names them)."""
+        return {k: a.path.as_uri() for k, a in self.inputs(step, outputs).items() if step.inputs[k].step is not None and a.path is not None}
 
 
 def plan(pipeline: Pipeline, overrides: dict[str, Any] | None = None, *, steps: list[str] | None = None) -> Plan:

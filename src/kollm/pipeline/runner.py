@@ -28,7 +28,7 @@ from kollm.pipeline.artifacts import folder_digest, write_json_atomic
 from kollm.pipeline.plan import Plan, plan
 from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
 from kollm.pipeline.step import ARTIFACT_META_FILE, Artifact, Progress, StepContext, StepRecord, StepResult, _no_progress
-from kollm.pipeline.store import ArtifactStore, Manifest, open_store, read_artifact_meta, wait_note
+from kollm.pipeline.store import ArtifactStore, open_store, read_artifact_meta, wait_note
 from kollm.pipeline.tracking import PipelineTracker, StepTracker
 
 
@@ -109,6 +109,38 @@ class StepRun:
     progress: Progress = _no_progress
     executor: str = "local"
     on_tracker: Callable[[StepTracker | None], None] = lambda st: None  # the executor learns the step's run (to end it on Ctrl-C)
+
+
+def drive(
+    selection: Selection,
+    tracker: PipelineTracker,
+    log: EventLog,
+    parent_run_id: str | None,
+    loop: Callable[[], None],
+    records: dict[str, StepRecord],
+    durations: dict[str, float],
+    on_abort: Callable[[str], None] = lambda status: None,
+) -> RunResult:
+    """What every executor does around its scheduling `loop` (which fills `records` and `durations`): the run's
+    events, its parent MLflow run's end and summary metrics, and the result in file order."""
+    log.write("pipeline_started", steps=selection.steps)
+    t0 = time.perf_counter()
+    try:
+        loop()
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        on_abort(status)
+        log.write("pipeline_failed", error=str(e), status=status)
+        if not parent_run_id:
+            tracker.finish(status)
+        raise
+    order = [n for n in selection.steps if n in records]
+    result = RunResult(tracker.run_id or "", "FINISHED", {n: records[n] for n in order}, {n: durations[n] for n in order})
+    if not parent_run_id:
+        hits = sum(r.cache_hit for r in result.steps.values())
+        tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
+    log.write("pipeline_finished", duration_s=time.perf_counter() - t0)
+    return result
 
 
 def run_step(
