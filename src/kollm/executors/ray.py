@@ -56,6 +56,7 @@ class RayExecutor:
         remote = self.address not in (None, "auto", "local")
         if remote:
             _check_shared(pipe.project_dir, store)
+            _check_reachable(self.address or "")
         started_here = not ray.is_initialized()
         if started_here:
             _connect(ray, self.address, pipe.project_dir if remote else None)
@@ -95,18 +96,20 @@ def _check_shared(project_dir: Path, store: ArtifactStore) -> None:
         raise ConfigError(problems)
 
 
+def _check_reachable(address: str) -> None:
+    """A quick TCP check of a cluster address: Ray itself keeps retrying an unreachable one for minutes."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host or target, int(port or 10001)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as e:
+        raise KollmError(f"cannot reach the Ray cluster at {address}: {e}",
+                         hint="start it with `ray start --head` (client port 10001) or check --address") from None
+
+
 def _connect(ray: Any, address: str | None, working_dir: Path | None) -> None:
-    """ray.init for a run: a local instance sized to this machine, or the cluster at `address` (checked quickly
-    first: Ray itself keeps retrying an unreachable address for minutes)."""
-    if address not in (None, "auto", "local"):
-        target = address.removeprefix("ray://")
-        host, _, port = target.rpartition(":")
-        try:
-            with socket.create_connection((host or target, int(port or 10001)), timeout=CONNECT_TIMEOUT_S):
-                pass
-        except (OSError, ValueError) as e:
-            raise KollmError(f"cannot reach the Ray cluster at {address}: {e}",
-                             hint="start it with `ray start --head` (client port 10001) or check --address") from None
+    """ray.init for a run: a local instance sized to this machine, or the cluster at `address`."""
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if working_dir is not None:  # the project's files (kollm.yaml, python steps, small data) travel with the tasks
         kwargs["runtime_env"] = {"working_dir": str(working_dir), "excludes": [".kollm/", "*.db"]}
