@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_trials_are_drawn_deterministically():
 
 
 @pytest.mark.slow
-def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluster):
+def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluster, kollm_bin):
     root = make_project(tmp_path / "p")
     first = kollm.run(root)
     cpt = first.steps["cpt"]
@@ -104,3 +105,13 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     again = kollm.run(root)
     assert all(r.cache_hit for r in again.steps.values())
     assert again.steps["cpt"].outputs["model"].digest == best_out
+    # `kollm show --json` lists the sweep's trials, sorted by the metric (the cached run's step shows them too)
+    proc = subprocess.run([kollm_bin, "show", again.run_id, "--json", "--path", str(root)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    shown = {s["name"]: s for s in json.loads(proc.stdout)["steps"]}
+    listed = shown["cpt"]["trials"]
+    assert [t["key"] for t in listed] == [t["key"] for t in trials]
+    done = [t["metric"] for t in listed if t["status"] == "finished"]
+    assert done == sorted(done) and shown["cpt"]["sweep_metric"] == "eval_loss (min)"
+    table = subprocess.run([kollm_bin, "show", again.run_id, "--path", str(root)], capture_output=True, text=True, timeout=300).stdout
+    assert "sweep of cpt: 4 trials by eval_loss (min)" in table and "stopped" in table

@@ -155,7 +155,9 @@ def _trial(config: dict[str, Any]) -> None:
         )
     finally:
         _in_trial = False
-    tune.report({**rec.metrics, "kollm_done": 1.0, "kollm_cached": float(rec.cache_hit), "kollm_key": rec.key, "kollm_run_id": rec.run_id or ""})
+    # every result carries the scheduler's metric: the final one the trial's last training loss
+    final_loss = rec.metrics.get("train_loss", rec.metrics.get(PROGRESS_METRIC, float("nan")))
+    tune.report({**rec.metrics, PROGRESS_METRIC: final_loss, "kollm_done": 1.0, "kollm_cached": float(rec.cache_hit), "kollm_key": rec.key, "kollm_run_id": rec.run_id or ""})
 
 
 def _ray(address: str | None) -> Any:
@@ -249,7 +251,9 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
     except KollmError:
         raise
     except Exception as e:
-        raise StepFailed(f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {str(e)[:300]}") from None
+        last = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or [""]
+        raise StepFailed(f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {last[0][:300]}",
+                         hint=f"Ray Tune's trial folders are under {storage}") from None
     del ray
     out: dict[int, dict[str, Any]] = {}
     for res in grid:
