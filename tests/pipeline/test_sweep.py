@@ -115,3 +115,13 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     assert done == sorted(done) and shown["cpt"]["sweep_metric"] == "eval_loss (min)"
     table = subprocess.run([kollm_bin, "show", again.run_id, "--path", str(root)], capture_output=True, text=True, timeout=300).stdout
     assert "sweep of cpt: 4 trials by eval_loss (min)" in table and "stopped" in table
+
+    # a sweep killed after some trials finished: they are reused from the cache, only the others run again
+    import shutil
+
+    shutil.rmtree(store / cpt.key)
+    resumed = kollm.run(root)
+    again_trials = json.loads((resumed.steps["cpt"].outputs["model"].path.parent / "step.json").read_text())["sweep"]["trials"]
+    cached = {t["key"] for t in again_trials if t["cached"]}
+    assert cached == {t["key"] for t in finished}
+    assert resumed.steps["cpt"].outputs["model"].digest == best_out and resumed.steps["evaluate"].cache_hit
