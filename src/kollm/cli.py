@@ -151,17 +151,39 @@ def runs(
 def show(
     run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix), or 'latest'.")],
     path: Annotated[Optional[Path], typer.Option("--path", help="kollm.yaml or its folder (default: current folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run, its steps and any sweep's trials as JSON.")] = False,
 ) -> None:
-    """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics."""
+    """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics; a sweep's trials sorted by its metric."""
+    import dataclasses
+
     from kollm.pipeline.history import show_run
 
     info, steps = show_run(path, run_id)
+    if as_json:
+        print(json.dumps({"run": dataclasses.asdict(info), "steps": [dataclasses.asdict(s) for s in steps]}, indent=2, ensure_ascii=False, default=str))
+        return
     out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
     table = Table(title_justify="left")
     for col in ("step", "kind", "status", "cache", "duration", "key", "outputs", "metrics"):
         table.add_column(col, overflow="fold")
     for s in steps:
         table.add_row(s.name, s.kind, s.status, s.cache, s.duration, s.key, s.outputs, s.metrics)
+    out.print(table)
+    for s in steps:
+        if s.trials:
+            _print_trials(s)
+
+
+def _print_trials(s) -> None:  # type: ignore[no-untyped-def]
+    """A sweep's trials, best first (the order the sweep recorded them in)."""
+    table = Table(title=f"sweep of {s.name}: {len(s.trials)} trials by {s.sweep_metric}", title_justify="left")
+    for col in ("trial", "status", "metric", "values", "reports", "key", "run"):
+        table.add_column(col, overflow="fold")
+    for t in s.trials:
+        metric = f"{t['metric']:.4g}" if isinstance(t.get("metric"), (int, float)) else "-"
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("values", {}).items())
+        table.add_row(str(t.get("trial")), str(t.get("status")) + (" (cached)" if t.get("cached") else ""), metric, values,
+                      str(t.get("iterations", "")), str(t.get("key", ""))[:12], str(t.get("run_id") or "")[:12])
     out.print(table)
 
 

@@ -58,6 +58,49 @@ class Resources(BaseModel):
         return self
 
 
+class SweepParam(BaseModel):
+    """One swept setting: exactly one of choice, grid, uniform, loguniform, randint."""
+
+    model_config = STRICT
+    choice: list[Any] | None = Field(None, description="Pick one of these values at random for each trial.")
+    grid: list[Any] | None = Field(None, description="Every value, each in its own trials (the grids' product, times `samples`).")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]: a float drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], both > 0: a float drawn uniformly in log space.")
+    randint: tuple[int, int] | None = Field(None, description="[low, high]: an integer low <= n < high.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SweepParam:
+        given = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint" + (f" (got {', '.join(given)})" if given else ""))
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} is empty; list at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind} bounds [{value[0]}, {value[1]}]: the low bound must be below the high bound")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform bounds [{value[0]}, {value[1]}]: both must be > 0")
+        return self
+
+
+class SweepSpec(BaseModel):
+    """A hyperparameter search over a training step's config, run as Ray Tune trials (kollm.pipeline.sweep)."""
+
+    model_config = STRICT
+    params: dict[str, SweepParam] = Field(..., min_length=1, description="Config path (lr, lora.r, ...) -> how to sample it.")
+    metric: str = Field("eval_loss", description="The step metric that picks the best finished trial (eval_loss, train_loss).")
+    mode: Literal["min", "max"] = Field("min", description="Whether a lower or a higher `metric` is better.")
+    samples: int = Field(4, ge=1, le=1000, description="Trials to sample (times the product of the `grid` params).")
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop weak trials early from the training loss the loop reports as it goes; none: run every trial to the end."
+    )
+    grace_period: int = Field(1, ge=1, description="ASHA: reports (every `log_every` steps) a trial runs before it may be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor of the trials at each rung.")
+    max_concurrent: int = Field(2, ge=1, description="Trials running at the same time.")
+    seed: int = Field(0, description="Seed for sampling the trials' values (the same seed gives the same trials, so a rerun reuses them).")
+
+
 class StepSpec(BaseModel):
     model_config = STRICT
     kind: str = Field(..., description="The step kind: prepare, cpt, sft, align, evaluate, register, python.")
@@ -71,6 +114,7 @@ class StepSpec(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     retries: int = Field(0, ge=0, le=20, description="How often to retry the step after an unexpected error.")
     retry_backoff_s: float = Field(2.0, ge=0, description="Seconds before the first retry; doubled on each further retry.")
+    sweep: SweepSpec | None = Field(None, description="A hyperparameter search (training steps): trials on Ray Tune; the best trial's outputs become the step's.")
 
     @field_validator("name")
     @classmethod

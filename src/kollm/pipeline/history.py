@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from kollm.config import load_config
 from kollm.errors import NotFound
+from kollm.pipeline.sweep import trial_table
 from kollm.pipeline.tracking import client_for, tracking_uri
 
 
@@ -31,6 +33,8 @@ class StepRow:
     key: str
     outputs: str
     metrics: str
+    sweep_metric: str = ""  # a swept step: "eval_loss (min)"
+    trials: list[dict[str, Any]] = field(default_factory=list)  # its trials, best first (kollm.pipeline.sweep)
 
 
 def _fmt_time(ms: int | None) -> str:
@@ -105,6 +109,8 @@ def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow
                 key=tags.get("kollm.cache_key", "")[:12],
                 outputs=outputs,
                 metrics=metrics[:200],
+                sweep_metric=tags.get("kollm.sweep.metric", ""),
+                trials=trial_table(tags),
             )
         )
     info = RunRow(run.info.run_id, _fmt_time(run.info.start_time), run.info.status, len(steps), sum(s.cache == "hit" for s in steps), _fmt_duration(run.info.start_time, run.info.end_time))

@@ -125,16 +125,18 @@ def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> list[Resol
 
 
 def step_key(step: ResolvedStep, inputs: dict[str, Artifact], references: dict[str, str]) -> str:
-    return json_digest(
-        {
-            "format": KEY_FORMAT,
-            "kind": step.kind,
-            "config": step.config.model_dump(mode="json"),
-            "inputs": {k: a.digest for k, a in sorted(inputs.items())},
-            "code": code_digest(step.module.code(step.config)),
-            "references": dict(sorted(references.items())),
-        }
-    )[:32]
+    parts = {
+        "format": KEY_FORMAT,
+        "kind": step.kind,
+        "config": step.config.model_dump(mode="json"),
+        "inputs": {k: a.digest for k, a in sorted(inputs.items())},
+        "code": code_digest(step.module.code(step.config)),
+        "references": dict(sorted(references.items())),
+    }
+    if step.sweep is not None:  # a swept step's result is its best trial: the search settings and code are part of it
+        parts["sweep"] = step.sweep.model_dump(mode="json")
+        parts["sweep_code"] = code_digest(("kollm.pipeline.sweep",))
+    return json_digest(parts)[:32]
 
 
 _code_cache: dict[str, str] = {}

@@ -19,7 +19,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,10 @@ def run_step(
             metrics = cached.get("metrics", {})
             duration = time.perf_counter() - t0
             st.log(params=config_json, metrics={**metrics, "duration_s": duration})
+            if "sweep" in cached:  # sweep hook: a cached sweep's run shows its best config and trial table again
+                from kollm.pipeline.sweep import sweep_tags
+
+                st.set_tags(sweep_tags(cached["sweep"]))
             st.end("FINISHED")
             r.on_tracker(None)
             r.log.write("step_cached", step=step.name, key=key)
@@ -202,7 +206,12 @@ def run_step(
         attempt = first_attempt
         while True:
             try:
-                record = run_attempt(step, inputs, upstream, r, key=key, tracker=st, attempt=attempt)
+                if step.sweep is not None:  # sweep hook: the step's trials on Ray Tune, its result the best trial's
+                    from kollm.pipeline.sweep import run_sweep
+
+                    record = run_sweep(step, inputs, upstream, r, key=key, tracker=st)
+                else:
+                    record = run_attempt(step, inputs, upstream, r, key=key, tracker=st, attempt=attempt)
                 break
             except KollmError as e:
                 _fail(st, r, step, e)
@@ -352,16 +361,21 @@ def run_one(
     report: Reporter = _silent,
     progress: Progress = _no_progress,
     executor: str = "local",
+    sweep_trial: bool = False,
 ) -> StepRecord:
     """Exactly one attempt of one step with explicit inputs (`kollm step run --input NAME=URI ...`): the unit of
     work a Kubernetes pod or a Ray task runs. Inputs not given explicitly are wired as in the pipeline: data
-    sources, or earlier steps' cached outputs. A cached result is reused unless `force`. Raises on failure; the caller (a pod's restart policy, Ray) decides about retries."""
+    sources, or earlier steps' cached outputs. A cached result is reused unless `force`. Raises on failure; the caller (a pod's restart policy, Ray) decides about retries.
+    sweep_trial: run the step itself, without its `sweep:` (a Ray Tune trial of kollm.pipeline.sweep)."""
     pipe = load_pipeline(path)
     names = [s.name for s in pipe.steps]
     if step_name not in names:
         raise ConfigError(f"--step {step_name}: no such step; steps are: {', '.join(names)}")
     p = plan(pipe, overrides, steps=[step_name])
     step = p.step(step_name)
+    if sweep_trial:  # sweep hook: a trial is the plain step with the trial's overrides, keyed like one
+        step = replace(step, sweep=None)
+        p.steps = [step if s.name == step_name else s for s in p.steps]
     store = open_store(store_url, pipe.state_dir)
     given = dict(inputs or {})
     unknown = [k for k in given if k not in step.module.inputs(step.config)]

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from pydantic import BaseModel, ValidationError
 
-from kollm.config import DataSource, ProjectConfig, Resources, load_config, pydantic_problems
+from kollm.config import DataSource, ProjectConfig, Resources, SweepSpec, load_config, pydantic_problems
 from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.artifacts import file_digest, files_digest
 from kollm.pipeline.step import Artifact, InputSpec
@@ -46,6 +46,7 @@ class ResolvedStep:
     retries: int
     retry_backoff_s: float
     resources: Resources
+    sweep: SweepSpec | None = None  # a hyperparameter search over this step (kollm.pipeline.sweep)
 
     @property
     def where(self) -> str:
@@ -106,6 +107,10 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
         except ConfigError as e:
             problems.extend(f"{where}.config: {p}" for p in e.problems)
             continue
+        if spec.sweep is not None:  # sweep hook: parameter paths, values and metric checked against the step's Config
+            from kollm.pipeline.sweep import check_sweep
+
+            problems.extend(check_sweep(spec.sweep, spec.kind, module.Config, config, where=f"{where}.sweep"))
         in_specs: dict[str, InputSpec] = module.inputs(config)
         wired, wire_problems = _wire(where, i, name, in_specs, spec.inputs, cfg, steps)
         problems.extend(wire_problems)
@@ -121,6 +126,7 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
                 retries=spec.retries,
                 retry_backoff_s=spec.retry_backoff_s,
                 resources=spec.resources,
+                sweep=spec.sweep,
             )
         )
     if problems:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kollm.errors import ConfigError, StepFailed
+from kollm.pipeline import sweep
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
 from kollm.train.config import PRESETS, TrainingConfig
@@ -297,6 +298,7 @@ class TrainingLog:
         metrics = {k: float(v) for k, v in record.items() if k not in skip and isinstance(v, (int, float)) and math.isfinite(v)}
         metrics["epoch"] = float(record["epoch"])
         self.tracker.log_metrics(metrics, step=int(record["step"]))
+        sweep.report_progress(metrics, int(record["step"]), getattr(self.tracker, "run_id", None))  # sweep hook: inside a Ray Tune trial, feeds ASHA
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.tracker is not None:
