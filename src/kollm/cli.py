@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kollm.errors import KollmError
+from kollm.redact import mask_text
 
 app = typer.Typer(help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 step_app = typer.Typer(help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True)
@@ -618,9 +619,9 @@ def main() -> None:
         app()  # standalone: typer prints usage errors itself (exit 2); our errors come out here
     except KollmError as e:
         head = f"step '{e.step}': " if e.step and f"'{e.step}'" not in e.message else ""
-        err.print(f"[bold red]error:[/] {escape(head + e.message)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(mask_text(head + e.message))}", highlight=False, soft_wrap=True)
         if e.hint:
-            err.print(f"  [dim]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
+            err.print(f"  [dim]hint:[/] {escape(mask_text(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
