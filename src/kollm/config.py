@@ -10,8 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from kollm._pydantic import STRICT
 from kollm.errors import ConfigError
-from kollm.pipeline.step import STRICT
 
 CONFIG_FILE = "kollm.yaml"
 # The most YAML nodes a kollm.yaml may expand to once aliases (*name) are resolved. A real pipeline has a few
