@@ -3,6 +3,7 @@ credentials never appear in messages, logs or MLflow."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -175,3 +176,79 @@ def test_glob_matching_agrees_with_the_standard_glob_without_loops(tmp_path):
         expected = sorted(p for p in glob.glob(str(tmp_path / pattern), recursive=True) if os.path.isfile(p))
         got = sorted(resolve_source("s", DataSource(path=pattern), tmp_path).meta["files"])
         assert got == expected, pattern
+
+
+# --- credentials never leave the process ------------------------------------------------------------------------
+
+PLANTED = "Pl4ntedS3cret"
+
+
+def test_mask_text_and_uri():
+    from kollm.redact import mask_text, mask_uri, mask_values
+
+    assert mask_uri(f"postgresql://kollm:{PLANTED}@db:5432/mlflow") == "postgresql://kollm:***@db:5432/mlflow"
+    assert mask_uri(f"http://user:{PLANTED}@host:5000/x?y=1") == "http://user:***@host:5000/x?y=1"
+    assert mask_uri(f"postgresql://u@h/db?sslmode=require&password={PLANTED}") == "postgresql://u@h/db?sslmode=require&password=***"
+    assert mask_text(f"failed: https://a:{PLANTED}@h/ and token={PLANTED}; done") == "failed: https://a:***@h/ and token=***; done"
+    for untouched in ["sqlite:////tmp/x.db", "http://127.0.0.1:8000/v1", "models:/kollm@champion", "postgresql://u@h:5432/db", "lr=0.1"]:
+        assert mask_text(untouched) == untouched
+    assert mask_values({"a": [f"s3://k:{PLANTED}@b/x", 1], "b": {"c": f"password={PLANTED}"}}) == {"a": ["s3://k:***@b/x", 1], "b": {"c": "password=***"}}
+
+
+def _grep_tree(root: Path, needle: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def test_a_planted_password_appears_in_no_message_log_or_mlflow_record(tmp_path, kollm_bin, postgres_uri):
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from tests.pipeline.helpers import make_project
+
+    secret_uri = postgres_uri.replace("postgresql://postgres@", f"postgresql://postgres:{PLANTED}@")  # trust auth: accepted
+    steps = (
+        "- kind: python\n  name: corpus\n  inputs: {src: raw}\n"
+        "  config: {callable: 'mysteps:make_corpus', inputs: {src: source}, outputs: {data: corpus}, "
+        f"params: {{db: '{secret_uri}', auth: 'password={PLANTED}'}}}}\n"
+    )
+    root = make_project(tmp_path / "p", steps_yaml=steps)
+    text = (root / "kollm.yaml").read_text()
+    (root / "kollm.yaml").write_text(text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{secret_uri}'}}\n"))
+
+    def kollm(*args, cwd=root):
+        proc = subprocess.run([kollm_bin, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+        assert PLANTED not in proc.stdout + proc.stderr, (args, proc.stdout, proc.stderr)
+        return proc
+
+    run = kollm("run")
+    assert run.returncode == 0, run.stderr
+    shown = kollm("show", run.stdout.strip().split()[-1] if run.stdout.strip() else "latest")
+    assert kollm("runs").returncode == 0
+    missing = kollm("registry", "show", "no-such-model")
+    assert missing.returncode == 4 and "postgres:***@127.0.0.1" in missing.stderr, missing.stderr
+    served = kollm("serve", "models:/no-such-model@champion")
+    assert served.returncode != 0 and "Traceback" not in served.stderr
+    assert shown is not None
+    # Under .kollm only the step manifest holds the step's config as written (its `params`, the cache key's input);
+    # logs, reports and every other record are clean.
+    leaks = _grep_tree(root, PLANTED)
+    assert str(root / "kollm.yaml") in leaks and any(p.endswith("step.json") for p in leaks)
+    assert [p for p in leaks if not p.endswith(("kollm.yaml", "step.json"))] == []
+    assert (root / ".kollm" / "logs").is_dir() and _grep_tree(root / ".kollm" / "logs", PLANTED) == []
+
+    client = MlflowClient(tracking_uri=postgres_uri)
+    exp = client.get_experiment_by_name("testproj")
+    records = client.search_runs([exp.experiment_id])
+    assert len(records) >= 2  # the pipeline run and its step
+    for r in records:
+        assert PLANTED not in json.dumps({"params": r.data.params, "tags": r.data.tags}), r.data
+    step = next(r for r in records if r.data.tags.get("kollm.step") == "corpus")
+    assert step.data.params["params.db"].startswith("postgresql://postgres:***@")
+
+    # a connection that fails: the error names the store, masked
+    bad = secret_uri.rsplit("/", 1)[0] + "/no_such_database_kollm"
+    (root / "kollm.yaml").write_text(text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{bad}'}}\n"))
+    failed = kollm("run")
+    assert failed.returncode == 1 and "postgres:***@127.0.0.1:5432/no_such_database_kollm" in failed.stderr, failed.stderr
+    assert _grep_tree(root / ".kollm" / "logs", PLANTED) == []
