@@ -32,6 +32,35 @@ ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project f
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or step lines.")]
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        from kollm._version import __version__
+
+        print(f"kollm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print kollm's version and exit.", callback=_version_callback, is_eager=True)] = False,
+) -> None:
+    """kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM."""
+
+
+def id_column(table: Table, header: str, width: int = 12) -> None:
+    """A column of ids or digests: one line, shortened with an ellipsis (the full value is in `--json`)."""
+    table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=width)
+
+
+def text_column(table: Table, header: str) -> None:
+    """A column of words: wrapped at word boundaries; only a single word wider than the column is folded."""
+    table.add_column(header, overflow="fold")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
+
+
 def project_dir(project: Path | None) -> Path | None:
     """The project folder for commands that use a project's tracking/registry settings."""
     if project is not None:
@@ -91,8 +120,27 @@ def run_cmd(
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:
         err.print(f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s")
+        summary = run_summary(result.steps.values())
+        if summary:
+            err.print(f"[bold]summary:[/] {escape(summary)}", highlight=False)
     else:
         print(result.run_id)
+
+
+def run_summary(records: Iterable[Any]) -> str:
+    """One line on what the run decided: each evaluate step's gate verdict and each registered version and alias
+    ("" when the pipeline has neither)."""
+    parts = []
+    for r in records:
+        if r.kind == "evaluate":
+            passed = r.metrics.get("gate_passed")
+            verdict = "no gate" if passed is None else ("gate passed" if passed else "gate FAILED")
+            parts.append(f"{r.name}: {verdict}")
+        elif r.kind == "register":
+            reg = next((a.meta for a in r.outputs.values() if a.meta.get("version") is not None), None)
+            if reg:
+                parts.append(f"{r.name}: registered {reg.get('name')} version {reg['version']} as {reg.get('uri')}")
+    return "; ".join(parts)
 
 
 def _step_lines(show: bool):
@@ -135,14 +183,21 @@ def _progress(enabled: bool):
 def runs(
     path: PathArg = None,
     limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (full run ids).")] = False,
 ) -> None:
     """List pipeline runs (newest first)."""
+    from dataclasses import asdict
+
     from kollm.pipeline.history import list_runs
 
     rows = list_runs(path, limit=limit)
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+        return
     table = Table(title_justify="left")
-    for col in ("run", "started", "status", "steps", "cached", "duration"):
-        table.add_column(col)
+    id_column(table, "run")
+    for col in ("started", "status", "steps", "cached", "duration"):
+        text_column(table, col)
     for r in rows:
         table.add_row(r.run_id, r.started, r.status, str(r.steps), str(r.cache_hits), r.duration)
     out.print(table if rows else "no runs yet — `kollm run` starts one")
@@ -152,15 +207,24 @@ def runs(
 def show(
     run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix), or 'latest'.")],
     path: Annotated[Optional[Path], typer.Option("--path", help="kollm.yaml or its folder (default: current folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: the run and its steps.")] = False,
 ) -> None:
     """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics."""
+    from dataclasses import asdict
+
     from kollm.pipeline.history import show_run
 
     info, steps = show_run(path, run_id)
+    if as_json:
+        _print_json({**asdict(info), "step_runs": [asdict(s) for s in steps]})
+        return
     out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
     table = Table(title_justify="left")
-    for col in ("step", "kind", "status", "cache", "duration", "key", "outputs", "metrics"):
-        table.add_column(col, overflow="fold")
+    for col in ("step", "kind", "status", "cache", "duration"):
+        text_column(table, col)
+    id_column(table, "key", 8)
+    for col in ("outputs", "metrics"):
+        text_column(table, col)
     for s in steps:
         table.add_row(s.name, s.kind, s.status, s.cache, s.duration, s.key, s.outputs, s.metrics)
     out.print(table)
@@ -317,8 +381,9 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
         print(json.dumps([_version_dict(v) for v in versions], ensure_ascii=False, indent=2))
         return
     table = Table(title=f"{model}", title_justify="left")
-    for col in ("version", "aliases", "created", "gate", "perplexity", "base model", "pipeline run"):
-        table.add_column(col, overflow="fold")
+    for col in ("version", "aliases", "created", "gate", "perplexity", "base model"):
+        text_column(table, col)
+    id_column(table, "pipeline run", 10)
     for v in versions:
         table.add_row(v.version, ", ".join(v.aliases), v.created.strftime("%Y-%m-%d %H:%M"), v.tags.get("kollm.gate", ""),
                       v.tags.get("kollm.metric.perplexity", ""), v.tags.get("kollm.base_model", ""), v.tags.get("kollm.pipeline_run_id", "")[:12])
@@ -624,8 +689,25 @@ def main() -> None:
             err.print(f"  [dim]hint:[/] {escape(mask_text(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    """Ctrl-C: say what happened (and for `kollm run`, how to resume), exit 130. Plain writes: rich's console may
+    have been mid-print in the frame the interrupt hit."""
+    if "run" in sys.argv[1:2]:
+        sys.stderr.write(
+            "\ninterrupted: the run stopped; finished steps are kept. "
+            "Run `kollm run` again to resume it (finished steps are reused from the cache).\n"
+        )
+    else:
+        sys.stderr.write("\ninterrupted\n")
+    sys.stderr.flush()
+    sys.exit(130)
 
 
 if __name__ == "__main__":
