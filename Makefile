@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kollm-installed
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast check bench clean
 
 # torch==2.13.0 first: any other torch spec pulls several GB of CUDA packages on this CPU-only setup.
 $(STAMP): pyproject.toml
@@ -24,6 +24,12 @@ demo: install
 	$(BIN)/kollm init $(DEMO_DIR) --example korean-quickstart
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm run
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm runs
+
+# Lint (ruff: rules in pyproject) and types (mypy + pydantic plugin over the modules listed in pyproject's
+# [tool.mypy] files); CI runs it before the tests.
+check: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

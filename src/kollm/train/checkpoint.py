@@ -43,7 +43,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def rng_state() -> dict[str, Any]:
     """The RNG states as tensors and plain types (loadable with weights_only=True)."""
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     numpy_state = [str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
