@@ -79,3 +79,20 @@ def test_run_summary_names_the_gate_verdict_and_the_registered_version():
     assert run_summary(records) == "evaluate: gate passed; register: registered demo version 3 as models:/demo@challenger"
     assert run_summary([_record("evaluate", "evaluate", {"perplexity": 12.0})]) == "evaluate: no gate"
     assert run_summary([_record("sft", "sft", {})]) == ""
+
+
+def test_validate_names_an_unreachable_hub_model_offline(tmp_path, kollm_bin):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_helpers_cli", Path(__file__).parent / "steps" / "test_sft.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    cpt = "- kind: cpt\n  config: {base_model: no-such-org/no-such-model, seq_len: 64, max_steps: 2}\n"
+    root = helpers.make_project(tmp_path / "p", cpt)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
+    proc = _kollm(kollm_bin, "validate", str(root), env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no-such-org/no-such-model" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr and "base_model: scratch" in proc.stderr
+
+    (root / "kollm.yaml").write_text((root / "kollm.yaml").read_text().replace("no-such-org/no-such-model", "scratch"))
+    assert _kollm(kollm_bin, "validate", str(root), env=env).returncode == 0

@@ -88,6 +88,7 @@ def validate(path: PathArg = None) -> None:
     from kollm.pipeline.spec import load_pipeline
 
     pipe = load_pipeline(path)
+    check_offline_models(pipe)
     table = Table(title=f"{pipe.cfg.project}: {len(pipe.steps)} steps", title_justify="left")
     for col in ("#", "step", "kind", "inputs", "outputs"):
         table.add_column(col)
@@ -97,6 +98,32 @@ def validate(path: PathArg = None) -> None:
         table.add_row(str(s.index), s.name, s.kind, ins, outs)
     out.print(table)
     out.print(f"[green]ok[/] {pipe.file}")
+
+
+def check_offline_models(pipe: Any) -> None:
+    """With HF_HUB_OFFLINE set, a `base_model` that is neither `scratch`, a local folder nor in the local Hugging
+    Face cache cannot load: say so now rather than after minutes of retries in `kollm run`."""
+    from kollm.errors import ConfigError
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    from kollm.train.config import hub_revision
+
+    problems = []
+    for s in pipe.steps:
+        base = getattr(s.config, "base_model", None)
+        if not isinstance(base, str) or base == "scratch" or (pipe.file.parent / base).is_dir():
+            continue
+        if hub_revision(base) is None:
+            problems.append(
+                f"steps.{s.name}.config.base_model: '{base}' is not a local folder and not in the local Hugging Face "
+                "cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+            )
+    if problems:
+        raise ConfigError(
+            problems, source=str(pipe.file),
+            hint="use `base_model: scratch`, a local model folder, or unset HF_HUB_OFFLINE on a machine that reaches the hub",
+        )
 
 
 @app.command("run")
