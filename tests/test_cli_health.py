@@ -96,3 +96,14 @@ def test_validate_names_an_unreachable_hub_model_offline(tmp_path, kollm_bin):
 
     (root / "kollm.yaml").write_text((root / "kollm.yaml").read_text().replace("no-such-org/no-such-model", "scratch"))
     assert _kollm(kollm_bin, "validate", str(root), env=env).returncode == 0
+
+
+def test_validate_checks_gate_metric_names(tmp_path, kollm_bin):
+    root = tmp_path / "q"
+    assert _kollm(kollm_bin, "init", str(root)).returncode == 0
+    assert _kollm(kollm_bin, "validate", str(root)).returncode == 0
+    yaml_file = root / "kollm.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("- chrf >= 0.5", "- bleu_score >= 0.5"))
+    proc = _kollm(kollm_bin, "validate", str(root))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "bleu_score" in proc.stderr and "does not produce" in proc.stderr and "chrf" in proc.stderr

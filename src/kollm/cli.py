@@ -89,6 +89,7 @@ def validate(path: PathArg = None) -> None:
 
     pipe = load_pipeline(path)
     check_offline_models(pipe)
+    check_gate_metrics(pipe)
     table = Table(title=f"{pipe.cfg.project}: {len(pipe.steps)} steps", title_justify="left")
     for col in ("#", "step", "kind", "inputs", "outputs"):
         table.add_column(col)
@@ -98,6 +99,33 @@ def validate(path: PathArg = None) -> None:
         table.add_row(str(s.index), s.name, s.kind, ins, outs)
     out.print(table)
     out.print(f"[green]ok[/] {pipe.file}")
+
+
+def check_gate_metrics(pipe: Any) -> None:
+    """Each `evaluate` step's gate rules against the metrics it will produce (evaluate's own check, run now instead
+    of after the model is loaded). Checked where the suite is a data source; a suite from an earlier step is
+    checked when the step runs."""
+    from types import SimpleNamespace
+
+    from kollm.config import DataSource
+    from kollm.eval.gate import parse_rule
+    from kollm.pipeline.spec import resolve_source
+    from kollm.steps import evaluate
+
+    for s in pipe.steps:
+        if s.kind != "evaluate" or not s.config.gate:
+            continue
+        cases: list[Any] = []
+        if s.config.generation:
+            suite = s.inputs.get("suite")
+            if suite is None or suite.source is None:
+                continue
+            src = pipe.cfg.data[suite.source]
+            artifact = resolve_source(suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False)
+            cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
+        has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
+        produced = evaluate._expected_metrics(s.config, has_data, cases)
+        evaluate._check_rules(SimpleNamespace(name=s.name), [parse_rule(r) for r in s.config.gate], produced)
 
 
 def check_offline_models(pipe: Any) -> None:
