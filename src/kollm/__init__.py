@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kollm._version import __version__ as __version__
 
 if TYPE_CHECKING:
     from kollm.pipeline.runner import RunResult

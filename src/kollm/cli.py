@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kollm.errors import KollmError
+from kollm.redact import mask_text
 
 app = typer.Typer(help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 step_app = typer.Typer(help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True)
@@ -29,6 +30,35 @@ T = TypeVar("T")
 PathArg = Annotated[Optional[Path], typer.Argument(help="kollm.yaml or the folder that holds it (default: the current folder).")]
 ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder whose tracking and registry settings to use (default: the current folder if it holds kollm.yaml).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or step lines.")]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from kollm._version import __version__
+
+        print(f"kollm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print kollm's version and exit.", callback=_version_callback, is_eager=True)] = False,
+) -> None:
+    """kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM."""
+
+
+def id_column(table: Table, header: str, width: int = 12) -> None:
+    """A column of ids or digests: one line, shortened with an ellipsis (the full value is in `--json`)."""
+    table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=width)
+
+
+def text_column(table: Table, header: str) -> None:
+    """A column of words: wrapped at word boundaries; only a single word wider than the column is folded."""
+    table.add_column(header, overflow="fold")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
 
 
 def project_dir(project: Path | None) -> Path | None:
@@ -58,6 +88,8 @@ def validate(path: PathArg = None) -> None:
     from kollm.pipeline.spec import load_pipeline
 
     pipe = load_pipeline(path)
+    check_offline_models(pipe)
+    check_gate_metrics(pipe)
     table = Table(title=f"{pipe.cfg.project}: {len(pipe.steps)} steps", title_justify="left")
     for col in ("#", "step", "kind", "inputs", "outputs"):
         table.add_column(col)
@@ -67,6 +99,59 @@ def validate(path: PathArg = None) -> None:
         table.add_row(str(s.index), s.name, s.kind, ins, outs)
     out.print(table)
     out.print(f"[green]ok[/] {pipe.file}")
+
+
+def check_gate_metrics(pipe: Any) -> None:
+    """Each `evaluate` step's gate rules against the metrics it will produce (evaluate's own check, run now instead
+    of after the model is loaded). Checked where the suite is a data source; a suite from an earlier step is
+    checked when the step runs."""
+    from types import SimpleNamespace
+
+    from kollm.config import DataSource
+    from kollm.eval.gate import parse_rule
+    from kollm.pipeline.spec import resolve_source
+    from kollm.steps import evaluate
+
+    for s in pipe.steps:
+        if s.kind != "evaluate" or not s.config.gate:
+            continue
+        cases: list[Any] = []
+        if s.config.generation:
+            suite = s.inputs.get("suite")
+            if suite is None or suite.source is None:
+                continue
+            src = pipe.cfg.data[suite.source]
+            artifact = resolve_source(suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False)
+            cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
+        has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
+        produced = evaluate._expected_metrics(s.config, has_data, cases)
+        evaluate._check_rules(SimpleNamespace(name=s.name), [parse_rule(r) for r in s.config.gate], produced)
+
+
+def check_offline_models(pipe: Any) -> None:
+    """With HF_HUB_OFFLINE set, a `base_model` that is neither `scratch`, a local folder nor in the local Hugging
+    Face cache cannot load: say so now rather than after minutes of retries in `kollm run`."""
+    from kollm.errors import ConfigError
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    from kollm.train.config import hub_revision
+
+    problems = []
+    for s in pipe.steps:
+        base = getattr(s.config, "base_model", None)
+        if not isinstance(base, str) or base == "scratch" or (pipe.file.parent / base).is_dir():
+            continue
+        if hub_revision(base) is None:
+            problems.append(
+                f"steps.{s.name}.config.base_model: '{base}' is not a local folder and not in the local Hugging Face "
+                "cache, and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+            )
+    if problems:
+        raise ConfigError(
+            problems, source=str(pipe.file),
+            hint="use `base_model: scratch`, a local model folder, or unset HF_HUB_OFFLINE on a machine that reaches the hub",
+        )
 
 
 @app.command("run")
@@ -90,8 +175,27 @@ def run_cmd(
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:
         err.print(f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s")
+        summary = run_summary(result.steps.values())
+        if summary:
+            err.print(f"[bold]summary:[/] {escape(summary)}", highlight=False)
     else:
         print(result.run_id)
+
+
+def run_summary(records: Iterable[Any]) -> str:
+    """One line on what the run decided: each evaluate step's gate verdict and each registered version and alias
+    ("" when the pipeline has neither)."""
+    parts = []
+    for r in records:
+        if r.kind == "evaluate":
+            passed = r.metrics.get("gate_passed")
+            verdict = "no gate" if passed is None else ("gate passed" if passed else "gate FAILED")
+            parts.append(f"{r.name}: {verdict}")
+        elif r.kind == "register":
+            reg = next((a.meta for a in r.outputs.values() if a.meta.get("version") is not None), None)
+            if reg:
+                parts.append(f"{r.name}: registered {reg.get('name')} version {reg['version']} as {reg.get('uri')}")
+    return "; ".join(parts)
 
 
 def _step_lines(show: bool):
@@ -134,14 +238,21 @@ def _progress(enabled: bool):
 def runs(
     path: PathArg = None,
     limit: Annotated[int, typer.Option(help="How many runs to list.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (full run ids).")] = False,
 ) -> None:
     """List pipeline runs (newest first)."""
+    from dataclasses import asdict
+
     from kollm.pipeline.history import list_runs
 
     rows = list_runs(path, limit=limit)
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+        return
     table = Table(title_justify="left")
-    for col in ("run", "started", "status", "steps", "cached", "duration"):
-        table.add_column(col)
+    id_column(table, "run")
+    for col in ("started", "status", "steps", "cached", "duration"):
+        text_column(table, col)
     for r in rows:
         table.add_row(r.run_id, r.started, r.status, str(r.steps), str(r.cache_hits), r.duration)
     out.print(table if rows else "no runs yet — `kollm run` starts one")
@@ -154,18 +265,21 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run, its steps and any sweep's trials as JSON.")] = False,
 ) -> None:
     """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics; a sweep's trials sorted by its metric."""
-    import dataclasses
+    from dataclasses import asdict
 
     from kollm.pipeline.history import show_run
 
     info, steps = show_run(path, run_id)
     if as_json:
-        print(json.dumps({"run": dataclasses.asdict(info), "steps": [dataclasses.asdict(s) for s in steps]}, indent=2, ensure_ascii=False, default=str))
+        _print_json({"run": asdict(info), "steps": [asdict(s) for s in steps]})
         return
     out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
     table = Table(title_justify="left")
-    for col in ("step", "kind", "status", "cache", "duration", "key", "outputs", "metrics"):
-        table.add_column(col, overflow="fold")
+    for col in ("step", "kind", "status", "cache", "duration"):
+        text_column(table, col)
+    id_column(table, "key", 8)
+    for col in ("outputs", "metrics"):
+        text_column(table, col)
     for s in steps:
         table.add_row(s.name, s.kind, s.status, s.cache, s.duration, s.key, s.outputs, s.metrics)
     out.print(table)
@@ -405,8 +519,9 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
         print(json.dumps([_version_dict(v) for v in versions], ensure_ascii=False, indent=2))
         return
     table = Table(title=f"{model}", title_justify="left")
-    for col in ("version", "aliases", "created", "gate", "perplexity", "base model", "pipeline run"):
-        table.add_column(col, overflow="fold")
+    for col in ("version", "aliases", "created", "gate", "perplexity", "base model"):
+        text_column(table, col)
+    id_column(table, "pipeline run", 10)
     for v in versions:
         table.add_row(v.version, ", ".join(v.aliases), v.created.strftime("%Y-%m-%d %H:%M"), v.tags.get("kollm.gate", ""),
                       v.tags.get("kollm.metric.perplexity", ""), v.tags.get("kollm.base_model", ""), v.tags.get("kollm.pipeline_run_id", "")[:12])
@@ -707,13 +822,30 @@ def main() -> None:
         app()  # standalone: typer prints usage errors itself (exit 2); our errors come out here
     except KollmError as e:
         head = f"step '{e.step}': " if e.step and f"'{e.step}'" not in e.message else ""
-        err.print(f"[bold red]error:[/] {escape(head + e.message)}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(mask_text(head + e.message))}", highlight=False, soft_wrap=True)
         if e.hint:
-            err.print(f"  [dim]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
+            err.print(f"  [dim]hint:[/] {escape(mask_text(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    """Ctrl-C: say what happened (and for `kollm run`, how to resume), exit 130. Plain writes: rich's console may
+    have been mid-print in the frame the interrupt hit."""
+    if "run" in sys.argv[1:2]:
+        sys.stderr.write(
+            "\ninterrupted: the run stopped; finished steps are kept. "
+            "Run `kollm run` again to resume it (finished steps are reused from the cache).\n"
+        )
+    else:
+        sys.stderr.write("\ninterrupted\n")
+    sys.stderr.flush()
+    sys.exit(130)
 
 
 if __name__ == "__main__":

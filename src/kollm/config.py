@@ -10,10 +10,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from kollm._pydantic import STRICT
 from kollm.errors import ConfigError
-from kollm.pipeline.step import STRICT
 
 CONFIG_FILE = "kollm.yaml"
+# The most YAML nodes a kollm.yaml may expand to once aliases (*name) are resolved. A real pipeline has a few
+# thousand; a "billion laughs" alias bomb of a few KB expands to billions and would exhaust memory.
+MAX_YAML_NODES = 200_000
 
 
 class TrackingConfig(BaseModel):
@@ -254,11 +257,67 @@ def find_config(path: str | os.PathLike[str] | None) -> Path:
     return p.resolve()
 
 
+def safe_load_bounded(text: str, *, source: str | None = None, max_nodes: int = MAX_YAML_NODES) -> Any:
+    """yaml.safe_load that refuses a document whose alias-expanded size exceeds `max_nodes` (or which refers to
+    itself), before building any Python object. Raises ConfigError for those, yaml.YAMLError for bad syntax."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, max_nodes, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node, max_nodes: int, source: str | None) -> None:
+    """Count the nodes of the document with every alias expanded; each distinct node is sized once (memoised),
+    so a bomb is measured in time linear to its text, not to its expansion."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(
+                f"an alias refers to a mapping or list that contains it (line {node.start_mark.line + 1}); "
+                "kollm.yaml may not be recursive",
+                source=source,
+            )
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > max_nodes:
+                    break
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += size(item)
+                if total > max_nodes:
+                    break
+        active.discard(key)
+        sizes[key] = total
+        if total > max_nodes:
+            raise ConfigError(
+                f"the document expands to more than {max_nodes:,} values once its aliases (*name) are resolved "
+                f"(at line {node.start_mark.line + 1}); an alias bomb is refused",
+                source=source,
+                hint="repeat fewer aliases, or write the values out",
+            )
+        return total
+
+    size(root)
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> tuple[ProjectConfig, Path]:
     """Read and validate kollm.yaml. Returns the config and the file's path. Raises ConfigError."""
     file = find_config(path)
     try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+        raw = safe_load_bounded(file.read_text(encoding="utf-8"), source=str(file))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

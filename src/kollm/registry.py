@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kollm.errors import KollmError, NotFound
+from kollm.redact import mask_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -150,7 +151,7 @@ def _registered_model(c: MlflowClient, name: str):
             raise
         names = [m.name for m in c.search_registered_models(max_results=50)]
         hint = ("registered models: " + ", ".join(names)) if names else "no model is registered yet: run a pipeline with a `register` step"
-        raise NotFound(f"no registered model '{name}' at {c.tracking_uri}", hint=hint) from None
+        raise NotFound(f"no registered model '{name}' at {mask_uri(c.tracking_uri)}", hint=hint) from None
 
 
 def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
@@ -378,7 +379,7 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
         except MlflowException as e:
             if not _not_found(e):
                 raise
-            raise NotFound(f"no MLflow run '{run_id}' at {c.tracking_uri}", hint="`kollm runs` lists the runs") from None
+            raise NotFound(f"no MLflow run '{run_id}' at {mask_uri(c.tracking_uri)}", hint="`kollm runs` lists the runs") from None
         key = hashlib.sha256(f"{c.tracking_uri}\0{run_id}\0{path}".encode()).hexdigest()[:12]
         cache = _cache_root(project_dir) / f"run-{run_id[:12]}-{key}"
 

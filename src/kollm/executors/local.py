@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kollm import __version__
+from kollm._version import __version__
 from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
 from kollm.pipeline.plan import Plan
 from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step

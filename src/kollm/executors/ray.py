@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kollm import __version__
+from kollm._version import __version__
 from kollm.errors import ConfigError, KollmError, StepCrashed
 from kollm.pipeline.plan import Plan
 from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step

@@ -395,7 +395,7 @@ def run_one(
         if parent_run_id:
             tracker.run_id = parent_run_id
         else:
-            from kollm import __version__
+            from kollm._version import __version__
 
             tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.step_run": step_name})
         log = EventLog(pipe.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")

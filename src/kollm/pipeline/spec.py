@@ -5,8 +5,9 @@ Every problem found is reported at once, each naming its YAML path and how to fi
 
 from __future__ import annotations
 
-import glob as globmod
+import fnmatch
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,16 +258,17 @@ def resolve_source(name: str, src: DataSource, project_dir: Path, *, digest: boo
     base = Path(raw) if Path(raw).is_absolute() else project_dir / raw
     fmt = src.format
     if any(c in raw for c in "*?["):
-        files = sorted(Path(p) for p in globmod.glob(str(base), recursive=True) if Path(p).is_file())
-        if not files:
-            raise ConfigError(f"{where}: no file matches '{src.path}' (relative to {project_dir})")
         root = base.parent
         while any(c in str(root) for c in "*?["):
             root = root.parent
+        pattern = base.relative_to(root).parts
+        files = sorted(p for p in walk_files(root) if _glob_match(p.relative_to(root).parts, pattern))
+        if not files:
+            raise ConfigError(f"{where}: no file matches '{src.path}' (relative to {project_dir})")
     elif base.is_dir():
         if (base / "dataset_info.json").exists() or (base / "state.json").exists():
             fmt = "hf" if fmt == "auto" else fmt
-        files = sorted(p for p in base.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
+        files = sorted(p for p in walk_files(base) if not any(part.startswith(".") for part in p.relative_to(base).parts))
         if not files:
             raise ConfigError(f"{where}: the folder '{src.path}' is empty")
         root = base
@@ -281,6 +283,52 @@ def resolve_source(name: str, src: DataSource, project_dir: Path, *, digest: boo
         digest=d,
         meta={"name": name, "uri": str(base), "format": fmt, "files": [str(p) for p in files]},
     )
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every file under `root`, following symlinked folders but entering each real folder once, so symlink loops
+    (`a -> .`, `a -> b -> a`) end instead of expanding without bound as `glob(recursive=True)` does (a folder
+    reachable under two paths is listed once, under the first path in sorted order)."""
+    seen: set[tuple[int, int]] = set()
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()  # a folder reachable twice is listed under the same (first) path on every run
+        out.extend(p for p in (Path(dirpath) / f for f in filenames) if p.is_file())
+    return out
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """glob(recursive=True) semantics on path parts: `**` matches zero or more folders, `*`/`?`/`[...]` match within
+    one name, and a wildcard does not match a name starting with '.' unless the pattern part does."""
+    memo: dict[tuple[int, int], bool] = {}
+
+    def match(i: int, j: int) -> bool:
+        if (i, j) in memo:
+            return memo[i, j]
+        if j == len(pattern):
+            ok = i == len(parts)
+        elif pattern[j] == "**":
+            ok = match(i, j + 1) or (i < len(parts) and not parts[i].startswith(".") and match(i + 1, j))
+        else:
+            ok = (
+                i < len(parts)
+                and fnmatch.fnmatchcase(parts[i], pattern[j])
+                and (not parts[i].startswith(".") or pattern[j].startswith("."))
+                and match(i + 1, j + 1)
+            )
+        memo[i, j] = ok
+        return ok
+
+    return match(0, 0)
 
 
 def _remote_source(name: str, src: DataSource, digest: bool) -> Artifact:

@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from kollm._pydantic import STRICT as STRICT
 
 if TYPE_CHECKING:
     from kollm.config import Resources
     from kollm.pipeline.tracking import StepTracker
 
-# Every pydantic model of kollm.yaml forbids unknown keys, so a typo is an error that names the field.
-STRICT = ConfigDict(extra="forbid")
+# STRICT lives in the bottom module kollm._pydantic (config, data, eval, train use it without the pipeline contract);
+# re-exported here so step kinds keep importing it with the rest of the contract.
 
 # Artifact types. Datasets: "corpus" (text), "instructions" (chat messages), "preferences"
 # (prompt/chosen/rejected). "model": a Hugging Face folder. "metrics": metrics.json. "report": HTML and JSON.

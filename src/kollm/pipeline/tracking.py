@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from kollm.errors import KollmError
+from kollm.redact import mask_text, mask_uri
 from kollm.pipeline.sqlite_runs import SqliteRuns
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def _probe_database(uri: str) -> None:
     except Exception as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
         raise KollmError(
-            f"cannot open the MLflow tracking store {uri}: {reason}",
+            f"cannot open the MLflow tracking store {mask_uri(uri)}: {mask_text(reason)}",
             hint="check tracking.uri in kollm.yaml or $MLFLOW_TRACKING_URI, and that the database server is running",
         ) from None
     finally:
@@ -123,7 +124,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, key + "."))
         else:
             text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
-            out[key] = text[:MAX_PARAM_LEN]
+            out[key] = mask_text(text)[:MAX_PARAM_LEN]
     return out
 
 
@@ -147,7 +148,7 @@ def _store_errors() -> Iterator[None]:
         from_mlflow = exceptions is not None and isinstance(e, exceptions.MlflowException)
         if not (from_mlflow or isinstance(e, sqlite3.Error)):  # sqlite3: kollm's own writes (sqlite_runs)
             raise
-        raise KollmError(f"MLflow tracking failed: {str(e).splitlines()[0][:300]}") from None
+        raise KollmError(f"MLflow tracking failed: {mask_text(str(e).splitlines()[0][:300])}") from None
 
 
 def _point_mlflow_at(uri: str) -> None:
@@ -179,6 +180,7 @@ class RunWriter:
         return self._client
 
     def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+        tags = {k: mask_text(v) for k, v in tags.items()}
         with _store_errors():
             if self.fast is not None and self.fast.experiment_id == experiment_id:
                 run_id = self.fast.create_run(run_name, tags)
@@ -226,7 +228,7 @@ class StepTracker:
             self.run_id,
             params=flatten(params or {}),
             metrics={k: float(v) for k, v in (metrics or {}).items()},
-            tags={k: str(v)[:MAX_PARAM_LEN] for k, v in (tags or {}).items()},
+            tags={k: mask_text(str(v))[:MAX_PARAM_LEN] for k, v in (tags or {}).items()},
             step=step or 0,
         )
 
@@ -291,7 +293,7 @@ class PipelineTracker:
             raise
         except Exception as e:  # the store is unreachable or misconfigured: say which URI
             raise KollmError(
-                f"cannot open the MLflow tracking store {self.uri}: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                f"cannot open the MLflow tracking store {mask_uri(self.uri)}: {type(e).__name__}: {mask_text(str(e).splitlines()[0][:300])}",
                 hint="check tracking.uri in kollm.yaml or $MLFLOW_TRACKING_URI",
             ) from None
         # MLflow has now created the store and the experiment; kollm's writer may take over from here

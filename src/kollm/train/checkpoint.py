@@ -2,11 +2,16 @@
 
 Layout: `<checkpoint_dir>/step-00000040/{weights.pt, optimizer.pt, state.pt}`. A checkpoint is written into a
 temporary folder and renamed into place, so a killed process leaves either a complete checkpoint or none.
+
+Every file holds only tensors and plain types (dicts, lists, tuples, numbers, strings) and is read back with
+`torch.load(weights_only=True)`, so a tampered checkpoint cannot run code on resume: numpy's RNG state is stored as
+a list of ints rather than a pickled ndarray.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -15,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kollm.errors import StepFailed
 
 PREFIX = "step-"
 
@@ -35,15 +42,20 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain types (loadable with weights_only=True)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = [str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -87,7 +99,7 @@ def latest(checkpoint_dir: Path | None) -> Path | None:
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
     """Restore a checkpoint written by `save` into model/optimizer/scheduler and the RNGs; return the state."""
-    weights = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
+    weights = _load_plain(path / "weights.pt")
     params = dict(model.named_parameters())
     unknown = set(weights) - set(params)
     if unknown:
@@ -95,8 +107,21 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # our own file: RNG tuples need pickle
+    optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+    blob = _load_plain(path / "state.pt")
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainState(**blob["train"])
+
+
+def _load_plain(file: Path) -> Any:
+    """torch.load restricted to tensors and plain types: a file that needs anything else is refused unexecuted."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StepFailed(
+            f"checkpoint file {file} holds objects other than tensors and plain values, so it was not loaded "
+            f"(tampered, or written by an older kollm): {first}. Delete the checkpoint folder {file.parent} to start "
+            "the step from scratch."
+        ) from None

@@ -468,7 +468,7 @@ def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    from kollm import __version__ as kollm_version  # noqa: F401 - defined by the package
+    from kollm._version import __version__ as kollm_version
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "kollm": kollm_version}
 
