@@ -96,7 +96,7 @@ def test_ray_data_prepare_matches_local_instructions_without_near_dedup(ray_clus
                  filters={"min_chars": 5})
     on_ray = prepare_sources(sources, cfg, executor="ray")
     local = prepare_sources(sources, cfg.model_copy(update={"num_proc": 1}))
-    assert on_ray.counts.train > 100 and on_ray.counts.eval > 20 and on_ray.counts.rejected >= 1
+    assert on_ray.counts.train > 100 and on_ray.counts.eval >= 1 and on_ray.counts.rejected >= 1
     assert isinstance(on_ray.train["messages"][0], list)
     _assert_same(local, on_ray, tmp_path, "instructions")
 

@@ -50,7 +50,7 @@ def _project(root: Path) -> Path:
           - kind: prepare
             name: prep
             inputs: {source: corpus}
-            config: {dataset: corpus, split: {eval_fraction: 0.2}, filters: {min_chars: 5}}
+            config: {dataset: corpus, split: {eval_fraction: 0.2}, filters: {min_chars: 5}, dedup: {near: false}}  # templated rows
           - kind: python
             name: build
             inputs: {data: prep.dataset}

@@ -95,7 +95,7 @@ def _project(root, rows: int = 60):
     _append(root, 0, rows)
     (root / "kollm.yaml").write_text(
         "project: watchdemo\ndata:\n  docs: {path: data/docs.jsonl}\nsteps:\n  - kind: prepare\n    name: prep\n    inputs: {source: docs}\n"
-        "    config:\n      dataset: corpus\n      split: {eval_fraction: 0.1}\n      filters: {min_chars: 10}\n", encoding="utf-8")
+        "    config:\n      dataset: corpus\n      split: {eval_fraction: 0.1}\n      filters: {min_chars: 10}\n      dedup: {near: false}\n", encoding="utf-8")
     return root
 
 

@@ -119,7 +119,9 @@ def demo(tmp_path_factory, browser):
         context.close()
         import kollm
 
-        kollm.run(project, force=["register"])  # in this process: version 2, every other step a cache hit
+        # in this process: version 2 (another register config, so another key: registering is idempotent per key),
+        # every other step a cache hit
+        kollm.run(project, force=["register"], overrides={"register.description": "second registration"})
         from kollm.pipeline.history import list_runs
 
         d.run_ids = [r.run_id for r in reversed(list_runs(project))]
