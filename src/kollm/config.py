@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,17 @@ class DataSource(BaseModel):
     format: Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"] = Field(
         "auto", description="File format. auto: from the file extension (a folder with dataset_info.json is hf)."
     )
+
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def memory_bytes(text: str) -> int:
+    """'8Gi' -> 8 * 2**30, '512M' -> 512e6, '1024' -> 1024 (Kubernetes quantities; also 'GB', 'GiB')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]i?)?[bB]?\s*", text)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (write e.g. 8Gi, 512Mi or 16G)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
 class Resources(BaseModel):

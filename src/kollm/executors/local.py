@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kollm._version import __version__
+from kollm.config import memory_bytes
 from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
 from kollm.pipeline.plan import Plan
 from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
@@ -49,19 +50,12 @@ class Capacity:
         return cls(float(len(os.sched_getaffinity(0))), gpus, pages)
 
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def memory_bytes(text: str | None) -> int:
-    """'8Gi', '512Mi', '2G', '1000' -> bytes (Kubernetes quantities); None -> 0."""
-    if not text:
-        return 0
-    t = text.strip()
-    num = t.rstrip("KkMmGgTtIi")
-    unit = t[len(num) :].lower()
-    if unit not in _UNITS:
-        raise ConfigError(f"resources.memory: '{text}' is not a quantity like 8Gi, 512Mi or 2G")
-    return int(float(num) * _UNITS[unit])
+def _bytes(text: str | None) -> int:
+    """resources.memory in bytes (0: not declared); a bad size is a ConfigError naming the field."""
+    try:
+        return memory_bytes(text) if text else 0
+    except ValueError as e:
+        raise ConfigError(f"resources.memory: {e}") from None
 
 
 class LocalExecutor:
@@ -160,7 +154,7 @@ class _Schedule:
         r, cap = step.resources, self.capacity
         cpus = sum(s.resources.cpus for s in busy) + r.cpus
         gpus = sum(s.resources.gpus for s in busy) + r.gpus
-        mem = sum(memory_bytes(s.resources.memory) for s in busy) + memory_bytes(r.memory)
+        mem = sum(_bytes(s.resources.memory) for s in busy) + _bytes(r.memory)
         return cpus <= cap.cpus and gpus <= cap.gpus and mem <= cap.memory
 
     def _inputs(self, step: ResolvedStep) -> dict[str, Artifact]:

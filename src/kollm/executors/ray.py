@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kollm._version import __version__
+from kollm.config import memory_bytes
 from kollm.errors import ConfigError, KollmError, StepCrashed
 from kollm.pipeline.plan import Plan
 from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
@@ -176,8 +177,6 @@ class _RaySchedule:
         return self.plan.inputs(step, {n: r.outputs for n, r in self.records.items()})
 
     def _submit(self, step: ResolvedStep, attempt: int) -> Any:
-        from kollm.train.ray_train import memory_bytes
-
         r = step.resources
         coordinator = step.kind in SELF_SCALING
         options: dict[str, Any] = {"num_cpus": 0 if coordinator else r.cpus, "num_gpus": 0 if coordinator else r.gpus,

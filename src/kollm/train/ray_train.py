@@ -20,7 +20,6 @@ it at plan time, so an impossible request is an error instead of a task that wai
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kollm.config import Resources
+from kollm.config import Resources, memory_bytes
 from kollm.errors import KollmError, StepFailed
 from kollm.pipeline.step import Progress, StepResult, _no_progress
 from kollm.train.recipe import Env, Job, TrainingLog
@@ -48,17 +47,6 @@ def require_ray() -> Any:
 
 
 # ---------------------------------------------------------------- does the step fit the cluster
-
-
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def memory_bytes(text: str) -> int:
-    """'8Gi' -> 8 * 2**30, '512M' -> 512e6, '1024' -> 1024 (Kubernetes quantities; also 'GB', 'GiB')."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]i?)?[bB]?\s*", text)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (write e.g. 8Gi, 512Mi or 16G)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
 def _gib(n: float) -> str:
