@@ -639,6 +639,12 @@ def run(ctx: StepContext) -> StepResult:
             name=f"{ctx.name}/{split}", context=split,
         )
     ctx.log.info(summary(counts, f"prepare step '{ctx.name}' finished"))
+    if counts.eval == 0 and prepared.stats["eval_moved_to_train"]:
+        ctx.log.warning(
+            "prepare step '%s': the eval split is empty: all %d rows drawn for it near-duplicate train rows and were moved "
+            "to train (no leakage); use more varied data or `dedup: {near: true}` to drop the duplicates instead",
+            ctx.name, prepared.stats["eval_moved_to_train"],
+        )
     meta = {
         "rows": counts.kept, "train_rows": counts.train, "eval_rows": counts.eval, "rows_read": counts.total,
         "rows_rejected": counts.rejected, "rejected_by_reason": dict(sorted(counts.reasons.items())),
