@@ -431,8 +431,8 @@ def serve_cmd(
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
     engine_arg: Annotated[Optional[list[str]], typer.Option(help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5).")] = None,
     project: ProjectOpt = None,
-    canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger); drive it with `kollm rollout`.")] = None,
-    inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults).")] = None,
+    canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger, followed like MODEL_URI: a challenger registered later becomes the next canary); drive it with `kollm rollout`.")] = None,
+    inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults); with --canary, the canary's only.")] = None,
     follow_interval: Annotated[float, typer.Option(help="With models:/NAME@ALIAS: seconds between registry checks; a new version the alias points to replaces the served one without failing requests (0: do not follow).")] = 10.0,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (a bigger one gets 413).", min=1024)] = 4 * 1024 * 1024,
 ) -> None:
@@ -444,20 +444,17 @@ def serve_cmd(
     from kollm.serve import serve
     from kollm.serve.vllm_engine import parse_engine_args
 
-    extra: dict[str, Any] = {"follow_interval": follow_interval, "max_body_bytes": max_request_bytes}
+    extra: dict[str, Any] = {"follow_interval": follow_interval, "inject_faults": inject_faults}
+    if inject_faults:
+        from kollm.serve.faults import parse_faults
+
+        parse_faults(inject_faults)  # a bad option is named before the model loads
     if canary is not None:
-        extra = {}
         from kollm.rollout.serving import serve_canary
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
-        if inject_faults:
-            raise KollmError("--inject-faults is not supported with --canary", hint="inject faults into a plain `kollm serve MODEL`")
     else:
-        if inject_faults:
-            from kollm.serve.faults import parse_faults
-
-            parse_faults(inject_faults)  # a bad option is named before the model loads
-        serve = partial(serve, inject_faults=inject_faults)
+        extra["max_body_bytes"] = max_request_bytes
     serve(
         model_uri,
         host=host,

@@ -1,7 +1,8 @@
-"""The loop on CPU: new data -> `kollm watch` retrains (kollm.run) and registers a challenger -> the canary gateway
-(`kollm serve models:/N@champion --canary models:/N@challenger`, started after registration) rolls it out under
-load and promotes it; then a challenger that passes the gate but fails half its requests (fault injection) is
-rolled back. No request on the stable arm fails."""
+"""The loop on CPU, on a running gateway: `kollm serve models:/N@champion --canary models:/N@challenger` serves the
+champion under load; new data arrives -> `kollm watch` retrains (kollm.run) and registers a challenger -> the
+gateway, following the challenger alias, loads it as its canary -> the rollout promotes it. Then a challenger that
+passes the gate but fails half its requests (fault injection on the canary) is rolled back. No request on the
+stable arm fails."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kollm.monitor.watch import WatchSettings, roll_out, run_cycle
+from kollm.monitor.watch import WatchSettings, run_cycle
 from tests.rollout.conftest import Load, Server
 
 pytestmark = pytest.mark.slow
@@ -68,23 +69,14 @@ def _project(root: Path) -> Path:
 
 
 def _gateway(project: Path, *, faults: str | None = None):
-    """What `kollm serve models:/looptest@champion --canary models:/looptest@challenger` builds; with `faults`, the
-    canary's engine is wrapped like `kollm serve --inject-faults` does."""
-    from kollm.rollout.api import attach_rollout
-    from kollm.serve import create_app, describe_model_uri, load_engine, resolve
-    from kollm.serve.faults import FaultyEngine, parse_faults
-    from kollm.serve.gateway import Arm, Gateway
+    """What `kollm serve models:/looptest@champion --canary models:/looptest@challenger [--inject-faults F]` builds:
+    it follows the challenger alias (every 0.3 s here), so a version `watch` registers later becomes its canary."""
+    from kollm.rollout.serving import build_canary_gateway
+    from kollm.serve.faults import parse_faults
 
-    arms = []
-    for uri, bad in (("models:/looptest@champion", None), ("models:/looptest@challenger", faults)):
-        _, version = describe_model_uri(uri, project)
-        engine = load_engine(resolve(uri, project), device="cpu", max_batch_size=8)
-        if bad:
-            engine = FaultyEngine(engine, parse_faults(bad))
-        arms.append(Arm(create_app(engine, model_name="looptest", model_version=version), version=version, model_name="looptest"))
-    gw = Gateway(*arms)
-    attach_rollout(gw, project_dir=project, model_name="looptest")
-    return gw
+    return build_canary_gateway("models:/looptest@champion", "models:/looptest@challenger", project_dir=project,
+                                follow_interval=0.3, canary_faults=parse_faults(faults) if faults else None,
+                                device="cpu", max_batch_size=8)
 
 
 def test_watch_retrains_and_the_canary_promotes_then_a_faulty_challenger_is_rolled_back(tmp_path):
@@ -95,29 +87,36 @@ def test_watch_retrains_and_the_canary_promotes_then_a_faulty_challenger_is_roll
     kollm.run(project)
     registry.promote("looptest", "1", reason="first model", project_dir=project)
     settings = WatchSettings(project_dir=project, model_name="looptest", rollout_steps="50", rollout_pause="1s",
-                             rollout_min_requests=3, rollout_timeout_s=300, poll_s=0.2)
+                             rollout_min_requests=3, rollout_timeout_s=300, canary_load_timeout_s=120, poll_s=0.2)
     assert run_cycle(settings).kind == "baseline"
 
-    _append(project, 1000, 30)  # new Korean data arrives
-    outcome = run_cycle(settings)
-    assert outcome.kind == "registered" and outcome.version == "2", outcome.message
-    assert [t.kind for t in outcome.triggers] == ["data"] and "prep" in outcome.steps_run
-
+    # the gateway serves the champion (the challenger alias names it too: no canary yet) while new data arrives;
+    # `watch` retrains, registers version 2, the gateway loads it as its canary, and the rollout promotes it
     with Server(_gateway(project)) as srv, Load(srv.url, "looptest", threads=2) as load:
         settings.gateway = srv.url
-        promoted = roll_out(settings, "looptest", "2")
-    assert promoted.kind == "promoted", promoted.message
+        gw = get_status(srv.url)["gateway"]
+        assert (gw["stable_version"], gw["canary_version"]) == ("1", None)
+        _append(project, 1000, 30)
+        promoted = run_cycle(settings)
+        assert promoted.kind == "promoted", promoted.message
+        assert promoted.version == "2" and [t.kind for t in promoted.triggers] == ["data"] and "prep" in promoted.steps_run
+        assert get_status(srv.url)["gateway"]["stable_version"] == "2"
     assert registry.show("looptest", "champion", project).version == "2"
     assert load.result.failed == [] and load.result.ok > 0
+    assert set(load.result.versions()) == {"1", "2"}
 
-    settings.gateway = None
-    _append(project, 2000, 30)
-    outcome = run_cycle(settings)
-    assert outcome.kind == "registered" and outcome.version == "3", outcome.message  # it passed the gate
+    # a gateway whose canaries fail half their requests: version 3 passes the gate and is rolled back
     with Server(_gateway(project, faults="error_rate=0.5,seed=1")) as srv, Load(srv.url, "looptest", threads=2) as load:
         settings.gateway = srv.url
-        rolled_back = roll_out(settings, "looptest", "3")
-    assert rolled_back.kind == "rolled_back", rolled_back.message
+        _append(project, 2000, 30)
+        rolled_back = run_cycle(settings)
+        assert rolled_back.kind == "rolled_back" and rolled_back.version == "3", rolled_back.message
     assert registry.show("looptest", "champion", project).version == "2"
     assert load.result.failed == [], load.result.failed[:5]  # no failed request on the stable arm
     assert load.result.canary_errors > 0
+
+
+def get_status(url: str) -> dict:
+    from kollm.rollout.client import command
+
+    return command("status", gateway=url)

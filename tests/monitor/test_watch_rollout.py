@@ -52,8 +52,59 @@ def test_a_healthy_challenger_is_promoted_and_a_failing_one_rolled_back(register
 
 def test_gateway_serving_another_canary_is_reported(registered, tmp_path):
     with Server(_gateway(registered, tmp_path)) as srv:
-        outcome = roll_out(_settings(tmp_path, srv.url, registered.name), registered.name, "7")
-    assert outcome.kind == "gateway_not_serving_challenger" and "--canary models:/" in outcome.message
+        outcome = roll_out(_settings(tmp_path, srv.url, registered.name, canary_load_timeout_s=0.5), registered.name, "7")
+    assert outcome.kind == "gateway_not_serving_challenger" and "still serves canary 2 after 0.5s" in outcome.message
+    assert "--canary models:/" in outcome.message
+
+
+def test_the_canary_follows_the_challenger_alias_between_rollouts_only(registered, tmp_path):
+    """A gateway started with no canary loads each newly registered challenger as its canary (weight 0), never
+    during a rollout; roll_out waits for it."""
+    from kollm.pipeline.tracking import client_for
+    from kollm.serve.follow import AliasFollower
+
+    name, c = registered.name, client_for(registered.tracking_uri)
+    c.set_registered_model_alias(name, "challenger", "1")  # nothing new yet
+
+    async def load(version: str) -> Arm:
+        return Arm(serving_app(version, name=name), version=version, model_name=name)
+
+    gw = Gateway(Arm(serving_app("1", name=name), version="1", model_name=name))
+    controller = attach_rollout(gw, project_dir=tmp_path, model_name=name)
+    follower = AliasFollower(gw, name=name, alias="challenger", load=load, project_dir=tmp_path, interval=0.1, arm="canary",
+                             swap=controller.replace_canary, busy=lambda: controller.state is not None and controller.state.active).attach()
+
+    def canary() -> str | None:
+        return rollout_client.command("status", gateway=srv.url)["gateway"]["canary_version"]
+
+    with Server(gw) as srv, Load(srv.url, name) as load:
+        time.sleep(0.5)
+        assert canary() is None
+        c.set_registered_model_alias(name, "challenger", "2")
+        outcome = roll_out(_settings(tmp_path, srv.url, name, canary_load_timeout_s=30), name, "2")  # waits for the load
+        assert outcome.kind == "promoted", outcome.message
+        assert follower.swaps == [("-", "2")] and canary() is None  # promoted: version 2 is the stable arm
+
+        (tmp_path / "model-v3").mkdir()
+        c.create_model_version(name, source=str(tmp_path / "model-v3"))
+        c.set_registered_model_alias(name, "challenger", "3")
+        deadline = time.time() + 30
+        while canary() != "3" and time.time() < deadline:
+            time.sleep(0.1)
+        rollout_client.start(name, steps="50", pause="10m", gateway=srv.url)
+        (tmp_path / "model-v4").mkdir()
+        c.create_model_version(name, source=str(tmp_path / "model-v4"))
+        c.set_registered_model_alias(name, "challenger", "4")
+        time.sleep(1.0)
+        assert canary() == "3"  # not swapped during the rollout
+        rollout_client.command("abort", gateway=srv.url)
+        deadline = time.time() + 30
+        while canary() != "4" and time.time() < deadline:
+            time.sleep(0.1)
+        assert canary() == "4" and follower.swaps == [("-", "2"), ("-", "3"), ("3", "4")]
+        status = rollout_client.command("status", gateway=srv.url)
+        assert status["rollout"] is None and status["gateway"]["canary_weight"] == 0  # the aborted rollout judged version 3
+    assert load.result.failed == []
 
 
 def test_a_trigger_during_an_active_rollout_waits(registered, tmp_path):

@@ -84,6 +84,7 @@ class WatchSettings:
     rollout_failure_limit: int = 2
     rollout_min_requests: int = 10
     rollout_timeout_s: float = 6 * 3600
+    canary_load_timeout_s: float = 600.0  # for the gateway to load a new challenger (its alias poll + model load)
     alert_webhook: str | None = None
     webhook_secret: str | None = None
     webhook_host: str = "127.0.0.1"
@@ -342,12 +343,15 @@ def roll_out(settings: WatchSettings, name: str, version: str) -> Outcome:
     from kollm.rollout.client import command, start
 
     assert settings.gateway
-    gw = command("status", gateway=settings.gateway, api_key=settings.api_key)["gateway"]
-    if gw["canary_version"] != version:
-        return Outcome("gateway_not_serving_challenger",
-                       f"challenger version {version} passed the gate, but the gateway at {settings.gateway} serves canary "
-                       f"{gw['canary_version']}; restart it with `kollm serve models:/{name}@champion --canary models:/{name}@challenger`",
-                       version=version)
+    deadline = time.time() + settings.canary_load_timeout_s
+    while (gw := command("status", gateway=settings.gateway, api_key=settings.api_key)["gateway"])["canary_version"] != version:
+        if time.time() >= deadline:  # the gateway follows the challenger alias: it loads the new version by itself
+            return Outcome("gateway_not_serving_challenger",
+                           f"challenger version {version} passed the gate, but the gateway at {settings.gateway} still serves canary "
+                           f"{gw['canary_version']} after {settings.canary_load_timeout_s:g}s; serve it with "
+                           f"`kollm serve models:/{name}@champion --canary models:/{name}@challenger` (which follows the alias)",
+                           version=version)
+        time.sleep(settings.poll_s)
     start(name, steps=settings.rollout_steps, pause=settings.rollout_pause, analysis=settings.rollout_analysis,
           failure_limit=settings.rollout_failure_limit, min_requests=settings.rollout_min_requests, alert_webhook=settings.alert_webhook,
           gateway=settings.gateway, api_key=settings.api_key)

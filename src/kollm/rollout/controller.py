@@ -24,12 +24,12 @@ from typing import get_args
 import httpx
 from prometheus_client import Counter, Gauge
 
-from kollm.errors import ConfigError, NotFound
+from kollm.errors import NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
 from kollm.rollout.state import ACTIVE, Alert, RolloutConflict, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
-from kollm.serve.gateway import Gateway
+from kollm.serve.gateway import Arm, Gateway
 
 log = logging.getLogger("kollm.rollout")
 
@@ -49,8 +49,6 @@ class RolloutController:
 
     def __init__(self, gateway: Gateway, store: RolloutStore, registry: RegistryTarget, *, api_key: str | None = None,
                  tick_s: float = 0.05):
-        if gateway.canary is None:
-            raise ConfigError("the gateway has no canary; start it with `kollm serve ... --canary models:/NAME@challenger`")
         self.gateway = gateway
         self.store = store
         self.registry = registry
@@ -142,6 +140,15 @@ class RolloutController:
             self.state = st
             self._enter_step(st, 0, "started")
             return st
+
+    async def replace_canary(self, arm: Arm) -> None:
+        """Serve `arm` as the canary (the challenger alias moved), between rollouts only."""
+        async with self._lock:
+            if self.state is not None and self.state.active:
+                raise RolloutConflict(f"a rollout of version {self.state.canary_version} is {self.state.status}")
+            await self.gateway.replace_canary(arm)
+            self.state = None  # the last rollout's outcome belongs to the canary it judged
+            self._publish()
 
     async def pause(self) -> RolloutState:
         async with self._lock:

@@ -14,10 +14,14 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kollm.errors import ConfigError
+from kollm.errors import ConfigError, NotFound
 from kollm.rollout.api import attach_rollout
 from kollm.serve.gateway import Arm, Gateway
+
+if TYPE_CHECKING:
+    from kollm.serve.faults import FaultSpec
 
 log = logging.getLogger("kollm.rollout")
 
@@ -42,11 +46,21 @@ def build_canary_gateway(
     project_dir: Path | None = None,
     api_key: str | None = None,
     served_model_name: str | None = None,
+    follow_interval: float = 10.0,
+    canary_faults: FaultSpec | None = None,
     **engine_options,
 ) -> Gateway:
     """Load both models (kollm.serve.load_engine), wrap each in kollm.serve.create_app, and put them behind a
-    Gateway with a rollout controller. `engine_options` go to load_engine (backend, device, dtype, ...)."""
+    Gateway with a rollout controller. `engine_options` go to load_engine (backend, device, dtype, ...).
+
+    A canary alias URI (models:/NAME@challenger) is followed every `follow_interval` seconds (0: never): a version
+    registered under it later is loaded as the next canary between rollouts, so `kollm watch --gateway` can roll out
+    what it retrained on this running gateway. Followed, the alias may also be missing or name the stable version
+    at start: the gateway then serves the stable arm alone until a challenger is registered. `canary_faults` (a
+    testing aid, kollm.serve.faults) wraps every canary's engine."""
     from kollm.serve import create_app, describe_model_uri, load_engine, resolve
+    from kollm.serve.faults import FaultyEngine
+    from kollm.serve.follow import AliasFollower, arm_loader, parse_alias_uri
 
     name = _registry_name(canary_uri, "--canary")
     stable_name = _registry_name(stable_uri, "MODEL_URI")
@@ -55,21 +69,39 @@ def build_canary_gateway(
             f"--canary {canary_uri!r} is a version of {name!r} but the stable model is {stable_name!r}; "
             "a rollout promotes within one registered model"
         )
+    if follow_interval < 0:
+        raise ConfigError(f"--follow-interval {follow_interval}: give seconds >= 0 (0: do not follow the canary alias)")
+    alias = parse_alias_uri(canary_uri)
+    follow = alias is not None and follow_interval > 0
     _, stable_version = describe_model_uri(stable_uri, project_dir)
-    _, canary_version = describe_model_uri(canary_uri, project_dir)
-    if stable_version == canary_version:
+    try:
+        _, canary_version = describe_model_uri(canary_uri, project_dir)
+    except NotFound:
+        if not follow:
+            raise
+        canary_version = None  # no challenger registered yet
+    if stable_version == canary_version and not follow:
         raise ConfigError(
             f"{stable_uri} and {canary_uri} are both version {stable_version}; register a new version as challenger first"
         )
     root = Path(project_dir) if project_dir is not None else Path.cwd()
     served = served_model_name or name
-    arms = []
-    for uri, version in ((stable_uri, stable_version), (canary_uri, canary_version)):
+    app_options = dict(model_name=served, api_key=api_key, log_dir=root / ".kollm" / "logs")
+
+    def arm(uri: str, version: str, faults: FaultSpec | None = None) -> Arm:
         engine = load_engine(resolve(uri, project_dir), **engine_options)
-        app = create_app(engine, model_name=served, model_version=version, api_key=api_key, log_dir=root / ".kollm" / "logs")
-        arms.append(Arm(app, version=version, model_name=served))
-    gateway = Gateway(arms[0], arms[1])
-    attach_rollout(gateway, project_dir=project_dir, model_name=name, api_key=api_key)
+        if faults is not None:
+            engine = FaultyEngine(engine, faults)
+        return Arm(create_app(engine, model_version=version, **app_options), version=version, model_name=served)
+
+    canary = arm(canary_uri, canary_version, canary_faults) if canary_version not in (None, stable_version) else None
+    gateway = Gateway(arm(stable_uri, stable_version), canary)
+    controller = attach_rollout(gateway, project_dir=project_dir, model_name=name, api_key=api_key)
+    if follow:
+        assert alias is not None
+        load = arm_loader(name, project_dir, engine_options, app_options, canary_faults)
+        AliasFollower(gateway, name=name, alias=alias[1], load=load, project_dir=project_dir, interval=follow_interval,
+                      arm="canary", swap=controller.replace_canary, busy=lambda: controller.state is not None and controller.state.active).attach()
     return gateway
 
 
@@ -84,21 +116,31 @@ def serve_canary(
     served_model_name: str | None = None,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    follow_interval: float = 10.0,
+    inject_faults: str | None = None,
     **engine_options,
 ) -> None:
-    """Serve the gateway on host:port until SIGINT/SIGTERM (in-flight requests finish first)."""
+    """Serve the gateway on host:port until SIGINT/SIGTERM (in-flight requests finish first). `inject_faults`
+    ("error_rate=0.5"; a testing aid) applies to the canary arm only."""
     import uvicorn
 
     from kollm.serve import API_KEY_ENV
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    faults = None
+    if inject_faults:
+        from kollm.serve.faults import parse_faults
+
+        faults = parse_faults(inject_faults)
     gateway = build_canary_gateway(
-        stable_uri, canary_uri, project_dir=project_dir, api_key=key, served_model_name=served_model_name, **engine_options
+        stable_uri, canary_uri, project_dir=project_dir, api_key=key, served_model_name=served_model_name,
+        follow_interval=follow_interval, canary_faults=faults, **engine_options
     )
     log.info(
-        "gateway on http://%s:%d/v1: stable version %s, canary version %s at 0%% until `kollm rollout start %s`",
-        host, port, gateway.stable.version, gateway.canary.version if gateway.canary else "-", _registry_name(canary_uri, "--canary"),
+        "gateway on http://%s:%d/v1: stable version %s, canary version %s at 0%% until `kollm rollout start %s`%s",
+        host, port, gateway.stable.version, gateway.canary.version if gateway.canary else "- (none registered yet)",
+        _registry_name(canary_uri, "--canary"), f"; following {canary_uri} every {follow_interval:g}s" if follow_interval > 0 else "",
     )
     config = uvicorn.Config(
         gateway, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=graceful_timeout, lifespan="on"

@@ -173,7 +173,7 @@ def serve(
         app = _create_app(engine, model_version=version, **app_options)
         alias = parse_alias_uri(model_uri)
         if alias is not None and follow_interval > 0:
-            app = _following(app, version, alias, project_dir, follow_interval, engine_options, app_options)
+            app = _following(app, version, alias, project_dir, follow_interval, engine_options, app_options, faults)
         where = f"http://{host}:{sock.getsockname()[1]}/v1"
         following = f", following {alias[0]}@{alias[1]} every {follow_interval:g}s" if alias is not None and follow_interval > 0 else ""
         log.info("serving %s (version %s) from %s on %s%s", served, version, path, where, following)
@@ -189,38 +189,13 @@ def serve(
 
 
 def _following(app, version: str, alias: tuple[str, str], project_dir: Path | None, interval: float,
-               engine_options: dict, app_options: dict):
+               engine_options: dict, app_options: dict, faults=None):
     """A gateway serving `app` that swaps in the version `alias` points to whenever it moves."""
-    import asyncio
-
-    from kollm.serve.engine import load_engine as _load_engine
-    from kollm.serve.follow import AliasFollower
+    from kollm.serve.follow import AliasFollower, arm_loader
     from kollm.serve.gateway import Arm, Gateway
-    from kollm.serve.router import create_app as _create_app
 
     name, alias_name = alias
-
-    async def load(new_version: str) -> Arm:
-        path = await asyncio.to_thread(resolve, f"models:/{name}/{new_version}", project_dir)
-        engine = await asyncio.to_thread(_load_engine, path, **engine_options)
-        while not engine.ready():  # warm before it takes traffic
-            if not engine.alive():
-                raise KollmError(f"version {new_version} failed to start its engine")
-            await asyncio.sleep(0.05)
-        return Arm(_create_app(engine, model_version=new_version, **app_options), version=new_version, model_name=app_options["model_name"])
-
+    load = arm_loader(name, project_dir, engine_options, app_options, faults)
     gateway = Gateway(Arm(app, version=version, model_name=app_options["model_name"]))
-    follower = AliasFollower(gateway, name=name, alias=alias_name, load=load, project_dir=project_dir, interval=interval)
-    tasks: list[asyncio.Task] = []
-
-    async def start() -> None:
-        tasks.append(asyncio.get_running_loop().create_task(follower.run()))
-
-    async def stop() -> None:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    gateway.on_startup.append(start)
-    gateway.on_shutdown.append(stop)
+    AliasFollower(gateway, name=name, alias=alias_name, load=load, project_dir=project_dir, interval=interval).attach()
     return gateway

@@ -12,8 +12,8 @@ draw (its `user` unread). The gateway itself never rejects a request for its siz
 `x-kollm-model-version` and `x-kollm-arm` headers and to record, per arm, the status and latency (arrival to
 the last byte) that the rollout analysis judges.
 
-Changing the weight, promoting the canary, rolling it back or replacing the stable arm (a server following a
-registry alias, kollm.serve.follow) only replace references: a request keeps the arm
+Changing the weight, promoting the canary, rolling it back or replacing an arm (a server following a registry
+alias, kollm.serve.follow) only replace references: a request keeps the arm
 it was dispatched to until its last byte, and a retired arm's lifespan is shut down only once its in-flight
 requests have drained. No request fails because of a swap.
 
@@ -185,6 +185,16 @@ class Gateway:
             await arm._lifespan.startup()
         old, self.stable = self.stable, arm
         self._retire(old)
+
+    async def replace_canary(self, arm: Arm) -> None:
+        """Serve `arm` as the canary (a newly registered challenger), at weight 0 until a rollout moves it; the
+        previous canary, if any, retires once drained. The rollout controller calls this only between rollouts."""
+        if arm._lifespan is None:
+            arm._lifespan = _Lifespan(arm.app)
+            await arm._lifespan.startup()
+        old, self.canary, self.weight = self.canary, arm, 0.0
+        if old is not None:
+            self._retire(old)
 
     def _retire(self, arm: Arm) -> None:
         async def retire() -> None:
