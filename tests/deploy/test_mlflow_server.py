@@ -82,7 +82,9 @@ def mlflow_server(postgres_uri, s3_server, tmp_path):
     endpoint, s3, creds = s3_server
     port = free_port()
     env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
-                        "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1"}
+                        "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
+                        # webhooks to kollm watch's receiver on loopback over http (MLflow allows only public https by default)
+                        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres_uri,
@@ -138,3 +140,35 @@ def test_kollm_tracks_and_registers_through_an_mlflow_server_on_postgres_and_s3(
     again = kollm.run(project)  # a cached rerun through the server registers nothing new
     assert all(r.cache_hit for r in again.steps.values())
     assert [x.version for x in registry.list_versions("evaltest", project)] == ["1"]
+
+
+def test_the_servers_registry_webhook_reaches_kollm_watch_verified(mlflow_server, tmp_path):
+    """`mlflow server` delivers a registry event, signed with the webhook's secret, to `kollm watch`'s receiver,
+    which queues it as a trigger; a receiver with another secret refuses the same kind of delivery."""
+    import threading
+
+    from kollm.monitor.watch import StateStore, WatchSettings, webhook_server
+    from kollm.pipeline.tracking import client_for
+
+    uri, _ = mlflow_server
+    client = client_for(uri)
+    stores = {}
+    for secret in ("s3cret", "other"):
+        settings = WatchSettings(project_dir=tmp_path / secret, webhook_secret=secret, webhook_port=0)
+        store = StateStore(settings.state_dir)
+        server = webhook_server(settings, store, model_name="watched")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        client.create_webhook(f"kollm-watch-{secret}", f"http://127.0.0.1:{server.server_address[1]}/", ["registered_model.created"], secret="s3cret")
+        stores[secret] = (store, server)
+    try:
+        client.create_registered_model("base-ko")
+        deadline = time.monotonic() + 60
+        while not (pending := stores["s3cret"][0].drain()):
+            assert time.monotonic() < deadline, "no webhook delivery from the mlflow server within 60 s"
+            time.sleep(0.2)
+        assert [(t.kind, t.detail) for t in pending] == [("webhook", "registry webhook registered_model.created base-ko")]
+        time.sleep(2)
+        assert stores["other"][0].drain() == []  # signed with another secret: refused (401), nothing queued
+    finally:
+        for _, server in stores.values():
+            server.shutdown()
