@@ -123,26 +123,17 @@ def test_unknown_ray_step_and_cli(project, tmp_path, kollm_bin):
     assert "rayjob-sft" in spec.root.dag.tasks
 
 
-def step_run_takes_explicit_inputs() -> bool:
-    """`kollm step run --input/--store/--outputs-json` (the runner's one-attempt command) is in this kollm."""
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "step", "run", "--help"], capture_output=True, text=True, timeout=120)
-    return all(opt in r.stdout for opt in ("--input", "--store", "--outputs-json"))
-
-
 @pytest.mark.slow
 def test_kfp_local_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
-    if not step_run_takes_explicit_inputs():
-        pytest.skip("this kollm's `step run` has no --input/--store/--outputs-json yet")
     import kfp.local
     from kfp import components
 
     import kollm
-    from tests.pipeline.helpers import make_project
+    from tests.steps.evalproject import make_project
 
-    expected = kollm.run(make_project(tmp_path / "local", module="steps_kfp_local"))
-    project = make_project(tmp_path / "kfp", module="steps_kfp_local")  # the same files, no cache
+    # prepare -> python (a tiny model) -> evaluate (perplexity, a generation suite, the gate) -> register
+    expected = kollm.run(make_project(tmp_path / "local", gate=["perplexity <= 100000"]))
+    project = make_project(tmp_path / "kfp", gate=["perplexity <= 100000"])  # the same files, no cache, its own registry
     compiled = compile_kfp(project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = components.load_component_from_file(str(compiled))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from mlflow import MlflowClient
@@ -263,3 +264,27 @@ def test_only_reads_upstream_from_cache_without_new_runs(tmp_path):
     # a forced step before --from is recomputed, not demanded from the cache
     forced = kollm.run(root, from_step="count2", force=["corpus"])
     assert not forced.steps["corpus"].cache_hit
+
+
+def test_a_projects_tracking_uri_does_not_leak_into_later_child_processes(tmp_path, monkeypatch):
+    """After kollm ran project A in this process, a child process working on project B (kfp.local's, a script's)
+    must track to B's store, not take A's URI (left in $MLFLOW_TRACKING_URI) for the user's own."""
+    import subprocess
+    import sys
+
+    from kollm.pipeline import tracking
+
+    monkeypatch.setattr(tracking, "USER_TRACKING_URI", None)  # as when pytest started without the variable
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("KOLLM_SET_TRACKING_URI", raising=False)
+    a = make_project(tmp_path / "a")
+    kollm.run(a)
+    (tmp_path / "b").mkdir()
+    code = "import sys; from pathlib import Path; from kollm.pipeline.tracking import tracking_uri; print(tracking_uri(Path(sys.argv[1])))"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == f"sqlite:///{(tmp_path / 'b').resolve()}/.kollm/mlflow.db"
+    # the user's own variable is still honoured by child processes
+    mine = f"sqlite:///{tmp_path.resolve()}/mine.db"
+    env = {k: v for k, v in os.environ.items() if k != "KOLLM_SET_TRACKING_URI"} | {"MLFLOW_TRACKING_URI": mine}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120, check=True, env=env).stdout
+    assert out.strip() == mine

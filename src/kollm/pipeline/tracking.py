@@ -32,8 +32,11 @@ if TYPE_CHECKING:
 MAX_PARAM_LEN = 6000
 BATCH = 100
 # The user's own $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable too, so reading
-# it later would make one project's store leak into the next project opened in the same process.
-USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+# it later would make one project's store leak into the next project opened in the same process. A process kollm
+# pointed at a project's store marks the value it wrote (KOLLM_SET_TRACKING_URI), so that child processes started
+# later (kfp.local's, a Ray worker's, a script's) do not take it for the user's own either.
+_MARK = "KOLLM_SET_TRACKING_URI"
+USER_TRACKING_URI = None if os.environ.get("MLFLOW_TRACKING_URI") == os.environ.get(_MARK, "") else os.environ.get("MLFLOW_TRACKING_URI")
 # kollm runs offline by default: MLflow's usage telemetry stays off unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -55,15 +58,13 @@ def tracking_uri(project_dir: Path | None = None, cfg: ProjectConfig | None = No
 
 def client_for(uri: str) -> MlflowClient:
     """An MlflowClient for `uri` (tracking and registry), with a clear error when the store cannot be reached."""
-    import mlflow
     from mlflow import MlflowClient
 
     if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
         _probe_database(uri)
     if uri.startswith("sqlite:///"):
         _sqlite_wal(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_mlflow_at(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -162,6 +163,10 @@ def _point_mlflow_at(uri: str) -> None:
     else:
         os.environ["MLFLOW_TRACKING_URI"] = uri
         os.environ["MLFLOW_REGISTRY_URI"] = uri
+    if uri == USER_TRACKING_URI:
+        os.environ.pop(_MARK, None)
+    else:
+        os.environ[_MARK] = uri
 
 
 class RunWriter:

@@ -312,7 +312,7 @@ def run(ctx: StepContext) -> StepResult:
 
     # outputs: metrics.json and report.html
     metrics_doc = {
-        "model": {"digest": model_in.digest, "path": str(model_in.path)},
+        "model": {"digest": model_in.digest},  # no path, run id or time: the same evaluation gives the same bytes anywhere
         "eval_digest": eval_digest,
         "metrics": candidate.metrics,
         "counts": candidate.counts,
@@ -328,7 +328,7 @@ def run(ctx: StepContext) -> StepResult:
     report_dir = ctx.output_path("report")
     html = render(
         title=f"{project_name}: evaluation ({ctx.name})",
-        subtitle=f"candidate {model_in.digest[:19]} · registered model '{model_name}' · pipeline run {ctx.run_id}",
+        subtitle=f"candidate {model_in.digest[:19]} · registered model '{model_name}'",
         candidate=candidate,
         references=references,
         gate=decision,

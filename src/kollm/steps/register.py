@@ -67,6 +67,9 @@ def references(config: Config, project_dir: Path) -> dict[str, str]:
     return {}  # nothing outside its inputs, config and code
 
 
+RUN_TAGS = ("kollm.pipeline_run_id", "kollm.step_run_id", "kollm.step_runs")  # lineage tags that name MLflow runs
+
+
 def lineage_tags(ctx: StepContext) -> dict[str, str]:
     """Tags that trace a version back to its pipeline run, step runs, datasets, base model and evaluation."""
     from kollm import registry
@@ -75,7 +78,7 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
     tags = {
         "kollm.pipeline_run_id": ctx.run_id or "",
         "kollm.step_run_id": ctx.tracker.run_id or "",
-        "kollm.step_runs": json.dumps({r.name: r.run_id for r in ctx.upstream}),
+        "kollm.step_runs": json.dumps({r.name: r.run_id for r in sorted(ctx.upstream, key=lambda r: r.name)}),
         "kollm.model_digest": model.digest,
     }
     datasets = {}
@@ -91,7 +94,7 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
             if artifact.type in DATASET_TYPES:
                 tags[f"kollm.data.{record.name}.{out}"] = artifact.digest
                 datasets[f"{record.name}.{out}"] = {"type": artifact.type, "digest": artifact.digest}
-    tags["kollm.data"] = json.dumps(datasets)
+    tags["kollm.data"] = json.dumps(datasets, sort_keys=True)
     bases = [r.outputs[o].meta.get("base_model") for r in ctx.upstream if r.kind in TRAINING_KINDS for o in r.outputs if r.outputs[o].type == "model"]
     base = next((b for b in bases if b), None) or _kollm_json(model.path).get("base_model")
     if isinstance(base, dict):
@@ -144,6 +147,11 @@ def run(ctx: StepContext) -> StepResult:
     uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
     ctx.tracker.set_tags({"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri})
     ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
-    record = {"name": name, "version": version.version, "alias": cfg.alias, "model_uri": uri, "version_uri": version.uri, "tags": tags}
+    # registration.json: what was registered, the same bytes wherever the same inputs are registered first (kollm run,
+    # kfp.local, a cluster); the MLflow run ids of this registration go to the artifact's metadata (not digested)
+    runs = {k: tags[k] for k in RUN_TAGS}
+    record = {"name": name, "version": version.version, "alias": cfg.alias, "model_uri": uri, "version_uri": version.uri,
+              "tags": {k: v for k, v in sorted(tags.items()) if k not in RUN_TAGS}}
     write_json_atomic(ctx.output_path("registration") / "registration.json", record)
-    return StepResult(metrics={"registered_version": float(version.version)}, meta={"registration": {"name": name, "version": version.version, "uri": uri}})
+    return StepResult(metrics={"registered_version": float(version.version)},
+                      meta={"registration": {"name": name, "version": version.version, "uri": uri, "runs": runs}})
