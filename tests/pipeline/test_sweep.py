@@ -125,3 +125,48 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     cached = {t["key"] for t in again_trials if t["cached"]}
     assert cached == {t["key"] for t in finished}
     assert resumed.steps["cpt"].outputs["model"].digest == best_out and resumed.steps["evaluate"].cache_hit
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path, ray_cluster, kollm_bin):
+    """`kollm run` (its own process and Ray instance) is SIGKILLed once a trial has been published; the rerun takes
+    the finished trials from the cache, runs the others, and ends with the same sweep as an uninterrupted one."""
+    import os
+    import signal
+    import time
+
+    sweep = ("{params: {lr: {grid: [3.0e-3, 1.0e-3, 1.0e-2, 3.0e-4]}}, metric: eval_loss, mode: min, samples: 1, "
+             "scheduler: none, max_concurrent: 1}")
+    root = make_project(tmp_path / "p", sweep=sweep)
+    steps = root / ".kollm" / "steps"
+
+    def trials_published() -> set[str]:
+        found = set()
+        for f in steps.glob("*/step.json") if steps.exists() else []:
+            try:
+                doc = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if doc.get("kind") == "cpt" and "sweep" not in doc:  # a trial's own result, not the sweep's
+                found.add(f.parent.name)
+        return found
+
+    proc = subprocess.Popen([kollm_bin, "run", "--quiet"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not trials_published():
+            assert proc.poll() is None, f"kollm run ended before any trial finished: {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no trial finished within 600 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the runner, its Ray instance and the trial at work
+        proc.wait(timeout=60)
+    before = trials_published()
+    assert 1 <= len(before) < 4
+
+    resumed = kollm.run(root)
+    rows = json.loads((resumed.steps["cpt"].outputs["model"].path.parent / "step.json").read_text())["sweep"]["trials"]
+    assert len(rows) == 4 and all(t["status"] == "finished" for t in rows)
+    assert {t["key"] for t in rows if t["cached"]} == before  # finished trials were not redone
+    assert resumed.steps["evaluate"].outputs["metrics"].digest
