@@ -87,6 +87,39 @@ def test_serving_logs_request_features(tmp_path):
     assert chat["features"]["hangul_ratio"] == pytest.approx(4 / 9, abs=1e-3)
 
 
+def test_the_native_engine_logs_output_perplexity(tmp_path, tiny_model_dir):
+    """kollm's engine on a real (tiny) model: the logged output perplexity is exp of the mean negative logprob of the
+    generated tokens, the same logprobs the API returns for that request; a fake engine that does not measure it
+    logs none."""
+    import math
+
+    from kollm.serve import load_engine
+
+    engine = load_engine(str(tiny_model_dir), device="cpu", max_batch_size=4)
+    live = start_server(create_app(engine, model_name="m", model_version="1", log_dir=tmp_path / ".kollm" / "logs"))
+    try:
+        with httpx.Client(base_url=live.url, timeout=120) as client:
+            body = {"model": "m", "prompt": "서울은", "max_tokens": 6, "temperature": 0, "logprobs": 0, "stream": False}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+            chat = {"model": "m", "messages": [{"role": "user", "content": "안녕"}], "max_tokens": 5, "n": 2, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=chat) as s:
+                assert s.status_code == 200 and "[DONE]" in "".join(s.iter_text())
+    finally:
+        live.stop()
+    completion, streamed = [json.loads(x) for x in (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text().splitlines()]
+    expected = math.exp(-sum(logprobs) / len(logprobs))
+    assert completion["features"]["output_perplexity"] == pytest.approx(expected, rel=1e-3)
+    assert streamed["features"]["output_perplexity"] > 1.0 and streamed["n"] == 2  # over both choices
+    from kollm.serve.metrics import OUTPUT_PERPLEXITY
+
+    assert OUTPUT_PERPLEXITY.labels("1")._sum.get() >= expected  # the histogram behind `/metrics`
+    _serve(tmp_path / "fake", ["안녕하세요"], chat_every=2)
+    fake = json.loads((tmp_path / "fake" / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text())
+    assert "output_perplexity" not in fake["features"]
+
+
 def test_drift_is_found_when_traffic_turns_english_and_not_for_similar_traffic(tmp_path):
     ref = _reference(tmp_path / ".kollm" / "artifacts" / "prepare" / "dataset")
     similar = [KOREAN[i % len(KOREAN)].format(n=(7 * i) % 400) for i in range(60)]  # same lengths as the reference

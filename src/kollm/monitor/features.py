@@ -14,6 +14,9 @@ Served-only features (no training-side counterpart unless a tokenizer is given t
     prompt_tokens, output_tokens
     tokens_per_char     prompt tokens / prompt characters: rises when text fits the tokenizer's vocabulary
                         worse (the byte-level BPE that kollm trains has no unknown token; this is its analogue)
+    output_perplexity   exp(mean negative log-likelihood of the generated tokens under the served model's raw
+                        distribution), from kollm's native engine (one logsumexp per decoded token); rises when
+                        the model answers outside what it learned. Absent where the backend does not give it (vLLM)
 
 Public API:
     TEXT_FEATURES                           names of the features both sides have
@@ -25,6 +28,7 @@ Public API:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING
 
@@ -63,12 +67,15 @@ def prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
     return body.prompt if isinstance(body.prompt, str) else "\n".join(body.prompt)
 
 
-def request_features(body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, output_tokens: int) -> dict[str, float]:
+def request_features(body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, output_tokens: int,
+                     output_nll: float | None = None) -> dict[str, float]:
     """The features kollm serve logs for one request (see the module docstring)."""
     features = text_features(prompt_text(body))
     features["prompt_tokens"] = float(prompt_tokens)
     features["output_tokens"] = float(output_tokens)
     features["tokens_per_char"] = round(prompt_tokens / features["prompt_chars"], 4) if features["prompt_chars"] else 0.0
+    if output_nll is not None and output_tokens:
+        features["output_perplexity"] = round(math.exp(min(output_nll / output_tokens, 100.0)), 4)
     return features
 
 

@@ -98,6 +98,9 @@ class TokenChunk:
     completion_tokens: int  # tokens generated so far for this request
     finish_reason: FinishReason | None = None  # set on the last chunk
     logprobs: tuple[TokenLogprob, ...] = ()  # with SamplingParams.logprobs: one per token generated since the previous chunk
+    # on the last chunk, from engines that have it for free: the summed negative log-likelihood of the generated
+    # tokens under the model's raw distribution (output perplexity = exp(output_nll / completion_tokens))
+    output_nll: float | None = None
 
 
 class RequestError(ValueError):
@@ -261,6 +264,7 @@ class _Sequence:
     generator: torch.Generator | None = None
     arrived: float = field(default_factory=time.perf_counter)
     out_ids: list[int] = field(default_factory=list)
+    nll: float = 0.0  # -sum of the generated tokens' logprobs (output perplexity, for monitoring)
     cancelled: bool = False
     finished: bool = False
     # penalty state, built at admission only for requests that ask for penalties (on the model's device)
@@ -297,6 +301,13 @@ def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             for seq, _ in batch:
                 seq.cancelled = True
+
+
+def _nll(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
+    """Each row's -log p(sampled token) under the raw logits: one gather and one logsumexp over the vocabulary,
+    small beside the forward pass; a token the model gives no probability counts as 100 nats (not infinity)."""
+    picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - logits.float().logsumexp(-1)
+    return (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0).tolist()
 
 
 def _safe_logprob(x: float) -> float:
@@ -619,7 +630,7 @@ class TransformersEngine:
             ids, biases = zip(*p.logit_bias)
             seq.bias = (torch.tensor(ids, device=self.device), torch.tensor(biases, dtype=torch.float32, device=self.device))
 
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, torch.Tensor, list[TokenLogprob | None]]:
+    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, torch.Tensor, tuple[list[float], list[TokenLogprob | None]]]:
         from transformers import DynamicCache
 
         for s in seqs:
@@ -638,12 +649,13 @@ class TransformersEngine:
         )
         logits = out.logits[:, -1, :]
         tokens = sample(logits, seqs)
-        return out.past_key_values, mask, tokens, self._logprobs(logits, tokens, seqs)
+        return out.past_key_values, mask, tokens, (_nll(logits, tokens), self._logprobs(logits, tokens, seqs))
 
-    def _merge(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor, logprobs: list[TokenLogprob | None]) -> None:
+    def _merge(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor,
+               logprobs: tuple[list[float], list[TokenLogprob | None]]) -> None:
         """Add prefilled sequences to the running batch (their KV cache, mask and first token), then send that token."""
         self._join(seqs, cache, mask, tokens)
-        self._accept(seqs, tokens.tolist(), logprobs)
+        self._accept(seqs, tokens.tolist(), *logprobs)
 
     def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         if self._cache is None:
@@ -678,7 +690,7 @@ class TransformersEngine:
         tokens = sample(logits, self._seqs)
         logprobs = self._logprobs(logits, tokens, self._seqs)
         self._next = tokens
-        self._accept(self._seqs, tokens.tolist(), logprobs)
+        self._accept(self._seqs, tokens.tolist(), _nll(logits, tokens), logprobs)
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -705,13 +717,14 @@ class TransformersEngine:
             out[i] = TokenLogprob(self._text_of(int(tokens[i])), _safe_logprob(picked[j]), top)
         return out
 
-    def _accept(self, seqs: Sequence[_Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
+    def _accept(self, seqs: Sequence[_Sequence], tokens: list[int], nlls: list[float], logprobs: list[TokenLogprob | None]) -> None:
         """Record each sequence's new token, send its text, and drop the rows that finished."""
         out: list[tuple[_Sequence, TokenChunk | BaseException]] = []
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        for seq, token, nll, lp in zip(seqs, tokens, nlls, logprobs):
             if seq.cancelled:
                 continue
             seq.out_ids.append(token)
+            seq.nll += nll
             if seq.counts is not None:
                 seq.counts[token] += 1
             if seq.seen is not None:
@@ -731,7 +744,8 @@ class TransformersEngine:
                 text += seq.stops.flush()
             if finish is not None:
                 seq.finished = True
-            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish, logprobs=() if lp is None else (lp,))))
+            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish, logprobs=() if lp is None else (lp,),
+                                        output_nll=seq.nll if finish is not None else None)))
         _deliver(out)
         self._drop(lambda s: s.finished or s.cancelled)
 

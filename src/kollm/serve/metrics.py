@@ -38,6 +38,10 @@ PROMPT_TOKENS = Counter("kollm_prompt_tokens", "Prompt tokens processed", ["mode
 TOKENS_PER_SECOND = Histogram(
     "kollm_request_tokens_per_second", "Output tokens per second of generation, per request", ["model_version"], buckets=RATE_BUCKETS
 )
+OUTPUT_PERPLEXITY = Histogram(
+    "kollm_output_perplexity", "Perplexity of each request's generated tokens under the served model (native engine)", ["model_version"],
+    buckets=(1.5, 2, 3, 5, 10, 20, 50, 100, 300, 1000, 10000),
+)
 IN_FLIGHT = Gauge("kollm_requests_in_flight", "/v1 requests being handled", ["model_version"])
 QUEUE_DEPTH = Gauge("kollm_queue_depth", "Requests waiting for a batch slot", ["model_version"])
 RUNNING = Gauge("kollm_running_sequences", "Sequences in the running batch", ["model_version"])

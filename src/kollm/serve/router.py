@@ -366,6 +366,7 @@ class _Result:
     tokens: int
     finish: str | None
     logprobs: list[TokenLogprob]
+    nll: float | None = None  # the engine's output_nll (see TokenChunk)
 
 
 async def _tokenize(fn, *args) -> Any:
@@ -408,7 +409,7 @@ async def _collect(gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> 
         raise APIError(500, str(e), type="server_error", code="engine_error") from None
     finally:
         await gen.aclose()
-    return _Result("".join(parts), last.completion_tokens, last.finish_reason, logprobs)
+    return _Result("".join(parts), last.completion_tokens, last.finish_reason, logprobs, last.output_nll)
 
 
 async def _merged(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> AsyncIterator[tuple[int, TokenChunk]]:
@@ -479,7 +480,7 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLo
 
 
 def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, prompt_tokens: int, completion_tokens: int,
-                    finishes: list[str | None], body: Any, stream: bool) -> None:
+                    finishes: list[str | None], body: Any, stream: bool, nlls: list[float | None]) -> None:
     end = time.perf_counter()
     version = served.version
     metrics.PROMPT_TOKENS.labels(version).inc(prompt_tokens)
@@ -490,6 +491,10 @@ def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, pr
         metrics.TTFT.labels(version, endpoint).observe(ttft)
         if end > timing.start and completion_tokens:
             metrics.TOKENS_PER_SECOND.labels(version).observe(completion_tokens / (end - timing.start))
+    nll = None if None in nlls or not nlls else sum(n for n in nlls if n is not None)
+    features = request_features(body, prompt_tokens, completion_tokens, nll)
+    if "output_perplexity" in features:
+        metrics.OUTPUT_PERPLEXITY.labels(version).observe(features["output_perplexity"])
     if served.inference_log is not None:
         served.inference_log.log(
             "generation",
@@ -505,7 +510,7 @@ def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, pr
             ttft_s=None if ttft is None else round(ttft, 4),
             latency_s=round(end - timing.start, 4),
             user=clip(body.user),
-            features=request_features(body, prompt_tokens, completion_tokens),  # for `kollm monitor drift`
+            features=features,  # for `kollm monitor drift`; output perplexity over every choice's tokens where the engine measured it
         )
 
 
@@ -571,7 +576,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         finally:
             await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         completion = sum(r.tokens for r in results)
-        _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r.finish for r in results], body, False)
+        _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r.finish for r in results], body, False,
+                        [r.nll for r in results])
         choices = [
             ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish,
                        logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None)
@@ -589,6 +595,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         now = int(time.time())
         tokens = [0] * len(jobs)
         finishes: list[str | None] = [None] * len(jobs)
+        nlls: list[float | None] = [None] * len(jobs)
 
         def chunk(i: int, delta: DeltaMessage, finish: str | None = None, lps: tuple[TokenLogprob, ...] = ()) -> str:
             choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=_chat_logprobs(list(lps)) if with_logprobs and lps else None)
@@ -602,7 +609,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 if c.text or (with_logprobs and c.logprobs):
                     yield chunk(i, DeltaMessage(content=c.text), lps=c.logprobs)
                 if c.finish_reason is not None:
-                    finishes[i] = c.finish_reason
+                    finishes[i], nlls[i] = c.finish_reason, c.output_nll
                     yield chunk(i, DeltaMessage(), c.finish_reason)
             if include_usage:
                 usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(tokens), total_tokens=len(prompt_ids) + sum(tokens))
@@ -611,7 +618,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         except (EngineClosed, EngineOverloaded, EngineError) as e:
             yield _sse_error(e)
         finally:
-            _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True)
+            _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True, nlls)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -647,7 +654,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         finally:
             await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
         completion = sum(r.tokens for r in results)
-        _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, completion, [r.finish for r in results], body, False)
+        _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, completion, [r.finish for r in results], body, False,
+                        [r.nll for r in results])
         choices = [
             CompletionChoice(index=i, text=echo[i] + r.text, finish_reason=r.finish,
                              logprobs=_completion_logprobs(r.logprobs, 0) if with_logprobs else None)
@@ -666,11 +674,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         tokens = [0] * len(jobs)
         offsets = [0] * len(jobs)
         finishes: list[str | None] = [None] * len(jobs)
+        nlls: list[float | None] = [None] * len(jobs)
         try:
             async for i, c in _merged(gens, firsts):
                 tokens[i] = c.completion_tokens
                 if c.finish_reason is not None:
-                    finishes[i] = c.finish_reason
+                    finishes[i], nlls[i] = c.finish_reason, c.output_nll
                 text = c.text
                 if echo[i]:
                     text, echo[i] = echo[i] + text, ""
@@ -686,7 +695,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         except (EngineClosed, EngineOverloaded, EngineError) as e:
             yield _sse_error(e)
         finally:
-            _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True)
+            _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True, nlls)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
