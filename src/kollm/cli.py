@@ -435,6 +435,7 @@ def serve_cmd(
     inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults); with --canary, the canary's only.")] = None,
     follow_interval: Annotated[float, typer.Option(help="With models:/NAME@ALIAS: seconds between registry checks; a new version the alias points to replaces the served one without failing requests (0: do not follow).")] = 10.0,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (a bigger one gets 413).", min=1024)] = 4 * 1024 * 1024,
+    embedding_model: Annotated[Optional[str], typer.Option(help="Log each prompt's embedding by this Hugging Face model folder (e.g. the served model's), for `kollm monitor drift --embedding-model` (not with --canary).")] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
 
@@ -453,8 +454,10 @@ def serve_cmd(
         from kollm.rollout.serving import serve_canary
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
+        if embedding_model:
+            raise KollmError("--embedding-model is not supported with --canary", hint="log embeddings from a plain `kollm serve MODEL --embedding-model PATH`")
     else:
-        extra["max_body_bytes"] = max_request_bytes
+        extra |= {"max_body_bytes": max_request_bytes, "embedding_model": embedding_model}
     serve(
         model_uri,
         host=host,
@@ -707,12 +710,16 @@ def monitor_drift(
     min_requests: Annotated[int, typer.Option(help="Fewer served requests in the window is an error.", min=1)] = 30,
     mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the result as MLflow metrics (experiment kollm-monitor).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    embedding_model: Annotated[Optional[str], typer.Option(help="Also compare prompt embeddings (MMD² test) by this model: the one `kollm serve --embedding-model` logged them with.")] = None,
+    alpha: Annotated[float, typer.Option(help="Embedding drift when the MMD² test's p-value is below this.", min=0.0, max=1.0)] = 0.01,
 ) -> None:
-    """Compare recent served traffic (.kollm/logs/inference) with the training data per feature (PSI, KS); write an HTML report."""
+    """Compare recent served traffic (.kollm/logs/inference) with the training data per feature (PSI, KS), and with
+    --embedding-model on prompt embeddings; write an HTML report."""
     from kollm.monitor.drift import check_drift
 
     root = project_dir(project) or Path.cwd()
-    result = check_drift(root, reference, window=window, threshold=threshold, min_requests=min_requests, track=mlflow)
+    result = check_drift(root, reference, window=window, threshold=threshold, min_requests=min_requests, track=mlflow,
+                         embedding_model=embedding_model, alpha=alpha)
     if as_json:
         print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
         return
@@ -723,6 +730,8 @@ def monitor_drift(
         table.add_row(name, f"{f.psi:.3f}", f"{f.ks_statistic:.3f}", f"{f.ks_pvalue:.2g}", f"{f.reference_mean:.3f}", f"{f.current_mean:.3f}",
                       "[red]drifted[/]" if f.drifted else "ok")
     out.print(table)
+    if (e := result.embedding) is not None:
+        out.print(f"prompt embeddings ({escape(e.model)}): MMD² {e.mmd2:.4g}, p {e.p_value:.3g}: " + ("[red]drifted[/]" if e.drifted else "ok"))
     out.print(f"report: {escape(result.report)}")
 
 

@@ -60,9 +60,10 @@ def _reference(folder, n=400):
     return folder
 
 
-def _serve(project, prompts, chat_every=2, system=None):
+def _serve(project, prompts, chat_every=2, system=None, embedder=None):
     """Send the prompts through a real kollm serving app (fake engine) that logs under project/.kollm/logs."""
-    live = start_server(create_app(FakeEngine(context_length=512), model_name="m", model_version="1", log_dir=project / ".kollm" / "logs"))
+    live = start_server(create_app(FakeEngine(context_length=512), model_name="m", model_version="1", log_dir=project / ".kollm" / "logs",
+                                   embedder=embedder))
     try:
         with httpx.Client(base_url=live.url, timeout=30) as client:
             for i, p in enumerate(prompts):
@@ -152,6 +153,50 @@ def test_drift_is_found_when_traffic_turns_english_and_not_for_similar_traffic(t
     assert [r.data.tags["kollm.drifted"] for r in runs][0] == "none" and "hangul_ratio" in runs[-1].data.tags["kollm.drifted"]
     assert runs[-1].data.metrics["drift.hangul_ratio.psi"] == pytest.approx(result.features["hangul_ratio"].psi)
     assert runs[-1].data.metrics["drift.window_requests"] == 180
+
+
+def _logged(project, n: int, timeout: float = 60) -> list[dict]:
+    import time
+
+    path, deadline = project / ".kollm" / "logs" / "inference" / "inference.jsonl", time.monotonic() + timeout
+    while len(lines := path.read_text().splitlines() if path.exists() else []) < n:
+        assert time.monotonic() < deadline, f"{len(lines)} of {n} log lines"
+        time.sleep(0.1)
+    return [json.loads(x) for x in lines]
+
+
+TOPICS = ["주식 시장에서 반도체 종목이 {n}% 올랐고 투자자들이 매수에 나섰습니다.", "축구 대표팀이 {n}번째 경기에서 역전승을 거두었습니다.",
+          "병원 응급실 대기 시간이 {n}분으로 늘어 환자들이 불편을 겪었습니다.", "새 스마트폰의 배터리가 {n}시간 동안 유지됩니다."]
+
+
+def test_prompt_embeddings_drift_when_the_topic_moves(tmp_path, tiny_model_dir):
+    """`kollm serve --embedding-model` logs each prompt's embedding (after the response); `kollm monitor drift
+    --embedding-model` embeds the training texts with the same model: traffic like the training data passes the MMD²
+    test, Korean traffic on other topics does not."""
+    from kollm.monitor.embeddings import DIM, Embedder
+
+    _reference(tmp_path / ".kollm" / "steps" / "k" / "dataset")
+    embedder = Embedder(str(tiny_model_dir))
+    _serve(tmp_path, [KOREAN[i % len(KOREAN)].format(n=(7 * i) % 400) for i in range(40)], embedder=embedder)
+    lines = _logged(tmp_path, 40)  # written once each embedding is done, after the response
+    assert all(len(x["embedding"]["vector"]) == DIM and x["embedding"]["model"] == str(tiny_model_dir) for x in lines)
+    result = check_drift(tmp_path, window="1h", min_requests=30, track=False, embedding_model=str(tiny_model_dir))
+    assert result.embedding is not None and not result.embedding.drifted and result.embedding.p_value > 0.05, result.embedding
+
+    other = tmp_path / "other"
+    _reference(other / ".kollm" / "steps" / "k" / "dataset")
+    _serve(other, [TOPICS[i % len(TOPICS)].format(n=i) for i in range(40)], embedder=embedder)
+    _logged(other, 40)
+    result = check_drift(other, window="1h", min_requests=30, track=False, embedding_model=str(tiny_model_dir))
+    assert result.embedding is not None and result.embedding.drifted and "embedding" in result.drifted, result.embedding
+    assert result.features["hangul_ratio"].psi < 0.25  # the text features do not see it: both sides are Korean
+
+    from prometheus_client import generate_latest
+
+    text = generate_latest(exporter_registry(other)).decode()
+    assert 'kollm_drift_detected{feature="embedding"} 1.0' in text and "kollm_drift_embedding_pvalue" in text
+    with pytest.raises(KollmError, match="carry a prompt embedding by 'elsewhere'"):
+        check_drift(other, window="1h", min_requests=30, track=False, embedding_model="elsewhere")
 
 
 def test_too_little_traffic_is_a_clear_error(tmp_path):

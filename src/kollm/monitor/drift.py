@@ -9,13 +9,15 @@ feature:
           a value the reference takes often (a decile edge) gets a bin of its own, so point masses count
     KS    two-sample Kolmogorov-Smirnov statistic and p-value (scipy.stats.ks_2samp)
 
-A feature has drifted when its PSI is over the threshold (default 0.25). The result goes to
+A feature has drifted when its PSI is over the threshold (default 0.25). With `embedding_model` (the model the
+server embedded prompts with, `kollm serve --embedding-model`), the prompts' embeddings are also compared with the
+reference texts' (MMD² and a permutation p-value, kollm.monitor.embeddings): drift when p < `alpha`. The result goes to
 `.kollm/monitor/drift/latest.json` (read by `kollm monitor exporter` as Prometheus gauges), an HTML report beside
 it, and MLflow metrics in the experiment `kollm-monitor` (a run per check, tagged kollm.monitor=drift).
 
 Public API:
     psi(reference, current, bins=10) -> float
-    check_drift(project_dir, reference=None, window="24h", ...) -> DriftResult
+    check_drift(project_dir, reference=None, window="24h", embedding_model=None, ...) -> DriftResult
     find_reference(project_dir) -> Path        the newest prepared dataset under .kollm
 """
 
@@ -53,6 +55,16 @@ class FeatureDrift:
     bin_edges: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EmbeddingDrift:
+    model: str
+    mmd2: float
+    p_value: float
+    reference_rows: int
+    current_rows: int
+    drifted: bool
+
+
 @dataclass
 class DriftResult:
     created_at: float
@@ -64,10 +76,11 @@ class DriftResult:
     features: dict[str, FeatureDrift]
     report: str = ""
     mlflow_run_id: str | None = None
+    embedding: EmbeddingDrift | None = None
 
     @property
     def drifted(self) -> list[str]:
-        return [name for name, f in self.features.items() if f.drifted]
+        return [name for name, f in self.features.items() if f.drifted] + (["embedding"] if self.embedding and self.embedding.drifted else [])
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "drifted": self.drifted}
@@ -121,8 +134,9 @@ def parse_window(text: str) -> float:
     return value * unit
 
 
-def load_window(log: Path, since: float) -> list[dict[str, float]]:
-    """The `features` of generations logged at or after `since` (epoch seconds)."""
+def load_window(log: Path, since: float) -> list[dict[str, Any]]:
+    """The `features` of generations logged at or after `since` (epoch seconds), with the prompt's embedding
+    (`_embedding`: {model, vector}) where the server logged one."""
     rows = []
     if not log.exists():
         return rows
@@ -136,7 +150,7 @@ def load_window(log: Path, since: float) -> list[dict[str, float]]:
             if record.get("event") != "generation" or not isinstance(features, dict):
                 continue
             if datetime.fromisoformat(record["ts"]).timestamp() >= since:
-                rows.append(features)
+                rows.append({**features, "_embedding": record["embedding"]} if isinstance(record.get("embedding"), dict) else features)
     return rows
 
 
@@ -184,6 +198,8 @@ def check_drift(
     log: Path | None = None,
     track: bool = True,
     now: float | None = None,
+    embedding_model: str | None = None,
+    alpha: float = 0.01,
 ) -> DriftResult:
     """Compare the last `window` of served traffic with the reference; write latest.json, the HTML report and
     (track=True) MLflow metrics. Raises KollmError when the window has fewer than `min_requests` requests."""
@@ -207,7 +223,8 @@ def check_drift(
         if len(cur):
             features[name] = _compare(ref, cur, threshold, bins)
     result = DriftResult(created_at=now, window=window, window_requests=len(rows), reference=str(reference),
-                         reference_rows=len(texts), threshold=threshold, features=features)
+                         reference_rows=len(texts), threshold=threshold, features=features,
+                         embedding=_embedding_drift(embedding_model, texts, rows, alpha, min_requests) if embedding_model else None)
     out = drift_latest_path(project_dir).parent
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -218,6 +235,20 @@ def check_drift(
         result.mlflow_run_id = log_to_mlflow(result, project_dir, report)
     _write_atomic(out / "latest.json", json.dumps(result.to_json(), indent=2))
     return result
+
+
+def _embedding_drift(model: str, texts: list[str], rows: list[dict[str, Any]], alpha: float, min_requests: int) -> EmbeddingDrift:
+    from kollm.monitor.embeddings import MAX_SAMPLE, Embedder, mmd_test
+
+    current = [r["_embedding"]["vector"] for r in rows if "_embedding" in r and r["_embedding"].get("model") == model]
+    if len(current) < min_requests:
+        others = sorted({r["_embedding"].get("model") for r in rows if "_embedding" in r} - {model})
+        raise KollmError(f"only {len(current)} requests in the window carry a prompt embedding by {model!r}; need {min_requests}",
+                         hint=f"serve with `kollm serve MODEL --embedding-model {model}`" + (f" (the log has embeddings by {', '.join(map(str, others))})" if others else ""))
+    sample = texts if len(texts) <= MAX_SAMPLE else [texts[i] for i in np.random.default_rng(0).choice(len(texts), MAX_SAMPLE, replace=False)]
+    reference = Embedder(model).embed(sample)
+    mmd2, p_value = mmd_test(reference, np.array(current, dtype=float))
+    return EmbeddingDrift(model, round(mmd2, 6), p_value, len(sample), len(current), p_value < alpha)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -241,6 +272,8 @@ def log_to_mlflow(result: DriftResult, project_dir: Path, report: Path) -> str:
     metrics = [Metric("drift.window_requests", result.window_requests, ms, 0), Metric("drift.features_drifted", len(result.drifted), ms, 0)]
     for name, f in result.features.items():
         metrics += [Metric(f"drift.{name}.psi", f.psi, ms, 0), Metric(f"drift.{name}.ks", f.ks_statistic, ms, 0)]
+    if result.embedding is not None:
+        metrics += [Metric("drift.embedding.mmd2", result.embedding.mmd2, ms, 0), Metric("drift.embedding.p_value", result.embedding.p_value, ms, 0)]
     params = [Param("window", result.window), Param("reference", result.reference[:500]), Param("threshold", str(result.threshold))]
     c.log_batch(run.info.run_id, metrics=metrics, params=params, tags=[RunTag("kollm.drifted", ",".join(result.drifted) or "none")])
     c.log_artifact(run.info.run_id, str(report))
@@ -266,6 +299,10 @@ def render_report(result: DriftResult) -> str:
         parts.append(f"<tr><td>{html.escape(name)}</td><td>{f.psi:.3f}</td><td>{f.ks_statistic:.3f}</td><td>{f.ks_pvalue:.3g}</td>"
                      f"<td>{f.reference_mean:.3f}</td><td>{f.current_mean:.3f}</td><td>{flag}</td></tr>")
     parts.append("</table>")
+    if (e := result.embedding) is not None:
+        flag = "<span class=drift>drifted</span>" if e.drifted else "ok"
+        parts.append(f"<h2>Prompt embeddings</h2><p>by <code>{html.escape(e.model)}</code>: MMD² {e.mmd2:.4g}, permutation p-value "
+                     f"{e.p_value:.3g} ({e.current_rows} requests vs {e.reference_rows} reference texts): {flag}</p>")
     for name, f in result.features.items():
         bounds = ["-inf", *(f"{e:g}" for e in f.bin_edges), "inf"]
         parts.append(f"<h2>{html.escape(name)}</h2><table><tr><th>bin</th><th>reference</th><th>current</th><th></th></tr>")

@@ -15,7 +15,9 @@ serving HTTP itself. Nothing is cached: every scrape reads the files' tails.
     kollm_drift_psi{feature}                               population stability index, recent traffic vs training data
     kollm_drift_ks_statistic{feature}                      two-sample Kolmogorov-Smirnov statistic
     kollm_drift_ks_pvalue{feature}
-    kollm_drift_detected{feature}                          1 when the feature is over the drift threshold
+    kollm_drift_detected{feature}                          1 when the feature is over the drift threshold (feature
+                                                           "embedding": the prompt-embedding test, when it ran)
+    kollm_drift_embedding_mmd2, kollm_drift_embedding_pvalue   the prompt-embedding two-sample test
     kollm_drift_window_requests                            requests in the compared window
     kollm_drift_last_run_timestamp_seconds                 when `kollm monitor drift` last ran
 """
@@ -120,6 +122,8 @@ class DriftCollector(Collector):
         detected = GaugeMetricFamily("kollm_drift_detected", "1 when the feature drifted past the threshold, else 0.", labels=["feature"])
         window = GaugeMetricFamily("kollm_drift_window_requests", "Requests in the compared window of recent traffic.")
         last = GaugeMetricFamily("kollm_drift_last_run_timestamp_seconds", "When `kollm monitor drift` last ran.")
+        mmd = GaugeMetricFamily("kollm_drift_embedding_mmd2", "MMD² between served prompts' and the training texts' embeddings.")
+        mmd_p = GaugeMetricFamily("kollm_drift_embedding_pvalue", "Permutation p-value of the embedding MMD² test.")
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -130,9 +134,13 @@ class DriftCollector(Collector):
                 ks.add_metric([name], float(f["ks_statistic"]))
                 pvalue.add_metric([name], float(f["ks_pvalue"]))
                 detected.add_metric([name], 1.0 if f["drifted"] else 0.0)
+            if isinstance(e := data.get("embedding"), dict):
+                detected.add_metric(["embedding"], 1.0 if e["drifted"] else 0.0)
+                mmd.add_metric([], float(e["mmd2"]))
+                mmd_p.add_metric([], float(e["p_value"]))
             window.add_metric([], float(data.get("window_requests", 0)))
             last.add_metric([], float(data.get("created_at", time.time())))
-        yield from (psi, ks, pvalue, detected, window, last)
+        yield from (psi, ks, pvalue, detected, window, last, mmd, mmd_p)
 
 
 def exporter_registry(project_dir: Path) -> CollectorRegistry:

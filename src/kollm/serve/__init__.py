@@ -133,6 +133,7 @@ def serve(
     log_level: str = "info",
     inject_faults: str | None = None,
     engine_args: dict | None = None,
+    embedding_model: str | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -140,7 +141,8 @@ def serve(
     defaults to $KOLLM_API_KEY (none: no auth). Logs go to <project_dir or cwd>/.kollm/logs/{api,inference}/.
     A `models:/NAME@ALIAS` URI is followed: the registry is polled every `follow_interval` seconds (0: never) and
     a new version the alias points to replaces the served one without failing a request (kollm.serve.follow).
-    `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults.
+    `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults. `embedding_model`
+    logs each prompt's embedding for drift checks (kollm.monitor.embeddings).
     """
     import uvicorn
 
@@ -167,6 +169,10 @@ def serve(
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args)
         app_options = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs", max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+        if embedding_model:
+            from kollm.monitor.embeddings import Embedder
+
+            app_options["embedder"] = Embedder(embedding_model)
         engine = _load_engine(path, **engine_options)
         if faults is not None:
             engine = FaultyEngine(engine, faults)

@@ -45,7 +45,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,7 +54,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kollm.monitor.features import request_features
+from kollm.monitor.features import prompt_text, request_features
 from kollm.monitor.logging import JsonLinesLogger
 from kollm.serve import metrics
 from kollm.serve.engine import (
@@ -89,6 +89,9 @@ from kollm.serve.protocol import (
     TopLogprob,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from kollm.monitor.embeddings import Embedder
 
 log = logging.getLogger("kollm.serve")
 
@@ -274,6 +277,7 @@ class Served:
     model_name: str
     version: str
     inference_log: JsonLinesLogger | None = None
+    embedder: Embedder | None = None  # logs each prompt's embedding (kollm.monitor.embeddings) for drift
     created: int = field(default_factory=lambda: int(time.time()))
 
     def card(self) -> ModelCard:
@@ -496,8 +500,7 @@ def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, pr
     if "output_perplexity" in features:
         metrics.OUTPUT_PERPLEXITY.labels(version).observe(features["output_perplexity"])
     if served.inference_log is not None:
-        served.inference_log.log(
-            "generation",
+        record = dict(
             request_id=rid,
             endpoint=endpoint,
             model=served.model_name,
@@ -512,6 +515,20 @@ def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, pr
             user=clip(body.user),
             features=features,  # for `kollm monitor drift`; output perplexity over every choice's tokens where the engine measured it
         )
+        if served.embedder is None:
+            served.inference_log.log("generation", **record)
+        else:  # the prompt's embedding for drift, in a worker thread: the response does not wait for it
+            asyncio.get_running_loop().run_in_executor(None, _log_with_embedding, served, record, prompt_text(body))
+
+
+def _log_with_embedding(served: Served, record: dict[str, Any], text: str) -> None:
+    assert served.embedder is not None and served.inference_log is not None
+    try:
+        vector = served.embedder.embed([text])[0]
+        record["embedding"] = {"model": served.embedder.name, "vector": [round(float(v), 5) for v in vector]}
+    except Exception:  # a failed embedding never loses the log line
+        log.exception("embedding the prompt of request %s failed", record["request_id"])
+    served.inference_log.log("generation", **record)
 
 
 # --- routes ------------------------------------------------------------------------------------------------
@@ -735,8 +752,10 @@ def create_app(
     log_dir: Path | None = None,
     shutdown_engine: bool = True,
     max_body_bytes: int = MAX_BODY_BYTES,
+    embedder: Embedder | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring)."""
+    """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring); with `embedder` (and a
+    log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`."""
     version = model_version or "unversioned"
     api_log = RotatingJsonLinesLogger(Path(log_dir) / "api" / "api.jsonl") if log_dir else None
     inference_log = RotatingJsonLinesLogger(Path(log_dir) / "inference" / "inference.jsonl") if log_dir else None
@@ -749,7 +768,7 @@ def create_app(
             await engine.shutdown()
 
     app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
-    app.state.served = Served(engine, model_name, version, inference_log)
+    app.state.served = Served(engine, model_name, version, inference_log, embedder)
     app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
     app.add_middleware(_HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes)
     app.add_exception_handler(APIError, _api_error)
