@@ -116,7 +116,7 @@ class AliasFollower:
             return
         self._failed = None
         self.swaps.append((serving or "-", version))
-        log.info("alias %s@%s: the %s arm now serves version %s (version %s drains and stops)", self.name, self.alias, self.arm, version, serving)
+        log.info("alias %s@%s: now serving version %s on the %s arm (version %s drains and stops)", self.name, self.alias, version, self.arm, serving)
 
     def attach(self) -> AliasFollower:
         """Poll while the gateway runs: started with its lifespan, cancelled at its shutdown."""
