@@ -1,4 +1,8 @@
-"""Canary rollouts end to end: real uvicorn, real openai/httpx clients, real MLflow aliases, compressed time."""
+"""Canary rollouts end to end: real uvicorn, real openai/httpx clients, real MLflow aliases, compressed time.
+
+How many requests fall into a wall-clock window here is up to the machine: a window with too few is inconclusive
+and held, so these tests assert the verdicts other than inconclusive. The exact verdicts of each window are
+asserted in test_controller.py, where a manual clock decides when a window ends."""
 
 from __future__ import annotations
 
@@ -67,7 +71,7 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
     assert "promoted" in webhook.received[0]["text"]
 
 
-def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path, webhook):
+def test_failing_canary_is_rolled_back_under_load(registered, tmp_path, webhook):
     gw = make_gateway(registered, tmp_path, fail_ratio=0.3)
     with Server(gw) as srv, Load(srv.url, registered.name) as load:
         time.sleep(0.2)
@@ -80,9 +84,10 @@ def test_failing_canary_is_rolled_back_within_two_intervals(registered, tmp_path
     after = load.result.versions(sent_after=rolled_back_at)
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     assert saved["status"] == "rolled_back" and saved["weight"] == 0
-    # rolled back after exactly two analysis intervals (counted in windows, not wall time: the suite asserts
-    # behaviour, and a loaded CI machine stretches each 1 s interval)
-    assert [h["result"]["verdict"] for h in saved["history"]] == ["fail", "fail"]
+    # rolled back after two failed analyses; a window that caught fewer than 8 canary requests (a loaded machine)
+    # is inconclusive and held
+    verdicts = [h["result"]["verdict"] for h in saved["history"]]
+    assert [v for v in verdicts if v != "inconclusive"] == ["fail", "fail"], verdicts
     assert set(after) == {"1"}, after  # weight 0: only the stable version serves
     assert load.result.failed == [], load.result.failed[:5]  # every error came from the canary itself
     assert load.result.canary_errors > 0
@@ -101,7 +106,7 @@ def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, w
         time.sleep(0.5)  # slow canary requests in flight at the rollback finish
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     verdicts = [h["result"]["verdict"] for h in saved["history"]]
-    assert verdicts[-2:] == ["fail", "fail"] and "pass" not in verdicts, verdicts  # inconclusive: too few slow requests
+    assert [v for v in verdicts if v != "inconclusive"] == ["fail", "fail"], verdicts  # inconclusive: too few slow requests
     assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"] if h["result"]["verdict"] == "fail")
     assert "p95_ms" in saved["message"]
     assert load.result.failed == [] and load.result.canary_errors == 0, load.result.failed[:5]
@@ -125,7 +130,8 @@ def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_pa
         assert st["rollout"]["step"] == 1 and st["rollout"]["status"] == "progressing"
         assert st["gateway"]["canary_weight"] == 40
         assert "resumed" in st["rollout"]["message"]
-        assert [h["result"]["verdict"] for h in st["rollout"]["history"]] == ["pass"]
+        verdicts = [h["result"]["verdict"] for h in st["rollout"]["history"]]
+        assert [v for v in verdicts if v != "inconclusive"] == ["pass"], verdicts  # (too little traffic: held)
         metrics = httpx.get(f"{srv.url}/metrics").text
         assert f'kollm_rollout_step{{rollout="{registered.name}"}} 2.0' in metrics
         assert f'kollm_rollout_canary_weight_percent{{rollout="{registered.name}"}} 40.0' in metrics

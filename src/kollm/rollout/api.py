@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.rollout.clock import Clock
 from kollm.rollout.controller import RegistryTarget, RolloutController, rollout_store
 from kollm.rollout.state import RolloutConflict, RolloutSpec
 from kollm.serve.gateway import Gateway
@@ -130,10 +131,11 @@ def _error(code: int, message: str, hint: str | None = None) -> JSONResponse:
 
 
 def attach_rollout(gateway: Gateway, *, project_dir: Path | None, model_name: str, api_key: str | None = None,
-                   tick_s: float = 0.05) -> RolloutController:
+                   tick_s: float = 0.05, clock: Clock | None = None) -> RolloutController:
     """Give a gateway that has a canary its rollout controller (state in <project>/.kollm/rollouts/) and the
-    /admin/rollout/ endpoints."""
+    /admin/rollout/ endpoints. `clock`: the controller's time (kollm.rollout.clock; default the real time, a
+    ManualClock in tests)."""
     controller = RolloutController(gateway, rollout_store(project_dir), RegistryTarget(project_dir, model_name),
-                                   api_key=api_key, tick_s=tick_s)
+                                   api_key=api_key, tick_s=tick_s, clock=clock)
     gateway.admin_app = admin_app(controller, api_key=api_key)
     return controller

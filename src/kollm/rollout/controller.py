@@ -10,13 +10,14 @@ quality probe when one is configured.
     is held and analysed again.
   - inconclusive (too little traffic): the step is held and analysed again.
 State is saved to .kollm/rollouts/<name>.json after every change, so a restarted gateway resumes at the same step.
+Time comes from an injectable clock (kollm.rollout.clock): the real one by default, a ManualClock in tests, which
+then decide when each window ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -28,6 +29,7 @@ from kollm.errors import NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
+from kollm.rollout.clock import SYSTEM_CLOCK, Clock
 from kollm.rollout.state import ACTIVE, Alert, RolloutConflict, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
 from kollm.serve.gateway import Arm, Gateway
 
@@ -45,15 +47,19 @@ class RegistryTarget:
 
 
 class RolloutController:
-    """Owns the rollout of one canary behind one gateway. All mutations happen on the event loop."""
+    """Owns the rollout of one canary behind one gateway. All mutations happen on the event loop.
+
+    `clock` gives the time (window starts and ends, the state's timestamps) and the wait between two checks of
+    whether the current window is over (every `tick_s` seconds of that clock); default: the real time."""
 
     def __init__(self, gateway: Gateway, store: RolloutStore, registry: RegistryTarget, *, api_key: str | None = None,
-                 tick_s: float = 0.05):
+                 tick_s: float = 0.05, clock: Clock | None = None):
         self.gateway = gateway
         self.store = store
         self.registry = registry
         self.api_key = api_key
         self.tick_s = tick_s
+        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self.state: RolloutState | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
@@ -82,7 +88,7 @@ class RolloutController:
             self.state = saved
             self.gateway.set_weight(saved.spec.steps[saved.step])
             saved.weight = self.gateway.weight
-            saved.window_started_at = time.time()
+            saved.window_started_at = self.clock.now()
             if saved.status == "progressing":
                 canary.take_window()  # a paused rollout keeps no samples until it is resumed
             where = f"step {saved.step + 1}/{len(saved.spec.steps)}, canary weight {saved.weight:g}%"
@@ -107,19 +113,22 @@ class RolloutController:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.tick_s)
+            await self.clock.sleep(self.tick_s)
             st = self.state
-            if st is None or st.status != "progressing" or time.time() < st.window_started_at + st.spec.pause_s:
+            if st is None or not self._window_over(st):
                 continue
             try:
                 async with self._lock:
-                    if self.state is st and st.status == "progressing":
+                    if self.state is st and self._window_over(st):  # not paused, resumed or ended meanwhile
                         await self._end_window(st)
             except Exception:  # never let one bad window kill the controller
                 log.exception("rollout %s: analysis failed", self.name)
                 st.message = "analysis error (see the gateway log); retrying next window"
-                st.window_started_at = time.time()
+                st.window_started_at = self.clock.now()
                 self.store.save(st)
+
+    def _window_over(self, st: RolloutState) -> bool:
+        return st.status == "progressing" and self.clock.now() >= st.window_started_at + st.spec.pause_s
 
     # ---- commands (called by the admin API) ------------------------------------------------------------
 
@@ -136,7 +145,9 @@ class RolloutController:
                                       hint="`kollm rollout abort` it first, or `kollm rollout status`")
             if spec.alert_webhook is None:
                 spec = spec.model_copy(update={"alert_webhook": webhook_url()})
-            st = RolloutState(name=name, stable_version=self.gateway.stable.version, canary_version=canary.version, spec=spec)
+            now = self.clock.now()
+            st = RolloutState(name=name, stable_version=self.gateway.stable.version, canary_version=canary.version, spec=spec,
+                              started_at=now, window_started_at=now)
             self.state = st
             self._enter_step(st, 0, "started")
             return st
@@ -171,7 +182,7 @@ class RolloutController:
             st = self._require(ACTIVE, "abort")
             self.gateway.set_weight(0)
             self._close_window()
-            st.status, st.weight, st.message, st.ended_at = "aborted", 0.0, reason, time.time()
+            st.status, st.weight, st.message, st.ended_at = "aborted", 0.0, reason, self.clock.now()
             self._save(st)
             await self._tag(st, {"kollm.rollout.result": "aborted", "kollm.rollout.reason": reason})
             self._alert(st, f":warning: kollm rollout of {st.name} version {st.canary_version} aborted: {reason}. "
@@ -203,7 +214,7 @@ class RolloutController:
         st.step = index
         self.gateway.set_weight(st.spec.steps[index])
         st.weight = self.gateway.weight
-        st.window_started_at = time.time()
+        st.window_started_at = self.clock.now()
         assert self.gateway.canary is not None
         self.gateway.canary.take_window()  # the window starts empty
         st.message = f"{why}: step {index + 1}/{len(st.spec.steps)}, canary weight {st.weight:g}%"
@@ -218,7 +229,7 @@ class RolloutController:
         result = analyse(parse_analysis(st.spec.analysis), samples, min_requests=st.spec.min_requests,
                          pending_ms=pending_ms, probe=probe)
         note = "probe: " + "; ".join(probe.failures[:5]) if probe is not None and probe.failures else ""
-        st.history.append(StepRecord(st.step + 1, st.weight, time.time(), result, note))
+        st.history.append(StepRecord(st.step + 1, st.weight, self.clock.now(), result, note))
         self._m_analysis.labels(st.name, result.verdict).inc()
         for metric, value in result.values.items():
             self._m_value.labels(st.name, metric).set(value)
@@ -240,7 +251,7 @@ class RolloutController:
     async def _rollback(self, st: RolloutState, result: AnalysisResult) -> None:
         self.gateway.set_weight(0)  # at once, before any slow call
         self._close_window()
-        st.status, st.weight, st.ended_at = "rolled_back", 0.0, time.time()
+        st.status, st.weight, st.ended_at = "rolled_back", 0.0, self.clock.now()
         st.message = f"rolled back after {st.failures} failed analyses; last: {result.reason}"
         self._save(st)
         await self._tag(st, {"kollm.rollout.result": "rolled_back", "kollm.rollout.failed_analysis": result.reason,
@@ -261,7 +272,7 @@ class RolloutController:
             log.error("rollout %s: %s", st.name, st.message)
             return
         self.gateway.promote_canary()
-        st.status, st.weight, st.message, st.ended_at = "promoted", 100.0, why, time.time()
+        st.status, st.weight, st.message, st.ended_at = "promoted", 100.0, why, self.clock.now()
         self._save(st)
         await self._tag(st, {"kollm.rollout.result": "promoted"})
         self._alert(st, f":white_check_mark: kollm rollout of {st.name}: version {st.canary_version} promoted to champion "
@@ -280,7 +291,7 @@ class RolloutController:
 
         async def deliver() -> None:
             outcome = await send_alert(st.spec.alert_webhook, text)
-            st.alerts.append(Alert(time.time(), text, outcome.delivered, outcome.error))
+            st.alerts.append(Alert(self.clock.now(), text, outcome.delivered, outcome.error))
             self.store.save(st)
 
         task = asyncio.get_running_loop().create_task(deliver())
