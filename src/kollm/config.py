@@ -6,10 +6,10 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, RootModel, ValidationError, field_validator, model_validator
 
 from kollm._pydantic import STRICT
 from kollm.errors import ConfigError
@@ -204,16 +204,25 @@ _EXPECTED = {
 def pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
     """Turn a pydantic ValidationError into one line per problem: `steps[2].config.lr: expected a number, got "fast"`."""
     problems = []
+    variants = _variants(model)
     for e in err.errors():
         loc = tuple(e["loc"])
+        target = model
+        if variants and loc and str(loc[0]) in variants[1]:  # pydantic names the chosen variant's tag first: not a YAML key
+            target, loc = variants[1][str(loc[0])], loc[1:]
         where = format_loc(loc, prefix)
         typ = e["type"]
         if typ in _EXPECTED:
             problems.append(f"{where}: expected {_EXPECTED[typ]}, got {_describe(e.get('input'))}")
         elif typ == "missing":
             problems.append(f"{where}: required field is missing")
+        elif typ == "extra_forbidden" and model and target and len(loc) == 1 and (msg := foreign_setting(model, target, str(loc[0]))):
+            problems.append(f"{where}: {msg}")
+        elif typ == "union_tag_invalid" and variants and not loc:
+            got = e["input"].get(variants[0]) if isinstance(e.get("input"), dict) else e.get("input")
+            problems.append(f"{format_loc((variants[0],), prefix)}: expected one of {_or([repr(t) for t in variants[1]], 'or')}, got {_describe(got)}")
         elif typ == "extra_forbidden":
-            allowed = _allowed_keys(model, loc[:-1]) if model else []
+            allowed = _allowed_keys(target, loc[:-1]) if target else []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             if close:
                 hint = f"did you mean '{close[0]}'?"
@@ -229,6 +238,40 @@ def pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseMo
             msg = e["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {msg[0].lower() + msg[1:] if msg else msg}")
     return problems
+
+
+def _variants(model: type[BaseModel] | None) -> tuple[str, dict[str, type[BaseModel]]] | None:
+    """For a RootModel over a union of models discriminated by a field (align's per-method configs): the field and
+    {tag: model}. pydantic puts the tag of the chosen model first in an error's loc; None for any other model."""
+    if not (isinstance(model, type) and issubclass(model, RootModel)):
+        return None
+    root = model.model_fields["root"]
+    if not isinstance(root.discriminator, str):
+        return None
+    out: dict[str, type[BaseModel]] = {}
+    for member in get_args(root.annotation):
+        for tag in get_args(member.model_fields[root.discriminator].annotation):
+            out[tag] = member
+    return root.discriminator, out
+
+
+def foreign_setting(model: type[BaseModel], chosen: type[BaseModel], key: str) -> str | None:
+    """When `model` is a union of models discriminated by a field (align: one model per `method`) and `key` is a
+    setting of other members but not of the `chosen` one: 'not a setting of method dpo (it belongs to grpo)'."""
+    variants = _variants(model)
+    if variants is None or key in chosen.model_fields:
+        return None
+    field, members = variants
+    tags = [tag for tag, m in members.items() if m is chosen]
+    owners = [tag for tag, m in members.items() if key in m.model_fields]
+    if not tags or not owners:
+        return None
+    return f"not a setting of {field} {tags[0]} (it belongs to {_or(owners, 'and')})"
+
+
+def _or(items: list[str], word: str) -> str:
+    """'a', 'a or b', 'a, b or c' (pydantic's style for the expected values of a Literal)."""
+    return f" {word} ".join([", ".join(items[:-1]), items[-1]]) if len(items) > 1 else "".join(items)
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

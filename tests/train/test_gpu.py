@@ -63,7 +63,7 @@ def test_steps_on_gpu(tmp_path, texts):
     pd.DataFrame(recs[:12]).to_parquet(prefs / "train.parquet")
     pd.DataFrame(recs[12:]).to_parquet(prefs / "eval.parquet")
     model_art = Artifact("model", tmp_path / "cpt", "sha256:m")
-    job2 = Job("align", "align", align.Config(method="dpo", beta=0.5, seq_len=128, max_steps=10, lr=3e-3), Artifact("preferences", prefs, "sha256:p"),
+    job2 = Job("align", "align", align.DpoConfig(beta=0.5, seq_len=128, max_steps=10, lr=3e-3), Artifact("preferences", prefs, "sha256:p"),
                str(tmp_path / "cpt"), model_art, None, tmp_path / "align", tmp_path / "ck2", tmp_path / "align.jsonl")
     res2 = align.train(job2, Env(device=CUDA))
     assert res2.metrics["eval_reward_margin"] > 0

@@ -26,7 +26,7 @@ from kollm.config import pydantic_problems
 from kollm.errors import ConfigError
 from kollm.pipeline.artifacts import json_digest
 from kollm.pipeline.spec import Pipeline, ResolvedStep, find_module, resolve_source
-from kollm.pipeline.step import Artifact
+from kollm.pipeline.step import Artifact, parse_config
 
 KEY_FORMAT = 2  # bump when the way keys are made changes: every step is then recomputed once
 
@@ -114,7 +114,7 @@ def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> list[Resol
             else:
                 node[leaf] = value
         try:
-            config = s.module.Config.model_validate(raw)
+            config = parse_config(s.module.Config, raw)
         except ValidationError as e:
             problems.extend(pydantic_problems(e, prefix=f"override {s.name}", model=s.module.Config))
             continue

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from kollm.config import DataSource, ProjectConfig, Resources, SweepSpec, load_config, pydantic_problems
 from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.artifacts import file_digest, files_digest
-from kollm.pipeline.step import Artifact, InputSpec
+from kollm.pipeline.step import Artifact, InputSpec, parse_config
 from kollm.steps import load_kind
 
 
@@ -99,7 +99,7 @@ def load_pipeline(path: str | Path | None = None) -> Pipeline:
             problems.extend(e.problems)
             continue
         try:
-            config = module.Config.model_validate(spec.config)
+            config = parse_config(module.Config, spec.config)
         except ValidationError as e:
             problems.extend(pydantic_problems(e, prefix=f"{where}.config", model=module.Config))
             continue

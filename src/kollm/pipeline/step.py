@@ -4,6 +4,7 @@ A step kind is a module in `kollm.steps` (one file per kind, readable top to bot
 
     KIND: str                                  # the `kind:` users write in kollm.yaml
     class Config(pydantic.BaseModel): ...       # the step's `config:` block; use `model_config = STRICT`
+                                               # (or a RootModel over a discriminated union of models: see parse_config)
     def inputs(config) -> dict[str, InputSpec]  # named inputs and the artifact types they accept
     def outputs(config) -> dict[str, str]       # output name -> artifact type
     def code(config) -> tuple[str, ...]         # modules/packages whose source is hashed into the cache key
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 
 from kollm._pydantic import STRICT as STRICT
 
@@ -115,6 +116,14 @@ class StepKind(Protocol):
     def references(self, config: Any, project_dir: Path) -> dict[str, str]: ...
 
     def run(self, ctx: StepContext) -> StepResult | None: ...
+
+
+def parse_config(model: type[BaseModel], raw: Any) -> BaseModel:
+    """A step's config from its `config:` mapping (raises pydantic's ValidationError). A kind whose settings differ
+    by variant (align: one model per `method`) makes `Config` a RootModel over a discriminated union of models;
+    its step functions then receive the chosen variant's model, not the RootModel around it."""
+    config = model.model_validate(raw)
+    return config.root if isinstance(config, RootModel) else config
 
 
 def _no_progress(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]:

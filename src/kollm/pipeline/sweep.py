@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from kollm.config import SweepParam, SweepSpec
+from kollm.config import SweepParam, SweepSpec, foreign_setting
 from kollm.errors import KollmError, StepFailed
 
 if TYPE_CHECKING:
@@ -52,9 +52,11 @@ def check_sweep(spec: SweepSpec, kind: str, config_model: type[BaseModel], confi
     problems = []
     if kind not in TRAINING_KINDS:
         return [f"{where}: a sweep needs a training step ({', '.join(TRAINING_KINDS)}), not '{kind}'"]
+    chosen = type(config)  # the model of the config's variant where Config is a union of them (align: one per method)
     for path, param in spec.params.items():
-        if not _has_field(config_model, path.split(".")):
-            problems.append(f"{where}.params.{path}: the {kind} step's config has no setting '{path}'")
+        if not _has_field(chosen, path.split(".")):
+            problem = foreign_setting(config_model, chosen, path.split(".")[0]) or f"the {kind} step's config has no setting '{path}'"
+            problems.append(f"{where}.params.{path}: {problem}")
             continue
         for value in _candidates(param):
             raw = config.model_dump(mode="json", exclude_unset=True)

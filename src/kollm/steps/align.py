@@ -3,7 +3,7 @@ or GRPO with your own reward function on prompts (a preferences or instructions 
 
     - kind: align
       config:
-        method: dpo              # dpo | orpo | kto
+        method: dpo              # dpo (the default) | orpo | kto | grpo
         beta: 0.1
         max_steps: 30
         lr: 5.0e-5
@@ -16,47 +16,81 @@ GRPO samples `num_generations` replies per prompt and scores them with `reward: 
 project folder is on sys.path), called as `fn(prompts=[messages...], completions=[str...], **columns)`
 where columns are the dataset's other columns (chosen/rejected, or `answer`: the reference reply of an
 instructions dataset), returning one float per completion.
+
+Each method has its own settings: `Config` is a discriminated union on `method` of one model per method
+(DpoConfig, OrpoConfig, KtoConfig, GrpoConfig) over the settings they share (AlignSettings: the training
+settings, lr, batch_size), so a setting of another method (`method: dpo` with `num_generations`) is an error
+that names it. The step's functions receive the chosen method's model (`kollm.pipeline.step.parse_config`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from typing import Literal
-
-from pydantic import Field, model_validator
+from pydantic import Field, RootModel, field_validator, model_validator
 
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
 from kollm.train.config import TrainingConfig, base_model_reference, model_input
 
 KIND = "align"
+DEFAULT_METHOD = "dpo"
 
 
-class Config(TrainingConfig):
+class AlignSettings(TrainingConfig):
+    """The settings every method has: the training settings, with align's own defaults for lr and batch_size."""
+
     model_config = STRICT
-    method: Literal["dpo", "orpo", "kto", "grpo"] = Field("dpo", description="The preference objective.")
-    beta: float = Field(0.1, gt=0, description="DPO/KTO: strength of the pull toward the reference; ORPO: weight of the odds-ratio term.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO only: assumed probability that a preference label is flipped.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
     batch_size: int = Field(4, ge=1, description="Preference pairs (GRPO: prompts) per micro-batch per GPU.")
-    reward: str | None = Field(None, description="GRPO: the reward function, module:function.")
-    num_generations: int = Field(4, ge=2, description="GRPO: replies sampled per prompt (a group).")
-    max_new_tokens: int = Field(64, ge=1, description="GRPO: longest sampled reply.")
-    temperature: float = Field(1.0, gt=0, description="GRPO: sampling temperature.")
-
-    @model_validator(mode="after")
-    def _grpo_needs_reward(self) -> Config:
-        if self.method == "grpo":
-            if not self.reward:
-                raise ValueError("method grpo needs `reward: module:function` (your reward function)")
-            if self.reward.count(":") != 1 or not all(self.reward.split(":")):
-                raise ValueError(f"reward: expected 'module:function', got \"{self.reward}\"")
-        elif self.reward:
-            raise ValueError(f"reward is used by method grpo only (method is {self.method})")
-        return self
 
 
-def inputs(config: Config) -> dict[str, InputSpec]:
+class DpoConfig(AlignSettings):
+    method: Literal["dpo"] = Field("dpo", description="The preference objective: dpo (the default), orpo, kto or grpo.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (conservative DPO).")
+
+
+class OrpoConfig(AlignSettings):
+    method: Literal["orpo"] = Field(description="The preference objective: dpo (the default), orpo, kto or grpo.")
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term (ORPO needs no reference model).")
+
+
+class KtoConfig(AlignSettings):
+    method: Literal["kto"] = Field(description="The preference objective: dpo (the default), orpo, kto or grpo.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it).")
+
+
+class GrpoConfig(AlignSettings):
+    method: Literal["grpo"] = Field(description="The preference objective: dpo (the default), orpo, kto or grpo.")
+    reward: str = Field(..., description="The reward function, module:function (the project folder is on sys.path).")
+    num_generations: int = Field(4, ge=2, description="Replies sampled per prompt (a group).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled reply.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+    @field_validator("reward")
+    @classmethod
+    def _module_function(cls, v: str) -> str:
+        if v.count(":") != 1 or not all(v.split(":")):
+            raise ValueError(f"expected 'module:function', got \"{v}\"")
+        return v
+
+
+AlignConfig = DpoConfig | OrpoConfig | KtoConfig | GrpoConfig
+
+
+class Config(RootModel[Annotated[AlignConfig, Field(discriminator="method")]]):
+    """The `config:` of an align step: the model of its `method` (DPO when `method` is not given)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "method" not in data:
+            return {**data, "method": DEFAULT_METHOD}
+        return data
+
+
+def inputs(config: AlignConfig) -> dict[str, InputSpec]:
     return {
         "data": InputSpec(
             ("preferences", "instructions") if config.method == "grpo" else ("preferences",),
@@ -66,16 +100,16 @@ def inputs(config: Config) -> dict[str, InputSpec]:
     }
 
 
-def references(config: Config, project_dir: Path) -> dict[str, str]:
+def references(config: AlignConfig, project_dir: Path) -> dict[str, str]:
     return base_model_reference(config.base_model, project_dir)
 
 
-def outputs(config: Config) -> dict[str, str]:
+def outputs(config: AlignConfig) -> dict[str, str]:
     return {"model": "model"}
 
 
-def code(config: Config) -> tuple[str, ...]:
-    reward_module = (config.reward.split(":")[0],) if config.reward else ()
+def code(config: AlignConfig) -> tuple[str, ...]:
+    reward_module = (config.reward.split(":")[0],) if isinstance(config, GrpoConfig) else ()
     return ("kollm.steps.align", "kollm.train", *reward_module)
 
 
