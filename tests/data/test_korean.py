@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 
 import pandas as pd
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kollm.data.korean import hangul_ratio, normalize_text
@@ -119,3 +119,29 @@ def test_normalization_with_indentation_and_fences_is_idempotent(parts):
     once = normalize_text(text)
     assert normalize_text(once) == once
     assert [c for c in once if "가" <= c <= "힣"] == [c for c in text if "가" <= c <= "힣"]
+
+
+_TEXT = st.lists(st.sampled_from([*"가나다 한국어\t\n\u3000\u00a0\u2003abc,.!?_-~`", "```", "데비안", "  \n", "Google", "서버", "  "]),
+                 max_size=40).map("".join)
+
+
+@given(st.one_of(_TEXT, st.text(max_size=60)))  # and any Unicode (jamo, unassigned code points, lone surrogates)
+@example("가 \n나")
+@example("\ud7a4\ua97d\u3164ㄱ\u1100\ud800A1_")
+@settings(max_examples=400, deadline=None)
+def test_fast_paths_give_what_the_plain_forms_give(text):
+    """The shortcuts of the prepare hot path (spaces without regex scans when nothing matches, whitespace counted by
+    str.split) equal the plain regex forms exactly."""
+    import re
+
+    from kollm.data import korean
+    from kollm.data.filters import symbol_ratio
+
+    plain_spaces = text if korean._FENCE in text else korean._INNER_SPACES.sub(" ", korean._TRAILING_SPACES.sub("", text))
+    if korean._FENCE not in text:
+        assert korean._spaces(text) == plain_spaces
+    letters = korean._NOT_LETTER.sub("", text)
+    assert korean.hangul_ratio(text) == (len(korean._NOT_HANGUL.sub("", letters)) / len(letters) if letters else 0.0)
+    nonspace = len(text) - sum(map(len, re.findall(r"\s+", text)))
+    symbols = sum(map(len, re.findall(r"[^\w\s]+", text)))
+    assert symbol_ratio(text) == (symbols / nonspace if nonspace else 0.0)

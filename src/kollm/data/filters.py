@@ -107,7 +107,6 @@ class Features:
     pos: tuple[int, ...] = ()  # morphemes per POS_CLASSES, with tokenizer: kiwi
 
 
-_SPACE_RUNS = re.compile(r"\s+")
 _SYMBOL_RUNS = re.compile(r"[^\w\s]+")
 
 
@@ -122,10 +121,10 @@ def dup_line_fraction(text: str) -> float:
     return dup / total if total else 0.0
 
 
-def top_ngram_fraction(text: str, n: int) -> float:
+def top_ngram_fraction(text: str, n: int, words: list[str] | None = None) -> float:
     """Characters covered by all occurrences of the most frequent word n-gram / characters in words
-    (the Gopher repetition measure). 0 when no n-gram occurs twice."""
-    words = text.split()
+    (the Gopher repetition measure). 0 when no n-gram occurs twice. `words`: text.split(), if already made."""
+    words = text.split() if words is None else words
     if len(words) < n + 1:
         return 0.0
     grams = Counter(zip(*(words[i:] for i in range(n))))
@@ -169,9 +168,9 @@ def kiwi():
         return Kiwi(num_workers=0, load_typo_dict=False, load_multi_dict=False)
 
 
-def symbol_ratio(text: str) -> float:
-    """Punctuation and symbols / non-space characters."""
-    nonspace = len(text) - sum(map(len, _SPACE_RUNS.findall(text)))
+def symbol_ratio(text: str, words: list[str] | None = None) -> float:
+    """Punctuation and symbols / non-space characters. `words`: text.split(), if already made."""
+    nonspace = sum(map(len, text.split() if words is None else words))  # str.split and \s agree on what whitespace is
     return sum(map(len, _SYMBOL_RUNS.findall(text))) / nonspace if nonspace else 0.0
 
 
@@ -192,13 +191,14 @@ def quality_features(text: str, ngram_size: int = 3, tokenizer: str = "whitespac
             morphemes=len(tokens),
             pos=tuple(pos[c] for c in POS_CLASSES),
         )
+    words = text.split()
     return Features(
-        words=len(text.split()),
+        words=len(words),
         chars=len(text),
         hangul_ratio=hangul_ratio(text),
         dup_line_fraction=dup_line_fraction(text),
-        top_ngram_fraction=top_ngram_fraction(text, ngram_size),
-        symbol_ratio=symbol_ratio(text),
+        top_ngram_fraction=top_ngram_fraction(text, ngram_size, words),
+        symbol_ratio=symbol_ratio(text, words),
         sentences=sentence_count(text),
     )
 

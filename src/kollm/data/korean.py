@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
+
+import numpy as np
 
 # --- character tables, built once from the Unicode database ---------------------------------------
 
@@ -133,6 +136,8 @@ def normalize_text(text: str) -> str:
 
 def _spaces(text: str) -> str:
     """Collapse spaces inside lines and drop trailing ones; keep indentation, and fenced code as it is."""
+    if "\t" not in text and "  " not in text and " \n" not in text and not text.endswith(" "):
+        return text  # nothing either pattern matches (most texts): no regex scans
     if _FENCE not in text:
         return _INNER_SPACES.sub(" ", _TRAILING_SPACES.sub("", text))
     lines, fenced = [], False
@@ -151,9 +156,33 @@ _NOT_LETTER = re.compile(r"[\W\d_]+")
 
 
 def hangul_ratio(text: str) -> float:
-    """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters."""
-    letters = _NOT_LETTER.sub("", text)  # deleting the rest is cheaper than collecting runs
-    if not letters:
-        return 0.0
-    return len(_NOT_HANGUL.sub("", letters)) / len(letters)
+    """Hangul characters / letters (digits, spaces and punctuation do not count). 0 for a text without letters.
+
+    Both are properties of single code points, so they are looked up per code point in two tables made once
+    per process by running the same character classes (_NOT_LETTER, _NOT_HANGUL) over every code point: the
+    same result as deleting with the regexes, several times faster on the prepare hot path."""
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if len(cps) and cps.max() >= _TABLE_SIZE:  # beyond the Basic Multilingual Plane (emoji, rare CJK): the regexes
+        letters_text = _NOT_LETTER.sub("", text)
+        return len(_NOT_HANGUL.sub("", letters_text)) / len(letters_text) if letters_text else 0.0
+    is_letter, is_hangul = _letter_tables()
+    letters = int(np.count_nonzero(is_letter[cps]))
+    return int(np.count_nonzero(is_hangul[cps])) / letters if letters else 0.0
+
+
+_TABLE_SIZE = 0x10000
+
+
+@lru_cache(maxsize=1)
+def _letter_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per code point of the Basic Multilingual Plane: a letter (not matched by _NOT_LETTER), and a Hangul letter
+    (not matched by _NOT_HANGUL either)."""
+    every = "".join(map(chr, range(_TABLE_SIZE)))
+    is_letter = np.ones(_TABLE_SIZE, dtype=bool)
+    for m in _NOT_LETTER.finditer(every):
+        is_letter[m.start() : m.end()] = False
+    is_hangul = is_letter.copy()
+    for m in _NOT_HANGUL.finditer(every):
+        is_hangul[m.start() : m.end()] = False
+    return is_letter, is_hangul
 
