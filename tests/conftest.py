@@ -35,6 +35,16 @@ def kollm_bin() -> str:
 @pytest.fixture
 def postgres_uri():
     """A fresh PostgreSQL database on 127.0.0.1:5432 for one test, dropped afterwards."""
+    yield from _postgres_database()
+
+
+@pytest.fixture(scope="module")
+def module_postgres_uri():
+    """A fresh PostgreSQL database shared by the tests of one module (e.g. behind one `mlflow server`)."""
+    yield from _postgres_database()
+
+
+def _postgres_database():
     import uuid
 
     psycopg2 = pytest.importorskip("psycopg2")
@@ -78,3 +88,15 @@ def ray_cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The Korean quickstart run once with `kollm run` (minutes on CPU), shared by the tests that need a whole
+    real pipeline: (project folder, RunResult). A test may change the project afterwards (promote, rerun); the
+    RunResult keeps describing that first run."""
+    import kollm
+    from kollm.examples import init_project
+
+    project = init_project(tmp_path_factory.mktemp("quickstart") / "qs", "korean-quickstart")
+    return project, kollm.run(project)

@@ -125,17 +125,16 @@ def test_unknown_ray_step_and_cli(project, tmp_path, kollm_bin):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path):
+def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, quickstart_run):
     """The Korean quickstart (3 prepare steps, cpt, sft, align, evaluate, register), once with `kollm run` and once
     compiled and run by kfp.local (a process per component), each in its own folder and registry: every output of
     every step has the same content digest."""
     import kfp.local
     from kfp import components
 
-    import kollm
     from kollm.examples import init_project
 
-    expected = kollm.run(init_project(tmp_path / "local", "korean-quickstart"))
+    _, expected = quickstart_run
     project = init_project(tmp_path / "kfp", "korean-quickstart")  # the same files, no cache, its own registry
     compiled = compile_kfp(project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))

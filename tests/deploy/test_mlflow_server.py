@@ -56,7 +56,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3_server():
     """moto's S3-compatible server on a free loopback port, with the bucket created."""
     pytest.importorskip("moto", reason="moto[server] is not installed (pip install 'moto[server]')")
@@ -76,15 +76,18 @@ def s3_server():
         server.stop()
 
 
-@pytest.fixture
-def mlflow_server(postgres_uri, s3_server, tmp_path):
-    """`mlflow server` on the fresh PostgreSQL database, artifacts proxied to the S3 server."""
+@pytest.fixture(scope="module")
+def mlflow_server(module_postgres_uri, s3_server, tmp_path_factory):
+    """`mlflow server` on a fresh PostgreSQL database, artifacts proxied to the S3 server; one for the module's
+    tests (its start and PostgreSQL migrations take most of a minute)."""
+    postgres_uri, tmp_path = module_postgres_uri, tmp_path_factory.mktemp("mlflow-server")
     endpoint, s3, creds = s3_server
     port = free_port()
     env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
                         "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
                         # webhooks to kollm watch's receiver on loopback over http (MLflow allows only public https by default)
-                        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}
+                        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                        "MLFLOW_WEBHOOK_CACHE_TTL": "1"}  # the server caches each event's webhook list (60 s by default)
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres_uri,

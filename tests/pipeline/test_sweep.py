@@ -116,15 +116,6 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     table = subprocess.run([kollm_bin, "show", again.run_id, "--path", str(root)], capture_output=True, text=True, timeout=300).stdout
     assert "sweep of cpt: 4 trials by eval_loss (min)" in table and "stopped" in table
 
-    # a sweep killed after some trials finished: they are reused from the cache, only the others run again
-    import shutil
-
-    shutil.rmtree(store / cpt.key)
-    resumed = kollm.run(root)
-    again_trials = json.loads((resumed.steps["cpt"].outputs["model"].path.parent / "step.json").read_text())["sweep"]["trials"]
-    cached = {t["key"] for t in again_trials if t["cached"]}
-    assert cached == {t["key"] for t in finished}
-    assert resumed.steps["cpt"].outputs["model"].digest == best_out and resumed.steps["evaluate"].cache_hit
 
 
 @pytest.mark.slow
@@ -135,8 +126,7 @@ def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path,
     import signal
     import time
 
-    sweep = ("{params: {lr: {grid: [3.0e-3, 1.0e-3, 1.0e-2, 3.0e-4]}}, metric: eval_loss, mode: min, samples: 1, "
-             "scheduler: none, max_concurrent: 1}")
+    sweep = "{params: {lr: {grid: [3.0e-3, 1.0e-3, 1.0e-2]}}, metric: eval_loss, mode: min, samples: 1, scheduler: none, max_concurrent: 1}"
     root = make_project(tmp_path / "p", sweep=sweep)
     steps = root / ".kollm" / "steps"
 
@@ -163,10 +153,10 @@ def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path,
         os.killpg(proc.pid, signal.SIGKILL)  # the runner, its Ray instance and the trial at work
         proc.wait(timeout=60)
     before = trials_published()
-    assert 1 <= len(before) < 4
+    assert 1 <= len(before) < 3
 
     resumed = kollm.run(root)
     rows = json.loads((resumed.steps["cpt"].outputs["model"].path.parent / "step.json").read_text())["sweep"]["trials"]
-    assert len(rows) == 4 and all(t["status"] == "finished" for t in rows)
+    assert len(rows) == 3 and all(t["status"] == "finished" for t in rows)
     assert {t["key"] for t in rows if t["cached"]} == before  # finished trials were not redone
     assert resumed.steps["evaluate"].outputs["metrics"].digest

@@ -90,11 +90,8 @@ def test_register_through_the_runner_on_postgres(tmp_path, postgres_uri):
 
 
 @pytest.mark.slow
-def test_quickstart_registers_a_version_that_leads_back_to_its_data(tmp_path):
-    from kollm.examples import init_project
-
-    project = init_project(tmp_path / "qs", "korean-quickstart")
-    result = kollm.run(project)
+def test_quickstart_registers_a_version_that_leads_back_to_its_data(quickstart_run):
+    project, result = quickstart_run
     v = registry.show("korean-quickstart", "challenger", project)
     for prep in ("prepare-corpus", "prepare-sft", "prepare-prefs"):
         assert v.tags[f"kollm.data.{prep}.dataset"] == result.steps[prep].outputs["dataset"].digest
