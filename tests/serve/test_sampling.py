@@ -58,9 +58,9 @@ def probe(engine, monkeypatch):
     seen: list[int] = []
     original = engine._accept
 
-    def accept(seqs, tokens, logprobs):
+    def accept(seqs, tokens, nlls, logprobs):
         seen.extend(tokens)
-        original(seqs, tokens, logprobs)
+        original(seqs, tokens, nlls, logprobs)
 
     monkeypatch.setattr(engine, "_accept", accept)
     return seen
