@@ -11,4 +11,12 @@ from pydantic import ConfigDict
 # Every pydantic model of kollm.yaml forbids unknown keys, so a typo is an error that names the field.
 STRICT = ConfigDict(extra="forbid")
 
-__all__ = ["STRICT"]
+
+def module_function(v: str) -> str:
+    """A field validator's check of a `module:function` reference (a python step's callable, align's reward)."""
+    if v.count(":") != 1 or not all(v.split(":")):
+        raise ValueError(f"expected 'module:function', got \"{v}\"")
+    return v
+
+
+__all__ = ["STRICT", "module_function"]

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, RootModel, field_validator, model_validator
 
+from kollm._pydantic import module_function
 from kollm.pipeline.step import STRICT, InputSpec, StepContext, StepResult
 from kollm.train.config import TrainingConfig, base_model_reference, model_input
 
@@ -68,12 +69,7 @@ class GrpoConfig(AlignSettings):
     max_new_tokens: int = Field(64, ge=1, description="Longest sampled reply.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
 
-    @field_validator("reward")
-    @classmethod
-    def _module_function(cls, v: str) -> str:
-        if v.count(":") != 1 or not all(v.split(":")):
-            raise ValueError(f"expected 'module:function', got \"{v}\"")
-        return v
+    _module_function = field_validator("reward")(module_function)
 
 
 AlignConfig = DpoConfig | OrpoConfig | KtoConfig | GrpoConfig

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from kollm._pydantic import module_function
 from kollm.errors import StepFailed
 from kollm.pipeline.step import ARTIFACT_TYPES, STRICT, InputSpec, StepContext, StepResult
 
@@ -36,12 +37,7 @@ class Config(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> artifact type the function writes.")
     params: dict[str, Any] = Field(default_factory=dict, description="Free-form parameters, passed as ctx.config.params.")
 
-    @field_validator("callable")
-    @classmethod
-    def _module_function(cls, v: str) -> str:
-        if v.count(":") != 1 or not all(v.split(":")):
-            raise ValueError(f"expected 'module:function', got \"{v}\"")
-        return v
+    _module_function = field_validator("callable")(module_function)
 
     @field_validator("inputs", "outputs")
     @classmethod
