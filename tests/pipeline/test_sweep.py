@@ -160,3 +160,19 @@ def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path,
     assert len(rows) == 3 and all(t["status"] == "finished" for t in rows)
     assert {t["key"] for t in rows if t["cached"]} == before  # finished trials were not redone
     assert resumed.steps["evaluate"].outputs["metrics"].digest
+
+
+@pytest.mark.slow
+def test_a_sweep_under_the_ray_executor_runs_its_trials_on_the_cluster(tmp_path, ray_cluster):
+    """`kollm run --executor ray` (on the Ray instance this process is connected to): the sweep step runs as a Ray task
+    and its trials as Ray Tune trials on the same cluster; the best trial's model goes downstream, as with the local
+    executor."""
+    sweep = "{params: {lr: {grid: [3.0e-3, 1.0e-2]}}, metric: eval_loss, mode: min, samples: 1, scheduler: none, max_concurrent: 1}"
+    root = make_project(tmp_path / "p", sweep=sweep)
+    result = kollm.run(root, executor="ray")
+    manifest = json.loads((result.steps["cpt"].outputs["model"].path.parent / "step.json").read_text())
+    rows, best = manifest["sweep"]["trials"], manifest["sweep"]["best"]
+    assert len(rows) == 2 and all(t["status"] == "finished" for t in rows)
+    assert best["metric"] == min(t["metric"] for t in rows) == result.steps["cpt"].metrics["eval_loss"]
+    ev = json.loads((result.steps["evaluate"].outputs["metrics"].path.parent / "step.json").read_text())
+    assert ev["inputs"]["model"]["key"] == best["key"]
