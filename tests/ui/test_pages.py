@@ -112,8 +112,6 @@ def test_step_page_config_digests_reports_logs(demo, page):
     both_widths(page, f"{demo.url}/steps/{evaluate.info.run_id}", "step-evaluate")
 
 
-@pytest.mark.xfail(reason="known regression after the runner rebuild (steps run side by side in child processes): the "
-                   "lineage page misses the prepare step's source row; to fix in kollm.ui.data", strict=False)
 def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
     steps = step_runs(demo.dir, demo.run_ids[0])
     raw = steps["prepare-corpus"].data.tags["kollm.input.source.digest"]
