@@ -15,15 +15,23 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 KOLLM = str(Path(sys.executable).parent / "kollm")
 
 
+# What pointing MLflow at a project writes into os.environ (kollm.pipeline.tracking._point_mlflow_at)
+TRACKING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KOLLM_SET_TRACKING_URI")
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(monkeypatch):
-    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI; keep one test's store out of the next."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def isolated_tracking():
+    """Running a project points MLflow at its store through os.environ; keep one test's store out of the next (and
+    out of processes started later, such as the session's Ray instance): cleared before and after every test."""
+    for k in TRACKING_VARS:
+        os.environ.pop(k, None)
     yield
     import mlflow
 
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+    for k in TRACKING_VARS:
+        os.environ.pop(k, None)
 
 
 @pytest.fixture
@@ -79,6 +87,8 @@ def ray_cluster():
     }
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    for k in TRACKING_VARS:  # the raylet and every worker would inherit a project's store from this process
+        os.environ.pop(k, None)
     try:
         yield ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
     finally:
@@ -99,4 +109,7 @@ def quickstart_run(tmp_path_factory):
     from kollm.examples import init_project
 
     project = init_project(tmp_path_factory.mktemp("quickstart") / "qs", "korean-quickstart")
-    return project, kollm.run(project)
+    result = kollm.run(project)
+    for k in TRACKING_VARS:  # set up outside any one test: leave no store behind for the tests that follow
+        os.environ.pop(k, None)
+    return project, result
