@@ -18,7 +18,7 @@ import importlib.util
 import re
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -124,28 +124,26 @@ def dup_line_fraction(text: str) -> float:
 def top_ngram_fraction(text: str, n: int, words: list[str] | None = None) -> float:
     """Characters covered by all occurrences of the most frequent word n-gram / characters in words
     (the Gopher repetition measure). 0 when no n-gram occurs twice. `words`: text.split(), if already made."""
-    words = text.split() if words is None else words
-    if len(words) < n + 1:
-        return 0.0
-    grams = Counter(zip(*(words[i:] for i in range(n))))
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    total = sum(map(len, words))
-    return min(1.0, count * sum(map(len, gram)) / total) if total else 0.0
+    return _top_gram_fraction(text.split() if words is None else words, len, n)
 
 
 def unit_top_ngram_fraction(units: Sequence[str], length: dict[str, int], n: int) -> float:
     """`top_ngram_fraction` over units whose characters in the text are `length[unit]` (morphemes: their
     surface span, as "form/tag" units)."""
+    return _top_gram_fraction(units, length.__getitem__, n)
+
+
+def _top_gram_fraction(units: Sequence[str], size: Callable[[str], int], n: int) -> float:
+    """Characters (`size` of a unit) covered by all occurrences of the most frequent unit n-gram / characters of
+    all units; 0 when no n-gram occurs twice."""
     if len(units) < n + 1:
         return 0.0
     grams = Counter(zip(*(units[i:] for i in range(n))))
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
-    total = sum(length[u] for u in units)
-    return min(1.0, count * sum(length[u] for u in gram) / total) if total else 0.0
+    total = sum(map(size, units))
+    return min(1.0, count * sum(map(size, gram)) / total) if total else 0.0
 
 
 _SENTENCE_BREAKS = re.compile(r"(?<=[.!?。？！…])\s+|\n+")

@@ -165,6 +165,15 @@ class Engine(Protocol):
         ...
 
 
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A completion prompt's token ids (with the tokenizer's special tokens); an empty prompt is its BOS token
+    where the tokenizer has one (else empty: the router answers 400)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id]
+    return list(ids)
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[ChatTurn]) -> list[int]:
     """Prompt ids for a chat with the model's chat template (both backends tokenize with the HF tokenizer)."""
     if not tokenizer.chat_template:
@@ -449,10 +458,7 @@ class TransformersEngine:
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id]
-        return list(ids)
+        return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)

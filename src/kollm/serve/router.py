@@ -416,6 +416,14 @@ async def _collect(gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> 
     return _Result("".join(parts), last.completion_tokens, last.finish_reason, logprobs, last.output_nll)
 
 
+async def _collect_all(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> list[_Result]:
+    """Every choice collected (a non-streamed response); every generator closed, also on failure."""
+    try:
+        return list(await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts))))
+    finally:
+        await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+
+
 async def _merged(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> AsyncIterator[tuple[int, TokenChunk]]:
     """Chunks of all choices as they come, tagged with the choice index; closes every generator on exit."""
     queue: asyncio.Queue[tuple[int, TokenChunk | Exception | None]] = asyncio.Queue()
@@ -588,10 +596,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     cid = f"chatcmpl-{rid}"
     with_logprobs = logprobs is not None
     if not body.stream:
-        try:
-            results = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts)))
-        finally:
-            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        results = await _collect_all(gens, firsts)
         completion = sum(r.tokens for r in results)
         _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r.finish for r in results], body, False,
                         [r.nll for r in results])
@@ -666,10 +671,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     cid = f"cmpl-{rid}"
     with_logprobs = body.logprobs is not None
     if not body.stream:
-        try:
-            results = await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts)))
-        finally:
-            await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+        results = await _collect_all(gens, firsts)
         completion = sum(r.tokens for r in results)
         _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, completion, [r.finish for r in results], body, False,
                         [r.nll for r in results])

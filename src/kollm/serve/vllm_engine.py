@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from kollm.errors import ConfigError
-from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, RequestError, SamplingParams, TokenChunk, encode_chat
+from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, RequestError, SamplingParams, TokenChunk, encode_chat, encode_prompt
 
 log = logging.getLogger("kollm.serve")
 
@@ -207,10 +207,7 @@ class VLLMEngine:
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if not ids and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id]
-        return list(ids)
+        return encode_prompt(self.tokenizer, text)
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
