@@ -11,11 +11,16 @@ no server), with the same thread settings, alternating with kollm requests in pa
 both see the same load on a shared machine. It is the floor a server adds its overhead to; kollm's target is to
 match it (ratio >= 1x) despite serving over HTTP.
 
+A third baseline, on CUDA (--static-generate, the default there): transformers' own fast path in-process,
+`generate` on a batch of C prompts at once with a static cache (`cache_implementation="static"`, which
+transformers compiles), one timed batch per concurrency level after a warm-up batch. No HTTP, no streaming,
+no arrivals: an upper reference for what batching the same model can give.
+
 Printed: output tokens/s and p50/p95 request latency at each concurrency, kollm/baseline ratios, and
 kollm/bare-generate at concurrency 1.
 
     python benchmarks/serve_throughput.py                                      # CPU, tiny model (~1 min)
-    python benchmarks/serve_throughput.py --device cuda --preset 349m --out results.json   # one H100
+    python benchmarks/serve_throughput.py --device cuda --preset 349m --out results.json   # one GPU
     python benchmarks/serve_throughput.py --preset 40m --max-tokens 64 --prompt-tokens 64 --threads 0   # CPU, 40M, torch's threads
 
 Self-contained: builds a random-init Llama-shaped model and a byte-level BPE tokenizer itself (no hub, no MLflow);
@@ -116,7 +121,8 @@ def run_kollm_server(args) -> None:
     from kollm.serve import serve
 
     serve(str(args.model_dir), host="127.0.0.1", port=args.port, project_dir=Path(args.model_dir).parent, served_model_name="bench",
-          backend="transformers", device=args.device, max_batch_size=args.max_batch_size, log_level="warning")
+          backend="transformers", device=args.device, max_batch_size=args.max_batch_size, log_level="warning",
+          kv_cache=args.kv_cache)
 
 
 def run_baseline_server(args) -> None:
@@ -175,6 +181,37 @@ class BareLoop:
             self.torch.cuda.synchronize()
         assert out.shape[1] - enc["input_ids"].shape[1] == self.n
         return time.perf_counter() - start
+
+
+def static_generate(args, texts: list[str], levels: list[int]) -> list[LevelResult]:
+    """transformers' static-cache `generate` on a batch of C prompts per level (left-padded), in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
+    cuda = args.device.startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(args.device).eval()
+    n = args.max_tokens
+    out = []
+    for c in levels:
+        enc = tok(texts[:c], return_tensors="pt", padding=True).to(args.device)
+
+        def run() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                ids = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     cache_implementation="static")
+            if cuda:
+                torch.cuda.synchronize()
+            assert ids.shape[1] - enc["input_ids"].shape[1] == n
+            return time.perf_counter() - start
+
+        warm = run()  # compiles for this batch shape
+        seconds = min(run() for _ in range(2))
+        r = LevelResult(c, c, seconds, c * n, c * n / seconds, seconds, seconds, 0)
+        print(f"  {'hf-static':9s}c={c:<3d} batch of {c:<3d} {r.tokens_per_s:9.1f} tok/s  ({seconds:.2f}s; first batch with compilation {warm:.1f}s)", flush=True)
+        out.append(r)
+    return out
 
 
 def paired_c1(port: int, bare: BareLoop, texts: list[str], rounds: int, max_tokens: int) -> tuple[LevelResult, LevelResult]:
@@ -280,7 +317,7 @@ def measure(kind: str, args, texts: list[str], levels: list[int], bare: BareLoop
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, __file__, "--_server", kind, "--model-dir", str(args.model_dir), "--port", str(port), "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+           "--max-batch-size", str(args.max_batch_size), "--kv-cache", args.kv_cache] + (["--threads", str(args.threads)] if args.threads else [])
     log = open(Path(args.model_dir).parent / f"{kind}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -333,6 +370,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bare-rounds", type=int, default=4, help="paired rounds of kollm vs a bare generate loop at concurrency 1 (0: skip)")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "static", "dynamic"], help="kollm's KV cache (auto: static on CUDA)")
+    p.add_argument("--no-server-baseline", action="store_true", help="skip the one-request-at-a-time server (slow on a GPU)")
+    p.add_argument("--static-generate", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure transformers' static-cache generate in batches (default: on CUDA)")
     p.add_argument("--_server", choices=["kollm", "baseline"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._server:
@@ -371,7 +412,16 @@ def main() -> None:
 
     bare = BareLoop(args) if args.bare_rounds else None
     kollm, pair = measure("kollm", args, texts, args.concurrency, bare)
-    baseline, _ = measure("baseline", args, texts, args.concurrency)
+    if bare is not None:
+        del bare.model
+    hf_static = None
+    if args.static_generate if args.static_generate is not None else args.device.startswith("cuda"):
+        hf_static = static_generate(args, texts, args.concurrency)
+    if args.no_server_baseline:
+        nan = float("nan")
+        baseline = [LevelResult(c, 0, nan, 0, nan, nan, nan, 0) for c in args.concurrency]
+    else:
+        baseline, _ = measure("baseline", args, texts, args.concurrency)
 
     header = f"{'concurrency':>11} | {'baseline tok/s':>14} | {'kollm tok/s':>11} | {'tok/s ratio':>11} | {'baseline p50/p95 s':>18} | {'kollm p50/p95 s':>15} | {'p95 ratio':>9}"
     print("\n" + header + "\n" + "-" * len(header))
@@ -381,6 +431,12 @@ def main() -> None:
         p95_ratio = b.p95_s / k.p95_s if k.p95_s else float("nan")
         print(f"{k.concurrency:>11} | {b.tokens_per_s:>14.1f} | {k.tokens_per_s:>11.1f} | {speedup:>10.2f}x | {b.p50_s:>8.3f} / {b.p95_s:<7.3f} | {k.p50_s:>6.3f} / {k.p95_s:<6.3f} | {p95_ratio:>8.2f}x")
         rows.append({"concurrency": k.concurrency, "baseline": asdict(b), "kollm": asdict(k), "tokens_per_s_ratio": speedup, "p95_latency_ratio_baseline_over_kollm": p95_ratio})
+    if hf_static is not None:
+        print("\nkollm over HTTP vs transformers' static-cache generate (in-process batches, no HTTP):")
+        for s, k, row in zip(hf_static, kollm, rows):
+            row["hf_static_generate"] = asdict(s)
+            row["kollm_over_hf_static"] = k.tokens_per_s / s.tokens_per_s
+            print(f"  c={k.concurrency:<3d} kollm {k.tokens_per_s:9.1f} tok/s, static generate {s.tokens_per_s:9.1f} tok/s: {k.tokens_per_s / s.tokens_per_s:.2f}x")
     errors = sum(r.errors for r in kollm + baseline)
     bare_ratio = None
     if pair is not None:
@@ -393,6 +449,7 @@ def main() -> None:
         result = {
             "benchmark": "serve_throughput", "device": args.device, "device_name": device_name, "preset": preset, "parameters": params,
             "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_batch_size": args.max_batch_size, "threads": args.threads,
+            "kv_cache": args.kv_cache,
             "torch": torch.__version__, "python": platform.python_version(), "levels": rows, "errors": errors,
             "paired_c1": None if pair is None else {"kollm": asdict(pair[0]), "bare_generate": asdict(pair[1])}, "kollm_over_bare_c1": bare_ratio,
         }

@@ -429,6 +429,7 @@ def serve_cmd(
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 32,
     context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
     graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
+    kv_cache: Annotated[str, typer.Option(help="The native engine's KV cache: auto (static on CUDA for Llama-family models), static (preallocated slots, CUDA graphs on CUDA) or dynamic (any model).")] = "auto",
     engine_arg: Annotated[Optional[list[str]], typer.Option(help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5).")] = None,
     project: ProjectOpt = None,
     canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger, followed like MODEL_URI: a challenger registered later becomes the next canary); drive it with `kollm rollout`.")] = None,
@@ -472,6 +473,7 @@ def serve_cmd(
         context_length=context_length,
         graceful_timeout=graceful_timeout,
         engine_args=parse_engine_args(engine_arg or []),
+        kv_cache=kv_cache,
         **extra,
     )
 

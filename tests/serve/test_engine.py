@@ -25,9 +25,15 @@ def hf(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def new_engine(hf, **kwargs) -> TransformersEngine:
+@pytest.fixture(params=["dynamic", "static"])
+def kv(request) -> str:
+    """Both KV caches of the native engine (on CPU the static one runs its graph-ready step eagerly)."""
+    return request.param
+
+
+def new_engine(hf, kv="dynamic", **kwargs) -> TransformersEngine:
     model, tok = hf
-    return TransformersEngine(model, tok, **kwargs)
+    return TransformersEngine(model, tok, kv_cache=kv, **kwargs)
 
 
 async def run(engine, prompt_ids, params, rid="r", delay=0.0):
@@ -46,11 +52,11 @@ def hf_greedy(hf, ids, n):
     return seq[len(ids):]
 
 
-def test_batched_greedy_matches_decoding_each_request_alone(hf):
+def test_batched_greedy_matches_decoding_each_request_alone(hf, kv):
     """Requests arriving at different times, with different prompt lengths and budgets, share one batch
     (left padding, caches merged and trimmed as requests join and leave): each must get exactly the greedy
     tokens of decoding it alone without any cache."""
-    engine = new_engine(hf, max_batch_size=8)
+    engine = new_engine(hf, kv, max_batch_size=8)
     tok = hf[1]
     prompts = ["안녕하세요", "The quick brown fox jumps over the lazy dog.", "서울", "kollm serves models. 한국어 언어 모델을 서빙합니다.", "0", "오늘 날씨"]
     budgets = [12, 20, 7, 25, 16, 3]
@@ -72,8 +78,8 @@ def test_batched_greedy_matches_decoding_each_request_alone(hf):
     assert len({text for text, _ in results}) == len(prompts)  # the model's outputs differ: the comparison means something
 
 
-def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf):
-    engine = new_engine(hf)
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf, kv):
+    engine = new_engine(hf, kv)
     ids = engine.encode_prompt("서울은 대한민국의")
     params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
 
@@ -93,8 +99,8 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf):
     assert other != alone
 
 
-def test_stop_sequence_cuts_the_output(hf):
-    engine = new_engine(hf)
+def test_stop_sequence_cuts_the_output(hf, kv):
+    engine = new_engine(hf, kv)
     ids = engine.encode_prompt("The quick brown fox")
     greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 
@@ -110,8 +116,8 @@ def test_stop_sequence_cuts_the_output(hf):
     assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens < 30
 
 
-def test_end_of_sequence_token_finishes_unless_ignored(hf):
-    engine = new_engine(hf)
+def test_end_of_sequence_token_finishes_unless_ignored(hf, kv):
+    engine = new_engine(hf, kv)
     for prompt in ["안녕하세요", "The quick brown fox jumps over", "kollm serves", "서울은 대한민국의 수도", "0123456789"]:
         ids = engine.encode_prompt(prompt)
         greedy = hf_greedy(hf, ids, 10)
@@ -132,8 +138,8 @@ def test_end_of_sequence_token_finishes_unless_ignored(hf):
     assert ignored[-1].finish_reason == "length" and ignored[-1].completion_tokens == 10
 
 
-def test_context_limit_ends_generation_with_length(hf):
-    engine = new_engine(hf, context_length=20)
+def test_context_limit_ends_generation_with_length(hf, kv):
+    engine = new_engine(hf, kv, context_length=20)
     ids = engine.encode_prompt("안녕하세요 반갑습니다")
 
     async def main():
@@ -145,8 +151,8 @@ def test_context_limit_ends_generation_with_length(hf):
     assert chunks[-1].finish_reason == "length" and len(ids) + chunks[-1].completion_tokens == 20
 
 
-def test_cancelled_request_leaves_the_batch_and_others_finish(hf):
-    engine = new_engine(hf, max_batch_size=2)
+def test_cancelled_request_leaves_the_batch_and_others_finish(hf, kv):
+    engine = new_engine(hf, kv, max_batch_size=2)
 
     async def main():
         gen = engine.generate(engine.encode_prompt("long"), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), "long")
@@ -167,8 +173,8 @@ def test_cancelled_request_leaves_the_batch_and_others_finish(hf):
     assert running == 0
 
 
-def test_queue_beyond_the_batch_and_shutdown_drains(hf):
-    engine = new_engine(hf, max_batch_size=2)
+def test_queue_beyond_the_batch_and_shutdown_drains(hf, kv):
+    engine = new_engine(hf, kv, max_batch_size=2)
     seen_queue = []
 
     async def watch():

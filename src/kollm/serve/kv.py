@@ -1,0 +1,409 @@
+"""The native engine's KV caches: where a running batch's keys and values live between decode steps.
+
+Public API:
+    DynamicKV            Hugging Face's DynamicCache, left-padded: any causal LM transformers can run, any device
+    StaticKV             one preallocated cache slot per batch row and kollm's own attention over it; on CUDA each
+                         decode step is a replayed CUDA graph (one per batch-size and length bucket)
+    static_kv_unsupported(model)   why StaticKV cannot serve a model (None when it can)
+
+Both keep the rows of the running batch in the order the engine keeps its sequences: `prefill` computes the
+first logits of new prompts without touching the batch, `join` adds them, `decode` runs one step for every row
+and returns its logits, `advance` feeds the sampled tokens back, `drop(keep)` keeps only the listed rows.
+
+Why StaticKV: a DynamicCache grows by concatenation (the whole cache is copied at every step) and every decode
+step launches a few hundred small kernels from Python; on a GPU a 349M model's step is then bound by launch
+overhead, not by the GPU (issue #17 measured 70 output tokens/s at batch 1 on an H200). StaticKV writes each new
+key and value in place at the row's own position, attends over the first `Lb` positions of the cache (Lb the
+smallest length bucket holding every row), and captures the whole step as a CUDA graph per (batch bucket, Lb),
+so a step is one graph launch. It runs the model's own modules (norms, projections, MLP, rotary table) and
+replaces only the attention, so it serves the Llama family: llama, mistral, qwen2, qwen3.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("kollm.serve")
+
+STATIC_KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MIN_LENGTH_BUCKET = 64
+
+
+def static_kv_unsupported(model: Any) -> str | None:
+    """None when StaticKV can serve this model, else the reason it cannot (the engine falls back to DynamicKV)."""
+    cfg = model.config
+    if cfg.model_type not in STATIC_KV_MODEL_TYPES:
+        return f"model type {cfg.model_type!r} (StaticKV serves {', '.join(STATIC_KV_MODEL_TYPES)})"
+    window = getattr(cfg, "sliding_window", None)
+    windowed = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
+    if windowed and window and window < cfg.max_position_embeddings:
+        return f"sliding-window attention ({window} of {cfg.max_position_embeddings} positions)"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "an unexpected module layout"
+    if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+        return "layers other than full attention"
+    return None
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    out, n = [], start
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return out + [limit]
+
+
+def _bucket(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    eps: float
+    qk_eps: float
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
+    """One decoder layer's weights as the two argument tuples of _attention_in and _attention_out_and_mlp (plain
+    tensors, so a compiled piece sees the same kind of input for every layer), with q/k/v and gate/up each
+    concatenated into one matrix multiply. The concatenations are copies: those weights are held twice."""
+    a, m = layer.self_attn, layer.mlp
+    biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+    qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
+    gate_up_bias = torch.cat([m.gate_proj.bias, m.up_proj.bias]) if m.gate_proj.bias is not None else None
+    q_norm = a.q_norm.weight if hasattr(a, "q_norm") else None
+    k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
+    qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+    gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    return (
+        (layer.input_layernorm.weight, qkv, qkv_bias, q_norm, k_norm),
+        (a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, gate_up, gate_up_bias,
+         m.down_proj.weight, m.down_proj.bias),
+    )
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm exactly as the Llama family computes it (in float32, scaled in the input's dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_norm):
+    """Input norm, q/k/v projection, (q/k norm,) rotary embedding: [B, T, hidden] -> q, k, v as [B, T, heads, D]."""
+    b, t = x.shape[0], x.shape[1]
+    qkv = F.linear(_rms(x, norm1, spec.eps), qkv_w, qkv_bias).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
+    if q_norm is not None and k_norm is not None:
+        q, k = _rms(q, q_norm, spec.qk_eps), _rms(k, k_norm, spec.qk_eps)
+    return _rotary(q, cos, sin), _rotary(k, cos, sin), v
+
+
+def _attention_out_and_mlp(x, o, spec: _Spec, o_w, o_bias, norm2, gate_up_w, gate_up_bias, down_w, down_bias):
+    """The attention output projection and residual, then the gated MLP and its residual."""
+    x = x + F.linear(o, o_w, o_bias)
+    gate, up = F.linear(_rms(x, norm2, spec.eps), gate_up_w, gate_up_bias).chunk(2, dim=-1)
+    return x + F.linear(spec.act(gate) * up, down_w, down_bias)
+
+
+class DynamicKV:
+    """Hugging Face's DynamicCache over a left-padded batch: rows join by padding the shorter side on the left,
+    and leading columns that are padding in every row are trimmed when rows leave."""
+
+    def __init__(self, model: Any, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [B, T] bool, False on left padding
+        self.next: torch.Tensor | None = None  # [B] the last sampled token of each row, not yet in the cache
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+        from transformers import DynamicCache
+
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p) :] = torch.tensor(p)
+            mask[i, length - len(p) :] = True
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
+        )
+        return (out.past_key_values, mask), out.logits[:, -1, :]
+
+    def join(self, handle: tuple[Any, torch.Tensor], tokens: torch.Tensor) -> None:
+        cache, mask = handle
+        if self.cache is None or self.mask is None or self.next is None:
+            self.cache, self.mask, self.next = cache, mask, tokens
+            return
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        width = max(t_old, t_new)
+
+        def pad_left(x: torch.Tensor, by: int, dim: int) -> torch.Tensor:
+            if by == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = by
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            old_layer.keys = torch.cat([pad_left(old_layer.keys, width - t_old, 2), pad_left(new_layer.keys, width - t_new, 2)])
+            old_layer.values = torch.cat(
+                [pad_left(old_layer.values, width - t_old, 2), pad_left(new_layer.values, width - t_new, 2)]
+            )
+        self.mask = torch.cat([pad_left(self.mask, width - t_old, 1), pad_left(mask, width - t_new, 1)])
+        self.next = torch.cat([self.next, tokens])
+
+    def decode(self) -> torch.Tensor:
+        assert self.mask is not None and self.next is not None
+        ones = torch.ones((self.mask.shape[0], 1), dtype=torch.bool, device=self.device)
+        mask = torch.cat([self.mask, ones], dim=1)
+        positions = mask.long().sum(-1, keepdim=True) - 1
+        out = self.model(
+            input_ids=self.next[:, None], attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.mask = mask
+        return out.logits[:, -1, :]
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.next = tokens
+
+    def drop(self, keep: list[int]) -> None:
+        if not keep:
+            self.reset()
+            return
+        assert self.mask is not None and self.next is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask[index]
+        self.next = self.next[index]
+        start = int(mask.any(0).long().argmax())  # leading columns that are padding in every row
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        self.mask = mask[:, start:]
+
+
+class StaticKV:
+    """One preallocated cache slot per batch row (see the module docstring). Create it in the thread that runs
+    the model, under the same inference mode."""
+
+    def __init__(
+        self, model: Any, *, slots: int, context_length: int, cuda_graphs: bool | None = None,
+        compile_pieces: bool | None = None,
+    ):
+        reason = static_kv_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"StaticKV cannot serve this model: {reason}")
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        first = next(model.parameters())
+        self.device, self.dtype = first.device, first.dtype
+        self.slots, self.length = slots, context_length
+        attn = self.layers[0].self_attn
+        cfg = model.config
+        self.head_dim = int(attn.head_dim)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(cfg.num_key_value_heads)
+        self.groups = self.heads // self.kv_heads
+        self.spec = _Spec(
+            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scale=float(attn.scaling),
+            eps=float(self.layers[0].input_layernorm.variance_epsilon),
+            qk_eps=float(attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else 0.0,
+            act=self.layers[0].mlp.act_fn,
+        )
+        self.weights = [_layer_weights(layer) for layer in self.layers]
+        # on CUDA the pieces between the attention kernels are compiled (fused norms, rotary embedding, SiLU-gate),
+        # for prefill and decode: a decode graph of a few hundred kernels instead of over a thousand
+        compile_ = self.device.type == "cuda" if compile_pieces is None else compile_pieces
+        self._in = torch.compile(_attention_in, dynamic=True) if compile_ else _attention_in
+        self._out = torch.compile(_attention_out_and_mlp, dynamic=True) if compile_ else _attention_out_and_mlp
+        shape = (slots, self.kv_heads, context_length, self.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        positions = torch.arange(context_length, device=self.device)
+        cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions[None])
+        self.cos, self.sin = cos[0], sin[0]  # [L, head_dim]
+        self.positions = positions
+        self.rows = torch.arange(slots, device=self.device)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # the position it goes to
+        self.batch_buckets = _buckets(slots, 1)
+        self.length_buckets = _buckets(context_length, min(MIN_LENGTH_BUCKET, context_length))
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self.reset()
+
+    def warm_up(self) -> None:
+        """With CUDA graphs: compile the pieces and capture every (batch, length) bucket's graph now, before the
+        first request would stall on it. Where compiling fails (no Triton, an unsupported GPU), the step runs
+        uncompiled, still as graphs."""
+        if not self.cuda_graphs:
+            return
+        try:
+            self._capture_all()
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the uncompiled pieces
+            log.warning("compiling the decode step failed (%s: %s); capturing it uncompiled", type(e).__name__, e)
+            self._in, self._out = _attention_in, _attention_out_and_mlp
+            self.graphs.clear()
+            self._capture_all()
+        self.reset()
+
+    def _capture_all(self) -> None:
+        started = time.perf_counter()
+        for rows in (1, 2):  # compiles the pieces for prefill shapes too (one prompt, several; sizes 1 specialise)
+            self._prefill_forward([[0, 0]] * rows, list(range(rows)))
+        for n_batch in self.batch_buckets:
+            for n_len in self.length_buckets:
+                self._replay(n_batch, n_len)
+        log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - started)
+
+    # --- batch bookkeeping ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.active: list[int] = []  # the slot of each row, in row order
+        self._lengths: list[int] = []  # each row's next position (host copy of pos, for the length bucket)
+        self.pos.zero_()
+
+    def _free(self, n: int) -> list[int]:
+        taken = set(self.active)
+        free = [s for s in range(self.slots) if s not in taken]
+        if len(free) < n:
+            raise RuntimeError(f"StaticKV: {n} new rows but only {len(free)} free slots")
+        return free[:n]  # the lowest: the decode batch bucket covers up to the highest slot in use
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+        """Run the prompts (right-padded, one forward pass), writing their keys and values into free slots;
+        returns (slots, last-token logits). Rows are not part of the batch until `join`."""
+        slots = self._free(len(prompts))
+        if max(len(p) for p in prompts) > self.length:
+            raise ValueError(f"a prompt is longer than the cache ({self.length} positions)")
+        return (slots, [len(p) for p in prompts]), self._prefill_forward(prompts, slots)
+
+    def join(self, handle: tuple[list[int], list[int]], tokens: torch.Tensor) -> None:
+        slots, lengths = handle
+        index = torch.tensor(slots, device=self.device)
+        self.tokens[index] = tokens
+        self.pos[index] = torch.tensor(lengths, device=self.device)
+        self.active.extend(slots)
+        self._lengths.extend(lengths)
+
+    def decode(self) -> torch.Tensor:
+        n_batch = _bucket(self.batch_buckets, max(self.active) + 1)
+        n_len = _bucket(self.length_buckets, max(self._lengths) + 1)
+        if self.cuda_graphs:
+            logits = self._replay(n_batch, n_len)
+        else:
+            logits = self._decode_forward(n_batch, n_len)
+        if self.active == list(range(n_batch)):
+            return logits
+        return logits[torch.tensor(self.active, device=self.device)]
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        index = torch.tensor(self.active, device=self.device)
+        self.tokens[index] = tokens
+        self.pos[index] += 1
+        self._lengths = [n + 1 for n in self._lengths]
+
+    def drop(self, keep: list[int]) -> None:
+        kept = set(keep)
+        gone = [slot for i, slot in enumerate(self.active) if i not in kept]
+        if gone:
+            self.pos[torch.tensor(gone, device=self.device)] = 0
+        self.active = [self.active[i] for i in keep]
+        self._lengths = [self._lengths[i] for i in keep]
+
+    # --- the model ----------------------------------------------------------------------------------------
+    def _prefill_forward(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        n, t = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros((n, t), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        pos = self.positions[:t]
+        valid = pos[None, :] < lengths[:, None]  # [n, t]
+        causal = pos[None, :] <= pos[:, None]  # [t, t]: query row, key column
+        mask = (causal[None, :, :] & valid[:, None, :])[:, None]  # [n, 1, t, t]
+        rows = torch.tensor(slots, device=self.device)[:, None].expand(n, t)[valid]
+        cols = pos[None, :].expand(n, t)[valid]
+        cos, sin = self.cos[:t][None, :, None], self.sin[:t][None, :, None]  # [1, t, 1, D]
+        x = self.inner.embed_tokens(ids)
+        for (w_in, w_out), kc, vc in zip(self.weights, self.k, self.v):
+            q, k, v = self._in(x, cos, sin, self.spec, *w_in)  # [n, t, heads, D]
+            kc[rows, :, cols] = k[valid]
+            vc[rows, :, cols] = v[valid]
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.spec.scale,
+                enable_gqa=self.groups > 1,
+            )
+            x = self._out(x, o.transpose(1, 2).reshape(n, t, -1), self.spec, *w_out)
+        last = x[torch.arange(n, device=self.device), lengths - 1]
+        return self.model.lm_head(self.inner.norm(last))
+
+    def _decode_forward(self, n_batch: int, n_len: int) -> torch.Tensor:
+        """One token for slots [0, n_batch) attending over positions [0, n_len): every tensor shape depends only
+        on (n_batch, n_len), every value is read from the slot buffers, so the step can be captured as a graph.
+        Free slots in that range compute on garbage at position 0 and are never read."""
+        b = n_batch
+        rows, pos = self.rows[:b], self.pos[:b]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [b, 1, 1, D]
+        visible = self.positions[:n_len][None, :] <= pos[:, None]
+        bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device).masked_fill(
+            ~visible[:, None, None, :], float("-inf")
+        )  # one additive mask for every layer
+        x = self.inner.embed_tokens(self.tokens[:b])[:, None]  # [b, 1, hidden]
+        for (w_in, w_out), kc, vc in zip(self.weights, self.k, self.v):
+            q, k, v = self._in(x, cos, sin, self.spec, *w_in)  # [b, 1, heads, D]
+            kc[rows, :, pos] = k[:, 0]
+            vc[rows, :, pos] = v[:, 0]
+            # one query token: the query heads of each kv head become that head's "query positions"
+            qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)
+            o = F.scaled_dot_product_attention(qg, kc[:b, :, :n_len], vc[:b, :, :n_len], attn_mask=bias, scale=self.spec.scale)
+            x = self._out(x, o.reshape(b, 1, -1), self.spec, *w_out)
+        return self.model.lm_head(self.inner.norm(x[:, 0]))
+
+    def _replay(self, n_batch: int, n_len: int) -> torch.Tensor:
+        """The step's CUDA graph for (n_batch, n_len), captured on first use. Graphs share one memory pool: an
+        output is valid until the next replay, and the engine is done with it by then (sampling copies it)."""
+        key = (n_batch, n_len)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, cuBLAS workspaces)
+                self._decode_forward(n_batch, n_len)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._decode_forward(n_batch, n_len)
+            entry = self.graphs[key] = (graph, out)
+        entry[0].replay()
+        return entry[1]
