@@ -86,3 +86,40 @@ def test_models_the_static_cache_cannot_serve_fall_back_or_are_refused():
     assert [e.kv_cache for e in engines] == ["dynamic", "dynamic"]  # a llama on CPU too: see TransformersEngine
     for engine in engines:
         asyncio.run(engine.shutdown())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(device):
+    """With the static cache the engine launches step t+1 before reading step t's tokens, except while a running
+    request has penalties (its next logits depend on the last token) or wants logprobs. Requests of both kinds
+    joining and leaving a running batch must get exactly what the dynamic cache gives them."""
+    tok = tiny_tokenizer()
+    model = tiny("llama", tok).to(device)
+    params = [
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5),
+        SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=9, temperature=0, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(max_tokens=25, temperature=0, ignore_eos=True),
+    ]
+
+    def outputs(kind: str):
+        engine = TransformersEngine(model, tok, max_batch_size=4, kv_cache=kind)
+
+        async def one(i: int, p: SamplingParams):
+            await asyncio.sleep(0.004 * i)
+            chunks = [c async for c in engine.generate(engine.encode_prompt(PROMPTS[i]), p, f"r{i}")]
+            return "".join(c.text for c in chunks), [lp.logprob for c in chunks for lp in c.logprobs]
+
+        async def main():
+            out = await asyncio.gather(*(one(i, p) for i, p in enumerate(params)))
+            await engine.shutdown()
+            return out
+
+        return asyncio.run(main())
+
+    static, dynamic = outputs("static"), outputs("dynamic")
+    assert [text for text, _ in static] == [text for text, _ in dynamic]
+    assert static[3][1] == pytest.approx(dynamic[3][1], abs=1e-4) and len(static[3][1]) == 9  # one per token
+    assert len({text for text, _ in static}) == len(params)

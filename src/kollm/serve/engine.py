@@ -24,6 +24,10 @@ slot is reused at the next step: continuous (iteration-level) batching as in Orc
 DynamicCache. Each request has its own sampling settings; a seeded request samples from its own generator,
 so its output does not depend on what else is in the batch (up to floating-point effects of batching).
 
+The KV cache is one of kollm.serve.kv's: DynamicKV (Hugging Face's DynamicCache, left-padded: the description
+above) or StaticKV (a preallocated slot per row, CUDA graphs on CUDA; with it a decode step is launched one ahead
+of reading back the previous one's tokens, see `_decode`). `kv_cache="auto"` picks StaticKV on CUDA.
+
 Failures: a step (prefill or decode) that raises fails the requests it touched with EngineError and the loop
 goes on with an empty batch; MAX_CONSECUTIVE_FAILURES failing steps in a row end the worker, after which
 `alive()` is False (so /health answers 503) and every request gets EngineClosed.
@@ -298,6 +302,11 @@ class _Sequence:
         return self.params.temperature < SAMPLING_EPS
 
     @property
+    def penalized(self) -> bool:
+        """Whether its logits depend on the tokens it generated (frequency, presence, repetition penalties)."""
+        return self.counts is not None or self.seen is not None
+
+    @property
     def processed(self) -> bool:
         """Whether its logits are changed before sampling (penalties, bias)."""
         return self.counts is not None or self.seen is not None or self.bias is not None
@@ -321,14 +330,34 @@ def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
                 seq.cancelled = True
 
 
-def _to_host(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], list[float]]:
-    """The sampled tokens and each row's -log p(token) under the raw logits, copied to the host together (one
-    device sync per step). The NLL is one gather and one logsumexp over the vocabulary, small beside the forward
-    pass; a token the model gives no probability counts as 100 nats (not infinity)."""
+def _step_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 2] float64 on the device: each row's sampled token (float64 holds every token id exactly) and its
+    -log p under the raw logits, so one copy brings both to the host. The NLL is one gather and one logsumexp
+    over the vocabulary, small beside the forward pass; a token the model gives no probability counts as 100
+    nats (not infinity)."""
     picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - logits.float().logsumexp(-1)
     nll = (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0)
-    both = torch.stack([tokens.double(), nll.double()], dim=1).tolist()  # float64 holds every token id exactly
-    return [int(t) for t, _ in both], [n for _, n in both]
+    return torch.stack([tokens.double(), nll.double()], dim=1)
+
+
+def _host_rows(outputs: torch.Tensor) -> tuple[list[int], list[float]]:
+    rows = outputs.tolist()
+    return [int(t) for t, _ in rows], [n for _, n in rows]
+
+
+def _to_host(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The sampled tokens and their NLLs on the host (one device sync)."""
+    return _host_rows(_step_outputs(logits, tokens))
+
+
+@dataclass
+class _Launched:
+    """A decode step launched on the device and not yet read back: its rows (in the order of its outputs),
+    and its outputs, being copied into pinned host memory until `ready` (a CUDA event) has passed."""
+
+    seqs: list[_Sequence]
+    outputs: torch.Tensor
+    ready: Any = None
 
 
 def _safe_logprob(x: float) -> float:
@@ -365,11 +394,11 @@ def sample(logits: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
         limit = torch.tensor([(k - 1 if 0 < k < x.shape[-1] else -1) for k in ks], device=x.device)
         cut = kth.gather(-1, limit.clamp(min=0)[:, None])
         x = torch.where((limit[:, None] >= 0) & (x < cut), float("-inf"), x)
-    min_p = torch.tensor([seqs[i].params.min_p for i in rows], device=x.device)
-    if bool((min_p > 0).any()):
+    if any(seqs[i].params.min_p > 0 for i in rows):  # decided on the host: a device check would wait for the GPU
+        min_p = torch.tensor([seqs[i].params.min_p for i in rows], device=x.device)
         x = x.masked_fill(x < torch.log(min_p.clamp(min=1e-30))[:, None], float("-inf"))  # x is log(p / p_max) * 1/T
-    top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=x.device)
-    if bool((top_p < 1.0).any()):
+    if any(seqs[i].params.top_p < 1.0 for i in rows):
+        top_p = torch.tensor([seqs[i].params.top_p for i in rows], device=x.device)
         sorted_x, order = x.sort(dim=-1, descending=True)
         probs = sorted_x.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p[:, None]  # never drops the most likely token
@@ -477,6 +506,7 @@ class TransformersEngine:
         # batch state, owned by the worker thread: the running sequences and their KV cache, rows in the same order
         self._seqs: list[_Sequence] = []
         self._kv: DynamicKV | StaticKV | None = None  # made by the worker thread (under its inference mode)
+        self._launched: _Launched | None = None  # with the static cache: the step running ahead (see _decode)
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -613,6 +643,7 @@ class TransformersEngine:
 
     def _reset(self) -> None:
         self._seqs = []
+        self._launched = None
         if self._kv is not None:
             self._kv.reset()
 
@@ -684,12 +715,51 @@ class TransformersEngine:
         self._accept(seqs, host_tokens, nlls, logprobs)
 
     def _decode(self) -> None:
-        assert self._kv is not None
-        logits = self._kv.decode()
+        """One decode step for every running sequence.
+
+        With the static cache, and while no running request needs a step's tokens on the host before the next
+        step can be sampled (penalties count generated tokens; logprobs are read from each step's logits), the
+        step runs one ahead: step t+1 is launched on the device before step t's tokens are read back and sent,
+        so the host's work per token (detokenizing, stop sequences, delivery) overlaps the device's. A request
+        that finishes at step t had a row in step t+1 too: that row's token is dropped (`_accept` skips it)."""
+        kv = self._kv
+        assert kv is not None
+        if isinstance(kv, StaticKV) and all(s.params.logprobs is None and not s.penalized for s in self._seqs):
+            launched = self._launch(kv)
+            if self._launched is not None:
+                self._finish(self._launched)
+            self._launched = launched
+            return
+        if self._launched is not None:  # catch up first: the step below needs every earlier token sent
+            launched, self._launched = self._launched, None
+            self._finish(launched)
+            if not self._seqs:
+                return
+        logits = kv.decode()
         tokens = sample(logits, self._seqs)
         logprobs = self._logprobs(logits, tokens, self._seqs)
-        self._kv.advance(tokens)
+        kv.advance(tokens)
         self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
+
+    def _launch(self, kv: StaticKV) -> _Launched:
+        seqs = list(self._seqs)
+        logits = kv.decode()
+        tokens = sample(logits, seqs)
+        kv.advance(tokens)
+        outputs = _step_outputs(logits, tokens)
+        if outputs.device.type != "cuda":
+            return _Launched(seqs, outputs)
+        host = torch.empty(outputs.shape, dtype=outputs.dtype, pin_memory=True)
+        host.copy_(outputs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(seqs, host, ready)
+
+    def _finish(self, launched: _Launched) -> None:
+        if launched.ready is not None:
+            launched.ready.synchronize()  # waits for that step only, not for the one launched after it
+        tokens, nlls = _host_rows(launched.outputs)
+        self._accept(launched.seqs, tokens, nlls, [None] * len(tokens))
 
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
@@ -720,7 +790,7 @@ class TransformersEngine:
         """Record each sequence's new token, send its text, and drop the rows that finished."""
         out: list[tuple[_Sequence, TokenChunk | BaseException]] = []
         for seq, token, nll, lp in zip(seqs, tokens, nlls, logprobs):
-            if seq.cancelled:
+            if seq.cancelled or seq.finished:  # finished: a row of a step launched ahead (see _decode)
                 continue
             seq.out_ids.append(token)
             seq.nll += nll

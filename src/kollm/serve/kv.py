@@ -76,7 +76,7 @@ class _Spec:
 
 
 def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
-    """One decoder layer's weights as the two argument tuples of _attention_in and _attention_out_and_mlp (plain
+    """One decoder layer's weights as the argument tuples of _attention_in and _attention_out_and_mlp (plain
     tensors, so a compiled piece sees the same kind of input for every layer), with q/k/v and gate/up each
     concatenated into one matrix multiply. The concatenations are copies: those weights are held twice."""
     a, m = layer.self_attn, layer.mlp
@@ -107,13 +107,14 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_norm):
-    """Input norm, q/k/v projection, (q/k norm,) rotary embedding: [B, T, hidden] -> q, k, v as [B, T, heads, D]."""
+    """Input norm, q/k/v projection, (q/k norm,) rotary embedding: x [B, T, hidden] -> (x, q [B, T, heads, D],
+    kv [B, T, 2, kv_heads, D]: the new keys and values stacked, as the cache holds them)."""
     b, t = x.shape[0], x.shape[1]
     qkv = F.linear(_rms(x, norm1, spec.eps), qkv_w, qkv_bias).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
     q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
     if q_norm is not None and k_norm is not None:
         q, k = _rms(q, q_norm, spec.qk_eps), _rms(k, k_norm, spec.qk_eps)
-    return _rotary(q, cos, sin), _rotary(k, cos, sin), v
+    return x, _rotary(q, cos, sin), torch.stack([_rotary(k, cos, sin), v], dim=2)
 
 
 def _attention_out_and_mlp(x, o, spec: _Spec, o_w, o_bias, norm2, gate_up_w, gate_up_bias, down_w, down_bias):
@@ -121,6 +122,17 @@ def _attention_out_and_mlp(x, o, spec: _Spec, o_w, o_bias, norm2, gate_up_w, gat
     x = x + F.linear(o, o_w, o_bias)
     gate, up = F.linear(_rms(x, norm2, spec.eps), gate_up_w, gate_up_bias).chunk(2, dim=-1)
     return x + F.linear(spec.act(gate) * up, down_w, down_bias)
+
+
+def _between_layers(x, o, cos, sin, spec: _Spec, w_out: tuple, w_in: tuple):
+    """One layer's attention output and MLP, then the next layer's attention input: one compiled piece, so the
+    residual add and the next norm fuse. Returns what _attention_in returns."""
+    return _attention_in(_attention_out_and_mlp(x, o, spec, *w_out), cos, sin, spec, *w_in)
+
+
+def _last_layer_out(x, o, spec: _Spec, w_out: tuple, final_norm, eps: float):
+    """The last layer's attention output and MLP, then the model's final norm."""
+    return _rms(_attention_out_and_mlp(x, o, spec, *w_out), final_norm, eps)
 
 
 class DynamicKV:
@@ -240,12 +252,11 @@ class StaticKV:
         self.weights = [_layer_weights(layer) for layer in self.layers]
         # on CUDA the pieces between the attention kernels are compiled (fused norms, rotary embedding, SiLU-gate),
         # for prefill and decode: a decode graph of a few hundred kernels instead of over a thousand
-        compile_ = self.device.type == "cuda" if compile_pieces is None else compile_pieces
-        self._in = torch.compile(_attention_in, dynamic=True) if compile_ else _attention_in
-        self._out = torch.compile(_attention_out_and_mlp, dynamic=True) if compile_ else _attention_out_and_mlp
-        shape = (slots, self.kv_heads, context_length, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.final_norm = (self.inner.norm.weight, float(self.inner.norm.variance_epsilon))
+        self._pieces(self.device.type == "cuda" if compile_pieces is None else compile_pieces)
+        # per layer, keys and values together: [slot, k|v, kv head, position, D], so one write stores both
+        shape = (slots, 2, self.kv_heads, context_length, self.head_dim)
+        self.kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         positions = torch.arange(context_length, device=self.device)
         cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions[None])
         self.cos, self.sin = cos[0], sin[0]  # [L, head_dim]
@@ -270,10 +281,16 @@ class StaticKV:
             self._capture_all()
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the uncompiled pieces
             log.warning("compiling the decode step failed (%s: %s); capturing it uncompiled", type(e).__name__, e)
-            self._in, self._out = _attention_in, _attention_out_and_mlp
+            self._pieces(False)
             self.graphs.clear()
             self._capture_all()
         self.reset()
+
+    def _pieces(self, compiled: bool) -> None:
+        pieces = (_attention_in, _between_layers, _last_layer_out)
+        if compiled:
+            pieces = tuple(torch.compile(p, dynamic=True) for p in pieces)  # type: ignore[misc]
+        self._first, self._between, self._last = pieces
 
     def _capture_all(self) -> None:
         started = time.perf_counter()
@@ -305,11 +322,18 @@ class StaticKV:
             raise ValueError(f"a prompt is longer than the cache ({self.length} positions)")
         return (slots, [len(p) for p in prompts]), self._prefill_forward(prompts, slots)
 
+    def _on_device(self, values: list[int]) -> torch.Tensor:
+        """A small index tensor on the model's device without waiting for the GPU: from pinned memory,
+        asynchronously (a plain host-to-device copy synchronises the stream, which would stall the engine
+        while a decode step it launched ahead is still running)."""
+        t = torch.tensor(values, dtype=torch.long)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
+
     def join(self, handle: tuple[list[int], list[int]], tokens: torch.Tensor) -> None:
         slots, lengths = handle
-        index = torch.tensor(slots, device=self.device)
+        index = self._on_device(slots)
         self.tokens[index] = tokens
-        self.pos[index] = torch.tensor(lengths, device=self.device)
+        self.pos[index] = self._on_device(lengths)
         self.active.extend(slots)
         self._lengths.extend(lengths)
 
@@ -322,10 +346,10 @@ class StaticKV:
             logits = self._decode_forward(n_batch, n_len)
         if self.active == list(range(n_batch)):
             return logits
-        return logits[torch.tensor(self.active, device=self.device)]
+        return logits[self._on_device(self.active)]
 
     def advance(self, tokens: torch.Tensor) -> None:
-        index = torch.tensor(self.active, device=self.device)
+        index = self._on_device(self.active)
         self.tokens[index] = tokens
         self.pos[index] += 1
         self._lengths = [n + 1 for n in self._lengths]
@@ -334,11 +358,19 @@ class StaticKV:
         kept = set(keep)
         gone = [slot for i, slot in enumerate(self.active) if i not in kept]
         if gone:
-            self.pos[torch.tensor(gone, device=self.device)] = 0
+            self.pos[self._on_device(gone)] = 0
         self.active = [self.active[i] for i in keep]
         self._lengths = [self._lengths[i] for i in keep]
 
     # --- the model ----------------------------------------------------------------------------------------
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """Every decoder layer over x [B, T, hidden]; `attend(layer index, q, kv)` stores the new keys and values
+        and returns the attention output [B, T, heads * D]. Returns the final-normed hidden states."""
+        x, q, kv = self._first(x, cos, sin, self.spec, *self.weights[0][0])
+        for i in range(len(self.layers) - 1):
+            x, q, kv = self._between(x, attend(i, q, kv), cos, sin, self.spec, self.weights[i][1], self.weights[i + 1][0])
+        return self._last(x, attend(len(self.layers) - 1, q, kv), self.spec, self.weights[-1][1], *self.final_norm)
+
     def _prefill_forward(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         n, t = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, t), dtype=torch.long)
@@ -353,18 +385,17 @@ class StaticKV:
         rows = torch.tensor(slots, device=self.device)[:, None].expand(n, t)[valid]
         cols = pos[None, :].expand(n, t)[valid]
         cos, sin = self.cos[:t][None, :, None], self.sin[:t][None, :, None]  # [1, t, 1, D]
-        x = self.inner.embed_tokens(ids)
-        for (w_in, w_out), kc, vc in zip(self.weights, self.k, self.v):
-            q, k, v = self._in(x, cos, sin, self.spec, *w_in)  # [n, t, heads, D]
-            kc[rows, :, cols] = k[valid]
-            vc[rows, :, cols] = v[valid]
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            self.kv[i][rows, :, :, cols] = kv[valid]
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.spec.scale,
-                enable_gqa=self.groups > 1,
+                q.transpose(1, 2), k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=self.groups > 1
             )
-            x = self._out(x, o.transpose(1, 2).reshape(n, t, -1), self.spec, *w_out)
-        last = x[torch.arange(n, device=self.device), lengths - 1]
-        return self.model.lm_head(self.inner.norm(last))
+            return o.transpose(1, 2).reshape(n, t, -1)
+
+        x = self._layers(self.inner.embed_tokens(ids), cos, sin, attend)
+        return self.model.lm_head(x[torch.arange(n, device=self.device), lengths - 1])
 
     def _decode_forward(self, n_batch: int, n_len: int) -> torch.Tensor:
         """One token for slots [0, n_batch) attending over positions [0, n_len): every tensor shape depends only
@@ -377,16 +408,19 @@ class StaticKV:
         bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device).masked_fill(
             ~visible[:, None, None, :], float("-inf")
         )  # one additive mask for every layer
-        x = self.inner.embed_tokens(self.tokens[:b])[:, None]  # [b, 1, hidden]
-        for (w_in, w_out), kc, vc in zip(self.weights, self.k, self.v):
-            q, k, v = self._in(x, cos, sin, self.spec, *w_in)  # [b, 1, heads, D]
-            kc[rows, :, pos] = k[:, 0]
-            vc[rows, :, pos] = v[:, 0]
+
+        def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            cache = self.kv[i]
+            cache[rows, :, :, pos] = kv[:, 0]
             # one query token: the query heads of each kv head become that head's "query positions"
             qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)
-            o = F.scaled_dot_product_attention(qg, kc[:b, :, :n_len], vc[:b, :, :n_len], attn_mask=bias, scale=self.spec.scale)
-            x = self._out(x, o.reshape(b, 1, -1), self.spec, *w_out)
-        return self.model.lm_head(self.inner.norm(x[:, 0]))
+            o = F.scaled_dot_product_attention(
+                qg, cache[:b, 0, :, :n_len], cache[:b, 1, :, :n_len], attn_mask=bias, scale=self.spec.scale
+            )
+            return o.reshape(b, 1, -1)
+
+        x = self._layers(self.inner.embed_tokens(self.tokens[:b])[:, None], cos, sin, attend)
+        return self.model.lm_head(x[:, 0])
 
     def _replay(self, n_batch: int, n_len: int) -> torch.Tensor:
         """The step's CUDA graph for (n_batch, n_len), captured on first use. Graphs share one memory pool: an
