@@ -778,8 +778,8 @@ class TransformersEngine:
         lp = logits[idx].float().log_softmax(-1)
         picked = lp.gather(-1, tokens[idx][:, None]).squeeze(-1).tolist()
         k = max(seqs[i].params.logprobs or 0 for i in rows)
-        top_vals, top_ids = (lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = top[0].tolist(), top[1].tolist()
         for j, i in enumerate(rows):
             want = seqs[i].params.logprobs or 0
             top = tuple((self._text_of(t), _safe_logprob(v)) for t, v in zip(top_ids[j][:want], top_vals[j][:want]))
@@ -886,7 +886,8 @@ def load_engine(
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
     return TransformersEngine(
         model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache

@@ -287,9 +287,9 @@ class StaticKV:
         self.reset()
 
     def _pieces(self, compiled: bool) -> None:
-        pieces = (_attention_in, _between_layers, _last_layer_out)
+        pieces: tuple[Callable[..., Any], ...] = (_attention_in, _between_layers, _last_layer_out)
         if compiled:
-            pieces = tuple(torch.compile(p, dynamic=True) for p in pieces)  # type: ignore[misc]
+            pieces = tuple(torch.compile(p, dynamic=True) for p in pieces)
         self._first, self._between, self._last = pieces
 
     def _capture_all(self) -> None:
