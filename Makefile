@@ -25,8 +25,8 @@ demo: install
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm run
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm runs
 
-# Lint (ruff: rules in pyproject) and types (mypy + pydantic plugin over the modules listed in pyproject's
-# [tool.mypy] files); CI runs it before the tests.
+# Lint (ruff: rules in pyproject) and types (mypy + pydantic plugin over the whole package, see pyproject's
+# [tool.mypy]); CI runs it before the tests.
 check: install
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.table import Table
 
 from kollm.errors import KollmError
 from kollm.redact import mask_text
+
+if TYPE_CHECKING:
+    from kollm.pipeline.history import StepRow
 
 app = typer.Typer(help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 step_app = typer.Typer(help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True)
@@ -105,8 +108,6 @@ def check_gate_metrics(pipe: Any) -> None:
     """Each `evaluate` step's gate rules against the metrics it will produce (evaluate's own check, run now instead
     of after the model is loaded). Checked where the suite is a data source; a suite from an earlier step is
     checked when the step runs."""
-    from types import SimpleNamespace
-
     from kollm.config import DataSource
     from kollm.eval.gate import parse_rule
     from kollm.pipeline.spec import resolve_source
@@ -125,7 +126,7 @@ def check_gate_metrics(pipe: Any) -> None:
             cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
         has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
         produced = evaluate._expected_metrics(s.config, has_data, cases)
-        evaluate._check_rules(SimpleNamespace(name=s.name), [parse_rule(r) for r in s.config.gate], produced)
+        evaluate._check_rules(s.name, [parse_rule(r) for r in s.config.gate], produced)
 
 
 def check_offline_models(pipe: Any) -> None:
@@ -288,7 +289,7 @@ def show(
             _print_trials(s)
 
 
-def _print_trials(s) -> None:  # type: ignore[no-untyped-def]
+def _print_trials(s: StepRow) -> None:
     """A sweep's trials, best first (the order the sweep recorded them in)."""
     table = Table(title=f"sweep of {s.name}: {len(s.trials)} trials by {s.sweep_metric}", title_justify="left")
     for col in ("trial", "status", "metric", "values", "reports", "key", "run"):
@@ -542,7 +543,8 @@ def registry_show(
 
     proj = project_dir(project)
     if name is not None and (name.isdigit() or name.startswith("@")) and ref == "champion":
-        name, ref = None, name  # `kollm registry show 3` / `show @challenger` inside a project
+        ref = name  # `kollm registry show 3` / `show @challenger` inside a project
+        name = None
     model = _model_name(name, proj)
     v = registry.show(model, ref, proj)
     trail = [e for e in registry.audit_trail(model, proj) if e.version == v.version or e.replaced == v.version]

@@ -31,6 +31,7 @@ def test_instructions_chat_and_alpaca_forms():
     bad = [
         {"messages": [{"role": "user", "content": "질문만"}]},
         {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": ["user"], "content": "x"}, {"role": "assistant", "content": "y"}]},  # unhashable role
         {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
         {"messages": [{"role": "assistant", "content": "y"}]},
         {"messages": "문자열"},
@@ -38,7 +39,8 @@ def test_instructions_chat_and_alpaca_forms():
         {"foo": 1},
     ]
     assert reasons(bad, "instructions") == [
-        "schema:messages_no_assistant_reply", "schema:messages_bad_role", "schema:messages_empty_content",
+        "schema:messages_no_assistant_reply", "schema:messages_bad_role", "schema:messages_bad_role",
+        "schema:messages_empty_content",
         "schema:messages_no_user_turn", "schema:messages_not_messages", "schema:missing_output", "schema:missing_messages"]
 
 

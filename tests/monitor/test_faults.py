@@ -59,6 +59,7 @@ def test_injected_errors_are_500s_counted_by_the_serving_metrics():
                     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "안녕하"
             assert client.post("/v1/chat/completions", json={"model": "fake", "messages": []}).status_code == 400  # not injected
             assert client.get("/ready").status_code == 200
+            assert client.get("/health").status_code == 200  # FaultyEngine delegates alive() (it once had none: a 500)
             text = client.get("/metrics").text
     finally:
         live.stop()

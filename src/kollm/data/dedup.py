@@ -303,7 +303,7 @@ class _Bands:
             held = table.get(k)
             if held is None:
                 continue
-            if type(held) is int:
+            if isinstance(held, int):
                 found.add(held)
             else:
                 found.update(held)
@@ -314,7 +314,7 @@ class _Bands:
             held = table.get(k)
             if held is None:
                 table[k] = key
-            elif type(held) is int:
+            elif isinstance(held, int):
                 table[k] = [held, key]
             else:
                 held.append(key)
@@ -322,7 +322,7 @@ class _Bands:
     def remove(self, key: int, keys: list[bytes]) -> None:
         for table, k in zip(self.tables, keys):
             held = table[k]
-            if type(held) is int:
+            if isinstance(held, int):
                 del table[k]
             else:
                 held.remove(key)
@@ -378,7 +378,7 @@ class NearDupIndex:
         for key in found:
             j = jaccard(sig, self.sigs[key])
             need = pair_threshold(min(size, self.sizes[key]), self.threshold, self.slack, self.min_threshold) if self.short else self.threshold
-            if j >= need and (j > best_j or (j == best_j and key < best)):
+            if j >= need and (best is None or j > best_j or (j == best_j and key < best)):
                 best, best_j = key, j
         return best
 

@@ -288,7 +288,9 @@ class _TextStream(io.TextIOBase):
         self._buf = text[size:]
         return text[:size]
 
-    def readline(self, size: int | None = -1) -> str:
+    # typeshed's TextIOBase.readline -> str already overrides _IOBase.readline -> bytes under an ignore; mypy
+    # checks this override against both
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
         if self._buf:
             line, self._buf = self._buf, ""
             return line

@@ -79,6 +79,8 @@ def _message(value: Any, field: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise RowError(f"schema:{field}_not_messages")
     role = value.get("role", value.get("from"))
+    if not isinstance(role, str):  # a list or an object is no role (and unhashable: it must not reach the lookups)
+        raise RowError(f"schema:{field}_bad_role")
     role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
     if role not in ROLES:
         raise RowError(f"schema:{field}_bad_role")

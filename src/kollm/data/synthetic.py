@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # --- Korean helpers ---------------------------------------------------------------------------------
@@ -197,11 +197,11 @@ _GENERATORS = [(_qa_capital, 3), (_qa_province, 1), (_qa_antonym, 2), (_qa_engli
 
 
 def _pick(rng: random.Random, articles: dict[int, str]) -> tuple[str, str, str, str]:
-    gens = [g for g, w in _GENERATORS for _ in range(w)]
+    gens: list[Callable[[random.Random], tuple[str, str, str]] | str] = [g for g, w in _GENERATORS for _ in range(w)]
     if articles:
         gens += ["constitution"] * 2
     g = rng.choice(gens)
-    if g == "constitution":
+    if isinstance(g, str):  # "constitution": its generator also needs the articles
         return ("constitution", *_qa_constitution(rng, articles))
     return (g.__name__.removeprefix("_qa_"), *g(rng))
 

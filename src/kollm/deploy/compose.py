@@ -140,7 +140,8 @@ def compose(p: Project, out_dir: Path) -> Doc:
             "restart": "unless-stopped",
         },
     }
-    volumes = {v: {} for v in ("postgres-data", "minio-data", "prometheus-data", "grafana-data", "grafana-dashboards")}
+    volumes: dict[str, dict] = {v: {} for v in ("postgres-data", "minio-data", "prometheus-data", "grafana-data",
+                                                 "grafana-dashboards")}
     return {"name": f"kollm-{p.slug}", "services": services, "volumes": volumes}
 
 

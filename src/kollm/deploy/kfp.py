@@ -160,15 +160,15 @@ def compile_kfp(path: str | Path | None, out_file: str | Path, *, image: str, op
             params = signature.bind(*args, **kwargs).arguments
             produced: dict[str, Any] = {}
             for s in p.pipeline.steps:
-                args: dict[str, Any] = {"kollm_yaml": params["kollm_yaml"], "store": params["store"],
-                                        "project_dir": params["project_dir"]}
+                task_args: dict[str, Any] = {"kollm_yaml": params["kollm_yaml"], "store": params["store"],
+                                             "project_dir": params["project_dir"]}
                 for name, ref in s.inputs.items():
-                    args[f"in_{ident(name)}"] = (params[f"data_{ident(ref.source)}"] if ref.source
-                                                 else produced[ref.step].outputs[ident(ref.output)])
+                    task_args[f"in_{ident(name)}"] = (params[f"data_{ident(ref.source)}"] if ref.source
+                                                      else produced[ref.step or ""].outputs[ident(ref.output or "")])
                 if s.name in ray:
-                    args["rayjob_manifest"] = json.dumps(kfp_rayjob(p, s))
-                    args["namespace"] = params["namespace"]
-                task = components[s.name](**args).set_display_name(s.name)
+                    task_args["rayjob_manifest"] = json.dumps(kfp_rayjob(p, s))
+                    task_args["namespace"] = params["namespace"]
+                task = components[s.name](**task_args).set_display_name(s.name)
                 _configure(task, p, s, s.name in ray, kubernetes)
                 produced[s.name] = task
 

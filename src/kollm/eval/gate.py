@@ -127,8 +127,8 @@ def decide(
         if rule.alias is not None:
             ref_metrics = references.get(rule.alias)
             if ref_metrics is None:
-                status = "fail" if require_reference else "skip"
-                outcomes.append(Outcome(rule.text, status, value, None, None, f"no '{rule.alias}' model registered yet"))
+                outcomes.append(Outcome(rule.text, "fail" if require_reference else "skip", value, None, None,
+                                        f"no '{rule.alias}' model registered yet"))
                 continue
             reference = ref_metrics.get(rule.metric)
             if reference is None:
@@ -137,7 +137,7 @@ def decide(
         bound = rule.bound(reference)
         ok = _OPS[rule.op](value, bound)
         detail = f"{rule.metric} = {_fmt(value)}"
-        if rule.alias is not None:
+        if reference is not None:  # a relative rule (rule.alias is set)
             detail += f", {rule.alias} = {_fmt(reference)}"
             if rule.adjust_op:
                 detail += f" -> needs {rule.op} {_fmt(bound)}"

@@ -44,12 +44,17 @@ class HFCausalLM(PythonModel):
         prompts = []
         for row in rows:
             if isinstance(row, dict) and "messages" in row:
-                prompts.append(self.tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True))
+                prompts.append(self._chat_prompt(row["messages"]))
             elif isinstance(row, list):  # a list of chat messages
-                prompts.append(self.tokenizer.apply_chat_template(row, tokenize=False, add_generation_prompt=True))
+                prompts.append(self._chat_prompt(row))
             else:
                 prompts.append(str(row))
         return prompts
+
+    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)  # tokenize=False: the rendered text
+        return text
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would turn them into a schema
         import torch

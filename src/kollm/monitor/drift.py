@@ -137,7 +137,7 @@ def parse_window(text: str) -> float:
 def load_window(log: Path, since: float) -> list[dict[str, Any]]:
     """The `features` of generations logged at or after `since` (epoch seconds), with the prompt's embedding
     (`_embedding`: {model, vector}) where the server logged one."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     if not log.exists():
         return rows
     with open(log, encoding="utf-8") as f:

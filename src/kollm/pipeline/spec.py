@@ -169,7 +169,7 @@ def _wire(
         accepted = " or ".join(spec.types)
         if input_name in explicit:
             ref, problem = _parse_ref(explicit[input_name], spec, cfg, earlier, index)
-            if problem:
+            if ref is None:  # then `problem` says why
                 problems.append(f"{where}.inputs.{input_name}: {problem}")
             else:
                 wired[input_name] = ref

@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from types import TracebackType
 from urllib.parse import quote
 
 # Alembic revisions of MLflow's tracking schema this writer was checked against (MLflow 3.17). A store at any
@@ -97,7 +98,7 @@ class SqliteRuns:
         with self._lock:
             self._conn.close()
 
-    def _transaction(self):  # type: ignore[no-untyped-def]
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._conn, self._lock)
 
     def create_run(self, run_name: str, tags: dict[str, str]) -> str | None:
@@ -226,13 +227,14 @@ class _Transaction:
             raise
         return self
 
-    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:  # type: ignore[type-arg]
+    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         return self._cur.execute(sql, args)
 
-    def executemany(self, sql: str, rows: list[tuple]) -> None:  # type: ignore[type-arg]
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
         self._cur.executemany(sql, rows)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
         try:
             if exc_type is None:
                 try:

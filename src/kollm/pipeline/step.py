@@ -65,6 +65,12 @@ class Artifact:
     def to_json(self) -> dict[str, Any]:
         return {"type": self.type, "path": str(self.path) if self.path else None, "digest": self.digest, "meta": self.meta}
 
+    def folder(self) -> Path:
+        """`path`, for an artifact that has one: every step output does, only a URL source has none."""
+        if self.path is None:
+            raise ValueError(f"the {self.type} artifact {self.digest} has no local folder (a URL source)")
+        return self.path
+
 
 @dataclass(frozen=True)
 class InputSpec:

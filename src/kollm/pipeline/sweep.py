@@ -110,8 +110,9 @@ def sample_trials(spec: SweepSpec) -> list[dict[str, Any]]:
     """The trials' values ({path: value}), the same for the same spec: the product of the `grid` params, each
     combination `samples` times with the other params drawn from a generator seeded with `seed`."""
     rng = random.Random(spec.seed)
-    grid_paths = [p for p, v in spec.params.items() if v.grid is not None]
-    combos = list(itertools.product(*(spec.params[p].grid for p in grid_paths))) or [()]
+    grids = {p: v.grid for p, v in spec.params.items() if v.grid is not None}
+    grid_paths = list(grids)
+    combos = list(itertools.product(*grids.values())) or [()]
     trials = []
     for _ in range(spec.samples):
         for combo in combos:
@@ -253,12 +254,14 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
     except KollmError:
         raise
     except Exception as e:
-        last = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or [""]
-        raise StepFailed(f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {last[0][:300]}",
+        tail = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or [""]
+        raise StepFailed(f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {tail[0][:300]}",
                          hint=f"Ray Tune's trial folders are under {storage}") from None
     del ray
     out: dict[int, dict[str, Any]] = {}
-    for res in grid:
+    for i in range(len(grid)):  # a ResultGrid has __len__ and __getitem__ but no __iter__
+        res = grid[i]
+        assert res.config is not None  # every trial ran with a config from the param_space above
         index = res.config["trial"]["index"]
         df = res.metrics_dataframe
         last = res.metrics or {}

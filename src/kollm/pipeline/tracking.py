@@ -81,7 +81,7 @@ def _sqlite_wal(uri: str) -> None:
     if not _wal_files:
 
         @event.listens_for(Engine, "connect")
-        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        def _pragmas(dbapi_conn, _record) -> None:
             if type(dbapi_conn).__module__ != "sqlite3":
                 return
             cur = dbapi_conn.cursor()
@@ -222,7 +222,7 @@ class RunWriter:
 class StepTracker:
     """Logging into one (nested) MLflow run. Step code uses this through `ctx.tracker`."""
 
-    def __init__(self, writer: RunWriter | None, run_id: str | None):
+    def __init__(self, writer: RunWriter, run_id: str):
         self._writer = writer
         self.run_id = run_id
 
@@ -318,14 +318,22 @@ class PipelineTracker:
         run_id = self.writer.create_run(
             self.experiment_id,
             name,
-            {"mlflow.parentRunId": self.run_id, "kollm.step": name, "kollm.kind": kind, **{k: str(v) for k, v in tags.items()}},
+            {"mlflow.parentRunId": self._started(), "kollm.step": name, "kollm.kind": kind,
+             **{k: str(v) for k, v in tags.items()}},
         )
         return StepTracker(self.writer, run_id)
 
     def finish(self, status: str, metrics: dict[str, float] | None = None) -> None:
+        run_id = self._started()
         if metrics:
-            StepTracker(self.writer, self.run_id).log_metrics(metrics)
-        self.writer.set_terminated(self.run_id, status)
+            StepTracker(self.writer, run_id).log_metrics(metrics)
+        self.writer.set_terminated(run_id, status)
+
+    def _started(self) -> str:
+        """The pipeline run's id: `start` made it, or the caller set `run_id` to an existing run's."""
+        if self.run_id is None:
+            raise RuntimeError("PipelineTracker: start() the pipeline run (or set run_id) first")
+        return self.run_id
 
     def close(self) -> None:
         self.writer.close()

@@ -13,7 +13,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 from kollm.errors import ConfigError
 
@@ -171,7 +171,7 @@ def analyse(
     samples: list[Sample],
     *,
     min_requests: int,
-    pending_ms: list[float] = (),
+    pending_ms: Sequence[float] = (),
     probe: ProbeResult | None = None,
 ) -> AnalysisResult:
     """Judge one interval.

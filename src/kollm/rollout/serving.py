@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kollm.errors import ConfigError, NotFound
 from kollm.rollout.api import attach_rollout
@@ -86,7 +86,7 @@ def build_canary_gateway(
         )
     root = Path(project_dir) if project_dir is not None else Path.cwd()
     served = served_model_name or name
-    app_options = dict(model_name=served, api_key=api_key, log_dir=root / ".kollm" / "logs")
+    app_options: dict[str, Any] = dict(model_name=served, api_key=api_key, log_dir=root / ".kollm" / "logs")
 
     def arm(uri: str, version: str, faults: FaultSpec | None = None) -> Arm:
         engine = load_engine(resolve(uri, project_dir), **engine_options)
@@ -94,7 +94,9 @@ def build_canary_gateway(
             engine = FaultyEngine(engine, faults)
         return Arm(create_app(engine, model_version=version, **app_options), version=version, model_name=served)
 
-    canary = arm(canary_uri, canary_version, canary_faults) if canary_version not in (None, stable_version) else None
+    canary = None
+    if canary_version is not None and canary_version != stable_version:
+        canary = arm(canary_uri, canary_version, canary_faults)
     gateway = Gateway(arm(stable_uri, stable_version), canary)
     controller = attach_rollout(gateway, project_dir=project_dir, model_name=name, api_key=api_key)
     if follow:
@@ -143,6 +145,9 @@ def serve_canary(
         _registry_name(canary_uri, "--canary"), f"; following {canary_uri} every {follow_interval:g}s" if follow_interval > 0 else "",
     )
     config = uvicorn.Config(
-        gateway, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=graceful_timeout, lifespan="on"
+        gateway, host=host, port=port, log_level=log_level, access_log=False,
+        # uvicorn annotates int but only hands the value to asyncio.wait_for, which takes float seconds
+        timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
+        lifespan="on",
     )
     uvicorn.Server(config).run()

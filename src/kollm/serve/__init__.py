@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kollm.errors import ConfigError, KollmError
 
@@ -168,9 +168,12 @@ def serve(
         served = served_model_name or name
         root = Path(project_dir) if project_dir is not None else Path.cwd()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        engine_options = dict(backend=backend, device=device, dtype=dtype, max_batch_size=max_batch_size, context_length=context_length, engine_args=engine_args,
-                              kv_cache=kv_cache)
-        app_options = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs", max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+        # keyword arguments of load_engine and create_app, kept for the versions an alias follower loads later
+        engine_options: dict[str, Any] = dict(backend=backend, device=device, dtype=dtype,
+                                              max_batch_size=max_batch_size, context_length=context_length,
+                                              engine_args=engine_args, kv_cache=kv_cache)
+        app_options: dict[str, Any] = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs",
+                                           max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
         if embedding_model:
             from kollm.monitor.embeddings import Embedder
 
@@ -186,7 +189,10 @@ def serve(
         following = f", following {alias[0]}@{alias[1]} every {follow_interval:g}s" if alias is not None and follow_interval > 0 else ""
         log.info("serving %s (version %s) from %s on %s%s", served, version, path, where, following)
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=graceful_timeout, lifespan="on"
+            app, host=host, port=port, log_level=log_level, access_log=False,
+            # uvicorn annotates int but only hands the value to asyncio.wait_for, which takes float seconds
+            timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
+            lifespan="on",
         )
         server = uvicorn.Server(config)
         server.run(sockets=[sock])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,7 +92,8 @@ class FaultyEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return self.engine.encode_chat(messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncGenerator[TokenChunk, None]:
         if self.spec.latency_ms > 0:
             await asyncio.sleep(self.spec.latency_ms / 1000)
         if self._random.random() < self.spec.error_rate:
@@ -103,6 +104,9 @@ class FaultyEngine:
 
     def ready(self) -> bool:
         return self.engine.ready()
+
+    def alive(self) -> bool:
+        return self.engine.alive()
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth()

@@ -81,10 +81,9 @@ def build_app(args: dict[str, Any]):
         first = e.errors()[0]
         raise ConfigError(f"build_app: {'.'.join(map(str, first['loc'])) or 'args'}: {first['msg']}") from None
     deployment = serve.deployment(
-        serve.ingress()(KollmServer),
         name="kollm",
         num_replicas=a.num_replicas,
         max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
-    )
+    )(serve.ingress()(KollmServer))
     return deployment.bind(a.model_dump(mode="json"))

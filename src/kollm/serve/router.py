@@ -131,8 +131,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = errors[0]
     loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "extra_forbidden":
-        path = ".".join(str(p) for p in loc)
-        return f"{path}: unknown field (kollm serves {_SERVED_FIELDS})", path
+        field = ".".join(str(p) for p in loc)
+        return f"{field}: unknown field (kollm serves {_SERVED_FIELDS})", field
     if first.get("type") in ("json_invalid", "json_type"):
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
     if first.get("type") == "missing" and not loc:
@@ -241,7 +241,8 @@ class _HTTPMiddleware:
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         value = headers.get(b"authorization", b"")
         scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        key = self.api_key
+        return key is not None and scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
 
     @staticmethod
     def _declared_length(headers: dict[bytes, bytes]) -> int:

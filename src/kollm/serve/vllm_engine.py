@@ -36,7 +36,7 @@ import functools
 import importlib.util
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +212,8 @@ class VLLMEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncGenerator[TokenChunk, None]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.exceptions import GracefulHTTPError
         from vllm.inputs.engine import tokens_input

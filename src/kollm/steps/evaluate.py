@@ -117,7 +117,7 @@ def references(config: Config, project_dir: Path) -> dict[str, str]:
 def _eval_rows(data: Artifact, limit: int | None) -> tuple[str, list[Any]]:
     import pandas as pd
 
-    path = data.path / "eval.parquet"
+    path = data.folder() / "eval.parquet"
     if not path.is_file():
         raise StepFailed(f"the {data.type} dataset {data.path} has no eval.parquet", hint="set eval_fraction in the prepare step")
     column = "text" if data.type == "corpus" else "messages"
@@ -150,16 +150,18 @@ def _expected_metrics(cfg: Config, has_data: bool, cases: list[Any]) -> set[str]
     names: set[str] = set()
     if cfg.perplexity and has_data:
         names |= {"perplexity", "nll"}
-    for case in cases:
-        names |= set(case.metrics(cfg.generation.metrics))
+    if cfg.generation is not None:  # else there are no cases
+        for case in cases:
+            names |= set(case.metrics(cfg.generation.metrics))
     return None if cfg.lm_eval else names
 
 
-def _check_rules(ctx: StepContext, rules: list[Any], produced: set[str] | None) -> None:
+def _check_rules(step_name: str, rules: list[Any], produced: set[str] | None) -> None:
     if produced is None:
         return
     problems = [
-        f"steps.{ctx.name}.config.gate[{i}]: '{r.text}' uses metric '{r.metric}', which this evaluation does not produce "
+        f"steps.{step_name}.config.gate[{i}]: '{r.text}' uses metric '{r.metric}', "
+        "which this evaluation does not produce "
         f"(it produces: {', '.join(sorted(produced)) or 'nothing'})"
         for i, r in enumerate(rules)
         if r.metric not in produced
@@ -201,7 +203,8 @@ def evaluate_model(
     cfg: Config = ctx.config
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy sees as an unbound function
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -221,6 +224,7 @@ def evaluate_model(
             ctx.log.warning("evaluate: no held-out row has tokens to score; perplexity skipped")
     if cases:
         gen = cfg.generation
+        assert gen is not None  # cases come only from a configured generation suite
         suite = run_suite(
             model, tokenizer, cases, default_metrics=gen.metrics, chat=gen.chat, max_new_tokens=gen.max_new_tokens,
             batch_size=gen.batch_size, max_length=getattr(model.config, "max_position_embeddings", None), progress=ctx.progress,
@@ -264,7 +268,7 @@ def run(ctx: StepContext) -> StepResult:
     model_in = ctx.inputs["model"]
     data_in = ctx.inputs.get("data") if cfg.perplexity else None
     cases = _load_cases(_suite_files(ctx.inputs["suite"]), cfg.generation.limit) if cfg.generation else []
-    _check_rules(ctx, rules, _expected_metrics(cfg, data_in is not None, cases))
+    _check_rules(ctx.name, rules, _expected_metrics(cfg, data_in is not None, cases))
     data = _eval_rows(data_in, cfg.max_eval_rows) if data_in is not None else None
     if not data and not cases and cfg.lm_eval is None:
         raise ConfigError(
@@ -284,7 +288,7 @@ def run(ctx: StepContext) -> StepResult:
     def measure(folder: Path, label: str, digest: str):
         return lambda: evaluate_model(ctx, folder, label=label, model_digest=digest, eval_digest=eval_digest, data=data, cases=cases, device=device)
 
-    candidate, _ = _cached(ctx, model_in.digest, eval_digest, measure(model_in.path, "candidate", model_in.digest))
+    candidate, _ = _cached(ctx, model_in.digest, eval_digest, measure(model_in.folder(), "candidate", model_in.digest))
     candidate = replace(candidate, label="candidate")
 
     # the same evaluation of the registered aliases (champion, and any alias a rule names)

@@ -401,7 +401,8 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     kind = cfg.dataset
     t0 = time.perf_counter()
     cpu_main0 = time.process_time()
-    pii, raw_bytes, worker_cpu, total = Counter(), 0, 0.0, 0
+    pii: Counter[str] = Counter()
+    raw_bytes, worker_cpu, total = 0, 0.0, 0
     out_cols = list(COLUMNS[kind])
     # Deduplicate batch by batch as they arrive (in order), and set each batch's kept rows aside by split, so
     # this work overlaps the workers' transforms and little is left once the last batch is in.
@@ -538,8 +539,8 @@ def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
     """Without near-dedup, move every eval row that near-duplicates a train row into train (and then the eval
     rows that near-duplicate a moved one). Changes `is_eval` in place; returns how many rows moved."""
     index = NearDupIndex.from_config(cfg.dedup)
-    for i in np.flatnonzero(is_eval):
-        index.add(int(i), sigs[i])
+    for e in np.flatnonzero(is_eval):
+        index.add(int(e), sigs[e])
     queue = [int(i) for i in np.flatnonzero(~is_eval)]
     moved = 0
     while queue:

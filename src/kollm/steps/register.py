@@ -104,9 +104,11 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
 
 
 def _kollm_json(folder: Path | None) -> dict:
+    if folder is None:
+        return {}
     try:
         return json.loads((folder / "kollm.json").read_text(encoding="utf-8"))
-    except (OSError, TypeError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError):
         return {}
 
 
@@ -120,12 +122,12 @@ def run(ctx: StepContext) -> StepResult:
     tags = lineage_tags(ctx)
     evaluation = ctx.inputs.get("metrics")
     if evaluation is not None:
-        doc = json.loads((evaluation.path / "metrics.json").read_text(encoding="utf-8"))
+        doc = json.loads((evaluation.folder() / "metrics.json").read_text(encoding="utf-8"))
         gate = doc.get("gate")
         if gate is not None and not gate["passed"]:
             raise GateFailed(
                 "the evaluation's quality gate failed; refusing to register:\n  " + "\n  ".join(gate["reasons"]),
-                hint=f"see {evaluation.path / 'metrics.json'}",
+                hint=f"see {evaluation.folder() / 'metrics.json'}",
             )
         for metric, value in (doc.get("metrics") or {}).items():
             tags[f"kollm.metric.{metric}"] = f"{value:.6g}"
@@ -135,7 +137,7 @@ def run(ctx: StepContext) -> StepResult:
     tags.update(cfg.tags)
     version = registry.register_folder(
         name,
-        ctx.inputs["model"].path,
+        ctx.inputs["model"].folder(),
         run_id=ctx.tracker.run_id,
         tags=tags,
         description=cfg.description,

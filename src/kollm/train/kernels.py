@@ -21,8 +21,10 @@ Keep the signature of `lm_loss` stable; new arguments are optional keywords.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from functools import cache
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,38 @@ from transformers import AttentionInterface
 IGNORE_INDEX = -100
 VARLEN_ATTENTION = "kollm_varlen"
 DEFAULT_CHUNK_TOKENS = 8192
+
+
+class CausalLM(Protocol):
+    """The transformers methods kollm's training calls on its model: a PreTrainedModel, or a peft model that
+    forwards them to the one it wraps. nn.Module's `__getattr__` types every such attribute `Tensor | Module`,
+    so the training code, which passes the model around as an nn.Module, calls them through `causal_lm(model)`."""
+
+    config: Any  # a transformers PretrainedConfig
+
+    def get_decoder(self) -> nn.Module: ...
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+    def get_output_embeddings(self) -> nn.Module: ...
+
+    def resize_token_embeddings(self, new_num_tokens: int) -> nn.Module: ...
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None: ...
+
+
+def causal_lm(model: nn.Module) -> CausalLM:
+    """`model` (a transformers causal LM, or a peft model wrapping one) seen as the CausalLM it is."""
+    return cast(CausalLM, model)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The layers of the model's decoder (`model.model.layers` in a Llama-like causal LM)."""
+    layers = causal_lm(model).get_decoder().layers
+    assert isinstance(layers, nn.ModuleList), f"the decoder's layers are a {type(layers).__name__}, not a ModuleList"
+    return layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,11 +218,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = h @ weight.t()
             chunk_loss, g = ce(logits, targets[start : start + chunk])
             loss += chunk_loss
-            if need_h:
+            if grad_h is not None:  # need_h
                 torch.mm(g, weight, out=grad_h[start : start + chunk])
-            if need_w:
+            if grad_w is not None:  # need_w
                 grad_w += (g.t() @ h).to(acc)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return loss
 
     @staticmethod
@@ -245,9 +279,10 @@ def lm_loss(
     loader already knows the document lengths; otherwise they are derived from `position_ids` (a
     device-to-host sync). `max_seqlen` is accepted for callers that have it; the row length is used. `chunk_tokens`: tokens per chunk of the loss (default DEFAULT_CHUNK_TOKENS).
     """
-    decoder = model.get_decoder()
+    lm = causal_lm(model)
+    decoder = lm.get_decoder()
     kwargs: dict = {}
-    if model.config._attn_implementation == VARLEN_ATTENTION and attention_mask is None:
+    if lm.config._attn_implementation == VARLEN_ATTENTION and attention_mask is None:
         if cu_seqlens is None:
             if position_ids is None:
                 b, t = input_ids.shape
@@ -271,7 +306,7 @@ def lm_loss(
     # Shift by moving the targets left: position i predicts labels[i + 1]; the last position predicts nothing.
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).reshape(-1)
     n_tokens = (targets != IGNORE_INDEX).sum()
-    head = model.get_output_embeddings()
+    head = lm.get_output_embeddings()
     hidden = hidden.reshape(-1, hidden.shape[-1])
     if type(head) is nn.Linear and head.bias is None:
         dtype = _compute_dtype(hidden.device, head.weight.dtype)
@@ -300,10 +335,9 @@ def compile_model(model: nn.Module, *, per_layer: bool = False, activation_memor
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
-    decoder = model.get_decoder()
     if per_layer:
-        for layer in decoder.layers:
+        for layer in decoder_layers(model):
             layer.compile()
     else:
-        decoder.compile()
+        causal_lm(model).get_decoder().compile()
     return model

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from kollm.pipeline.step import Progress, _no_progress
 from kollm.train import checkpoint as ckpt
 from kollm.train.data import ResumableSampler
-from kollm.train.kernels import IGNORE_INDEX, compile_model, lm_loss
+from kollm.train.kernels import IGNORE_INDEX, causal_lm, compile_model, decoder_layers, lm_loss
 
 
 @dataclass
@@ -133,7 +133,7 @@ def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None
     """
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-    layers = list(model.get_decoder().layers)
+    layers = list(decoder_layers(model))
     for layer in layers:
         layer.forward = functools.partial(
             checkpoint,
@@ -143,7 +143,8 @@ def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None
         )
     hook = None
     if residual_dtype is not None:
-        hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(residual_dtype))
+        embeddings = causal_lm(model).get_input_embeddings()
+        hook = embeddings.register_forward_hook(lambda module, args, out: out.to(residual_dtype))
 
     def undo() -> None:
         for layer in layers:
@@ -165,7 +166,8 @@ def _mean_and_clip(grads: list[torch.Tensor], denom: torch.Tensor, max_norm: flo
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -190,6 +192,8 @@ def _batches(
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(epoch, offset after this batch, batch) forever, starting at the saved data position."""
     rank, world = rank_and_world()
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"training needs a map-style dataset (with __len__), not a {type(dataset).__name__}")
     n = len(dataset)
     epoch, offset = state.epoch, state.offset
     per_rank = n // world
@@ -283,7 +287,8 @@ def train(
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
-            optimizer.grad_scale = divisor  # the hook torch.amp.GradScaler uses
+            # the hook torch.amp.GradScaler uses; Optimizer does not declare it (GradScaler sets it under an ignore too)
+            optimizer.grad_scale = divisor  # type: ignore[attr-defined]
         else:
             torch._foreach_div_(grads, divisor)
         del grads  # kept to the next step, the list would hold last step's gradients through its whole forward
@@ -310,7 +315,7 @@ def train(
                     step=state.step,
                     epoch=epoch,
                     loss=state.losses[-1],
-                    learning_rate=lr,
+                    learning_rate=float(lr),  # get_last_lr() is typed float | Tensor
                     grad_norm=float(grad_norm),
                     tokens_per_s=window_tokens / max(now - window_t, 1e-9),
                     tokens=state.tokens,
@@ -341,7 +346,8 @@ def evaluate(
 ) -> tuple[float, dict[str, float]]:
     """Mean loss (and objective metrics) over a whole dataset, without gradients."""
     model.eval()
-    loss_sum, count, sums = 0.0, 0.0, {}
+    loss_sum, count = 0.0, 0.0
+    sums: dict[str, float] = {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     with autocast_for(device, precision):
         for batch in loader:

@@ -15,6 +15,7 @@ import torch
 
 from kollm.errors import ConfigError, StepFailed
 from kollm.train.config import PRESETS
+from kollm.train.kernels import causal_lm
 
 log = logging.getLogger("kollm.train")
 
@@ -149,7 +150,7 @@ def ensure_chat_template(model: torch.nn.Module, tokenizer: Any, chat_template: 
         missing = [t for t in (IM_START, IM_END) if t not in vocab]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            model.resize_token_embeddings(len(tokenizer))
+            causal_lm(model).resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

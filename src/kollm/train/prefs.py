@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kollm.train.data import PreferenceDataset, collate_preferences
-from kollm.train.kernels import IGNORE_INDEX
+from kollm.train.kernels import IGNORE_INDEX, causal_lm
 from kollm.train.loop import LossOut, autocast_for
 
 
@@ -176,7 +176,7 @@ def grpo(
         prompts = batch["input_ids"]
         width = prompts.shape[1]
         with torch.no_grad():
-            out = model.generate(
+            out = causal_lm(model).generate(
                 input_ids=prompts,
                 attention_mask=batch["attention_mask"],
                 do_sample=True,

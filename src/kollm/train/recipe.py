@@ -26,7 +26,7 @@ from kollm.pipeline import sweep
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
 from kollm.train.config import PRESETS, TrainingConfig
-from kollm.train.kernels import attention_implementation
+from kollm.train.kernels import attention_implementation, causal_lm
 from kollm.train.loop import LoopConfig, StepLog, TrainResult
 
 log = logging.getLogger("kollm.train")
@@ -96,13 +96,14 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
     corpus = None
     if base == "scratch":
         corpus = data if data.type == "corpus" else _latest_corpus(ctx)
+    inputs = {name: {"type": a.type, "digest": a.digest} for name, a in ctx.inputs.items()}
+    if corpus is not None and corpus is not data:
+        inputs["tokenizer_corpus"] = {"type": corpus.type, "digest": corpus.digest}
     lineage = {
         "pipeline_run_id": ctx.run_id,
         "step_run_id": ctx.tracker.run_id if ctx.tracker is not None else None,
-        "inputs": {name: {"type": a.type, "digest": a.digest} for name, a in ctx.inputs.items()},
+        "inputs": inputs,
     }
-    if corpus is not None and corpus is not data:
-        lineage["inputs"]["tokenizer_corpus"] = {"type": corpus.type, "digest": corpus.digest}
     return Job(
         step=ctx.name,
         kind=ctx.kind,
@@ -409,18 +410,22 @@ def save_model(
     out = job.output_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg = job.config
+    final: torch.nn.Module
     if cfg.lora:
-        model.save_pretrained(out / "adapter")
+        from peft import PeftModel
+
+        assert isinstance(model, PeftModel), "a LoRA job's model is the PeftModel that load_base made"
+        model.save_pretrained(str(out / "adapter"))
         if cfg.lora.quantize:
-            final = _merge_from_disk(job, out / "adapter") if cfg.lora.merge else None
-            if final is None:
+            if not cfg.lora.merge:
                 raise ConfigError("lora.merge: false with lora.quantize cannot write a plain folder; keep merge: true")
+            final = _merge_from_disk(job, out / "adapter")
         else:
             final = model.merge_and_unload() if cfg.lora.merge else model.unload()
     else:
         final = model
-    final.config.use_cache = True
-    final.save_pretrained(out)
+    causal_lm(final).config.use_cache = True
+    causal_lm(final).save_pretrained(out)
     tokenizer.save_pretrained(out)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

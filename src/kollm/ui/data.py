@@ -169,7 +169,7 @@ def _pending_steps(project: Project, started: set[str]) -> list[StepNode]:
 
 def training_curves(store: Store, step: StepNode) -> list[Curve]:
     """Loss curves of a training step: its MLflow metric history, or its JSON-lines log for a cached step."""
-    found = curves_from_mlflow(store.client, step.name, step.run_id)
+    found = curves_from_mlflow(store.client, step.name, step.run_id) if step.run_id else []  # none: not started
     return found or curves_from_log(step.name, store.project.state / "logs" / "training" / f"{step.name}.jsonl")
 
 
@@ -390,7 +390,7 @@ class RolloutView:
         return r is not None and r.get("status") in ("progressing", "paused")
 
 
-def rollout_view(project: Project, gateway: str, api_key: str | None) -> RolloutView:
+def rollout_view(project: Project, gateway: str | None, api_key: str | None) -> RolloutView:
     from kollm.rollout import client as rollout_client
 
     status, error = None, ""
@@ -409,8 +409,9 @@ def saved_rollouts(project: Project) -> list[dict[str, Any]]:
     return sorted(states, key=lambda s: s.get("updated_at", 0), reverse=True)
 
 
-def serving_stats(gateway: str) -> list[dict[str, Any]]:
-    """Per arm and version: requests by outcome and mean latency, from the gateway's Prometheus /metrics."""
+def serving_stats(gateway: str | None) -> list[dict[str, Any]]:
+    """Per arm and version: requests by outcome and mean latency, from the gateway's Prometheus /metrics
+    (`gateway`: its URL, None: the default, see kollm.rollout.client.gateway_url)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 

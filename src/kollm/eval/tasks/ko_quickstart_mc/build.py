@@ -17,7 +17,7 @@ DATA = HERE / "ko_quickstart_mc.json"
 
 def _questions(kind: str, facts: dict[str, str], template: str, rng: random.Random) -> list[dict]:
     answers = sorted(set(facts.values()))
-    out = []
+    out: list[dict] = []
     for key, answer in facts.items():
         choices = [answer, *rng.sample([a for a in answers if a != answer], 3)]
         rng.shuffle(choices)
