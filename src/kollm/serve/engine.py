@@ -778,8 +778,8 @@ class TransformersEngine:
         lp = logits[idx].float().log_softmax(-1)
         picked = lp.gather(-1, tokens[idx][:, None]).squeeze(-1).tolist()
         k = max(seqs[i].params.logprobs or 0 for i in rows)
-        top = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        top_vals, top_ids = top[0].tolist(), top[1].tolist()
+        best = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = best[0].tolist(), best[1].tolist()
         for j, i in enumerate(rows):
             want = seqs[i].params.logprobs or 0
             top = tuple((self._text_of(t), _safe_logprob(v)) for t, v in zip(top_ids[j][:want], top_vals[j][:want]))
