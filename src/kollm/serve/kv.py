@@ -376,18 +376,22 @@ class StaticKV:
         ids = torch.zeros((n, t), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
-        ids = ids.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids
+        lengths = self._on_device([len(p) for p in prompts])
         pos = self.positions[:t]
         valid = pos[None, :] < lengths[:, None]  # [n, t]
         causal = pos[None, :] <= pos[:, None]  # [t, t]: query row, key column
         mask = (causal[None, :, :] & valid[:, None, :])[:, None]  # [n, 1, t, t]
-        rows = torch.tensor(slots, device=self.device)[:, None].expand(n, t)[valid]
-        cols = pos[None, :].expand(n, t)[valid]
+        # the prompt tokens' (slot, position) as flat indices, found once: a boolean index in every layer would
+        # wait for the GPU each time (its result's size is data-dependent)
+        real = torch.tensor([i * t + j for i, p in enumerate(prompts) for j in range(len(p))], dtype=torch.long)
+        real = real.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else real
+        rows = self._on_device(slots).repeat_interleave(t)[real]
+        cols = pos.repeat(n)[real]
         cos, sin = self.cos[:t][None, :, None], self.sin[:t][None, :, None]  # [1, t, 1, D]
 
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            self.kv[i][rows, :, :, cols] = kv[valid]
+            self.kv[i][rows, :, :, cols] = kv.flatten(0, 1)[real]
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=self.groups > 1
