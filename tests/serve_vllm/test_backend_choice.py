@@ -11,7 +11,7 @@ import pytest
 
 from kollm.errors import ConfigError
 from kollm.serve.engine import RequestError, SamplingParams, load_engine
-from kollm.serve.vllm_engine import SAMPLING_FIELDS, UNSERVED_FIELDS, adapter_of, parse_engine_args, sampling_kwargs, vllm_importable
+from kollm.serve.vllm_engine import SAMPLING_FIELDS, STRUCTURED_FIELDS, adapter_of, parse_engine_args, sampling_kwargs, vllm_importable
 from tests.tiny import save_tiny
 
 from .conftest import KOLLM
@@ -19,9 +19,14 @@ from .conftest import KOLLM
 
 def test_every_sampling_field_reaches_vllm():
     """A field added to kollm's SamplingParams must be mapped to vLLM's (else --backend vllm silently ignores it)."""
-    assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS) | set(UNSERVED_FIELDS)
-    with pytest.raises(RequestError, match="logprobs is not supported with --backend vllm"):
-        sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))
+    assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS) | set(STRUCTURED_FIELDS)
+    assert sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))["logprobs"] == 2
+    assert sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_object"))["structured_outputs"] == {"json_object": True}
+    schema = {"type": "object", "properties": {"city": {"enum": ["서울", "부산"]}}, "required": ["city"]}
+    kw = sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_schema", json_schema=json.dumps(schema)))
+    assert kw["structured_outputs"] == {"json": schema}
+    with pytest.raises(RequestError, match="needs a schema"):
+        sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_schema"))
 
 
 def test_sampling_kwargs():

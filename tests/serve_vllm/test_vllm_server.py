@@ -61,6 +61,49 @@ def test_greedy_completion_is_the_models_greedy_continuation(client, vllm_tiny_d
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
 
 
+def test_logprobs_are_the_models_own(client, vllm_tiny_dir):
+    """Completions and chat with logprobs through vLLM: one entry per generated token, equal to transformers'
+    log-softmax of the model's logits at that step (vLLM's raw logprobs), the top alternatives by rank."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_tiny_dir)
+    prompt = "서울은 대한민국의"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, logprobs=3, extra_body=NO_EOS)
+    got = r.choices[0].logprobs
+    ids = tok(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(vllm_tiny_dir, dtype=torch.float32).eval()
+    expected = []
+    with torch.inference_mode():
+        for _ in range(6):
+            lp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            ids.append(int(lp.argmax()))
+            expected.append(float(lp.max()))
+    assert got.token_logprobs == pytest.approx(expected, abs=2e-3)
+    assert all(max(top.values()) == pytest.approx(lp, abs=1e-6) for top, lp in zip(got.top_logprobs, got.token_logprobs))
+    chat = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, logprobs=True, top_logprobs=2, extra_body=NO_EOS)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_response_format_constrains_the_output_to_json(client):
+    """vLLM's structured outputs behind response_format: a random model answers with the schema's JSON (greedy:
+    at temperature 1 the grammar's free whitespace can take the whole budget)."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["서울", "부산"]}}, "required": ["city"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+    )
+    assert r.choices[0].finish_reason == "stop", repr(r.choices[0].message.content)
+    assert json.loads(r.choices[0].message.content)["city"] in ("서울", "부산")
+    r = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{")  # the unconstrained model does not begin so: the grammar holds from the first token
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
 def test_streaming_chat_equals_non_streaming(client):
     whole = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0, extra_body=NO_EOS)
     stream = client.chat.completions.create(

@@ -41,7 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from kollm.errors import ConfigError
-from kollm.serve.engine import ChatTurn, EngineClosed, EngineOverloaded, FinishReason, RequestError, SamplingParams, TokenChunk, encode_chat, encode_prompt
+from kollm.serve.engine import (
+    ChatTurn,
+    EngineClosed,
+    EngineOverloaded,
+    FinishReason,
+    RequestError,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+    _safe_logprob,
+    encode_chat,
+    encode_prompt,
+)
 
 log = logging.getLogger("kollm.serve")
 
@@ -68,8 +80,6 @@ SAMPLING_FIELDS = {
     "top_k": "top_k",
     "min_p": "min_p",
 }
-# Fields this backend does not serve yet: a request that sets one gets a 400 naming it (RequestError).
-UNSERVED_FIELDS = {"logprobs": None, "response_format": None, "json_schema": None}
 
 
 @functools.cache
@@ -90,16 +100,26 @@ def require_vllm(flag: str = "--backend vllm") -> None:
         raise ConfigError(f"{flag}: vLLM is not importable here; {INSTALL_HINT}; or use --backend transformers")
 
 
+STRUCTURED_FIELDS = ("logprobs", "response_format", "json_schema")  # mapped by sampling_kwargs itself
+
+
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """vLLM SamplingParams keyword arguments for kollm's params (pure: no vLLM import).
 
     vLLM wants top_p in (0, 1]: top_p 0 (allowed by the OpenAI schema) keeps only the most likely token, which
     is what a tiny positive top_p does. Seeds are folded into 63 bits, as torch generators take them.
+    response_format becomes `structured_outputs`, as keyword arguments of vLLM's StructuredOutputsParams (the
+    caller builds it); whitespace inside the JSON follows vLLM's engine-wide structured_outputs_config.
     """
-    for name, default in UNSERVED_FIELDS.items():
-        if getattr(params, name) != default:
-            raise RequestError(f"{name} is not supported with --backend vllm yet; use --backend transformers", param=name)
     kw: dict[str, Any] = {}
+    if params.logprobs is not None:
+        kw["logprobs"] = params.logprobs
+    if params.response_format == "json_object":
+        kw["structured_outputs"] = {"json_object": True}
+    elif params.response_format == "json_schema":
+        if params.json_schema is None:
+            raise RequestError("response_format json_schema needs a schema", param="response_format")
+        kw["structured_outputs"] = {"json": json.loads(params.json_schema)}
     for name, target in SAMPLING_FIELDS.items():
         kw[target] = getattr(params, name)
     kw["stop"] = list(params.stop) or None
@@ -151,6 +171,18 @@ def _lora_rank(adapter: Path) -> int:
         if rank >= r:
             return rank
     raise ConfigError(f"{adapter}: LoRA rank {r} is larger than vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+
+
+def _token_logprobs(token_ids: Sequence[int], logprobs: Any, k: int) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token logprobs (one {token id: Logprob} per new token, holding the sampled token and the k of
+    rank 1..k) as kollm's TokenLogprob: the sampled token's text and logprob, and the top k by rank."""
+    out = []
+    for token, entries in zip(token_ids, logprobs or []):
+        chosen = entries[token]
+        top = sorted((e for e in entries.values() if e.rank is not None and e.rank <= k), key=lambda e: e.rank)
+        out.append(TokenLogprob(chosen.decoded_token or "", _safe_logprob(chosen.logprob),
+                                tuple((e.decoded_token or "", _safe_logprob(e.logprob)) for e in top[:k])))
+    return tuple(out)
 
 
 def _finish(reason: str | None) -> FinishReason:
@@ -226,7 +258,15 @@ class VLLMEngine:
             raise EngineClosed(f"the vLLM engine failed: {self._llm.dead_error!r}")
         if self._waiting >= self.max_queue:
             raise EngineOverloaded(f"{self._waiting} requests are already waiting; retry later")
-        sp = VllmSamplingParams(**sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw = sampling_kwargs(params)
+        if "structured_outputs" in kw:
+            kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
+        try:
+            sp = VllmSamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
+        except ValueError as e:  # vLLM's own validation (e.g. more logprobs than max_logprobs)
+            raise RequestError(f"vLLM refused the sampling settings: {e}") from None
         stream = self._llm.generate(tokens_input(list(prompt_ids)), sp, request_id, lora_request=self.lora)
         tokens, started, finished = 0, False, False
         self._waiting += 1
@@ -241,7 +281,9 @@ class VLLMEngine:
                 if out.finished and o.finish_reason not in ("stop", "length"):
                     raise EngineClosed(f"vLLM ended the request ({o.finish_reason})")
                 finished = out.finished
-                yield TokenChunk(text=o.text, completion_tokens=tokens, finish_reason=_finish(o.finish_reason) if finished else None)
+                lps = _token_logprobs(o.token_ids, o.logprobs, params.logprobs) if params.logprobs is not None else ()
+                yield TokenChunk(text=o.text, completion_tokens=tokens, finish_reason=_finish(o.finish_reason) if finished else None,
+                                 logprobs=lps)
                 if finished:
                     return
         except EngineDeadError as e:
