@@ -69,6 +69,65 @@ def test_register_loads_in_plain_mlflow_and_resolves_to_hf_folder(tmp_path, tiny
     assert registry.resolve_model_uri(str(tiny_folder), project) == tiny_folder.resolve()
 
 
+def test_registered_model_has_transformers_flavor_signature_and_example(tmp_path, tiny_folder):
+    """One MLflow logged model, listed under its run (the UI's Models column), with kollm's pyfunc and the
+    transformers flavor over a single copy of the weights, a signature and an input example; it loads offline
+    through mlflow.transformers and pyfunc, and MLflow's scoring server (`mlflow models serve`) answers with it."""
+    import yaml
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    project = make_project(tmp_path / "p")
+    v = register(project, tiny_folder)
+    c = registry.client(project)
+    model_id = v.source.removeprefix("models:/")
+    assert v.source.startswith("models:/m-")
+    logged = c.get_logged_model(model_id)
+    assert logged.name == "model" and logged.source_run_id == v.run_id and logged.status.to_int() == 2  # READY
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "tiny", "version": "1"}]
+    assert [o.model_id for o in c.get_run(v.run_id).outputs.model_outputs] == [model_id]
+    found = c.search_logged_models([c.get_run(v.run_id).info.experiment_id], filter_string="name = 'model'")
+    assert [m.model_id for m in found] == [model_id]
+
+    folder = Path(c.get_model_version_download_uri("tiny", "1").removeprefix("file://"))
+    spec = yaml.safe_load((folder / "MLmodel").read_text())
+    assert set(spec["flavors"]) == {"python_function", "transformers"}
+    hf = spec["flavors"]["python_function"]["artifacts"]["hf_model"]["path"]
+    flavor = spec["flavors"]["transformers"]
+    assert flavor["task"] == "text-generation" and flavor["model_binary"] == hf  # the weights once, for both
+    assert flavor["pipeline_model_type"] == "LlamaForCausalLM" and flavor["components"] == ["tokenizer"]
+    assert [p.relative_to(folder) for p in folder.rglob("model.safetensors")] == [Path(hf) / "model.safetensors"]
+    weights = (tiny_folder / "model.safetensors").stat().st_size
+    tokenizer = sum(p.stat().st_size for p in (folder / "components" / "tokenizer").iterdir())
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "MLmodel")
+    assert total == spec["model_size_bytes"] and total < weights + 2 * tokenizer + 10_000  # no second copy of weights
+    assert json.loads(spec["signature"]["inputs"]) == [{"type": "any", "required": True}]
+    assert json.loads(spec["signature"]["outputs"]) == [{"type": "string", "required": True}]
+    assert [p["name"] for p in json.loads(spec["signature"]["params"])] == ["max_new_tokens", "batch_size"]
+    example = json.loads((folder / spec["saved_input_example_info"]["serving_input_path"]).read_text())
+    assert example == {"inputs": ["서울은 대한민국의"], "params": {"max_new_tokens": 32}}
+
+    uri = registry.tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pipe = mlflow.transformers.load_model("models:/tiny@challenger")
+    assert type(pipe).__name__ == "TextGenerationPipeline"
+    out = pipe("서울은", max_new_tokens=3, do_sample=False)
+    assert out[0]["generated_text"].startswith("서울은")
+    components = mlflow.transformers.load_model("models:/tiny@challenger", return_type="components")
+    assert components["model"].config.hidden_size == 32 and components["tokenizer"].chat_template
+
+    model = mlflow.pyfunc.load_model("models:/tiny@challenger")
+    chat = [{"role": "system", "content": "짧게"}, {"role": "user", "content": "안녕?"}]
+    rows = model.predict([chat, {"messages": chat}, {"prompt": "서울은"}, "서울은"], params={"max_new_tokens": 3})
+    assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3]  # a whole conversation per row
+    server = TestClient(scoring_server.init(model))
+    answer = server.post("/invocations", json=example)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+    answer = server.post("/invocations", json={"inputs": [chat], "params": {"max_new_tokens": 3}})
+    assert answer.status_code == 200 and answer.json()["predictions"] == rows[:1]
+
+
 def test_resolve_errors_name_what_exists(tmp_path, tiny_folder):
     project = make_project(tmp_path / "p")
     with pytest.raises(NotFound, match="no registered model 'tiny'"):

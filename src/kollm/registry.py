@@ -384,8 +384,10 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
         cache = _cache_root(project_dir) / f"run-{run_id[:12]}-{key}"
 
         def download(dst: str) -> None:
-            try:
-                c.download_artifacts(run_id, path, dst_path=dst)
+            from mlflow.artifacts import download_artifacts
+
+            try:  # runs:/ reaches the run's artifacts and, as in MLflow 3, the models the run logged (by name)
+                download_artifacts(artifact_uri=f"runs:/{run_id}/{path}", dst_path=dst, tracking_uri=c.tracking_uri)
             except (MlflowException, OSError) as e:
                 raise NotFound(f"run {run_id} has no artifact '{path}'", hint=f"MLflow said: {str(e).splitlines()[0][:200]}") from None
 
@@ -428,9 +430,10 @@ def register_folder(
     project_dir: Path | None = None,
     step_key: str | None = None,
 ) -> VersionInfo:
-    """Log `hf_folder` as an MLflow pyfunc model (artifact `model` of run `run_id`), register it as a new version
-    of `name` with `tags`, and point `alias` at it. The version loads in plain MLflow with
-    `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` (see kollm.eval.pyfunc_hf) and in kollm with resolve_model_uri.
+    """Log `hf_folder` as an MLflow model of run `run_id` (a logged model named `model` with kollm's pyfunc and the
+    transformers flavor, see _log_model), register it as a new version of `name` with `tags`, and point `alias` at
+    it. The version loads in plain MLflow with `mlflow.pyfunc.load_model("models:/NAME@ALIAS")` (see
+    kollm.eval.pyfunc_hf) or `mlflow.transformers.load_model(...)`, and in kollm with resolve_model_uri.
 
     Idempotent per `step_key` (the register step's cache key): a version this key created already is returned
     (with `alias` moved to it if a killed attempt stopped short of that), and model files an earlier, killed
@@ -445,62 +448,138 @@ def register_folder(
                 _move(c, name, alias, version, action="register", reason=reason, at=_now())
             return _get_version(c, name, version)
         tags = {**tags, STEP_KEY_TAG: step_key}
-    source_run = _logged_by_earlier_attempt(c, run_id, step_key) if step_key else None
-    if source_run is None:
-        source_run = run_id
-        _log_pyfunc(c, run_id, hf_folder)
+    source = _logged_by_earlier_attempt(c, run_id, step_key) if step_key else None
+    if source is None:
+        source = f"models:/{_log_model(c, run_id, hf_folder, tags)}"
     try:
         c.create_registered_model(name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    mv = c.create_model_version(name, source=f"runs:/{source_run}/model", run_id=run_id, tags=tags, description=description)
+    model_id = source.removeprefix("models:/") if source.startswith("models:/") else None
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
+                                model_id=model_id)
+    if model_id:  # as mlflow.register_model does: the logged model lists its versions (the UI links them)
+        versions = json.loads(c.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
+        if not any(str(v.get("name")) == name and str(v.get("version")) == str(mv.version) for v in versions):
+            versions.append({"name": name, "version": str(mv.version)})  # (a tracking server adds it itself)
+            c.set_logged_model_tags(model_id, {MODEL_VERSIONS_TAG: json.dumps(versions)})
     if alias:
         _move(c, name, alias, str(mv.version), action="register", reason=reason, at=_now())
     return _get_version(c, name, str(mv.version))
 
 
 STEP_KEY_TAG = "kollm.step_key"
-MODEL_LOGGED_TAG = "kollm.model_logged"  # set on a run once its `model` artifact is completely logged
+MODEL_LOGGED_TAG = "kollm.model_logged"  # set on a run once its model is completely logged
+MODEL_ID_TAG = "kollm.model_id"  # the MLflow logged model (models:/<id>) that run logged
+MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model reaches it too
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # on a logged model: the registered versions made from it
+INPUT_EXAMPLE = (["서울은 대한민국의"], {"max_new_tokens": 32})
+TASK = "text-generation"
 
 
 def _logged_by_earlier_attempt(c: MlflowClient, run_id: str, step_key: str) -> str | None:
-    """A run of an earlier attempt of this register step whose model files were logged completely."""
+    """The model URI a run of an earlier attempt of this register step logged completely (None: there is none)."""
     experiment = c.get_run(run_id).info.experiment_id
     runs = c.search_runs([experiment], filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    if not runs:
+        return None
+    model_id = runs[0].data.tags.get(MODEL_ID_TAG)  # absent: logged as run artifacts by an older kollm
+    return f"models:/{model_id}" if model_id else f"runs:/{runs[0].info.run_id}/{MODEL_NAME}"
 
 
-def _log_pyfunc(c: MlflowClient, run_id: str, hf_folder: Path) -> None:
+def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, str]) -> str:
+    """Log `hf_folder` as one MLflow logged model of run `run_id` (MLflow 3's models:/<model id>, listed in the
+    experiment's Models tab and the run's Models column) with two flavors over one copy of the weights:
+
+    - python_function: kollm's HFCausalLM (kollm.eval.pyfunc_hf), the HF folder its artifact `hf_model`; what
+      mlflow.pyfunc.load_model and `mlflow models serve` load.
+    - transformers: task text-generation, its model_binary the same `hf_model` folder and the tokenizer also in
+      components/tokenizer (the one file set the flavor reads from its own place); mlflow.transformers.load_model
+      returns a text-generation pipeline.
+
+    The signature comes from HFCausalLM.predict's type hints (a list in, one string per row out) with the
+    generation params; the input example is a prompt. Returns the logged model's id."""
     import mlflow
     import torch
     import transformers
-    from mlflow.models import ModelSignature
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model, ModelSignature
+    from mlflow.models.utils import _save_example
+    from mlflow.transformers.flavor_config import FlavorKey
     from mlflow.types import ParamSchema, ParamSpec
+    from transformers import AutoTokenizer
 
-    signature = ModelSignature(
-        inputs=None,  # prompts (strings), chat message lists, or a DataFrame with a `prompt` column
-        outputs=None,
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("batch_size", "long", 8)]),
-    )
     requirements = [
         f"mlflow=={mlflow.__version__}",
         f"torch=={torch.__version__.split('+')[0]}",
         f"transformers=={transformers.__version__}",
     ]
-    # MLflow nags about type hints and input examples; the signature above is deliberate. It forces its own
-    # "once" filter around that check, so filters cannot silence it: record the warnings and drop them.
-    with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings(record=True):
-        local = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(
-            path=str(local),
-            python_model=str(PYFUNC_CODE),
-            artifacts={HF_ARTIFACT: str(hf_folder)},
-            signature=signature,
-            pip_requirements=requirements,
-        )
-        c.log_artifacts(run_id, str(local), "model")
+    experiment = c.get_run(run_id).info.experiment_id
+    logged = c.create_logged_model(experiment, name=MODEL_NAME, source_run_id=run_id, model_type=TASK,
+                                   tags={k: v[:8000] for k, v in tags.items()})  # the version's lineage tags
+    try:
+        # MLflow nags about type hints, Any and input examples; the choices here are deliberate. It forces its own
+        # "once" filter around those checks, so filters cannot silence them: record the warnings and drop them.
+        with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings(record=True):
+            local = Path(tmp) / MODEL_NAME
+            spec = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                         model_id=logged.model_id)
+            # no input_example here: with one, MLflow would load the model and generate to check it
+            mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_CODE),
+                                     artifacts={HF_ARTIFACT: str(hf_folder)}, pip_requirements=requirements,
+                                     mlflow_model=spec)
+            spec = Model.load(str(local / "MLmodel"))
+            hints = spec.signature
+            spec.signature = ModelSignature(
+                inputs=hints.inputs, outputs=hints.outputs,
+                params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("batch_size", "long", 8)]),
+            )
+            spec.signature._is_signature_from_type_hint = True  # predict checks its hints, not a table schema
+            _save_example(spec, INPUT_EXAMPLE, str(local))
+            binary = spec.flavors["python_function"]["artifacts"][HF_ARTIFACT]["path"]
+            tokenizer = AutoTokenizer.from_pretrained(str(local / binary))
+            tokenizer.save_pretrained(str(local / "components" / FlavorKey.TOKENIZER))
+            spec.add_flavor("transformers", **_transformers_flavor(local / binary, binary, type(tokenizer).__name__))
+            files = [f for f in local.rglob("*") if f.is_file() and f.name != "MLmodel"]
+            spec.model_size_bytes = sum(f.stat().st_size for f in files)
+            spec.save(str(local / "MLmodel"))
+            c.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        try:
+            c.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        except Exception:  # the original error matters more
+            pass
+        raise
+    c.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    c.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    c.set_tag(run_id, MODEL_ID_TAG, logged.model_id)
     c.set_tag(run_id, MODEL_LOGGED_TAG, "true")
+    return logged.model_id
+
+
+def _transformers_flavor(folder: Path, binary: str, tokenizer_type: str) -> dict[str, object]:
+    """The `transformers` flavor of MLmodel for a text-generation model whose weights are at `binary` (relative to the
+    model folder) and whose tokenizer is in components/tokenizer: what mlflow.transformers.save_model writes for a
+    local checkpoint (its own builder for that fails with transformers 5), without copying the weights again."""
+    import transformers
+    from mlflow.transformers.flavor_config import FlavorKey
+
+    architectures = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    flavor: dict[str, object] = {
+        "transformers_version": transformers.__version__,
+        "code": None,
+        FlavorKey.TASK: TASK,
+        FlavorKey.INSTANCE_TYPE: "TextGenerationPipeline",
+        FlavorKey.MODEL_TYPE: architectures[0] if architectures else "AutoModelForCausalLM",
+        FlavorKey.MODEL_NAME: binary,
+        FlavorKey.MODEL_BINARY: binary,
+        FlavorKey.COMPONENTS: [FlavorKey.TOKENIZER],
+        FlavorKey.COMPONENT_TYPE.format(FlavorKey.TOKENIZER): tokenizer_type,
+    }
+    if int(transformers.__version__.split(".")[0]) < 5:  # pipeline.framework is gone in transformers 5
+        flavor[FlavorKey.FRAMEWORK] = "pt"
+    return flavor
 
 
 def alias_versions(name: str, aliases: list[str], project_dir: Path | None = None) -> dict[str, str | None]:

@@ -85,7 +85,7 @@ def _context(tmp_path, name: str, executor: str, resources: Resources) -> StepCo
 def _assert_matches_one_process(ctx: StepContext, result, single) -> None:
     single_dir, reference = single
     assert result.metrics["steps"] == reference.metrics["steps"] == 6
-    assert result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["total_tokens"] == reference.metrics["total_tokens"]
     assert result.metrics["train_loss"] == pytest.approx(reference.metrics["train_loss"], rel=1e-4)
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
     assert result.meta == reference.meta
@@ -145,7 +145,7 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluste
     lineage = json.loads((job.output_dir / "kollm.json").read_text())
     assert lineage["training"]["resumed_from"] == 2
     # and ends where an uninterrupted run ends
-    assert result.metrics["steps"] == 6 and result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["steps"] == 6 and result.metrics["total_tokens"] == reference.metrics["total_tokens"]
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
 
 
@@ -198,7 +198,7 @@ def test_a_killed_driver_leaves_a_checkpoint_the_next_run_resumes_from(ray_clust
     result = launch_ray(cpt.train, job, workers=2, use_gpu=False)
     lineage = json.loads((job.output_dir / "kollm.json").read_text())
     assert lineage["training"]["resumed_from"] == 2
-    assert result.metrics["steps"] == 6 and result.metrics["tokens"] == reference.metrics["tokens"]
+    assert result.metrics["steps"] == 6 and result.metrics["total_tokens"] == reference.metrics["total_tokens"]
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
 
 

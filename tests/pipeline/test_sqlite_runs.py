@@ -15,7 +15,16 @@ from mlflow.entities import Metric, Param, RunTag
 import kollm
 from kollm.errors import KollmError
 from kollm.pipeline.sqlite_runs import SCHEMA_REVISIONS, SqliteRuns
-from kollm.pipeline.tracking import RunWriter, StepTracker, client_for
+from kollm.config import load_config
+from kollm.pipeline.tracking import (
+    EXPERIMENT_KIND_TAG,
+    TRAINING_EXPERIMENT_KIND,
+    PipelineTracker,
+    RunWriter,
+    StepTracker,
+    client_for,
+    source_tags,
+)
 
 from .helpers import make_project
 
@@ -177,3 +186,72 @@ def test_bad_key_is_mlflows_rule_for_metric_param_and_tag_keys():
 
     assert not any(bad_key(k) for k in ("loss", "eval/loss", "a.b", "train loss", "x-y:z"))
     assert all(bad_key(k) for k in ("", "acc@1", ".", "./a", "a/../b", "../a", "/a", "a//b", "a/"))
+
+
+
+def _tracker(root, **kw) -> PipelineTracker:
+    cfg, _ = load_config(root)
+    return PipelineTracker(cfg, root, **kw)
+
+
+def test_experiment_opens_as_a_training_experiment(tmp_path):
+    """MLflow 3's UI shows an experiment without mlflow.experimentKind in GenAI mode; kollm's is a training one."""
+    root = make_project(tmp_path / "p")
+    first = _tracker(root)  # a new store: MLflow creates it and the experiment, with the tag
+    uri, exp_id = first.uri, first.experiment_id
+    first.close()
+    client = MlflowClient(tracking_uri=uri)
+    assert TRAINING_EXPERIMENT_KIND == "custom_model_development"
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT_KIND
+    # an experiment made before kollm tagged it (or by MLflow itself) is tagged at the next run, through MLflow
+    client.delete_experiment_tag(exp_id, EXPERIMENT_KIND_TAG)
+    fast = SqliteRuns.open(uri, "testproj")
+    assert fast is not None and fast.experiment_tag(EXPERIMENT_KIND_TAG) is None
+    fast.close()
+    again = _tracker(root)
+    again.close()
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_EXPERIMENT_KIND
+    # a kind the user picked in the UI stays, and the direct writer is used again
+    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "genai_development")
+    third = _tracker(root)
+    assert third.writer.fast is not None
+    third.close()
+    assert client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_source_and_user_tags_are_the_same_through_both_writers(tmp_path):
+    """mlflow.user, mlflow.source.name and mlflow.source.type on parent and step runs, row for row the same
+    whether kollm's SQLite writer or MLflow's client wrote them."""
+    import getpass
+
+    root = make_project(tmp_path / "p")
+    db = root / ".kollm" / "mlflow.db"
+    config_file = str(root / "kollm.yaml")
+    fast = _tracker(root, source_name=config_file)
+    slow = _tracker(root, source_name=config_file)
+    slow.writer.close()  # no direct writer: every write through MLflow's client
+    assert fast.writer.fast is not None and slow.writer.fast is None
+    ids = []
+    for tracker in (fast, slow):
+        parent = tracker.start("testproj", {"kollm.config_file": config_file})
+        step = tracker.step("count", "python", {"kollm.cache_key": "k"})
+        step.end("FINISHED")
+        tracker.finish("FINISHED", {"steps": 1.0})
+        ids += [parent, step.run_id]
+    fast.close()
+    runs = [_rows(db, run_id) for run_id in ids]
+
+    def system(rows):  # MLflow's tags that do not name the run or its parent
+        names = ("mlflow.runName", "mlflow.parentRunId")
+        return {k: v for k, v in rows["tags"] if k.startswith("mlflow.") and k not in names}
+
+    user = getpass.getuser()
+    local = {"mlflow.user": user, "mlflow.source.name": config_file, "mlflow.source.type": "LOCAL"}
+    assert source_tags(config_file) == local
+    assert [system(rows) for rows in runs] == [local] * 4
+    # the same rows otherwise: runs.user_id (the UI's User column) is mlflow.user, as MLflow's client writes it
+    for fast_rows, slow_rows in ((runs[0], runs[2]), (runs[1], runs[3])):
+        assert fast_rows["runs"][0][1:] == slow_rows["runs"][0][1:] and fast_rows["runs"][0][4] == user  # [0]: the name
+        assert {k for k, _ in fast_rows["tags"]} == {k for k, _ in slow_rows["tags"]}
+    step = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(ids[1])  # and MLflow reads them back
+    assert step.info.user_id == user and step.data.tags["mlflow.source.name"] == config_file

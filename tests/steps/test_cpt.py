@@ -115,6 +115,11 @@ def test_cpt_step_trains_saves_logs(tmp_path):
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
     for key in ("learning_rate", "grad_norm", "tokens_per_s"):
         assert client.get_metric_history(rec.run_id, key)
+    # summary metrics have keys of their own: the per-step `tokens` curve gets no point at step 0
+    assert sorted(m.step for m in client.get_metric_history(rec.run_id, "tokens")) == [2, 4, 6, 8, 10, 12]
+    (total,) = client.get_metric_history(rec.run_id, "total_tokens")
+    assert total.step == 0 and total.value == rec.metrics["total_tokens"] == meta["training"]["tokens"]
+    assert "tokens" not in rec.metrics and "loss" not in rec.metrics
     assert client.get_run(rec.run_id).data.params["train.total_steps"] == "12"
     # plain transformers loads and generates; generation stops at <|im_end|>
     out = load_and_generate(folder)

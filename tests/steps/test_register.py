@@ -45,6 +45,31 @@ def check_registered(project: Path, result) -> None:
     assert record["model_uri"] == "models:/evaltest@challenger" and record["version"] == "1"
 
 
+def check_mlflow_conventions(project: Path, result) -> None:
+    """What MLflow's UI shows a new user: a training ("Machine learning") experiment, runs with a user and a source,
+    and the register step's run with its model (both flavors, a signature) registered from it."""
+    import getpass
+
+    import yaml
+
+    c = registry.client(project)
+    experiment = c.get_experiment_by_name("evaltest")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = [c.get_run(result.run_id), *(c.get_run(r.run_id) for r in result.steps.values())]
+    for run in runs:
+        assert run.data.tags["mlflow.user"] == run.info.user_id == getpass.getuser()
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.name"] == str((project / "kollm.yaml").resolve())
+    v = registry.show("evaltest", "challenger", project)
+    register_run = c.get_run(result.steps["register"].run_id)
+    (output,) = register_run.outputs.model_outputs
+    assert v.source == f"models:/{output.model_id}" and c.get_logged_model(output.model_id).source_run_id == v.run_id
+    folder = Path(c.get_model_version_download_uri("evaltest", v.version).removeprefix("file://"))
+    spec = yaml.safe_load((folder / "MLmodel").read_text())
+    assert set(spec["flavors"]) == {"python_function", "transformers"} and spec["signature"]["inputs"]
+    assert spec["saved_input_example_info"]["serving_input_path"] == "serving_input_example.json"
+
+
 def test_register_through_the_runner(tmp_path):
     project = make_project(tmp_path / "p", gate=["perplexity <= 100000"])
     result = kollm.run(project)
@@ -55,6 +80,7 @@ def test_register_through_the_runner(tmp_path):
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model("models:/evaltest@challenger")  # plain MLflow, no kollm code involved
     assert len(model.predict(["서울은"], params={"max_new_tokens": 3})) == 1
+    check_mlflow_conventions(project, result)
 
     again = kollm.run(project)  # unchanged: register is a cache hit, no second version
     assert again.steps["register"].cache_hit

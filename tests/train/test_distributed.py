@@ -38,7 +38,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, texts):
     single = cpt.train(_job(tmp_path, texts, "single", batch_size=4), Env(device=torch.device("cpu")))
     assert seen == [1, 2, 3, 4]  # rank 0's log lines reached the parent's progress bar
     assert ddp.metrics["steps"] == single.metrics["steps"] == 4
-    assert ddp.metrics["tokens"] == single.metrics["tokens"]
+    assert ddp.metrics["total_tokens"] == single.metrics["total_tokens"]
     assert ddp.metrics["train_loss"] == pytest.approx(single.metrics["train_loss"], rel=1e-4)
     assert ddp.metrics["eval_loss"] == pytest.approx(single.metrics["eval_loss"], rel=1e-4)
     a, b = load_file(tmp_path / "ddp" / "model" / "model.safetensors"), load_file(tmp_path / "single" / "model" / "model.safetensors")

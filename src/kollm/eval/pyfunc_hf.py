@@ -7,12 +7,17 @@ so a registered version loads in plain MLflow, without kollm installed:
     model.predict(["서울은"])                                     # list of prompts
     model.predict(pd.DataFrame({"prompt": ["서울은"]}), params={"max_new_tokens": 32})
     model.predict([{"messages": [{"role": "user", "content": "안녕?"}]}])  # chat, via the chat template
+    model.predict([[{"role": "user", "content": "안녕?"}]])               # the same: a list of chat messages
 
-Generation is greedy, batched with left padding. This file must only import mlflow, torch and transformers.
+The input is a list (or a DataFrame); `predict`'s type hints are the model's signature (inputs: a list of any
+of these rows, outputs: one string per row), so MLflow hands the list over as it is instead of forcing it into
+a table. `mlflow models serve` takes {"inputs": [...], "params": {...}}. Generation is greedy, batched with left
+padding. This file must only import mlflow, torch and transformers.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import mlflow
@@ -32,31 +37,34 @@ class HFCausalLM(PythonModel):
         self.model.eval()
 
     def _prompts(self, model_input: Any) -> list[str]:
-        if hasattr(model_input, "to_dict"):  # a pandas DataFrame
-            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            rows = list(model_input[column])
+        if hasattr(model_input, "to_dict"):  # a pandas DataFrame: one row per prompt
+            columns = list(model_input.columns)
+            rows = list(model_input.to_dict(orient="records")) if len(columns) > 1 else list(model_input[columns[0]])
         elif isinstance(model_input, dict):
             rows = list(model_input["prompt"]) if "prompt" in model_input else [model_input]
         elif isinstance(model_input, str):
             rows = [model_input]
         else:
             rows = list(model_input)
-        prompts = []
-        for row in rows:
-            if isinstance(row, dict) and "messages" in row:
-                prompts.append(self._chat_prompt(row["messages"]))
-            elif isinstance(row, list):  # a list of chat messages
-                prompts.append(self._chat_prompt(row))
-            else:
-                prompts.append(str(row))
-        return prompts
+        return [self._prompt(row) for row in rows]
 
-    def _chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+    def _prompt(self, row: Any) -> str:
+        if isinstance(row, dict):
+            if _given(row.get("messages")):
+                return self._chat_prompt(list(row["messages"]))
+            if _given(row.get("prompt")):
+                return str(row["prompt"])
+        elif isinstance(row, list):  # a list of chat messages
+            return self._chat_prompt(row)
+        return str(row)
+
+    def _chat_prompt(self, messages: list[Any]) -> str:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert isinstance(text, str)  # tokenize=False: the rendered text
         return text
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would turn them into a schema
+    # The type hints make the signature (and keep MLflow from turning a list of chat messages into table columns)
+    def predict(self, context, model_input: list[Any], params: dict[str, Any] | None = None) -> list[str]:
         import torch
 
         params = params or {}
@@ -76,6 +84,11 @@ class HFCausalLM(PythonModel):
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         return outputs
+
+
+def _given(value: Any) -> bool:
+    """A value present in a row (a DataFrame fills a missing column with None or NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 mlflow.models.set_model(HFCausalLM())

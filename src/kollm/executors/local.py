@@ -66,7 +66,7 @@ class LocalExecutor:
     ) -> RunResult:
         pipe = plan.pipeline
         pipe.state_dir.mkdir(parents=True, exist_ok=True)
-        tracker = PipelineTracker(pipe.cfg, pipe.project_dir)
+        tracker = PipelineTracker(pipe.cfg, pipe.project_dir, source_name=str(pipe.file))
         try:
             if parent_run_id:
                 tracker.run_id = parent_run_id

@@ -66,7 +66,7 @@ class RayExecutor:
             problems = [p for n in selection.steps for p in check_fits(plan.step(n).resources, totals, step=n)]
             if problems:
                 raise ConfigError(problems, hint="resources are checked against the Ray cluster before anything runs")
-            tracker = PipelineTracker(pipe.cfg, pipe.project_dir)
+            tracker = PipelineTracker(pipe.cfg, pipe.project_dir, source_name=str(pipe.file))
             try:
                 if parent_run_id:
                     tracker.run_id = parent_run_id

@@ -390,7 +390,7 @@ def run_one(
             resolved[name] = art
         elif name in step.inputs:
             resolved[name] = _from_cache(p, store, step, name)
-    tracker = PipelineTracker(pipe.cfg, pipe.project_dir)
+    tracker = PipelineTracker(pipe.cfg, pipe.project_dir, source_name=str(pipe.file))
     try:
         if parent_run_id:
             tracker.run_id = parent_run_id

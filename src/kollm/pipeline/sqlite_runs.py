@@ -98,6 +98,14 @@ class SqliteRuns:
         with self._lock:
             self._conn.close()
 
+    def experiment_tag(self, key: str) -> str | None:
+        """The value of one tag of this experiment (None: not set). Read only: experiment tags are MLflow's to write."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM experiment_tags WHERE experiment_id = ? AND key = ?", (int(self.experiment_id), key)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn, self._lock)
 

@@ -8,6 +8,7 @@ MLflow is the one source of truth for runs and lineage. The default store is SQL
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 
 MAX_PARAM_LEN = 6000
 BATCH = 100
+# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces, prompts); kollm's experiments hold
+# training runs and models: "Machine learning" mode. Set when kollm creates the experiment, or finds it untagged.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
 # The user's own $MLFLOW_TRACKING_URI, read once: mlflow.set_tracking_uri() writes that variable too, so reading
 # it later would make one project's store leak into the next project opened in the same process. A process kollm
 # pointed at a project's store marks the value it wrote (KOLLM_SET_TRACKING_URI), so that child processes started
@@ -110,6 +115,21 @@ def _probe_database(uri: str) -> None:
         ) from None
     finally:
         engine.dispose()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def source_tags(source_name: str) -> dict[str, str]:
+    """MLflow's system tags for who ran a run and from what (the UI's User and Source columns), as MLflow's own
+    default run context sets them: mlflow.user (the OS user), mlflow.source.name, mlflow.source.type LOCAL (what
+    MLflow sets outside Databricks; its JOB type is for Databricks jobs). kollm's source is the kollm.yaml run,
+    whether by `kollm run`, the API or `kollm step run` in a child process, a pod or a Ray task."""
+    return {"mlflow.user": _user(), "mlflow.source.name": source_name, "mlflow.source.type": "LOCAL"}
 
 
 def _param_key(key: str) -> str:
@@ -271,12 +291,19 @@ class StepTracker:
 
 
 class PipelineTracker:
-    """The parent MLflow run of one pipeline run, and the nested runs of its steps."""
+    """The parent MLflow run of one pipeline run, and the nested runs of its steps.
 
-    def __init__(self, cfg: ProjectConfig, project_dir: Path):
+    Every run it creates carries source_tags(source_name): the kollm.yaml that was run (default:
+    <project_dir>/kollm.yaml), source type LOCAL, and the user."""
+
+    def __init__(self, cfg: ProjectConfig, project_dir: Path, *, source_name: str | None = None):
         self.uri = tracking_uri(project_dir, cfg)
+        self.source_tags = source_tags(source_name or str(Path(project_dir).resolve() / "kollm.yaml"))
         name = cfg.tracking.experiment or cfg.project
         fast = SqliteRuns.open(self.uri, name)  # an existing SQLite store and experiment: no MLflow import needed
+        if fast is not None and fast.experiment_tag(EXPERIMENT_KIND_TAG) is None:
+            fast.close()  # an experiment made before kollm tagged its kind: MLflow's client tags it once, below
+            fast = None
         if fast is not None:
             _point_mlflow_at(self.uri)
             self.experiment_id = fast.experiment_id
@@ -291,9 +318,13 @@ class PipelineTracker:
                 # a local store keeps them beside it in .kollm/mlartifacts
                 server = self.uri.startswith(("http://", "https://"))
                 location = cfg.tracking.artifact_location or (None if server else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri())
-                self.experiment_id = client.create_experiment(name, artifact_location=location)
+                self.experiment_id = client.create_experiment(
+                    name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+                )
             else:
                 self.experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user chose in the UI stays
+                    client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
         except KollmError:
             raise
         except Exception as e:  # the store is unreachable or misconfigured: say which URI
@@ -310,7 +341,8 @@ class PipelineTracker:
         self.run_id = self.writer.create_run(
             self.experiment_id,
             f"{project}-{time.strftime('%Y%m%d-%H%M%S')}",
-            {"kollm.pipeline": "true", "kollm.host": socket.gethostname(), "kollm.pid": str(os.getpid()), **{k: str(v) for k, v in tags.items()}},
+            {**self.source_tags, "kollm.pipeline": "true", "kollm.host": socket.gethostname(),
+             "kollm.pid": str(os.getpid()), **{k: str(v) for k, v in tags.items()}},
         )
         return self.run_id
 
@@ -318,7 +350,7 @@ class PipelineTracker:
         run_id = self.writer.create_run(
             self.experiment_id,
             name,
-            {"mlflow.parentRunId": self._started(), "kollm.step": name, "kollm.kind": kind,
+            {**self.source_tags, "mlflow.parentRunId": self._started(), "kollm.step": name, "kollm.kind": kind,
              **{k: str(v) for k, v in tags.items()}},
         )
         return StepTracker(self.writer, run_id)

@@ -5,9 +5,12 @@
         name: korean-quickstart   # default: the project name
         alias: challenger         # default; promote it with `kollm registry promote NAME`
 
-The model is logged as an MLflow pyfunc model (the Hugging Face folder is its artifact `hf_model`), so it
-loads with `mlflow.pyfunc.load_model("models:/NAME@challenger")` in plain MLflow and with
-`kollm serve models:/NAME@challenger`. The new version carries tags that lead back to everything it came from:
+The model is logged as one MLflow logged model of the step's run (named `model`) with two flavors over one copy
+of the Hugging Face folder: kollm's pyfunc (the folder is its artifact `hf_model`) and `transformers`
+(text-generation), with a signature and an input example. It loads with
+`mlflow.pyfunc.load_model("models:/NAME@challenger")` or `mlflow.transformers.load_model(...)` in plain MLflow,
+serves with `mlflow models serve`, and with `kollm serve models:/NAME@challenger`. The new version carries tags
+that lead back to everything it came from:
 
     kollm.pipeline_run_id, kollm.step_run_id, kollm.step_runs     MLflow runs of the pipeline and each step
     kollm.data.<STEP>.<OUTPUT>                                    content digests of the prepared datasets

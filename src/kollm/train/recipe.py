@@ -479,7 +479,10 @@ def _versions() -> dict[str, str]:
 
 
 def step_metrics(result: TrainResult, eval_loss: float | None, extra: dict[str, float] | None = None) -> dict[str, float]:
-    metrics = {"train_loss": result.final_loss, "steps": float(result.steps), "tokens": float(result.tokens), "train_seconds": result.seconds}
+    """The step's summary metrics (logged once, at step 0): keys of their own, none of the per-step keys that
+    TrainingLog sends (loss, tokens, ...), so MLflow's charts of those do not jump back to step 0."""
+    metrics = {"train_loss": result.final_loss, "steps": float(result.steps), "total_tokens": float(result.tokens),
+               "train_seconds": result.seconds}
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
     metrics.update(extra or {})
