@@ -7,7 +7,7 @@ function-level imports alike, parsed with `ast`, so nothing is imported to check
     data, eval, registry
     pipeline
     config
-    errors, _version, _pydantic, redact        bottom
+    errors, _version, _pydantic, redact, jsonlog   bottom
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "kollm"
 
 LAYERS: dict[str, int] = {
-    "errors": 0, "_version": 0, "_pydantic": 0, "redact": 0,
+    "errors": 0, "_version": 0, "_pydantic": 0, "redact": 0, "jsonlog": 0,
     "config": 1,
     "pipeline": 2,
     "data": 3, "eval": 3, "registry": 3,

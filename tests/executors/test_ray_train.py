@@ -94,9 +94,10 @@ def _assert_matches_one_process(ctx: StepContext, result, single) -> None:
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     logs = [json.loads(x) for x in (ctx.state_dir / "logs" / "training" / f"{ctx.name}.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in logs if "step" in x] == [1, 2, 3, 4, 5, 6]  # rank 0 only
+    assert [x["global_step"] for x in logs if "global_step" in x] == [1, 2, 3, 4, 5, 6]  # rank 0 only
     ref_logs = [json.loads(x) for x in (single_dir / "logs" / "single.jsonl").read_text().splitlines()]
-    assert [x["loss"] for x in logs if "step" in x] == pytest.approx([x["loss"] for x in ref_logs], rel=1e-4)  # the loss curve
+    ref_losses = [x["loss"] for x in ref_logs if "loss" in x]
+    assert [x["loss"] for x in logs if "global_step" in x] == pytest.approx(ref_losses, rel=1e-4)  # the loss curve
     assert [s for _, s in ctx.tracker.metrics] == [1, 2, 3, 4, 5, 6] and "loss" in ctx.tracker.metrics[0][0]
     assert ctx.tracker.params["train.total_steps"] == 6
 

@@ -91,7 +91,8 @@ def live_metrics(tmp_path) -> set[str]:
     attach_rollout(gateway, project_dir=tmp_path, model_name="m")
     logs = tmp_path / ".kollm" / "logs" / "training"
     logs.mkdir(parents=True)
-    (logs / "sft.jsonl").write_text(json.dumps({"timestamp": "2026-01-01T00:00:00+00:00", "step_name": "sft", "step": 1, "loss": 2.0,
+    (logs / "sft.jsonl").write_text(json.dumps({"ts": "2026-01-01T00:00:00+00:00", "level": "INFO", "component": "train",
+                                                "event": "train_metrics", "step": "sft", "global_step": 1, "loss": 2.0,
                                                 "learning_rate": 1e-4, "grad_norm": 1.0, "tokens_per_s": 10.0, "gpu_memory_gb": 1.0}) + "\n")
     drift = tmp_path / ".kollm" / "monitor" / "drift" / "latest.json"
     drift.parent.mkdir(parents=True)

@@ -26,11 +26,13 @@ def _write(path, records):
 def test_training_gauges_follow_the_newest_record(tmp_path):
     logs = tmp_path / ".kollm" / "logs" / "training"
     assert _samples(tmp_path) == {}  # no logs yet: no series, no error
-    base = {"timestamp": "2026-01-02T03:04:05.000+00:00", "level": "INFO", "step_name": "sft", "epoch": 0, "learning_rate": 1e-4,
-            "grad_norm": 0.5, "tokens_per_s": 1000.0, "tokens": 10}
-    _write(logs / "sft.jsonl", [{**base, "step": 1, "loss": 3.0}, {"event": "params", "params": {"a": 1}}, {**base, "step": 2, "loss": 2.5, "gpu_memory_gb": 2.0}])
+    base = {"ts": "2026-01-02T03:04:05.000+00:00", "level": "INFO", "component": "train", "event": "train_metrics",
+            "step": "sft", "epoch": 0, "learning_rate": 1e-4, "grad_norm": 0.5, "tokens_per_s": 1000.0, "tokens": 10}
+    params = {**base, "event": "params", "params": {"a": 1}}
+    _write(logs / "sft.jsonl", [{**base, "global_step": 1, "loss": 3.0}, params,
+                                {**base, "global_step": 2, "loss": 2.5, "gpu_memory_gb": 2.0}])
     with open(logs / "sft.jsonl", "a") as f:
-        f.write('{"timestamp": "2026-01-02T03:04:06", "step": 3, "lo')  # a record being written
+        f.write('{"ts": "2026-01-02T03:04:06", "global_step": 3, "lo')  # a record being written
     s = _samples(tmp_path)
     assert s[("kollm_training_loss", (("step_name", "sft"),))] == 2.5
     assert s[("kollm_training_step", (("step_name", "sft"),))] == 2
@@ -38,8 +40,8 @@ def test_training_gauges_follow_the_newest_record(tmp_path):
     assert s[("kollm_training_last_log_timestamp_seconds", (("step_name", "sft"),))] == 1767323045.0
     with open(logs / "sft.jsonl", "a") as f:
         f.write("\n")
-    _write(logs / "sft.jsonl", [{**base, "step": 4, "loss": float("nan")}])
-    _write(logs / "cpt.jsonl", [{**base, "step_name": "cpt", "step": 9, "loss": 4.0}])
+    _write(logs / "sft.jsonl", [{**base, "global_step": 4, "loss": float("nan")}])
+    _write(logs / "cpt.jsonl", [{**base, "step": "cpt", "global_step": 9, "loss": 4.0}])
     s = _samples(tmp_path)
     assert math.isnan(s[("kollm_training_loss", (("step_name", "sft"),))])
     assert s[("kollm_training_step", (("step_name", "sft"),))] == 4
@@ -69,6 +71,7 @@ def test_cli_exporter_serves_metrics(tmp_path):
 
     from .conftest import free_port
 
+    # a line of a kollm before kollm.jsonlog (`timestamp`, `step_name`, `step`: the optimizer step) still reads
     _write(tmp_path / ".kollm" / "logs" / "training" / "cpt.jsonl", [{"timestamp": "2026-01-01T00:00:00+00:00", "step_name": "cpt", "step": 5, "loss": 3.25}])
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kollm.cli", "monitor", "exporter", "--port", str(port)], cwd=tmp_path,

@@ -7,7 +7,7 @@ import threading
 
 from starlette.testclient import TestClient
 
-from kollm.serve.logs import RotatingJsonLinesLogger, clip
+from kollm.jsonlog import JsonLog, clip
 from kollm.serve.router import create_app
 
 from .fake_engine import FakeEngine
@@ -75,7 +75,7 @@ def test_logged_user_is_clipped(tmp_path):
     assert client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "user": user}).status_code == 200
     assert client.get("/v1/" + "p" * 5000).status_code == 404
     line = json.loads((tmp_path / "inference" / "inference.jsonl").read_text().splitlines()[-1])
-    assert line["user"] == "u" * 256 + "...[100000 chars]"
+    assert line["user"] == "u" * 192 + "...[100000 chars]..." + "u" * 64
     api = [json.loads(x) for x in (tmp_path / "api" / "api.jsonl").read_text().splitlines()]
     assert max(len(e["path"]) for e in api) < 300
     assert (tmp_path / "inference" / "inference.jsonl").stat().st_size < 1000
@@ -83,13 +83,13 @@ def test_logged_user_is_clipped(tmp_path):
 
 def test_json_logs_rotate(tmp_path):
     path = tmp_path / "api.jsonl"
-    log = RotatingJsonLinesLogger(path, max_bytes=1000, backups=2)
+    log = JsonLog(path, "serve", max_bytes=1000, backups=2)
     for i in range(100):
         log.log("http_request", i=i, pad="x" * 50)
     log.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["api.jsonl", "api.jsonl.1", "api.jsonl.2"]
-    assert all(p.stat().st_size < 1100 for p in tmp_path.iterdir())
+    assert all(p.stat().st_size < 1200 for p in tmp_path.iterdir())  # rotated once past 1000 bytes (a line is ~150)
     newest = [json.loads(x)["i"] for x in path.read_text().splitlines()]
     older = [json.loads(x)["i"] for x in (tmp_path / "api.jsonl.1").read_text().splitlines()]
     assert newest[-1] == 99 and older[-1] == newest[0] - 1  # nothing lost between the current file and the last backup
@@ -97,4 +97,4 @@ def test_json_logs_rotate(tmp_path):
 
 def test_clip():
     assert clip("abc", 5) == "abc" and clip(None) is None and clip(3) == 3
-    assert clip("가" * 10, 4) == "가가가가...[10 chars]"
+    assert clip("가" * 10, 4) == "가가가...[10 chars]...가" and clip("가" * 10, 3) == "가가가...[10 chars]"

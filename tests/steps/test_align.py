@@ -73,7 +73,7 @@ def test_grpo_with_a_user_reward_function(tmp_path):
     assert rec.outputs["model"].meta["method"] == "grpo"
     assert "eval_reward" in rec.metrics
     lines = [json.loads(x) for x in (root / ".kollm" / "logs" / "training" / "align.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [2, 4, 6] and all("reward" in x for x in lines)
+    assert [x["global_step"] for x in lines] == [2, 4, 6] and all("reward" in x for x in lines)
 
 
 def test_grpo_without_reward_is_a_config_error(tmp_path):

@@ -105,8 +105,9 @@ def test_cpt_step_trains_saves_logs(tmp_path):
     assert rec.metrics["train_loss"] < 5.5 and "eval_loss" in rec.metrics
     # JSON training logs: one object per line
     lines = [json.loads(x) for x in (root / ".kollm" / "logs" / "training" / "cpt.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
-    assert {"timestamp", "level", "step_name", "epoch", "step", "loss", "learning_rate"} <= set(lines[0])
+    assert [x["global_step"] for x in lines] == [2, 4, 6, 8, 10, 12]
+    assert {"ts", "level", "component", "event", "step", "epoch", "global_step", "loss", "learning_rate"} <= set(lines[0])
+    assert lines[0]["step"] == "cpt" and lines[0]["event"] == "train_metrics"
     # MLflow: per-step loss, learning rate, grad norm, throughput in the step's nested run
     from mlflow import MlflowClient
 

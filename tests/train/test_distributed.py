@@ -45,4 +45,4 @@ def test_two_gloo_processes_match_one_process(tmp_path, texts):
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
     logs = [json.loads(x) for x in (tmp_path / "logs" / "ddp.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in logs if "step" in x] == [1, 2, 3, 4]  # only rank 0 logs
+    assert [x["global_step"] for x in logs if "global_step" in x] == [1, 2, 3, 4]  # only rank 0 logs

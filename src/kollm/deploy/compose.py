@@ -13,10 +13,11 @@ from typing import Any
 
 from kollm.deploy.k8s import SERVE_PORT, yaml_text
 from kollm.deploy.options import Project
+from kollm.jsonlog import FIXED, KINDS, LABELS, LOKI_LABELS
 
 Doc = dict[str, Any]
 
-LOG_KINDS = ("training", "inference", "system", "api")
+LOG_KINDS = KINDS
 # where kollm's Grafana dashboards live in the installed package (kollm/monitor/dashboards/*.json)
 DASHBOARDS_PY = "import kollm.monitor, os; print(os.path.join(os.path.dirname(kollm.monitor.__file__), 'dashboards'))"
 
@@ -168,7 +169,8 @@ def grafana_dashboards() -> Doc:
 
 
 def promtail_config(p: Project) -> Doc:
-    """kollm's JSON logs (.kollm/logs/<kind>/**.jsonl): one stream per kind, the line's `ts` as its timestamp."""
+    """kollm's JSON logs (.kollm/logs/<kind>/**.jsonl, schema in kollm.jsonlog): one stream per kind and label
+    values, the line's `ts` as its timestamp; `component`, `level`, `step` and `model` become Loki labels."""
     return {
         "server": {"http_listen_port": 9080, "grpc_listen_port": 0},
         "positions": {"filename": "/tmp/positions.yaml"},
@@ -180,7 +182,8 @@ def promtail_config(p: Project) -> Doc:
                                            "__path__": f"/project/.kollm/logs/{kind}/**/*.jsonl"}}
                                for kind in LOG_KINDS],
             "pipeline_stages": [
-                {"json": {"expressions": {"ts": "ts", "event": "event"}}},
+                {"json": {"expressions": {k: k for k in (*FIXED, *LABELS)}}},
+                {"labels": {k: None for k in LOKI_LABELS}},
                 {"timestamp": {"source": "ts", "format": "RFC3339Nano"}},
             ],
         }],

@@ -70,22 +70,26 @@ def curves_from_log(step_name: str, log_file: Path) -> list[Curve]:
     """The last run recorded in a training JSON-lines log (a restart from step 0 begins a new run)."""
     if not log_file.is_file():
         return []
-    runs: list[list[dict[str, Any]]] = [[]]
+    runs: list[list[tuple[int, dict[str, Any]]]] = [[]]
     for line in log_file.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict) or "step" not in rec:
+        if not isinstance(rec, dict):
             continue
-        if runs[-1] and rec["step"] < runs[-1][-1]["step"] and rec["step"] <= 1:
+        step = rec.get("global_step", rec.get("step"))  # `step`: the optimizer step in logs before kollm.jsonlog
+        if not isinstance(step, int):
+            continue
+        if runs[-1] and step < runs[-1][-1][0] and step <= 1:
             runs.append([])
-        runs[-1].append(rec)
+        runs[-1].append((step, rec))
     records = runs[-1]
-    keys = sorted({k for r in records for k, v in r.items() if "loss" in k and isinstance(v, (int, float))})
+    keys = sorted({k for _, r in records for k, v in r.items() if "loss" in k and isinstance(v, (int, float))})
     out = []
     for key in keys:
-        points = [(float(r["step"]), float(r[key])) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        points = [(float(step), float(r[key])) for step, r in records
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         if len(points) > 1:
             out.append(Curve(f"{step_name}: {key}", points))
     return out

@@ -26,7 +26,7 @@ from kollm._version import __version__
 from kollm.config import memory_bytes
 from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
 from kollm.pipeline.plan import Plan
-from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
+from kollm.pipeline.runner import Reporter, RunResult, Selection, StepRun, drive, run_log, run_step
 from kollm.pipeline.spec import ResolvedStep
 from kollm.pipeline.step import Artifact, Progress, StepRecord
 from kollm.pipeline.store import ArtifactStore
@@ -83,7 +83,7 @@ class _Schedule:
     def __init__(self, plan: Plan, selection: Selection, store: ArtifactStore, tracker: PipelineTracker,
                  parent_run_id: str | None, report: Reporter, progress: Progress, overrides: dict[str, Any] | None):
         self.plan, self.selection, self.tracker, self.parent_run_id = plan, selection, tracker, parent_run_id
-        self.log = EventLog(plan.pipeline.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")
+        self.log = run_log(plan.pipeline, tracker.run_id)
         self.shared = StepRun(plan, store, tracker, self.log, report, progress, executor="local")
         self.records: dict[str, StepRecord] = {}
         self.durations: dict[str, float] = {}
@@ -202,7 +202,8 @@ class _Schedule:
                     doc = json.loads(open(result_file, encoding="utf-8").read())
                     break
             message = _error_text(proc.stderr)
-            self.log.write("step_error", step=step.name, attempt=attempt, error=message, exit_code=proc.returncode)
+            self.log.log("step_error", "ERROR", step=step.name, attempt=attempt, error=message,
+                         exit_code=proc.returncode)
             if proc.returncode == StepCrashed.exit_code and attempt < step.retries:
                 delay = step.retry_backoff_s * (2**attempt)
                 attempt += 1

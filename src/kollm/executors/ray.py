@@ -18,7 +18,7 @@ from kollm._version import __version__
 from kollm.config import memory_bytes
 from kollm.errors import ConfigError, KollmError, StepCrashed
 from kollm.pipeline.plan import Plan
-from kollm.pipeline.runner import EventLog, Reporter, RunResult, Selection, StepRun, drive, run_step
+from kollm.pipeline.runner import Reporter, RunResult, Selection, StepRun, drive, run_log, run_step
 from kollm.pipeline.spec import ResolvedStep
 from kollm.pipeline.step import Artifact, Progress, StepRecord
 from kollm.pipeline.store import ArtifactStore, LocalStore
@@ -127,7 +127,7 @@ class _RaySchedule:
                  parent_run_id: str | None, report: Reporter, progress: Progress, file: str):
         self.ray, self.plan, self.selection, self.store, self.tracker = ray, plan, selection, store, tracker
         self.parent_run_id, self.report, self.file = parent_run_id, report, file
-        self.log = EventLog(plan.pipeline.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")
+        self.log = run_log(plan.pipeline, tracker.run_id)
         self.shared = StepRun(plan, store, tracker, self.log, report, progress, executor="ray")
         self.task = ray.remote(_step_task)
         self.records: dict[str, StepRecord] = {}

@@ -1,1 +1,1 @@
-"""Monitoring: JSON-lines logs (kollm.monitor.logging) and alert rules (kollm.monitor.alerts)."""
+"""Monitoring: alert rules (kollm.monitor.alerts), the exporter, drift, `kollm watch`; JSON-lines logs: kollm.jsonlog."""

@@ -1,6 +1,6 @@
 """`kollm monitor exporter`: Prometheus metrics for training and drift, read from a project's files at scrape time.
 
-Training steps write JSON lines to `.kollm/logs/training/<step>.jsonl` (kollm.train.recipe.TrainingLog) and
+Training steps write `train_metrics` lines (kollm.jsonlog) to `.kollm/logs/training/<step>.jsonl` and
 `kollm monitor drift` writes its last result to `.kollm/monitor/drift/latest.json`. This exporter turns the
 newest record of each into gauges, so Prometheus can alert on a NaN loss or drift without the training process
 serving HTTP itself. Nothing is cached: every scrape reads the files' tails.
@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 TAIL_BYTES = 64 * 1024
 _TRAINING_GAUGES = {
     "loss": ("kollm_training_loss", "Last logged training loss.", 1.0),
-    "step": ("kollm_training_step", "Last logged optimizer step.", 1.0),
+    "global_step": ("kollm_training_step", "Last logged optimizer step.", 1.0),
     "learning_rate": ("kollm_training_learning_rate", "Last logged learning rate.", 1.0),
     "grad_norm": ("kollm_training_grad_norm", "Last logged gradient norm (before clipping).", 1.0),
     "tokens_per_s": ("kollm_training_tokens_per_second", "Last logged training throughput in tokens per second.", 1.0),
@@ -70,6 +70,14 @@ def last_record(path: Path, *, required: str = "loss") -> dict[str, Any] | None:
     return None
 
 
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    """A training line of kollm before the one log schema (`timestamp`, `step_name`, the optimizer step as `step`)
+    in today's names (`ts`, `step`, `global_step`)."""
+    if "step_name" not in record and "timestamp" not in record:
+        return record
+    return {**record, "ts": record.get("timestamp"), "step": record.get("step_name"), "global_step": record.get("step")}
+
+
 def _timestamp(value: Any) -> float | None:
     if not isinstance(value, str):
         return None
@@ -98,12 +106,13 @@ class TrainingCollector(Collector):
             record = last_record(path)
             if record is None:
                 continue
-            step_name = str(record.get("step_name") or path.stem)
+            record = _current(record)
+            step_name = str(record.get("step") or path.stem)
             for key, (_, _, scale) in _TRAINING_GAUGES.items():
                 value = _number(record.get(key))
                 if value is not None:
                     families[key].add_metric([step_name], value * scale if math.isfinite(value) else value)
-            ts = _timestamp(record.get("timestamp"))
+            ts = _timestamp(record.get("ts"))
             stamp.add_metric([step_name], ts if ts is not None else path.stat().st_mtime)
         yield from families.values()
         yield stamp

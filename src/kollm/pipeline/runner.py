@@ -7,12 +7,11 @@ State of the local store under <project>/.kollm/ (see kollm.pipeline.store):
   tmp/<key>.<id>/         a step at work; removed by the next runner that takes the key's lock
   locks/<key>.lock        held while a runner computes the key; a second runner waits, then reuses the result
   checkpoints/<key>/      training checkpoints of an unfinished step (same key -> resume)
-  logs/system/            JSON-lines runner events and tracebacks
+  logs/system/            JSON-lines runner events and tracebacks (kollm.jsonlog)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kollm.errors import ConfigError, KollmError, StepCrashed, StepFailed
+from kollm.jsonlog import JsonLog, log_path
 from kollm.pipeline.artifacts import folder_digest, write_json_atomic
 from kollm.pipeline.plan import Plan, plan
 from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
@@ -84,17 +84,10 @@ def select(pipe: Pipeline, force: Iterable[str] = (), from_step: str | None = No
     return Selection(selected, frozenset(forced), frozenset(cached_only - forced))  # a forced step is recomputed
 
 
-class EventLog:
-    """JSON-lines events of one pipeline run under .kollm/logs/system/ (several threads may write)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"ts": time.time(), "level": "ERROR" if "error" in fields else "INFO", "event": event, **fields}, ensure_ascii=False, default=str)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+def run_log(pipe: Pipeline, run_id: str | None) -> JsonLog:
+    """The runner's events of one pipeline run: .kollm/logs/system/<run id>.jsonl (component "runner"; several threads
+    and processes of one run may write it)."""
+    return JsonLog(log_path(pipe.state_dir, "system", run_id), "runner", project=pipe.cfg.project)
 
 
 @dataclass
@@ -104,7 +97,7 @@ class StepRun:
     plan: Plan
     store: ArtifactStore
     tracker: PipelineTracker
-    log: EventLog
+    log: JsonLog
     report: Reporter = _silent
     progress: Progress = _no_progress
     executor: str = "local"
@@ -114,7 +107,7 @@ class StepRun:
 def drive(
     selection: Selection,
     tracker: PipelineTracker,
-    log: EventLog,
+    log: JsonLog,
     parent_run_id: str | None,
     loop: Callable[[], None],
     records: dict[str, StepRecord],
@@ -123,14 +116,14 @@ def drive(
 ) -> RunResult:
     """What every executor does around its scheduling `loop` (which fills `records` and `durations`): the run's
     events, its parent MLflow run's end and summary metrics, and the result in file order."""
-    log.write("pipeline_started", steps=selection.steps)
+    log.log("pipeline_started", steps=selection.steps)
     t0 = time.perf_counter()
     try:
         loop()
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         on_abort(status)
-        log.write("pipeline_failed", error=str(e), status=status)
+        log.log("pipeline_failed", "ERROR", error=str(e), status=status)
         if not parent_run_id:
             tracker.finish(status)
         raise
@@ -139,7 +132,7 @@ def drive(
     if not parent_run_id:
         hits = sum(r.cache_hit for r in result.steps.values())
         tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
-    log.write("pipeline_finished", duration_s=time.perf_counter() - t0)
+    log.log("pipeline_finished", duration_s=time.perf_counter() - t0)
     return result
 
 
@@ -167,7 +160,7 @@ def run_step(
         return StepRecord(step.name, step.kind, key, cached.get("run_id"), True, r.store.outputs(cached), cached.get("metrics", {})), 0.0
     if wait_note(r.store, key):
         r.report("waiting", step.name, {"key": key})
-        r.log.write("step_waiting", step=step.name, key=key)
+        r.log.log("step_waiting", step=step.name, key=key)
     with r.store.lock(key):
         cached = None if force else r.store.lookup(key)
         outputs = r.store.outputs(cached) if cached is not None else {}
@@ -195,13 +188,13 @@ def run_step(
                 st.set_tags(sweep_tags(cached["sweep"]))
             st.end("FINISHED")
             r.on_tracker(None)
-            r.log.write("step_cached", step=step.name, key=key)
+            r.log.log("step_cached", step=step.name, key=key)
             r.report("cached", step.name, {"key": key, "duration_s": duration})
             return StepRecord(step.name, step.kind, key, st.run_id, True, outputs, metrics), duration
 
         st.log_params(config_json)
         r.report("started", step.name, {"key": key})
-        r.log.write("step_started", step=step.name, key=key)
+        r.log.log("step_started", step=step.name, key=key)
         attempts = step.retries + 1 if max_attempts is None else max_attempts
         attempt = first_attempt
         while True:
@@ -222,7 +215,8 @@ def run_step(
                 r.on_tracker(None)
                 raise
             except Exception as e:
-                r.log.write("step_error", step=step.name, attempt=attempt, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                r.log.log("step_error", "ERROR", step=step.name, attempt=attempt, error=f"{type(e).__name__}: {e}",
+                          traceback=traceback.format_exc())
                 if attempt - first_attempt + 1 < attempts:
                     delay = step.retry_backoff_s * (2 ** (attempt - first_attempt))
                     attempt += 1
@@ -237,7 +231,7 @@ def run_step(
     st.log(metrics={**record.metrics, "duration_s": duration}, tags={f"kollm.output.{n}.digest": a.digest for n, a in record.outputs.items()})
     st.end("FINISHED")
     r.on_tracker(None)
-    r.log.write("step_finished", step=step.name, key=key, duration_s=duration)
+    r.log.log("step_finished", step=step.name, key=key, duration_s=duration)
     r.report("finished", step.name, {"key": key, "duration_s": duration, "metrics": record.metrics})
     return record, duration
 
@@ -303,7 +297,7 @@ def _fail(st: StepTracker, r: StepRun, step: ResolvedStep, err: KollmError) -> N
     st.set_tags({"kollm.error": str(err)})
     st.end("FAILED")
     r.on_tracker(None)
-    r.log.write("step_failed", step=step.name, error=str(err))
+    r.log.log("step_failed", "ERROR", step=step.name, error=str(err))
     r.report("failed", step.name, {"error": str(err)})
 
 
@@ -398,7 +392,7 @@ def run_one(
             from kollm._version import __version__
 
             tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.step_run": step_name})
-        log = EventLog(pipe.state_dir / "logs" / "system" / f"{tracker.run_id}.jsonl")
+        log = run_log(pipe, tracker.run_id)
         r = StepRun(p, store, tracker, log, report, progress, executor)
         try:
             record, _ = run_step(step, resolved, upstream_from_store(store, resolved), r, force=force, max_attempts=1, first_attempt=attempt)

@@ -24,7 +24,8 @@ Prompts are tokenized in a worker thread, so a long prompt never stalls other re
 
 Logs (when `log_dir` is given, normally `<project>/.kollm/logs`): one JSON line per HTTP request in
 `api/api.jsonl`, one per generation in `inference/inference.jsonl`, both with the request id; client-controlled
-fields (`user`, the path) are cut to 256 characters and the files rotate at 64 MiB (kollm.serve.logs).
+fields (`user`, the path) are cut to 256 characters and the files rotate at 64 MiB (kollm.jsonlog, component
+"serve", label `model`: the served name; an answer of 500 or more is logged at level ERROR).
 
 The app's lifespan shuts the engine down on exit (after uvicorn has let in-flight requests finish). To mount the
 app inside another ASGI app (the canary gateway, Ray Serve), drive its lifespan (`app.router.lifespan_context(app)`)
@@ -54,8 +55,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kollm.jsonlog import JsonLog, clip
 from kollm.monitor.features import prompt_text, request_features
-from kollm.monitor.logging import JsonLinesLogger
 from kollm.serve import metrics
 from kollm.serve.engine import (
     ChatTurn,
@@ -68,7 +69,6 @@ from kollm.serve.engine import (
     TokenChunk,
     TokenLogprob,
 )
-from kollm.serve.logs import RotatingJsonLinesLogger, clip
 from kollm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -168,7 +168,7 @@ class _BodyTooLarge(StarletteHTTPException):
 class _HTTPMiddleware:
     """Request ids, the model-version header, API-key auth for /v1, the body-size limit, request metrics and the API log."""
 
-    def __init__(self, app, *, version: str, api_key: str | None, api_log: JsonLinesLogger | None, max_body_bytes: int):
+    def __init__(self, app, *, version: str, api_key: str | None, api_log: JsonLog | None, max_body_bytes: int):
         self.app = app
         self.version = version
         self.api_key = api_key.encode() if api_key else None
@@ -229,6 +229,7 @@ class _HTTPMiddleware:
                 client = scope.get("client")
                 self.api_log.log(
                     "http_request",
+                    "ERROR" if status >= 500 else "INFO",
                     request_id=rid,
                     method=clip(scope.get("method")),
                     path=clip(path),
@@ -277,7 +278,7 @@ class Served:
     engine: Engine
     model_name: str
     version: str
-    inference_log: JsonLinesLogger | None = None
+    inference_log: JsonLog | None = None
     embedder: Embedder | None = None  # logs each prompt's embedding (kollm.monitor.embeddings) for drift
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -512,7 +513,6 @@ def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, pr
         record = dict(
             request_id=rid,
             endpoint=endpoint,
-            model=served.model_name,
             model_version=version,
             stream=stream,
             n=len(finishes),
@@ -760,8 +760,9 @@ def create_app(
     """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring); with `embedder` (and a
     log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`."""
     version = model_version or "unversioned"
-    api_log = RotatingJsonLinesLogger(Path(log_dir) / "api" / "api.jsonl") if log_dir else None
-    inference_log = RotatingJsonLinesLogger(Path(log_dir) / "inference" / "inference.jsonl") if log_dir else None
+    api_log = JsonLog(Path(log_dir) / "api" / "api.jsonl", "serve", model=model_name) if log_dir else None
+    inference_log = (JsonLog(Path(log_dir) / "inference" / "inference.jsonl", "serve", model=model_name)
+                     if log_dir else None)
     metrics.track_engine(version, engine.queue_depth, engine.running)
 
     @asynccontextmanager

@@ -87,10 +87,9 @@ class _QueueLog(TrainingLog):
     """Rank 0's on_log hook on a Ray worker: the JSON records go to the driver through a Ray queue (the
     worker may be on another machine than the project's log folder)."""
 
-    def __init__(self, queue: Any, step_name: str):  # not super().__init__: that creates the log folder on this worker
+    def __init__(self, queue: Any, step_name: str):
+        super().__init__(Path("unused.jsonl"), step_name, None)  # builds the records; _write ships them, opens no file
         self.queue = queue
-        self.step_name = step_name
-        self.tracker = None
 
     def _write(self, record: dict[str, Any]) -> None:
         self.queue.put(record)
@@ -177,8 +176,10 @@ def launch_ray(
                     continue
                 if training_log is not None:
                     training_log._write(record)
-                    training_log.forward(record)
-                yield record["step"]
+                    if record.get("event") == "train_metrics":
+                        training_log.forward(record)
+                if record.get("event") == "train_metrics":
+                    yield record["global_step"]
             if done:
                 return
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kollm.errors import ConfigError, StepFailed
+from kollm.jsonlog import JsonLog
 from kollm.pipeline import sweep
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
@@ -202,9 +203,11 @@ def launch(
                     if training_log is not None and training_log.tracker is not None:
                         training_log.tracker.log_params(record["params"])
                     continue
+                if record.get("event") != "train_metrics":
+                    continue
                 if training_log is not None:
                     training_log.forward(record)
-                yield record["step"]
+                yield record["global_step"]
 
     for _ in progress(events(), total=None, description=f"{job.step} ({world} processes)"):
         pass
@@ -216,13 +219,21 @@ def launch(
 
 
 def _read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """The complete lines written to `path` since `offset`, and the new offset. A file smaller than `offset` was
+    rotated (kollm.jsonlog): the rest of `path.1` comes first, then the new file from its start."""
     if not path.exists():
         return [], offset
+    before: list[str] = []
+    if path.stat().st_size < offset:
+        rotated = path.with_name(f"{path.name}.1")
+        if rotated.exists():
+            before, _ = _read_new_lines(rotated, offset)
+        offset = 0
     with open(path, "rb") as f:
         f.seek(offset)
         chunk = f.read()
     complete = chunk[: chunk.rfind(b"\n") + 1]
-    return [ln for ln in complete.decode().splitlines() if ln.strip()], offset + len(complete)
+    return before + [ln for ln in complete.decode().splitlines() if ln.strip()], offset + len(complete)
 
 
 def _worker(rank: int, fn: Callable[[Job, Env], StepResult], job: Job, world: int, backend: str, port: int, result_file: Path) -> None:
@@ -259,25 +270,25 @@ def _worker(rank: int, fn: Callable[[Job, Env], StepResult], job: Job, world: in
 
 
 class TrainingLog:
-    """on_log hook: one JSON object per line in .kollm/logs/training/<step>.jsonl, and MLflow metrics."""
+    """on_log hook: a `train_metrics` line (kollm.jsonlog, component "train") in .kollm/logs/training/<step>.jsonl
+    every `log_every` optimizer steps, and MLflow metrics."""
 
     def __init__(self, path: Path, step_name: str, tracker: Any):
         self.path = path
         self.step_name = step_name
         self.tracker = tracker
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = JsonLog(path, "train", step=step_name)
+
+    def _record(self, event: str, level: str = "INFO", **fields: Any) -> dict[str, Any]:
+        return self.log.record(event, level, **fields)
 
     def _write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.log.write_record(record)
 
     def __call__(self, entry: StepLog) -> None:
-        record = {
-            "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-            "level": "INFO",
-            "step_name": self.step_name,
+        fields: dict[str, Any] = {
             "epoch": entry.epoch,
-            "step": entry.step,
+            "global_step": entry.step,
             "loss": entry.loss,
             "learning_rate": entry.learning_rate,
             "grad_norm": entry.grad_norm,
@@ -285,27 +296,30 @@ class TrainingLog:
             "tokens": entry.tokens,
         }
         if entry.gpu_memory_gb is not None:
-            record["gpu_memory_gb"] = entry.gpu_memory_gb
-        record.update(entry.metrics)
+            fields["gpu_memory_gb"] = entry.gpu_memory_gb
+        fields.update({k: v for k, v in entry.metrics.items() if k not in fields})
+        record = self._record("train_metrics", "INFO" if math.isfinite(entry.loss) else "WARNING", **fields)
         self._write(record)
         if self.tracker is not None:
             self.forward(record)
 
     def forward(self, record: dict[str, Any]) -> None:
-        """Send a logged record's numbers to MLflow as step metrics."""
+        """Send a `train_metrics` line's numbers to MLflow as step metrics."""
         if self.tracker is None:
             return
-        skip = {"timestamp", "level", "step_name", "step", "epoch", "event"}
-        metrics = {k: float(v) for k, v in record.items() if k not in skip and isinstance(v, (int, float)) and math.isfinite(v)}
+        skip = {"global_step", "epoch"}
+        metrics = {k: float(v) for k, v in record.items()
+                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         metrics["epoch"] = float(record["epoch"])
-        self.tracker.log_metrics(metrics, step=int(record["step"]))
-        sweep.report_progress(metrics, int(record["step"]), getattr(self.tracker, "run_id", None))  # sweep hook: inside a Ray Tune trial, feeds ASHA
+        self.tracker.log_metrics(metrics, step=int(record["global_step"]))
+        # sweep hook: inside a Ray Tune trial, feeds ASHA
+        sweep.report_progress(metrics, int(record["global_step"]), getattr(self.tracker, "run_id", None))
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.tracker is not None:
             self.tracker.log_params(params)
         else:  # a worker process: the parent forwards it
-            self._write({"event": "params", "params": params})
+            self._write(self._record("params", params=params))
 
 
 # ---------------------------------------------------------------- models

@@ -204,7 +204,8 @@ def step_view(store: Store, run_id: str) -> StepView:
     if parent:
         log = state / "logs" / "system" / f"{parent}.jsonl"
         if log.is_file():
-            logs = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if f'"step": "{node.name}"' in line or f'"step":"{node.name}"' in line]
+            logs = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if _json_line(line).get("step") == node.name]
     training_log = []
     tlog = state / "logs" / "training" / f"{node.name}.jsonl"
     if node.kind in TRAINING_KINDS and tlog.is_file():
@@ -243,6 +244,14 @@ def artifact_bytes(store: Store, run_id: str, path: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="kollm-ui-") as tmp:
         local = store.client.download_artifacts(run_id, path, dst_path=tmp)
         return Path(local).read_bytes()
+
+
+def _json_line(line: str) -> dict[str, Any]:
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
