@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -19,7 +18,7 @@ import uvicorn
 
 from kollm.pipeline.tracking import client_for
 from kollm.serve import create_app
-from kollm.serve.engine import EngineClosed, TokenChunk
+from tests.serve.fake_engine import versioned
 
 
 def free_port() -> int:
@@ -206,55 +205,7 @@ def state_file(project: Path, name: str) -> Path:
     return project / ".kollm" / "rollouts" / f"{name}.json"
 
 
-class FakeEngine:
-    """A small engine implementing kollm.serve.engine.Engine: it answers "vN 답변" token by token, and can fail
-    a share of its requests or take a fixed time per request (the canary's *behaviour*; HTTP is the real app)."""
-
-    context_length = 512
-
-    def __init__(self, version: str, *, fail_ratio: float = 0.0, delay_s: float = 0.0):
-        self.version, self.fail_ratio, self.delay_s = version, fail_ratio, delay_s
-        self.count = 0
-        self.closed = False
-        self._running = 0
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))[:64] or [0]
-
-    def encode_chat(self, messages) -> list[int]:
-        return self.encode_prompt("".join(m.content for m in messages))
-
-    async def generate(self, prompt_ids, params, request_id):
-        if self.closed:
-            raise EngineClosed("engine is shut down")
-        self.count += 1
-        n = self.count
-        self._running += 1
-        try:
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            if self.fail_ratio and (n % 10) < self.fail_ratio * 10:
-                raise RuntimeError(f"engine v{self.version} failed on request {n}")
-            words = [f"v{self.version}", " 답변"][: params.max_tokens]
-            for i, w in enumerate(words, start=1):
-                yield TokenChunk(w, i, "stop" if i == len(words) else None)
-        finally:
-            self._running -= 1
-
-    def ready(self) -> bool:
-        return not self.closed
-
-    def queue_depth(self) -> int:
-        return 0
-
-    def running(self) -> int:
-        return self._running
-
-    async def shutdown(self) -> None:
-        self.closed = True
-
-
 def serving_app(version: str, *, name: str, fail_ratio: float = 0.0, delay_s: float = 0.0, api_key: str | None = None):
-    """The real kollm serving app (kollm.serve.create_app) around a FakeEngine."""
-    engine = FakeEngine(version, fail_ratio=fail_ratio, delay_s=delay_s)
+    """The real kollm serving app (kollm.serve.create_app) around the tests' FakeEngine answering "v<version> 답변"."""
+    engine = versioned(version, fail_ratio=fail_ratio, request_delay=delay_s)
     return create_app(engine, model_name=name, model_version=version, api_key=api_key)

@@ -24,7 +24,9 @@ from kollm.rollout.state import RolloutState
 from kollm.serve import create_app
 from kollm.serve.gateway import Arm, Gateway, _Lifespan
 
-from .conftest import FakeEngine, state_file
+from tests.serve.fake_engine import versioned
+
+from .conftest import state_file
 
 T0 = 1_700_000_000.0
 PAUSE = 2.0  # seconds of the manual clock each step holds
@@ -38,7 +40,7 @@ class Rig:
 
     def __init__(self, registered, project: Path, clock: ManualClock, *, api_key: str | None = None):
         self.name, self.project, self.clock = registered.name, project, clock
-        self.engines = {"1": FakeEngine("1"), "2": FakeEngine("2")}
+        self.engines = {"1": versioned("1"), "2": versioned("2")}
         arms = [Arm(create_app(e, model_name=self.name, model_version=v), version=v, model_name=self.name)
                 for v, e in self.engines.items()]
         self.gw = Gateway(*arms)
@@ -70,14 +72,14 @@ class Rig:
         headers = {"x-kollm-canary": {"canary": "always", "stable": "never"}[arm]} if arm != "weight" else {}
         engines = [self.engines["2"]] if arm == "canary" else list(self.engines.values())
         for e in engines:
-            e.fail_ratio, e.delay_s = (1.0 if fail else 0.0), delay_s
+            e.fail_ratio, e.request_delay = (1.0 if fail else 0.0), delay_s
         try:
             rs = await asyncio.gather(*(self.http.post(CHAT, headers=headers, json={
                 "model": self.name, "messages": [{"role": "user", "content": "안녕하세요"}], "max_tokens": 4, "user": f"user-{i}",
             }) for i in range(n)))
         finally:
             for e in engines:
-                e.fail_ratio, e.delay_s = 0.0, 0.0
+                e.fail_ratio, e.request_delay = 0.0, 0.0
         return [(r.status_code, r.headers["x-kollm-model-version"]) for r in rs]
 
     async def window(self) -> None:
@@ -283,5 +285,5 @@ def test_restarted_gateway_resumes_at_the_same_step_with_a_fresh_window(register
 
 def test_attach_rollout_uses_the_real_clock_by_default(registered, tmp_path):
     name = registered.name
-    gw = Gateway(Arm(create_app(FakeEngine("1"), model_name=name, model_version="1"), version="1", model_name=name))
+    gw = Gateway(Arm(create_app(versioned("1"), model_name=name, model_version="1"), version="1", model_name=name))
     assert attach_rollout(gw, project_dir=tmp_path, model_name=name).clock is SYSTEM_CLOCK
