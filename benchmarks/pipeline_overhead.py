@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 N_STEPS = 6
-STEP_MODULE = '''
+STEP_MODULE = """
 import time
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def noop(ctx):
     (ctx.output_path("out") / "data.txt").write_bytes(Path(files[0]).read_bytes())
     SPENT.append(time.perf_counter() - t0)
     return {}
-'''
+"""
 
 
 def kollm_project(root: Path) -> None:
@@ -55,7 +55,9 @@ def kollm_project(root: Path) -> None:
         steps.append(
             f"  - {{kind: python, name: s{i}, {wire}, config: {{callable: 'bench_steps:noop', inputs: {inputs}, outputs: {{out: corpus}}, params: {{i: {i}}}}}}}"
         )
-    (root / "kollm.yaml").write_text("project: bench\ndata: {raw: {path: input.txt}}\nsteps:\n" + "\n".join(steps) + "\n", encoding="utf-8")
+    (root / "kollm.yaml").write_text(
+        "project: bench\ndata: {raw: {path: input.txt}}\nsteps:\n" + "\n".join(steps) + "\n", encoding="utf-8"
+    )
 
 
 def dvc_project(root: Path, dvc_bin: str) -> None:
@@ -104,7 +106,16 @@ def main() -> None:
     dvc_bin = str(local_dvc) if local_dvc.exists() else shutil.which("dvc")
     base = Path(tempfile.mkdtemp(prefix="kollm-bench-"))
     res: dict[str, list[float]] = {
-        k: [] for k in ("k_overhead", "k_first", "k_cached_inproc", "k_cached_cli", "d_first", "d_cached_inproc", "d_cached_cli")
+        k: []
+        for k in (
+            "k_overhead",
+            "k_first",
+            "k_cached_inproc",
+            "k_cached_cli",
+            "d_first",
+            "d_cached_inproc",
+            "d_cached_cli",
+        )
     }
     try:
         warm = base / "warm"
@@ -145,7 +156,12 @@ def main() -> None:
     rows = [
         ("median per-step overhead (ms)", med["k_overhead"] * 1000, None, "target < 100 ms"),
         ("first run, 6 steps (s)", med["k_first"], med["d_first"], "kollm in-process; dvc as a process"),
-        ("cached rerun in-process (s)", med["k_cached_inproc"], med["d_cached_inproc"], "target < 1 s; imports done, no interpreter start"),
+        (
+            "cached rerun in-process (s)",
+            med["k_cached_inproc"],
+            med["d_cached_inproc"],
+            "target < 1 s; imports done, no interpreter start",
+        ),
         ("cached rerun as a process (s)", med["k_cached_cli"], med["d_cached_cli"], "both include interpreter start"),
     ]
     print(f"\npipeline overhead — {N_STEPS} no-op steps, median of {args.repeats} repeats ({os.cpu_count()} cores)")

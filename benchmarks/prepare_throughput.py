@@ -59,7 +59,10 @@ def write_corpus(folder: Path, mb: float, files: int = 10) -> tuple[list[str], i
     per = (len(docs) + files - 1) // files
     for i in range(files):
         p = folder / f"part-{i:02d}.jsonl"
-        p.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs[i * per : (i + 1) * per]), encoding="utf-8")
+        p.write_text(
+            "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs[i * per : (i + 1) * per]),
+            encoding="utf-8",
+        )
         paths.append(str(p))
     return paths, len(docs), sum(len(d.encode("utf-8")) for d in docs)
 
@@ -90,11 +93,18 @@ def run_kollm(paths: list[str], num_proc: int, out: Path, overrides: dict | None
     wall = time.perf_counter() - t0
     main1, kids1 = _cpu()
     digest = hashlib.sha256((out / "train.parquet").read_bytes() + (out / "eval.parquet").read_bytes()).hexdigest()
-    return {"wall": wall, "cpu": main1 - main0 + kids1 - kids0, "cpu_main": main1 - main0, "cpu_workers": kids1 - kids0,
-            "cpu_dedup": prepared.timing["seconds_dedup"] if num_proc == 1 else None,
-            "kept": prepared.counts.kept, "near": prepared.counts.reasons.get("dedup:near", 0),
-            "exact": prepared.counts.reasons.get("dedup:exact", 0), "digest": digest,
-            "stats": json.dumps(prepared.stats, sort_keys=True)}
+    return {
+        "wall": wall,
+        "cpu": main1 - main0 + kids1 - kids0,
+        "cpu_main": main1 - main0,
+        "cpu_workers": kids1 - kids0,
+        "cpu_dedup": prepared.timing["seconds_dedup"] if num_proc == 1 else None,
+        "kept": prepared.counts.kept,
+        "near": prepared.counts.reasons.get("dedup:near", 0),
+        "exact": prepared.counts.reasons.get("dedup:exact", 0),
+        "digest": digest,
+        "stats": json.dumps(prepared.stats, sort_keys=True),
+    }
 
 
 def _spin(n: int = 15_000_000) -> float:
@@ -164,7 +174,11 @@ def naive_minhash_dedup(texts: list[str], threshold: float = 0.8, num_perm: int 
 
 
 def _dedup_label(c) -> str:
-    form = f"romanized, sound-folded, {c.shingle_chars}-unit shingles" if c.transliteration else f"Hangul char {c.shingle_chars}-grams"
+    form = (
+        f"romanized, sound-folded, {c.shingle_chars}-unit shingles"
+        if c.transliteration
+        else f"Hangul char {c.shingle_chars}-grams"
+    )
     short = f", short-document slack {c.short_doc_slack}" if c.short_doc_slack else ""
     return f"{form}, MinHash LSH, threshold {c.threshold}{short}"
 
@@ -179,12 +193,24 @@ def prf(truth: np.ndarray, found: np.ndarray) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB (default 50)")
-    ap.add_argument("--repeats", type=int, default=3, help="rounds of (1 process, 2 processes); the table uses the best wall time of each")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds of (1 process, 2 processes); the table uses the best wall time of each",
+    )
     ap.add_argument("--sample-mb", type=float, default=3.0, help="sample for the naive datasketch baseline (default 3)")
     ap.add_argument("--dup-docs", type=int, default=3000, help="documents in the planted near-duplicate corpus")
-    ap.add_argument("--compare", action="append", default=[], choices=sorted(VARIANTS),
-                    help="also run this kollm variant (num_proc=1) in every round; repeatable")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/prepare_throughput.json"), help="results as JSON")
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="also run this kollm variant (num_proc=1) in every round; repeatable",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/prepare_throughput.json"), help="results as JSON"
+    )
     args = ap.parse_args()
 
     from kollm.data.dedup import DedupConfig, near_duplicates, signatures_batch
@@ -196,7 +222,9 @@ def main() -> None:
         t = time.perf_counter()
         paths, n_docs, n_bytes = write_corpus(tmp / "corpus", args.mb)
         mb = n_bytes / 1e6
-        print(f"corpus: {n_docs:,} documents, {mb:.1f} MB in {len(paths)} JSONL files (generated in {time.perf_counter() - t:.1f}s)")
+        print(
+            f"corpus: {n_docs:,} documents, {mb:.1f} MB in {len(paths)} JSONL files (generated in {time.perf_counter() - t:.1f}s)"
+        )
 
         rows: dict[str, tuple] = {}
         base = baseline_loop(paths, tmp / "base")
@@ -227,16 +255,24 @@ def main() -> None:
             for n in (1, 2):
                 res = run_kollm(paths, n, tmp / f"kollm{n}")
                 runs[n].append(res)
-                print(f"round {r + 1}: kollm num_proc={n}: {res['wall']:.1f}s, CPU {res['cpu']:.1f}s (main {res['cpu_main']:.1f}, "
-                      f"workers {res['cpu_workers']:.1f}); kept {res['kept']:,}, exact dups {res['exact']}, near dups {res['near']}; "
-                      f"load {os.getloadavg()[0]:.1f}")
+                print(
+                    f"round {r + 1}: kollm num_proc={n}: {res['wall']:.1f}s, CPU {res['cpu']:.1f}s (main {res['cpu_main']:.1f}, "
+                    f"workers {res['cpu_workers']:.1f}); kept {res['kept']:,}, exact dups {res['exact']}, near dups {res['near']}; "
+                    f"load {os.getloadavg()[0]:.1f}"
+                )
             for v in args.compare:
                 res = run_kollm(paths, 1, tmp / f"kollm-{v}", VARIANTS[v])
                 variant_runs[v].append(res)
-                print(f"round {r + 1}: kollm num_proc=1 ({v}): {res['wall']:.1f}s, CPU {res['cpu']:.1f}s; kept {res['kept']:,}, "
-                      f"exact dups {res['exact']}, near dups {res['near']}; load {os.getloadavg()[0]:.1f}")
-            print(f"round {r + 1}: a pure-Python loop runs {scaling[-1]:.2f}x faster in 2 processes than in 1 on this machine now")
-        identical = len({x["digest"] for x in runs[1] + runs[2]}) == 1 and len({x["stats"] for x in runs[1] + runs[2]}) == 1
+                print(
+                    f"round {r + 1}: kollm num_proc=1 ({v}): {res['wall']:.1f}s, CPU {res['cpu']:.1f}s; kept {res['kept']:,}, "
+                    f"exact dups {res['exact']}, near dups {res['near']}; load {os.getloadavg()[0]:.1f}"
+                )
+            print(
+                f"round {r + 1}: a pure-Python loop runs {scaling[-1]:.2f}x faster in 2 processes than in 1 on this machine now"
+            )
+        identical = (
+            len({x["digest"] for x in runs[1] + runs[2]}) == 1 and len({x["stats"] for x in runs[1] + runs[2]}) == 1
+        )
         best = {n: min(runs[n], key=lambda x: x["wall"]) for n in (1, 2)}
         for n in (1, 2):
             w, c = best[n]["wall"], min(x["cpu"] for x in runs[n])
@@ -255,12 +291,20 @@ def main() -> None:
 
     def kollm_dups(docs: list[str], cfg: DedupConfig) -> np.ndarray:
         sigs = signatures_batch(docs, cfg)
-        return near_duplicates(sigs, np.ones(len(docs), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold) >= 0
+        return (
+            near_duplicates(sigs, np.ones(len(docs), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold) >= 0
+        )
 
     loan_texts, loan_origin = loanword_corpus()
     loan_truth = np.array(loan_origin) >= 0
-    dedup_modes = {"default": DedupConfig(), **{v: DedupConfig(**VARIANTS[v]["dedup"]) for v in args.compare if "dedup" in VARIANTS[v]}}
-    quality = {m: (prf(truth, kollm_dups(texts, c)), prf(loan_truth, kollm_dups(loan_texts, c))) for m, c in dedup_modes.items()}
+    dedup_modes = {
+        "default": DedupConfig(),
+        **{v: DedupConfig(**VARIANTS[v]["dedup"]) for v in args.compare if "dedup" in VARIANTS[v]},
+    }
+    quality = {
+        m: (prf(truth, kollm_dups(texts, c)), prf(loan_truth, kollm_dups(loan_texts, c)))
+        for m, c in dedup_modes.items()
+    }
     naive_found = naive_minhash_dedup(texts)
     kq, bq = quality["default"][0], prf(truth, naive_found)
     load1 = os.getloadavg()
@@ -273,8 +317,10 @@ def main() -> None:
         print(f"| {name} | {n} | {dps:,.0f} | {rate:.2f} | {per_core:.2f} | {cpu_rate:.2f} | {rate / b:.2f}x |")
     for v in args.compare:
         d, x = rows["kollm num_proc=1"], rows[f"kollm num_proc=1 ({v})"]
-        print(f"default vs {v} (1 process): {d[2]:.2f} vs {x[2]:.2f} MB/s ({d[2] / x[2]:.2f}x), "
-              f"{d[4]:.2f} vs {x[4]:.2f} MB per CPU-second ({d[4] / x[4]:.2f}x)")
+        print(
+            f"default vs {v} (1 process): {d[2]:.2f} vs {x[2]:.2f} MB/s ({d[2] / x[2]:.2f}x), "
+            f"{d[4]:.2f} vs {x[4]:.2f} MB per CPU-second ({d[4] / x[4]:.2f}x)"
+        )
     s1, s2 = rows["kollm num_proc=1"][2], rows["kollm num_proc=2"][2]
     speedup = s2 / s1
     # The machine's speed drifts over tens of seconds (other work, shared host): a 1-process and a 2-process
@@ -282,8 +328,10 @@ def main() -> None:
     ratios = [one["wall"] / two["wall"] for one, two in zip(runs[1], runs[2])]
     paired = float(np.median(ratios))
     print()
-    print(f"2-process speedup (target >= 1.8x): {paired:.2f}x median of the rounds (each a 1-process run, then a 2-process run: "
-          f"{', '.join(f'{r:.2f}x' for r in ratios)}); {speedup:.2f}x from the best wall time of each")
+    print(
+        f"2-process speedup (target >= 1.8x): {paired:.2f}x median of the rounds (each a 1-process run, then a 2-process run: "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}); {speedup:.2f}x from the best wall time of each"
+    )
     print(f"outputs of 1 and 2 processes byte-identical: {'yes' if identical else 'NO'}")
     # Where the CPU goes. One process does everything (its dedup share is timed inside). With two, the main
     # process deduplicates results as they arrive and settles them into train/eval, then concatenates and
@@ -292,12 +340,18 @@ def main() -> None:
     c1 = min(runs[1], key=lambda x: x["cpu"])
     c2 = min(runs[2], key=lambda x: x["cpu"])
     ideal = c1["cpu"] / max(c2["cpu_main"], c2["cpu"] / 2)
-    print(f"CPU seconds: 1 process {c1['cpu']:.1f} (dedup {c1['cpu_dedup']:.2f} of it); 2 processes {c2['cpu']:.1f} = main {c2['cpu_main']:.1f} "
-          f"({c2['cpu_main'] / c1['cpu']:.1%} of the 1-process CPU) + workers {c2['cpu_workers']:.1f} "
-          f"({c2['cpu_workers'] / (c1['cpu'] - c2['cpu_main']):.2f}x the rest of the work in one process)")
+    print(
+        f"CPU seconds: 1 process {c1['cpu']:.1f} (dedup {c1['cpu_dedup']:.2f} of it); 2 processes {c2['cpu']:.1f} = main {c2['cpu_main']:.1f} "
+        f"({c2['cpu_main'] / c1['cpu']:.1%} of the 1-process CPU) + workers {c2['cpu_workers']:.1f} "
+        f"({c2['cpu_workers'] / (c1['cpu'] - c2['cpu_main']):.2f}x the rest of the work in one process)"
+    )
     print(f"speedup these CPU seconds allow on 2 idle cores: {ideal:.2f}x")
-    print(f"machine: a pure-Python loop scales {min(scaling):.2f}x to {max(scaling):.2f}x over 2 processes in the same run")
-    print(f"per-core rate, 1 process: {rows['kollm num_proc=1'][3]:.2f} MB/s wall, {rows['kollm num_proc=1'][4]:.2f} MB per CPU-second (target >= 1)")
+    print(
+        f"machine: a pure-Python loop scales {min(scaling):.2f}x to {max(scaling):.2f}x over 2 processes in the same run"
+    )
+    print(
+        f"per-core rate, 1 process: {rows['kollm num_proc=1'][3]:.2f} MB/s wall, {rows['kollm num_proc=1'][4]:.2f} MB per CPU-second (target >= 1)"
+    )
     print()
     print(f"near-duplicates ({args.dup_docs} documents, {int(truth.sum())} planted):")
     print("| method | precision | recall | F1 |")
@@ -307,28 +361,54 @@ def main() -> None:
         print(f"| kollm {m} ({_dedup_label(c)}) | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} |")
     print(f"| naive datasketch (raw word 3-grams, threshold 0.8) | {bq[0]:.3f} | {bq[1]:.3f} | {bq[2]:.3f} |")
     print()
-    print(f"transliterated loanwords (tests/data/loanwords.py: {len(loan_texts) - int(loan_truth.sum())} short paragraphs, "
-          f"{int(loan_truth.sum())} planted copies, 25 with the loanword in Latin letters):")
+    print(
+        f"transliterated loanwords (tests/data/loanwords.py: {len(loan_texts) - int(loan_truth.sum())} short paragraphs, "
+        f"{int(loan_truth.sum())} planted copies, 25 with the loanword in Latin letters):"
+    )
     print("| method | precision | recall | F1 | copies found |")
     print("|---|---|---|---|---|")
     for m, c in dedup_modes.items():
         q = quality[m][1]
-        print(f"| kollm {m} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {round(q[1] * loan_truth.sum())} of {int(loan_truth.sum())} |")
+        print(
+            f"| kollm {m} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {round(q[1] * loan_truth.sum())} of {int(loan_truth.sum())} |"
+        )
     print()
-    print(f"CPUs: {os.cpu_count()}, load average before {load0[0]:.1f}, after {load1[0]:.1f} "
-          "(other work on the machine slows wall-clock rates; MB per CPU-second does not depend on it)")
+    print(
+        f"CPUs: {os.cpu_count()}, load average before {load0[0]:.1f}, after {load1[0]:.1f} "
+        "(other work on the machine slows wall-clock rates; MB per CPU-second does not depend on it)"
+    )
     result = {
-        "mb": mb, "docs": n_docs, "files": len(paths), "repeats": args.repeats,
-        "rows": {k: dict(zip(("processes", "docs_per_s", "mb_per_s", "mb_per_s_per_core", "mb_per_cpu_s"), v)) for k, v in rows.items()},
-        "speedup_2_processes_median_of_rounds": paired, "speedup_2_processes_rounds": ratios,
-        "speedup_2_processes_best_walls": speedup, "identical_outputs": identical,
-        "runs": {str(n): [{k: v for k, v in x.items() if k not in ("digest", "stats")} for x in runs[n]] for n in (1, 2)},
-        "speedup_from_cpu_seconds": ideal, "machine_scaling": scaling,
-        "near_dup": {"kollm": dict(zip(("precision", "recall", "f1"), kq)), "naive_datasketch": dict(zip(("precision", "recall", "f1"), bq)),
-                     **{f"kollm {m}": dict(zip(("precision", "recall", "f1"), q[0])) for m, q in quality.items() if m != "default"}},
+        "mb": mb,
+        "docs": n_docs,
+        "files": len(paths),
+        "repeats": args.repeats,
+        "rows": {
+            k: dict(zip(("processes", "docs_per_s", "mb_per_s", "mb_per_s_per_core", "mb_per_cpu_s"), v))
+            for k, v in rows.items()
+        },
+        "speedup_2_processes_median_of_rounds": paired,
+        "speedup_2_processes_rounds": ratios,
+        "speedup_2_processes_best_walls": speedup,
+        "identical_outputs": identical,
+        "runs": {
+            str(n): [{k: v for k, v in x.items() if k not in ("digest", "stats")} for x in runs[n]] for n in (1, 2)
+        },
+        "speedup_from_cpu_seconds": ideal,
+        "machine_scaling": scaling,
+        "near_dup": {
+            "kollm": dict(zip(("precision", "recall", "f1"), kq)),
+            "naive_datasketch": dict(zip(("precision", "recall", "f1"), bq)),
+            **{
+                f"kollm {m}": dict(zip(("precision", "recall", "f1"), q[0]))
+                for m, q in quality.items()
+                if m != "default"
+            },
+        },
         "near_dup_loanwords": {m: dict(zip(("precision", "recall", "f1"), q[1])) for m, q in quality.items()},
         "variants": {v: VARIANTS[v] for v in args.compare},
-        "cpus": os.cpu_count(), "load_before": load0[0], "load_after": load1[0],
+        "cpus": os.cpu_count(),
+        "load_before": load0[0],
+        "load_after": load1[0],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -73,13 +73,18 @@ def bench_prepare(mb: float, repeats: int) -> dict:
                     raise SystemExit("the Ray Data path wrote different Parquet bytes than the local path")
                 ratio = local["wall"] / on_ray["wall"]
                 rounds.append({"local_s": local["wall"], "ray_s": on_ray["wall"], "ratio": ratio})
-                print(f"round {r + 1}: local (2 processes) {local['wall']:.1f} s   Ray Data (2 tasks) {on_ray['wall']:.1f} s   "
-                      f"ratio {ratio:.2f}x   ({local['mb'] / local['wall']:.2f} vs {on_ray['mb'] / on_ray['wall']:.2f} MB/s)")
+                print(
+                    f"round {r + 1}: local (2 processes) {local['wall']:.1f} s   Ray Data (2 tasks) {on_ray['wall']:.1f} s   "
+                    f"ratio {ratio:.2f}x   ({local['mb'] / local['wall']:.2f} vs {on_ray['mb'] / on_ray['wall']:.2f} MB/s)"
+                )
         finally:
             ray.shutdown()
     later = rounds[1:] or rounds
     result = {
-        "mb": nbytes / 1e6, "docs": docs, "ray_init_s": ray_start, "rounds": rounds,
+        "mb": nbytes / 1e6,
+        "docs": docs,
+        "ray_init_s": ray_start,
+        "rounds": rounds,
         "ratio_median": statistics.median(r["ratio"] for r in rounds),
         "ratio_median_after_first": statistics.median(r["ratio"] for r in later),
         "same_parquet_bytes": True,
@@ -87,8 +92,10 @@ def bench_prepare(mb: float, repeats: int) -> dict:
     print()
     print("| prepare, 2 CPUs | local, 2 processes | Ray Data, 2 tasks | Ray / local throughput |")
     print("|---|---|---|---|")
-    print(f"| median of {len(rounds)} rounds | {statistics.median(r['local_s'] for r in rounds):.1f} s | "
-          f"{statistics.median(r['ray_s'] for r in rounds):.1f} s | {result['ratio_median']:.2f}x |")
+    print(
+        f"| median of {len(rounds)} rounds | {statistics.median(r['local_s'] for r in rounds):.1f} s | "
+        f"{statistics.median(r['ray_s'] for r in rounds):.1f} s | {result['ratio_median']:.2f}x |"
+    )
     if len(rounds) > 1:
         print(f"| rounds 2-{len(rounds)} (Ray workers warm) | | | {result['ratio_median_after_first']:.2f}x |")
     print(f"goal >= 0.9x: {'met' if result['ratio_median'] >= 0.9 else 'NOT met'}")
@@ -127,20 +134,34 @@ def bench_steps(n_steps: int, repeats: int) -> dict:
     med = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
     print(f"\n| {n_steps} no-op steps | local | ray | Ray's added time per step |")
     print("|---|---|---|---|")
-    print(f"| first run | {med['local_first_s']:.2f} s | {med['ray_first_s']:.2f} s | {med['added_per_step_first_s']:.3f} s |")
-    print(f"| cached rerun | {med['local_cached_s']:.2f} s | {med['ray_cached_s']:.2f} s | {med['added_per_step_cached_s']:.3f} s |")
-    print(f"goal < 1 s per step: {'met' if max(med['added_per_step_first_s'], med['added_per_step_cached_s']) < 1 else 'NOT met'}")
+    print(
+        f"| first run | {med['local_first_s']:.2f} s | {med['ray_first_s']:.2f} s | {med['added_per_step_first_s']:.3f} s |"
+    )
+    print(
+        f"| cached rerun | {med['local_cached_s']:.2f} s | {med['ray_cached_s']:.2f} s | {med['added_per_step_cached_s']:.3f} s |"
+    )
+    print(
+        f"goal < 1 s per step: {'met' if max(med['added_per_step_first_s'], med['added_per_step_cached_s']) < 1 else 'NOT met'}"
+    )
     return {"n_steps": n_steps, "rounds": rounds, "median": med}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["prepare", "steps"], default="prepare", help="what to measure (default: prepare)")
+    ap.add_argument(
+        "--part", choices=["prepare", "steps"], default="prepare", help="what to measure (default: prepare)"
+    )
     ap.add_argument("--mb", type=float, default=50.0, help="corpus size in MB for the prepare part (default 50)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (local, Ray) (default 3)")
-    ap.add_argument("--out", type=Path, default=None, help="results as JSON (default: benchmarks/results/ray_overhead[_steps].json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results as JSON (default: benchmarks/results/ray_overhead[_steps].json)"
+    )
     args = ap.parse_args()
-    args.out = args.out or Path("benchmarks/results/ray_overhead.json" if args.part == "prepare" else "benchmarks/results/ray_overhead_steps.json")
+    args.out = args.out or Path(
+        "benchmarks/results/ray_overhead.json"
+        if args.part == "prepare"
+        else "benchmarks/results/ray_overhead_steps.json"
+    )
     load_before = os.getloadavg()
     print(f"load average before: {load_before[0]:.2f}")
     if args.part == "steps":

@@ -49,7 +49,16 @@ for p in (str(ROOT / "src"), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from train_throughput import PAD_ID, SHAPES, build_model, fresh_device, make_examples, param_count, param_count_of, sft_labels  # noqa: E402
+from train_throughput import (
+    PAD_ID,
+    SHAPES,
+    build_model,
+    fresh_device,
+    make_examples,
+    param_count,
+    param_count_of,
+    sft_labels,
+)  # noqa: E402
 
 from kollm.train import data as kdata  # noqa: E402
 from kollm.train import kernels  # noqa: E402
@@ -103,14 +112,18 @@ def bench_fn(s: dict[str, Any], job: Any, env: Any) -> Any:
 
     device, rank, world = env.device, env.rank, env.world
     shape = SHAPES[s["model"]]
-    examples = make_examples(s["examples"], shape.vocab, min_len=s["min_len"], max_len=s["max_len"], median=s["max_len"] / 7, seed=s["seed"])
+    examples = make_examples(
+        s["examples"], shape.vocab, min_len=s["min_len"], max_len=s["max_len"], median=s["max_len"] / 7, seed=s["seed"]
+    )
     rows = kdata.pack_examples([(e.ids, sft_labels(e)) for e in examples], s["max_len"], PAD_ID)
     dataset = RecordingRows(rows)
     micro, steps, warmup = s["micro_batch"], s["steps"], s["warmup"]
     accum = s["rows"] // (micro * world)
     total = warmup + steps
     if len(dataset) // world < total * micro * accum:
-        raise ValueError(f"{len(dataset)} packed rows are too few for {total} steps of {s['rows']} rows; raise --examples")
+        raise ValueError(
+            f"{len(dataset)} packed rows are too few for {total} steps of {s['rows']} rows; raise --examples"
+        )
     attn = kernels.attention_implementation(device)
     model = build_model(shape, s["max_len"], attn, seed=s["seed"])
     n_params = param_count(model)
@@ -161,8 +174,15 @@ def bench_fn(s: dict[str, Any], job: Any, env: Any) -> Any:
         "losses": [float(x) for x in result.losses[:total]],
         "peak_memory_gib": [float(x) for x in peaks] if device.type == "cuda" else [],
         "n_params": n_params,
-        "settings": {"attn_implementation": attn, "micro_batch": micro, "grad_accum": accum, "world": world,
-                     "rows_per_step": s["rows"], "fill": round(rows.stats.fill, 4), "packed_rows": len(dataset)},
+        "settings": {
+            "attn_implementation": attn,
+            "micro_batch": micro,
+            "grad_accum": accum,
+            "world": world,
+            "rows_per_step": s["rows"],
+            "fill": round(rows.stats.fill, 4),
+            "packed_rows": len(dataset),
+        },
     }
     return StepResult(metrics={"tokens_per_s": tps, "seconds": seconds, "real_tokens": float(tokens)}, meta=meta)
 
@@ -176,9 +196,16 @@ def _job(tmp: Path) -> Any:
     from kollm.train.recipe import Job
 
     return Job(
-        step="sft", kind="sft", config=TrainingConfig(), data=Artifact("sft_dataset", None, "sha256:benchmark"),
-        base_model="scratch", base_artifact=None, tokenizer_corpus=None, output_dir=tmp / "model",
-        checkpoint_dir=tmp / "checkpoints", log_file=tmp / "logs" / "sft.jsonl",
+        step="sft",
+        kind="sft",
+        config=TrainingConfig(),
+        data=Artifact("sft_dataset", None, "sha256:benchmark"),
+        base_model="scratch",
+        base_artifact=None,
+        tokenizer_corpus=None,
+        output_dir=tmp / "model",
+        checkpoint_dir=tmp / "checkpoints",
+        log_file=tmp / "logs" / "sft.jsonl",
     )
 
 
@@ -205,11 +232,22 @@ def run_config(name: str, args: argparse.Namespace, settings: dict[str, Any]) ->
 
             from kollm.train.ray_train import launch_ray
 
-            ray.init(num_cpus=int(workers * args.cpus_per_worker) + 1, num_gpus=workers if use_gpu else 0,
-                     include_dashboard=False, object_store_memory=2 * 10**9, log_to_driver=True)
+            ray.init(
+                num_cpus=int(workers * args.cpus_per_worker) + 1,
+                num_gpus=workers if use_gpu else 0,
+                include_dashboard=False,
+                object_store_memory=2 * 10**9,
+                log_to_driver=True,
+            )
             try:
-                out = launch_ray(fn, job, workers=workers, use_gpu=use_gpu, cpus_per_worker=args.cpus_per_worker,
-                                 training_log=training_log)
+                out = launch_ray(
+                    fn,
+                    job,
+                    workers=workers,
+                    use_gpu=use_gpu,
+                    cpus_per_worker=args.cpus_per_worker,
+                    training_log=training_log,
+                )
             finally:
                 ray.shutdown()
         wall = time.perf_counter() - started
@@ -217,10 +255,18 @@ def run_config(name: str, args: argparse.Namespace, settings: dict[str, Any]) ->
     tps = out.metrics["tokens_per_s"]
     n_params = out.meta["n_params"]
     return ConfigResult(
-        name=name, workers=workers, tokens_per_s=tps, tokens_per_s_per_gpu=tps / workers,
-        mfu_per_gpu=6 * n_params * tps / workers / PEAK_FLOPS, peak_memory_gib=out.meta["peak_memory_gib"],
-        measured_steps=args.steps, real_tokens=int(out.metrics["real_tokens"]), seconds=out.metrics["seconds"], wall_s=wall,
-        losses=out.meta["losses"], settings=out.meta["settings"] | {"job_log_records": len(logged), "cpus_per_worker": args.cpus_per_worker},
+        name=name,
+        workers=workers,
+        tokens_per_s=tps,
+        tokens_per_s_per_gpu=tps / workers,
+        mfu_per_gpu=6 * n_params * tps / workers / PEAK_FLOPS,
+        peak_memory_gib=out.meta["peak_memory_gib"],
+        measured_steps=args.steps,
+        real_tokens=int(out.metrics["real_tokens"]),
+        seconds=out.metrics["seconds"],
+        wall_s=wall,
+        losses=out.meta["losses"],
+        settings=out.meta["settings"] | {"job_log_records": len(logged), "cpus_per_worker": args.cpus_per_worker},
     )
 
 
@@ -233,10 +279,15 @@ def loss_check(r: ConfigResult, ref: ConfigResult, rtol: float) -> dict[str, Any
     tail = slice(max(0, n - 3), n)
     first_gap = float(abs(a[0] - b[0]) / b[0])
     end_gap = float(abs(a[tail].mean() - b[tail].mean()) / b[tail].mean())
-    return {"against": ref.name, "steps": n, "first_step": [float(a[0]), float(b[0])],
-            "last_steps_mean": [float(a[tail].mean()), float(b[tail].mean())],
-            "max_step_gap": float(np.max(np.abs(a - b) / b)), "relative_gap": [first_gap, end_gap],
-            "agree": bool(first_gap <= rtol and end_gap <= rtol)}
+    return {
+        "against": ref.name,
+        "steps": n,
+        "first_step": [float(a[0]), float(b[0])],
+        "last_steps_mean": [float(a[tail].mean()), float(b[tail].mean())],
+        "max_step_gap": float(np.max(np.abs(a - b) / b)),
+        "relative_gap": [first_gap, end_gap],
+        "agree": bool(first_gap <= rtol and end_gap <= rtol),
+    }
 
 
 def summarize(results: list[ConfigResult], rtol: float) -> dict[str, Any]:
@@ -246,9 +297,13 @@ def summarize(results: list[ConfigResult], rtol: float) -> dict[str, Any]:
     def ratio(a: str, b: str) -> float | None:
         return by[a].tokens_per_s / by[b].tokens_per_s if a in by and b in by and by[b].tokens_per_s > 0 else None
 
-    pairs = {"ray_1_vs_local_1": ("ray_1", "local_1"), "ray_scaling_2_vs_1": ("ray_2", "ray_1"),
-             "local_scaling_2_vs_1": ("local_2", "local_1"), "ray_2_vs_local_2": ("ray_2", "local_2"),
-             "ray_2_vs_local_1": ("ray_2", "local_1")}
+    pairs = {
+        "ray_1_vs_local_1": ("ray_1", "local_1"),
+        "ray_scaling_2_vs_1": ("ray_2", "ray_1"),
+        "local_scaling_2_vs_1": ("local_2", "local_1"),
+        "ray_2_vs_local_2": ("ray_2", "local_2"),
+        "ray_2_vs_local_1": ("ray_2", "local_1"),
+    }
     for key, (a, b) in pairs.items():
         if (v := ratio(a, b)) is not None:
             out["ratios"][key] = v
@@ -271,21 +326,27 @@ def summarize(results: list[ConfigResult], rtol: float) -> dict[str, Any]:
 
 def print_table(results: list[ConfigResult], summary: dict[str, Any]) -> None:
     print()
-    print(f"{'config':<9} {'workers':>7} {'tokens/s':>10} {'per GPU':>9} {'MFU/GPU':>8} {'peak GiB per GPU':>17} {'wall s':>7} {'loss@1':>7} {'loss@end':>8}")
+    print(
+        f"{'config':<9} {'workers':>7} {'tokens/s':>10} {'per GPU':>9} {'MFU/GPU':>8} {'peak GiB per GPU':>17} {'wall s':>7} {'loss@1':>7} {'loss@end':>8}"
+    )
     for r in results:
         if r.error:
             print(f"{r.name:<9} ERROR {r.error[:90]}")
             continue
         peak = "/".join(f"{p:.2f}" for p in r.peak_memory_gib) or "-"
-        print(f"{r.name:<9} {r.workers:>7} {r.tokens_per_s:>10,.0f} {r.tokens_per_s_per_gpu:>9,.0f} {r.mfu_per_gpu:>8.1%} {peak:>17} "
-              f"{r.wall_s:>7.1f} {r.losses[0]:>7.3f} {np.mean(r.losses[-3:]):>8.3f}")
+        print(
+            f"{r.name:<9} {r.workers:>7} {r.tokens_per_s:>10,.0f} {r.tokens_per_s_per_gpu:>9,.0f} {r.mfu_per_gpu:>8.1%} {peak:>17} "
+            f"{r.wall_s:>7.1f} {r.losses[0]:>7.3f} {np.mean(r.losses[-3:]):>8.3f}"
+        )
     for k, v in summary["ratios"].items():
         print(f"{k}: {v:.3f}x")
     for k, g in summary["goals"].items():
         print(f"goal {k}: {g['value']:.3f} (goal {g['goal']}) -> {'met' if g['met'] else 'NOT met'}")
     for name, c in summary["loss_checks"].items():
-        print(f"loss check {name} vs {c['against']}: first-step gap {c['relative_gap'][0]:.2%}, last-steps gap "
-              f"{c['relative_gap'][1]:.2%}, max step gap {c['max_step_gap']:.2%} -> {'ok' if c['agree'] else 'DISAGREE'}")
+        print(
+            f"loss check {name} vs {c['against']}: first-step gap {c['relative_gap'][0]:.2%}, last-steps gap "
+            f"{c['relative_gap'][1]:.2%}, max step gap {c['max_step_gap']:.2%} -> {'ok' if c['agree'] else 'DISAGREE'}"
+        )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -295,9 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="CPU workers over gloo (use with --tiny): a rehearsal")
     ap.add_argument("--tiny", action="store_true", help="tiny model, short rows, few steps")
-    ap.add_argument("--configs", default=",".join(ALL_CONFIGS), help=f"comma-separated subset of {','.join(ALL_CONFIGS)}")
+    ap.add_argument(
+        "--configs", default=",".join(ALL_CONFIGS), help=f"comma-separated subset of {','.join(ALL_CONFIGS)}"
+    )
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 20; tiny 3)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first, at least 1 (default 5; tiny 1)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="untimed optimizer steps first, at least 1 (default 5; tiny 1)"
+    )
     ap.add_argument("--rows", type=int, default=16, help="rows per optimizer step over all workers (the global batch)")
     ap.add_argument("--micro-batch", type=int, default=8, help="rows per micro-batch on each worker")
     ap.add_argument("--max-len", type=int, default=None)
@@ -305,10 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus-per-worker", type=float, default=None, help="CPU threads per worker (default: cores / 2, tiny 1)")
+    ap.add_argument(
+        "--cpus-per-worker", type=float, default=None, help="CPU threads per worker (default: cores / 2, tiny 1)"
+    )
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to local_1 at equal steps")
     ap.add_argument("--timeout", type=int, default=420, help="seconds allowed to each configuration's process")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/ray_train_<device>.json)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON file (default benchmarks/results/ray_train_<device>.json)"
+    )
     ap.add_argument("--note", default=None, help="a note stored in the JSON")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -321,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (3 if args.tiny else 20)
     args.warmup = max(1, args.warmup if args.warmup is not None else (1 if args.tiny else 5))
     args.examples = args.examples or (300 if args.tiny else 3000)
-    args.cpus_per_worker = args.cpus_per_worker or (1.0 if args.tiny or args.cpu else float(max(1, (os.cpu_count() or 2) // 2)))
+    args.cpus_per_worker = args.cpus_per_worker or (
+        1.0 if args.tiny or args.cpu else float(max(1, (os.cpu_count() or 2) // 2))
+    )
     if not cuda:
         args.compile = False
     configs = [c for c in args.configs.split(",") if c]
@@ -330,20 +401,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows % (2 * args.micro_batch):
         ap.error("--rows must be a multiple of 2 x --micro-batch (two workers split each step's rows)")
     if cuda and any(c.endswith("_2") for c in configs) and torch.cuda.device_count() < 2:
-        ap.error(f"the 2-GPU configs need 2 GPUs; this machine has {torch.cuda.device_count()}: pass --configs local_1,ray_1")
-    settings = {"model": args.model, "max_len": args.max_len, "min_len": 8 if args.tiny else 32, "examples": args.examples,
-                "seed": args.seed, "lr": args.lr, "rows": args.rows, "micro_batch": args.micro_batch, "steps": args.steps,
-                "warmup": args.warmup, "compile": args.compile}
+        ap.error(
+            f"the 2-GPU configs need 2 GPUs; this machine has {torch.cuda.device_count()}: pass --configs local_1,ray_1"
+        )
+    settings = {
+        "model": args.model,
+        "max_len": args.max_len,
+        "min_len": 8 if args.tiny else 32,
+        "examples": args.examples,
+        "seed": args.seed,
+        "lr": args.lr,
+        "rows": args.rows,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+    }
     if not args.single:  # fail here, not after Ray and the workers have started
         shape = SHAPES[args.model]
-        examples = make_examples(args.examples, shape.vocab, min_len=settings["min_len"], max_len=args.max_len, median=args.max_len / 7, seed=args.seed)
+        examples = make_examples(
+            args.examples,
+            shape.vocab,
+            min_len=settings["min_len"],
+            max_len=args.max_len,
+            median=args.max_len / 7,
+            seed=args.seed,
+        )
         packed = len(kdata.pack_examples([(e.ids, sft_labels(e)) for e in examples], args.max_len, PAD_ID).input_ids)
         if packed < (args.warmup + args.steps) * args.rows:
-            ap.error(f"{args.examples} examples pack into {packed} rows, too few for {args.warmup + args.steps} steps of {args.rows} rows; raise --examples")
+            ap.error(
+                f"{args.examples} examples pack into {packed} rows, too few for {args.warmup + args.steps} steps of {args.rows} rows; raise --examples"
+            )
     for k, v in SAFE_ENV.items():
         os.environ.setdefault(k, v)
     # Spawned processes and Ray workers import this module and train_throughput by name.
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE), str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
 
     if args.single:
         try:
@@ -352,13 +446,20 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-            r = ConfigResult(args.single, int(args.single.split("_")[1]), error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+            r = ConfigResult(
+                args.single,
+                int(args.single.split("_")[1]),
+                error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}",
+            )
         args.result.write_text(json.dumps(asdict(r)))
         return 0
 
     device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or "cpu")
-    print(f"device={device_name} x{torch.cuda.device_count() if cuda else 0} model={args.model} rows/step={args.rows} "
-          f"micro={args.micro_batch} steps={args.warmup}+{args.steps} configs={configs}", flush=True)
+    print(
+        f"device={device_name} x{torch.cuda.device_count() if cuda else 0} model={args.model} rows/step={args.rows} "
+        f"micro={args.micro_batch} steps={args.warmup}+{args.steps} configs={configs}",
+        flush=True,
+    )
     out = args.out or ROOT / "benchmarks" / "results" / f"ray_train_{_device_tag(device_name) if cuda else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     base_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -368,17 +469,25 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             result_file = Path(tmp) / "result.json"
             try:
-                proc = subprocess.run([sys.executable, __file__, *base_argv, "--single", name, "--result", str(result_file)], timeout=args.timeout)
+                proc = subprocess.run(
+                    [sys.executable, __file__, *base_argv, "--single", name, "--result", str(result_file)],
+                    timeout=args.timeout,
+                )
                 rc: int | str = proc.returncode
             except subprocess.TimeoutExpired:
                 rc = f"timeout after {args.timeout} s"
             if result_file.exists():
                 r = ConfigResult(**json.loads(result_file.read_text()))
             else:
-                r = ConfigResult(name, int(name.split("_")[1]), error=f"the process ended with {rc} (see its output above)")
+                r = ConfigResult(
+                    name, int(name.split("_")[1]), error=f"the process ended with {rc} (see its output above)"
+                )
         results.append(r)
         if not r.error:
-            print(f"    {r.tokens_per_s:,.0f} tok/s  peak {r.peak_memory_gib} GiB  wall {r.wall_s:.1f} s  losses {[round(x, 3) for x in r.losses]}", flush=True)
+            print(
+                f"    {r.tokens_per_s:,.0f} tok/s  peak {r.peak_memory_gib} GiB  wall {r.wall_s:.1f} s  losses {[round(x, 3) for x in r.losses]}",
+                flush=True,
+            )
         summary = summarize(results, args.loss_rtol)
         payload = {
             "benchmark": "ray_train_gpu",
@@ -390,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": _version("transformers"),
             "ray": _version("ray"),
             "model": asdict(SHAPES[args.model]) | {"parameters": param_count_of(SHAPES[args.model], args.max_len)},
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "single", "result")} | {"peak_flops": PEAK_FLOPS},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "single", "result")}
+            | {"peak_flops": PEAK_FLOPS},
             "nccl_env": {k: os.environ.get(k) for k in SAFE_ENV},
             "configs": [asdict(x) for x in results],
             "summary": summary,

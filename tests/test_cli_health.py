@@ -29,7 +29,9 @@ def test_ctrl_c_during_run_says_how_to_resume(tmp_path, kollm_bin):
     root = make_project(tmp_path / "p")
     marker = tmp_path / "marker"
     env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count"}
-    proc = subprocess.Popen([kollm_bin, "run"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [kollm_bin, "run"], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -50,7 +52,11 @@ def test_runs_and_show_json_and_80_column_tables(tmp_path, kollm_bin):
     assert len(runs) == 1 and runs[0]["status"] == "FINISHED" and runs[0]["steps"] == 3
     run_id = runs[0]["run_id"]
     shown = json.loads(_kollm(kollm_bin, "show", "latest", "--json", cwd=root).stdout)
-    assert shown["run"]["run_id"] == run_id and sorted(s["name"] for s in shown["steps"]) == ["corpus", "count", "count2"]
+    assert shown["run"]["run_id"] == run_id and sorted(s["name"] for s in shown["steps"]) == [
+        "corpus",
+        "count",
+        "count2",
+    ]
     assert all(len(s["key"]) == 12 for s in shown["steps"])
 
     env = {**os.environ, "COLUMNS": "80"}
@@ -74,9 +80,16 @@ def test_run_summary_names_the_gate_verdict_and_the_registered_version():
     records = [
         _record("sft", "sft", {"loss": 1.0}),
         _record("evaluate", "evaluate", {"perplexity": 12.0, "gate_passed": 1.0}),
-        _record("register", "register", {"registered_version": 3.0}, {"name": "demo", "version": "3", "uri": "models:/demo@challenger"}),
+        _record(
+            "register",
+            "register",
+            {"registered_version": 3.0},
+            {"name": "demo", "version": "3", "uri": "models:/demo@challenger"},
+        ),
     ]
-    assert run_summary(records) == "evaluate: gate passed; register: registered demo version 3 as models:/demo@challenger"
+    assert (
+        run_summary(records) == "evaluate: gate passed; register: registered demo version 3 as models:/demo@challenger"
+    )
     assert run_summary([_record("evaluate", "evaluate", {"perplexity": 12.0})]) == "evaluate: no gate"
     assert run_summary([_record("sft", "sft", {})]) == ""
 
@@ -92,7 +105,11 @@ def test_validate_names_an_unreachable_hub_model_offline(tmp_path, kollm_bin):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty-cache")}
     proc = _kollm(kollm_bin, "validate", str(root), env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "no-such-org/no-such-model" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr and "base_model: scratch" in proc.stderr
+    assert (
+        "no-such-org/no-such-model" in proc.stderr
+        and "HF_HUB_OFFLINE" in proc.stderr
+        and "base_model: scratch" in proc.stderr
+    )
 
     (root / "kollm.yaml").write_text((root / "kollm.yaml").read_text().replace("no-such-org/no-such-model", "scratch"))
     assert _kollm(kollm_bin, "validate", str(root), env=env).returncode == 0

@@ -52,8 +52,12 @@ def test_the_writer_refuses_what_would_break_the_schema(tmp_path):
 
 def test_strings_are_masked_and_clipped_at_any_depth(tmp_path):
     log = JsonLog(tmp_path / "a.jsonl", "runner", field_limit=100)
-    log.log("step_error", error="cannot open postgresql://u:s3cret@db/x", traceback="a" * 1000 + "LAST LINE",
-            nested={"list": ["token=abcdef", "b" * 500]})
+    log.log(
+        "step_error",
+        error="cannot open postgresql://u:s3cret@db/x",
+        traceback="a" * 1000 + "LAST LINE",
+        nested={"list": ["token=abcdef", "b" * 500]},
+    )
     (line,) = _lines(tmp_path / "a.jsonl")
     assert "s3cret" not in json.dumps(line) and "abcdef" not in json.dumps(line)
     traceback = line["traceback"]
@@ -101,12 +105,22 @@ def _train(project, name: str) -> None:
     data.mkdir()
     pd.DataFrame({"text": CORPUS[:60]}).to_parquet(data / "train.parquet")
     pd.DataFrame({"text": CORPUS[60:66]}).to_parquet(data / "eval.parquet")
-    config = cpt.Config(base_model="scratch", vocab_size=300, seq_len=32, max_steps=2, lr=3e-3, batch_size=2,
-                        log_every=1)
+    config = cpt.Config(
+        base_model="scratch", vocab_size=300, seq_len=32, max_steps=2, lr=3e-3, batch_size=2, log_every=1
+    )
     art = Artifact("corpus", data, "sha256:test")
-    job = Job(step=name, kind="cpt", config=config, data=art, base_model="scratch", base_artifact=None,
-              tokenizer_corpus=art, output_dir=project / "out" / "model", checkpoint_dir=project / "out" / "ckpt",
-              log_file=log_path(project / ".kollm", "training", name))
+    job = Job(
+        step=name,
+        kind="cpt",
+        config=config,
+        data=art,
+        base_model="scratch",
+        base_artifact=None,
+        tokenizer_corpus=art,
+        output_dir=project / "out" / "model",
+        checkpoint_dir=project / "out" / "ckpt",
+        log_file=log_path(project / ".kollm", "training", name),
+    )
     training_log = TrainingLog(job.log_file, name, None)  # no tracker: params are logged as a line too
     cpt.train(job, Env(device=torch.device("cpu"), on_log=training_log, log_params=training_log.log_params))
 
@@ -129,8 +143,10 @@ def test_every_line_the_real_writers_write_follows_the_schema(tmp_path):
     _train(project, "cpt")
 
     engine = FakeEngine("안녕", context_length=1000)
-    client = TestClient(create_app(engine, model_name="tiny", model_version="3", log_dir=project / ".kollm" / "logs"),
-                        raise_server_exceptions=False)
+    client = TestClient(
+        create_app(engine, model_name="tiny", model_version="3", log_dir=project / ".kollm" / "logs"),
+        raise_server_exceptions=False,
+    )
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "서울?"}], "max_tokens": 2, "user": "u" * 1000}
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
     assert client.get("/v1/nothing-here").status_code == 404

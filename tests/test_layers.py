@@ -19,13 +19,27 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "kollm"
 
 LAYERS: dict[str, int] = {
-    "errors": 0, "_version": 0, "_pydantic": 0, "redact": 0, "jsonlog": 0,
+    "errors": 0,
+    "_version": 0,
+    "_pydantic": 0,
+    "redact": 0,
+    "jsonlog": 0,
     "config": 1,
     "pipeline": 2,
-    "data": 3, "eval": 3, "registry": 3,
-    "train": 4, "serve": 4, "rollout": 4, "monitor": 4, "deploy": 4,
-    "steps": 5, "executors": 5, "ui": 5, "examples": 5,
-    "cli": 6, "": 6,  # "": the package itself (kollm/__init__.py: kollm.load, kollm.run)
+    "data": 3,
+    "eval": 3,
+    "registry": 3,
+    "train": 4,
+    "serve": 4,
+    "rollout": 4,
+    "monitor": 4,
+    "deploy": 4,
+    "steps": 5,
+    "executors": 5,
+    "ui": 5,
+    "examples": 5,
+    "cli": 6,
+    "": 6,  # "": the package itself (kollm/__init__.py: kollm.load, kollm.run)
 }
 
 # Upward imports that exist today in files outside this change's scope (other work is editing them); each is named

@@ -26,8 +26,7 @@ BIN = Path(sys.executable).parent
 
 # Blocks run by a test here: block name -> the test that runs it.
 RUN = {
-    "kollm init my-project --example korean-quickstart":
-        "test_quickstart_commands_without_the_pipeline (fast); test_quickstart_end_to_end (slow: all of it)",
+    "kollm init my-project --example korean-quickstart": "test_quickstart_commands_without_the_pipeline (fast); test_quickstart_end_to_end (slow: all of it)",
     "import kollm": "test_quickstart_end_to_end (slow)",
     "kollm init demo --example korean-quickstart": "test_prepare_only_block",
     "kollm registry list": "test_quickstart_end_to_end (slow)",
@@ -37,28 +36,20 @@ RUN = {
 SKIP = {
     "make demo": "installs the environment and runs the whole suite (the tour's block runs the same demo)",
     "error: kollm.yaml: 2 problems": "sample output of `kollm validate`, not a command",
-    "kollm step run kollm.yaml --step prepare-corpus --store s3://bucket/kollm --outputs-json out.json":
-        "needs an S3 bucket (tests/pipeline/test_cli.py runs `kollm step run` on a local store)",
-    "kollm serve models:/korean-quickstart@champion":
-        "starts a long-running server (tests/serve/test_cli_shutdown.py runs `kollm serve`)",
+    "kollm step run kollm.yaml --step prepare-corpus --store s3://bucket/kollm --outputs-json out.json": "needs an S3 bucket (tests/pipeline/test_cli.py runs `kollm step run` on a local store)",
+    "kollm serve models:/korean-quickstart@champion": "starts a long-running server (tests/serve/test_cli_shutdown.py runs `kollm serve`)",
     "pip install vllm": "installs vLLM from the network (`make test-vllm` tests that backend)",
     "from openai import OpenAI": "needs a running server (tests/serve/test_openai_client.py runs the openai client)",
-    "kollm serve models:/korean-quickstart@champion --canary models:/korean-quickstart@challenger":
-        "starts a long-running gateway (tests/rollout/test_rollout.py runs rollouts end to end)",
+    "kollm serve models:/korean-quickstart@champion --canary models:/korean-quickstart@challenger": "starts a long-running gateway (tests/rollout/test_rollout.py runs rollouts end to end)",
     "kollm ui": "starts a long-running web server (tests/ui drives it in a browser)",
-    "kollm monitor config ./prom --target kollm-serve=127.0.0.1:8000 --target kollm-monitor=127.0.0.1:9464":
-        "starts Prometheus and the exporter, long-running (tests/monitor/test_prometheus_e2e.py, test_exporter.py)",
+    "kollm monitor config ./prom --target kollm-serve=127.0.0.1:8000 --target kollm-monitor=127.0.0.1:9464": "starts Prometheus and the exporter, long-running (tests/monitor/test_prometheus_e2e.py, test_exporter.py)",
     "kollm monitor drift --window 24h": "needs a day of served traffic (tests/monitor/test_drift.py serves some first)",
-    "kollm serve models:/korean-quickstart@champion --embedding-model ./model-folder":
-        "starts a long-running server and needs its traffic (tests/monitor/test_drift.py)",
+    "kollm serve models:/korean-quickstart@champion --embedding-model ./model-folder": "starts a long-running server and needs its traffic (tests/monitor/test_drift.py)",
     "kollm watch --once": "posts to a Slack webhook and a gateway, listens for webhooks (tests/monitor/test_watch.py)",
-    "ray start --head --port=6379 --ray-client-server-port=10001":
-        "starts a Ray cluster across machines (tests/executors run the ray executor on a local Ray)",
-    "docker build -f deploy/docker/Dockerfile -t kollm:0.1.0 .":
-        "needs docker (tests/deploy renders the files and validates them offline)",
+    "ray start --head --port=6379 --ray-client-server-port=10001": "starts a Ray cluster across machines (tests/executors run the ray executor on a local Ray)",
+    "docker build -f deploy/docker/Dockerfile -t kollm:0.1.0 .": "needs docker (tests/deploy renders the files and validates them offline)",
     "kubectl create secret generic kollm-s3 --from-literal=AWS_ACCESS_KEY_ID=... "
-    "--from-literal=AWS_SECRET_ACCESS_KEY=...":
-        "needs a Kubernetes cluster (tests/deploy/test_validate.py checks the manifests offline)",
+    "--from-literal=AWS_SECRET_ACCESS_KEY=...": "needs a Kubernetes cluster (tests/deploy/test_validate.py checks the manifests offline)",
     "cd deploy/compose": "needs docker compose (tests/deploy checks the rendered stack offline)",
     "src/kollm/": "the source layout, not a command",
 }
@@ -96,11 +87,19 @@ def block(first: str) -> Block:
 
 
 def run_shell(text: str, cwd: Path, *, timeout: float = 300) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "NO_COLOR": "1",
+        "COLUMNS": "200",
+    }
     r = subprocess.run(["bash", "-e", "-c", text], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, (f"exit {r.returncode}\n--- script\n{text}\n--- stdout\n{r.stdout[-3000:]}\n"
-                               f"--- stderr\n{r.stderr[-3000:]}")
+    assert r.returncode == 0, (
+        f"exit {r.returncode}\n--- script\n{text}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+    )
     return r.stdout + r.stderr
 
 
@@ -113,8 +112,10 @@ def test_every_block_is_run_or_skipped_with_a_reason():
     blocks = readme_blocks()
     named = [b for b in blocks if b.lang != "yaml"]
     unlisted = [f"README.md:{b.line}: {b.first!r}" for b in named if b.first not in RUN and b.first not in SKIP]
-    assert unlisted == [], ("code blocks neither run nor skipped; add each to RUN (and run it in a test) or to SKIP "
-                            "with the reason, in tests/test_readme.py:\n  " + "\n  ".join(unlisted))
+    assert unlisted == [], (
+        "code blocks neither run nor skipped; add each to RUN (and run it in a test) or to SKIP "
+        "with the reason, in tests/test_readme.py:\n  " + "\n  ".join(unlisted)
+    )
     firsts = {b.first for b in named}
     stale = sorted((set(RUN) | set(SKIP)) - firsts)
     assert stale == [], f"RUN/SKIP name blocks the README no longer has (update the first line): {stale}"
@@ -164,8 +165,14 @@ def test_quickstart_end_to_end(tmp_path):
         assert result.status == "FINISHED" and all(s.cache_hit for s in result.steps.values()), result
         print("api ok", len(pipe.steps))
     """)
-    r = subprocess.run([sys.executable, "-c", api], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", api],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     assert r.returncode == 0 and "api ok" in r.stdout, r.stdout + r.stderr
     # The registry block assumes a champion and a newer challenger: promote v1, then register v2 (a register step
     # with another description has another cache key, so only it runs again and makes a new version).
@@ -173,8 +180,9 @@ def test_quickstart_end_to_end(tmp_path):
     run_shell('kollm registry promote -m "first champion"', project)
     config = project / "kollm.yaml"
     assert config.read_text(encoding="utf-8").rstrip().endswith("- kind: register")
-    config.write_text(config.read_text(encoding="utf-8").rstrip() + '\n    config: {description: "a second run"}\n',
-                      encoding="utf-8")
+    config.write_text(
+        config.read_text(encoding="utf-8").rstrip() + '\n    config: {description: "a second run"}\n', encoding="utf-8"
+    )
     run_shell("kollm run", project)
     registry = run_shell(block(next(k for k in RUN if k.startswith("kollm registry list"))).text, project)
     assert "champion -> v2" in registry and "champion -> v1" in registry  # promoted, then rolled back

@@ -17,10 +17,10 @@ from kollm.errors import KollmError, NotFound
 def make_project(root: Path, uri: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
-    (root / "kollm.yaml").write_text(f"project: reg-test\n{tracking}steps:\n  - kind: python\n    config: {{callable: 'm:f'}}\n")
+    (root / "kollm.yaml").write_text(
+        f"project: reg-test\n{tracking}steps:\n  - kind: python\n    config: {{callable: 'm:f'}}\n"
+    )
     return root
-
-
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,11 @@ def tiny_folder(tmp_path_factory) -> Path:
 def new_run(project: Path) -> str:
     c = registry.client(project)
     exp = c.get_experiment_by_name("reg-test")
-    exp_id = exp.experiment_id if exp else c.create_experiment("reg-test", artifact_location=(project / "mlartifacts").as_uri())
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else c.create_experiment("reg-test", artifact_location=(project / "mlartifacts").as_uri())
+    )
     return c.create_run(exp_id).info.run_id
 
 

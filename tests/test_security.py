@@ -114,7 +114,9 @@ def test_yaml_aliases_within_the_limit_still_work(tmp_path):
 
     doc = "base: &b {lr: 0.1, steps: [1, 2, 3]}\na: *b\nb: {<<: *b, lr: 0.2}\n"
     assert safe_load_bounded(doc) == {
-        "base": {"lr": 0.1, "steps": [1, 2, 3]}, "a": {"lr": 0.1, "steps": [1, 2, 3]}, "b": {"lr": 0.2, "steps": [1, 2, 3]}
+        "base": {"lr": 0.1, "steps": [1, 2, 3]},
+        "a": {"lr": 0.1, "steps": [1, 2, 3]},
+        "b": {"lr": 0.2, "steps": [1, 2, 3]},
     }
     assert safe_load_bounded("") is None
     with pytest.raises(ConfigError, match="more than 50"):
@@ -188,11 +190,26 @@ def test_mask_text_and_uri():
 
     assert mask_uri(f"postgresql://kollm:{PLANTED}@db:5432/mlflow") == "postgresql://kollm:***@db:5432/mlflow"
     assert mask_uri(f"http://user:{PLANTED}@host:5000/x?y=1") == "http://user:***@host:5000/x?y=1"
-    assert mask_uri(f"postgresql://u@h/db?sslmode=require&password={PLANTED}") == "postgresql://u@h/db?sslmode=require&password=***"
-    assert mask_text(f"failed: https://a:{PLANTED}@h/ and token={PLANTED}; done") == "failed: https://a:***@h/ and token=***; done"
-    for untouched in ["sqlite:////tmp/x.db", "http://127.0.0.1:8000/v1", "models:/kollm@champion", "postgresql://u@h:5432/db", "lr=0.1"]:
+    assert (
+        mask_uri(f"postgresql://u@h/db?sslmode=require&password={PLANTED}")
+        == "postgresql://u@h/db?sslmode=require&password=***"
+    )
+    assert (
+        mask_text(f"failed: https://a:{PLANTED}@h/ and token={PLANTED}; done")
+        == "failed: https://a:***@h/ and token=***; done"
+    )
+    for untouched in [
+        "sqlite:////tmp/x.db",
+        "http://127.0.0.1:8000/v1",
+        "models:/kollm@champion",
+        "postgresql://u@h:5432/db",
+        "lr=0.1",
+    ]:
         assert mask_text(untouched) == untouched
-    assert mask_values({"a": [f"s3://k:{PLANTED}@b/x", 1], "b": {"c": f"password={PLANTED}"}}) == {"a": ["s3://k:***@b/x", 1], "b": {"c": "password=***"}}
+    assert mask_values({"a": [f"s3://k:{PLANTED}@b/x", 1], "b": {"c": f"password={PLANTED}"}}) == {
+        "a": ["s3://k:***@b/x", 1],
+        "b": {"c": "password=***"},
+    }
 
 
 def _grep_tree(root: Path, needle: str) -> list[str]:
@@ -208,7 +225,9 @@ def test_a_planted_password_appears_in_no_message_log_or_mlflow_record(tmp_path,
 
     from tests.pipeline.helpers import make_project
 
-    secret_uri = postgres_uri.replace("postgresql://postgres@", f"postgresql://postgres:{PLANTED}@")  # trust auth: accepted
+    secret_uri = postgres_uri.replace(
+        "postgresql://postgres@", f"postgresql://postgres:{PLANTED}@"
+    )  # trust auth: accepted
     steps = (
         "- kind: python\n  name: corpus\n  inputs: {src: raw}\n"
         "  config: {callable: 'mysteps:make_corpus', inputs: {src: source}, outputs: {data: corpus}, "
@@ -216,7 +235,9 @@ def test_a_planted_password_appears_in_no_message_log_or_mlflow_record(tmp_path,
     )
     root = make_project(tmp_path / "p", steps_yaml=steps)
     text = (root / "kollm.yaml").read_text()
-    (root / "kollm.yaml").write_text(text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{secret_uri}'}}\n"))
+    (root / "kollm.yaml").write_text(
+        text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{secret_uri}'}}\n")
+    )
 
     def kollm(*args, cwd=root):
         proc = subprocess.run([kollm_bin, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
@@ -250,7 +271,11 @@ def test_a_planted_password_appears_in_no_message_log_or_mlflow_record(tmp_path,
 
     # a connection that fails: the error names the store, masked
     bad = secret_uri.rsplit("/", 1)[0] + "/no_such_database_kollm"
-    (root / "kollm.yaml").write_text(text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{bad}'}}\n"))
+    (root / "kollm.yaml").write_text(
+        text.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{bad}'}}\n")
+    )
     failed = kollm("run")
-    assert failed.returncode == 1 and "postgres:***@127.0.0.1:5432/no_such_database_kollm" in failed.stderr, failed.stderr
+    assert failed.returncode == 1 and "postgres:***@127.0.0.1:5432/no_such_database_kollm" in failed.stderr, (
+        failed.stderr
+    )
     assert _grep_tree(root / ".kollm" / "logs", PLANTED) == []

@@ -35,7 +35,9 @@ def tiny_tokenizer(context: int = 256):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=context)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=context
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -61,7 +63,9 @@ def tiny_model(tokenizer, *, seed: int = 0, context: int = 256, init_range: floa
         initializer_range=init_range,
     )
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
+    )
     return model.eval()
 
 

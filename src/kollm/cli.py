@@ -23,15 +23,30 @@ from kollm.redact import mask_text
 if TYPE_CHECKING:
     from kollm.pipeline.history import StepRow
 
-app = typer.Typer(help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-step_app = typer.Typer(help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True)
+app = typer.Typer(
+    help="kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+step_app = typer.Typer(
+    help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True
+)
 app.add_typer(step_app, name="step")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-PathArg = Annotated[Optional[Path], typer.Argument(help="kollm.yaml or the folder that holds it (default: the current folder).")]
-ProjectOpt = Annotated[Optional[Path], typer.Option("--project", help="Project folder whose tracking and registry settings to use (default: the current folder if it holds kollm.yaml).")]
+PathArg = Annotated[
+    Optional[Path], typer.Argument(help="kollm.yaml or the folder that holds it (default: the current folder).")
+]
+ProjectOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--project",
+        help="Project folder whose tracking and registry settings to use (default: the current folder if it holds kollm.yaml).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or step lines.")]
 
 
@@ -45,7 +60,10 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print kollm's version and exit.", callback=_version_callback, is_eager=True)] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print kollm's version and exit.", callback=_version_callback, is_eager=True),
+    ] = False,
 ) -> None:
     """kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM."""
 
@@ -122,7 +140,9 @@ def check_gate_metrics(pipe: Any) -> None:
             if suite is None or suite.source is None:
                 continue
             src = pipe.cfg.data[suite.source]
-            artifact = resolve_source(suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False)
+            artifact = resolve_source(
+                suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False
+            )
             cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
         has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
         produced = evaluate._expected_metrics(s.config, has_data, cases)
@@ -150,7 +170,8 @@ def check_offline_models(pipe: Any) -> None:
             )
     if problems:
         raise ConfigError(
-            problems, source=str(pipe.file),
+            problems,
+            source=str(pipe.file),
             hint="use `base_model: scratch`, a local model folder, or unset HF_HUB_OFFLINE on a machine that reaches the hub",
         )
 
@@ -158,12 +179,29 @@ def check_offline_models(pipe: Any) -> None:
 @app.command("run")
 def run_cmd(
     path: PathArg = None,
-    from_step: Annotated[Optional[str], typer.Option("--from", help="Reuse cached steps before STEP; re-run it and all later steps.")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run only STEP (earlier steps must be cached; add --force STEP to recompute it).")] = None,
-    force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STEP even if cached (repeatable).")] = None,
-    executor: Annotated[Optional[str], typer.Option(help="Executor: local or ray (default: kollm.yaml's `executor`, else local).")] = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray only: the cluster address (auto, ray://HOST:10001); default: a local Ray instance.")] = None,
-    store: Annotated[Optional[str], typer.Option(help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/.")] = None,
+    from_step: Annotated[
+        Optional[str], typer.Option("--from", help="Reuse cached steps before STEP; re-run it and all later steps.")
+    ] = None,
+    only: Annotated[
+        Optional[str],
+        typer.Option("--only", help="Run only STEP (earlier steps must be cached; add --force STEP to recompute it)."),
+    ] = None,
+    force: Annotated[
+        Optional[list[str]], typer.Option("--force", help="Re-run STEP even if cached (repeatable).")
+    ] = None,
+    executor: Annotated[
+        Optional[str], typer.Option(help="Executor: local or ray (default: kollm.yaml's `executor`, else local).")
+    ] = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Ray only: the cluster address (auto, ray://HOST:10001); default: a local Ray instance."),
+    ] = None,
+    store: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the pipeline. Finished steps whose config, inputs and code are unchanged are reused."""
@@ -171,11 +209,22 @@ def run_cmd(
 
     show = not quiet
     t0 = time.perf_counter()
-    result = run(path, force=force or (), from_step=from_step, only=only, executor=executor, address=address, store=store,
-                 report=_step_lines(show), progress=_progress(show))
+    result = run(
+        path,
+        force=force or (),
+        from_step=from_step,
+        only=only,
+        executor=executor,
+        address=address,
+        store=store,
+        report=_step_lines(show),
+        progress=_progress(show),
+    )
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:
-        err.print(f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s")
+        err.print(
+            f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s"
+        )
         summary = run_summary(result.steps.values())
         if summary:
             err.print(f"[bold]summary:[/] {escape(summary)}", highlight=False)
@@ -214,7 +263,9 @@ def _step_lines(show: bool):
         elif event == "waiting":
             err.print(f"[yellow]…[/] {step}: another kollm process is computing it; waiting to reuse its result")
         elif event == "retry":
-            err.print(f"[yellow]↻[/] {step}: attempt {detail['attempt']} in {detail['delay_s']:.1f}s after {detail['error']}")
+            err.print(
+                f"[yellow]↻[/] {step}: attempt {detail['attempt']} in {detail['delay_s']:.1f}s after {detail['error']}"
+            )
         elif event == "failed":
             err.print(f"[red]✗[/] {step}")
 
@@ -262,8 +313,12 @@ def runs(
 @app.command()
 def show(
     run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix), or 'latest'.")],
-    path: Annotated[Optional[Path], typer.Option("--path", help="kollm.yaml or its folder (default: current folder).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run, its steps and any sweep's trials as JSON.")] = False,
+    path: Annotated[
+        Optional[Path], typer.Option("--path", help="kollm.yaml or its folder (default: current folder).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run, its steps and any sweep's trials as JSON.")
+    ] = False,
 ) -> None:
     """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics; a sweep's trials sorted by its metric."""
     from dataclasses import asdict
@@ -296,9 +351,18 @@ def _print_trials(s: StepRow) -> None:
         table.add_column(col, overflow="fold")
     for t in s.trials:
         metric = f"{t['metric']:.4g}" if isinstance(t.get("metric"), (int, float)) else "-"
-        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("values", {}).items())
-        table.add_row(str(t.get("trial")), str(t.get("status")) + (" (cached)" if t.get("cached") else ""), metric, values,
-                      str(t.get("iterations", "")), str(t.get("key", ""))[:12], str(t.get("run_id") or "")[:12])
+        values = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("values", {}).items()
+        )
+        table.add_row(
+            str(t.get("trial")),
+            str(t.get("status")) + (" (cached)" if t.get("cached") else ""),
+            metric,
+            values,
+            str(t.get("iterations", "")),
+            str(t.get("key", ""))[:12],
+            str(t.get("run_id") or "")[:12],
+        )
     out.print(table)
 
 
@@ -314,13 +378,32 @@ def schema() -> None:
 def step_run(
     step: Annotated[str, typer.Option("--step", help="The step to run.")],
     path: PathArg = None,
-    inputs: Annotated[Optional[list[str]], typer.Option("--input", help="NAME=URI: an input artifact (an output folder URI printed by an earlier `kollm step run`). Repeatable. Inputs not given come from data sources or the cache.")] = None,
-    store: Annotated[Optional[str], typer.Option(help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/.")] = None,
-    attempt: Annotated[int, typer.Option(help="Which attempt this is (0 = the first); recorded with the step's run.", min=0)] = 0,
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--input",
+            help="NAME=URI: an input artifact (an output folder URI printed by an earlier `kollm step run`). Repeatable. Inputs not given come from data sources or the cache.",
+        ),
+    ] = None,
+    store: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Artifact store: a folder or fsspec URL (file://, s3://...). Default: the project's .kollm/."
+        ),
+    ] = None,
+    attempt: Annotated[
+        int, typer.Option(help="Which attempt this is (0 = the first); recorded with the step's run.", min=0)
+    ] = 0,
     parent_run_id: Annotated[Optional[str], typer.Option(help="Attach to this pipeline MLflow run.")] = None,
-    outputs_json: Annotated[Optional[Path], typer.Option(help="Also write the result JSON (key, cache_hit, outputs with URIs and digests) to this file.")] = None,
+    outputs_json: Annotated[
+        Optional[Path],
+        typer.Option(help="Also write the result JSON (key, cache_hit, outputs with URIs and digests) to this file."),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Re-run even if cached.")] = False,
-    overrides_json: Annotated[Optional[str], typer.Option(help='Config overrides as JSON: {"STEP.path": value} (what a sweep trial sets).', hidden=True)] = None,
+    overrides_json: Annotated[
+        Optional[str],
+        typer.Option(help='Config overrides as JSON: {"STEP.path": value} (what a sweep trial sets).', hidden=True),
+    ] = None,
 ) -> None:
     """Run exactly one attempt of one step, with explicit inputs: what a Kubernetes pod or a Ray task runs."""
     from kollm.pipeline.runner import run_one
@@ -332,9 +415,22 @@ def step_run(
             raise KollmError(f"--input {item}: expected NAME=URI, e.g. --input data=file:///shared/steps/KEY/dataset")
         given[name] = uri
     overrides = _json_option("--overrides-json", overrides_json)
-    rec = run_one(path, step, inputs=given, store_url=store, attempt=attempt, parent_run_id=parent_run_id, force=force, overrides=overrides)
+    rec = run_one(
+        path,
+        step,
+        inputs=given,
+        store_url=store,
+        attempt=attempt,
+        parent_run_id=parent_run_id,
+        force=force,
+        overrides=overrides,
+    )
     doc = {
-        "step": step, "key": rec.key, "cache_hit": rec.cache_hit, "run_id": rec.run_id, "metrics": rec.metrics,
+        "step": step,
+        "key": rec.key,
+        "cache_hit": rec.cache_hit,
+        "run_id": rec.run_id,
+        "metrics": rec.metrics,
         "outputs": {k: {**a.to_json(), "uri": a.path.as_uri() if a.path else None} for k, a in rec.outputs.items()},
     }
     text = json.dumps(doc, ensure_ascii=False)
@@ -359,7 +455,10 @@ def _json_option(flag: str, text: str | None) -> dict[str, Any] | None:
 
 # --- deploy (kollm.deploy) ----------------------------------------------------------------------
 
-deploy_app = typer.Typer(help="Deployment files from kollm.yaml: Kubernetes (KubeRay, Argo Rollouts, MLflow), Docker Compose, the Dockerfile.", no_args_is_help=True)
+deploy_app = typer.Typer(
+    help="Deployment files from kollm.yaml: Kubernetes (KubeRay, Argo Rollouts, MLflow), Docker Compose, the Dockerfile.",
+    no_args_is_help=True,
+)
 app.add_typer(deploy_app, name="deploy")
 
 
@@ -367,25 +466,50 @@ app.add_typer(deploy_app, name="deploy")
 def deploy_render(
     path: PathArg = None,
     target: Annotated[str, typer.Option("--target", "-t", help="k8s, compose or docker.")] = "k8s",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET).")] = None,
-    image: Annotated[str, typer.Option(help="The kollm image the pods and containers run.")] = "ghcr.io/kollm/kollm:0.1.0",
+    out_dir: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET)."),
+    ] = None,
+    image: Annotated[
+        str, typer.Option(help="The kollm image the pods and containers run.")
+    ] = "ghcr.io/kollm/kollm:0.1.0",
     bucket: Annotated[str, typer.Option(help="S3 bucket for the artifact store and MLflow's artifacts.")] = "kollm",
-    store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
+    store: Annotated[
+        Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")
+    ] = None,
     s3_endpoint: Annotated[str, typer.Option(help="An S3-compatible endpoint such as MinIO (default: AWS S3).")] = "",
-    serve_gpus: Annotated[int, typer.Option(help="GPUs per serving replica (0: CPU, transformers backend).", min=0)] = 0,
-    replicas: Annotated[int, typer.Option(help="Serving replicas of the Rollout (5 gives exact 20 % canary steps).", min=1)] = 5,
+    serve_gpus: Annotated[
+        int, typer.Option(help="GPUs per serving replica (0: CPU, transformers backend).", min=0)
+    ] = 0,
+    replicas: Annotated[
+        int, typer.Option(help="Serving replicas of the Rollout (5 gives exact 20 % canary steps).", min=1)
+    ] = 5,
     steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
     pause: Annotated[str, typer.Option(help="How long each step holds its weight before its analysis.")] = "2m",
-    analysis: Annotated[str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")] = "success_rate>=0.95,p95_ms<=2000",
+    analysis: Annotated[
+        str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")
+    ] = "success_rate>=0.95,p95_ms<=2000",
     failure_limit: Annotated[int, typer.Option(help="Failed analysis windows that abort the rollout.", min=1)] = 2,
-    prometheus_url: Annotated[str, typer.Option(help="Prometheus the AnalysisTemplate queries.")] = "http://prometheus.monitoring.svc:9090",
+    prometheus_url: Annotated[
+        str, typer.Option(help="Prometheus the AnalysisTemplate queries.")
+    ] = "http://prometheus.monitoring.svc:9090",
 ) -> None:
     """Write Kubernetes manifests, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
     from kollm.deploy import DeployOptions, render
 
-    options = DeployOptions(image=image, bucket=bucket, store=store or "", s3_endpoint=s3_endpoint, serve_gpus=serve_gpus,
-                            serve_replicas=replicas, steps=steps, pause=pause, analysis=analysis,
-                            failure_limit=failure_limit, prometheus_url=prometheus_url)
+    options = DeployOptions(
+        image=image,
+        bucket=bucket,
+        store=store or "",
+        s3_endpoint=s3_endpoint,
+        serve_gpus=serve_gpus,
+        serve_replicas=replicas,
+        steps=steps,
+        pause=pause,
+        analysis=analysis,
+        failure_limit=failure_limit,
+        prometheus_url=prometheus_url,
+    )
     for f in render(path, target, out_dir or Path("deploy") / target, options):
         out.print(f"[green]wrote[/] {f}")
 
@@ -397,20 +521,41 @@ app.add_typer(compile_app, name="compile")
 @compile_app.command("kfp")
 def compile_kfp_cmd(
     path: PathArg = None,
-    out_file: Annotated[Path, typer.Option("--out", "-o", help="The pipeline IR YAML to write.")] = Path("pipeline.yaml"),
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="The pipeline IR YAML to write.")] = Path(
+        "pipeline.yaml"
+    ),
     image: Annotated[str, typer.Option(help="The kollm image every component runs in.")] = "ghcr.io/kollm/kollm:0.1.0",
-    store: Annotated[Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")] = None,
+    store: Annotated[
+        Optional[str], typer.Option(help="Artifact store URL of the steps (default: s3://BUCKET/PROJECT).")
+    ] = None,
     bucket: Annotated[str, typer.Option(help="S3 bucket of the default store.")] = "kollm",
-    ray: Annotated[Optional[list[str]], typer.Option("--ray", help="Run STEP as a KubeRay RayJob (repeatable; steps with more than one GPU always are).")] = None,
-    project_dir: Annotated[str, typer.Option(help="The project folder inside the image (default: none; kollm.yaml travels as a pipeline parameter).")] = "",
+    ray: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--ray", help="Run STEP as a KubeRay RayJob (repeatable; steps with more than one GPU always are)."
+        ),
+    ] = None,
+    project_dir: Annotated[
+        str,
+        typer.Option(
+            help="The project folder inside the image (default: none; kollm.yaml travels as a pipeline parameter)."
+        ),
+    ] = "",
     namespace: Annotated[str, typer.Option(help="Namespace the RayJobs are created in.")] = "kubeflow",
 ) -> None:
     """Compile the pipeline to Kubeflow Pipelines IR (kfp 2.17): one component per step running `kollm step run`."""
     from kollm.deploy import DeployOptions
     from kollm.deploy.kfp import compile_kfp
 
-    f = compile_kfp(path, out_file, image=image, options=DeployOptions(store=store or "", bucket=bucket),
-                    ray_steps=tuple(ray or ()), project_dir=project_dir, namespace=namespace)
+    f = compile_kfp(
+        path,
+        out_file,
+        image=image,
+        options=DeployOptions(store=store or "", bucket=bucket),
+        ray_steps=tuple(ray or ()),
+        project_dir=project_dir,
+        namespace=namespace,
+    )
     out.print(f"[green]wrote[/] {f}")
 
 
@@ -419,25 +564,79 @@ def compile_kfp_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model folder.")],
+    model_uri: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model folder.")
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on /v1 routes (default: $KOLLM_API_KEY; unset: no auth).")] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="The `model` name clients send (default: the registered name or folder name).")] = None,
-    backend: Annotated[str, typer.Option(help="auto (vLLM where it imports, else transformers), transformers (kollm's native engine) or vllm.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (the native engine; vLLM uses the device its build targets).")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Require `Authorization: Bearer KEY` on /v1 routes (default: $KOLLM_API_KEY; unset: no auth)."
+        ),
+    ] = None,
+    served_model_name: Annotated[
+        Optional[str], typer.Option(help="The `model` name clients send (default: the registered name or folder name).")
+    ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="auto (vLLM where it imports, else transformers), transformers (kollm's native engine) or vllm."
+        ),
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N (the native engine; vLLM uses the device its build targets).")
+    ] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.")
+    ] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 32,
-    context_length: Annotated[Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)] = None,
-    graceful_timeout: Annotated[float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")] = 30.0,
-    kv_cache: Annotated[str, typer.Option(help="The native engine's KV cache: auto (static on CUDA for Llama-family models), static (preallocated slots, CUDA graphs on CUDA) or dynamic (any model).")] = "auto",
-    engine_arg: Annotated[Optional[list[str]], typer.Option(help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5).")] = None,
+    context_length: Annotated[
+        Optional[int], typer.Option(help="Cap on prompt + output tokens (default: the model's).", min=1)
+    ] = None,
+    graceful_timeout: Annotated[
+        float, typer.Option(help="Seconds to let in-flight requests finish on SIGTERM/Ctrl-C.")
+    ] = 30.0,
+    kv_cache: Annotated[
+        str,
+        typer.Option(
+            help="The native engine's KV cache: auto (static on CUDA for Llama-family models), static (preallocated slots, CUDA graphs on CUDA) or dynamic (any model)."
+        ),
+    ] = "auto",
+    engine_arg: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="--backend vllm: KEY=VALUE for vLLM's engine arguments, repeatable (e.g. enforce_eager=true, gpu_memory_utilization=0.5)."
+        ),
+    ] = None,
     project: ProjectOpt = None,
-    canary: Annotated[Optional[str], typer.Option(help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger, followed like MODEL_URI: a challenger registered later becomes the next canary); drive it with `kollm rollout`.")] = None,
-    inject_faults: Annotated[Optional[str], typer.Option(help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults); with --canary, the canary's only.")] = None,
-    follow_interval: Annotated[float, typer.Option(help="With models:/NAME@ALIAS: seconds between registry checks; a new version the alias points to replaces the served one without failing requests (0: do not follow).")] = 10.0,
-    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted (a bigger one gets 413).", min=1024)] = 4 * 1024 * 1024,
-    embedding_model: Annotated[Optional[str], typer.Option(help="Log each prompt's embedding by this Hugging Face model folder (e.g. the served model's), for `kollm monitor drift --embedding-model` (not with --canary).")] = None,
+    canary: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Also serve this version as a canary behind a gateway (e.g. models:/NAME@challenger, followed like MODEL_URI: a challenger registered later becomes the next canary); drive it with `kollm rollout`."
+        ),
+    ] = None,
+    inject_faults: Annotated[
+        Optional[str],
+        typer.Option(
+            help="TESTING AID: fail or slow generation requests, e.g. error_rate=0.3,latency_ms=200 (see kollm.serve.faults); with --canary, the canary's only."
+        ),
+    ] = None,
+    follow_interval: Annotated[
+        float,
+        typer.Option(
+            help="With models:/NAME@ALIAS: seconds between registry checks; a new version the alias points to replaces the served one without failing requests (0: do not follow)."
+        ),
+    ] = 10.0,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest request body accepted (a bigger one gets 413).", min=1024)
+    ] = 4 * 1024 * 1024,
+    embedding_model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Log each prompt's embedding by this Hugging Face model folder (e.g. the served model's), for `kollm monitor drift --embedding-model` (not with --canary)."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
 
@@ -457,7 +656,10 @@ def serve_cmd(
 
         serve = partial(serve_canary, canary_uri=canary)  # the same options; a gateway routes between both models
         if embedding_model:
-            raise KollmError("--embedding-model is not supported with --canary", hint="log embeddings from a plain `kollm serve MODEL --embedding-model PATH`")
+            raise KollmError(
+                "--embedding-model is not supported with --canary",
+                hint="log embeddings from a plain `kollm serve MODEL --embedding-model PATH`",
+            )
     else:
         extra |= {"max_body_bytes": max_request_bytes, "embedding_model": embedding_model}
     serve(
@@ -481,10 +683,15 @@ def serve_cmd(
 
 # --- registry (kollm.registry) ------------------------------------------------------------------
 
-registry_app = typer.Typer(help="The model registry (MLflow aliases champion / challenger / previous): list, show, promote, rollback.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The model registry (MLflow aliases champion / challenger / previous): list, show, promote, rollback.",
+    no_args_is_help=True,
+)
 app.add_typer(registry_app, name="registry")
 ModelNameArg = Annotated[Optional[str], typer.Argument(help="Registered model name (default: the project name).")]
-ReasonOpt = Annotated[str, typer.Option("--reason", "-m", help="Why; stored in the audit trail and on the version's tags.")]
+ReasonOpt = Annotated[
+    str, typer.Option("--reason", "-m", help="Why; stored in the audit trail and on the version's tags.")
+]
 RegistryJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -492,15 +699,25 @@ def _model_name(name: str | None, project: Path | None) -> str:
     if name:
         return name
     if project is None:
-        raise KollmError("no model name given and no kollm.yaml here", hint="pass NAME, run inside a project, or use --project DIR")
+        raise KollmError(
+            "no model name given and no kollm.yaml here", hint="pass NAME, run inside a project, or use --project DIR"
+        )
     from kollm.config import load_config
 
     return load_config(project)[0].project
 
 
 def _version_dict(v: Any) -> dict[str, Any]:
-    return {"name": v.name, "version": v.version, "aliases": list(v.aliases), "run_id": v.run_id, "source": v.source,
-            "created": v.created.isoformat(timespec="seconds"), "description": v.description, "tags": v.tags}
+    return {
+        "name": v.name,
+        "version": v.version,
+        "aliases": list(v.aliases),
+        "run_id": v.run_id,
+        "source": v.source,
+        "created": v.created.isoformat(timespec="seconds"),
+        "description": v.description,
+        "tags": v.tags,
+    }
 
 
 @registry_app.command("list")
@@ -526,8 +743,15 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
         text_column(table, col)
     id_column(table, "pipeline run", 10)
     for v in versions:
-        table.add_row(v.version, ", ".join(v.aliases), v.created.strftime("%Y-%m-%d %H:%M"), v.tags.get("kollm.gate", ""),
-                      v.tags.get("kollm.metric.perplexity", ""), v.tags.get("kollm.base_model", ""), v.tags.get("kollm.pipeline_run_id", "")[:12])
+        table.add_row(
+            v.version,
+            ", ".join(v.aliases),
+            v.created.strftime("%Y-%m-%d %H:%M"),
+            v.tags.get("kollm.gate", ""),
+            v.tags.get("kollm.metric.perplexity", ""),
+            v.tags.get("kollm.base_model", ""),
+            v.tags.get("kollm.pipeline_run_id", "")[:12],
+        )
     out.print(table)
 
 
@@ -551,7 +775,9 @@ def registry_show(
     if as_json:
         print(json.dumps({**_version_dict(v), "history": [e.__dict__ for e in trail]}, ensure_ascii=False, indent=2))
         return
-    out.print(f"[bold]{escape(v.uri)}[/]  aliases: {escape(', '.join(v.aliases) or '-')}  created {v.created:%Y-%m-%d %H:%M} UTC")
+    out.print(
+        f"[bold]{escape(v.uri)}[/]  aliases: {escape(', '.join(v.aliases) or '-')}  created {v.created:%Y-%m-%d %H:%M} UTC"
+    )
     out.print(f"run {v.run_id}  source {escape(v.source)}")
     table = Table(title="tags", title_justify="left", show_header=False)
     for key in sorted(k for k in v.tags if not k.startswith("mlflow.")):
@@ -565,7 +791,9 @@ def registry_show(
 @registry_app.command("promote")
 def registry_promote(
     name: ModelNameArg = None,
-    version: Annotated[Optional[str], typer.Option("--version", help="The version to promote (default: the challenger).")] = None,
+    version: Annotated[
+        Optional[str], typer.Option("--version", help="The version to promote (default: the challenger).")
+    ] = None,
     reason: ReasonOpt = "promoted from the command line",
     project: ProjectOpt = None,
 ) -> None:
@@ -579,7 +807,9 @@ def registry_promote(
 
 
 @registry_app.command("rollback")
-def registry_rollback(name: ModelNameArg = None, reason: ReasonOpt = "rolled back from the command line", project: ProjectOpt = None) -> None:
+def registry_rollback(
+    name: ModelNameArg = None, reason: ReasonOpt = "rolled back from the command line", project: ProjectOpt = None
+) -> None:
     """Restore the `previous` version as champion (the rolled-back version is tagged with when and why)."""
     from kollm import registry
 
@@ -595,27 +825,53 @@ rollout_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(rollout_app, name="rollout")
-GatewayOpt = Annotated[Optional[str], typer.Option("--gateway", help="The gateway's URL (default: $KOLLM_GATEWAY, else http://127.0.0.1:8000).")]
-AdminKeyOpt = Annotated[Optional[str], typer.Option("--api-key", help="The gateway's API key (default: $KOLLM_API_KEY).")]
+GatewayOpt = Annotated[
+    Optional[str],
+    typer.Option("--gateway", help="The gateway's URL (default: $KOLLM_GATEWAY, else http://127.0.0.1:8000)."),
+]
+AdminKeyOpt = Annotated[
+    Optional[str], typer.Option("--api-key", help="The gateway's API key (default: $KOLLM_API_KEY).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full status as JSON.")]
 
 
 def _rollout_print(data: dict[str, Any], as_json: bool) -> None:
     from kollm.rollout.client import format_status
 
-    print(json.dumps(data, ensure_ascii=False, indent=2)) if as_json else out.print(escape(format_status(data)), highlight=False)
+    print(json.dumps(data, ensure_ascii=False, indent=2)) if as_json else out.print(
+        escape(format_status(data)), highlight=False
+    )
 
 
 @rollout_app.command("start")
 def rollout_start(
     name: Annotated[str, typer.Argument(help="The registered model name whose canary the gateway serves.")],
     steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
-    pause: Annotated[str, typer.Option(help="How long each step holds its weight before its analysis (e.g. 2m, 30s).")] = "2m",
-    analysis: Annotated[str, typer.Option(help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate).")] = "success_rate>=0.95,p95_ms<=2000",
+    pause: Annotated[
+        str, typer.Option(help="How long each step holds its weight before its analysis (e.g. 2m, 30s).")
+    ] = "2m",
+    analysis: Annotated[
+        str,
+        typer.Option(
+            help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate)."
+        ),
+    ] = "success_rate>=0.95,p95_ms<=2000",
     failure_limit: Annotated[int, typer.Option(help="Failed analyses that roll the canary back.")] = 2,
-    min_requests: Annotated[int, typer.Option(help="Fewer canary requests in a step make its analysis inconclusive (the step is held).")] = 10,
-    alert_webhook: Annotated[Optional[str], typer.Option(help="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK).")] = None,
-    probe: Annotated[Optional[Path], typer.Option(help='Quality probe: a JSONL file of {"prompt": ..., "expect": ...} sent to the canary every step.')] = None,
+    min_requests: Annotated[
+        int, typer.Option(help="Fewer canary requests in a step make its analysis inconclusive (the step is held).")
+    ] = 10,
+    alert_webhook: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK)."
+        ),
+    ] = None,
+    probe: Annotated[
+        Optional[Path],
+        typer.Option(
+            help='Quality probe: a JSONL file of {"prompt": ..., "expect": ...} sent to the canary every step.'
+        ),
+    ] = None,
     gateway: GatewayOpt = None,
     api_key: AdminKeyOpt = None,
     as_json: JsonOpt = False,
@@ -623,8 +879,21 @@ def rollout_start(
     """Start the rollout: 20 -> 40 -> 60 -> 80 % with analysis after each step, then promote (or roll back)."""
     from kollm.rollout.client import start
 
-    _rollout_print(start(name, steps=steps, pause=pause, analysis=analysis, failure_limit=failure_limit, min_requests=min_requests,
-                         alert_webhook=alert_webhook, probe=probe, gateway=gateway, api_key=api_key), as_json)
+    _rollout_print(
+        start(
+            name,
+            steps=steps,
+            pause=pause,
+            analysis=analysis,
+            failure_limit=failure_limit,
+            min_requests=min_requests,
+            alert_webhook=alert_webhook,
+            probe=probe,
+            gateway=gateway,
+            api_key=api_key,
+        ),
+        as_json,
+    )
 
 
 @rollout_app.command("status")
@@ -653,7 +922,9 @@ def rollout_resume(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_j
 
 @rollout_app.command("abort")
 def rollout_abort(
-    reason: Annotated[str, typer.Option(help="Why; recorded on the version and sent with the alert.")] = "aborted by user",
+    reason: Annotated[
+        str, typer.Option(help="Why; recorded on the version and sent with the alert.")
+    ] = "aborted by user",
     gateway: GatewayOpt = None,
     api_key: AdminKeyOpt = None,
     as_json: JsonOpt = False,
@@ -674,14 +945,20 @@ def rollout_promote(gateway: GatewayOpt = None, api_key: AdminKeyOpt = None, as_
 
 # --- monitor (kollm.monitor) --------------------------------------------------------------------
 
-monitor_app = typer.Typer(help="Monitoring: Prometheus rules and dashboards, the training/drift exporter, drift reports.", no_args_is_help=True)
+monitor_app = typer.Typer(
+    help="Monitoring: Prometheus rules and dashboards, the training/drift exporter, drift reports.",
+    no_args_is_help=True,
+)
 app.add_typer(monitor_app, name="monitor")
 
 
 @monitor_app.command("config")
 def monitor_config(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write prometheus.yml, rules/ and dashboards/ into.")],
-    target: Annotated[list[str], typer.Option("--target", help="JOB=HOST:PORT to scrape (repeatable), e.g. kollm-serve=127.0.0.1:8000.")],
+    target: Annotated[
+        list[str],
+        typer.Option("--target", help="JOB=HOST:PORT to scrape (repeatable), e.g. kollm-serve=127.0.0.1:8000."),
+    ],
     scrape_interval: Annotated[str, typer.Option(help="Prometheus scrape interval.")] = "15s",
     evaluation_interval: Annotated[str, typer.Option(help="Prometheus rule evaluation interval.")] = "15s",
 ) -> None:
@@ -708,34 +985,71 @@ def monitor_exporter(
 @monitor_app.command("drift")
 def monitor_drift(
     project: ProjectOpt = None,
-    reference: Annotated[Optional[Path], typer.Option(help="The training data: a prepared dataset folder (train.parquet + stats.json), or a .parquet/.jsonl of `text` rows (default: the newest prepared dataset under .kollm).")] = None,
+    reference: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="The training data: a prepared dataset folder (train.parquet + stats.json), or a .parquet/.jsonl of `text` rows (default: the newest prepared dataset under .kollm)."
+        ),
+    ] = None,
     window: Annotated[str, typer.Option(help="How much recent traffic to compare (e.g. 24h, 30m, 7d).")] = "24h",
-    threshold: Annotated[float, typer.Option(help="PSI over which a feature counts as drifted (0.1 small, 0.25 significant).")] = 0.25,
+    threshold: Annotated[
+        float, typer.Option(help="PSI over which a feature counts as drifted (0.1 small, 0.25 significant).")
+    ] = 0.25,
     min_requests: Annotated[int, typer.Option(help="Fewer served requests in the window is an error.", min=1)] = 30,
-    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="Log the result as MLflow metrics (experiment kollm-monitor).")] = True,
+    mlflow: Annotated[
+        bool, typer.Option("--mlflow/--no-mlflow", help="Log the result as MLflow metrics (experiment kollm-monitor).")
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    embedding_model: Annotated[Optional[str], typer.Option(help="Also compare prompt embeddings (MMD² test) by this model: the one `kollm serve --embedding-model` logged them with.")] = None,
-    alpha: Annotated[float, typer.Option(help="Embedding drift when the MMD² test's p-value is below this.", min=0.0, max=1.0)] = 0.01,
+    embedding_model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Also compare prompt embeddings (MMD² test) by this model: the one `kollm serve --embedding-model` logged them with."
+        ),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option(help="Embedding drift when the MMD² test's p-value is below this.", min=0.0, max=1.0)
+    ] = 0.01,
 ) -> None:
     """Compare recent served traffic (.kollm/logs/inference) with the training data per feature (PSI, KS), and with
     --embedding-model on prompt embeddings; write an HTML report."""
     from kollm.monitor.drift import check_drift
 
     root = project_dir(project) or Path.cwd()
-    result = check_drift(root, reference, window=window, threshold=threshold, min_requests=min_requests, track=mlflow,
-                         embedding_model=embedding_model, alpha=alpha)
+    result = check_drift(
+        root,
+        reference,
+        window=window,
+        threshold=threshold,
+        min_requests=min_requests,
+        track=mlflow,
+        embedding_model=embedding_model,
+        alpha=alpha,
+    )
     if as_json:
         print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
         return
-    table = Table(title=f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows", title_justify="left")
+    table = Table(
+        title=f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows",
+        title_justify="left",
+    )
     for col in ("feature", "PSI", "KS", "KS p", "reference mean", "current mean", ""):
         table.add_column(col)
     for name, f in result.features.items():
-        table.add_row(name, f"{f.psi:.3f}", f"{f.ks_statistic:.3f}", f"{f.ks_pvalue:.2g}", f"{f.reference_mean:.3f}", f"{f.current_mean:.3f}",
-                      "[red]drifted[/]" if f.drifted else "ok")
+        table.add_row(
+            name,
+            f"{f.psi:.3f}",
+            f"{f.ks_statistic:.3f}",
+            f"{f.ks_pvalue:.2g}",
+            f"{f.reference_mean:.3f}",
+            f"{f.current_mean:.3f}",
+            "[red]drifted[/]" if f.drifted else "ok",
+        )
     out.print(table)
     if (e := result.embedding) is not None:
-        out.print(f"prompt embeddings ({escape(e.model)}): MMD² {e.mmd2:.4g}, p {e.p_value:.3g}: " + ("[red]drifted[/]" if e.drifted else "ok"))
+        out.print(
+            f"prompt embeddings ({escape(e.model)}): MMD² {e.mmd2:.4g}, p {e.p_value:.3g}: "
+            + ("[red]drifted[/]" if e.drifted else "ok")
+        )
     out.print(f"report: {escape(result.report)}")
 
 
@@ -745,23 +1059,45 @@ def monitor_drift(
 @app.command("watch")
 def watch_cmd(
     project: ProjectOpt = None,
-    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit (for cron or a Kubeflow recurring run).")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Run one cycle and exit (for cron or a Kubeflow recurring run).")
+    ] = False,
     now: Annotated[bool, typer.Option("--now", help="Add a manual trigger: retrain in this cycle.")] = False,
-    schedule: Annotated[Optional[str], typer.Option(help="Cron schedule in UTC, e.g. '0 3 * * *' (daily at 03:00).")] = None,
-    data: Annotated[bool, typer.Option("--data/--no-data", help="Trigger when the project's local data sources change (digest).")] = True,
-    drift_threshold: Annotated[Optional[float], typer.Option(help="Trigger when a feature's PSI is over this (see `kollm monitor drift`).")] = None,
+    schedule: Annotated[
+        Optional[str], typer.Option(help="Cron schedule in UTC, e.g. '0 3 * * *' (daily at 03:00).")
+    ] = None,
+    data: Annotated[
+        bool, typer.Option("--data/--no-data", help="Trigger when the project's local data sources change (digest).")
+    ] = True,
+    drift_threshold: Annotated[
+        Optional[float], typer.Option(help="Trigger when a feature's PSI is over this (see `kollm monitor drift`).")
+    ] = None,
     drift_window: Annotated[str, typer.Option(help="Traffic window for the drift check.")] = "24h",
     drift_every: Annotated[str, typer.Option(help="How often to check drift (e.g. 1h).")] = "1h",
-    gateway: Annotated[Optional[str], typer.Option(help="The canary gateway to roll a new challenger out on (`kollm serve ... --canary models:/NAME@challenger`); none: only register.")] = None,
+    gateway: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The canary gateway to roll a new challenger out on (`kollm serve ... --canary models:/NAME@challenger`); none: only register."
+        ),
+    ] = None,
     api_key: AdminKeyOpt = None,
-    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the project name).")] = None,
+    model_name: Annotated[
+        Optional[str], typer.Option(help="Registered model name (default: the project name).")
+    ] = None,
     steps: Annotated[str, typer.Option(help="Canary weights in percent.")] = "20,40,60,80",
     pause: Annotated[str, typer.Option(help="Hold per canary step before its analysis.")] = "2m",
     analysis: Annotated[str, typer.Option(help="Canary analysis conditions.")] = "success_rate>=0.95,p95_ms<=2000",
     min_requests: Annotated[int, typer.Option(help="Canary requests a step needs for its analysis.")] = 10,
-    alert_webhook: Annotated[Optional[str], typer.Option(help="Slack-compatible webhook for outcomes (default: $KOLLM_ALERT_WEBHOOK).")] = None,
-    webhook_port: Annotated[Optional[int], typer.Option(help="Receive MLflow registry webhooks on this port (long-running mode).")] = None,
-    webhook_secret: Annotated[Optional[str], typer.Option(help="The MLflow webhook's secret for HMAC verification (default: $KOLLM_WEBHOOK_SECRET).")] = None,
+    alert_webhook: Annotated[
+        Optional[str], typer.Option(help="Slack-compatible webhook for outcomes (default: $KOLLM_ALERT_WEBHOOK).")
+    ] = None,
+    webhook_port: Annotated[
+        Optional[int], typer.Option(help="Receive MLflow registry webhooks on this port (long-running mode).")
+    ] = None,
+    webhook_secret: Annotated[
+        Optional[str],
+        typer.Option(help="The MLflow webhook's secret for HMAC verification (default: $KOLLM_WEBHOOK_SECRET)."),
+    ] = None,
     interval: Annotated[str, typer.Option(help="Time between cycles in long-running mode.")] = "1m",
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of --once as JSON.")] = False,
 ) -> None:
@@ -776,10 +1112,22 @@ def watch_cmd(
 
         check_webhook_url(alert_webhook)
     settings = WatchSettings(
-        project_dir=project_dir(project) or Path.cwd(), schedule=schedule, watch_data=data, drift_threshold=drift_threshold,
-        drift_window=drift_window, drift_every_s=parse_window(drift_every), gateway=gateway, api_key=api_key, model_name=model_name,
-        rollout_steps=steps, rollout_pause=pause, rollout_analysis=analysis, rollout_min_requests=min_requests, alert_webhook=alert_webhook,
-        webhook_port=webhook_port, webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
+        project_dir=project_dir(project) or Path.cwd(),
+        schedule=schedule,
+        watch_data=data,
+        drift_threshold=drift_threshold,
+        drift_window=drift_window,
+        drift_every_s=parse_window(drift_every),
+        gateway=gateway,
+        api_key=api_key,
+        model_name=model_name,
+        rollout_steps=steps,
+        rollout_pause=pause,
+        rollout_analysis=analysis,
+        rollout_min_requests=min_requests,
+        alert_webhook=alert_webhook,
+        webhook_port=webhook_port,
+        webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
     )
     if not (settings.project_dir / "kollm.yaml").exists():
         raise KollmError(f"no kollm.yaml in {settings.project_dir}", hint="run inside a project or pass --project DIR")
@@ -793,10 +1141,18 @@ def watch_cmd(
     else:
         out.print(f"[bold]{outcome.kind}[/]: {escape(outcome.message)}", highlight=False)
         if outcome.steps_run or outcome.steps_cached:
-            out.print(f"  steps run: {', '.join(outcome.steps_run) or '-'}; from the cache: {', '.join(outcome.steps_cached) or '-'}")
-    if outcome.kind in ("failed", "gate_failed", "rolled_back", "aborted", "rollout_timeout", "gateway_not_serving_challenger"):
+            out.print(
+                f"  steps run: {', '.join(outcome.steps_run) or '-'}; from the cache: {', '.join(outcome.steps_cached) or '-'}"
+            )
+    if outcome.kind in (
+        "failed",
+        "gate_failed",
+        "rolled_back",
+        "aborted",
+        "rollout_timeout",
+        "gateway_not_serving_challenger",
+    ):
         raise typer.Exit(1)
-
 
 
 # --- ui (kollm.ui) ------------------------------------------------------------------------------
@@ -805,9 +1161,16 @@ def watch_cmd(
 @app.command("ui")
 def ui_cmd(
     project: ProjectOpt = None,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 needs --api-key.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but 127.0.0.1 needs --api-key.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    api_key: Annotated[Optional[str], typer.Option(help="The gateway's API key (default: $KOLLM_API_KEY); needed to promote, roll back or steer a rollout. Without it the UI is read-only.")] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The gateway's API key (default: $KOLLM_API_KEY); needed to promote, roll back or steer a rollout. Without it the UI is read-only."
+        ),
+    ] = None,
     gateway: GatewayOpt = None,
 ) -> None:
     """A web dashboard: runs and their step graphs, steps, registry, lineage and the live rollout."""

@@ -29,13 +29,16 @@ class TrackingConfig(BaseModel):
     )
     experiment: str | None = Field(None, description="MLflow experiment name. Default: the project name.")
     artifact_location: str | None = Field(
-        None, description="Where MLflow stores run artifacts for a new experiment (e.g. s3://bucket/kollm). Default: .kollm/mlartifacts."
+        None,
+        description="Where MLflow stores run artifacts for a new experiment (e.g. s3://bucket/kollm). Default: .kollm/mlartifacts.",
     )
 
 
 class DataSource(BaseModel):
     model_config = STRICT
-    path: str = Field(..., description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...).")
+    path: str = Field(
+        ..., description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...)."
+    )
     format: Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"] = Field(
         "auto", description="File format. auto: from the file extension (a folder with dataset_info.json is hf)."
     )
@@ -56,9 +59,13 @@ class Resources(BaseModel):
     model_config = STRICT
     gpus: int = Field(0, ge=0, description="GPUs the step needs. >1 runs training on several GPUs of one host.")
     cpus: float = Field(1, gt=0, description="CPU cores the step needs (the Ray executor reserves them).")
-    memory: str | None = Field(None, description="Memory the step needs, e.g. 8Gi (the Ray and KFP executors reserve it).")
+    memory: str | None = Field(
+        None, description="Memory the step needs, e.g. 8Gi (the Ray and KFP executors reserve it)."
+    )
     workers: int = Field(
-        1, ge=1, le=1024,
+        1,
+        ge=1,
+        le=1024,
         description="Number of Ray Train workers on CPU for a training step (DDP over gloo; with the local executor: "
         "processes of this host). On GPUs the worker count is `gpus`.",
     )
@@ -78,16 +85,23 @@ class SweepParam(BaseModel):
 
     model_config = STRICT
     choice: list[Any] | None = Field(None, description="Pick one of these values at random for each trial.")
-    grid: list[Any] | None = Field(None, description="Every value, each in its own trials (the grids' product, times `samples`).")
+    grid: list[Any] | None = Field(
+        None, description="Every value, each in its own trials (the grids' product, times `samples`)."
+    )
     uniform: tuple[float, float] | None = Field(None, description="[low, high]: a float drawn uniformly.")
-    loguniform: tuple[float, float] | None = Field(None, description="[low, high], both > 0: a float drawn uniformly in log space.")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="[low, high], both > 0: a float drawn uniformly in log space."
+    )
     randint: tuple[int, int] | None = Field(None, description="[low, high]: an integer low <= n < high.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> SweepParam:
         given = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint" + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                "give exactly one of choice, grid, uniform, loguniform, randint"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         kind = given[0]
         value = getattr(self, kind)
         if kind in ("choice", "grid") and not value:
@@ -103,24 +117,38 @@ class SweepSpec(BaseModel):
     """A hyperparameter search over a training step's config, run as Ray Tune trials (kollm.pipeline.sweep)."""
 
     model_config = STRICT
-    params: dict[str, SweepParam] = Field(..., min_length=1, description="Config path (lr, lora.r, ...) -> how to sample it.")
-    metric: str = Field("eval_loss", description="The step metric that picks the best finished trial (eval_loss, train_loss).")
+    params: dict[str, SweepParam] = Field(
+        ..., min_length=1, description="Config path (lr, lora.r, ...) -> how to sample it."
+    )
+    metric: str = Field(
+        "eval_loss", description="The step metric that picks the best finished trial (eval_loss, train_loss)."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether a lower or a higher `metric` is better.")
     samples: int = Field(4, ge=1, le=1000, description="Trials to sample (times the product of the `grid` params).")
     scheduler: Literal["asha", "none"] = Field(
-        "asha", description="asha: stop weak trials early from the training loss the loop reports as it goes; none: run every trial to the end."
+        "asha",
+        description="asha: stop weak trials early from the training loss the loop reports as it goes; none: run every trial to the end.",
     )
-    grace_period: int = Field(1, ge=1, description="ASHA: reports (every `log_every` steps) a trial runs before it may be stopped.")
-    reduction_factor: int = Field(2, ge=2, description="ASHA: keep the best 1/reduction_factor of the trials at each rung.")
+    grace_period: int = Field(
+        1, ge=1, description="ASHA: reports (every `log_every` steps) a trial runs before it may be stopped."
+    )
+    reduction_factor: int = Field(
+        2, ge=2, description="ASHA: keep the best 1/reduction_factor of the trials at each rung."
+    )
     max_concurrent: int = Field(2, ge=1, description="Trials running at the same time.")
-    seed: int = Field(0, description="Seed for sampling the trials' values (the same seed gives the same trials, so a rerun reuses them).")
+    seed: int = Field(
+        0,
+        description="Seed for sampling the trials' values (the same seed gives the same trials, so a rerun reuses them).",
+    )
 
 
 class StepSpec(BaseModel):
     model_config = STRICT
     kind: str = Field(..., description="The step kind: prepare, cpt, sft, align, evaluate, register, python.")
     name: str | None = Field(None, description="A unique name for the step. Default: the kind.")
-    config: dict[str, Any] = Field(default_factory=dict, description="The step's settings; `kollm schema` lists them per kind.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The step's settings; `kollm schema` lists them per kind."
+    )
     inputs: dict[str, str] = Field(
         default_factory=dict,
         description="Input name -> a data source name, an earlier step's name, or STEP.OUTPUT. "
@@ -128,8 +156,13 @@ class StepSpec(BaseModel):
     )
     resources: Resources = Field(default_factory=Resources)
     retries: int = Field(0, ge=0, le=20, description="How often to retry the step after an unexpected error.")
-    retry_backoff_s: float = Field(2.0, ge=0, description="Seconds before the first retry; doubled on each further retry.")
-    sweep: SweepSpec | None = Field(None, description="A hyperparameter search (training steps): trials on Ray Tune; the best trial's outputs become the step's.")
+    retry_backoff_s: float = Field(
+        2.0, ge=0, description="Seconds before the first retry; doubled on each further retry."
+    )
+    sweep: SweepSpec | None = Field(
+        None,
+        description="A hyperparameter search (training steps): trials on Ray Tune; the best trial's outputs become the step's.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -141,9 +174,12 @@ class StepSpec(BaseModel):
 
 class ExecutorConfig(BaseModel):
     model_config = STRICT
-    kind: Literal["local", "ray"] = Field("local", description="local: this machine; ray: steps as Ray tasks (pip install 'kollm[ray]').")
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: this machine; ray: steps as Ray tasks (pip install 'kollm[ray]')."
+    )
     address: str | None = Field(
-        None, description="Ray only: the cluster (auto, ray://HOST:10001). Default: a local Ray instance started for the run."
+        None,
+        description="Ray only: the cluster (auto, ray://HOST:10001). Default: a local Ray instance started for the run.",
     )
 
 
@@ -151,11 +187,18 @@ class ProjectConfig(BaseModel):
     """The whole kollm.yaml."""
 
     model_config = STRICT
-    project: str = Field(..., description="The project name (also the default MLflow experiment and registered model name).")
+    project: str = Field(
+        ..., description="The project name (also the default MLflow experiment and registered model name)."
+    )
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    data: dict[str, DataSource] = Field(default_factory=dict, description="Named raw data sources, read by prepare steps.")
+    data: dict[str, DataSource] = Field(
+        default_factory=dict, description="Named raw data sources, read by prepare steps."
+    )
     steps: list[StepSpec] = Field(..., min_length=1, description="The pipeline: steps run in this order.")
-    executor: ExecutorConfig = Field(default_factory=lambda: ExecutorConfig(), description="Which executor runs the steps: local or ray (or {kind: ray, address: ...}).")
+    executor: ExecutorConfig = Field(
+        default_factory=lambda: ExecutorConfig(),
+        description="Which executor runs the steps: local or ray (or {kind: ray, address: ...}).",
+    )
 
     @field_validator("executor", mode="before")
     @classmethod
@@ -208,7 +251,9 @@ def pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseMo
     for e in err.errors():
         loc = tuple(e["loc"])
         target = model
-        if variants and loc and str(loc[0]) in variants[1]:  # pydantic names the chosen variant's tag first: not a YAML key
+        if (
+            variants and loc and str(loc[0]) in variants[1]
+        ):  # pydantic names the chosen variant's tag first: not a YAML key
             target, loc = variants[1][str(loc[0])], loc[1:]
         where = format_loc(loc, prefix)
         typ = e["type"]
@@ -216,11 +261,19 @@ def pydantic_problems(err: ValidationError, prefix: str = "", model: type[BaseMo
             problems.append(f"{where}: expected {_EXPECTED[typ]}, got {_describe(e.get('input'))}")
         elif typ == "missing":
             problems.append(f"{where}: required field is missing")
-        elif typ == "extra_forbidden" and model and target and len(loc) == 1 and (msg := foreign_setting(model, target, str(loc[0]))):
+        elif (
+            typ == "extra_forbidden"
+            and model
+            and target
+            and len(loc) == 1
+            and (msg := foreign_setting(model, target, str(loc[0])))
+        ):
             problems.append(f"{where}: {msg}")
         elif typ == "union_tag_invalid" and variants and not loc:
             got = e["input"].get(variants[0]) if isinstance(e.get("input"), dict) else e.get("input")
-            problems.append(f"{format_loc((variants[0],), prefix)}: expected one of {_or([repr(t) for t in variants[1]], 'or')}, got {_describe(got)}")
+            problems.append(
+                f"{format_loc((variants[0],), prefix)}: expected one of {_or([repr(t) for t in variants[1]], 'or')}, got {_describe(got)}"
+            )
         elif typ == "extra_forbidden":
             allowed = _allowed_keys(target, loc[:-1]) if target else []
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -381,7 +434,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> tuple[ProjectConf
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text; save the file as UTF-8", source=str(file)) from None
     if not isinstance(raw, dict):
-        raise ConfigError("expected a mapping with keys project, steps (and optionally tracking, data, executor)", source=str(file))
+        raise ConfigError(
+            "expected a mapping with keys project, steps (and optionally tracking, data, executor)", source=str(file)
+        )
     try:
         cfg = ProjectConfig.model_validate(raw)
     except ValidationError as e:

@@ -151,9 +151,18 @@ class JsonLog:
     """The writer of one log file: lines of `component` with the labels given here (see the module docstring).
     Thread-safe; picklable (a copy in another process opens the file itself on its first line)."""
 
-    def __init__(self, path: Path, component: str, *, project: str | None = None, step: str | None = None,
-                 model: str | None = None, max_bytes: int = MAX_LOG_BYTES, backups: int = LOG_BACKUPS,
-                 field_limit: int = FIELD_LIMIT):
+    def __init__(
+        self,
+        path: Path,
+        component: str,
+        *,
+        project: str | None = None,
+        step: str | None = None,
+        model: str | None = None,
+        max_bytes: int = MAX_LOG_BYTES,
+        backups: int = LOG_BACKUPS,
+        field_limit: int = FIELD_LIMIT,
+    ):
         if component not in COMPONENTS:
             raise ValueError(f"component {component!r}: one of {', '.join(COMPONENTS)} (add a new one to COMPONENTS)")
         self.path = Path(path)
@@ -176,8 +185,14 @@ class JsonLog:
                     labels.pop(k, None)
                 else:
                     labels[k] = str(v)
-        return {"ts": _now(), "level": level, "component": self.component, "event": event, **labels,
-                **{k: _clean(v, self.field_limit) for k, v in fields.items()}}
+        return {
+            "ts": _now(),
+            "level": level,
+            "component": self.component,
+            "event": event,
+            **labels,
+            **{k: _clean(v, self.field_limit) for k, v in fields.items()},
+        }
 
     def log(self, event: str, level: str = "INFO", **fields: Any) -> None:
         """Write one line: the fixed fields, the labels, then `fields`."""

@@ -150,7 +150,11 @@ def _registered_model(c: MlflowClient, name: str):
         if not _not_found(e):
             raise
         names = [m.name for m in c.search_registered_models(max_results=50)]
-        hint = ("registered models: " + ", ".join(names)) if names else "no model is registered yet: run a pipeline with a `register` step"
+        hint = (
+            ("registered models: " + ", ".join(names))
+            if names
+            else "no model is registered yet: run a pipeline with a `register` step"
+        )
         raise NotFound(f"no registered model '{name}' at {mask_uri(c.tracking_uri)}", hint=hint) from None
 
 
@@ -166,7 +170,9 @@ def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
             if not _not_found(e):
                 raise
             known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
-            raise NotFound(f"model '{name}' has no version {ref}", hint=f"versions: {', '.join(map(str, known)) or 'none'}") from None
+            raise NotFound(
+                f"model '{name}' has no version {ref}", hint=f"versions: {', '.join(map(str, known)) or 'none'}"
+            ) from None
     if ref not in aliases:
         existing = ", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"
         raise NotFound(f"model '{name}' has no alias '{ref}'", hint=f"aliases: {existing}")
@@ -219,7 +225,13 @@ def _move(c: MlflowClient, name: str, alias: str, version: str, *, action: str, 
     """Point `alias` at `version`, tag the version, record the move. Returns the version it pointed at before."""
     before = _aliases(c.get_registered_model(name)).get(alias)
     # the audit entry first: a process killed half-way leaves a recorded move, never an alias moved without one
-    _record(c, name, AuditEntry(at=at, action=action, alias=alias, version=version, replaced=before, reason=reason[:2000], user=_user()))
+    _record(
+        c,
+        name,
+        AuditEntry(
+            at=at, action=action, alias=alias, version=version, replaced=before, reason=reason[:2000], user=_user()
+        ),
+    )
     c.set_registered_model_alias(name, alias, version)
     c.set_model_version_tag(name, version, f"kollm.{alias}_since", at)
     c.set_model_version_tag(name, version, f"kollm.{alias}_reason", reason[:4000])
@@ -233,14 +245,18 @@ def _user() -> str:
         return "unknown"
 
 
-def set_alias(name: str, alias: str, version: str, *, reason: str, action: str = "register", project_dir: Path | None = None) -> str | None:
+def set_alias(
+    name: str, alias: str, version: str, *, reason: str, action: str = "register", project_dir: Path | None = None
+) -> str | None:
     """Point `alias` at `version` with an audit record (used by `register` for `challenger`). Returns the old target."""
     c = client(project_dir)
     _get_version(c, name, str(version))
     return _move(c, name, alias, str(version), action=action, reason=reason, at=_now())
 
 
-def promote(name: str, version: str | int | None = None, reason: str = "", project_dir: Path | None = None) -> AliasMove:
+def promote(
+    name: str, version: str | int | None = None, reason: str = "", project_dir: Path | None = None
+) -> AliasMove:
     """Make `version` (default: the current challenger) the champion; the old champion becomes `previous`."""
     c = client(project_dir)
     model = _registered_model(c, name)
@@ -305,7 +321,9 @@ def _hf_folder_in(download: Path, what: str) -> Path:
                 return folder
     if _is_hf_folder(download):
         return download
-    candidates = sorted(p.parent for p in download.glob("*/config.json")) + sorted(p.parent for p in download.glob("*/*/config.json"))
+    candidates = sorted(p.parent for p in download.glob("*/config.json")) + sorted(
+        p.parent for p in download.glob("*/*/config.json")
+    )
     if len(candidates) == 1:
         return candidates[0]
     raise NotFound(
@@ -366,7 +384,9 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
         source = c.get_model_version_download_uri(info.name, info.version)
         from mlflow.artifacts import download_artifacts
 
-        folder = _download_once(cache, lambda dst: download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=c.tracking_uri))
+        folder = _download_once(
+            cache, lambda dst: download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=c.tracking_uri)
+        )
         return _hf_folder_in(_single_child(folder), f"{uri} (version {info.version})")
     if uri.startswith("runs:/"):
         match = _RUNS.match(uri)
@@ -379,7 +399,9 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
         except MlflowException as e:
             if not _not_found(e):
                 raise
-            raise NotFound(f"no MLflow run '{run_id}' at {mask_uri(c.tracking_uri)}", hint="`kollm runs` lists the runs") from None
+            raise NotFound(
+                f"no MLflow run '{run_id}' at {mask_uri(c.tracking_uri)}", hint="`kollm runs` lists the runs"
+            ) from None
         key = hashlib.sha256(f"{c.tracking_uri}\0{run_id}\0{path}".encode()).hexdigest()[:12]
         cache = _cache_root(project_dir) / f"run-{run_id[:12]}-{key}"
 
@@ -389,7 +411,9 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
             try:  # runs:/ reaches the run's artifacts and, as in MLflow 3, the models the run logged (by name)
                 download_artifacts(artifact_uri=f"runs:/{run_id}/{path}", dst_path=dst, tracking_uri=c.tracking_uri)
             except (MlflowException, OSError) as e:
-                raise NotFound(f"run {run_id} has no artifact '{path}'", hint=f"MLflow said: {str(e).splitlines()[0][:200]}") from None
+                raise NotFound(
+                    f"run {run_id} has no artifact '{path}'", hint=f"MLflow said: {str(e).splitlines()[0][:200]}"
+                ) from None
 
         folder = _download_once(cache, download)
         return _hf_folder_in(_single_child(folder), uri)
@@ -452,13 +476,16 @@ def register_folder(
     if source is None:
         source = f"models:/{_log_model(c, run_id, hf_folder, tags)}"
     try:
-        c.create_registered_model(name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}")
+        c.create_registered_model(
+            name, description=f"registered by kollm; aliases: {CHAMPION}, {CHALLENGER}, {PREVIOUS}"
+        )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_id = source.removeprefix("models:/") if source.startswith("models:/") else None
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
-                                model_id=model_id)
+    mv = c.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, description=description, model_id=model_id
+    )
     if model_id:  # as mlflow.register_model does: the logged model lists its versions (the UI links them)
         versions = json.loads(c.get_logged_model(model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
         if not any(str(v.get("name")) == name and str(v.get("version")) == str(mv.version) for v in versions):
@@ -481,7 +508,11 @@ TASK = "text-generation"
 def _logged_by_earlier_attempt(c: MlflowClient, run_id: str, step_key: str) -> str | None:
     """The model URI a run of an earlier attempt of this register step logged completely (None: there is none)."""
     experiment = c.get_run(run_id).info.experiment_id
-    runs = c.search_runs([experiment], filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'", max_results=1)
+    runs = c.search_runs(
+        [experiment],
+        filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'",
+        max_results=1,
+    )
     if not runs:
         return None
     model_id = runs[0].data.tags.get(MODEL_ID_TAG)  # absent: logged as run artifacts by an older kollm
@@ -516,23 +547,33 @@ def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, st
         f"transformers=={transformers.__version__}",
     ]
     experiment = c.get_run(run_id).info.experiment_id
-    logged = c.create_logged_model(experiment, name=MODEL_NAME, source_run_id=run_id, model_type=TASK,
-                                   tags={k: v[:8000] for k, v in tags.items()})  # the version's lineage tags
+    logged = c.create_logged_model(
+        experiment, name=MODEL_NAME, source_run_id=run_id, model_type=TASK, tags={k: v[:8000] for k, v in tags.items()}
+    )  # the version's lineage tags
     try:
         # MLflow nags about type hints, Any and input examples; the choices here are deliberate. It forces its own
         # "once" filter around those checks, so filters cannot silence them: record the warnings and drop them.
         with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings(record=True):
             local = Path(tmp) / MODEL_NAME
-            spec = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
-                         model_id=logged.model_id)
+            spec = Model(
+                artifact_path=logged.artifact_location,
+                run_id=run_id,
+                model_uuid=logged.model_id,
+                model_id=logged.model_id,
+            )
             # no input_example here: with one, MLflow would load the model and generate to check it
-            mlflow.pyfunc.save_model(path=str(local), python_model=str(PYFUNC_CODE),
-                                     artifacts={HF_ARTIFACT: str(hf_folder)}, pip_requirements=requirements,
-                                     mlflow_model=spec)
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                python_model=str(PYFUNC_CODE),
+                artifacts={HF_ARTIFACT: str(hf_folder)},
+                pip_requirements=requirements,
+                mlflow_model=spec,
+            )
             spec = Model.load(str(local / "MLmodel"))
             hints = spec.signature
             spec.signature = ModelSignature(
-                inputs=hints.inputs, outputs=hints.outputs,
+                inputs=hints.inputs,
+                outputs=hints.outputs,
                 params=ParamSchema([ParamSpec("max_new_tokens", "long", 64), ParamSpec("batch_size", "long", 8)]),
             )
             spec.signature._is_signature_from_type_hint = True  # predict checks its hints, not a table schema

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from kollm.data.dedup import DedupConfig, canonical, exact_key, jaccard, near_duplicates, shingle_hashes, signature, signatures_batch
+from kollm.data.dedup import (
+    DedupConfig,
+    canonical,
+    exact_key,
+    jaccard,
+    near_duplicates,
+    shingle_hashes,
+    signature,
+    signatures_batch,
+)
 from kollm.data.synthetic import corpus_with_near_duplicates
 
 A = "오늘은 날씨가 정말 좋네요. 공원에 가서 산책을 하고, 친구들과 맛있는 점심을 먹었습니다. 내일도 이렇게 맑았으면 좋겠어요!"
@@ -92,7 +101,13 @@ def test_index_finds_the_candidates_datasketch_lsh_finds():
 def test_translit_key_meets_loanwords_in_hangul_and_latin_letters():
     from kollm.data.dedup import translit_key
 
-    for hangul, latin in [("데비안", "Debian"), ("우분투", "UBUNTU"), ("리눅스", "Linux"), ("파이썬", "Python"), ("커피", "coffee")]:
+    for hangul, latin in [
+        ("데비안", "Debian"),
+        ("우분투", "UBUNTU"),
+        ("리눅스", "Linux"),
+        ("파이썬", "Python"),
+        ("커피", "coffee"),
+    ]:
         a = shingle_hashes(f"{hangul}를 설치했다", 3, transliteration=True)
         b = shingle_hashes(f"{latin}를 설치했다", 3, transliteration=True)
         assert set(a.tolist()) == set(b.tolist()), (hangul, latin, translit_key(hangul), translit_key(latin))
@@ -111,7 +126,13 @@ def test_transliterated_short_paragraphs_are_near_duplicates():
     truth = np.array(origin)
 
     def found(cfg: DedupConfig) -> np.ndarray:
-        return near_duplicates(signatures_batch(texts, cfg), np.ones(len(texts), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold)
+        return near_duplicates(
+            signatures_batch(texts, cfg),
+            np.ones(len(texts), bool),
+            cfg.threshold,
+            cfg.short_doc_slack,
+            cfg.min_threshold,
+        )
 
     dup_of = found(DedupConfig())
     assert dup_of.tolist() == truth.tolist()  # every copy points at its own paragraph; no paragraph is dropped
@@ -140,7 +161,12 @@ def test_min_threshold_above_threshold_is_a_config_error():
 def test_short_texts_that_differ_in_numbers_are_not_near_duplicates():
     """Templated rows (a question per number) stay apart: digits are not collapsed (1 / 11) and the
     short-document slack covers one changed word, not several."""
-    texts = [f"{i}번째 질문입니다. 서울의 역사에 대해 알려 주세요.\n{i}번째 답변입니다. 서울은 {i * 7}년의 역사를 생각해 볼 수 있습니다." for i in range(40)]
+    texts = [
+        f"{i}번째 질문입니다. 서울의 역사에 대해 알려 주세요.\n{i}번째 답변입니다. 서울은 {i * 7}년의 역사를 생각해 볼 수 있습니다."
+        for i in range(40)
+    ]
     cfg = DedupConfig()
-    dup_of = near_duplicates(signatures_batch(texts, cfg), np.ones(len(texts), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold)
+    dup_of = near_duplicates(
+        signatures_batch(texts, cfg), np.ones(len(texts), bool), cfg.threshold, cfg.short_doc_slack, cfg.min_threshold
+    )
     assert (dup_of == -1).all()

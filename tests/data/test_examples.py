@@ -22,7 +22,9 @@ def test_init_project_generates_data_deterministically(tmp_path):
     b = init_project(tmp_path / "b")
     files = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
     assert "kollm.yaml" in files and "data/instructions.jsonl" in files and "data/eval_suite.jsonl" in files
-    assert "data/corpus/kolaw-constitution.txt" in files and sum(f.startswith("data/corpus/kobill-") for f in files) == 10
+    assert (
+        "data/corpus/kolaw-constitution.txt" in files and sum(f.startswith("data/corpus/kobill-") for f in files) == 10
+    )
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     suite = [json.loads(line) for line in (a / "data" / "eval_suite.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -54,7 +56,14 @@ def test_generated_rows_fit_their_schemas(tmp_path):
 def test_korean_particles_and_number_reading():
     assert josa("사과", "을/를") == "사과를" and josa("책", "을/를") == "책을" and josa("서울", "이/가") == "서울이"
     assert has_batchim("13") and not has_batchim("12")
-    assert [read_number(n) for n in (0, 11, 100, 1234, 10000, 20305)] == ["영", "십일", "백", "천이백삼십사", "만", "이만삼백오"]
+    assert [read_number(n) for n in (0, 11, 100, 1234, 10000, 20305)] == [
+        "영",
+        "십일",
+        "백",
+        "천이백삼십사",
+        "만",
+        "이만삼백오",
+    ]
 
 
 def test_quickstart_prepare_steps_pass_their_gates(tmp_path):
@@ -68,7 +77,9 @@ def test_quickstart_prepare_steps_pass_their_gates(tmp_path):
         src = pipe.cfg.data[step.inputs["source"].source]
         path = root / src.path
         files = sorted(str(p) for p in path.rglob("*.txt")) if path.is_dir() else [str(path)]
-        out = prepare_batches(read_source(SourceFiles(step.name, str(path), src.format, files), step.config.txt_mode), step.config)
+        out = prepare_batches(
+            read_source(SourceFiles(step.name, str(path), src.format, files), step.config.txt_mode), step.config
+        )
         assert not violations(out.counts, step.config.gate), (step.name, out.counts)
         assert out.counts.train >= 100 and out.counts.eval >= 10, (step.name, out.counts)
 

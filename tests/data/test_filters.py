@@ -6,7 +6,15 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from kollm.data.filters import FilterConfig, dup_line_fraction, quality_batch, quality_features, quality_reason, symbol_ratio, top_ngram_fraction
+from kollm.data.filters import (
+    FilterConfig,
+    dup_line_fraction,
+    quality_batch,
+    quality_features,
+    quality_reason,
+    symbol_ratio,
+    top_ngram_fraction,
+)
 
 CLEAN = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 국가는 법률이 정하는 바에 의하여 재외국민을 보호할 의무를 진다."
 
@@ -31,7 +39,9 @@ def test_hangul_ratio():
 
 
 def test_repeated_lines_and_ngrams():
-    lines = "\n".join(["오늘의 특가 상품을 확인하세요 지금 바로 구매"] * 6 + ["감사합니다 좋은 하루 보내세요 여러분 모두"])
+    lines = "\n".join(
+        ["오늘의 특가 상품을 확인하세요 지금 바로 구매"] * 6 + ["감사합니다 좋은 하루 보내세요 여러분 모두"]
+    )
     assert dup_line_fraction(lines) > 0.8
     assert reason(lines) == "filter:repeated_lines"
     spam = " ".join(["최저가 보장 이벤트"] * 15) + " 지금 확인하세요"
@@ -59,12 +69,14 @@ def test_quality_batch_keeps_prior_rejections_and_records_features():
 
 
 def test_preference_rejected_reply_is_not_filtered():
-    batch = pd.DataFrame({
-        "prompt": [[{"role": "user", "content": "대한민국의 수도는 어디인가요? 자세히 알려 주세요."}]],
-        "chosen": ["대한민국의 수도는 서울입니다."],
-        "rejected": ["!!!! ???? ★★★★ ####"],
-        "_reject": [""],
-    })
+    batch = pd.DataFrame(
+        {
+            "prompt": [[{"role": "user", "content": "대한민국의 수도는 어디인가요? 자세히 알려 주세요."}]],
+            "chosen": ["대한민국의 수도는 서울입니다."],
+            "rejected": ["!!!! ???? ★★★★ ####"],
+            "_reject": [""],
+        }
+    )
     assert quality_batch(batch, "preferences", FilterConfig())["_reject"][0] == ""
 
 

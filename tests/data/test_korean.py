@@ -48,7 +48,10 @@ def test_punctuation_emoji_mixed_scripts_and_meaning_kept():
 
 
 def test_whitespace_and_line_breaks():
-    assert normalize_text("  첫 줄   입니다\t\t끝  \r\n\r\n\r\n\r\n둘째 줄 \u2028셋째") == "첫 줄 입니다 끝\n\n둘째 줄\n셋째"
+    assert (
+        normalize_text("  첫 줄   입니다\t\t끝  \r\n\r\n\r\n\r\n둘째 줄 \u2028셋째")
+        == "첫 줄 입니다 끝\n\n둘째 줄\n셋째"
+    )
 
 
 def test_hangul_ratio():
@@ -97,7 +100,11 @@ def test_normalization_never_drops_hangul_syllables(text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["가", "한", "국", "어", "힣", " ", ",", ".", "!", "a", "1", "😀", "\u200b", "\n"]), max_size=60))
+@given(
+    st.lists(
+        st.sampled_from(["가", "한", "국", "어", "힣", " ", ",", ".", "!", "a", "1", "😀", "\u200b", "\n"]), max_size=60
+    )
+)
 def test_syllables_are_kept_in_order(chars):
     text = "".join(chars)
     syllables = [c for c in text if "가" <= c <= "힣"]
@@ -108,12 +115,19 @@ def test_code_indentation_and_fenced_blocks_are_kept():
     code = "def f(x):\n    if x:\n\treturn 1  \n    return 0"
     assert normalize_text(code) == "def f(x):\n    if x:\n\treturn 1\n    return 0"
     answer = "예시 코드입니다:\n\n```python\nx  = 1   # 정렬된  주석\ny  = 22  # 둘째\n```\n끝   입니다"
-    assert normalize_text(answer) == "예시 코드입니다:\n\n```python\nx  = 1   # 정렬된  주석\ny  = 22  # 둘째\n```\n끝 입니다"
+    assert (
+        normalize_text(answer)
+        == "예시 코드입니다:\n\n```python\nx  = 1   # 정렬된  주석\ny  = 22  # 둘째\n```\n끝 입니다"
+    )
     assert normalize_text("목록:\n  - 하나   둘\n  - 셋 ") == "목록:\n  - 하나 둘\n  - 셋"
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["```", "`", " ", "  ", "\t", "\n", "\r\n", "가", "한", "x", "\u3000", "\u2028"]), max_size=40))
+@given(
+    st.lists(
+        st.sampled_from(["```", "`", " ", "  ", "\t", "\n", "\r\n", "가", "한", "x", "\u3000", "\u2028"]), max_size=40
+    )
+)
 def test_normalization_with_indentation_and_fences_is_idempotent(parts):
     text = "".join(parts)
     once = normalize_text(text)
@@ -121,8 +135,12 @@ def test_normalization_with_indentation_and_fences_is_idempotent(parts):
     assert [c for c in once if "가" <= c <= "힣"] == [c for c in text if "가" <= c <= "힣"]
 
 
-_TEXT = st.lists(st.sampled_from([*"가나다 한국어\t\n\u3000\u00a0\u2003abc,.!?_-~`", "```", "데비안", "  \n", "Google", "서버", "  "]),
-                 max_size=40).map("".join)
+_TEXT = st.lists(
+    st.sampled_from(
+        [*"가나다 한국어\t\n\u3000\u00a0\u2003abc,.!?_-~`", "```", "데비안", "  \n", "Google", "서버", "  "]
+    ),
+    max_size=40,
+).map("".join)
 
 
 @given(st.one_of(_TEXT, st.text(max_size=60)))  # and any Unicode (jamo, unassigned code points, lone surrogates)
@@ -137,7 +155,9 @@ def test_fast_paths_give_what_the_plain_forms_give(text):
     from kollm.data import korean
     from kollm.data.filters import symbol_ratio
 
-    plain_spaces = text if korean._FENCE in text else korean._INNER_SPACES.sub(" ", korean._TRAILING_SPACES.sub("", text))
+    plain_spaces = (
+        text if korean._FENCE in text else korean._INNER_SPACES.sub(" ", korean._TRAILING_SPACES.sub("", text))
+    )
     if korean._FENCE not in text:
         assert korean._spaces(text) == plain_spaces
     letters = korean._NOT_LETTER.sub("", text)

@@ -17,12 +17,18 @@ from kollm.steps.prepare import Config, prepare_batches
 
 # One sentence repeated with its spacing broken differently each time (particles and endings attached or
 # split): whitespace words barely repeat, morphemes do.
-SPACINGS = ["서울은 대한민국의 수도이며 인구가 가장 많은 도시입니다.", "서울은대한민국의 수도이며인구가 가장많은 도시입니다.",
-            "서울 은 대한민국 의 수도 이며 인구 가 가장 많은 도시 입니다.", "서울은 대한 민국의수도이며 인구가가장 많은도시입니다."]
+SPACINGS = [
+    "서울은 대한민국의 수도이며 인구가 가장 많은 도시입니다.",
+    "서울은대한민국의 수도이며인구가 가장많은 도시입니다.",
+    "서울 은 대한민국 의 수도 이며 인구 가 가장 많은 도시 입니다.",
+    "서울은 대한 민국의수도이며 인구가가장 많은도시입니다.",
+]
 REPEATED = " ".join(SPACINGS * 3)
-CLEAN = ("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 국가는 법률이 정하는 바에 의하여 "
-         "재외국민을 보호할 의무를 진다. 대한민국의 영토는 한반도와 그 부속도서로 한다. 대한민국은 통일을 지향하며, 자유민주적 기본질서에 "
-         "입각한 평화적 통일 정책을 수립하고 이를 추진한다.")
+CLEAN = (
+    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 국가는 법률이 정하는 바에 의하여 "
+    "재외국민을 보호할 의무를 진다. 대한민국의 영토는 한반도와 그 부속도서로 한다. 대한민국은 통일을 지향하며, 자유민주적 기본질서에 "
+    "입각한 평화적 통일 정책을 수립하고 이를 추진한다."
+)
 
 
 def test_morpheme_repetition_sees_through_broken_spacing():
@@ -30,7 +36,9 @@ def test_morpheme_repetition_sees_through_broken_spacing():
     morphemes = quality_features(REPEATED, 5, "kiwi")
     assert morphemes.top_ngram_fraction > 0.2 >= words.top_ngram_fraction
     assert quality_reason(words, FilterConfig(repetition_min_words=20)) == ""
-    assert quality_reason(morphemes, FilterConfig(tokenizer="kiwi", repetition_min_words=20)) == "filter:repeated_ngrams"
+    assert (
+        quality_reason(morphemes, FilterConfig(tokenizer="kiwi", repetition_min_words=20)) == "filter:repeated_ngrams"
+    )
     clean = quality_features(CLEAN, 5, "kiwi")
     assert quality_reason(clean, FilterConfig(tokenizer="kiwi", repetition_min_words=20)) == ""
     assert clean.morphemes > clean.words and clean.sentences == 5
@@ -51,13 +59,18 @@ def test_quality_batch_records_text_statistics():
     out = quality_batch(batch, "corpus", FilterConfig(tokenizer="kiwi"))
     assert out["_reject"].tolist() == ["", "filter:too_short"]
     assert out["_sentences"].tolist()[0] == 5 and out["_morphemes"].tolist()[0] > 40
-    assert sum(out[f"_pos_{c}"].iloc[0] for c in ("noun", "predicate", "particle", "ending", "foreign", "other")) == out["_morphemes"].iloc[0]
+    assert (
+        sum(out[f"_pos_{c}"].iloc[0] for c in ("noun", "predicate", "particle", "ending", "foreign", "other"))
+        == out["_morphemes"].iloc[0]
+    )
 
 
 def test_prepare_with_kiwi_puts_morpheme_statistics_in_stats_and_report():
     texts = [CLEAN, REPEATED, "서버를 Linux로 옮겼습니다. 이제 관리가 쉬워졌어요. 모두 만족합니다."]
     batches = [pd.DataFrame({"text": texts, "_source": "f"})]
-    kiwi = prepare_batches(batches, Config(filters={"tokenizer": "kiwi", "repetition_min_words": 20}, split={"eval_fraction": 0}))
+    kiwi = prepare_batches(
+        batches, Config(filters={"tokenizer": "kiwi", "repetition_min_words": 20}, split={"eval_fraction": 0})
+    )
     assert kiwi.counts.reasons == {"filter:repeated_ngrams": 1}
     stats = kiwi.stats
     assert stats["tokenizer"] == "kiwi" and stats["sentences_mean"] == 4.0
@@ -75,7 +88,8 @@ def test_tokenizer_is_validated_and_the_error_names_the_field(tmp_path):
         FilterConfig(tokenizer="mecab")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text(CLEAN, encoding="utf-8")
-    (tmp_path / "kollm.yaml").write_text(textwrap.dedent("""\
+    (tmp_path / "kollm.yaml").write_text(
+        textwrap.dedent("""\
         project: kiwi-test
         data:
           docs: {path: data}
@@ -83,7 +97,9 @@ def test_tokenizer_is_validated_and_the_error_names_the_field(tmp_path):
           - kind: prepare
             inputs: {source: docs}
             config: {filters: {tokenizer: mecab}}
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     with pytest.raises(ConfigError, match=r"steps\[0\]\.config\.filters\.tokenizer"):
         kollm.load(tmp_path)
 

@@ -35,14 +35,16 @@ def make_card(rng: random.Random) -> str:
 
 
 def make_phone(rng: random.Random) -> str:
-    return rng.choice([
-        f"010-{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}",
-        f"010{rng.randint(1000, 9999)}{rng.randint(1000, 9999)}",
-        f"02-{rng.randint(200, 999)}-{rng.randint(1000, 9999)}",
-        f"031-{rng.randint(200, 9999)}-{rng.randint(1000, 9999)}",
-        f"+82 10-{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}",
-        f"010.{rng.randint(1000, 9999)}.{rng.randint(1000, 9999)}",
-    ])
+    return rng.choice(
+        [
+            f"010-{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}",
+            f"010{rng.randint(1000, 9999)}{rng.randint(1000, 9999)}",
+            f"02-{rng.randint(200, 999)}-{rng.randint(1000, 9999)}",
+            f"031-{rng.randint(200, 9999)}-{rng.randint(1000, 9999)}",
+            f"+82 10-{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}",
+            f"010.{rng.randint(1000, 9999)}.{rng.randint(1000, 9999)}",
+        ]
+    )
 
 
 def make_email(rng: random.Random) -> str:
@@ -51,8 +53,13 @@ def make_email(rng: random.Random) -> str:
 
 
 def make_account(rng: random.Random) -> str:
-    return rng.choice([f"110-{rng.randint(100, 999)}-{rng.randint(100000, 999999)}", f"{rng.randint(100000, 999999)}-04-{rng.randint(100000, 999999)}",
-                       f"1002-{rng.randint(100, 999)}-{rng.randint(100000, 999999)}"])
+    return rng.choice(
+        [
+            f"110-{rng.randint(100, 999)}-{rng.randint(100000, 999999)}",
+            f"{rng.randint(100000, 999999)}-04-{rng.randint(100000, 999999)}",
+            f"1002-{rng.randint(100, 999)}-{rng.randint(100000, 999999)}",
+        ]
+    )
 
 
 def test_checksums():
@@ -79,13 +86,24 @@ def test_foreigner_registration_number():
 
 def test_phone_numbers_inside_sentences():
     assert mask_text("궁금하시면 010-1234-5678로 연락주세요.") == "궁금하시면 <PHONE>로 연락주세요."
-    assert mask_text("대표번호는02-123-4567이고 팩스는 (031)234-5678입니다") == "대표번호는<PHONE>이고 팩스는 <PHONE>입니다"
+    assert (
+        mask_text("대표번호는02-123-4567이고 팩스는 (031)234-5678입니다")
+        == "대표번호는<PHONE>이고 팩스는 <PHONE>입니다"
+    )
     assert mask_text("전화: 01098765432번으로") == "전화: <PHONE>번으로"
     assert mask_text("해외에서는 +82 10-2222-3333") == "해외에서는 <PHONE>"
 
 
 def test_numbers_that_are_not_pii_are_left_alone():
-    for text in ["발의연월일 : 2010. 11. 12.", "제63조제2항제4호", "2024-05-01에 시행", "가격은 12,000원", "3·1운동", "버전 1.2.3", "1588-1234 고객센터"]:
+    for text in [
+        "발의연월일 : 2010. 11. 12.",
+        "제63조제2항제4호",
+        "2024-05-01에 시행",
+        "가격은 12,000원",
+        "3·1운동",
+        "버전 1.2.3",
+        "1588-1234 고객센터",
+    ]:
         assert mask_text(text) == text, text
 
 
@@ -104,10 +122,17 @@ def test_keep_action_does_not_turn_a_phone_into_an_account():
 
 
 def test_pii_batch_actions_mask_drop_keep():
-    batch = pd.DataFrame({
-        "text": ["연락처 010-1111-2222 입니다", "주민번호 " + make_rrn(random.Random(3)) + " 유출", "메일 a@b.com 남김", "깨끗한 문장"],
-        "_reject": ["", "", "", ""],
-    })
+    batch = pd.DataFrame(
+        {
+            "text": [
+                "연락처 010-1111-2222 입니다",
+                "주민번호 " + make_rrn(random.Random(3)) + " 유출",
+                "메일 a@b.com 남김",
+                "깨끗한 문장",
+            ],
+            "_reject": ["", "", "", ""],
+        }
+    )
     out, found = pii_batch(batch, "corpus", PiiConfig(rrn="drop", email="keep"))
     assert out["text"][0] == "연락처 <PHONE> 입니다"
     assert out["_reject"].tolist() == ["", "pii:rrn", "", ""]
@@ -117,7 +142,14 @@ def test_pii_batch_actions_mask_drop_keep():
 
 
 def test_pii_batch_masks_message_contents():
-    batch = pd.DataFrame({"messages": [[{"role": "user", "content": "내 번호 010-9999-8888"}, {"role": "assistant", "content": "확인했습니다"}]], "_reject": [""]})
+    batch = pd.DataFrame(
+        {
+            "messages": [
+                [{"role": "user", "content": "내 번호 010-9999-8888"}, {"role": "assistant", "content": "확인했습니다"}]
+            ],
+            "_reject": [""],
+        }
+    )
     out, _ = pii_batch(batch, "instructions", PiiConfig())
     assert out["messages"][0][0]["content"] == "내 번호 <PHONE>"
 
@@ -133,7 +165,12 @@ def test_masking_removes_every_planted_value(data):
     planted = [data.draw(st.sampled_from(makers))(rng) for _ in range(data.draw(st.integers(1, 4)))]
     parts = []
     for value in planted:
-        parts += [data.draw(_filler), data.draw(st.sampled_from([" ", "(", ": ", "\n", ""])), value, data.draw(st.sampled_from([" ", ")", "로 ", "이고 ", "\n"]))]
+        parts += [
+            data.draw(_filler),
+            data.draw(st.sampled_from([" ", "(", ": ", "\n", ""])),
+            value,
+            data.draw(st.sampled_from([" ", ")", "로 ", "이고 ", "\n"])),
+        ]
     text = "".join(parts) + data.draw(_filler)
     masked = mask_text(text)
     for value in planted:
@@ -161,4 +198,6 @@ def test_accounts_with_a_bank_name_or_account_word_or_a_bank_format():
     assert mask_text("카카오뱅크 3333-01-1234567") == "카카오뱅크 <ACCOUNT>"
     assert mask_text("신한 110-123-456789 (홍길동)") == "신한 <ACCOUNT> (홍길동)"
     assert mask_text("이체할 곳: 123-45-67890") == "이체할 곳: <ACCOUNT>"  # an unusual shape, but after 이체
-    assert mask_text("1002-123-456789로 보내 주세요") == "<ACCOUNT>로 보내 주세요"  # 우리은행's shape, no context needed
+    assert (
+        mask_text("1002-123-456789로 보내 주세요") == "<ACCOUNT>로 보내 주세요"
+    )  # 우리은행's shape, no context needed

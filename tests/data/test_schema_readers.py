@@ -19,15 +19,30 @@ def reasons(rows: list[dict], kind: str) -> list[str]:
 
 def test_corpus_schema():
     assert reasons([{"text": "안녕"}, {"text": ""}, {"text": 3}, {"other": "x"}], "corpus") == [
-        "", "schema:empty_text", "schema:text_not_text", "schema:missing_text"]
+        "",
+        "schema:empty_text",
+        "schema:text_not_text",
+        "schema:missing_text",
+    ]
 
 
 def test_instructions_chat_and_alpaca_forms():
-    chat = {"messages": [{"role": "system", "content": "친절하게"}, {"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "친절하게"},
+            {"role": "user", "content": "질문"},
+            {"role": "assistant", "content": "답"},
+        ]
+    }
     assert canonical_row(chat, "instructions") == chat
-    alpaca = canonical_row({"instruction": "요약해 줘", "input": "긴 글", "output": "요약", "system": "비서"}, "instructions")
-    assert alpaca["messages"] == [{"role": "system", "content": "비서"}, {"role": "user", "content": "요약해 줘\n\n긴 글"},
-                                  {"role": "assistant", "content": "요약"}]
+    alpaca = canonical_row(
+        {"instruction": "요약해 줘", "input": "긴 글", "output": "요약", "system": "비서"}, "instructions"
+    )
+    assert alpaca["messages"] == [
+        {"role": "system", "content": "비서"},
+        {"role": "user", "content": "요약해 줘\n\n긴 글"},
+        {"role": "assistant", "content": "요약"},
+    ]
     bad = [
         {"messages": [{"role": "user", "content": "질문만"}]},
         {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
@@ -39,23 +54,45 @@ def test_instructions_chat_and_alpaca_forms():
         {"foo": 1},
     ]
     assert reasons(bad, "instructions") == [
-        "schema:messages_no_assistant_reply", "schema:messages_bad_role", "schema:messages_bad_role",
+        "schema:messages_no_assistant_reply",
+        "schema:messages_bad_role",
+        "schema:messages_bad_role",
         "schema:messages_empty_content",
-        "schema:messages_no_user_turn", "schema:messages_not_messages", "schema:missing_output", "schema:missing_messages"]
+        "schema:messages_no_user_turn",
+        "schema:messages_not_messages",
+        "schema:missing_output",
+        "schema:missing_messages",
+    ]
 
 
 def test_preferences_plain_chat_and_implicit_prompt():
     plain = canonical_row({"prompt": "수도는?", "chosen": "서울", "rejected": "부산"}, "preferences")
     assert plain == {"prompt": [{"role": "user", "content": "수도는?"}], "chosen": "서울", "rejected": "부산"}
-    chat = canonical_row({"prompt": [{"role": "user", "content": "수도는?"}], "chosen": [{"role": "assistant", "content": "서울"}],
-                          "rejected": {"role": "assistant", "content": "부산"}}, "preferences")
+    chat = canonical_row(
+        {
+            "prompt": [{"role": "user", "content": "수도는?"}],
+            "chosen": [{"role": "assistant", "content": "서울"}],
+            "rejected": {"role": "assistant", "content": "부산"},
+        },
+        "preferences",
+    )
     assert chat == plain
-    implicit = canonical_row({"chosen": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "서울"}],
-                              "rejected": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "부산"}]}, "preferences")
+    implicit = canonical_row(
+        {
+            "chosen": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "서울"}],
+            "rejected": [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "부산"}],
+        },
+        "preferences",
+    )
     assert implicit == plain
-    assert reasons([{"prompt": "q", "chosen": "같음", "rejected": "같음"}, {"prompt": "q", "chosen": "a"},
-                    {"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"}], "preferences") == [
-        "schema:chosen_equals_rejected", "schema:missing_rejected", "schema:prompt_not_ending_with_user"]
+    assert reasons(
+        [
+            {"prompt": "q", "chosen": "같음", "rejected": "같음"},
+            {"prompt": "q", "chosen": "a"},
+            {"prompt": [{"role": "assistant", "content": "a"}], "chosen": "b", "rejected": "c"},
+        ],
+        "preferences",
+    ) == ["schema:chosen_equals_rejected", "schema:missing_rejected", "schema:prompt_not_ending_with_user"]
 
 
 def test_txt_file_and_paragraph_modes(tmp_path):
@@ -84,7 +121,9 @@ def test_parquet_csv_and_hf_folders(tmp_path):
         assert df["text"].tolist() == ["한국어 문장 하나", "한국어 문장 둘"]
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "hf"))
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:1])}).save_to_disk(
+        str(tmp_path / "hf")
+    )
     files = [str(p) for p in (tmp_path / "hf").rglob("*") if p.is_file()]
     df = pd.concat(read_source(SourceFiles("h", str(tmp_path / "hf"), "auto", files)))
     assert sorted(df["text"]) == sorted(["한국어 문장 하나", "한국어 문장 둘", "한국어 문장 하나"])
@@ -100,7 +139,9 @@ def test_chat_columns_survive_parquet(tmp_path):
 def test_fsspec_urls(tmp_path):
     with fsspec.open("memory://kollm-test/data.jsonl", "w", encoding="utf-8") as f:
         f.write(json.dumps({"text": "메모리 파일 시스템"}, ensure_ascii=False) + "\n")
-    df = pd.concat(read_source(SourceFiles("m", "memory://kollm-test/data.jsonl", "auto", ["memory://kollm-test/data.jsonl"])))
+    df = pd.concat(
+        read_source(SourceFiles("m", "memory://kollm-test/data.jsonl", "auto", ["memory://kollm-test/data.jsonl"]))
+    )
     assert df["text"].tolist() == ["메모리 파일 시스템"]
     (tmp_path / "x.txt").write_text("파일 URL", encoding="utf-8")
     url = f"file://{tmp_path / 'x.txt'}"
@@ -132,7 +173,11 @@ def test_non_utf8_files_fail_naming_file_byte_offset_and_fix(tmp_path):
         with pytest.raises(StepFailed) as err:
             list(read_source(src, "paragraph"))
         assert utf8_error.value.start == text.index(next(c for c in text if ord(c) > 127))
-        assert name in err.value.message and f"byte {utf8_error.value.start}" in err.value.message and "utf-8" in err.value.message
+        assert (
+            name in err.value.message
+            and f"byte {utf8_error.value.start}" in err.value.message
+            and "utf-8" in err.value.message
+        )
         assert "iconv -f cp949 -t utf-8" in err.value.hint and "encoding: cp949" in err.value.hint
         texts = pd.concat(read_source(src, "file", encoding="cp949"))["text"].tolist()
         assert texts[-1] in ("한국어 문장", "ascii first line\n둘째 줄\n", "나빠"), texts
@@ -148,7 +193,9 @@ def test_utf8_bom_is_skipped(tmp_path):
 
 def test_text_jsonl_and_csv_are_read_in_batches_of_batch_rows(tmp_path):
     (tmp_path / "p.txt").write_text("\n\n".join(f"문단 {i}" for i in range(5)) + "\n", encoding="utf-8")
-    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": f"줄 {i}"}, ensure_ascii=False) + "\n" for i in range(5)), encoding="utf-8")
+    (tmp_path / "r.jsonl").write_text(
+        "".join(json.dumps({"text": f"줄 {i}"}, ensure_ascii=False) + "\n" for i in range(5)), encoding="utf-8"
+    )
     (tmp_path / "c.csv").write_text("text\n" + "".join(f"칸 {i}\n" for i in range(5)), encoding="utf-8")
     for name in ("p.txt", "r.jsonl", "c.csv"):
         batches = list(read_source(SourceFiles("s", "", "auto", [str(tmp_path / name)]), "paragraph", batch_rows=2))
@@ -162,7 +209,9 @@ def test_paragraph_blocks_are_split_as_before(tmp_path):
 
     text = "a\r\n \r\n\r\n  \n\nb\n\u3000\nc\n\n\n\n  d\n \t\n"
     (tmp_path / "e.txt").write_bytes(text.encode())
-    got = pd.concat(read_source(SourceFiles("e", "", "auto", [str(tmp_path / "e.txt")]), "paragraph", batch_rows=1))["text"].tolist()
+    got = pd.concat(read_source(SourceFiles("e", "", "auto", [str(tmp_path / "e.txt")]), "paragraph", batch_rows=1))[
+        "text"
+    ].tolist()
     want = [b for b in re.split(r"\n[ \t\u3000]*\n+", text.replace("\r\n", "\n")) if b.strip()]
     assert got == want
 
@@ -209,13 +258,17 @@ def test_json_arrays_are_read_as_rows(tmp_path):
 
 
 def test_json_object_holding_the_rows_under_a_key_is_a_clear_error(tmp_path):
-    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": [{"text": "가"}]}, indent=2), encoding="utf-8")
+    (tmp_path / "wrapped.json").write_text(
+        json.dumps({"version": 1, "data": [{"text": "가"}]}, indent=2), encoding="utf-8"
+    )
     with pytest.raises(StepFailed) as err:
         list(read_source(SourceFiles("w", "", "auto", [str(tmp_path / "wrapped.json")])))
     assert "wrapped.json" in err.value.message and "'data'" in err.value.message
     assert "jq -c '.data[]'" in err.value.hint
     (tmp_path / "one.json").write_text(json.dumps({"text": "한 줄"}, indent=2, ensure_ascii=False), encoding="utf-8")
-    assert pd.concat(read_source(SourceFiles("o", "", "auto", [str(tmp_path / "one.json")])))["text"].tolist() == ["한 줄"]
+    assert pd.concat(read_source(SourceFiles("o", "", "auto", [str(tmp_path / "one.json")])))["text"].tolist() == [
+        "한 줄"
+    ]
 
 
 @pytest.mark.parametrize("encoding", ["utf-8", "cp949"])
@@ -236,7 +289,9 @@ def test_jsonl_byte_ranges_read_every_row_once_in_order(tmp_path, encoding):
     assert len(whole) == 59 and whole["_reject"].tolist()[10] == "read:invalid_json"
     for piece in (len(data), 97, 500, 1000, len(data) - 1):
         ranges = jsonl_ranges(str(path), encoding, piece) or [(0, len(data))]
-        assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert (
+            ranges[0][0] == 0 and ranges[-1][1] == len(data) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        )
         parts = [df for r in ranges for df in read_source(src, encoding=encoding, batch_rows=7, byte_range=r)]
         got = pd.concat(parts, ignore_index=True)
         assert got["text"].fillna("").tolist() == whole["text"].fillna("").tolist()

@@ -26,7 +26,10 @@ def project(quickstart, tmp_path_factory):
     root = tmp_path_factory.mktemp("kfp") / "p"
     shutil.copytree(quickstart, root)
     text = (root / "kollm.yaml").read_text(encoding="utf-8")
-    text = text.replace("  - kind: sft\n", "  - kind: sft\n    retries: 2\n    retry_backoff_s: 5\n    resources: {gpus: 1, cpus: 4, memory: 16Gi}\n")
+    text = text.replace(
+        "  - kind: sft\n",
+        "  - kind: sft\n    retries: 2\n    retry_backoff_s: 5\n    resources: {gpus: 1, cpus: 4, memory: 16Gi}\n",
+    )
     text = text.replace("  - kind: cpt\n", "  - kind: cpt\n    resources: {gpus: 2, cpus: 8, memory: 32Gi}\n")
     (root / "kollm.yaml").write_text(text, encoding="utf-8")
     return root
@@ -59,8 +62,16 @@ def test_ir_loads_with_kfp_and_parses_into_the_protos(compiled):
     assert component.name == "korean-quickstart"
     spec, executors = specs(compiled)
     tasks = spec.root.dag.tasks
-    assert set(tasks) == {"step-prepare-corpus", "step-prepare-sft", "step-prepare-prefs", "rayjob-cpt", "step-sft",
-                          "step-align", "step-evaluate", "step-register"}
+    assert set(tasks) == {
+        "step-prepare-corpus",
+        "step-prepare-sft",
+        "step-prepare-prefs",
+        "rayjob-cpt",
+        "step-sft",
+        "step-align",
+        "step-evaluate",
+        "step-register",
+    }
     assert len(executors) == 8
     assert all(e.secret_as_env[0].secret_name == "kollm-s3" for e in executors.values())
 
@@ -72,9 +83,13 @@ def test_outputs_flow_between_components_as_uri_parameters(compiled):
     assert (model.producer_task, model.output_parameter_key) == ("rayjob-cpt", "model")
     data = spec.root.dag.tasks["step-prepare-corpus"].inputs.parameters["in_source"]
     assert data.component_input_parameter == "data_corpus"
-    assert spec.root.input_definitions.parameters["data_corpus"].default_value.string_value == ""  # read as kollm.yaml names it
+    assert (
+        spec.root.input_definitions.parameters["data_corpus"].default_value.string_value == ""
+    )  # read as kollm.yaml names it
     outs = spec.components["comp-step-evaluate"].output_definitions.parameters
-    assert set(outs) == {"metrics", "report", "kollm_outputs"} and all(o.parameter_type == 3 for o in outs.values())  # STRING
+    assert set(outs) == {"metrics", "report", "kollm_outputs"} and all(
+        o.parameter_type == 3 for o in outs.values()
+    )  # STRING
 
 
 def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
@@ -82,8 +97,15 @@ def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
     container = json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-step-sft"]["container"]
     assert container["image"] == "registry.example/kollm:1"
     source = "\n".join(container["command"])
-    for part in ('"step", "run"', '"--step", \'sft\'', '"--input", name + "=" + uri', '"--attempt", "0"',
-                 '"--store", store', '"--outputs-json"', "in_model"):
+    for part in (
+        '"step", "run"',
+        "\"--step\", 'sft'",
+        '"--input", name + "=" + uri',
+        '"--attempt", "0"',
+        '"--store", store',
+        '"--outputs-json"',
+        "in_model",
+    ):
         assert part in source, part
 
 
@@ -107,17 +129,37 @@ def test_ray_sized_step_submits_a_valid_rayjob(compiled):
     cpt = spec.root.dag.tasks["rayjob-cpt"]
     job = json.loads(cpt.inputs.parameters["rayjob_manifest"].runtime_value.constant.string_value)
     assert job["kind"] == "RayJob" and job["spec"]["suspend"] is False and job["spec"]["entrypointNumGpus"] == 2
-    assert "kollm step run kollm.yaml --step cpt" in job["spec"]["entrypoint"] and "KOLLM_RESULT_URI" in job["spec"]["entrypoint"]
+    assert (
+        "kollm step run kollm.yaml --step cpt" in job["spec"]["entrypoint"]
+        and "KOLLM_RESULT_URI" in job["spec"]["entrypoint"]
+    )
     assert crd_errors(job) == []
-    source = "\n".join(json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-rayjob-cpt"]["container"]["command"])
+    source = "\n".join(
+        json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-rayjob-cpt"]["container"]["command"]
+    )
     assert "create_namespaced_custom_object" in source and '"SUCCEEDED"' in source
 
 
 def test_unknown_ray_step_and_cli(project, tmp_path, kollm_bin):
     with pytest.raises(ConfigError, match="--ray: no step named 'nope'"):
         compile_kfp(project, tmp_path / "x.yaml", image="i", ray_steps=("nope",))
-    r = subprocess.run([kollm_bin, "compile", "kfp", str(project), "-o", str(tmp_path / "p.yaml"), "--image", "kollm:2",
-                        "--ray", "sft"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            kollm_bin,
+            "compile",
+            "kfp",
+            str(project),
+            "-o",
+            str(tmp_path / "p.yaml"),
+            "--image",
+            "kollm:2",
+            "--ray",
+            "sft",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     spec, _ = specs(tmp_path / "p.yaml")
     assert "rayjob-sft" in spec.root.dag.tasks
@@ -140,9 +182,13 @@ def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, q
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = components.load_component_from_file(str(compiled))
     pipeline(project_dir=str(project), store=str(tmp_path / "store"))  # raw data: as kollm.yaml names it
-    results = {f.parent.name.removeprefix("step-"): json.loads(f.read_text())
-               for f in (tmp_path / "root").rglob("executor_output.json")}
+    results = {
+        f.parent.name.removeprefix("step-"): json.loads(f.read_text())
+        for f in (tmp_path / "root").rglob("executor_output.json")
+    }
     assert set(results) == set(expected.steps)
     for name, rec in expected.steps.items():
         got = json.loads(results[name]["parameterValues"]["kollm_outputs"])
-        assert {o: v["digest"] for o, v in got["outputs"].items()} == {o: a.digest for o, a in rec.outputs.items()}, name
+        assert {o: v["digest"] for o, v in got["outputs"].items()} == {o: a.digest for o, a in rec.outputs.items()}, (
+            name
+        )

@@ -67,7 +67,11 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    creds = {"aws_access_key_id": "kollm-test", "aws_secret_access_key": "kollm-test-secret", "region_name": "us-east-1"}
+    creds = {
+        "aws_access_key_id": "kollm-test",
+        "aws_secret_access_key": "kollm-test-secret",
+        "region_name": "us-east-1",
+    }
     s3 = boto3.client("s3", endpoint_url=endpoint, **creds)
     s3.create_bucket(Bucket=BUCKET)
     try:
@@ -83,17 +87,37 @@ def mlflow_server(module_postgres_uri, s3_server, tmp_path_factory):
     postgres_uri, tmp_path = module_postgres_uri, tmp_path_factory.mktemp("mlflow-server")
     endpoint, s3, creds = s3_server
     port = free_port()
-    env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
-                        "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"], "AWS_DEFAULT_REGION": "us-east-1",
-                        # webhooks to kollm watch's receiver on loopback over http (MLflow allows only public https by default)
-                        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-                        "MLFLOW_WEBHOOK_CACHE_TTL": "1"}  # the server caches each event's webhook list (60 s by default)
+    env = os.environ | {
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": creds["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # webhooks to kollm watch's receiver on loopback over http (MLflow allows only public https by default)
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }  # the server caches each event's webhook list (60 s by default)
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres_uri,
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow-artifacts", "--serve-artifacts",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            postgres_uri,
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow-artifacts",
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=180)
@@ -115,7 +139,9 @@ def test_kollm_tracks_and_registers_through_an_mlflow_server_on_postgres_and_s3(
     project = make_project(tmp_path / "p", gate=["perplexity <= 100000"], uri=uri)
     # artifacts through the server's proxy (kollm's default artifact location is a folder in the project)
     config = (project / "kollm.yaml").read_text(encoding="utf-8")
-    config = config.replace(f"tracking: {{uri: '{uri}'}}", f"tracking: {{uri: '{uri}', artifact_location: 'mlflow-artifacts:/evaltest'}}")
+    config = config.replace(
+        f"tracking: {{uri: '{uri}'}}", f"tracking: {{uri: '{uri}', artifact_location: 'mlflow-artifacts:/evaltest'}}"
+    )
     assert "mlflow-artifacts:/evaltest" in config
     (project / "kollm.yaml").write_text(config, encoding="utf-8")
     result = kollm.run(project)
@@ -128,11 +154,17 @@ def test_kollm_tracks_and_registers_through_an_mlflow_server_on_postgres_and_s3(
     client = registry.client(project)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
-    steps = {r.data.tags["mlflow.runName"] for r in client.search_runs([parent.info.experiment_id],
-                                                                       f"tags.mlflow.parentRunId = '{result.run_id}'")}
+    steps = {
+        r.data.tags["mlflow.runName"]
+        for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'")
+    }
     assert steps >= {"prep", "build", "evaluate", "register"}
     # the registered model's files are in the S3 bucket, and resolve back to the bytes the pipeline built
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
     folder = registry.resolve_model_uri("models:/evaltest@challenger", project)
     built = result.steps["build"].outputs["model"].path
@@ -161,7 +193,12 @@ def test_the_servers_registry_webhook_reaches_kollm_watch_verified(mlflow_server
         store = StateStore(settings.state_dir)
         server = webhook_server(settings, store, model_name="watched")
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        client.create_webhook(f"kollm-watch-{secret}", f"http://127.0.0.1:{server.server_address[1]}/", ["registered_model.created"], secret="s3cret")
+        client.create_webhook(
+            f"kollm-watch-{secret}",
+            f"http://127.0.0.1:{server.server_address[1]}/",
+            ["registered_model.created"],
+            secret="s3cret",
+        )
         stores[secret] = (store, server)
     try:
         client.create_registered_model("base-ko")
@@ -169,7 +206,9 @@ def test_the_servers_registry_webhook_reaches_kollm_watch_verified(mlflow_server
         while not (pending := stores["s3cret"][0].drain()):
             assert time.monotonic() < deadline, "no webhook delivery from the mlflow server within 60 s"
             time.sleep(0.2)
-        assert [(t.kind, t.detail) for t in pending] == [("webhook", "registry webhook registered_model.created base-ko")]
+        assert [(t.kind, t.detail) for t in pending] == [
+            ("webhook", "registry webhook registered_model.created base-ko")
+        ]
         time.sleep(2)
         assert stores["other"][0].drain() == []  # signed with another secret: refused (401), nothing queued
     finally:

@@ -42,7 +42,9 @@ def test_rayjob_runs_one_step_with_explicit_inputs_into_the_store(examples):
     assert "kollm step run kollm.yaml --step sft" in entry
     assert '--input data="$KOLLM_INPUT_DATA"' in entry and '--input model="$KOLLM_INPUT_MODEL"' in entry
     assert "--store s3://kollm/korean-quickstart" in entry and "--outputs-json" in entry
-    inputs = [d for d in yaml.safe_load_all(examples["k8s"]["config.yaml"]) if d["metadata"]["name"].endswith("step-inputs")][0]
+    inputs = [
+        d for d in yaml.safe_load_all(examples["k8s"]["config.yaml"]) if d["metadata"]["name"].endswith("step-inputs")
+    ][0]
     assert set(inputs["data"]) == {"cpt.data", "sft.data", "sft.model", "align.data", "align.model"}
 
 
@@ -79,11 +81,17 @@ def test_rayservice_runs_the_openai_app_in_builder_form(examples):
 
 
 def test_rollout_steps_and_analysis_follow_the_options(quickstart, tmp_path):
-    opts = DeployOptions(steps="10,50", pause="90s", analysis="error_rate<0.01,p99_ms<=800", failure_limit=3, serve_gpus=1)
+    opts = DeployOptions(
+        steps="10,50", pause="90s", analysis="error_rate<0.01,p99_ms<=800", failure_limit=3, serve_gpus=1
+    )
     files = render_files(quickstart, "k8s", tmp_path, opts)
     rollout = yaml.safe_load_all(files["rollout.yaml"]).__next__()
     assert rollout["spec"]["strategy"]["canary"]["steps"] == [
-        {"setWeight": 10}, {"pause": {"duration": "90s"}}, {"setWeight": 50}, {"pause": {"duration": "90s"}}]
+        {"setWeight": 10},
+        {"pause": {"duration": "90s"}},
+        {"setWeight": 50},
+        {"pause": {"duration": "90s"}},
+    ]
     tpl = yaml.safe_load(files["analysis-template.yaml"])
     metrics = {m["name"]: m for m in tpl["spec"]["metrics"]}
     assert set(metrics) == {"error-rate", "p99-ms"}
@@ -98,8 +106,12 @@ def test_rollout_steps_and_analysis_follow_the_options(quickstart, tmp_path):
 def test_render_writes_files_and_the_cli_reports_them(quickstart, tmp_path, kollm_bin):
     written = render(quickstart, "compose", tmp_path / "c")
     assert {p.relative_to(tmp_path / "c").as_posix() for p in written} >= {"compose.yaml", "promtail/config.yml"}
-    r = subprocess.run([kollm_bin, "deploy", "render", str(quickstart), "--target", "k8s", "-o", str(tmp_path / "k")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [kollm_bin, "deploy", "render", str(quickstart), "--target", "k8s", "-o", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "k" / "rayjob-cpt.yaml").exists() and "wrote" in r.stdout
 
@@ -119,8 +131,12 @@ def test_bad_options_get_one_clear_message(quickstart, tmp_path, options, messag
 
 
 def test_a_bad_target_on_the_command_line_exits_2_without_a_traceback(quickstart, tmp_path, kollm_bin):
-    r = subprocess.run([kollm_bin, "deploy", "render", str(quickstart), "-o", str(tmp_path), "--target", "helm"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [kollm_bin, "deploy", "render", str(quickstart), "-o", str(tmp_path), "--target", "helm"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "--target: expected one of k8s, compose, docker" in r.stderr and "Traceback" not in r.stderr
 

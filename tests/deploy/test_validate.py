@@ -25,8 +25,12 @@ from tests.deploy.conftest import CRDS, write
 
 BIN = Path(sys.executable).parent
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install -y prometheus)")
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"the CRDs folder {CRDS} is absent (the project's shared/k8s-crds/)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (apt-get install -y prometheus)"
+)
+needs_crds = pytest.mark.skipif(
+    not CRDS.is_dir(), reason=f"the CRDs folder {CRDS} is absent (the project's shared/k8s-crds/)"
+)
 CRD_KINDS = {"RayJob", "RayService", "Rollout", "AnalysisTemplate"}
 K8S_VERSION = "1.37.0"  # the newest schemas kubernetes-validate ships (it validates offline)
 
@@ -60,9 +64,15 @@ def test_builtin_kinds_pass_kubernetes_validate_strict(examples):
 
 
 def test_kubernetes_validate_cli_passes_the_files(examples, tmp_path):
-    out = write({k: v for k, v in examples["k8s"].items() if k in ("mlflow.yaml", "config.yaml", "prometheus.yaml")}, tmp_path)
-    r = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, *map(str, sorted(out.iterdir()))],
-                       capture_output=True, text=True, timeout=120)
+    out = write(
+        {k: v for k, v in examples["k8s"].items() if k in ("mlflow.yaml", "config.yaml", "prometheus.yaml")}, tmp_path
+    )
+    r = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, *map(str, sorted(out.iterdir()))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -87,13 +97,21 @@ def strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
 
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml",
-             "Rollout": "argoproj.io_rollout.yaml", "AnalysisTemplate": "argoproj.io_analysis-template.yaml"}
+CRD_FILES = {
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+    "Rollout": "argoproj.io_rollout.yaml",
+    "AnalysisTemplate": "argoproj.io_analysis-template.yaml",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,8 +163,18 @@ def test_crd_validation_rejects_broken_fixtures(examples):
 
 
 def test_strict_keeps_preserve_unknown_fields_open():
-    schema = strict({"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}},
-                                                            "x-kubernetes-preserve-unknown-fields": True}}})
+    schema = strict(
+        {
+            "type": "object",
+            "properties": {
+                "a": {
+                    "type": "object",
+                    "properties": {"b": {"type": "string"}},
+                    "x-kubernetes-preserve-unknown-fields": True,
+                }
+            },
+        }
+    )
     import jsonschema
 
     jsonschema.validate({"a": {"b": "x", "anything": 1}}, schema)
@@ -167,13 +195,30 @@ def compose_binary() -> Path:
 
 def compose_config(folder: Path, env: str = ENV) -> subprocess.CompletedProcess[str]:
     (folder / "test.env").write_text(env, encoding="utf-8")
-    return subprocess.run([str(compose_binary()), "-f", str(folder / "compose.yaml"), "--env-file", str(folder / "test.env"),
-                           "config", "-q"], capture_output=True, text=True, timeout=120, cwd=folder)
+    return subprocess.run(
+        [
+            str(compose_binary()),
+            "-f",
+            str(folder / "compose.yaml"),
+            "--env-file",
+            str(folder / "test.env"),
+            "config",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=folder,
+    )
 
 
 def check_jsonschema(file: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(file)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_compose_passes_the_compose_binary_and_the_compose_spec(examples, tmp_path):
@@ -197,9 +242,13 @@ def test_compose_validators_reject_broken_fixtures(examples, tmp_path):
     missing = copy.deepcopy(spec)
     del missing["services"]["prometheus"]["image"]  # neither image nor build
     for name, broken in (("misspelled", misspelled), ("missing", missing)):
-        folder = write(examples["compose"] | {"compose.yaml": yaml.safe_dump(broken, allow_unicode=True)}, tmp_path / name)
+        folder = write(
+            examples["compose"] | {"compose.yaml": yaml.safe_dump(broken, allow_unicode=True)}, tmp_path / name
+        )
         assert compose_config(folder).returncode != 0, name
-    folder = write(examples["compose"] | {"compose.yaml": yaml.safe_dump(misspelled, allow_unicode=True)}, tmp_path / "js")
+    folder = write(
+        examples["compose"] | {"compose.yaml": yaml.safe_dump(misspelled, allow_unicode=True)}, tmp_path / "js"
+    )
     assert check_jsonschema(folder / "compose.yaml").returncode != 0
 
 
@@ -211,12 +260,16 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def k8s_prometheus_yml(examples) -> str:
-    return next(d for d in docs(examples["k8s"]) if d["kind"] == "ConfigMap" and "prometheus.yml" in d.get("data", {}))["data"]["prometheus.yml"]
+    return next(d for d in docs(examples["k8s"]) if d["kind"] == "ConfigMap" and "prometheus.yml" in d.get("data", {}))[
+        "data"
+    ]["prometheus.yml"]
 
 
 def promtool_has_kubernetes_sd(tmp_path: Path) -> bool:
     """Debian's promtool is built without Kubernetes service discovery; upstream's has it."""
-    (tmp_path / "probe.yml").write_text("scrape_configs:\n- job_name: p\n  kubernetes_sd_configs: [{role: pod}]\n", encoding="utf-8")
+    (tmp_path / "probe.yml").write_text(
+        "scrape_configs:\n- job_name: p\n  kubernetes_sd_configs: [{role: pod}]\n", encoding="utf-8"
+    )
     r = promtool("check", "config", "probe.yml", cwd=tmp_path)
     return "kubernetes_sd_configs not found" not in r.stdout + r.stderr
 
@@ -257,8 +310,10 @@ def test_analysis_queries_compute_kollms_metrics_on_canary_series(examples, tmp_
     the canary pods (hash c4n4ry) answered 90 % with < 500 and their latency sits in the 0.25-0.5 s bucket; the
     stable pods' errors and latency must not count."""
     tpl = find(examples["k8s"], "AnalysisTemplate")
-    queries = {m["name"]: m["provider"]["prometheus"]["query"].replace("{{args.canary-hash}}", "c4n4ry")
-               for m in tpl["spec"]["metrics"]}
+    queries = {
+        m["name"]: m["provider"]["prometheus"]["query"].replace("{{args.canary-hash}}", "c4n4ry")
+        for m in tpl["spec"]["metrics"]
+    }
     series = []
     for h, ok, bad, fast_bucket in (("c4n4ry", 9, 1, False), ("st4bl3", 1, 9, True)):
         lab = f'rollouts_pod_template_hash="{h}",model_version="3",endpoint="/v1/chat/completions"'
@@ -267,17 +322,31 @@ def test_analysis_queries_compute_kollms_metrics_on_canary_series(examples, tmp_
             {"series": f'kollm_requests_total{{{lab},status_code="503"}}', "values": f"0+{bad * 60}x10"},
         ]
         for le, in_bucket in (("0.1", fast_bucket), ("0.25", fast_bucket), ("0.5", True), ("+Inf", True)):
-            series.append({"series": f'kollm_request_latency_seconds_bucket{{{lab},le="{le}"}}',
-                           "values": f"0+{600 if in_bucket else 0}x10"})
-    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
-        "interval": "1m",
-        "input_series": series,
-        "promql_expr_test": [
-            {"expr": queries["success-rate"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 0.9}]},
-            # 95th percentile inside the 0.25..0.5 s bucket: 250 + 0.95 * 250 ms (linear interpolation)
-            {"expr": queries["p95-ms"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 487.5}]},
+            series.append(
+                {
+                    "series": f'kollm_request_latency_seconds_bucket{{{lab},le="{le}"}}',
+                    "values": f"0+{600 if in_bucket else 0}x10",
+                }
+            )
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": queries["success-rate"],
+                        "eval_time": "10m",
+                        "exp_samples": [{"labels": "{}", "value": 0.9}],
+                    },
+                    # 95th percentile inside the 0.25..0.5 s bucket: 250 + 0.95 * 250 ms (linear interpolation)
+                    {"expr": queries["p95-ms"], "eval_time": "10m", "exp_samples": [{"labels": "{}", "value": 487.5}]},
+                ],
+            }
         ],
-    }]}
+    }
     (tmp_path / "analysis_test.yml").write_text(yaml.safe_dump(tests), encoding="utf-8")
     r = promtool("test", "rules", "analysis_test.yml", cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr

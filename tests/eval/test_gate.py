@@ -15,7 +15,14 @@ def test_parse_rules():
     r = parse_rule("perplexity <= 40")
     assert (r.metric, r.op, r.threshold, r.alias) == ("perplexity", "<=", 40.0, None)
     r = parse_rule(" chrf >= champion + 1.5 ")
-    assert (r.metric, r.op, r.alias, r.adjust_op, r.adjust, r.text) == ("chrf", ">=", "champion", "+", 1.5, "chrf >= champion + 1.5")
+    assert (r.metric, r.op, r.alias, r.adjust_op, r.adjust, r.text) == (
+        "chrf",
+        ">=",
+        "champion",
+        "+",
+        1.5,
+        "chrf >= champion + 1.5",
+    )
     r = parse_rule("kobest_boolq.acc > 0.6")
     assert r.metric == "kobest_boolq.acc" and r.threshold == 0.6
     assert parse_rule("perplexity<champion*0.98").bound(50.0) == pytest.approx(49.0)

@@ -72,7 +72,9 @@ def test_load_suite_reports_every_bad_line(tmp_path):
         {"prompt": "x", "expected": "(", "metric": "regex"},
         {"prompt": [{"role": "user", "content": "안녕"}], "expected": ["안녕하세요"], "id": "greet"},
     ]
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) for line in lines) + "\n")
+    path.write_text(
+        "\n".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) for line in lines) + "\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_suite(path)
     text = str(e.value)

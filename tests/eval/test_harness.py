@@ -14,7 +14,13 @@ from kollm.eval.harness import LmEvalConfig, flatten_results, run_lm_eval
 def test_flatten_results_keeps_scores_and_drops_stderr():
     out = {
         "results": {
-            "kobest_boolq": {"alias": "kobest_boolq", "acc,none": 0.62, "acc_stderr,none": 0.01, "f1,none": 0.55, "f1_stderr,none": "N/A"},
+            "kobest_boolq": {
+                "alias": "kobest_boolq",
+                "acc,none": 0.62,
+                "acc_stderr,none": 0.01,
+                "f1,none": 0.55,
+                "f1_stderr,none": "N/A",
+            },
             "kobest_copa": {"acc": 0.7, "acc_stderr": 0.02},  # older lm-eval: no filter suffix
         }
     }
@@ -25,6 +31,8 @@ def test_flatten_results_keeps_scores_and_drops_stderr():
 def test_missing_lm_eval_is_a_clear_config_error(tmp_path):
     with pytest.raises(Exception, match="lm-eval is not installed.*pip install lm-eval"):
         LmEvalConfig(tasks=["kobest_boolq"])
-    cfg = LmEvalConfig.model_construct(tasks=["kobest_boolq"], num_fewshot=None, limit=None, batch_size=8, include_path=None)
+    cfg = LmEvalConfig.model_construct(
+        tasks=["kobest_boolq"], num_fewshot=None, limit=None, batch_size=8, include_path=None
+    )
     with pytest.raises(ConfigError, match="pip install lm-eval"):
         run_lm_eval(Path(tmp_path), cfg, tmp_path, "cpu")

@@ -22,7 +22,10 @@ LM_EVAL = "      lm_eval: {tasks: [ko_quickstart_mc], limit: 8, batch_size: 8}\n
 def _with_lm_eval(project):
     path = project / "kollm.yaml"
     text = path.read_text(encoding="utf-8")
-    path.write_text(text.replace("      generation: {max_new_tokens: 4}\n", "      generation: {max_new_tokens: 4}\n" + LM_EVAL), encoding="utf-8")
+    path.write_text(
+        text.replace("      generation: {max_new_tokens: 4}\n", "      generation: {max_new_tokens: 4}\n" + LM_EVAL),
+        encoding="utf-8",
+    )
     return project
 
 
@@ -40,7 +43,9 @@ def test_shipped_task_data_is_what_build_writes():
 
 def test_unknown_task_names_are_config_errors_with_suggestions(tmp_path):
     cfg = LmEvalConfig(tasks=["ko_quickstart_mcq"])
-    with pytest.raises(ConfigError, match=r"lm_eval\.tasks\[0\]: unknown task 'ko_quickstart_mcq'; did you mean 'ko_quickstart_mc'"):
+    with pytest.raises(
+        ConfigError, match=r"lm_eval\.tasks\[0\]: unknown task 'ko_quickstart_mcq'; did you mean 'ko_quickstart_mc'"
+    ):
         check_tasks(cfg, task_manager(LmEvalConfig(tasks=["ko_quickstart_mc"]), tmp_path))
     with pytest.raises(ConfigError, match=r"lm_eval\.include_path: no folder"):
         task_manager(LmEvalConfig(tasks=["x"], include_path="missing"), tmp_path)
@@ -59,10 +64,16 @@ def test_ko_quickstart_mc_end_to_end_metrics_gate_report_and_registry_tags(tmp_p
     html = (result.steps["evaluate"].outputs["report"].path / "report.html").read_text(encoding="utf-8")
     assert "ko_quickstart_mc.acc" in html and "ko_quickstart_mc.acc_norm" in html
     version = registry.show("evaltest", "challenger", project)
-    assert float(version.tags["kollm.metric.ko_quickstart_mc.acc"]) == pytest.approx(m["ko_quickstart_mc.acc"], abs=1e-5)
+    assert float(version.tags["kollm.metric.ko_quickstart_mc.acc"]) == pytest.approx(
+        m["ko_quickstart_mc.acc"], abs=1e-5
+    )
 
     # a rule the score cannot meet fails the gate, naming the lm-eval metric (the evaluation itself is cached)
-    text = (project / "kollm.yaml").read_text(encoding="utf-8").replace('"ko_quickstart_mc.acc >= 0"', '"ko_quickstart_mc.acc >= 1.01"')
+    text = (
+        (project / "kollm.yaml")
+        .read_text(encoding="utf-8")
+        .replace('"ko_quickstart_mc.acc >= 0"', '"ko_quickstart_mc.acc >= 1.01"')
+    )
     (project / "kollm.yaml").write_text(text, encoding="utf-8")
     with pytest.raises(GateFailed, match=r"FAIL.*ko_quickstart_mc\.acc"):
         kollm.run(project)
@@ -90,6 +101,10 @@ def test_include_path_task_over_local_json_files(tmp_path):
         f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
         "output_type: multiple_choice\ntest_split: test\n"
         'doc_to_text: "질문: {{question}}\\n답:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n", encoding="utf-8")
-    scores = run_lm_eval(model, LmEvalConfig(tasks=["local_quiz"], limit=4, include_path="tasks"), tmp_path / "project", "cpu")
+        "metric_list:\n  - metric: acc\n",
+        encoding="utf-8",
+    )
+    scores = run_lm_eval(
+        model, LmEvalConfig(tasks=["local_quiz"], limit=4, include_path="tasks"), tmp_path / "project", "cpu"
+    )
     assert set(scores) == {"local_quiz.acc"} and scores["local_quiz.acc"] in (0, 0.25, 0.5, 0.75, 1)

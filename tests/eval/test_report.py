@@ -17,7 +17,9 @@ def test_curves_from_mlflow_history_and_from_logs(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
     sft = client.create_run(exp).info.run_id
-    client.log_batch(sft, metrics=[Metric("loss", 5.0 - i, 0, i) for i in range(4)] + [Metric("lr", 0.1, 0, i) for i in range(4)])
+    client.log_batch(
+        sft, metrics=[Metric("loss", 5.0 - i, 0, i) for i in range(4)] + [Metric("lr", 0.1, 0, i) for i in range(4)]
+    )
     cached = client.create_run(exp).info.run_id  # a cached step's run holds only the final value
     client.log_batch(cached, metrics=[Metric("loss", 2.0, 0, 0)])
     logs = tmp_path / "logs"
@@ -38,15 +40,29 @@ def test_curves_from_mlflow_history_and_from_logs(tmp_path):
 
 def test_report_shows_gate_metrics_curves_and_champion(tmp_path):
     case = CaseResult("line 1", "수도는?", ["서울"], "서울입니다", {"contains": 1.0})
-    candidate = ModelEval("candidate", "sha256:aa", "ee", {"perplexity": 20.0, "contains": 1.0}, {"contains": 1}, [case])
-    champion = ModelEval("champion (v3)", "sha256:bb", "ee", {"perplexity": 25.0, "contains": 0.5}, {}, [
-        CaseResult("line 1", "수도는?", ["서울"], "부산 <b>", {"contains": 0.0})
-    ], version="3")
+    candidate = ModelEval(
+        "candidate", "sha256:aa", "ee", {"perplexity": 20.0, "contains": 1.0}, {"contains": 1}, [case]
+    )
+    champion = ModelEval(
+        "champion (v3)",
+        "sha256:bb",
+        "ee",
+        {"perplexity": 25.0, "contains": 0.5},
+        {},
+        [CaseResult("line 1", "수도는?", ["서울"], "부산 <b>", {"contains": 0.0})],
+        version="3",
+    )
     gate = decide([parse_rule("perplexity <= champion")], candidate.metrics, {"champion": champion.metrics})
     from kollm.eval.report import Curve
 
-    html = render(title="t", subtitle="s", candidate=candidate, references={"champion": champion, "production": None}, gate=gate,
-                  curves=[Curve("sft: loss", [(0, 5.0), (10, 2.0)])])
+    html = render(
+        title="t",
+        subtitle="s",
+        candidate=candidate,
+        references={"champion": champion, "production": None},
+        gate=gate,
+        curves=[Curve("sft: loss", [(0, 5.0), (10, 2.0)])],
+    )
     assert "Quality gate: PASSED" in html and "<polyline" in html and "sft: loss" in html
     assert "champion (v3)" in html and "Not registered yet (nothing to compare with): production" in html
     assert "<td class='num better'>-5</td>" in html  # perplexity went down: better

@@ -49,7 +49,11 @@ def test_unreachable_cluster_and_local_state_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError) as e:  # a remote cluster cannot see this machine's files
         kollm.run(root, executor="ray", address="ray://127.0.0.1:1")
     assert "tracking.uri is sqlite" in str(e.value) and "--store s3://" in str(e.value)
-    cfg = (root / "kollm.yaml").read_text().replace("project: testproj\n", "project: testproj\ntracking: {uri: 'http://127.0.0.1:1'}\n")
+    cfg = (
+        (root / "kollm.yaml")
+        .read_text()
+        .replace("project: testproj\n", "project: testproj\ntracking: {uri: 'http://127.0.0.1:1'}\n")
+    )
     (root / "kollm.yaml").write_text(cfg)
     t0 = time.time()
     with pytest.raises(KollmError, match="cannot reach the Ray cluster at ray://127.0.0.1:1"):

@@ -30,8 +30,16 @@ def _corpus_sources(root: Path) -> list[SourceFiles]:
         (txt / f"doc{i:03d}.txt").write_text(t, encoding="utf-8")
     rows = [{"text": t} for t in texts[60:]]
     rows += [{"text": texts[3]}, {"text": texts[70]}]  # exact copies of rows of both sources
-    rows += [{"text": "연락처는 010-2345-6789이고 메일은 kim@example.com입니다. 회의는 다음 주 화요일 오후 세 시에 열립니다."}]
-    rows += [{"text": "짧다"}, {"text": "English only, no Korean at all, so it fails the Hangul ratio filter."}, {"body": "잘못된 열"}]
+    rows += [
+        {
+            "text": "연락처는 010-2345-6789이고 메일은 kim@example.com입니다. 회의는 다음 주 화요일 오후 세 시에 열립니다."
+        }
+    ]
+    rows += [
+        {"text": "짧다"},
+        {"text": "English only, no Korean at all, so it fails the Hangul ratio filter."},
+        {"body": "잘못된 열"},
+    ]
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     (root / "a.jsonl").write_text("\n".join(lines[:130]) + "\n{not json\n", encoding="utf-8")
     (root / "b.jsonl").write_text("\n".join(lines[130:]) + "\n", encoding="utf-8")
@@ -61,7 +69,14 @@ def _assert_same(local: Prepared, on_ray: Prepared, tmp_path: Path, kind: str) -
 
 def test_ray_data_prepare_matches_local_corpus(ray_cluster, tmp_path):
     sources = _corpus_sources(tmp_path / "data")
-    cfg = Config(dataset="corpus", sources=["docs", "rows"], batch_rows=16, num_proc=2, split={"eval_fraction": 0.2}, dedup={"threshold": 0.7})
+    cfg = Config(
+        dataset="corpus",
+        sources=["docs", "rows"],
+        batch_rows=16,
+        num_proc=2,
+        split={"eval_fraction": 0.2},
+        dedup={"threshold": 0.7},
+    )
     assert len(ray_tasks(sources, cfg)) == 62  # 60 txt files and 2 JSON Lines files: one Ray Data row each
     seen: list = []
     on_ray = prepare_sources(sources, cfg, executor="ray", progress=lambda it, **kw: (seen.append(x) or x for x in it))
@@ -85,15 +100,30 @@ def test_ray_data_prepare_matches_local_instructions_without_near_dedup(ray_clus
     for i in range(240):
         topic = rng.choice(["날씨", "인구", "역사", "음식"])
         q = f"{i % 150}번째 질문입니다. 서울의 {topic}에 대해 자세히 알려 주세요."
-        rows.append({"messages": [{"role": "user", "content": q},
-                                  {"role": "assistant", "content": f"{i}번째 답변입니다. 서울의 {topic}은 흥미로운 주제이며 많은 이야기가 있습니다."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q},
+                    {
+                        "role": "assistant",
+                        "content": f"{i}번째 답변입니다. 서울의 {topic}은 흥미로운 주제이며 많은 이야기가 있습니다.",
+                    },
+                ]
+            }
+        )
     rows.append({"instruction": "한국의 수도는?", "output": "서울입니다. 대한민국의 수도는 서울특별시입니다."})
     rows.append({"messages": "not a list"})
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     sources = [SourceFiles("source", str(path), "auto", [str(path)])]
-    cfg = Config(dataset="instructions", batch_rows=32, num_proc=2, split={"eval_fraction": 0.3}, dedup={"near": False},
-                 filters={"min_chars": 5})
+    cfg = Config(
+        dataset="instructions",
+        batch_rows=32,
+        num_proc=2,
+        split={"eval_fraction": 0.3},
+        dedup={"near": False},
+        filters={"min_chars": 5},
+    )
     on_ray = prepare_sources(sources, cfg, executor="ray")
     local = prepare_sources(sources, cfg.model_copy(update={"num_proc": 1}))
     assert on_ray.counts.train > 100 and on_ray.counts.eval >= 1 and on_ray.counts.rejected >= 1
@@ -104,7 +134,11 @@ def test_ray_data_prepare_matches_local_instructions_without_near_dedup(ray_clus
 def test_ray_data_prepare_reports_a_bad_file_like_local(ray_cluster, tmp_path):
     """An error in a Ray Data task (bytes that are not UTF-8) reaches the user as the same one message."""
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"text": "정상적인 한국어 문장입니다. 충분히 긴 문장이어야 필터를 통과합니다."}, ensure_ascii=False) + "\n", encoding="utf-8")
+    good.write_text(
+        json.dumps({"text": "정상적인 한국어 문장입니다. 충분히 긴 문장이어야 필터를 통과합니다."}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes('{"text": "깨진 '.encode() + "문장".encode("cp949") + b'"}\n')
     sources = [SourceFiles("source", str(tmp_path / "*.jsonl"), "auto", [str(bad), str(good)])]

@@ -35,12 +35,27 @@ def _job(tmp_path, name: str, batch_size: int, *, max_steps: int = 4, rows: int 
         pd.DataFrame({"text": korean_texts(rows)}).to_parquet(data / "train.parquet")
         pd.DataFrame({"text": korean_texts(8, seed=9)}).to_parquet(data / "eval.parquet")
     config = cpt.Config(
-        base_model="scratch", vocab_size=400, seq_len=48, max_steps=max_steps, lr=3e-3, batch_size=batch_size, log_every=1, checkpoint_every=2
+        base_model="scratch",
+        vocab_size=400,
+        seq_len=48,
+        max_steps=max_steps,
+        lr=3e-3,
+        batch_size=batch_size,
+        log_every=1,
+        checkpoint_every=2,
     )
     art = Artifact("corpus", data, "sha256:test")
     return Job(
-        step=name, kind="cpt", config=config, data=art, base_model="scratch", base_artifact=None, tokenizer_corpus=art,
-        output_dir=tmp_path / name / "model", checkpoint_dir=tmp_path / name / "ckpt", log_file=tmp_path / "logs" / f"{name}.jsonl",
+        step=name,
+        kind="cpt",
+        config=config,
+        data=art,
+        base_model="scratch",
+        base_artifact=None,
+        tokenizer_corpus=art,
+        output_dir=tmp_path / name / "model",
+        checkpoint_dir=tmp_path / name / "ckpt",
+        log_file=tmp_path / "logs" / f"{name}.jsonl",
     )
 
 
@@ -76,9 +91,19 @@ def _context(tmp_path, name: str, executor: str, resources: Resources) -> StepCo
     """A cpt step's context as the runner makes it, with batch 2 per worker."""
     job = _job(tmp_path, name, batch_size=2, max_steps=6)
     return StepContext(
-        name=name, kind="cpt", config=job.config, inputs={"data": job.data}, output_dir=tmp_path / name / "out",
-        checkpoint_dir=job.checkpoint_dir, project_dir=tmp_path, state_dir=tmp_path / ".kollm", tracker=Tracker(), run_id=None,
-        upstream=[], resources=resources, executor=executor,
+        name=name,
+        kind="cpt",
+        config=job.config,
+        inputs={"data": job.data},
+        output_dir=tmp_path / name / "out",
+        checkpoint_dir=job.checkpoint_dir,
+        project_dir=tmp_path,
+        state_dir=tmp_path / ".kollm",
+        tracker=Tracker(),
+        run_id=None,
+        upstream=[],
+        resources=resources,
+        executor=executor,
     )
 
 
@@ -139,8 +164,14 @@ def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluste
     _, reference = single
     job = _job(tmp_path, "crash", batch_size=2, max_steps=6)
     seen: list[int] = []
-    result = launch_ray(crash_once_at_step_3, job, workers=2, use_gpu=False, progress=lambda it, **kw: (seen.append(x) or x for x in it),
-                        training_log=TrainingLog(job.log_file, job.step, None))
+    result = launch_ray(
+        crash_once_at_step_3,
+        job,
+        workers=2,
+        use_gpu=False,
+        progress=lambda it, **kw: (seen.append(x) or x for x in it),
+        training_log=TrainingLog(job.log_file, job.step, None),
+    )
     assert (tmp_path / "crash" / "crashed").exists()  # it did die
     assert seen == [1, 2, 3, 3, 4, 5, 6]  # the restarted group went on from the step-2 checkpoint
     lineage = json.loads((job.output_dir / "kollm.json").read_text())
@@ -183,8 +214,12 @@ def test_a_killed_driver_leaves_a_checkpoint_the_next_run_resumes_from(ray_clust
     _, reference = single
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, ray_cluster.address_info["address"], str(tmp_path)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, ray_cluster.address_info["address"], str(tmp_path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     marker = tmp_path / "driver" / "at-step-3"
     try:
         deadline = time.monotonic() + 360
@@ -207,7 +242,9 @@ def test_a_worker_error_reaches_the_driver_as_one_message(ray_cluster, tmp_path)
     job = _job(tmp_path, "empty", batch_size=2, rows=0)  # no text to train the scratch tokenizer on
     with pytest.raises(StepFailed) as err:
         launch_ray(cpt.train, job, workers=1, use_gpu=False, max_failures=0)
-    assert str(err.value) == f"the corpus {tmp_path / 'data-0'} has no training rows"  # as cpt.train raised it, no traceback
+    assert (
+        str(err.value) == f"the corpus {tmp_path / 'data-0'} has no training rows"
+    )  # as cpt.train raised it, no traceback
 
 
 def test_check_fits_names_what_the_cluster_lacks(ray_cluster):
@@ -220,15 +257,23 @@ def test_check_fits_names_what_the_cluster_lacks(ray_cluster):
     assert problems[0].startswith("steps.sft.resources.gpus is 2 but the Ray cluster has 0 GPU(s)")
     assert problems[1].startswith("steps.sft.resources.cpus is 4 but the Ray cluster has 2 CPU(s)")
     assert problems[2].startswith("steps.sft.resources.memory is 100Ti (102400.0 GiB) but the Ray cluster has")
-    assert check_fits(Resources(workers=3), cluster) == ["resources.workers is 3 but the Ray cluster has 2 CPU(s), one per worker; lower it or add nodes"]
+    assert check_fits(Resources(workers=3), cluster) == [
+        "resources.workers is 3 but the Ray cluster has 2 CPU(s), one per worker; lower it or add nodes"
+    ]
 
 
 def test_check_fits_without_a_cluster():
     cluster = {"CPU": 16.0, "GPU": 8.0, "memory": 64 * 2**30}
     assert check_fits(Resources(gpus=8, cpus=16, memory="64Gi"), cluster) == []
-    assert check_fits(Resources(memory="65Gi"), cluster) == ["resources.memory is 65Gi (65.0 GiB) but the Ray cluster has 64.0 GiB; lower it or add nodes"]
-    assert check_fits(Resources(memory="lots"), cluster) == ["resources.memory: not a memory size: 'lots' (write e.g. 8Gi, 512Mi or 16G)"]
-    assert memory_bytes("8Gi") == 8 * 2**30 and memory_bytes("512M") == 512 * 10**6 and memory_bytes("2GiB") == 2 * 2**30
+    assert check_fits(Resources(memory="65Gi"), cluster) == [
+        "resources.memory is 65Gi (65.0 GiB) but the Ray cluster has 64.0 GiB; lower it or add nodes"
+    ]
+    assert check_fits(Resources(memory="lots"), cluster) == [
+        "resources.memory: not a memory size: 'lots' (write e.g. 8Gi, 512Mi or 16G)"
+    ]
+    assert (
+        memory_bytes("8Gi") == 8 * 2**30 and memory_bytes("512M") == 512 * 10**6 and memory_bytes("2GiB") == 2 * 2**30
+    )
 
 
 def test_resources_workers_and_gpus_are_exclusive():

@@ -20,9 +20,16 @@ from kollm.serve import create_app
 from tests.serve.conftest import start_server
 from tests.serve.fake_engine import FakeEngine
 
-KOREAN = ["오늘 서울의 날씨는 맑고 기온은 {n}도입니다.", "한국어 언어 모델을 학습하는 방법을 알려 주세요 {n}.",
-          "회의는 오후 {n}시에 시작합니다. 자료를 준비해 주세요.", "이 문서를 세 문장으로 요약해 주세요: 정부는 {n}일 발표했다."]
-ENGLISH = ["Please summarise this report about quarterly revenue number {n}.", "What is the weather like in Berlin on day {n}?"]
+KOREAN = [
+    "오늘 서울의 날씨는 맑고 기온은 {n}도입니다.",
+    "한국어 언어 모델을 학습하는 방법을 알려 주세요 {n}.",
+    "회의는 오후 {n}시에 시작합니다. 자료를 준비해 주세요.",
+    "이 문서를 세 문장으로 요약해 주세요: 정부는 {n}일 발표했다.",
+]
+ENGLISH = [
+    "Please summarise this report about quarterly revenue number {n}.",
+    "What is the weather like in Berlin on day {n}?",
+]
 
 
 def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift():
@@ -39,7 +46,9 @@ def test_psi_is_small_for_the_same_distribution_and_large_for_a_shift():
 
 def test_text_features():
     f = text_features("홍길동 010-1234-5678, hong@example.com 😀")
-    assert f["pii_hits"] == 2 and f["hangul_ratio"] == pytest.approx(3 / 17, abs=1e-4)  # 홍길동 / (홍길동 hong example com)
+    assert f["pii_hits"] == 2 and f["hangul_ratio"] == pytest.approx(
+        3 / 17, abs=1e-4
+    )  # 홍길동 / (홍길동 hong example com)
     assert f["prompt_chars"] == len("홍길동 010-1234-5678, hong@example.com 😀")
     assert f["unknown_char_rate"] == pytest.approx(1 / f["prompt_chars"], abs=1e-4)
     assert text_features("Привет мир")["unknown_char_rate"] == pytest.approx(0.9)
@@ -62,8 +71,15 @@ def _reference(folder, n=400):
 
 def _serve(project, prompts, chat_every=2, system=None, embedder=None):
     """Send the prompts through a real kollm serving app (fake engine) that logs under project/.kollm/logs."""
-    live = start_server(create_app(FakeEngine(context_length=512), model_name="m", model_version="1", log_dir=project / ".kollm" / "logs",
-                                   embedder=embedder))
+    live = start_server(
+        create_app(
+            FakeEngine(context_length=512),
+            model_name="m",
+            model_version="1",
+            log_dir=project / ".kollm" / "logs",
+            embedder=embedder,
+        )
+    )
     try:
         with httpx.Client(base_url=live.url, timeout=30) as client:
             for i, p in enumerate(prompts):
@@ -72,14 +88,20 @@ def _serve(project, prompts, chat_every=2, system=None, embedder=None):
                     body = {"model": "m", "messages": [*system_turn, {"role": "user", "content": p}], "max_tokens": 3}
                     assert client.post("/v1/chat/completions", json=body).status_code == 200
                 else:
-                    assert client.post("/v1/completions", json={"model": "m", "prompt": p, "max_tokens": 3}).status_code == 200
+                    assert (
+                        client.post("/v1/completions", json={"model": "m", "prompt": p, "max_tokens": 3}).status_code
+                        == 200
+                    )
     finally:
         live.stop()
 
 
 def test_serving_logs_request_features(tmp_path):
     _serve(tmp_path, ["안녕하세요 010-1234-5678", "hello"], chat_every=2, system="친절하게")
-    lines = [json.loads(line) for line in (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text().splitlines()
+    ]
     completion, chat = lines
     assert completion["features"]["pii_hits"] == 1 and completion["features"]["hangul_ratio"] == 1.0
     assert completion["features"]["prompt_tokens"] == completion["prompt_tokens"]
@@ -104,12 +126,20 @@ def test_the_native_engine_logs_output_perplexity(tmp_path, tiny_model_dir):
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             logprobs = r.json()["choices"][0]["logprobs"]["token_logprobs"]
-            chat = {"model": "m", "messages": [{"role": "user", "content": "안녕"}], "max_tokens": 5, "n": 2, "stream": True}
+            chat = {
+                "model": "m",
+                "messages": [{"role": "user", "content": "안녕"}],
+                "max_tokens": 5,
+                "n": 2,
+                "stream": True,
+            }
             with client.stream("POST", "/v1/chat/completions", json=chat) as s:
                 assert s.status_code == 200 and "[DONE]" in "".join(s.iter_text())
     finally:
         live.stop()
-    completion, streamed = [json.loads(x) for x in (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text().splitlines()]
+    completion, streamed = [
+        json.loads(x) for x in (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text().splitlines()
+    ]
     expected = math.exp(-sum(logprobs) / len(logprobs))
     assert completion["features"]["output_perplexity"] == pytest.approx(expected, rel=1e-3)
     assert streamed["features"]["output_perplexity"] > 1.0 and streamed["n"] == 2  # over both choices
@@ -149,8 +179,12 @@ def test_drift_is_found_when_traffic_turns_english_and_not_for_similar_traffic(t
     from kollm.registry import client
 
     c = client(tmp_path)
-    runs = c.search_runs([c.get_experiment_by_name("kollm-monitor").experiment_id], order_by=["attribute.start_time ASC"])
-    assert [r.data.tags["kollm.drifted"] for r in runs][0] == "none" and "hangul_ratio" in runs[-1].data.tags["kollm.drifted"]
+    runs = c.search_runs(
+        [c.get_experiment_by_name("kollm-monitor").experiment_id], order_by=["attribute.start_time ASC"]
+    )
+    assert [r.data.tags["kollm.drifted"] for r in runs][0] == "none" and "hangul_ratio" in runs[-1].data.tags[
+        "kollm.drifted"
+    ]
     assert runs[-1].data.metrics["drift.hangul_ratio.psi"] == pytest.approx(result.features["hangul_ratio"].psi)
     assert runs[-1].data.metrics["drift.window_requests"] == 180
 
@@ -165,8 +199,12 @@ def _logged(project, n: int, timeout: float = 60) -> list[dict]:
     return [json.loads(x) for x in lines]
 
 
-TOPICS = ["주식 시장에서 반도체 종목이 {n}% 올랐고 투자자들이 매수에 나섰습니다.", "축구 대표팀이 {n}번째 경기에서 역전승을 거두었습니다.",
-          "병원 응급실 대기 시간이 {n}분으로 늘어 환자들이 불편을 겪었습니다.", "새 스마트폰의 배터리가 {n}시간 동안 유지됩니다."]
+TOPICS = [
+    "주식 시장에서 반도체 종목이 {n}% 올랐고 투자자들이 매수에 나섰습니다.",
+    "축구 대표팀이 {n}번째 경기에서 역전승을 거두었습니다.",
+    "병원 응급실 대기 시간이 {n}분으로 늘어 환자들이 불편을 겪었습니다.",
+    "새 스마트폰의 배터리가 {n}시간 동안 유지됩니다.",
+]
 
 
 def test_prompt_embeddings_drift_when_the_topic_moves(tmp_path, tiny_model_dir):
@@ -181,7 +219,9 @@ def test_prompt_embeddings_drift_when_the_topic_moves(tmp_path, tiny_model_dir):
     lines = _logged(tmp_path, 40)  # written once each embedding is done, after the response
     assert all(len(x["embedding"]["vector"]) == DIM and x["embedding"]["model"] == str(tiny_model_dir) for x in lines)
     result = check_drift(tmp_path, window="1h", min_requests=30, track=False, embedding_model=str(tiny_model_dir))
-    assert result.embedding is not None and not result.embedding.drifted and result.embedding.p_value > 0.05, result.embedding
+    assert result.embedding is not None and not result.embedding.drifted and result.embedding.p_value > 0.05, (
+        result.embedding
+    )
 
     other = tmp_path / "other"
     _reference(other / ".kollm" / "steps" / "k" / "dataset")
@@ -210,11 +250,33 @@ def test_too_little_traffic_is_a_clear_error(tmp_path):
 def test_cli_drift_json(tmp_path):
     _reference(tmp_path / "ref")
     _serve(tmp_path, [ENGLISH[i % 2].format(n=i) for i in range(40)])
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "monitor", "drift", "--reference", str(tmp_path / "ref"), "--window", "1h",
-                        "--no-mlflow", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kollm.cli",
+            "monitor",
+            "drift",
+            "--reference",
+            str(tmp_path / "ref"),
+            "--window",
+            "1h",
+            "--no-mlflow",
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["window_requests"] == 40 and "hangul_ratio" in data["drifted"] and data["mlflow_run_id"] is None
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "monitor", "drift", "--reference", str(tmp_path / "ref"), "--window", "1x"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "monitor", "drift", "--reference", str(tmp_path / "ref"), "--window", "1x"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 2 and "--window '1x'" in r.stderr and "Traceback" not in r.stderr

@@ -20,14 +20,17 @@ def test_parse_faults():
     assert parse_faults(" latency_ms = 5 , seed=7") == FaultSpec(0.0, 5.0, 7)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("error_rate=2", "between 0 and 1"),
-    ("latency_ms=-1", ">= 0"),
-    ("error_rat=0.1", "KEY=VALUE with KEY one of error_rate, latency_ms, seed"),
-    ("error_rate", "KEY=VALUE"),
-    ("error_rate=lots", "not a number"),
-    (",", "nothing to inject"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("error_rate=2", "between 0 and 1"),
+        ("latency_ms=-1", ">= 0"),
+        ("error_rat=0.1", "KEY=VALUE with KEY one of error_rate, latency_ms, seed"),
+        ("error_rate", "KEY=VALUE"),
+        ("error_rate=lots", "not a number"),
+        (",", "nothing to inject"),
+    ],
+)
 def test_bad_faults_are_named(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_faults(text)
@@ -57,18 +60,40 @@ def test_injected_errors_are_500s_counted_by_the_serving_metrics():
                     assert r.json()["error"]["code"] == "internal_error"
                 else:
                     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "안녕하"
-            assert client.post("/v1/chat/completions", json={"model": "fake", "messages": []}).status_code == 400  # not injected
+            assert (
+                client.post("/v1/chat/completions", json={"model": "fake", "messages": []}).status_code == 400
+            )  # not injected
             assert client.get("/ready").status_code == 200
             assert client.get("/health").status_code == 200  # FaultyEngine delegates alive() (it once had none: a 500)
             text = client.get("/metrics").text
     finally:
         live.stop()
     assert statuses.count(500) == engine.injected and 5 < engine.injected < 35
-    assert _metric(text, "kollm_requests_total", model_version="faulty-1", endpoint="/v1/chat/completions", status_code="500") == engine.injected
+    assert (
+        _metric(
+            text, "kollm_requests_total", model_version="faulty-1", endpoint="/v1/chat/completions", status_code="500"
+        )
+        == engine.injected
+    )
 
 
 def test_serve_names_a_bad_inject_faults_option(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "serve", str(tmp_path / "model"), "--port", str(free_port()), "--inject-faults", "errors=1"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kollm.cli",
+            "serve",
+            str(tmp_path / "model"),
+            "--port",
+            str(free_port()),
+            "--inject-faults",
+            "errors=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--inject-faults" in r.stderr and "error_rate" in r.stderr

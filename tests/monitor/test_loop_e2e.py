@@ -19,15 +19,20 @@ from tests.rollout.conftest import Load, Server
 
 pytestmark = pytest.mark.slow
 
-STEPS_PY = '''
+STEPS_PY = """
 from looptiny import save_tiny
 
 def build(ctx):
     seed = int(ctx.inputs["data"].digest.split(":")[1][:6], 16) % 1000  # new data, new model
     save_tiny(ctx.output_path("model"), seed=seed, init_range=0.5)
     return {"seed": seed}
-'''
-DOCS = ["서울은 대한민국의 수도입니다", "오늘은 날씨가 맑고 따뜻합니다", "한국어 언어 모델을 평가합니다", "도서관에서 책을 빌려 읽었습니다"]
+"""
+DOCS = [
+    "서울은 대한민국의 수도입니다",
+    "오늘은 날씨가 맑고 따뜻합니다",
+    "한국어 언어 모델을 평가합니다",
+    "도서관에서 책을 빌려 읽었습니다",
+]
 
 
 def _append(root: Path, start: int, n: int) -> None:
@@ -42,11 +47,15 @@ def _append(root: Path, start: int, n: int) -> None:
 def _project(root: Path) -> Path:
     (root / "data").mkdir(parents=True)
     _append(root, 0, 60)
-    (root / "data" / "suite.jsonl").write_text(json.dumps({"prompt": "대한민국의 수도는?", "expected": "서울", "metric": "contains"},
-                                                          ensure_ascii=False) + "\n", encoding="utf-8")
+    (root / "data" / "suite.jsonl").write_text(
+        json.dumps({"prompt": "대한민국의 수도는?", "expected": "서울", "metric": "contains"}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
     shutil.copy(Path(__file__).parents[1] / "tiny.py", root / "looptiny.py")
     (root / "loopsteps.py").write_text(STEPS_PY, encoding="utf-8")
-    (root / "kollm.yaml").write_text(textwrap.dedent("""\
+    (root / "kollm.yaml").write_text(
+        textwrap.dedent("""\
         project: looptest
         data:
           corpus: {path: data/corpus.jsonl}
@@ -64,7 +73,9 @@ def _project(root: Path) -> Path:
             inputs: {suite: suite}
             config: {generation: {max_new_tokens: 4}, gate: ["perplexity <= 100000"]}
           - kind: register
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     return root
 
 
@@ -74,9 +85,15 @@ def _gateway(project: Path, *, faults: str | None = None):
     from kollm.rollout.serving import build_canary_gateway
     from kollm.serve.faults import parse_faults
 
-    return build_canary_gateway("models:/looptest@champion", "models:/looptest@challenger", project_dir=project,
-                                follow_interval=0.3, canary_faults=parse_faults(faults) if faults else None,
-                                device="cpu", max_batch_size=8)
+    return build_canary_gateway(
+        "models:/looptest@champion",
+        "models:/looptest@challenger",
+        project_dir=project,
+        follow_interval=0.3,
+        canary_faults=parse_faults(faults) if faults else None,
+        device="cpu",
+        max_batch_size=8,
+    )
 
 
 def test_watch_retrains_and_the_canary_promotes_then_a_faulty_challenger_is_rolled_back(tmp_path):
@@ -86,8 +103,16 @@ def test_watch_retrains_and_the_canary_promotes_then_a_faulty_challenger_is_roll
     project = _project(tmp_path / "loop")
     kollm.run(project)
     registry.promote("looptest", "1", reason="first model", project_dir=project)
-    settings = WatchSettings(project_dir=project, model_name="looptest", rollout_steps="50", rollout_pause="1s",
-                             rollout_min_requests=3, rollout_timeout_s=300, canary_load_timeout_s=120, poll_s=0.2)
+    settings = WatchSettings(
+        project_dir=project,
+        model_name="looptest",
+        rollout_steps="50",
+        rollout_pause="1s",
+        rollout_min_requests=3,
+        rollout_timeout_s=300,
+        canary_load_timeout_s=120,
+        poll_s=0.2,
+    )
     assert run_cycle(settings).kind == "baseline"
 
     # the gateway serves the champion (the challenger alias names it too: no canary yet) while new data arrives;
@@ -99,7 +124,9 @@ def test_watch_retrains_and_the_canary_promotes_then_a_faulty_challenger_is_roll
         _append(project, 1000, 30)
         promoted = run_cycle(settings)
         assert promoted.kind == "promoted", promoted.message
-        assert promoted.version == "2" and [t.kind for t in promoted.triggers] == ["data"] and "prep" in promoted.steps_run
+        assert (
+            promoted.version == "2" and [t.kind for t in promoted.triggers] == ["data"] and "prep" in promoted.steps_run
+        )
         assert get_status(srv.url)["gateway"]["stable_version"] == "2"
     assert registry.show("looptest", "champion", project).version == "2"
     assert load.result.failed == [] and load.result.ok > 0

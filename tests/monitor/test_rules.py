@@ -15,19 +15,36 @@ TESTS = sorted((Path(__file__).parent / "rules").glob("*.test.yml"))
 
 
 def _alerts() -> set[str]:
-    return {r["alert"] for f in rule_files() for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    return {
+        r["alert"]
+        for f in rule_files()
+        for g in yaml.safe_load(f.read_text())["groups"]
+        for r in g["rules"]
+        if "alert" in r
+    }
 
 
 def test_rules_ship_for_serving_rollout_training_and_drift():
     assert {f.name for f in rule_files()} == {"serving.yml", "rollout.yml", "training.yml", "drift.yml"}
-    assert {"KollmHighErrorRate", "KollmHighLatency", "KollmSlowFirstToken", "KollmQueueBacklog", "KollmNoTraffic",
-            "KollmCanaryAnalysisFailed", "KollmGPUMemoryHigh", "KollmTrainingLossNaN", "KollmTrainingLossStalled",
-            "KollmDataDrift"} <= _alerts()
+    assert {
+        "KollmHighErrorRate",
+        "KollmHighLatency",
+        "KollmSlowFirstToken",
+        "KollmQueueBacklog",
+        "KollmNoTraffic",
+        "KollmCanaryAnalysisFailed",
+        "KollmGPUMemoryHigh",
+        "KollmTrainingLossNaN",
+        "KollmTrainingLossStalled",
+        "KollmDataDrift",
+    } <= _alerts()
 
 
 @needs_promtool
 def test_promtool_check_rules_accepts_every_file():
-    r = subprocess.run([PROMTOOL, "check", "rules", *map(str, rule_files())], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [PROMTOOL, "check", "rules", *map(str, rule_files())], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -43,12 +60,18 @@ def test_promtool_unit_tests_catch_a_broken_rule(tmp_path):
     """The unit tests can fail: raising the error-rate threshold above the injected 10% breaks them."""
     rules = tmp_path / "src" / "kollm" / "monitor" / "rules"
     rules.mkdir(parents=True)
-    text = (rule_files()[0].parent / "serving.yml").read_text().replace("kollm:request_error_ratio:rate5m > 0.05", "kollm:request_error_ratio:rate5m > 0.5")
+    text = (
+        (rule_files()[0].parent / "serving.yml")
+        .read_text()
+        .replace("kollm:request_error_ratio:rate5m > 0.05", "kollm:request_error_ratio:rate5m > 0.5")
+    )
     (rules / "serving.yml").write_text(text)
     tests = tmp_path / "tests" / "monitor" / "rules"
     tests.mkdir(parents=True)
     (tests / "serving.test.yml").write_text((Path(__file__).parent / "rules" / "serving.test.yml").read_text())
-    r = subprocess.run([PROMTOOL, "test", "rules", str(tests / "serving.test.yml")], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [PROMTOOL, "test", "rules", str(tests / "serving.test.yml")], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "KollmHighErrorRate" in r.stdout + r.stderr
 
 
@@ -62,9 +85,14 @@ def test_every_alert_has_a_firing_unit_test():
 
 @needs_promtool
 def test_written_config_passes_promtool_check_config(tmp_path):
-    path = write_config(tmp_path / "prom", ["kollm-serve=127.0.0.1:8000", "kollm-gateway=127.0.0.1:8001", "kollm-serve=127.0.0.1:8002"])
+    path = write_config(
+        tmp_path / "prom", ["kollm-serve=127.0.0.1:8000", "kollm-gateway=127.0.0.1:8001", "kollm-serve=127.0.0.1:8002"]
+    )
     config = yaml.safe_load(path.read_text())
-    assert config["scrape_configs"][0] == {"job_name": "kollm-serve", "static_configs": [{"targets": ["127.0.0.1:8000", "127.0.0.1:8002"]}]}
+    assert config["scrape_configs"][0] == {
+        "job_name": "kollm-serve",
+        "static_configs": [{"targets": ["127.0.0.1:8000", "127.0.0.1:8002"]}],
+    }
     assert sorted(p.name for p in (tmp_path / "prom" / "rules").iterdir()) == sorted(f.name for f in rule_files())
     r = subprocess.run([PROMTOOL, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

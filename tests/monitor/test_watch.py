@@ -15,14 +15,24 @@ import pytest
 
 from kollm.errors import ConfigError
 from kollm.monitor.watch import (
-    Running, StateStore, Trigger, WatchSettings, cron_due, parse_cron, run_cycle, verify_mlflow_signature, watcher_lock,
+    Running,
+    StateStore,
+    Trigger,
+    WatchSettings,
+    cron_due,
+    parse_cron,
+    run_cycle,
+    verify_mlflow_signature,
+    watcher_lock,
     webhook_server,
 )
 from tests.rollout.conftest import WebhookReceiver
 
-KOREAN = ["오늘 서울의 날씨는 맑고 기온은 {n}도까지 오르겠습니다. 외출할 때 모자를 챙기세요.",
-          "한국어 언어 모델을 학습하려면 깨끗한 말뭉치가 필요합니다. 이번 자료는 {n}번째 문서입니다.",
-          "회의는 오후 {n}시에 본관 대회의실에서 열립니다. 모든 팀원은 자료를 미리 읽어 오세요."]
+KOREAN = [
+    "오늘 서울의 날씨는 맑고 기온은 {n}도까지 오르겠습니다. 외출할 때 모자를 챙기세요.",
+    "한국어 언어 모델을 학습하려면 깨끗한 말뭉치가 필요합니다. 이번 자료는 {n}번째 문서입니다.",
+    "회의는 오후 {n}시에 본관 대회의실에서 열립니다. 모든 팀원은 자료를 미리 읽어 오세요.",
+]
 
 
 def _ts(text: str) -> float:
@@ -32,7 +42,9 @@ def _ts(text: str) -> float:
 def test_cron_due():
     assert cron_due("0 3 * * *", _ts("2026-03-01T02:59:30"), _ts("2026-03-01T03:00:10"))
     assert not cron_due("0 3 * * *", _ts("2026-03-01T03:00:10"), _ts("2026-03-01T04:30:00"))
-    assert cron_due("0 3 * * *", _ts("2026-03-01T03:00:10"), _ts("2026-03-05T01:00:00"))  # missed days coalesce: one trigger
+    assert cron_due(
+        "0 3 * * *", _ts("2026-03-01T03:00:10"), _ts("2026-03-05T01:00:00")
+    )  # missed days coalesce: one trigger
     assert cron_due("*/15 * * * *", _ts("2026-03-01T10:14:00"), _ts("2026-03-01T10:15:00"))
     assert not cron_due("*/15 * * * *", _ts("2026-03-01T10:15:00"), _ts("2026-03-01T10:29:59"))
     # 2026-03-02 is a Monday: "day 1 or Monday" fires on Monday the 2nd, "every Monday" not on Sunday the 1st
@@ -50,12 +62,18 @@ def _signed(secret: str, body: bytes, *, stamp: int | None = None) -> dict[str, 
     from mlflow.webhooks.delivery import _generate_hmac_signature  # MLflow's own signing code
 
     delivery, stamp_s = str(uuid.uuid4()), str(stamp or int(time.time()))
-    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp_s, "Content-Type": "application/json",
-            "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, stamp_s, body.decode())}
+    return {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp_s,
+        "Content-Type": "application/json",
+        "X-MLflow-Signature": _generate_hmac_signature(secret, delivery, stamp_s, body.decode()),
+    }
 
 
 def test_mlflow_signature_verification():
-    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "base", "version": "3"}}).encode()
+    body = json.dumps(
+        {"entity": "model_version", "action": "created", "data": {"name": "base", "version": "3"}}
+    ).encode()
     headers = _signed("s3cret", body)
     assert verify_mlflow_signature("s3cret", headers, body)
     assert not verify_mlflow_signature("other", headers, body)
@@ -73,13 +91,17 @@ def test_webhook_receiver_queues_verified_events(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
-        body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "base-ko", "version": "3"}}).encode()
+        body = json.dumps(
+            {"entity": "model_version", "action": "created", "data": {"name": "base-ko", "version": "3"}}
+        ).encode()
         headers = _signed("s3cret", body)
         assert httpx.post(url, content=body, headers=headers).status_code == 202
         assert httpx.post(url, content=body, headers=headers).status_code == 200  # the same delivery again: ignored
         assert httpx.post(url, content=body, headers={**headers, "X-MLflow-Signature": "v1,AAAA"}).status_code == 401
         assert httpx.post(url, content=body).status_code == 401
-        own = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "kodemo", "version": "9"}}).encode()
+        own = json.dumps(
+            {"entity": "model_version", "action": "created", "data": {"name": "kodemo", "version": "9"}}
+        ).encode()
         r = httpx.post(url, content=own, headers=_signed("s3cret", own))
         assert r.status_code == 200 and "ignored" in r.json()["status"]
     finally:
@@ -95,7 +117,9 @@ def _project(root, rows: int = 60):
     _append(root, 0, rows)
     (root / "kollm.yaml").write_text(
         "project: watchdemo\ndata:\n  docs: {path: data/docs.jsonl}\nsteps:\n  - kind: prepare\n    name: prep\n    inputs: {source: docs}\n"
-        "    config:\n      dataset: corpus\n      split: {eval_fraction: 0.1}\n      filters: {min_chars: 10}\n      dedup: {near: false}\n", encoding="utf-8")
+        "    config:\n      dataset: corpus\n      split: {eval_fraction: 0.1}\n      filters: {min_chars: 10}\n      dedup: {near: false}\n",
+        encoding="utf-8",
+    )
     return root
 
 
@@ -136,10 +160,17 @@ def test_cycles_baseline_data_change_coalesce_and_outcomes(project):
 
     c = client(project)
     run = c.get_run(outcome.mlflow_run_id)
-    assert run.data.tags["kollm.watch.outcome"] == "no_new_challenger" and run.data.tags["kollm.watch.triggers"] == "data,webhook"
+    assert (
+        run.data.tags["kollm.watch.outcome"] == "no_new_challenger"
+        and run.data.tags["kollm.watch.triggers"] == "data,webhook"
+    )
     assert run.data.metrics["watch.steps_run"] == 1
     state = store.load()
-    assert state.running is None and state.pending == [] and [h["kind"] for h in state.history] == ["no_new_challenger", "no_new_challenger"]
+    assert (
+        state.running is None
+        and state.pending == []
+        and [h["kind"] for h in state.history] == ["no_new_challenger", "no_new_challenger"]
+    )
 
 
 def test_a_crashed_run_is_resumed_once_not_triggered_again(project):
@@ -156,7 +187,11 @@ def test_a_crashed_run_is_resumed_once_not_triggered_again(project):
     state.running = Running(triggers=[crashed], started_at=time.time())
     store.save(state)
     resumed = run_cycle(settings)
-    assert resumed.kind == "no_new_challenger" and [t.id for t in resumed.triggers] == [crashed.id] and resumed.steps_run == ["prep"]
+    assert (
+        resumed.kind == "no_new_challenger"
+        and [t.id for t in resumed.triggers] == [crashed.id]
+        and resumed.steps_run == ["prep"]
+    )
     assert run_cycle(settings).kind == "idle"
 
     state = store.load()
@@ -176,10 +211,22 @@ def test_one_watcher_at_a_time(project):
 
 
 def test_cli_watch_once(project):
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "watch", "--once", "--json"], cwd=project, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "watch", "--once", "--json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["kind"] == "baseline"
-    r = subprocess.run([sys.executable, "-m", "kollm.cli", "watch", "--once", "--schedule", "0 3 * *"], cwd=project, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "watch", "--once", "--schedule", "0 3 * *"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "--schedule" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -201,8 +248,19 @@ def test_long_running_watch_retrains_on_a_verified_registry_webhook(project):
         while store.load().data_digest is None:  # the first cycle recorded its baseline
             assert time.time() < deadline and thread.is_alive()
             time.sleep(0.2)
-        body = json.dumps({"entity": "model_version_alias", "action": "created", "data": {"name": "base-ko", "alias": "latest", "version": "4"}}).encode()
-        assert httpx.post(f"http://127.0.0.1:{port}/", content=body, headers=_signed("s3cret", body), timeout=30).status_code == 202
+        body = json.dumps(
+            {
+                "entity": "model_version_alias",
+                "action": "created",
+                "data": {"name": "base-ko", "alias": "latest", "version": "4"},
+            }
+        ).encode()
+        assert (
+            httpx.post(
+                f"http://127.0.0.1:{port}/", content=body, headers=_signed("s3cret", body), timeout=30
+            ).status_code
+            == 202
+        )
         while not store.load().history:
             assert time.time() < deadline and thread.is_alive()
             time.sleep(0.2)

@@ -14,15 +14,27 @@ from tests.rollout.conftest import Load, Server, registered, serving_app, tracki
 
 def _gateway(registered, project, **canary_behaviour):
     name = registered.name
-    gw = Gateway(Arm(serving_app("1", name=name), version="1", model_name=name),
-                 Arm(serving_app("2", name=name, **canary_behaviour), version="2", model_name=name))
+    gw = Gateway(
+        Arm(serving_app("1", name=name), version="1", model_name=name),
+        Arm(serving_app("2", name=name, **canary_behaviour), version="2", model_name=name),
+    )
     attach_rollout(gw, project_dir=project, model_name=name)
     return gw
 
 
 def _settings(project, url, name, **kw):
-    return WatchSettings(project_dir=project, gateway=url, model_name=name, watch_data=False, rollout_steps="50",
-                         rollout_pause="0.5s", rollout_min_requests=3, rollout_timeout_s=60, poll_s=0.2, **kw)
+    return WatchSettings(
+        project_dir=project,
+        gateway=url,
+        model_name=name,
+        watch_data=False,
+        rollout_steps="50",
+        rollout_pause="0.5s",
+        rollout_min_requests=3,
+        rollout_timeout_s=60,
+        poll_s=0.2,
+        **kw,
+    )
 
 
 def test_a_healthy_challenger_is_promoted_and_a_failing_one_rolled_back(registered, tmp_path):
@@ -39,8 +51,10 @@ def test_a_healthy_challenger_is_promoted_and_a_failing_one_rolled_back(register
     c.create_model_version(registered.name, source=str(tmp_path / "model-v3"))
     c.set_registered_model_alias(registered.name, "challenger", "3")
     name = registered.name
-    gw = Gateway(Arm(serving_app("2", name=name), version="2", model_name=name),
-                 Arm(serving_app("3", name=name, fail_ratio=0.5), version="3", model_name=name))
+    gw = Gateway(
+        Arm(serving_app("2", name=name), version="2", model_name=name),
+        Arm(serving_app("3", name=name, fail_ratio=0.5), version="3", model_name=name),
+    )
     attach_rollout(gw, project_dir=tmp_path, model_name=name)
     with Server(gw) as srv, Load(srv.url, name) as load:
         outcome = roll_out(_settings(tmp_path, srv.url, name), name, "3")
@@ -52,7 +66,9 @@ def test_a_healthy_challenger_is_promoted_and_a_failing_one_rolled_back(register
 
 def test_gateway_serving_another_canary_is_reported(registered, tmp_path):
     with Server(_gateway(registered, tmp_path)) as srv:
-        outcome = roll_out(_settings(tmp_path, srv.url, registered.name, canary_load_timeout_s=0.5), registered.name, "7")
+        outcome = roll_out(
+            _settings(tmp_path, srv.url, registered.name, canary_load_timeout_s=0.5), registered.name, "7"
+        )
     assert outcome.kind == "gateway_not_serving_challenger" and "still serves canary 2 after 0.5s" in outcome.message
     assert "--canary models:/" in outcome.message
 
@@ -71,8 +87,17 @@ def test_the_canary_follows_the_challenger_alias_between_rollouts_only(registere
 
     gw = Gateway(Arm(serving_app("1", name=name), version="1", model_name=name))
     controller = attach_rollout(gw, project_dir=tmp_path, model_name=name)
-    follower = AliasFollower(gw, name=name, alias="challenger", load=load, project_dir=tmp_path, interval=0.1, arm="canary",
-                             swap=controller.replace_canary, busy=lambda: controller.state is not None and controller.state.active).attach()
+    follower = AliasFollower(
+        gw,
+        name=name,
+        alias="challenger",
+        load=load,
+        project_dir=tmp_path,
+        interval=0.1,
+        arm="canary",
+        swap=controller.replace_canary,
+        busy=lambda: controller.state is not None and controller.state.active,
+    ).attach()
 
     def canary() -> str | None:
         return rollout_client.command("status", gateway=srv.url)["gateway"]["canary_version"]
@@ -81,7 +106,9 @@ def test_the_canary_follows_the_challenger_alias_between_rollouts_only(registere
         time.sleep(0.5)
         assert canary() is None
         c.set_registered_model_alias(name, "challenger", "2")
-        outcome = roll_out(_settings(tmp_path, srv.url, name, canary_load_timeout_s=30), name, "2")  # waits for the load
+        outcome = roll_out(
+            _settings(tmp_path, srv.url, name, canary_load_timeout_s=30), name, "2"
+        )  # waits for the load
         assert outcome.kind == "promoted", outcome.message
         assert follower.swaps == [("-", "2")] and canary() is None  # promoted: version 2 is the stable arm
 
@@ -103,7 +130,9 @@ def test_the_canary_follows_the_challenger_alias_between_rollouts_only(registere
             time.sleep(0.1)
         assert canary() == "4" and follower.swaps == [("-", "2"), ("-", "3"), ("3", "4")]
         status = rollout_client.command("status", gateway=srv.url)
-        assert status["rollout"] is None and status["gateway"]["canary_weight"] == 0  # the aborted rollout judged version 3
+        assert (
+            status["rollout"] is None and status["gateway"]["canary_weight"] == 0
+        )  # the aborted rollout judged version 3
     assert load.result.failed == []
 
 
@@ -116,6 +145,8 @@ def test_a_trigger_during_an_active_rollout_waits(registered, tmp_path):
         pending = StateStore(settings.state_dir).load().pending
         assert [t.kind for t in pending] == ["manual"]  # kept for the next cycle
         again = run_cycle(settings)
-        assert again.kind == "waiting" and [t.id for t in StateStore(settings.state_dir).load().pending] == [pending[0].id]
+        assert again.kind == "waiting" and [t.id for t in StateStore(settings.state_dir).load().pending] == [
+            pending[0].id
+        ]
         rollout_client.command("abort", gateway=srv.url)
         time.sleep(0.1)

@@ -6,7 +6,7 @@ import textwrap
 import uuid
 from pathlib import Path
 
-STEPS_PY = '''
+STEPS_PY = """
 import json, os, time
 from pathlib import Path
 
@@ -55,7 +55,7 @@ def forgets_output(ctx):
 def _touch(ctx, what):
     with open(ctx.project_dir / "calls.log", "a") as f:
         f.write(what + "\\n")
-'''
+"""
 
 
 def make_project(root: Path, *, steps_yaml: str | None = None, scale: int = 1, module: str | None = None) -> Path:
@@ -83,7 +83,8 @@ def make_project(root: Path, *, steps_yaml: str | None = None, scale: int = 1, m
     )
     steps_yaml = steps_yaml.replace("mysteps:", f"{module}:")
     (root / "kollm.yaml").write_text(
-        "project: testproj\ndata:\n  raw: {path: data/*.txt}\nsteps:\n" + textwrap.indent(steps_yaml, "  "), encoding="utf-8"
+        "project: testproj\ndata:\n  raw: {path: data/*.txt}\nsteps:\n" + textwrap.indent(steps_yaml, "  "),
+        encoding="utf-8",
     )
     return root
 

@@ -24,7 +24,9 @@ def test_kill_9_then_resume(tmp_path, kollm_bin):
     root = make_project(tmp_path / "p")
     marker = tmp_path / "marker"
     env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count"}
-    proc = subprocess.Popen([kollm_bin, "run", str(root), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [kollm_bin, "run", str(root), "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read().decode()

@@ -24,7 +24,7 @@ CASES = [
     ),
     (
         "unknown key at the top level of a step",
-        '{kind: python, name: a, confg: {}}',
+        "{kind: python, name: a, confg: {}}",
         "steps[0].confg: unknown key; did you mean 'config'?",
     ),
     (
@@ -49,7 +49,10 @@ CASES = [
     ),
     (
         "miswired input: a later step",
-        GOOD_STEP.replace("name: a,", "name: a, inputs: {x: b},").replace('outputs: {out: corpus}', 'inputs: {x: corpus}') + "\n  - {kind: python, name: b, config: {callable: \"mod_ok:f\", outputs: {o: corpus}}}",
+        GOOD_STEP.replace("name: a,", "name: a, inputs: {x: b},").replace(
+            "outputs: {out: corpus}", "inputs: {x: corpus}"
+        )
+        + '\n  - {kind: python, name: b, config: {callable: "mod_ok:f", outputs: {o: corpus}}}',
         "steps[0].inputs.x: step 'b' runs later; an input can only come from an earlier step",
     ),
     (
@@ -99,8 +102,14 @@ def test_bad_step(tmp_path, what, steps, message):
     [
         ("project: t\nsteps: []\n", "steps: list should have at least 1 item after validation, not 0"),
         ("steps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", "project: required field is missing"),
-        ("project: t\nexecutor: k8s\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", "executor.kind: expected one of 'local' or 'ray', got \"k8s\""),
-        ("project: t\ndata: {raw: {path: missing/*.txt}}\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n", None),
+        (
+            "project: t\nexecutor: k8s\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n",
+            "executor.kind: expected one of 'local' or 'ray', got \"k8s\"",
+        ),
+        (
+            "project: t\ndata: {raw: {path: missing/*.txt}}\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n",
+            None,
+        ),
         ("project: [unclosed\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
         ("- just\n- a list\n", "expected a mapping with keys project, steps (and optionally tracking, data, executor)"),
     ],
@@ -111,7 +120,9 @@ def test_bad_file(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         load_pipeline(tmp_path)
     if message is None:
-        assert e.value.problems == [f"data.raw.path: no file matches 'missing/*.txt' (relative to {tmp_path.resolve()})"]
+        assert e.value.problems == [
+            f"data.raw.path: no file matches 'missing/*.txt' (relative to {tmp_path.resolve()})"
+        ]
     else:
         assert e.value.problems == [message]
 

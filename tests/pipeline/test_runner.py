@@ -19,7 +19,11 @@ def test_rerun_is_fully_cached(tmp_path):
     root = make_project(tmp_path / "p")
     first = kollm.run(root)
     assert [r.cache_hit for r in first.steps.values()] == [False, False, False]
-    assert calls(root)[0] == "make_corpus" and sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]  # count, count2: side by side
+    assert calls(root)[0] == "make_corpus" and sorted(calls(root)) == [
+        "count:count",
+        "count:count2",
+        "make_corpus",
+    ]  # count, count2: side by side
     second = kollm.run(root)
     assert [r.cache_hit for r in second.steps.values()] == [True, True, True]
     assert sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]  # nothing recomputed
@@ -109,7 +113,10 @@ def test_retries_with_backoff(tmp_path):
     root = make_project(tmp_path / "p", steps_yaml=steps)
     result = kollm.run(root)
     assert result.steps["flaky"].metrics["attempts"] == 3
-    events = [json.loads(l)["event"] for l in (root / ".kollm/logs/system" / f"{result.run_id}.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(l)["event"]
+        for l in (root / ".kollm/logs/system" / f"{result.run_id}.jsonl").read_text().splitlines()
+    ]
     assert events.count("step_error") == 2
 
 
@@ -146,7 +153,9 @@ def test_mlflow_lineage(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/.kollm/mlflow.db")
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["kollm.pipeline"] == "true"
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
     assert sorted(c.data.tags["kollm.step"] for c in children) == ["corpus", "count", "count2"]
     count = next(c for c in children if c.data.tags["kollm.step"] == "count")
     rec = result.steps["count"]
@@ -165,7 +174,9 @@ def test_mlflow_lineage(tmp_path):
 def test_tracking_on_postgres(tmp_path, postgres_uri):
     root = make_project(tmp_path / "p")
     cfg = (root / "kollm.yaml").read_text()
-    (root / "kollm.yaml").write_text(cfg.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{postgres_uri}'}}\n"))
+    (root / "kollm.yaml").write_text(
+        cfg.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{postgres_uri}'}}\n")
+    )
     result = kollm.run(root)
     again = kollm.run(root)
     assert all(r.cache_hit for r in again.steps.values())
@@ -178,8 +189,14 @@ def test_tracking_on_postgres(tmp_path, postgres_uri):
 def test_unreachable_tracking_store_is_a_clear_error(tmp_path):
     root = make_project(tmp_path / "p")
     cfg = (root / "kollm.yaml").read_text()
-    (root / "kollm.yaml").write_text(cfg.replace("project: testproj\n", "project: testproj\ntracking: {uri: 'postgresql://nobody@127.0.0.1:1/none'}\n"))
-    with pytest.raises(kollm.errors.KollmError, match="cannot open the MLflow tracking store postgresql://nobody@127.0.0.1:1/none"):
+    (root / "kollm.yaml").write_text(
+        cfg.replace(
+            "project: testproj\n", "project: testproj\ntracking: {uri: 'postgresql://nobody@127.0.0.1:1/none'}\n"
+        )
+    )
+    with pytest.raises(
+        kollm.errors.KollmError, match="cannot open the MLflow tracking store postgresql://nobody@127.0.0.1:1/none"
+    ):
         kollm.run(root)
 
 
@@ -245,7 +262,9 @@ def test_same_module_name_in_two_projects(tmp_path):
     for name, value in [("one", 1), ("two", 2)]:
         root = tmp_path / name
         root.mkdir()
-        (root / "shared_name_steps.py").write_text(f"def f(ctx):\n    (ctx.output_path('m') / 'v.txt').write_text('x')\n    return {{'v': {value}}}\n")
+        (root / "shared_name_steps.py").write_text(
+            f"def f(ctx):\n    (ctx.output_path('m') / 'v.txt').write_text('x')\n    return {{'v': {value}}}\n"
+        )
         (root / "kollm.yaml").write_text(
             f"project: {name}\nsteps:\n  - {{kind: python, name: f, config: {{callable: 'shared_name_steps:f', outputs: {{m: metrics}}}}}}\n"
         )
@@ -281,10 +300,19 @@ def test_a_projects_tracking_uri_does_not_leak_into_later_child_processes(tmp_pa
     kollm.run(a)
     (tmp_path / "b").mkdir()
     code = "import sys; from pathlib import Path; from kollm.pipeline.tracking import tracking_uri; print(tracking_uri(Path(sys.argv[1])))"
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert out.strip() == f"sqlite:///{(tmp_path / 'b').resolve()}/.kollm/mlflow.db"
     # the user's own variable is still honoured by child processes
     mine = f"sqlite:///{tmp_path.resolve()}/mine.db"
     env = {k: v for k, v in os.environ.items() if k != "KOLLM_SET_TRACKING_URI"} | {"MLFLOW_TRACKING_URI": mine}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=120, check=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env=env,
+    ).stdout
     assert out.strip() == mine

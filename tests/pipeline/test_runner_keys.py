@@ -76,7 +76,9 @@ def _cpt_project(root: Path, extra: str = "") -> Path:
 
         rng = random.Random(0)
         syl = "가나다라마바사아자차카타파하서울부산한국어문장입니다오늘날씨좋네요학교공부책"
-        docs = [" ".join("".join(rng.choice(syl) for _ in range(rng.randint(2, 4))) for _ in range(12)) for _ in range(40)]
+        docs = [
+            " ".join("".join(rng.choice(syl) for _ in range(rng.randint(2, 4))) for _ in range(12)) for _ in range(40)
+        ]
         (root / "data" / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
     (root / "kollm.yaml").write_text(CPT_PROJECT.format(extra=extra), encoding="utf-8")
     return root
@@ -109,22 +111,38 @@ def test_local_base_model_folder_is_keyed_by_content_and_named_in_lineage(tmp_pa
     root = tmp_path / "p"
     (root / "data").mkdir(parents=True)
     (root / "data" / "chat.jsonl").write_text(
-        "\n".join(json.dumps({"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"대답 {i}입니다"}]}, ensure_ascii=False) for i in range(30)),
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"질문 {i}"},
+                        {"role": "assistant", "content": f"대답 {i}입니다"},
+                    ]
+                },
+                ensure_ascii=False,
+            )
+            for i in range(30)
+        ),
         encoding="utf-8",
     )
     save_tiny(root / "base", seed=0)
-    (root / "kollm.yaml").write_text(textwrap.dedent("""\
+    (root / "kollm.yaml").write_text(
+        textwrap.dedent("""\
         project: basefolder
         data: {chat: {path: data/chat.jsonl}}
         steps:
           - {kind: prepare, name: prep, config: {dataset: instructions, split: {eval_fraction: 0.1}, filters: {min_chars: 1, min_hangul_ratio: 0}}}
           - {kind: sft, name: first, config: {base_model: base, seq_len: 32, max_steps: 1, batch_size: 2}}
           - {kind: sft, name: second, config: {base_model: base, seq_len: 32, max_steps: 2, batch_size: 2}}
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     pipe = load_pipeline(root)
     assert "model" not in pipe.steps[2].inputs  # trained from base/, not from `first`'s model
     first = kollm.run(root)
-    assert json.loads((first.steps["second"].outputs["model"].path / "kollm.json").read_text())["base_model"]["source"].endswith("/base")
+    assert json.loads((first.steps["second"].outputs["model"].path / "kollm.json").read_text())["base_model"][
+        "source"
+    ].endswith("/base")
     assert kollm.run(root).steps["second"].cache_hit
     save_tiny(root / "base", seed=1)  # new weights saved into the same folder
     again = kollm.run(root)
@@ -178,7 +196,10 @@ def test_overrides_change_the_key_and_name_the_path(tmp_path):
         plan(pipe, {"count.callable": 3})
     base = kollm.run(root)
     scaled = kollm.run(root, overrides={"count.params": {"scale": 5}})
-    assert scaled.steps["count"].key != base.steps["count"].key and scaled.steps["count"].metrics["chars"] == 5 * base.steps["count"].metrics["chars"]
+    assert (
+        scaled.steps["count"].key != base.steps["count"].key
+        and scaled.steps["count"].metrics["chars"] == 5 * base.steps["count"].metrics["chars"]
+    )
 
 
 def _kollm(kollm_bin, *args, env=None, check=True):
@@ -195,19 +216,52 @@ def test_step_by_step_with_explicit_inputs_matches_a_normal_run(tmp_path, kollm_
     root = make_project(tmp_path / "split", module="steps_same")
     store = (tmp_path / "shared-store").as_uri()
     out = tmp_path / "corpus.json"
-    corpus = json.loads(_kollm(kollm_bin, "step", "run", str(root), "--step", "corpus", "--store", store, "--outputs-json", str(out)).stdout)
+    corpus = json.loads(
+        _kollm(
+            kollm_bin, "step", "run", str(root), "--step", "corpus", "--store", store, "--outputs-json", str(out)
+        ).stdout
+    )
     assert json.loads(out.read_text()) == corpus and corpus["outputs"]["data"]["uri"].startswith(store)
     digests = {"corpus": corpus["outputs"]["data"]["digest"]}
     for name in ("count", "count2"):
-        rec = json.loads(_kollm(kollm_bin, "step", "run", str(root), "--step", name, "--store", store, "--attempt", "0",
-                                "--input", f"data={corpus['outputs']['data']['uri']}").stdout)
+        rec = json.loads(
+            _kollm(
+                kollm_bin,
+                "step",
+                "run",
+                str(root),
+                "--step",
+                name,
+                "--store",
+                store,
+                "--attempt",
+                "0",
+                "--input",
+                f"data={corpus['outputs']['data']['uri']}",
+            ).stdout
+        )
         assert not rec["cache_hit"]
         digests[name] = rec["outputs"]["m"]["digest"]
-    assert digests == {"corpus": normal.steps["corpus"].outputs["data"].digest,
-                       "count": normal.steps["count"].outputs["m"].digest, "count2": normal.steps["count2"].outputs["m"].digest}
+    assert digests == {
+        "corpus": normal.steps["corpus"].outputs["data"].digest,
+        "count": normal.steps["count"].outputs["m"].digest,
+        "count2": normal.steps["count2"].outputs["m"].digest,
+    }
     assert not (root / ".kollm" / "steps").exists()  # everything went to the store
-    again = json.loads(_kollm(kollm_bin, "step", "run", str(root), "--step", "count", "--store", store,
-                              "--input", f"data={corpus['outputs']['data']['uri']}").stdout)
+    again = json.loads(
+        _kollm(
+            kollm_bin,
+            "step",
+            "run",
+            str(root),
+            "--step",
+            "count",
+            "--store",
+            store,
+            "--input",
+            f"data={corpus['outputs']['data']['uri']}",
+        ).stdout
+    )
     assert again["cache_hit"]
     bad = _kollm(kollm_bin, "step", "run", str(root), "--step", "count", "--input", f"data={tmp_path}", check=False)
     assert bad.returncode == 1 and "is not a kollm artifact" in bad.stderr and "Traceback" not in bad.stderr
@@ -222,21 +276,37 @@ def test_two_runners_on_one_project(tmp_path, kollm_bin):
     corpus = json.loads(_kollm(kollm_bin, "step", "run", str(root), "--step", "corpus").stdout)
     uri = corpus["outputs"]["data"]["uri"]
     marker, release = tmp_path / "marker", tmp_path / "release"
-    env = {**os.environ, "KOLLM_TEST_MARKER": str(marker), "KOLLM_TEST_SLOW_STEP": "count", "KOLLM_TEST_RELEASE": str(release)}
-    slow = subprocess.Popen([kollm_bin, "step", "run", str(root), "--step", "count", "--input", f"data={uri}"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "KOLLM_TEST_MARKER": str(marker),
+        "KOLLM_TEST_SLOW_STEP": "count",
+        "KOLLM_TEST_RELEASE": str(release),
+    }
+    slow = subprocess.Popen(
+        [kollm_bin, "step", "run", str(root), "--step", "count", "--input", f"data={uri}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     waiter = None
     try:
         deadline = time.time() + 300
         while not marker.exists():  # `count` is at work (and holds its key) until we create `release`
-            assert slow.poll() is None and time.time() < deadline, slow.stderr.read() if slow.poll() is not None else "timeout"
+            assert slow.poll() is None and time.time() < deadline, (
+                slow.stderr.read() if slow.poll() is not None else "timeout"
+            )
             time.sleep(0.05)
         other = _kollm(kollm_bin, "step", "run", str(root), "--step", "count2", "--input", f"data={uri}")
         assert not json.loads(other.stdout)["cache_hit"] and slow.poll() is None  # count2 ran while count was at work
-        waiter = subprocess.Popen([kollm_bin, "run", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiter = subprocess.Popen(
+            [kollm_bin, "run", str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         logs = root / ".kollm" / "logs" / "system"
         while not any("step_waiting" in f.read_text() for f in logs.glob("*.jsonl")):  # it reached `count` in flight
-            assert waiter.poll() is None and time.time() < deadline, waiter.stderr.read() if waiter.poll() is not None else "timeout"
+            assert waiter.poll() is None and time.time() < deadline, (
+                waiter.stderr.read() if waiter.poll() is not None else "timeout"
+            )
             time.sleep(0.05)
         release.write_text("go")
         assert slow.wait(120) == 0
@@ -250,7 +320,7 @@ def test_two_runners_on_one_project(tmp_path, kollm_bin):
     assert calls(root) == ["make_corpus", "count:count2", "count:count"]
 
 
-KILL_AT = '''
+KILL_AT = """
 import os, signal, sys
 from mlflow import MlflowClient
 import kollm, kollm.registry as registry
@@ -263,7 +333,7 @@ if sys.argv[2] == "before_version":
 else:
     registry._move = die
 kollm.run(sys.argv[1])
-'''
+"""
 
 
 @pytest.mark.parametrize("point", ["before_version", "before_alias"])
@@ -274,8 +344,13 @@ def test_kill_9_inside_register_leaves_one_version(tmp_path, point):
     project = make_eval_project(tmp_path / "p", gate=["perplexity <= 100000"])
     script = tmp_path / "killer.py"
     script.write_text(KILL_AT)
-    proc = subprocess.run([sys.executable, str(script), str(project), point], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(project), point],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == -9, proc.stderr
     result = kollm.run(project)
     versions = registry.list_versions("evaltest", project)

@@ -28,7 +28,12 @@ from kollm.pipeline.tracking import (
 
 from .helpers import make_project
 
-TAGS = {"mlflow.parentRunId": "p" * 32, "kollm.step": "s", "kollm.cache_key": "abc", "kollm.input.data.digest": "sha256:00"}
+TAGS = {
+    "mlflow.parentRunId": "p" * 32,
+    "kollm.step": "s",
+    "kollm.cache_key": "abc",
+    "kollm.input.data.digest": "sha256:00",
+}
 PARAMS = {"callable": "m:f", "params.lr": "0.1", "inputs.src": "source"}
 TS = 1_700_000_000_000
 HEAVY = ("mlflow", "sqlalchemy", "pandas", "torch", "transformers")  # none of them is needed to rerun a cached pipeline
@@ -45,17 +50,36 @@ def _log_both_ways(tmp_path):
     """The same runs written by MLflow's client and by SqliteRuns; returns (uri, client, mlflow_run, kollm_run)."""
     uri, client, exp = _store(tmp_path)
     a = client.create_run(exp, run_name="s", tags=TAGS).info.run_id
-    client.log_batch(a, params=[Param(k, v) for k, v in PARAMS.items()],
-                     metrics=[Metric("loss", 2.0, TS, 5), Metric("nan", float("nan"), TS, 5), Metric("inf", float("inf"), TS, 5)],
-                     tags=[RunTag("kollm.output.out.digest", "sha256:11")], synchronous=True)
-    client.log_batch(a, metrics=[Metric("loss", 3.0, TS + 1, 4), Metric("acc", 0.5, TS, 0)], tags=[RunTag("kollm.step", "s2")], synchronous=True)
+    client.log_batch(
+        a,
+        params=[Param(k, v) for k, v in PARAMS.items()],
+        metrics=[Metric("loss", 2.0, TS, 5), Metric("nan", float("nan"), TS, 5), Metric("inf", float("inf"), TS, 5)],
+        tags=[RunTag("kollm.output.out.digest", "sha256:11")],
+        synchronous=True,
+    )
+    client.log_batch(
+        a,
+        metrics=[Metric("loss", 3.0, TS + 1, 4), Metric("acc", 0.5, TS, 0)],
+        tags=[RunTag("kollm.step", "s2")],
+        synchronous=True,
+    )
     client.log_batch(a, params=[Param("callable", "m:f")], synchronous=True)  # the same value again is allowed
     client.set_terminated(a, status="FINISHED")
 
     fast = SqliteRuns.open(uri, "e")
     assert fast is not None and fast.experiment_id == exp
     b = fast.create_run("s", TAGS)
-    assert fast.log_batch(b, PARAMS, {"loss": 2.0, "nan": float("nan"), "inf": float("inf")}, {"kollm.output.out.digest": "sha256:11"}, timestamp=TS, step=5) is True
+    assert (
+        fast.log_batch(
+            b,
+            PARAMS,
+            {"loss": 2.0, "nan": float("nan"), "inf": float("inf")},
+            {"kollm.output.out.digest": "sha256:11"},
+            timestamp=TS,
+            step=5,
+        )
+        is True
+    )
     # log_batch gives one step and timestamp per call, as StepTracker.log does
     assert fast.log_batch(b, {}, {"loss": 3.0}, {"kollm.step": "s2"}, timestamp=TS + 1, step=4) is True
     assert fast.log_batch(b, {}, {"acc": 0.5}, {}, timestamp=TS, step=0) is True
@@ -74,9 +98,15 @@ def _rows(db, run_id):
             (run_id, run_id),
         ).fetchall()
         out = {"runs": run}
-        for table, cols in [("tags", "key, value"), ("params", "key, value"), ("metrics", "key, value, step, is_nan"),
-                            ("latest_metrics", "key, value, step, is_nan")]:
-            out[table] = sorted(con.execute(f"SELECT {cols} FROM {table} WHERE run_uuid = ?", (run_id,)).fetchall(), key=repr)
+        for table, cols in [
+            ("tags", "key, value"),
+            ("params", "key, value"),
+            ("metrics", "key, value, step, is_nan"),
+            ("latest_metrics", "key, value, step, is_nan"),
+        ]:
+            out[table] = sorted(
+                con.execute(f"SELECT {cols} FROM {table} WHERE run_uuid = ?", (run_id,)).fetchall(), key=repr
+            )
         return out
     finally:
         con.close()
@@ -150,8 +180,16 @@ def test_cached_rerun_tracks_every_step_without_importing_mlflow(tmp_path, kollm
     run_id, imported = out[0], out[1]
     assert imported == "-"
     cli = subprocess.run(
-        [sys.executable, "-c", f"import sys; from kollm.cli import main\ntry:\n    main()\nfinally:\n    print(','.join(m for m in {HEAVY!r} if m in sys.modules) or '-')",
-         "run", str(root), "--quiet"], capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from kollm.cli import main\ntry:\n    main()\nfinally:\n    print(','.join(m for m in {HEAVY!r} if m in sys.modules) or '-')",
+            "run",
+            str(root),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.split()[-1] == "-"
@@ -176,7 +214,9 @@ def test_cached_rerun_tracks_every_step_without_importing_mlflow(tmp_path, kollm
         assert all(child.data.metrics[k] == v for k, v in rec.metrics.items())
     count = next(c for c in children if c.data.tags["kollm.step"] == "count")
     assert count.data.tags["kollm.input.data.digest"] == first.steps["corpus"].outputs["data"].digest
-    listing = subprocess.run([kollm_bin, "show", run_id[:10], "--path", str(root)], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [kollm_bin, "show", run_id[:10], "--path", str(root)], capture_output=True, text=True, check=True
+    ).stdout
     assert "hit" in listing and "miss" not in listing
 
 
@@ -186,7 +226,6 @@ def test_bad_key_is_mlflows_rule_for_metric_param_and_tag_keys():
 
     assert not any(bad_key(k) for k in ("loss", "eval/loss", "a.b", "train loss", "x-y:z"))
     assert all(bad_key(k) for k in ("", "acc@1", ".", "./a", "a/../b", "../a", "/a", "a//b", "a/"))
-
 
 
 def _tracker(root, **kw) -> PipelineTracker:

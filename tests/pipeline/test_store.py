@@ -23,7 +23,11 @@ def _run_against(store_url: str, tmp_path):
     }
     assert not (root / ".kollm" / "steps").exists()  # published to the store, read back through its cache
     again = kollm.run(root, store=store_url)
-    assert all(r.cache_hit for r in again.steps.values()) and sorted(calls(root)) == ["count:count", "count:count2", "make_corpus"]
+    assert all(r.cache_hit for r in again.steps.values()) and sorted(calls(root)) == [
+        "count:count",
+        "count:count2",
+        "make_corpus",
+    ]
     store = open_store(store_url, root / ".kollm")
     assert isinstance(store, FsspecStore)
     manifest = store.lookup(first.steps["count"].key)
@@ -46,15 +50,22 @@ def test_s3_store_on_moto_server(tmp_path, monkeypatch):
     server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        }.items():
             monkeypatch.setenv(k, v)
         import s3fs
 
         s3fs.S3FileSystem(endpoint_url=f"http://127.0.0.1:{port}").mkdir("kollm")  # the bucket
         store = _run_against("s3://kollm/pipelines", tmp_path)
         # a tampered object is caught by its digest, never silently used
-        manifest = store.lookup(next(iter(sorted(store.fs.ls("kollm/pipelines/steps")))).rsplit("/", 1)[1].removesuffix(".json"))
+        manifest = store.lookup(
+            next(iter(sorted(store.fs.ls("kollm/pipelines/steps")))).rsplit("/", 1)[1].removesuffix(".json")
+        )
         uri = manifest["outputs"][next(iter(manifest["outputs"]))]["uri"]
         victim = next(p for p in store.fs.find(uri) if not p.endswith("kollm-artifact.json"))
         store.fs.pipe(victim, b"tampered")

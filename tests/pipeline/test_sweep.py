@@ -30,8 +30,10 @@ steps:
   - kind: evaluate
     config: {{gate: ["perplexity <= 1000000"]}}
 """
-SWEEP = ("{params: {lr: {grid: [3.0e-3, 1.0e-5, 1.0e-2, 1.0e-6]}, warmup_steps: {choice: [0]}}, metric: eval_loss, mode: min, "
-         "samples: 1, scheduler: asha, grace_period: 1, reduction_factor: 2, max_concurrent: 2}")
+SWEEP = (
+    "{params: {lr: {grid: [3.0e-3, 1.0e-5, 1.0e-2, 1.0e-6]}, warmup_steps: {choice: [0]}}, metric: eval_loss, mode: min, "
+    "samples: 1, scheduler: asha, grace_period: 1, reduction_factor: 2, max_concurrent: 2}"
+)
 
 
 def make_project(root: Path, sweep: str = SWEEP) -> Path:
@@ -45,14 +47,18 @@ def make_project(root: Path, sweep: str = SWEEP) -> Path:
 
 
 def test_sweep_config_errors_name_the_yaml_path(tmp_path):
-    bad = ("{params: {lr: {loguniform: [0.0, 1.0e-3]}, lora.r: {choice: [8]}, nope: {choice: []}, batch_size: {uniform: [4, 2]}, "
-           "max_steps: {choice: [-3]}}, metric: accuracy}")
+    bad = (
+        "{params: {lr: {loguniform: [0.0, 1.0e-3]}, lora.r: {choice: [8]}, nope: {choice: []}, batch_size: {uniform: [4, 2]}, "
+        "max_steps: {choice: [-3]}}, metric: accuracy}"
+    )
     with pytest.raises(ConfigError) as e:
         kollm.run(make_project(tmp_path / "p", bad))
     text = str(e.value)
     assert "steps[1].sweep.params.lr" in text and "> 0" in text
     assert "choice is empty" in text and "low bound must be below" in text
-    root = make_project(tmp_path / "q", "{params: {lora.rr: {choice: [8]}, max_steps: {choice: [-3]}}, metric: accuracy}")
+    root = make_project(
+        tmp_path / "q", "{params: {lora.rr: {choice: [8]}, max_steps: {choice: [-3]}}, metric: accuracy}"
+    )
     with pytest.raises(ConfigError) as e:
         kollm.run(root)
     text = str(e.value)
@@ -62,10 +68,18 @@ def test_sweep_config_errors_name_the_yaml_path(tmp_path):
 
 
 def test_trials_are_drawn_deterministically():
-    spec = SweepSpec.model_validate({"params": {"lr": {"loguniform": [1e-4, 3e-3]}, "lora.r": {"choice": [8, 16]}, "x": {"grid": [1, 2]}}, "samples": 3, "seed": 7})
+    spec = SweepSpec.model_validate(
+        {
+            "params": {"lr": {"loguniform": [1e-4, 3e-3]}, "lora.r": {"choice": [8, 16]}, "x": {"grid": [1, 2]}},
+            "samples": 3,
+            "seed": 7,
+        }
+    )
     trials = sample_trials(spec)
     assert len(trials) == 6 and trials == sample_trials(spec)
-    assert all(1e-4 <= t["lr"] <= 3e-3 and t["lora.r"] in (8, 16) for t in trials) and sorted(t["x"] for t in trials) == [1, 1, 1, 2, 2, 2]
+    assert all(1e-4 <= t["lr"] <= 3e-3 and t["lora.r"] in (8, 16) for t in trials) and sorted(
+        t["x"] for t in trials
+    ) == [1, 1, 1, 2, 2, 2]
 
 
 @pytest.mark.slow
@@ -96,7 +110,9 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/.kollm/mlflow.db")
     step_run = client.get_run(cpt.run_id)
     assert json.loads(step_run.data.tags["kollm.sweep.best_config"])["lr"] == best["values"]["lr"]
-    children = client.search_runs([step_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{cpt.run_id}'")
+    children = client.search_runs(
+        [step_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{cpt.run_id}'"
+    )
     by_id = {c.info.run_id: c for c in children}
     for t in trials:  # each trial is a nested run under the step's run; a stopped one ended KILLED
         assert t["run_id"] in by_id
@@ -106,16 +122,19 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     assert all(r.cache_hit for r in again.steps.values())
     assert again.steps["cpt"].outputs["model"].digest == best_out
     # `kollm show --json` lists the sweep's trials, sorted by the metric (the cached run's step shows them too)
-    proc = subprocess.run([kollm_bin, "show", again.run_id, "--json", "--path", str(root)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [kollm_bin, "show", again.run_id, "--json", "--path", str(root)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     shown = {s["name"]: s for s in json.loads(proc.stdout)["steps"]}
     listed = shown["cpt"]["trials"]
     assert [t["key"] for t in listed] == [t["key"] for t in trials]
     done = [t["metric"] for t in listed if t["status"] == "finished"]
     assert done == sorted(done) and shown["cpt"]["sweep_metric"] == "eval_loss (min)"
-    table = subprocess.run([kollm_bin, "show", again.run_id, "--path", str(root)], capture_output=True, text=True, timeout=300).stdout
+    table = subprocess.run(
+        [kollm_bin, "show", again.run_id, "--path", str(root)], capture_output=True, text=True, timeout=300
+    ).stdout
     assert "sweep of cpt: 4 trials by eval_loss (min)" in table and "stopped" in table
-
 
 
 @pytest.mark.slow
@@ -141,8 +160,13 @@ def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path,
                 found.add(f.parent.name)
         return found
 
-    proc = subprocess.Popen([kollm_bin, "run", "--quiet"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [kollm_bin, "run", "--quiet"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     try:
         while not trials_published():

@@ -33,7 +33,9 @@ class Server:
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "Server":
@@ -175,7 +177,9 @@ class Load:
                     if e.response.headers.get("x-kollm-arm") == "canary":
                         self.result.canary_errors += 1
                     else:
-                        self.result.failed.append(f"{e.status_code} {e.response.headers.get('x-kollm-arm')}: {e.message}")
+                        self.result.failed.append(
+                            f"{e.status_code} {e.response.headers.get('x-kollm-arm')}: {e.message}"
+                        )
             except Exception as e:  # connection errors, timeouts: a request failed
                 with self._lock:
                     self.result.failed.append(f"{type(e).__name__}: {e}")

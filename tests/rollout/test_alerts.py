@@ -52,7 +52,9 @@ def test_retries_server_errors_then_delivers():
 
 
 def test_unreachable_or_missing_webhook_is_reported_not_raised():
-    outcome = asyncio.run(send_alert(f"http://127.0.0.1:{free_port()}/hook", "x", attempts=2, backoff_s=0.01, timeout_s=1))
+    outcome = asyncio.run(
+        send_alert(f"http://127.0.0.1:{free_port()}/hook", "x", attempts=2, backoff_s=0.01, timeout_s=1)
+    )
     assert not outcome.delivered and outcome.attempts == 2 and "Connect" in outcome.error
     assert asyncio.run(send_alert(None, "x")).error == "no webhook configured"
 

@@ -15,7 +15,10 @@ DEFAULT = parse_analysis("success_rate>=0.95,p95_ms<=2000")
 
 def test_parse_the_default_and_spacing():
     assert DEFAULT == [Criterion("success_rate", ">=", 0.95), Criterion("p95_ms", "<=", 2000)]
-    assert parse_analysis(" p99_ms < 500 , error_rate<=0.01 ") == [Criterion("p99_ms", "<", 500), Criterion("error_rate", "<=", 0.01)]
+    assert parse_analysis(" p99_ms < 500 , error_rate<=0.01 ") == [
+        Criterion("p99_ms", "<", 500),
+        Criterion("error_rate", "<=", 0.01),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -53,7 +56,9 @@ def ok(n, ms=10.0):
 def test_verdicts():
     assert analyse(DEFAULT, ok(20), min_requests=10).verdict == "pass"
     failing = analyse(DEFAULT, ok(14) + [Sample(False, 10)] * 6, min_requests=10)
-    assert failing.verdict == "fail" and failing.failed == ["success_rate>=0.95"] and failing.values["success_rate"] == 0.7
+    assert (
+        failing.verdict == "fail" and failing.failed == ["success_rate>=0.95"] and failing.values["success_rate"] == 0.7
+    )
     slow = analyse(DEFAULT, ok(10) + ok(10, 3000), min_requests=10)
     assert slow.verdict == "fail" and "p95_ms=" in slow.reason
     few = analyse(DEFAULT, [Sample(False, 10)] * 3, min_requests=10)
@@ -87,7 +92,12 @@ def test_spec_checks_and_option_names():
     with pytest.raises(ConfigError, match="probe_pass_rate but no probe prompts"):
         RolloutSpec.build(analysis="probe_pass_rate>=0.5")
     spec = RolloutSpec.build()
-    assert (spec.steps, spec.pause_s, spec.analysis, spec.failure_limit) == ([20, 40, 60, 80], 120, "success_rate>=0.95,p95_ms<=2000", 2)
+    assert (spec.steps, spec.pause_s, spec.analysis, spec.failure_limit) == (
+        [20, 40, 60, 80],
+        120,
+        "success_rate>=0.95,p95_ms<=2000",
+        2,
+    )
 
 
 def test_state_round_trips_and_writes_atomically(tmp_path):
@@ -103,7 +113,9 @@ def test_state_round_trips_and_writes_atomically(tmp_path):
     assert back.to_json() == st.to_json()
     assert back.alerts == [Alert(2.0, "롤백", False, "ConnectError: refused")]
     saved = json.loads(store.path("m/한국").read_text())
-    assert saved["alerts"] == [{"at": 2.0, "text": "롤백", "delivered": False, "error": "ConnectError: refused"}]  # the file format is unchanged
+    assert saved["alerts"] == [
+        {"at": 2.0, "text": "롤백", "delivered": False, "error": "ConnectError: refused"}
+    ]  # the file format is unchanged
     store.path("broken").write_text("{", encoding="utf-8")
     with pytest.raises(ConfigError, match="unreadable rollout state"):
         store.load("broken")

@@ -41,8 +41,10 @@ class Rig:
     def __init__(self, registered, project: Path, clock: ManualClock, *, api_key: str | None = None):
         self.name, self.project, self.clock = registered.name, project, clock
         self.engines = {"1": versioned("1"), "2": versioned("2")}
-        arms = [Arm(create_app(e, model_name=self.name, model_version=v), version=v, model_name=self.name)
-                for v, e in self.engines.items()]
+        arms = [
+            Arm(create_app(e, model_name=self.name, model_version=v), version=v, model_name=self.name)
+            for v, e in self.engines.items()
+        ]
         self.gw = Gateway(*arms)
         self.controller = attach_rollout(self.gw, project_dir=project, model_name=self.name, tick_s=TICK, clock=clock)
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.gw), base_url="http://gateway", timeout=60)
@@ -66,7 +68,9 @@ class Rig:
     async def start(self, **spec: Any) -> dict[str, Any]:
         return await self.admin("start", name=self.name, **{"pause_s": PAUSE, **spec})
 
-    async def send(self, n: int, *, arm: str = "canary", fail: bool = False, delay_s: float = 0.0) -> list[tuple[int, str]]:
+    async def send(
+        self, n: int, *, arm: str = "canary", fail: bool = False, delay_s: float = 0.0
+    ) -> list[tuple[int, str]]:
         """`n` concurrent chat requests forced to one arm (arm="weight": routed by the weight, by `user`); the
         engine behind that arm fails each of them (fail) or takes `delay_s` real seconds. (status, version) each."""
         headers = {"x-kollm-canary": {"canary": "always", "stable": "never"}[arm]} if arm != "weight" else {}
@@ -74,9 +78,21 @@ class Rig:
         for e in engines:
             e.fail_ratio, e.request_delay = (1.0 if fail else 0.0), delay_s
         try:
-            rs = await asyncio.gather(*(self.http.post(CHAT, headers=headers, json={
-                "model": self.name, "messages": [{"role": "user", "content": "안녕하세요"}], "max_tokens": 4, "user": f"user-{i}",
-            }) for i in range(n)))
+            rs = await asyncio.gather(
+                *(
+                    self.http.post(
+                        CHAT,
+                        headers=headers,
+                        json={
+                            "model": self.name,
+                            "messages": [{"role": "user", "content": "안녕하세요"}],
+                            "max_tokens": 4,
+                            "user": f"user-{i}",
+                        },
+                    )
+                    for i in range(n)
+                )
+            )
         finally:
             for e in engines:
                 e.fail_ratio, e.request_delay = 0.0, 0.0
@@ -94,7 +110,9 @@ async def running(registered, project: Path, clock: ManualClock | None = None) -
     rig = Rig(registered, project, clock or ManualClock(T0))
     lifespan = _Lifespan(rig.gw)
     await lifespan.startup()
-    while rig.clock.sleepers == 0:  # the controller's loop has started and waits on the clock (event-loop turns, no time)
+    while (
+        rig.clock.sleepers == 0
+    ):  # the controller's loop has started and waits on the clock (event-loop turns, no time)
         await asyncio.sleep(0)
     try:
         yield rig
@@ -135,7 +153,9 @@ def test_window_ends_exactly_when_the_clock_reaches_pause(registered, tmp_path, 
         assert f'kollm_rollout_analysis_total{{rollout="{n}",verdict="pass"}} 3.0' in metrics
         assert f'kollm_rollout_status{{rollout="{n}",status="promoted"}} 1.0' in metrics
         saved = rig.saved()
-        assert saved["status"] == "promoted" and [h["at"] for h in saved["history"]] == [T0 + 10 + k * PAUSE for k in (1, 2, 3)]
+        assert saved["status"] == "promoted" and [h["at"] for h in saved["history"]] == [
+            T0 + 10 + k * PAUSE for k in (1, 2, 3)
+        ]
         assert [a["at"] for a in saved["alerts"]] == [T0 + 10 + 3 * PAUSE] and saved["alerts"][0]["delivered"]
         assert registered.alias("champion") == "2" and registered.alias("previous") == "1"
         assert registered.tags("2")["kollm.rollout.result"] == "promoted"
@@ -153,8 +173,15 @@ def test_failing_canary_is_rolled_back_after_exactly_two_failed_windows(register
             await rig.send(20, arm="stable")
             await rig.window()
             assert rig.verdicts() == ["fail"]
-            assert rig.state.status == "progressing" and rig.state.failures == 1 and rig.state.step == 0 and rig.gw.weight == 50
-            assert rig.state.history[0].result.values["success_rate"] == 0.7 and rig.state.history[0].result.requests == 10
+            assert (
+                rig.state.status == "progressing"
+                and rig.state.failures == 1
+                and rig.state.step == 0
+                and rig.gw.weight == 50
+            )
+            assert (
+                rig.state.history[0].result.values["success_rate"] == 0.7 and rig.state.history[0].result.requests == 10
+            )
             assert "analysis failed (1/2" in rig.state.message
 
             await rig.send(7)
@@ -181,13 +208,17 @@ def test_failing_canary_is_rolled_back_after_exactly_two_failed_windows(register
 def test_slow_canary_is_rolled_back_on_latency(registered, tmp_path, webhook):
     async def scenario() -> None:
         async with running(registered, tmp_path) as rig:
-            await rig.start(steps=[20, 40], min_requests=3, analysis="success_rate>=0.95,p95_ms<=100", alert_webhook=webhook.url)
+            await rig.start(
+                steps=[20, 40], min_requests=3, analysis="success_rate>=0.95,p95_ms<=100", alert_webhook=webhook.url
+            )
             for _ in range(2):
                 # each request takes at least 0.25 s (real time, a lower bound whatever the machine's load)
                 assert [s for s, _ in await rig.send(3, delay_s=0.25)] == [200] * 3
                 await rig.window()
             assert rig.verdicts() == ["fail", "fail"] and rig.state.status == "rolled_back"
-            assert all(h.result.values["p95_ms"] >= 250 and h.result.values["success_rate"] == 1 for h in rig.state.history)
+            assert all(
+                h.result.values["p95_ms"] >= 250 and h.result.values["success_rate"] == 1 for h in rig.state.history
+            )
             assert all(h.result.failed == ["p95_ms<=100"] for h in rig.state.history)
             assert "p95_ms" in rig.state.message
         assert registered.alias("champion") == "1"
@@ -265,7 +296,9 @@ def test_restarted_gateway_resumes_at_the_same_step_with_a_fresh_window(register
         restarted_at = T0 + 100
         async with running(registered, tmp_path, ManualClock(restarted_at)) as rig:
             assert rig.state.step == 1 and rig.state.status == "progressing" and rig.gw.weight == 40
-            assert rig.state.window_started_at == restarted_at and "resumed after a gateway restart" in rig.state.message
+            assert (
+                rig.state.window_started_at == restarted_at and "resumed after a gateway restart" in rig.state.message
+            )
             assert rig.verdicts() == ["pass"]
             metrics = (await rig.http.get("/metrics")).text
             assert f'kollm_rollout_step{{rollout="{registered.name}"}} 2.0' in metrics

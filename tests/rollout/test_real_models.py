@@ -43,13 +43,28 @@ def test_tiny_models_promoted_through_the_gateway(registered, tmp_path, tiny_fol
     torch.set_num_threads(1)
     register_tiny(registered, tiny_folders)
 
-    gw = build_canary_gateway(f"models:/{registered.name}@champion", f"models:/{registered.name}@challenger",
-                              project_dir=tmp_path, device="cpu", max_batch_size=8)
+    gw = build_canary_gateway(
+        f"models:/{registered.name}@champion",
+        f"models:/{registered.name}@challenger",
+        project_dir=tmp_path,
+        device="cpu",
+        max_batch_size=8,
+    )
     assert (gw.stable.version, gw.canary.version) == ("3", "4")
     with Server(gw) as srv, Load(srv.url, registered.name, threads=3) as load:
-        rollout_client.start(registered.name, steps="50", pause="1.5s", min_requests=2,
-                             analysis="success_rate>=0.95,p95_ms<=20000", gateway=srv.url)
-        wait_for(lambda: rollout_client.command("status", gateway=srv.url)["rollout"]["status"] == "promoted", 30, "promotion")
+        rollout_client.start(
+            registered.name,
+            steps="50",
+            pause="1.5s",
+            min_requests=2,
+            analysis="success_rate>=0.95,p95_ms<=20000",
+            gateway=srv.url,
+        )
+        wait_for(
+            lambda: rollout_client.command("status", gateway=srv.url)["rollout"]["status"] == "promoted",
+            30,
+            "promotion",
+        )
         time.sleep(0.5)
     assert load.result.failed == [], load.result.failed[:3]
     versions = load.result.versions()
@@ -58,9 +73,24 @@ def test_tiny_models_promoted_through_the_gateway(registered, tmp_path, tiny_fol
 
 
 def _serve(name: str, project: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from kollm.cli import main; main()", "serve", f"models:/{name}@champion",
-           "--canary", f"models:/{name}@challenger", "--port", str(port), "--device", "cpu", "--project", str(project)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-c",
+        "from kollm.cli import main; main()",
+        "serve",
+        f"models:/{name}@champion",
+        "--canary",
+        f"models:/{name}@challenger",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--project",
+        str(project),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -83,7 +113,9 @@ def test_killed_gateway_process_resumes_the_rollout(registered, tmp_path, tiny_f
     proc = _serve(registered.name, tmp_path, port)
     try:
         with Load(url, registered.name, threads=2):
-            rollout_client.start(registered.name, pause="1.5s", min_requests=1, analysis="success_rate>=0.95,p95_ms<=30000", gateway=url)
+            rollout_client.start(
+                registered.name, pause="1.5s", min_requests=1, analysis="success_rate>=0.95,p95_ms<=30000", gateway=url
+            )
             wait_for(lambda: rollout_client.command("status", gateway=url)["rollout"]["step"] == 1, 60, "step 2")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -53,13 +53,19 @@ def test_healthy_canary_is_promoted_without_failed_requests(registered, tmp_path
     n = registered.name
     assert f'kollm_rollout_analysis_total{{rollout="{n}",verdict="pass"}} 3.0' in metrics
     assert f'kollm_rollout_status{{rollout="{n}",status="promoted"}} 1.0' in metrics
-    assert f'kollm_rollout_canary_weight_percent{{rollout="{n}"}} 0.0' in metrics  # no canary left: all on the new stable
+    assert (
+        f'kollm_rollout_canary_weight_percent{{rollout="{n}"}} 0.0' in metrics
+    )  # no canary left: all on the new stable
     assert 'kollm_gateway_requests_total{arm="canary",outcome="success",version="2"}' in metrics
-    assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="2",status_code="200"}' in metrics  # the app's own
+    assert (
+        'kollm_requests_total{endpoint="/v1/chat/completions",model_version="2",status_code="200"}' in metrics
+    )  # the app's own
     assert load.result.failed == [], load.result.failed[:5]
     assert load.result.ok > 50
     verdicts = [h["result"]["verdict"] for h in st["rollout"]["history"]]
-    assert [v for v in verdicts if v != "inconclusive"] == ["pass", "pass", "pass"], verdicts  # (too little traffic: held)
+    assert [v for v in verdicts if v != "inconclusive"] == ["pass", "pass", "pass"], (
+        verdicts
+    )  # (too little traffic: held)
     assert [h["weight"] for h in st["rollout"]["history"] if h["result"]["verdict"] == "pass"] == [25, 50, 75]
     assert st["gateway"]["stable_version"] == "2" and st["gateway"]["canary_version"] is None
     assert gw.stable.version == "2" and promoted_kept == []  # no analysis window left open: nothing piles up
@@ -106,7 +112,9 @@ def test_slow_canary_is_rolled_back_and_no_request_fails(registered, tmp_path, w
         time.sleep(0.5)  # slow canary requests in flight at the rollback finish
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
     verdicts = [h["result"]["verdict"] for h in saved["history"]]
-    assert [v for v in verdicts if v != "inconclusive"] == ["fail", "fail"], verdicts  # inconclusive: too few slow requests
+    assert [v for v in verdicts if v != "inconclusive"] == ["fail", "fail"], (
+        verdicts
+    )  # inconclusive: too few slow requests
     assert all(h["result"]["values"]["p95_ms"] > 150 for h in saved["history"] if h["result"]["verdict"] == "fail")
     assert "p95_ms" in saved["message"]
     assert load.result.failed == [] and load.result.canary_errors == 0, load.result.failed[:5]
@@ -195,8 +203,22 @@ def test_cli_and_quality_probe(registered, tmp_path, webhook):
         gw = ["--gateway", srv.url, "--api-key", "k"]
         r = run_cli("rollout", "status", *gw)
         assert r.exit_code == 0 and "no rollout started" in r.output
-        r = run_cli("rollout", "start", registered.name, "--steps", "50,100", "--pause", "0.3s", "--analysis", "probe_pass_rate>=1",
-                    "--probe", str(bad), "--alert-webhook", webhook.url, *gw)
+        r = run_cli(
+            "rollout",
+            "start",
+            registered.name,
+            "--steps",
+            "50,100",
+            "--pause",
+            "0.3s",
+            "--analysis",
+            "probe_pass_rate>=1",
+            "--probe",
+            str(bad),
+            "--alert-webhook",
+            webhook.url,
+            *gw,
+        )
         assert r.exit_code == 0, r.output
         wait_for(lambda: status_with_key(srv.url)["rollout"]["status"] == "rolled_back", 10, "rollback by the probe")
         r = run_cli("rollout", "status", *gw)
@@ -204,8 +226,20 @@ def test_cli_and_quality_probe(registered, tmp_path, webhook):
         hist = status_with_key(srv.url)["rollout"]["history"]
         assert [h["result"]["verdict"] for h in hist] == ["fail", "fail"] and "lacks '서울'" in hist[0]["note"]
 
-        r = run_cli("rollout", "start", registered.name, "--steps", "50,100", "--pause", "0.3s", "--analysis", "probe_pass_rate>=1",
-                    "--probe", str(good), *gw)
+        r = run_cli(
+            "rollout",
+            "start",
+            registered.name,
+            "--steps",
+            "50,100",
+            "--pause",
+            "0.3s",
+            "--analysis",
+            "probe_pass_rate>=1",
+            "--probe",
+            str(good),
+            *gw,
+        )
         assert r.exit_code == 0, r.output
         wait_for(lambda: status_with_key(srv.url)["rollout"]["status"] == "promoted", 10, "promotion by the probe")
         r = run_cli("rollout", "status", "--json", *gw)

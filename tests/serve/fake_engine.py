@@ -29,8 +29,15 @@ from kollm.serve.engine import (
 
 
 class FakeEngine:
-    def __init__(self, reply: str | Sequence[str] = "안녕하세요, kollm입니다.", *, context_length: int = 64,
-                 delay: float = 0.0, request_delay: float = 0.0, fail_ratio: float = 0.0):
+    def __init__(
+        self,
+        reply: str | Sequence[str] = "안녕하세요, kollm입니다.",
+        *,
+        context_length: int = 64,
+        delay: float = 0.0,
+        request_delay: float = 0.0,
+        fail_ratio: float = 0.0,
+    ):
         self.tokens = list(reply)  # a string: one token per character
         self.reply = "".join(self.tokens)
         self.context_length = context_length
@@ -55,8 +62,9 @@ class FakeEngine:
             raise PromptError("the chat template rejected the messages")
         return self.encode_prompt("".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>")
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[TokenChunk, None]:
         if self.shut_down:
             raise EngineClosed("the engine is shut down")
         self.calls.append((list(prompt_ids), params, request_id))
@@ -79,7 +87,8 @@ class FakeEngine:
                 text, hit = stops.push(token)
                 last = n == len(self.tokens)
                 finish: Literal["stop", "length"] | None = (
-                    "stop" if hit else ("length" if n >= params.max_tokens else ("stop" if last else None)))
+                    "stop" if hit else ("length" if n >= params.max_tokens else ("stop" if last else None))
+                )
                 if finish is not None and not hit:
                     text += stops.flush()
                 finished = finish is not None

@@ -18,8 +18,15 @@ class Connection:
     async def open(cls, host: str, port: int) -> "Connection":
         return cls(*await asyncio.open_connection(host, port))
 
-    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        lines = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", f"content-length: {len(body)}", "content-type: application/json"]
+    async def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        lines = [
+            f"{method} {path} HTTP/1.1",
+            "host: 127.0.0.1",
+            f"content-length: {len(body)}",
+            "content-type: application/json",
+        ]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
         self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         head = await self.reader.readuntil(b"\r\n\r\n")

@@ -17,7 +17,9 @@ from .fake_engine import FakeEngine
 
 @pytest.fixture()
 def gateway_url(tmp_path):
-    arms = [Arm(create_app(FakeEngine("x"), model_name="m", model_version=v), version=v, model_name="m") for v in ("1", "2")]
+    arms = [
+        Arm(create_app(FakeEngine("x"), model_name="m", model_version=v), version=v, model_name="m") for v in ("1", "2")
+    ]
     gw = Gateway(*arms)
     attach_rollout(gw, project_dir=tmp_path, model_name="m")
     live = start_server(gw)
@@ -25,16 +27,19 @@ def gateway_url(tmp_path):
     live.stop()
 
 
-@pytest.mark.parametrize("headers,content,status", [
-    ({"content-type": "text/plain", "origin": "http://evil.example"}, b"{}", 403),  # a cross-site "simple" POST
-    ({"content-type": "text/plain"}, b"{}", 415),
-    ({"content-type": "application/x-www-form-urlencoded"}, b"a=1", 415),
-    ({"content-type": "multipart/form-data; boundary=x"}, b"--x--", 415),
-    ({}, b"", 415),  # fetch(url, {method: "POST", mode: "no-cors"}) sends no content type
-    ({"content-type": "application/json", "origin": "http://evil.example"}, b"{}", 403),
-    ({"content-type": "application/json", "origin": "null"}, b"{}", 403),
-    ({"content-type": "application/json", "sec-fetch-site": "cross-site"}, b"{}", 403),
-])
+@pytest.mark.parametrize(
+    "headers,content,status",
+    [
+        ({"content-type": "text/plain", "origin": "http://evil.example"}, b"{}", 403),  # a cross-site "simple" POST
+        ({"content-type": "text/plain"}, b"{}", 415),
+        ({"content-type": "application/x-www-form-urlencoded"}, b"a=1", 415),
+        ({"content-type": "multipart/form-data; boundary=x"}, b"--x--", 415),
+        ({}, b"", 415),  # fetch(url, {method: "POST", mode: "no-cors"}) sends no content type
+        ({"content-type": "application/json", "origin": "http://evil.example"}, b"{}", 403),
+        ({"content-type": "application/json", "origin": "null"}, b"{}", 403),
+        ({"content-type": "application/json", "sec-fetch-site": "cross-site"}, b"{}", 403),
+    ],
+)
 def test_cross_site_and_non_json_posts_are_refused(gateway_url, headers, content, status):
     for command in ("pause", "resume", "abort", "promote", "start"):
         r = httpx.post(f"{gateway_url}/admin/rollout/{command}", content=content, headers=headers)

@@ -49,7 +49,7 @@ def hf_greedy(hf, ids, n):
     with torch.inference_mode():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 def test_batched_greedy_matches_decoding_each_request_alone(hf, kv):
@@ -58,12 +58,27 @@ def test_batched_greedy_matches_decoding_each_request_alone(hf, kv):
     tokens of decoding it alone without any cache."""
     engine = new_engine(hf, kv, max_batch_size=8)
     tok = hf[1]
-    prompts = ["안녕하세요", "The quick brown fox jumps over the lazy dog.", "서울", "kollm serves models. 한국어 언어 모델을 서빙합니다.", "0", "오늘 날씨"]
+    prompts = [
+        "안녕하세요",
+        "The quick brown fox jumps over the lazy dog.",
+        "서울",
+        "kollm serves models. 한국어 언어 모델을 서빙합니다.",
+        "0",
+        "오늘 날씨",
+    ]
     budgets = [12, 20, 7, 25, 16, 3]
 
     async def main():
-        jobs = [run(engine, engine.encode_prompt(p), SamplingParams(max_tokens=b, temperature=0, ignore_eos=True), f"r{i}", delay=0.003 * i)
-                for i, (p, b) in enumerate(zip(prompts, budgets))]
+        jobs = [
+            run(
+                engine,
+                engine.encode_prompt(p),
+                SamplingParams(max_tokens=b, temperature=0, ignore_eos=True),
+                f"r{i}",
+                delay=0.003 * i,
+            )
+            for i, (p, b) in enumerate(zip(prompts, budgets))
+        ]
         results = await asyncio.gather(*jobs)
         await engine.shutdown()
         return results
@@ -75,7 +90,9 @@ def test_batched_greedy_matches_decoding_each_request_alone(hf, kv):
         assert [c.completion_tokens for c in chunks] == list(range(1, b + 1))
         assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
         assert text == tok.decode(expected, skip_special_tokens=True), p
-    assert len({text for text, _ in results}) == len(prompts)  # the model's outputs differ: the comparison means something
+    assert len({text for text, _ in results}) == len(
+        prompts
+    )  # the model's outputs differ: the comparison means something
 
 
 def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf, kv):
@@ -88,9 +105,19 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf, kv):
         again, _ = await run(engine, ids, params)
         crowd = await asyncio.gather(
             run(engine, ids, params, "seeded", delay=0.01),
-            *[run(engine, engine.encode_prompt(f"noise {i}"), SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True), f"n{i}") for i in range(5)],
+            *[
+                run(
+                    engine,
+                    engine.encode_prompt(f"noise {i}"),
+                    SamplingParams(max_tokens=30, temperature=1.0, ignore_eos=True),
+                    f"n{i}",
+                )
+                for i in range(5)
+            ],
         )
-        other_seed, _ = await run(engine, ids, SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True))
+        other_seed, _ = await run(
+            engine, ids, SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True)
+        )
         await engine.shutdown()
         return alone, again, crowd[0][0], other_seed
 
@@ -107,7 +134,9 @@ def test_stop_sequence_cuts_the_output(hf, kv):
     async def main():
         full, _ = await run(engine, ids, greedy)
         stop = full[8:11]
-        cut, chunks = await run(engine, ids, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop, "never-appears")))
+        cut, chunks = await run(
+            engine, ids, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop, "never-appears"))
+        )
         await engine.shutdown()
         return full, stop, cut, chunks
 
@@ -118,7 +147,13 @@ def test_stop_sequence_cuts_the_output(hf, kv):
 
 def test_end_of_sequence_token_finishes_unless_ignored(hf, kv):
     engine = new_engine(hf, kv)
-    for prompt in ["안녕하세요", "The quick brown fox jumps over", "kollm serves", "서울은 대한민국의 수도", "0123456789"]:
+    for prompt in [
+        "안녕하세요",
+        "The quick brown fox jumps over",
+        "kollm serves",
+        "서울은 대한민국의 수도",
+        "0123456789",
+    ]:
         ids = engine.encode_prompt(prompt)
         greedy = hf_greedy(hf, ids, 10)
         at = next((k for k in range(1, 10) if greedy[k] not in greedy[:k]), None)  # the first token not seen before
@@ -155,7 +190,9 @@ def test_cancelled_request_leaves_the_batch_and_others_finish(hf, kv):
     engine = new_engine(hf, kv, max_batch_size=2)
 
     async def main():
-        gen = engine.generate(engine.encode_prompt("long"), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), "long")
+        gen = engine.generate(
+            engine.encode_prompt("long"), SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), "long"
+        )
         got = [await anext(gen), await anext(gen)]
         await gen.aclose()
         other = await run(engine, engine.encode_prompt("short"), SamplingParams(max_tokens=5, temperature=0), "short")
@@ -184,7 +221,17 @@ def test_queue_beyond_the_batch_and_shutdown_drains(hf, kv):
 
     async def main():
         watcher = asyncio.create_task(watch())
-        jobs = [asyncio.create_task(run(engine, engine.encode_prompt(f"요청 {i}"), SamplingParams(max_tokens=15, temperature=0, ignore_eos=True), f"q{i}")) for i in range(6)]
+        jobs = [
+            asyncio.create_task(
+                run(
+                    engine,
+                    engine.encode_prompt(f"요청 {i}"),
+                    SamplingParams(max_tokens=15, temperature=0, ignore_eos=True),
+                    f"q{i}",
+                )
+            )
+            for i in range(6)
+        ]
         await asyncio.sleep(0.02)
         await engine.shutdown()  # waits for everything accepted
         results = [j.result() for j in jobs]

@@ -32,7 +32,11 @@ class FaultyModel:
 
     def __call__(self, **kwargs):
         ids = kwargs["input_ids"]
-        if self.fail_always or (ids.shape[1] > 1 and bool((ids == POISON).any())) or (ids.shape[1] == 1 and self.fail_decode):
+        if (
+            self.fail_always
+            or (ids.shape[1] > 1 and bool((ids == POISON).any()))
+            or (ids.shape[1] == 1 and self.fail_decode)
+        ):
             raise RuntimeError("injected failure")
         return self.model(**kwargs)
 
@@ -46,7 +50,9 @@ def faulty(tiny_model_dir):
 
 
 async def text(engine, ids, n=30, rid="r"):
-    return "".join([c.text async for c in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), rid)])
+    return "".join(
+        [c.text async for c in engine.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), rid)]
+    )
 
 
 def test_a_failing_prefill_fails_only_its_request(faulty):

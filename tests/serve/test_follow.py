@@ -25,11 +25,20 @@ pytestmark = pytest.mark.slow
 def project(tmp_path, tiny_model_dir):
     project = tmp_path / "proj"
     project.mkdir()
-    (project / "kollm.yaml").write_text("project: follow-test\nsteps:\n  - kind: python\n    config: {callable: 'm:f'}\n")
+    (project / "kollm.yaml").write_text(
+        "project: follow-test\nsteps:\n  - kind: python\n    config: {callable: 'm:f'}\n"
+    )
     c = registry.client(project)
     exp_id = c.create_experiment("follow-test", artifact_location=(project / "mlartifacts").as_uri())
     for alias in ("champion", "challenger"):
-        registry.register_folder("ko-tiny", tiny_model_dir, run_id=c.create_run(exp_id).info.run_id, tags={}, alias=alias, project_dir=project)
+        registry.register_folder(
+            "ko-tiny",
+            tiny_model_dir,
+            run_id=c.create_run(exp_id).info.run_id,
+            tags={},
+            alias=alias,
+            project_dir=project,
+        )
     assert registry.tracking_uri(project).startswith("sqlite:")
     return project
 
@@ -77,9 +86,26 @@ class Load:
 def test_promote_and_rollback_swap_the_served_version_without_failing_a_request(project):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kollm.cli", "serve", "models:/ko-tiny@champion", "--project", str(project), "--port", str(port),
-         "--device", "cpu", "--follow-interval", "0.5"],
-        cwd=project, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kollm.cli",
+            "serve",
+            "models:/ko-tiny@champion",
+            "--project",
+            str(project),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--follow-interval",
+            "0.5",
+        ],
+        cwd=project,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

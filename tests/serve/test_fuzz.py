@@ -26,7 +26,9 @@ def fuzz_server(tiny_model_dir):
     from kollm.serve import create_app, load_engine
 
     # a short context keeps valid requests cheap: at most 32 tokens of prompt + output
-    app = create_app(load_engine(tiny_model_dir, device="cpu", context_length=32), model_name="tiny", model_version="f1")
+    app = create_app(
+        load_engine(tiny_model_dir, device="cpu", context_length=32), model_name="tiny", model_version="f1"
+    )
     live = start_server(app)
     live.spec = app.openapi()
     yield live
@@ -75,7 +77,12 @@ json_values = st.recursive(
 fields = st.fixed_dictionaries(
     {"model": st.sampled_from(["tiny", "other", ""]) | st.text(max_size=5)},
     optional={
-        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": json_values}), max_size=3)
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system", "assistant", "tool"]), "content": json_values}
+            ),
+            max_size=3,
+        )
         | json_values,
         "prompt": st.text(max_size=40) | json_values,
         "max_tokens": st.integers(-5, 10_000) | json_values,
@@ -96,7 +103,9 @@ def test_raw_bodies_never_cause_a_server_error(fuzz_server):
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(
             path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-            body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()) | fields.map(lambda v: json.dumps(v).encode()),
+            body=st.binary(max_size=200)
+            | json_values.map(lambda v: json.dumps(v).encode())
+            | fields.map(lambda v: json.dumps(v).encode()),
         )
         def fuzz(path, body):
             r = http.post(path, content=body, headers={"content-type": "application/json"})

@@ -76,7 +76,9 @@ def test_sticky_by_user_and_monotone_as_the_weight_grows(served):
     def arms_of() -> dict[str, str]:
         out = {}
         for u in users:
-            raw = client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, user=u)
+            raw = client.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, user=u
+            )
             out[u] = raw.headers["x-kollm-arm"]
         return out
 
@@ -107,11 +109,18 @@ def test_buffered_body_reaches_the_chosen_app_intact(served):
 def test_streaming_through_the_gateway(served):
     gw, _ = gateway(weight=0)
     url = served(gw)
-    with httpx.Client(base_url=url) as c, c.stream("POST", CHAT, json=body(stream=True, max_tokens=6), headers={"x-kollm-canary": "always"}) as r:
+    with (
+        httpx.Client(base_url=url) as c,
+        c.stream("POST", CHAT, json=body(stream=True, max_tokens=6), headers={"x-kollm-canary": "always"}) as r,
+    ):
         assert r.headers["x-kollm-model-version"] == "2"
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in lines[:-1] if json.loads(line[6:])["choices"])
+    text = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in lines[:-1]
+        if json.loads(line[6:])["choices"]
+    )
     assert text == "canary"
 
 
@@ -131,7 +140,11 @@ def test_promotion_mid_request_finishes_on_the_old_arm_and_retires_it_after(serv
     def slow_request():
         with httpx.Client(base_url=url, timeout=30) as c:
             r = c.post(CHAT, json=body(max_tokens=12))
-            results["slow"] = (r.status_code, r.headers["x-kollm-model-version"], r.json()["choices"][0]["message"]["content"])
+            results["slow"] = (
+                r.status_code,
+                r.headers["x-kollm-model-version"],
+                r.json()["choices"][0]["message"]["content"],
+            )
 
     t = threading.Thread(target=slow_request)
     t.start()

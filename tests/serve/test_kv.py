@@ -13,9 +13,18 @@ from kollm.serve.engine import SamplingParams, TransformersEngine
 from kollm.serve.kv import static_kv_unsupported
 from tests.tiny import tiny_tokenizer
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
-PROMPTS = ["안녕하세요", "The quick brown fox jumps over the lazy dog.", "서울", "kollm serves models. 한국어 언어 모델을 서빙합니다.",
-           "0", "오늘 날씨"]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+PROMPTS = [
+    "안녕하세요",
+    "The quick brown fox jumps over the lazy dog.",
+    "서울",
+    "kollm serves models. 한국어 언어 모델을 서빙합니다.",
+    "0",
+    "오늘 날씨",
+]
 BUDGETS = [12, 70, 7, 25, 16, 3]  # 70: crosses the first length bucket (64 positions) while others come and go
 
 
@@ -25,9 +34,21 @@ def tiny(model_type: str, tok):
 
     extra = {"attention_bias": True} if model_type == "qwen2" else {}
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=True, initializer_range=0.5, **extra,
+        model_type,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+        **extra,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -38,7 +59,7 @@ def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq], device=model.device)).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -25,7 +25,9 @@ class ThreadRecordingEngine(FakeEngine):
 
 def make(engine=None, **kwargs):
     engine = engine or FakeEngine("응답", context_length=1_000_000)
-    return TestClient(create_app(engine, model_name="m", model_version="1", **kwargs), raise_server_exceptions=False), engine
+    return TestClient(
+        create_app(engine, model_name="m", model_version="1", **kwargs), raise_server_exceptions=False
+    ), engine
 
 
 def test_a_body_over_the_limit_is_a_413_naming_the_limit():
@@ -50,7 +52,9 @@ def test_a_body_over_the_limit_is_a_413_naming_the_limit():
 
 def test_the_default_limit_is_4_mib():
     client, _ = make()
-    r = client.post("/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/completions", content=b"x" * (4 * 1024 * 1024 + 1), headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and "4194304 bytes (4 MiB)" in r.json()["error"]["message"]
 
 
@@ -65,14 +69,20 @@ def test_prompts_are_tokenized_off_the_event_loop():
         return {}
 
     client.get("/loop-thread")
-    assert client.post("/v1/completions", json={"model": "m", "prompt": ["안녕", "서울"], "max_tokens": 2}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"model": "m", "prompt": ["안녕", "서울"], "max_tokens": 2}).status_code
+        == 200
+    )
     assert len(engine.encode_threads) == 2 and loop_thread[0] not in engine.encode_threads
 
 
 def test_logged_user_is_clipped(tmp_path):
     client, _ = make(log_dir=tmp_path)
     user = "u" * 100_000
-    assert client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "user": user}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2, "user": user}).status_code
+        == 200
+    )
     assert client.get("/v1/" + "p" * 5000).status_code == 404
     line = json.loads((tmp_path / "inference" / "inference.jsonl").read_text().splitlines()[-1])
     assert line["user"] == "u" * 192 + "...[100000 chars]..." + "u" * 64

@@ -38,8 +38,24 @@ def served(url: str) -> float:
 def server_process(tiny_model_dir, tmp_path_factory):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny", "--device", "cpu"],
-        cwd=tmp_path_factory.mktemp("load"), env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kollm.cli",
+            "serve",
+            str(tiny_model_dir),
+            "--port",
+            str(port),
+            "--served-model-name",
+            "tiny",
+            "--device",
+            "cpu",
+        ],
+        cwd=tmp_path_factory.mktemp("load"),
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc)
@@ -75,17 +91,30 @@ def test_2000_requests_at_concurrency_32(server_process):
                         if status == 200:
                             tokens += json.loads(data)["usage"]["completion_tokens"]
                     elif i % 10 < 8:
-                        body = {"model": "tiny", "messages": [{"role": "user", "content": f"질문 {i}"}], "max_tokens": 4}
+                        body = {
+                            "model": "tiny",
+                            "messages": [{"role": "user", "content": f"질문 {i}"}],
+                            "max_tokens": 4,
+                        }
                         status, _, data = await conn.request("POST", "/v1/chat/completions", json.dumps(body).encode())
                         if status == 200:
                             tokens += json.loads(data)["usage"]["completion_tokens"]
                     else:
-                        body = {"model": "tiny", "messages": [{"role": "user", "content": f"질문 {i}"}], "max_tokens": 4, "stream": True,
-                                "stream_options": {"include_usage": True}}
-                        status, headers, data = await conn.request("POST", "/v1/chat/completions", json.dumps(body).encode())
+                        body = {
+                            "model": "tiny",
+                            "messages": [{"role": "user", "content": f"질문 {i}"}],
+                            "max_tokens": 4,
+                            "stream": True,
+                            "stream_options": {"include_usage": True},
+                        }
+                        status, headers, data = await conn.request(
+                            "POST", "/v1/chat/completions", json.dumps(body).encode()
+                        )
                         if status == 200:
                             events = [e for e in data.decode().split("\n\n") if e]
-                            assert headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+                            assert (
+                                headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+                            )
                             tokens += json.loads(events[-2][6:])["usage"]["completion_tokens"]
                     statuses.append(status)
                     in_flight -= 1
@@ -98,7 +127,9 @@ def test_2000_requests_at_concurrency_32(server_process):
     start = time.perf_counter()
     statuses, tokens = asyncio.run(main())
     elapsed = time.perf_counter() - start
-    print(f"\n{TOTAL} requests at concurrency {CONCURRENCY}: {elapsed:.1f}s, {TOTAL / elapsed:.0f} req/s, {tokens / elapsed:.0f} output tok/s")
+    print(
+        f"\n{TOTAL} requests at concurrency {CONCURRENCY}: {elapsed:.1f}s, {TOTAL / elapsed:.0f} req/s, {tokens / elapsed:.0f} output tok/s"
+    )
     assert len(statuses) == TOTAL
     assert statuses.count(200) == TOTAL, {s: statuses.count(s) for s in set(statuses)}
     assert peak_in_flight == CONCURRENCY

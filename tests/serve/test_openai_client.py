@@ -27,7 +27,9 @@ def test_models(client):
 
 
 def test_chat_completion(client):
-    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=MSG, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert raw.headers["x-kollm-model-version"] == "7"
     assert raw.headers["x-request-id"]
     r = raw.parse()
@@ -35,14 +37,24 @@ def test_chat_completion(client):
     assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + 6
-    again = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    again = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert again.choices[0].message.content == r.choices[0].message.content  # greedy is deterministic
 
 
 def test_streaming_chat_equals_non_streaming(client):
-    whole = client.chat.completions.create(model="tiny", messages=MSG, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
     stream = client.chat.completions.create(
-        model="tiny", messages=MSG, max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+        model="tiny",
+        messages=MSG,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -54,7 +66,16 @@ def test_streaming_chat_equals_non_streaming(client):
 
 
 def test_completions_n_seed_and_stream(client):
-    kwargs = dict(model="tiny", prompt="한국어 언어 모델을", max_tokens=12, temperature=1.0, top_p=0.95, n=3, seed=7, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model="tiny",
+        prompt="한국어 언어 모델을",
+        max_tokens=12,
+        temperature=1.0,
+        top_p=0.95,
+        n=3,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # same seed, same answers
@@ -68,10 +89,19 @@ def test_completions_n_seed_and_stream(client):
 
 
 def test_stop_sequences(client):
-    full = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
     text = full.choices[0].text
     stop = text[10:12]
-    cut = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=30, temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    cut = client.completions.create(
+        model="tiny",
+        prompt="The quick brown fox",
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -99,17 +129,25 @@ def test_errors_are_openai_errors(client, tiny_server):
         client.chat.completions.create(model="tiny", messages=MSG, temperature="warm")  # type: ignore[arg-type]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MSG, stream=True, max_tokens=-1)
-    raw = httpx.post(tiny_server.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
-                     headers={"content-type": "application/json"})
+    raw = httpx.post(
+        tiny_server.url + "/v1/chat/completions",
+        content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',
+        headers={"content-type": "application/json"},
+    )
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     # still serving
-    assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].finish_reason in ("length", "stop")
+    assert client.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).choices[0].finish_reason in (
+        "length",
+        "stop",
+    )
 
 
 def test_api_key_with_the_openai_client(tiny_model_dir):
     from kollm.serve import create_app, load_engine
 
-    live = start_server(create_app(load_engine(tiny_model_dir, device="cpu"), model_name="tiny", model_version="1", api_key="k-123"))
+    live = start_server(
+        create_app(load_engine(tiny_model_dir, device="cpu"), model_name="tiny", model_version="1", api_key="k-123")
+    )
     try:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -127,10 +165,14 @@ def test_logs_and_metrics_after_traffic(client, tiny_server):
     def logged(kind: str) -> list[dict]:
         return [json.loads(line) for line in (tiny_server.log_dir / kind / f"{kind}.jsonl").read_text().splitlines()]
 
-    deadline = time.time() + 10  # the access line is written once the last byte has gone out, just after the client has it
+    deadline = (
+        time.time() + 10
+    )  # the access line is written once the last byte has gone out, just after the client has it
     while not any(e["request_id"] == rid for e in logged("api")) and time.time() < deadline:
         time.sleep(0.05)
-    assert any(e["request_id"] == rid and e["status"] == 200 and e["path"] == "/v1/chat/completions" for e in logged("api"))
+    assert any(
+        e["request_id"] == rid and e["status"] == 200 and e["path"] == "/v1/chat/completions" for e in logged("api")
+    )
     assert any(e["request_id"] == rid and e["prompt_tokens"] > 0 for e in logged("inference"))
     text = httpx.get(tiny_server.url + "/metrics").text
     assert 'kollm_requests_total{endpoint="/v1/chat/completions",model_version="7",status_code="200"}' in text
@@ -142,24 +184,50 @@ def test_openai_client_defaults_logprobs_and_penalties(client):
     """The SDK's own parameters at their defaults, logprobs and penalties, against the real engine."""
     base = dict(model="tiny", messages=MSG, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     plain = client.chat.completions.create(**base)
-    r = client.chat.completions.create(**base, logprobs=False, presence_penalty=0, frequency_penalty=0, n=1, stream_options=None,
-                                       service_tier="auto", parallel_tool_calls=True, store=False, tools=[], user="u1", metadata={"a": "b"})
+    r = client.chat.completions.create(
+        **base,
+        logprobs=False,
+        presence_penalty=0,
+        frequency_penalty=0,
+        n=1,
+        stream_options=None,
+        service_tier="auto",
+        parallel_tool_calls=True,
+        store=False,
+        tools=[],
+        user="u1",
+        metadata={"a": "b"},
+    )
     assert r.choices[0].message.content == plain.choices[0].message.content and r.choices[0].logprobs is None
     r = client.chat.completions.create(**base, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
     assert len(content) == 5 and "".join(t.token for t in content) == plain.choices[0].message.content
-    assert all(len(t.top_logprobs) == 3 and t.token == t.top_logprobs[0].token and t.logprob <= 0 for t in content)  # greedy: the top token
+    assert all(
+        len(t.top_logprobs) == 3 and t.token == t.top_logprobs[0].token and t.logprob <= 0 for t in content
+    )  # greedy: the top token
     penalised = client.chat.completions.create(**{**base, "max_tokens": 12}, presence_penalty=2, frequency_penalty=2)
     assert penalised.usage.completion_tokens == 12
-    c = client.completions.create(model="tiny", prompt="서울은", max_tokens=4, temperature=0, logprobs=2, echo=False, extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model="tiny",
+        prompt="서울은",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        echo=False,
+        extra_body={"ignore_eos": True},
+    )
     # two byte-fragment tokens can both read "\ufffd", and OpenAI's format keys top_logprobs by text: 1 or 2 entries
     assert len(c.choices[0].logprobs.tokens) == 4 and all(1 <= len(d) <= 2 for d in c.choices[0].logprobs.top_logprobs)
-    assert c.choices[0].logprobs.token_logprobs == [max(d.values()) for d in c.choices[0].logprobs.top_logprobs]  # greedy
+    assert c.choices[0].logprobs.token_logprobs == [
+        max(d.values()) for d in c.choices[0].logprobs.top_logprobs
+    ]  # greedy
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**base, response_format={"type": "json_object"})
     assert e.value.param == "response_format"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**base, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        client.chat.completions.create(
+            **base, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]
+        )
     assert e.value.param == "tools"
 
 

@@ -20,7 +20,9 @@ NEUTRAL = SamplingParams(max_tokens=1)  # the engine defaults: what "every field
 
 def make(**kwargs) -> tuple[TestClient, FakeEngine]:
     engine = FakeEngine(REPLY, context_length=256)
-    return TestClient(create_app(engine, model_name="ko-chat", model_version="3", **kwargs), raise_server_exceptions=False), engine
+    return TestClient(
+        create_app(engine, model_name="ko-chat", model_version="3", **kwargs), raise_server_exceptions=False
+    ), engine
 
 
 def sse(text: str) -> list:
@@ -41,20 +43,69 @@ CHAT_ALL_DEFAULTS = {
         {"role": "developer", "content": "한국어로 답하세요.", "name": "ops"},
         {"role": "system", "content": [{"type": "text", "text": "짧게."}]},
         {"role": "user", "content": "안녕?", "name": "minsu"},
-        {"role": "assistant", "content": "네.", "name": "bot", "refusal": None, "tool_calls": [], "function_call": None, "audio": None},
+        {
+            "role": "assistant",
+            "content": "네.",
+            "name": "bot",
+            "refusal": None,
+            "tool_calls": [],
+            "function_call": None,
+            "audio": None,
+        },
         {"role": "user", "content": [{"type": "text", "text": "서울은?"}]},
     ],
-    "audio": None, "frequency_penalty": 0, "function_call": None, "functions": None, "logit_bias": None, "logprobs": False,
-    "max_completion_tokens": None, "max_tokens": None, "metadata": {"team": "nlp"}, "modalities": ["text"], "n": 1,
-    "parallel_tool_calls": True, "prediction": None, "presence_penalty": 0, "prompt_cache_key": "k1", "reasoning_effort": None,
-    "response_format": {"type": "text"}, "safety_identifier": "u-hash", "seed": None, "service_tier": "auto", "stop": None,
-    "store": False, "stream": False, "stream_options": None, "temperature": 1, "tool_choice": "none", "tools": [], "top_logprobs": None,
-    "top_p": 1, "user": "minsu", "verbosity": "medium", "web_search_options": None,
+    "audio": None,
+    "frequency_penalty": 0,
+    "function_call": None,
+    "functions": None,
+    "logit_bias": None,
+    "logprobs": False,
+    "max_completion_tokens": None,
+    "max_tokens": None,
+    "metadata": {"team": "nlp"},
+    "modalities": ["text"],
+    "n": 1,
+    "parallel_tool_calls": True,
+    "prediction": None,
+    "presence_penalty": 0,
+    "prompt_cache_key": "k1",
+    "reasoning_effort": None,
+    "response_format": {"type": "text"},
+    "safety_identifier": "u-hash",
+    "seed": None,
+    "service_tier": "auto",
+    "stop": None,
+    "store": False,
+    "stream": False,
+    "stream_options": None,
+    "temperature": 1,
+    "tool_choice": "none",
+    "tools": [],
+    "top_logprobs": None,
+    "top_p": 1,
+    "user": "minsu",
+    "verbosity": "medium",
+    "web_search_options": None,
 }
 COMPLETION_ALL_DEFAULTS = {  # https://platform.openai.com/docs/api-reference/completions/create
-    "model": "ko-chat", "prompt": "안녕", "best_of": 1, "echo": False, "frequency_penalty": 0, "logit_bias": None, "logprobs": None,
-    "max_tokens": 16, "n": 1, "presence_penalty": 0, "seed": None, "stop": None, "stream": False, "stream_options": None,
-    "suffix": None, "temperature": 1, "top_p": 1, "user": None,
+    "model": "ko-chat",
+    "prompt": "안녕",
+    "best_of": 1,
+    "echo": False,
+    "frequency_penalty": 0,
+    "logit_bias": None,
+    "logprobs": None,
+    "max_tokens": 16,
+    "n": 1,
+    "presence_penalty": 0,
+    "seed": None,
+    "stop": None,
+    "stream": False,
+    "stream_options": None,
+    "suffix": None,
+    "temperature": 1,
+    "top_p": 1,
+    "user": None,
 }
 
 
@@ -67,7 +118,9 @@ def test_every_openai_chat_field_at_its_default_is_accepted_and_changes_nothing(
     assert [t.role for t in engine.last_chat] == ["system", "system", "user", "assistant", "user"]
     # null means "the default" for every optional field, as in OpenAI's API
     nulls = {k: None for k in CHAT_ALL_DEFAULTS if k not in ("model", "messages")}
-    r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], **nulls})
+    r = client.post(
+        "/v1/chat/completions", json={"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], **nulls}
+    )
     assert r.status_code == 200, r.text
     neutral(engine.calls[-1][1])
 
@@ -91,17 +144,59 @@ def test_every_openai_completion_field_at_its_default_is_accepted():
 MSGS = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "안녕하세요", "name": "minsu"}]
 CLIENT_BODIES = [
     ("langchain ChatOpenAI", "/v1/chat/completions", {"model": "ko-chat", "stream": False, "messages": MSGS}),
-    ("langchain ChatOpenAI stream", "/v1/chat/completions",
-     {"model": "ko-chat", "stream": True, "stream_options": {"include_usage": True}, "messages": MSGS}),
-    ("langchain-openai 0.1", "/v1/chat/completions", {"model": "ko-chat", "stream": False, "n": 1, "temperature": 0.7, "messages": MSGS}),
-    ("langchain with logprobs", "/v1/chat/completions", {"model": "ko-chat", "stream": False, "logprobs": True, "top_logprobs": 2, "messages": MSGS}),
-    ("llamaindex OpenAILike", "/v1/completions", {"prompt": "안녕하세요", "stream": False, "model": "ko-chat", "temperature": 0.1}),
-    ("llamaindex OpenAILike chat", "/v1/chat/completions", {"messages": MSGS, "stream": False, "model": "ko-chat", "temperature": 0.1}),
-    ("llamaindex OpenAILike chat stream", "/v1/chat/completions",
-     {"messages": MSGS, "stream": True, "model": "ko-chat", "temperature": 0.1, "stream_options": {"include_usage": True}}),
-    ("llamaindex logprobs chat", "/v1/chat/completions",
-     {"messages": MSGS, "stream": False, "model": "ko-chat", "temperature": 0.1, "logprobs": True, "top_logprobs": 0}),
-    ("llamaindex logprobs completions", "/v1/completions", {"prompt": "안녕", "stream": False, "model": "ko-chat", "temperature": 0.1, "logprobs": 0}),
+    (
+        "langchain ChatOpenAI stream",
+        "/v1/chat/completions",
+        {"model": "ko-chat", "stream": True, "stream_options": {"include_usage": True}, "messages": MSGS},
+    ),
+    (
+        "langchain-openai 0.1",
+        "/v1/chat/completions",
+        {"model": "ko-chat", "stream": False, "n": 1, "temperature": 0.7, "messages": MSGS},
+    ),
+    (
+        "langchain with logprobs",
+        "/v1/chat/completions",
+        {"model": "ko-chat", "stream": False, "logprobs": True, "top_logprobs": 2, "messages": MSGS},
+    ),
+    (
+        "llamaindex OpenAILike",
+        "/v1/completions",
+        {"prompt": "안녕하세요", "stream": False, "model": "ko-chat", "temperature": 0.1},
+    ),
+    (
+        "llamaindex OpenAILike chat",
+        "/v1/chat/completions",
+        {"messages": MSGS, "stream": False, "model": "ko-chat", "temperature": 0.1},
+    ),
+    (
+        "llamaindex OpenAILike chat stream",
+        "/v1/chat/completions",
+        {
+            "messages": MSGS,
+            "stream": True,
+            "model": "ko-chat",
+            "temperature": 0.1,
+            "stream_options": {"include_usage": True},
+        },
+    ),
+    (
+        "llamaindex logprobs chat",
+        "/v1/chat/completions",
+        {
+            "messages": MSGS,
+            "stream": False,
+            "model": "ko-chat",
+            "temperature": 0.1,
+            "logprobs": True,
+            "top_logprobs": 0,
+        },
+    ),
+    (
+        "llamaindex logprobs completions",
+        "/v1/completions",
+        {"prompt": "안녕", "stream": False, "model": "ko-chat", "temperature": 0.1, "logprobs": 0},
+    ),
 ]
 
 
@@ -124,22 +219,44 @@ def test_default_bodies_of_popular_clients_are_served(name, path, body):
 
 def test_chat_logprobs_have_openai_shape():
     client, engine = make()
-    r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "logprobs": True, "top_logprobs": 2, "max_tokens": 3})
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "ko-chat", "messages": MSGS, "logprobs": True, "top_logprobs": 2, "max_tokens": 3},
+    )
     lp = r.json()["choices"][0]["logprobs"]
     assert engine.calls[0][1].logprobs == 2
     assert [e["token"] for e in lp["content"]] == list(REPLY[:3])
     first = lp["content"][0]
     assert first["logprob"] == -0.5 and first["bytes"] == list(REPLY[0].encode())
-    assert [t["token"] for t in first["top_logprobs"]] == [REPLY[0], REPLY[0] * 2] and first["top_logprobs"][1]["logprob"] == -2.0
+    assert [t["token"] for t in first["top_logprobs"]] == [REPLY[0], REPLY[0] * 2] and first["top_logprobs"][1][
+        "logprob"
+    ] == -2.0
     # logprobs: true alone gives each token's logprob with no alternatives; leaving it out gives null
-    r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "logprobs": True, "max_tokens": 2})
+    r = client.post(
+        "/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "logprobs": True, "max_tokens": 2}
+    )
     assert [e["top_logprobs"] for e in r.json()["choices"][0]["logprobs"]["content"]] == [[], []]
-    assert client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "max_tokens": 2}).json()["choices"][0]["logprobs"] is None
+    assert (
+        client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "max_tokens": 2}).json()[
+            "choices"
+        ][0]["logprobs"]
+        is None
+    )
 
 
 def test_streamed_chat_logprobs_come_with_their_tokens():
     client, _ = make()
-    r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "logprobs": True, "top_logprobs": 1, "max_tokens": 4, "stream": True})
+    r = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "ko-chat",
+            "messages": MSGS,
+            "logprobs": True,
+            "top_logprobs": 1,
+            "max_tokens": 4,
+            "stream": True,
+        },
+    )
     events = [e for e in sse(r.text) if e != "[DONE]"]
     tokens = [t["token"] for e in events for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["content"]]
     assert tokens == list(REPLY[:4])
@@ -154,7 +271,9 @@ def test_completion_logprobs_and_echo():
     assert lp["top_logprobs"] == [{c: -1.0} for c in REPLY[:3]] and lp["text_offset"] == [0, 1, 2]
     r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "서울", "max_tokens": 3, "echo": True})
     assert r.json()["choices"][0]["text"] == "서울" + REPLY[:3]
-    r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "서울", "max_tokens": 3, "echo": True, "stream": True})
+    r = client.post(
+        "/v1/completions", json={"model": "ko-chat", "prompt": "서울", "max_tokens": 3, "echo": True, "stream": True}
+    )
     assert "".join(c["text"] for e in sse(r.text) if e != "[DONE]" for c in e["choices"]) == "서울" + REPLY[:3]
     r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "서울", "echo": True, "logprobs": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
@@ -162,13 +281,39 @@ def test_completion_logprobs_and_echo():
 
 def test_sampling_fields_reach_the_engine():
     client, engine = make()
-    body = {"model": "ko-chat", "messages": MSGS, "max_tokens": 4, "temperature": 0.3, "top_p": 0.9, "presence_penalty": 0.5,
-            "frequency_penalty": -0.25, "repetition_penalty": 1.2, "logit_bias": {"17": -100, "42": 3.5}, "top_k": 20, "min_p": 0.05,
-            "seed": 11, "n": 2, "stop": ["。"], "ignore_eos": True}
+    body = {
+        "model": "ko-chat",
+        "messages": MSGS,
+        "max_tokens": 4,
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "repetition_penalty": 1.2,
+        "logit_bias": {"17": -100, "42": 3.5},
+        "top_k": 20,
+        "min_p": 0.05,
+        "seed": 11,
+        "n": 2,
+        "stop": ["。"],
+        "ignore_eos": True,
+    }
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert len(engine.calls) == 2
-    neutral(engine.calls[1][1], temperature=0.3, top_p=0.9, presence_penalty=0.5, frequency_penalty=-0.25, repetition_penalty=1.2,
-            logit_bias=((17, -100), (42, 3.5)), top_k=20, min_p=0.05, seed=12, stop=("。",), ignore_eos=True)
+    neutral(
+        engine.calls[1][1],
+        temperature=0.3,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        repetition_penalty=1.2,
+        logit_bias=((17, -100), (42, 3.5)),
+        top_k=20,
+        min_p=0.05,
+        seed=12,
+        stop=("。",),
+        ignore_eos=True,
+    )
     body.update(top_k=-1)  # vLLM's "off"
     client.post("/v1/chat/completions", json=body)
     assert engine.calls[-1][1].top_k == 0
@@ -177,18 +322,30 @@ def test_sampling_fields_reach_the_engine():
 def test_response_format_is_handed_to_the_engine_which_may_refuse_it_naming_the_field():
     client, engine = make()
     schema = {"type": "object", "properties": {"city": {"type": "string"}}}
-    for rf, kind in (({"type": "json_object"}, "json_object"), ({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}, "json_schema")):
+    for rf, kind in (
+        ({"type": "json_object"}, "json_object"),
+        ({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}, "json_schema"),
+    ):
         r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, "response_format": rf})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
         assert engine.calls[-1][1].response_format == kind
     assert json.loads(engine.calls[-1][1].json_schema) == schema
 
 
-@pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "weather", "parameters": {}}}]),
-    ("functions", [{"name": "weather"}]), ("audio", {"voice": "alloy", "format": "wav"}), ("prediction", {"type": "content", "content": "x"}),
-    ("web_search_options", {}), ("reasoning_effort", "high"), ("verbosity", "low"), ("store", True), ("modalities", ["audio"]),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "weather", "parameters": {}}}]),
+        ("functions", [{"name": "weather"}]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+        ("reasoning_effort", "high"),
+        ("verbosity", "low"),
+        ("store", True),
+        ("modalities", ["audio"]),
+    ],
+)
 def test_fields_the_server_cannot_honour_are_a_400_naming_them(field, value):
     client, engine = make()
     r = client.post("/v1/chat/completions", json={"model": "ko-chat", "messages": MSGS, field: value})
@@ -202,4 +359,7 @@ def test_completion_only_fields():
     for field, value in (("suffix", " 끝"), ("best_of", 3)):
         r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "x", field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-    assert client.post("/v1/completions", json={"model": "ko-chat", "prompt": "x", "n": 3, "best_of": 3}).status_code == 200
+    assert (
+        client.post("/v1/completions", json={"model": "ko-chat", "prompt": "x", "n": 3, "best_of": 3}).status_code
+        == 200
+    )

@@ -62,15 +62,32 @@ def test_mypy_accepts_the_fake_engine_as_an_engine(tmp_path):
     if not mypy.exists():
         pytest.skip("mypy is not installed (the dev extra)")
     probe = tmp_path / "probe.py"
-    probe.write_text("from kollm.serve.engine import Engine\n"
-                     "from tests.serve.fake_engine import FakeEngine, versioned\n\n"
-                     "engine: Engine = FakeEngine()\ncanary: Engine = versioned('2')\n", encoding="utf-8")
+    probe.write_text(
+        "from kollm.serve.engine import Engine\n"
+        "from tests.serve.fake_engine import FakeEngine, versioned\n\n"
+        "engine: Engine = FakeEngine()\ncanary: Engine = versioned('2')\n",
+        encoding="utf-8",
+    )
     # Only the two modules are analysed (follow-imports=skip: torch and transformers would take minutes).
     fake = str(ROOT / "tests" / "serve" / "fake_engine.py")
     files = [str(ROOT / "src" / "kollm" / "serve" / "engine.py"), fake, str(probe)]
-    r = subprocess.run([str(mypy), "--config-file", os.devnull, "--no-incremental", "--follow-imports=skip",
-                        "--ignore-missing-imports", "--cache-dir", str(tmp_path / "cache"), *files],
-                       env={**os.environ, "MYPYPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(mypy),
+            "--config-file",
+            os.devnull,
+            "--no-incremental",
+            "--follow-imports=skip",
+            "--ignore-missing-imports",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *files,
+        ],
+        env={**os.environ, "MYPYPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     ours = [line for line in r.stdout.splitlines() if line.startswith((str(probe), fake, "probe.py", "tests/"))]
     assert ours == [] and "error" not in r.stderr, r.stdout + r.stderr

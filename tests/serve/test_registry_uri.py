@@ -12,16 +12,23 @@ from kollm.serve import create_app, describe_model_uri, load_engine, resolve
 pytestmark = pytest.mark.slow
 
 
-
-
 def test_models_uri_resolves_alias_to_version(tmp_path, tiny_model_dir):
     project = tmp_path / "proj"
     project.mkdir()
-    (project / "kollm.yaml").write_text("project: serve-test\nsteps:\n  - kind: python\n    config: {callable: 'm:f'}\n")
+    (project / "kollm.yaml").write_text(
+        "project: serve-test\nsteps:\n  - kind: python\n    config: {callable: 'm:f'}\n"
+    )
     c = registry.client(project)
     exp_id = c.create_experiment("serve-test", artifact_location=(project / "mlartifacts").as_uri())
     for alias in ("champion", "challenger"):
-        registry.register_folder("ko-tiny", tiny_model_dir, run_id=c.create_run(exp_id).info.run_id, tags={}, alias=alias, project_dir=project)
+        registry.register_folder(
+            "ko-tiny",
+            tiny_model_dir,
+            run_id=c.create_run(exp_id).info.run_id,
+            tags={},
+            alias=alias,
+            project_dir=project,
+        )
 
     assert describe_model_uri("models:/ko-tiny@champion", project) == ("ko-tiny", "1")
     assert describe_model_uri("models:/ko-tiny@challenger", project) == ("ko-tiny", "2")

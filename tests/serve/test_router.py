@@ -47,7 +47,14 @@ def test_chat_completion_shape_usage_and_headers():
     assert r.headers["x-request-id"] == "req-123"
     body = r.json()
     assert body["object"] == "chat.completion" and body["model"] == "ko-chat" and body["id"] == "chatcmpl-req-123"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": REPLY[:5], "refusal": None}, "finish_reason": "length", "logprobs": None}]
+    assert body["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": REPLY[:5], "refusal": None},
+            "finish_reason": "length",
+            "logprobs": None,
+        }
+    ]
     prompt_len = len(engine.calls[0][0])
     assert body["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 5, "total_tokens": prompt_len + 5}
 
@@ -74,7 +81,12 @@ def test_sampling_fields_reach_the_engine():
 
 def test_max_completion_tokens_and_completion_default():
     client, engine = make()
-    assert client.post("/v1/chat/completions", json=chat(max_completion_tokens=4)).json()["choices"][0]["message"]["content"] == REPLY[:4]
+    assert (
+        client.post("/v1/chat/completions", json=chat(max_completion_tokens=4)).json()["choices"][0]["message"][
+            "content"
+        ]
+        == REPLY[:4]
+    )
     r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "서울은"})
     assert engine.calls[-1][1].max_tokens == 16  # OpenAI's default for completions
     assert r.json()["choices"][0]["text"] == REPLY[:16]
@@ -92,7 +104,9 @@ def test_completions_several_prompts_times_n():
 
 def test_chat_stream_events():
     client, _ = make()
-    r = client.post("/v1/chat/completions", json=chat(stream=True, n=2, max_tokens=6, stream_options={"include_usage": True}))
+    r = client.post(
+        "/v1/chat/completions", json=chat(stream=True, n=2, max_tokens=6, stream_options={"include_usage": True})
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-kollm-model-version"] == "3"
     events = sse_events(r.text)
@@ -111,7 +125,10 @@ def test_chat_stream_events():
 
 def test_completion_stream_holds_back_stop_prefix():
     client, _ = make()
-    r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "x", "stream": True, "stop": "kollm입니", "max_tokens": 50})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "ko-chat", "prompt": "x", "stream": True, "stop": "kollm입니", "max_tokens": 50},
+    )
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     texts = [e["choices"][0]["text"] for e in events[:-1]]
@@ -131,7 +148,12 @@ BAD = [
     (json.dumps(chat(foo=1)).encode(), 400, "foo", "invalid_request"),
     (json.dumps(chat(top_logprobs=2)).encode(), 400, "top_logprobs", "invalid_request"),
     (json.dumps(chat(logprobs=True, top_logprobs=21)).encode(), 400, "top_logprobs", "invalid_request"),
-    (json.dumps(chat(tools=[{"type": "function", "function": {"name": "f"}}])).encode(), 400, "tools", "invalid_request"),
+    (
+        json.dumps(chat(tools=[{"type": "function", "function": {"name": "f"}}])).encode(),
+        400,
+        "tools",
+        "invalid_request",
+    ),
     (json.dumps(chat(tool_choice="required")).encode(), 400, "tool_choice", "invalid_request"),
     (json.dumps(chat(response_format={"type": "json_schema"})).encode(), 400, "response_format", "invalid_request"),
     (json.dumps(chat(store=True)).encode(), 400, "store", "invalid_request"),
@@ -140,15 +162,42 @@ BAD = [
     (json.dumps(chat(logit_bias={"abc": 1})).encode(), 400, "logit_bias", "invalid_request"),
     (json.dumps(chat(logit_bias={"5": 101})).encode(), 400, "logit_bias", "invalid_request"),
     (json.dumps(chat(repetition_penalty=0)).encode(), 400, "repetition_penalty", "invalid_request"),
-    (json.dumps({"model": "ko-chat", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}).encode(), 400, "messages.0.role", "invalid_request"),
-    (json.dumps({"model": "ko-chat", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode(), 400, "messages.0.content", "invalid_request"),
+    (
+        json.dumps(
+            {"model": "ko-chat", "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}
+        ).encode(),
+        400,
+        "messages.0.role",
+        "invalid_request",
+    ),
+    (
+        json.dumps(
+            {
+                "model": "ko-chat",
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            }
+        ).encode(),
+        400,
+        "messages.0.content",
+        "invalid_request",
+    ),
     (json.dumps({"model": "ko-chat", "messages": [{"role": "user"}]}).encode(), 400, "messages.0.content", None),
     (json.dumps(chat(content=5)).encode(), 400, "messages.0.content", "invalid_request"),
     (json.dumps(chat(content=[])).encode(), 400, "messages.0.content", "invalid_request"),
-    (json.dumps({"model": "ko-chat", "messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "messages.0.role", "invalid_request"),
+    (
+        json.dumps({"model": "ko-chat", "messages": [{"role": "robot", "content": "x"}]}).encode(),
+        400,
+        "messages.0.role",
+        "invalid_request",
+    ),
     (json.dumps(chat(temperature="hot")).encode(), 400, "temperature", "invalid_request"),
     (json.dumps(chat(temperature=2.5)).encode(), 400, "temperature", "invalid_request"),
-    (b'{"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature", "invalid_request"),
+    (
+        b'{"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        400,
+        "temperature",
+        "invalid_request",
+    ),
     (json.dumps(chat(n=1.5)).encode(), 400, "n", "invalid_request"),
     (json.dumps(chat(n=0)).encode(), 400, "n", "invalid_request"),
     (json.dumps(chat(n=100)).encode(), 400, "n", "invalid_request"),
@@ -162,8 +211,18 @@ BAD = [
     (json.dumps(chat(content="가" * 100)).encode(), 400, "messages", "context_length_exceeded"),
     (json.dumps(chat(content="REJECT")).encode(), 400, "messages", "invalid_prompt"),
     (json.dumps(chat(max_tokens=3, max_completion_tokens=4)).encode(), 400, "max_tokens", None),
-    (b'{"model": "ko-chat", "messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages.0.content", "invalid_request"),
-    (b'{"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], "\\udcff": 1}', 400, None, "invalid_request"),
+    (
+        b'{"model": "ko-chat", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
+        "messages.0.content",
+        "invalid_request",
+    ),
+    (
+        b'{"model": "ko-chat", "messages": [{"role": "user", "content": "x"}], "\\udcff": 1}',
+        400,
+        None,
+        "invalid_request",
+    ),
     (json.dumps(chat(seed=2**70)).encode(), 400, "seed", "invalid_request"),
     (json.dumps({**chat(), "model": "gpt-4"}).encode(), 404, "model", "model_not_found"),
 ]
@@ -183,7 +242,9 @@ def test_bad_chat_requests_get_openai_errors(raw, status, param, code):
     if code is not None:
         assert error["code"] == code
     assert engine.calls == []  # nothing bad reached the engine
-    assert client.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200  # and the server keeps serving
+    assert (
+        client.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+    )  # and the server keeps serving
 
 
 def test_bad_completion_requests():
@@ -222,12 +283,19 @@ def test_engine_bug_is_a_500_with_the_openai_shape_and_headers():
 
 def test_api_key():
     client, _ = make(api_key="s3cret")
-    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "s3cret"}, {"authorization": "Basic s3cret"}):
+    for headers in (
+        {},
+        {"authorization": "Bearer nope"},
+        {"authorization": "s3cret"},
+        {"authorization": "Basic s3cret"},
+    ):
         r = client.post("/v1/chat/completions", json=chat(), headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert r.headers["x-kollm-model-version"] == "3"
     assert client.get("/v1/models").status_code == 401
-    assert client.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        client.post("/v1/chat/completions", json=chat(), headers={"authorization": "Bearer s3cret"}).status_code == 200
+    )
     assert client.get("/v1/models", headers={"authorization": "bearer s3cret"}).status_code == 200
     # probes and scraping stay open
     assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
@@ -253,22 +321,37 @@ def test_models_health_ready():
 def test_metrics_count_by_version_and_status():
     client, _ = make(model_version="m-41")
     ok_before = metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="200")
-    bad_before = metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="400")
+    bad_before = metric(
+        "kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="400"
+    )
     tokens_before = metric("kollm_output_tokens_total", model_version="m-41")
     for _ in range(3):
         client.post("/v1/chat/completions", json=chat(max_tokens=4))
     client.post("/v1/chat/completions", json=chat(max_tokens=0))
     client.get("/no/such/route")
-    assert metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="200") == ok_before + 3
-    assert metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="400") == bad_before + 1
+    assert (
+        metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="200")
+        == ok_before + 3
+    )
+    assert (
+        metric("kollm_requests_total", model_version="m-41", endpoint="/v1/chat/completions", status_code="400")
+        == bad_before + 1
+    )
     assert metric("kollm_requests_total", model_version="m-41", endpoint="other", status_code="404") >= 1
     assert metric("kollm_output_tokens_total", model_version="m-41") == tokens_before + 12
     assert metric("kollm_request_latency_seconds_count", model_version="m-41", endpoint="/v1/chat/completions") >= 4
     assert metric("kollm_time_to_first_token_seconds_count", model_version="m-41", endpoint="/v1/chat/completions") >= 3
     assert metric("kollm_requests_in_flight", model_version="m-41") == 0
     text = client.get("/metrics").text
-    for name in ("kollm_requests_total", "kollm_request_latency_seconds_bucket", "kollm_time_to_first_token_seconds_bucket",
-                 "kollm_output_tokens_total", "kollm_request_tokens_per_second_bucket", "kollm_requests_in_flight", "kollm_queue_depth"):
+    for name in (
+        "kollm_requests_total",
+        "kollm_request_latency_seconds_bucket",
+        "kollm_time_to_first_token_seconds_bucket",
+        "kollm_output_tokens_total",
+        "kollm_request_tokens_per_second_bucket",
+        "kollm_requests_in_flight",
+        "kollm_queue_depth",
+    ):
         assert name in text
 
 

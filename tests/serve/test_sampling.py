@@ -66,19 +66,30 @@ def probe(engine, monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("params", [
-    dict(presence_penalty=2.0),
-    dict(frequency_penalty=1.5, presence_penalty=-0.5),
-    dict(repetition_penalty=1.8),
-    dict(repetition_penalty=0.5),
-    dict(logit_bias=((7, 100.0),)),
-    dict(logit_bias=((5, -100.0), (9, 50.0), (11, 49.0))),
-], ids=["presence", "frequency", "repetition", "repetition<1", "bias+100", "bias-mixed"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(presence_penalty=2.0),
+        dict(frequency_penalty=1.5, presence_penalty=-0.5),
+        dict(repetition_penalty=1.8),
+        dict(repetition_penalty=0.5),
+        dict(logit_bias=((7, 100.0),)),
+        dict(logit_bias=((5, -100.0), (9, 50.0), (11, 49.0))),
+    ],
+    ids=["presence", "frequency", "repetition", "repetition<1", "bias+100", "bias-mixed"],
+)
 def test_penalties_and_bias_equal_the_reference_loop(hf, engine, probe, params):
     ids = engine.encode_prompt("한국어 언어 모델을 학습하고 서빙합니다.")
     generate(engine, ids, max_tokens=12, temperature=0, ignore_eos=True, **params)
-    expected = reference(hf, ids, 12, presence=params.get("presence_penalty", 0.0), frequency=params.get("frequency_penalty", 0.0),
-                         repetition=params.get("repetition_penalty", 1.0), bias=params.get("logit_bias", ()))
+    expected = reference(
+        hf,
+        ids,
+        12,
+        presence=params.get("presence_penalty", 0.0),
+        frequency=params.get("frequency_penalty", 0.0),
+        repetition=params.get("repetition_penalty", 1.0),
+        bias=params.get("logit_bias", ()),
+    )
     assert probe == expected
     if "logit_bias" in params and params["logit_bias"][0][1] == 100.0:
         assert set(probe) == {7}
@@ -88,14 +99,30 @@ def test_penalties_change_greedy_output(hf, engine):
     ids = engine.encode_prompt("한국어 언어 모델을 학습하고 서빙합니다.")
     plain = reference(hf, ids, 12)
     for kwargs in (dict(presence=2.0), dict(frequency=1.5, presence=-0.5), dict(repetition=1.8), dict(repetition=0.5)):
-        assert reference(hf, ids, 12, **kwargs) != plain, kwargs  # so the equalities above are not vacuous for this model
+        assert reference(hf, ids, 12, **kwargs) != plain, (
+            kwargs
+        )  # so the equalities above are not vacuous for this model
 
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-30, SAMPLING_EPS / 2, SAMPLING_EPS, 1e-4, 2.0])
-@pytest.mark.parametrize("extra", [{}, {"top_p": 0.0}, {"top_p": 1e-12}, {"top_k": 1}, {"min_p": 1.0}, {"repetition_penalty": 0.01, "presence_penalty": -2.0}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"top_p": 0.0},
+        {"top_p": 1e-12},
+        {"top_k": 1},
+        {"min_p": 1.0},
+        {"repetition_penalty": 0.01, "presence_penalty": -2.0},
+    ],
+)
 def test_every_temperature_the_schema_accepts_is_safe(engine, temperature, extra):
-    ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": temperature, **extra})
-    chunks = generate(engine, engine.encode_prompt("서울은"), max_tokens=6, temperature=temperature, ignore_eos=True, **extra)
+    ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": temperature, **extra}
+    )
+    chunks = generate(
+        engine, engine.encode_prompt("서울은"), max_tokens=6, temperature=temperature, ignore_eos=True, **extra
+    )
     assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 6
     assert engine.alive() and engine.failed_steps == 0
 
@@ -104,7 +131,10 @@ def test_tiny_temperature_is_greedy(engine):
     ids = engine.encode_prompt("The quick brown fox")
     greedy = "".join(c.text for c in generate(engine, ids, max_tokens=10, temperature=0, ignore_eos=True))
     for t in (1e-38, SAMPLING_EPS / 10):
-        assert "".join(c.text for c in generate(engine, ids, max_tokens=10, temperature=t, ignore_eos=True, seed=3)) == greedy
+        assert (
+            "".join(c.text for c in generate(engine, ids, max_tokens=10, temperature=t, ignore_eos=True, seed=3))
+            == greedy
+        )
 
 
 def test_sampler_survives_non_finite_logits(engine):
@@ -114,14 +144,21 @@ def test_sampler_survives_non_finite_logits(engine):
             self.generator, self.counts, self.seen, self.bias = None, None, None, None
             self.processed, self.greedy = False, self.params.temperature < SAMPLING_EPS
 
-    logits = torch.tensor([
-        [float("nan")] * 4,
-        [float("inf"), 0.0, float("inf"), -1.0],
-        [float("-inf")] * 4,
-        [3.0e38, -3.0e38, 0.0, 1.0],
-        [float("nan"), 1.0, 2.0, float("nan")],
-    ])
-    for p in ({"temperature": 0.0}, {"temperature": 1e-5}, {"temperature": 2.0, "top_p": 0.5}, {"temperature": 1.0, "top_k": 2, "min_p": 0.5}):
+    logits = torch.tensor(
+        [
+            [float("nan")] * 4,
+            [float("inf"), 0.0, float("inf"), -1.0],
+            [float("-inf")] * 4,
+            [3.0e38, -3.0e38, 0.0, 1.0],
+            [float("nan"), 1.0, 2.0, float("nan")],
+        ]
+    )
+    for p in (
+        {"temperature": 0.0},
+        {"temperature": 1e-5},
+        {"temperature": 2.0, "top_p": 0.5},
+        {"temperature": 1.0, "top_k": 2, "min_p": 0.5},
+    ):
         chosen = sample(logits, [Row(**p) for _ in range(len(logits))])
         assert chosen.shape == (5,) and bool(((chosen >= 0) & (chosen < 4)).all())
         assert int(chosen[4]) == 2 and int(chosen[3]) == 0
@@ -140,10 +177,16 @@ def test_logprobs_are_the_models_log_softmax(hf, engine):
             top = dist.topk(3)
             assert [t for t, _ in lp.top] == [tok.decode([int(i)]) for i in top.indices]
             assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
-            assert lp.token == lp.top[0][0] and lp.logprob == pytest.approx(float(top.values[0]), abs=1e-4)  # greedy: the top token
+            assert lp.token == lp.top[0][0] and lp.logprob == pytest.approx(
+                float(top.values[0]), abs=1e-4
+            )  # greedy: the top token
             seq.append(int(top.indices[0]))
     sampled = generate(engine, ids, max_tokens=8, temperature=1.0, seed=5, ignore_eos=True, logprobs=0)
-    assert all(lp.top == () and -9999.0 <= lp.logprob <= 0.0 and math.isfinite(lp.logprob) for c in sampled for lp in c.logprobs)
+    assert all(
+        lp.top == () and -9999.0 <= lp.logprob <= 0.0 and math.isfinite(lp.logprob)
+        for c in sampled
+        for lp in c.logprobs
+    )
 
 
 def test_bad_logit_bias_and_response_format_are_request_errors(engine):

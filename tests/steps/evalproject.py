@@ -11,16 +11,22 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
-STEPS_PY = '''
+STEPS_PY = """
 from evaltiny import save_tiny
 
 def build(ctx):
     save_tiny(ctx.output_path("model"), seed=ctx.config.params["seed"])
     return {"seed": ctx.config.params["seed"]}
-'''
+"""
 
-SENTENCES = ["서울은 대한민국의 수도입니다", "오늘은 날씨가 맑고 따뜻합니다", "한국어 언어 모델을 평가합니다",
-             "도서관에서 책을 빌려 읽었습니다", "아침마다 공원에서 산책을 합니다", "시장에서 신선한 과일을 샀습니다"]
+SENTENCES = [
+    "서울은 대한민국의 수도입니다",
+    "오늘은 날씨가 맑고 따뜻합니다",
+    "한국어 언어 모델을 평가합니다",
+    "도서관에서 책을 빌려 읽었습니다",
+    "아침마다 공원에서 산책을 합니다",
+    "시장에서 신선한 과일을 샀습니다",
+]
 
 
 def make_project(root: Path, *, gate: list[str], seed: int = 0, uri: str | None = None, register: bool = True) -> Path:
@@ -32,9 +38,16 @@ def make_project(root: Path, *, gate: list[str], seed: int = 0, uri: str | None 
     suite = [
         {"prompt": "대한민국의 수도는?", "expected": "서울", "metric": "contains"},
         {"prompt": "날씨는 어떤가요?", "expected": "맑고 따뜻합니다", "metric": ["chrf", "exact"]},
-        {"prompt": [{"role": "user", "content": "숫자를 말해 주세요"}], "expected": r"\\d", "metric": "regex", "id": "digit"},
+        {
+            "prompt": [{"role": "user", "content": "숫자를 말해 주세요"}],
+            "expected": r"\\d",
+            "metric": "regex",
+            "id": "digit",
+        },
     ]
-    (root / "data" / "suite.jsonl").write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in suite), encoding="utf-8")
+    (root / "data" / "suite.jsonl").write_text(
+        "\n".join(json.dumps(c, ensure_ascii=False) for c in suite), encoding="utf-8"
+    )
     shutil.copy(HERE.parent / "tiny.py", root / "evaltiny.py")  # the project imports it from its own folder
     (root / "tinysteps.py").write_text(STEPS_PY, encoding="utf-8")
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""

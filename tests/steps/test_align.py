@@ -30,7 +30,10 @@ def _project(tmp_path: Path, align_config: str) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_align_after_sft(tmp_path, method):
-    root = _project(tmp_path, f"{{method: {method}, beta: 0.5, seq_len: 128, max_steps: 10, lr: 5.0e-3, batch_size: 4, log_every: 2}}")
+    root = _project(
+        tmp_path,
+        f"{{method: {method}, beta: 0.5, seq_len: 128, max_steps: 10, lr: 5.0e-3, batch_size: 4, log_every: 2}}",
+    )
     result = kollm.run(root)
     rec = result.steps["align"]
     model = rec.outputs["model"]
@@ -66,7 +69,8 @@ def test_grpo_with_a_user_reward_function(tmp_path):
     )
     (root / f"{module}.py").write_text(REWARD_PY, encoding="utf-8")
     (root / "kollm.yaml").write_text(
-        (root / "kollm.yaml").read_text().replace("- kind: align\n", "- kind: align\n    inputs: {data: gen.chats}\n"), encoding="utf-8"
+        (root / "kollm.yaml").read_text().replace("- kind: align\n", "- kind: align\n    inputs: {data: gen.chats}\n"),
+        encoding="utf-8",
     )
     result = kollm.run(root)
     rec = result.steps["align"]
@@ -91,9 +95,18 @@ ALIGN = 3  # the align step's index in _project: gen, cpt, sft, align
 @pytest.mark.parametrize(
     "config,message",
     [
-        ("{method: dpo, beta: 0.1, num_generations: 4}", "num_generations: not a setting of method dpo (it belongs to grpo)"),
-        ("{num_generations: 4}", "num_generations: not a setting of method dpo (it belongs to grpo)"),  # dpo is the default
-        ('{method: grpo, reward: "my_rewards:score", beta: 0.1}', "beta: not a setting of method grpo (it belongs to dpo, orpo and kto)"),
+        (
+            "{method: dpo, beta: 0.1, num_generations: 4}",
+            "num_generations: not a setting of method dpo (it belongs to grpo)",
+        ),
+        (
+            "{num_generations: 4}",
+            "num_generations: not a setting of method dpo (it belongs to grpo)",
+        ),  # dpo is the default
+        (
+            '{method: grpo, reward: "my_rewards:score", beta: 0.1}',
+            "beta: not a setting of method grpo (it belongs to dpo, orpo and kto)",
+        ),
         ("{method: orpo, label_smoothing: 0.1}", "label_smoothing: not a setting of method orpo (it belongs to dpo)"),
         ('{method: kto, reward: "my_rewards:score"}', "reward: not a setting of method kto (it belongs to grpo)"),
         ("{method: ppo}", "method: expected one of 'dpo', 'orpo', 'kto' or 'grpo', got \"ppo\""),
@@ -133,7 +146,13 @@ def test_kollm_validate_refuses_a_dpo_step_with_grpo_settings(tmp_path, kollm_bi
         (
             '{method: grpo, reward: "my_rewards:score", num_generations: 8}',
             "GrpoConfig",
-            {"method": "grpo", "reward": "my_rewards:score", "num_generations": 8, "max_new_tokens": 64, "temperature": 1.0},
+            {
+                "method": "grpo",
+                "reward": "my_rewards:score",
+                "num_generations": 8,
+                "max_new_tokens": 64,
+                "temperature": 1.0,
+            },
         ),
     ],
 )
@@ -168,7 +187,13 @@ def test_the_quickstart_align_step_loads_as_before(tmp_path):
     dump = step.config.model_dump(mode="json")
     assert set(dump) == set(TrainingConfig.model_fields) | {"method", "beta", "label_smoothing"}
     assert {k: dump[k] for k in ("method", "beta", "label_smoothing", "seq_len", "batch_size", "max_steps", "lr")} == {
-        "method": "dpo", "beta": 0.1, "label_smoothing": 0.0, "seq_len": 256, "batch_size": 8, "max_steps": 20, "lr": 2.0e-4,
+        "method": "dpo",
+        "beta": 0.1,
+        "label_smoothing": 0.0,
+        "seq_len": 256,
+        "batch_size": 8,
+        "max_steps": 20,
+        "lr": 2.0e-4,
     }
 
 
@@ -180,7 +205,9 @@ def test_a_sweep_and_overrides_over_align_settings_are_checked_against_the_metho
 
     def with_sweep(root: Path, sweep: str) -> Path:
         text = (root / "kollm.yaml").read_text(encoding="utf-8")
-        (root / "kollm.yaml").write_text(text.replace("- kind: align\n", f"- kind: align\n    sweep: {sweep}\n"), encoding="utf-8")
+        (root / "kollm.yaml").write_text(
+            text.replace("- kind: align\n", f"- kind: align\n    sweep: {sweep}\n"), encoding="utf-8"
+        )
         return root
 
     good = "{params: {beta: {choice: [0.05, 0.5]}, lr: {loguniform: [1.0e-5, 1.0e-4]}, method: {grid: [dpo, orpo]}}, metric: eval_loss}"
@@ -195,7 +222,9 @@ def test_a_sweep_and_overrides_over_align_settings_are_checked_against_the_metho
         apply_overrides(pipe, {"align.num_generations": 8})
     assert e.value.problems == ["override align.num_generations: not a setting of method dpo (it belongs to grpo)"]
 
-    bad = "{params: {num_generations: {choice: [2, 4]}, beta: {choice: [-1.0]}, betta: {choice: [1]}}, metric: eval_loss}"
+    bad = (
+        "{params: {num_generations: {choice: [2, 4]}, beta: {choice: [-1.0]}, betta: {choice: [1]}}, metric: eval_loss}"
+    )
     with pytest.raises(kollm.errors.ConfigError) as e:
         load_pipeline(with_sweep(_project(tmp_path / "bad", "{method: dpo}"), bad))
     assert e.value.problems == [
@@ -211,5 +240,8 @@ def test_the_schema_has_one_align_config_per_method():
     defs = json_schema()["$defs"]
     union = defs["AlignStepConfig"]
     assert [r["$ref"] for r in union["oneOf"]] == [f"#/$defs/{m}Config" for m in ("Dpo", "Orpo", "Kto", "Grpo")]
-    assert "num_generations" in defs["GrpoConfig"]["properties"] and "num_generations" not in defs["DpoConfig"]["properties"]
+    assert (
+        "num_generations" in defs["GrpoConfig"]["properties"]
+        and "num_generations" not in defs["DpoConfig"]["properties"]
+    )
     assert "required" not in defs["DpoConfig"] and defs["GrpoConfig"]["required"] == ["method", "reward"]

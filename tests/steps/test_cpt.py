@@ -18,7 +18,7 @@ import torch
 import kollm
 from kollm.errors import ConfigError
 
-DATA_PY = '''
+DATA_PY = """
 import random
 import pandas as pd
 
@@ -35,7 +35,7 @@ def make(ctx):
     pd.DataFrame({"text": texts[-10:]}).to_parquet(out / "eval.parquet")
     (out / "stats.json").write_text("{}")
     return {"docs": len(texts)}
-'''
+"""
 
 CPT = "{base_model: scratch, preset: tiny, vocab_size: 400, seq_len: 64, max_steps: 12, lr: 3.0e-3, batch_size: 4, log_every: 2, checkpoint_every: 3}"
 
@@ -80,7 +80,9 @@ LOAD_WITHOUT_KOLLM = textwrap.dedent(
 
 def load_and_generate(folder: Path) -> dict:
     """Load a Model artifact with plain transformers in a fresh interpreter that never imports kollm."""
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_KOLLM, str(folder)], capture_output=True, text=True, timeout=180, cwd="/")
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_KOLLM, str(folder)], capture_output=True, text=True, timeout=180, cwd="/"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -106,7 +108,9 @@ def test_cpt_step_trains_saves_logs(tmp_path):
     # JSON training logs: one object per line
     lines = [json.loads(x) for x in (root / ".kollm" / "logs" / "training" / "cpt.jsonl").read_text().splitlines()]
     assert [x["global_step"] for x in lines] == [2, 4, 6, 8, 10, 12]
-    assert {"ts", "level", "component", "event", "step", "epoch", "global_step", "loss", "learning_rate"} <= set(lines[0])
+    assert {"ts", "level", "component", "event", "step", "epoch", "global_step", "loss", "learning_rate"} <= set(
+        lines[0]
+    )
     assert lines[0]["step"] == "cpt" and lines[0]["event"] == "train_metrics"
     # MLflow: per-step loss, learning rate, grad norm, throughput in the step's nested run
     from mlflow import MlflowClient
@@ -138,7 +142,11 @@ def test_killed_pipeline_resumes_cpt_from_checkpoint(tmp_path):
     code = f"import kollm; kollm.run({str(root)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list((root / ".kollm" / "checkpoints").glob("*/step-*/state.pt")):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not list((root / ".kollm" / "checkpoints").glob("*/step-*/state.pt"))
+    ):
         time.sleep(0.2)
     assert list((root / ".kollm" / "checkpoints").glob("*/step-*/state.pt")), "no checkpoint before the run ended"
     proc.send_signal(signal.SIGKILL)

@@ -15,8 +15,6 @@ from kollm import registry
 from kollm.errors import ConfigError, GateFailed
 
 
-
-
 def read_metrics(result) -> dict:
     return json.loads((result.steps["evaluate"].outputs["metrics"].path / "metrics.json").read_text())
 
@@ -71,12 +69,19 @@ def test_bad_rule_and_missing_lm_eval_fail_validation(tmp_path):
     project = make_project(tmp_path / "p", gate=["perplexity is low"], register=False)
     with pytest.raises(ConfigError, match=r"steps\[2\]\.config\.gate\[0\]: cannot read gate rule"):
         kollm.load(project)
-    text = (project / "kollm.yaml").read_text().replace('gate: ["perplexity is low"]', "lm_eval: {tasks: [kobest_boolq]}")
+    text = (
+        (project / "kollm.yaml").read_text().replace('gate: ["perplexity is low"]', "lm_eval: {tasks: [kobest_boolq]}")
+    )
     (project / "kollm.yaml").write_text(text)
-    if importlib.util.find_spec("lm_eval") is not None:  # installed (the dev extra): see tests/eval/test_lm_eval_tasks.py
+    if (
+        importlib.util.find_spec("lm_eval") is not None
+    ):  # installed (the dev extra): see tests/eval/test_lm_eval_tasks.py
         kollm.load(project)
         return
-    with pytest.raises(ConfigError, match=r"config\.lm_eval\.tasks: lm-eval tasks are configured but lm-eval is not installed.*pip install lm-eval"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.lm_eval\.tasks: lm-eval tasks are configured but lm-eval is not installed.*pip install lm-eval",
+    ):
         kollm.load(project)
 
 
@@ -90,7 +95,9 @@ def test_relative_gate_compares_with_the_champion_on_the_same_eval_set(tmp_path)
 
     # a different candidate (another seed) must be at least 50 % better than the champion: it is not
     yaml = (project / "kollm.yaml").read_text()
-    (project / "kollm.yaml").write_text(yaml.replace("seed: 0", "seed: 1").replace('["perplexity <= 100000"]', '["perplexity <= champion * 0.5"]'))
+    (project / "kollm.yaml").write_text(
+        yaml.replace("seed: 0", "seed: 1").replace('["perplexity <= 100000"]', '["perplexity <= champion * 0.5"]')
+    )
     with pytest.raises(GateFailed, match=r"FAIL  perplexity <= champion \* 0.5 .*champion = "):
         kollm.run(project)
     cached = {p.name.split("-")[0] for p in (project / ".kollm" / "eval-cache").glob("*.json")}
@@ -98,7 +105,9 @@ def test_relative_gate_compares_with_the_champion_on_the_same_eval_set(tmp_path)
     assert champion_digest in cached and len(cached) == 2  # candidate and champion, each cached
 
     # within 5 % of the champion passes; the report and metrics.json carry both side by side
-    (project / "kollm.yaml").write_text((project / "kollm.yaml").read_text().replace("champion * 0.5", "champion * 1.05"))
+    (project / "kollm.yaml").write_text(
+        (project / "kollm.yaml").read_text().replace("champion * 0.5", "champion * 1.05")
+    )
     second = kollm.run(project)
     doc = read_metrics(second)
     ref = doc["references"]["champion"]

@@ -29,7 +29,12 @@ def _corpus_project(root: Path, *, gate: str = "{}", extra_steps: str = "", num_
     for i, t in enumerate(texts[:80]):
         (root / "data" / "txt" / f"doc{i:03d}.txt").write_text(t, encoding="utf-8")
     rows = [{"text": t} for t in texts[80:]]
-    rows += [{"text": texts[0]}, {"text": "연락처는 010-2345-6789이고 메일은 kim@example.com입니다. 회의는 다음 주 화요일 오후 세 시에 본관 대회의실에서 열리며 모든 팀원이 참석해야 합니다."}]  # a copy; PII
+    rows += [
+        {"text": texts[0]},
+        {
+            "text": "연락처는 010-2345-6789이고 메일은 kim@example.com입니다. 회의는 다음 주 화요일 오후 세 시에 본관 대회의실에서 열리며 모든 팀원이 참석해야 합니다."
+        },
+    ]  # a copy; PII
     rows += [{"text": "짧다"}, {"text": "This line is English only and has no Korean at all, so it fails the ratio."}]
     rows += [{"body": "잘못된 열"}]
     (root / "data" / "rows.jsonl").write_text(
@@ -136,17 +141,39 @@ def test_gate_failure_stops_the_pipeline_with_a_summary(tmp_path):
 
 def _chat_project(root: Path) -> Path:
     rng = random.Random(0)
-    sft = [{"messages": [{"role": "user", "content": f"{i}번째 질문입니다. 서울의 {rng.choice(['날씨', '인구', '역사'])}에 대해 알려 주세요."},
-                         {"role": "assistant", "content": f"{i}번째 답변입니다. 서울은 대한민국의 수도이며 {i * 7}년의 역사를 생각해 볼 수 있습니다."}]}
-           for i in range(60)]
-    sft += [{"instruction": "인사말을 써 주세요.", "output": "안녕하세요, 만나서 반갑습니다."}, {"messages": [{"role": "user", "content": "답 없음"}]}]
-    prefs = [{"prompt": f"{i} 더하기 {i + 1}은 얼마인가요?", "chosen": f"{i} 더하기 {i + 1}의 답은 {2 * i + 1}입니다.", "rejected": "잘 모르겠어요."}
-             for i in range(10, 60)]
+    sft = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": f"{i}번째 질문입니다. 서울의 {rng.choice(['날씨', '인구', '역사'])}에 대해 알려 주세요.",
+                },
+                {
+                    "role": "assistant",
+                    "content": f"{i}번째 답변입니다. 서울은 대한민국의 수도이며 {i * 7}년의 역사를 생각해 볼 수 있습니다.",
+                },
+            ]
+        }
+        for i in range(60)
+    ]
+    sft += [
+        {"instruction": "인사말을 써 주세요.", "output": "안녕하세요, 만나서 반갑습니다."},
+        {"messages": [{"role": "user", "content": "답 없음"}]},
+    ]
+    prefs = [
+        {
+            "prompt": f"{i} 더하기 {i + 1}은 얼마인가요?",
+            "chosen": f"{i} 더하기 {i + 1}의 답은 {2 * i + 1}입니다.",
+            "rejected": "잘 모르겠어요.",
+        }
+        for i in range(10, 60)
+    ]
     prefs += [{"prompt": "같은 답", "chosen": "네", "rejected": "네"}]
     (root / "data").mkdir(parents=True)
     _write_jsonl(root / "data" / "sft.jsonl", sft)
     pd.DataFrame(prefs).to_parquet(root / "data" / "prefs.parquet")
-    (root / "kollm.yaml").write_text(textwrap.dedent("""\
+    (root / "kollm.yaml").write_text(
+        textwrap.dedent("""\
         project: chat-test
         data:
           sft: {path: data/sft.jsonl}
@@ -160,7 +187,9 @@ def _chat_project(root: Path) -> Path:
             name: prepare-prefs
             inputs: {source: prefs}
             config: {dataset: preferences, filters: {min_chars: 10}, split: {eval_fraction: 0.2}}
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     return root
 
 
@@ -188,9 +217,15 @@ def test_prepare_instructions_and_preferences(tmp_path):
 
 def test_config_errors_name_the_field(tmp_path):
     root = _chat_project(tmp_path)
-    text = (root / "kollm.yaml").read_text().replace("filters: {min_chars: 10}, split", "filters: {min_char: 10}, split", 1)
+    text = (
+        (root / "kollm.yaml")
+        .read_text()
+        .replace("filters: {min_chars: 10}, split", "filters: {min_char: 10}, split", 1)
+    )
     (root / "kollm.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=r"steps\[0\]\.config\.filters\.min_char: unknown key; did you mean 'min_chars'"):
+    with pytest.raises(
+        ConfigError, match=r"steps\[0\]\.config\.filters\.min_char: unknown key; did you mean 'min_chars'"
+    ):
         kollm.load(root)
 
 
@@ -228,7 +263,9 @@ def test_workers_reading_files_give_the_same_result(tmp_path):
         for split in ("train", "eval"):
             write_parquet(getattr(prepared, split), tmp_path / name / f"{split}.parquet", "corpus")
     for split in ("train", "eval"):
-        assert (tmp_path / "one" / f"{split}.parquet").read_bytes() == (tmp_path / "two" / f"{split}.parquet").read_bytes()
+        assert (tmp_path / "one" / f"{split}.parquet").read_bytes() == (
+            tmp_path / "two" / f"{split}.parquet"
+        ).read_bytes()
 
 
 def test_transform_batch_is_a_batch_function_independent_of_batch_boundaries():
@@ -239,8 +276,13 @@ def test_transform_batch_is_a_batch_function_independent_of_batch_boundaries():
     raw = pd.DataFrame({"text": texts})
     cfg = Config()
     whole = transform_batch(raw, cfg)
-    parts = pd.concat([transform_batch(raw.iloc[:13].reset_index(drop=True), cfg),
-                       transform_batch(raw.iloc[13:].reset_index(drop=True), cfg)], ignore_index=True)
+    parts = pd.concat(
+        [
+            transform_batch(raw.iloc[:13].reset_index(drop=True), cfg),
+            transform_batch(raw.iloc[13:].reset_index(drop=True), cfg),
+        ],
+        ignore_index=True,
+    )
     assert whole.drop(columns="_minhash").equals(parts.drop(columns="_minhash"))
     assert all((a == b).all() for a, b in zip(whole["_minhash"], parts["_minhash"]))
     assert whole["_pii_phone"].tolist()[3] == 1 and "<PHONE>" in whole["text"][3]
@@ -264,14 +306,17 @@ def test_fsspec_url_source_through_the_runner(tmp_path):
     url = f"memory://kollm-{uuid.uuid4().hex[:8]}/rows.jsonl"
     with fsspec.open(url, "w", encoding="utf-8") as f:
         f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    (tmp_path / "kollm.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "kollm.yaml").write_text(
+        textwrap.dedent(f"""\
         project: url-test
         data:
           web: {{path: "{url}"}}
         steps:
           - kind: prepare
             config: {{split: {{eval_fraction: 0.25}}}}
-        """), encoding="utf-8")
+        """),
+        encoding="utf-8",
+    )
     ds = kollm.run(tmp_path).steps["prepare"].outputs["dataset"]
     assert ds.meta["rows_read"] == 40 and ds.meta["rows"] >= 35
     assert len(pd.read_parquet(ds.path / "eval.parquet")) > 0
@@ -287,7 +332,9 @@ def test_encoding_option_reads_cp949_files_in_both_reading_paths(tmp_path):
     files = []
     for i in range(0, 40, 10):
         f = tmp_path / f"euckr{i:02d}.jsonl"
-        f.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[i : i + 10]).encode("cp949"))
+        f.write_bytes(
+            "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts[i : i + 10]).encode("cp949")
+        )
         files.append(str(f))
     src = [SourceFiles("old", str(tmp_path), "auto", files)]
     with pytest.raises(StepFailed, match="euckr00.jsonl is not valid utf-8"):

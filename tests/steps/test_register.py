@@ -15,8 +15,6 @@ from kollm import registry
 from kollm.errors import GateFailed
 
 
-
-
 def check_registered(project: Path, result) -> None:
     v = registry.show("evaltest", "challenger", project)
     assert v.version == "1" and v.aliases == ("challenger",)

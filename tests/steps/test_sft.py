@@ -16,7 +16,7 @@ import torch
 import kollm
 from kollm.errors import ConfigError
 
-DATA_PY = '''
+DATA_PY = """
 import random
 import pandas as pd
 
@@ -41,7 +41,7 @@ def make(ctx):
     prefs = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "모르겠어요."} for q, a in QA] * 4
     _write(ctx.output_path("prefs"), pd.DataFrame(prefs), 4)
     return {}
-'''
+"""
 
 
 def make_project(root: Path, steps_yaml: str) -> Path:
@@ -66,7 +66,8 @@ CPT = "- kind: cpt\n  config: {base_model: scratch, vocab_size: 400, seq_len: 64
 def test_sft_lora_on_previous_model_saves_adapter_and_merged_model(tmp_path):
     root = make_project(
         tmp_path / "p",
-        CPT + "- kind: sft\n  config: {seq_len: 128, max_steps: 8, lr: 1.0e-2, batch_size: 4, log_every: 2, lora: {r: 4, alpha: 8}}\n",
+        CPT
+        + "- kind: sft\n  config: {seq_len: 128, max_steps: 8, lr: 1.0e-2, batch_size: 4, log_every: 2, lora: {r: 4, alpha: 8}}\n",
     )
     result = kollm.run(root)
     sft = result.steps["sft"].outputs["model"]
@@ -76,7 +77,9 @@ def test_sft_lora_on_previous_model_saves_adapter_and_merged_model(tmp_path):
     assert meta["base_model"]["lineage"]["source"] == "scratch"  # lineage back to the cpt step's base
     assert meta["data"]["data"]["digest"] == result.steps["gen"].outputs["chats"].digest
     assert meta["lora"] == {"adapter": "adapter", "merged": True}
-    assert (sft.path / "adapter" / "adapter_model.safetensors").exists() and (sft.path / "adapter" / "adapter_config.json").exists()
+    assert (sft.path / "adapter" / "adapter_model.safetensors").exists() and (
+        sft.path / "adapter" / "adapter_config.json"
+    ).exists()
     assert sft.meta["trainable_params"] < sft.meta["params"] / 5
     # The merged folder is a plain model whose weights moved away from the cpt model (LoRA merged in).
     from safetensors.torch import load_file
@@ -99,7 +102,8 @@ def test_sft_without_a_base_model_says_what_to_do(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_qlora_on_cpu_is_a_clear_error(tmp_path):
     root = make_project(
-        tmp_path / "p", CPT.replace("max_steps: 6", "max_steps: 1") + "- kind: sft\n  config: {max_steps: 1, lora: {quantize: 4bit}}\n"
+        tmp_path / "p",
+        CPT.replace("max_steps: 6", "max_steps: 1") + "- kind: sft\n  config: {max_steps: 1, lora: {quantize: 4bit}}\n",
     )
     with pytest.raises(ConfigError, match="quantize.*CUDA"):
         kollm.run(root)

@@ -65,7 +65,10 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
     # renders every turn but the last in upper case: earlier turns change once later turns exist
     t.chat_template = "{% for m in messages %}{% if loop.last %}{{ m['content'] }}{% else %}{{ m['content'] | upper }}x{% endif %}{% endfor %}"
     with pytest.raises(StepFailed, match="chat_template"):
-        encode_chat(t, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
+        encode_chat(
+            t,
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+        )
 
 
 def test_packed_conversations_keep_their_own_labels(tokenizer):

@@ -14,8 +14,14 @@ from kollm.train.kernels import IGNORE_INDEX, chunked_linear_cross_entropy, docu
 def tiny_model(attn: str, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
     )
     config._attn_implementation = attn
     return LlamaForCausalLM(config).float().eval()
@@ -61,7 +67,9 @@ def test_document_boundaries_from_position_ids() -> None:
 def _plain_loss(model, input_ids, labels):
     logits = model(input_ids=input_ids).logits[:, :-1].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", kernels.VARLEN_ATTENTION])
@@ -221,8 +229,21 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path) -> None:
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_throughput.py"
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, str(script), "--cpu", "--tiny", "--runs", "kollm_sft,kollm_cpt", "--steps", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(script),
+            "--cpu",
+            "--tiny",
+            "--runs",
+            "kollm_sft,kollm_cpt",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -29,7 +29,13 @@ def rows(tokenizer, texts):
 
 def test_loss_decreases(tiny_model, rows):
     logs = []
-    result = train(tiny_model, RowDataset(rows), LoopConfig(max_steps=25, lr=3e-3, batch_size=8, log_every=5), device=CPU, on_log=logs.append)
+    result = train(
+        tiny_model,
+        RowDataset(rows),
+        LoopConfig(max_steps=25, lr=3e-3, batch_size=8, log_every=5),
+        device=CPU,
+        on_log=logs.append,
+    )
     assert result.steps == 25 and len(result.losses) == 25
     assert sum(result.losses[-5:]) / 5 < result.losses[0] - 0.5
     assert [e.step for e in logs] == [5, 10, 15, 20, 25]
@@ -52,9 +58,15 @@ def test_gradient_accumulation_is_exact_token_mean(tokenizer, rows):
     b = scratch_model("tiny", tokenizer, seed=1, attn_implementation="sdpa")
     ds = RowDataset(uneven)
     la, lb = [], []
-    ra = train(a, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=8, grad_accum=1, shuffle=False), device=CPU, on_log=la.append)
-    rb = train(b, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=4, grad_accum=2, shuffle=False), device=CPU, on_log=lb.append)
-    assert np.count_nonzero(uneven.labels[:4] != IGNORE_INDEX) * 3 < np.count_nonzero(uneven.labels[4:8] != IGNORE_INDEX)
+    ra = train(
+        a, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=8, grad_accum=1, shuffle=False), device=CPU, on_log=la.append
+    )
+    rb = train(
+        b, ds, LoopConfig(max_steps=3, lr=1e-3, batch_size=4, grad_accum=2, shuffle=False), device=CPU, on_log=lb.append
+    )
+    assert np.count_nonzero(uneven.labels[:4] != IGNORE_INDEX) * 3 < np.count_nonzero(
+        uneven.labels[4:8] != IGNORE_INDEX
+    )
     assert ra.losses == pytest.approx(rb.losses, rel=1e-5)
     assert [e.grad_norm for e in la] == pytest.approx([e.grad_norm for e in lb], rel=1e-4)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -196,8 +208,12 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_identically(tokeniz
     models, results = {}, {}
     for name in calls:
         model = scratch_model("tiny", tokenizer, seed=3, attn_implementation="sdpa")
-        model.get_decoder().layers[0].mlp.register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
-        cfg = LoopConfig(max_steps=3, lr=1e-3, batch_size=4, shuffle=False, gradient_checkpointing=name == "checkpointed")
+        model.get_decoder().layers[0].mlp.register_forward_pre_hook(
+            lambda *_, n=name: calls.__setitem__(n, calls[n] + 1)
+        )
+        cfg = LoopConfig(
+            max_steps=3, lr=1e-3, batch_size=4, shuffle=False, gradient_checkpointing=name == "checkpointed"
+        )
         results[name] = train(model, RowDataset(rows), cfg, device=CPU)
         models[name] = model
     assert calls == {"plain": 3, "checkpointed": 6}
@@ -215,7 +231,10 @@ def test_gradient_checkpointing_under_bf16_keeps_the_residual_stream_in_bf16(tok
     seen: dict[bool, set[torch.dtype]] = {True: set(), False: set()}
     for checkpointing in seen:
         model = scratch_model("tiny", tokenizer, seed=3, attn_implementation="sdpa")
-        model.get_decoder().layers[0].register_forward_pre_hook(lambda m, args, kw, c=checkpointing: seen[c].add(kw.get("hidden_states", args[0] if args else None).dtype), with_kwargs=True)
+        model.get_decoder().layers[0].register_forward_pre_hook(
+            lambda m, args, kw, c=checkpointing: seen[c].add(kw.get("hidden_states", args[0] if args else None).dtype),
+            with_kwargs=True,
+        )
         cfg = LoopConfig(max_steps=2, lr=1e-3, batch_size=4, precision="bf16", gradient_checkpointing=checkpointing)
         result = train(model, RowDataset(rows), cfg, device=CPU)
         assert all(math.isfinite(x) for x in result.losses)

@@ -67,7 +67,9 @@ def test_no_attention_across_documents(tiny_model, tokenizer, texts):
     with torch.no_grad():
         # use_cache=False as in training: transformers detects packed position_ids only without a KV cache.
         packed = tiny_model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
-        plain = tiny_model(input_ids=ids, use_cache=False).logits[0]  # without per-document positions: attention crosses documents
+        plain = tiny_model(input_ids=ids, use_cache=False).logits[
+            0
+        ]  # without per-document positions: attention crosses documents
     alone = torch.cat(_per_doc_logits(tiny_model, docs))
     assert torch.allclose(packed, alone, atol=1e-4), (packed - alone).abs().max()
     assert not torch.allclose(plain[len(docs[0]) :], alone[len(docs[0]) :], atol=1e-3)  # the test can fail

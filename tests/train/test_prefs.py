@@ -40,7 +40,15 @@ def test_reward_margin_grows(method, tiny_model, tokenizer, toy_prefs):
     if method in ("dpo", "kto"):
         assert m0["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
     logs = []
-    train(tiny_model, ds, LoopConfig(max_steps=15, lr=3e-3, batch_size=4, log_every=5), device=CPU, objective=objective, collate=collate, on_log=logs.append)
+    train(
+        tiny_model,
+        ds,
+        LoopConfig(max_steps=15, lr=3e-3, batch_size=4, log_every=5),
+        device=CPU,
+        objective=objective,
+        collate=collate,
+        on_log=logs.append,
+    )
     loss1, m1 = evaluate(tiny_model, ds, device=CPU, batch_size=4, objective=objective, collate=collate)
     assert loss1 < loss0
     assert m1["reward_margin"] > m0["reward_margin"] + 0.1

@@ -8,8 +8,14 @@ import random
 import textwrap
 from pathlib import Path
 
-SENTENCES = ["서울은 대한민국의 수도입니다", "오늘은 날씨가 맑고 따뜻합니다", "한국어 언어 모델을 평가합니다",
-             "도서관에서 책을 빌려 읽었습니다", "아침마다 공원에서 산책을 합니다", "시장에서 신선한 과일을 샀습니다"]
+SENTENCES = [
+    "서울은 대한민국의 수도입니다",
+    "오늘은 날씨가 맑고 따뜻합니다",
+    "한국어 언어 모델을 평가합니다",
+    "도서관에서 책을 빌려 읽었습니다",
+    "아침마다 공원에서 산책을 합니다",
+    "시장에서 신선한 과일을 샀습니다",
+]
 
 CPT = "{base_model: scratch, preset: tiny, vocab_size: 400, seq_len: 64, max_steps: 12, lr: 3.0e-3, batch_size: 4, log_every: 2, checkpoint_every: 6}"
 
@@ -25,10 +31,14 @@ def make_project(root: Path, *, uri: str | None = None) -> Path:
         {"prompt": "대한민국의 수도는?", "expected": "서울", "metric": "contains"},
         {"prompt": "날씨는 어떤가요?", "expected": "맑고 따뜻합니다", "metric": ["chrf", "exact"]},
     ]
-    (root / "data" / "suite.jsonl").write_text("\n".join(json.dumps(c, ensure_ascii=False) for c in suite), encoding="utf-8")
+    (root / "data" / "suite.jsonl").write_text(
+        "\n".join(json.dumps(c, ensure_ascii=False) for c in suite), encoding="utf-8"
+    )
     tracking = f"tracking: {{uri: '{uri}'}}\n" if uri else ""
     (root / "kollm.yaml").write_text(
-        "project: ui-demo\n" + tracking + textwrap.dedent(
+        "project: ui-demo\n"
+        + tracking
+        + textwrap.dedent(
             f"""\
             data:
               corpus: {{path: data/corpus.txt}}

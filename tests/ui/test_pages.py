@@ -23,7 +23,9 @@ def mlflow_client(project):
 
 def step_runs(project, pipeline_run_id):
     c = mlflow_client(project)
-    runs = c.search_runs([c.get_run(pipeline_run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}'")
+    runs = c.search_runs(
+        [c.get_run(pipeline_run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_run_id}'"
+    )
     return {r.data.tags["kollm.step"]: r for r in runs}
 
 
@@ -106,7 +108,10 @@ def test_step_page_config_digests_reports_logs(demo, page):
     page.goto(f"{demo.url}/steps/{evaluate.info.run_id}")
     href = page.locator("a.report", has_text="evaluation/report.html").get_attribute("href")
     assert "Quality gate: PASSED" in httpx.get(f"{demo.url}{href}").text
-    assert httpx.get(f"{demo.url}/steps/{evaluate.info.run_id}/artifact", params={"path": "../../etc/passwd"}).status_code == 404
+    assert (
+        httpx.get(f"{demo.url}/steps/{evaluate.info.run_id}/artifact", params={"path": "../../etc/passwd"}).status_code
+        == 404
+    )
     missing = httpx.get(f"{demo.url}/steps/no-such-run")
     assert missing.status_code == 404 and "no MLflow run" in missing.text
     both_widths(page, f"{demo.url}/steps/{evaluate.info.run_id}", "step-evaluate")
@@ -125,7 +130,9 @@ def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
 
     page.locator('tr[data-source="prepare-corpus.source"] a.digest').click()  # forward from the raw corpus
     assert page.url.startswith(f"{demo.url}/lineage?digest=")
-    assert sorted(page.locator("table.fwd-versions tr[data-version]").evaluate_all("els => els.map(e => e.dataset.version)")) == ["ui-demo/1", "ui-demo/2"]
+    assert sorted(
+        page.locator("table.fwd-versions tr[data-version]").evaluate_all("els => els.map(e => e.dataset.version)")
+    ) == ["ui-demo/1", "ui-demo/2"]
     assert "prepare-corpus" in page.locator("main").text_content()
     shoot(page, "lineage-forward-1280")
     page.goto(f"{demo.url}/lineage?digest=sha256:{'0' * 64}")
@@ -137,7 +144,9 @@ def test_registry_read_only_refuses_changes(demo, page):
     assert page.url.endswith("/registry/ui-demo")  # one model: straight to it
     assert "read-only" in page.locator("header").text_content()
     assert page.locator("a.button").count() == 0 and page.locator("form.unlock").count() == 0
-    r = httpx.post(f"{demo.readonly_url}/registry/ui-demo/promote", data={"version": "2", "reason": "x", "api_key": KEY})
+    r = httpx.post(
+        f"{demo.readonly_url}/registry/ui-demo/promote", data={"version": "2", "reason": "x", "api_key": KEY}
+    )
     assert r.status_code == 403 and "read-only" in r.text
     r = httpx.post(f"{demo.url}/registry/ui-demo/promote", data={"version": "2", "reason": "x", "api_key": "wrong"})
     assert r.status_code == 403 and "wrong or missing API key" in r.text
@@ -210,11 +219,24 @@ def test_kollm_ui_command(demo):
     with pytest.raises(ConfigError, match="without an API key the UI is read-only"):
         check_bind("0.0.0.0", None)
     env = {k: v for k, v in os.environ.items() if k != "KOLLM_API_KEY"}
-    r = subprocess.run([KOLLM, "ui", "--project", str(demo.dir), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(
+        [KOLLM, "ui", "--project", str(demo.dir), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode == 2 and "listens on 127.0.0.1 only" in r.stderr and "Traceback" not in r.stderr
 
     port = free_port()
-    proc = subprocess.Popen([KOLLM, "ui", "--port", str(port)], cwd=demo.dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [KOLLM, "ui", "--port", str(port)],
+        cwd=demo.dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, page = time.time() + 120, None
         while time.time() < deadline and proc.poll() is None:
@@ -223,7 +245,9 @@ def test_kollm_ui_command(demo):
                 break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        assert page is not None and page.status_code == 200, proc.stdout.read() if proc.poll() is not None else "no answer"
+        assert page is not None and page.status_code == 200, (
+            proc.stdout.read() if proc.poll() is not None else "no answer"
+        )
         assert demo.run_ids[0] in page.text and "read-only" in page.text
         assert httpx.get(f"http://127.0.0.1:{port}/static/style.css").status_code == 200
     finally:

@@ -30,8 +30,11 @@ def status(url):
 
 def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
     gw = make_gateway(registered, tmp_path)
-    with Server(gw) as srv, Server(create_app(tmp_path, api_key=KEY, gateway=srv.url)) as ui, \
-            Server(create_app(tmp_path, gateway=srv.url)) as readonly:
+    with (
+        Server(gw) as srv,
+        Server(create_app(tmp_path, api_key=KEY, gateway=srv.url)) as ui,
+        Server(create_app(tmp_path, gateway=srv.url)) as readonly,
+    ):
         context = browser.new_context(viewport=DESKTOP)
         context.set_default_timeout(30_000)
         page = context.new_page()
@@ -39,7 +42,14 @@ def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
         assert "No rollout started" in page.locator("main").text_content()
         page.evaluate("window.__stay = 1")
         with Load(srv.url, registered.name, threads=2, api_key=KEY) as load:
-            rollout_client.start(registered.name, steps="10,20,30,40,50,60,70,80,90", pause="1s", min_requests=3, gateway=srv.url, api_key=KEY)
+            rollout_client.start(
+                registered.name,
+                steps="10,20,30,40,50,60,70,80,90",
+                pause="1s",
+                min_requests=3,
+                gateway=srv.url,
+                api_key=KEY,
+            )
             # the page picks the rollout up and its analysed windows as they come, without a reload
             page.locator("table.windows .v-pass").first.wait_for()
         # no more traffic: later windows are inconclusive and the rollout holds its step (the clicks below race nothing)
@@ -47,7 +57,9 @@ def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
         assert page.evaluate("window.__stay") == 1
         assert "success_rate=1" in page.locator("table.windows .v-pass").first.locator("xpath=../..").text_content()
         assert page.locator(".bar .canary").count() == 1
-        assert "analysis success_rate>=0.95,p95_ms<=2000" in " ".join(page.locator(".rollout-state").text_content().split())
+        assert "analysis success_rate>=0.95,p95_ms<=2000" in " ".join(
+            page.locator(".rollout-state").text_content().split()
+        )
         serving = page.locator('.serving tr[data-arm="canary"]').text_content()
         assert "v2" in serving and "100.0%" in serving  # from the gateway's /metrics
 

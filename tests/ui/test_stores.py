@@ -14,7 +14,9 @@ from tests.pipeline.helpers import make_project
 def project_on(root, uri):
     root = make_project(root)
     cfg = (root / "kollm.yaml").read_text()
-    (root / "kollm.yaml").write_text(cfg.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{uri}'}}\n"))
+    (root / "kollm.yaml").write_text(
+        cfg.replace("project: testproj\n", f"project: testproj\ntracking: {{uri: '{uri}'}}\n")
+    )
     return root
 
 

@@ -48,24 +48,38 @@ from kollm.pipeline.step import STRICT
 
 class DedupConfig(BaseModel):
     model_config = STRICT
-    exact: bool = Field(True, description="Drop rows whose normalized text equals an earlier row's (reason dedup:exact).")
+    exact: bool = Field(
+        True, description="Drop rows whose normalized text equals an earlier row's (reason dedup:exact)."
+    )
     near: bool = Field(True, description="Drop rows that are near-duplicates of an earlier row (reason dedup:near).")
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="Jaccard similarity of shingles above which two rows are near-duplicates (long rows; see short_doc_slack)."
+        0.8,
+        gt=0,
+        lt=1,
+        description="Jaccard similarity of shingles above which two rows are near-duplicates (long rows; see short_doc_slack).",
     )
     transliteration: bool = Field(
-        True, description="Compare texts in a romanized, sound-folded form, so a loanword in Hangul and in Latin letters "
-        "(데비안 / Debian) counts as the same word. false: compare Hangul as it is."
+        True,
+        description="Compare texts in a romanized, sound-folded form, so a loanword in Hangul and in Latin letters "
+        "(데비안 / Debian) counts as the same word. false: compare Hangul as it is.",
     )
     short_doc_slack: int = Field(
-        4, ge=0, le=1000, description="Shingles that may differ on each side however short the text: a pair with n shingles "
-        "needs Jaccard >= min(threshold, (n - slack) / (n + slack)) (one changed word in a short paragraph). 0: `threshold` for all."
+        4,
+        ge=0,
+        le=1000,
+        description="Shingles that may differ on each side however short the text: a pair with n shingles "
+        "needs Jaccard >= min(threshold, (n - slack) / (n + slack)) (one changed word in a short paragraph). 0: `threshold` for all.",
     )
-    min_threshold: float = Field(0.5, gt=0, lt=1, description="The lowest threshold `short_doc_slack` may lower a pair's threshold to.")
+    min_threshold: float = Field(
+        0.5, gt=0, lt=1, description="The lowest threshold `short_doc_slack` may lower a pair's threshold to."
+    )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more accurate, slower).")
     shingle_size: int | None = Field(
-        None, ge=1, le=32, description="Shingle size (letters and digits only; spaces and punctuation ignored). Default: 3 sound "
-        "units (about a syllable each) with transliteration, 5 characters without."
+        None,
+        ge=1,
+        le=32,
+        description="Shingle size (letters and digits only; spaces and punctuation ignored). Default: 3 sound "
+        "units (about a syllable each) with transliteration, 5 characters without.",
     )
     seed: int = Field(1, description="MinHash seed.")
 
@@ -91,7 +105,13 @@ def canonical(text: str) -> str:
 # The sound fold, for Latin letters (from the text and from romanized Hangul alike). Vowels are one class:
 # loanword vowels are spelled one way in English and read another way in Hangul (computer / 컴퓨터 "keompyuteo").
 _LATIN_FOLD = {**dict.fromkeys("aeiouyw", "a"), "l": "r", "f": "p", "v": "b", "c": "k", "q": "k", "z": "j", "x": "ks"}
-_DOUBLE_JAMO = {"kk": "k", "tt": "t", "pp": "p", "ss": "s", "jj": "j"}  # tense consonants (ㄲ ㄸ ㅃ ㅆ ㅉ) read as plain ones
+_DOUBLE_JAMO = {
+    "kk": "k",
+    "tt": "t",
+    "pp": "p",
+    "ss": "s",
+    "jj": "j",
+}  # tense consonants (ㄲ ㄸ ㅃ ㅆ ㅉ) read as plain ones
 
 
 def _fold_latin(s: str) -> str:
@@ -344,7 +364,9 @@ class NearDupIndex:
     threshold is whole again) and Jaccard <= smaller / larger, so its larger side is below n_full / min_threshold
     (with a margin for the size estimate). Long documents then cost what they did without the slack."""
 
-    def __init__(self, threshold: float, num_perm: int = 128, short_doc_slack: int = 0, min_threshold: float | None = None):
+    def __init__(
+        self, threshold: float, num_perm: int = 128, short_doc_slack: int = 0, min_threshold: float | None = None
+    ):
         self.threshold = threshold
         self.slack = max(0, short_doc_slack)
         self.min_threshold = threshold if min_threshold is None or not self.slack else min(min_threshold, threshold)
@@ -377,7 +399,11 @@ class NearDupIndex:
             self.short.candidates(keys[1], found)
         for key in found:
             j = jaccard(sig, self.sigs[key])
-            need = pair_threshold(min(size, self.sizes[key]), self.threshold, self.slack, self.min_threshold) if self.short else self.threshold
+            need = (
+                pair_threshold(min(size, self.sizes[key]), self.threshold, self.slack, self.min_threshold)
+                if self.short
+                else self.threshold
+            )
             if j >= need and (best is None or j > best_j or (j == best_j and key < best)):
                 best, best_j = key, j
         return best
@@ -412,8 +438,9 @@ class NearDupIndex:
             self.short.remove(key, short)
 
 
-def near_duplicates(sigs: np.ndarray, keep: np.ndarray, threshold: float, short_doc_slack: int = 0,
-                    min_threshold: float | None = None) -> np.ndarray:
+def near_duplicates(
+    sigs: np.ndarray, keep: np.ndarray, threshold: float, short_doc_slack: int = 0, min_threshold: float | None = None
+) -> np.ndarray:
     """For rows in order, -1 for a row to keep, else the index of the earlier kept row it near-duplicates.
     Rows with keep=False are skipped (and stay -1). One pass, first occurrence wins; deterministic."""
     index = NearDupIndex(threshold, sigs.shape[1], short_doc_slack, min_threshold)

@@ -34,34 +34,56 @@ from kollm.pipeline.step import STRICT
 
 class FilterConfig(BaseModel):
     model_config = STRICT
-    min_chars: int = Field(20, ge=0, description="Reject texts shorter than this many characters (after normalization).")
+    min_chars: int = Field(
+        20, ge=0, description="Reject texts shorter than this many characters (after normalization)."
+    )
     max_chars: int = Field(200_000, ge=1, description="Reject texts longer than this many characters.")
     min_hangul_ratio: float = Field(
-        0.3, ge=0, le=1, description="Reject texts whose letters are less than this fraction Hangul (0 turns the filter off)."
+        0.3,
+        ge=0,
+        le=1,
+        description="Reject texts whose letters are less than this fraction Hangul (0 turns the filter off).",
     )
     max_dup_line_fraction: float = Field(
-        0.3, ge=0, le=1, description="Reject texts where more than this fraction of the characters sit in lines repeated elsewhere in the text."
+        0.3,
+        ge=0,
+        le=1,
+        description="Reject texts where more than this fraction of the characters sit in lines repeated elsewhere in the text.",
     )
     tokenizer: Literal["whitespace", "kiwi"] = Field(
-        "whitespace", description="Units of the repetition check and the text statistics: whitespace words, or morphemes "
-        "from kiwipiepy's Korean analyser (`kiwi`: measures Korean whatever its spacing; much slower)."
+        "whitespace",
+        description="Units of the repetition check and the text statistics: whitespace words, or morphemes "
+        "from kiwipiepy's Korean analyser (`kiwi`: measures Korean whatever its spacing; much slower).",
     )
     ngram_size: int | None = Field(
-        None, ge=1, le=20, description="N-gram size of the repetition check. Default: 3 words, or 5 morphemes with tokenizer: kiwi "
-        "(a Korean word is two to three morphemes; on kolaw, 5-morpheme and 3-word repetition measure alike)."
+        None,
+        ge=1,
+        le=20,
+        description="N-gram size of the repetition check. Default: 3 words, or 5 morphemes with tokenizer: kiwi "
+        "(a Korean word is two to three morphemes; on kolaw, 5-morpheme and 3-word repetition measure alike).",
     )
     max_top_ngram_fraction: float = Field(
-        0.2, ge=0, le=1, description="Reject texts where the most frequent word (or morpheme) n-gram covers more than this fraction of the characters."
+        0.2,
+        ge=0,
+        le=1,
+        description="Reject texts where the most frequent word (or morpheme) n-gram covers more than this fraction of the characters.",
     )
     min_sentences: int = Field(
-        0, ge=0, description="Reject texts with fewer sentences than this (kiwi's sentences with tokenizer: kiwi, else split after . ! ? and "
-        "at line breaks). 0: off."
+        0,
+        ge=0,
+        description="Reject texts with fewer sentences than this (kiwi's sentences with tokenizer: kiwi, else split after . ! ? and "
+        "at line breaks). 0: off.",
     )
     repetition_min_words: int = Field(
-        30, ge=0, description="Apply the two repetition checks only to texts with at least this many words (short Q&A repeats the question by nature)."
+        30,
+        ge=0,
+        description="Apply the two repetition checks only to texts with at least this many words (short Q&A repeats the question by nature).",
     )
     max_symbol_ratio: float = Field(
-        0.3, ge=0, le=1, description="Reject texts where more than this fraction of non-space characters are symbols or punctuation."
+        0.3,
+        ge=0,
+        le=1,
+        description="Reject texts where more than this fraction of non-space characters are symbols or punctuation.",
     )
 
     @model_validator(mode="after")
@@ -78,7 +100,9 @@ class FilterConfig(BaseModel):
     @classmethod
     def _installed(cls, v: str) -> str:
         if v == "kiwi" and importlib.util.find_spec("kiwipiepy") is None:
-            raise ValueError("tokenizer: kiwi needs kiwipiepy; install it with `pip install 'kollm[kiwi]'` or use tokenizer: whitespace")
+            raise ValueError(
+                "tokenizer: kiwi needs kiwipiepy; install it with `pip install 'kollm[kiwi]'` or use tokenizer: whitespace"
+            )
         return v
 
 
@@ -176,7 +200,9 @@ def quality_features(text: str, ngram_size: int = 3, tokenizer: str = "whitespac
     if tokenizer == "kiwi":
         tokens = kiwi().tokenize(text)
         units = [f"{t.form}/{t.tag}" for t in tokens]
-        length = {u: t.len for u, t in zip(units, tokens)}  # a morpheme's surface span (the same form, nearly always the same)
+        length = {
+            u: t.len for u, t in zip(units, tokens)
+        }  # a morpheme's surface span (the same form, nearly always the same)
         pos = Counter(pos_class(t.tag) for t in tokens)
         return Features(
             words=len(text.split()),

@@ -109,7 +109,9 @@ def _char_class(cps: list[int]) -> re.Pattern[str]:
 _NEEDS_TRANSLATE = _char_class(list(_TRANSLATE))  # most texts need no translation: test first (much faster)
 
 _CRLF = re.compile(r"\r\n?")
-_ZWJ_NOT_EMOJI = re.compile(r"(?<![\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\U0001F3FB-\U0001F3FF])\u200d|\u200d(?![\U0001F000-\U0001FAFF\u2600-\u27BF])")
+_ZWJ_NOT_EMOJI = re.compile(
+    r"(?<![\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\U0001F3FB-\U0001F3FF])\u200d|\u200d(?![\U0001F000-\U0001FAFF\u2600-\u27BF])"
+)
 _INNER_SPACES = re.compile(r"(?<=[^ \t\n])(?:[ \t]{2,}|\t)")  # not at a line start: indentation is kept
 _TRAILING_SPACES = re.compile(r"[ \t]+$", re.MULTILINE)
 _FENCE = "```"
@@ -185,4 +187,3 @@ def _letter_tables() -> tuple[np.ndarray, np.ndarray]:
     for m in _NOT_HANGUL.finditer(every):
         is_hangul[m.start() : m.end()] = False
     return is_letter, is_hangul
-

@@ -36,8 +36,13 @@ from kollm.pipeline.step import STRICT
 
 PII_TYPES = ("rrn", "phone", "email", "card", "account")
 
-_EMAIL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}", re.ASCII)
-_RRN = re.compile(r"(?<!\d)(\d{2})(\d{2})(\d{2})[ ]?[-–][ ]?([1-8])(\d{6})(?!\d)|(?<![\d-])(\d{2})(\d{2})(\d{2})([1-8])(\d{6})(?![\d-])")
+_EMAIL = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}",
+    re.ASCII,
+)
+_RRN = re.compile(
+    r"(?<!\d)(\d{2})(\d{2})(\d{2})[ ]?[-–][ ]?([1-8])(\d{6})(?!\d)|(?<![\d-])(\d{2})(\d{2})(\d{2})([1-8])(\d{6})(?![\d-])"
+)
 _CARD = re.compile(r"(?<![\d-])(?:\d{4}[- ]\d{4}[- ]\d{4}[- ]\d{1,7}|\d{4}[- ]\d{6}[- ]\d{5}|\d{13,19})(?![\d-])")
 _PHONE = re.compile(
     r"(?<![\d-])(?:"
@@ -54,8 +59,20 @@ _ACCOUNT_CONTEXT = re.compile(
 )
 # Group lengths of account numbers as the major banks print them (no context word needed for these).
 _BANK_SHAPES = {
-    (6, 2, 6), (3, 2, 4, 3), (3, 3, 6), (3, 2, 6), (4, 3, 6), (3, 6, 5), (3, 4, 4, 2), (3, 6, 2, 3),
-    (4, 2, 7), (4, 2, 7, 1), (4, 4, 4), (3, 6, 3), (3, 2, 6, 1), (3, 3, 6, 1),
+    (6, 2, 6),
+    (3, 2, 4, 3),
+    (3, 3, 6),
+    (3, 2, 6),
+    (4, 3, 6),
+    (3, 6, 5),
+    (3, 4, 4, 2),
+    (3, 6, 2, 3),
+    (4, 2, 7),
+    (4, 2, 7, 1),
+    (4, 4, 4),
+    (3, 6, 3),
+    (3, 2, 6, 1),
+    (3, 3, 6, 1),
 }
 
 
@@ -103,7 +120,16 @@ class PiiScan:
     found: Counter[str] = field(default_factory=Counter)
 
 
-def _replace(pattern: re.Pattern[str], text: str, kind: str, valid, found: Counter[str], mask: bool, kept: list[str], group: int = 0) -> str:
+def _replace(
+    pattern: re.Pattern[str],
+    text: str,
+    kind: str,
+    valid,
+    found: Counter[str],
+    mask: bool,
+    kept: list[str],
+    group: int = 0,
+) -> str:
     """Replace each valid match: with `<KIND>` when masking, else with a digit-free sentinel (restored at the end)
     so that a kept phone number is not found again as an account number."""
 
@@ -147,7 +173,9 @@ def scan_text(text: str, mask: frozenset[str] = frozenset(PII_TYPES)) -> PiiScan
     bank_shape = lambda m: tuple(map(len, m.group(0).split("-"))) in _BANK_SHAPES  # noqa: E731
     text = _replace(_ACCOUNT_HYPHEN, text, "account", bank_shape, found, "account" in mask, kept)
     if kept:
-        text = _SENTINEL.sub(lambda m: kept[i] if 0 <= (i := ord(m.group(1)) - 0xF0000) < len(kept) else m.group(0), text)
+        text = _SENTINEL.sub(
+            lambda m: kept[i] if 0 <= (i := ord(m.group(1)) - 0xF0000) < len(kept) else m.group(0), text
+        )
     return PiiScan(text, found)
 
 

@@ -113,7 +113,9 @@ def check_encoding(encoding: str) -> str:
     except LookupError:
         raise ValueError(f"unknown encoding '{encoding}' (e.g. utf-8, cp949, euc-kr)") from None
     if "\n".encode(encoding) != b"\n":
-        raise ValueError(f"'{encoding}' is not ASCII-compatible; convert the files to UTF-8 first (iconv -f {encoding} -t utf-8)")
+        raise ValueError(
+            f"'{encoding}' is not ASCII-compatible; convert the files to UTF-8 first (iconv -f {encoding} -t utf-8)"
+        )
     return encoding
 
 
@@ -249,7 +251,9 @@ def _whole_json_rows(path: str, whole: Any) -> Iterator[tuple[dict[str, Any], st
         yield {}, "read:not_an_object"
 
 
-def read_jsonl(path: str, encoding: str = "utf-8", batch_rows: int = 10_000, byte_range: tuple[int, int] | None = None) -> Iterator[pd.DataFrame]:
+def read_jsonl(
+    path: str, encoding: str = "utf-8", batch_rows: int = 10_000, byte_range: tuple[int, int] | None = None
+) -> Iterator[pd.DataFrame]:
     if byte_range is None:
         rows = _json_rows(path, _lines(path, encoding))
     else:  # a part of a JSON Lines file (see jsonl_ranges)
@@ -299,7 +303,9 @@ class _TextStream(io.TextIOBase):
 
 def read_csv(path: str, encoding: str = "utf-8", batch_rows: int = 10_000) -> Iterator[pd.DataFrame]:
     sep = "\t" if path.lower().endswith(".tsv") else ","
-    reader = pd.read_csv(_TextStream(_lines(path, encoding)), sep=sep, dtype=str, keep_default_na=False, chunksize=batch_rows)
+    reader = pd.read_csv(
+        _TextStream(_lines(path, encoding)), sep=sep, dtype=str, keep_default_na=False, chunksize=batch_rows
+    )
     with reader:
         for df in reader:
             df[SOURCE] = path
@@ -336,7 +342,11 @@ def is_hf_source(src: SourceFiles) -> bool:
 
 
 def read_source(
-    src: SourceFiles, txt_mode: TxtMode = "file", *, encoding: str = "utf-8", batch_rows: int = 10_000,
+    src: SourceFiles,
+    txt_mode: TxtMode = "file",
+    *,
+    encoding: str = "utf-8",
+    batch_rows: int = 10_000,
     byte_range: tuple[int, int] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield raw batches of every file of a source: at most `batch_rows` rows each for text, JSON Lines and CSV
@@ -370,10 +380,14 @@ def read_source(
             elif f == "csv":
                 yield from read_csv(path, encoding, batch_rows)
             else:
-                raise StepFailed(f"data.{src.name}: format '{f}' needs a folder written by save_to_disk, not the file {path}")
+                raise StepFailed(
+                    f"data.{src.name}: format '{f}' needs a folder written by save_to_disk, not the file {path}"
+                )
         except StepFailed:
             raise
         except UnreadableFile as e:
             raise StepFailed(f"data.{src.name}: {e.message}", hint=e.hint) from None
         except Exception as e:  # OSError, pyarrow and pandas parser errors: no common base
-            raise StepFailed(f"data.{src.name}: cannot read {path} as {f}: {type(e).__name__}: {e}", hint="fix or remove the file") from None
+            raise StepFailed(
+                f"data.{src.name}: cannot read {path} as {f}: {type(e).__name__}: {e}", hint="fix or remove the file"
+            ) from None

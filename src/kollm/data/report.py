@@ -77,18 +77,33 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;border-radius:4px;font-s
 def _text_section(data: ReportData) -> str:
     """Sentences per row, and with kiwi morphemes per row and the parts of speech."""
     ts = data.text_stats
-    out = [f"<h2>Sentences per kept row <span class=muted>(tokenizer: {html.escape(str(ts.get('tokenizer', 'whitespace')))})</span></h2>"]
+    out = [
+        f"<h2>Sentences per kept row <span class=muted>(tokenizer: {html.escape(str(ts.get('tokenizer', 'whitespace')))})</span></h2>"
+    ]
     if ts:
-        rows = [("words per row (mean)", ts.get("words_mean", 0.0)), ("sentences per row (mean)", ts.get("sentences_mean", 0.0))]
+        rows = [
+            ("words per row (mean)", ts.get("words_mean", 0.0)),
+            ("sentences per row (mean)", ts.get("sentences_mean", 0.0)),
+        ]
         if "morphemes_mean" in ts:
-            rows += [("morphemes per row (mean)", ts["morphemes_mean"]), ("morphemes per word", ts["morphemes_per_word"])]
-        out.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{v:,.2f}</td></tr>" for k, v in rows) + "</table>")
+            rows += [
+                ("morphemes per row (mean)", ts["morphemes_mean"]),
+                ("morphemes per word", ts["morphemes_per_word"]),
+            ]
+        out.append(
+            "<table>"
+            + "".join(f"<tr><th>{html.escape(k)}</th><td class=num>{v:,.2f}</td></tr>" for k, v in rows)
+            + "</table>"
+        )
     out.append(_bars(length_histogram(data.sentences)))
     if data.morphemes:
         out.append("<h2>Morphemes per kept row (kiwi)</h2>" + _bars(length_histogram(data.morphemes)))
         pos = ts.get("pos_fraction", {})
         total = sum(data.morphemes)
-        out.append("<h2>Parts of speech of the morphemes (kiwi)</h2>" + _bars([(k, round(v * total)) for k, v in pos.items()], total))
+        out.append(
+            "<h2>Parts of speech of the morphemes (kiwi)</h2>"
+            + _bars([(k, round(v * total)) for k, v in pos.items()], total)
+        )
     return "\n".join(out)
 
 
@@ -100,7 +115,11 @@ def render(data: ReportData) -> str:
         f"<h1>Data preparation report: {html.escape(data.step)} <span class=muted>({html.escape(data.kind)})</span></h1>",
     ]
     if data.failed:
-        parts.append("<p class=fail>The validation gate failed:</p><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in data.failed) + "</ul>")
+        parts.append(
+            "<p class=fail>The validation gate failed:</p><ul>"
+            + "".join(f"<li>{html.escape(f)}</li>" for f in data.failed)
+            + "</ul>"
+        )
     parts.append(
         "<table>"
         f"<tr><th>rows read</th><td class=num>{c.total:,}</td></tr>"

@@ -126,7 +126,10 @@ def canonical_row(row: dict[str, Any], kind: str, text_field: str = "text") -> d
             instruction = _text(row.get("instruction"), "instruction")
             extra = row.get("input")
             user = instruction if _is_missing(extra) or not str(extra).strip() else f"{instruction}\n\n{extra}"
-            msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row.get("output"), "output")}]
+            msgs = [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": _text(row.get("output"), "output")},
+            ]
             system = row.get("system")
             if isinstance(system, str) and system.strip():
                 msgs.insert(0, {"role": "system", "content": system})
@@ -153,7 +156,11 @@ def canonical_row(row: dict[str, Any], kind: str, text_field: str = "text") -> d
             chosen, rejected = _reply(c[n:], "chosen"), _reply(r[n:], "rejected")
         else:
             items = _as_list(prompt_raw)
-            prompt = _messages(items, "prompt") if items is not None else [{"role": "user", "content": _text(prompt_raw, "prompt")}]
+            prompt = (
+                _messages(items, "prompt")
+                if items is not None
+                else [{"role": "user", "content": _text(prompt_raw, "prompt")}]
+            )
             chosen, rejected = _reply(row.get("chosen"), "chosen"), _reply(row.get("rejected"), "rejected")
         if prompt[-1]["role"] != "user":
             raise RowError("schema:prompt_not_ending_with_user")

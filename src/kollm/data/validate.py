@@ -14,10 +14,16 @@ from kollm.pipeline.step import STRICT
 class GateConfig(BaseModel):
     model_config = STRICT
     max_rejected_fraction: float = Field(
-        0.5, ge=0, le=1, description="Fail when more than this fraction of all rows is rejected (schema, filters, PII, duplicates)."
+        0.5,
+        ge=0,
+        le=1,
+        description="Fail when more than this fraction of all rows is rejected (schema, filters, PII, duplicates).",
     )
     max_schema_error_fraction: float = Field(
-        0.1, ge=0, le=1, description="Fail when more than this fraction of rows breaks the dataset schema (or is not valid JSON)."
+        0.1,
+        ge=0,
+        le=1,
+        description="Fail when more than this fraction of rows breaks the dataset schema (or is not valid JSON).",
     )
     min_rows: int = Field(1, ge=0, description="Fail when fewer rows than this are kept (train + eval).")
     min_train_rows: int = Field(1, ge=0, description="Fail when the train split has fewer rows than this.")
@@ -61,10 +67,18 @@ def violations(counts: Counts, gate: GateConfig) -> list[tuple[str, str]]:
     rejected_frac = counts.rejected / total
     schema = sum(n for r, n in counts.reasons.items() if r.startswith(("schema:", "read:")))
     if rejected_frac > gate.max_rejected_fraction:
-        out.append(("max_rejected_fraction", f"{rejected_frac:.1%} of rows were rejected; the limit is {gate.max_rejected_fraction:.1%}"))
+        out.append(
+            (
+                "max_rejected_fraction",
+                f"{rejected_frac:.1%} of rows were rejected; the limit is {gate.max_rejected_fraction:.1%}",
+            )
+        )
     if schema / total > gate.max_schema_error_fraction:
         out.append(
-            ("max_schema_error_fraction", f"{schema / total:.1%} of rows break the schema; the limit is {gate.max_schema_error_fraction:.1%}")
+            (
+                "max_schema_error_fraction",
+                f"{schema / total:.1%} of rows break the schema; the limit is {gate.max_schema_error_fraction:.1%}",
+            )
         )
     if counts.kept < gate.min_rows:
         out.append(("min_rows", f"{counts.kept} rows kept; at least {gate.min_rows} needed"))
@@ -77,7 +91,10 @@ def violations(counts: Counts, gate: GateConfig) -> list[tuple[str, str]]:
 
 def summary(counts: Counts, title: str) -> str:
     """A one-screen table of counts and rejection reasons."""
-    lines = [title, f"  rows read {counts.total}, kept {counts.kept} (train {counts.train}, eval {counts.eval}), rejected {counts.rejected}"]
+    lines = [
+        title,
+        f"  rows read {counts.total}, kept {counts.kept} (train {counts.train}, eval {counts.eval}), rejected {counts.rejected}",
+    ]
     if counts.reasons:
         lines.append("  rejected by reason:")
         width = max(len(r) for r in counts.reasons)

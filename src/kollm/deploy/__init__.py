@@ -22,7 +22,9 @@ TARGETS: tuple[Target, ...] = ("k8s", "compose", "docker")
 __all__ = ["DeployOptions", "Project", "TARGETS", "render", "render_files"]
 
 
-def render_files(path: str | Path | None, target: str, out_dir: Path, options: DeployOptions | None = None) -> dict[str, str]:
+def render_files(
+    path: str | Path | None, target: str, out_dir: Path, options: DeployOptions | None = None
+) -> dict[str, str]:
     """{relative file name: text} for TARGET, without writing anything."""
     if target not in TARGETS:
         raise ConfigError(f"--target: expected one of {', '.join(TARGETS)}, got {target!r}")
@@ -41,7 +43,9 @@ def render_files(path: str | Path | None, target: str, out_dir: Path, options: D
     return render_compose(p, out_dir)
 
 
-def render(path: str | Path | None, target: str, out_dir: str | Path, options: DeployOptions | None = None) -> list[Path]:
+def render(
+    path: str | Path | None, target: str, out_dir: str | Path, options: DeployOptions | None = None
+) -> list[Path]:
     """Write TARGET's files under OUT_DIR (created); files of earlier renders with other names are left alone."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

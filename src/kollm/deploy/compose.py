@@ -40,15 +40,24 @@ def compose(p: Project, out_dir: Path) -> Doc:
     minio_password = _required("MINIO_ROOT_PASSWORD", "the MinIO secret key, 8 characters or more")
     pg_password = _required("POSTGRES_PASSWORD", "the password of the mlflow database user")
     project = project_mount(p, out_dir)
-    s3_env = {"AWS_ACCESS_KEY_ID": minio_user, "AWS_SECRET_ACCESS_KEY": minio_password,
-              "AWS_ENDPOINT_URL": "http://minio:9000", "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000"}
+    s3_env = {
+        "AWS_ACCESS_KEY_ID": minio_user,
+        "AWS_SECRET_ACCESS_KEY": minio_password,
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+        "MLFLOW_S3_ENDPOINT_URL": "http://minio:9000",
+    }
     kollm_env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "KOLLM_API_KEY": "${KOLLM_API_KEY:-}", **s3_env}
     services: Doc = {
         "postgres": {
             "image": "postgres:16",
             "environment": {"POSTGRES_USER": "mlflow", "POSTGRES_DB": "mlflow", "POSTGRES_PASSWORD": pg_password},
             "volumes": ["postgres-data:/var/lib/postgresql/data"],
-            "healthcheck": {"test": ["CMD-SHELL", "pg_isready -U mlflow -d mlflow"], "interval": "5s", "timeout": "5s", "retries": 20},
+            "healthcheck": {
+                "test": ["CMD-SHELL", "pg_isready -U mlflow -d mlflow"],
+                "interval": "5s",
+                "timeout": "5s",
+                "retries": 20,
+            },
             "restart": "unless-stopped",
         },
         "minio": {
@@ -64,23 +73,46 @@ def compose(p: Project, out_dir: Path) -> Doc:
             "image": "minio/mc:latest",
             "depends_on": {"minio": {"condition": "service_healthy"}},
             "environment": {"MINIO_ROOT_USER": minio_user, "MINIO_ROOT_PASSWORD": minio_password},
-            "entrypoint": ["/bin/sh", "-c",
-                           "mc alias set local http://minio:9000 \"$$MINIO_ROOT_USER\" \"$$MINIO_ROOT_PASSWORD\" && "
-                           f"mc mb --ignore-existing local/{bucket}"],
+            "entrypoint": [
+                "/bin/sh",
+                "-c",
+                'mc alias set local http://minio:9000 "$$MINIO_ROOT_USER" "$$MINIO_ROOT_PASSWORD" && '
+                f"mc mb --ignore-existing local/{bucket}",
+            ],
         },
         "mlflow": {
             "image": image,
             "entrypoint": ["mlflow", "server"],
-            "command": ["--backend-store-uri", f"postgresql://mlflow:{pg_password}@postgres:5432/mlflow",
-                        "--artifacts-destination", f"s3://{bucket}/mlflow-artifacts", "--serve-artifacts",
-                        "--host", "0.0.0.0", "--port", "5000",
-                        "--allowed-hosts", "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1:*"],
+            "command": [
+                "--backend-store-uri",
+                f"postgresql://mlflow:{pg_password}@postgres:5432/mlflow",
+                "--artifacts-destination",
+                f"s3://{bucket}/mlflow-artifacts",
+                "--serve-artifacts",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "5000",
+                "--allowed-hosts",
+                "mlflow,mlflow:*,localhost,localhost:*,127.0.0.1:*",
+            ],
             "environment": s3_env,
             "ports": ["127.0.0.1:5000:5000"],
-            "depends_on": {"postgres": {"condition": "service_healthy"},
-                           "minio-init": {"condition": "service_completed_successfully"}},
-            "healthcheck": {"test": ["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health')"],
-                            "interval": "10s", "timeout": "5s", "retries": 30},
+            "depends_on": {
+                "postgres": {"condition": "service_healthy"},
+                "minio-init": {"condition": "service_completed_successfully"},
+            },
+            "healthcheck": {
+                "test": [
+                    "CMD",
+                    "python",
+                    "-c",
+                    "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health')",
+                ],
+                "interval": "10s",
+                "timeout": "5s",
+                "retries": 30,
+            },
             "restart": "unless-stopped",
         },
         "pipeline": {
@@ -94,8 +126,20 @@ def compose(p: Project, out_dir: Path) -> Doc:
         },
         "kollm": {
             "image": image,
-            "command": ["serve", p.model_uri(p.options.model_alias), "--canary", p.model_uri(p.options.canary_alias),
-                        "--host", "0.0.0.0", "--port", str(SERVE_PORT), "--backend", p.backend, "--project", "/project"],
+            "command": [
+                "serve",
+                p.model_uri(p.options.model_alias),
+                "--canary",
+                p.model_uri(p.options.canary_alias),
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(SERVE_PORT),
+                "--backend",
+                p.backend,
+                "--project",
+                "/project",
+            ],
             "environment": kollm_env,
             "volumes": [f"{project}:/project"],
             "ports": [f"127.0.0.1:{SERVE_PORT}:{SERVE_PORT}"],
@@ -112,19 +156,30 @@ def compose(p: Project, out_dir: Path) -> Doc:
         "grafana-dashboards": {
             "image": image,
             "user": "root",
-            "entrypoint": ["/bin/sh", "-c",
-                           f'd="$$(python -c "{DASHBOARDS_PY}")"; '
-                           'if [ -d "$$d" ]; then cp "$$d"/*.json /dashboards/; else echo "no dashboards in this kollm image"; fi'],
+            "entrypoint": [
+                "/bin/sh",
+                "-c",
+                f'd="$$(python -c "{DASHBOARDS_PY}")"; '
+                'if [ -d "$$d" ]; then cp "$$d"/*.json /dashboards/; else echo "no dashboards in this kollm image"; fi',
+            ],
             "volumes": ["grafana-dashboards:/dashboards"],
         },
         "grafana": {
             "image": "grafana/grafana:latest",
-            "environment": {"GF_SECURITY_ADMIN_PASSWORD": _required("GRAFANA_ADMIN_PASSWORD", "Grafana's admin password")},
-            "volumes": ["./grafana/provisioning:/etc/grafana/provisioning:ro",
-                        "grafana-dashboards:/var/lib/grafana/dashboards/kollm:ro", "grafana-data:/var/lib/grafana"],
+            "environment": {
+                "GF_SECURITY_ADMIN_PASSWORD": _required("GRAFANA_ADMIN_PASSWORD", "Grafana's admin password")
+            },
+            "volumes": [
+                "./grafana/provisioning:/etc/grafana/provisioning:ro",
+                "grafana-dashboards:/var/lib/grafana/dashboards/kollm:ro",
+                "grafana-data:/var/lib/grafana",
+            ],
             "ports": ["127.0.0.1:3000:3000"],
-            "depends_on": {"grafana-dashboards": {"condition": "service_completed_successfully"},
-                           "prometheus": {"condition": "service_started"}, "loki": {"condition": "service_started"}},
+            "depends_on": {
+                "grafana-dashboards": {"condition": "service_completed_successfully"},
+                "prometheus": {"condition": "service_started"},
+                "loki": {"condition": "service_started"},
+            },
             "restart": "unless-stopped",
         },
         "loki": {
@@ -141,31 +196,56 @@ def compose(p: Project, out_dir: Path) -> Doc:
             "restart": "unless-stopped",
         },
     }
-    volumes: dict[str, dict] = {v: {} for v in ("postgres-data", "minio-data", "prometheus-data", "grafana-data",
-                                                 "grafana-dashboards")}
+    volumes: dict[str, dict] = {
+        v: {} for v in ("postgres-data", "minio-data", "prometheus-data", "grafana-data", "grafana-dashboards")
+    }
     return {"name": f"kollm-{p.slug}", "services": services, "volumes": volumes}
 
 
 def prometheus_config(p: Project) -> Doc:
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
-        "scrape_configs": [{"job_name": "kollm", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": [f"kollm:{SERVE_PORT}"], "labels": {"project": p.name}}]}],
+        "scrape_configs": [
+            {
+                "job_name": "kollm",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [f"kollm:{SERVE_PORT}"], "labels": {"project": p.name}}],
+            }
+        ],
     }
 
 
 def grafana_datasources() -> Doc:
-    return {"apiVersion": 1, "datasources": [
-        {"name": "Prometheus", "uid": "prometheus", "type": "prometheus", "access": "proxy", "url": "http://prometheus:9090", "isDefault": True},
-        {"name": "Loki", "uid": "loki", "type": "loki", "access": "proxy", "url": "http://loki:3100"},
-    ]}
+    return {
+        "apiVersion": 1,
+        "datasources": [
+            {
+                "name": "Prometheus",
+                "uid": "prometheus",
+                "type": "prometheus",
+                "access": "proxy",
+                "url": "http://prometheus:9090",
+                "isDefault": True,
+            },
+            {"name": "Loki", "uid": "loki", "type": "loki", "access": "proxy", "url": "http://loki:3100"},
+        ],
+    }
 
 
 def grafana_dashboards() -> Doc:
-    return {"apiVersion": 1, "providers": [{
-        "name": "kollm", "folder": "kollm", "type": "file", "disableDeletion": True, "allowUiUpdates": False,
-        "options": {"path": "/var/lib/grafana/dashboards/kollm"},
-    }]}
+    return {
+        "apiVersion": 1,
+        "providers": [
+            {
+                "name": "kollm",
+                "folder": "kollm",
+                "type": "file",
+                "disableDeletion": True,
+                "allowUiUpdates": False,
+                "options": {"path": "/var/lib/grafana/dashboards/kollm"},
+            }
+        ],
+    }
 
 
 def promtail_config(p: Project) -> Doc:
@@ -175,18 +255,28 @@ def promtail_config(p: Project) -> Doc:
         "server": {"http_listen_port": 9080, "grpc_listen_port": 0},
         "positions": {"filename": "/tmp/positions.yaml"},
         "clients": [{"url": "http://loki:3100/loki/api/v1/push"}],
-        "scrape_configs": [{
-            "job_name": "kollm",
-            "static_configs": [{"targets": ["localhost"],
-                                "labels": {"job": "kollm", "project": p.name, "kind": kind,
-                                           "__path__": f"/project/.kollm/logs/{kind}/**/*.jsonl"}}
-                               for kind in LOG_KINDS],
-            "pipeline_stages": [
-                {"json": {"expressions": {k: k for k in (*FIXED, *LABELS)}}},
-                {"labels": {k: None for k in LOKI_LABELS}},
-                {"timestamp": {"source": "ts", "format": "RFC3339Nano"}},
-            ],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "kollm",
+                "static_configs": [
+                    {
+                        "targets": ["localhost"],
+                        "labels": {
+                            "job": "kollm",
+                            "project": p.name,
+                            "kind": kind,
+                            "__path__": f"/project/.kollm/logs/{kind}/**/*.jsonl",
+                        },
+                    }
+                    for kind in LOG_KINDS
+                ],
+                "pipeline_stages": [
+                    {"json": {"expressions": {k: k for k in (*FIXED, *LABELS)}}},
+                    {"labels": {k: None for k in LOKI_LABELS}},
+                    {"timestamp": {"source": "ts", "format": "RFC3339Nano"}},
+                ],
+            }
+        ],
     }
 
 

@@ -29,21 +29,32 @@ ENTRYPOINT ["kollm"]
 CMD ["--help"]
 """
 
-CPU = _HEAD.format(variant="CPU", file="Dockerfile", tag="kollm:0.1.0") + """\
+CPU = (
+    _HEAD.format(variant="CPU", file="Dockerfile", tag="kollm:0.1.0")
+    + """\
 # torch first, from PyTorch's CPU wheel index: the PyPI wheel would pull several GB of CUDA libraries
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-""" + _TAIL.format(extra="")
+"""
+    + _TAIL.format(extra="")
+)
 
-CUDA = _HEAD.format(variant="CUDA: run it on nodes with the NVIDIA driver and device plugin", file="Dockerfile.cuda",
-                    tag="kollm:0.1.0-cuda") + """\
+CUDA = (
+    _HEAD.format(
+        variant="CUDA: run it on nodes with the NVIDIA driver and device plugin",
+        file="Dockerfile.cuda",
+        tag="kollm:0.1.0-cuda",
+    )
+    + """\
 # torch first: the PyPI wheel bundles the CUDA runtime libraries, so no CUDA base image is needed
 RUN pip install torch==2.13.0
 # EXTRA_PIP=vllm adds the vLLM serving backend (`kollm serve --backend auto` then uses it on a GPU); check that the
 # vLLM release you pick supports torch 2.13.0 first, or it replaces torch.
 ARG EXTRA_PIP=""
 
-""" + _TAIL.format(extra=" $EXTRA_PIP")
+"""
+    + _TAIL.format(extra=" $EXTRA_PIP")
+)
 
 
 def render_docker() -> dict[str, str]:

@@ -7,6 +7,7 @@ Each function returns plain dicts; `render_k8s` returns {file name: [documents]}
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -27,7 +28,11 @@ HASH_LABEL = "rollouts_pod_template_hash"  # the Prometheus label the scrape con
 
 
 def labels(p: Project, component: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "kollm", "app.kubernetes.io/instance": p.slug, "app.kubernetes.io/component": component}
+    return {
+        "app.kubernetes.io/name": "kollm",
+        "app.kubernetes.io/instance": p.slug,
+        "app.kubernetes.io/component": component,
+    }
 
 
 def meta(p: Project, name: str, component: str) -> Doc:
@@ -55,11 +60,19 @@ def config_maps(p: Project) -> list[Doc]:
         settings["AWS_ENDPOINT_URL"] = p.options.s3_endpoint  # boto3 and s3fs
         settings["MLFLOW_S3_ENDPOINT_URL"] = p.options.s3_endpoint
     return [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, f"{p.slug}-project", "config"),
-         "data": {"kollm.yaml": cluster_config(p)}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta(p, f"{p.slug}-project", "config"),
+            "data": {"kollm.yaml": cluster_config(p)},
+        },
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, settings_name(p), "config"), "data": settings},
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, f"{p.slug}-step-inputs", "training"),
-         "data": step_inputs(p)},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta(p, f"{p.slug}-step-inputs", "training"),
+            "data": step_inputs(p),
+        },
     ]
 
 
@@ -70,8 +83,10 @@ def cluster_config(p: Project) -> str:
         return p.config_text
     raw = yaml.safe_load(p.config_text)
     raw.setdefault("tracking", {})["artifact_location"] = f"mlflow-artifacts:/{p.slug}"
-    return (f"# {p.pipeline.file.name} with tracking.artifact_location set for the cluster (written by kollm deploy render)\n"
-            + yaml_text(raw))
+    return (
+        f"# {p.pipeline.file.name} with tracking.artifact_location set for the cluster (written by kollm deploy render)\n"
+        + yaml_text(raw)
+    )
 
 
 def training_steps(p: Project) -> list[ResolvedStep]:
@@ -103,8 +118,10 @@ def kollm_env(p: Project) -> tuple[list[Doc], list[Doc]]:
     env = [
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": s3, "key": "AWS_ACCESS_KEY_ID"}}},
         {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": s3, "key": "AWS_SECRET_ACCESS_KEY"}}},
-        {"name": "KOLLM_API_KEY",
-         "valueFrom": {"secretKeyRef": {"name": p.options.api_key_secret, "key": "KOLLM_API_KEY", "optional": True}}},
+        {
+            "name": "KOLLM_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": p.options.api_key_secret, "key": "KOLLM_API_KEY", "optional": True}},
+        },
     ]
     return env, [{"configMapRef": {"name": settings_name(p)}}]
 
@@ -122,21 +139,36 @@ def resources(cpus: float, memory: str | None, gpus: int) -> Doc:
 
 
 def project_volume(p: Project) -> tuple[Doc, Doc]:
-    return ({"name": "project", "configMap": {"name": f"{p.slug}-project"}},
-            {"name": "project", "mountPath": PROJECT_MOUNT, "readOnly": True})
+    return (
+        {"name": "project", "configMap": {"name": f"{p.slug}-project"}},
+        {"name": "project", "mountPath": PROJECT_MOUNT, "readOnly": True},
+    )
 
 
-def ray_container(p: Project, name: str, res: Doc, extra_env: list[Doc] = (), ports: list[Doc] = ()) -> Doc:  # type: ignore[assignment]
+def ray_container(p: Project, name: str, res: Doc, extra_env: Sequence[Doc] = (), ports: Sequence[Doc] = ()) -> Doc:
     env, env_from = kollm_env(p)
-    c: Doc = {"name": name, "image": p.options.image, "env": env + list(extra_env), "envFrom": env_from,
-              "resources": res, "volumeMounts": [project_volume(p)[1]]}
+    c: Doc = {
+        "name": name,
+        "image": p.options.image,
+        "env": env + list(extra_env),
+        "envFrom": env_from,
+        "resources": res,
+        "volumeMounts": [project_volume(p)[1]],
+    }
     if ports:
         c["ports"] = list(ports)
     return c
 
 
-def ray_cluster(p: Project, worker_group: str, worker_res: Doc, worker_env: list[Doc], replicas: int = 1,
-                max_replicas: int = 1, head_ports: list[Doc] = ()) -> Doc:  # type: ignore[assignment]
+def ray_cluster(
+    p: Project,
+    worker_group: str,
+    worker_res: Doc,
+    worker_env: list[Doc],
+    replicas: int = 1,
+    max_replicas: int = 1,
+    head_ports: Sequence[Doc] = (),
+) -> Doc:
     """A RayCluster spec: a head that runs no tasks and one worker group sized by `worker_res`."""
     volume = project_volume(p)[0]
     head = ray_container(p, "ray-head", resources(1, "4Gi", 0), worker_env, head_ports)
@@ -146,14 +178,19 @@ def ray_cluster(p: Project, worker_group: str, worker_res: Doc, worker_env: list
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": {"metadata": {"labels": labels(p, "ray")}, "spec": {"containers": [head], "volumes": [volume]}},
         },
-        "workerGroupSpecs": [{
-            "groupName": worker_group,
-            "replicas": replicas,
-            "minReplicas": replicas,
-            "maxReplicas": max_replicas,
-            "rayStartParams": {},
-            "template": {"metadata": {"labels": labels(p, "ray")}, "spec": {"containers": [worker], "volumes": [volume]}},
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": worker_group,
+                "replicas": replicas,
+                "minReplicas": replicas,
+                "maxReplicas": max_replicas,
+                "rayStartParams": {},
+                "template": {
+                    "metadata": {"labels": labels(p, "ray")},
+                    "spec": {"containers": [worker], "volumes": [volume]},
+                },
+            }
+        ],
     }
 
 
@@ -172,9 +209,13 @@ def step_command(p: Project, step: ResolvedStep, outputs_json: str = "/tmp/kollm
 def ray_job(p: Project, step: ResolvedStep) -> Doc:
     """A suspended RayJob: fill its inputs in the step-inputs ConfigMap, then set spec.suspend to false."""
     r = step.resources
-    env = [{"name": input_env_name(name),
-            "valueFrom": {"configMapKeyRef": {"name": f"{p.slug}-step-inputs", "key": f"{step.name}.{name}"}}}
-           for name in step_artifact_inputs(step)]
+    env = [
+        {
+            "name": input_env_name(name),
+            "valueFrom": {"configMapKeyRef": {"name": f"{p.slug}-step-inputs", "key": f"{step.name}.{name}"}},
+        }
+        for name in step_artifact_inputs(step)
+    ]
     spec: Doc = {
         "suspend": True,
         "entrypoint": step_command(p, step),
@@ -182,14 +223,21 @@ def ray_job(p: Project, step: ResolvedStep) -> Doc:
     }
     if r.gpus:
         spec["entrypointNumGpus"] = r.gpus
-    spec.update({
-        "backoffLimit": step.retries,
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": 3600,
-        "rayClusterSpec": ray_cluster(p, "step", resources(r.cpus, r.memory, r.gpus), env),
-    })
-    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta(p, f"{p.slug}-{step.name}", "training") | {
-        "annotations": {"kollm.dev/step": step.name, "kollm.dev/kind": step.kind}}, "spec": spec}
+    spec.update(
+        {
+            "backoffLimit": step.retries,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": ray_cluster(p, "step", resources(r.cpus, r.memory, r.gpus), env),
+        }
+    )
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": meta(p, f"{p.slug}-{step.name}", "training")
+        | {"annotations": {"kollm.dev/step": step.name, "kollm.dev/kind": step.kind}},
+        "spec": spec,
+    }
 
 
 # --- serving ---------------------------------------------------------------------------------------------
@@ -198,17 +246,29 @@ def ray_job(p: Project, step: ResolvedStep) -> Doc:
 def ray_service(p: Project) -> Doc:
     """Ray Serve runs kollm's OpenAI app (builder form: kollm.serve.ray_serve:build_app) on the champion."""
     serve_config = {
-        "applications": [{
-            "name": "kollm",
-            "route_prefix": "/",
-            "import_path": "kollm.serve.ray_serve:build_app",
-            "args": {"model": p.model_uri(p.options.model_alias), "backend": p.backend},
-        }]
+        "applications": [
+            {
+                "name": "kollm",
+                "route_prefix": "/",
+                "import_path": "kollm.serve.ray_serve:build_app",
+                "args": {"model": p.model_uri(p.options.model_alias), "backend": p.backend},
+            }
+        ]
     }
     gpus = p.options.serve_gpus
-    cluster = ray_cluster(p, "serve", resources(4, "16Gi", gpus), [], replicas=1, max_replicas=p.options.serve_replicas,
-                          head_ports=[{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                                      {"name": "serve", "containerPort": SERVE_PORT}])
+    cluster = ray_cluster(
+        p,
+        "serve",
+        resources(4, "16Gi", gpus),
+        [],
+        replicas=1,
+        max_replicas=p.options.serve_replicas,
+        head_ports=[
+            {"name": "gcs", "containerPort": 6379},
+            {"name": "dashboard", "containerPort": 8265},
+            {"name": "serve", "containerPort": SERVE_PORT},
+        ],
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
@@ -228,13 +288,25 @@ def rollout(p: Project) -> Doc:
     container = {
         "name": "kollm",
         "image": p.options.image,
-        "args": ["serve", f"models:/{p.name}/$(KOLLM_MODEL_VERSION)", "--host", "0.0.0.0", "--port", str(SERVE_PORT),
-                 "--backend", p.backend],  # the registry from $MLFLOW_TRACKING_URI; logs under the image's /project
+        "args": [
+            "serve",
+            f"models:/{p.name}/$(KOLLM_MODEL_VERSION)",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SERVE_PORT),
+            "--backend",
+            p.backend,
+        ],  # the registry from $MLFLOW_TRACKING_URI; logs under the image's /project
         "env": [{"name": "KOLLM_MODEL_VERSION", "value": "1"}] + env,
         "envFrom": env_from,
         "ports": [{"name": "http", "containerPort": SERVE_PORT}],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "initialDelaySeconds": 30},
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10,
+            "initialDelaySeconds": 30,
+        },
         "resources": resources(2, "8Gi", p.options.serve_gpus),
     }
     steps: list[Doc] = []
@@ -249,26 +321,37 @@ def rollout(p: Project) -> Doc:
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": serve_labels(p)},
             "template": {
-                "metadata": {"labels": serve_labels(p),
-                             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(SERVE_PORT),
-                                             "prometheus.io/path": "/metrics"}},
+                "metadata": {
+                    "labels": serve_labels(p),
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(SERVE_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {"terminationGracePeriodSeconds": 45, "containers": [container]},
             },
-            "strategy": {"canary": {
-                "analysis": {
-                    "templates": [{"templateName": analysis_name(p)}],
-                    "startingStep": 1,
-                    "args": [{"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}}],
-                },
-                "steps": steps,
-            }},
+            "strategy": {
+                "canary": {
+                    "analysis": {
+                        "templates": [{"templateName": analysis_name(p)}],
+                        "startingStep": 1,
+                        "args": [{"name": "canary-hash", "valueFrom": {"podTemplateHashValue": "Latest"}}],
+                    },
+                    "steps": steps,
+                }
+            },
         },
     }
 
 
 def serve_service(p: Project) -> Doc:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(p, f"{p.slug}-serve", "serving"),
-            "spec": {"selector": serve_labels(p), "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(p, f"{p.slug}-serve", "serving"),
+        "spec": {"selector": serve_labels(p), "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
 
 
 # --- canary analysis (the same conditions as kollm's gateway) -------------------------------------------------
@@ -305,14 +388,16 @@ def analysis_template(p: Project) -> Doc:
     window = prom_duration(p.pause_s)
     metrics = []
     for c in p.criteria:
-        metrics.append({
-            "name": c.metric.replace("_", "-"),
-            "interval": window,
-            "failureLimit": p.options.failure_limit - 1,
-            "successCondition": f"result[0] {c.op} {c.threshold:g}",
-            "failureCondition": f"result[0] {_NEGATE[c.op]} {c.threshold:g}",
-            "provider": {"prometheus": {"address": "{{args.prometheus-address}}", "query": promql(c, window)}},
-        })
+        metrics.append(
+            {
+                "name": c.metric.replace("_", "-"),
+                "interval": window,
+                "failureLimit": p.options.failure_limit - 1,
+                "successCondition": f"result[0] {c.op} {c.threshold:g}",
+                "failureCondition": f"result[0] {_NEGATE[c.op]} {c.threshold:g}",
+                "provider": {"prometheus": {"address": "{{args.prometheus-address}}", "query": promql(c, window)}},
+            }
+        )
     return {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "AnalysisTemplate",
@@ -332,7 +417,10 @@ def mlflow(p: Project) -> list[Doc]:
     s3 = p.options.s3_secret
     svc = mlflow_service(p)
     env = [
-        {"name": "MLFLOW_BACKEND_STORE_URI", "valueFrom": {"secretKeyRef": {"name": p.options.mlflow_db_secret, "key": "uri"}}},
+        {
+            "name": "MLFLOW_BACKEND_STORE_URI",
+            "valueFrom": {"secretKeyRef": {"name": p.options.mlflow_db_secret, "key": "uri"}},
+        },
         {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": s3, "key": "AWS_ACCESS_KEY_ID"}}},
         {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": s3, "key": "AWS_SECRET_ACCESS_KEY"}}},
     ]
@@ -342,10 +430,19 @@ def mlflow(p: Project) -> list[Doc]:
         "name": "mlflow",
         "image": p.options.image,
         "command": ["mlflow", "server"],
-        "args": ["--backend-store-uri", "$(MLFLOW_BACKEND_STORE_URI)",
-                 "--artifacts-destination", f"s3://{p.options.bucket}/mlflow-artifacts", "--serve-artifacts",
-                 "--host", "0.0.0.0", "--port", str(MLFLOW_PORT),
-                 "--allowed-hosts", f"{svc},{svc}:*,{svc}.*,localhost,localhost:*"],
+        "args": [
+            "--backend-store-uri",
+            "$(MLFLOW_BACKEND_STORE_URI)",
+            "--artifacts-destination",
+            f"s3://{p.options.bucket}/mlflow-artifacts",
+            "--serve-artifacts",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(MLFLOW_PORT),
+            "--allowed-hosts",
+            f"{svc},{svc}:*,{svc}.*,localhost,localhost:*",
+        ],
         "env": env,
         "ports": [{"name": "http", "containerPort": MLFLOW_PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
@@ -353,11 +450,22 @@ def mlflow(p: Project) -> list[Doc]:
     }
     sel = {"app.kubernetes.io/name": "kollm-mlflow", "app.kubernetes.io/instance": p.slug}
     return [
-        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(p, svc, "tracking"),
-         "spec": {"replicas": 1, "selector": {"matchLabels": sel},
-                  "template": {"metadata": {"labels": sel}, "spec": {"containers": [container]}}}},
-        {"apiVersion": "v1", "kind": "Service", "metadata": meta(p, svc, "tracking"),
-         "spec": {"selector": sel, "ports": [{"name": "http", "port": MLFLOW_PORT, "targetPort": "http"}]}},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta(p, svc, "tracking"),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": sel},
+                "template": {"metadata": {"labels": sel}, "spec": {"containers": [container]}},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta(p, svc, "tracking"),
+            "spec": {"selector": sel, "ports": [{"name": "http", "port": MLFLOW_PORT, "targetPort": "http"}]},
+        },
     ]
 
 
@@ -366,27 +474,53 @@ def prometheus_config(p: Project) -> Doc:
     hash as the `rollouts_pod_template_hash` label, which the AnalysisTemplate selects the canary by."""
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
-        "scrape_configs": [{
-            "job_name": "kollm",
-            "kubernetes_sd_configs": [{"role": "pod"}],
-            "relabel_configs": [
-                {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"},
-                {"source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"], "action": "keep", "regex": p.slug},
-                {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "action": "replace",
-                 "target_label": "__metrics_path__", "regex": "(.+)"},
-                {"source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"], "action": "replace",
-                 "regex": "([^:]+)(?::\\d+)?;(\\d+)", "replacement": "$1:$2", "target_label": "__address__"},
-                {"source_labels": ["__meta_kubernetes_pod_label_rollouts_pod_template_hash"], "target_label": HASH_LABEL},
-                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            ],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "kollm",
+                "kubernetes_sd_configs": [{"role": "pod"}],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+                        "action": "keep",
+                        "regex": "true",
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                        "action": "keep",
+                        "regex": p.slug,
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
+                        "action": "replace",
+                        "target_label": "__metrics_path__",
+                        "regex": "(.+)",
+                    },
+                    {
+                        "source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"],
+                        "action": "replace",
+                        "regex": "([^:]+)(?::\\d+)?;(\\d+)",
+                        "replacement": "$1:$2",
+                        "target_label": "__address__",
+                    },
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_label_rollouts_pod_template_hash"],
+                        "target_label": HASH_LABEL,
+                    },
+                    {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ],
     }
 
 
 def prometheus_config_map(p: Project) -> Doc:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(p, f"{p.slug}-prometheus", "monitoring"),
-            "data": {"prometheus.yml": yaml_text(prometheus_config(p))}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(p, f"{p.slug}-prometheus", "monitoring"),
+        "data": {"prometheus.yml": yaml_text(prometheus_config(p))},
+    }
 
 
 # --- all files -----------------------------------------------------------------------------------------------------

@@ -53,9 +53,10 @@ def _step_function(step: ResolvedStep, ray: bool) -> str:
         body = RAY_BODY
     else:
         body = LOCAL_BODY
-    return (f"def {fn}({', '.join(params)}) -> NamedTuple('Outputs', [{outs}]):\n"
-            + textwrap.indent(body.format(step=step.name, inputs=inputs, returns=returns,
-                                          result_file=RESULT_FILE, env_prefix="KOLLM_INPUT_"), "    "))
+    return f"def {fn}({', '.join(params)}) -> NamedTuple('Outputs', [{outs}]):\n" + textwrap.indent(
+        body.format(step=step.name, inputs=inputs, returns=returns, result_file=RESULT_FILE, env_prefix="KOLLM_INPUT_"),
+        "    ",
+    )
 
 
 LOCAL_BODY = '''\
@@ -130,8 +131,16 @@ def kfp_rayjob(p: Project, step: ResolvedStep) -> dict[str, Any]:
     return job
 
 
-def compile_kfp(path: str | Path | None, out_file: str | Path, *, image: str, options: DeployOptions | None = None,
-                ray_steps: tuple[str, ...] = (), project_dir: str = "", namespace: str = "kubeflow") -> Path:
+def compile_kfp(
+    path: str | Path | None,
+    out_file: str | Path,
+    *,
+    image: str,
+    options: DeployOptions | None = None,
+    ray_steps: tuple[str, ...] = (),
+    project_dir: str = "",
+    namespace: str = "kubeflow",
+) -> Path:
     """Write the pipeline IR YAML for kollm.yaml at PATH. Returns the file."""
     if importlib.util.find_spec("kfp") is None:
         raise KollmError("kfp is not installed", hint="pip install 'kollm[kfp]' (kfp 2.17)")
@@ -160,11 +169,17 @@ def compile_kfp(path: str | Path | None, out_file: str | Path, *, image: str, op
             params = signature.bind(*args, **kwargs).arguments
             produced: dict[str, Any] = {}
             for s in p.pipeline.steps:
-                task_args: dict[str, Any] = {"kollm_yaml": params["kollm_yaml"], "store": params["store"],
-                                             "project_dir": params["project_dir"]}
+                task_args: dict[str, Any] = {
+                    "kollm_yaml": params["kollm_yaml"],
+                    "store": params["store"],
+                    "project_dir": params["project_dir"],
+                }
                 for name, ref in s.inputs.items():
-                    task_args[f"in_{ident(name)}"] = (params[f"data_{ident(ref.source)}"] if ref.source
-                                                      else produced[ref.step or ""].outputs[ident(ref.output or "")])
+                    task_args[f"in_{ident(name)}"] = (
+                        params[f"data_{ident(ref.source)}"]
+                        if ref.source
+                        else produced[ref.step or ""].outputs[ident(ref.output or "")]
+                    )
                 if s.name in ray:
                     task_args["rayjob_manifest"] = json.dumps(kfp_rayjob(p, s))
                     task_args["namespace"] = params["namespace"]
@@ -174,7 +189,9 @@ def compile_kfp(path: str | Path | None, out_file: str | Path, *, image: str, op
 
         pipeline_body.__signature__ = signature  # type: ignore[attr-defined]
         pipeline_body.__name__ = p.slug.replace("-", "_")
-        pipeline = dsl.pipeline(name=p.slug, description=f"kollm pipeline {p.name} (compiled from {p.pipeline.file.name})")(pipeline_body)
+        pipeline = dsl.pipeline(
+            name=p.slug, description=f"kollm pipeline {p.name} (compiled from {p.pipeline.file.name})"
+        )(pipeline_body)
         out = Path(out_file)
         out.parent.mkdir(parents=True, exist_ok=True)
         compiler.Compiler().compile(pipeline, package_path=str(out))
@@ -183,7 +200,9 @@ def compile_kfp(path: str | Path | None, out_file: str | Path, *, image: str, op
 
 
 def _write_module(folder: Path, p: Project, ray: set[str]):
-    source = "from typing import NamedTuple\n\n\n" + "\n\n".join(_step_function(s, s.name in ray) for s in p.pipeline.steps)
+    source = "from typing import NamedTuple\n\n\n" + "\n\n".join(
+        _step_function(s, s.name in ray) for s in p.pipeline.steps
+    )
     file = folder / f"kollm_kfp_{ident(p.slug)}.py"
     file.write_text(source, encoding="utf-8")
     spec = importlib.util.spec_from_file_location(file.stem, file)
@@ -201,10 +220,12 @@ def _signature(p: Project, sources: list[str], project_dir: str, namespace: str)
     # kollm.yaml as one line of JSON (which is YAML): kfp copies defaults into the IR's header comment, where a
     # multi-line string would break the YAML; artifacts go through the MLflow server as in the cluster manifests
     config = json.dumps(yaml.safe_load(cluster_config(p)), ensure_ascii=False)
-    params = [P("kollm_yaml", P.POSITIONAL_OR_KEYWORD, default=config, annotation=str),
-              P("store", P.POSITIONAL_OR_KEYWORD, default=p.store, annotation=str),
-              P("project_dir", P.POSITIONAL_OR_KEYWORD, default=project_dir, annotation=str),
-              P("namespace", P.POSITIONAL_OR_KEYWORD, default=namespace, annotation=str)]
+    params = [
+        P("kollm_yaml", P.POSITIONAL_OR_KEYWORD, default=config, annotation=str),
+        P("store", P.POSITIONAL_OR_KEYWORD, default=p.store, annotation=str),
+        P("project_dir", P.POSITIONAL_OR_KEYWORD, default=project_dir, annotation=str),
+        P("namespace", P.POSITIONAL_OR_KEYWORD, default=namespace, annotation=str),
+    ]
     params += [P(f"data_{ident(s)}", P.POSITIONAL_OR_KEYWORD, default="", annotation=str) for s in sources]
     return inspect.Signature(params)
 
@@ -219,10 +240,13 @@ def _configure(task: Any, p: Project, s: ResolvedStep, ray: bool, kubernetes: An
     if s.retries:
         task.set_retry(num_retries=s.retries, backoff_duration=f"{int(s.retry_backoff_s)}s", backoff_factor=2.0)
     task.set_caching_options(enable_caching=not any(ref.source for ref in s.inputs.values()))
-    kubernetes.use_secret_as_env(task, secret_name=p.options.s3_secret,
-                                 secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-    kubernetes.use_config_map_as_env(task, config_map_name=settings_name(p),
-                                     config_map_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"})
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=p.options.s3_secret,
+        secret_key_to_env={"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"},
+    )
+    kubernetes.use_config_map_as_env(
+        task, config_map_name=settings_name(p), config_map_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+    )
     kubernetes.add_pod_label(task, "app.kubernetes.io/instance", p.slug)
     kubernetes.add_pod_annotation(task, "kollm.dev/step", s.name)

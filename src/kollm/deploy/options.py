@@ -92,10 +92,14 @@ def load_project(path: str | Path | None, options: DeployOptions) -> Project:
         problems.extend(e.problems)
         criteria = []
     if weights and (any(not 0 < w < 100 or w != int(w) for w in weights) or weights != sorted(set(weights))):
-        problems.append(f"--steps: {options.steps!r}; give increasing whole percentages between 0 and 100, e.g. 20,40,60,80")
+        problems.append(
+            f"--steps: {options.steps!r}; give increasing whole percentages between 0 and 100, e.g. 20,40,60,80"
+        )
     for c in criteria:
         if c.metric == "probe_pass_rate":
-            problems.append("--analysis: probe_pass_rate needs kollm's gateway (its probe); Prometheus has no such metric")
+            problems.append(
+                "--analysis: probe_pass_rate needs kollm's gateway (its probe); Prometheus has no such metric"
+            )
     if not options.store and not options.bucket:
         problems.append("--bucket: empty; name the S3 bucket (or give --store s3://BUCKET/PREFIX)")
     if options.serve_replicas < 1:

@@ -64,7 +64,9 @@ def parse_rule(text: str) -> Rule:
         )
     if m["number"] is not None:
         return Rule(text.strip(), m["metric"], m["op"], threshold=float(m["number"]))
-    return Rule(text.strip(), m["metric"], m["op"], alias=m["alias"], adjust_op=m["adj_op"], adjust=float(m["adj"] or 0.0))
+    return Rule(
+        text.strip(), m["metric"], m["op"], alias=m["alias"], adjust_op=m["adj_op"], adjust=float(m["adj"] or 0.0)
+    )
 
 
 def check_rule(text: str) -> str:
@@ -127,12 +129,24 @@ def decide(
         if rule.alias is not None:
             ref_metrics = references.get(rule.alias)
             if ref_metrics is None:
-                outcomes.append(Outcome(rule.text, "fail" if require_reference else "skip", value, None, None,
-                                        f"no '{rule.alias}' model registered yet"))
+                outcomes.append(
+                    Outcome(
+                        rule.text,
+                        "fail" if require_reference else "skip",
+                        value,
+                        None,
+                        None,
+                        f"no '{rule.alias}' model registered yet",
+                    )
+                )
                 continue
             reference = ref_metrics.get(rule.metric)
             if reference is None:
-                outcomes.append(Outcome(rule.text, "fail", value, None, None, f"'{rule.alias}' has no '{rule.metric}' on this eval set"))
+                outcomes.append(
+                    Outcome(
+                        rule.text, "fail", value, None, None, f"'{rule.alias}' has no '{rule.metric}' on this eval set"
+                    )
+                )
                 continue
         bound = rule.bound(reference)
         ok = _OPS[rule.op](value, bound)

@@ -50,7 +50,9 @@ class Case(BaseModel):
     id: str | None = Field(None, description="A name for the case in the report (default: its line number).")
     prompt: str | list[Message] = Field(..., description="A prompt string or chat messages.")
     expected: str | list[str] = Field(..., description="Acceptable answers (regex: patterns).")
-    metric: Metric | list[Metric] | None = Field(None, description="How to score this case (default: the step's metrics).")
+    metric: Metric | list[Metric] | None = Field(
+        None, description="How to score this case (default: the step's metrics)."
+    )
 
     @field_validator("expected")
     @classmethod
@@ -119,7 +121,9 @@ def load_suite(path: Path) -> list[Case]:
                     problems.append(f"{path.name}:{n}: expected: invalid regular expression {pattern!r}: {e}")
         cases.append(case)
     if problems:
-        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []), source=str(path))
+        raise ConfigError(
+            problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []), source=str(path)
+        )
     if not cases:
         raise ConfigError(f"{path}: the evaluation suite has no cases; add JSON lines with prompt and expected")
     return cases
@@ -146,7 +150,11 @@ def score_contains(output: str, expected: Sequence[str]) -> float:
 def score_chrf(output: str, expected: Sequence[str]) -> float:
     import sacrebleu
 
-    return float(sacrebleu.sentence_chrf(unicodedata.normalize("NFC", output), [unicodedata.normalize("NFC", e) for e in expected]).score)
+    return float(
+        sacrebleu.sentence_chrf(
+            unicodedata.normalize("NFC", output), [unicodedata.normalize("NFC", e) for e in expected]
+        ).score
+    )
 
 
 def score_regex(output: str, expected: Sequence[str]) -> float:
@@ -162,7 +170,9 @@ SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
 }
 
 
-def score(cases: Sequence[Case], prompts: Sequence[str], outputs: Sequence[str], default_metrics: Sequence[str]) -> SuiteResult:
+def score(
+    cases: Sequence[Case], prompts: Sequence[str], outputs: Sequence[str], default_metrics: Sequence[str]
+) -> SuiteResult:
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     results = []
@@ -192,7 +202,11 @@ def render_prompts(tokenizer: Any, cases: Sequence[Case], chat: bool | None) -> 
                     f"suite case '{case.id}' needs a chat template, but the model's tokenizer has none",
                     hint="use string prompts with `chat: false`, or a model trained with kollm",
                 )
-            messages = [m.model_dump() for m in case.prompt] if isinstance(case.prompt, list) else [{"role": "user", "content": case.prompt}]
+            messages = (
+                [m.model_dump() for m in case.prompt]
+                if isinstance(case.prompt, list)
+                else [{"role": "user", "content": case.prompt}]
+            )
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             templated.append(True)
         else:
@@ -228,7 +242,9 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise StepFailed("the tokenizer has neither a pad nor an EOS token; batched generation needs one")
-    encoded = [list(tokenizer(p, add_special_tokens=not t)["input_ids"]) for p, t in zip(prompts, templated, strict=True)]
+    encoded = [
+        list(tokenizer(p, add_special_tokens=not t)["input_ids"]) for p, t in zip(prompts, templated, strict=True)
+    ]
     if max_length:
         encoded = [ids[-max(1, max_length - max_new_tokens) :] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -272,7 +288,13 @@ def run_suite(
 ) -> SuiteResult:
     prompts, templated = render_prompts(tokenizer, cases, chat)
     outputs = generate(
-        model, tokenizer, prompts, templated=templated, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, max_length=max_length, progress=progress,
+        model,
+        tokenizer,
+        prompts,
+        templated=templated,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
     )
     return score(cases, prompts, outputs, default_metrics)

@@ -31,13 +31,22 @@ KOLLM_TASKS = Path(__file__).parent / "tasks"  # kollm's own lm-eval tasks (ko_q
 
 class LmEvalConfig(BaseModel):
     model_config = STRICT
-    tasks: list[str] = Field(..., min_length=1, description="lm-evaluation-harness task or group names, e.g. [ko_quickstart_mc, kobest_copa].")
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per task. Default: each task's own default.")
+    tasks: list[str] = Field(
+        ...,
+        min_length=1,
+        description="lm-evaluation-harness task or group names, e.g. [ko_quickstart_mc, kobest_copa].",
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per task. Default: each task's own default."
+    )
     limit: int | None = Field(None, gt=0, description="Evaluate at most this many examples per task (quick checks).")
     batch_size: int = Field(8, gt=0, description="Batch size for the harness.")
-    include_path: str | None = Field(None, description="A folder of extra task YAMLs (relative to kollm.yaml), e.g. KoBEST over local data.")
+    include_path: str | None = Field(
+        None, description="A folder of extra task YAMLs (relative to kollm.yaml), e.g. KoBEST over local data."
+    )
     model_args: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="Extra arguments of lm-eval's hf model (e.g. {trust_remote_code: true, max_length: 2048})."
+        default_factory=dict,
+        description="Extra arguments of lm-eval's hf model (e.g. {trust_remote_code: true, max_length: 2048}).",
     )
 
     @field_validator("tasks")
@@ -57,7 +66,9 @@ def task_manager(cfg: LmEvalConfig, project_dir: Path):
     if cfg.include_path:
         include = Path(cfg.include_path) if Path(cfg.include_path).is_absolute() else project_dir / cfg.include_path
         if not include.is_dir():
-            raise ConfigError(f"lm_eval.include_path: no folder {include} (give a folder of lm-eval task YAMLs, relative to kollm.yaml)")
+            raise ConfigError(
+                f"lm_eval.include_path: no folder {include} (give a folder of lm-eval task YAMLs, relative to kollm.yaml)"
+            )
         paths.append(str(include))
     local = TaskManager(include_path=paths, include_defaults=False)
     if set(cfg.tasks) <= set(local.all_tasks):
@@ -72,7 +83,10 @@ def check_tasks(cfg: LmEvalConfig, manager) -> None:
     for i, name in enumerate(cfg.tasks):
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
-            problems.append(f"lm_eval.tasks[{i}]: unknown task '{name}'" + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""))
+            problems.append(
+                f"lm_eval.tasks[{i}]: unknown task '{name}'"
+                + (f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "")
+            )
     if problems:  # (lm-eval lists its tasks with `lm-eval ls tasks`)
         raise ConfigError(problems)
 
@@ -85,7 +99,11 @@ def run_lm_eval(model_path: Path, cfg: LmEvalConfig, project_dir: Path, device: 
         raise ConfigError(f"lm_eval: lm-eval is not installed; {INSTALL_HINT}") from None
     manager = task_manager(cfg, project_dir)
     check_tasks(cfg, manager)
-    model_args = {"pretrained": str(model_path), "dtype": "bfloat16" if device == "cuda" else "float32", **cfg.model_args}
+    model_args = {
+        "pretrained": str(model_path),
+        "dtype": "bfloat16" if device == "cuda" else "float32",
+        **cfg.model_args,
+    }
     try:
         out = lm_eval.simple_evaluate(
             model="hf",
@@ -100,8 +118,10 @@ def run_lm_eval(model_path: Path, cfg: LmEvalConfig, project_dir: Path, device: 
             bootstrap_iters=0,  # no stderr estimates: kollm leaves them out
         )
     except Exception as e:  # the harness raises plain exceptions for unreachable data and bad task files
-        raise StepFailed(f"lm-eval failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-                         hint="check that the tasks' data is reachable, or point a task YAML at local files (lm_eval.include_path)") from None
+        raise StepFailed(
+            f"lm-eval failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+            hint="check that the tasks' data is reachable, or point a task YAML at local files (lm_eval.include_path)",
+        ) from None
     return flatten_results(out or {})
 
 
@@ -111,7 +131,12 @@ def flatten_results(out: dict) -> dict[str, float]:
     for task, values in out.get("results", {}).items():
         for key, value in values.items():
             name = key.split(",")[0]
-            if name in ("alias", "sample_len") or name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if (
+                name in ("alias", "sample_len")
+                or name.endswith("_stderr")
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
                 continue
             metrics[f"{task}.{name}"] = float(value)
     return metrics

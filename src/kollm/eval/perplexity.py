@@ -87,11 +87,16 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], targets: Targets
     if targets == "all":
         target = [i > 0 for i in range(len(ids))]
     else:
-        target = [i > 0 and any(a <= start < b for a, b in spans) for i, (start, _end) in enumerate(enc["offset_mapping"][:max_length])]
+        target = [
+            i > 0 and any(a <= start < b for a, b in spans)
+            for i, (start, _end) in enumerate(enc["offset_mapping"][:max_length])
+        ]
     return Encoded(ids, target) if any(target) else None
 
 
-def encode_chats(tokenizer: Any, conversations: Iterable[list[dict[str, str]]], targets: Targets, max_length: int) -> list[Encoded]:
+def encode_chats(
+    tokenizer: Any, conversations: Iterable[list[dict[str, str]]], targets: Targets, max_length: int
+) -> list[Encoded]:
     return [e for conv in conversations if (e := encode_chat(tokenizer, conv, targets, max_length)) is not None]
 
 
@@ -138,4 +143,6 @@ def perplexity(
         total_nll -= float(token_lp[mask].double().sum())
         total_tokens += int(mask.sum())
     nll = total_nll / total_tokens
-    return PerplexityResult(perplexity=math.exp(nll) if nll < 700 else math.inf, nll=nll, tokens=total_tokens, sequences=len(sequences))
+    return PerplexityResult(
+        perplexity=math.exp(nll) if nll < 700 else math.inf, nll=nll, tokens=total_tokens, sequences=len(sequences)
+    )

@@ -73,7 +73,9 @@ class HFCausalLM(PythonModel):
         prompts = self._prompts(model_input)
         outputs: list[str] = []
         for start in range(0, len(prompts), batch_size):
-            batch = self.tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = self.tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             with torch.no_grad():
                 generated = self.model.generate(
                     **batch,

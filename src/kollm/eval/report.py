@@ -88,8 +88,11 @@ def curves_from_log(step_name: str, log_file: Path) -> list[Curve]:
     keys = sorted({k for _, r in records for k, v in r.items() if "loss" in k and isinstance(v, (int, float))})
     out = []
     for key in keys:
-        points = [(float(step), float(r[key])) for step, r in records
-                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        points = [
+            (float(step), float(r[key]))
+            for step, r in records
+            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])
+        ]
         if len(points) > 1:
             out.append(Curve(f"{step_name}: {key}", points))
     return out
@@ -150,18 +153,28 @@ def svg_chart(curves: Sequence[Curve], width: int = 720, height: int = 260) -> s
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="training loss">']
-    parts.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#ccd"/>')
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="training loss">'
+    ]
+    parts.append(
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" fill="none" stroke="#ccd"/>'
+    )
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" font-size="11" text-anchor="end" fill="#667">{_num(y)}</text>')
+        parts.append(
+            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" font-size="11" text-anchor="end" fill="#667">{_num(y)}</text>'
+        )
     for i in range(5):
         x = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - 8}" font-size="11" text-anchor="middle" fill="#667">{x:.0f}</text>')
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{height - 8}" font-size="11" text-anchor="middle" fill="#667">{x:.0f}</text>'
+        )
     for i, curve in enumerate(curves):
         color = _COLORS[i % len(_COLORS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve.points)
-        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{path}"><title>{_e(curve.label)}</title></polyline>')
+        parts.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{path}"><title>{_e(curve.label)}</title></polyline>'
+        )
     parts.append("</svg>")
     legend = " ".join(
         f'<span style="color:{_COLORS[i % len(_COLORS)]}">&#9632;</span> {_e(c.label)} '
@@ -189,7 +202,9 @@ def render(
     max_cases: int = 50,
 ) -> str:
     refs = {alias: r for alias, r in references.items() if r is not None}
-    out = [f"<!doctype html><html lang='ko'><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_CSS}</style></head><body>"]
+    out = [
+        f"<!doctype html><html lang='ko'><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+    ]
     out.append(f"<h1>{_e(title)}</h1><p class='muted'>{_e(subtitle)}</p>")
     if gate is not None:
         verdict = "pass" if gate.passed else "fail"
@@ -221,7 +236,9 @@ def render(
             sign = "" if delta is None or delta < 0 else "+"
             out.append(f"<td class='num'>{_num(ref)}</td><td class='num {cls}'>{sign}{_num(delta)}</td>")
         out.append(f"<td class='num'>{candidate.counts.get(metric, '')}</td></tr>")
-    out.append("</table><p class='muted'>perplexity/nll: lower is better; exact/contains/regex: fraction of cases (0–1); chrf: sacrebleu chrF (0–100).</p>")
+    out.append(
+        "</table><p class='muted'>perplexity/nll: lower is better; exact/contains/regex: fraction of cases (0–1); chrf: sacrebleu chrF (0–100).</p>"
+    )
 
     out.append("<h2>Training loss</h2>")
     if not curves:
@@ -234,7 +251,9 @@ def render(
 
     if candidate.cases:
         shown = candidate.cases[:max_cases]
-        out.append(f"<h2>Generation cases ({len(shown)} of {len(candidate.cases)})</h2><table><tr><th>case</th><th>prompt</th><th>expected</th><th>candidate</th>")
+        out.append(
+            f"<h2>Generation cases ({len(shown)} of {len(candidate.cases)})</h2><table><tr><th>case</th><th>prompt</th><th>expected</th><th>candidate</th>"
+        )
         ref_cases = {alias: {c.id: c for c in r.cases} for alias, r in refs.items()}
         for alias in refs:
             out.append(f"<th>{_e(refs[alias].label)}</th>")
@@ -246,10 +265,14 @@ def render(
             )
             for alias in refs:
                 ref_case = ref_cases[alias].get(case.id)
-                out.append(f"<td><pre>{_e(ref_case.output)}</pre>{_scores(ref_case)}</td>" if ref_case else "<td>—</td>")
+                out.append(
+                    f"<td><pre>{_e(ref_case.output)}</pre>{_scores(ref_case)}</td>" if ref_case else "<td>—</td>"
+                )
             out.append("</tr>")
         out.append("</table>")
-    out.append(f"<p class='muted'>eval set digest {_e(candidate.eval_digest)} · candidate {_e(candidate.model_digest)}</p></body></html>")
+    out.append(
+        f"<p class='muted'>eval set digest {_e(candidate.eval_digest)} · candidate {_e(candidate.model_digest)}</p></body></html>"
+    )
     return "".join(out)
 
 

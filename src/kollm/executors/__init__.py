@@ -23,7 +23,14 @@ class Executor(Protocol):
     name: str
 
     def run(
-        self, plan: Plan, selection: Selection, store: ArtifactStore, *, parent_run_id: str | None, report: Reporter, progress: Progress
+        self,
+        plan: Plan,
+        selection: Selection,
+        store: ArtifactStore,
+        *,
+        parent_run_id: str | None,
+        report: Reporter,
+        progress: Progress,
     ) -> RunResult: ...
 
 

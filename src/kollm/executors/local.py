@@ -62,7 +62,14 @@ class LocalExecutor:
     name = "local"
 
     def run(
-        self, plan: Plan, selection: Selection, store: ArtifactStore, *, parent_run_id: str | None, report: Reporter, progress: Progress
+        self,
+        plan: Plan,
+        selection: Selection,
+        store: ArtifactStore,
+        *,
+        parent_run_id: str | None,
+        report: Reporter,
+        progress: Progress,
     ) -> RunResult:
         pipe = plan.pipeline
         pipe.state_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +78,10 @@ class LocalExecutor:
             if parent_run_id:
                 tracker.run_id = parent_run_id
             else:
-                tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.executor": self.name})
+                tracker.start(
+                    pipe.cfg.project,
+                    {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.executor": self.name},
+                )
             return _Schedule(plan, selection, store, tracker, parent_run_id, report, progress, plan.overrides).run()
         finally:
             tracker.close()
@@ -80,8 +90,17 @@ class LocalExecutor:
 class _Schedule:
     """One pipeline run: start steps as their inputs and resources allow, collect results, stop at the first error."""
 
-    def __init__(self, plan: Plan, selection: Selection, store: ArtifactStore, tracker: PipelineTracker,
-                 parent_run_id: str | None, report: Reporter, progress: Progress, overrides: dict[str, Any] | None):
+    def __init__(
+        self,
+        plan: Plan,
+        selection: Selection,
+        store: ArtifactStore,
+        tracker: PipelineTracker,
+        parent_run_id: str | None,
+        report: Reporter,
+        progress: Progress,
+        overrides: dict[str, Any] | None,
+    ):
         self.plan, self.selection, self.tracker, self.parent_run_id = plan, selection, tracker, parent_run_id
         self.log = run_log(plan.pipeline, tracker.run_id)
         self.shared = StepRun(plan, store, tracker, self.log, report, progress, executor="local")
@@ -96,7 +115,16 @@ class _Schedule:
         self.overrides = overrides
 
     def run(self) -> RunResult:
-        return drive(self.selection, self.tracker, self.log, self.parent_run_id, self._loop, self.records, self.durations, self._abort)
+        return drive(
+            self.selection,
+            self.tracker,
+            self.log,
+            self.parent_run_id,
+            self._loop,
+            self.records,
+            self.durations,
+            self._abort,
+        )
 
     def _abort(self, status: str) -> None:
         with self.lock:
@@ -127,8 +155,13 @@ class _Schedule:
                     continue
                 for step in started:
                     with self.lock:
-                        gpus, self.free_gpus = self.free_gpus[: step.resources.gpus], self.free_gpus[step.resources.gpus :]
-                    threading.Thread(target=self._thread, args=(step, gpus), name=f"kollm-step-{step.name}", daemon=True).start()
+                        gpus, self.free_gpus = (
+                            self.free_gpus[: step.resources.gpus],
+                            self.free_gpus[step.resources.gpus :],
+                        )
+                    threading.Thread(
+                        target=self._thread, args=(step, gpus), name=f"kollm-step-{step.name}", daemon=True
+                    ).start()
                 if not running and pending and not started and not ready:
                     break  # nothing can start: a dependency failed or was not selected
             if not running:
@@ -164,8 +197,12 @@ class _Schedule:
         upstream = [self.records[n] for n in self.plan.ancestors(step.name)]
         shared = StepRun(**{**vars(self.shared), "on_tracker": lambda st: self._track(step.name, st)})
         return run_step(
-            step, self._inputs(step), upstream, shared,
-            force=step.name in self.selection.forced, cached_only=step.name in self.selection.cached_only,
+            step,
+            self._inputs(step),
+            upstream,
+            shared,
+            force=step.name in self.selection.forced,
+            cached_only=step.name in self.selection.cached_only,
         )
 
     def _thread(self, step: ResolvedStep, gpus: list[int]) -> None:
@@ -188,22 +225,44 @@ class _Schedule:
         while True:
             with tempfile.TemporaryDirectory(prefix="kollm-step-") as tmp:
                 result_file = os.path.join(tmp, "result.json")
-                cmd = [sys.executable, "-m", "kollm.cli", "step", "run", str(self.plan.pipeline.file), "--step", step.name,
-                       "--store", self.shared.store.url, "--attempt", str(attempt), "--outputs-json", result_file,
-                       *(["--parent-run-id", self.tracker.run_id] if self.tracker.run_id else []),
-                       *(["--force"] if step.name in self.selection.forced else []),
-                       *[a for k, uri in sorted(inputs.items()) for a in ("--input", f"{k}={uri}")]]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "kollm.cli",
+                    "step",
+                    "run",
+                    str(self.plan.pipeline.file),
+                    "--step",
+                    step.name,
+                    "--store",
+                    self.shared.store.url,
+                    "--attempt",
+                    str(attempt),
+                    "--outputs-json",
+                    result_file,
+                    *(["--parent-run-id", self.tracker.run_id] if self.tracker.run_id else []),
+                    *(["--force"] if step.name in self.selection.forced else []),
+                    *[a for k, uri in sorted(inputs.items()) for a in ("--input", f"{k}={uri}")],
+                ]
                 if self.overrides:
                     cmd += ["--overrides-json", json.dumps(self.overrides)]
                 if attempt == 0:
                     report("started", step.name, {"key": self.plan.key(step, self._inputs(step))})
-                proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+                proc = subprocess.run(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    preexec_fn=_die_with_parent,
+                )
                 if proc.returncode == 0:
                     doc = json.loads(open(result_file, encoding="utf-8").read())
                     break
             message = _error_text(proc.stderr)
-            self.log.log("step_error", "ERROR", step=step.name, attempt=attempt, error=message,
-                         exit_code=proc.returncode)
+            self.log.log(
+                "step_error", "ERROR", step=step.name, attempt=attempt, error=message, exit_code=proc.returncode
+            )
             if proc.returncode == StepCrashed.exit_code and attempt < step.retries:
                 delay = step.retry_backoff_s * (2**attempt)
                 attempt += 1
@@ -213,10 +272,18 @@ class _Schedule:
             report("failed", step.name, {"error": message})
             err_class = _EXIT_CODES.get(proc.returncode, StepFailed)
             raise err_class(message)
-        outputs = {n: Artifact(o["type"], Path(o["path"]), o["digest"], o.get("meta", {})) for n, o in doc["outputs"].items()}
-        record = StepRecord(step.name, step.kind, doc["key"], doc.get("run_id"), doc["cache_hit"], outputs, doc.get("metrics", {}))
+        outputs = {
+            n: Artifact(o["type"], Path(o["path"]), o["digest"], o.get("meta", {})) for n, o in doc["outputs"].items()
+        }
+        record = StepRecord(
+            step.name, step.kind, doc["key"], doc.get("run_id"), doc["cache_hit"], outputs, doc.get("metrics", {})
+        )
         duration = time.perf_counter() - t0
-        report("cached" if record.cache_hit else "finished", step.name, {"key": record.key, "duration_s": duration, "metrics": record.metrics})
+        report(
+            "cached" if record.cache_hit else "finished",
+            step.name,
+            {"key": record.key, "duration_s": duration, "metrics": record.metrics},
+        )
         return record, duration
 
     def _track(self, name: str, st: StepTracker | None) -> None:

@@ -38,10 +38,14 @@ def check_webhook_url(url: str) -> None:
 
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(f"alert webhook {url!r}: expected an http:// or https:// URL, e.g. https://hooks.slack.com/services/...")
+        raise ConfigError(
+            f"alert webhook {url!r}: expected an http:// or https:// URL, e.g. https://hooks.slack.com/services/..."
+        )
 
 
-async def send_alert(url: str | None, text: str, *, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 0.5) -> AlertOutcome:
+async def send_alert(
+    url: str | None, text: str, *, attempts: int = 3, timeout_s: float = 5.0, backoff_s: float = 0.5
+) -> AlertOutcome:
     """POST {"text": text} to the webhook; retry on network errors and 5xx. Without a URL the alert is only logged."""
     log.warning("alert: %s", text)
     if not url:

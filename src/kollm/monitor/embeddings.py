@@ -37,11 +37,17 @@ class Embedder:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.model = AutoModel.from_pretrained(source).eval()
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--embedding-model {source}: cannot load it ({str(e).splitlines()[0][:200]})",
-                              hint="give a local Hugging Face model folder (e.g. the served model's) or a cached hub name") from None
+            raise ConfigError(
+                f"--embedding-model {source}: cannot load it ({str(e).splitlines()[0][:200]})",
+                hint="give a local Hugging Face model folder (e.g. the served model's) or a cached hub name",
+            ) from None
         self.name = source
         self.max_length, self.batch_size = max_length, batch_size
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else (self.tokenizer.eos_token_id or 0)
+        )
         hidden = int(self.model.config.hidden_size)
         self.projection = np.random.default_rng(hidden).standard_normal((hidden, DIM)) / np.sqrt(DIM)
         self._lock = threading.Lock()  # one forward at a time (the server's worker threads share the model)
@@ -52,8 +58,13 @@ class Embedder:
         out = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                ids = [self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"] or [self.pad_id]
-                       for t in texts[start:start + self.batch_size]]
+                ids = [
+                    self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)[
+                        "input_ids"
+                    ]
+                    or [self.pad_id]
+                    for t in texts[start : start + self.batch_size]
+                ]
                 width = max(len(x) for x in ids)
                 batch = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids])
                 mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
@@ -64,11 +75,15 @@ class Embedder:
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-def mmd_test(reference: np.ndarray, current: np.ndarray, *, permutations: int = 200, seed: int = 0) -> tuple[float, float]:
+def mmd_test(
+    reference: np.ndarray, current: np.ndarray, *, permutations: int = 200, seed: int = 0
+) -> tuple[float, float]:
     """MMD² between two samples (RBF kernel, bandwidth = median pairwise squared distance) and its permutation
     p-value; each side is subsampled to MAX_SAMPLE rows."""
     rng = np.random.default_rng(seed)
-    reference, current = (x[rng.choice(len(x), MAX_SAMPLE, replace=False)] if len(x) > MAX_SAMPLE else x for x in (reference, current))
+    reference, current = (
+        x[rng.choice(len(x), MAX_SAMPLE, replace=False)] if len(x) > MAX_SAMPLE else x for x in (reference, current)
+    )
     x = np.vstack([reference, current]).astype(np.float64)
     sq = (x * x).sum(1)
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)

@@ -100,8 +100,14 @@ class TrainingCollector(Collector):
         self.logs = Path(project_dir) / ".kollm" / "logs" / "training"
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        families = {key: GaugeMetricFamily(name, doc, labels=["step_name"]) for key, (name, doc, _) in _TRAINING_GAUGES.items()}
-        stamp = GaugeMetricFamily("kollm_training_last_log_timestamp_seconds", "When the training step wrote its last record.", labels=["step_name"])
+        families = {
+            key: GaugeMetricFamily(name, doc, labels=["step_name"]) for key, (name, doc, _) in _TRAINING_GAUGES.items()
+        }
+        stamp = GaugeMetricFamily(
+            "kollm_training_last_log_timestamp_seconds",
+            "When the training step wrote its last record.",
+            labels=["step_name"],
+        )
         for path in sorted(self.logs.glob("*.jsonl")) if self.logs.is_dir() else []:
             record = last_record(path)
             if record is None:
@@ -125,13 +131,27 @@ class DriftCollector(Collector):
         self.path = drift_latest_path(project_dir)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        psi = GaugeMetricFamily("kollm_drift_psi", "Population stability index of a feature, recent traffic vs the training data.", labels=["feature"])
-        ks = GaugeMetricFamily("kollm_drift_ks_statistic", "Two-sample Kolmogorov-Smirnov statistic of a feature.", labels=["feature"])
-        pvalue = GaugeMetricFamily("kollm_drift_ks_pvalue", "p-value of the two-sample Kolmogorov-Smirnov test of a feature.", labels=["feature"])
-        detected = GaugeMetricFamily("kollm_drift_detected", "1 when the feature drifted past the threshold, else 0.", labels=["feature"])
+        psi = GaugeMetricFamily(
+            "kollm_drift_psi",
+            "Population stability index of a feature, recent traffic vs the training data.",
+            labels=["feature"],
+        )
+        ks = GaugeMetricFamily(
+            "kollm_drift_ks_statistic", "Two-sample Kolmogorov-Smirnov statistic of a feature.", labels=["feature"]
+        )
+        pvalue = GaugeMetricFamily(
+            "kollm_drift_ks_pvalue",
+            "p-value of the two-sample Kolmogorov-Smirnov test of a feature.",
+            labels=["feature"],
+        )
+        detected = GaugeMetricFamily(
+            "kollm_drift_detected", "1 when the feature drifted past the threshold, else 0.", labels=["feature"]
+        )
         window = GaugeMetricFamily("kollm_drift_window_requests", "Requests in the compared window of recent traffic.")
         last = GaugeMetricFamily("kollm_drift_last_run_timestamp_seconds", "When `kollm monitor drift` last ran.")
-        mmd = GaugeMetricFamily("kollm_drift_embedding_mmd2", "MMD² between served prompts' and the training texts' embeddings.")
+        mmd = GaugeMetricFamily(
+            "kollm_drift_embedding_mmd2", "MMD² between served prompts' and the training texts' embeddings."
+        )
         mmd_p = GaugeMetricFamily("kollm_drift_embedding_pvalue", "Permutation p-value of the embedding MMD² test.")
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))

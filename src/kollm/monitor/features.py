@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 TEXT_FEATURES = ("prompt_chars", "hangul_ratio", "pii_hits", "unknown_char_rate")
 # Hangul (syllables, jamo, compatibility jamo), ASCII, Latin-1 punctuation, general punctuation, CJK symbols and
 # punctuation, full-width forms: everything else counts as unknown.
-_KNOWN = re.compile(r"[\u0000-\u007f\u00a0-\u00bf\u00d7\u00f7\u1100-\u11ff\u2000-\u206f\u3000-\u303f\u3130-\u318f\ua960-\ua97f"
-                    r"\uac00-\ud7af\ud7b0-\ud7ff\uff00-\uffef]")
+_KNOWN = re.compile(
+    r"[\u0000-\u007f\u00a0-\u00bf\u00d7\u00f7\u1100-\u11ff\u2000-\u206f\u3000-\u303f\u3130-\u318f\ua960-\ua97f"
+    r"\uac00-\ud7af\ud7b0-\ud7ff\uff00-\uffef]"
+)
 
 
 def text_features(text: str) -> dict[str, float]:
@@ -67,13 +69,19 @@ def prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
     return body.prompt if isinstance(body.prompt, str) else "\n".join(body.prompt)
 
 
-def request_features(body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, output_tokens: int,
-                     output_nll: float | None = None) -> dict[str, float]:
+def request_features(
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
+    output_tokens: int,
+    output_nll: float | None = None,
+) -> dict[str, float]:
     """The features kollm serve logs for one request (see the module docstring)."""
     features = text_features(prompt_text(body))
     features["prompt_tokens"] = float(prompt_tokens)
     features["output_tokens"] = float(output_tokens)
-    features["tokens_per_char"] = round(prompt_tokens / features["prompt_chars"], 4) if features["prompt_chars"] else 0.0
+    features["tokens_per_char"] = (
+        round(prompt_tokens / features["prompt_chars"], 4) if features["prompt_chars"] else 0.0
+    )
     if output_nll is not None and output_tokens:
         features["output_perplexity"] = round(math.exp(min(output_nll / output_tokens, 100.0)), 4)
     return features

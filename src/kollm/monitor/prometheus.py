@@ -45,7 +45,9 @@ def parse_targets(targets: list[str]) -> dict[str, list[str]]:
     return jobs
 
 
-def scrape_config(targets: list[str], rule_paths: list[str], *, scrape_interval: str = "15s", evaluation_interval: str = "15s") -> str:
+def scrape_config(
+    targets: list[str], rule_paths: list[str], *, scrape_interval: str = "15s", evaluation_interval: str = "15s"
+) -> str:
     """A prometheus.yml scraping `targets` (JOB=HOST:PORT) and loading `rule_paths`."""
     jobs = parse_targets(targets)
     config = {
@@ -56,7 +58,9 @@ def scrape_config(targets: list[str], rule_paths: list[str], *, scrape_interval:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def write_config(out_dir: Path, targets: list[str], *, scrape_interval: str = "15s", evaluation_interval: str = "15s") -> Path:
+def write_config(
+    out_dir: Path, targets: list[str], *, scrape_interval: str = "15s", evaluation_interval: str = "15s"
+) -> Path:
     """Copy rules/*.yml and dashboards/*.json into out_dir and write out_dir/prometheus.yml; returns its path."""
     out_dir = Path(out_dir)
     (out_dir / "rules").mkdir(parents=True, exist_ok=True)
@@ -67,6 +71,9 @@ def write_config(out_dir: Path, targets: list[str], *, scrape_interval: str = "1
         shutil.copyfile(f, out_dir / "dashboards" / f.name)
     path = out_dir / "prometheus.yml"
     path.write_text(
-        scrape_config(targets, ["rules/*.yml"], scrape_interval=scrape_interval, evaluation_interval=evaluation_interval), encoding="utf-8"
+        scrape_config(
+            targets, ["rules/*.yml"], scrape_interval=scrape_interval, evaluation_interval=evaluation_interval
+        ),
+        encoding="utf-8",
     )
     return path

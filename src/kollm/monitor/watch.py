@@ -59,8 +59,21 @@ log = logging.getLogger("kollm.watch")
 MAX_ATTEMPTS = 3
 ROLLOUT_DONE = ("promoted", "rolled_back", "aborted")
 TriggerKind = Literal["schedule", "data", "drift", "webhook", "manual"]
-OutcomeKind = Literal["idle", "baseline", "waiting", "busy", "promoted", "rolled_back", "aborted", "gate_failed", "failed",
-                      "no_new_challenger", "registered", "gateway_not_serving_challenger", "rollout_timeout"]
+OutcomeKind = Literal[
+    "idle",
+    "baseline",
+    "waiting",
+    "busy",
+    "promoted",
+    "rolled_back",
+    "aborted",
+    "gate_failed",
+    "failed",
+    "no_new_challenger",
+    "registered",
+    "gateway_not_serving_challenger",
+    "rollout_timeout",
+]
 
 
 # ---------------------------------------------------------------- settings and state
@@ -131,9 +144,16 @@ class Outcome:
     mlflow_run_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "triggers": [t.model_dump() for t in self.triggers], "version": self.version,
-                "steps_run": self.steps_run, "steps_cached": self.steps_cached, "alert_delivered": self.alert_delivered,
-                "mlflow_run_id": self.mlflow_run_id}
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "triggers": [t.model_dump() for t in self.triggers],
+            "version": self.version,
+            "steps_run": self.steps_run,
+            "steps_cached": self.steps_cached,
+            "alert_delivered": self.alert_delivered,
+            "mlflow_run_id": self.mlflow_run_id,
+        }
 
 
 class StateStore:
@@ -230,9 +250,13 @@ def parse_cron(expr: str) -> Cron:
     """Five fields: minute hour day-of-month month day-of-week (0 or 7 = Sunday); *, a-b, */n and lists."""
     fields = expr.split()
     if len(fields) != 5:
-        raise ConfigError(f"--schedule {expr!r}: expected 5 cron fields (minute hour day month weekday), e.g. '0 3 * * *'")
+        raise ConfigError(
+            f"--schedule {expr!r}: expected 5 cron fields (minute hour day month weekday), e.g. '0 3 * * *'"
+        )
     try:
-        minute, hour, day, month, weekday = (_cron_field(f, lo, hi) for f, (lo, hi) in zip(fields, ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))))
+        minute, hour, day, month, weekday = (
+            _cron_field(f, lo, hi) for f, (lo, hi) in zip(fields, ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7)))
+        )
     except ValueError as e:
         raise ConfigError(f"--schedule {expr!r}: bad field {e}; use numbers in range, *, a-b, */n or lists") from None
     return Cron(minute, hour, day, month, {d % 7 for d in weekday}, fields[2] != "*" and fields[4] != "*")
@@ -268,7 +292,9 @@ def data_digest(project_dir: Path) -> tuple[str, list[str]]:
         base = Path(source.path.removeprefix("file://"))
         base = base if base.is_absolute() else pipe.project_dir / base
         matches = sorted(Path(p) for p in glob.glob(str(base))) if any(c in str(base) for c in "*?[") else [base]
-        files = sorted(f for m in matches for f in ([m] if m.is_file() else m.rglob("*") if m.is_dir() else []) if f.is_file())
+        files = sorted(
+            f for m in matches for f in ([m] if m.is_file() else m.rglob("*") if m.is_dir() else []) if f.is_file()
+        )
         h.update(f"source {name}\n".encode())
         for f in files:
             h.update(f"{f.relative_to(pipe.project_dir) if f.is_relative_to(pipe.project_dir) else f}\n".encode())
@@ -288,21 +314,35 @@ def detect(settings: WatchSettings, state: WatchState, now: float) -> list[Trigg
     if settings.watch_data:
         digest, _ = data_digest(settings.project_dir)
         if state.data_digest is not None and digest != state.data_digest:
-            found.append(Trigger(kind="data", detail=f"data changed: {state.data_digest[:19]} -> {digest[:19]}", at=now))
+            found.append(
+                Trigger(kind="data", detail=f"data changed: {state.data_digest[:19]} -> {digest[:19]}", at=now)
+            )
         state.data_digest = digest
-    if settings.drift_threshold is not None and (state.last_drift_check is None or now - state.last_drift_check >= settings.drift_every_s):
+    if settings.drift_threshold is not None and (
+        state.last_drift_check is None or now - state.last_drift_check >= settings.drift_every_s
+    ):
         from kollm.monitor.drift import check_drift
 
         state.last_drift_check = now
         try:
-            result = check_drift(settings.project_dir, window=settings.drift_window, threshold=settings.drift_threshold,
-                                 min_requests=settings.drift_min_requests)
+            result = check_drift(
+                settings.project_dir,
+                window=settings.drift_window,
+                threshold=settings.drift_threshold,
+                min_requests=settings.drift_min_requests,
+            )
         except KollmError as e:
             log.info("drift check skipped: %s", e.message)
         else:
             if result.drifted:
                 worst = max(result.drifted, key=lambda n: result.features[n].psi)
-                found.append(Trigger(kind="drift", detail=f"drift on {', '.join(result.drifted)} (PSI {result.features[worst].psi:.2f} on {worst})", at=now))
+                found.append(
+                    Trigger(
+                        kind="drift",
+                        detail=f"drift on {', '.join(result.drifted)} (PSI {result.features[worst].psi:.2f} on {worst})",
+                        at=now,
+                    )
+                )
     return found
 
 
@@ -344,24 +384,40 @@ def roll_out(settings: WatchSettings, name: str, version: str) -> Outcome:
 
     assert settings.gateway
     deadline = time.time() + settings.canary_load_timeout_s
-    while (gw := command("status", gateway=settings.gateway, api_key=settings.api_key)["gateway"])["canary_version"] != version:
+    while (gw := command("status", gateway=settings.gateway, api_key=settings.api_key)["gateway"])[
+        "canary_version"
+    ] != version:
         if time.time() >= deadline:  # the gateway follows the challenger alias: it loads the new version by itself
-            return Outcome("gateway_not_serving_challenger",
-                           f"challenger version {version} passed the gate, but the gateway at {settings.gateway} still serves canary "
-                           f"{gw['canary_version']} after {settings.canary_load_timeout_s:g}s; serve it with "
-                           f"`kollm serve models:/{name}@champion --canary models:/{name}@challenger` (which follows the alias)",
-                           version=version)
+            return Outcome(
+                "gateway_not_serving_challenger",
+                f"challenger version {version} passed the gate, but the gateway at {settings.gateway} still serves canary "
+                f"{gw['canary_version']} after {settings.canary_load_timeout_s:g}s; serve it with "
+                f"`kollm serve models:/{name}@champion --canary models:/{name}@challenger` (which follows the alias)",
+                version=version,
+            )
         time.sleep(settings.poll_s)
-    start(name, steps=settings.rollout_steps, pause=settings.rollout_pause, analysis=settings.rollout_analysis,
-          failure_limit=settings.rollout_failure_limit, min_requests=settings.rollout_min_requests, alert_webhook=settings.alert_webhook,
-          gateway=settings.gateway, api_key=settings.api_key)
+    start(
+        name,
+        steps=settings.rollout_steps,
+        pause=settings.rollout_pause,
+        analysis=settings.rollout_analysis,
+        failure_limit=settings.rollout_failure_limit,
+        min_requests=settings.rollout_min_requests,
+        alert_webhook=settings.alert_webhook,
+        gateway=settings.gateway,
+        api_key=settings.api_key,
+    )
     deadline = time.time() + settings.rollout_timeout_s
     while time.time() < deadline:
         st = command("status", gateway=settings.gateway, api_key=settings.api_key)["rollout"]
         if st is not None and st["status"] in ROLLOUT_DONE:
             return Outcome(st["status"], f"version {version}: {st['message']}", version=version)
         time.sleep(settings.poll_s)
-    return Outcome("rollout_timeout", f"the rollout of version {version} did not finish in {settings.rollout_timeout_s:g}s", version=version)
+    return Outcome(
+        "rollout_timeout",
+        f"the rollout of version {version} did not finish in {settings.rollout_timeout_s:g}s",
+        version=version,
+    )
 
 
 def retrain(settings: WatchSettings, state: WatchState) -> Outcome:
@@ -380,14 +436,20 @@ def retrain(settings: WatchSettings, state: WatchState) -> Outcome:
     challenger = _alias_version(name, "challenger", settings.project_dir)
     champion = _alias_version(name, "champion", settings.project_dir)
     if challenger is None or challenger == champion or challenger in state.handled_challengers:
-        outcome = Outcome("no_new_challenger", f"pipeline run {result.run_id}: no new challenger of {name} (challenger {challenger}, champion {champion})")
+        outcome = Outcome(
+            "no_new_challenger",
+            f"pipeline run {result.run_id}: no new challenger of {name} (challenger {challenger}, champion {champion})",
+        )
     else:
         state.handled_challengers.append(challenger)
         if settings.gateway:
             outcome = roll_out(settings, name, challenger)
         else:
-            outcome = Outcome("registered", f"{name} version {challenger} passed the gate and is the challenger (no --gateway: not rolled out)",
-                              version=challenger)
+            outcome = Outcome(
+                "registered",
+                f"{name} version {challenger} passed the gate and is the challenger (no --gateway: not rolled out)",
+                version=challenger,
+            )
     outcome.steps_run, outcome.steps_cached = run, cached
     return outcome
 
@@ -397,7 +459,10 @@ def run_cycle(settings: WatchSettings, *, now: float | None = None, manual: bool
     store = StateStore(settings.state_dir)
     with watcher_lock(settings.state_dir) as held:
         if not held:
-            return Outcome("busy", "another kollm watch holds the lock (one retrain at a time); its next cycle sees the same changes")
+            return Outcome(
+                "busy",
+                "another kollm watch holds the lock (one retrain at a time); its next cycle sees the same changes",
+            )
         state = store.load()
         now = time.time() if now is None else now
         first = state.data_digest is None and state.last_schedule_check is None and not state.history
@@ -408,7 +473,10 @@ def run_cycle(settings: WatchSettings, *, now: float | None = None, manual: bool
                 state.pending.append(Trigger(kind="manual", detail="kollm watch --now", at=now))
             store.save(state)  # the triggers are safe before anything runs
             if not state.pending:
-                return Outcome("baseline" if first else "idle", "recorded the data digest and schedule; nothing to do yet" if first else "nothing to do")
+                return Outcome(
+                    "baseline" if first else "idle",
+                    "recorded the data digest and schedule; nothing to do yet" if first else "nothing to do",
+                )
         busy = _rollout_active(settings)
         if busy:
             waiting = state.running.triggers if state.running is not None else state.pending
@@ -416,10 +484,16 @@ def run_cycle(settings: WatchSettings, *, now: float | None = None, manual: bool
         if state.running is not None:
             state.running.attempts += 1
             if state.running.attempts > MAX_ATTEMPTS:
-                outcome = Outcome("failed", f"gave up after {MAX_ATTEMPTS} attempts that did not finish", triggers=state.running.triggers)
+                outcome = Outcome(
+                    "failed",
+                    f"gave up after {MAX_ATTEMPTS} attempts that did not finish",
+                    triggers=state.running.triggers,
+                )
                 state.running = None
                 return _finish(settings, store, state, outcome)
-            log.info("resuming the run of %d trigger(s) that a previous watcher did not finish", len(state.running.triggers))
+            log.info(
+                "resuming the run of %d trigger(s) that a previous watcher did not finish", len(state.running.triggers)
+            )
         else:
             state.running = Running(triggers=state.pending, started_at=now)
             state.pending = []
@@ -458,25 +532,42 @@ def _log_outcome(settings: WatchSettings, outcome: Outcome) -> str:
     exp = c.get_experiment_by_name(MONITOR_EXPERIMENT)
     exp_id = exp.experiment_id if exp is not None else c.create_experiment(MONITOR_EXPERIMENT)
     run = c.create_run(exp_id, run_name=f"watch {outcome.kind}", tags={"kollm.monitor": "watch"})
-    tags = [RunTag("kollm.watch.outcome", outcome.kind), RunTag("kollm.watch.message", outcome.message[:4000]),
-            RunTag("kollm.watch.triggers", ",".join(sorted({t.kind for t in outcome.triggers})) or "none")]
+    tags = [
+        RunTag("kollm.watch.outcome", outcome.kind),
+        RunTag("kollm.watch.message", outcome.message[:4000]),
+        RunTag("kollm.watch.triggers", ",".join(sorted({t.kind for t in outcome.triggers})) or "none"),
+    ]
     if outcome.version:
         tags.append(RunTag("kollm.watch.version", outcome.version))
     ms = int(time.time() * 1000)
-    c.log_batch(run.info.run_id, metrics=[Metric("watch.steps_run", len(outcome.steps_run), ms, 0),
-                                          Metric("watch.triggers", len(outcome.triggers), ms, 0)], tags=tags)
-    c.set_terminated(run.info.run_id, "FAILED" if outcome.kind in ("failed", "gate_failed", "rolled_back", "aborted") else "FINISHED")
+    c.log_batch(
+        run.info.run_id,
+        metrics=[
+            Metric("watch.steps_run", len(outcome.steps_run), ms, 0),
+            Metric("watch.triggers", len(outcome.triggers), ms, 0),
+        ],
+        tags=tags,
+    )
+    c.set_terminated(
+        run.info.run_id, "FAILED" if outcome.kind in ("failed", "gate_failed", "rolled_back", "aborted") else "FINISHED"
+    )
     return run.info.run_id
 
 
 # ---------------------------------------------------------------- the MLflow webhook receiver
 
 
-def verify_mlflow_signature(secret: str, headers: dict[str, str], body: bytes, *, max_age_s: float = 300, now: float | None = None) -> bool:
+def verify_mlflow_signature(
+    secret: str, headers: dict[str, str], body: bytes, *, max_age_s: float = 300, now: float | None = None
+) -> bool:
     """Check an MLflow webhook delivery: `X-MLflow-Signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">`
     with the shared secret, and a timestamp no older than max_age_s (against replays)."""
     h = {k.lower(): v for k, v in headers.items()}
-    delivery, stamp, signature = h.get("x-mlflow-delivery-id"), h.get("x-mlflow-timestamp"), h.get("x-mlflow-signature", "")
+    delivery, stamp, signature = (
+        h.get("x-mlflow-delivery-id"),
+        h.get("x-mlflow-timestamp"),
+        h.get("x-mlflow-signature", ""),
+    )
     if not delivery or not stamp or not signature.startswith("v1,"):
         return False
     try:
@@ -537,7 +628,9 @@ def watch(settings: WatchSettings, *, interval_s: float = 60.0, stop: threading.
     server = None
     if settings.webhook_port is not None:
         if not settings.webhook_secret:
-            raise ConfigError("--webhook-port needs --webhook-secret (or $KOLLM_WEBHOOK_SECRET): deliveries are HMAC-verified")
+            raise ConfigError(
+                "--webhook-port needs --webhook-secret (or $KOLLM_WEBHOOK_SECRET): deliveries are HMAC-verified"
+            )
         server = webhook_server(settings, StateStore(settings.state_dir), _model_name(settings))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         log.info("MLflow webhook receiver on http://%s:%d/", settings.webhook_host, server.server_address[1])

@@ -92,5 +92,7 @@ def cached_folder_digest(folder: Path, cache_file: Path) -> str:
         fresh[stamp] = cache.get(stamp) or file_digest(path)
         h.update(f"{path.relative_to(folder).as_posix()}\0{fresh[stamp]}\n".encode())
     if any(k not in cache for k in fresh):
-        write_json_atomic(cache_file, {**{k: v for k, v in cache.items() if not k.startswith(str(folder.resolve()) + "/")}, **fresh})
+        write_json_atomic(
+            cache_file, {**{k: v for k, v in cache.items() if not k.startswith(str(folder.resolve()) + "/")}, **fresh}
+        )
     return "sha256:" + h.hexdigest()

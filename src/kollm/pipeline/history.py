@@ -56,14 +56,21 @@ def list_runs(path: str | Path | None = None, limit: int = 20) -> list[RunRow]:
     client, exp = _open(path)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`kollm.pipeline` = 'true'", max_results=limit, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`kollm.pipeline` = 'true'",
+        max_results=limit,
+        order_by=["attributes.start_time DESC"],
+    )
     rows = []
     for r in runs:
         m = r.data.metrics
         if "steps" in m:  # a finished run logged its counts
             steps, hits = int(m["steps"]), int(m.get("cache_hits", 0))
         else:  # failed, killed or still running: count its step runs
-            children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{r.info.run_id}'", max_results=1000)
+            children = client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{r.info.run_id}'", max_results=1000
+            )
             steps, hits = len(children), sum(c.data.tags.get("kollm.cache_hit") == "true" for c in children)
         rows.append(
             RunRow(
@@ -82,22 +89,36 @@ def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow
     client, exp = _open(path)
     if exp is None:
         raise NotFound("no runs yet in this project; `kollm run` starts one")
-    pipelines = client.search_runs([exp.experiment_id], filter_string="tags.`kollm.pipeline` = 'true'", max_results=1000, order_by=["attributes.start_time DESC"])
+    pipelines = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.`kollm.pipeline` = 'true'",
+        max_results=1000,
+        order_by=["attributes.start_time DESC"],
+    )
     if run_id == "latest":
         matches = pipelines[:1]
     else:
         matches = [r for r in pipelines if r.info.run_id.startswith(run_id)]
     if len(matches) != 1:
         what = "no run" if not matches else f"{len(matches)} runs"
-        raise NotFound(f"{what} matching '{run_id}'", hint="`kollm runs` lists run ids; use a longer prefix or 'latest'")
+        raise NotFound(
+            f"{what} matching '{run_id}'", hint="`kollm runs` lists run ids; use a longer prefix or 'latest'"
+        )
     run = matches[0]
     children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000, order_by=["attributes.start_time ASC"]
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'",
+        max_results=1000,
+        order_by=["attributes.start_time ASC"],
     )
     steps = []
     for c in children:
         tags, m = c.data.tags, c.data.metrics
-        outputs = ", ".join(f"{k.split('.')[2]}={v.removeprefix('sha256:')[:12]}" for k, v in sorted(tags.items()) if k.startswith("kollm.output."))
+        outputs = ", ".join(
+            f"{k.split('.')[2]}={v.removeprefix('sha256:')[:12]}"
+            for k, v in sorted(tags.items())
+            if k.startswith("kollm.output.")
+        )
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k != "duration_s")
         steps.append(
             StepRow(
@@ -113,5 +134,12 @@ def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow
                 trials=trial_table(tags),
             )
         )
-    info = RunRow(run.info.run_id, _fmt_time(run.info.start_time), run.info.status, len(steps), sum(s.cache == "hit" for s in steps), _fmt_duration(run.info.start_time, run.info.end_time))
+    info = RunRow(
+        run.info.run_id,
+        _fmt_time(run.info.start_time),
+        run.info.status,
+        len(steps),
+        sum(s.cache == "hit" for s in steps),
+        _fmt_duration(run.info.start_time, run.info.end_time),
+    )
     return info, steps

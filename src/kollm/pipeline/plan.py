@@ -59,12 +59,19 @@ class Plan:
 
     def inputs(self, step: ResolvedStep, outputs: dict[str, dict[str, Artifact]]) -> dict[str, Artifact]:
         """The step's inputs: data sources, and the outputs of finished earlier steps (`outputs[step][name]`)."""
-        return {k: self.sources[ref.source] if ref.source is not None else outputs[ref.step or ""][ref.output or ""] for k, ref in step.inputs.items()}
+        return {
+            k: self.sources[ref.source] if ref.source is not None else outputs[ref.step or ""][ref.output or ""]
+            for k, ref in step.inputs.items()
+        }
 
     def input_uris(self, step: ResolvedStep, outputs: dict[str, dict[str, Artifact]]) -> dict[str, str]:
         """The `--input NAME=URI` of `kollm step run` for the step: earlier steps' output folders (data sources are
         read by the step itself, as kollm.yaml names them)."""
-        return {k: a.path.as_uri() for k, a in self.inputs(step, outputs).items() if step.inputs[k].step is not None and a.path is not None}
+        return {
+            k: a.path.as_uri()
+            for k, a in self.inputs(step, outputs).items()
+            if step.inputs[k].step is not None and a.path is not None
+        }
 
 
 def plan(pipeline: Pipeline, overrides: dict[str, Any] | None = None, *, steps: list[str] | None = None) -> Plan:
@@ -83,7 +90,14 @@ def plan(pipeline: Pipeline, overrides: dict[str, Any] | None = None, *, steps: 
             if ref.source is not None and ref.source not in sources:
                 sources[ref.source] = resolve_source(ref.source, pipeline.cfg.data[ref.source], pipeline.project_dir)
         references[s.name] = dict(s.module.references(s.config, pipeline.project_dir))
-    return Plan(pipeline=pipeline, steps=resolved, deps=deps, references=references, sources=sources, overrides=dict(overrides or {}))
+    return Plan(
+        pipeline=pipeline,
+        steps=resolved,
+        deps=deps,
+        references=references,
+        sources=sources,
+        overrides=dict(overrides or {}),
+    )
 
 
 def apply_overrides(pipeline: Pipeline, overrides: dict[str, Any]) -> list[ResolvedStep]:

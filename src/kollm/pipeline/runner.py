@@ -27,7 +27,15 @@ from kollm.jsonlog import JsonLog, log_path
 from kollm.pipeline.artifacts import folder_digest, write_json_atomic
 from kollm.pipeline.plan import Plan, plan
 from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
-from kollm.pipeline.step import ARTIFACT_META_FILE, Artifact, Progress, StepContext, StepRecord, StepResult, _no_progress
+from kollm.pipeline.step import (
+    ARTIFACT_META_FILE,
+    Artifact,
+    Progress,
+    StepContext,
+    StepRecord,
+    StepResult,
+    _no_progress,
+)
 from kollm.pipeline.store import ArtifactStore, open_store, read_artifact_meta, wait_note
 from kollm.pipeline.tracking import PipelineTracker, StepTracker
 
@@ -57,14 +65,18 @@ class Selection:
     cached_only: frozenset[str]  # read from the cache without a new MLflow run (upstream of --only/--from)
 
 
-def select(pipe: Pipeline, force: Iterable[str] = (), from_step: str | None = None, only: str | None = None) -> Selection:
+def select(
+    pipe: Pipeline, force: Iterable[str] = (), from_step: str | None = None, only: str | None = None
+) -> Selection:
     names = [s.name for s in pipe.steps]
     force = list(force)
     for flag, value in [("--from", from_step), ("--only", only), *[("--force", f) for f in force]]:
         if value is not None and value not in names:
             raise ConfigError(f"{flag} {value}: no such step; steps are: {', '.join(names)}")
     if only and from_step:
-        raise ConfigError("--only and --from cannot be combined: --only runs one step, --from runs a step and all after it")
+        raise ConfigError(
+            "--only and --from cannot be combined: --only runs one step, --from runs a step and all after it"
+        )
     forced = set(force)
     selected = names
     cached_only: set[str] = set()
@@ -101,7 +113,9 @@ class StepRun:
     report: Reporter = _silent
     progress: Progress = _no_progress
     executor: str = "local"
-    on_tracker: Callable[[StepTracker | None], None] = lambda st: None  # the executor learns the step's run (to end it on Ctrl-C)
+    on_tracker: Callable[[StepTracker | None], None] = (
+        lambda st: None
+    )  # the executor learns the step's run (to end it on Ctrl-C)
 
 
 def drive(
@@ -128,10 +142,14 @@ def drive(
             tracker.finish(status)
         raise
     order = [n for n in selection.steps if n in records]
-    result = RunResult(tracker.run_id or "", "FINISHED", {n: records[n] for n in order}, {n: durations[n] for n in order})
+    result = RunResult(
+        tracker.run_id or "", "FINISHED", {n: records[n] for n in order}, {n: durations[n] for n in order}
+    )
     if not parent_run_id:
         hits = sum(r.cache_hit for r in result.steps.values())
-        tracker.finish("FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits})
+        tracker.finish(
+            "FINISHED", {"duration_s": time.perf_counter() - t0, "steps": len(result.steps), "cache_hits": hits}
+        )
     log.log("pipeline_finished", duration_s=time.perf_counter() - t0)
     return result
 
@@ -157,7 +175,9 @@ def run_step(
                 f"step '{step.name}' has no cached result for its current config and inputs",
                 hint="run the whole pipeline first (or start earlier with --from)",
             )
-        return StepRecord(step.name, step.kind, key, cached.get("run_id"), True, r.store.outputs(cached), cached.get("metrics", {})), 0.0
+        return StepRecord(
+            step.name, step.kind, key, cached.get("run_id"), True, r.store.outputs(cached), cached.get("metrics", {})
+        ), 0.0
     if wait_note(r.store, key):
         r.report("waiting", step.name, {"key": key})
         r.log.log("step_waiting", step=step.name, key=key)
@@ -215,20 +235,34 @@ def run_step(
                 r.on_tracker(None)
                 raise
             except Exception as e:
-                r.log.log("step_error", "ERROR", step=step.name, attempt=attempt, error=f"{type(e).__name__}: {e}",
-                          traceback=traceback.format_exc())
+                r.log.log(
+                    "step_error",
+                    "ERROR",
+                    step=step.name,
+                    attempt=attempt,
+                    error=f"{type(e).__name__}: {e}",
+                    traceback=traceback.format_exc(),
+                )
                 if attempt - first_attempt + 1 < attempts:
                     delay = step.retry_backoff_s * (2 ** (attempt - first_attempt))
                     attempt += 1
-                    r.report("retry", step.name, {"attempt": attempt, "delay_s": delay, "error": f"{type(e).__name__}: {e}"})
+                    r.report(
+                        "retry", step.name, {"attempt": attempt, "delay_s": delay, "error": f"{type(e).__name__}: {e}"}
+                    )
                     time.sleep(delay)
                     continue
-                err = StepCrashed(f"step '{step.name}' ({step.kind}) failed: {type(e).__name__}: {e}", hint=f"full traceback in {r.log.path}")
+                err = StepCrashed(
+                    f"step '{step.name}' ({step.kind}) failed: {type(e).__name__}: {e}",
+                    hint=f"full traceback in {r.log.path}",
+                )
                 _fail(st, r, step, err)
                 err.step = step.name
                 raise err from None
     duration = time.perf_counter() - t0
-    st.log(metrics={**record.metrics, "duration_s": duration}, tags={f"kollm.output.{n}.digest": a.digest for n, a in record.outputs.items()})
+    st.log(
+        metrics={**record.metrics, "duration_s": duration},
+        tags={f"kollm.output.{n}.digest": a.digest for n, a in record.outputs.items()},
+    )
     st.end("FINISHED")
     r.on_tracker(None)
     r.log.log("step_finished", step=step.name, key=key, duration_s=duration)
@@ -237,7 +271,14 @@ def run_step(
 
 
 def run_attempt(
-    step: ResolvedStep, inputs: dict[str, Artifact], upstream: list[StepRecord], r: StepRun, *, key: str, tracker: StepTracker, attempt: int
+    step: ResolvedStep,
+    inputs: dict[str, Artifact],
+    upstream: list[StepRecord],
+    r: StepRun,
+    *,
+    key: str,
+    tracker: StepTracker,
+    attempt: int,
 ) -> StepRecord:
     """One try of one step with explicit inputs: stage, run, digest, publish. No retries, no cache lookup."""
     pipe = r.plan.pipeline
@@ -245,17 +286,31 @@ def run_attempt(
     checkpoint_dir = pipe.state_dir / "checkpoints" / key
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ctx = StepContext(
-        name=step.name, kind=step.kind, config=step.config, inputs=inputs, output_dir=staged,
-        checkpoint_dir=checkpoint_dir, project_dir=pipe.project_dir, state_dir=pipe.state_dir, tracker=tracker,
-        run_id=r.tracker.run_id, upstream=upstream, resources=step.resources, progress=r.progress,
-        key=key, attempt=attempt, executor=r.executor,
+        name=step.name,
+        kind=step.kind,
+        config=step.config,
+        inputs=inputs,
+        output_dir=staged,
+        checkpoint_dir=checkpoint_dir,
+        project_dir=pipe.project_dir,
+        state_dir=pipe.state_dir,
+        tracker=tracker,
+        run_id=r.tracker.run_id,
+        upstream=upstream,
+        resources=step.resources,
+        progress=r.progress,
+        key=key,
+        attempt=attempt,
+        executor=r.executor,
     )
     try:
         res = step.module.run(ctx) or StepResult()
         _check_metric_names(step, res)
         missing = [n for n in step.outputs if not (staged / n).is_dir() or not any((staged / n).iterdir())]
         if missing:
-            raise StepFailed(f"step '{step.name}' ({step.kind}) finished without writing its output(s): {', '.join(missing)}")
+            raise StepFailed(
+                f"step '{step.name}' ({step.kind}) finished without writing its output(s): {', '.join(missing)}"
+            )
     except BaseException:
         r.store.discard(staged)
         raise
@@ -263,23 +318,53 @@ def run_attempt(
     for name, typ in step.outputs.items():
         digest = folder_digest(staged / name)
         meta = res.meta.get(name, {})
-        write_json_atomic(staged / name / ARTIFACT_META_FILE, {"type": typ, "digest": digest, "meta": meta, "step": step.name, "cache_key": key, "run_id": tracker.run_id})
+        write_json_atomic(
+            staged / name / ARTIFACT_META_FILE,
+            {
+                "type": typ,
+                "digest": digest,
+                "meta": meta,
+                "step": step.name,
+                "cache_key": key,
+                "run_id": tracker.run_id,
+            },
+        )
         manifest_outputs[name] = {"type": typ, "digest": digest, "meta": meta}
     metrics = {k: float(v) for k, v in res.metrics.items()}
-    manifest = r.store.publish(key, staged, {
-        "name": step.name, "kind": step.kind, "key": key, "config": step.config.model_dump(mode="json"), "outputs": manifest_outputs,
-        "metrics": metrics, "inputs": {k: _input_record(a) for k, a in inputs.items()}, "references": r.plan.references[step.name],
-        "run_id": tracker.run_id, "attempt": attempt, "finished_at": time.time(),
-    })
+    manifest = r.store.publish(
+        key,
+        staged,
+        {
+            "name": step.name,
+            "kind": step.kind,
+            "key": key,
+            "config": step.config.model_dump(mode="json"),
+            "outputs": manifest_outputs,
+            "metrics": metrics,
+            "inputs": {k: _input_record(a) for k, a in inputs.items()},
+            "references": r.plan.references[step.name],
+            "run_id": tracker.run_id,
+            "attempt": attempt,
+            "finished_at": time.time(),
+        },
+    )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return StepRecord(step.name, step.kind, key, tracker.run_id, False, r.store.outputs(manifest), manifest.get("metrics", metrics))
+    return StepRecord(
+        step.name, step.kind, key, tracker.run_id, False, r.store.outputs(manifest), manifest.get("metrics", metrics)
+    )
 
 
 def _input_record(a: Artifact) -> dict[str, Any]:
     if a.type == "source":
         return {"type": a.type, "digest": a.digest, "uri": a.meta.get("uri")}
     meta = read_artifact_meta(a.path) if a.path is not None else {}
-    return {"type": a.type, "digest": a.digest, "uri": a.path.as_uri() if a.path else None, "step": meta.get("step"), "key": meta.get("cache_key")}
+    return {
+        "type": a.type,
+        "digest": a.digest,
+        "uri": a.path.as_uri() if a.path else None,
+        "step": meta.get("step"),
+        "key": meta.get("cache_key"),
+    }
 
 
 def _check_metric_names(step: ResolvedStep, res: StepResult) -> None:
@@ -315,7 +400,15 @@ def upstream_from_store(store: ArtifactStore, inputs: dict[str, Artifact]) -> li
         for inp in manifest.get("inputs", {}).values():
             if isinstance(inp, dict):
                 visit(inp.get("key"))
-        records[key] = StepRecord(manifest["name"], manifest["kind"], key, manifest.get("run_id"), True, store.outputs(manifest), manifest.get("metrics", {}))
+        records[key] = StepRecord(
+            manifest["name"],
+            manifest["kind"],
+            key,
+            manifest.get("run_id"),
+            True,
+            store.outputs(manifest),
+            manifest.get("metrics", {}),
+        )
 
     for a in inputs.values():
         if a.type != "source" and a.path is not None:
@@ -374,13 +467,17 @@ def run_one(
     given = dict(inputs or {})
     unknown = [k for k in given if k not in step.module.inputs(step.config)]
     if unknown:
-        raise ConfigError(f"--input {unknown[0]}: step '{step_name}' has no input '{unknown[0]}' (its inputs: {', '.join(step.module.inputs(step.config)) or 'none'})")
+        raise ConfigError(
+            f"--input {unknown[0]}: step '{step_name}' has no input '{unknown[0]}' (its inputs: {', '.join(step.module.inputs(step.config)) or 'none'})"
+        )
     resolved: dict[str, Artifact] = {}
     for name, spec in step.module.inputs(step.config).items():
         if name in given:
             art = store.materialize(given[name])
             if art.type not in spec.types:
-                raise ConfigError(f"--input {name}={given[name]}: an artifact of type {art.type}, but '{name}' needs {' or '.join(spec.types)}")
+                raise ConfigError(
+                    f"--input {name}={given[name]}: an artifact of type {art.type}, but '{name}' needs {' or '.join(spec.types)}"
+                )
             resolved[name] = art
         elif name in step.inputs:
             resolved[name] = _from_cache(p, store, step, name)
@@ -391,11 +488,22 @@ def run_one(
         else:
             from kollm._version import __version__
 
-            tracker.start(pipe.cfg.project, {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.step_run": step_name})
+            tracker.start(
+                pipe.cfg.project,
+                {"kollm.config_file": str(pipe.file), "kollm.version": __version__, "kollm.step_run": step_name},
+            )
         log = run_log(pipe, tracker.run_id)
         r = StepRun(p, store, tracker, log, report, progress, executor)
         try:
-            record, _ = run_step(step, resolved, upstream_from_store(store, resolved), r, force=force, max_attempts=1, first_attempt=attempt)
+            record, _ = run_step(
+                step,
+                resolved,
+                upstream_from_store(store, resolved),
+                r,
+                force=force,
+                max_attempts=1,
+                first_attempt=attempt,
+            )
         except BaseException:
             if not parent_run_id:
                 tracker.finish("FAILED")

@@ -20,7 +20,12 @@ def json_schema() -> dict[str, Any]:
             defs.setdefault(name, d)
         name = f"{kind.capitalize()}StepConfig"
         defs[name] = cfg_schema
-        rules.append({"if": {"properties": {"kind": {"const": kind}}}, "then": {"properties": {"config": {"$ref": f"#/$defs/{name}"}}}})
+        rules.append(
+            {
+                "if": {"properties": {"kind": {"const": kind}}},
+                "then": {"properties": {"config": {"$ref": f"#/$defs/{name}"}}},
+            }
+        )
     step["allOf"] = rules
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema

@@ -184,7 +184,9 @@ def _wire(
                     if cfg.data
                     else "add a `data:` section with a source and name it in `inputs:`"
                 )
-                problems.append(f"{where}.inputs.{input_name}: needs a data source and {'several' if cfg.data else 'none'} exist; {hint}")
+                problems.append(
+                    f"{where}.inputs.{input_name}: needs a data source and {'several' if cfg.data else 'none'} exist; {hint}"
+                )
             else:
                 problems.append(
                     f"{where}.inputs.{input_name}: needs an artifact of type {accepted} and no earlier step produces one; "
@@ -216,17 +218,26 @@ def _parse_ref(
         step = by_name[step_name]
         if output:
             if output not in step.outputs:
-                return None, f"step '{step_name}' has no output '{output}' (its outputs: {', '.join(step.outputs) or 'none'})"
+                return (
+                    None,
+                    f"step '{step_name}' has no output '{output}' (its outputs: {', '.join(step.outputs) or 'none'})",
+                )
             if step.outputs[output] not in spec.types:
                 return None, f"'{text}' is of type {step.outputs[output]}, but this input needs {accepted}"
             return InputRef(step=step_name, output=output), None
         matches = [o for o, t in step.outputs.items() if t in spec.types]
         if not matches:
-            return None, f"step '{step_name}' produces no {accepted} (its outputs: {', '.join(f'{o}: {t}' for o, t in step.outputs.items()) or 'none'})"
+            return (
+                None,
+                f"step '{step_name}' produces no {accepted} (its outputs: {', '.join(f'{o}: {t}' for o, t in step.outputs.items()) or 'none'})",
+            )
         return InputRef(step=step_name, output=matches[0]), None
     if text in cfg.data:
         if "source" not in spec.types:
-            return None, f"'{text}' is a raw data source, but this input needs {accepted}; name the prepare step that reads it instead"
+            return (
+                None,
+                f"'{text}' is a raw data source, but this input needs {accepted}; name the prepare step that reads it instead",
+            )
         return InputRef(source=text), None
     if any((s.name or s.kind) == step_name for s in cfg.steps[index:]):
         return None, f"step '{step_name}' runs later; an input can only come from an earlier step"
@@ -268,14 +279,18 @@ def resolve_source(name: str, src: DataSource, project_dir: Path, *, digest: boo
     elif base.is_dir():
         if (base / "dataset_info.json").exists() or (base / "state.json").exists():
             fmt = "hf" if fmt == "auto" else fmt
-        files = sorted(p for p in walk_files(base) if not any(part.startswith(".") for part in p.relative_to(base).parts))
+        files = sorted(
+            p for p in walk_files(base) if not any(part.startswith(".") for part in p.relative_to(base).parts)
+        )
         if not files:
             raise ConfigError(f"{where}: the folder '{src.path}' is empty")
         root = base
     elif base.is_file():
         files, root = [base], base.parent
     else:
-        raise ConfigError(f"{where}: '{src.path}' does not exist (relative to {project_dir}); fix the path or create the file")
+        raise ConfigError(
+            f"{where}: '{src.path}' does not exist (relative to {project_dir}); fix the path or create the file"
+        )
     d = files_digest((p.relative_to(root).as_posix(), _local_digest(p)) for p in files) if digest else ""
     return Artifact(
         type="source",
@@ -349,10 +364,24 @@ def _remote_source(name: str, src: DataSource, digest: bool) -> Artifact:
     except Exception as e:
         raise ConfigError(f"{where}: cannot read '{src.path}': {type(e).__name__}: {e}") from None
     # Remote stores give an ETag or checksum; fall back to size and modification time.
-    d = files_digest(
-        (p, str(info.get("ETag") or info.get("etag") or info.get("checksum") or f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('created')}"))
-        for p, info in infos
-    ) if digest else ""
+    d = (
+        files_digest(
+            (
+                p,
+                str(
+                    info.get("ETag")
+                    or info.get("etag")
+                    or info.get("checksum")
+                    or f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('created')}"
+                ),
+            )
+            for p, info in infos
+        )
+        if digest
+        else ""
+    )
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     files = [fs.unstrip_protocol(p) if protocol not in ("file", "local") else p for p in paths]
-    return Artifact(type="source", path=None, digest=d, meta={"name": name, "uri": src.path, "format": src.format, "files": files})
+    return Artifact(
+        type="source", path=None, digest=d, meta={"name": name, "uri": src.path, "format": src.format, "files": files}
+    )

@@ -65,13 +65,23 @@ class SqliteRuns:
 
     @classmethod
     def open(cls, uri: str, experiment: str) -> SqliteRuns | None:
-        if not uri.startswith("sqlite:///") or "?" in uri or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        if (
+            not uri.startswith("sqlite:///")
+            or "?" in uri
+            or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true")
+        ):
             return None
         path = uri.removeprefix("sqlite:///")
         if not os.path.isfile(path):
             return None  # a new store: MLflow creates the schema
         try:
-            conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=rw", uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                f"file:{quote(os.path.abspath(path))}?mode=rw",
+                uri=True,
+                timeout=30,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         except sqlite3.Error:
             return None
         try:
@@ -118,14 +128,23 @@ class SqliteRuns:
         run_id = uuid.uuid4().hex
         artifact_uri = f"{self._artifact_location}/{run_id}/artifacts"
         with self._transaction() as cur:
-            row = cur.execute("SELECT lifecycle_stage FROM experiments WHERE experiment_id = ?", (int(self.experiment_id),)).fetchone()
+            row = cur.execute(
+                "SELECT lifecycle_stage FROM experiments WHERE experiment_id = ?", (int(self.experiment_id),)
+            ).fetchone()
             if row is None or row[0] != "active":
                 raise _UseMlflow
             cur.execute(
                 "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id, status, start_time,"
                 " end_time, deleted_time, source_version, lifecycle_stage, artifact_uri, experiment_id)"
                 " VALUES (?, ?, 'UNKNOWN', '', '', ?, 'RUNNING', ?, NULL, NULL, '', 'active', ?, ?)",
-                (run_id, run_name, tags.get("mlflow.user", "unknown"), _now_ms(), artifact_uri, int(self.experiment_id)),
+                (
+                    run_id,
+                    run_name,
+                    tags.get("mlflow.user", "unknown"),
+                    _now_ms(),
+                    artifact_uri,
+                    int(self.experiment_id),
+                ),
             )
             cur.executemany(
                 "INSERT INTO tags (key, value, run_uuid) VALUES (?, ?, ?)",
@@ -133,7 +152,16 @@ class SqliteRuns:
             )
         return None if cur.use_mlflow else run_id
 
-    def log_batch(self, run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str], *, timestamp: int, step: int) -> bool:
+    def log_batch(
+        self,
+        run_id: str,
+        params: dict[str, str],
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        *,
+        timestamp: int,
+        step: int,
+    ) -> bool:
         """MlflowClient.log_batch for one run; False: nothing was written, use MLflow."""
         if RUN_NAME_TAG in tags:
             return False
@@ -143,7 +171,11 @@ class SqliteRuns:
             return False
         if not all(isinstance(v, str) and len(v) <= MAX_TAG_VAL_LEN for v in tags.values()):
             return False
-        if not all(isinstance(v, float) for v in metrics.values()) or type(step) is not int or type(timestamp) is not int:
+        if (
+            not all(isinstance(v, float) for v in metrics.values())
+            or type(step) is not int
+            or type(timestamp) is not int
+        ):
             return False
         rows = [(k, *_sanitize(v)) for k, v in metrics.items()]
         with self._transaction() as cur:
@@ -151,10 +183,15 @@ class SqliteRuns:
                 raise _UseMlflow
             if params:
                 marks = ",".join("?" * len(params))
-                existing = cur.execute(f"SELECT key, value FROM params WHERE run_uuid = ? AND key IN ({marks})", (run_id, *params)).fetchall()
+                existing = cur.execute(
+                    f"SELECT key, value FROM params WHERE run_uuid = ? AND key IN ({marks})", (run_id, *params)
+                ).fetchall()
                 if any(params[k] != v for k, v in existing):
                     raise _UseMlflow  # a changed param: MLflow refuses it with its own message
-                cur.executemany("INSERT OR IGNORE INTO params (key, value, run_uuid) VALUES (?, ?, ?)", [(k, v, run_id) for k, v in params.items()])
+                cur.executemany(
+                    "INSERT OR IGNORE INTO params (key, value, run_uuid) VALUES (?, ?, ?)",
+                    [(k, v, run_id) for k, v in params.items()],
+                )
             if rows:
                 cur.executemany(
                     "INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan) VALUES (?, ?, ?, ?, ?, ?)",
@@ -181,7 +218,8 @@ class SqliteRuns:
             return False
         with self._transaction() as cur:
             updated = cur.execute(
-                "UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ? AND lifecycle_stage = 'active'", (status, _now_ms(), run_id)
+                "UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ? AND lifecycle_stage = 'active'",
+                (status, _now_ms(), run_id),
             ).rowcount
             if updated != 1:
                 raise _UseMlflow
@@ -241,8 +279,9 @@ class _Transaction:
     def executemany(self, sql: str, rows: list[tuple]) -> None:
         self._cur.executemany(sql, rows)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         try:
             if exc_type is None:
                 try:
@@ -264,7 +303,11 @@ class _Transaction:
 def alias_versions(uri: str, name: str, aliases: list[str]) -> dict[str, str | None] | None:
     """The version each alias of registered model `name` points at (None: unset), read from an MLflow SQLite
     store at a known schema revision without importing MLflow; None where MLflow must answer instead."""
-    if not uri.startswith("sqlite:///") or "?" in uri or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+    if (
+        not uri.startswith("sqlite:///")
+        or "?" in uri
+        or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true")
+    ):
         return None
     path = uri.removeprefix("sqlite:///")
     if not os.path.isfile(path):
@@ -275,7 +318,12 @@ def alias_versions(uri: str, name: str, aliases: list[str]) -> dict[str, str | N
             revisions = [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")]
             if len(revisions) != 1 or revisions[0] not in SCHEMA_REVISIONS:
                 return None
-            rows = dict(conn.execute("SELECT alias, version FROM registered_model_aliases WHERE name = ? AND workspace = 'default'", (name,)).fetchall())
+            rows = dict(
+                conn.execute(
+                    "SELECT alias, version FROM registered_model_aliases WHERE name = ? AND workspace = 'default'",
+                    (name,),
+                ).fetchall()
+            )
         finally:
             conn.close()
     except sqlite3.Error:

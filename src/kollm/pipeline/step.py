@@ -63,7 +63,12 @@ class Artifact:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.type, "path": str(self.path) if self.path else None, "digest": self.digest, "meta": self.meta}
+        return {
+            "type": self.type,
+            "path": str(self.path) if self.path else None,
+            "digest": self.digest,
+            "meta": self.meta,
+        }
 
     def folder(self) -> Path:
         """`path`, for an artifact that has one: every step output does, only a URL source has none."""
@@ -156,7 +161,9 @@ class StepContext:
     progress: Progress = _no_progress  # wrap long loops: `for x in ctx.progress(xs, total=n, description="...")`
     key: str = ""  # this step's cache key (register tags the version it creates with it)
     attempt: int = 0  # 0 for the first try, 1 for the first retry, ...
-    executor: str = "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
+    executor: str = (
+        "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
+    )
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""

@@ -88,7 +88,10 @@ def read_artifact_meta(folder: Path) -> dict[str, Any]:
     try:
         return json.loads((folder / ARTIFACT_META_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise KollmError(f"{folder} is not a kollm artifact (no {ARTIFACT_META_FILE})", hint="pass the URI of a finished step's output folder") from None
+        raise KollmError(
+            f"{folder} is not a kollm artifact (no {ARTIFACT_META_FILE})",
+            hint="pass the URI of a finished step's output folder",
+        ) from None
     except json.JSONDecodeError as e:
         raise KollmError(f"{folder / ARTIFACT_META_FILE} is not valid JSON: {e}") from None
 
@@ -114,7 +117,9 @@ class LocalStore:
 
     def outputs(self, manifest: Manifest) -> dict[str, Artifact]:
         folder = self.root / "steps" / manifest["key"]
-        return {n: Artifact(o["type"], folder / n, o["digest"], o.get("meta", {})) for n, o in manifest["outputs"].items()}
+        return {
+            n: Artifact(o["type"], folder / n, o["digest"], o.get("meta", {})) for n, o in manifest["outputs"].items()
+        }
 
     def stage(self, key: str) -> Path:
         path = self.root / "tmp" / f"{key}.{uuid.uuid4().hex[:8]}"
@@ -183,10 +188,14 @@ class FsspecStore:
         try:
             self.fs, self.base = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
-            raise KollmError(f"store {url}: {e}", hint="install the fsspec driver for this URL (s3: pip install 'kollm[s3]')") from None
+            raise KollmError(
+                f"store {url}: {e}", hint="install the fsspec driver for this URL (s3: pip install 'kollm[s3]')"
+            ) from None
         self.cache_dir = cache_dir
         self.local_tmp = cache_dir / "tmp"
-        self.shared = "memory" not in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,))
+        self.shared = "memory" not in (
+            self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        )
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.base.rstrip("/"), *parts])
@@ -240,7 +249,10 @@ class FsspecStore:
             with fs.open(f"{path.rstrip('/')}/{ARTIFACT_META_FILE}", "rb") as f:
                 meta = json.loads(f.read())
         except FileNotFoundError:
-            raise KollmError(f"{uri} is not a kollm artifact (no {ARTIFACT_META_FILE})", hint="pass the URI of a finished step's output folder") from None
+            raise KollmError(
+                f"{uri} is not a kollm artifact (no {ARTIFACT_META_FILE})",
+                hint="pass the URI of a finished step's output folder",
+            ) from None
         local = self.cache_dir / "objects" / meta["digest"].removeprefix("sha256:")[:32] / Path(path).name
         if not local.exists():
             tmp = self.cache_dir / "tmp" / f"dl.{uuid.uuid4().hex[:8]}"
@@ -252,7 +264,10 @@ class FsspecStore:
                 fs.get_file(remote, str(target))
             if folder_digest(tmp) != meta["digest"]:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise KollmError(f"{uri}: downloaded files do not match the artifact's digest {meta['digest']}", hint="the store was changed by hand; re-run the step that produced it with --force")
+                raise KollmError(
+                    f"{uri}: downloaded files do not match the artifact's digest {meta['digest']}",
+                    hint="the store was changed by hand; re-run the step that produced it with --force",
+                )
             local.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(tmp, local)

@@ -47,7 +47,9 @@ _in_trial = False  # set inside a Ray Tune trial: report_progress then feeds Tun
 # ---------------------------------------------------------------- validation
 
 
-def check_sweep(spec: SweepSpec, kind: str, config_model: type[BaseModel], config: BaseModel, *, where: str) -> list[str]:
+def check_sweep(
+    spec: SweepSpec, kind: str, config_model: type[BaseModel], config: BaseModel, *, where: str
+) -> list[str]:
     """Problems with a step's sweep, each naming its YAML path: the step kind, parameter paths, values, metric."""
     problems = []
     if kind not in TRAINING_KINDS:
@@ -55,7 +57,10 @@ def check_sweep(spec: SweepSpec, kind: str, config_model: type[BaseModel], confi
     chosen = type(config)  # the model of the config's variant where Config is a union of them (align: one per method)
     for path, param in spec.params.items():
         if not _has_field(chosen, path.split(".")):
-            problem = foreign_setting(config_model, chosen, path.split(".")[0]) or f"the {kind} step's config has no setting '{path}'"
+            problem = (
+                foreign_setting(config_model, chosen, path.split(".")[0])
+                or f"the {kind} step's config has no setting '{path}'"
+            )
             problems.append(f"{where}.params.{path}: {problem}")
             continue
         for value in _candidates(param):
@@ -68,7 +73,9 @@ def check_sweep(spec: SweepSpec, kind: str, config_model: type[BaseModel], confi
                 problems.append(f"{where}.params.{path}: the value {value!r} is not valid for '{path}': {msg}")
                 break
     if spec.metric not in STEP_METRICS:
-        problems.append(f"{where}.metric: '{spec.metric}' is not a metric the {kind} step reports; use one of {', '.join(STEP_METRICS[:2])}")
+        problems.append(
+            f"{where}.metric: '{spec.metric}' is not a metric the {kind} step reports; use one of {', '.join(STEP_METRICS[:2])}"
+        )
     return problems
 
 
@@ -153,14 +160,28 @@ def _trial(config: dict[str, Any]) -> None:
     _in_trial = True
     try:
         rec = run_one(
-            common["file"], common["step"], inputs=common["inputs"], store_url=common["store"], parent_run_id=common["parent"],
-            overrides={**common["overrides"], **{f"{common['step']}.{p}": v for p, v in trial["values"].items()}}, sweep_trial=True,
+            common["file"],
+            common["step"],
+            inputs=common["inputs"],
+            store_url=common["store"],
+            parent_run_id=common["parent"],
+            overrides={**common["overrides"], **{f"{common['step']}.{p}": v for p, v in trial["values"].items()}},
+            sweep_trial=True,
         )
     finally:
         _in_trial = False
     # every result carries the scheduler's metric: the final one the trial's last training loss
     final_loss = rec.metrics.get("train_loss", rec.metrics.get(PROGRESS_METRIC, float("nan")))
-    tune.report({**rec.metrics, PROGRESS_METRIC: final_loss, "kollm_done": 1.0, "kollm_cached": float(rec.cache_hit), "kollm_key": rec.key, "kollm_run_id": rec.run_id or ""})
+    tune.report(
+        {
+            **rec.metrics,
+            PROGRESS_METRIC: final_loss,
+            "kollm_done": 1.0,
+            "kollm_cached": float(rec.cache_hit),
+            "kollm_key": rec.key,
+            "kollm_run_id": rec.run_id or "",
+        }
+    )
 
 
 def _ray(address: str | None) -> Any:
@@ -177,7 +198,15 @@ def _ray(address: str | None) -> Any:
     return ray
 
 
-def run_sweep(step: ResolvedStep, inputs: dict[str, Artifact], upstream: list[StepRecord], r: StepRun, *, key: str, tracker: StepTracker) -> StepRecord:
+def run_sweep(
+    step: ResolvedStep,
+    inputs: dict[str, Artifact],
+    upstream: list[StepRecord],
+    r: StepRun,
+    *,
+    key: str,
+    tracker: StepTracker,
+) -> StepRecord:
     """The step's trials on Ray Tune; the best finished trial's outputs published under the step's `key`."""
     from kollm.pipeline.plan import apply_overrides, step_key
 
@@ -198,15 +227,31 @@ def run_sweep(step: ResolvedStep, inputs: dict[str, Artifact], upstream: list[St
         status = "finished" if manifest is not None else ("stopped" if res.get("iterations") else "failed")
         metrics = manifest.get("metrics", {}) if manifest is not None else {}
         value = metrics.get(spec.metric, res.get("last", {}).get(spec.metric))
-        rows.append({"trial": i, "values": values, "key": k, "status": status, "metric": value, "cached": bool(res.get("cached")),
-                     "iterations": res.get("iterations", 0), "run_id": (manifest or {}).get("run_id") or res.get("run_id") or None})
+        rows.append(
+            {
+                "trial": i,
+                "values": values,
+                "key": k,
+                "status": status,
+                "metric": value,
+                "cached": bool(res.get("cached")),
+                "iterations": res.get("iterations", 0),
+                "run_id": (manifest or {}).get("run_id") or res.get("run_id") or None,
+            }
+        )
         if status != "finished" and res.get("run_id"):  # a stopped trial's run: ended, never published
             r.tracker.writer.log_batch(res["run_id"], {}, {}, {"kollm.sweep.stopped": "true"})
             r.tracker.writer.set_terminated(res["run_id"], "KILLED")
-    finished = [row for row in rows if row["status"] == "finished" and row["metric"] is not None and math.isfinite(row["metric"])]
+    finished = [
+        row
+        for row in rows
+        if row["status"] == "finished" and row["metric"] is not None and math.isfinite(row["metric"])
+    ]
     if not finished:
-        raise StepFailed(f"step '{step.name}': no trial of its sweep finished with metric '{spec.metric}'",
-                         hint=f"trial statuses: {', '.join(row['status'] for row in rows)}; see the trials' runs in MLflow")
+        raise StepFailed(
+            f"step '{step.name}': no trial of its sweep finished with metric '{spec.metric}'",
+            hint=f"trial statuses: {', '.join(row['status'] for row in rows)}; see the trials' runs in MLflow",
+        )
     best = (min if spec.mode == "min" else max)(finished, key=lambda row: row["metric"])
     rows.sort(key=lambda row: _order(row, spec.mode))
     summary = {"metric": spec.metric, "mode": spec.mode, "best": best, "trials": rows}
@@ -221,8 +266,15 @@ def _order(row: dict[str, Any], mode: str) -> tuple[int, float]:
     return (0 if row["status"] == "finished" else 1, v if mode == "min" else -v)
 
 
-def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inputs: dict[str, Artifact], r: StepRun,
-          tracker: StepTracker, keys: list[str]) -> dict[int, dict[str, Any]]:
+def _tune(
+    step: ResolvedStep,
+    spec: SweepSpec,
+    trials: list[dict[str, Any]],
+    inputs: dict[str, Artifact],
+    r: StepRun,
+    tracker: StepTracker,
+    keys: list[str],
+) -> dict[int, dict[str, Any]]:
     """Run the trials on Ray Tune; per trial index: iterations reported, last result, run id, cached."""
     pipe = r.plan.pipeline
     ray = _ray(pipe.cfg.executor.address if r.executor == "ray" else None)
@@ -233,10 +285,24 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
     for name, a in inputs.items():
         if a.type != "source" and a.path is not None:
             uris[name] = a.path.as_uri()
-    common = {"file": str(pipe.file), "step": step.name, "inputs": uris, "store": r.store.url, "parent": tracker.run_id, "overrides": r.plan.overrides}
+    common = {
+        "file": str(pipe.file),
+        "step": step.name,
+        "inputs": uris,
+        "store": r.store.url,
+        "parent": tracker.run_id,
+        "overrides": r.plan.overrides,
+    }
     scheduler = (
-        ASHAScheduler(metric=PROGRESS_METRIC, mode="min", grace_period=spec.grace_period, reduction_factor=spec.reduction_factor, max_t=10_000)
-        if spec.scheduler == "asha" else FIFOScheduler()
+        ASHAScheduler(
+            metric=PROGRESS_METRIC,
+            mode="min",
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+            max_t=10_000,
+        )
+        if spec.scheduler == "asha"
+        else FIFOScheduler()
     )
     cpus = max(1.0, float(step.resources.cpus))
     trainable = tune.with_resources(_trial, {"cpu": cpus, "gpu": step.resources.gpus})
@@ -244,10 +310,19 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
     storage.mkdir(parents=True, exist_ok=True)
     tuner = tune.Tuner(
         trainable,
-        param_space={"common": common, "trial": tune.grid_search([{"index": i, "values": v} for i, v in enumerate(trials)])},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=spec.max_concurrent, num_samples=1, reuse_actors=False),
-        run_config=tune.RunConfig(name=f"{step.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+        param_space={
+            "common": common,
+            "trial": tune.grid_search([{"index": i, "values": v} for i, v in enumerate(trials)]),
+        },
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler, max_concurrent_trials=spec.max_concurrent, num_samples=1, reuse_actors=False
+        ),
+        run_config=tune.RunConfig(
+            name=f"{step.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
     )
     try:
         grid = tuner.fit()
@@ -255,8 +330,10 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
         raise
     except Exception as e:
         tail = [line for line in str(e).strip().splitlines() if line.strip()][-1:] or [""]
-        raise StepFailed(f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {tail[0][:300]}",
-                         hint=f"Ray Tune's trial folders are under {storage}") from None
+        raise StepFailed(
+            f"step '{step.name}': the Ray Tune sweep failed: {type(e).__name__}: {tail[0][:300]}",
+            hint=f"Ray Tune's trial folders are under {storage}",
+        ) from None
     del ray
     out: dict[int, dict[str, Any]] = {}
     for i in range(len(grid)):  # a ResultGrid has __len__ and __getitem__ but no __iter__
@@ -275,8 +352,15 @@ def _tune(step: ResolvedStep, spec: SweepSpec, trials: list[dict[str, Any]], inp
     return out
 
 
-def _publish_best(step: ResolvedStep, inputs: dict[str, Artifact], r: StepRun, key: str, tracker: StepTracker, best: dict[str, Any],
-                  summary: dict[str, Any]) -> StepRecord:
+def _publish_best(
+    step: ResolvedStep,
+    inputs: dict[str, Artifact],
+    r: StepRun,
+    key: str,
+    tracker: StepTracker,
+    best: dict[str, Any],
+    summary: dict[str, Any],
+) -> StepRecord:
     """The best trial's outputs (copied, hard links where possible) published under the sweep step's key."""
     from kollm.pipeline.runner import _input_record
     from kollm.pipeline.step import StepRecord
@@ -293,17 +377,30 @@ def _publish_best(step: ResolvedStep, inputs: dict[str, Artifact], r: StepRun, k
             except OSError:
                 shutil.rmtree(staged / name, ignore_errors=True)
                 shutil.copytree(art.path, staged / name)
-        published = r.store.publish(key, staged, {
-            "name": step.name, "kind": step.kind, "key": key, "config": manifest["config"],
-            "outputs": {n: {k: v for k, v in o.items() if k != "uri"} for n, o in manifest["outputs"].items()},
-            "metrics": manifest.get("metrics", {}), "inputs": {k: _input_record(a) for k, a in inputs.items()},
-            "references": r.plan.references[step.name], "run_id": tracker.run_id, "attempt": 0, "finished_at": time.time(),
-            "sweep": summary,
-        })
+        published = r.store.publish(
+            key,
+            staged,
+            {
+                "name": step.name,
+                "kind": step.kind,
+                "key": key,
+                "config": manifest["config"],
+                "outputs": {n: {k: v for k, v in o.items() if k != "uri"} for n, o in manifest["outputs"].items()},
+                "metrics": manifest.get("metrics", {}),
+                "inputs": {k: _input_record(a) for k, a in inputs.items()},
+                "references": r.plan.references[step.name],
+                "run_id": tracker.run_id,
+                "attempt": 0,
+                "finished_at": time.time(),
+                "sweep": summary,
+            },
+        )
     except BaseException:
         r.store.discard(staged)
         raise
-    return StepRecord(step.name, step.kind, key, tracker.run_id, False, r.store.outputs(published), published.get("metrics", {}))
+    return StepRecord(
+        step.name, step.kind, key, tracker.run_id, False, r.store.outputs(published), published.get("metrics", {})
+    )
 
 
 def sweep_tags(summary: dict[str, Any]) -> dict[str, str]:

@@ -41,7 +41,11 @@ TRAINING_EXPERIMENT_KIND = "custom_model_development"
 # pointed at a project's store marks the value it wrote (KOLLM_SET_TRACKING_URI), so that child processes started
 # later (kfp.local's, a Ray worker's, a script's) do not take it for the user's own either.
 _MARK = "KOLLM_SET_TRACKING_URI"
-USER_TRACKING_URI = None if os.environ.get("MLFLOW_TRACKING_URI") == os.environ.get(_MARK, "") else os.environ.get("MLFLOW_TRACKING_URI")
+USER_TRACKING_URI = (
+    None
+    if os.environ.get("MLFLOW_TRACKING_URI") == os.environ.get(_MARK, "")
+    else os.environ.get("MLFLOW_TRACKING_URI")
+)
 # kollm runs offline by default: MLflow's usage telemetry stays off unless the user asks for it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -103,7 +107,9 @@ def _probe_database(uri: str) -> None:
     """One quick connection attempt: MLflow itself retries an unreachable database for about 100 s."""
     import sqlalchemy
 
-    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 5} if uri.startswith(("postgresql", "mysql")) else {})
+    engine = sqlalchemy.create_engine(
+        uri, connect_args={"connect_timeout": 5} if uri.startswith(("postgresql", "mysql")) else {}
+    )
     try:
         with engine.connect():
             pass
@@ -213,7 +219,9 @@ class RunWriter:
                     return run_id
             return self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
-    def log_batch(self, run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str], step: int = 0) -> None:
+    def log_batch(
+        self, run_id: str, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str], step: int = 0
+    ) -> None:
         ts = int(time.time() * 1000)
         with _store_errors():
             if self.fast is not None and max(len(params), len(metrics), len(tags)) <= 1000:
@@ -225,7 +233,9 @@ class RunWriter:
             m = [Metric(k, v, ts, step) for k, v in metrics.items()]
             t = [RunTag(k, v) for k, v in tags.items()]
             for i in range(0, max(len(p), len(m), len(t)), BATCH):
-                self.client.log_batch(run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True)
+                self.client.log_batch(
+                    run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True
+                )
 
     def set_terminated(self, run_id: str, status: str) -> None:
         with _store_errors():
@@ -246,8 +256,14 @@ class StepTracker:
         self._writer = writer
         self.run_id = run_id
 
-    def log(self, *, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-            tags: dict[str, Any] | None = None, step: int | None = None) -> None:
+    def log(
+        self,
+        *,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+        step: int | None = None,
+    ) -> None:
         """Params, metrics and tags in as few store writes as possible (1 for up to 100 of each)."""
         self._writer.log_batch(
             self.run_id,
@@ -284,7 +300,9 @@ class StepTracker:
             source=json.dumps({"uri": str(artifact.path), "type": artifact.type}),
             profile=json.dumps(artifact.meta, default=str)[:MAX_PARAM_LEN],
         )
-        self._writer.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+        self._writer.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])]
+        )
 
     def end(self, status: str) -> None:
         self._writer.set_terminated(self.run_id, status)
@@ -317,7 +335,9 @@ class PipelineTracker:
                 # a tracking server chooses where artifacts go (its --artifacts-destination, served to every client);
                 # a local store keeps them beside it in .kollm/mlartifacts
                 server = self.uri.startswith(("http://", "https://"))
-                location = cfg.tracking.artifact_location or (None if server else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri())
+                location = cfg.tracking.artifact_location or (
+                    None if server else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri()
+                )
                 self.experiment_id = client.create_experiment(
                     name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
                 )
@@ -341,8 +361,13 @@ class PipelineTracker:
         self.run_id = self.writer.create_run(
             self.experiment_id,
             f"{project}-{time.strftime('%Y%m%d-%H%M%S')}",
-            {**self.source_tags, "kollm.pipeline": "true", "kollm.host": socket.gethostname(),
-             "kollm.pid": str(os.getpid()), **{k: str(v) for k, v in tags.items()}},
+            {
+                **self.source_tags,
+                "kollm.pipeline": "true",
+                "kollm.host": socket.gethostname(),
+                "kollm.pid": str(os.getpid()),
+                **{k: str(v) for k, v in tags.items()},
+            },
         )
         return self.run_id
 
@@ -350,8 +375,13 @@ class PipelineTracker:
         run_id = self.writer.create_run(
             self.experiment_id,
             name,
-            {**self.source_tags, "mlflow.parentRunId": self._started(), "kollm.step": name, "kollm.kind": kind,
-             **{k: str(v) for k, v in tags.items()}},
+            {
+                **self.source_tags,
+                "mlflow.parentRunId": self._started(),
+                "kollm.step": name,
+                "kollm.kind": kind,
+                **{k: str(v) for k, v in tags.items()},
+            },
         )
         return StepTracker(self.writer, run_id)
 
@@ -378,7 +408,9 @@ class PipelineTracker:
                 stale = self.writer.fast.running_runs(host)
             else:
                 runs = self.writer.client.search_runs(
-                    [self.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`kollm.host` = '{host}'", max_results=200
+                    [self.experiment_id],
+                    filter_string=f"attributes.status = 'RUNNING' and tags.`kollm.host` = '{host}'",
+                    max_results=200,
                 )
                 stale = [(r.info.run_id, r.data.tags.get("kollm.pid")) for r in runs]
         for run_id, pid in stale:

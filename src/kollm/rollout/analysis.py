@@ -66,7 +66,9 @@ def parse_analysis(text: str) -> list[Criterion]:
             raise ConfigError(f"{where}: empty condition; remove the extra comma")
         m = _CRITERION.match(part)
         if not m:
-            raise ConfigError(f"{where}: expected METRIC OP NUMBER, e.g. success_rate>=0.95 (OP is one of >=, <=, >, <)")
+            raise ConfigError(
+                f"{where}: expected METRIC OP NUMBER, e.g. success_rate>=0.95 (OP is one of >=, <=, >, <)"
+            )
         metric, op, raw = m.groups()
         if metric not in METRICS:
             close = difflib.get_close_matches(metric, METRICS, n=1)

@@ -66,7 +66,15 @@ def admin_app(controller: RolloutController, *, api_key: str | None = None) -> F
 
     @app.exception_handler(KollmError)
     async def kollm_error(request: Request, e: KollmError) -> JSONResponse:
-        code = 400 if isinstance(e, ConfigError) else 404 if isinstance(e, NotFound) else 409 if isinstance(e, RolloutConflict) else 500
+        code = (
+            400
+            if isinstance(e, ConfigError)
+            else 404
+            if isinstance(e, NotFound)
+            else 409
+            if isinstance(e, RolloutConflict)
+            else 500
+        )
         return _error(code, e.message, e.hint)
 
     @app.post("/admin/rollout/start")
@@ -117,12 +125,29 @@ def admin_app(controller: RolloutController, *, api_key: str | None = None) -> F
 def _cross_site(request: Request) -> JSONResponse | None:
     """A 403 for a request a browser sent from another site, a 415 for a POST that is not JSON; else None."""
     origin = request.headers.get("origin")
-    if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()):
-        return _error(403, f"cross-origin request refused (Origin {origin[:100]!r})", "call the admin endpoints from `kollm rollout` or a script, not a web page")
+    if origin is not None and (
+        origin == "null" or urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+    ):
+        return _error(
+            403,
+            f"cross-origin request refused (Origin {origin[:100]!r})",
+            "call the admin endpoints from `kollm rollout` or a script, not a web page",
+        )
     if request.headers.get("sec-fetch-site") == "cross-site":
-        return _error(403, "cross-site request refused", "call the admin endpoints from `kollm rollout` or a script, not a web page")
-    if request.method == "POST" and request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        return _error(415, "admin POSTs must send Content-Type: application/json", 'send a JSON body, e.g. {} (curl -H "Content-Type: application/json" -d "{}")')
+        return _error(
+            403,
+            "cross-site request refused",
+            "call the admin endpoints from `kollm rollout` or a script, not a web page",
+        )
+    if (
+        request.method == "POST"
+        and request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json"
+    ):
+        return _error(
+            415,
+            "admin POSTs must send Content-Type: application/json",
+            'send a JSON body, e.g. {} (curl -H "Content-Type: application/json" -d "{}")',
+        )
     return None
 
 
@@ -130,12 +155,25 @@ def _error(code: int, message: str, hint: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "hint": hint}}, status_code=code)
 
 
-def attach_rollout(gateway: Gateway, *, project_dir: Path | None, model_name: str, api_key: str | None = None,
-                   tick_s: float = 0.05, clock: Clock | None = None) -> RolloutController:
+def attach_rollout(
+    gateway: Gateway,
+    *,
+    project_dir: Path | None,
+    model_name: str,
+    api_key: str | None = None,
+    tick_s: float = 0.05,
+    clock: Clock | None = None,
+) -> RolloutController:
     """Give a gateway that has a canary its rollout controller (state in <project>/.kollm/rollouts/) and the
     /admin/rollout/ endpoints. `clock`: the controller's time (kollm.rollout.clock; default the real time, a
     ManualClock in tests)."""
-    controller = RolloutController(gateway, rollout_store(project_dir), RegistryTarget(project_dir, model_name),
-                                   api_key=api_key, tick_s=tick_s, clock=clock)
+    controller = RolloutController(
+        gateway,
+        rollout_store(project_dir),
+        RegistryTarget(project_dir, model_name),
+        api_key=api_key,
+        tick_s=tick_s,
+        clock=clock,
+    )
     gateway.admin_app = admin_app(controller, api_key=api_key)
     return controller

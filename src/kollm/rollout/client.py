@@ -41,7 +41,9 @@ def load_probe(path: Path) -> list[ProbePrompt]:
             prompts.append(ProbePrompt.model_validate(json.loads(line)))
         except (ValueError, ValidationError) as e:
             first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-            raise ConfigError(f'--probe {path}, line {i}: expected {{"prompt": "...", "expect": "..."}} ({first})') from None
+            raise ConfigError(
+                f'--probe {path}, line {i}: expected {{"prompt": "...", "expect": "..."}} ({first})'
+            ) from None
     if not prompts:
         raise ConfigError(f"--probe {path}: no prompts in the file")
     return prompts
@@ -78,11 +80,15 @@ def start(
     return _call("POST", "start", {"name": name, **spec.model_dump()}, gateway=gateway, api_key=api_key)
 
 
-def command(cmd: Command, *, gateway: str | None = None, api_key: str | None = None, reason: str | None = None) -> dict[str, Any]:
+def command(
+    cmd: Command, *, gateway: str | None = None, api_key: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
     """status | pause | resume | abort | promote; returns {"rollout": state or None, "gateway": {...}}."""
     if cmd == "status":
         return _call("GET", "status", None, gateway=gateway, api_key=api_key)
-    body = {"reason": reason} if cmd == "abort" and reason else {}  # a JSON body: the admin API refuses non-JSON POSTs (CSRF)
+    body = (
+        {"reason": reason} if cmd == "abort" and reason else {}
+    )  # a JSON body: the admin API refuses non-JSON POSTs (CSRF)
     return _call("POST", cmd, body, gateway=gateway, api_key=api_key)
 
 
@@ -123,7 +129,9 @@ def format_status(data: dict[str, Any]) -> str:
         lines = [f"model {gw['model']}: version {gw['stable_version']} serves 100% (no canary)"]
     else:
         w = gw["canary_weight"]
-        lines = [f"model {gw['model']}: stable version {gw['stable_version']} at {100 - w:g}%, canary version {gw['canary_version']} at {w:g}%"]
+        lines = [
+            f"model {gw['model']}: stable version {gw['stable_version']} at {100 - w:g}%, canary version {gw['canary_version']} at {w:g}%"
+        ]
     st = data.get("rollout")
     if st is None:
         lines.append(f"no rollout started (kollm rollout start {gw['model']})")
@@ -140,7 +148,9 @@ def format_status(data: dict[str, Any]) -> str:
         lines.append(f"  next analysis in {max(left, 0):.0f}s ({spec['analysis']})")
     for h in st["history"][-5:]:
         res = h["result"]
-        vals = ", ".join(f"{k}={v:g}" for k, v in res["values"].items() if k in ("success_rate", "p95_ms", "probe_pass_rate"))
+        vals = ", ".join(
+            f"{k}={v:g}" for k, v in res["values"].items() if k in ("success_rate", "p95_ms", "probe_pass_rate")
+        )
         lines.append(f"  step {h['step']} @ {h['weight']:g}%: {res['verdict']} ({res['requests']} requests; {vals})")
     for a in st["alerts"][-3:]:
         lines.append(f"  alert {'sent' if a['delivered'] else 'NOT sent: ' + str(a['error'])}")

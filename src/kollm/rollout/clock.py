@@ -109,8 +109,10 @@ class ManualClock:
                     await changed.wait()
         except TimeoutError:
             busy = [t.get_name() for t in tasks if not t.done()]
-            raise RuntimeError(f"ManualClock.advance: tasks {busy} neither slept again nor finished within "
-                               f"{self.settle_timeout_s:g} s after being woken") from None
+            raise RuntimeError(
+                f"ManualClock.advance: tasks {busy} neither slept again nor finished within "
+                f"{self.settle_timeout_s:g} s after being woken"
+            ) from None
         finally:
             self._changed = None
 

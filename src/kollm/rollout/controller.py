@@ -30,7 +30,16 @@ from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
 from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
 from kollm.rollout.clock import SYSTEM_CLOCK, Clock
-from kollm.rollout.state import ACTIVE, Alert, RolloutConflict, RolloutSpec, RolloutState, RolloutStore, Status, StepRecord
+from kollm.rollout.state import (
+    ACTIVE,
+    Alert,
+    RolloutConflict,
+    RolloutSpec,
+    RolloutState,
+    RolloutStore,
+    Status,
+    StepRecord,
+)
 from kollm.serve.gateway import Arm, Gateway
 
 log = logging.getLogger("kollm.rollout")
@@ -52,8 +61,16 @@ class RolloutController:
     `clock` gives the time (window starts and ends, the state's timestamps) and the wait between two checks of
     whether the current window is over (every `tick_s` seconds of that clock); default: the real time."""
 
-    def __init__(self, gateway: Gateway, store: RolloutStore, registry: RegistryTarget, *, api_key: str | None = None,
-                 tick_s: float = 0.05, clock: Clock | None = None):
+    def __init__(
+        self,
+        gateway: Gateway,
+        store: RolloutStore,
+        registry: RegistryTarget,
+        *,
+        api_key: str | None = None,
+        tick_s: float = 0.05,
+        clock: Clock | None = None,
+    ):
         self.gateway = gateway
         self.store = store
         self.registry = registry
@@ -65,12 +82,27 @@ class RolloutController:
         self._task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         m = gateway.metrics
-        self._m_weight = Gauge("kollm_rollout_canary_weight_percent", "Canary traffic weight in percent.", ["rollout"], registry=m)
-        self._m_step = Gauge("kollm_rollout_step", "Current rollout step (1-based; 0 before start).", ["rollout"], registry=m)
-        self._m_status = Gauge("kollm_rollout_status", "1 for the rollout's current status, 0 for the others.", ["rollout", "status"], registry=m)
-        self._m_analysis = Counter("kollm_rollout_analysis", "Analysis windows by verdict.", ["rollout", "verdict"], registry=m)
-        self._m_value = Gauge("kollm_rollout_analysis_value", "The last analysed value of each metric.", ["rollout", "metric"], registry=m)
-        self._m_failures = Gauge("kollm_rollout_failures", "Failed analyses so far in this rollout.", ["rollout"], registry=m)
+        self._m_weight = Gauge(
+            "kollm_rollout_canary_weight_percent", "Canary traffic weight in percent.", ["rollout"], registry=m
+        )
+        self._m_step = Gauge(
+            "kollm_rollout_step", "Current rollout step (1-based; 0 before start).", ["rollout"], registry=m
+        )
+        self._m_status = Gauge(
+            "kollm_rollout_status",
+            "1 for the rollout's current status, 0 for the others.",
+            ["rollout", "status"],
+            registry=m,
+        )
+        self._m_analysis = Counter(
+            "kollm_rollout_analysis", "Analysis windows by verdict.", ["rollout", "verdict"], registry=m
+        )
+        self._m_value = Gauge(
+            "kollm_rollout_analysis_value", "The last analysed value of each metric.", ["rollout", "metric"], registry=m
+        )
+        self._m_failures = Gauge(
+            "kollm_rollout_failures", "Failed analyses so far in this rollout.", ["rollout"], registry=m
+        )
         gateway.on_startup.append(self.startup)
         gateway.on_shutdown.append(self.shutdown)
 
@@ -92,11 +124,19 @@ class RolloutController:
             if saved.status == "progressing":
                 canary.take_window()  # a paused rollout keeps no samples until it is resumed
             where = f"step {saved.step + 1}/{len(saved.spec.steps)}, canary weight {saved.weight:g}%"
-            saved.message = (f"resumed after a gateway restart at {where}" if saved.status == "progressing"
-                             else f"gateway restarted; still paused at {where}")
+            saved.message = (
+                f"resumed after a gateway restart at {where}"
+                if saved.status == "progressing"
+                else f"gateway restarted; still paused at {where}"
+            )
             self.store.save(saved)
             log.info("rollout %s: %s", self.name, saved.message)
-        elif saved is not None and saved.status == "rolled_back" and canary is not None and saved.canary_version == canary.version:
+        elif (
+            saved is not None
+            and saved.status == "rolled_back"
+            and canary is not None
+            and saved.canary_version == canary.version
+        ):
             self.state = saved  # keep the rolled-back canary at 0 %
         self._publish()
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -135,19 +175,31 @@ class RolloutController:
     async def start(self, name: str, spec: RolloutSpec) -> RolloutState:
         async with self._lock:
             if name != self.name:
-                raise NotFound(f"this gateway serves a canary of {self.name!r}, not {name!r}",
-                               hint=f"run `kollm rollout start {self.name}`")
+                raise NotFound(
+                    f"this gateway serves a canary of {self.name!r}, not {name!r}",
+                    hint=f"run `kollm rollout start {self.name}`",
+                )
             canary = self.gateway.canary
             if canary is None:
-                raise RolloutConflict("no canary is loaded (it was promoted already); serve a new challenger to roll it out")
+                raise RolloutConflict(
+                    "no canary is loaded (it was promoted already); serve a new challenger to roll it out"
+                )
             if self.state is not None and self.state.active:
-                raise RolloutConflict(f"a rollout of {name} version {self.state.canary_version} is {self.state.status}",
-                                      hint="`kollm rollout abort` it first, or `kollm rollout status`")
+                raise RolloutConflict(
+                    f"a rollout of {name} version {self.state.canary_version} is {self.state.status}",
+                    hint="`kollm rollout abort` it first, or `kollm rollout status`",
+                )
             if spec.alert_webhook is None:
                 spec = spec.model_copy(update={"alert_webhook": webhook_url()})
             now = self.clock.now()
-            st = RolloutState(name=name, stable_version=self.gateway.stable.version, canary_version=canary.version, spec=spec,
-                              started_at=now, window_started_at=now)
+            st = RolloutState(
+                name=name,
+                stable_version=self.gateway.stable.version,
+                canary_version=canary.version,
+                spec=spec,
+                started_at=now,
+                window_started_at=now,
+            )
             self.state = st
             self._enter_step(st, 0, "started")
             return st
@@ -185,8 +237,11 @@ class RolloutController:
             st.status, st.weight, st.message, st.ended_at = "aborted", 0.0, reason, self.clock.now()
             self._save(st)
             await self._tag(st, {"kollm.rollout.result": "aborted", "kollm.rollout.reason": reason})
-            self._alert(st, f":warning: kollm rollout of {st.name} version {st.canary_version} aborted: {reason}. "
-                            f"Champion stays version {st.stable_version}.")
+            self._alert(
+                st,
+                f":warning: kollm rollout of {st.name} version {st.canary_version} aborted: {reason}. "
+                f"Champion stays version {st.stable_version}.",
+            )
             return st
 
     async def promote(self) -> RolloutState:
@@ -205,9 +260,13 @@ class RolloutController:
         allowed = (allowed,) if isinstance(allowed, str) else allowed
         st = self.state
         if st is None:
-            raise RolloutConflict(f"cannot {command}: no rollout has been started", hint=f"`kollm rollout start {self.name}`")
+            raise RolloutConflict(
+                f"cannot {command}: no rollout has been started", hint=f"`kollm rollout start {self.name}`"
+            )
         if st.status not in allowed:
-            raise RolloutConflict(f"cannot {command}: the rollout of {st.name} version {st.canary_version} is {st.status}")
+            raise RolloutConflict(
+                f"cannot {command}: the rollout of {st.name} version {st.canary_version} is {st.status}"
+            )
         return st
 
     def _enter_step(self, st: RolloutState, index: int, why: str) -> None:
@@ -226,8 +285,13 @@ class RolloutController:
         assert canary is not None
         samples, pending_ms = canary.take_window()
         probe = await self._run_probe(st) if st.spec.probe else None
-        result = analyse(parse_analysis(st.spec.analysis), samples, min_requests=st.spec.min_requests,
-                         pending_ms=pending_ms, probe=probe)
+        result = analyse(
+            parse_analysis(st.spec.analysis),
+            samples,
+            min_requests=st.spec.min_requests,
+            pending_ms=pending_ms,
+            probe=probe,
+        )
         note = "probe: " + "; ".join(probe.failures[:5]) if probe is not None and probe.failures else ""
         st.history.append(StepRecord(st.step + 1, st.weight, self.clock.now(), result, note))
         self._m_analysis.labels(st.name, result.verdict).inc()
@@ -244,7 +308,9 @@ class RolloutController:
             if st.failures >= st.spec.failure_limit:
                 await self._rollback(st, result)
             else:
-                self._enter_step(st, st.step, f"analysis failed ({st.failures}/{st.spec.failure_limit}: {result.reason}); holding")
+                self._enter_step(
+                    st, st.step, f"analysis failed ({st.failures}/{st.spec.failure_limit}: {result.reason}); holding"
+                )
         else:
             self._enter_step(st, st.step, f"inconclusive ({result.reason}); holding")
 
@@ -254,17 +320,27 @@ class RolloutController:
         st.status, st.weight, st.ended_at = "rolled_back", 0.0, self.clock.now()
         st.message = f"rolled back after {st.failures} failed analyses; last: {result.reason}"
         self._save(st)
-        await self._tag(st, {"kollm.rollout.result": "rolled_back", "kollm.rollout.failed_analysis": result.reason,
-                             "kollm.rollout.analysis": st.spec.analysis})
-        self._alert(st, f":rotating_light: kollm rollout of {st.name} version {st.canary_version} ROLLED BACK at step "
-                        f"{st.step + 1}/{len(st.spec.steps)} (weight was {st.spec.steps[st.step]:g}%): {result.reason}. "
-                        f"Champion stays version {st.stable_version}.")
+        await self._tag(
+            st,
+            {
+                "kollm.rollout.result": "rolled_back",
+                "kollm.rollout.failed_analysis": result.reason,
+                "kollm.rollout.analysis": st.spec.analysis,
+            },
+        )
+        self._alert(
+            st,
+            f":rotating_light: kollm rollout of {st.name} version {st.canary_version} ROLLED BACK at step "
+            f"{st.step + 1}/{len(st.spec.steps)} (weight was {st.spec.steps[st.step]:g}%): {result.reason}. "
+            f"Champion stays version {st.stable_version}.",
+        )
 
     async def _promote(self, st: RolloutState, why: str) -> None:
         self._close_window()  # no more analysis: as the stable arm (or paused) it must not keep every request
         try:
-            await asyncio.to_thread(registry_ops.promote, self.registry.project_dir, st.name, st.canary_version,
-                                    f"kollm rollout: {why}")
+            await asyncio.to_thread(
+                registry_ops.promote, self.registry.project_dir, st.name, st.canary_version, f"kollm rollout: {why}"
+            )
         except Exception as e:  # the registry is the source of truth: do not swap traffic it does not agree with
             st.status = "paused"
             st.message = f"promotion failed in the registry ({e}); fix it and run `kollm rollout promote`"
@@ -275,12 +351,17 @@ class RolloutController:
         st.status, st.weight, st.message, st.ended_at = "promoted", 100.0, why, self.clock.now()
         self._save(st)
         await self._tag(st, {"kollm.rollout.result": "promoted"})
-        self._alert(st, f":white_check_mark: kollm rollout of {st.name}: version {st.canary_version} promoted to champion "
-                        f"({why}); previous is version {st.stable_version}.")
+        self._alert(
+            st,
+            f":white_check_mark: kollm rollout of {st.name}: version {st.canary_version} promoted to champion "
+            f"({why}); previous is version {st.stable_version}.",
+        )
 
     async def _tag(self, st: RolloutState, tags: dict[str, str]) -> None:
         try:
-            await asyncio.to_thread(registry_ops.tag_version, self.registry.project_dir, st.name, st.canary_version, tags)
+            await asyncio.to_thread(
+                registry_ops.tag_version, self.registry.project_dir, st.name, st.canary_version, tags
+            )
         except Exception as e:
             log.error("rollout %s: could not tag version %s: %s", st.name, st.canary_version, e)
             st.message += f" (tagging the version failed: {e})"
@@ -304,10 +385,16 @@ class RolloutController:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         passed, failures = 0, []
         transport = httpx.ASGITransport(app=canary.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://canary", headers=headers, timeout=60) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://canary", headers=headers, timeout=60
+        ) as client:
             for p in st.spec.probe:
-                body = {"model": canary.model_name or st.name, "messages": [{"role": "user", "content": p.prompt}],
-                        "max_tokens": st.spec.probe_max_tokens, "temperature": 0}
+                body = {
+                    "model": canary.model_name or st.name,
+                    "messages": [{"role": "user", "content": p.prompt}],
+                    "max_tokens": st.spec.probe_max_tokens,
+                    "temperature": 0,
+                }
                 try:
                     r = await client.post("/v1/chat/completions", json=body)
                     text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else ""

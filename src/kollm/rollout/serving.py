@@ -102,8 +102,17 @@ def build_canary_gateway(
     if follow:
         assert alias is not None
         load = arm_loader(name, project_dir, engine_options, app_options, canary_faults)
-        AliasFollower(gateway, name=name, alias=alias[1], load=load, project_dir=project_dir, interval=follow_interval,
-                      arm="canary", swap=controller.replace_canary, busy=lambda: controller.state is not None and controller.state.active).attach()
+        AliasFollower(
+            gateway,
+            name=name,
+            alias=alias[1],
+            load=load,
+            project_dir=project_dir,
+            interval=follow_interval,
+            arm="canary",
+            swap=controller.replace_canary,
+            busy=lambda: controller.state is not None and controller.state.active,
+        ).attach()
     return gateway
 
 
@@ -128,7 +137,10 @@ def serve_canary(
 
     from kollm.serve import API_KEY_ENV
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     faults = None
     if inject_faults:
@@ -136,16 +148,30 @@ def serve_canary(
 
         faults = parse_faults(inject_faults)
     gateway = build_canary_gateway(
-        stable_uri, canary_uri, project_dir=project_dir, api_key=key, served_model_name=served_model_name,
-        follow_interval=follow_interval, canary_faults=faults, **engine_options
+        stable_uri,
+        canary_uri,
+        project_dir=project_dir,
+        api_key=key,
+        served_model_name=served_model_name,
+        follow_interval=follow_interval,
+        canary_faults=faults,
+        **engine_options,
     )
     log.info(
         "gateway on http://%s:%d/v1: stable version %s, canary version %s at 0%% until `kollm rollout start %s`%s",
-        host, port, gateway.stable.version, gateway.canary.version if gateway.canary else "- (none registered yet)",
-        _registry_name(canary_uri, "--canary"), f"; following {canary_uri} every {follow_interval:g}s" if follow_interval > 0 else "",
+        host,
+        port,
+        gateway.stable.version,
+        gateway.canary.version if gateway.canary else "- (none registered yet)",
+        _registry_name(canary_uri, "--canary"),
+        f"; following {canary_uri} every {follow_interval:g}s" if follow_interval > 0 else "",
     )
     config = uvicorn.Config(
-        gateway, host=host, port=port, log_level=log_level, access_log=False,
+        gateway,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
         # uvicorn annotates int but only hands the value to asyncio.wait_for, which takes float seconds
         timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
         lifespan="on",

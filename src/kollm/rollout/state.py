@@ -22,6 +22,7 @@ from kollm.rollout.analysis import DEFAULT_ANALYSIS, AnalysisResult, parse_analy
 Status = Literal["progressing", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE: tuple[Status, ...] = ("progressing", "paused")
 
+
 class RolloutConflict(KollmError):
     """The command does not fit the rollout's current status (e.g. resume a rollout that is not paused).
     The admin API answers it with 409; the client raises it again from a 409."""
@@ -53,14 +54,18 @@ def parse_steps(text: str) -> list[float]:
         try:
             out.append(float(part.strip().rstrip("%")))
         except ValueError:
-            raise ConfigError(f"--steps: {part.strip()!r} is not a number; write canary weights in percent, e.g. 20,40,60,80") from None
+            raise ConfigError(
+                f"--steps: {part.strip()!r} is not a number; write canary weights in percent, e.g. 20,40,60,80"
+            ) from None
     return out
 
 
 class ProbePrompt(BaseModel):
     model_config = STRICT
     prompt: str = Field(..., min_length=1, description="A user message sent to the canary.")
-    expect: str | None = Field(None, description="A substring the reply must contain (default: any non-empty reply passes).")
+    expect: str | None = Field(
+        None, description="A substring the reply must contain (default: any non-empty reply passes)."
+    )
 
 
 class RolloutSpec(BaseModel):
@@ -68,13 +73,33 @@ class RolloutSpec(BaseModel):
     --analysis "success_rate>=0.95,p95_ms<=2000" --failure-limit 2`."""
 
     model_config = STRICT
-    steps: list[float] = Field([20, 40, 60, 80], min_length=1, description="Canary weights in percent, one per step, increasing.")
-    pause_s: float = Field(120.0, gt=0, description="Seconds each step holds its weight; the canary's requests in that window are analysed at its end.")
-    analysis: str = Field(DEFAULT_ANALYSIS, description='Conditions every window must meet, e.g. "success_rate>=0.95,p95_ms<=2000".')
-    failure_limit: int = Field(2, ge=1, description="Failed analyses (over the whole rollout) that roll the canary back.")
-    min_requests: int = Field(10, ge=1, description="Fewer canary requests in a window make it inconclusive: the step is held and re-analysed.")
-    alert_webhook: str | None = Field(None, description="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK).")
-    probe: list[ProbePrompt] = Field(default_factory=list, description="Quality probe: prompts sent to the canary every window (metric probe_pass_rate).")
+    steps: list[float] = Field(
+        [20, 40, 60, 80], min_length=1, description="Canary weights in percent, one per step, increasing."
+    )
+    pause_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds each step holds its weight; the canary's requests in that window are analysed at its end.",
+    )
+    analysis: str = Field(
+        DEFAULT_ANALYSIS, description='Conditions every window must meet, e.g. "success_rate>=0.95,p95_ms<=2000".'
+    )
+    failure_limit: int = Field(
+        2, ge=1, description="Failed analyses (over the whole rollout) that roll the canary back."
+    )
+    min_requests: int = Field(
+        10,
+        ge=1,
+        description="Fewer canary requests in a window make it inconclusive: the step is held and re-analysed.",
+    )
+    alert_webhook: str | None = Field(
+        None,
+        description="Slack-compatible webhook for rollback/abort/promotion alerts (default: $KOLLM_ALERT_WEBHOOK).",
+    )
+    probe: list[ProbePrompt] = Field(
+        default_factory=list,
+        description="Quality probe: prompts sent to the canary every window (metric probe_pass_rate).",
+    )
     probe_max_tokens: int = Field(32, ge=1, le=4096, description="max_tokens for each probe prompt.")
 
     @field_validator("steps")
@@ -116,7 +141,7 @@ def _as_option(problem: str) -> str:
     head = field_name.split("[")[0].split(".")[0]
     if head in RolloutSpec.model_fields:
         option = "--" + {"pause_s": "pause", "probe_max_tokens": "probe-max-tokens"}.get(head, head).replace("_", "-")
-        return option + field_name[len(head):] + sep + rest
+        return option + field_name[len(head) :] + sep + rest
     return problem
 
 
@@ -131,7 +156,13 @@ class StepRecord:
     note: str = ""
 
     def to_json(self) -> dict:
-        return {"step": self.step, "weight": self.weight, "at": self.at, "result": self.result.to_json(), "note": self.note}
+        return {
+            "step": self.step,
+            "weight": self.weight,
+            "at": self.at,
+            "result": self.result.to_json(),
+            "note": self.note,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> "StepRecord":

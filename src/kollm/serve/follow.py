@@ -41,8 +41,9 @@ def parse_alias_uri(uri: str) -> tuple[str, str] | None:
     return (m.group("name"), m.group("alias")) if m else None
 
 
-def arm_loader(name: str, project_dir: Path | None, engine_options: dict, app_options: dict,
-               faults: Any = None) -> Callable[[str], Awaitable[Arm]]:
+def arm_loader(
+    name: str, project_dir: Path | None, engine_options: dict, app_options: dict, faults: Any = None
+) -> Callable[[str], Awaitable[Arm]]:
     """`load(version)`: version `version` of registered model `name` as a gateway Arm, its engine warm before it
     returns (kollm.serve.load_engine with `engine_options`, create_app with `app_options`; wrapped in a
     FaultyEngine when `faults`, a FaultSpec, is given)."""
@@ -62,15 +63,29 @@ def arm_loader(name: str, project_dir: Path | None, engine_options: dict, app_op
             from kollm.serve.faults import FaultyEngine
 
             engine = FaultyEngine(engine, faults)
-        return Arm(create_app(engine, model_version=version, **app_options), version=version, model_name=app_options["model_name"])
+        return Arm(
+            create_app(engine, model_version=version, **app_options),
+            version=version,
+            model_name=app_options["model_name"],
+        )
 
     return load
 
 
 class AliasFollower:
-    def __init__(self, gateway: Gateway, *, name: str, alias: str, load: Callable[[str], Awaitable[Arm]],
-                 project_dir: Path | None = None, interval: float = 10.0, arm: ArmName = "stable",
-                 swap: Callable[[Arm], Awaitable[None]] | None = None, busy: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        name: str,
+        alias: str,
+        load: Callable[[str], Awaitable[Arm]],
+        project_dir: Path | None = None,
+        interval: float = 10.0,
+        arm: ArmName = "stable",
+        swap: Callable[[Arm], Awaitable[None]] | None = None,
+        busy: Callable[[], bool] = lambda: False,
+    ):
         self.gateway = gateway
         self.name, self.alias = name, alias
         self.load = load
@@ -98,16 +113,40 @@ class AliasFollower:
         try:
             version = await asyncio.to_thread(self.current)
         except KollmError as e:
-            log.warning("alias %s@%s: cannot read the registry (%s); still serving version %s", self.name, self.alias, e.message, serving)
+            log.warning(
+                "alias %s@%s: cannot read the registry (%s); still serving version %s",
+                self.name,
+                self.alias,
+                e.message,
+                serving,
+            )
             return
-        if version in (serving, self._failed) or (self.arm == "canary" and version == self.gateway.stable.version) or self.busy():
+        if (
+            version in (serving, self._failed)
+            or (self.arm == "canary" and version == self.gateway.stable.version)
+            or self.busy()
+        ):
             return
-        log.info("alias %s@%s moved from version %s to %s: loading it as the %s arm", self.name, self.alias, serving, version, self.arm)
+        log.info(
+            "alias %s@%s moved from version %s to %s: loading it as the %s arm",
+            self.name,
+            self.alias,
+            serving,
+            version,
+            self.arm,
+        )
         try:
             arm = await self.load(version)
         except Exception as e:  # a broken upload, out of memory: keep serving what works
             self._failed = version
-            log.error("alias %s@%s: version %s failed to load (%s); still serving version %s", self.name, self.alias, version, e, serving)
+            log.error(
+                "alias %s@%s: version %s failed to load (%s); still serving version %s",
+                self.name,
+                self.alias,
+                version,
+                e,
+                serving,
+            )
             return
         try:
             await self.swap(arm)
@@ -116,7 +155,14 @@ class AliasFollower:
             return
         self._failed = None
         self.swaps.append((serving or "-", version))
-        log.info("alias %s@%s: now serving version %s on the %s arm (version %s drains and stops)", self.name, self.alias, version, self.arm, serving)
+        log.info(
+            "alias %s@%s: now serving version %s on the %s arm (version %s drains and stops)",
+            self.name,
+            self.alias,
+            version,
+            self.arm,
+            serving,
+        )
 
     def attach(self) -> AliasFollower:
         """Poll while the gateway runs: started with its lifespan, cancelled at its shutdown."""

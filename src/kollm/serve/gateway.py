@@ -257,7 +257,9 @@ class Gateway:
         arm_name, arm = self.choose(override, user)
         await self._dispatch(arm_name, arm, scope, receive, send, start)
 
-    async def _dispatch(self, arm_name: ArmName, arm: Arm, scope: Scope, receive: Receive, send: Send, start: float) -> None:
+    async def _dispatch(
+        self, arm_name: ArmName, arm: Arm, scope: Scope, receive: Receive, send: Send, start: float
+    ) -> None:
         status = 500
         ours = [(VERSION_HEADER.encode(), arm.version.encode()), (ARM_HEADER.encode(), arm_name.encode())]
         replaced = {k for k, _ in ours}
@@ -287,7 +289,9 @@ class Gateway:
 
     async def _serve_metrics(self, send: Send) -> None:
         body = generate_latest(self.metrics) + generate_latest(REGISTRY)
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]}
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

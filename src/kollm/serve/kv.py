@@ -89,8 +89,15 @@ def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
     return (
         (layer.input_layernorm.weight, qkv, qkv_bias, q_norm, k_norm),
-        (a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight, gate_up, gate_up_bias,
-         m.down_proj.weight, m.down_proj.bias),
+        (
+            a.o_proj.weight,
+            a.o_proj.bias,
+            layer.post_attention_layernorm.weight,
+            gate_up,
+            gate_up_bias,
+            m.down_proj.weight,
+            m.down_proj.bias,
+        ),
     )
 
 
@@ -162,7 +169,11 @@ class DynamicKV:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
             logits_to_keep=1,
         )
         return (out.past_key_values, mask), out.logits[:, -1, :]
@@ -183,7 +194,9 @@ class DynamicKV:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         for old_layer, new_layer in zip(self.cache.layers, cache.layers):
-            old_layer.keys = torch.cat([pad_left(old_layer.keys, width - t_old, 2), pad_left(new_layer.keys, width - t_new, 2)])
+            old_layer.keys = torch.cat(
+                [pad_left(old_layer.keys, width - t_old, 2), pad_left(new_layer.keys, width - t_new, 2)]
+            )
             old_layer.values = torch.cat(
                 [pad_left(old_layer.values, width - t_old, 2), pad_left(new_layer.values, width - t_new, 2)]
             )
@@ -196,7 +209,10 @@ class DynamicKV:
         mask = torch.cat([self.mask, ones], dim=1)
         positions = mask.long().sum(-1, keepdim=True) - 1
         out = self.model(
-            input_ids=self.next[:, None], attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            input_ids=self.next[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
             use_cache=True,
         )
         self.mask = mask
@@ -225,7 +241,12 @@ class StaticKV:
     the model, under the same inference mode."""
 
     def __init__(
-        self, model: Any, *, slots: int, context_length: int, cuda_graphs: bool | None = None,
+        self,
+        model: Any,
+        *,
+        slots: int,
+        context_length: int,
+        cuda_graphs: bool | None = None,
         compile_pieces: bool | None = None,
     ):
         reason = static_kv_unsupported(model)
@@ -244,7 +265,10 @@ class StaticKV:
         self.kv_heads = int(cfg.num_key_value_heads)
         self.groups = self.heads // self.kv_heads
         self.spec = _Spec(
-            heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, scale=float(attn.scaling),
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            scale=float(attn.scaling),
             eps=float(self.layers[0].input_layernorm.variance_epsilon),
             qk_eps=float(attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else 0.0,
             act=self.layers[0].mlp.act_fn,
@@ -368,7 +392,9 @@ class StaticKV:
         and returns the attention output [B, T, heads * D]. Returns the final-normed hidden states."""
         x, q, kv = self._first(x, cos, sin, self.spec, *self.weights[0][0])
         for i in range(len(self.layers) - 1):
-            x, q, kv = self._between(x, attend(i, q, kv), cos, sin, self.spec, self.weights[i][1], self.weights[i + 1][0])
+            x, q, kv = self._between(
+                x, attend(i, q, kv), cos, sin, self.spec, self.weights[i][1], self.weights[i + 1][0]
+            )
         return self._last(x, attend(len(self.layers) - 1, q, kv), self.spec, self.weights[-1][1], *self.final_norm)
 
     def _prefill_forward(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:

@@ -26,20 +26,33 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, float("inf"))
 RATE_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, float("inf"))
 
-REQUESTS = Counter("kollm_requests", "HTTP requests served", ["model_version", "endpoint", "status_code"], registry=REGISTRY)
+REQUESTS = Counter(
+    "kollm_requests", "HTTP requests served", ["model_version", "endpoint", "status_code"], registry=REGISTRY
+)
 LATENCY = Histogram(
-    "kollm_request_latency_seconds", "Request latency, arrival to last byte", ["model_version", "endpoint"], buckets=LATENCY_BUCKETS
+    "kollm_request_latency_seconds",
+    "Request latency, arrival to last byte",
+    ["model_version", "endpoint"],
+    buckets=LATENCY_BUCKETS,
 )
 TTFT = Histogram(
-    "kollm_time_to_first_token_seconds", "Time from arrival to the first generated token", ["model_version", "endpoint"], buckets=TTFT_BUCKETS
+    "kollm_time_to_first_token_seconds",
+    "Time from arrival to the first generated token",
+    ["model_version", "endpoint"],
+    buckets=TTFT_BUCKETS,
 )
 OUTPUT_TOKENS = Counter("kollm_output_tokens", "Generated tokens", ["model_version"])
 PROMPT_TOKENS = Counter("kollm_prompt_tokens", "Prompt tokens processed", ["model_version"])
 TOKENS_PER_SECOND = Histogram(
-    "kollm_request_tokens_per_second", "Output tokens per second of generation, per request", ["model_version"], buckets=RATE_BUCKETS
+    "kollm_request_tokens_per_second",
+    "Output tokens per second of generation, per request",
+    ["model_version"],
+    buckets=RATE_BUCKETS,
 )
 OUTPUT_PERPLEXITY = Histogram(
-    "kollm_output_perplexity", "Perplexity of each request's generated tokens under the served model (native engine)", ["model_version"],
+    "kollm_output_perplexity",
+    "Perplexity of each request's generated tokens under the served model (native engine)",
+    ["model_version"],
     buckets=(1.5, 2, 3, 5, 10, 20, 50, 100, 300, 1000, 10000),
 )
 IN_FLIGHT = Gauge("kollm_requests_in_flight", "/v1 requests being handled", ["model_version"])

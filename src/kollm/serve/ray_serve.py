@@ -32,10 +32,18 @@ class RayServeArgs(BaseModel):
     """What `serve run kollm.serve.ray_serve:build_app KEY=VALUE ...` takes (values arrive as strings; pydantic converts)."""
 
     model_config = ConfigDict(extra="forbid")
-    model_uri: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a model folder (on every node).")
-    project_dir: Path | None = Field(None, description="The kollm project whose registry and logs to use (default: the replica's working folder).")
-    served_model_name: str | None = Field(None, description="The `model` name clients send (default: the registered name or folder name).")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` on /v1 (default: $KOLLM_API_KEY; unset: no auth).")
+    model_uri: str = Field(
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a model folder (on every node)."
+    )
+    project_dir: Path | None = Field(
+        None, description="The kollm project whose registry and logs to use (default: the replica's working folder)."
+    )
+    served_model_name: str | None = Field(
+        None, description="The `model` name clients send (default: the registered name or folder name)."
+    )
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer KEY` on /v1 (default: $KOLLM_API_KEY; unset: no auth)."
+    )
     backend: Literal["auto", "transformers", "vllm"] = Field("auto", description="As `kollm serve --backend`.")
     device: str = Field("auto", description="As `kollm serve --device` (the native engine).")
     dtype: str = Field("auto", description="As `kollm serve --dtype`.")
@@ -59,8 +67,13 @@ class KollmServer:
         self.name, self.version = describe_model_uri(a.model_uri, a.project_dir)
         self.name = a.served_model_name or self.name
         self.engine = load_engine(
-            resolve(a.model_uri, a.project_dir), backend=a.backend, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size,
-            context_length=a.context_length, engine_args=a.engine_args,
+            resolve(a.model_uri, a.project_dir),
+            backend=a.backend,
+            device=a.device,
+            dtype=a.dtype,
+            max_batch_size=a.max_batch_size,
+            context_length=a.context_length,
+            engine_args=a.engine_args,
         )
         self.api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.log_dir = (a.project_dir if a.project_dir is not None else Path.cwd()) / ".kollm" / "logs"
@@ -68,7 +81,9 @@ class KollmServer:
     def __serve_build_asgi_app__(self):
         from kollm.serve.router import create_app
 
-        return create_app(self.engine, model_name=self.name, model_version=self.version, api_key=self.api_key, log_dir=self.log_dir)
+        return create_app(
+            self.engine, model_name=self.name, model_version=self.version, api_key=self.api_key, log_dir=self.log_dir
+        )
 
 
 def build_app(args: dict[str, Any]):

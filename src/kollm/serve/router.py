@@ -113,12 +113,22 @@ _SERVED_FIELDS = (
 class APIError(Exception):
     """An error answered as OpenAI-style JSON."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> Response:
+def error_response(
+    status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> Response:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     # ensure_ascii: a message may quote user text that is not valid UTF-8 (a lone surrogate in a field name)
     return Response(json.dumps(body, ensure_ascii=True), status_code=status, media_type="application/json")
@@ -140,12 +150,18 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
     # union members add type tags to the location (messages.0.content.str); keep field names and indexes only
     def clean(loc) -> str:
-        kept = [p for p in loc if p != "body" and (isinstance(p, int) or (_FIELD.fullmatch(str(p)) and str(p) not in _TYPE_TAGS))]
+        kept = [
+            p
+            for p in loc
+            if p != "body" and (isinstance(p, int) or (_FIELD.fullmatch(str(p)) and str(p) not in _TYPE_TAGS))
+        ]
         return ".".join(str(p) for p in kept)
 
     path = clean(first.get("loc", ())) or None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    others = {clean(e.get("loc", ())) for e in errors} - {path or ""}  # a union reports each member: count fields, not members
+    others = {clean(e.get("loc", ())) for e in errors} - {
+        path or ""
+    }  # a union reports each member: count fields, not members
     more = f" (and {len(others)} more field{'s' if len(others) > 1 else ''})" if others else ""
     return (f"{path}: {msg}{more}" if path else f"{msg}{more}"), path
 
@@ -162,7 +178,9 @@ class _Timing:
 
 class _BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes ({limit // (1024 * 1024)} MiB)")
+        super().__init__(
+            413, f"the request body is larger than this server's limit of {limit} bytes ({limit // (1024 * 1024)} MiB)"
+        )
 
 
 class _HTTPMiddleware:
@@ -202,9 +220,11 @@ class _HTTPMiddleware:
             metrics.IN_FLIGHT.labels(self.version).inc()
         try:
             if is_api and self.api_key is not None and not self._authorized(headers):
-                await error_response(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`", code="invalid_api_key")(
-                    scope, receive, send_with_headers
-                )
+                await error_response(
+                    401,
+                    "missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                    code="invalid_api_key",
+                )(scope, receive, send_with_headers)
             elif self._declared_length(headers) > self.max_body_bytes:
                 too_large = _BodyTooLarge(self.max_body_bytes)
                 await error_response(413, too_large.detail, code="request_too_large")(scope, receive, send_with_headers)
@@ -216,9 +236,9 @@ class _HTTPMiddleware:
         except Exception:
             log.exception("unhandled error for %s %s (request %s)", scope.get("method"), clip(path), rid)
             if not started:
-                await error_response(500, f"internal server error (request id {rid})", type="server_error", code="internal_error")(
-                    scope, receive, send_with_headers
-                )
+                await error_response(
+                    500, f"internal server error (request id {rid})", type="server_error", code="internal_error"
+                )(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - start
             if is_api:
@@ -284,11 +304,18 @@ class Served:
 
     def card(self) -> ModelCard:
         version = None if self.version == "unversioned" else self.version
-        return ModelCard(id=self.model_name, created=self.created, version=version, max_model_len=self.engine.context_length)
+        return ModelCard(
+            id=self.model_name, created=self.created, version=version, max_model_len=self.engine.context_length
+        )
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise APIError(404, f"model {name!r} is not served here; this server serves {self.model_name!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def budget(self, prompt_ids: list[int], max_tokens: int | None, param: str) -> int:
         """max_tokens, checked against the context (default: the rest of the context)."""
@@ -321,8 +348,12 @@ def _logit_bias(body: ChatCompletionRequest | CompletionRequest) -> tuple[tuple[
     out = []
     for key, bias in (body.logit_bias or {}).items():
         if not key.isdigit():
-            raise APIError(400, f"logit_bias: keys are token ids written as strings (e.g. \"50256\"), got {clip(key, 32)!r}",
-                           param="logit_bias", code="invalid_request")
+            raise APIError(
+                400,
+                f'logit_bias: keys are token ids written as strings (e.g. "50256"), got {clip(key, 32)!r}',
+                param="logit_bias",
+                code="invalid_request",
+            )
         out.append((int(key), bias))
     return tuple(out)
 
@@ -334,12 +365,18 @@ def _response_format(body: ChatCompletionRequest | CompletionRequest) -> tuple[A
     if rf.type == "json_object":
         return "json_object", None
     if rf.json_schema is None or rf.json_schema.schema_ is None:
-        raise APIError(400, 'response_format: type json_schema needs "json_schema": {"name": ..., "schema": {...}}',
-                       param="response_format", code="invalid_request")
+        raise APIError(
+            400,
+            'response_format: type json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+            param="response_format",
+            code="invalid_request",
+        )
     return "json_schema", json.dumps(rf.json_schema.schema_)
 
 
-def _params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+def _params(
+    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int, logprobs: int | None
+) -> SamplingParams:
     response_format, schema = _response_format(body)
     return SamplingParams(
         max_tokens=max_tokens,
@@ -383,7 +420,9 @@ async def _tokenize(fn, *args) -> Any:
         raise APIError(400, str(e), param=e.param, code=e.code) from None
 
 
-async def _start(engine: Engine, jobs: list[_Job], rid: str, timing: _Timing) -> tuple[list[AsyncGenerator[TokenChunk, None]], list[TokenChunk]]:
+async def _start(
+    engine: Engine, jobs: list[_Job], rid: str, timing: _Timing
+) -> tuple[list[AsyncGenerator[TokenChunk, None]], list[TokenChunk]]:
     """Submit every job and wait for each one's first chunk, so that errors come back before any byte is sent."""
     gens = [engine.generate(j.prompt_ids, j.params, f"{rid}-{i}") for i, j in enumerate(jobs)]
     try:
@@ -426,7 +465,9 @@ async def _collect_all(gens: list[AsyncGenerator[TokenChunk, None]], firsts: lis
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
 
 
-async def _merged(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> AsyncIterator[tuple[int, TokenChunk]]:
+async def _merged(
+    gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]
+) -> AsyncIterator[tuple[int, TokenChunk]]:
     """Chunks of all choices as they come, tagged with the choice index; closes every generator on exit."""
     queue: asyncio.Queue[tuple[int, TokenChunk | Exception | None]] = asyncio.Queue()
 
@@ -465,7 +506,9 @@ def _sse(obj: Any) -> str:
 
 def _sse_error(e: BaseException) -> str:
     code = "engine_error" if isinstance(e, EngineError) else "unavailable"
-    return f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
+    return (
+        f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
+    )
 
 
 def _chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
@@ -474,7 +517,9 @@ def _chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
 
     return ChatLogprobs(
         content=[
-            TokenLogprobEntry(**entry(t.token, t.logprob).model_dump(), top_logprobs=[entry(tok, lp) for tok, lp in t.top])
+            TokenLogprobEntry(
+                **entry(t.token, t.logprob).model_dump(), top_logprobs=[entry(tok, lp) for tok, lp in t.top]
+            )
             for t in items
         ]
     )
@@ -488,13 +533,25 @@ def _completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLo
     return CompletionLogprobs(
         tokens=[t.token for t in items],
         token_logprobs=[t.logprob for t in items],
-        top_logprobs=[dict(reversed(t.top)) for t in items],  # two tokens may read alike (byte fragments): the likelier one stays
+        top_logprobs=[
+            dict(reversed(t.top)) for t in items
+        ],  # two tokens may read alike (byte fragments): the likelier one stays
         text_offset=offsets,
     )
 
 
-def _finish_metrics(served: Served, endpoint: str, rid: str, timing: _Timing, prompt_tokens: int, completion_tokens: int,
-                    finishes: list[str | None], body: Any, stream: bool, nlls: list[float | None]) -> None:
+def _finish_metrics(
+    served: Served,
+    endpoint: str,
+    rid: str,
+    timing: _Timing,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finishes: list[str | None],
+    body: Any,
+    stream: bool,
+    nlls: list[float | None],
+) -> None:
     end = time.perf_counter()
     version = served.version
     metrics.PROMPT_TOKENS.labels(version).inc(prompt_tokens)
@@ -543,14 +600,22 @@ def _log_with_embedding(served: Served, record: dict[str, Any], text: str) -> No
 # --- routes ------------------------------------------------------------------------------------------------
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
 
 
-@router.get("/health", summary="Liveness: the process and its engine can serve", responses={503: {"model": ErrorResponse}})
+@router.get(
+    "/health", summary="Liveness: the process and its engine can serve", responses={503: {"model": ErrorResponse}}
+)
 async def health(request: Request) -> Response:
     if _served(request).engine.alive():
         return JSONResponse({"status": "ok"})
-    return error_response(503, "the inference engine is dead; restart the server", type="server_error", code="engine_dead")
+    return error_response(
+        503, "the inference engine is dead; restart the server", type="server_error", code="engine_dead"
+    )
 
 
 @router.get("/ready", summary="Readiness: the model is loaded and warm", responses={503: {"model": ErrorResponse}})
@@ -583,11 +648,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     timing = _Timing(time.perf_counter())
     served, rid = _served(request), request.state.request_id
     served.check_model(body.model)
-    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
         raise APIError(400, "give max_tokens or max_completion_tokens, not two different values", param="max_tokens")
     for i, m in enumerate(body.messages):
         if m.content is None:
-            raise APIError(400, f"messages.{i}.content: a {m.role} message needs content", param=f"messages.{i}.content")
+            raise APIError(
+                400, f"messages.{i}.content: a {m.role} message needs content", param=f"messages.{i}.content"
+            )
     turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
     prompt_ids = await _tokenize(served.engine.encode_chat, turns)
     max_tokens = served.budget(prompt_ids, body.max_completion_tokens or body.max_tokens, "messages")
@@ -599,17 +670,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if not body.stream:
         results = await _collect_all(gens, firsts)
         completion = sum(r.tokens for r in results)
-        _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), completion, [r.finish for r in results], body, False,
-                        [r.nll for r in results])
+        _finish_metrics(
+            served,
+            "/v1/chat/completions",
+            rid,
+            timing,
+            len(prompt_ids),
+            completion,
+            [r.finish for r in results],
+            body,
+            False,
+            [r.nll for r in results],
+        )
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish,
-                       logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None)
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=r.text),
+                finish_reason=r.finish,
+                logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None,
+            )
             for i, r in enumerate(results)
         ]
         return JSONResponse(
             ChatCompletionResponse(
-                id=cid, model=served.model_name, system_fingerprint=served.version, choices=choices,
-                usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion),
+                id=cid,
+                model=served.model_name,
+                system_fingerprint=served.version,
+                choices=choices,
+                usage=Usage(
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=completion,
+                    total_tokens=len(prompt_ids) + completion,
+                ),
             ).model_dump()
         )
     include_usage = body.include_usage()
@@ -621,8 +713,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         nlls: list[float | None] = [None] * len(jobs)
 
         def chunk(i: int, delta: DeltaMessage, finish: str | None = None, lps: tuple[TokenLogprob, ...] = ()) -> str:
-            choice = ChatChunkChoice(index=i, delta=delta, finish_reason=finish, logprobs=_chat_logprobs(list(lps)) if with_logprobs and lps else None)
-            return _sse(ChatCompletionChunk(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]))
+            choice = ChatChunkChoice(
+                index=i,
+                delta=delta,
+                finish_reason=finish,
+                logprobs=_chat_logprobs(list(lps)) if with_logprobs and lps else None,
+            )
+            return _sse(
+                ChatCompletionChunk(
+                    id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]
+                )
+            )
 
         try:
             for i in range(len(jobs)):
@@ -635,13 +736,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                     finishes[i], nlls[i] = c.finish_reason, c.output_nll
                     yield chunk(i, DeltaMessage(), c.finish_reason)
             if include_usage:
-                usage = Usage(prompt_tokens=len(prompt_ids), completion_tokens=sum(tokens), total_tokens=len(prompt_ids) + sum(tokens))
-                yield _sse(ChatCompletionChunk(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[], usage=usage))
+                usage = Usage(
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=sum(tokens),
+                    total_tokens=len(prompt_ids) + sum(tokens),
+                )
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=cid,
+                        created=now,
+                        model=served.model_name,
+                        system_fingerprint=served.version,
+                        choices=[],
+                        usage=usage,
+                    )
+                )
             yield "data: [DONE]\n\n"
         except (EngineClosed, EngineOverloaded, EngineError) as e:
             yield _sse_error(e)
         finally:
-            _finish_metrics(served, "/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True, nlls)
+            _finish_metrics(
+                served, "/v1/chat/completions", rid, timing, len(prompt_ids), sum(tokens), finishes, body, True, nlls
+            )
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -654,9 +770,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     n = body.choices()
     if len(prompts) * n > MAX_CHOICES:
-        raise APIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", param="n")
+        raise APIError(
+            400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", param="n"
+        )
     if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs would need the prompt's logprobs, which are not served; drop one of them", param="echo")
+        raise APIError(
+            400,
+            "echo with logprobs would need the prompt's logprobs, which are not served; drop one of them",
+            param="echo",
+        )
     encoded = await _tokenize(lambda: [served.engine.encode_prompt(p) for p in prompts])
     jobs: list[_Job] = []
     echo: list[str] = []
@@ -674,17 +796,36 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if not body.stream:
         results = await _collect_all(gens, firsts)
         completion = sum(r.tokens for r in results)
-        _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, completion, [r.finish for r in results], body, False,
-                        [r.nll for r in results])
+        _finish_metrics(
+            served,
+            "/v1/completions",
+            rid,
+            timing,
+            prompt_tokens,
+            completion,
+            [r.finish for r in results],
+            body,
+            False,
+            [r.nll for r in results],
+        )
         choices = [
-            CompletionChoice(index=i, text=echo[i] + r.text, finish_reason=r.finish,
-                             logprobs=_completion_logprobs(r.logprobs, 0) if with_logprobs else None)
+            CompletionChoice(
+                index=i,
+                text=echo[i] + r.text,
+                finish_reason=r.finish,
+                logprobs=_completion_logprobs(r.logprobs, 0) if with_logprobs else None,
+            )
             for i, r in enumerate(results)
         ]
         return JSONResponse(
             CompletionResponse(
-                id=cid, model=served.model_name, system_fingerprint=served.version, choices=choices,
-                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion),
+                id=cid,
+                model=served.model_name,
+                system_fingerprint=served.version,
+                choices=choices,
+                usage=Usage(
+                    prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
+                ),
             ).model_dump()
         )
     include_usage = body.include_usage()
@@ -707,15 +848,36 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                     lps = _completion_logprobs(list(c.logprobs), offsets[i]) if with_logprobs else None
                     offsets[i] += sum(len(t.token) for t in c.logprobs)
                     choice = CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lps)
-                    yield _sse(CompletionResponse(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]))
+                    yield _sse(
+                        CompletionResponse(
+                            id=cid,
+                            created=now,
+                            model=served.model_name,
+                            system_fingerprint=served.version,
+                            choices=[choice],
+                        )
+                    )
             if include_usage:
-                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(tokens), total_tokens=prompt_tokens + sum(tokens))
-                yield _sse(CompletionResponse(id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[], usage=usage))
+                usage = Usage(
+                    prompt_tokens=prompt_tokens, completion_tokens=sum(tokens), total_tokens=prompt_tokens + sum(tokens)
+                )
+                yield _sse(
+                    CompletionResponse(
+                        id=cid,
+                        created=now,
+                        model=served.model_name,
+                        system_fingerprint=served.version,
+                        choices=[],
+                        usage=usage,
+                    )
+                )
             yield "data: [DONE]\n\n"
         except (EngineClosed, EngineOverloaded, EngineError) as e:
             yield _sse_error(e)
         finally:
-            _finish_metrics(served, "/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True, nlls)
+            _finish_metrics(
+                served, "/v1/completions", rid, timing, prompt_tokens, sum(tokens), finishes, body, True, nlls
+            )
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -761,8 +923,9 @@ def create_app(
     log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`."""
     version = model_version or "unversioned"
     api_log = JsonLog(Path(log_dir) / "api" / "api.jsonl", "serve", model=model_name) if log_dir else None
-    inference_log = (JsonLog(Path(log_dir) / "inference" / "inference.jsonl", "serve", model=model_name)
-                     if log_dir else None)
+    inference_log = (
+        JsonLog(Path(log_dir) / "inference" / "inference.jsonl", "serve", model=model_name) if log_dir else None
+    )
     metrics.track_engine(version, engine.queue_depth, engine.running)
 
     @asynccontextmanager
@@ -774,7 +937,9 @@ def create_app(
     app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
     app.state.served = Served(engine, model_name, version, inference_log, embedder)
     app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
-    app.add_middleware(_HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        _HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes
+    )
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -161,7 +161,9 @@ def adapter_of(model_path: Path) -> Path | None:
         return None
     adapter = model_path / str(lora.get("adapter") or "adapter")
     if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"{model_path}: kollm.json says the LoRA adapter is not merged, but {adapter} has no adapter_config.json")
+        raise ConfigError(
+            f"{model_path}: kollm.json says the LoRA adapter is not merged, but {adapter} has no adapter_config.json"
+        )
     return adapter
 
 
@@ -180,8 +182,13 @@ def _token_logprobs(token_ids: Sequence[int], logprobs: Any, k: int) -> tuple[To
     for token, entries in zip(token_ids, logprobs or []):
         chosen = entries[token]
         top = sorted((e for e in entries.values() if e.rank is not None and e.rank <= k), key=lambda e: e.rank)
-        out.append(TokenLogprob(chosen.decoded_token or "", _safe_logprob(chosen.logprob),
-                                tuple((e.decoded_token or "", _safe_logprob(e.logprob)) for e in top[:k])))
+        out.append(
+            TokenLogprob(
+                chosen.decoded_token or "",
+                _safe_logprob(chosen.logprob),
+                tuple((e.decoded_token or "", _safe_logprob(e.logprob)) for e in top[:k]),
+            )
+        )
     return tuple(out)
 
 
@@ -217,12 +224,16 @@ class VLLMEngine:
         self.lora = None
         if adapter is not None:
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=_lora_rank(adapter))
-            self.lora = LoRARequest(lora_name=f"{model_path.name}-adapter", lora_int_id=ADAPTER_ID, lora_path=str(adapter))
+            self.lora = LoRARequest(
+                lora_name=f"{model_path.name}-adapter", lora_int_id=ADAPTER_ID, lora_path=str(adapter)
+            )
         extra = dict(engine_args or {})
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(extra) - known)
         if unknown:
-            raise ConfigError(f"--engine-arg {unknown[0]}: not an argument of vLLM's AsyncEngineArgs (see `vllm serve --help`, with - as _)")
+            raise ConfigError(
+                f"--engine-arg {unknown[0]}: not an argument of vLLM's AsyncEngineArgs (see `vllm serve --help`, with - as _)"
+            )
         kwargs.update(extra)
         try:
             args = AsyncEngineArgs(**kwargs)
@@ -234,8 +245,13 @@ class VLLMEngine:
         self._waiting = 0
         self._running = 0
         self._closing = False
-        log.info("vLLM engine ready for %s (max_model_len %d, max_num_seqs %d%s)", model_path, self.context_length, max_batch_size,
-                 f", LoRA adapter {adapter}" if adapter else "")
+        log.info(
+            "vLLM engine ready for %s (max_model_len %d, max_num_seqs %d%s)",
+            model_path,
+            self.context_length,
+            max_batch_size,
+            f", LoRA adapter {adapter}" if adapter else "",
+        )
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
@@ -244,8 +260,9 @@ class VLLMEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[TokenChunk, None]:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.exceptions import GracefulHTTPError
         from vllm.inputs.engine import tokens_input
@@ -282,8 +299,12 @@ class VLLMEngine:
                     raise EngineClosed(f"vLLM ended the request ({o.finish_reason})")
                 finished = out.finished
                 lps = _token_logprobs(o.token_ids, o.logprobs, params.logprobs) if params.logprobs is not None else ()
-                yield TokenChunk(text=o.text, completion_tokens=tokens, finish_reason=_finish(o.finish_reason) if finished else None,
-                                 logprobs=lps)
+                yield TokenChunk(
+                    text=o.text,
+                    completion_tokens=tokens,
+                    finish_reason=_finish(o.finish_reason) if finished else None,
+                    logprobs=lps,
+                )
                 if finished:
                     return
         except EngineDeadError as e:

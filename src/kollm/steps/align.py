@@ -48,8 +48,12 @@ class AlignSettings(TrainingConfig):
 
 class DpoConfig(AlignSettings):
     method: Literal["dpo"] = Field("dpo", description="The preference objective: dpo (the default), orpo, kto or grpo.")
-    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (conservative DPO).")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (conservative DPO)."
+    )
 
 
 class OrpoConfig(AlignSettings):
@@ -59,7 +63,9 @@ class OrpoConfig(AlignSettings):
 
 class KtoConfig(AlignSettings):
     method: Literal["kto"] = Field(description="The preference objective: dpo (the default), orpo, kto or grpo.")
-    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it).")
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull toward the reference model (higher: stay closer to it)."
+    )
 
 
 class GrpoConfig(AlignSettings):
@@ -132,7 +138,9 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
     if not records:
         raise StepFailed(f"the preferences dataset {job.data.path} has no training rows")
     model, tokenizer, base = recipe.load_base(
-        job, env, lambda: [t for r in records for t in (r["chosen"], r["rejected"], *(m["content"] for m in r["prompt"]))]
+        job,
+        env,
+        lambda: [t for r in records for t in (r["chosen"], r["rejected"], *(m["content"] for m in r["prompt"]))],
     )
     pairs, dropped = encode_preferences(tokenizer, records, cfg.seq_len)
     if not pairs:
@@ -146,7 +154,12 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
         for ds in (dataset, eval_set):
             if ds is not None:
                 prefs.add_reference_logps(
-                    model, ds, device=env.device, batch_size=cfg.batch_size, pad_id=tokenizer.pad_token_id, precision=cfg.precision
+                    model,
+                    ds,
+                    device=env.device,
+                    batch_size=cfg.batch_size,
+                    pad_id=tokenizer.pad_token_id,
+                    precision=cfg.precision,
                 )
     objective = {
         "dpo": lambda: prefs.dpo(cfg.beta, cfg.label_smoothing),
@@ -154,16 +167,34 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
         "kto": lambda: prefs.kto(cfg.beta),
     }[cfg.method]()
     loop = recipe.loop_config(cfg, len(dataset), env.world)
-    env.log_params(recipe.params_for_tracking(job, loop, pairs=len(pairs), dropped=dropped, trainable_params=base["trainable_params"]))
+    env.log_params(
+        recipe.params_for_tracking(
+            job, loop, pairs=len(pairs), dropped=dropped, trainable_params=base["trainable_params"]
+        )
+    )
     result = train_loop(
-        model, dataset, loop, device=env.device, objective=objective, collate=collate, checkpoint_dir=job.checkpoint_dir,
-        progress=env.progress, on_log=env.on_log, description=f"{job.step}: {cfg.method}",
+        model,
+        dataset,
+        loop,
+        device=env.device,
+        objective=objective,
+        collate=collate,
+        checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress,
+        on_log=env.on_log,
+        description=f"{job.step}: {cfg.method}",
     )
     extra: dict[str, float] = {"pairs": float(len(pairs))}
     eval_loss = None
     if eval_set is not None:
         eval_loss, eval_metrics = evaluate(
-            model, eval_set, device=env.device, batch_size=cfg.batch_size, objective=objective, collate=collate, precision=cfg.precision
+            model,
+            eval_set,
+            device=env.device,
+            batch_size=cfg.batch_size,
+            objective=objective,
+            collate=collate,
+            precision=cfg.precision,
         )
         extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     metrics = recipe.step_metrics(result, eval_loss, extra)
@@ -208,21 +239,42 @@ def _train_grpo(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.En
     eval_records = _prompts(job, "eval")
     eval_set = prefs.PromptDataset(tokenizer, eval_records, max_prompt) if eval_records else None
     stop = modeling.end_of_turn_ids(tokenizer)
-    settings = {"num_generations": cfg.num_generations, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "stop_ids": stop}
+    settings = {
+        "num_generations": cfg.num_generations,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "stop_ids": stop,
+    }
     objective = prefs.grpo(tokenizer, dataset, reward_fn, **settings)
     collate = partial(prefs.collate_prompts, pad_id=tokenizer.pad_token_id)
     loop = recipe.loop_config(cfg, len(dataset), env.world)
-    env.log_params(recipe.params_for_tracking(job, loop, prompts=len(dataset), trainable_params=base["trainable_params"]))
+    env.log_params(
+        recipe.params_for_tracking(job, loop, prompts=len(dataset), trainable_params=base["trainable_params"])
+    )
     result = train_loop(
-        model, dataset, loop, device=env.device, objective=objective, collate=collate, checkpoint_dir=job.checkpoint_dir,
-        progress=env.progress, on_log=env.on_log, description=f"{job.step}: grpo",
+        model,
+        dataset,
+        loop,
+        device=env.device,
+        objective=objective,
+        collate=collate,
+        checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress,
+        on_log=env.on_log,
+        description=f"{job.step}: grpo",
     )
     extra: dict[str, float] = {"prompts": float(len(dataset))}
     eval_loss = None
     if eval_set is not None:
         eval_objective = prefs.grpo(tokenizer, eval_set, reward_fn, **settings)
         eval_loss, eval_metrics = evaluate(
-            model, eval_set, device=env.device, batch_size=cfg.batch_size, objective=eval_objective, collate=collate, precision=cfg.precision
+            model,
+            eval_set,
+            device=env.device,
+            batch_size=cfg.batch_size,
+            objective=eval_objective,
+            collate=collate,
+            precision=cfg.precision,
         )
         extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     metrics = recipe.step_metrics(result, eval_loss, extra)

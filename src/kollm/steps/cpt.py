@@ -70,18 +70,30 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
     cfg = job.config
     rows = pack_stream(encode_corpus(texts, tokenizer), cfg.seq_len, tokenizer.pad_token_id)
     eval_texts = read_split(job.data.path, "eval", "text")
-    eval_rows = pack_stream(encode_corpus(eval_texts, tokenizer), cfg.seq_len, tokenizer.pad_token_id) if eval_texts else None
+    eval_rows = (
+        pack_stream(encode_corpus(eval_texts, tokenizer), cfg.seq_len, tokenizer.pad_token_id) if eval_texts else None
+    )
     loop = recipe.loop_config(cfg, len(rows), env.world)
     env.log_params(
-        recipe.params_for_tracking(job, loop, rows=len(rows), train_tokens=rows.stats.tokens, trainable_params=base["trainable_params"])
+        recipe.params_for_tracking(
+            job, loop, rows=len(rows), train_tokens=rows.stats.tokens, trainable_params=base["trainable_params"]
+        )
     )
     result = train_loop(
-        model, RowDataset(rows), loop, device=env.device, checkpoint_dir=job.checkpoint_dir, progress=env.progress,
-        on_log=env.on_log, description=f"{job.step}: training",
+        model,
+        RowDataset(rows),
+        loop,
+        device=env.device,
+        checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress,
+        on_log=env.on_log,
+        description=f"{job.step}: training",
     )
     eval_loss = None
     if eval_rows is not None:
-        eval_loss, _ = evaluate(model, RowDataset(eval_rows), device=env.device, batch_size=cfg.batch_size, precision=cfg.precision)
+        eval_loss, _ = evaluate(
+            model, RowDataset(eval_rows), device=env.device, batch_size=cfg.batch_size, precision=cfg.precision
+        )
     metrics = recipe.step_metrics(result, eval_loss, {"train_rows": float(len(rows)), "packing_fill": rows.stats.fill})
     meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
     return StepResult(metrics=metrics, meta={"model": meta})

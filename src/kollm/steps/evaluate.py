@@ -43,23 +43,34 @@ SCORE_DIGEST_TAG = "kollm.model_digest"  # set by `register` on every version
 class GenerationConfig(BaseModel):
     model_config = STRICT
     metrics: list[Literal["exact", "contains", "chrf", "regex"]] = Field(
-        ["exact", "contains", "chrf"], min_length=1, description="Metrics for suite cases that name none: exact, contains, chrf, regex."
+        ["exact", "contains", "chrf"],
+        min_length=1,
+        description="Metrics for suite cases that name none: exact, contains, chrf, regex.",
     )
     max_new_tokens: int = Field(64, gt=0, le=4096, description="Tokens to generate per case (greedy).")
     batch_size: int = Field(8, gt=0, description="Prompts generated together (left-padded).")
-    chat: bool | None = Field(None, description="Render string prompts with the chat template. Default: when the tokenizer has one.")
+    chat: bool | None = Field(
+        None, description="Render string prompts with the chat template. Default: when the tokenizer has one."
+    )
     limit: int | None = Field(None, gt=0, description="Use only the first N cases (quick checks).")
 
 
 class Config(BaseModel):
     model_config = STRICT
-    perplexity: bool = Field(True, description="Score perplexity on the `data` input's eval.parquet (when one is wired).")
-    perplexity_targets: Literal["assistant", "all"] = Field(
-        "assistant", description="Instructions data: score assistant replies only (as SFT trains) or the whole chat-templated text."
+    perplexity: bool = Field(
+        True, description="Score perplexity on the `data` input's eval.parquet (when one is wired)."
     )
-    max_length: int = Field(1024, gt=1, description="Tokens per scored sequence; longer documents are scored in windows.")
+    perplexity_targets: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="Instructions data: score assistant replies only (as SFT trains) or the whole chat-templated text.",
+    )
+    max_length: int = Field(
+        1024, gt=1, description="Tokens per scored sequence; longer documents are scored in windows."
+    )
     batch_size: int = Field(4, gt=0, description="Sequences per forward pass for perplexity.")
-    max_eval_rows: int | None = Field(2000, gt=0, description="Score at most this many held-out rows (the first ones). null: all.")
+    max_eval_rows: int | None = Field(
+        2000, gt=0, description="Score at most this many held-out rows (the first ones). null: all."
+    )
     generation: GenerationConfig | None = Field(None, description="Run the generation suite from the `suite` input.")
     lm_eval: LmEvalConfig | None = Field(None, description="lm-evaluation-harness tasks (needs `pip install lm-eval`).")
     gate: list[Annotated[str, AfterValidator(check_rule)]] = Field(
@@ -67,16 +78,26 @@ class Config(BaseModel):
         description='Gate rules, each "METRIC OP BOUND": "perplexity <= 40", "contains >= 0.85", "chrf >= champion + 1". '
         "All must hold or the pipeline stops before `register`.",
     )
-    require_champion: bool = Field(False, description="Fail relative rules (instead of skipping them) while no champion exists.")
-    compare_to: list[str] = Field(["champion"], description="Registered-model aliases to evaluate side by side with the candidate.")
-    registered_model: str | None = Field(None, description="The registered model whose aliases are compared. Default: the project name.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run the models. auto: cuda when available.")
+    require_champion: bool = Field(
+        False, description="Fail relative rules (instead of skipping them) while no champion exists."
+    )
+    compare_to: list[str] = Field(
+        ["champion"], description="Registered-model aliases to evaluate side by side with the candidate."
+    )
+    registered_model: str | None = Field(
+        None, description="The registered model whose aliases are compared. Default: the project name."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to run the models. auto: cuda when available."
+    )
 
 
 def inputs(config: Config) -> dict[str, InputSpec]:
     specs = {
         "model": InputSpec(("model",), help="The candidate model."),
-        "data": InputSpec(("corpus", "instructions"), optional=True, help="A dataset whose eval.parquet is scored for perplexity."),
+        "data": InputSpec(
+            ("corpus", "instructions"), optional=True, help="A dataset whose eval.parquet is scored for perplexity."
+        ),
     }
     if config.generation is not None:
         specs["suite"] = InputSpec(("source",), help="A data source with the suite JSONL (prompt, expected, metric).")
@@ -119,7 +140,9 @@ def _eval_rows(data: Artifact, limit: int | None) -> tuple[str, list[Any]]:
 
     path = data.folder() / "eval.parquet"
     if not path.is_file():
-        raise StepFailed(f"the {data.type} dataset {data.path} has no eval.parquet", hint="set eval_fraction in the prepare step")
+        raise StepFailed(
+            f"the {data.type} dataset {data.path} has no eval.parquet", hint="set eval_fraction in the prepare step"
+        )
     column = "text" if data.type == "corpus" else "messages"
     frame = pd.read_parquet(path, columns=[column])
     values = list(frame[column][:limit] if limit else frame[column])
@@ -131,7 +154,10 @@ def _eval_rows(data: Artifact, limit: int | None) -> tuple[str, list[Any]]:
 def _suite_files(suite: Artifact) -> list[Path]:
     files = [Path(f) for f in suite.meta.get("files", []) if str(f).endswith((".jsonl", ".json"))]
     if not files:
-        raise ConfigError(f"inputs.suite: the data source '{suite.meta.get('name')}' has no .jsonl file", hint="point it at the suite JSONL")
+        raise ConfigError(
+            f"inputs.suite: the data source '{suite.meta.get('name')}' has no .jsonl file",
+            hint="point it at the suite JSONL",
+        )
     return files
 
 
@@ -226,8 +252,15 @@ def evaluate_model(
         gen = cfg.generation
         assert gen is not None  # cases come only from a configured generation suite
         suite = run_suite(
-            model, tokenizer, cases, default_metrics=gen.metrics, chat=gen.chat, max_new_tokens=gen.max_new_tokens,
-            batch_size=gen.batch_size, max_length=getattr(model.config, "max_position_embeddings", None), progress=ctx.progress,
+            model,
+            tokenizer,
+            cases,
+            default_metrics=gen.metrics,
+            chat=gen.chat,
+            max_new_tokens=gen.max_new_tokens,
+            batch_size=gen.batch_size,
+            max_length=getattr(model.config, "max_position_embeddings", None),
+            progress=ctx.progress,
         )
         metrics.update(suite.metrics)
         counts.update(suite.counts)
@@ -280,13 +313,24 @@ def run(ctx: StepContext) -> StepResult:
         {
             "data": data_in.digest if data_in else None,
             "suite": ctx.inputs["suite"].digest if cfg.generation else None,
-            "settings": cfg.model_dump(mode="json", exclude={"gate", "require_champion", "compare_to", "registered_model", "device"}),
+            "settings": cfg.model_dump(
+                mode="json", exclude={"gate", "require_champion", "compare_to", "registered_model", "device"}
+            ),
             "code": code_digest(EVAL_CODE),
         }
     )
 
     def measure(folder: Path, label: str, digest: str):
-        return lambda: evaluate_model(ctx, folder, label=label, model_digest=digest, eval_digest=eval_digest, data=data, cases=cases, device=device)
+        return lambda: evaluate_model(
+            ctx,
+            folder,
+            label=label,
+            model_digest=digest,
+            eval_digest=eval_digest,
+            data=data,
+            cases=cases,
+            device=device,
+        )
 
     candidate, _ = _cached(ctx, model_in.digest, eval_digest, measure(model_in.folder(), "candidate", model_in.digest))
     candidate = replace(candidate, label="candidate")
@@ -302,7 +346,10 @@ def run(ctx: StepContext) -> StepResult:
         except NotFound:
             references[alias] = None
             continue
-        digest = version.tags.get(SCORE_DIGEST_TAG) or f"mlflow-{model_name}-v{version.version}-{json_digest(version.source)[:12]}"
+        digest = (
+            version.tags.get(SCORE_DIGEST_TAG)
+            or f"mlflow-{model_name}-v{version.version}-{json_digest(version.source)[:12]}"
+        )
         label = f"{alias} (v{version.version})"
         if digest == model_in.digest:
             ref = replace(candidate, label=label)
@@ -316,12 +363,15 @@ def run(ctx: StepContext) -> StepResult:
 
     # outputs: metrics.json and report.html
     metrics_doc = {
-        "model": {"digest": model_in.digest},  # no path, run id or time: the same evaluation gives the same bytes anywhere
+        "model": {
+            "digest": model_in.digest
+        },  # no path, run id or time: the same evaluation gives the same bytes anywhere
         "eval_digest": eval_digest,
         "metrics": candidate.metrics,
         "counts": candidate.counts,
         "references": {
-            a: ({"version": r.version, "digest": r.model_digest, "metrics": r.metrics} if r else None) for a, r in references.items()
+            a: ({"version": r.version, "digest": r.model_digest, "metrics": r.metrics} if r else None)
+            for a, r in references.items()
         },
         "gate": decision.to_json() if decision else None,
         "registered_model": model_name,
@@ -348,7 +398,9 @@ def run(ctx: StepContext) -> StepResult:
             logged.update({f"{alias}.{k}": v for k, v in r.metrics.items()})
     if decision is not None:
         logged["gate_passed"] = float(decision.passed)
-        ctx.tracker.set_tags({"kollm.gate": "passed" if decision.passed else "failed", "kollm.gate.reasons": "\n".join(decision.reasons)})
+        ctx.tracker.set_tags(
+            {"kollm.gate": "passed" if decision.passed else "failed", "kollm.gate.reasons": "\n".join(decision.reasons)}
+        )
     ctx.tracker.log_metrics(logged)
     ctx.tracker.log_artifact(metrics_dir / "metrics.json", "evaluation")
     ctx.tracker.log_artifact(report_dir / "report.html", "evaluation")
@@ -361,5 +413,9 @@ def run(ctx: StepContext) -> StepResult:
             decision.explain(f"quality gate of step '{ctx.name}'"),
             hint=f"nothing was registered; report: {kept} (also in MLflow run {ctx.tracker.run_id})",
         )
-    meta = {"gate": None if decision is None else decision.passed, "eval_digest": eval_digest, "model_digest": model_in.digest}
+    meta = {
+        "gate": None if decision is None else decision.passed,
+        "eval_digest": eval_digest,
+        "model_digest": model_in.digest,
+    }
     return StepResult(metrics=logged, meta={"metrics": meta, "report": meta})

@@ -47,7 +47,15 @@ from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_ba
 from kollm.data.filters import TEXT_STAT_COLUMNS, FilterConfig, quality_batch, text_stats
 from kollm.data.korean import normalize_text
 from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
-from kollm.data.readers import SourceFiles, TxtMode, check_encoding, file_format, is_hf_source, jsonl_ranges, read_source
+from kollm.data.readers import (
+    SourceFiles,
+    TxtMode,
+    check_encoding,
+    file_format,
+    is_hf_source,
+    jsonl_ranges,
+    read_source,
+)
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
@@ -60,28 +68,41 @@ KIND = "prepare"
 
 class SplitConfig(BaseModel):
     model_config = STRICT
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Fraction of rows (by content hash) that go to the eval split.")
-    seed: int = Field(0, description="Salt of the split hash; change it to draw a different (still deterministic) split.")
+    eval_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Fraction of rows (by content hash) that go to the eval split."
+    )
+    seed: int = Field(
+        0, description="Salt of the split hash; change it to draw a different (still deterministic) split."
+    )
 
 
 class Config(BaseModel):
     model_config = STRICT
     dataset: Literal["corpus", "instructions", "preferences"] = Field(
-        "corpus", description="The dataset kind to produce (the output's artifact type): corpus (text), "
-        "instructions (chat messages), preferences (prompt/chosen/rejected)."
+        "corpus",
+        description="The dataset kind to produce (the output's artifact type): corpus (text), "
+        "instructions (chat messages), preferences (prompt/chosen/rejected).",
     )
     sources: list[str] = Field(
-        default_factory=lambda: ["source"], min_length=1,
+        default_factory=lambda: ["source"],
+        min_length=1,
         description="Names of this step's source inputs (wire each under `inputs:`). Rows of all sources are "
         "prepared together and deduplicated across them.",
     )
-    text_field: str = Field("text", description="The column holding the text, for a corpus read from jsonl/parquet/csv/hf.")
-    txt_mode: TxtMode = Field("file", description=".txt files: `file` (a document per file) or `paragraph` (a document per blank-line block).")
-    encoding: str = Field(
-        "utf-8", description="Encoding of the source's txt, jsonl and csv files, e.g. cp949 or euc-kr for older Korean files "
-        "(bytes that are not valid in it fail the step, naming the file and byte offset)."
+    text_field: str = Field(
+        "text", description="The column holding the text, for a corpus read from jsonl/parquet/csv/hf."
     )
-    normalize: bool = Field(True, description="Korean Unicode normalization (NFC, jamo, invisible characters, full-width forms, spaces).")
+    txt_mode: TxtMode = Field(
+        "file", description=".txt files: `file` (a document per file) or `paragraph` (a document per blank-line block)."
+    )
+    encoding: str = Field(
+        "utf-8",
+        description="Encoding of the source's txt, jsonl and csv files, e.g. cp949 or euc-kr for older Korean files "
+        "(bytes that are not valid in it fail the step, naming the file and byte offset).",
+    )
+    normalize: bool = Field(
+        True, description="Korean Unicode normalization (NFC, jamo, invisible characters, full-width forms, spaces)."
+    )
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Quality filters.")
     dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near-duplicate removal.")
     pii: PiiConfig = Field(default_factory=PiiConfig, description="What to do with each kind of personal information.")
@@ -285,8 +306,14 @@ def _process_file(task: tuple[Task, Config]) -> list[Processed]:
     results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg, byte_range), cfg.batch_rows)]
     if len(results) > 1:
         pii = sum((r.pii for r in results), Counter())
-        results = [Processed(pd.concat([r.frame for r in results], ignore_index=True), np.concatenate([r.sigs for r in results]),
-                             pii, sum(r.raw_bytes for r in results))]
+        results = [
+            Processed(
+                pd.concat([r.frame for r in results], ignore_index=True),
+                np.concatenate([r.sigs for r in results]),
+                pii,
+                sum(r.raw_bytes for r in results),
+            )
+        ]
     if results:  # count the reading too
         results[0].cpu_s = time.process_time() - cpu0
     return results
@@ -305,10 +332,14 @@ def prepare_sources(
     if cfg.num_proc > 1 and not any(is_hf_source(s) for s in sources):
         tasks = file_tasks(sources, cfg)
         if len(tasks) >= 2 * cfg.num_proc:
+
             def per_file() -> Iterator[Processed]:
                 with _pool(cfg.num_proc) as pool:
-                    for results in progress(pool.map(_process_file, zip(tasks, repeat(cfg))), total=len(tasks),
-                                            description=f"prepare: read and transform ({cfg.num_proc} processes)"):
+                    for results in progress(
+                        pool.map(_process_file, zip(tasks, repeat(cfg))),
+                        total=len(tasks),
+                        description=f"prepare: read and transform ({cfg.num_proc} processes)",
+                    ):
                         yield from results
 
             return _prepare(per_file(), cfg, step)
@@ -346,7 +377,9 @@ def _ray_process_parts(batch: pd.DataFrame, parts: list[Task], cfg: Config) -> I
         yield pd.DataFrame({"part": [int(i)], "processed": [pickle.dumps(results, protocol=5)]})
 
 
-def prepare_sources_ray(sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+def prepare_sources_ray(
+    sources: list[SourceFiles], cfg: Config, *, step: str = "prepare", progress=_no_progress
+) -> Prepared:
     """`prepare_sources` on Ray Data: every file (or byte range of a JSON Lines file) of every source is one
     row of a Ray Dataset; `map_batches` reads it and runs the per-row stages in a pool of `cfg.num_proc` Ray
     tasks, in order (`preserve_order`); this process deduplicates, splits and checks the gate as the results
@@ -357,8 +390,12 @@ def prepare_sources_ray(sources: list[SourceFiles], cfg: Config, *, step: str = 
     parts = ray_tasks(sources, cfg)
     ds = ray.data.from_items([{"part": i} for i in range(len(parts))], override_num_blocks=max(1, len(parts)))
     ds = ds.map_batches(
-        _ray_process_parts, batch_size=1, batch_format="pandas", compute=TaskPoolStrategy(size=max(1, min(cfg.num_proc, len(parts)))),
-        num_cpus=1, fn_kwargs={"parts": parts, "cfg": cfg},
+        _ray_process_parts,
+        batch_size=1,
+        batch_format="pandas",
+        compute=TaskPoolStrategy(size=max(1, min(cfg.num_proc, len(parts)))),
+        num_cpus=1,
+        fn_kwargs={"parts": parts, "cfg": cfg},
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = False
@@ -366,8 +403,11 @@ def prepare_sources_ray(sources: list[SourceFiles], cfg: Config, *, step: str = 
 
     def processed() -> Iterator[Processed]:
         try:
-            for batch in progress(ds.iter_batches(batch_size=None, batch_format="pandas"), total=len(parts),
-                                  description=f"prepare: read and transform (Ray Data, {cfg.num_proc} tasks)"):
+            for batch in progress(
+                ds.iter_batches(batch_size=None, batch_format="pandas"),
+                total=len(parts),
+                description=f"prepare: read and transform (Ray Data, {cfg.num_proc} tasks)",
+            ):
                 for blob in batch["processed"].tolist():
                     yield from pickle.loads(blob)
         except Exception as e:  # a task's error comes back wrapped (RayTaskError(StepFailed), with a traceback)
@@ -392,7 +432,9 @@ def _kollm_cause(e: BaseException | None) -> KollmError | None:
     return None
 
 
-def prepare_batches(batches: Iterable[pd.DataFrame], cfg: Config, *, step: str = "prepare", progress=_no_progress) -> Prepared:
+def prepare_batches(
+    batches: Iterable[pd.DataFrame], cfg: Config, *, step: str = "prepare", progress=_no_progress
+) -> Prepared:
     """Run every stage over raw batches and split. Does not check the gate (see `check_gate`)."""
     return _prepare(run_transforms(batches, cfg, progress), cfg, step)
 
@@ -463,7 +505,11 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     t_transform = time.perf_counter() - t0
 
     def concat(parts: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
-        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
+        return (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else pd.DataFrame({c: pd.Series([], dtype=object) for c in cols})
+        )
 
     moved = 0
     if split_now:
@@ -492,9 +538,16 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     text_counts = np.concatenate(text_parts) if text_parts else np.zeros((0, len(TEXT_STAT_COLUMNS)), dtype=np.int64)
     text = text_stats(text_counts, cfg.filters.tokenizer)
     report = ReportData(
-        step=step, kind=kind, counts=counts, pii_found={t: pii.get(t, 0) for t in PII_TYPES},
-        chars=chars.tolist(), hangul_ratios=hangul.tolist(), examples=examples, sources=sources,
-        sentences=text_counts[:, 1].tolist(), morphemes=text_counts[:, 2].tolist() if cfg.filters.tokenizer == "kiwi" else [],
+        step=step,
+        kind=kind,
+        counts=counts,
+        pii_found={t: pii.get(t, 0) for t in PII_TYPES},
+        chars=chars.tolist(),
+        hangul_ratios=hangul.tolist(),
+        examples=examples,
+        sources=sources,
+        sentences=text_counts[:, 1].tolist(),
+        morphemes=text_counts[:, 2].tolist() if cfg.filters.tokenizer == "kiwi" else [],
         text_stats=text,
     )
     elapsed = time.perf_counter() - t0
@@ -520,13 +573,23 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
     }
     # Timings stay out of stats.json, so the same data gives the same artifact digest.
     timing = {
-        "seconds_total": elapsed, "seconds_transform": t_transform, "seconds_dedup": t_dedup,
+        "seconds_total": elapsed,
+        "seconds_transform": t_transform,
+        "seconds_dedup": t_dedup,
         # CPU seconds of the main process, and of the per-row transforms wherever they ran (in-process when num_proc=1)
-        "cpu_seconds_main": time.process_time() - cpu_main0, "cpu_seconds_transforms": worker_cpu,
+        "cpu_seconds_main": time.process_time() - cpu_main0,
+        "cpu_seconds_transforms": worker_cpu,
         "mb_per_s": raw_bytes / 1e6 / elapsed if elapsed else 0.0,
     }
-    return Prepared(train=train.reset_index(drop=True), eval=eval_.reset_index(drop=True),
-                    counts=counts, pii=report.pii_found, report=report, stats=stats, timing=timing)
+    return Prepared(
+        train=train.reset_index(drop=True),
+        eval=eval_.reset_index(drop=True),
+        counts=counts,
+        pii=report.pii_found,
+        report=report,
+        stats=stats,
+        timing=timing,
+    )
 
 
 def _rows(frame: pd.DataFrame, cols: list[str], at: np.ndarray) -> pd.DataFrame:
@@ -564,8 +627,11 @@ def arrow_schema(kind: str):
     import pyarrow as pa
 
     message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-    fields = {"corpus": [("text", pa.string())], "instructions": [("messages", message)],
-              "preferences": [("prompt", message), ("chosen", pa.string()), ("rejected", pa.string())]}[kind]
+    fields = {
+        "corpus": [("text", pa.string())],
+        "instructions": [("messages", message)],
+        "preferences": [("prompt", message), ("chosen", pa.string()), ("rejected", pa.string())],
+    }[kind]
     return pa.schema(fields)
 
 
@@ -607,9 +673,25 @@ def run(ctx: StepContext) -> StepResult:
     prepared.report.failed = [f"config.gate.{limit}: {msg}" for limit, msg in broken]
     html = render(prepared.report)
 
-    metrics = {k: float(prepared.stats[k]) for k in ("rows_read", "rows_kept", "train_rows", "eval_rows", "rows_rejected",
-                                                      "rejected_fraction", "chars_mean", "hangul_ratio_mean", "eval_moved_to_train")}
-    metrics |= {k: float(prepared.stats[k]) for k in ("sentences_mean", "morphemes_mean", "morphemes_per_word") if k in prepared.stats}
+    metrics = {
+        k: float(prepared.stats[k])
+        for k in (
+            "rows_read",
+            "rows_kept",
+            "train_rows",
+            "eval_rows",
+            "rows_rejected",
+            "rejected_fraction",
+            "chars_mean",
+            "hangul_ratio_mean",
+            "eval_moved_to_train",
+        )
+    }
+    metrics |= {
+        k: float(prepared.stats[k])
+        for k in ("sentences_mean", "morphemes_mean", "morphemes_per_word")
+        if k in prepared.stats
+    }
     metrics |= {f"rejected.{_metric_name(r)}": float(n) for r, n in counts.reasons.items()}
     metrics |= {f"pii.{t}": float(n) for t, n in prepared.pii.items()}
     ctx.tracker.log_metrics({**metrics, **{f"timing.{k}": v for k, v in prepared.timing.items()}})
@@ -636,19 +718,33 @@ def run(ctx: StepContext) -> StepResult:
     for split, frame in (("train", prepared.train), ("eval", prepared.eval)):
         path = data_dir / f"{split}.parquet"
         ctx.tracker.log_dataset(
-            Artifact(cfg.dataset, Path(f"{ctx.name}/dataset/{split}.parquet"), "sha256:" + file_digest(path), {"rows": len(frame), "split": split}),
-            name=f"{ctx.name}/{split}", context=split,
+            Artifact(
+                cfg.dataset,
+                Path(f"{ctx.name}/dataset/{split}.parquet"),
+                "sha256:" + file_digest(path),
+                {"rows": len(frame), "split": split},
+            ),
+            name=f"{ctx.name}/{split}",
+            context=split,
         )
     ctx.log.info(summary(counts, f"prepare step '{ctx.name}' finished"))
     if counts.eval == 0 and prepared.stats["eval_moved_to_train"]:
         ctx.log.warning(
             "prepare step '%s': the eval split is empty: all %d rows drawn for it near-duplicate train rows and were moved "
             "to train (no leakage); use more varied data or `dedup: {near: true}` to drop the duplicates instead",
-            ctx.name, prepared.stats["eval_moved_to_train"],
+            ctx.name,
+            prepared.stats["eval_moved_to_train"],
         )
     meta = {
-        "rows": counts.kept, "train_rows": counts.train, "eval_rows": counts.eval, "rows_read": counts.total,
-        "rows_rejected": counts.rejected, "rejected_by_reason": dict(sorted(counts.reasons.items())),
-        "columns": list(COLUMNS[cfg.dataset]), "pii_found": prepared.pii,
+        "rows": counts.kept,
+        "train_rows": counts.train,
+        "eval_rows": counts.eval,
+        "rows_read": counts.total,
+        "rows_rejected": counts.rejected,
+        "rejected_by_reason": dict(sorted(counts.reasons.items())),
+        "columns": list(COLUMNS[cfg.dataset]),
+        "pii_found": prepared.pii,
     }
-    return StepResult(metrics=metrics, meta={"dataset": meta, "report": {"rows_read": counts.total, "rows_kept": counts.kept}})
+    return StepResult(
+        metrics=metrics, meta={"dataset": meta, "report": {"rows_read": counts.total, "rows_kept": counts.kept}}
+    )

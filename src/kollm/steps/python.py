@@ -30,12 +30,19 @@ KIND = "python"
 
 class Config(BaseModel):
     model_config = STRICT
-    callable: str = Field(..., description="module:function to call with the StepContext (the project folder is on sys.path).")
-    inputs: dict[str, str] = Field(
-        default_factory=dict, description="Input name -> accepted artifact type (e.g. {data: corpus}); wired like any step's inputs."
+    callable: str = Field(
+        ..., description="module:function to call with the StepContext (the project folder is on sys.path)."
     )
-    outputs: dict[str, str] = Field(default_factory=dict, description="Output name -> artifact type the function writes.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Free-form parameters, passed as ctx.config.params.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Input name -> accepted artifact type (e.g. {data: corpus}); wired like any step's inputs.",
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="Output name -> artifact type the function writes."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form parameters, passed as ctx.config.params."
+    )
 
     _module_function = field_validator("callable")(module_function)
 

@@ -54,7 +54,9 @@ class Config(BaseModel):
 def inputs(config: Config) -> dict[str, InputSpec]:
     return {
         "model": InputSpec(("model",), help="The model to register (default: the latest model)."),
-        "metrics": InputSpec(("metrics",), optional=True, help="The evaluation (metrics.json) whose gate must have passed."),
+        "metrics": InputSpec(
+            ("metrics",), optional=True, help="The evaluation (metrics.json) whose gate must have passed."
+        ),
     }
 
 
@@ -92,13 +94,21 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
         if record.run_id:  # the raw sources the prepare step read (the runner tags each input's digest)
             for key, value in c.get_run(record.run_id).data.tags.items():
                 if key.startswith("kollm.input.") and key.endswith(".digest"):
-                    tags[f"kollm.source.{record.name}.{key.removeprefix('kollm.input.').removesuffix('.digest')}"] = value
+                    tags[f"kollm.source.{record.name}.{key.removeprefix('kollm.input.').removesuffix('.digest')}"] = (
+                        value
+                    )
         for out, artifact in record.outputs.items():
             if artifact.type in DATASET_TYPES:
                 tags[f"kollm.data.{record.name}.{out}"] = artifact.digest
                 datasets[f"{record.name}.{out}"] = {"type": artifact.type, "digest": artifact.digest}
     tags["kollm.data"] = json.dumps(datasets, sort_keys=True)
-    bases = [r.outputs[o].meta.get("base_model") for r in ctx.upstream if r.kind in TRAINING_KINDS for o in r.outputs if r.outputs[o].type == "model"]
+    bases = [
+        r.outputs[o].meta.get("base_model")
+        for r in ctx.upstream
+        if r.kind in TRAINING_KINDS
+        for o in r.outputs
+        if r.outputs[o].type == "model"
+    ]
     base = next((b for b in bases if b), None) or _kollm_json(model.path).get("base_model")
     if isinstance(base, dict):
         base = base.get("source") or json.dumps(base)
@@ -150,13 +160,23 @@ def run(ctx: StepContext) -> StepResult:
         step_key=ctx.key or None,
     )
     uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
-    ctx.tracker.set_tags({"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri})
+    ctx.tracker.set_tags(
+        {"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri}
+    )
     ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
     # registration.json: what was registered, the same bytes wherever the same inputs are registered first (kollm run,
     # kfp.local, a cluster); the MLflow run ids of this registration go to the artifact's metadata (not digested)
     runs = {k: tags[k] for k in RUN_TAGS}
-    record = {"name": name, "version": version.version, "alias": cfg.alias, "model_uri": uri, "version_uri": version.uri,
-              "tags": {k: v for k, v in sorted(tags.items()) if k not in RUN_TAGS}}
+    record = {
+        "name": name,
+        "version": version.version,
+        "alias": cfg.alias,
+        "model_uri": uri,
+        "version_uri": version.uri,
+        "tags": {k: v for k, v in sorted(tags.items()) if k not in RUN_TAGS},
+    }
     write_json_atomic(ctx.output_path("registration") / "registration.json", record)
-    return StepResult(metrics={"registered_version": float(version.version)},
-                      meta={"registration": {"name": name, "version": version.version, "uri": uri, "runs": runs}})
+    return StepResult(
+        metrics={"registered_version": float(version.version)},
+        meta={"registration": {"name": name, "version": version.version, "uri": uri, "runs": runs}},
+    )

@@ -26,7 +26,9 @@ KIND = "sft"
 
 class Config(TrainingConfig):
     model_config = STRICT
-    packing: bool = Field(True, description="Pack several conversations into each row (attention stays within a conversation).")
+    packing: bool = Field(
+        True, description="Pack several conversations into each row (attention stays within a conversation)."
+    )
 
 
 def inputs(config: Config) -> dict[str, InputSpec]:
@@ -75,24 +77,47 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
     eval_rows = None
     if eval_conv:
         eval_examples, _, _ = encode_chats(tokenizer, eval_conv, cfg.seq_len)
-        eval_rows = pack_examples(eval_examples, cfg.seq_len, tokenizer.pad_token_id, packing=cfg.packing) if eval_examples else None
+        eval_rows = (
+            pack_examples(eval_examples, cfg.seq_len, tokenizer.pad_token_id, packing=cfg.packing)
+            if eval_examples
+            else None
+        )
     loop = recipe.loop_config(cfg, len(rows), env.world)
     env.log_params(
         recipe.params_for_tracking(
-            job, loop, rows=len(rows), conversations=len(examples), truncated=truncated, dropped=dropped,
+            job,
+            loop,
+            rows=len(rows),
+            conversations=len(examples),
+            truncated=truncated,
+            dropped=dropped,
             trainable_params=base["trainable_params"],
         )
     )
     result = train_loop(
-        model, RowDataset(rows), loop, device=env.device, checkpoint_dir=job.checkpoint_dir, progress=env.progress,
-        on_log=env.on_log, description=f"{job.step}: training",
+        model,
+        RowDataset(rows),
+        loop,
+        device=env.device,
+        checkpoint_dir=job.checkpoint_dir,
+        progress=env.progress,
+        on_log=env.on_log,
+        description=f"{job.step}: training",
     )
     eval_loss = None
     if eval_rows is not None:
-        eval_loss, _ = evaluate(model, RowDataset(eval_rows), device=env.device, batch_size=cfg.batch_size, precision=cfg.precision)
+        eval_loss, _ = evaluate(
+            model, RowDataset(eval_rows), device=env.device, batch_size=cfg.batch_size, precision=cfg.precision
+        )
     metrics = recipe.step_metrics(
-        result, eval_loss,
-        {"train_rows": float(len(rows)), "conversations": float(len(examples)), "truncated": float(truncated), "packing_fill": rows.stats.fill},
+        result,
+        eval_loss,
+        {
+            "train_rows": float(len(rows)),
+            "conversations": float(len(examples)),
+            "truncated": float(truncated),
+            "packing_fill": rows.stats.fill,
+        },
     )
     meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
     return StepResult(metrics=metrics, meta={"model": meta})

@@ -61,7 +61,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(checkpoint_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, *, keep: int = 2) -> Path:
+def save(
+    checkpoint_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    *,
+    keep: int = 2,
+) -> Path:
     """Write a checkpoint for `state.step` atomically and keep only the newest `keep` ones."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir / f"{PREFIX}{state.step:08d}"
@@ -103,7 +111,9 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     params = dict(model.named_parameters())
     unknown = set(weights) - set(params)
     if unknown:
-        raise RuntimeError(f"checkpoint {path} does not match the model (unknown parameters such as {sorted(unknown)[:3]})")
+        raise RuntimeError(
+            f"checkpoint {path} does not match the model (unknown parameters such as {sorted(unknown)[:3]})"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

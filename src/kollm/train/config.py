@@ -29,9 +29,15 @@ class Preset:
 # Llama-shaped presets for `base_model: scratch`. tiny: 0.9M parameters (4k vocabulary), trains on CPU in a fraction of a second per step;
 # small: 32M; base: 349M with a 32k vocabulary (the shape of the GPU throughput benchmark).
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=4096, max_positions=2048, tied=True),
-    "small": Preset(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16384, max_positions=4096, tied=True),
-    "base": Preset(hidden=1024, layers=24, heads=16, kv_heads=8, intermediate=2816, vocab=32000, max_positions=4096, tied=False),
+    "tiny": Preset(
+        hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=4096, max_positions=2048, tied=True
+    ),
+    "small": Preset(
+        hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16384, max_positions=4096, tied=True
+    ),
+    "base": Preset(
+        hidden=1024, layers=24, heads=16, kv_heads=8, intermediate=2816, vocab=32000, max_positions=4096, tied=False
+    ),
 }
 
 
@@ -41,13 +47,15 @@ class LoraSettings(BaseModel):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer but the head."
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear for every linear layer but the head.",
     )
     quantize: Literal["4bit", "8bit"] | None = Field(
         None, description="QLoRA: load the frozen base quantized with bitsandbytes (CUDA GPU only)."
     )
     merge: bool = Field(
-        True, description="Merge the adapter into the saved model folder (it is saved in adapter/ as well). false: the folder keeps the base weights."
+        True,
+        description="Merge the adapter into the saved model folder (it is saved in adapter/ as well). false: the folder keeps the base weights.",
     )
 
 
@@ -58,16 +66,25 @@ class TrainingConfig(BaseModel):
         description="A hub name or local folder, or `scratch` (a new small Llama and a BPE tokenizer trained on the corpus). "
         "Default: the `model` input (a previous step's model); for cpt without one, scratch.",
     )
-    preset: Literal["tiny", "small", "base"] = Field("tiny", description="Size of the scratch model: " + ", ".join(PRESETS) + ".")
-    vocab_size: int | None = Field(None, ge=300, description="Scratch tokenizer vocabulary size. Default: the preset's.")
-    chat_template: str | None = Field(
-        None, description="A Jinja chat template (or a path to a .jinja file). Default: the model's own, else kollm's Korean ChatML template."
+    preset: Literal["tiny", "small", "base"] = Field(
+        "tiny", description="Size of the scratch model: " + ", ".join(PRESETS) + "."
     )
-    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights (`lora: {}` for the defaults).")
+    vocab_size: int | None = Field(
+        None, ge=300, description="Scratch tokenizer vocabulary size. Default: the preset's."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template (or a path to a .jinja file). Default: the model's own, else kollm's Korean ChatML template.",
+    )
+    lora: LoraSettings | None = Field(
+        None, description="Train LoRA adapters instead of all weights (`lora: {}` for the defaults)."
+    )
     seq_len: int = Field(512, ge=16, description="Tokens per packed training row.")
     batch_size: int = Field(8, ge=1, description="Rows (or preference pairs) per micro-batch per GPU.")
     tokens_per_step: int | None = Field(
-        None, ge=1, description="Tokens per optimizer step; sets gradient accumulation. Default: one micro-batch per step."
+        None,
+        ge=1,
+        description="Tokens per optimizer step; sets gradient accumulation. Default: one micro-batch per step.",
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps. Default: `epochs` passes over the data.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
@@ -86,7 +103,9 @@ class TrainingConfig(BaseModel):
         "recompute the rest of the layer in the backward pass: a third of the peak memory for about 12 % fewer tokens/s "
         "(349M model, one GPU). For long sequences or a model that does not fit otherwise.",
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that supports it, else fp32.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32."
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> TrainingConfig:

@@ -74,7 +74,9 @@ def read_split(artifact_path: Path, split: str, column: str) -> list[Any]:
         raise StepFailed(f"dataset artifact {artifact_path} has no {split}.parquet")
     df = pd.read_parquet(file)
     if len(df) and column not in df.columns:
-        raise StepFailed(f"{file} has no '{column}' column (columns: {', '.join(df.columns)}); is it the right dataset type?")
+        raise StepFailed(
+            f"{file} has no '{column}' column (columns: {', '.join(df.columns)}); is it the right dataset type?"
+        )
     return df[column].tolist() if len(df) else []
 
 
@@ -140,7 +142,12 @@ def pack_stream(docs: Sequence[np.ndarray], seq_len: int, pad_id: int) -> Packed
     if col:  # the padding tail of the last row is its own segment
         pos[row, col:] = np.arange(seq_len - col)
     loss_tokens = int((labels != IGNORE_INDEX).sum())
-    return PackedRows(ids, labels, pos, PackStats(documents=len(docs), tokens=total, loss_tokens=loss_tokens, rows=n_rows, seq_len=seq_len))
+    return PackedRows(
+        ids,
+        labels,
+        pos,
+        PackStats(documents=len(docs), tokens=total, loss_tokens=loss_tokens, rows=n_rows, seq_len=seq_len),
+    )
 
 
 # ---------------------------------------------------------------- chat (sft, align)
@@ -150,7 +157,9 @@ def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]], *, only_last: bool = False) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], *, only_last: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation rendered with the chat template, and labels that keep only assistant tokens
     (the reply and its end-of-turn marker); everything else is IGNORE_INDEX.
 
@@ -180,7 +189,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], *, only_last: bo
     return ids, labels
 
 
-def encode_chats(tokenizer: Any, conversations: Sequence[Any], seq_len: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
+def encode_chats(
+    tokenizer: Any, conversations: Sequence[Any], seq_len: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
     """Encoded conversations (truncated to `seq_len`), plus counts of truncated and dropped (no loss left) ones."""
     out, truncated, dropped = [], 0, 0
     for conv in conversations:
@@ -196,7 +207,9 @@ def encode_chats(tokenizer: Any, conversations: Sequence[Any], seq_len: int) -> 
     return out, truncated, dropped
 
 
-def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, *, packing: bool = True) -> PackedRows:
+def pack_examples(
+    examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, *, packing: bool = True
+) -> PackedRows:
     """Whole examples into rows of `seq_len` (best-fit decreasing; an example is never split). With
     `packing=False` each example gets its own padded row."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
@@ -231,7 +244,13 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: in
             col += n
         tokens += col
         pos[r, col:] = np.arange(seq_len - col)
-    stats = PackStats(documents=len(examples), tokens=tokens, loss_tokens=int((labels != IGNORE_INDEX).sum()), rows=n_rows, seq_len=seq_len)
+    stats = PackStats(
+        documents=len(examples),
+        tokens=tokens,
+        loss_tokens=int((labels != IGNORE_INDEX).sum()),
+        rows=n_rows,
+        seq_len=seq_len,
+    )
     return PackedRows(ids, labels, pos, stats)
 
 
@@ -246,14 +265,18 @@ class PreferencePair:
     rejected_labels: np.ndarray
 
 
-def encode_preferences(tokenizer: Any, records: Sequence[dict[str, Any]], max_len: int) -> tuple[list[PreferencePair], int]:
+def encode_preferences(
+    tokenizer: Any, records: Sequence[dict[str, Any]], max_len: int
+) -> tuple[list[PreferencePair], int]:
     """prompt + chosen and prompt + rejected, rendered with the chat template; labels on the reply only.
     Over-long pairs keep the end of the prompt and the start of the reply. Returns pairs and the dropped count."""
     pairs, dropped = [], 0
     for rec in records:
         sides = []
         for reply in (rec["chosen"], rec["rejected"]):
-            ids, labels = encode_chat(tokenizer, [*rec["prompt"], {"role": "assistant", "content": reply}], only_last=True)
+            ids, labels = encode_chat(
+                tokenizer, [*rec["prompt"], {"role": "assistant", "content": reply}], only_last=True
+            )
             ids, labels = _fit(ids, labels, max_len)
             sides.append((ids, labels))
         if any(all(t == IGNORE_INDEX for t in lab) for _, lab in sides):
@@ -343,8 +366,18 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
     Every rank gets the same number of items (the permutation is cut to a multiple of world_size)."""
 
-    def __init__(self, n: int, *, seed: int, epoch: int, offset: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True):
-        self.n, self.seed, self.epoch, self.offset, self.rank, self.world, self.shuffle = n, seed, epoch, offset, rank, world, shuffle
+    def __init__(
+        self, n: int, *, seed: int, epoch: int, offset: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True
+    ):
+        self.n, self.seed, self.epoch, self.offset, self.rank, self.world, self.shuffle = (
+            n,
+            seed,
+            epoch,
+            offset,
+            rank,
+            world,
+            shuffle,
+        )
 
     def order(self) -> list[int]:
         if self.shuffle:

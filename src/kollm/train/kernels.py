@@ -106,7 +106,9 @@ def document_boundaries(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([idx, idx.new_tensor([b * t])]).to(torch.int32)
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+def _flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
+) -> torch.Tensor:
     """Causal attention within each [cu[i], cu[i+1]) span. q: [N, Hq, D], k/v: [N, Hkv, D] -> [N, Hq, D]."""
     assert _VARLEN is not None
     varlen_attn, params = _VARLEN
@@ -125,7 +127,9 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.T
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
-def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _masked_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None
+) -> torch.Tensor:
     """Reference path (CPU): the same per-document causal attention through SDPA with a block-diagonal mask."""
     n = q.shape[0]
     doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device), (cu[1:] - cu[:-1]).to(q.device).long())
@@ -134,7 +138,9 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale
+    )
     return out.transpose(0, 1)
 
 
@@ -159,7 +165,9 @@ def varlen_attention_forward(
         raise ValueError("kollm_varlen attention has no dropout; set attention_dropout to 0")
     b, hq, t, d = query.shape
     if cu_seq_lens_q is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=hq != key.shape[1])
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=hq != key.shape[1]
+        )
         return out.transpose(1, 2), None
     q = query.transpose(1, 2).reshape(b * t, hq, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
@@ -321,7 +329,9 @@ def lm_loss(
     return loss_sum, n_tokens
 
 
-def compile_model(model: nn.Module, *, per_layer: bool = False, activation_memory_budget: float | None = None) -> nn.Module:
+def compile_model(
+    model: nn.Module, *, per_layer: bool = False, activation_memory_budget: float | None = None
+) -> nn.Module:
     """Compile the decoder in place with torch.compile; returns the same model.
 
     The whole decoder becomes one graph (forward) and one (backward): a 0.35B model runs kernels of

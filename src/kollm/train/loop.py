@@ -155,7 +155,9 @@ def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None
     return undo
 
 
-def _mean_and_clip(grads: list[torch.Tensor], denom: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_and_clip(
+    grads: list[torch.Tensor], denom: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For summed gradients over `denom` items: the norm of the mean gradient, and the one divisor that makes
     them the mean gradient clipped to `max_norm` (0: no clipping), as torch.nn.utils.clip_grad_norm_ would."""
     norms = torch._foreach_norm(grads)
@@ -188,7 +190,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: LoopConfig) -> torch.o
 
 
 def _batches(
-    dataset: torch.utils.data.Dataset, cfg: LoopConfig, collate: Callable | None, state: ckpt.TrainState, device: torch.device
+    dataset: torch.utils.data.Dataset,
+    cfg: LoopConfig,
+    collate: Callable | None,
+    state: ckpt.TrainState,
+    device: torch.device,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(epoch, offset after this batch, batch) forever, starting at the saved data position."""
     rank, world = rank_and_world()
@@ -202,9 +208,16 @@ def _batches(
     while True:
         if offset >= per_rank:
             epoch, offset = epoch + 1, 0
-        sampler = ResumableSampler(n, seed=cfg.seed, epoch=epoch, offset=offset, rank=rank, world=world, shuffle=cfg.shuffle)
+        sampler = ResumableSampler(
+            n, seed=cfg.seed, epoch=epoch, offset=offset, rank=rank, world=world, shuffle=cfg.shuffle
+        )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, pin_memory=device.type == "cuda", num_workers=0
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            num_workers=0,
         )
         for batch in loader:
             offset = min(per_rank, offset + cfg.batch_size)
@@ -300,7 +313,12 @@ def train(
         state.step, state.epoch, state.offset = step + 1, epoch, offset
         state.tokens += step_tokens * world
         window_tokens += step_tokens * world
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.max_steps and checkpoint_dir is not None:
+        if (
+            cfg.checkpoint_every
+            and state.step % cfg.checkpoint_every == 0
+            and state.step < cfg.max_steps
+            and checkpoint_dir is not None
+        ):
             flush()
             if rank == 0:
                 ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
@@ -329,7 +347,11 @@ def train(
         undo_checkpointing()
     raw.eval()
     return TrainResult(
-        steps=state.step, losses=state.losses, tokens=state.tokens, seconds=time.perf_counter() - started, resumed_from=resumed_from
+        steps=state.step,
+        losses=state.losses,
+        tokens=state.tokens,
+        seconds=time.perf_counter() - started,
+        resumed_from=resumed_from,
     )
 
 

@@ -95,7 +95,9 @@ def scratch_model(preset: str, tokenizer: Any, *, seed: int, attn_implementation
     return model
 
 
-def load_pretrained(source: str, *, attn_implementation: str, quantize: str | None = None, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+def load_pretrained(
+    source: str, *, attn_implementation: str, quantize: str | None = None, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, Any]:
     """A causal LM and its tokenizer from a hub name or a local folder (a previous step's Model artifact)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,12 +127,17 @@ def _bnb_config(quantize: str) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError(f"lora.quantize: {quantize} needs the bitsandbytes package; run `pip install bitsandbytes`") from None
+        raise ConfigError(
+            f"lora.quantize: {quantize} needs the bitsandbytes package; run `pip install bitsandbytes`"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     if quantize == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -142,7 +149,9 @@ def ensure_chat_template(model: torch.nn.Module, tokenizer: Any, chat_template: 
     """
     if chat_template:
         path = Path(chat_template)
-        tokenizer.chat_template = path.read_text(encoding="utf-8") if path.suffix == ".jinja" and path.exists() else chat_template
+        tokenizer.chat_template = (
+            path.read_text(encoding="utf-8") if path.suffix == ".jinja" and path.exists() else chat_template
+        )
     elif not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     if IM_START in (tokenizer.chat_template or ""):
@@ -164,13 +173,17 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
-def apply_lora(model: torch.nn.Module, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, quantized: bool) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, *, r: int, alpha: int, dropout: float, target_modules: list[str] | str, quantized: bool
+) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters; only adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none"
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -18,12 +18,16 @@ from kollm.train.kernels import IGNORE_INDEX, causal_lm
 from kollm.train.loop import LossOut, autocast_for
 
 
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed log-probability of the labelled tokens, and the number of labelled tokens per row."""
     out = model(input_ids=input_ids, use_cache=False)
     logits = out.logits[:, :-1, :].float()
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     mask = targets != IGNORE_INDEX
     return -(nll.view(targets.shape) * mask).sum(-1), mask.sum(-1)
 
@@ -36,7 +40,11 @@ def dpo(beta: float, label_smoothing: float = 0.0) -> Callable[[torch.nn.Module,
         rejected_ratio = logps[b:] - batch["ref_rejected"]
         logits = beta * (chosen_ratio - rejected_ratio)
         losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
-        return LossOut(losses.sum(), torch.tensor(b, device=logps.device), _reward_metrics(beta * chosen_ratio, beta * rejected_ratio))
+        return LossOut(
+            losses.sum(),
+            torch.tensor(b, device=logps.device),
+            _reward_metrics(beta * chosen_ratio, beta * rejected_ratio),
+        )
 
     return objective
 
@@ -58,7 +66,9 @@ def orpo(beta: float) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], Lo
     return objective
 
 
-def kto(beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOut]:
+def kto(
+    beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOut]:
     """KTO on paired data: the chosen reply is desirable, the rejected one undesirable. The reference point z0 is
     the batch's KL estimate on mismatched pairs (prompt i with the chosen reply of pair i+1), as in the paper."""
 
@@ -101,13 +111,23 @@ def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, t
 
 
 @torch.no_grad()
-def add_reference_logps(model: torch.nn.Module, dataset: PreferenceDataset, *, device: torch.device, batch_size: int, pad_id: int, precision: str = "auto") -> None:
+def add_reference_logps(
+    model: torch.nn.Module,
+    dataset: PreferenceDataset,
+    *,
+    device: torch.device,
+    batch_size: int,
+    pad_id: int,
+    precision: str = "auto",
+) -> None:
     """Score every pair with the (still untrained) model and store the log-probs on the dataset."""
     was_training = model.training
     model.eval()
     n = len(dataset)
     chosen, rejected, kl_ref = torch.zeros(n), torch.zeros(n), torch.zeros(n)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda items: collate_preferences(items, pad_id))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda items: collate_preferences(items, pad_id)
+    )
     with autocast_for(device, precision):
         for batch in loader:
             logps, _ = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device))
@@ -194,11 +214,19 @@ def grpo(
             cut = next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
             reply = row[:cut]
             texts.append(tokenizer.decode([t for t in reply if t not in stop_ids], skip_special_tokens=True))
-            p = [t for t, m in zip(prompts[r // num_generations].tolist(), batch["attention_mask"][r // num_generations].tolist()) if m]
+            p = [
+                t
+                for t, m in zip(
+                    prompts[r // num_generations].tolist(), batch["attention_mask"][r // num_generations].tolist()
+                )
+                if m
+            ]
             seqs.append((p, reply))
         extra = {k: [rec[k] for rec in records] for k in records[0] if k != "prompt"}
         rewards = torch.tensor(
-            reward_fn(prompts=[rec["prompt"] for rec in records], completions=texts, **extra), dtype=torch.float32, device=prompts.device
+            reward_fn(prompts=[rec["prompt"] for rec in records], completions=texts, **extra),
+            dtype=torch.float32,
+            device=prompts.device,
         )
         if rewards.shape != (len(texts),):
             raise ValueError(f"the reward function returned {tuple(rewards.shape)} values for {len(texts)} completions")

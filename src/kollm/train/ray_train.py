@@ -61,13 +61,19 @@ def check_fits(resources: Resources, cluster_resources: Mapping[str, float], *, 
     problems = []
     gpus = float(cluster_resources.get("GPU", 0))
     if resources.gpus > gpus:
-        problems.append(f"{where}.gpus is {resources.gpus} but the Ray cluster has {gpus:g} GPU(s); lower it or add GPU nodes")
+        problems.append(
+            f"{where}.gpus is {resources.gpus} but the Ray cluster has {gpus:g} GPU(s); lower it or add GPU nodes"
+        )
     cpus = float(cluster_resources.get("CPU", 0))
     if resources.cpus > cpus:
-        problems.append(f"{where}.cpus is {resources.cpus:g} but the Ray cluster has {cpus:g} CPU(s); lower it or add nodes")
+        problems.append(
+            f"{where}.cpus is {resources.cpus:g} but the Ray cluster has {cpus:g} CPU(s); lower it or add nodes"
+        )
     workers = resources.gpus or resources.workers
     if not resources.gpus and workers > cpus:
-        problems.append(f"{where}.workers is {workers} but the Ray cluster has {cpus:g} CPU(s), one per worker; lower it or add nodes")
+        problems.append(
+            f"{where}.workers is {workers} but the Ray cluster has {cpus:g} CPU(s), one per worker; lower it or add nodes"
+        )
     if resources.memory:
         try:
             need = memory_bytes(resources.memory)
@@ -76,7 +82,9 @@ def check_fits(resources: Resources, cluster_resources: Mapping[str, float], *, 
         else:
             have = float(cluster_resources.get("memory", 0))
             if need > have:
-                problems.append(f"{where}.memory is {resources.memory} ({_gib(need)}) but the Ray cluster has {_gib(have)}; lower it or add nodes")
+                problems.append(
+                    f"{where}.memory is {resources.memory} ({_gib(need)}) but the Ray cluster has {_gib(have)}; lower it or add nodes"
+                )
     return problems
 
 
@@ -108,7 +116,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     log = _QueueLog(queue, job.step) if rank == 0 else None
-    env = Env(device=device, rank=rank, world=world, on_log=log, log_params=log.log_params if log else (lambda params: None))
+    env = Env(
+        device=device, rank=rank, world=world, on_log=log, log_params=log.log_params if log else (lambda params: None)
+    )
     result = fn(job, env)
     if rank == 0:  # the last record: rank 0's result
         queue.put({"event": RESULT_EVENT, "metrics": result.metrics, "meta": result.meta})
@@ -184,7 +194,9 @@ def launch_ray(
                 return
 
     try:
-        for _ in progress(events(), total=None, description=f"{job.step} (Ray Train, {workers} worker{'s' * (workers > 1)})"):
+        for _ in progress(
+            events(), total=None, description=f"{job.step} (Ray Train, {workers} worker{'s' * (workers > 1)})"
+        ):
             pass
         thread.join()
     finally:  # on Ctrl-C too: the workers and the controller end with this driver
@@ -221,7 +233,9 @@ def _step_failed(error: BaseException) -> KollmError:
     if failures:
         rank = sorted(failures)[0]
         text = str(failures[rank]).strip().splitlines()
-        return StepFailed(f"a Ray Train worker (rank {rank}) failed: {text[-1] if text else type(failures[rank]).__name__}")
+        return StepFailed(
+            f"a Ray Train worker (rank {rank}) failed: {text[-1] if text else type(failures[rank]).__name__}"
+        )
     cause = _kollm_cause(error)
     if cause is not None:
         return cause

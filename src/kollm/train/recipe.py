@@ -93,7 +93,9 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
     if cfg.chat_template and cfg.chat_template.endswith(".jinja") and (ctx.project_dir / cfg.chat_template).exists():
         cfg = cfg.model_copy(update={"chat_template": str((ctx.project_dir / cfg.chat_template).resolve())})
     elif cfg.chat_template and cfg.chat_template.endswith(".jinja") and not Path(cfg.chat_template).exists():
-        raise ConfigError(f"steps.{ctx.name}.config.chat_template: no file {cfg.chat_template} (relative to {ctx.project_dir})")
+        raise ConfigError(
+            f"steps.{ctx.name}.config.chat_template: no file {cfg.chat_template} (relative to {ctx.project_dir})"
+        )
     corpus = None
     if base == "scratch":
         corpus = data if data.type == "corpus" else _latest_corpus(ctx)
@@ -148,14 +150,25 @@ def execute(ctx: StepContext, job: Job, fn: Callable[[Job, Env], StepResult]) ->
         from kollm.train.ray_train import launch_ray
 
         workers = gpus or ctx.resources.workers
-        return launch_ray(fn, job, workers=workers, use_gpu=gpus > 0, cpus_per_worker=ctx.resources.cpus / workers,
-                          progress=ctx.progress, training_log=training_log)
+        return launch_ray(
+            fn,
+            job,
+            workers=workers,
+            use_gpu=gpus > 0,
+            cpus_per_worker=ctx.resources.cpus / workers,
+            progress=ctx.progress,
+            training_log=training_log,
+        )
     if gpus == 0 and ctx.resources.workers > 1:
-        return launch(fn, job, world=ctx.resources.workers, backend="gloo", progress=ctx.progress, training_log=training_log)
+        return launch(
+            fn, job, world=ctx.resources.workers, backend="gloo", progress=ctx.progress, training_log=training_log
+        )
     if gpus > 1:
         available = torch.cuda.device_count()
         if available < gpus:
-            raise StepFailed(f"steps.{ctx.name}.resources.gpus is {gpus} but this host has {available} CUDA GPU(s); lower resources.gpus")
+            raise StepFailed(
+                f"steps.{ctx.name}.resources.gpus is {gpus} but this host has {available} CUDA GPU(s); lower resources.gpus"
+            )
         return launch(fn, job, world=gpus, backend="nccl", progress=ctx.progress, training_log=training_log)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = Env(device=device, progress=ctx.progress, on_log=training_log, log_params=training_log.log_params)
@@ -183,7 +196,9 @@ def launch(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start_offset = job.log_file.stat().st_size if job.log_file.exists() else 0
-    context = mp.start_processes(_worker, args=(fn, job, world, backend, port, result_file), nprocs=world, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(fn, job, world, backend, port, result_file), nprocs=world, join=False, start_method="spawn"
+    )
 
     def events() -> Iterator[int]:
         offset = start_offset
@@ -236,10 +251,20 @@ def _read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
     return before + [ln for ln in complete.decode().splitlines() if ln.strip()], offset + len(complete)
 
 
-def _worker(rank: int, fn: Callable[[Job, Env], StepResult], job: Job, world: int, backend: str, port: int, result_file: Path) -> None:
+def _worker(
+    rank: int, fn: Callable[[Job, Env], StepResult], job: Job, world: int, backend: str, port: int, result_file: Path
+) -> None:
     import torch.distributed as dist
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -308,8 +333,11 @@ class TrainingLog:
         if self.tracker is None:
             return
         skip = {"global_step", "epoch"}
-        metrics = {k: float(v) for k, v in record.items()
-                   if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        metrics = {
+            k: float(v)
+            for k, v in record.items()
+            if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         metrics["epoch"] = float(record["epoch"])
         self.tracker.log_metrics(metrics, step=int(record["global_step"]))
         # sweep hook: inside a Ray Tune trial, feeds ASHA
@@ -342,7 +370,9 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
         dtype = torch.bfloat16 if (cfg.lora and env.device.type == "cuda") else torch.float32
         if quantize and env.world > 1:
             raise ConfigError("lora.quantize: QLoRA runs on one GPU; set resources.gpus to 1")
-        model, tokenizer = modeling.load_pretrained(job.base_model, attn_implementation=attn, quantize=quantize, dtype=dtype)
+        model, tokenizer = modeling.load_pretrained(
+            job.base_model, attn_implementation=attn, quantize=quantize, dtype=dtype
+        )
         base = {"source": job.base_model if job.base_artifact is None else "artifact"}
         if job.base_artifact is not None:
             base.update(path=str(job.base_artifact.path), digest=job.base_artifact.digest)
@@ -352,7 +382,14 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
     modeling.ensure_chat_template(model, tokenizer, cfg.chat_template)
     if cfg.lora:
         lr = cfg.lora
-        model = modeling.apply_lora(model, r=lr.r, alpha=lr.alpha, dropout=lr.dropout, target_modules=lr.target_modules, quantized=bool(quantize))
+        model = modeling.apply_lora(
+            model,
+            r=lr.r,
+            alpha=lr.alpha,
+            dropout=lr.dropout,
+            target_modules=lr.target_modules,
+            quantized=bool(quantize),
+        )
     trainable, total = modeling.count_parameters(model)
     base.update(trainable_params=trainable, total_params=total)
     return model, tokenizer, base
@@ -415,7 +452,13 @@ def params_for_tracking(job: Job, loop: LoopConfig, **extra: Any) -> dict[str, A
 
 
 def save_model(
-    model: torch.nn.Module, tokenizer: Any, job: Job, *, base: dict[str, Any], result: TrainResult, metrics: dict[str, float]
+    model: torch.nn.Module,
+    tokenizer: Any,
+    job: Job,
+    *,
+    base: dict[str, Any],
+    result: TrainResult,
+    metrics: dict[str, float],
 ) -> dict[str, Any]:
     """Write the Model artifact: a plain Hugging Face folder (safetensors, tokenizer with chat template,
     generation config) + kollm.json; LoRA adapters also in adapter/. Returns the artifact's meta."""
@@ -459,7 +502,12 @@ def save_model(
         "pipeline_run_id": job.lineage.get("pipeline_run_id"),
         "step_run_id": job.lineage.get("step_run_id"),
         "lora": {"adapter": "adapter", "merged": cfg.lora.merge} if cfg.lora else None,
-        "training": {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2), "resumed_from": result.resumed_from},
+        "training": {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 2),
+            "resumed_from": result.resumed_from,
+        },
         "metrics": metrics,
         "versions": _versions(),
     }
@@ -489,14 +537,25 @@ def _versions() -> dict[str, str]:
 
     from kollm._version import __version__ as kollm_version
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__, "kollm": kollm_version}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "kollm": kollm_version,
+    }
 
 
-def step_metrics(result: TrainResult, eval_loss: float | None, extra: dict[str, float] | None = None) -> dict[str, float]:
+def step_metrics(
+    result: TrainResult, eval_loss: float | None, extra: dict[str, float] | None = None
+) -> dict[str, float]:
     """The step's summary metrics (logged once, at step 0): keys of their own, none of the per-step keys that
     TrainingLog sends (loss, tokens, ...), so MLflow's charts of those do not jump back to step 0."""
-    metrics = {"train_loss": result.final_loss, "steps": float(result.steps), "total_tokens": float(result.tokens),
-               "train_seconds": result.seconds}
+    metrics = {
+        "train_loss": result.final_loss,
+        "steps": float(result.steps),
+        "total_tokens": float(result.tokens),
+        "train_seconds": result.seconds,
+    }
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
     metrics.update(extra or {})

@@ -25,7 +25,14 @@ def check_bind(host: str, api_key: str | None) -> None:
         )
 
 
-def serve_ui(project_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None, gateway: str | None = None) -> None:
+def serve_ui(
+    project_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    api_key: str | None = None,
+    gateway: str | None = None,
+) -> None:
     import uvicorn
 
     from kollm.serve import API_KEY_ENV
@@ -34,5 +41,8 @@ def serve_ui(project_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, ap
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)
     app = create_app(project_dir, api_key=api_key, gateway=gateway)
-    print(f"kollm ui for {project_dir} on http://{host}:{port}  ({'actions need the API key' if api_key else 'read-only'})", flush=True)
+    print(
+        f"kollm ui for {project_dir} on http://{host}:{port}  ({'actions need the API key' if api_key else 'read-only'})",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")

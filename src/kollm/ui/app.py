@@ -75,14 +75,18 @@ def step_graph(steps: list[data.StepNode]) -> str:
             if ref.startswith("data.") and ref not in seen_data:
                 seen_data.add(ref)
                 lines = [ref.removeprefix("data."), "raw data"] + ([_short(digest)] if digest else [])
-                nodes.append(svg.Node(ref, lines, "DATA", f"/lineage?digest={quote(digest)}" if digest else None, digest))
+                nodes.append(
+                    svg.Node(ref, lines, "DATA", f"/lineage?digest={quote(digest)}" if digest else None, digest)
+                )
             edges.append((ref if ref.startswith("data.") else ref.split(".")[0], s.name))
         hit = "cache hit" if s.cache_hit else ("ran" if s.status == "FINISHED" else s.status.lower())
         lines = [s.name, f"{s.kind} · {_duration(s.duration_s)}", f"{hit} · {s.key[:8]}" if s.key else hit]
         metric = _node_metric(s)
         if metric:
             lines.append(metric)
-        title = "\n".join([f"{s.name} ({s.kind}) {s.status}", *(f"{k} = {data.fmt(v)}" for k, v in s.shown_metrics.items())])
+        title = "\n".join(
+            [f"{s.name} ({s.kind}) {s.status}", *(f"{k} = {data.fmt(v)}" for k, v in s.shown_metrics.items())]
+        )
         nodes.append(svg.Node(s.name, lines, s.status, f"/steps/{s.run_id}" if s.run_id else None, title))
     return svg.dag(nodes, edges)
 
@@ -92,9 +96,16 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
     project = data.open_project(project_dir)
     store = data.Store(project)
     env = Environment(loader=PackageLoader("kollm.ui", "templates"), autoescape=select_autoescape(["html"]))
-    env.filters.update(duration=_duration, short=_short, num=data.fmt, urlq=lambda s: quote(str(s), safe=""),
-                       pretty=lambda o: json.dumps(o, ensure_ascii=False, indent=2, default=str))
-    env.globals.update(project=project, writable=api_key is not None, gate_of=data.gate_of, metrics_of=data.metrics_of, fmt_ts=_fmt_ts)
+    env.filters.update(
+        duration=_duration,
+        short=_short,
+        num=data.fmt,
+        urlq=lambda s: quote(str(s), safe=""),
+        pretty=lambda o: json.dumps(o, ensure_ascii=False, indent=2, default=str),
+    )
+    env.globals.update(
+        project=project, writable=api_key is not None, gate_of=data.gate_of, metrics_of=data.metrics_of, fmt_ts=_fmt_ts
+    )
     app = FastAPI(title="kollm ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     token = session_token(api_key) if api_key else None
@@ -104,7 +115,9 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
         return token is not None and hmac.compare_digest(given.encode(), token.encode())
 
     def page(request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        body = env.get_template(template).render(request=request, unlocked=unlocked(request), path=request.url.path, **ctx)
+        body = env.get_template(template).render(
+            request=request, unlocked=unlocked(request), path=request.url.path, **ctx
+        )
         return HTMLResponse(body, status_code=status)
 
     async def form(request: Request) -> dict[str, str]:
@@ -115,7 +128,10 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
         """Raises Forbidden unless the request may change state (a typed key that matches, or the session cookie).
         Returns True when the key was typed, so the response sets the cookie."""
         if api_key is None:
-            raise Forbidden("this UI is read-only", hint="start it with `kollm ui --api-key KEY` (or $KOLLM_API_KEY) to promote, roll back or steer rollouts")
+            raise Forbidden(
+                "this UI is read-only",
+                hint="start it with `kollm ui --api-key KEY` (or $KOLLM_API_KEY) to promote, roll back or steer rollouts",
+            )
         typed = fields.get("api_key", "")
         if typed and hmac.compare_digest(typed.encode(), api_key.encode()):
             return True
@@ -131,7 +147,17 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
 
     @app.exception_handler(KollmError)
     async def kollm_error(request: Request, e: KollmError) -> HTMLResponse:
-        code = 403 if isinstance(e, Forbidden) else 404 if isinstance(e, NotFound) else 400 if isinstance(e, ConfigError) else 409 if isinstance(e, RolloutConflict) else 503
+        code = (
+            403
+            if isinstance(e, Forbidden)
+            else 404
+            if isinstance(e, NotFound)
+            else 400
+            if isinstance(e, ConfigError)
+            else 409
+            if isinstance(e, RolloutConflict)
+            else 503
+        )
         return page(request, "error.html", status=code, message=e.message, hint=e.hint)
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -143,13 +169,23 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
     @app.get("/runs", response_class=HTMLResponse)
     def runs(request: Request, fragment: bool = False) -> HTMLResponse:
         rows = data.list_runs(project)
-        return page(request, "runs_live.html" if fragment else "runs.html", rows=rows, active=any(r.status == "RUNNING" for r in rows))
+        return page(
+            request,
+            "runs_live.html" if fragment else "runs.html",
+            rows=rows,
+            active=any(r.status == "RUNNING" for r in rows),
+        )
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse)
     def run(request: Request, run_id: str, fragment: bool = False) -> HTMLResponse:
         view = data.run_view(store, run_id)
-        return page(request, "run_live.html" if fragment else "run.html", view=view, graph=step_graph(view.steps),
-                    chart=svg.chart(view.curves))
+        return page(
+            request,
+            "run_live.html" if fragment else "run.html",
+            view=view,
+            graph=step_graph(view.steps),
+            chart=svg.chart(view.curves),
+        )
 
     @app.get("/steps/{run_id}", response_class=HTMLResponse)
     def step(request: Request, run_id: str, fragment: bool = False) -> HTMLResponse:
@@ -159,9 +195,21 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
     @app.get("/steps/{run_id}/artifact")
     def artifact(run_id: str, path: str) -> Response:
         body = data.artifact_bytes(store, run_id, path)
-        media = "text/html; charset=utf-8" if path.endswith(".html") else "application/json" if path.endswith(".json") else "text/plain; charset=utf-8"
+        media = (
+            "text/html; charset=utf-8"
+            if path.endswith(".html")
+            else "application/json"
+            if path.endswith(".json")
+            else "text/plain; charset=utf-8"
+        )
         # reports are self-contained pages: shown sandboxed, without scripts or access to this origin
-        return Response(body, media_type=media, headers={"Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:"})
+        return Response(
+            body,
+            media_type=media,
+            headers={
+                "Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+            },
+        )
 
     # --- registry -----------------------------------------------------------------------------------
 
@@ -184,9 +232,14 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
         if action == "promote" and version is None:
             version = model.aliases.get("challenger")
             if version is None:
-                raise NotFound(f"model '{name}' has no challenger to promote", hint="pick a version on the registry page")
+                raise NotFound(
+                    f"model '{name}' has no challenger to promote", hint="pick a version on the registry page"
+                )
         if action == "rollback" and "previous" not in model.aliases:
-            raise NotFound(f"model '{name}' has no 'previous' version to roll back to", hint="a rollback needs an earlier promotion")
+            raise NotFound(
+                f"model '{name}' has no 'previous' version to roll back to",
+                hint="a rollback needs an earlier promotion",
+            )
         return page(request, "confirm_registry.html", model=model, action=action, version=version)
 
     @app.post("/registry/{name}/{action}")
@@ -265,13 +318,31 @@ def lineage_graph(lin: data.Lineage) -> str:
             elif ref.startswith("data.") or digest:
                 nid = f"data:{digest}"
                 if nid not in {n.id for n in nodes}:
-                    nodes.append(svg.Node(nid, [ref.removeprefix("data."), "raw data", _short(digest)], "DATA", f"/lineage?digest={quote(digest)}", digest))
+                    nodes.append(
+                        svg.Node(
+                            nid,
+                            [ref.removeprefix("data."), "raw data", _short(digest)],
+                            "DATA",
+                            f"/lineage?digest={quote(digest)}",
+                            digest,
+                        )
+                    )
                 edges.append((nid, s.name))
         outs = [f"{n} {_short(d, 8)}" for n, d in s.outputs.items()][:2]
         nodes.append(svg.Node(s.name, [s.name, s.kind, *outs], s.status, f"/steps/{s.run_id}", s.name))
     v = lin.version
     vid = f"version:{v.version}"
-    nodes.append(svg.Node(vid, [f"{v.name} v{v.version}", ", ".join(v.aliases) or "no alias", _short(lin.model_digest)], "FINISHED", None, v.uri))
-    registering = [s.name for s in steps if s.kind == "register"] or [s.name for s in steps if lin.model_digest in s.outputs.values()]
+    nodes.append(
+        svg.Node(
+            vid,
+            [f"{v.name} v{v.version}", ", ".join(v.aliases) or "no alias", _short(lin.model_digest)],
+            "FINISHED",
+            None,
+            v.uri,
+        )
+    )
+    registering = [s.name for s in steps if s.kind == "register"] or [
+        s.name for s in steps if lin.model_digest in s.outputs.values()
+    ]
     edges += [(name, vid) for name in registering[:1]]
     return svg.dag(nodes, edges, label="lineage")

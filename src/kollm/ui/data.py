@@ -40,7 +40,9 @@ class Project:
 
 def open_project(path: Path) -> Project:
     cfg, file = load_config(path)
-    return Project(file.parent.resolve(), cfg.project, cfg.tracking.experiment or cfg.project, tracking_uri(file.parent, cfg))
+    return Project(
+        file.parent.resolve(), cfg.project, cfg.tracking.experiment or cfg.project, tracking_uri(file.parent, cfg)
+    )
 
 
 class Store:
@@ -139,7 +141,9 @@ def run_view(store: Store, run_id: str) -> RunView:
     c = store.client
     run = c.get_run(info.run_id)
     children = c.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{info.run_id}'", max_results=1000,
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{info.run_id}'",
+        max_results=1000,
         order_by=["attributes.start_time ASC"],
     )
     steps = [step_from_run(r) for r in children]
@@ -198,20 +202,37 @@ def step_view(store: Store, run_id: str) -> StepView:
     state = store.project.state
     folder = state / "steps" / node.key
     manifest = _read_json(folder / "step.json") if node.key else None
-    config = manifest["config"] if manifest and isinstance(manifest.get("config"), dict) else dict(sorted(run.data.params.items()))
+    config = (
+        manifest["config"]
+        if manifest and isinstance(manifest.get("config"), dict)
+        else dict(sorted(run.data.params.items()))
+    )
     outputs = {n: str(folder / n) for n in node.outputs if (folder / n).is_dir()}
     logs = []
     if parent:
         log = state / "logs" / "system" / f"{parent}.jsonl"
         if log.is_file():
-            logs = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-                    if _json_line(line).get("step") == node.name]
+            logs = [
+                line
+                for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _json_line(line).get("step") == node.name
+            ]
     training_log = []
     tlog = state / "logs" / "training" / f"{node.name}.jsonl"
     if node.kind in TRAINING_KINDS and tlog.is_file():
         training_log = tlog.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
     curves = training_curves(store, node) if node.kind in TRAINING_KINDS else []
-    return StepView(node, parent, config, _artifacts(c, run_id), outputs, logs[-100:], training_log, curves, dict(sorted(run.data.tags.items())))
+    return StepView(
+        node,
+        parent,
+        config,
+        _artifacts(c, run_id),
+        outputs,
+        logs[-100:],
+        training_log,
+        curves,
+        dict(sorted(run.data.tags.items())),
+    )
 
 
 def _get_run(c: Any, run_id: str) -> Any:
@@ -333,7 +354,14 @@ def version_lineage(store: Store, name: str, ref: str) -> Lineage:
             continue
     datasets = {k.removeprefix("kollm.data."): val for k, val in v.tags.items() if k.startswith("kollm.data.")}
     sources = {k.removeprefix("kollm.source."): val for k, val in v.tags.items() if k.startswith("kollm.source.")}
-    return Lineage(v, v.tags.get("kollm.pipeline_run_id"), steps, dict(sorted(datasets.items())), dict(sorted(sources.items())), v.tags.get("kollm.model_digest", ""))
+    return Lineage(
+        v,
+        v.tags.get("kollm.pipeline_run_id"),
+        steps,
+        dict(sorted(datasets.items())),
+        dict(sorted(sources.items())),
+        v.tags.get("kollm.model_digest", ""),
+    )
 
 
 @dataclass
@@ -350,7 +378,11 @@ def forward_lineage(store: Store, digest: str) -> Forward:
     from kollm import registry
 
     exp = store.experiment_id()
-    runs = [] if exp is None else store.client.search_runs([exp], filter_string="tags.`kollm.step` != ''", max_results=MAX_RUNS)
+    runs = (
+        []
+        if exp is None
+        else store.client.search_runs([exp], filter_string="tags.`kollm.step` != ''", max_results=MAX_RUNS)
+    )
     nodes = [step_from_run(r) for r in runs]
     reached = {digest}
     consumers: dict[str, StepNode] = {}
@@ -368,7 +400,11 @@ def forward_lineage(store: Store, digest: str) -> Forward:
     versions = []
     for model in registry.list_models(store.project.dir):
         for v in registry.list_versions(model, store.project.dir):
-            lineage = {val for k, val in v.tags.items() if k.startswith(("kollm.data.", "kollm.source.")) or k == "kollm.model_digest"}
+            lineage = {
+                val
+                for k, val in v.tags.items()
+                if k.startswith(("kollm.data.", "kollm.source.")) or k == "kollm.model_digest"
+            }
             if lineage & reached or (v.run_id and v.run_id in consumer_runs):
                 versions.append(v)
     if not consumers and not producers and not versions:
@@ -437,7 +473,10 @@ def serving_stats(gateway: str | None) -> list[dict[str, Any]]:
             arm, version = s.labels.get("arm"), s.labels.get("version")
             if arm is None or version is None:
                 continue
-            row = rows.setdefault((arm, version), {"arm": arm, "version": version, "success": 0.0, "error": 0.0, "seconds": 0.0, "count": 0.0})
+            row = rows.setdefault(
+                (arm, version),
+                {"arm": arm, "version": version, "success": 0.0, "error": 0.0, "seconds": 0.0, "count": 0.0},
+            )
             if s.name == "kollm_gateway_requests_total":
                 outcome = s.labels.get("outcome", "")
                 row["success" if outcome == "success" else "error"] += s.value

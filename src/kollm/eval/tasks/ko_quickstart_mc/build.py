@@ -21,8 +21,15 @@ def _questions(kind: str, facts: dict[str, str], template: str, rng: random.Rand
     for key, answer in facts.items():
         choices = [answer, *rng.sample([a for a in answers if a != answer], 3)]
         rng.shuffle(choices)
-        out.append({"id": f"{kind}-{len(out)}", "kind": kind, "question": template.format(key), "choices": choices,
-                    "answer": choices.index(answer)})
+        out.append(
+            {
+                "id": f"{kind}-{len(out)}",
+                "kind": kind,
+                "question": template.format(key),
+                "choices": choices,
+                "answer": choices.index(answer),
+            }
+        )
     return out
 
 
