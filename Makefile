@@ -25,10 +25,11 @@ demo: install
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm run
 	cd $(DEMO_DIR) && $(abspath $(BIN))/kollm runs
 
-# Lint (ruff: rules in pyproject) and types (mypy + pydantic plugin over the whole package, see pyproject's
-# [tool.mypy]); CI runs it before the tests.
+# Lint and format (ruff: rules in pyproject) and types (mypy + pydantic plugin over the whole package, see
+# pyproject's [tool.mypy]); CI runs it before the tests.
 check: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
 test: install
