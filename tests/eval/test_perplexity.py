@@ -96,3 +96,27 @@ def test_template_that_rewrites_history_is_refused(tok):
 def test_empty_eval_set_is_a_clear_error(tok, model):
     with pytest.raises(StepFailed, match="nothing to score"):
         perplexity(model, [], pad_id=0)
+
+
+def test_evaluation_scores_exactly_the_tokens_sft_trains_on(tok):
+    """Evaluation promises to score what SFT trains on: for every conversation the eval targets (token t scored
+    given the tokens before it) are the SFT labels that are not ignored, token for token."""
+    from kollm.train.data import IGNORE_INDEX
+    from kollm.train.data import encode_chat as sft_encode
+
+    conversations = [
+        [{"role": "user", "content": "수도는?"}, {"role": "assistant", "content": "서울입니다."}],
+        [
+            {"role": "system", "content": "한국어로 답하세요."},
+            {"role": "user", "content": " 날씨는 어때요? "},
+            {"role": "assistant", "content": " 맑고 따뜻합니다"},
+            {"role": "user", "content": "내일은?"},
+            {"role": "assistant", "content": "비가 옵니다.\n우산을 챙기세요."},
+        ],
+    ]
+    for messages in conversations:
+        enc = encode_chat(tok, messages, "assistant", max_length=256)
+        ids, labels = sft_encode(tok, messages)
+        assert enc is not None and enc.ids == ids
+        trained = [label != IGNORE_INDEX for label in labels]
+        assert enc.target[1:] == trained[1:] and any(trained)

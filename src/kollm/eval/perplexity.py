@@ -56,8 +56,38 @@ def encode_corpus(tokenizer: Any, texts: Iterable[str], max_length: int) -> list
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_tokens(
+    tokenizer: Any, messages: list[dict[str, str]], *, only_last: bool = False, hint: str
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation rendered with the chat template, and per token whether it belongs to an
+    assistant reply (the reply and its end-of-turn marker; with only_last, the last reply only). The one
+    definition of what SFT trains on (kollm.train.data.encode_chat) and evaluation scores (encode_chat here).
+
+    Assistant spans are found by rendering the conversation up to each assistant turn (with the generation prompt)
+    and up to the end of that turn; this works with any template that renders earlier turns unchanged. A token
+    counts when it overlaps a span: a token may join the prompt's trailing space with the reply's first letter.
+    """
+    text = render_chat(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or (only_last and i != len(messages) - 1):
+            continue
+        prefix = render_chat(tokenizer, messages[:i], generation_prompt=True)
+        upto = render_chat(tokenizer, messages[: i + 1])
+        if not (text.startswith(upto) and upto.startswith(prefix)):
+            raise StepFailed(
+                "the chat template renders earlier turns differently once later turns are added, so assistant "
+                "tokens cannot be located",
+                hint=hint,
+            )
+        spans.append((len(prefix), len(upto)))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    return ids, [any(start < b and end > a for a, b in spans) for start, end in enc["offset_mapping"]]
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]], targets: Targets, max_length: int) -> Encoded | None:
@@ -67,30 +97,14 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]], targets: Targets
             "the model's tokenizer has no chat template, so instruction data cannot be rendered",
             hint="train the model with kollm (its tokenizers carry a template) or evaluate a corpus dataset instead",
         )
-    text = _render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
-    if targets == "assistant":
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prefix = _render(tokenizer, messages[:i], generation_prompt=True)
-            upto = _render(tokenizer, messages[: i + 1])
-            if not (text.startswith(upto) and upto.startswith(prefix)):
-                raise StepFailed(
-                    "the chat template renders earlier turns differently once later turns are added, so assistant "
-                    "tokens cannot be located",
-                    hint="set `perplexity_targets: all` in the evaluate step to score the whole rendered conversation",
-                )
-            spans.append((len(prefix), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])[:max_length]
     if targets == "all":
+        ids = list(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])[:max_length]
         target = [i > 0 for i in range(len(ids))]
     else:
-        target = [
-            i > 0 and any(a <= start < b for a, b in spans)
-            for i, (start, _end) in enumerate(enc["offset_mapping"][:max_length])
-        ]
+        hint = "set `perplexity_targets: all` in the evaluate step to score the whole rendered conversation"
+        ids, mask = assistant_tokens(tokenizer, messages, hint=hint)
+        ids = ids[:max_length]
+        target = [i > 0 and m for i, m in enumerate(mask[:max_length])]  # token 0 has nothing before it
     return Encoded(ids, target) if any(target) else None
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from kollm.errors import StepFailed
+from kollm.eval.perplexity import assistant_tokens, render_chat
 from kollm.train.kernels import IGNORE_INDEX
 
 
@@ -154,39 +155,17 @@ def pack_stream(docs: Sequence[np.ndarray], seq_len: int, pad_id: int) -> Packed
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return render_chat(tokenizer, messages, generation_prompt=add_generation_prompt)
 
 
 def encode_chat(
     tokenizer: Any, messages: list[dict[str, str]], *, only_last: bool = False
 ) -> tuple[list[int], list[int]]:
     """Token ids of a conversation rendered with the chat template, and labels that keep only assistant tokens
-    (the reply and its end-of-turn marker); everything else is IGNORE_INDEX.
-
-    Assistant spans are found by rendering the conversation up to each assistant turn (with the generation
-    prompt) and up to the end of that turn; this works with any template that renders earlier turns unchanged.
-    """
-    text = render(tokenizer, messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant" or (only_last and i != len(messages) - 1):
-            continue
-        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = render(tokenizer, messages[: i + 1])
-        if not (text.startswith(upto) and upto.startswith(prefix)):
-            raise StepFailed(
-                "the chat template renders earlier turns differently once later turns are added, so assistant tokens "
-                "cannot be located; set config.chat_template to a template that renders turns independently"
-            )
-        spans.append((len(prefix), len(upto)))
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
-        # overlap, not containment: a token may join the prompt's trailing space with the reply's first letter
-        if any(start < b and end > a for a, b in spans):
-            labels[k] = ids[k]
-    return ids, labels
+    (kollm.eval.perplexity.assistant_tokens: the same tokens evaluation scores); everything else is IGNORE_INDEX."""
+    hint = "set config.chat_template to a template that renders turns independently"
+    ids, mask = assistant_tokens(tokenizer, messages, only_last=only_last, hint=hint)
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
 
 
 def encode_chats(
