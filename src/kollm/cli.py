@@ -19,6 +19,13 @@ from rich.table import Table
 
 from kollm.errors import KollmError
 from kollm.redact import mask_text
+from kollm.rollout.analysis import (
+    DEFAULT_ANALYSIS,
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_PAUSE,
+    DEFAULT_STEPS,
+)
 
 if TYPE_CHECKING:
     from kollm.pipeline.history import StepRow
@@ -484,12 +491,16 @@ def deploy_render(
     replicas: Annotated[
         int, typer.Option(help="Serving replicas of the Rollout (5 gives exact 20 % canary steps).", min=1)
     ] = 5,
-    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
-    pause: Annotated[str, typer.Option(help="How long each step holds its weight before its analysis.")] = "2m",
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = DEFAULT_STEPS,
+    pause: Annotated[
+        str, typer.Option(help="How long each step holds its weight before its analysis.")
+    ] = DEFAULT_PAUSE,
     analysis: Annotated[
         str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")
-    ] = "success_rate>=0.95,p95_ms<=2000",
-    failure_limit: Annotated[int, typer.Option(help="Failed analysis windows that abort the rollout.", min=1)] = 2,
+    ] = DEFAULT_ANALYSIS,
+    failure_limit: Annotated[
+        int, typer.Option(help="Failed analysis windows that abort the rollout.", min=1)
+    ] = DEFAULT_FAILURE_LIMIT,
     prometheus_url: Annotated[
         str, typer.Option(help="Prometheus the AnalysisTemplate queries.")
     ] = "http://prometheus.monitoring.svc:9090",
@@ -846,20 +857,22 @@ def _rollout_print(data: dict[str, Any], as_json: bool) -> None:
 @rollout_app.command("start")
 def rollout_start(
     name: Annotated[str, typer.Argument(help="The registered model name whose canary the gateway serves.")],
-    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = "20,40,60,80",
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = DEFAULT_STEPS,
     pause: Annotated[
         str, typer.Option(help="How long each step holds its weight before its analysis (e.g. 2m, 30s).")
-    ] = "2m",
+    ] = DEFAULT_PAUSE,
     analysis: Annotated[
         str,
         typer.Option(
             help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate)."
         ),
-    ] = "success_rate>=0.95,p95_ms<=2000",
-    failure_limit: Annotated[int, typer.Option(help="Failed analyses that roll the canary back.")] = 2,
+    ] = DEFAULT_ANALYSIS,
+    failure_limit: Annotated[
+        int, typer.Option(help="Failed analyses that roll the canary back.")
+    ] = DEFAULT_FAILURE_LIMIT,
     min_requests: Annotated[
         int, typer.Option(help="Fewer canary requests in a step make its analysis inconclusive (the step is held).")
-    ] = 10,
+    ] = DEFAULT_MIN_REQUESTS,
     alert_webhook: Annotated[
         Optional[str],
         typer.Option(
@@ -1084,10 +1097,12 @@ def watch_cmd(
     model_name: Annotated[
         Optional[str], typer.Option(help="Registered model name (default: the project name).")
     ] = None,
-    steps: Annotated[str, typer.Option(help="Canary weights in percent.")] = "20,40,60,80",
-    pause: Annotated[str, typer.Option(help="Hold per canary step before its analysis.")] = "2m",
-    analysis: Annotated[str, typer.Option(help="Canary analysis conditions.")] = "success_rate>=0.95,p95_ms<=2000",
-    min_requests: Annotated[int, typer.Option(help="Canary requests a step needs for its analysis.")] = 10,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent.")] = DEFAULT_STEPS,
+    pause: Annotated[str, typer.Option(help="Hold per canary step before its analysis.")] = DEFAULT_PAUSE,
+    analysis: Annotated[str, typer.Option(help="Canary analysis conditions.")] = DEFAULT_ANALYSIS,
+    min_requests: Annotated[
+        int, typer.Option(help="Canary requests a step needs for its analysis.")
+    ] = DEFAULT_MIN_REQUESTS,
     alert_webhook: Annotated[
         Optional[str], typer.Option(help="Slack-compatible webhook for outcomes (default: $KOLLM_ALERT_WEBHOOK).")
     ] = None,

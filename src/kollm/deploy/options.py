@@ -7,7 +7,14 @@ from pathlib import Path
 
 from kollm.errors import ConfigError
 from kollm.pipeline.spec import Pipeline, load_pipeline
-from kollm.rollout.analysis import DEFAULT_ANALYSIS, Criterion, parse_analysis
+from kollm.rollout.analysis import (
+    DEFAULT_ANALYSIS,
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_PAUSE,
+    DEFAULT_STEPS,
+    Criterion,
+    parse_analysis,
+)
 from kollm.rollout.state import parse_duration, parse_steps
 
 TRAINING_KINDS = ("cpt", "sft", "align")
@@ -24,10 +31,10 @@ class DeployOptions:
     canary_alias: str = "challenger"
     serve_gpus: int = 0
     serve_replicas: int = 5  # 5 replicas let a replica-based canary hit 20/40/60/80 % exactly
-    steps: str = "20,40,60,80"
-    pause: str = "2m"
+    steps: str = DEFAULT_STEPS
+    pause: str = DEFAULT_PAUSE
     analysis: str = DEFAULT_ANALYSIS
-    failure_limit: int = 2
+    failure_limit: int = DEFAULT_FAILURE_LIMIT
     s3_secret: str = "kollm-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
     mlflow_db_secret: str = "kollm-mlflow-db"  # key uri: postgresql://USER:PASSWORD@HOST:5432/mlflow
     api_key_secret: str = "kollm-api-key"  # key KOLLM_API_KEY (optional in the pods)

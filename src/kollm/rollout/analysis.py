@@ -17,7 +17,12 @@ from typing import Callable, Literal, Sequence
 
 from kollm.errors import ConfigError
 
+# A rollout's defaults, in one place (kollm rollout start, kollm deploy, RolloutSpec, the Python client)
 DEFAULT_ANALYSIS = "success_rate>=0.95,p95_ms<=2000"
+DEFAULT_STEPS = "20,40,60,80"  # canary weights in percent
+DEFAULT_PAUSE = "2m"  # how long each step holds its weight before its analysis
+DEFAULT_FAILURE_LIMIT = 2  # failed analyses that roll the canary back
+DEFAULT_MIN_REQUESTS = 10  # canary requests a window needs to be conclusive
 
 # metric name -> what it means (also the list shown when a name is unknown)
 METRICS: dict[str, str] = {

@@ -15,7 +15,13 @@ import httpx
 from pydantic import ValidationError
 
 from kollm.errors import ConfigError, KollmError, NotFound
-from kollm.rollout.analysis import DEFAULT_ANALYSIS
+from kollm.rollout.analysis import (
+    DEFAULT_ANALYSIS,
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_PAUSE,
+    DEFAULT_STEPS,
+)
 from kollm.rollout.state import ProbePrompt, RolloutConflict, RolloutSpec, parse_duration, parse_steps
 from kollm.serve import API_KEY_ENV
 
@@ -52,11 +58,11 @@ def load_probe(path: Path) -> list[ProbePrompt]:
 def start(
     name: str,
     *,
-    steps: str = "20,40,60,80",
-    pause: str = "2m",
+    steps: str = DEFAULT_STEPS,
+    pause: str = DEFAULT_PAUSE,
     analysis: str = DEFAULT_ANALYSIS,
-    failure_limit: int = 2,
-    min_requests: int = 10,
+    failure_limit: int = DEFAULT_FAILURE_LIMIT,
+    min_requests: int = DEFAULT_MIN_REQUESTS,
     alert_webhook: str | None = None,
     probe: Path | None = None,
     gateway: str | None = None,

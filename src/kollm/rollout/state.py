@@ -17,7 +17,15 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from kollm.config import pydantic_problems
 from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.step import STRICT
-from kollm.rollout.analysis import DEFAULT_ANALYSIS, AnalysisResult, parse_analysis
+from kollm.rollout.analysis import (
+    DEFAULT_ANALYSIS,
+    DEFAULT_FAILURE_LIMIT,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_PAUSE,
+    DEFAULT_STEPS,
+    AnalysisResult,
+    parse_analysis,
+)
 
 Status = Literal["progressing", "paused", "promoted", "rolled_back", "aborted"]
 ACTIVE: tuple[Status, ...] = ("progressing", "paused")
@@ -69,15 +77,15 @@ class ProbePrompt(BaseModel):
 
 
 class RolloutSpec(BaseModel):
-    """How a rollout proceeds. The defaults are `--steps 20,40,60,80 --pause 2m
+    """How a rollout proceeds. The defaults (kollm.rollout.analysis) are `--steps 20,40,60,80 --pause 2m
     --analysis "success_rate>=0.95,p95_ms<=2000" --failure-limit 2`."""
 
     model_config = STRICT
     steps: list[float] = Field(
-        [20, 40, 60, 80], min_length=1, description="Canary weights in percent, one per step, increasing."
+        parse_steps(DEFAULT_STEPS), min_length=1, description="Canary weights in percent, one per step, increasing."
     )
     pause_s: float = Field(
-        120.0,
+        parse_duration(DEFAULT_PAUSE),
         gt=0,
         description="Seconds each step holds its weight; the canary's requests in that window are analysed at its end.",
     )
@@ -85,10 +93,10 @@ class RolloutSpec(BaseModel):
         DEFAULT_ANALYSIS, description='Conditions every window must meet, e.g. "success_rate>=0.95,p95_ms<=2000".'
     )
     failure_limit: int = Field(
-        2, ge=1, description="Failed analyses (over the whole rollout) that roll the canary back."
+        DEFAULT_FAILURE_LIMIT, ge=1, description="Failed analyses (over the whole rollout) that roll the canary back."
     )
     min_requests: int = Field(
-        10,
+        DEFAULT_MIN_REQUESTS,
         ge=1,
         description="Fewer canary requests in a window make it inconclusive: the step is held and re-analysed.",
     )
