@@ -74,9 +74,8 @@ class SamplingParams:
     ignore_eos: bool = False
     presence_penalty: float = 0.0  # OpenAI: subtracted from the logit of every token generated so far
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per time a token was generated
-    repetition_penalty: float = (
-        1.0  # vLLM/HF: logits of prompt and generated tokens divided (>0) or multiplied (<0) by it
-    )
+    # vLLM/HF: logits of prompt and generated tokens divided (>0) or multiplied (<0) by it
+    repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     top_k: int = 0  # 0: off
     min_p: float = 0.0
@@ -106,9 +105,8 @@ class TokenChunk:
     text: str  # text new since the previous chunk (empty while held back, e.g. a possible stop-sequence prefix)
     completion_tokens: int  # tokens generated so far for this request
     finish_reason: FinishReason | None = None  # set on the last chunk
-    logprobs: tuple[
-        TokenLogprob, ...
-    ] = ()  # with SamplingParams.logprobs: one per token generated since the previous chunk
+    # with SamplingParams.logprobs: one per token generated since the previous chunk
+    logprobs: tuple[TokenLogprob, ...] = ()
     # on the last chunk, from engines that have it for free: the summed negative log-likelihood of the generated
     # tokens under the model's raw distribution (output perplexity = exp(output_nll / completion_tokens))
     output_nll: float | None = None
