@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,6 +94,28 @@ def test_batched_greedy_matches_decoding_each_request_alone(hf, kv):
     assert len({text for text, _ in results}) == len(
         prompts
     )  # the model's outputs differ: the comparison means something
+
+
+def test_final_only_request_gets_its_first_chunk_then_one_last_chunk(hf, kv):
+    """A non-streamed request (final_only) wakes its event loop twice, not once per token: the first token
+    (time to first token, errors before any byte) and then everything else as one chunk, equal in text,
+    token count and logprobs to the streamed chunks joined."""
+    engine = new_engine(hf, kv)
+    ids = engine.encode_prompt("한국어 모델")
+
+    async def main():
+        params = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True, logprobs=2)
+        streamed, held = await asyncio.gather(
+            run(engine, ids, params, "s"), run(engine, ids, replace(params, final_only=True), "f")
+        )
+        await engine.shutdown()
+        return streamed, held
+
+    (text, chunks), (held_text, held) = asyncio.run(main())
+    assert len(chunks) == 9 and [c.completion_tokens for c in held] == [1, 9]
+    assert held_text == text and held[-1].finish_reason == "length" and held[0].finish_reason is None
+    assert [lp.token for c in held for lp in c.logprobs] == [lp.token for c in chunks for lp in c.logprobs]
+    assert held[-1].output_nll == pytest.approx(chunks[-1].output_nll)
 
 
 def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(hf, kv):

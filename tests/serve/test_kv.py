@@ -144,3 +144,74 @@ def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(devic
     assert [text for text, _ in static] == [text for text, _ in dynamic]
     assert static[3][1] == pytest.approx(dynamic[3][1], abs=1e-4) and len(static[3][1]) == 9  # one per token
     assert len({text for text, _ in static}) == len(params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and Triton)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 64), (8, 8, 128), (12, 4, 64), (4, 2, 8)])
+def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(heads, kv_heads, dim, dtype):
+    """The Triton kernel (one launch per layer: cache write and attention) against writing the cache with
+    indexing and PyTorch's attention over each row's positions 0..pos, for grouped-query layouts (including 3
+    query heads per kv head, a group size that is not a power of two) and head sizes 8 to 128."""
+    from kollm.serve.decode_attention import available, decode_attention
+
+    assert available(dim)
+    torch.manual_seed(0)
+    slots, length, b = 6, 300, 5
+    pos = torch.tensor([0, 1, 63, 64, 299, 7], device="cuda")  # 299: the cache's last position
+    cache = torch.randn(slots, 2, kv_heads, length, dim, device="cuda", dtype=dtype)
+    q = torch.randn(b, heads, dim, device="cuda", dtype=dtype)
+    kv = torch.randn(b, 2, kv_heads, dim, device="cuda", dtype=dtype)
+    expected_cache = cache.clone()
+    expected_cache[torch.arange(b, device="cuda"), :, :, pos[:b]] = kv
+    out = decode_attention(q, kv, cache, pos, dim**-0.5)
+    assert torch.equal(cache, expected_cache)  # the new key and value at pos, nothing else touched (slot 5 neither)
+    for r in range(b):
+        n = int(pos[r]) + 1
+        k = expected_cache[r, 0, :, :n].float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, n, D]
+        v = expected_cache[r, 1, :, :n].float().repeat_interleave(heads // kv_heads, dim=0)
+        ref = torch.softmax(q[r].float()[:, None, :] @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[r].float(), ref[:, 0], atol=tol, rtol=tol)
+
+
+def test_graph_shapes_padded_prompts_and_rows_decode_exactly(monkeypatch):
+    """What CUDA graphs run, run eagerly here: prompts padded to a prefill bucket (3 prompts as 4 rows, the
+    padding row writing into the spare slot; 5 to 22 tokens as 16 or 32 positions), decode steps over at least
+    MIN_DECODE_ROWS rows with greedy picks fed back on the device, rows joining a running batch. Each row must
+    get the greedy tokens of recomputing its whole sequence at every step."""
+    from kollm.serve.kv import MIN_DECODE_ROWS, StaticKV
+
+    monkeypatch.setattr(
+        StaticKV,
+        "_replay",
+        lambda self, n, t, picks: self._prefill_forward(n, t) if picks is None else self._decode_forward(n, t, picks),
+    )
+    tok = tiny_tokenizer()
+    model = tiny("llama", tok)
+    prompts = [tok.encode(p) for p in PROMPTS[:5]]
+    with torch.inference_mode():
+        kv = StaticKV(model, slots=MIN_DECODE_ROWS + 2, context_length=256, cuda_graphs=True)
+        assert kv.batch_buckets[0] == MIN_DECODE_ROWS and min(map(len, prompts)) < 16 < max(map(len, prompts))
+        out: dict[int, list[int]] = {}
+        order: list[int] = []  # prompt index of each row
+
+        def add(indices: list[int]) -> None:
+            handle, logits = kv.prefill([prompts[i] for i in indices])
+            first = logits.argmax(-1)
+            kv.join(handle, first)
+            for i, token in zip(indices, first.tolist()):
+                out[i] = [token]
+            order.extend(indices)
+
+        add([0, 1, 2])
+        for step in range(12):
+            if step == 4:
+                add([3, 4])
+            outputs, slots = kv.decode_greedy()
+            rows = outputs.tolist()
+            for i, slot in zip(order, slots):
+                out[i].append(int(rows[slot][0]))
+    assert kv.prompt_slots[3] == kv.slots  # the padding row of the first prefill wrote into the spare slot
+    for i, tokens in out.items():
+        assert tokens == greedy_without_cache(model, prompts[i], len(tokens)), i

@@ -48,7 +48,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported
+from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 
 log = logging.getLogger("kollm.serve")
 
@@ -82,6 +82,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; K >= 0: the sampled token's logprob and the K most likely
     response_format: Literal["json_object", "json_schema"] | None = None  # constrain the output to JSON
     json_schema: str | None = None  # with response_format json_schema: the schema, as JSON text
+    # deliver only the first chunk and then everything else as one last chunk (a response that is not streamed):
+    # spares the event loop a wake-up per token; a backend may ignore it
+    final_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,7 @@ class _Sequence:
     counts: torch.Tensor | None = None  # [V] how often each token was generated
     seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
+    held: TokenChunk | None = None  # with params.final_only: what was generated since the first chunk
 
     def emit(self, item: TokenChunk | BaseException) -> None:
         _deliver([(self, item)])
@@ -314,6 +318,17 @@ class _Sequence:
     def processed(self) -> bool:
         """Whether its logits are changed before sampling (penalties, bias)."""
         return self.counts is not None or self.seen is not None or self.bias is not None
+
+
+def _joined(a: TokenChunk, b: TokenChunk) -> TokenChunk:
+    """Chunk b appended to chunk a, as one chunk."""
+    return TokenChunk(
+        text=a.text + b.text,
+        completion_tokens=b.completion_tokens,
+        finish_reason=b.finish_reason,
+        logprobs=a.logprobs + b.logprobs,
+        output_nll=b.output_nll,
+    )
 
 
 def _put_all(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
@@ -334,16 +349,6 @@ def _deliver(items: list[tuple[_Sequence, TokenChunk | BaseException]]) -> None:
                 seq.cancelled = True
 
 
-def _step_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[B, 2] float64 on the device: each row's sampled token (float64 holds every token id exactly) and its
-    -log p under the raw logits, so one copy brings both to the host. The NLL is one gather and one logsumexp
-    over the vocabulary, small beside the forward pass; a token the model gives no probability counts as 100
-    nats (not infinity)."""
-    picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - logits.float().logsumexp(-1)
-    nll = (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0)
-    return torch.stack([tokens.double(), nll.double()], dim=1)
-
-
 def _host_rows(outputs: torch.Tensor) -> tuple[list[int], list[float]]:
     rows = outputs.tolist()
     return [int(t) for t, _ in rows], [n for _, n in rows]
@@ -351,7 +356,7 @@ def _host_rows(outputs: torch.Tensor) -> tuple[list[int], list[float]]:
 
 def _to_host(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], list[float]]:
     """The sampled tokens and their NLLs on the host (one device sync)."""
-    return _host_rows(_step_outputs(logits, tokens))
+    return _host_rows(step_outputs(logits, tokens))
 
 
 @dataclass
@@ -362,6 +367,7 @@ class _Launched:
     seqs: list[_Sequence]
     outputs: torch.Tensor
     ready: Any = None
+    slots: list[int] | None = None  # greedy picks made on the device: outputs are per slot, these the rows' slots
 
 
 def _safe_logprob(x: float) -> float:
@@ -519,6 +525,7 @@ class TransformersEngine:
         self._seqs: list[_Sequence] = []
         self._kv: DynamicKV | StaticKV | None = None  # made by the worker thread (under its inference mode)
         self._launched: _Launched | None = None  # with the static cache: the step running ahead (see _decode)
+        self._pinned: list[torch.Tensor] | None = None  # host buffers of launched steps' outputs (see _launch)
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -668,7 +675,12 @@ class TransformersEngine:
 
     def _warmup(self) -> None:
         if self.kv_cache == "static":
-            self._kv = StaticKV(self.model, slots=self.max_batch_size, context_length=self.context_length)
+            self._kv = StaticKV(
+                self.model,
+                slots=self.max_batch_size,
+                context_length=self.context_length,
+                prefill_tokens=self.max_prefill_tokens,
+            )
             self._kv.warm_up()
         else:
             self._kv = DynamicKV(self.model, self.pad_id)
@@ -777,23 +789,35 @@ class TransformersEngine:
         self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
 
     def _launch(self, kv: StaticKV) -> _Launched:
+        """Launch one decode step; a batch of greedy rows with unchanged logits picks its tokens within the
+        step's CUDA graph (`decode_greedy`), others are sampled after it."""
         seqs = list(self._seqs)
-        logits = kv.decode()
-        tokens = sample(logits, seqs)
-        kv.advance(tokens)
-        outputs = _step_outputs(logits, tokens)
+        slots = None
+        if all(s.greedy and not s.processed for s in seqs):
+            outputs, slots = kv.decode_greedy()
+        else:
+            logits = kv.decode()
+            tokens = sample(logits, seqs)
+            kv.advance(tokens)
+            outputs = step_outputs(logits, tokens)
         if outputs.device.type != "cuda":
-            return _Launched(seqs, outputs)
-        host = torch.empty(outputs.shape, dtype=outputs.dtype, pin_memory=True)
+            return _Launched(seqs, outputs, slots=slots)
+        # two pinned buffers in turn: step t's is read (_finish) after step t+1 is launched into the other
+        if self._pinned is None:
+            self._pinned = [torch.empty((self.max_batch_size, 2), dtype=torch.float64, pin_memory=True) for _ in "ab"]
+        self._pinned.reverse()
+        host = self._pinned[0][: outputs.shape[0]]
         host.copy_(outputs, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _Launched(seqs, host, ready)
+        return _Launched(seqs, host, ready, slots)
 
     def _finish(self, launched: _Launched) -> None:
         if launched.ready is not None:
             launched.ready.synchronize()  # waits for that step only, not for the one launched after it
         tokens, nlls = _host_rows(launched.outputs)
+        if launched.slots is not None:
+            tokens, nlls = [tokens[s] for s in launched.slots], [nlls[s] for s in launched.slots]
         self._accept(launched.seqs, tokens, nlls, [None] * len(tokens))
 
     def _text_of(self, token: int) -> str:
@@ -854,18 +878,18 @@ class TransformersEngine:
                 text += seq.stops.flush()
             if finish is not None:
                 seq.finished = True
-            out.append(
-                (
-                    seq,
-                    TokenChunk(
-                        text=text,
-                        completion_tokens=n,
-                        finish_reason=finish,
-                        logprobs=() if lp is None else (lp,),
-                        output_nll=seq.nll if finish is not None else None,
-                    ),
-                )
+            chunk = TokenChunk(
+                text=text,
+                completion_tokens=n,
+                finish_reason=finish,
+                logprobs=() if lp is None else (lp,),
+                output_nll=seq.nll if finish is not None else None,
             )
+            if seq.params.final_only and n > 1:
+                chunk = seq.held = chunk if seq.held is None else _joined(seq.held, chunk)
+                if finish is None:
+                    continue
+            out.append((seq, chunk))
         _deliver(out)
         self._drop(lambda s: s.finished or s.cancelled)
 

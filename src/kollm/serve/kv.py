@@ -29,10 +29,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from kollm.serve import decode_attention
+
 log = logging.getLogger("kollm.serve")
 
 STATIC_KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MIN_LENGTH_BUCKET = 64
+MIN_PROMPT_BUCKET = 16  # prefill graphs: prompt lengths are padded to 16, 32, 64, ... positions
+MIN_DECODE_ROWS = 8  # decode graphs: at least 8 rows (cuBLAS picks slower kernels for 1 to 4 rows on an H200)
 
 
 def static_kv_unsupported(model: Any) -> str | None:
@@ -50,6 +54,21 @@ def static_kv_unsupported(model: Any) -> str | None:
     if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
         return "layers other than full attention"
     return None
+
+
+def step_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 2] float64 on the device: each row's sampled token (float64 holds every token id exactly) and its
+    -log p under the raw logits, so one copy brings both to the host. The NLL is one gather and one logsumexp
+    over the vocabulary, small beside the forward pass; a token the model gives no probability counts as 100
+    nats (not infinity)."""
+    picked = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - logits.float().logsumexp(-1)
+    nll = (-picked).nan_to_num(nan=100.0, posinf=100.0).clamp(max=100.0)
+    return torch.stack([tokens.double(), nll.double()], dim=1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row (a row of NaN: the first finite maximum, as `sample` picks)."""
+    return logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max).argmax(-1)
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -248,6 +267,8 @@ class StaticKV:
         context_length: int,
         cuda_graphs: bool | None = None,
         compile_pieces: bool | None = None,
+        fused_attention: bool | None = None,
+        prefill_tokens: int = 8192,
     ):
         reason = static_kv_unsupported(model)
         if reason is not None:
@@ -278,8 +299,9 @@ class StaticKV:
         # for prefill and decode: a decode graph of a few hundred kernels instead of over a thousand
         self.final_norm = (self.inner.norm.weight, float(self.inner.norm.variance_epsilon))
         self._pieces(self.device.type == "cuda" if compile_pieces is None else compile_pieces)
-        # per layer, keys and values together: [slot, k|v, kv head, position, D], so one write stores both
-        shape = (slots, 2, self.kv_heads, context_length, self.head_dim)
+        # per layer, keys and values together: [slot, k|v, kv head, position, D], so one write stores both; one
+        # slot more than the batch has, where the padding rows of a prefill graph write
+        shape = (slots + 1, 2, self.kv_heads, context_length, self.head_dim)
         self.kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         positions = torch.arange(context_length, device=self.device)
         cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions[None])
@@ -288,10 +310,30 @@ class StaticKV:
         self.rows = torch.arange(slots, device=self.device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # the position it goes to
-        self.batch_buckets = _buckets(slots, 1)
-        self.length_buckets = _buckets(context_length, min(MIN_LENGTH_BUCKET, context_length))
+        self.live = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1 for the slots of the batch's rows
+        # the Triton kernel writing the cache and attending in one launch (decode_attention); it reads each row's
+        # own length, so one graph per batch bucket serves every length
+        if fused_attention is None:
+            fused_attention = self.device.type == "cuda" and decode_attention.available(self.head_dim)
+        self.fused_attention = fused_attention
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.batch_buckets = _buckets(slots, min(MIN_DECODE_ROWS, slots) if self.cuda_graphs else 1)
+        # a prefill's prompts, padded (ids 0, length 1, the spare slot for padding rows): graph inputs
+        self.prompt_ids = torch.zeros((slots, context_length), dtype=torch.long, device=self.device)
+        self.prompt_lengths = torch.ones(slots, dtype=torch.long, device=self.device)
+        self.prompt_slots = torch.full((slots,), slots, dtype=torch.long, device=self.device)
+        # prefill graphs for (prompts, positions) buckets up to prefill_tokens positions in all; larger run eagerly
+        self.prefill_buckets = [
+            (n, t)
+            for n in _buckets(slots, 1)
+            for t in _buckets(context_length, min(MIN_PROMPT_BUCKET, context_length))
+            if n * t <= prefill_tokens
+        ]
+        self.length_buckets = (
+            [context_length] if fused_attention else _buckets(context_length, min(MIN_LENGTH_BUCKET, context_length))
+        )
+        # (n_batch, n_len, picks) of a decode step, or (prompts, positions, None) of a prefill: graph and output
+        self.graphs: dict[tuple[int, int, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.reset()
 
@@ -318,18 +360,20 @@ class StaticKV:
 
     def _capture_all(self) -> None:
         started = time.perf_counter()
-        for rows in (1, 2):  # compiles the pieces for prefill shapes too (one prompt, several; sizes 1 specialise)
-            self._prefill_forward([[0, 0]] * rows, list(range(rows)))
+        for n, t in self.prefill_buckets:
+            self._replay(n, t, None)
         for n_batch in self.batch_buckets:
             for n_len in self.length_buckets:
-                self._replay(n_batch, n_len)
-        log.info("captured %d decode graphs in %.1fs", len(self.graphs), time.perf_counter() - started)
+                for picks in (False, True):
+                    self._replay(n_batch, n_len, picks)
+        log.info("captured %d prefill and decode graphs in %.1fs", len(self.graphs), time.perf_counter() - started)
 
     # --- batch bookkeeping ------------------------------------------------------------------------------
     def reset(self) -> None:
         self.active: list[int] = []  # the slot of each row, in row order
         self._lengths: list[int] = []  # each row's next position (host copy of pos, for the length bucket)
         self.pos.zero_()
+        self.live.zero_()
 
     def _free(self, n: int) -> list[int]:
         taken = set(self.active)
@@ -342,15 +386,28 @@ class StaticKV:
         """Run the prompts (right-padded, one forward pass), writing their keys and values into free slots;
         returns (slots, last-token logits). Rows are not part of the batch until `join`."""
         slots = self._free(len(prompts))
-        if max(len(p) for p in prompts) > self.length:
+        n, t = len(prompts), max(len(p) for p in prompts)
+        if t > self.length:
             raise ValueError(f"a prompt is longer than the cache ({self.length} positions)")
-        return (slots, [len(p) for p in prompts]), self._prefill_forward(prompts, slots)
+        bucket = None
+        if self.cuda_graphs:
+            bucket = next(((bn, bt) for bn, bt in self.prefill_buckets if bn >= n and bt >= t), None)
+        n_pad, t_pad = bucket or (n, t)  # eagerly: no padding
+        ids = torch.zeros((n_pad, t_pad), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        lengths = [len(p) for p in prompts]
+        self.prompt_ids[:n_pad, :t_pad] = self._on_device(ids)
+        self.prompt_lengths[:n_pad] = self._on_device(lengths + [1] * (n_pad - n))
+        self.prompt_slots[:n_pad] = self._on_device(slots + [self.slots] * (n_pad - n))
+        logits = self._replay(n_pad, t_pad, None) if bucket else self._prefill_forward(n_pad, t_pad)
+        return (slots, lengths), logits[:n]
 
-    def _on_device(self, values: list[int]) -> torch.Tensor:
+    def _on_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
         """A small index tensor on the model's device without waiting for the GPU: from pinned memory,
         asynchronously (a plain host-to-device copy synchronises the stream, which would stall the engine
         while a decode step it launched ahead is still running)."""
-        t = torch.tensor(values, dtype=torch.long)
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def join(self, handle: tuple[list[int], list[int]], tokens: torch.Tensor) -> None:
@@ -358,19 +415,31 @@ class StaticKV:
         index = self._on_device(slots)
         self.tokens[index] = tokens
         self.pos[index] = self._on_device(lengths)
+        self.live[index] = 1
         self.active.extend(slots)
         self._lengths.extend(lengths)
 
-    def decode(self) -> torch.Tensor:
+    def _step(self, picks: bool) -> tuple[int, torch.Tensor]:
         n_batch = _bucket(self.batch_buckets, max(self.active) + 1)
         n_len = _bucket(self.length_buckets, max(self._lengths) + 1)
         if self.cuda_graphs:
-            logits = self._replay(n_batch, n_len)
-        else:
-            logits = self._decode_forward(n_batch, n_len)
+            return n_batch, self._replay(n_batch, n_len, picks)
+        return n_batch, self._decode_forward(n_batch, n_len, picks)
+
+    def decode(self) -> torch.Tensor:
+        """One step for every row: its logits [rows, vocab], in row order; `advance` feeds the tokens back."""
+        n_batch, logits = self._step(False)
         if self.active == list(range(n_batch)):
             return logits
         return logits[self._on_device(self.active)]
+
+    def decode_greedy(self) -> tuple[torch.Tensor, list[int]]:
+        """One step for every row, each taking its most likely token, fed back on the device (no `advance`):
+        returns `step_outputs` for the slots [0, n) the step covered, and the slot of each row in row order."""
+        _, outputs = self._step(True)
+        slots = list(self.active)
+        self._lengths = [n + 1 for n in self._lengths]
+        return outputs, slots
 
     def advance(self, tokens: torch.Tensor) -> None:
         index = self._on_device(self.active)
@@ -382,7 +451,9 @@ class StaticKV:
         kept = set(keep)
         gone = [slot for i, slot in enumerate(self.active) if i not in kept]
         if gone:
-            self.pos[self._on_device(gone)] = 0
+            index = self._on_device(gone)
+            self.pos[index] = 0
+            self.live[index] = 0
         self.active = [self.active[i] for i in keep]
         self._lengths = [self._lengths[i] for i in keep]
 
@@ -397,27 +468,22 @@ class StaticKV:
             )
         return self._last(x, attend(len(self.layers) - 1, q, kv), self.spec, self.weights[-1][1], *self.final_norm)
 
-    def _prefill_forward(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        n, t = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros((n, t), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p)
-        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids
-        lengths = self._on_device([len(p) for p in prompts])
+    def _prefill_forward(self, n: int, t: int) -> torch.Tensor:
+        """The first n prompts of the prompt buffers, padded to t positions, in one forward pass: writes their
+        keys and values into their slots (padding positions too: a row's decode steps overwrite each position
+        before attending to it; padding rows write into the spare slot) and returns each prompt's last-token
+        logits [n, vocab]. Shapes depend only on (n, t), so the pass can be captured as a graph."""
+        ids, lengths = self.prompt_ids[:n, :t], self.prompt_lengths[:n]
         pos = self.positions[:t]
         valid = pos[None, :] < lengths[:, None]  # [n, t]
         causal = pos[None, :] <= pos[:, None]  # [t, t]: query row, key column
         mask = (causal[None, :, :] & valid[:, None, :])[:, None]  # [n, 1, t, t]
-        # the prompt tokens' (slot, position) as flat indices, found once: a boolean index in every layer would
-        # wait for the GPU each time (its result's size is data-dependent)
-        real = torch.tensor([i * t + j for i, p in enumerate(prompts) for j in range(len(p))], dtype=torch.long)
-        real = real.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else real
-        rows = self._on_device(slots).repeat_interleave(t)[real]
-        cols = pos.repeat(n)[real]
+        rows = self.prompt_slots[:n, None].expand(n, t).reshape(-1)
+        cols = pos[None, :].expand(n, t).reshape(-1)
         cos, sin = self.cos[:t][None, :, None], self.sin[:t][None, :, None]  # [1, t, 1, D]
 
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            self.kv[i][rows, :, :, cols] = kv.flatten(0, 1)[real]
+            self.kv[i][rows, :, :, cols] = kv.flatten(0, 1)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=self.groups > 1
@@ -425,19 +491,26 @@ class StaticKV:
             return o.transpose(1, 2).reshape(n, t, -1)
 
         x = self._layers(self.inner.embed_tokens(ids), cos, sin, attend)
-        return self.model.lm_head(x[torch.arange(n, device=self.device), lengths - 1])
+        return self.model.lm_head(x[self.rows[:n], lengths - 1])
 
-    def _decode_forward(self, n_batch: int, n_len: int) -> torch.Tensor:
+    def _decode_forward(self, n_batch: int, n_len: int, picks: bool) -> torch.Tensor:
         """One token for slots [0, n_batch) attending over positions [0, n_len): every tensor shape depends only
         on (n_batch, n_len), every value is read from the slot buffers, so the step can be captured as a graph.
-        Free slots in that range compute on garbage at position 0 and are never read."""
+        Free slots in that range compute on garbage at position 0 and are never read. Returns the logits, or
+        with `picks` the `step_outputs` of the greedy tokens, which it also feeds back (tokens, positions)."""
         b = n_batch
         rows, pos = self.rows[:b], self.pos[:b]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [b, 1, 1, D]
-        visible = self.positions[:n_len][None, :] <= pos[:, None]
-        bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device).masked_fill(
-            ~visible[:, None, None, :], float("-inf")
-        )  # one additive mask for every layer
+
+        def fused(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            o = decode_attention.decode_attention(q[:, 0], kv[:, 0], self.kv[i], pos, self.spec.scale)
+            return o.reshape(b, 1, -1)
+
+        bias = None  # one additive mask for every layer
+        if not self.fused_attention:
+            visible = self.positions[:n_len][None, :] <= pos[:, None]
+            bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device)
+            bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
 
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             cache = self.kv[i]
@@ -449,13 +522,26 @@ class StaticKV:
             )
             return o.reshape(b, 1, -1)
 
-        x = self._layers(self.inner.embed_tokens(self.tokens[:b])[:, None], cos, sin, attend)
-        return self.model.lm_head(x[:, 0])
+        x = self._layers(
+            self.inner.embed_tokens(self.tokens[:b])[:, None], cos, sin, fused if self.fused_attention else attend
+        )
+        logits = self.model.lm_head(x[:, 0])
+        if not picks:
+            return logits
+        tokens = greedy(logits)
+        self.tokens[:b] = tokens
+        self.pos[:b] += self.live[:b]
+        return step_outputs(logits, tokens)
 
-    def _replay(self, n_batch: int, n_len: int) -> torch.Tensor:
-        """The step's CUDA graph for (n_batch, n_len), captured on first use. Graphs share one memory pool: an
-        output is valid until the next replay, and the engine is done with it by then (sampling copies it)."""
-        key = (n_batch, n_len)
+    def _replay(self, n: int, t: int, picks: bool | None) -> torch.Tensor:
+        """The CUDA graph of a decode step for (n_batch, n_len, picks), or with picks None of a prefill for
+        (prompts, positions), captured on first use. Graphs share one memory pool: an output is valid until the
+        next replay, and the engine is done with it by then (sampling copies it)."""
+        key = (n, t, picks)
+
+        def forward(picks: bool | None) -> torch.Tensor:
+            return self._prefill_forward(n, t) if picks is None else self._decode_forward(n, t, picks)
+
         entry = self.graphs.get(key)
         if entry is None:
             if self._pool is None:
@@ -463,11 +549,11 @@ class StaticKV:
             stream = torch.cuda.Stream(device=self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm-up off the capture (allocator, cuBLAS workspaces)
-                self._decode_forward(n_batch, n_len)
+                forward(None if picks is None else False)  # a decode warm-up must not move the batch on
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._decode_forward(n_batch, n_len)
+                out = forward(picks)
             entry = self.graphs[key] = (graph, out)
         entry[0].replay()
         return entry[1]

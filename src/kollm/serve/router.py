@@ -394,6 +394,7 @@ def _params(
         logprobs=logprobs,
         response_format=response_format,
         json_schema=schema,
+        final_only=not body.stream,
     )
 
 
