@@ -12,6 +12,7 @@ import pytest
 from kollm.errors import ConfigError
 from kollm.serve.engine import RequestError, SamplingParams, load_engine
 from kollm.serve.vllm_engine import (
+    OUTPUT_FIELDS,
     SAMPLING_FIELDS,
     STRUCTURED_FIELDS,
     adapter_of,
@@ -26,7 +27,8 @@ from .conftest import KOLLM
 
 def test_every_sampling_field_reaches_vllm():
     """A field added to kollm's SamplingParams must be mapped to vLLM's (else --backend vllm silently ignores it)."""
-    assert {f.name for f in dataclasses.fields(SamplingParams)} == set(SAMPLING_FIELDS) | set(STRUCTURED_FIELDS)
+    fields = set(SAMPLING_FIELDS) | set(STRUCTURED_FIELDS) | set(OUTPUT_FIELDS)
+    assert {f.name for f in dataclasses.fields(SamplingParams)} == fields
     assert sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))["logprobs"] == 2
     assert sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_object"))["structured_outputs"] == {
         "json_object": True

@@ -101,6 +101,7 @@ def require_vllm(flag: str = "--backend vllm") -> None:
 
 
 STRUCTURED_FIELDS = ("logprobs", "response_format", "json_schema")  # mapped by sampling_kwargs itself
+OUTPUT_FIELDS = ("final_only",)  # mapped to vLLM's output_kind by VLLMEngine.generate
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -281,12 +282,19 @@ class VLLMEngine:
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         try:
-            sp = VllmSamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
+            # a non-streamed request: vLLM builds and sends its output once, at the end (as `vllm serve` does)
+            kind = RequestOutputKind.FINAL_ONLY if params.final_only else RequestOutputKind.DELTA
+            sp = VllmSamplingParams(**kw, output_kind=kind)
         except ValueError as e:  # vLLM's own validation (e.g. more logprobs than max_logprobs)
             raise RequestError(f"vLLM refused the sampling settings: {e}") from None
         stream = self._llm.generate(tokens_input(list(prompt_ids)), sp, request_id, lora_request=self.lora)
-        tokens, started, finished = 0, False, False
-        self._waiting += 1
+        # started: vLLM sent output, so the request was scheduled; a final_only request gets none before it
+        # ends, so it counts as running (not waiting) from the start
+        tokens, started, finished = 0, params.final_only, False
+        if started:
+            self._running += 1
+        else:
+            self._waiting += 1
         try:
             async for out in stream:
                 if not started:
