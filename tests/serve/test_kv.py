@@ -147,13 +147,16 @@ def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(devic
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and Triton)")
+@pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 64), (8, 8, 128), (12, 4, 64), (4, 2, 8)])
-def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(heads, kv_heads, dim, dtype):
-    """The Triton kernel (one launch per layer: cache write and attention) against writing the cache with
-    indexing and PyTorch's attention over each row's positions 0..pos, for grouped-query layouts (including 3
-    query heads per kv head, a group size that is not a power of two) and head sizes 8 to 128."""
+def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(heads, kv_heads, dim, dtype, rotate):
+    """The Triton kernels (cache write and attention) against writing the cache with indexing and PyTorch's
+    attention over each row's positions 0..pos, for grouped-query layouts (including 3 query heads per kv head,
+    a group size that is not a power of two) and head sizes 8 to 128; with `rotate` the kernels apply the rotary
+    embedding to q and the new k themselves (as kollm's _rotary does at each row's position)."""
     from kollm.serve.decode_attention import available, decode_attention
+    from kollm.serve.kv import _rotary
 
     assert available(dim)
     torch.manual_seed(0)
@@ -162,16 +165,26 @@ def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(he
     cache = torch.randn(slots, 2, kv_heads, length, dim, device="cuda", dtype=dtype)
     q = torch.randn(b, heads, dim, device="cuda", dtype=dtype)
     kv = torch.randn(b, 2, kv_heads, dim, device="cuda", dtype=dtype)
+    freqs = torch.outer(torch.arange(length, device="cuda").float(), 1e-2 * torch.arange(dim // 2, device="cuda"))
+    cos, sin = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype), torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype)
+    q_ref, kv_ref = q.float(), kv.clone()
+    if rotate:
+        c, s_ = cos[pos[:b]][:, None].float(), sin[pos[:b]][:, None].float()
+        q_ref = _rotary(q.float(), c, s_)
+        kv_ref[:, 0] = _rotary(kv[:, 0].float(), c, s_).to(dtype)
     expected_cache = cache.clone()
-    expected_cache[torch.arange(b, device="cuda"), :, :, pos[:b]] = kv
-    out = decode_attention(q, kv, cache, pos, dim**-0.5)
-    assert torch.equal(cache, expected_cache)  # the new key and value at pos, nothing else touched (slot 5 neither)
+    expected_cache[torch.arange(b, device="cuda"), :, :, pos[:b]] = kv_ref
+    out = decode_attention(q, kv, cache, pos, dim**-0.5, (cos, sin) if rotate else None)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    # the new key and value at pos (the rotated key within rounding), nothing else touched (slot 5 neither)
+    torch.testing.assert_close(cache.float(), expected_cache.float(), atol=tol, rtol=tol)
+    changed = (cache != expected_cache).any(-1)
+    assert not changed[:, 1].any() and bool(changed[:, 0].sum() <= b * kv_heads)  # values exact; keys at pos only
     for r in range(b):
         n = int(pos[r]) + 1
         k = expected_cache[r, 0, :, :n].float().repeat_interleave(heads // kv_heads, dim=0)  # [heads, n, D]
         v = expected_cache[r, 1, :, :n].float().repeat_interleave(heads // kv_heads, dim=0)
-        ref = torch.softmax(q[r].float()[:, None, :] @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        ref = torch.softmax(q_ref[r][:, None, :] @ k.transpose(1, 2) * dim**-0.5, dim=-1) @ v
         torch.testing.assert_close(out[r].float(), ref[:, 0], atol=tol, rtol=tol)
 
 

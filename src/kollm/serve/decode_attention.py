@@ -29,6 +29,29 @@ def available(head_dim: int) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tables(Cos, Sin, at, d, D: tl.constexpr, ROTATE: tl.constexpr):
+        # the rotary tables' row for one position (zeros, never used, without rotation: nothing is read)
+        if ROTATE:
+            cos = tl.load(Cos + at + d).to(tl.float32)
+            sin = tl.load(Sin + at + d).to(tl.float32)
+        else:
+            cos = tl.zeros([D], tl.float32)
+            sin = tl.zeros([D], tl.float32)
+        return cos, sin
+
+    @triton.jit
+    def _rotated(ptr, d, rows_at, row_ok, cos, sin, D: tl.constexpr, ROTATE: tl.constexpr):
+        # rows at ptr + rows_at[:, None] + d (float32), with the rotary embedding applied if ROTATE:
+        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2]) as the Llama family computes it
+        x = tl.load(ptr + rows_at[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if ROTATE:
+            partner = tl.load(ptr + rows_at[:, None] + ((d + D // 2) % D)[None, :], mask=row_ok[:, None], other=0.0)
+            sign = tl.where(d < D // 2, -1.0, 1.0)
+            x = x * cos[None, :] + sign[None, :] * partner.to(tl.float32) * sin[None, :]
+        return x
+
     # program (row, kv head, split): split 0 stores the new key and value at the row's position; each split
     # scores its CHUNK of the cached positions before it (online softmax in float32) and stores its running
     # maximum, sum and weighted values for _combine
@@ -38,6 +61,8 @@ if triton is not None:
         KV,
         Cache,
         Pos,
+        Cos,
+        Sin,
         PartM,
         PartL,
         PartAcc,
@@ -50,12 +75,14 @@ if triton is not None:
         stride_cs,
         stride_ch,
         stride_cl,
+        stride_rot,
         scale,
         SPLITS: tl.constexpr,
         CHUNK: tl.constexpr,
         GROUPS: tl.constexpr,
         GROUPS_P2: tl.constexpr,
         D: tl.constexpr,
+        ROTATE: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -65,14 +92,17 @@ if triton is not None:
         d = tl.arange(0, D)
         g = tl.arange(0, GROUPS_P2)
         base = Cache + row * stride_cb + head * stride_ch
+        cos, sin = _tables(Cos, Sin, p * stride_rot, d, D, ROTATE)
+        one = tl.arange(0, 1)
         if split == 0:
             new = KV + row * stride_kvb + head * stride_kvh
-            tl.store(base + p * stride_cl + d, tl.load(new + d))
+            k_new = _rotated(new, d, one * 0, one == 0, cos, sin, D, ROTATE)  # [1, D]
+            tl.store(base + p * stride_cl + d[None, :], k_new.to(Cache.dtype.element_ty))
             tl.store(base + stride_cs + p * stride_cl + d, tl.load(new + stride_kvs + d))
         start = split * CHUNK
         if start < p:
-            q_at = Q + row * stride_qb + (head * GROUPS + g)[:, None] * stride_qh + d[None, :]
-            q = tl.load(q_at, mask=(g < GROUPS)[:, None], other=0.0).to(tl.float32) * scale  # [G, D]
+            q_rows = row * stride_qb + (head * GROUPS + g) * stride_qh
+            q = _rotated(Q, d, q_rows, g < GROUPS, cos, sin, D, ROTATE) * scale  # [G, D]
             m = tl.full([GROUPS_P2], float("-inf"), tl.float32)
             total = tl.zeros([GROUPS_P2], tl.float32)
             acc = tl.zeros([GROUPS_P2, D], tl.float32)
@@ -101,6 +131,8 @@ if triton is not None:
         Q,
         KV,
         Pos,
+        Cos,
+        Sin,
         PartM,
         PartL,
         PartAcc,
@@ -112,12 +144,14 @@ if triton is not None:
         stride_kvh,
         stride_ob,
         stride_oh,
+        stride_rot,
         scale,
         SPLITS: tl.constexpr,
         CHUNK: tl.constexpr,
         GROUPS: tl.constexpr,
         GROUPS_P2: tl.constexpr,
         D: tl.constexpr,
+        ROTATE: tl.constexpr,
         SPLIT_BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -126,12 +160,14 @@ if triton is not None:
         d = tl.arange(0, D)
         g = tl.arange(0, GROUPS_P2)
         g_ok = g < GROUPS
-        q_at = Q + row * stride_qb + (head * GROUPS + g)[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_at, mask=g_ok[:, None], other=0.0).to(tl.float32) * scale
+        cos, sin = _tables(Cos, Sin, p * stride_rot, d, D, ROTATE)
+        q = _rotated(Q, d, row * stride_qb + (head * GROUPS + g) * stride_qh, g_ok, cos, sin, D, ROTATE) * scale
         new = KV + row * stride_kvb + head * stride_kvh
-        k_new = tl.load(new + d).to(tl.float32)
+        one = tl.arange(0, 1)
+        k_new = _rotated(new, d, one * 0, one == 0, cos, sin, D, ROTATE)  # [1, D], rounded as the cache holds it
+        k_new = k_new.to(KV.dtype.element_ty).to(tl.float32)
         v_new = tl.load(new + stride_kvs + d).to(tl.float32)
-        m = tl.sum(q * k_new[None, :], axis=1)  # [G]: the new token's score is the first running maximum
+        m = tl.sum(q * k_new, axis=1)  # [G]: the new token's score is the first running maximum
         total = tl.full([GROUPS_P2], 1.0, tl.float32)
         acc = tl.zeros([GROUPS_P2, D], tl.float32) + v_new[None, :]
         used = (p + CHUNK - 1) // CHUNK
@@ -153,9 +189,17 @@ if triton is not None:
         tl.store(out_at, (acc / total[:, None]).to(Out.dtype.element_ty), mask=g_ok[:, None])
 
 
-def decode_attention(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, pos: torch.Tensor, scale: float) -> Any:
-    """q [b, heads, D] (the new token's queries, rotary applied), kv [b, 2, kv_heads, D] (its key and value),
-    cache [slots >= b, 2, kv_heads, L, D] (one layer), pos [>= b] (each row's position, < L). Writes row r's key
+def decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cache: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Any:
+    """q [b, heads, D] (the new token's queries), kv [b, 2, kv_heads, D] (its key and value), cache
+    [slots >= b, 2, kv_heads, L, D] (one layer), pos [>= b] (each row's position, < L), rotary: the (cos, sin)
+    tables [L, D] to rotate q and k by at each row's position (None: q and k come rotated). Writes row r's key
     and value at cache[r, :, :, pos[r]] and returns the attention output [b, heads, D] over positions
     0..pos[r] of slot r.
 
@@ -175,15 +219,41 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, pos
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((b, kv_heads, splits, groups_p2, dim), dtype=torch.float32, device=q.device)
     qs, kvs = (q.stride(0), q.stride(1)), (kv.stride(0), kv.stride(1), kv.stride(2))
-    shape = {"SPLITS": splits, "CHUNK": chunk, "GROUPS": groups, "GROUPS_P2": groups_p2, "D": dim}
+    cos, sin = rotary if rotary is not None else (q, q)  # without rotation the tables are never read
+    assert cos.stride(-1) == 1 and cos.stride() == sin.stride()
+    shape = {
+        "SPLITS": splits,
+        "CHUNK": chunk,
+        "GROUPS": groups,
+        "GROUPS_P2": groups_p2,
+        "D": dim,
+        "ROTATE": rotary is not None,
+    }
     _partials[(b, kv_heads, splits)](
-        q, kv, cache, pos, part_m, part_l, part_acc, *qs, *kvs, *cache.stride()[:4], scale, **shape, BLOCK_L=block
+        q,
+        kv,
+        cache,
+        pos,
+        cos,
+        sin,
+        part_m,
+        part_l,
+        part_acc,
+        *qs,
+        *kvs,
+        *cache.stride()[:4],
+        cos.stride(0),
+        scale,
+        **shape,
+        BLOCK_L=block,
     )
     out = torch.empty_like(q)
     _combine[(b, kv_heads)](
         q,
         kv,
         pos,
+        cos,
+        sin,
         part_m,
         part_l,
         part_acc,
@@ -192,6 +262,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, pos
         *kvs,
         out.stride(0),
         out.stride(1),
+        cos.stride(0),
         scale,
         **shape,
         SPLIT_BLOCK=split_block,

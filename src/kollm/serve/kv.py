@@ -21,6 +21,7 @@ replaces only the attention, so it serves the Llama family: llama, mistral, qwen
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float32).max).argmax(-1)
 
 
+def _greedy_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = greedy(logits)
+    return tokens, step_outputs(logits, tokens)
+
+
 def _buckets(limit: int, start: int) -> list[int]:
     out, n = [], start
     while n < limit:
@@ -92,6 +98,7 @@ class _Spec:
     eps: float
     qk_eps: float
     act: Callable[[torch.Tensor], torch.Tensor]
+    rotate: bool = True  # False: _attention_in leaves q and k unrotated (the fused decode attention rotates them)
 
 
 def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
@@ -140,6 +147,10 @@ def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_no
     q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
     if q_norm is not None and k_norm is not None:
         q, k = _rms(q, q_norm, spec.qk_eps), _rms(k, k_norm, spec.qk_eps)
+        if not spec.rotate:
+            qkv = torch.cat([q, k, v], dim=2)
+    if not spec.rotate:  # q, and k and v as [B, T, 2, kv_heads, D]: views of one tensor
+        return x, qkv[:, :, : spec.heads], qkv[:, :, spec.heads :].unflatten(2, (2, spec.kv_heads))
     return x, _rotary(q, cos, sin), torch.stack([_rotary(k, cos, sin), v], dim=2)
 
 
@@ -316,6 +327,7 @@ class StaticKV:
         if fused_attention is None:
             fused_attention = self.device.type == "cuda" and decode_attention.available(self.head_dim)
         self.fused_attention = fused_attention
+        self.decode_spec = dataclasses.replace(self.spec, rotate=not fused_attention)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.batch_buckets = _buckets(slots, min(MIN_DECODE_ROWS, slots) if self.cuda_graphs else 1)
         # a prefill's prompts, padded (ids 0, length 1, the spare slot for padding rows): graph inputs
@@ -353,10 +365,10 @@ class StaticKV:
         self.reset()
 
     def _pieces(self, compiled: bool) -> None:
-        pieces: tuple[Callable[..., Any], ...] = (_attention_in, _between_layers, _last_layer_out)
+        pieces: tuple[Callable[..., Any], ...] = (_attention_in, _between_layers, _last_layer_out, _greedy_outputs)
         if compiled:
             pieces = tuple(torch.compile(p, dynamic=True) for p in pieces)
-        self._first, self._between, self._last = pieces
+        self._first, self._between, self._last, self._greedy_outputs = pieces
 
     def _capture_all(self) -> None:
         started = time.perf_counter()
@@ -458,15 +470,13 @@ class StaticKV:
         self._lengths = [self._lengths[i] for i in keep]
 
     # --- the model ----------------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, spec: _Spec) -> torch.Tensor:
         """Every decoder layer over x [B, T, hidden]; `attend(layer index, q, kv)` stores the new keys and values
         and returns the attention output [B, T, heads * D]. Returns the final-normed hidden states."""
-        x, q, kv = self._first(x, cos, sin, self.spec, *self.weights[0][0])
+        x, q, kv = self._first(x, cos, sin, spec, *self.weights[0][0])
         for i in range(len(self.layers) - 1):
-            x, q, kv = self._between(
-                x, attend(i, q, kv), cos, sin, self.spec, self.weights[i][1], self.weights[i + 1][0]
-            )
-        return self._last(x, attend(len(self.layers) - 1, q, kv), self.spec, self.weights[-1][1], *self.final_norm)
+            x, q, kv = self._between(x, attend(i, q, kv), cos, sin, spec, self.weights[i][1], self.weights[i + 1][0])
+        return self._last(x, attend(len(self.layers) - 1, q, kv), spec, self.weights[-1][1], *self.final_norm)
 
     def _prefill_forward(self, n: int, t: int) -> torch.Tensor:
         """The first n prompts of the prompt buffers, padded to t positions, in one forward pass: writes their
@@ -490,7 +500,7 @@ class StaticKV:
             )
             return o.transpose(1, 2).reshape(n, t, -1)
 
-        x = self._layers(self.inner.embed_tokens(ids), cos, sin, attend)
+        x = self._layers(self.inner.embed_tokens(ids), cos, sin, attend, self.spec)
         return self.model.lm_head(x[self.rows[:n], lengths - 1])
 
     def _decode_forward(self, n_batch: int, n_len: int, picks: bool) -> torch.Tensor:
@@ -502,8 +512,9 @@ class StaticKV:
         rows, pos = self.rows[:b], self.pos[:b]
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [b, 1, 1, D]
 
-        def fused(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-            o = decode_attention.decode_attention(q[:, 0], kv[:, 0], self.kv[i], pos, self.spec.scale)
+        def fused(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # q, k unrotated (decode_spec)
+            rotary = (self.cos, self.sin)
+            o = decode_attention.decode_attention(q[:, 0], kv[:, 0], self.kv[i], pos, self.spec.scale, rotary)
             return o.reshape(b, 1, -1)
 
         bias = None  # one additive mask for every layer
@@ -523,15 +534,19 @@ class StaticKV:
             return o.reshape(b, 1, -1)
 
         x = self._layers(
-            self.inner.embed_tokens(self.tokens[:b])[:, None], cos, sin, fused if self.fused_attention else attend
+            self.inner.embed_tokens(self.tokens[:b])[:, None],
+            cos,
+            sin,
+            fused if self.fused_attention else attend,
+            self.decode_spec,
         )
         logits = self.model.lm_head(x[:, 0])
         if not picks:
             return logits
-        tokens = greedy(logits)
+        tokens, outputs = self._greedy_outputs(logits)  # compiled: a dozen small kernels become two or three
         self.tokens[:b] = tokens
         self.pos[:b] += self.live[:b]
-        return step_outputs(logits, tokens)
+        return outputs
 
     def _replay(self, n: int, t: int, picks: bool | None) -> torch.Tensor:
         """The CUDA graph of a decode step for (n_batch, n_len, picks), or with picks None of a prefill for
