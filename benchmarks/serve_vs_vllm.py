@@ -396,6 +396,8 @@ def main() -> None:
             "prompt_tokens": args.prompt_tokens,
             "max_batch_size": args.max_batch_size,
             "vllm_dtype": args.dtype,
+            "native_dtype": args.native_dtype,
+            "native_kv_cache": args.kv_cache,
             "eager": args.eager,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "threads": args.threads,

@@ -30,9 +30,10 @@ def sse(text: str) -> list:
 
 
 def neutral(params: SamplingParams, **expected) -> None:
-    """Everything but max_tokens (and `expected`) is at the engine's neutral default."""
+    """Everything but max_tokens (and `expected`) is at the engine's neutral default; final_only (how chunks are
+    delivered, not what is sampled) follows `stream` (test_default_bodies_of_popular_clients_are_served)."""
     for name in SamplingParams.__dataclass_fields__:
-        if name != "max_tokens":
+        if name not in ("max_tokens", "final_only"):
             assert getattr(params, name) == expected.get(name, getattr(NEUTRAL, name)), name
 
 
@@ -215,6 +216,7 @@ def test_default_bodies_of_popular_clients_are_served(name, path, body):
         if body.get("logprobs") is not None and body.get("logprobs") is not False:
             assert choice["logprobs"] is not None
     assert engine.calls[0][1].temperature == body.get("temperature", 1.0)
+    assert engine.calls[0][1].final_only is not body["stream"]  # a non-streamed answer is delivered in one piece
 
 
 def test_chat_logprobs_have_openai_shape():

@@ -3,20 +3,27 @@
 Public API:
     DynamicKV            Hugging Face's DynamicCache, left-padded: any causal LM transformers can run, any device
     StaticKV             one preallocated cache slot per batch row and kollm's own attention over it; on CUDA each
-                         decode step is a replayed CUDA graph (one per batch-size and length bucket)
+                         decode step and each prefill is a replayed CUDA graph (one per shape bucket)
     static_kv_unsupported(model)   why StaticKV cannot serve a model (None when it can)
 
 Both keep the rows of the running batch in the order the engine keeps its sequences: `prefill` computes the
 first logits of new prompts without touching the batch, `join` adds them, `decode` runs one step for every row
 and returns its logits, `advance` feeds the sampled tokens back, `drop(keep)` keeps only the listed rows.
+StaticKV also has `decode_greedy`: a step whose rows all take their most likely token, picked and fed back on
+the device, so that only each row's token and its log-likelihood come back to the host.
 
 Why StaticKV: a DynamicCache grows by concatenation (the whole cache is copied at every step) and every decode
 step launches a few hundred small kernels from Python; on a GPU a 349M model's step is then bound by launch
 overhead, not by the GPU (issue #17 measured 70 output tokens/s at batch 1 on an H200). StaticKV writes each new
-key and value in place at the row's own position, attends over the first `Lb` positions of the cache (Lb the
-smallest length bucket holding every row), and captures the whole step as a CUDA graph per (batch bucket, Lb),
-so a step is one graph launch. It runs the model's own modules (norms, projections, MLP, rotary table) and
-replaces only the attention, so it serves the Llama family: llama, mistral, qwen2, qwen3.
+key and value in place at the row's own position and captures the whole step as a CUDA graph per batch bucket
+(at least MIN_DECODE_ROWS rows), so a step is one graph launch. On CUDA the attention is decode_attention's
+Triton kernels (cache write, rotary embedding and attention over each row's own length); elsewhere, or for a
+head size they do not take, PyTorch's attention over the first `Lb` positions (Lb the smallest length bucket
+holding every row; then one graph per batch and length bucket). Prefill is captured too, per bucket of
+(prompts, positions): prompts padded to MIN_PROMPT_BUCKET, 32, 64, ... positions, padding rows writing into a
+spare slot; a prefill past `prefill_tokens` runs eagerly. StaticKV runs the model's own weights (norms,
+projections, MLP, rotary table) with kollm's own layer code, so it serves the Llama family: llama, mistral,
+qwen2, qwen3.
 """
 
 from __future__ import annotations
