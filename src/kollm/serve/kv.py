@@ -329,8 +329,8 @@ class StaticKV:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # the position it goes to
         self.live = torch.zeros(slots, dtype=torch.long, device=self.device)  # 1 for the slots of the batch's rows
-        # the Triton kernel writing the cache and attending in one launch (decode_attention); it reads each row's
-        # own length, so one graph per batch bucket serves every length
+        # the Triton kernels writing the cache, rotating q and k and attending (decode_attention); they read each
+        # row's own length, so one graph per batch bucket serves every length
         if fused_attention is None:
             fused_attention = self.device.type == "cuda" and decode_attention.available(self.head_dim)
         self.fused_attention = fused_attention
@@ -550,7 +550,7 @@ class StaticKV:
         logits = self.model.lm_head(x[:, 0])
         if not picks:
             return logits
-        tokens, outputs = self._greedy_outputs(logits)  # compiled: a dozen small kernels become two or three
+        tokens, outputs = self._greedy_outputs(logits)  # compiled on CUDA, as the layers' pieces
         self.tokens[:b] = tokens
         self.pos[:b] += self.live[:b]
         return outputs
