@@ -570,8 +570,10 @@ class StaticKV:
                 self._pool = torch.cuda.graph_pool_handle()
             stream = torch.cuda.Stream(device=self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, cuBLAS workspaces)
-                forward(None if picks is None else False)  # a decode warm-up must not move the batch on
+            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, cuBLAS workspaces, compiling)
+                warm = forward(None if picks is None else False)  # a decode warm-up must not move the batch on
+                if picks:
+                    self._greedy_outputs(warm)  # compiled here, not inside the capture; nothing fed back
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
