@@ -4,19 +4,25 @@ model family it serves; on CUDA (where each decode step is a replayed CUDA graph
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 import torch
 
 from kollm.errors import ConfigError
+from kollm.serve import decode_attention
 from kollm.serve.engine import SamplingParams, TransformersEngine
-from kollm.serve.kv import static_kv_unsupported
+from kollm.serve.kv import StaticKV, static_kv_unsupported
 from tests.tiny import tiny_tokenizer
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
-]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# "interpreted": the CUDA path's logic on CPU, the Triton kernels run by Triton's interpreter and every step in the
+# shape its CUDA graph has, run eagerly (CONTRIBUTING.md, "GPU kernels without a GPU"; minutes, not in CI)
+INTERPRETED = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or decode_attention.triton is None,
+    reason="needs Triton's interpreter: TRITON_INTERPRET=1 and triton importable (see CONTRIBUTING.md)",
+)
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA), pytest.param("interpreted", marks=INTERPRETED)]
 PROMPTS = [
     "안녕하세요",
     "The quick brown fox jumps over the lazy dog.",
@@ -54,6 +60,30 @@ def tiny(model_type: str, tok):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def eager_graph_shapes(monkeypatch) -> None:
+    """StaticKV runs each step in the shape of its CUDA graph, eagerly (the capture itself needs CUDA)."""
+    monkeypatch.setattr(
+        StaticKV,
+        "_replay",
+        lambda self, n, t, picks: self._prefill_forward(n, t) if picks is None else self._decode_forward(n, t, picks),
+    )
+
+
+def on(device: str, monkeypatch) -> str:
+    """The torch device of a DEVICES entry; for "interpreted", StaticKV as on CUDA (Triton attention, graph
+    shapes) but on CPU."""
+    if device != "interpreted":
+        return device
+    eager_graph_shapes(monkeypatch)
+    init = StaticKV.__init__
+
+    def cuda_like(self, model, **kw):
+        init(self, model, **kw, fused_attention=True, cuda_graphs=True)
+
+    monkeypatch.setattr(StaticKV, "__init__", cuda_like)
+    return "cpu"
+
+
 def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
     seq = list(ids)
     with torch.inference_mode():
@@ -64,12 +94,12 @@ def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
-def test_static_cache_decodes_exactly_what_decoding_without_a_cache_gives(model_type, device):
+def test_static_cache_decodes_exactly_what_decoding_without_a_cache_gives(model_type, device, monkeypatch):
     """Six requests of different lengths and budgets through 4 slots: rows join, leave and reuse slots, the
     batch and length buckets change (a new CUDA graph each time on CUDA); every request must get the greedy
     tokens of recomputing its whole sequence at every step."""
     tok = tiny_tokenizer()
-    model = tiny(model_type, tok).to(device)
+    model = tiny(model_type, tok).to(on(device, monkeypatch))
     assert static_kv_unsupported(model) is None
     engine = TransformersEngine(model, tok, max_batch_size=4, kv_cache="static")
 
@@ -110,12 +140,12 @@ def test_models_the_static_cache_cannot_serve_fall_back_or_are_refused():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(device):
+def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(device, monkeypatch):
     """With the static cache the engine launches step t+1 before reading step t's tokens, except while a running
     request has penalties (its next logits depend on the last token) or wants logprobs. Requests of both kinds
     joining and leaving a running batch must get exactly what the dynamic cache gives them."""
     tok = tiny_tokenizer()
-    model = tiny("llama", tok).to(device)
+    model = tiny("llama", tok).to(on(device, monkeypatch))
     params = [
         SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
         SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, frequency_penalty=1.5, presence_penalty=0.5),
@@ -146,26 +176,27 @@ def test_a_step_launched_ahead_gives_way_to_requests_that_need_every_token(devic
     assert len({text for text, _ in static}) == len(params)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and Triton)")
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA), pytest.param("cpu", marks=INTERPRETED)])
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 64), (8, 8, 128), (12, 4, 64), (4, 2, 8)])
-def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(heads, kv_heads, dim, dtype, rotate):
+def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(
+    heads, kv_heads, dim, dtype, rotate, device
+):
     """The Triton kernels (cache write and attention) against writing the cache with indexing and PyTorch's
     attention over each row's positions 0..pos, for grouped-query layouts (including 3 query heads per kv head,
     a group size that is not a power of two) and head sizes 8 to 128; with `rotate` the kernels apply the rotary
     embedding to q and the new k themselves (as kollm's _rotary does at each row's position)."""
-    from kollm.serve.decode_attention import available, decode_attention
     from kollm.serve.kv import _rotary
 
-    assert available(dim)
+    assert decode_attention.available(dim)
     torch.manual_seed(0)
     slots, length, b = 6, 300, 5
-    pos = torch.tensor([0, 1, 63, 64, 299, 7], device="cuda")  # 299: the cache's last position
-    cache = torch.randn(slots, 2, kv_heads, length, dim, device="cuda", dtype=dtype)
-    q = torch.randn(b, heads, dim, device="cuda", dtype=dtype)
-    kv = torch.randn(b, 2, kv_heads, dim, device="cuda", dtype=dtype)
-    freqs = torch.outer(torch.arange(length, device="cuda").float(), 1e-2 * torch.arange(dim // 2, device="cuda"))
+    pos = torch.tensor([0, 1, 63, 64, 299, 7], device=device)  # 299: the cache's last position
+    cache = torch.randn(slots, 2, kv_heads, length, dim, device=device, dtype=dtype)
+    q = torch.randn(b, heads, dim, device=device, dtype=dtype)
+    kv = torch.randn(b, 2, kv_heads, dim, device=device, dtype=dtype)
+    freqs = torch.outer(torch.arange(length, device=device).float(), 1e-2 * torch.arange(dim // 2, device=device))
     cos, sin = torch.cat([freqs.cos(), freqs.cos()], -1).to(dtype), torch.cat([freqs.sin(), freqs.sin()], -1).to(dtype)
     q_ref, kv_ref = q.float(), kv.clone()
     if rotate:
@@ -173,8 +204,8 @@ def test_fused_decode_attention_writes_the_cache_and_equals_attention_over_it(he
         q_ref = _rotary(q.float(), c, s_)
         kv_ref[:, 0] = _rotary(kv[:, 0].float(), c, s_).to(dtype)
     expected_cache = cache.clone()
-    expected_cache[torch.arange(b, device="cuda"), :, :, pos[:b]] = kv_ref
-    out = decode_attention(q, kv, cache, pos, dim**-0.5, (cos, sin) if rotate else None)
+    expected_cache[torch.arange(b, device=device), :, :, pos[:b]] = kv_ref
+    out = decode_attention.decode_attention(q, kv, cache, pos, dim**-0.5, (cos, sin) if rotate else None)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     # the new key and value at pos (the rotated key within rounding), nothing else touched (slot 5 neither)
     torch.testing.assert_close(cache.float(), expected_cache.float(), atol=tol, rtol=tol)
@@ -193,13 +224,9 @@ def test_graph_shapes_padded_prompts_and_rows_decode_exactly(monkeypatch):
     padding row writing into the spare slot; 5 to 22 tokens as 16 or 32 positions), decode steps over at least
     MIN_DECODE_ROWS rows with greedy picks fed back on the device, rows joining a running batch. Each row must
     get the greedy tokens of recomputing its whole sequence at every step."""
-    from kollm.serve.kv import MIN_DECODE_ROWS, StaticKV
+    from kollm.serve.kv import MIN_DECODE_ROWS
 
-    monkeypatch.setattr(
-        StaticKV,
-        "_replay",
-        lambda self, n, t, picks: self._prefill_forward(n, t) if picks is None else self._decode_forward(n, t, picks),
-    )
+    eager_graph_shapes(monkeypatch)
     tok = tiny_tokenizer()
     model = tiny("llama", tok)
     prompts = [tok.encode(p) for p in PROMPTS[:5]]
