@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,ray,kfp]"  # kfp: tests/deploy/test_kfp.py compiles the quickstart
+	$(PIP) install -q -e ".[dev,ray,kfp,json]"  # kfp: tests/deploy/test_kfp.py compiles the quickstart
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -63,7 +63,7 @@ def test_dockerfiles_install_torch_first_and_copy_what_the_source_tree_has(examp
     for name, text in examples["docker"].items():
         lines = text.splitlines()
         torch = next(i for i, line in enumerate(lines) if "pip install torch==2.13.0" in line)
-        kollm = next(i for i, line in enumerate(lines) if 'pip install ".[ray,s3]"' in line)
+        kollm = next(i for i, line in enumerate(lines) if 'pip install ".[ray,s3,json]"' in line)
         assert torch < kollm, name
         for line in lines:
             if line.startswith("COPY "):

@@ -222,13 +222,49 @@ def test_openai_client_defaults_logprobs_and_penalties(client):
         max(d.values()) for d in c.choices[0].logprobs.top_logprobs
     ]  # greedy
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(**base, response_format={"type": "json_object"})
-    assert e.value.param == "response_format"
-    with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
             **base, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]
         )
     assert e.value.param == "tools"
+
+
+def test_structured_outputs_through_the_sdk(client):
+    """response_format as the SDK sends it: json_object, json_schema, and `chat.completions.parse` with a pydantic
+    model (what LangChain's `with_structured_output` and LlamaIndex's structured predict come down to); the tiny
+    random model answers JSON only because the engine constrains it."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: Literal["부산", "서울"]
+        ok: bool
+
+    base = dict(model="tiny", messages=MSG, max_tokens=150, temperature=0)
+    free = client.chat.completions.create(**base).choices[0].message.content
+    with pytest.raises(ValueError):
+        json.loads(free)
+    r = client.chat.completions.create(**base, response_format={"type": "json_object"})
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+    schema = {"name": "city", "schema": City.model_json_schema(), "strict": True}
+    r = client.chat.completions.create(**base, response_format={"type": "json_schema", "json_schema": schema})
+    City.model_validate_json(r.choices[0].message.content)
+    parsed = client.chat.completions.parse(**base, response_format=City).choices[0].message.parsed
+    assert isinstance(parsed, City) and parsed.city in ("부산", "서울")
+    c = client.completions.create(
+        model="tiny",
+        prompt="도시:",
+        max_tokens=200,
+        temperature=0.8,
+        seed=1,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": schema}},
+    )
+    City.model_validate_json(c.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            **base, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+        )
+    assert e.value.param == "response_format" and "nope" in e.value.message
 
 
 def test_tiny_temperatures_answer_and_leave_the_engine_healthy(client, tiny_server):

@@ -4,12 +4,14 @@ equal to a plain reference loop, and logprobs equal to the model's own log-softm
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kollm.serve import grammar
 from kollm.serve.engine import SAMPLING_EPS, RequestError, SamplingParams, TransformersEngine, sample
 from kollm.serve.protocol import ChatCompletionRequest
 
@@ -189,10 +191,63 @@ def test_logprobs_are_the_models_log_softmax(hf, engine):
     )
 
 
-def test_bad_logit_bias_and_response_format_are_request_errors(engine):
+def test_bad_logit_bias_and_response_format_are_request_errors(engine, monkeypatch):
     with pytest.raises(RequestError) as e:
         generate(engine, [1, 2], max_tokens=2, logit_bias=((10**6, 1.0),))
     assert e.value.param == "logit_bias"
+    for schema, says in [('{"type": "nope"}', 'Unsupported type "nope"'), ('{"type": ', "Expecting value")]:
+        with pytest.raises(RequestError) as e:
+            generate(engine, [1, 2], max_tokens=2, response_format="json_schema", json_schema=schema)
+        assert e.value.param == "response_format" and says in str(e.value) and ".cc:" not in str(e.value)
+    monkeypatch.setattr(grammar, "available", lambda: False)  # a server installed without the json extra
     with pytest.raises(RequestError) as e:
         generate(engine, [1, 2], max_tokens=2, response_format="json_object")
-    assert e.value.param == "response_format" and "--backend vllm" in str(e.value)
+    assert e.value.param == "response_format" and "kollm[json]" in str(e.value)
+
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"enum": ["부산", "서울"]}, "ok": {"type": "boolean"}},
+    "required": ["city", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_response_format_constrains_output_to_json_beside_free_requests(hf, kv_cache):
+    """json_schema and json_object requests (greedy and seeded sampling) batched with a free one: each constrained
+    output parses and validates, ending with "stop" once its JSON is complete; the free request, which writes no
+    JSON here, gets exactly what it gets alone."""
+    import jsonschema
+
+    engine = TransformersEngine(*hf, max_batch_size=8, kv_cache=kv_cache)
+    ids = engine.encode_prompt("도시는")
+    schema = json.dumps(CITY)
+    requests = [
+        SamplingParams(max_tokens=200, temperature=0, response_format="json_schema", json_schema=schema),
+        SamplingParams(max_tokens=200, temperature=1.0, seed=3, response_format="json_schema", json_schema=schema),
+        SamplingParams(max_tokens=200, temperature=0, response_format="json_object"),
+        SamplingParams(max_tokens=200, temperature=1.0, seed=4, response_format="json_object"),
+        SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+    ]
+
+    async def one(i: int, params: SamplingParams):
+        chunks = [c async for c in engine.generate(ids, params, f"r{i}")]
+        return "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+    async def main():
+        together = await asyncio.gather(*(one(i, p) for i, p in enumerate(requests)))
+        alone = await one(9, requests[-1])
+        await engine.shutdown()
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    for text, finish in together[:2]:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), CITY)
+    for text, finish in together[2:4]:
+        assert finish == "stop" and isinstance(json.loads(text), dict), text
+    free, _ = together[-1]
+    assert free == alone[0]
+    with pytest.raises(ValueError):
+        json.loads(free)  # the model writes no JSON unless constrained: the checks above mean something

@@ -7,8 +7,8 @@ from __future__ import annotations
 _HEAD = """\
 # The kollm image ({variant}). Build from the kollm source tree (the folder with pyproject.toml):
 #   docker build -f deploy/docker/{file} -t {tag} .
-# It holds kollm with its Ray and S3 extras, the MLflow server and boto3 (MLflow's S3 artifact client). The same
-# image runs `kollm serve`, `kollm step run` in RayJobs, the Ray Serve app and `mlflow server`.
+# It holds kollm with its Ray, S3 and JSON (xgrammar) extras, the MLflow server and boto3 (MLflow's S3 artifact
+# client). The same image runs `kollm serve`, `kollm step run` in RayJobs, the Ray Serve app and `mlflow server`.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,7 +19,7 @@ WORKDIR /opt/kollm
 _TAIL = """\
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip install ".[ray,s3]" boto3{extra}
+RUN pip install ".[ray,s3,json]" boto3{extra}
 
 RUN useradd --create-home --uid 1000 kollm && mkdir -p /project && chown kollm /project
 USER kollm

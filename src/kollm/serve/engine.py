@@ -23,6 +23,8 @@ sequence leaves the batch the moment it finishes (end-of-sequence token, a stop 
 slot is reused at the next step: continuous (iteration-level) batching as in Orca/vLLM, over Hugging Face's
 DynamicCache. Each request has its own sampling settings; a seeded request samples from its own generator,
 so its output does not depend on what else is in the batch (up to floating-point effects of batching).
+A request with a response_format (json_object or json_schema) is constrained by a JSON grammar (kollm.serve.grammar,
+xgrammar): at each step the tokens its grammar refuses are masked before sampling.
 
 The KV cache is one of kollm.serve.kv's: DynamicKV (Hugging Face's DynamicCache, left-padded: the description
 above) or StaticKV (a preallocated slot per row, CUDA graphs on CUDA; with it a decode step is launched one ahead
@@ -48,6 +50,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from kollm.serve import grammar
+from kollm.serve.grammar import Constraint
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 
 log = logging.getLogger("kollm.serve")
@@ -300,6 +304,7 @@ class _Sequence:
     counts: torch.Tensor | None = None  # [V] how often each token was generated
     seen: torch.Tensor | None = None  # [V] bool: in the prompt or generated
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
+    grammar: Constraint | None = None  # with response_format: the tokens the JSON text can go on with
     held: TokenChunk | None = None  # with params.final_only: what was generated since the first chunk
 
     def emit(self, item: TokenChunk | BaseException) -> None:
@@ -311,13 +316,13 @@ class _Sequence:
 
     @property
     def penalized(self) -> bool:
-        """Whether its logits depend on the tokens it generated (frequency, presence, repetition penalties)."""
-        return self.counts is not None or self.seen is not None
+        """Whether its logits depend on the tokens it generated (penalties, a JSON grammar)."""
+        return self.counts is not None or self.seen is not None or self.grammar is not None
 
     @property
     def processed(self) -> bool:
-        """Whether its logits are changed before sampling (penalties, bias)."""
-        return self.counts is not None or self.seen is not None or self.bias is not None
+        """Whether its logits are changed before sampling (penalties, bias, a JSON grammar)."""
+        return self.penalized or self.bias is not None
 
 
 def _joined(a: TokenChunk, b: TokenChunk) -> TokenChunk:
@@ -438,6 +443,8 @@ def _apply_penalties(row: torch.Tensor, seq: _Sequence) -> None:
         row -= p.frequency_penalty * seq.counts + p.presence_penalty * (seq.counts > 0).float()
     if seq.bias is not None:
         row.index_add_(0, seq.bias[0], seq.bias[1])
+    if seq.grammar is not None:  # last: what the grammar refuses stays refused
+        seq.grammar.mask(row)
 
 
 def _leave_a_core_for_http() -> None:
@@ -513,6 +520,8 @@ class TransformersEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
         self._token_text: dict[int, str] = {}
+        self._grammars: grammar.Grammars | None = None  # made at the first request with a response_format
+        self._grammars_lock = threading.Lock()
 
         self._cond = threading.Condition()
         self._waiting: deque[_Sequence] = deque()
@@ -537,10 +546,10 @@ class TransformersEngine:
         return encode_chat(self.tokenizer, messages)
 
     def _check(self, params: SamplingParams) -> None:
-        if params.response_format is not None:
+        if params.response_format is not None and not grammar.available():
             raise RequestError(
-                f"response_format {params.response_format} is not served by kollm's native engine (it cannot constrain "
-                "its output to JSON); leave response_format out or serve with --backend vllm",
+                f"response_format {params.response_format} needs xgrammar, which this server lacks: install "
+                "kollm[json] (or serve with --backend vllm), or leave response_format out",
                 param="response_format",
             )
         for token, _ in params.logit_bias:
@@ -550,12 +559,24 @@ class TransformersEngine:
                     param="logit_bias",
                 )
 
+    def _constraint(self, params: SamplingParams) -> Constraint:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = grammar.Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        try:
+            return self._grammars.constraint(params.response_format or "", params.json_schema)
+        except ValueError as e:
+            raise RequestError(f"response_format: {e}", param="response_format") from None
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncGenerator[TokenChunk, None]:
         self._check(params)
         if self._failure is not None:
             raise EngineClosed(f"the inference engine is dead ({self._failure!r}); the server must be restarted")
+        constraint = None
+        if params.response_format is not None:  # compiling a schema can take a while: off the event loop
+            constraint = await asyncio.to_thread(self._constraint, params)
         gen = None
         if params.seed is not None and params.temperature >= SAMPLING_EPS:
             gen = torch.Generator(device=self.device)
@@ -569,6 +590,7 @@ class TransformersEngine:
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids[-4:]),
             stops=StopFilter(params.stop),
             generator=gen,
+            grammar=constraint,
         )
         with self._cond:
             if self._stopping:
@@ -865,9 +887,15 @@ class TransformersEngine:
                 seq.counts[token] += 1
             if seq.seen is not None:
                 seq.seen[token] = True
+            ended = False  # the JSON text is complete (its grammar took a stop token)
+            if seq.grammar is not None:
+                accepted = seq.grammar.accept(token)
+                if not accepted:  # masking makes this impossible; end rather than go on unchecked
+                    log.error("request %s: token %d is outside its JSON grammar; ending it", seq.request_id, token)
+                ended = not accepted or seq.grammar.done
             n = len(seq.out_ids)
             finish: FinishReason | None = None
-            if token in self.eos_ids and not seq.params.ignore_eos:
+            if ended or (token in self.eos_ids and not seq.params.ignore_eos):
                 text, finish = seq.detok.flush(), "stop"
             else:
                 text = seq.detok.push(token)

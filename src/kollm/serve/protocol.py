@@ -9,7 +9,8 @@ means "the default" for every optional field, as in OpenAI's API), so clients th
 parameter set (LangChain, LlamaIndex, the `openai` SDK) work unchanged. Served: temperature (0 = greedy),
 top_p, max_tokens / max_completion_tokens, stop, n, seed, stream + stream_options.include_usage,
 presence_penalty, frequency_penalty, logit_bias, logprobs + top_logprobs (completions: `logprobs: K`), echo
-(completions), `name` on messages, response_format (the engine decides: vLLM does JSON, the native engine
+(completions), `name` on messages, response_format json_object / json_schema (both engines constrain the output
+to JSON, on completions too, as vLLM does; the native engine with xgrammar, the `json` extra, and without it
 answers a 400 naming `response_format`), and the vLLM extensions repetition_penalty, top_k, min_p and
 ignore_eos. Accepted and ignored because they mean nothing to a self-hosted server: user (logged, and used
 for sticky canary routing), metadata, service_tier, parallel_tool_calls, prompt_cache_key,
@@ -255,6 +256,9 @@ class CompletionRequest(_SamplingFields):
         None, ge=1, le=MAX_N, description="Only best_of = n is served (no server-side reranking)."
     )
     suffix: Annotated[Any, _only(None, "", why="text insertion (suffix) is not served")] = None
+    response_format: ResponseFormat | None = Field(
+        None, description="As in chat completions (an extension, as vLLM's): text, json_object or json_schema."
+    )
 
     @field_validator("best_of")
     @classmethod
