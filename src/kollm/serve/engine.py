@@ -546,12 +546,6 @@ class TransformersEngine:
         return encode_chat(self.tokenizer, messages)
 
     def _check(self, params: SamplingParams) -> None:
-        if params.response_format is not None and not grammar.available():
-            raise RequestError(
-                f"response_format {params.response_format} needs xgrammar, which this server lacks: install "
-                "kollm[json] (or serve with --backend vllm), or leave response_format out",
-                param="response_format",
-            )
         for token, _ in params.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(
@@ -560,6 +554,12 @@ class TransformersEngine:
                 )
 
     def _constraint(self, params: SamplingParams) -> Constraint:
+        if not grammar.available():
+            raise RequestError(
+                f"response_format {params.response_format} needs xgrammar, which this server lacks: install "
+                "kollm[json] (or serve with --backend vllm), or leave response_format out",
+                param="response_format",
+            )
         with self._grammars_lock:
             if self._grammars is None:
                 self._grammars = grammar.Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
@@ -575,7 +575,7 @@ class TransformersEngine:
         if self._failure is not None:
             raise EngineClosed(f"the inference engine is dead ({self._failure!r}); the server must be restarted")
         constraint = None
-        if params.response_format is not None:  # compiling a schema can take a while: off the event loop
+        if params.response_format is not None:  # importing xgrammar, compiling a schema: off the event loop
             constraint = await asyncio.to_thread(self._constraint, params)
         gen = None
         if params.seed is not None and params.temperature >= SAMPLING_EPS:
