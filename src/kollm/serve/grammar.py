@@ -43,14 +43,18 @@ class Constraint:
 
         self._matcher = xgr.GrammarMatcher(compiled)
         self._bits = xgr.allocate_token_bitmask(1, vocab_size)  # int32 [1, ceil(V / 32)], on the host
+        self._shifts = torch.arange(32, dtype=torch.int32)
         self._vocab_size = vocab_size
 
     def mask(self, row: torch.Tensor) -> None:
-        """row: one row of logits [V] (float), changed in place."""
+        """row: one row of logits [V] (float, on any device), changed in place. The packed bits go to the row's
+        device (V / 8 bytes) and are unpacked there."""
         self._matcher.fill_next_token_bitmask(self._bits)
-        shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((self._bits[0, :, None] >> shifts) & 1).flatten()[: self._vocab_size].bool()
-        row.masked_fill_(~allowed.to(row.device), float("-inf"))
+        if self._shifts.device != row.device:
+            self._shifts = self._shifts.to(row.device)
+        bits = self._bits[0].to(row.device)
+        refused = ((bits[:, None] >> self._shifts) & 1).flatten()[: self._vocab_size] == 0
+        row.masked_fill_(refused, float("-inf"))
 
     def accept(self, token: int) -> bool:
         return bool(self._matcher.accept_token(token))
