@@ -126,6 +126,14 @@ def test_response_format_constrains_the_output_to_json(client):
     assert text.startswith("{")  # the unconstrained model does not begin so: the grammar holds from the first token
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(text), dict)
+    c = client.completions.create(  # completions take response_format too, as vLLM's own server
+        model="tiny",
+        prompt="도시:",
+        max_tokens=64,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}},
+    )
+    assert c.choices[0].finish_reason == "stop" and json.loads(c.choices[0].text)["city"] in ("서울", "부산")
 
 
 def test_streaming_chat_equals_non_streaming(client):
