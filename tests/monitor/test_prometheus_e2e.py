@@ -36,14 +36,10 @@ def _alert(prom: Prometheus, name: str) -> dict | None:
     return next((a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == name), None)
 
 
-@pytest.mark.xfail(
-    reason="saw no alert state within its wait once under a full-suite run (passed alone); timing under "
-    "load to be made robust",
-    strict=False,
-)
 def test_prometheus_loads_the_rules_and_fires_on_injected_errors(tiny_model_dir, tmp_path):
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen(
         [
             sys.executable,
@@ -62,9 +58,8 @@ def test_prometheus_loads_the_rules_and_fires_on_injected_errors(tiny_model_dir,
         ],
         cwd=tmp_path,
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,  # a file: an unread pipe fills up and blocks the server's logging, then its event loop
         stderr=subprocess.STDOUT,
-        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     prom = None
@@ -120,6 +115,7 @@ def test_prometheus_loads_the_rules_and_fires_on_injected_errors(tiny_model_dir,
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+        log.close()
     # the server answered both ways; a client timeout on a starved 2-core machine is not what this test is about
     assert 500 in statuses and 200 in statuses and {s for s in statuses if isinstance(s, str)} <= {"ReadTimeout"}, (
         statuses

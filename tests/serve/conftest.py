@@ -42,7 +42,9 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"kollm serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise AssertionError(
+                f"kollm serve exited with {proc.returncode}:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
         try:
             if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return

@@ -69,6 +69,7 @@ from kollm.serve.engine import (
     TokenChunk,
     TokenLogprob,
 )
+from kollm.serve.faults import InjectedFault
 from kollm.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -233,8 +234,11 @@ class _HTTPMiddleware:
         except _BodyTooLarge as e:  # a chunked body that grew past the limit outside a FastAPI route
             if not started:
                 await error_response(413, e.detail, code="request_too_large")(scope, receive, send_with_headers)
-        except Exception:
-            log.exception("unhandled error for %s %s (request %s)", scope.get("method"), clip(path), rid)
+        except Exception as e:
+            if isinstance(e, InjectedFault):  # asked for with --inject-faults: one line, not a traceback each
+                log.warning("%s", e)
+            else:
+                log.exception("unhandled error for %s %s (request %s)", scope.get("method"), clip(path), rid)
             if not started:
                 await error_response(
                     500, f"internal server error (request id {rid})", type="server_error", code="internal_error"
