@@ -32,8 +32,9 @@ check: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
+# --durations=30: the slowest tests in CI's output (the suite's budget: 15 min on 2 cores; tests/slow_guard.py)
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)

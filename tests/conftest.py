@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# The time budget: @pytest.mark.slow needs a reason; a test over 120 s fails unless marked slow (tests/slow_guard.py)
+pytest_plugins = ["tests.slow_guard"]
+
 # Nothing in the suite may reach a model or data hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

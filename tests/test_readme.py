@@ -154,7 +154,7 @@ def test_prepare_only_block(tmp_path):
     assert list((tmp_path / "demo" / ".kollm" / "steps").glob("*/dataset/train.parquet"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the README tour's commands, each a `kollm` process, and a third pipeline run")
 def test_quickstart_end_to_end(tmp_path):
     """The tour as written (the quickstart pipeline twice: about 2 minutes on 2 CPUs), then the Python API and the
     registry commands in the project it made."""

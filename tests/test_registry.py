@@ -218,7 +218,7 @@ def test_promote_and_rollback_postgres(tmp_path, tiny_folder, postgres_uri):
     assert not (project / ".kollm" / "mlflow.db").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="four `kollm` CLI processes (each imports torch and MLflow)")
 def test_cli_promote_rollback_list_show(tmp_path, tiny_folder, kollm_bin):
     import subprocess
 

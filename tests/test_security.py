@@ -216,7 +216,7 @@ def _grep_tree(root: Path, needle: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="runs a pipeline and the CLI in subprocesses against PostgreSQL")
 @pytest.mark.postgres
 def test_a_planted_password_appears_in_no_message_log_or_mlflow_record(tmp_path, kollm_bin, postgres_uri):
     import subprocess

@@ -104,7 +104,7 @@ def test_tokenizer_is_validated_and_the_error_names_the_field(tmp_path):
         kollm.load(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="Kiwi tokenizes the corpus in one process and in two worker processes")
 def test_kiwi_output_is_the_same_for_any_num_proc():
     from kollm.data.synthetic import corpus_with_near_duplicates
 

@@ -165,7 +165,7 @@ def test_unknown_ray_step_and_cli(project, tmp_path, kollm_bin):
     assert "rayjob-sft" in spec.root.dag.tasks
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="kfp.local runs the whole quickstart, a process per step")
 @pytest.mark.timeout(1800)
 def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, quickstart_run):
     """The Korean quickstart (3 prepare steps, cpt, sft, align, evaluate, register), once with `kollm run` and once

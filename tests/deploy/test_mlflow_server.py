@@ -22,7 +22,10 @@ import kollm
 from kollm import registry
 
 BUCKET = "kollm-test"
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.slow(reason="an `mlflow server` on PostgreSQL and an S3 server, and a pipeline through them"),
+]
 
 
 def free_port() -> int:

@@ -51,7 +51,7 @@ def test_unknown_task_names_are_config_errors_with_suggestions(tmp_path):
         task_manager(LmEvalConfig(tasks=["x"], include_path="missing"), tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="lm-eval tasks through a pipeline's evaluate and register")
 def test_ko_quickstart_mc_end_to_end_metrics_gate_report_and_registry_tags(tmp_path):
     project = _with_lm_eval(make_project(tmp_path / "p", gate=["ko_quickstart_mc.acc >= 0", "perplexity <= 100000"]))
     result = kollm.run(project)

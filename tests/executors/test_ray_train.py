@@ -159,7 +159,7 @@ def crash_once_at_step_3(job: Job, env: Env):
     return cpt.train(job, env)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a Ray Train worker group, a worker killed and restarted")
 def test_a_killed_worker_is_restarted_and_resumes_from_the_checkpoint(ray_cluster, tmp_path, single):
     _, reference = single
     job = _job(tmp_path, "crash", batch_size=2, max_steps=6)
@@ -207,7 +207,7 @@ launch_ray(hang_at_step_3, _job(Path(sys.argv[2]), "driver", batch_size=2, max_s
 """
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="`kollm run` on Ray Train killed mid-training, then resumed")
 def test_a_killed_driver_leaves_a_checkpoint_the_next_run_resumes_from(ray_cluster, tmp_path, single):
     """`kill -9` of the driver process (kollm run) mid-training: Ray ends its workers with it, and the next run of the
     same job (same checkpoint folder) resumes from the last checkpoint and ends where an uninterrupted run ends."""

@@ -17,7 +17,7 @@ import pytest
 from kollm.monitor.watch import WatchSettings, run_cycle
 from tests.rollout.conftest import Load, Server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="a gateway under load, two retrainings and two rollouts")
 
 STEPS_PY = """
 from looptiny import save_tiny

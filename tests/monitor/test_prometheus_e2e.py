@@ -16,7 +16,10 @@ from kollm.monitor.prometheus import rule_files, scrape_config
 
 from .conftest import Prometheus, free_port, needs_prometheus, wait_ready
 
-pytestmark = [pytest.mark.slow, needs_prometheus]
+pytestmark = [
+    pytest.mark.slow(reason="a `kollm serve` process and a real Prometheus until an alert fires"),
+    needs_prometheus,
+]
 
 
 def _load(url: str, stop: threading.Event, statuses: list[int | str]) -> None:

@@ -82,7 +82,7 @@ def test_trials_are_drawn_deterministically():
     ) == [1, 1, 1, 2, 2, 2]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="four Ray Tune trials, a cached rerun and two `kollm show` processes")
 def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluster, kollm_bin):
     root = make_project(tmp_path / "p")
     first = kollm.run(root)
@@ -137,7 +137,7 @@ def test_sweep_asha_best_model_to_evaluate_and_cached_rerun(tmp_path, ray_cluste
     assert "sweep of cpt: 4 trials by eval_loss (min)" in table and "stopped" in table
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="`kollm run` with its own Ray instance, killed, then resumed")
 def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path, ray_cluster, kollm_bin):
     """`kollm run` (its own process and Ray instance) is SIGKILLed once a trial has been published; the rerun takes
     the finished trials from the cache, runs the others, and ends with the same sweep as an uninterrupted one."""
@@ -186,7 +186,7 @@ def test_a_sweep_killed_midway_resumes_without_redoing_finished_trials(tmp_path,
     assert resumed.steps["evaluate"].outputs["metrics"].digest
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a sweep's trials as Ray Tune trials under the ray executor")
 def test_a_sweep_under_the_ray_executor_runs_its_trials_on_the_cluster(tmp_path, ray_cluster):
     """`kollm run --executor ray` (on the Ray instance this process is connected to): the sweep step runs as a Ray task
     and its trials as Ray Tune trials on the same cluster; the best trial's model goes downstream, as with the local

@@ -36,7 +36,7 @@ def register_tiny(registered, folders: list[Path]) -> None:
     client.set_registered_model_alias(registered.name, "challenger", "4")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a gateway over two real model servers through a whole rollout")
 def test_tiny_models_promoted_through_the_gateway(registered, tmp_path, tiny_folders):
     import torch
 
@@ -104,7 +104,7 @@ def _serve(name: str, project: Path, port: int) -> subprocess.Popen:
     raise AssertionError("kollm serve did not come up")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a `kollm serve --canary` process killed and restarted mid-rollout")
 def test_killed_gateway_process_resumes_the_rollout(registered, tmp_path, tiny_folders):
     """`kollm serve --canary` as a real process, killed with SIGKILL mid-rollout, resumes at the same step."""
     register_tiny(registered, tiny_folders)

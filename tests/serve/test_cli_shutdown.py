@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import free_port, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="starts `kollm serve` processes and waits for their shutdown")
 
 
 def test_sigterm_finishes_the_stream_in_flight_then_exits(tiny_model_dir, tmp_path):

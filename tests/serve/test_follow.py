@@ -18,7 +18,7 @@ from kollm.serve.follow import parse_alias_uri
 
 from .conftest import free_port, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="a real `kollm serve` process under concurrent load while aliases move")
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from .conftest import start_server
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="schemathesis and hypothesis send hundreds of requests to a live server")
 
 
 @pytest.fixture(scope="module")

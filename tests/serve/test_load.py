@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import free_port, wait_ready
 from .rawhttp import Connection
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="2,000 requests against a `kollm serve` process")
 
 TOTAL = 2000
 CONCURRENCY = 32

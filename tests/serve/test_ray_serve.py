@@ -60,7 +60,7 @@ def ray_app(tiny_model_dir, tmp_path_factory):
         ray.shutdown()
 
 
-@pytest.mark.slow  # a local Ray and Ray Serve start: about a minute on two cores
+@pytest.mark.slow(reason="a local Ray and Ray Serve start: about a minute on two cores")
 def test_openai_client_through_ray_serve(ray_app):
     url, project = ray_app
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=2, timeout=120)

@@ -9,7 +9,7 @@ from kollm import registry
 from kollm.errors import NotFound
 from kollm.serve import create_app, describe_model_uri, load_engine, resolve
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(reason="registers and loads models through MLflow's registry")
 
 
 def test_models_uri_resolves_alias_to_version(tmp_path, tiny_model_dir):

@@ -27,7 +27,7 @@ def _project(tmp_path: Path, align_config: str) -> Path:
     return helpers.make_project(tmp_path / "p", steps)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="sft then an align method through the runner")
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_align_after_sft(tmp_path, method):
     root = _project(
@@ -57,7 +57,7 @@ def short_and_polite(prompts, completions, answer, **_):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="sft then GRPO (sampling completions) through the runner")
 def test_grpo_with_a_user_reward_function(tmp_path):
     import uuid
 

@@ -87,7 +87,7 @@ def load_and_generate(folder: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a cpt training through the runner")
 def test_cpt_step_trains_saves_logs(tmp_path):
     root = make_project(tmp_path / "p")
     result = kollm.run(root)
@@ -133,7 +133,7 @@ def test_cpt_step_trains_saves_logs(tmp_path):
     assert not list((root / ".kollm" / "checkpoints").glob("*/step-*"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline process killed mid-cpt, then resumed")
 def test_killed_pipeline_resumes_cpt_from_checkpoint(tmp_path):
     cfg = CPT.replace("max_steps: 12", "max_steps: 30")
     root = make_project(tmp_path / "p", cfg)
@@ -167,7 +167,7 @@ def test_bad_config_names_the_field(tmp_path):
         kollm.run(root)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a cpt training with LoRA through the runner")
 def test_cpt_from_a_local_folder_with_lora_and_a_custom_template(tmp_path, tokenizer_folder):
     """base_model: a folder in the project (as a hub checkout would be), LoRA, a chat template from a .jinja file."""
     root = make_project(

@@ -85,7 +85,7 @@ def test_bad_rule_and_missing_lm_eval_fail_validation(tmp_path):
         kollm.load(project)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline run, then evaluate again against the promoted champion")
 def test_relative_gate_compares_with_the_champion_on_the_same_eval_set(tmp_path):
     project = make_project(tmp_path / "p", gate=["perplexity <= 100000"], seed=0)
     first = kollm.run(project)

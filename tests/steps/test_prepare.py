@@ -82,7 +82,7 @@ def _client(root: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{root / '.kollm' / 'mlflow.db'}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline run through the runner")
 def test_prepare_corpus_through_the_runner(tmp_path):
     root = _corpus_project(tmp_path, num_proc=2)  # worker processes forked from the runner
     result = kollm.run(root)
@@ -123,7 +123,7 @@ def test_prepare_corpus_through_the_runner(tmp_path):
     assert (root / "downstream-ran").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline run through the runner")
 def test_gate_failure_stops_the_pipeline_with_a_summary(tmp_path):
     root = _corpus_project(tmp_path, gate="{max_rejected_fraction: 0.05, min_eval_rows: 1000}")
     with pytest.raises(StepFailed) as err:
@@ -193,7 +193,7 @@ def _chat_project(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline run through the runner")
 def test_prepare_instructions_and_preferences(tmp_path):
     result = kollm.run(_chat_project(tmp_path))
     sft = result.steps["prepare-sft"].outputs["dataset"]
@@ -298,7 +298,7 @@ def test_without_near_dedup_eval_rows_that_near_duplicate_train_move_to_train():
     assert out.stats["eval_moved_to_train"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a pipeline run through the runner")
 def test_fsspec_url_source_through_the_runner(tmp_path):
     import fsspec
 

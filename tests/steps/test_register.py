@@ -113,7 +113,7 @@ def test_register_through_the_runner_on_postgres(tmp_path, postgres_uri):
     assert not (project / ".kollm" / "mlflow.db").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="needs the session's quickstart run (the first test that does pays for it)")
 def test_quickstart_registers_a_version_that_leads_back_to_its_data(quickstart_run):
     project, result = quickstart_run
     v = registry.show("korean-quickstart", "challenger", project)

@@ -62,7 +62,7 @@ steps:
 CPT = "- kind: cpt\n  config: {base_model: scratch, vocab_size: 400, seq_len: 64, max_steps: 6, lr: 3.0e-3, batch_size: 4, log_every: 3}\n"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="cpt then sft with LoRA through the runner")
 def test_sft_lora_on_previous_model_saves_adapter_and_merged_model(tmp_path):
     root = make_project(
         tmp_path / "p",

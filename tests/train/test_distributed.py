@@ -46,7 +46,7 @@ def _job(tmp_path, texts, name: str, batch_size: int) -> Job:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="two gloo training processes and a single-process run")
 def test_two_gloo_processes_match_one_process(tmp_path, texts):
     seen = []
     ddp = launch(

@@ -218,7 +218,7 @@ def test_gpu_chunked_ce_bf16_close_to_fp32_reference() -> None:
     assert ((w.grad.float() - wr.grad).norm() / wr.grad.norm()).item() < 2e-2
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the training throughput benchmark script in its own process, sft and cpt")
 def test_throughput_benchmark_runs_on_cpu(tmp_path) -> None:
     """benchmarks/train_throughput.py --cpu --tiny: kollm's sft and cpt runs train, report and agree."""
     import json

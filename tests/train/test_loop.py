@@ -150,7 +150,7 @@ def _run(script: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(script), *args], env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="a training process killed mid-run, then resumed")
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     import json
 

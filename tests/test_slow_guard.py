@@ -1,0 +1,84 @@
+"""tests/slow_guard.py, the suite's time budget: a slow test must say why, and a test over the limit must be
+marked slow. Run in pytester's own folder with the limit lowered to 0.5 s (the suite's is 120 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+FAST_LIMIT = ["-p", "tests.slow_guard", "-o", "slow_test_limit_s=0.5"]
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeini("[pytest]\nmarkers =\n    slow(reason): slow\n")
+    return pytester
+
+
+def test_a_test_over_the_limit_fails_unless_marked_slow_with_a_reason(suite):
+    suite.makepyfile(
+        """
+        import time
+        import pytest
+
+        def test_fast():
+            pass
+
+        def test_over():
+            time.sleep(0.8)
+
+        @pytest.mark.slow(reason="sleeps past the limit on purpose")
+        def test_over_marked():
+            time.sleep(0.8)
+
+        def test_over_and_failing():
+            time.sleep(0.8)
+            assert False, "its own failure"
+        """
+    )
+    r = suite.runpytest(*FAST_LIMIT)
+    r.assert_outcomes(passed=2, failed=2)
+    r.stdout.fnmatch_lines(["*::test_over took 0.8 s, more than the suite's limit of 0.5 s per test*"])
+    r.stdout.fnmatch_lines(["FAILED *::test_over", "FAILED *::test_over_and_failing"])
+    assert "its own failure" in r.stdout.str()  # a test that fails anyway keeps its own report
+
+
+def test_the_default_limit_is_120_s(suite):
+    assert float(suite.parseconfigure("-p", "tests.slow_guard").getini("slow_test_limit_s")) == 120
+
+
+@pytest.mark.parametrize("marker", ["@pytest.mark.slow", '@pytest.mark.slow(reason="  ")', "@pytest.mark.slow()"])
+def test_a_slow_marker_without_a_reason_fails_collection(suite, marker):
+    suite.makepyfile(
+        f"""
+        import pytest
+
+        {marker}
+        def test_no_reason():
+            pass
+
+        @pytest.mark.slow(reason="has one")
+        def test_with_reason():
+            pass
+        """
+    )
+    r = suite.runpytest(*FAST_LIMIT)
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    err = r.stderr.str()
+    assert "@pytest.mark.slow needs a reason" in err and "::test_no_reason" in err and "test_with_reason" not in err
+
+
+def test_a_module_level_slow_marker_with_a_reason_covers_its_tests(suite):
+    suite.makepyfile(
+        """
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.slow(reason="every test here sleeps")
+
+        def test_over():
+            time.sleep(0.8)
+        """
+    )
+    suite.runpytest(*FAST_LIMIT).assert_outcomes(passed=1)
