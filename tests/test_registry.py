@@ -240,3 +240,19 @@ def test_cli_promote_rollback_list_show(tmp_path, tiny_folder, kollm_bin):
     assert [h["action"] for h in shown["history"]] == ["register", "promote", "rollback"]
     missing = kollm("rollback")
     assert missing.returncode == 4 and "no 'previous'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_same_model_digest_registers_no_new_version_after_a_promote(tmp_path, tiny_folder):
+    """An unchanged rerun (same model files) after `kollm registry promote` makes no new version and points no
+    `challenger` at the champion; a version that holds no alias gets the alias back."""
+    project = make_project(tmp_path / "p")
+    v1 = register(project, tiny_folder, **{"kollm.model_digest": "sha256:same"})
+    registry.promote("tiny", project_dir=project)
+    again = register(project, tiny_folder, **{"kollm.model_digest": "sha256:same"})
+    assert again.version == v1.version and again.aliases == ("champion",)
+    assert [v.version for v in registry.list_versions("tiny", project)] == ["1"]
+    v2 = register(project, tiny_folder, **{"kollm.model_digest": "sha256:other"})
+    assert v2.version == "2" and v2.aliases == ("challenger",)
+    registry.set_alias("tiny", "challenger", "1", reason="test", project_dir=project)  # v2 now holds no alias
+    assert register(project, tiny_folder, **{"kollm.model_digest": "sha256:other"}).aliases == ("challenger",)
+    assert [v.version for v in registry.list_versions("tiny", project)] == ["2", "1"]

@@ -1115,6 +1115,9 @@ def watch_cmd(
     ] = None,
     interval: Annotated[str, typer.Option(help="Time between cycles in long-running mode.")] = "1m",
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of --once as JSON.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Roll out a challenger even if it was rolled back before.")
+    ] = False,
 ) -> None:
     """Retrain on a schedule, new data, drift or a registry webhook; roll a gated challenger out on the gateway."""
     from kollm.monitor.drift import parse_window
@@ -1143,10 +1146,12 @@ def watch_cmd(
         alert_webhook=alert_webhook,
         webhook_port=webhook_port,
         webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
+        force=force,
     )
     if not (settings.project_dir / "kollm.yaml").exists():
         raise KollmError(f"no kollm.yaml in {settings.project_dir}", hint="run inside a project or pass --project DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per gateway status poll
     if not once:
         watch(settings, interval_s=parse_window(interval))
         return

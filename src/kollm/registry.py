@@ -462,6 +462,10 @@ def register_folder(
     Idempotent per `step_key` (the register step's cache key): a version this key created already is returned
     (with `alias` moved to it if a killed attempt stopped short of that), and model files an earlier, killed
     attempt of the key logged completely are registered instead of being copied again.
+
+    Idempotent per model digest (the `kollm.model_digest` tag): a version of `name` with the same model files is
+    returned instead of a new one. `alias` moves to it only while it holds no alias and was never rolled back, so
+    an unchanged rerun after `kollm registry promote` leaves the champion alone and points no `challenger` at it.
     """
     c = client(project_dir)
     if step_key:
@@ -472,6 +476,15 @@ def register_folder(
                 _move(c, name, alias, version, action="register", reason=reason, at=_now())
             return _get_version(c, name, version)
         tags = {**tags, STEP_KEY_TAG: step_key}
+    digest = tags.get(MODEL_DIGEST_TAG)
+    same = c.search_model_versions(f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{digest}'") if digest else []
+    if same:
+        existing = min(same, key=lambda v: int(v.version))
+        version = str(existing.version)
+        held = set(_aliases(c.get_registered_model(name)).values())
+        if alias and version not in held and "kollm.rolled_back_at" not in (existing.tags or {}):
+            _move(c, name, alias, version, action="register", reason=reason, at=_now())
+        return _get_version(c, name, version)
     source = _logged_by_earlier_attempt(c, run_id, step_key) if step_key else None
     if source is None:
         source = f"models:/{_log_model(c, run_id, hf_folder, tags)}"
@@ -497,6 +510,7 @@ def register_folder(
 
 
 STEP_KEY_TAG = "kollm.step_key"
+MODEL_DIGEST_TAG = "kollm.model_digest"  # the content digest of the registered model files (see kollm.steps.register)
 MODEL_LOGGED_TAG = "kollm.model_logged"  # set on a run once its model is completely logged
 MODEL_ID_TAG = "kollm.model_id"  # the MLflow logged model (models:/<id>) that run logged
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model reaches it too

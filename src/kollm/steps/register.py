@@ -159,11 +159,14 @@ def run(ctx: StepContext) -> StepResult:
         project_dir=ctx.project_dir,
         step_key=ctx.key or None,
     )
-    uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
+    uri = f"models:/{name}@{cfg.alias}" if cfg.alias in version.aliases else version.uri
     ctx.tracker.set_tags(
         {"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri}
     )
-    ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
+    if version.run_id == ctx.tracker.run_id:
+        ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
+    else:
+        ctx.log.info("%s version %s has the same model files (%s); no new version", name, version.version, version.uri)
     # registration.json: what was registered, the same bytes wherever the same inputs are registered first (kollm run,
     # kfp.local, a cluster); the MLflow run ids of this registration go to the artifact's metadata (not digested)
     runs = {k: tags[k] for k in RUN_TAGS}
