@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kollm.errors import StepFailed
 from kollm.train import checkpoint as ckpt
@@ -210,6 +213,52 @@ def test_mask_text_and_uri():
         "a": ["s3://k:***@b/x", 1],
         "b": {"c": "password=***"},
     }
+
+
+# Passwords as drivers accept them: SQLAlchemy takes anything but '@' ('/', '?', '#', spaces); urllib takes '@' too.
+_SQLA_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + " /?#:!$%&'()*+,;=~-._[]{}|^`\\", min_size=4)
+_HTTP_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + "@:!$%&'()*+,;=~-._", min_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(password=_SQLA_PASSWORD | _HTTP_PASSWORD)
+def test_mask_uri_hides_any_password(password):
+    import re
+
+    from hypothesis import assume
+
+    from kollm.redact import mask_text, mask_uri
+
+    tail = " (serving models:/m@champion, see http://h:1/x)"
+    for uri, host in [
+        ("postgresql://kollm:{}@db:5432/mlflow", "@db:5432/mlflow"),
+        ("mysql+pymysql://:{}@10.0.0.7/x?charset=utf8", "@10.0.0.7/x?charset=utf8"),
+        ("https://user:{}@mlflow.example:443/", "@mlflow.example:443/"),
+    ]:
+        assume(password not in uri + tail)  # e.g. "flow" would be found in the host
+        assert mask_uri(uri.format(password)) == uri.format("***")
+        # one line of an error message, with an alias and another URI after it: masked up to the last '@' before
+        # the host, unless the password holds a space then `word:/` (that would look like the next URI)
+        if not re.search(r"\s[A-Za-z][A-Za-z0-9+.\-]*:/", password):
+            line = mask_text(f"error: cannot open {uri.format(password)}: timeout{tail}")
+            assert line == f"error: cannot open {uri.format('***')}: timeout{tail}"
+
+
+def test_a_password_with_odd_characters_is_masked_in_every_error_the_cli_prints(monkeypatch, capsys):
+    """`cli.main` masks the message of any exception it prints, not only a KollmError's."""
+    from kollm import cli
+
+    password = "pa ss/wo?rd#1"
+
+    def boom():
+        raise RuntimeError(f"(psycopg2.OperationalError) cannot open postgresql://kollm:{password}@db:5432/mlflow")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "postgresql://kollm:***@db:5432/mlflow" in err and "wo?rd" not in err and "ss/wo" not in err, err
 
 
 def _grep_tree(root: Path, needle: str) -> list[str]:
