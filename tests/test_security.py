@@ -128,6 +128,36 @@ def test_yaml_aliases_within_the_limit_still_work(tmp_path):
         safe_load_bounded("a: &a [1, *a]\n")
 
 
+def test_deeply_nested_yaml_is_one_clear_error_in_validate(tmp_path, kollm_bin):
+    import subprocess
+
+    root = tmp_path / "p"
+    root.mkdir()
+    # 500 levels in about 1 KB (a RecursionError traceback of thousands of lines before)
+    (root / "kollm.yaml").write_text("project: deep\nsteps: " + "[" * 500 + "]" * 500 + "\n", encoding="utf-8")
+    proc = subprocess.run([kollm_bin, "validate", str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "more than 100 levels deep" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr
+
+
+def test_yaml_depth_counts_aliases_and_allows_what_fits():
+    from kollm.config import safe_load_bounded
+    from kollm.errors import ConfigError
+
+    def nested(levels: int) -> str:
+        return "[" * levels + "1" + "]" * levels
+
+    assert safe_load_bounded("a: " + nested(99)) == {"a": eval(nested(99))}  # 100 levels with the top mapping
+    with pytest.raises(ConfigError, match="more than 100 levels deep"):
+        safe_load_bounded("a: " + nested(100))
+    # each anchor nests the one before: 20 lines of 10 levels are 200 levels once expanded
+    chain = "a0: &a0 1\n" + "".join(f"a{i}: &a{i} {'[' * 10}*a{i - 1}{']' * 10}\n" for i in range(1, 21))
+    with pytest.raises(ConfigError, match=r"more than 100 levels deep \(at line 1[01],"):
+        safe_load_bounded(chain)
+    assert safe_load_bounded(chain, max_depth=201)["a1"] == eval(nested(10))
+
+
 # --- symlink loops under a data glob -----------------------------------------------------------------------------
 
 
