@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -1225,6 +1226,10 @@ def main() -> None:
         if e.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
             _interrupted()
         raise
+    except Exception as e:  # a bug, or a library error we do not wrap: its traceback as Python prints it, masked
+        sys.stderr.write(mask_text("".join(traceback.format_exception(e))))
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 def _interrupted() -> None:

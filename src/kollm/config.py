@@ -18,6 +18,7 @@ CONFIG_FILE = "kollm.yaml"
 # The most YAML nodes a kollm.yaml may expand to once aliases (*name) are resolved. A real pipeline has a few
 # thousand; a "billion laughs" alias bomb of a few KB expands to billions and would exhaust memory.
 MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 100  # nesting, aliases expanded (a real kollm.yaml nests fewer than 10 levels)
 
 
 class TrackingConfig(BaseModel):
@@ -365,9 +366,13 @@ def find_config(path: str | os.PathLike[str] | None) -> Path:
     return p.resolve()
 
 
-def safe_load_bounded(text: str, *, source: str | None = None, max_nodes: int = MAX_YAML_NODES) -> Any:
-    """yaml.safe_load that refuses a document whose alias-expanded size exceeds `max_nodes` (or which refers to
-    itself), before building any Python object. Raises ConfigError for those, yaml.YAMLError for bad syntax."""
+def safe_load_bounded(
+    text: str, *, source: str | None = None, max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_YAML_DEPTH
+) -> Any:
+    """yaml.safe_load that refuses a document nested deeper than `max_depth` or whose alias-expanded size exceeds
+    `max_nodes` (or which refers to itself), before building any Python object. Raises ConfigError for those,
+    yaml.YAMLError for bad syntax."""
+    _check_depth(text, max_depth, source)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -375,6 +380,46 @@ def safe_load_bounded(text: str, *, source: str | None = None, max_nodes: int = 
             return None
         _check_expanded_size(node, max_nodes, source)
         return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_depth(text: str, max_depth: int, source: str | None) -> None:
+    """Refuse nesting deeper than `max_depth` (an alias counts as deep as what it names) from the parser's event
+    stream, which is flat: composing and constructing recurse once per level and would end in a RecursionError."""
+    heights: dict[str, int] = {}  # anchor -> height of its node
+    open_: list[tuple[str | None, int]] = []  # per open mapping/list: its anchor, the height of its tallest child
+
+    def child(height: int, event: yaml.Event) -> None:
+        if not open_:
+            return
+        anchor, tallest = open_[-1]
+        open_[-1] = (anchor, max(tallest, height))
+        if len(open_) + height > max_depth:
+            raise ConfigError(
+                f"the document nests mappings and lists more than {max_depth} levels deep "
+                f"(at line {event.start_mark.line + 1}, aliases expanded)",
+                source=source,
+                hint="flatten the structure; a kollm.yaml needs only a few levels",
+            )
+
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                child(1, event)
+                open_.append((event.anchor, 0))
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, tallest = open_.pop()
+                if anchor is not None:
+                    heights[anchor] = tallest + 1
+                child(tallest + 1, event)
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor is not None:
+                    heights[event.anchor] = 0
+            elif isinstance(event, yaml.AliasEvent):
+                child(heights.get(event.anchor or "", 0), event)
     finally:
         loader.dispose()
 

@@ -80,6 +80,30 @@ CASES = [
         '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {o: modle}}}',
         "steps[0].config.outputs: 'o' has unknown artifact type 'modle'; use one of source, corpus, instructions, preferences, model, metrics, report",
     ),
+    (
+        "output name an absolute path",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"/abs/dir": report}}}',
+        "steps[0].config.outputs: output name '/abs/dir' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name going up",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"../up": report}}}',
+        "steps[0].config.outputs: output name '../up' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name a dot-dot",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"..": report}}}',
+        "steps[0].config.outputs: output name '..' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name with a slash",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"a/b": report}}}',
+        "steps[0].config.outputs: output name 'a/b' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
 ]
 
 
