@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,25 +121,28 @@ def _start_killed(root: Path, data: Path, name: str, world: int) -> subprocess.P
     )
 
 
-def _kill_after_step_10(proc: subprocess.Popen, root: Path, name: str) -> None:
+def _kill_after_step_10(procs: dict[str, subprocess.Popen], root: Path) -> None:
+    """kill -9 each run (all its processes) as soon as it has logged step 10 (and so checkpointed it)."""
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        log = root / "logs" / f"{name}.jsonl"
-        if log.exists() and 10 in _losses(root, name):  # the loop checkpoints a step before it logs it
-            break
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step 10: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    else:
-        raise AssertionError("no step 10 within 10 minutes")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    ckpt = root / name / "ckpt"
-    assert (ckpt / "step-00000010" / "dcp" / ".metadata").exists()
-    # where the kill lands depends on the machine's load: resume from step 10 every time
-    for later in ckpt.glob("step-*"):
-        if later.name != "step-00000010":
-            __import__("shutil").rmtree(later)
+    running = dict(procs)
+    while running and time.monotonic() < deadline:
+        for name, proc in list(running.items()):
+            log = root / "logs" / f"{name}.jsonl"
+            if log.exists() and 10 in _losses(root, name):  # the loop checkpoints a step before it logs it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                del running[name]
+            elif proc.poll() is not None:
+                raise AssertionError(f"{name} ended before step 10: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    assert not running, f"no step 10 within 10 minutes: {list(running)}"
+    for name in procs:
+        ckpt = root / name / "ckpt"
+        assert (ckpt / "step-00000010" / "dcp" / ".metadata").exists()
+        # the kill lands a step or more after step 10, depending on the machine's load: resume from step 10
+        for later in ckpt.glob("step-*"):
+            if later.name != "step-00000010":
+                shutil.rmtree(later)
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +153,14 @@ def runs(tmp_path_factory, texts):
     pd.DataFrame({"text": texts(80)}).to_parquet(data / "train.parquet")
     pd.DataFrame({"text": texts(8, seed=9)}).to_parquet(data / "eval.parquet")
     job = functools.partial(_job, root, data)
-    killed = {"2to1": _start_killed(root, data, "2to1", 2), "1to2": _start_killed(root, data, "1to2", 1)}
+    _kill_after_step_10(
+        {"2to1": _start_killed(root, data, "2to1", 2), "1to2": _start_killed(root, data, "1to2", 1)}, root
+    )
     one = {
         "one_ddp": _one_process(job("one_ddp", sharding="ddp")),
         "one_fsdp": _one_process(job("one_fsdp", sharding="fsdp")),
         "one_lora": _one_process(job("one_lora", sharding="ddp", lora=True)),
     }
-    _kill_after_step_10(killed["2to1"], root, "2to1")
-    _kill_after_step_10(killed["1to2"], root, "1to2")
     resumed_2to1 = _one_process(job("2to1", sharding="fsdp"))
     two = [
         job("two_ddp", sharding="ddp"),
