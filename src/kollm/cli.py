@@ -473,7 +473,7 @@ app.add_typer(deploy_app, name="deploy")
 @deploy_app.command("render")
 def deploy_render(
     path: PathArg = None,
-    target: Annotated[str, typer.Option("--target", "-t", help="k8s, compose or docker.")] = "k8s",
+    target: Annotated[str, typer.Option("--target", "-t", help="k8s, kserve, github, compose or docker.")] = "k8s",
     out_dir: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET)."),
@@ -505,8 +505,20 @@ def deploy_render(
     prometheus_url: Annotated[
         str, typer.Option(help="Prometheus the AnalysisTemplate queries.")
     ] = "http://prometheus.monitoring.svc:9090",
+    model_version: Annotated[
+        str, typer.Option(help="kserve: the registered version the InferenceService serves.")
+    ] = "1",
+    canary_version: Annotated[
+        str, typer.Option(help="kserve: the version inferenceservice-canary.yaml serves as the canary.")
+    ] = "2",
+    llm_model_uri: Annotated[
+        str,
+        typer.Option(
+            help="kserve: the Hugging Face model folder the LLMInferenceService loads (default: s3://BUCKET/PROJECT/hf/champion)."
+        ),
+    ] = "",
 ) -> None:
-    """Write Kubernetes manifests, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
+    """Write Kubernetes manifests, KServe resources, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
     from kollm.deploy import DeployOptions, render
 
     options = DeployOptions(
@@ -521,9 +533,37 @@ def deploy_render(
         analysis=analysis,
         failure_limit=failure_limit,
         prometheus_url=prometheus_url,
+        model_version=model_version,
+        canary_version=canary_version,
+        llm_model_uri=llm_model_uri,
     )
     for f in render(path, target, out_dir or Path("deploy") / target, options):
         out.print(f"[green]wrote[/] {f}")
+
+
+@deploy_app.command("kserve-canary")
+def deploy_kserve_canary(
+    version: Annotated[str, typer.Argument(help="The registered model version to canary.")],
+    path: Annotated[Optional[Path], typer.Option("--project", help="The project folder (default: here).")] = None,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = DEFAULT_STEPS,
+    pause: Annotated[
+        str, typer.Option(help="How long each step holds its weight before its analysis.")
+    ] = DEFAULT_PAUSE,
+    analysis: Annotated[
+        str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")
+    ] = DEFAULT_ANALYSIS,
+    namespace: Annotated[str, typer.Option(help="Namespace of the InferenceService (default: kubectl's).")] = "",
+) -> None:
+    """Print the `kubectl patch` of each canary step of the KServe InferenceService, then promote and rollback."""
+    from kollm.deploy import DeployOptions, load_project
+    from kollm.deploy.kserve import canary_patches
+
+    p = load_project(path, DeployOptions(steps=steps, pause=pause, analysis=analysis, canary_version=version))
+    print(
+        f"# each step holds {pause}, then needs {analysis} on the canary's requests: pass -> next step, fail -> rollback"
+    )
+    for what, line in canary_patches(p, version, namespace):
+        print(f"# {what}\n{line}")
 
 
 compile_app = typer.Typer(help="Compile kollm.yaml for another orchestrator.", no_args_is_help=True)
