@@ -150,7 +150,7 @@ def runs(tmp_path_factory, texts):
     root = tmp_path_factory.mktemp("fsdp")
     data = root / "data"
     data.mkdir()
-    pd.DataFrame({"text": texts(80)}).to_parquet(data / "train.parquet")
+    pd.DataFrame({"text": texts(240)}).to_parquet(data / "train.parquet")  # ~100 rows: 20 steps in one epoch
     pd.DataFrame({"text": texts(8, seed=9)}).to_parquet(data / "eval.parquet")
     job = functools.partial(_job, root, data)
     _kill_after_step_10(

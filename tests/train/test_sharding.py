@@ -140,3 +140,20 @@ def test_fsdp_with_dpo_matches_the_plain_loop(tiny_model, tokenizer):
     assert sharded == pytest.approx(plain, rel=1e-5)
     assert sharded_eval[0] == pytest.approx(plain_eval[0], rel=1e-5)  # evaluate goes through the FSDP root
     assert sharded_eval[1]["reward_margin"] == pytest.approx(plain_eval[1]["reward_margin"], rel=1e-4, abs=1e-6)
+
+
+def test_the_readme_fsdp_example_is_a_valid_step():
+    """README's training section: the 8B sft step with sharding: fsdp validates as written."""
+    from pathlib import Path
+
+    import yaml
+
+    from kollm.config import Resources
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("  - kind: sft                       # full fine-tuning of an 8B")
+    step = yaml.safe_load(readme[start : readme.index("```", start)])[0]
+    config = sft.Config.model_validate(step["config"])
+    assert config.sharding == "fsdp" and config.base_model
+    assert Resources.model_validate(step["resources"]).gpus == 8
+    assert sft.Config.model_validate({**step["config"], "cpu_offload": True}).cpu_offload
