@@ -188,3 +188,13 @@ def test_quickstart_end_to_end(tmp_path):
     run_shell("kollm run", project)
     registry = run_shell(block(next(k for k in RUN if k.startswith("kollm registry list"))).text, project)
     assert "champion -> v2" in registry and "champion -> v1" in registry  # promoted, then rolled back
+
+
+def test_setup_says_to_activate_the_venv_that_make_demo_creates():
+    """Found: after `make demo`, the README's next command (`kollm init`) failed in a fresh shell: nothing said to
+    activate .venv."""
+    venv = re.search(r"^VENV \?= (\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M).group(1)
+    setup = block("make demo").text
+    assert f"source {venv}/bin/activate" in setup
+    tour = README.read_text(encoding="utf-8").split("## Five-minute tour")[0]
+    assert f"`{venv}/bin/kollm`" in tour

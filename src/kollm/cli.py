@@ -747,6 +747,20 @@ ReasonOpt = Annotated[
 RegistryJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+def _registry_project(project: Path | None) -> Path | None:
+    """The project whose registry a `kollm registry` command uses; outside one, $MLFLOW_TRACKING_URI's (never a
+    new .kollm/mlflow.db in the current folder)."""
+    from kollm.pipeline.tracking import USER_TRACKING_URI
+
+    proj = project_dir(project)
+    if proj is None and not USER_TRACKING_URI:
+        raise KollmError(
+            f"no kollm.yaml in {Path.cwd()} and MLFLOW_TRACKING_URI is not set: no registry to read",
+            hint="run inside a project, pass --project DIR, or set MLFLOW_TRACKING_URI",
+        )
+    return proj
+
+
 def _model_name(name: str | None, project: Path | None) -> str:
     if name:
         return name
@@ -777,7 +791,7 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
     """Versions of a registered model, newest first, with aliases, gate and metrics (no NAME outside a project: all models)."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     if name is None and proj is None:
         names = registry.list_models(None)
         if as_json:
@@ -817,7 +831,7 @@ def registry_show(
     """One version (default: the champion): aliases, lineage tags, metrics and its alias history."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     if name is not None and (name.isdigit() or name.startswith("@")) and ref == "champion":
         ref = name  # `kollm registry show 3` / `show @challenger` inside a project
         name = None
@@ -852,7 +866,7 @@ def registry_promote(
     """Make a version (default: the challenger) the champion; the old champion becomes `previous`."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     move = registry.promote(_model_name(name, proj), version, reason=reason, project_dir=proj)
     before = f"; previous -> v{move.previous}" if move.previous else ""
     out.print(f"[green]promoted[/] {escape(move.name)}: champion -> v{move.champion}{before}")
@@ -865,7 +879,7 @@ def registry_rollback(
     """Restore the `previous` version as champion (the rolled-back version is tagged with when and why)."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     move = registry.rollback(_model_name(name, proj), reason=reason, project_dir=proj)
     out.print(f"[yellow]rolled back[/] {escape(move.name)}: champion -> v{move.champion} (was v{move.replaced})")
 
