@@ -240,3 +240,18 @@ def test_cli_promote_rollback_list_show(tmp_path, tiny_folder, kollm_bin):
     assert [h["action"] for h in shown["history"]] == ["register", "promote", "rollback"]
     missing = kollm("rollback")
     assert missing.returncode == 4 and "no 'previous'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_name_with_a_quote_does_not_break_registry_searches(tmp_path, tiny_folder):
+    """MLflow stores o'brien; kollm's searches must not splice it into a filter string (validate refuses such a
+    project name, but the registry commands take any name, and models registered elsewhere may have one)."""
+    project = make_project(tmp_path / "p")
+    name = "o'brien"
+    run_id = new_run(project)
+    first = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    again = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    assert first.version == again.version == "1"
+    assert [v.version for v in registry.list_versions(name, project)] == ["1"]
+    with pytest.raises(NotFound, match="no version 7") as e:
+        registry.resolve_model_uri(f"models:/{name}/7", project)
+    assert "versions: 1" in str(e.value.hint)
