@@ -299,3 +299,18 @@ def test_readme_plain_mlflow_snippet_loads_the_champion_as_written(tmp_path, tin
     assert r.returncode == 0, r.stderr[-3000:]
     assert not [p for p in project.rglob("*") if p.name in ("mlflow.db", "mlruns") and p.parent != project / ".kollm"]
     assert not (project / "mlruns").exists() and len(before) > 0
+
+
+def test_a_name_with_a_quote_does_not_break_registry_searches(tmp_path, tiny_folder):
+    """MLflow stores o'brien; kollm's searches must not splice it into a filter string (validate refuses such a
+    project name, but the registry commands take any name, and models registered elsewhere may have one)."""
+    project = make_project(tmp_path / "p")
+    name = "o'brien"
+    run_id = new_run(project)
+    first = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    again = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    assert first.version == again.version == "1"
+    assert [v.version for v in registry.list_versions(name, project)] == ["1"]
+    with pytest.raises(NotFound, match="no version 7") as e:
+        registry.resolve_model_uri(f"models:/{name}/7", project)
+    assert "versions: 1" in str(e.value.hint)

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, Field, RootModel, ValidationError, field_validator, model_validator
 
-from kollm._pydantic import STRICT
+from kollm._pydantic import STRICT, mlflow_name
 from kollm.errors import ConfigError
 
 CONFIG_FILE = "kollm.yaml"
@@ -28,7 +28,9 @@ class TrackingConfig(BaseModel):
         description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/.kollm/mlflow.db. "
         "PostgreSQL: postgresql://user@host:5432/db.",
     )
-    experiment: str | None = Field(None, description="MLflow experiment name. Default: the project name.")
+    experiment: str | None = Field(
+        None, min_length=1, max_length=500, description="MLflow experiment name. Default: the project name."
+    )
     artifact_location: str | None = Field(
         None,
         description="Where MLflow stores run artifacts for a new experiment (e.g. s3://bucket/kollm). Default: .kollm/mlartifacts.",
@@ -200,6 +202,8 @@ class ProjectConfig(BaseModel):
         default_factory=lambda: ExecutorConfig(),
         description="Which executor runs the steps: local or ray (or {kind: ray, address: ...}).",
     )
+
+    _project_name = field_validator("project")(mlflow_name)
 
     @field_validator("executor", mode="before")
     @classmethod
@@ -398,7 +402,7 @@ def _check_depth(text: str, max_depth: int, source: str | None) -> None:
         if len(open_) + height > max_depth:
             raise ConfigError(
                 f"the document nests mappings and lists more than {max_depth} levels deep "
-                f"(at line {event.start_mark.line + 1}, aliases expanded)",
+                f"(at line {event.start_mark.line + 1 if event.start_mark else '?'}, aliases expanded)",
                 source=source,
                 hint="flatten the structure; a kollm.yaml needs only a few levels",
             )

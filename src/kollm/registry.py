@@ -158,6 +158,15 @@ def _registered_model(c: MlflowClient, name: str):
         raise NotFound(f"no registered model '{name}' at {mask_uri(c.tracking_uri)}", hint=hint) from None
 
 
+def _equals(field: str, value: str) -> str:
+    """The MLflow search filter `field = 'value'`. Its grammar has no escapes: the value is quoted with a quote it
+    does not hold, so a name such as o'brien stays one string; one holding both quotes cannot be searched for."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{field} = {quote}{value}{quote}"
+    raise NotFound(f"cannot search the registry for {value!r}: it holds both kinds of quote")
+
+
 def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
     """`ref` is a version number or an alias. NotFound names what exists."""
     model = _registered_model(c, name)
@@ -169,7 +178,7 @@ def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
         except MlflowException as e:
             if not _not_found(e):
                 raise
-            known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+            known = sorted(int(v.version) for v in c.search_model_versions(_equals("name", name)))
             raise NotFound(
                 f"model '{name}' has no version {ref}", hint=f"versions: {', '.join(map(str, known)) or 'none'}"
             ) from None
@@ -193,7 +202,7 @@ def list_versions(name: str, project_dir: Path | None = None) -> list[VersionInf
     by_version: dict[str, list[str]] = {}
     for alias, version in _aliases(_registered_model(c, name)).items():
         by_version.setdefault(version, []).append(alias)
-    versions = [_version_info(v) for v in c.search_model_versions(f"name = '{name}'")]
+    versions = [_version_info(v) for v in c.search_model_versions(_equals("name", name))]
     # search results do not carry aliases in every store; take them from the registered model
     versions = [replace(v, aliases=tuple(sorted(by_version.get(v.version, [])))) for v in versions]
     return sorted(versions, key=lambda v: int(v.version), reverse=True)
@@ -469,7 +478,8 @@ def register_folder(
     """
     c = client(project_dir)
     if step_key:
-        done = c.search_model_versions(f"name = '{name}' and tags.`{STEP_KEY_TAG}` = '{step_key}'")
+        keyed = c.search_model_versions(_equals(f"tags.`{STEP_KEY_TAG}`", step_key))
+        done = [v for v in keyed if v.name == name]
         if done:
             version = str(min(int(v.version) for v in done))
             if alias and _aliases(c.get_registered_model(name)).get(alias) != version:
@@ -524,7 +534,7 @@ def _logged_by_earlier_attempt(c: MlflowClient, run_id: str, step_key: str) -> s
     experiment = c.get_run(run_id).info.experiment_id
     runs = c.search_runs(
         [experiment],
-        filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'",
+        filter_string=_equals("tags.`kollm.cache_key`", step_key) + f" and tags.`{MODEL_LOGGED_TAG}` = 'true'",
         max_results=1,
     )
     if not runs:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from kollm._pydantic import mlflow_name
 from kollm.errors import GateFailed
 from kollm.pipeline.step import DATASET_TYPES, STRICT, InputSpec, StepContext, StepResult
 
@@ -42,6 +43,8 @@ class Config(BaseModel):
     alias: str | None = Field("challenger", description="Alias to point at the new version (null: none).")
     description: str = Field("", description="Description stored on the model version.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags for the model version.")
+
+    _model_name = field_validator("name")(mlflow_name)
 
     @field_validator("alias")
     @classmethod
