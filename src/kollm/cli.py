@@ -153,7 +153,7 @@ def check_gate_metrics(pipe: Any) -> None:
             )
             cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
         has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
-        produced = evaluate._expected_metrics(s.config, has_data, cases)
+        produced = evaluate._expected_metrics(s.config, has_data, cases, pipe.project_dir)
         evaluate._check_rules(s.name, [parse_rule(r) for r in s.config.gate], produced)
 
 

@@ -19,7 +19,7 @@ from kollm.eval.judge import DEFAULT_RUBRIC, Item, JudgeConfig, judge, load_rubr
 
 class FakeJudge:
     """Behaviour is chosen by a marker in the judged question: [malformed], [429x2] (two 429s, then an answer),
-    [503] (always), [slow] (answers after 1 s), [400], [cut] (finish_reason length), [11] (a score out of range),
+    [503] (always), [slow] (answers after 2.5 s), [400], [cut] (finish_reason length), [11] (a score out of range),
     [always-A] (a position-biased judge). Otherwise: score 7 everywhere; pairwise: the answer containing GOOD."""
 
     def __init__(self):
@@ -54,7 +54,7 @@ class FakeJudge:
             code = {"503": 503, "429x2": 429, "400": 400}[marker]
             return self.send(h, code, {"error": {"message": "nope"}}, {"retry-after": "0"} if code == 429 else {})
         if marker == "slow":
-            time.sleep(1.0)
+            time.sleep(2.5)
         if marker == "sleep":  # concurrency: how many of these are in flight at once
             with self.lock:
                 self.in_flight += 1
@@ -167,7 +167,7 @@ def test_failures_are_counted_never_guessed(fake):
         Item("slow", "[slow]", "답"),
         Item("fine", "좋은 질문", "답"),
     ]
-    result = run(fake, items, modes=["score"], timeout=0.3)
+    result = run(fake, items, modes=["score"], timeout=1.0)
     assert result.parse_failures == 3 and result.request_failures == 3
     assert fake.hits["malformed"] == 1  # an answer is not retried
     assert fake.hits["503"] == 3 and fake.hits["slow"] == 3  # 1 + max_retries attempts
@@ -176,7 +176,7 @@ def test_failures_are_counted_never_guessed(fake):
     assert "parse failure: not JSON" in failures["malformed"][0] and "cut off at max_tokens" in failures["cut"][0]
     assert "scores.helpfulness is 11" in failures["range"][0]
     assert "HTTP 503" in failures["down"][0] and "after 3 attempts" in failures["down"][0]
-    assert "timed out after 0.3s" in failures["slow"][0] and "HTTP 400" in failures["bad"][0]
+    assert "timed out after 1s" in failures["slow"][0] and "HTTP 400" in failures["bad"][0]
     m = result.metrics()
     assert m["judge_parse_failures"] == 3 and m["judge_request_failures"] == 3
     assert m["judge_score"] == 7 and result.counts()["judge_score"] == 1  # only the case that was judged

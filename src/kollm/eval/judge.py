@@ -236,7 +236,9 @@ def _load_object(content: str | None, finish_reason: str | None) -> dict[str, An
     if finish_reason == "length":
         raise ParseFailure("the verdict was cut off at max_tokens")
     try:
-        data = json.loads(content or "")
+        # strict=False: a raw control character inside a string (a tab, a newline) is read as itself; xgrammar's
+        # JSON grammar lets the model write one, and the structure around it is intact
+        data = json.loads(content or "", strict=False)
     except json.JSONDecodeError as e:
         raise ParseFailure(f"not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, dict):
