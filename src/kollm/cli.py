@@ -134,7 +134,6 @@ def check_gate_metrics(pipe: Any) -> None:
     """Each `evaluate` step's gate rules against the metrics it will produce (evaluate's own check, run now instead
     of after the model is loaded). Checked where the suite is a data source; a suite from an earlier step is
     checked when the step runs."""
-    from kollm.config import DataSource
     from kollm.eval.gate import parse_rule
     from kollm.pipeline.spec import resolve_source
     from kollm.steps import evaluate
@@ -148,9 +147,7 @@ def check_gate_metrics(pipe: Any) -> None:
             if suite is None or suite.source is None:
                 continue
             src = pipe.cfg.data[suite.source]
-            artifact = resolve_source(
-                suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False
-            )
+            artifact = resolve_source(suite.source, src, pipe.project_dir, digest=False)
             cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
         has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
         produced = evaluate._expected_metrics(s.config, has_data, cases, pipe.project_dir)

@@ -37,14 +37,38 @@ class TrackingConfig(BaseModel):
     )
 
 
+class DvcSource(BaseModel):
+    model_config = STRICT
+    repo: str = Field(".", description="The git + DVC repository: a folder (relative to kollm.yaml) or a git URL.")
+    path: str = Field(..., description="The DVC-tracked file in that repository, e.g. data/corpus.jsonl.")
+    rev: str | None = Field(None, description="A git revision (tag, branch, commit). Default: the working tree.")
+    remote: str | None = Field(None, description="The DVC remote to read from. Default: the repository's default.")
+
+
 class DataSource(BaseModel):
     model_config = STRICT
-    path: str = Field(
-        ..., description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...)."
+    path: str | None = Field(
+        None, description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...)."
+    )
+    dvc: DvcSource | None = Field(
+        None, description="A DVC-tracked file, read through DVC's API from its remote (pip install 'kollm[dvc]')."
     )
     format: Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"] = Field(
         "auto", description="File format. auto: from the file extension (a folder with dataset_info.json is hf)."
     )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSource:
+        if (self.path is None) == (self.dvc is None):
+            raise ValueError("give either `path` or `dvc: {repo, path, rev}`, not both or neither")
+        return self
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for messages: the path, or dvc://REPO/PATH@REV."""
+        if self.dvc is not None:
+            return f"dvc://{self.dvc.repo}/{self.dvc.path}" + (f"@{self.dvc.rev}" if self.dvc.rev else "")
+        return self.path or ""
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}

@@ -288,6 +288,12 @@ def data_digest(project_dir: Path) -> tuple[str, list[str]]:
     h = hashlib.sha256()
     unwatched = []
     for name, source in sorted(pipe.cfg.data.items()):
+        if source.dvc is not None:  # the md5 DVC recorded at the revision: a revision with new bytes is new data
+            from kollm.pipeline.dvc_source import lookup
+
+            h.update(f"source {name}\ndvc {lookup(name, source.dvc, pipe.project_dir).md5}\n".encode())
+            continue
+        assert source.path is not None
         if "://" in source.path and not source.path.startswith("file://"):
             unwatched.append(name)
             continue

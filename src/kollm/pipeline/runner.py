@@ -357,7 +357,10 @@ def run_attempt(
 
 def _input_record(a: Artifact) -> dict[str, Any]:
     if a.type == "source":
-        return {"type": a.type, "digest": a.digest, "uri": a.meta.get("uri")}
+        record = {"type": a.type, "digest": a.digest, "uri": a.meta.get("uri")}
+        if "dvc" in a.meta:  # repo, path, rev, the commit it resolved to, md5
+            record["dvc"] = a.meta["dvc"]
+        return record
     meta = read_artifact_meta(a.path) if a.path is not None else {}
     return {
         "type": a.type,
