@@ -64,6 +64,35 @@ def test_memory_estimate_of_an_8b_full_fine_tune():
         sharding.estimate_memory(**LLAMA_8B, trainable=0, world=1, sharding="zero")
 
 
+def test_memory_estimate_of_lora_on_a_bf16_base(monkeypatch):
+    """Found on an H100: a bf16 8B base with fp32 adapters was counted at 4 bytes per parameter (30 GiB, not 16),
+    and the check failed a run that fit."""
+    from kollm.train.loop import LoopConfig, check_memory
+
+    lora = 42_000_000
+    est = sharding.estimate_memory(**LLAMA_8B, trainable=lora, world=1, sharding="ddp", param_bytes=2.0, grad_bytes=4.0)
+    assert est.parameters == LLAMA_8B["params"] * 2 and est.gradients == lora * 4
+    assert est.parameters < 16 * GIB
+
+    import transformers
+
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2, vocab_size=16
+        )
+    ).to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.lm_head.float().requires_grad_(True)  # the one fp32, trainable part (as adapters are)
+    logged = []
+    real = sharding.estimate_memory
+    monkeypatch.setattr(sharding, "estimate_memory", lambda **kw: logged.append(kw) or real(**kw))
+    check_memory(model, LoopConfig(max_steps=1, seq_len=8), torch.device("cpu"), 1, bf16=True)
+    head = model.lm_head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    assert logged[0]["param_bytes"] == pytest.approx(((total - head) * 2 + head * 4) / total)
+    assert logged[0]["grad_bytes"] == 4
+
+
 def _estimator(world: int):
     return lambda s, offload: sharding.estimate_memory(
         **LLAMA_8B, trainable=LLAMA_8B["params"], world=world, sharding=s, cpu_offload=offload

@@ -199,12 +199,16 @@ def check_memory(model: torch.nn.Module, cfg: LoopConfig, device: torch.device, 
     if not cfg.seq_len:
         return
     lm_config = causal_lm(model).config.get_text_config()
-    param_bytes = max((p.element_size() for p in model.parameters()), default=4)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params) or 1
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    trainable_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    # parameters already on the device are part of the budget that mem_get_info no longer reports as free
+    resident = sum(p.numel() * p.element_size() for p in params if p.device.type == device.type)
 
     def estimate(sharding_: str, offload: bool) -> sharding.MemoryEstimate:
         return sharding.estimate_memory(
-            params=sum(p.numel() for p in model.parameters()),
+            params=n_params,
             trainable=trainable,
             layers=lm_config.num_hidden_layers,
             hidden=lm_config.hidden_size,
@@ -213,7 +217,8 @@ def check_memory(model: torch.nn.Module, cfg: LoopConfig, device: torch.device, 
             world=world,
             sharding=sharding_,
             cpu_offload=offload,
-            param_bytes=param_bytes,
+            param_bytes=sum(p.numel() * p.element_size() for p in params) / n_params,
+            grad_bytes=trainable_bytes / trainable if trainable else 4,
             compute_bytes=2 if bf16 else 4,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
@@ -227,6 +232,7 @@ def check_memory(model: torch.nn.Module, cfg: LoopConfig, device: torch.device, 
     )
     available = device_memory(device)
     if available is not None:
+        available += resident
         problem = sharding.check_fits(available, estimate, cfg.sharding, cfg.cpu_offload)
         if problem is not None:
             raise ConfigError(problem)

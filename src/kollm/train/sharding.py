@@ -193,14 +193,16 @@ def estimate_memory(
     world: int,
     sharding: str,
     cpu_offload: bool = False,
-    param_bytes: int = 4,
+    param_bytes: float = 4,
+    grad_bytes: float | None = None,
     compute_bytes: int = 2,
     gradient_checkpointing: bool = False,
     chunk_tokens: int = 8192,
 ) -> MemoryEstimate:
     """Device memory of one training process, by the usual accounting.
 
-    Parameters are `param_bytes` each (4: fp32, 2: bf16), their gradients the same for the `trainable` ones, AdamW
+    Parameters are `param_bytes` each on average (4: fp32, 2: bf16; a bf16 base with fp32 adapters is in between),
+    the `trainable` ones' gradients `grad_bytes` each (default `param_bytes`), AdamW
     two states of 4 bytes per trainable parameter. ddp holds all of it on every device; fsdp a 1/world share, plus
     the gathered (`compute_bytes`) weights of two decoder layers at a time (the one computing and the next); with
     `cpu_offload` the shares live in host memory and only the gathered layers are on the device. Activations per
@@ -213,7 +215,7 @@ def estimate_memory(
     shard = 1.0 if sharding == "ddp" else 1.0 / world
     resident = 0.0 if cpu_offload else 1.0
     p = params * param_bytes * shard * resident
-    g = trainable * param_bytes * shard * resident
+    g = trainable * (param_bytes if grad_bytes is None else grad_bytes) * shard * resident
     o = trainable * 8 * shard * resident
     if sharding == "fsdp":
         p += 2 * (params / max(layers, 1)) * compute_bytes  # two gathered layers
