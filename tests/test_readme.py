@@ -3,8 +3,8 @@ is not run. A new block that is neither fails `test_every_block_is_run_or_skippe
 
 A block is named by its first line less a trailing `  # comment`. YAML blocks are all parsed (fragments of
 kollm.yaml included), and the kollm.yaml reference is also checked against kollm's config model. Shell blocks run
-under `bash -e` with this environment's `kollm` first on PATH and the hubs offline; python blocks with this
-interpreter.
+under `bash -e` with this environment's `kollm` first on PATH and the hubs offline; python blocks in the test's
+own process.
 """
 
 from __future__ import annotations
