@@ -120,7 +120,7 @@ def test_validate_checks_gate_metric_names(tmp_path, kollm_bin):
     assert _kollm(kollm_bin, "init", str(root)).returncode == 0
     assert _kollm(kollm_bin, "validate", str(root)).returncode == 0
     yaml_file = root / "kollm.yaml"
-    yaml_file.write_text(yaml_file.read_text().replace("- chrf >= 0.5", "- bleu_score >= 0.5"))
+    yaml_file.write_text(yaml_file.read_text().replace("- regex >= 0.8", "- bleu_score >= 0.5"))
     proc = _kollm(kollm_bin, "validate", str(root))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bleu_score" in proc.stderr and "does not produce" in proc.stderr and "chrf" in proc.stderr

@@ -52,6 +52,8 @@ SKIP = {
     "docker build -f deploy/docker/Dockerfile -t kollm:0.1.0 .": "needs docker (tests/deploy renders the files and validates them offline)",
     "kubectl create secret generic kollm-s3 --from-literal=AWS_ACCESS_KEY_ID=... "
     "--from-literal=AWS_SECRET_ACCESS_KEY=...": "needs a Kubernetes cluster (tests/deploy/test_validate.py checks the manifests offline)",
+    "kollm deploy kserve-canary 4 --steps 20,50": "its patches need a KServe cluster (tests/deploy/test_validate.py runs the command and applies its patches to the rendered InferenceService, checked against the CRD)",
+    "kollm validate": "the GitHub Actions jobs' commands, run there against the team's servers (tests/deploy/test_github.py checks the rendered workflow runs exactly these lines)",
     "cd deploy/compose": "needs docker compose (tests/deploy checks the rendered stack offline)",
     "src/kollm/": "the source layout, not a command",
 }
@@ -196,3 +198,13 @@ def test_quickstart_end_to_end(tmp_path, quickstart_run, monkeypatch):
     run_shell("kollm run", project)
     registry = run_shell(block(next(k for k in RUN if k.startswith("kollm registry list"))).text, project)
     assert "champion -> v2" in registry and "champion -> v1" in registry  # promoted, then rolled back
+
+
+def test_setup_says_to_activate_the_venv_that_make_demo_creates():
+    """Found: after `make demo`, the README's next command (`kollm init`) failed in a fresh shell: nothing said to
+    activate .venv."""
+    venv = re.search(r"^VENV \?= (\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M).group(1)
+    setup = block("make demo").text
+    assert f"source {venv}/bin/activate" in setup
+    tour = README.read_text(encoding="utf-8").split("## Five-minute tour")[0]
+    assert f"`{venv}/bin/kollm`" in tour

@@ -240,3 +240,77 @@ def test_cli_promote_rollback_list_show(tmp_path, tiny_folder, kollm_bin):
     assert [h["action"] for h in shown["history"]] == ["register", "promote", "rollback"]
     missing = kollm("rollback")
     assert missing.returncode == 4 and "no 'previous'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_same_model_digest_registers_no_new_version_after_a_promote(tmp_path, tiny_folder):
+    """An unchanged rerun (same model files) after `kollm registry promote` makes no new version and points no
+    `challenger` at the champion; a version that holds no alias gets the alias back."""
+    project = make_project(tmp_path / "p")
+    v1 = register(project, tiny_folder, **{"kollm.model_digest": "sha256:same"})
+    registry.promote("tiny", project_dir=project)
+    again = register(project, tiny_folder, **{"kollm.model_digest": "sha256:same"})
+    assert again.version == v1.version and again.aliases == ("champion",)
+    assert [v.version for v in registry.list_versions("tiny", project)] == ["1"]
+    v2 = register(project, tiny_folder, **{"kollm.model_digest": "sha256:other"})
+    assert v2.version == "2" and v2.aliases == ("challenger",)
+    registry.set_alias("tiny", "challenger", "1", reason="test", project_dir=project)  # v2 now holds no alias
+    assert register(project, tiny_folder, **{"kollm.model_digest": "sha256:other"}).aliases == ("challenger",)
+    assert [v.version for v in registry.list_versions("tiny", project)] == ["2", "1"]
+
+
+def test_registry_commands_outside_a_project_create_no_store(tmp_path):
+    """Found: `kollm registry list` outside a project silently created ./.kollm/mlflow.db."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for args in (["list"], ["show", "some-model"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "kollm.cli", "registry", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "no kollm.yaml" in r.stderr and "MLFLOW_TRACKING_URI" in r.stderr
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # a registration and MLflow's pyfunc load in a fresh process
+def test_readme_plain_mlflow_snippet_loads_the_champion_as_written(tmp_path, tiny_folder):
+    """Found: the README's `mlflow.pyfunc.load_model("models:/...@champion")` failed as written (MLflow did not know
+    the project's store) and left an mlflow.db behind."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    setup = re.search(r'`(mlflow\.set_tracking_uri\("[^"]+"\))`', readme).group(1)
+    load = re.search(r'`(mlflow\.pyfunc\.load_model\("models:/korean-quickstart@champion"\)[^`]*)`', readme).group(1)
+    project = make_project(tmp_path / "p")
+    registry.register_folder(
+        "korean-quickstart", tiny_folder, run_id=new_run(project), tags={}, alias="champion", project_dir=project
+    )
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    script = f"import mlflow\n{setup}\nout = {load}\nassert len(out) == 1 and isinstance(out[0], str)\n"
+    r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not [p for p in project.rglob("*") if p.name in ("mlflow.db", "mlruns") and p.parent != project / ".kollm"]
+    assert not (project / "mlruns").exists() and len(before) > 0
+
+
+def test_a_name_with_a_quote_does_not_break_registry_searches(tmp_path, tiny_folder):
+    """MLflow stores o'brien; kollm's searches must not splice it into a filter string (validate refuses such a
+    project name, but the registry commands take any name, and models registered elsewhere may have one)."""
+    project = make_project(tmp_path / "p")
+    name = "o'brien"
+    run_id = new_run(project)
+    first = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    again = registry.register_folder(name, tiny_folder, run_id=run_id, tags={}, project_dir=project, step_key="k1")
+    assert first.version == again.version == "1"
+    assert [v.version for v in registry.list_versions(name, project)] == ["1"]
+    with pytest.raises(NotFound, match="no version 7") as e:
+        registry.resolve_model_uri(f"models:/{name}/7", project)
+    assert "versions: 1" in str(e.value.hint)

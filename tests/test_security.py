@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kollm.errors import StepFailed
 from kollm.train import checkpoint as ckpt
@@ -125,6 +128,36 @@ def test_yaml_aliases_within_the_limit_still_work(tmp_path):
         safe_load_bounded("a: &a [1, *a]\n")
 
 
+def test_deeply_nested_yaml_is_one_clear_error_in_validate(tmp_path, kollm_bin):
+    import subprocess
+
+    root = tmp_path / "p"
+    root.mkdir()
+    # 500 levels in about 1 KB (a RecursionError traceback of thousands of lines before)
+    (root / "kollm.yaml").write_text("project: deep\nsteps: " + "[" * 500 + "]" * 500 + "\n", encoding="utf-8")
+    proc = subprocess.run([kollm_bin, "validate", str(root)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "more than 100 levels deep" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.splitlines()) <= 3, proc.stderr
+
+
+def test_yaml_depth_counts_aliases_and_allows_what_fits():
+    from kollm.config import safe_load_bounded
+    from kollm.errors import ConfigError
+
+    def nested(levels: int) -> str:
+        return "[" * levels + "1" + "]" * levels
+
+    assert safe_load_bounded("a: " + nested(99)) == {"a": eval(nested(99))}  # 100 levels with the top mapping
+    with pytest.raises(ConfigError, match="more than 100 levels deep"):
+        safe_load_bounded("a: " + nested(100))
+    # each anchor nests the one before: 20 lines of 10 levels are 200 levels once expanded
+    chain = "a0: &a0 1\n" + "".join(f"a{i}: &a{i} {'[' * 10}*a{i - 1}{']' * 10}\n" for i in range(1, 21))
+    with pytest.raises(ConfigError, match=r"more than 100 levels deep \(at line 1[01],"):
+        safe_load_bounded(chain)
+    assert safe_load_bounded(chain, max_depth=201)["a1"] == eval(nested(10))
+
+
 # --- symlink loops under a data glob -----------------------------------------------------------------------------
 
 
@@ -210,6 +243,52 @@ def test_mask_text_and_uri():
         "a": ["s3://k:***@b/x", 1],
         "b": {"c": "password=***"},
     }
+
+
+# Passwords as drivers accept them: SQLAlchemy takes anything but '@' ('/', '?', '#', spaces); urllib takes '@' too.
+_SQLA_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + " /?#:!$%&'()*+,;=~-._[]{}|^`\\", min_size=4)
+_HTTP_PASSWORD = st.text(alphabet=string.ascii_letters + string.digits + "@:!$%&'()*+,;=~-._", min_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(password=_SQLA_PASSWORD | _HTTP_PASSWORD)
+def test_mask_uri_hides_any_password(password):
+    import re
+
+    from hypothesis import assume
+
+    from kollm.redact import mask_text, mask_uri
+
+    tail = " (serving models:/m@champion, see http://h:1/x)"
+    for uri, host in [
+        ("postgresql://kollm:{}@db:5432/mlflow", "@db:5432/mlflow"),
+        ("mysql+pymysql://:{}@10.0.0.7/x?charset=utf8", "@10.0.0.7/x?charset=utf8"),
+        ("https://user:{}@mlflow.example:443/", "@mlflow.example:443/"),
+    ]:
+        assume(password not in uri + tail)  # e.g. "flow" would be found in the host
+        assert mask_uri(uri.format(password)) == uri.format("***")
+        # one line of an error message, with an alias and another URI after it: masked up to the last '@' before
+        # the host, unless the password holds a space then `word:/` (that would look like the next URI)
+        if not re.search(r"\s[A-Za-z][A-Za-z0-9+.\-]*:/", password):
+            line = mask_text(f"error: cannot open {uri.format(password)}: timeout{tail}")
+            assert line == f"error: cannot open {uri.format('***')}: timeout{tail}"
+
+
+def test_a_password_with_odd_characters_is_masked_in_every_error_the_cli_prints(monkeypatch, capsys):
+    """`cli.main` masks the message of any exception it prints, not only a KollmError's."""
+    from kollm import cli
+
+    password = "pa ss/wo?rd#1"
+
+    def boom():
+        raise RuntimeError(f"(psycopg2.OperationalError) cannot open postgresql://kollm:{password}@db:5432/mlflow")
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "postgresql://kollm:***@db:5432/mlflow" in err and "wo?rd" not in err and "ss/wo" not in err, err
 
 
 def _grep_tree(root: Path, needle: str) -> list[str]:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -133,7 +134,6 @@ def check_gate_metrics(pipe: Any) -> None:
     """Each `evaluate` step's gate rules against the metrics it will produce (evaluate's own check, run now instead
     of after the model is loaded). Checked where the suite is a data source; a suite from an earlier step is
     checked when the step runs."""
-    from kollm.config import DataSource
     from kollm.eval.gate import parse_rule
     from kollm.pipeline.spec import resolve_source
     from kollm.steps import evaluate
@@ -147,12 +147,10 @@ def check_gate_metrics(pipe: Any) -> None:
             if suite is None or suite.source is None:
                 continue
             src = pipe.cfg.data[suite.source]
-            artifact = resolve_source(
-                suite.source, DataSource(path=src.path, format=src.format), pipe.project_dir, digest=False
-            )
+            artifact = resolve_source(suite.source, src, pipe.project_dir, digest=False)
             cases = evaluate._load_cases(evaluate._suite_files(artifact), s.config.generation.limit)
         has_data = bool(s.config.perplexity and s.inputs.get("data") is not None)
-        produced = evaluate._expected_metrics(s.config, has_data, cases)
+        produced = evaluate._expected_metrics(s.config, has_data, cases, pipe.project_dir)
         evaluate._check_rules(s.name, [parse_rule(r) for r in s.config.gate], produced)
 
 
@@ -472,7 +470,7 @@ app.add_typer(deploy_app, name="deploy")
 @deploy_app.command("render")
 def deploy_render(
     path: PathArg = None,
-    target: Annotated[str, typer.Option("--target", "-t", help="k8s, compose or docker.")] = "k8s",
+    target: Annotated[str, typer.Option("--target", "-t", help="k8s, kserve, github, compose or docker.")] = "k8s",
     out_dir: Annotated[
         Optional[Path],
         typer.Option("--out", "-o", help="Folder to write the files into (created; default: deploy/TARGET)."),
@@ -504,8 +502,20 @@ def deploy_render(
     prometheus_url: Annotated[
         str, typer.Option(help="Prometheus the AnalysisTemplate queries.")
     ] = "http://prometheus.monitoring.svc:9090",
+    model_version: Annotated[
+        str, typer.Option(help="kserve: the registered version the InferenceService serves.")
+    ] = "1",
+    canary_version: Annotated[
+        str, typer.Option(help="kserve: the version inferenceservice-canary.yaml serves as the canary.")
+    ] = "2",
+    llm_model_uri: Annotated[
+        str,
+        typer.Option(
+            help="kserve: the Hugging Face model folder the LLMInferenceService loads (default: s3://BUCKET/PROJECT/hf/champion)."
+        ),
+    ] = "",
 ) -> None:
-    """Write Kubernetes manifests, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
+    """Write Kubernetes manifests, KServe resources, a Docker Compose stack or the Dockerfiles for this project (validated offline in kollm's tests)."""
     from kollm.deploy import DeployOptions, render
 
     options = DeployOptions(
@@ -520,9 +530,37 @@ def deploy_render(
         analysis=analysis,
         failure_limit=failure_limit,
         prometheus_url=prometheus_url,
+        model_version=model_version,
+        canary_version=canary_version,
+        llm_model_uri=llm_model_uri,
     )
     for f in render(path, target, out_dir or Path("deploy") / target, options):
         out.print(f"[green]wrote[/] {f}")
+
+
+@deploy_app.command("kserve-canary")
+def deploy_kserve_canary(
+    version: Annotated[str, typer.Argument(help="The registered model version to canary.")],
+    path: Annotated[Optional[Path], typer.Option("--project", help="The project folder (default: here).")] = None,
+    steps: Annotated[str, typer.Option(help="Canary weights in percent, one per step.")] = DEFAULT_STEPS,
+    pause: Annotated[
+        str, typer.Option(help="How long each step holds its weight before its analysis.")
+    ] = DEFAULT_PAUSE,
+    analysis: Annotated[
+        str, typer.Option(help="Conditions on the canary's requests (as in `kollm rollout start`).")
+    ] = DEFAULT_ANALYSIS,
+    namespace: Annotated[str, typer.Option(help="Namespace of the InferenceService (default: kubectl's).")] = "",
+) -> None:
+    """Print the `kubectl patch` of each canary step of the KServe InferenceService, then promote and rollback."""
+    from kollm.deploy import DeployOptions, load_project
+    from kollm.deploy.kserve import canary_patches
+
+    p = load_project(path, DeployOptions(steps=steps, pause=pause, analysis=analysis, canary_version=version))
+    print(
+        f"# each step holds {pause}, then needs {analysis} on the canary's requests: pass -> next step, fail -> rollback"
+    )
+    for what, line in canary_patches(p, version, namespace):
+        print(f"# {what}\n{line}")
 
 
 compile_app = typer.Typer(help="Compile kollm.yaml for another orchestrator.", no_args_is_help=True)
@@ -706,6 +744,20 @@ ReasonOpt = Annotated[
 RegistryJsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
+def _registry_project(project: Path | None) -> Path | None:
+    """The project whose registry a `kollm registry` command uses; outside one, $MLFLOW_TRACKING_URI's (never a
+    new .kollm/mlflow.db in the current folder)."""
+    from kollm.pipeline.tracking import USER_TRACKING_URI
+
+    proj = project_dir(project)
+    if proj is None and not USER_TRACKING_URI:
+        raise KollmError(
+            f"no kollm.yaml in {Path.cwd()} and MLFLOW_TRACKING_URI is not set: no registry to read",
+            hint="run inside a project, pass --project DIR, or set MLFLOW_TRACKING_URI",
+        )
+    return proj
+
+
 def _model_name(name: str | None, project: Path | None) -> str:
     if name:
         return name
@@ -736,7 +788,7 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
     """Versions of a registered model, newest first, with aliases, gate and metrics (no NAME outside a project: all models)."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     if name is None and proj is None:
         names = registry.list_models(None)
         if as_json:
@@ -776,7 +828,7 @@ def registry_show(
     """One version (default: the champion): aliases, lineage tags, metrics and its alias history."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     if name is not None and (name.isdigit() or name.startswith("@")) and ref == "champion":
         ref = name  # `kollm registry show 3` / `show @challenger` inside a project
         name = None
@@ -811,7 +863,7 @@ def registry_promote(
     """Make a version (default: the challenger) the champion; the old champion becomes `previous`."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     move = registry.promote(_model_name(name, proj), version, reason=reason, project_dir=proj)
     before = f"; previous -> v{move.previous}" if move.previous else ""
     out.print(f"[green]promoted[/] {escape(move.name)}: champion -> v{move.champion}{before}")
@@ -824,7 +876,7 @@ def registry_rollback(
     """Restore the `previous` version as champion (the rolled-back version is tagged with when and why)."""
     from kollm import registry
 
-    proj = project_dir(project)
+    proj = _registry_project(project)
     move = registry.rollback(_model_name(name, proj), reason=reason, project_dir=proj)
     out.print(f"[yellow]rolled back[/] {escape(move.name)}: champion -> v{move.champion} (was v{move.replaced})")
 
@@ -1115,6 +1167,9 @@ def watch_cmd(
     ] = None,
     interval: Annotated[str, typer.Option(help="Time between cycles in long-running mode.")] = "1m",
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of --once as JSON.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Roll out a challenger even if it was rolled back before.")
+    ] = False,
 ) -> None:
     """Retrain on a schedule, new data, drift or a registry webhook; roll a gated challenger out on the gateway."""
     from kollm.monitor.drift import parse_window
@@ -1143,10 +1198,12 @@ def watch_cmd(
         alert_webhook=alert_webhook,
         webhook_port=webhook_port,
         webhook_secret=webhook_secret or os.environ.get("KOLLM_WEBHOOK_SECRET"),
+        force=force,
     )
     if not (settings.project_dir / "kollm.yaml").exists():
         raise KollmError(f"no kollm.yaml in {settings.project_dir}", hint="run inside a project or pass --project DIR")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per gateway status poll
     if not once:
         watch(settings, interval_s=parse_window(interval))
         return
@@ -1220,6 +1277,10 @@ def main() -> None:
         if e.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
             _interrupted()
         raise
+    except Exception as e:  # a bug, or a library error we do not wrap: its traceback as Python prints it, masked
+        sys.stderr.write(mask_text("".join(traceback.format_exception(e))))
+        sys.stderr.flush()
+        sys.exit(1)
 
 
 def _interrupted() -> None:

@@ -11,13 +11,14 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, Field, RootModel, ValidationError, field_validator, model_validator
 
-from kollm._pydantic import STRICT
+from kollm._pydantic import STRICT, mlflow_name
 from kollm.errors import ConfigError
 
 CONFIG_FILE = "kollm.yaml"
 # The most YAML nodes a kollm.yaml may expand to once aliases (*name) are resolved. A real pipeline has a few
 # thousand; a "billion laughs" alias bomb of a few KB expands to billions and would exhaust memory.
 MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 100  # nesting, aliases expanded (a real kollm.yaml nests fewer than 10 levels)
 
 
 class TrackingConfig(BaseModel):
@@ -27,21 +28,47 @@ class TrackingConfig(BaseModel):
         description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/.kollm/mlflow.db. "
         "PostgreSQL: postgresql://user@host:5432/db.",
     )
-    experiment: str | None = Field(None, description="MLflow experiment name. Default: the project name.")
+    experiment: str | None = Field(
+        None, min_length=1, max_length=500, description="MLflow experiment name. Default: the project name."
+    )
     artifact_location: str | None = Field(
         None,
         description="Where MLflow stores run artifacts for a new experiment (e.g. s3://bucket/kollm). Default: .kollm/mlartifacts.",
     )
 
 
+class DvcSource(BaseModel):
+    model_config = STRICT
+    repo: str = Field(".", description="The git + DVC repository: a folder (relative to kollm.yaml) or a git URL.")
+    path: str = Field(..., description="The DVC-tracked file in that repository, e.g. data/corpus.jsonl.")
+    rev: str | None = Field(None, description="A git revision (tag, branch, commit). Default: the working tree.")
+    remote: str | None = Field(None, description="The DVC remote to read from. Default: the repository's default.")
+
+
 class DataSource(BaseModel):
     model_config = STRICT
-    path: str = Field(
-        ..., description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...)."
+    path: str | None = Field(
+        None, description="A local file, folder or glob (relative to kollm.yaml), or an fsspec URL (s3://...)."
+    )
+    dvc: DvcSource | None = Field(
+        None, description="A DVC-tracked file, read through DVC's API from its remote (pip install 'kollm[dvc]')."
     )
     format: Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"] = Field(
         "auto", description="File format. auto: from the file extension (a folder with dataset_info.json is hf)."
     )
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSource:
+        if (self.path is None) == (self.dvc is None):
+            raise ValueError("give either `path` or `dvc: {repo, path, rev}`, not both or neither")
+        return self
+
+    @property
+    def location(self) -> str:
+        """Where the data is, for messages: the path, or dvc://REPO/PATH@REV."""
+        if self.dvc is not None:
+            return f"dvc://{self.dvc.repo}/{self.dvc.path}" + (f"@{self.dvc.rev}" if self.dvc.rev else "")
+        return self.path or ""
 
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -199,6 +226,8 @@ class ProjectConfig(BaseModel):
         default_factory=lambda: ExecutorConfig(),
         description="Which executor runs the steps: local or ray (or {kind: ray, address: ...}).",
     )
+
+    _project_name = field_validator("project")(mlflow_name)
 
     @field_validator("executor", mode="before")
     @classmethod
@@ -365,9 +394,13 @@ def find_config(path: str | os.PathLike[str] | None) -> Path:
     return p.resolve()
 
 
-def safe_load_bounded(text: str, *, source: str | None = None, max_nodes: int = MAX_YAML_NODES) -> Any:
-    """yaml.safe_load that refuses a document whose alias-expanded size exceeds `max_nodes` (or which refers to
-    itself), before building any Python object. Raises ConfigError for those, yaml.YAMLError for bad syntax."""
+def safe_load_bounded(
+    text: str, *, source: str | None = None, max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_YAML_DEPTH
+) -> Any:
+    """yaml.safe_load that refuses a document nested deeper than `max_depth` or whose alias-expanded size exceeds
+    `max_nodes` (or which refers to itself), before building any Python object. Raises ConfigError for those,
+    yaml.YAMLError for bad syntax."""
+    _check_depth(text, max_depth, source)
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -375,6 +408,46 @@ def safe_load_bounded(text: str, *, source: str | None = None, max_nodes: int = 
             return None
         _check_expanded_size(node, max_nodes, source)
         return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_depth(text: str, max_depth: int, source: str | None) -> None:
+    """Refuse nesting deeper than `max_depth` (an alias counts as deep as what it names) from the parser's event
+    stream, which is flat: composing and constructing recurse once per level and would end in a RecursionError."""
+    heights: dict[str, int] = {}  # anchor -> height of its node
+    open_: list[tuple[str | None, int]] = []  # per open mapping/list: its anchor, the height of its tallest child
+
+    def child(height: int, event: yaml.Event) -> None:
+        if not open_:
+            return
+        anchor, tallest = open_[-1]
+        open_[-1] = (anchor, max(tallest, height))
+        if len(open_) + height > max_depth:
+            raise ConfigError(
+                f"the document nests mappings and lists more than {max_depth} levels deep "
+                f"(at line {event.start_mark.line + 1 if event.start_mark else '?'}, aliases expanded)",
+                source=source,
+                hint="flatten the structure; a kollm.yaml needs only a few levels",
+            )
+
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                child(1, event)
+                open_.append((event.anchor, 0))
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, tallest = open_.pop()
+                if anchor is not None:
+                    heights[anchor] = tallest + 1
+                child(tallest + 1, event)
+            elif isinstance(event, yaml.ScalarEvent):
+                if event.anchor is not None:
+                    heights[event.anchor] = 0
+            elif isinstance(event, yaml.AliasEvent):
+                child(heights.get(event.anchor or "", 0), event)
     finally:
         loader.dispose()
 

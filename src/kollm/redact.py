@@ -16,8 +16,13 @@ from typing import Any
 
 MASK = "***"
 
-# scheme://user:password@  (the password may not contain '@', '/' or whitespace; user may be empty)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*):(?P<secret>[^\s@/?#]+)@")
+# scheme://user:password@host. Drivers accept nearly anything in a password (SQLAlchemy: all but '@', so '/', '?',
+# '#' and spaces; urllib: '@' too, up to the last '@' of the host part), so the secret runs to the LAST '@' of its
+# line. In free text it stops before a following URI-like word (`... at models:/m@champion`), so only a password
+# holding a space followed by `word:/` can end early; mask_uri, given one whole URI, has no such limit.
+_HEAD = r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@?#]*)"
+_USERINFO = re.compile(_HEAD + r":(?P<secret>(?:(?!\s+[A-Za-z][A-Za-z0-9+.\-]*:/)[^\n])+)@")
+_USERINFO_WHOLE = re.compile(r"\A" + _HEAD + r":(?P<secret>.+)@", re.DOTALL)
 # password=..., secret=..., token=..., api_key=... in a query string, a DSN or a message
 _PARAM = re.compile(
     r"(?P<head>\b(?:[A-Za-z_]*password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|secret[_-]?key)=)"
@@ -36,7 +41,9 @@ def mask_text(text: str) -> str:
 
 def mask_uri(uri: str | None) -> str:
     """A URI safe to print: its password (user-info or query parameter) replaced by ***."""
-    return mask_text(uri) if uri else str(uri)
+    if not uri:
+        return str(uri)
+    return mask_text(_USERINFO_WHOLE.sub(lambda m: f"{m['head']}:{MASK}@", uri, count=1))
 
 
 def mask_values(obj: Any) -> Any:

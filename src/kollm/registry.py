@@ -158,6 +158,15 @@ def _registered_model(c: MlflowClient, name: str):
         raise NotFound(f"no registered model '{name}' at {mask_uri(c.tracking_uri)}", hint=hint) from None
 
 
+def _equals(field: str, value: str) -> str:
+    """The MLflow search filter `field = 'value'`. Its grammar has no escapes: the value is quoted with a quote it
+    does not hold, so a name such as o'brien stays one string; one holding both quotes cannot be searched for."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{field} = {quote}{value}{quote}"
+    raise NotFound(f"cannot search the registry for {value!r}: it holds both kinds of quote")
+
+
 def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
     """`ref` is a version number or an alias. NotFound names what exists."""
     model = _registered_model(c, name)
@@ -169,7 +178,7 @@ def _get_version(c: MlflowClient, name: str, ref: str) -> VersionInfo:
         except MlflowException as e:
             if not _not_found(e):
                 raise
-            known = sorted(int(v.version) for v in c.search_model_versions(f"name = '{name}'"))
+            known = sorted(int(v.version) for v in c.search_model_versions(_equals("name", name)))
             raise NotFound(
                 f"model '{name}' has no version {ref}", hint=f"versions: {', '.join(map(str, known)) or 'none'}"
             ) from None
@@ -193,7 +202,7 @@ def list_versions(name: str, project_dir: Path | None = None) -> list[VersionInf
     by_version: dict[str, list[str]] = {}
     for alias, version in _aliases(_registered_model(c, name)).items():
         by_version.setdefault(version, []).append(alias)
-    versions = [_version_info(v) for v in c.search_model_versions(f"name = '{name}'")]
+    versions = [_version_info(v) for v in c.search_model_versions(_equals("name", name))]
     # search results do not carry aliases in every store; take them from the registered model
     versions = [replace(v, aliases=tuple(sorted(by_version.get(v.version, [])))) for v in versions]
     return sorted(versions, key=lambda v: int(v.version), reverse=True)
@@ -462,16 +471,30 @@ def register_folder(
     Idempotent per `step_key` (the register step's cache key): a version this key created already is returned
     (with `alias` moved to it if a killed attempt stopped short of that), and model files an earlier, killed
     attempt of the key logged completely are registered instead of being copied again.
+
+    Idempotent per model digest (the `kollm.model_digest` tag): a version of `name` with the same model files is
+    returned instead of a new one. `alias` moves to it only while it holds no alias and was never rolled back, so
+    an unchanged rerun after `kollm registry promote` leaves the champion alone and points no `challenger` at it.
     """
     c = client(project_dir)
     if step_key:
-        done = c.search_model_versions(f"name = '{name}' and tags.`{STEP_KEY_TAG}` = '{step_key}'")
+        keyed = c.search_model_versions(_equals(f"tags.`{STEP_KEY_TAG}`", step_key))
+        done = [v for v in keyed if v.name == name]
         if done:
             version = str(min(int(v.version) for v in done))
             if alias and _aliases(c.get_registered_model(name)).get(alias) != version:
                 _move(c, name, alias, version, action="register", reason=reason, at=_now())
             return _get_version(c, name, version)
         tags = {**tags, STEP_KEY_TAG: step_key}
+    digest = tags.get(MODEL_DIGEST_TAG)
+    same = c.search_model_versions(f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{digest}'") if digest else []
+    if same:
+        existing = min(same, key=lambda v: int(v.version))
+        version = str(existing.version)
+        held = set(_aliases(c.get_registered_model(name)).values())
+        if alias and version not in held and "kollm.rolled_back_at" not in (existing.tags or {}):
+            _move(c, name, alias, version, action="register", reason=reason, at=_now())
+        return _get_version(c, name, version)
     source = _logged_by_earlier_attempt(c, run_id, step_key) if step_key else None
     if source is None:
         source = f"models:/{_log_model(c, run_id, hf_folder, tags)}"
@@ -497,6 +520,7 @@ def register_folder(
 
 
 STEP_KEY_TAG = "kollm.step_key"
+MODEL_DIGEST_TAG = "kollm.model_digest"  # the content digest of the registered model files (see kollm.steps.register)
 MODEL_LOGGED_TAG = "kollm.model_logged"  # set on a run once its model is completely logged
 MODEL_ID_TAG = "kollm.model_id"  # the MLflow logged model (models:/<id>) that run logged
 MODEL_NAME = "model"  # the logged model's name: runs:/<run id>/model reaches it too
@@ -510,7 +534,7 @@ def _logged_by_earlier_attempt(c: MlflowClient, run_id: str, step_key: str) -> s
     experiment = c.get_run(run_id).info.experiment_id
     runs = c.search_runs(
         [experiment],
-        filter_string=f"tags.`kollm.cache_key` = '{step_key}' and tags.`{MODEL_LOGGED_TAG}` = 'true'",
+        filter_string=_equals("tags.`kollm.cache_key`", step_key) + f" and tags.`{MODEL_LOGGED_TAG}` = 'true'",
         max_results=1,
     )
     if not runs:

@@ -29,7 +29,7 @@ def test_init_project_generates_data_deterministically(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     suite = [json.loads(line) for line in (a / "data" / "eval_suite.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(suite) >= 30 and all(set(c) == {"prompt", "expected", "metric"} for c in suite)
-    assert {c["metric"] for c in suite} <= {"contains", "chrf"}
+    assert {c["metric"] for c in suite} <= {"contains", "chrf", "regex"}
     assert {"prompt": "프랑스의 수도는 어디인가요?", "expected": "파리", "metric": "contains"} in suite
 
 
@@ -97,3 +97,29 @@ def test_init_into_an_existing_empty_folder_keeps_that_folder(tmp_path, monkeypa
     assert Path(os.getcwd()).stat().st_ino == inode and Path("kollm.yaml").exists()
     assert (here / "data" / "corpus").is_dir() and (here / "data" / "instructions.jsonl").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["here"]  # the temporary folder is gone
+
+
+def test_quickstart_gate_fails_a_broken_model_and_passes_the_demo_model(tmp_path):
+    """The quickstart's gate on its own suite: answers of replacement characters (or nothing) fail; the demo model's
+    kind of answer (Korean words, wrong facts: measured chrf 1.5-1.7 of 100, contains 0) passes."""
+    import yaml
+
+    from kollm.eval.gate import decide, parse_rule
+    from kollm.eval.generation import load_suite, score
+
+    root = init_project(tmp_path / "q")
+    step = next(s for s in yaml.safe_load((root / "kollm.yaml").read_text())["steps"] if s["kind"] == "evaluate")
+    rules = [parse_rule(r) for r in step["config"]["gate"]]
+    cases = load_suite(root / "data" / "eval_suite.jsonl")
+    prompts = [""] * len(cases)
+
+    def verdict(output: str) -> bool:
+        result = score(cases, prompts, [output] * len(cases), ["contains"])
+        return decide(rules, {**result.metrics, "perplexity": 50.0}, {}).passed
+
+    assert verdict("서울 64은 14은 14입니다.")  # what the demo model answers
+    assert verdict("서울 64은 14은 14입니다\ufffd")  # the last character cut by max_new_tokens
+    assert not verdict("\ufffd\ufffd \ufffd\ufffd\ufffd")
+    assert not verdict("\ufffd\ufffd 국민은 \ufffd\ufffd \ufffd\ufffd의 \ufffd\ufffd을 가진다.")  # chrf 6 of 100
+    assert not verdict("")
+    assert not verdict("64 14 the answer is")

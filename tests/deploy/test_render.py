@@ -73,6 +73,43 @@ def test_dockerfiles_install_torch_first_and_copy_what_the_source_tree_has(examp
     assert "whl/cpu" not in examples["docker"]["Dockerfile.cuda"]
 
 
+def test_kserve_serves_the_champion_through_kollm_with_the_challenger_as_canary(examples):
+    runtime = yaml.safe_load(examples["kserve"]["servingruntime.yaml"])
+    container = runtime["spec"]["containers"][0]
+    assert container["args"][:2] == ["serve", "models:/korean-quickstart/$(KOLLM_MODEL_VERSION)"]
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
+    assert runtime["spec"]["annotations"]["prometheus.kserve.io/path"] == "/metrics"
+    champion = yaml.safe_load(examples["kserve"]["inferenceservice.yaml"])["spec"]["predictor"]
+    canary = yaml.safe_load(examples["kserve"]["inferenceservice-canary.yaml"])["spec"]["predictor"]
+    assert "canaryTrafficPercent" not in champion and canary["canaryTrafficPercent"] == 20
+    assert champion["model"]["env"] == [{"name": "KOLLM_MODEL_VERSION", "value": "1"}]
+    assert canary["model"]["env"] == [{"name": "KOLLM_MODEL_VERSION", "value": "2"}]
+    llm = yaml.safe_load(examples["kserve"]["llminferenceservice.yaml"])
+    assert llm["spec"]["model"]["uri"] == "s3://kollm/korean-quickstart/hf/champion"
+    main = llm["spec"]["template"]["containers"][0]
+    assert main["args"][:2] == ["serve", "/mnt/models"] and "vllm" in main["args"]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_readmes_kserve_walk_is_what_the_command_prints(quickstart):
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "kollm"), "deploy", "kserve-canary", "4", "--steps", "20,50"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=quickstart,
+    )
+    assert r.returncode == 0, r.stderr
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("kollm deploy kserve-canary 4 --steps 20,50", 1)[1].split("```", 1)[0]
+    assert block.splitlines()[1:] == r.stdout.splitlines()
+
+
+def test_kserve_versions_must_be_numbers(quickstart, tmp_path):
+    with pytest.raises(ConfigError, match="--canary-version: 'latest'"):
+        render_files(quickstart, "kserve", tmp_path, DeployOptions(canary_version="latest"))
+
+
 def test_rayservice_runs_the_openai_app_in_builder_form(examples):
     svc = yaml.safe_load(examples["k8s"]["rayservice.yaml"])
     app = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]
@@ -138,7 +175,7 @@ def test_a_bad_target_on_the_command_line_exits_2_without_a_traceback(quickstart
         timeout=120,
     )
     assert r.returncode == 2
-    assert "--target: expected one of k8s, compose, docker" in r.stderr and "Traceback" not in r.stderr
+    assert "--target: expected one of k8s, kserve, github, compose, docker" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_broken_project_is_reported_not_rendered(tmp_path):

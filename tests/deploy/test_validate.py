@@ -2,7 +2,8 @@
 fail (a misspelled field, a missing required one):
 
 - built-in kinds: `kubernetes-validate --strict` (its bundled schemas, Kubernetes 1.37)
-- RayJob, RayService, Rollout, AnalysisTemplate: the CRDs' openAPIV3Schema from ../shared/k8s-crds/, with unknown
+- RayJob, RayService, Rollout, AnalysisTemplate, and KServe's InferenceService, ServingRuntime and
+  LLMInferenceService: the CRDs' openAPIV3Schema from ../shared/k8s-crds/, with unknown
   fields rejected except under x-kubernetes-preserve-unknown-fields (what the API server's pruning does)
 - compose: the compose binary's `config -q` and `check-jsonschema --builtin-schema vendor.compose-spec`
 - Prometheus configs: `promtool check config`; the AnalysisTemplate's PromQL: `promtool test rules` on series
@@ -111,7 +112,11 @@ CRD_FILES = {
     "RayService": "ray.io_rayservices.yaml",
     "Rollout": "argoproj.io_rollout.yaml",
     "AnalysisTemplate": "argoproj.io_analysis-template.yaml",
+    "InferenceService": "serving.kserve.io_inferenceservices.yaml",
+    "ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
+    "LLMInferenceService": "serving.kserve.io_llminferenceservices.yaml",
 }
+KSERVE_KINDS = {"InferenceService", "ServingRuntime", "LLMInferenceService"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,16 +125,20 @@ def load_crd(kind: str) -> dict[str, Any]:
     return yaml.load((CRDS / CRD_FILES[kind]).read_text(encoding="utf-8"), Loader=loader)
 
 
-def crd_errors(doc: dict[str, Any]) -> list[str]:
+@functools.lru_cache(maxsize=None)
+def crd_validator(kind: str, api_version: str) -> Any:
     import jsonschema
 
-    crd = load_crd(doc["kind"])
-    group, version = doc["apiVersion"].split("/")
-    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == doc["kind"]
+    crd = load_crd(kind)
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
     served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
-    assert version in served, f"{doc['kind']} {version} is not served; served: {sorted(served)}"
-    schema = strict(served[version]["schema"]["openAPIV3Schema"])
-    validator = jsonschema.Draft7Validator(schema)
+    assert version in served, f"{kind} {version} is not served; served: {sorted(served)}"
+    return jsonschema.Draft7Validator(strict(served[version]["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(doc: dict[str, Any]) -> list[str]:
+    validator = crd_validator(doc["kind"], doc["apiVersion"])
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
@@ -160,6 +169,86 @@ def test_crd_validation_rejects_broken_fixtures(examples):
     service = find(examples["k8s"], "RayService")
     service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["imagee"] = "x"
     assert any("imagee" in e for e in crd_errors(service))
+
+
+@needs_crds
+def test_kserve_resources_match_their_crds(examples):
+    found = docs(examples["kserve"])
+    assert sorted(d["kind"] for d in found) == sorted(
+        ["ServingRuntime", "InferenceService", "InferenceService", "LLMInferenceService"]
+    )
+    for d in found:
+        assert crd_errors(d) == [], (d["kind"], crd_errors(d))
+
+
+@needs_crds
+def test_kserve_crd_validation_rejects_broken_fixtures(examples):
+    isvc = find(examples["kserve"], "InferenceService")
+    isvc["spec"]["predictor"]["canaryTraficPercent"] = 20  # misspelled
+    assert any("canaryTraficPercent" in e for e in crd_errors(isvc))
+    isvc = find(examples["kserve"], "InferenceService")
+    del isvc["spec"]["predictor"]["model"]["modelFormat"]["name"]  # required
+    assert any("'name' is a required property" in e for e in crd_errors(isvc))
+    runtime = find(examples["kserve"], "ServingRuntime")
+    del runtime["spec"]["containers"]
+    assert any("'containers' is a required property" in e for e in crd_errors(runtime))
+    llm = find(examples["kserve"], "LLMInferenceService")
+    del llm["spec"]["model"]["uri"]
+    assert any("'uri' is a required property" in e for e in crd_errors(llm))
+    llm = find(examples["kserve"], "LLMInferenceService")
+    llm["spec"]["template"]["containers"][0]["imagee"] = "x"
+    assert any("imagee" in e for e in crd_errors(llm))
+
+
+def merge_patch(doc: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (what `kubectl patch --type merge` applies)."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(doc) if isinstance(doc, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+@needs_crds
+def test_kserve_canary_patches_walk_the_inferenceservice_through_the_steps(quickstart):
+    """`kollm deploy kserve-canary 4` prints one `kubectl patch` per step; applied in order to the rendered
+    InferenceService, each leaves a valid resource serving version 4 at that step's weight."""
+    import json
+    import shlex
+
+    r = subprocess.run(
+        [str(BIN / "kollm"), "deploy", "kserve-canary", "4", "--steps", "10,50", "--namespace", "ml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=quickstart,
+    )
+    assert r.returncode == 0, r.stderr
+    comments = [line for line in r.stdout.splitlines() if line.startswith("#")]
+    assert "success_rate>=0.95" in comments[0] and comments[1:] == [
+        "# step 1: 10 %",
+        "# step 2: 50 %",
+        "# promote",
+        "# rollback",
+    ]
+    lines = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("kubectl")]
+    from kollm.deploy import render_files
+
+    isvc = yaml.safe_load(render_files(quickstart, "kserve", quickstart / "k")["inferenceservice.yaml"])
+    percents = []
+    for argv in lines:
+        assert argv[:6] == ["kubectl", "patch", "inferenceservice", "korean-quickstart", "-n", "ml"]
+        assert argv[6:9] == ["--type", "merge", "-p"]
+        isvc = merge_patch(isvc, json.loads(argv[9]))
+        assert crd_errors(isvc) == []
+        assert isvc["spec"]["predictor"]["model"]["env"] == [{"name": "KOLLM_MODEL_VERSION", "value": "4"}]
+        assert isvc["spec"]["predictor"]["model"]["runtime"] == "korean-quickstart-kollm"
+        percents.append(isvc["spec"]["predictor"]["canaryTrafficPercent"])
+    assert percents == [10, 50, 100, 0]
 
 
 def test_strict_keeps_preserve_unknown_fields_open():

@@ -105,3 +105,34 @@ def test_a_bad_target_is_named():
 
     with pytest.raises(ConfigError, match="JOB=HOST:PORT"):
         scrape_config(["127.0.0.1:8000"], [])
+
+
+def test_a_job_name_the_target_down_alert_never_matches_is_refused(tmp_path):
+    """`--target serve=...` was accepted although KollmTargetDown (up{job=~"kollm.*"}) never fires for job 'serve'."""
+    import re
+    import sys
+
+    rules = yaml.safe_load((Path(rule_files()[0]).parent / "serving.yml").read_text())
+    expr = next(r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == "KollmTargetDown")
+    selector = re.search(r'job=~"([^"]+)"', expr).group(1)  # Prometheus anchors the regex at both ends
+    assert re.fullmatch(selector, "kollm-serve") and not re.fullmatch(selector, "serve")
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kollm.cli",
+            "monitor",
+            "config",
+            str(tmp_path / "prom"),
+            "--target",
+            "serve=127.0.0.1:8000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'serve'" in r.stderr and "KollmTargetDown" in r.stderr and "kollm-serve=127.0.0.1:8000" in r.stderr
+    assert not (tmp_path / "prom").exists()
+    assert scrape_config(["kollm-serve=127.0.0.1:8000"], [])

@@ -271,3 +271,33 @@ def test_long_running_watch_retrains_on_a_verified_registry_webhook(project):
     assert outcome["kind"] == "no_new_challenger" and outcome["steps_run"] == ["prep"]  # the first pipeline run
     assert [t["detail"] for t in outcome["triggers"]] == ["registry webhook model_version_alias.created base-ko 4"]
     assert not thread.is_alive()
+
+
+def test_a_rolled_back_challenger_is_not_rolled_out_again_unless_forced(project):
+    """Found: `kollm watch --once --now` rolled out again the version its canary had rolled back minutes before."""
+    from kollm.registry import client
+
+    c = client(project)
+    c.create_registered_model("watched")
+    v = str(c.create_model_version("watched", source=(project / "data").as_uri()).version)
+    c.set_registered_model_alias("watched", "challenger", v)
+    c.set_model_version_tag("watched", v, "kollm.rollout.result", "rolled_back")
+    c.set_model_version_tag("watched", v, "kollm.rollout.failed_analysis", "success_rate 0.5 < 0.95")
+    settings = WatchSettings(project_dir=project, model_name="watched")
+    assert run_cycle(settings).kind == "baseline"
+    skipped = run_cycle(settings, manual=True)
+    assert skipped.kind == "challenger_rolled_back" and skipped.version == v
+    assert "success_rate 0.5" in skipped.message and "--force" in skipped.message
+    forced = run_cycle(WatchSettings(project_dir=project, model_name="watched", force=True), manual=True)
+    assert forced.kind == "registered" and forced.version == v  # (no --gateway: registered, not rolled out)
+
+
+def test_cli_watch_logs_no_line_per_gateway_request(project):
+    """Found: `kollm watch` printed ~120 `INFO httpx` lines a minute (one per gateway status poll)."""
+    script = (
+        "import logging, sys\nfrom kollm.cli import main\nsys.argv = ['kollm', 'watch', '--once']\n"
+        "try:\n    main()\nfinally:\n    print('httpx-info', logging.getLogger('httpx').isEnabledFor(logging.INFO))"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "httpx-info False" in r.stdout, r.stdout

@@ -9,6 +9,7 @@ import pytest
 from kollm.errors import ConfigError
 from kollm.pipeline.spec import load_pipeline
 
+MLFLOW_RULE = "use letters, digits, '_', '-' and '.', starting with a letter or digit, at most 256 characters"
 GOOD_STEP = '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {out: corpus}}}'
 
 CASES = [
@@ -80,6 +81,30 @@ CASES = [
         '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {o: modle}}}',
         "steps[0].config.outputs: 'o' has unknown artifact type 'modle'; use one of source, corpus, instructions, preferences, model, metrics, report",
     ),
+    (
+        "output name an absolute path",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"/abs/dir": report}}}',
+        "steps[0].config.outputs: output name '/abs/dir' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name going up",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"../up": report}}}',
+        "steps[0].config.outputs: output name '../up' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name a dot-dot",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"..": report}}}',
+        "steps[0].config.outputs: output name '..' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
+    (
+        "output name with a slash",
+        '{kind: python, name: a, config: {callable: "mod_ok:f", outputs: {"a/b": report}}}',
+        "steps[0].config.outputs: output name 'a/b' is not a plain name; use letters, digits, '_' and '-' "
+        "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)",
+    ),
 ]
 
 
@@ -112,6 +137,21 @@ def test_bad_step(tmp_path, what, steps, message):
         ),
         ("project: [unclosed\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
         ("- just\n- a list\n", "expected a mapping with keys project, steps (and optionally tracking, data, executor)"),
+        *[
+            (
+                f"project: {written}\nsteps:\n  - {{kind: python, config: {{callable: 'mod_ok:f'}}}}\n",
+                f'project: "{name}" cannot be an MLflow model name; {MLFLOW_RULE}',
+            )
+            for written, name in [('"it\'s"', "it's"), ("team/model", "team/model"), ('"<b>"', "<b>"), ("m@x", "m@x")]
+        ],
+        (
+            "project: t\nsteps:\n  - {kind: register, name: reg, config: {name: 'a:b'}}\n",
+            f'steps[0].config.name: "a:b" cannot be an MLflow model name; {MLFLOW_RULE}',
+        ),
+        (
+            "project: t\ntracking: {experiment: ''}\nsteps:\n  - {kind: python, config: {callable: 'mod_ok:f'}}\n",
+            "tracking.experiment: string should have at least 1 character",
+        ),
     ],
 )
 def test_bad_file(tmp_path, text, message):

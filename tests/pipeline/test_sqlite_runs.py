@@ -294,3 +294,28 @@ def test_source_and_user_tags_are_the_same_through_both_writers(tmp_path):
         assert {k for k, _ in fast_rows["tags"]} == {k for k, _ in slow_rows["tags"]}
     step = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(ids[1])  # and MLflow reads them back
     assert step.info.user_id == user and step.data.tags["mlflow.source.name"] == config_file
+
+
+def test_cached_rerun_with_an_evaluate_step_imports_no_mlflow(tmp_path):
+    """An evaluate step's reference to `champion` (registry:NAME@champion) is tagged under a key MLflow and kollm's
+    writer accept, so a cached rerun of a pipeline with an evaluate step never imports MLflow."""
+    from tests.steps.evalproject import make_project as make_eval_project
+
+    root = make_eval_project(tmp_path / "p", gate=["perplexity <= champion * 2"], register=False)
+    kollm.run(root)
+    script = textwrap.dedent(f"""
+        import sys, kollm
+        result = kollm.run({str(root)!r})
+        assert all(r.cache_hit for r in result.steps.values())
+        print(result.run_id, ",".join(m for m in ("mlflow", "sqlalchemy") if m in sys.modules) or "-")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.split()
+    assert out[1] == "-"
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve()}/.kollm/mlflow.db")
+    runs = client.search_runs(
+        [client.get_run(out[0]).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{out[0]}'"
+    )
+    evaluate = next(r for r in runs if r.data.tags["kollm.step"] == "evaluate")
+    assert evaluate.data.tags["kollm.reference.registry:evaltest_champion"] == "none"

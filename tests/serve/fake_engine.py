@@ -56,6 +56,9 @@ class FakeEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return [ord(c) % 50_000 for c in text]
 
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         self.last_chat = list(messages)
         if any(m.content == "REJECT" for m in messages):

@@ -277,8 +277,10 @@ def test_completion_logprobs_and_echo():
         "/v1/completions", json={"model": "ko-chat", "prompt": "서울", "max_tokens": 3, "echo": True, "stream": True}
     )
     assert "".join(c["text"] for e in sse(r.text) if e != "[DONE]" for c in e["choices"]) == "서울" + REPLY[:3]
+    # echo with logprobs asks the engine for the prompt's logprobs too (the real engine: test_prompt_logprobs.py)
     r = client.post("/v1/completions", json={"model": "ko-chat", "prompt": "서울", "echo": True, "logprobs": 1})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    assert r.status_code == 200 and engine.calls[-1][1].prompt_logprobs == 1
+    assert engine.calls[-2][1].prompt_logprobs is None  # echo alone does not
 
 
 def test_sampling_fields_reach_the_engine():

@@ -30,6 +30,7 @@ def test_every_sampling_field_reaches_vllm():
     fields = set(SAMPLING_FIELDS) | set(STRUCTURED_FIELDS) | set(OUTPUT_FIELDS)
     assert {f.name for f in dataclasses.fields(SamplingParams)} == fields
     assert sampling_kwargs(SamplingParams(max_tokens=1, logprobs=2))["logprobs"] == 2
+    assert sampling_kwargs(SamplingParams(max_tokens=1, prompt_logprobs=2))["prompt_logprobs"] == 2
     assert sampling_kwargs(SamplingParams(max_tokens=1, response_format="json_object"))["structured_outputs"] == {
         "json_object": True
     }

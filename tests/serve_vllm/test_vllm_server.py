@@ -101,6 +101,25 @@ def test_logprobs_are_the_models_own(client, vllm_tiny_dir):
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
 
 
+def test_echo_with_logprobs_returns_the_prompts_logprobs(client, vllm_tiny_dir):
+    """Completions with echo and logprobs through vLLM's prompt_logprobs: the prompt's tokens (given as token ids,
+    as lm-eval's local-completions sends them), the first one's logprob null, the rest equal to transformers'."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_tiny_dir)
+    ids = tok("서울은 대한민국의 수도입니다.")["input_ids"]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, logprobs=2, echo=True)
+    got = r.choices[0].logprobs
+    model = AutoModelForCausalLM.from_pretrained(vllm_tiny_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [float(lp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    assert len(got.tokens) == len(ids) + 1 and got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert got.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=2e-3)
+    assert r.choices[0].text.startswith(tok.decode(ids))
+
+
 def test_response_format_constrains_the_output_to_json(client):
     """vLLM's structured outputs behind response_format: a random model answers with the schema's JSON (greedy:
     at temperature 1 the grammar's free whitespace can take the whole budget)."""

@@ -15,7 +15,7 @@ STEPS_PY = """
 from evaltiny import save_tiny
 
 def build(ctx):
-    save_tiny(ctx.output_path("model"), seed=ctx.config.params["seed"])
+    save_tiny(ctx.output_path("model"), **ctx.config.params)
     return {"seed": ctx.config.params["seed"]}
 """
 
@@ -29,7 +29,17 @@ SENTENCES = [
 ]
 
 
-def make_project(root: Path, *, gate: list[str], seed: int = 0, uri: str | None = None, register: bool = True) -> Path:
+def make_project(
+    root: Path,
+    *,
+    gate: list[str],
+    seed: int = 0,
+    uri: str | None = None,
+    register: bool = True,
+    tiny: dict | None = None,
+    judge: str | None = None,
+) -> Path:
+    """`tiny`: more arguments of save_tiny (context, init_range); `judge`: the evaluate step's judge block (YAML)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
     rng = random.Random(0)
@@ -68,14 +78,18 @@ def make_project(root: Path, *, gate: list[str], seed: int = 0, uri: str | None 
                 config: {{dataset: corpus, txt_mode: paragraph, split: {{eval_fraction: 0.25}}, filters: {{min_chars: 5}}}}
               - kind: python
                 name: build
-                config: {{callable: "tinysteps:build", outputs: {{model: model}}, params: {{seed: {seed}}}}}
+                config: {{callable: "tinysteps:build", outputs: {{model: model}}, params: {{seed: {seed}CONTEXT}}}}
               - kind: evaluate
                 inputs: {{suite: suite}}
                 config:
                   generation: {{max_new_tokens: 4}}
+                  JUDGE
                   gate: {gate_yaml}
             """
-        ).replace("TRACKING\n", tracking)
+        )
+        .replace("TRACKING\n", tracking)
+        .replace("CONTEXT", "".join(f", {k}: {v}" for k, v in (tiny or {}).items()))
+        .replace("      JUDGE\n", f"      judge: {judge}\n" if judge else "")
         + register_yaml,
         encoding="utf-8",
     )

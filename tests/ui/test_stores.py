@@ -40,3 +40,14 @@ def test_unreachable_store_is_one_clear_message(tmp_path):
     page = TestClient(create_app(root)).get("/runs")
     assert page.status_code == 503
     assert "cannot open the MLflow tracking store" in page.text and "Traceback" not in page.text
+
+
+def test_a_password_with_odd_characters_is_masked_on_the_error_page(tmp_path):
+    import html
+
+    password = "se cr/et?#x"  # SQLAlchemy accepts '/', '?', '#' and spaces in a password
+    root = project_on(tmp_path / "p", f"postgresql://nobody:{password}@127.0.0.1:1/none")
+    page = TestClient(create_app(root)).get("/runs")
+    assert page.status_code == 503
+    text = html.unescape(page.text)
+    assert "nobody:***@127.0.0.1:1/none" in text and "cr/et" not in text, text

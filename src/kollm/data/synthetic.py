@@ -439,9 +439,23 @@ def generate_preferences(n: int = 300, seed: int = 1, articles: dict[int, str] |
     return rows
 
 
+# an answer in Korean words: two Hangul syllables in a row and no replacement character (U+FFFD: bytes that are no
+# UTF-8 text) except one or two at the very end (a character cut in half by max_new_tokens)
+KOREAN_ANSWER = r"^[^\ufffd]*[가-힣]{2}[^\ufffd]*\ufffd{0,2}$"
+KOREAN_PROMPTS = (
+    "자기소개를 한 문장으로 해 주세요.",
+    "오늘 날씨에 대해 한마디 해 주세요.",
+    "좋아하는 음식을 말해 주세요.",
+    "한국의 계절을 설명해 주세요.",
+    "도서관에서 무엇을 하나요?",
+    "주말에 무엇을 하고 싶나요?",
+)
+
+
 def generate_eval_suite(seed: int = 2, articles: dict[int, str] | None = None) -> list[dict]:
     """Generation eval cases `{prompt, expected, metric}`. metric: `contains` (the expected text occurs in the
-    answer) or `chrf` (character n-gram F-score against the expected text, for long answers)."""
+    answer), `regex` (the answer is Korean words: KOREAN_ANSWER) or `chrf` (character n-gram F-score against the
+    expected text, 0-100, for long answers)."""
     rng = random.Random(seed)
     cases = []
     for country, capital in list(CAPITALS.items())[:12]:
@@ -463,6 +477,8 @@ def generate_eval_suite(seed: int = 2, articles: dict[int, str] | None = None) -
         )
     for q, _, key in GENERAL[:6]:
         cases.append({"prompt": q, "expected": key, "metric": "contains"})
+    for prompt in KOREAN_PROMPTS:  # is the answer Korean text at all (a broken model's is not)?
+        cases.append({"prompt": prompt, "expected": KOREAN_ANSWER, "metric": "regex"})
     for n in sorted(articles or {})[:6]:
         cases.append(
             {

@@ -1,11 +1,12 @@
-"""Deployment files from kollm.yaml: `kollm deploy render --target k8s|compose|docker PATH -o DIR`.
+"""Deployment files from kollm.yaml: `kollm deploy render --target k8s|kserve|github|compose|docker PATH -o DIR`.
 
     render(path, target, out_dir, options)  writes the files, returns their paths
     DeployOptions                           image, store, Secret names, serving and rollout settings
 
 k8s: KubeRay RayJobs (one per cpt/sft/align step), a RayService running kollm's OpenAI app on Ray Serve, an Argo
 Rollout of `kollm serve` pods with an AnalysisTemplate over kollm's own metrics, MLflow on PostgreSQL with S3
-artifacts, Prometheus scrape config, Services and ConfigMaps. compose: the single-box stack. docker: the image.
+artifacts, Prometheus scrape config, Services and ConfigMaps. kserve: a ServingRuntime, an InferenceService and its
+canary, an LLMInferenceService on vLLM. github: .github/workflows/kollm.yml. compose: the single-box stack. docker: the image.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Literal
 from kollm.deploy.options import DeployOptions, Project, load_project
 from kollm.errors import ConfigError
 
-Target = Literal["k8s", "compose", "docker"]
-TARGETS: tuple[Target, ...] = ("k8s", "compose", "docker")
+Target = Literal["k8s", "kserve", "github", "compose", "docker"]
+TARGETS: tuple[Target, ...] = ("k8s", "kserve", "github", "compose", "docker")
 
-__all__ = ["DeployOptions", "Project", "TARGETS", "render", "render_files"]
+__all__ = ["DeployOptions", "Project", "TARGETS", "load_project", "render", "render_files"]
 
 
 def render_files(
@@ -38,6 +39,16 @@ def render_files(
         from kollm.deploy.k8s import render_k8s, yaml_docs
 
         return {name: yaml_docs(docs) for name, docs in render_k8s(p).items()}
+    if target == "kserve":
+        from kollm.deploy.k8s import yaml_docs
+        from kollm.deploy.kserve import render_kserve
+
+        return {name: yaml_docs(docs) for name, docs in render_kserve(p).items()}
+    if target == "github":
+        from kollm.deploy.github import render_github
+        from kollm.deploy.k8s import yaml_text
+
+        return {name: yaml_text(doc) for name, doc in render_github(p).items()}
     from kollm.deploy.compose import render_compose
 
     return render_compose(p, out_dir)

@@ -40,6 +40,11 @@ class DeployOptions:
     api_key_secret: str = "kollm-api-key"  # key KOLLM_API_KEY (optional in the pods)
     s3_endpoint: str = ""  # S3-compatible endpoint (MinIO); empty: AWS S3
     prometheus_url: str = "http://prometheus.monitoring.svc:9090"
+    model_version: str = "1"  # kserve: the registered version the InferenceService serves
+    canary_version: str = "2"  # kserve: the version inferenceservice-canary.yaml serves as the canary
+    llm_model_uri: str = (
+        ""  # kserve: the model folder the LLMInferenceService loads; default s3://BUCKET/PROJECT/hf/champion
+    )
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,10 @@ class Project:
 
     def model_uri(self, alias: str) -> str:
         return f"models:/{self.name}@{alias}"
+
+    @property
+    def llm_model_uri(self) -> str:
+        return self.options.llm_model_uri or f"s3://{self.options.bucket}/{self.slug}/hf/{self.options.model_alias}"
 
     @property
     def backend(self) -> str:
@@ -109,6 +118,9 @@ def load_project(path: str | Path | None, options: DeployOptions) -> Project:
             )
     if not options.store and not options.bucket:
         problems.append("--bucket: empty; name the S3 bucket (or give --store s3://BUCKET/PREFIX)")
+    for flag, version in (("--model-version", options.model_version), ("--canary-version", options.canary_version)):
+        if not version.isdigit():
+            problems.append(f"{flag}: {version!r}; give a registered model version number, e.g. 3")
     if options.serve_replicas < 1:
         problems.append("--replicas: must be at least 1")
     if problems:

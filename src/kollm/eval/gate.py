@@ -117,11 +117,18 @@ def decide(
     references: Mapping[str, Mapping[str, float] | None],
     *,
     require_reference: bool = False,
+    unavailable: Mapping[str, str] | None = None,
 ) -> GateDecision:
-    """Apply every rule. `references`: alias -> that model's metrics on the same eval set (None: no such alias)."""
+    """Apply every rule. `references`: alias -> that model's metrics on the same eval set (None: no such alias).
+    `unavailable`: metric -> why it could not be measured for want of a reference (judge_win_rate before the first
+    champion); a rule on it is skipped as a relative rule is (failed with `require_reference`)."""
     outcomes = []
     for rule in rules:
         value = metrics.get(rule.metric)
+        if value is None and unavailable and rule.metric in unavailable:
+            status: Literal["fail", "skip"] = "fail" if require_reference else "skip"
+            outcomes.append(Outcome(rule.text, status, None, None, None, unavailable[rule.metric]))
+            continue
         if value is None or math.isnan(value):
             outcomes.append(Outcome(rule.text, "fail", None, None, None, f"the evaluation produced no '{rule.metric}'"))
             continue

@@ -17,6 +17,7 @@ from typing import Any
 
 from kollm.eval.gate import GateDecision
 from kollm.eval.generation import CaseResult
+from kollm.eval.judge import JudgeResult
 
 TRAINING_KINDS = ("cpt", "sft", "align")
 LOWER_IS_BETTER = ("perplexity", "nll")
@@ -200,6 +201,7 @@ def render(
     gate: GateDecision | None,
     curves: Sequence[Curve],
     max_cases: int = 50,
+    judge: JudgeResult | None = None,
 ) -> str:
     refs = {alias: r for alias, r in references.items() if r is not None}
     out = [
@@ -270,6 +272,8 @@ def render(
                 )
             out.append("</tr>")
         out.append("</table>")
+    if judge is not None:
+        out.append(_judge_section(judge, max_cases))
     out.append(
         f"<p class='muted'>eval set digest {_e(candidate.eval_digest)} · candidate {_e(candidate.model_digest)}</p></body></html>"
     )
@@ -278,3 +282,35 @@ def render(
 
 def _scores(case: CaseResult) -> str:
     return "<div class='muted'>" + ", ".join(f"{_e(k)} {_num(v)}" for k, v in case.scores.items()) + "</div>"
+
+
+_OUTCOME_CLASS = {"win": "pass", "loss": "fail", "tie": "skip"}
+
+
+def _judge_section(judge: JudgeResult, max_cases: int) -> str:
+    """Every judged case: the candidate's scores and reason, and the pairwise outcome with both orders' reasons."""
+    shown = judge.cases[:max_cases]
+    vs = judge.compare_to or "—"
+    out = [
+        f"<h2>LLM judge ({len(shown)} of {len(judge.cases)} cases)</h2>"
+        f"<p class='muted'>judge <code>{_e(judge.model)}</code> · modes {_e(', '.join(judge.modes))} · "
+        f"{judge.calls} calls, {judge.parse_failures} unparseable verdicts, {judge.request_failures} failed requests · "
+        "scores 1–10 per criterion; pairwise: asked with the candidate as A and as B, a win or loss only when both "
+        "orders agree</p>",
+        "<table><tr><th>case</th><th>question</th><th>candidate</th><th>scores</th>"
+        f"<th>vs {_e(vs)}</th><th>reasons</th></tr>",
+    ]
+    for c in shown:
+        scores = ", ".join(f"{_e(k)} {v}" for k, v in c.scores.items()) if c.scores else "—"
+        outcome = (
+            f"<span class='{_OUTCOME_CLASS[c.outcome]}'>{c.outcome.upper()}</span>" if c.outcome is not None else "—"
+        )
+        reasons = [f"<div>score: {_e(c.score_reason)}</div>"] if c.scores else []
+        reasons += [f"<div>{_e(o['order'])}: {_e(o['winner'])} — {_e(o['reason'])}</div>" for o in c.orders]
+        reasons += [f"<div class='fail'>{_e(f)}</div>" for f in c.failures]
+        out.append(
+            f"<tr><td>{_e(c.id)}</td><td><pre>{_e(c.question)}</pre></td><td><pre>{_e(c.answer)}</pre></td>"
+            f"<td>{scores}</td><td>{outcome}</td><td>{''.join(reasons)}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)

@@ -61,12 +61,13 @@ def text_features(text: str) -> dict[str, float]:
 
 
 def prompt_text(body: ChatCompletionRequest | CompletionRequest) -> str:
-    """A chat's system/user/developer messages, or a completion's prompt(s), joined by newlines."""
+    """A chat's system/user/developer messages, or a completion's text prompt(s), joined by newlines (prompts given
+    as token ids have no text here: they count as empty)."""
     from kollm.serve.protocol import ChatCompletionRequest
 
     if isinstance(body, ChatCompletionRequest):
         return "\n".join(m.text() for m in body.messages if m.role != "assistant")
-    return body.prompt if isinstance(body.prompt, str) else "\n".join(body.prompt)
+    return "\n".join(p for p in body.prompts() if isinstance(p, str))
 
 
 def request_features(

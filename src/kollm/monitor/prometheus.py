@@ -41,6 +41,11 @@ def parse_targets(targets: list[str]) -> dict[str, list[str]]:
         m = _TARGET.match(t.strip())
         if not m:
             raise ConfigError(f"--target {t!r}: expected JOB=HOST:PORT, e.g. kollm-serve=127.0.0.1:8000")
+        if not m.group("job").startswith("kollm"):  # the rules select jobs with up{job=~"kollm.*"}
+            raise ConfigError(
+                f"--target {t!r}: job name {m.group('job')!r} does not start with 'kollm', so the KollmTargetDown "
+                f"alert would never fire for it; name it e.g. kollm-{m.group('job')}={m.group('addr')}"
+            )
         jobs.setdefault(m.group("job"), []).append(m.group("addr"))
     return jobs
 
@@ -63,6 +68,7 @@ def write_config(
 ) -> Path:
     """Copy rules/*.yml and dashboards/*.json into out_dir and write out_dir/prometheus.yml; returns its path."""
     out_dir = Path(out_dir)
+    parse_targets(targets)  # a bad target is named before anything is written
     (out_dir / "rules").mkdir(parents=True, exist_ok=True)
     (out_dir / "dashboards").mkdir(parents=True, exist_ok=True)
     for f in rule_files():

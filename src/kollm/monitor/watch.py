@@ -70,6 +70,7 @@ OutcomeKind = Literal[
     "gate_failed",
     "failed",
     "no_new_challenger",
+    "challenger_rolled_back",
     "registered",
     "gateway_not_serving_challenger",
     "rollout_timeout",
@@ -103,6 +104,7 @@ class WatchSettings:
     webhook_host: str = "127.0.0.1"
     webhook_port: int | None = None
     poll_s: float = 2.0
+    force: bool = False  # roll out a challenger even when it was rolled back before
 
     @property
     def state_dir(self) -> Path:
@@ -286,6 +288,12 @@ def data_digest(project_dir: Path) -> tuple[str, list[str]]:
     h = hashlib.sha256()
     unwatched = []
     for name, source in sorted(pipe.cfg.data.items()):
+        if source.dvc is not None:  # the md5 DVC recorded at the revision: a revision with new bytes is new data
+            from kollm.pipeline.dvc_source import lookup
+
+            h.update(f"source {name}\ndvc {lookup(name, source.dvc, pipe.project_dir).md5}\n".encode())
+            continue
+        assert source.path is not None
         if "://" in source.path and not source.path.startswith("file://"):
             unwatched.append(name)
             continue
@@ -366,6 +374,20 @@ def _alias_version(name: str, alias: str, project_dir: Path) -> str | None:
         return None
 
 
+def rolled_back(name: str, version: str, project_dir: Path) -> str | None:
+    """How `version` was rolled back before (by a canary rollout or `kollm registry rollback`), else None."""
+    from kollm import registry
+
+    tags = registry.show(name, version, project_dir).tags
+    if tags.get("kollm.rollout.result") == "rolled_back":
+        return (
+            f"its canary rollout was rolled back ({tags.get('kollm.rollout.failed_analysis') or 'no reason recorded'})"
+        )
+    if "kollm.rolled_back_at" in tags:
+        return f"it was rolled back at {tags['kollm.rolled_back_at']} ({tags.get('kollm.rolled_back_reason') or '-'})"
+    return None
+
+
 def _rollout_active(settings: WatchSettings) -> str | None:
     """A message when the gateway has a rollout in progress, else None."""
     if not settings.gateway:
@@ -439,6 +461,13 @@ def retrain(settings: WatchSettings, state: WatchState) -> Outcome:
         outcome = Outcome(
             "no_new_challenger",
             f"pipeline run {result.run_id}: no new challenger of {name} (challenger {challenger}, champion {champion})",
+        )
+    elif not settings.force and (why := rolled_back(name, challenger, settings.project_dir)):
+        outcome = Outcome(
+            "challenger_rolled_back",
+            f"pipeline run {result.run_id}: challenger version {challenger} of {name} is not rolled out again: {why}; "
+            "retrain a new version, or pass --force to roll this one out anyway",
+            version=challenger,
         )
     else:
         state.handled_challengers.append(challenger)

@@ -27,6 +27,7 @@ from kollm.jsonlog import JsonLog, log_path
 from kollm.pipeline.artifacts import folder_digest, write_json_atomic
 from kollm.pipeline.plan import Plan, plan
 from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
+from kollm.pipeline.sqlite_runs import safe_key
 from kollm.pipeline.step import (
     ARTIFACT_META_FILE,
     Artifact,
@@ -192,7 +193,7 @@ def run_step(
             "kollm.executor": r.executor,
             **{f"kollm.input.{k}.digest": a.digest for k, a in inputs.items()},
             **{f"kollm.input.{k}.ref": str(step.inputs[k]) if k in step.inputs else "explicit" for k in inputs},
-            **{f"kollm.reference.{k}": v for k, v in r.plan.references[step.name].items()},
+            **{f"kollm.reference.{safe_key(k)}": v for k, v in r.plan.references[step.name].items()},
             **{f"kollm.output.{n}.digest": a.digest for n, a in outputs.items()},
         }
         st = r.tracker.step(step.name, step.kind, tags)
@@ -356,7 +357,10 @@ def run_attempt(
 
 def _input_record(a: Artifact) -> dict[str, Any]:
     if a.type == "source":
-        return {"type": a.type, "digest": a.digest, "uri": a.meta.get("uri")}
+        record = {"type": a.type, "digest": a.digest, "uri": a.meta.get("uri")}
+        if "dvc" in a.meta:  # repo, path, rev, the commit it resolved to, md5
+            record["dvc"] = a.meta["dvc"]
+        return record
     meta = read_artifact_meta(a.path) if a.path is not None else {}
     return {
         "type": a.type,

@@ -263,6 +263,9 @@ def _local_digest(path: Path) -> str:
 def resolve_source(name: str, src: DataSource, project_dir: Path, *, digest: bool = True) -> Artifact:
     """Match a data source's files. Its digest covers every matched file, so changed data invalidates the cache."""
     where = f"data.{name}.path"
+    if src.dvc is not None:
+        return _dvc_source(name, src, project_dir, digest)
+    assert src.path is not None  # DataSource's validator: a path or a dvc reference
     if "://" in src.path and not src.path.startswith("file://"):
         return _remote_source(name, src, digest)
     raw = src.path.removeprefix("file://")
@@ -297,6 +300,28 @@ def resolve_source(name: str, src: DataSource, project_dir: Path, *, digest: boo
         path=base if base.is_dir() else root,
         digest=d,
         meta={"name": name, "uri": str(base), "format": fmt, "files": [str(p) for p in files]},
+    )
+
+
+def _dvc_source(name: str, src: DataSource, project_dir: Path, digest: bool) -> Artifact:
+    """The DVC-tracked file at its revision: digest from DVC's md5, bytes from the remote (kept in .kollm/dvc/)."""
+    from kollm.pipeline import dvc_source
+
+    assert src.dvc is not None
+    if not digest:  # validation: the revision and the file must exist; the bytes are read when a step runs
+        f = dvc_source.lookup(name, src.dvc, project_dir)
+        return Artifact(
+            type="source",
+            path=None,
+            digest="",
+            meta={"name": name, "uri": src.location, "format": src.format, "files": [], "dvc": f.record()},
+        )
+    f, local = dvc_source.fetch(name, src.dvc, project_dir)
+    return Artifact(
+        type="source",
+        path=local.parent,
+        digest=files_digest([(local.name, f"dvc-md5:{f.md5}")]),
+        meta={"name": name, "uri": str(local), "format": src.format, "files": [str(local)], "dvc": f.record()},
     )
 
 

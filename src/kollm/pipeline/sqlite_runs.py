@@ -46,6 +46,12 @@ def bad_key(name: str) -> bool:
     return not name or not _NAME_OK.match(name) or norm != name or norm == "." or norm.startswith(("..", "/"))
 
 
+def safe_key(name: str) -> str:
+    """`name` with each character MLflow refuses in a key replaced by `_` (`registry:NAME@champion` ->
+    `registry:NAME_champion`), for keys made from free text such as a step's references."""
+    return re.sub(r"[^/\w.\- :]", "_", name)
+
+
 def _key_ok(key: object) -> bool:
     return isinstance(key, str) and len(key) <= MAX_KEY_LEN and not bad_key(key)
 

@@ -6,6 +6,8 @@ Public API:
     ChatTurn               one chat message handed to `Engine.encode_chat`
     TokenChunk             what `Engine.generate` yields: new text, tokens so far, the finish reason at the end, logprobs
     TokenLogprob           one generated token's logprob and its top alternatives
+    PromptLogprobs         the prompt's tokens with their logprobs (completions with echo and logprobs)
+    MAX_PROMPT_LOGPROBS_TOKENS  the longest prompt whose logprobs are served
     RequestError           the request cannot be served as asked (a 400 naming the field); PromptError is one
     EngineOverloaded       the waiting queue is full: a 503
     EngineClosed           the engine is shutting down or dead: a 503
@@ -61,6 +63,8 @@ Backend = Literal["auto", "transformers", "vllm"]
 KVCacheKind = Literal["auto", "dynamic", "static"]
 
 
+# prompt logprobs need the logits of every prompt position ([L, V] at once): served for prompts up to this long
+MAX_PROMPT_LOGPROBS_TOKENS = 4096
 SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM): dividing logits by 1e-38 overflows to inf
 MAX_CONSECUTIVE_FAILURES = 5  # failed engine steps in a row (none succeeding between them) before the engine gives up
 
@@ -86,6 +90,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; K >= 0: the sampled token's logprob and the K most likely
     response_format: Literal["json_object", "json_schema"] | None = None  # constrain the output to JSON
     json_schema: str | None = None  # with response_format json_schema: the schema, as JSON text
+    # None: no prompt logprobs; K >= 0: each prompt token's logprob and the K most likely at its position, on the
+    # first chunk (completions with echo and logprobs; the prompt has at most MAX_PROMPT_LOGPROBS_TOKENS tokens)
+    prompt_logprobs: int | None = None
     # deliver only the first chunk and then everything else as one last chunk (a response that is not streamed):
     # spares the event loop a wake-up per token; a backend may ignore it
     final_only: bool = False
@@ -108,6 +115,15 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's tokens under the model: the first token's text (it has no logprob: nothing precedes it), then
+    each later token's logprob given the tokens before it, with the `top` most likely tokens at that position."""
+
+    first: str
+    rest: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     text: str  # text new since the previous chunk (empty while held back, e.g. a possible stop-sequence prefix)
     completion_tokens: int  # tokens generated so far for this request
@@ -117,6 +133,8 @@ class TokenChunk:
     # on the last chunk, from engines that have it for free: the summed negative log-likelihood of the generated
     # tokens under the model's raw distribution (output perplexity = exp(output_nll / completion_tokens))
     output_nll: float | None = None
+    # on the first chunk, with SamplingParams.prompt_logprobs
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class RequestError(ValueError):
@@ -154,6 +172,10 @@ class Engine(Protocol):
 
     def encode_prompt(self, text: str) -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text (the echo of a prompt given as token ids)."""
+        ...
+
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         """Apply the model's chat template (with the generation prompt) and tokenize. Raises PromptError."""
         ...
@@ -190,6 +212,18 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     if not ids and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id]
     return list(ids)
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """A prompt given as token ids: every id must be in the vocabulary (a 400 naming `prompt`)."""
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return
+    bad = next(t for t in ids if not 0 <= t < vocab_size)
+    raise PromptError(f"token id {bad} is outside this model's vocabulary of {vocab_size}", param="prompt")
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[ChatTurn]) -> list[int]:
@@ -306,6 +340,7 @@ class _Sequence:
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
     grammar: Constraint | None = None  # with response_format: the tokens the JSON text can go on with
     held: TokenChunk | None = None  # with params.final_only: what was generated since the first chunk
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs: made at prefill, sent with token 1
 
     def emit(self, item: TokenChunk | BaseException) -> None:
         _deliver([(self, item)])
@@ -333,6 +368,7 @@ def _joined(a: TokenChunk, b: TokenChunk) -> TokenChunk:
         finish_reason=b.finish_reason,
         logprobs=a.logprobs + b.logprobs,
         output_nll=b.output_nll,
+        prompt_logprobs=a.prompt_logprobs,
     )
 
 
@@ -545,7 +581,11 @@ class TransformersEngine:
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
 
-    def _check(self, params: SamplingParams) -> None:
+    def decode(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, ids)
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_token_ids(prompt_ids, self.vocab_size)
         for token, _ in params.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(
@@ -571,7 +611,7 @@ class TransformersEngine:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncGenerator[TokenChunk, None]:
-        self._check(params)
+        self._check(prompt_ids, params)
         if self._failure is not None:
             raise EngineClosed(f"the inference engine is dead ({self._failure!r}); the server must be restarted")
         constraint = None
@@ -766,6 +806,9 @@ class TransformersEngine:
             self._init_penalties(s)
         handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)
+        for s in seqs:
+            if s.params.prompt_logprobs is not None:
+                s.prompt_logprobs = self._prompt_logprobs(s.prompt_ids, s.params.prompt_logprobs)
         return handle, tokens, *_to_host(logits, tokens), self._logprobs(logits, tokens, seqs)
 
     def _merge(
@@ -852,6 +895,24 @@ class TransformersEngine:
             )
         return text
 
+    def _prompt_logprobs(self, ids: list[int], k: int) -> PromptLogprobs:
+        """Each prompt token's logprob given the tokens before it, and the k most likely tokens at its position,
+        from one forward pass over the prompt alone (the batch's cache keeps only the last position's logits)."""
+        x = torch.tensor([ids], device=self.device)
+        logits = self.model(input_ids=x, use_cache=False).logits[0, :-1]
+        targets = x[0, 1:]
+        rest: list[TokenLogprob] = []
+        for start in range(0, logits.shape[0], 512):  # log-softmax in float32, a slice of positions at a time
+            lp = logits[start : start + 512].float().log_softmax(-1)
+            picked = lp.gather(-1, targets[start : start + 512, None]).squeeze(-1).tolist()
+            top_vals, top_ids = lp.topk(min(k, lp.shape[-1]), dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+            for t, p, vals, tops in zip(
+                targets[start : start + 512].tolist(), picked, top_vals.tolist(), top_ids.tolist()
+            ):
+                top = tuple((self._text_of(i), _safe_logprob(v)) for i, v in zip(tops, vals))
+                rest.append(TokenLogprob(self._text_of(t), _safe_logprob(p), top))
+        return PromptLogprobs(self._text_of(ids[0]), tuple(rest))
+
     def _logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[_Sequence]
     ) -> list[TokenLogprob | None]:
@@ -914,6 +975,7 @@ class TransformersEngine:
                 finish_reason=finish,
                 logprobs=() if lp is None else (lp,),
                 output_nll=seq.nll if finish is not None else None,
+                prompt_logprobs=seq.prompt_logprobs if n == 1 else None,
             )
             if seq.params.final_only and n > 1:
                 chunk = seq.held = chunk if seq.held is None else _joined(seq.held, chunk)

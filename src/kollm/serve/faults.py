@@ -95,6 +95,9 @@ class FaultyEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return self.engine.encode_prompt(text)
 
+    def decode(self, ids: list[int]) -> str:
+        return self.engine.decode(ids)
+
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return self.engine.encode_chat(messages)
 

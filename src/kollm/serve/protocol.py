@@ -9,7 +9,8 @@ means "the default" for every optional field, as in OpenAI's API), so clients th
 parameter set (LangChain, LlamaIndex, the `openai` SDK) work unchanged. Served: temperature (0 = greedy),
 top_p, max_tokens / max_completion_tokens, stop, n, seed, stream + stream_options.include_usage,
 presence_penalty, frequency_penalty, logit_bias, logprobs + top_logprobs (completions: `logprobs: K`), echo
-(completions), `name` on messages, response_format json_object / json_schema (both engines constrain the output
+(completions; with logprobs, the prompt's tokens come with their logprobs, the first one's null, for prompts of up
+to kollm.serve.engine.MAX_PROMPT_LOGPROBS_TOKENS tokens), prompts as token ids (completions), `name` on messages, response_format json_object / json_schema (both engines constrain the output
 to JSON, on completions too, as vLLM does; the native engine with xgrammar, the `json` extra, and without it
 answers a 400 naming `response_format`), and the vLLM extensions repetition_penalty, top_k, min_p and
 ignore_eos. Accepted and ignored because they mean nothing to a self-hosted server: user (logged, and used
@@ -55,6 +56,7 @@ def _only(*allowed: Any, why: str) -> AfterValidator:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
+TokenId = Annotated[int, Field(ge=0)]
 StopText = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
 NO_TOOLS = "this server does not call tools (the model has no tool-calling template); send no tools"
 
@@ -241,9 +243,12 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)] = Field(
-        description="The prompt, or a list of prompts."
-    )
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_N)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_N)]
+    ) = Field(description="The prompt, a list of prompts, or prompts as token ids (a list of ids, or of such lists).")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI's default is 16).")
     logprobs: int | None = Field(
         None,
@@ -259,6 +264,13 @@ class CompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = Field(
         None, description="As in chat completions (an extension, as vLLM's): text, json_object or json_schema."
     )
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     @field_validator("best_of")
     @classmethod

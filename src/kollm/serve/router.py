@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +59,13 @@ from kollm.jsonlog import JsonLog, clip
 from kollm.monitor.features import prompt_text, request_features
 from kollm.serve import metrics
 from kollm.serve.engine import (
+    MAX_PROMPT_LOGPROBS_TOKENS,
     ChatTurn,
     Engine,
     EngineClosed,
     EngineError,
     EngineOverloaded,
+    PromptLogprobs,
     RequestError,
     SamplingParams,
     TokenChunk,
@@ -415,6 +417,7 @@ class _Result:
     finish: str | None
     logprobs: list[TokenLogprob]
     nll: float | None = None  # the engine's output_nll (see TokenChunk)
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 async def _tokenize(fn, *args) -> Any:
@@ -459,7 +462,9 @@ async def _collect(gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> 
         raise APIError(500, str(e), type="server_error", code="engine_error") from None
     finally:
         await gen.aclose()
-    return _Result("".join(parts), last.completion_tokens, last.finish_reason, logprobs, last.output_nll)
+    return _Result(
+        "".join(parts), last.completion_tokens, last.finish_reason, logprobs, last.output_nll, first.prompt_logprobs
+    )
 
 
 async def _collect_all(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> list[_Result]:
@@ -530,19 +535,49 @@ def _chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
     )
 
 
-def _completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    offsets = []
+def _completion_logprobs(
+    items: list[TokenLogprob], offset: int, prompt: PromptLogprobs | None = None
+) -> CompletionLogprobs:
+    """Legacy completions logprobs; with `prompt` (echo), the prompt's tokens come first, the first one with a
+    null logprob and null top_logprobs (nothing precedes it), as OpenAI and vLLM answer."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    if prompt is not None:
+        tokens.append(prompt.first)
+        token_logprobs.append(None)
+        top_logprobs.append(None)
+        items = [*prompt.rest, *items]
     for t in items:
+        tokens.append(t.token)
+        token_logprobs.append(t.logprob)
+        top_logprobs.append(dict(reversed(t.top)))  # two tokens may read alike (byte fragments): the likelier stays
+    offsets = []
+    for text in tokens:
         offsets.append(offset)
-        offset += len(t.token)
+        offset += len(text)
     return CompletionLogprobs(
-        tokens=[t.token for t in items],
-        token_logprobs=[t.logprob for t in items],
-        top_logprobs=[
-            dict(reversed(t.top)) for t in items
-        ],  # two tokens may read alike (byte fragments): the likelier one stays
-        text_offset=offsets,
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=offsets
     )
+
+
+def _encode_prompts(engine: Engine, prompts: list[str | list[int]], echo: bool) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids (a prompt given as ids is taken as it is) and, with echo, its text."""
+    ids = [engine.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
+    if not echo:
+        return ids, [""] * len(prompts)
+    return ids, [p if isinstance(p, str) else engine.decode(p) for p in prompts]
+
+
+def _check_prompt_logprobs(ids: list[int]) -> None:
+    if len(ids) > MAX_PROMPT_LOGPROBS_TOKENS:
+        raise APIError(
+            400,
+            f"echo with logprobs returns the prompt's logprobs, served for prompts of at most "
+            f"{MAX_PROMPT_LOGPROBS_TOKENS} tokens; this prompt has {len(ids)}: shorten it, or drop echo or logprobs",
+            param="prompt",
+            code="prompt_too_long_for_logprobs",
+        )
 
 
 def _finish_metrics(
@@ -772,29 +807,29 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     timing = _Timing(time.perf_counter())
     served, rid = _served(request), request.state.request_id
     served.check_model(body.model)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    prompts = body.prompts()
     n = body.choices()
     if len(prompts) * n > MAX_CHOICES:
         raise APIError(
             400, f"{len(prompts)} prompts x n={n} is more than {MAX_CHOICES} choices in one request", param="n"
         )
-    if body.echo and body.logprobs is not None:
-        raise APIError(
-            400,
-            "echo with logprobs would need the prompt's logprobs, which are not served; drop one of them",
-            param="echo",
-        )
-    encoded = await _tokenize(lambda: [served.engine.encode_prompt(p) for p in prompts])
+    encoded, echoes = await _tokenize(_encode_prompts, served.engine, prompts, bool(body.echo))
+    prompt_logprobs = body.logprobs if body.echo else None
     jobs: list[_Job] = []
     echo: list[str] = []
     prompt_tokens = 0
-    for p, ids in zip(prompts, encoded):
+    for ids, echoed in zip(encoded, echoes):
         if not ids:
             raise APIError(400, "the prompt is empty and this model has no beginning-of-text token", param="prompt")
+        if prompt_logprobs is not None:
+            _check_prompt_logprobs(ids)
         max_tokens = served.budget(ids, body.max_tokens, "prompt")
         prompt_tokens += len(ids)
-        jobs.extend(_Job(ids, _params(body, max_tokens, j, body.logprobs)) for j in range(n))
-        echo.extend([p if body.echo else ""] * n)
+        jobs.extend(
+            _Job(ids, replace(_params(body, max_tokens, j, body.logprobs), prompt_logprobs=prompt_logprobs))
+            for j in range(n)
+        )
+        echo.extend([echoed] * n)
     gens, firsts = await _start(served.engine, jobs, rid, timing)
     cid = f"cmpl-{rid}"
     with_logprobs = body.logprobs is not None
@@ -818,7 +853,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 index=i,
                 text=echo[i] + r.text,
                 finish_reason=r.finish,
-                logprobs=_completion_logprobs(r.logprobs, 0) if with_logprobs else None,
+                logprobs=_completion_logprobs(r.logprobs, 0, r.prompt_logprobs) if with_logprobs else None,
             )
             for i, r in enumerate(results)
         ]
@@ -850,8 +885,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 if echo[i]:
                     text, echo[i] = echo[i] + text, ""
                 if text or c.finish_reason is not None or (with_logprobs and c.logprobs):
-                    lps = _completion_logprobs(list(c.logprobs), offsets[i]) if with_logprobs else None
-                    offsets[i] += sum(len(t.token) for t in c.logprobs)
+                    lps = (
+                        _completion_logprobs(list(c.logprobs), offsets[i], c.prompt_logprobs) if with_logprobs else None
+                    )
+                    if lps is not None and lps.text_offset:
+                        offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
                     choice = CompletionChoice(index=i, text=text, finish_reason=c.finish_reason, logprobs=lps)
                     yield _sse(
                         CompletionResponse(

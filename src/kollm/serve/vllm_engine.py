@@ -49,8 +49,11 @@ from kollm.serve.engine import (
     RequestError,
     SamplingParams,
     TokenChunk,
+    PromptLogprobs,
     TokenLogprob,
     _safe_logprob,
+    check_token_ids,
+    decode,
     encode_chat,
     encode_prompt,
 )
@@ -100,7 +103,12 @@ def require_vllm(flag: str = "--backend vllm") -> None:
         raise ConfigError(f"{flag}: vLLM is not importable here; {INSTALL_HINT}; or use --backend transformers")
 
 
-STRUCTURED_FIELDS = ("logprobs", "response_format", "json_schema")  # mapped by sampling_kwargs itself
+STRUCTURED_FIELDS = (
+    "logprobs",
+    "prompt_logprobs",
+    "response_format",
+    "json_schema",
+)  # mapped by sampling_kwargs itself
 OUTPUT_FIELDS = ("final_only",)  # mapped to vLLM's output_kind by VLLMEngine.generate
 
 
@@ -115,6 +123,8 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if params.logprobs is not None:
         kw["logprobs"] = params.logprobs
+    if params.prompt_logprobs is not None:
+        kw["prompt_logprobs"] = params.prompt_logprobs
     if params.response_format == "json_object":
         kw["structured_outputs"] = {"json_object": True}
     elif params.response_format == "json_schema":
@@ -193,6 +203,12 @@ def _token_logprobs(token_ids: Sequence[int], logprobs: Any, k: int) -> tuple[To
     return tuple(out)
 
 
+def _prompt_logprobs(prompt_ids: Sequence[int], logprobs: Any, k: int, first: str) -> PromptLogprobs:
+    """vLLM's prompt logprobs (None for the first token, then one {token id: Logprob} per prompt token, holding
+    that token and the k of rank 1..k) as kollm's PromptLogprobs; `first` is the first token's text."""
+    return PromptLogprobs(first, _token_logprobs(prompt_ids[1:], list(logprobs or [])[1:], k))
+
+
 def _finish(reason: str | None) -> FinishReason:
     return "length" if reason == "length" else "stop"
 
@@ -242,6 +258,7 @@ class VLLMEngine:
             raise ConfigError(f"--engine-arg: vLLM rejected the engine arguments: {e}") from None
         self._llm = AsyncLLM.from_engine_args(args)
         self.context_length = int(self._llm.model_config.max_model_len)
+        self._vocab_size = int(self._llm.model_config.get_vocab_size())
         self.max_queue = max_queue
         self._waiting = 0
         self._running = 0
@@ -257,6 +274,9 @@ class VLLMEngine:
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(self.tokenizer, ids)
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
         return encode_chat(self.tokenizer, messages)
@@ -278,6 +298,7 @@ class VLLMEngine:
             raise EngineOverloaded(f"{self._waiting} requests are already waiting; retry later")
         from vllm.sampling_params import StructuredOutputsParams
 
+        check_token_ids(prompt_ids, self._vocab_size)
         kw = sampling_kwargs(params)
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
@@ -307,11 +328,17 @@ class VLLMEngine:
                     raise EngineClosed(f"vLLM ended the request ({o.finish_reason})")
                 finished = out.finished
                 lps = _token_logprobs(o.token_ids, o.logprobs, params.logprobs) if params.logprobs is not None else ()
+                prompt_lps = None
+                if params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    first = decode(self.tokenizer, prompt_ids[:1])
+                    prompt_lps = _prompt_logprobs(prompt_ids, out.prompt_logprobs, params.prompt_logprobs, first)
+                    params = dataclasses.replace(params, prompt_logprobs=None)  # sent once, with the first output
                 yield TokenChunk(
                     text=o.text,
                     completion_tokens=tokens,
                     finish_reason=_finish(o.finish_reason) if finished else None,
                     logprobs=lps,
+                    prompt_logprobs=prompt_lps,
                 )
                 if finished:
                     return

@@ -198,7 +198,7 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
         )
         extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     metrics = recipe.step_metrics(result, eval_loss, extra)
-    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta = recipe.save_model(model, tokenizer, job, env, base=base, result=result, metrics=metrics)
     meta["method"] = cfg.method
     return StepResult(metrics=metrics, meta={"model": meta})
 
@@ -278,6 +278,6 @@ def _train_grpo(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.En
         )
         extra.update({f"eval_{k}": v for k, v in eval_metrics.items()})
     metrics = recipe.step_metrics(result, eval_loss, extra)
-    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta = recipe.save_model(model, tokenizer, job, env, base=base, result=result, metrics=metrics)
     meta["method"] = "grpo"
     return StepResult(metrics=metrics, meta={"model": meta})

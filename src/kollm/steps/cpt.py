@@ -95,5 +95,5 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
             model, RowDataset(eval_rows), device=env.device, batch_size=cfg.batch_size, precision=cfg.precision
         )
     metrics = recipe.step_metrics(result, eval_loss, {"train_rows": float(len(rows)), "packing_fill": rows.stats.fill})
-    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta = recipe.save_model(model, tokenizer, job, env, base=base, result=result, metrics=metrics)
     return StepResult(metrics=metrics, meta={"model": meta})

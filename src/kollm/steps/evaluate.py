@@ -18,6 +18,12 @@ Perplexity over instructions scores assistant tokens only (`perplexity_targets: 
 or the whole chat-templated text (`all`). Outputs: `metrics` (metrics.json: candidate and champion metrics,
 the gate decision with every reason) and `report` (report.html). A failed gate logs everything, then raises
 GateFailed (exit code 3), so nothing after it (`register`) runs.
+
+With `judge:` (kollm.eval.judge), an LLM judge reads the suite's prompts and answers: `judge_score` (1-10),
+`judge_win_rate` against the `judge.compare_to` alias's answers, `judge_parse_failures` and
+`judge_request_failures` join the metrics; per-case verdicts with reasons go into the report, report.json, and the
+step's MLflow run (the table evaluation/judge.json, and one trace per case with the verdicts as LLM-judge
+assessments). A `models:/` judge is served by kollm on a free 127.0.0.1 port while it judges.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from kollm.errors import ConfigError, GateFailed, NotFound, StepFailed
 from kollm.eval.gate import check_rule
 from kollm.eval.harness import LmEvalConfig
+from kollm.eval.judge import JudgeConfig
 from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult
 
 KIND = "evaluate"
@@ -73,6 +80,9 @@ class Config(BaseModel):
     )
     generation: GenerationConfig | None = Field(None, description="Run the generation suite from the `suite` input.")
     lm_eval: LmEvalConfig | None = Field(None, description="lm-evaluation-harness tasks (needs `pip install lm-eval`).")
+    judge: JudgeConfig | None = Field(
+        None, description="An LLM judge of the generation suite's answers (scores, pairwise vs the champion)."
+    )
     gate: list[Annotated[str, AfterValidator(check_rule)]] = Field(
         default_factory=list,
         description='Gate rules, each "METRIC OP BOUND": "perplexity <= 40", "contains >= 0.85", "chrf >= champion + 1". '
@@ -90,6 +100,17 @@ class Config(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to run the models. auto: cuda when available."
     )
+
+    @model_validator(mode="after")
+    def _judge_reads_the_suite(self) -> Config:
+        if self.judge is not None and self.generation is None:
+            raise ValueError("judge: needs `generation:` (the judge reads the suite's prompts and the answers to them)")
+        return self
+
+    def aliases(self, rules: list[Any]) -> list[str]:
+        """The registered-model aliases evaluated beside the candidate: compare_to, the judge's, the rules'."""
+        judged = [self.judge.compare_to] if self.judge is not None else []
+        return list(dict.fromkeys([*self.compare_to, *judged, *(r.alias for r in rules if r.alias)]))
 
 
 def inputs(config: Config) -> dict[str, InputSpec]:
@@ -121,15 +142,34 @@ def references(config: Config, project_dir: Path) -> dict[str, str]:
     from kollm.pipeline.tracking import tracking_uri
 
     name = config.registered_model or load_config(project_dir)[0].project
-    aliases = list(dict.fromkeys([*config.compare_to, *(r.alias for r in map(parse_rule, config.gate) if r.alias)]))
+    refs = _judge_references(config.judge, project_dir) if config.judge is not None else {}
+    aliases = config.aliases([parse_rule(r) for r in config.gate])
     if not aliases:
-        return {}
+        return refs
     versions = alias_versions(tracking_uri(project_dir), name, aliases)
     if versions is None:  # not a SQLite store kollm can read directly: ask MLflow
         from kollm import registry
 
         versions = registry.alias_versions(name, aliases, project_dir)
-    return {f"registry:{name}@{alias}": version or "none" for alias, version in versions.items()}
+    return refs | {f"registry:{name}@{alias}": version or "none" for alias, version in versions.items()}
+
+
+def _judge_references(judge: JudgeConfig, project_dir: Path) -> dict[str, str]:
+    """The rubric's content and, for a registered judge, the version its URI names: a new rubric or judge version
+    judges again instead of coming from the cache."""
+    from kollm.eval.judge import load_rubric
+    from kollm.pipeline.artifacts import json_digest
+
+    refs = {"judge-rubric": json_digest(load_rubric(judge.rubric, project_dir).model_dump(mode="json"))}
+    if judge.model.startswith("models:/"):
+        from kollm import registry
+
+        rest = judge.model.removeprefix("models:/").rstrip("/")
+        if "@" in rest:
+            judge_name, alias = rest.split("@", 1)
+            version = registry.alias_versions(judge_name, [alias], project_dir)[alias]
+            refs[f"judge:{judge.model}"] = version or "none"
+    return refs
 
 
 # --- what gets evaluated ----------------------------------------------------------------------------------
@@ -171,7 +211,7 @@ def _load_cases(files: list[Path], limit: int | None) -> list[Any]:
     return cases[:limit] if limit else cases
 
 
-def _expected_metrics(cfg: Config, has_data: bool, cases: list[Any]) -> set[str] | None:
+def _expected_metrics(cfg: Config, has_data: bool, cases: list[Any], project_dir: Path) -> set[str] | None:
     """Metric names this evaluation will produce (None: unknown until lm-eval runs)."""
     names: set[str] = set()
     if cfg.perplexity and has_data:
@@ -179,6 +219,15 @@ def _expected_metrics(cfg: Config, has_data: bool, cases: list[Any]) -> set[str]
     if cfg.generation is not None:  # else there are no cases
         for case in cases:
             names |= set(case.metrics(cfg.generation.metrics))
+    if cfg.judge is not None:
+        from kollm.eval.judge import load_rubric
+
+        names |= {"judge_parse_failures", "judge_request_failures"}
+        if "score" in cfg.judge.modes:
+            criteria = load_rubric(cfg.judge.rubric, project_dir).criteria
+            names |= {"judge_score", *(f"judge_score.{c.name}" for c in criteria)}
+        if "pairwise" in cfg.judge.modes:
+            names.add("judge_win_rate")
     return None if cfg.lm_eval else names
 
 
@@ -301,7 +350,7 @@ def run(ctx: StepContext) -> StepResult:
     model_in = ctx.inputs["model"]
     data_in = ctx.inputs.get("data") if cfg.perplexity else None
     cases = _load_cases(_suite_files(ctx.inputs["suite"]), cfg.generation.limit) if cfg.generation else []
-    _check_rules(ctx.name, rules, _expected_metrics(cfg, data_in is not None, cases))
+    _check_rules(ctx.name, rules, _expected_metrics(cfg, data_in is not None, cases, ctx.project_dir))
     data = _eval_rows(data_in, cfg.max_eval_rows) if data_in is not None else None
     if not data and not cases and cfg.lm_eval is None:
         raise ConfigError(
@@ -314,7 +363,8 @@ def run(ctx: StepContext) -> StepResult:
             "data": data_in.digest if data_in else None,
             "suite": ctx.inputs["suite"].digest if cfg.generation else None,
             "settings": cfg.model_dump(
-                mode="json", exclude={"gate", "require_champion", "compare_to", "registered_model", "device"}
+                mode="json",
+                exclude={"gate", "require_champion", "compare_to", "registered_model", "device", "judge"},
             ),
             "code": code_digest(EVAL_CODE),
         }
@@ -338,7 +388,7 @@ def run(ctx: StepContext) -> StepResult:
     # the same evaluation of the registered aliases (champion, and any alias a rule names)
     project_name = load_config(ctx.project_dir)[0].project
     model_name = cfg.registered_model or project_name
-    aliases = list(dict.fromkeys([*cfg.compare_to, *(r.alias for r in rules if r.alias)]))
+    aliases = cfg.aliases(rules)
     references: dict[str, Any] = {}
     for alias in aliases:
         try:
@@ -358,8 +408,29 @@ def run(ctx: StepContext) -> StepResult:
             ref, _ = _cached(ctx, digest, eval_digest, measure(folder, label, digest))
         references[alias] = replace(ref, label=label, version=version.version)
 
+    judged = None
+    unavailable: dict[str, str] = {}
+    if cfg.judge is not None:
+        judged = _run_judge(ctx, cfg.judge, cases, candidate, references.get(cfg.judge.compare_to))
+        candidate = replace(
+            candidate,
+            metrics={**candidate.metrics, **judged.metrics()},
+            counts={**candidate.counts, **judged.counts()},
+        )
+        compared = references.get(cfg.judge.compare_to)
+        if compared is not None:
+            references[cfg.judge.compare_to] = replace(
+                compared, metrics={**compared.metrics, **judged.reference_metrics()}
+            )
+        elif "pairwise" in cfg.judge.modes:
+            unavailable["judge_win_rate"] = f"no '{cfg.judge.compare_to}' model registered yet to compare answers with"
+
     ref_metrics = {a: (r.metrics if r else None) for a, r in references.items()}
-    decision = decide(rules, candidate.metrics, ref_metrics, require_reference=cfg.require_champion) if rules else None
+    decision = (
+        decide(rules, candidate.metrics, ref_metrics, require_reference=cfg.require_champion, unavailable=unavailable)
+        if rules
+        else None
+    )
 
     # outputs: metrics.json and report.html
     metrics_doc = {
@@ -387,9 +458,17 @@ def run(ctx: StepContext) -> StepResult:
         references=references,
         gate=decision,
         curves=curves,
+        judge=judged,
     )
     (report_dir / "report.html").write_text(html, encoding="utf-8")
-    write_json_atomic(report_dir / "report.json", {**metrics_doc, "cases": [c.__dict__ for c in candidate.cases]})
+    write_json_atomic(
+        report_dir / "report.json",
+        {
+            **metrics_doc,
+            "cases": [c.__dict__ for c in candidate.cases],
+            "judge": judged.to_json() if judged else None,
+        },
+    )
 
     # tracking: metrics, the champion's metrics beside them, the decision and every reason
     logged = dict(candidate.metrics)
@@ -404,6 +483,8 @@ def run(ctx: StepContext) -> StepResult:
     ctx.tracker.log_metrics(logged)
     ctx.tracker.log_artifact(metrics_dir / "metrics.json", "evaluation")
     ctx.tracker.log_artifact(report_dir / "report.html", "evaluation")
+    if judged is not None:
+        _log_judgements(ctx, judged)
 
     if decision is not None and not decision.passed:
         kept = ctx.state_dir / "reports" / f"{ctx.name}-gate-failed.html"
@@ -419,3 +500,113 @@ def run(ctx: StepContext) -> StepResult:
         "model_digest": model_in.digest,
     }
     return StepResult(metrics=logged, meta={"metrics": meta, "report": meta})
+
+
+# --- the LLM judge ----------------------------------------------------------------------------------------
+
+
+def _run_judge(ctx: StepContext, judge_cfg: JudgeConfig, cases: list[Any], candidate: Any, compared: Any):
+    """Judge the candidate's suite answers (and, where `compared` exists, its answers to the same prompts)."""
+    from contextlib import nullcontext
+
+    from kollm.eval.judge import Item, judge, load_rubric, question_text
+
+    cfg: Config = ctx.config
+    rubric = load_rubric(judge_cfg.rubric, ctx.project_dir)
+    answers = {c.id: c.output for c in candidate.cases}
+    reference = {c.id: c.output for c in compared.cases} if compared is not None else {}
+    chosen = cases[: judge_cfg.limit] if judge_cfg.limit else cases
+    items = [Item(str(c.id), question_text(c.prompt), answers[str(c.id)], reference.get(str(c.id))) for c in chosen]
+    if judge_cfg.model.startswith("models:/"):
+        from kollm.serve.local import local_server
+
+        device = _device(cfg.device)
+        ctx.log.info("evaluate: serving the judge %s on 127.0.0.1 (%s)", judge_cfg.model, device)
+        server: Any = local_server(judge_cfg.model, project_dir=ctx.project_dir, device=device, backend="transformers")
+    else:
+        assert judge_cfg.base_url is not None  # JudgeConfig requires one for a model that is not models:/
+        server = nullcontext((judge_cfg.base_url, judge_cfg.model))
+    with server as (base_url, model_name):
+        result = judge(
+            items,
+            base_url=base_url,
+            cfg=judge_cfg,
+            rubric=rubric,
+            model_name=model_name,
+            compare_to=judge_cfg.compare_to,
+            progress=ctx.progress,
+        )
+    if result.parse_failures or result.request_failures:
+        first = next(f for c in result.cases for f in c.failures)
+        ctx.log.warning(
+            "evaluate: %d of %d judge answers were not valid verdicts and %d requests failed (first: %s)",
+            result.parse_failures,
+            result.calls,
+            result.request_failures,
+            first,
+        )
+    return result
+
+
+def _orders(orders: list[dict[str, Any]]) -> dict[str, Any]:
+    """Table columns of the two pairwise verdicts (the candidate's answer shown as A, then as B)."""
+    by_order = {o["order"]: o for o in orders}
+    out = {}
+    for side in ("A", "B"):
+        o = by_order.get(f"candidate={side}", {})
+        out[f"winner_candidate_{side}"] = o.get("winner")
+        out[f"reason_candidate_{side}"] = o.get("reason")
+    return out
+
+
+MAX_JUDGE_TRACES = 100  # traces (with assessments) per evaluation; the table has every case
+
+
+def _log_judgements(ctx: StepContext, judged: Any) -> None:
+    """Per-case verdicts into the step's MLflow run: a table, and one trace per case (its question and answer) with
+    the verdicts as LLM-judge assessments, which the MLflow UI lists beside the run."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import AssessmentSource, Feedback
+
+    from kollm import registry
+
+    rows = [
+        {
+            "case": c.id,
+            "question": c.question,
+            "answer": c.answer,
+            "reference_answer": c.reference_answer,
+            **{f"score.{k}": v for k, v in (c.scores or {}).items()},
+            "score_reason": c.score_reason,
+            "outcome": c.outcome,
+            **_orders(c.orders),
+            "failures": " | ".join(c.failures),
+        }
+        for c in judged.cases
+    ]
+    client = registry.client(ctx.project_dir)
+    client.log_table(ctx.tracker.run_id, pd.DataFrame(rows), "evaluation/judge.json")
+    run = client.get_run(ctx.tracker.run_id)
+    source = AssessmentSource(source_type="LLM_JUDGE", source_id=judged.model)
+    traced = []
+    for c in judged.cases[:MAX_JUDGE_TRACES]:
+        span = client.start_trace(
+            "kollm.judge",
+            inputs={"question": c.question},
+            experiment_id=run.info.experiment_id,
+            run_id=ctx.tracker.run_id,
+            tags={"kollm.step": ctx.name, "kollm.case": c.id},
+        )
+        client.end_trace(span.trace_id, outputs={"answer": c.answer, "reference_answer": c.reference_answer})
+        traced.append((span.trace_id, c))
+    mlflow.flush_trace_async_logging()
+    for trace_id, c in traced:
+        for name, value in (c.scores or {}).items():
+            mlflow.log_assessment(trace_id, Feedback(name=name, value=value, rationale=c.score_reason, source=source))
+        if c.outcome is not None:
+            reasons = "\n".join(f"{o['order']}: {o['winner']} — {o['reason']}" for o in c.orders)
+            mlflow.log_assessment(
+                trace_id,
+                Feedback(name=f"pairwise_vs_{judged.compare_to}", value=c.outcome, rationale=reasons, source=source),
+            )

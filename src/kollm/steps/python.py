@@ -14,6 +14,7 @@ source is part of the cache key, so editing the function re-runs the step.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +27,7 @@ from kollm.errors import StepFailed
 from kollm.pipeline.step import ARTIFACT_TYPES, STRICT, InputSpec, StepContext, StepResult
 
 KIND = "python"
+_PLAIN_NAME = re.compile(r"\w[\w-]*")
 
 
 class Config(BaseModel):
@@ -52,6 +54,17 @@ class Config(BaseModel):
         for name, typ in v.items():
             if typ not in ARTIFACT_TYPES:
                 raise ValueError(f"'{name}' has unknown artifact type '{typ}'; use one of {', '.join(ARTIFACT_TYPES)}")
+        return v
+
+    @field_validator("outputs")
+    @classmethod
+    def _plain_output_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:  # each names a folder inside the step's output in the store
+            if not _PLAIN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"output name '{name}' is not a plain name; use letters, digits, '_' and '-' "
+                    "(no '/', '.', '..' or absolute path: it names a folder in the artifact store)"
+                )
         return v
 
 

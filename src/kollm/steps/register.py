@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from kollm._pydantic import mlflow_name
 from kollm.errors import GateFailed
 from kollm.pipeline.step import DATASET_TYPES, STRICT, InputSpec, StepContext, StepResult
 
@@ -42,6 +43,8 @@ class Config(BaseModel):
     alias: str | None = Field("challenger", description="Alias to point at the new version (null: none).")
     description: str = Field("", description="Description stored on the model version.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags for the model version.")
+
+    _model_name = field_validator("name")(mlflow_name)
 
     @field_validator("alias")
     @classmethod
@@ -159,11 +162,14 @@ def run(ctx: StepContext) -> StepResult:
         project_dir=ctx.project_dir,
         step_key=ctx.key or None,
     )
-    uri = f"models:/{name}@{cfg.alias}" if cfg.alias else version.uri
+    uri = f"models:/{name}@{cfg.alias}" if cfg.alias in version.aliases else version.uri
     ctx.tracker.set_tags(
         {"kollm.registered_model": name, "kollm.registered_version": version.version, "kollm.model_uri": uri}
     )
-    ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
+    if version.run_id == ctx.tracker.run_id:
+        ctx.log.info("registered %s version %s (%s)", name, version.version, uri)
+    else:
+        ctx.log.info("%s version %s has the same model files (%s); no new version", name, version.version, version.uri)
     # registration.json: what was registered, the same bytes wherever the same inputs are registered first (kollm run,
     # kfp.local, a cluster); the MLflow run ids of this registration go to the artifact's metadata (not digested)
     runs = {k: tags[k] for k in RUN_TAGS}

@@ -119,5 +119,5 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
             "packing_fill": rows.stats.fill,
         },
     )
-    meta = recipe.save_model(model, tokenizer, job, base=base, result=result, metrics=metrics) if env.is_main else {}
+    meta = recipe.save_model(model, tokenizer, job, env, base=base, result=result, metrics=metrics)
     return StepResult(metrics=metrics, meta={"model": meta})

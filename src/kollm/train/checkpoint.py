@@ -1,6 +1,8 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG and data position, written atomically.
 
-Layout: `<checkpoint_dir>/step-00000040/{weights.pt, optimizer.pt, state.pt}`. A checkpoint is written into a
+Layout: `<checkpoint_dir>/step-00000040/{weights.pt, optimizer.pt, state.pt}`; under `sharding: fsdp`,
+`step-00000040/{dcp/, state.pt}`, where dcp/ is a `torch.distributed.checkpoint` of the trainable weights and the
+optimizer written by every rank (its shards), which loads onto any number of ranks. A checkpoint is written into a
 temporary folder and renamed into place, so a killed process leaves either a complete checkpoint or none.
 
 Every file holds only tensors and plain types (dicts, lists, tuples, numbers, strings) and is read back with
@@ -35,6 +37,7 @@ class TrainState:
     offset: int = 0  # items (rows or pairs) of this epoch already consumed, per rank
     tokens: int = 0  # input tokens processed (all ranks)
     losses: list[float] = field(default_factory=list)  # the mean loss of every optimizer step
+    world: int = 1  # ranks that `offset` counts for
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -90,6 +93,69 @@ def save(
     return final
 
 
+def save_sharded(
+    checkpoint_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    *,
+    keep: int = 2,
+) -> Path:
+    """`save` for a sharded (FSDP) model: a collective, every rank writes its shards. Rank 0 renames the folder
+    into place once all have written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    rank = dist.get_rank()
+    final = checkpoint_dir / f"{PREFIX}{state.step:08d}"
+    tmp = checkpoint_dir / f".tmp-{PREFIX}{state.step:08d}"
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=tmp / "dcp")
+    if rank == 0:
+        torch.save({"train": state.__dict__, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+    """Restore a checkpoint written by `save_sharded`, on any number of ranks (DCP reshards on load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if not (path / "dcp").is_dir():
+        raise StepFailed(
+            f"checkpoint {path} was written by a run with sharding: ddp, and this run has sharding: fsdp; set the "
+            f"sharding it was written with, or delete the checkpoint folder {path.parent} to start the step from scratch"
+        )
+    options = StateDictOptions(ignore_frozen_params=True)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    loaded = {"model": weights, "optimizer": optim}
+    dcp.load(loaded, checkpoint_id=path / "dcp")
+    set_state_dict(
+        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"], options=options
+    )
+    blob = _load_plain(path / "state.pt")
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return TrainState(**blob["train"])
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not checkpoint_dir.exists():
@@ -107,6 +173,11 @@ def latest(checkpoint_dir: Path | None) -> Path | None:
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
     """Restore a checkpoint written by `save` into model/optimizer/scheduler and the RNGs; return the state."""
+    if not (path / "weights.pt").exists():
+        raise StepFailed(
+            f"checkpoint {path} was written by a run with sharding: fsdp, and this run has sharding: ddp; set the "
+            f"sharding it was written with, or delete the checkpoint folder {path.parent} to start the step from scratch"
+        )
     weights = _load_plain(path / "weights.pt")
     params = dict(model.named_parameters())
     unknown = set(weights) - set(params)

@@ -106,11 +106,30 @@ class TrainingConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on a GPU that supports it, else fp32."
     )
+    sharding: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model, its gradients and optimizer state (about 16 bytes per "
+        "parameter). fsdp: PyTorch FSDP2 shards them over the processes (resources.gpus, resources.workers, or Ray "
+        "Train workers), so a model N times larger fits on N devices; checkpoints are sharded too and resume on "
+        "another number of processes. The output is the same Hugging Face folder either way.",
+    )
+    cpu_offload: bool = Field(
+        False,
+        description="With sharding: fsdp, keep the weight shards, gradients and optimizer state in host memory and "
+        "bring each layer to the GPU only to compute: one GPU full-fine-tunes a model whose optimizer state does not "
+        "fit it, at the cost of speed.",
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> TrainingConfig:
         if self.base_model is not None and self.base_model != "scratch" and self.vocab_size is not None:
             raise ValueError("vocab_size applies only to base_model: scratch")
+        if self.cpu_offload and self.sharding != "fsdp":
+            raise ValueError("cpu_offload: true needs sharding: fsdp (it offloads FSDP's shards); add sharding: fsdp")
+        if self.sharding == "fsdp" and self.lora is not None and self.lora.quantize:
+            raise ValueError(
+                "sharding: fsdp does not shard a quantized (QLoRA) base; remove lora.quantize or use sharding: ddp"
+            )
         return self
 
 

@@ -10,12 +10,16 @@ Language-model objectives go through `kollm.train.kernels.lm_loss` (the performa
 fixed-length, labels are pre-aligned, bf16 autocast runs on GPU, AdamW is fused where available, and the same
 code runs data-parallel under torch.distributed: each rank reads its shard of the data, gradients are summed
 over ranks once per optimizer step (an explicit all-reduce rather than the DistributedDataParallel wrapper,
-because `lm_loss` reaches into the model's decoder and head), and rank 0 logs and checkpoints.
+because `lm_loss` reaches into the model's decoder and head), and rank 0 logs and checkpoints. Under
+`sharding: fsdp` (kollm.train.sharding) each rank holds a shard of the weights, gradients and optimizer state
+instead: FSDP2 reduce-scatters the gradients, the norm is summed over the shards, and every rank writes its
+shards of each checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sized
@@ -29,8 +33,11 @@ import torch.distributed as dist
 
 from kollm.pipeline.step import Progress, _no_progress
 from kollm.train import checkpoint as ckpt
+from kollm.train import sharding
 from kollm.train.data import ResumableSampler
 from kollm.train.kernels import IGNORE_INDEX, causal_lm, compile_model, decoder_layers, lm_loss
+
+log = logging.getLogger("kollm.train")
 
 
 @dataclass
@@ -52,6 +59,9 @@ class LoopConfig:
     gradient_checkpointing: bool = False  # recompute the layers in the backward pass (see checkpoint_layers)
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | bf16 | fp32
     shuffle: bool = True
+    sharding: str = "ddp"  # ddp: every rank holds the whole model | fsdp: FSDP2 shards (kollm.train.sharding)
+    cpu_offload: bool = False  # fsdp: keep the shards (and the optimizer step) in host memory
+    seq_len: int = 0  # tokens per row, for the memory estimate (0: not estimated)
 
 
 @dataclass
@@ -156,15 +166,70 @@ def checkpoint_layers(model: torch.nn.Module, residual_dtype: torch.dtype | None
 
 
 def _mean_and_clip(
-    grads: list[torch.Tensor], denom: torch.Tensor, max_norm: float
+    grads: list[torch.Tensor], denom: torch.Tensor, max_norm: float, *, sharded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For summed gradients over `denom` items: the norm of the mean gradient, and the one divisor that makes
-    them the mean gradient clipped to `max_norm` (0: no clipping), as torch.nn.utils.clip_grad_norm_ would."""
-    norms = torch._foreach_norm(grads)
-    norm = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) / denom
+    them the mean gradient clipped to `max_norm` (0: no clipping), as torch.nn.utils.clip_grad_norm_ would.
+    `sharded`: `grads` are this rank's shards, and the squared norm is summed over the ranks."""
+    norms = [n.float() for n in torch._foreach_norm(grads)]
+    if sharded:
+        squares = torch.stack(norms).square().sum().to(denom.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(squares)
+        norm = squares.sqrt() / denom
+    else:
+        norm = torch.linalg.vector_norm(torch.stack(norms)) / denom
     if max_norm <= 0:
         return norm, denom
     return norm, denom / torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
+def device_memory(device: torch.device) -> float | None:
+    """Free bytes on `device` where known (CUDA), else None."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
+def check_memory(model: torch.nn.Module, cfg: LoopConfig, device: torch.device, world: int, *, bf16: bool) -> None:
+    """Log the memory estimate of the configured run; when the device's free memory is known and the estimate
+    does not fit it, fail now with the setting that would fit (sharding: fsdp, cpu_offload: true)."""
+    from kollm.errors import ConfigError
+
+    if not cfg.seq_len:
+        return
+    lm_config = causal_lm(model).config.get_text_config()
+    param_bytes = max((p.element_size() for p in model.parameters()), default=4)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def estimate(sharding_: str, offload: bool) -> sharding.MemoryEstimate:
+        return sharding.estimate_memory(
+            params=sum(p.numel() for p in model.parameters()),
+            trainable=trainable,
+            layers=lm_config.num_hidden_layers,
+            hidden=lm_config.hidden_size,
+            vocab=lm_config.vocab_size,
+            tokens=cfg.batch_size * cfg.seq_len,
+            world=world,
+            sharding=sharding_,
+            cpu_offload=offload,
+            param_bytes=param_bytes,
+            compute_bytes=2 if bf16 else 4,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+
+    chosen = estimate(cfg.sharding, cfg.cpu_offload)
+    log.info(
+        "memory estimate per device (sharding: %s, cpu_offload: %s): %s",
+        cfg.sharding,
+        cfg.cpu_offload,
+        chosen.describe(),
+    )
+    available = device_memory(device)
+    if available is not None:
+        problem = sharding.check_fits(available, estimate, cfg.sharding, cfg.cpu_offload)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -174,7 +239,8 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda" and all(p.dtype.is_floating_point for p in decay + no_decay)
+    # fused for the ddp path; FSDP's sharded (DTensor) parameters take the foreach implementation
+    fused = device.type == "cuda" and cfg.sharding == "ddp" and all(p.dtype.is_floating_point for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
@@ -242,7 +308,15 @@ def train(
     `checkpoint_dir` if there is one. `on_log` is called on rank 0 every `cfg.log_every` steps and at the end."""
     rank, world = rank_and_world()
     torch.manual_seed(cfg.seed + rank)
-    raw = model.to(device)
+    autocast = autocast_for(device, cfg.precision)
+    bf16 = isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
+    sharded = cfg.sharding == "fsdp"
+    check_memory(model, cfg, device, world, bf16=bf16)
+    if sharded:  # fully_shard moves each layer's shard to the device (or, with cpu_offload, to host memory)
+        sharding.shard(model, device=device, bf16=bf16, cpu_offload=cfg.cpu_offload)
+        raw = model
+    else:
+        raw = model.to(device)
     raw.train()
     optimizer = make_optimizer(raw, cfg, device)
     fused_optimizer = bool(optimizer.defaults.get("fused"))
@@ -251,18 +325,20 @@ def train(
     resumed_from = None
     last = ckpt.latest(checkpoint_dir)
     if last is not None:
-        state = ckpt.load(last, raw, optimizer, scheduler)
+        state = (ckpt.load_sharded if sharded else ckpt.load)(last, raw, optimizer, scheduler)
         resumed_from = state.step
+        if state.world != world:  # the data position counts items per rank: the same global position
+            state.offset = state.offset * state.world // world
+    state.world = world
     params = [p for p in raw.parameters() if p.requires_grad]
-    if world > 1:  # every rank starts from rank 0's weights
+    if world > 1 and not sharded:  # every rank starts from rank 0's weights (shard broadcasts them itself)
         for p in raw.parameters():
             dist.broadcast(p.data, src=0)
-    autocast = autocast_for(device, cfg.precision)
     undo_checkpointing = None
     if cfg.gradient_checkpointing:
-        bf16 = isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
         undo_checkpointing = checkpoint_layers(raw, torch.bfloat16 if bf16 else None)
-    model = compile_model(raw) if cfg.compile else raw
+    # fsdp: one graph per layer, FSDP's gathers between them (torch._dynamo skips FSDP's hooks)
+    model = compile_model(raw, per_layer=sharded) if cfg.compile else raw
     batches = _batches(dataset, cfg, collate, state, device)
     started = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0
@@ -281,7 +357,7 @@ def train(
         for micro in range(cfg.grad_accum):
             epoch, offset, batch = next(batches)
             with autocast:
-                out = objective(model, batch)
+                out = sharding.call(model, objective, batch)
             out.loss_sum.backward()
             loss_sum += out.loss_sum.detach().float()
             count += out.count.detach().float()
@@ -290,20 +366,28 @@ def train(
             step_tokens += batch["input_ids"].numel()
         totals = torch.stack([loss_sum, count, *metric_sums.values()])
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if world > 1:  # data parallel: sum gradients, loss and counts over ranks, once per optimizer step
+        if world > 1 and sharded:  # FSDP reduce-scattered (summed) the gradients in the backward pass
+            dist.all_reduce(totals)
+        elif world > 1:  # data parallel: sum gradients, loss and counts over ranks, once per optimizer step
             handles = [dist.all_reduce(g, async_op=True) for g in grads]
             dist.all_reduce(totals)
             for h in handles:
                 h.wait()
         denom = totals[1].clamp(min=1)
-        grad_norm, divisor = _mean_and_clip(grads, denom, cfg.grad_clip)  # tensors: no host sync
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
-            # the hook torch.amp.GradScaler uses; Optimizer does not declare it (GradScaler sets it under an ignore too)
-            optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+        if sharded:  # this rank's shards (on the host with cpu_offload)
+            shards = [sharding.local(g) for g in grads]
+            grad_norm, divisor = _mean_and_clip(shards, denom, cfg.grad_clip, sharded=True)
+            torch._foreach_div_(shards, divisor.to(shards[0].device) if shards else divisor)
+            del shards
         else:
-            torch._foreach_div_(grads, divisor)
+            grad_norm, divisor = _mean_and_clip(grads, denom, cfg.grad_clip)  # tensors: no host sync
+            if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
+                # the hook torch.amp.GradScaler uses; Optimizer does not declare it (GradScaler sets it under an ignore too)
+                optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+            else:
+                torch._foreach_div_(grads, divisor)
         del grads  # kept to the next step, the list would hold last step's gradients through its whole forward
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -320,9 +404,11 @@ def train(
             and checkpoint_dir is not None
         ):
             flush()
-            if rank == 0:
+            if sharded:
+                ckpt.save_sharded(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            elif rank == 0:
                 ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
-            if world > 1:
+            if world > 1 and not sharded:
                 dist.barrier()
         if rank == 0 and on_log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):
             flush()
@@ -373,7 +459,7 @@ def evaluate(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     with autocast_for(device, precision):
         for batch in loader:
-            out = objective(model, {k: v.to(device) for k, v in batch.items()})
+            out = sharding.call(model, objective, {k: v.to(device) for k, v in batch.items()})
             loss_sum += out.loss_sum.float().item()
             count += out.count.float().item()
             for k, v in out.metrics.items():

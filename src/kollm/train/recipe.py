@@ -172,6 +172,11 @@ def execute(ctx: StepContext, job: Job, fn: Callable[[Job, Env], StepResult]) ->
         return launch(fn, job, world=gpus, backend="nccl", progress=ctx.progress, training_log=training_log)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = Env(device=device, progress=ctx.progress, on_log=training_log, log_params=training_log.log_params)
+    if job.config.sharding == "fsdp":  # FSDP over a process group of one: the same code as on N processes
+        from kollm.train.sharding import process_group
+
+        with process_group(device):
+            return fn(job, env)
     return fn(job, env)
 
 
@@ -442,6 +447,9 @@ def loop_config(cfg: TrainingConfig, n_items: int, world: int, *, seq_len: int |
         compile=cfg.compile,
         gradient_checkpointing=cfg.gradient_checkpointing,
         precision=cfg.precision,
+        sharding=cfg.sharding,
+        cpu_offload=cfg.cpu_offload,
+        seq_len=seq,
     )
 
 
@@ -455,15 +463,27 @@ def save_model(
     model: torch.nn.Module,
     tokenizer: Any,
     job: Job,
+    env: Env,
     *,
     base: dict[str, Any],
     result: TrainResult,
     metrics: dict[str, float],
 ) -> dict[str, Any]:
-    """Write the Model artifact: a plain Hugging Face folder (safetensors, tokenizer with chat template,
-    generation config) + kollm.json; LoRA adapters also in adapter/. Returns the artifact's meta."""
+    """Write the Model artifact (rank 0; every rank calls it): a plain Hugging Face folder (safetensors in 5 GB
+    shards, tokenizer with chat template, generation config) + kollm.json; LoRA adapters also in adapter/. A
+    sharded (fsdp) model is gathered onto rank 0 first. Returns the artifact's meta (empty on the other ranks)."""
     from transformers import GenerationConfig
 
+    from kollm.train import sharding
+
+    if sharding.root_of(model) is not None:
+        state = sharding.full_state_dict(model)  # a collective
+        if not env.is_main:
+            return {}
+        model = sharding.plain_model(model, state)
+        del state
+    elif not env.is_main:
+        return {}
     out = job.output_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg = job.config
@@ -482,7 +502,7 @@ def save_model(
     else:
         final = model
     causal_lm(final).config.use_cache = True
-    causal_lm(final).save_pretrained(out)
+    causal_lm(final).save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

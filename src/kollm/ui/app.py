@@ -24,6 +24,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.concurrency import run_in_threadpool
 
 from kollm.errors import ConfigError, KollmError, NotFound
+from kollm.redact import mask_text
 from kollm.rollout.state import RolloutConflict
 from kollm.ui import data, svg
 
@@ -158,7 +159,8 @@ def create_app(project_dir: Path, *, api_key: str | None = None, gateway: str | 
             if isinstance(e, RolloutConflict)
             else 503
         )
-        return page(request, "error.html", status=code, message=e.message, hint=e.hint)
+        hint = mask_text(e.hint) if e.hint else e.hint
+        return page(request, "error.html", status=code, message=mask_text(e.message), hint=hint)
 
     # --- runs ---------------------------------------------------------------------------------------
 
