@@ -278,7 +278,7 @@ def test_registry_commands_outside_a_project_create_no_store(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # a registration and MLflow's pyfunc load in a fresh process
+@pytest.mark.slow(reason="a registration and MLflow's pyfunc load in a fresh process")
 def test_readme_plain_mlflow_snippet_loads_the_champion_as_written(tmp_path, tiny_folder):
     """Found: the README's `mlflow.pyfunc.load_model("models:/...@champion")` failed as written (MLflow did not know
     the project's store) and left an mlflow.db behind."""

@@ -99,7 +99,7 @@ def kollm_serve(tiny_model_dir, tmp_path_factory):
         proc.wait(30)
 
 
-@pytest.mark.slow  # a `kollm serve` process and three lm-eval runs
+@pytest.mark.slow(reason="a `kollm serve` process and three lm-eval runs")
 def test_lm_eval_local_completions_matches_kollms_in_process_evaluation(kollm_serve, tiny_model_dir, tmp_path):
     import lm_eval
 

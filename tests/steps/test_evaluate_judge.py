@@ -70,7 +70,9 @@ def test_kollm_serve_as_the_judge_gives_parseable_verdicts_in_both_orders(judge_
     assert m["judge_score"] == pytest.approx(sum(sum(c.scores.values()) / 4 for c in result.cases) / 2)
 
 
-@pytest.mark.slow  # ~150 s on a loaded 2-core machine: two pipeline runs (prepare, two builds, evaluate, register)
+@pytest.mark.slow(
+    reason="two pipeline runs (prepare, two builds, evaluate, register): ~150 s on a loaded 2-core machine"
+)
 def test_judge_scores_then_compares_with_the_champion(tmp_path, judge_server):
     url, name = judge_server
     gate = ["judge_score >= 1", "judge_win_rate >= 0.5", "judge_parse_failures <= 0"]

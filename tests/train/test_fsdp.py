@@ -37,7 +37,7 @@ from kollm.train.sharding import process_group
 STEPS = 20
 REL = 1e-4
 ATOL = 2e-4
-pytestmark = pytest.mark.slow  # processes: about 2 minutes on an idle 2-core machine (see the report)
+pytestmark = pytest.mark.slow(reason="training processes: about 2 minutes on an idle 2-core machine")
 
 
 def _job(root: Path, data: Path, name: str, *, sharding: str, lora: bool = False, max_steps: int = STEPS) -> Job:
