@@ -26,6 +26,8 @@ def judge_server(tmp_path_factory):
 
     from kollm.serve.local import local_server
 
+    pytest.importorskip("xgrammar", reason="kollm serve constrains JSON with xgrammar: pip install 'kollm[json]'")
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = save_tiny(tmp_path_factory.mktemp("judge") / "model", init_range=0.5, context=4096)
