@@ -69,3 +69,13 @@ def test_relative_rule_without_champion_is_skipped_or_required():
     assert first.passed and first.outcomes[1].status == "skip" and "no 'champion'" in first.outcomes[1].reason
     strict = decide(gate, {"perplexity": 10.0}, {"champion": None}, require_reference=True)
     assert not strict.passed
+
+
+def test_a_metric_that_needs_a_reference_is_skipped_or_required():
+    gate = rules("judge_win_rate >= 0.5", "judge_score >= 5")
+    why = {"judge_win_rate": "no 'champion' model registered yet to compare answers with"}
+    first = decide(gate, {"judge_score": 6.0}, {"champion": None}, unavailable=why)
+    assert first.passed and first.outcomes[0].status == "skip" and first.outcomes[0].reason == why["judge_win_rate"]
+    strict = decide(gate, {"judge_score": 6.0}, {"champion": None}, require_reference=True, unavailable=why)
+    assert not strict.passed and strict.outcomes[0].status == "fail"
+    assert not decide(gate, {"judge_score": 6.0}, {}).passed  # missing for another reason: a failure

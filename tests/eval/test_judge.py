@@ -14,7 +14,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from kollm.errors import ConfigError
-from kollm.eval.judge import DEFAULT_RUBRIC, Item, JudgeConfig, judge, load_rubric, pair_outcome
+from kollm.eval.judge import (
+    DEFAULT_RUBRIC,
+    Criterion,
+    Item,
+    JudgeConfig,
+    Rubric,
+    judge,
+    load_rubric,
+    pair_outcome,
+    pairwise_messages,
+    score_messages,
+)
 
 
 class FakeJudge:
@@ -24,6 +35,7 @@ class FakeJudge:
 
     def __init__(self):
         self.hits: Counter[str] = Counter()
+        self.authorization: list[str | None] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -35,6 +47,7 @@ class FakeJudge:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                fake.authorization.append(self.headers.get("authorization"))
                 fake.answer(self, body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -186,6 +199,24 @@ def test_concurrency_is_bounded(fake):
     fake.max_in_flight = 0
     result = run(fake, [Item(str(i), f"[sleep] {i}", "답") for i in range(6)], modes=["score"], concurrency=2)
     assert result.calls == 6 and fake.max_in_flight == 2
+
+
+def test_the_api_key_comes_from_the_named_variable(fake, monkeypatch):
+    monkeypatch.setenv("KOLLM_TEST_JUDGE_KEY", "s3cret")
+    fake.authorization.clear()
+    result = run(fake, [Item("a", "질문", "답")], modes=["score"], api_key_env="KOLLM_TEST_JUDGE_KEY")
+    assert result.calls == 1 and fake.authorization == ["Bearer s3cret"]
+    fake.authorization.clear()
+    run(fake, [Item("a", "질문", "답")], modes=["score"])
+    assert fake.authorization == [None]
+
+
+def test_korean_prompts_carry_the_rubric_and_its_instructions():
+    rubric = Rubric(criteria=[Criterion(name="politeness", description="공손함: 존댓말")], instructions="짧게")
+    user = score_messages(rubric, "질문", "답변")[1]["content"]
+    assert "[질문]\n질문" in user and "- politeness: 공손함: 존댓말" in user and user.endswith("짧게")
+    pair = pairwise_messages(DEFAULT_RUBRIC, "질문", "첫째", "둘째")[1]["content"]
+    assert "[답변 A]\n첫째" in pair and "[답변 B]\n둘째" in pair and "- fluency: 유창성" in pair
 
 
 def test_config_and_rubric_errors(tmp_path, monkeypatch):

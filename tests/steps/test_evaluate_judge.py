@@ -26,6 +26,8 @@ def judge_server(tmp_path_factory):
 
     from kollm.serve.local import local_server
 
+    pytest.importorskip("xgrammar", reason="kollm serve constrains JSON with xgrammar: pip install 'kollm[json]'")
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = save_tiny(tmp_path_factory.mktemp("judge") / "model", init_range=0.5, context=4096)
@@ -160,6 +162,13 @@ def test_judge_settings_and_rubric_are_in_the_cache_key_and_checked(tmp_path):
     assert first.references["evaluate"]["judge-rubric"] != second.references["evaluate"]["judge-rubric"]
     assert step_key(step, {}, first.references["evaluate"]) != step_key(step, {}, second.references["evaluate"])
 
+    # a registered judge: the version its alias points at is a reference too (none registered here)
+    text = (project / "kollm.yaml").read_text()
+    (project / "kollm.yaml").write_text(
+        text.replace('base_url: "http://127.0.0.1:9/v1", model: j', 'model: "models:/j@champion"')
+    )
+    assert plan(kollm.load(project)).references["evaluate"]["judge:models:/j@champion"] == "none"
+
     # the metrics a judge produces, for the gate's check before anything runs
     from kollm.steps.evaluate import _expected_metrics
 
@@ -175,3 +184,17 @@ def test_judge_settings_and_rubric_are_in_the_cache_key_and_checked(tmp_path):
     (project / "kollm.yaml").write_text(text.replace("      generation: {max_new_tokens: 4}\n", ""))
     with pytest.raises(ConfigError, match="judge: needs `generation:`"):
         kollm.load(project)
+
+
+def test_the_readme_judge_block_is_a_valid_judge_config():
+    from pathlib import Path
+
+    from kollm.steps.evaluate import Config
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("### LLM judge (`judge:`)")[1].split("```yaml\n")[1].split("```")[0]
+    import yaml
+
+    config = Config.model_validate({"generation": {}, **yaml.safe_load(block)})
+    assert config.judge is not None and config.judge.modes == ["score", "pairwise"] and config.judge.max_retries == 3
+    assert config.gate == ["judge_win_rate >= 0.5", "judge_parse_failures <= 0"]

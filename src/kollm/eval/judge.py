@@ -106,7 +106,7 @@ class JudgeConfig(BaseModel):
     compare_to: str = Field("champion", description="The registered-model alias whose answers pairwise judges against.")
     max_tokens: int = Field(512, gt=0, description="Most tokens of one verdict.")
     max_reason_chars: int = Field(400, gt=0, le=4000, description="Longest reason the schema allows.")
-    temperature: float = Field(0.0, ge=0, le=2)
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the judge (0: greedy).")
     concurrency: int = Field(4, gt=0, le=256, description="Judge requests in flight at once.")
     timeout: float = Field(120.0, gt=0, description="Seconds per judge request.")
     max_retries: int = Field(3, ge=0, le=10, description="Retries of a request after a 429, 5xx, timeout or reset.")
