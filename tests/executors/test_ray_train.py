@@ -137,6 +137,16 @@ def test_two_ray_train_workers_match_one_process(ray_cluster, tmp_path, single):
     _assert_matches_one_process(ctx, result, single)
 
 
+@pytest.mark.slow  # about 100 s on a loaded 2-core machine
+def test_fsdp_on_two_ray_train_workers_matches_one_process(ray_cluster, tmp_path, single):
+    """`sharding: fsdp` under the ray executor: FSDP2 over Ray Train's process group, the output gathered on rank 0."""
+    ctx = _context(tmp_path, "rayfsdp", "ray", Resources(workers=2, cpus=2))
+    ctx.config = ctx.config.model_copy(update={"sharding": "fsdp"})
+    result = cpt.run(ctx)
+    _assert_matches_one_process(ctx, result, single)
+    assert list((ctx.checkpoint_dir / "step-00000004" / "dcp").glob("*.distcp"))  # sharded checkpoints
+
+
 def test_workers_under_the_local_executor_run_gloo_processes(tmp_path, single):
     """The same step with the local executor: `workers: 2` runs 2 processes of this host over gloo (recipe.launch)."""
     ctx = _context(tmp_path, "local2", "local", Resources(workers=2, cpus=2))

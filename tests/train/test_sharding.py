@@ -167,6 +167,9 @@ def test_fsdp_with_dpo_matches_the_plain_loop(tiny_model, tokenizer):
 
     (plain, plain_eval), (sharded, sharded_eval) = _twice(lambda: copy.deepcopy(tiny_model), run)
     assert sharded == pytest.approx(plain, rel=1e-5)
+    with sharding.process_group(CPU):  # cpu_offload: the same path (the shards are in host memory anyway here)
+        offloaded, _ = run(copy.deepcopy(tiny_model), {"sharding": "fsdp", "cpu_offload": True})
+    assert offloaded == pytest.approx(plain, rel=1e-5)
     assert sharded_eval[0] == pytest.approx(plain_eval[0], rel=1e-5)  # evaluate goes through the FSDP root
     assert sharded_eval[1]["reward_margin"] == pytest.approx(plain_eval[1]["reward_margin"], rel=1e-4, abs=1e-6)
 
@@ -186,3 +189,33 @@ def test_the_readme_fsdp_example_is_a_valid_step():
     assert config.sharding == "fsdp" and config.base_model
     assert Resources.model_validate(step["resources"]).gpus == 8
     assert sft.Config.model_validate({**step["config"], "cpu_offload": True}).cpu_offload
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/train_sharded.py --cpu --tiny: every case runs or skips its baseline with the reason."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_sharded.py"
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--cpu", "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"lora", "qlora", "offload", "fsdp_ddp"}
+    ran = {r["name"]: r for c in cases.values() for r in c["runs"]}
+    for name in ("kollm_lora", "kollm_fsdp_offload", "kollm_ddp_full", "kollm_ddp", "kollm_fsdp"):
+        assert ran[name]["error"] is None and ran[name]["tokens_per_s"] > 0, name
+    assert "kollm_fsdp_vs_kollm_ddp" in cases["fsdp_ddp"]["summary"]
+    assert (
+        "needs a CUDA GPU" in cases["qlora"]["skipped"]["kollm_qlora"]
+        or "bitsandbytes" in cases["qlora"]["skipped"]["kollm_qlora"]
+    )
+    assert "tokens/s vs" in proc.stdout

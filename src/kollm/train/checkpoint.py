@@ -145,11 +145,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
         )
     options = StateDictOptions(ignore_frozen_params=True)
     weights, optim = get_state_dict(model, optimizer, options=options)
-    loaded = {"model": weights, "optimizer": optim}
-    dcp.load(loaded, checkpoint_id=path / "dcp")
-    set_state_dict(
-        model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"], options=options
-    )
+    dcp.load({"model": weights, "optimizer": optim}, checkpoint_id=path / "dcp")  # into these dicts, resharded
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=options)
     blob = _load_plain(path / "state.pt")
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

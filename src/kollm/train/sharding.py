@@ -117,7 +117,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module) -> dict[str, Any]:
     """The whole model's weights, gathered from the shards onto rank 0's CPU (a collective: every rank calls it;
     the other ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -125,7 +125,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def plain_model(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def plain_model(model: nn.Module, state: dict[str, Any]) -> nn.Module:
     """An ordinary (unsharded) copy of the sharded `model` on the CPU, with the weights `state` (full_state_dict's):
     the same transformers class and config, LoRA-wrapped with the same adapter config when `model` is."""
     from peft import PeftModel, get_peft_model
