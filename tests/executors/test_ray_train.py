@@ -137,7 +137,7 @@ def test_two_ray_train_workers_match_one_process(ray_cluster, tmp_path, single):
     _assert_matches_one_process(ctx, result, single)
 
 
-@pytest.mark.slow  # about 100 s on a loaded 2-core machine
+@pytest.mark.slow(reason="two Ray Train workers with fsdp: about 100 s on a loaded 2-core machine")
 def test_fsdp_on_two_ray_train_workers_matches_one_process(ray_cluster, tmp_path, single):
     """`sharding: fsdp` under the ray executor: FSDP2 over Ray Train's process group, the output gathered on rank 0."""
     ctx = _context(tmp_path, "rayfsdp", "ray", Resources(workers=2, cpus=2))

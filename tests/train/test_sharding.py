@@ -191,7 +191,7 @@ def test_the_readme_fsdp_example_is_a_valid_step():
     assert sft.Config.model_validate({**step["config"], "cpu_offload": True}).cpu_offload
 
 
-@pytest.mark.slow
+@pytest.mark.slow(reason="the benchmark script in a fresh process: about a minute on a loaded 2-core machine")
 def test_sharded_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/train_sharded.py --cpu --tiny: every case runs or skips its baseline with the reason."""
     import json
