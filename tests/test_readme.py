@@ -54,6 +54,7 @@ SKIP = {
     "--from-literal=AWS_SECRET_ACCESS_KEY=...": "needs a Kubernetes cluster (tests/deploy/test_validate.py checks the manifests offline)",
     "kollm deploy kserve-canary 4 --steps 20,50": "its patches need a KServe cluster (tests/deploy/test_validate.py runs the command and applies its patches to the rendered InferenceService, checked against the CRD)",
     "kollm validate": "the GitHub Actions jobs' commands, run there against the team's servers (tests/deploy/test_github.py checks the rendered workflow runs exactly these lines)",
+    '{"name": "korean-corpus", "expectations": [': "a GX suite, not a command (tests/steps/test_prepare_expectations.py validates data with this very suite through GX)",
     "cd deploy/compose": "needs docker compose (tests/deploy checks the rendered stack offline)",
     "src/kollm/": "the source layout, not a command",
 }

@@ -608,6 +608,45 @@ def compile_kfp_cmd(
     out.print(f"[green]wrote[/] {f}")
 
 
+@compile_app.command("airflow")
+def compile_airflow_cmd(
+    path: PathArg = None,
+    out_file: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="The DAG file to write (default: dags/kollm_PROJECT.py).")
+    ] = None,
+    store: Annotated[
+        Optional[str], typer.Option(help="Artifact store URL of the steps (default: the project's .kollm/).")
+    ] = None,
+    schedule: Annotated[
+        Optional[str], typer.Option(help="Cron schedule in UTC, as `kollm watch --schedule` (default: none).")
+    ] = None,
+    kollm_cmd: Annotated[
+        str, typer.Option("--kollm", help="The kollm command the tasks run (e.g. /opt/kollm/.venv/bin/kollm).")
+    ] = "kollm",
+    project_dir: Annotated[
+        str, typer.Option(help="The project folder where the tasks run (default: this project's folder).")
+    ] = "",
+) -> None:
+    """Compile the pipeline to an Airflow 3 DAG: one task per step running `kollm step run`."""
+    import shlex
+
+    from kollm.deploy.airflow import compile_airflow
+    from kollm.deploy.kfp import ident
+    from kollm.pipeline.spec import load_pipeline
+
+    if out_file is None:
+        out_file = Path("dags") / f"kollm_{ident(load_pipeline(path).cfg.project)}.py"
+    f = compile_airflow(
+        path,
+        out_file,
+        store=store or "",
+        schedule=schedule,
+        kollm=tuple(shlex.split(kollm_cmd)),
+        project_dir=project_dir,
+    )
+    out.print(f"[green]wrote[/] {f}")
+
+
 # --- serve (kollm.serve) ------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ class ReportData:
     sentences: Sequence[int] = ()  # sentences per kept row
     morphemes: Sequence[int] = ()  # morphemes per kept row (tokenizer: kiwi; else empty)
     text_stats: dict[str, Any] = field(default_factory=dict)  # kollm.data.filters.text_stats
+    expectations: list[tuple[str, bool, list[str]]] = field(default_factory=list)  # GX: (split, success, failures)
 
 
 def length_histogram(chars: Sequence[int]) -> list[tuple[str, int]]:
@@ -120,6 +121,14 @@ def render(data: ReportData) -> str:
             + "".join(f"<li>{html.escape(f)}</li>" for f in data.failed)
             + "</ul>"
         )
+    if data.expectations:
+        parts.append("<h2>Great Expectations</h2><table><tr><th>split</th><th>result</th></tr>")
+        for split, ok, failures in data.expectations:
+            verdict = (
+                "passed" if ok else "failed:<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in failures) + "</ul>"
+            )
+            parts.append(f"<tr><th>{html.escape(split)}</th><td>{verdict}</td></tr>")
+        parts.append("</table>")
     parts.append(
         "<table>"
         f"<tr><th>rows read</th><td class=num>{c.total:,}</td></tr>"

@@ -59,7 +59,7 @@ from kollm.data.readers import (
 from kollm.data.report import ReportData, render
 from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
-from kollm.errors import KollmError
+from kollm.errors import KollmError, StepFailed
 from kollm.pipeline.artifacts import file_digest
 from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult, _no_progress
 
@@ -108,6 +108,11 @@ class Config(BaseModel):
     pii: PiiConfig = Field(default_factory=PiiConfig, description="What to do with each kind of personal information.")
     split: SplitConfig = Field(default_factory=SplitConfig, description="The train/eval split.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Limits that fail the step when broken.")
+    expectations: str | None = Field(
+        None,
+        description="A Great Expectations 1.x suite (JSON, relative to kollm.yaml) checked on the train and eval "
+        "splits by GX's engine; a failed expectation fails the gate (pip install 'kollm[gx]').",
+    )
     num_proc: int = Field(1, ge=1, le=256, description="Processes for the per-row transforms.")
     batch_rows: int = Field(1000, ge=1, description="Rows per batch handed to a process.")
     report_examples: int = Field(5, ge=0, le=100, description="Examples of removed rows per reason in the report.")
@@ -138,7 +143,11 @@ def code(config: Config) -> tuple[str, ...]:
 
 
 def references(config: Config, project_dir: Path) -> dict[str, str]:
-    return {}  # nothing outside its inputs, config and code
+    """The expectation suite's bytes: an edited suite checks the data again instead of coming from the cache."""
+    if not config.expectations:
+        return {}
+    path = project_dir / config.expectations
+    return {"expectations": "sha256:" + file_digest(path) if path.is_file() else "missing"}
 
 
 # --- per batch: pure, runs in worker processes ----------------------------------------------------
@@ -660,6 +669,26 @@ def _metric_name(reason: str) -> str:
 # --- the step ---------------------------------------------------------------------------------------
 
 
+def _check_expectations(ctx: StepContext, cfg: Config, prepared: Prepared) -> tuple[list[str], str]:
+    """Run the GX suite on the train and eval splits; a summary goes into the report, failed expectations into
+    the gate's failures. Returns those failures and GX's results as JSON ({split: result})."""
+    if not cfg.expectations:
+        return [], ""
+    from kollm.data.expectations import describe, validate_splits
+
+    where = f"steps.{ctx.name}.config.expectations"
+    frames = {"train": prepared.train, "eval": prepared.eval}
+    results = validate_splits(ctx.project_dir / cfg.expectations, frames, where)
+    failed = []
+    for r in results:
+        lines = [describe(x) for x in r.failed()]
+        prepared.report.expectations.append((r.split, r.success, lines))
+        failed += [f"config.expectations ({r.split}): {line}" for line in lines]
+    prepared.report.failed += failed
+    ctx.tracker.log_metrics({f"expectations.{r.split}.failed": float(len(r.failed())) for r in results})
+    return failed, json.dumps({r.split: r.result for r in results}, ensure_ascii=False, indent=2, default=str)
+
+
 def run(ctx: StepContext) -> StepResult:
     cfg: Config = ctx.config
     # The runner's source artifacts (pipeline.spec.resolve_source) always carry these four keys.
@@ -671,6 +700,7 @@ def run(ctx: StepContext) -> StepResult:
     counts = prepared.counts
     broken = violations(counts, cfg.gate)
     prepared.report.failed = [f"config.gate.{limit}: {msg}" for limit, msg in broken]
+    gx_failed, gx_json = _check_expectations(ctx, cfg, prepared)
     html = render(prepared.report)
 
     metrics = {
@@ -696,11 +726,19 @@ def run(ctx: StepContext) -> StepResult:
     metrics |= {f"pii.{t}": float(n) for t, n in prepared.pii.items()}
     ctx.tracker.log_metrics({**metrics, **{f"timing.{k}": v for k, v in prepared.timing.items()}})
 
-    if broken:
+    if broken or gx_failed:
         failed_report = ctx.logs_dir("system") / f"prepare-{ctx.name}-report.html"
         _write_text(failed_report, html)
         ctx.tracker.log_artifact(failed_report, "prepare")
+        if gx_json:
+            _write_text(failed_report.with_name(f"prepare-{ctx.name}-expectations.json"), gx_json)
         check_gate(counts, cfg.gate, ctx.name, str(failed_report))
+        raise StepFailed(
+            f"prepare step '{ctx.name}': the validation gate failed:\n"
+            + "\n".join(f"    {line}" for line in gx_failed)
+            + f"\n  report with GX's results: {failed_report}",
+            hint=f"fix the data or the suite {cfg.expectations}",
+        )
 
     data_dir = ctx.output_path("dataset")
     write_parquet(prepared.train, data_dir / "train.parquet", cfg.dataset)
@@ -712,6 +750,9 @@ def run(ctx: StepContext) -> StepResult:
     _write_text(report_dir / "stats.json", stats_text)
     ctx.tracker.log_artifact(data_dir / "stats.json", "prepare")
     ctx.tracker.log_artifact(report_dir / "report.html", "prepare")
+    if gx_json:
+        _write_text(report_dir / "expectations.json", gx_json)
+        ctx.tracker.log_artifact(report_dir / "expectations.json", "prepare")
 
     for name in cfg.sources:
         ctx.tracker.log_dataset(ctx.inputs[name], name=f"{ctx.name}/{name}", context="source")

@@ -1,0 +1,117 @@
+"""`kollm compile airflow`: the DAG file imports in Apache Airflow 3 with no errors (a real `DagBag` in Airflow's
+own environment: its pins clash with kollm's), with one task per step wired as kollm.yaml wires the steps, the
+retries and the schedule; and bad options get one clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.conftest import REPO
+
+BIN = Path(sys.executable).parent
+AIRFLOW_PYTHON = Path(os.environ.get("KOLLM_AIRFLOW_PYTHON", REPO / ".venv-airflow" / "bin" / "python"))
+needs_airflow = pytest.mark.skipif(
+    not AIRFLOW_PYTHON.exists(),
+    reason=f"no Airflow environment at {AIRFLOW_PYTHON} (python -m venv .venv-airflow && "
+    ".venv-airflow/bin/pip install 'apache-airflow>=3,<4', or set KOLLM_AIRFLOW_PYTHON)",
+)
+
+DAGBAG = textwrap.dedent("""\
+    import json, sys
+    from airflow.dag_processing.dagbag import DagBag
+    bag = DagBag(dag_folder=sys.argv[1])
+    out = {"errors": {k: str(v) for k, v in bag.import_errors.items()}, "dags": {}}
+    for dag_id, dag in bag.dags.items():
+        out["dags"][dag_id] = {
+            "tasks": {t.task_id: {"upstream": sorted(t.upstream_task_ids), "retries": t.retries,
+                                  "pool_slots": t.pool_slots, "exp": t.retry_exponential_backoff}
+                      for t in dag.tasks},
+            "schedule": getattr(dag.timetable, "expression", None),
+        }
+    print(json.dumps(out))
+""")
+
+
+def compile_dag(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "kollm"), "compile", "airflow", *args], capture_output=True, text=True, timeout=120, cwd=project
+    )
+
+
+def dagbag(folder: Path, home: Path) -> dict:
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+    }
+    r = subprocess.run(
+        [str(AIRFLOW_PYTHON), "-c", DAGBAG, str(folder)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@needs_airflow
+def test_the_dag_imports_in_airflow_with_one_task_per_step(quickstart, tmp_path):
+    r = compile_dag(quickstart, "--schedule", "0 3 * * 1", "-o", str(tmp_path / "dags" / "kollm_qs.py"))
+    assert r.returncode == 0, r.stderr
+    bag = dagbag(tmp_path / "dags", tmp_path / "home")
+    assert bag["errors"] == {}
+    dag = bag["dags"]["kollm_korean_quickstart"]
+    tasks = dag["tasks"]
+    assert set(tasks) == {
+        "prepare-corpus",
+        "prepare-sft",
+        "prepare-prefs",
+        "cpt",
+        "sft",
+        "align",
+        "evaluate",
+        "register",
+    }
+    assert tasks["sft"]["upstream"] == ["cpt", "prepare-sft"]
+    assert tasks["register"]["upstream"] == ["align", "evaluate"]
+    assert tasks["prepare-corpus"]["upstream"] == []
+    assert dag["schedule"] == "0 3 * * 1"
+    # retries come from kollm.yaml: give one step two retries and compile again
+    cfg = (quickstart / "kollm.yaml").read_text(encoding="utf-8")
+    project = tmp_path / "p"
+    project.mkdir()
+    for item in quickstart.iterdir():
+        if item.name != "kollm.yaml" and not item.name.startswith("."):
+            (project / item.name).symlink_to(item)
+    (project / "kollm.yaml").write_text(
+        cfg.replace("  - kind: cpt\n", "  - kind: cpt\n    retries: 2\n    resources: {cpus: 3}\n", 1), encoding="utf-8"
+    )
+    assert "retries: 2" in (project / "kollm.yaml").read_text(encoding="utf-8")
+    r = compile_dag(project, "-o", str(tmp_path / "dags2" / "kollm_qs.py"))
+    assert r.returncode == 0, r.stderr
+    cpt = dagbag(tmp_path / "dags2", tmp_path / "home")["dags"]["kollm_korean_quickstart"]["tasks"]["cpt"]
+    assert cpt["retries"] == 2 and cpt["exp"] is True and cpt["pool_slots"] == 3
+
+
+def test_the_tasks_run_kollm_step_run_with_explicit_inputs(quickstart, tmp_path):
+    r = compile_dag(quickstart, "-o", str(tmp_path / "dag.py"), "--store", "s3://kollm/qs", "--kollm", "/opt/kollm")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "dag.py").read_text(encoding="utf-8")
+    compile(text, "dag.py", "exec")  # valid Python
+    assert 'cmd = [*KOLLM, "step", "run", "kollm.yaml", "--step", step]' in text
+    assert "KOLLM = ['/opt/kollm']" in text and "STORE = 's3://kollm/qs'" in text
+    assert (
+        'return run_step(\'sft\', {"data": prepare_sft["outputs"]["dataset"]["uri"], '
+        '"model": cpt["outputs"]["model"]["uri"]})' in text
+    )
+
+
+def test_a_bad_schedule_is_one_message(quickstart, tmp_path):
+    r = compile_dag(quickstart, "--schedule", "every day", "-o", str(tmp_path / "dag.py"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "schedule" in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "dag.py").exists()
