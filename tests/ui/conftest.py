@@ -107,14 +107,14 @@ def demo(tmp_path_factory, browser):
             pg.evaluate("window.__notReloaded = true")
             # while it runs, the graph shows steps that have not started yet, or one at work
             d.observed["statuses_while_running"] = pg.eval_on_selector_all(
-                "svg.dag g.node", "els => els.map(e => e.dataset.status)"
+                "svg.dag.h g.node", "els => els.map(e => e.dataset.status)"
             )
             shoot(pg, "run-in-progress-1280")
             pg.locator("h1 .s-finished").wait_for(timeout=180_000)
             d.observed["seen_finished_after_s"] = time.monotonic() - t0
             d.observed["reloaded"] = pg.evaluate("window.__notReloaded !== true")
             d.observed["statuses_after"] = pg.eval_on_selector_all(
-                "svg.dag g.node", "els => els.map(e => e.dataset.status)"
+                "svg.dag.h g.node", "els => els.map(e => e.dataset.status)"
             )
         finally:
             out, _ = proc.communicate(timeout=300)

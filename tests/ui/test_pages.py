@@ -53,17 +53,17 @@ def test_run_page_graph_metrics_and_loss_curve(demo, page):
     first = demo.run_ids[0]
     steps = step_runs(demo.dir, first)
     page.goto(f"{demo.url}/runs/{first}")
-    nodes = page.locator("svg.dag g.node")
+    nodes = page.locator("svg.dag.h g.node")
     assert sorted(nodes.evaluate_all("els => els.map(e => e.dataset.node)")) == sorted(
         ["data.corpus", "data.suite", "prepare-corpus", "cpt", "evaluate", "register"]
     )
-    cpt = page.locator('svg.dag g.node[data-node="cpt"]')
+    cpt = page.locator('svg.dag.h g.node[data-node="cpt"]')
     key = steps["cpt"].data.tags["kollm.cache_key"]
-    assert key[:8] in cpt.text_content() and "ran" in cpt.text_content() and "loss" in cpt.text_content()
+    assert key[:8] in cpt.text_content() and "computed" in cpt.text_content() and "loss" in cpt.text_content()
     ppl = steps["evaluate"].data.metrics["perplexity"]
-    assert f"perplexity {ppl:.4g}" in page.locator('svg.dag g.node[data-node="evaluate"]').text_content()
+    assert f"perplexity {ppl:.4g}" in page.locator('svg.dag.h g.node[data-node="evaluate"]').text_content()
     # edges: one per input: corpus -> prepare -> cpt, {prepare, cpt, suite} -> evaluate, {evaluate, cpt} -> register
-    assert page.locator("svg.dag path[marker-end]").count() == 7
+    assert page.locator("svg.dag.h path.edge").count() == 7
     row = page.locator('table.steps tr[data-step="cpt"]')
     assert steps["cpt"].data.tags["kollm.output.model.digest"].removeprefix("sha256:")[:12] in row.text_content()
     assert "miss" in row.text_content()
@@ -75,7 +75,7 @@ def test_run_page_graph_metrics_and_loss_curve(demo, page):
     both_widths(page, f"{demo.url}/runs/{first}", "run")
 
     page.goto(f"{demo.url}/runs/{demo.run_ids[1]}")
-    cached = page.locator('svg.dag g.node[data-node="cpt"]').text_content()
+    cached = page.locator('svg.dag.h g.node[data-node="cpt"]').text_content()
     assert "cache hit" in cached
     assert page.locator('table.steps tr[data-step="register"]').text_content().count("hit") == 0
     # a cached training step's curve comes from its training log
@@ -124,7 +124,7 @@ def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
     page.goto(f"{demo.url}/lineage/ui-demo/2")
     assert page.locator('tr[data-source="prepare-corpus.source"] a.digest').get_attribute("title") == raw
     assert page.locator('tr[data-dataset="prepare-corpus.dataset"] a.digest').get_attribute("title") == dataset
-    nodes = page.locator("svg.dag g.node").evaluate_all("els => els.map(e => e.dataset.node)")
+    nodes = page.locator("svg.dag.h g.node").evaluate_all("els => els.map(e => e.dataset.node)")
     assert f"data:{raw}" in nodes and "cpt" in nodes and "version:2" in nodes
     both_widths(page, f"{demo.url}/lineage/ui-demo/2", "lineage-back")
 

@@ -62,6 +62,11 @@ def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
         )
         serving = page.locator('.serving tr[data-arm="canary"]').text_content()
         assert "v2" in serving and "100.0%" in serving  # from the gateway's /metrics
+        # per arm over time: requests/s and latency between the page's samples of /metrics
+        for title in ("Requests per second", "Mean latency"):
+            chart = page.locator(f'figure.chart[data-metric="{title}"]')
+            assert chart.locator('polyline[data-label="canary v2"]').count() == 1, title
+            assert chart.locator('polyline[data-label="stable v1"]').count() == 1, title
 
         page.fill("form.unlock input[name=api_key]", KEY)
         page.click("form.unlock button")

@@ -23,7 +23,7 @@ def project_on(root, uri):
 def test_pages_on_postgresql(tmp_path, postgres_uri):
     root = project_on(tmp_path / "p", postgres_uri)
     result = kollm.run(root)
-    ui = TestClient(create_app(root))
+    ui = TestClient(create_app(root), base_url="http://127.0.0.1")
     runs = ui.get("/runs")
     assert runs.status_code == 200 and result.run_id in runs.text and "FINISHED" in runs.text
     page = ui.get(f"/runs/{result.run_id}")
@@ -37,7 +37,7 @@ def test_pages_on_postgresql(tmp_path, postgres_uri):
 
 def test_unreachable_store_is_one_clear_message(tmp_path):
     root = project_on(tmp_path / "p", "postgresql://nobody@127.0.0.1:1/none")
-    page = TestClient(create_app(root)).get("/runs")
+    page = TestClient(create_app(root), base_url="http://127.0.0.1").get("/runs")
     assert page.status_code == 503
     assert "cannot open the MLflow tracking store" in page.text and "Traceback" not in page.text
 

@@ -145,7 +145,7 @@ def execute(ctx: StepContext, job: Job, fn: Callable[[Job, Env], StepResult]) ->
     torch.set_num_threads(max(1, int(ctx.resources.cpus)))
     if ctx.tracker is not None:
         ctx.tracker.log_dataset(job.data, name=f"{job.step}-data", context="training")
-    training_log = TrainingLog(job.log_file, job.step, ctx.tracker)
+    training_log = TrainingLog(job.log_file, job.step, ctx.tracker, job.lineage.get("step_run_id"))
     if ctx.executor == "ray":
         from kollm.train.ray_train import launch_ray
 
@@ -278,7 +278,7 @@ def _worker(
         device = torch.device("cpu")
     dist.init_process_group(backend, rank=rank, world_size=world)
     try:
-        training_log = TrainingLog(job.log_file, job.step, None) if rank == 0 else None
+        training_log = TrainingLog(job.log_file, job.step, None, job.lineage.get("step_run_id")) if rank == 0 else None
         env = Env(
             device=device,
             rank=rank,
@@ -303,10 +303,11 @@ class TrainingLog:
     """on_log hook: a `train_metrics` line (kollm.jsonlog, component "train") in .kollm/logs/training/<step>.jsonl
     every `log_every` optimizer steps, and MLflow metrics."""
 
-    def __init__(self, path: Path, step_name: str, tracker: Any):
+    def __init__(self, path: Path, step_name: str, tracker: Any, run_id: str | None = None):
         self.path = path
         self.step_name = step_name
         self.tracker = tracker
+        self.run_id = run_id  # the step's MLflow run: each line names it (every run of a step shares the file)
         self.log = JsonLog(path, "train", step=step_name)
 
     def _record(self, event: str, level: str = "INFO", **fields: Any) -> dict[str, Any]:
@@ -328,6 +329,8 @@ class TrainingLog:
         if entry.gpu_memory_gb is not None:
             fields["gpu_memory_gb"] = entry.gpu_memory_gb
         fields.update({k: v for k, v in entry.metrics.items() if k not in fields})
+        if self.run_id:
+            fields["run_id"] = self.run_id
         record = self._record("train_metrics", "INFO" if math.isfinite(entry.loss) else "WARNING", **fields)
         self._write(record)
         if self.tracker is not None:

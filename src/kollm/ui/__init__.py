@@ -8,8 +8,10 @@ Without an API key the UI is read-only and binds to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 from kollm.errors import ConfigError
 
@@ -40,9 +42,14 @@ def serve_ui(
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(host, api_key)
-    app = create_app(project_dir, api_key=api_key, gateway=gateway)
-    print(
-        f"kollm ui for {project_dir} on http://{host}:{port}  ({'actions need the API key' if api_key else 'read-only'})",
-        flush=True,
-    )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    app = create_app(project_dir, api_key=api_key, gateway=gateway, host=host)
+    ready = f"kollm ui for {project_dir} on http://{host}:{port}  ({'actions need the API key' if api_key else 'read-only'})"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            # ready once it listens and the store is open (MLflow's import and set-up: seconds, done meanwhile)
+            await asyncio.to_thread(app.state.warm.join, 120)
+            print(ready, flush=True)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()

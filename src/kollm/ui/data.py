@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from kollm.config import load_config
 from kollm.errors import KollmError, NotFound
-from kollm.eval.report import TRAINING_KINDS, Curve, curves_from_log, curves_from_mlflow
+from kollm.eval.report import TRAINING_KINDS
 from kollm.pipeline import history
 from kollm.pipeline.tracking import client_for, tracking_uri
 
+_OPEN = threading.Lock()  # opening an MLflow store (creating its tables) one at a time
 MAX_RUNS = 2000  # runs scanned for the forward lineage of a digest
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+NOT_CHARTED = ("epoch", "tokens", "duration_s")  # logged per step, but a counter, not a curve worth a chart
 
 
 @dataclass(frozen=True)
@@ -51,16 +57,52 @@ class Store:
     def __init__(self, project: Project):
         self.project = project
         self._client: Any = None
+        self._history: dict[str, dict[str, list[tuple[float, float]]]] = {}  # of ended runs: fixed
+        self._summaries: dict[str, RunSummary] = {}  # of ended pipeline runs: fixed
+        self._experiment_id: str | None = None
+
+    def warm(self) -> None:
+        """Open the store and run the runs list's queries once: importing MLflow and setting up its database
+        take seconds, which the first page would otherwise wait for. An error is left for the page to show."""
+        try:
+            list_runs(self)
+        except Exception:  # noqa: BLE001  (the page reports it)
+            pass
+
+    def history(self, run_id: str) -> dict[str, list[tuple[float, float]]]:
+        """Every metric of a run logged at more than one step, as (step, value) points; kept once the run ended."""
+        if run_id in self._history:
+            return self._history[run_id]
+        run = self.client.get_run(run_id)
+        out = {}
+        for key in sorted(run.data.metrics):
+            if key in NOT_CHARTED or key.startswith("timing."):
+                continue
+            points = sorted(
+                (float(m.step), float(m.value))
+                for m in self.client.get_metric_history(run_id, key)
+                if math.isfinite(m.value)
+            )
+            if len(points) > 1:
+                out[key] = points
+        if run.info.status in TERMINAL:
+            self._history[run_id] = out
+        return out
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = client_for(self.project.uri)
+        with _OPEN:  # the warm-up thread and a request (or two apps of one process) may open a store at once
+            if self._client is None:
+                client = client_for(self.project.uri)
+                client.get_experiment_by_name(self.project.experiment)  # sets the store up (tables) here
+                self._client = client
         return self._client
 
     def experiment_id(self) -> str | None:
-        exp = self.client.get_experiment_by_name(self.project.experiment)
-        return None if exp is None else exp.experiment_id
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.project.experiment)
+            self._experiment_id = None if exp is None else exp.experiment_id
+        return self._experiment_id
 
 
 # --- runs and steps ------------------------------------------------------------------------------------------
@@ -81,6 +123,8 @@ class StepNode:
     inputs: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (ref, digest)
     outputs: dict[str, str] = field(default_factory=dict)  # name -> digest
     error: str = ""
+    method: str = ""  # align's preference objective (dpo, orpo, ...), from the run's params
+    source_run_id: str | None = None  # the step run that computed the result: itself, or for a cache hit an earlier one
 
     @property
     def shown_metrics(self) -> dict[str, float]:
@@ -110,6 +154,8 @@ def step_from_run(r: Any) -> StepNode:
         inputs=dict(sorted(inputs.items())),
         outputs=dict(sorted(outputs.items())),
         error=tags.get("kollm.error", ""),
+        method=r.data.params.get("method", ""),
+        source_run_id=None if tags.get("kollm.cache_hit") == "true" else r.info.run_id,
     )
 
 
@@ -119,20 +165,128 @@ def _elapsed(start: int | None, end: int | None) -> float | None:
     return ((end or time.time() * 1000) - start) / 1000
 
 
+@dataclass(frozen=True)
+class Series:
+    """One metric's history in one training step run (MLflow), e.g. cpt's loss per optimizer step."""
+
+    step: str
+    kind: str
+    objective: str  # what a loss measures: "cross-entropy" (cpt, sft) or the align method ("DPO", "ORPO", ...)
+    metric: str
+    run_id: str  # the MLflow run the points come from (for a cache hit, the run that computed the step)
+    points: list[tuple[float, float]]
+
+
 @dataclass
 class RunView:
     info: history.RunRow
     tags: dict[str, str]
     steps: list[StepNode]
-    curves: list[Curve]
+    series: list[Series]
 
     @property
     def active(self) -> bool:
         return self.info.status == "RUNNING"
 
 
-def list_runs(project: Project, limit: int = 50) -> list[history.RunRow]:
-    return history.list_runs(project.dir, limit=limit)
+HEADLINE_METRICS = ("perplexity", "chrf", "exact", "contains", "accuracy", "judge_score")
+HEADLINE_PARAMS = ("base_model", "preset", "method", "lr", "max_steps", "epochs", "batch_size", "lora.r")
+
+
+@dataclass
+class RunSummary:
+    """A pipeline run as the runs list and the compare view show it."""
+
+    row: history.RunRow
+    name: str
+    gate: str  # passed | failed | "" (no gate ran)
+    gate_reasons: list[str]
+    failed_step: str  # the step that failed a FAILED run, "" otherwise
+    metrics: dict[str, float]  # the evaluate steps' metrics, then each training step's final loss
+    params: dict[str, str]  # <step>.<setting> of the training steps' headline settings
+
+
+def list_runs(store: Store, limit: int = 50, query: str = "") -> list[RunSummary]:
+    """The newest pipeline runs (their name or id containing `query`), each with its gate, headline metrics and
+    parameters; one MLflow search for the runs and one for their step runs."""
+    exp = store.experiment_id()
+    if exp is None:
+        return []
+    q = query.strip().replace("'", "").replace("%", "")
+    flt = "tags.`kollm.pipeline` = 'true'"
+    runs = store.client.search_runs(
+        [exp], filter_string=flt, max_results=1000 if q else limit, order_by=["attributes.start_time DESC"]
+    )
+    if q:
+        runs = [r for r in runs if q.lower() in r.info.run_name.lower() or r.info.run_id.startswith(q.lower())][:limit]
+    todo = [r for r in runs if r.info.run_id not in store._summaries]
+    children: dict[str, list[Any]] = {}
+    if todo:
+        oldest = min(r.info.start_time or 0 for r in todo)
+        for c in store.client.search_runs(
+            [exp],
+            filter_string=f"tags.`kollm.step` != '' and attributes.start_time >= {oldest}",
+            max_results=MAX_RUNS,
+            order_by=["attributes.start_time ASC"],
+        ):
+            children.setdefault(c.data.tags.get("mlflow.parentRunId", ""), []).append(c)
+    out = []
+    for r in runs:
+        rid = r.info.run_id
+        summary = store._summaries.get(rid) or summarize(r, children.get(rid, []))
+        if r.info.status in TERMINAL:
+            store._summaries[rid] = summary
+        out.append(summary)
+    return out
+
+
+def summarize(run: Any, children: list[Any]) -> RunSummary:
+    steps = [step_from_run(c) for c in children]
+    m = run.data.metrics
+    row = history.RunRow(
+        run_id=run.info.run_id,
+        started=history._fmt_time(run.info.start_time),
+        status=run.info.status,
+        steps=int(m["steps"]) if "steps" in m else len(steps),
+        cache_hits=int(m.get("cache_hits", sum(s.cache_hit for s in steps))),
+        duration=history._fmt_duration(run.info.start_time, run.info.end_time),
+    )
+    gate, reasons = "", list[str]()
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    for c, s in zip(children, steps):
+        if s.kind == "evaluate":
+            g, rs = gate_of(c.data.tags)
+            gate, reasons = g or gate, rs or reasons
+            found = {k: v for k, v in s.shown_metrics.items() if "." not in k and k != "gate_passed"}
+            first = [k for k in HEADLINE_METRICS if k in found]
+            metrics.update({k: found[k] for k in first + sorted(set(found) - set(first))})
+    for c, s in zip(children, steps):
+        if s.kind in TRAINING_KINDS:
+            for k in ("final_loss", "train_loss", "loss"):
+                if k in s.metrics:
+                    metrics[f"{s.name}.{k}"] = s.metrics[k]
+                    break
+            params.update({f"{s.name}.{k}": c.data.params[k] for k in HEADLINE_PARAMS if k in c.data.params})
+    failed = next((s.name for s in steps if s.status == "FAILED"), "")
+    if failed and not gate and any(s.kind == "evaluate" and s.status == "FAILED" and "gate" in s.error for s in steps):
+        gate = "failed"
+    return RunSummary(row, run.info.run_name, gate, reasons, failed, metrics, params)
+
+
+def compare_runs(store: Store, a: str, b: str) -> list[RunSummary]:
+    out = []
+    for rid in (a, b):
+        info, _ = history.show_run(store.project.dir, rid)
+        run = store.client.get_run(info.run_id)
+        children = store.client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{info.run_id}'",
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+        )
+        out.append(summarize(run, children))
+    return out
 
 
 def run_view(store: Store, run_id: str) -> RunView:
@@ -147,17 +301,20 @@ def run_view(store: Store, run_id: str) -> RunView:
         order_by=["attributes.start_time ASC"],
     )
     steps = [step_from_run(r) for r in children]
+    for s in steps:
+        if s.cache_hit:
+            s.source_run_id = computing_run(store, s)
     if info.status == "RUNNING":
         steps += _pending_steps(store.project, {s.name for s in steps})
-    curves: list[Curve] = []
-    for s in steps:
-        if s.kind in TRAINING_KINDS and s.run_id:
-            curves += training_curves(store, s)
-    return RunView(info, dict(run.data.tags), steps, curves)
+    elif info.status in ("FAILED", "KILLED"):
+        steps += _pending_steps(store.project, {s.name for s in steps}, "SKIPPED")
+    series = [x for s in steps if s.kind in TRAINING_KINDS for x in training_series(store, s)]
+    return RunView(info, dict(run.data.tags), steps, series)
 
 
-def _pending_steps(project: Project, started: set[str]) -> list[StepNode]:
-    """Steps of kollm.yaml not started yet in a running pipeline (none if kollm.yaml no longer loads)."""
+def _pending_steps(project: Project, started: set[str], status: str = "PENDING") -> list[StepNode]:
+    """Steps of kollm.yaml not started (yet: PENDING in a running pipeline; SKIPPED in one that failed), none if
+    kollm.yaml no longer loads."""
     from kollm.pipeline.spec import load_pipeline
 
     try:
@@ -165,16 +322,48 @@ def _pending_steps(project: Project, started: set[str]) -> list[StepNode]:
     except KollmError:
         return []
     return [
-        StepNode(s.name, s.kind, "PENDING", inputs={k: (str(ref), "") for k, ref in s.inputs.items()})
+        StepNode(s.name, s.kind, status, inputs={k: (str(ref), "") for k, ref in s.inputs.items()})
         for s in pipe.steps
         if s.name not in started
     ]
 
 
-def training_curves(store: Store, step: StepNode) -> list[Curve]:
-    """Loss curves of a training step: its MLflow metric history, or its JSON-lines log for a cached step."""
-    found = curves_from_mlflow(store.client, step.name, step.run_id) if step.run_id else []  # none: not started
-    return found or curves_from_log(step.name, store.project.state / "logs" / "training" / f"{step.name}.jsonl")
+def computing_run(store: Store, node: StepNode) -> str | None:
+    """The step run that computed a cache hit's result: named in the cache entry's manifest, else the finished
+    computing run of the same cache key in MLflow; None when neither is left."""
+    if not node.key:
+        return None
+    manifest = _read_json(store.project.state / "steps" / node.key / "step.json")
+    if manifest and isinstance(manifest.get("run_id"), str):
+        return str(manifest["run_id"])
+    exp = store.experiment_id()
+    found = (
+        store.client.search_runs(
+            [exp],
+            filter_string=f"tags.`kollm.cache_key` = '{node.key}' and tags.`kollm.cache_hit` = 'false' "
+            "and attributes.status = 'FINISHED'",
+            max_results=1,
+        )
+        if exp is not None
+        else []
+    )
+    return found[0].info.run_id if found else None
+
+
+def training_series(store: Store, step: StepNode) -> list[Series]:
+    """A training step's logged metrics: the MLflow metric history of the run that computed it (its own run, or
+    for a cache hit the earlier run the cache entry names), never another run's."""
+    rid = step.source_run_id
+    if not rid:
+        return []
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = store.history(rid)
+    except MlflowException:  # the computing run was deleted
+        return []
+    objective = (step.method or "dpo").upper() if step.kind == "align" else "cross-entropy"
+    return [Series(step.name, step.kind, objective, k, rid, pts) for k, pts in found.items()]
 
 
 @dataclass
@@ -185,8 +374,8 @@ class StepView:
     artifacts: list[str]  # artifact paths of the step run, e.g. prepare/report.html
     output_dirs: dict[str, str]  # output name -> folder under .kollm/steps/<key>/
     logs: list[str]  # runner events for this step (JSON lines)
-    training_log: list[str]  # the tail of the step's training log
-    curves: list[Curve]
+    training_log: list[str]  # the tail of the training log lines the computing run wrote
+    series: list[Series]
     tags: dict[str, str]
 
     @property
@@ -198,6 +387,8 @@ def step_view(store: Store, run_id: str) -> StepView:
     c = store.client
     run = _get_run(c, run_id)
     node = step_from_run(run)
+    if node.cache_hit:
+        node.source_run_id = computing_run(store, node)
     parent = run.data.tags.get("mlflow.parentRunId")
     state = store.project.state
     folder = state / "steps" / node.key
@@ -217,11 +408,12 @@ def step_view(store: Store, run_id: str) -> StepView:
                 for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
                 if _json_line(line).get("step") == node.name
             ]
-    training_log = []
-    tlog = state / "logs" / "training" / f"{node.name}.jsonl"
-    if node.kind in TRAINING_KINDS and tlog.is_file():
-        training_log = tlog.read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
-    curves = training_curves(store, node) if node.kind in TRAINING_KINDS else []
+    training_log: list[str] = []
+    series: list[Series] = []
+    if node.kind in TRAINING_KINDS and node.source_run_id:
+        source = run if node.source_run_id == run.info.run_id else _get_run(c, node.source_run_id)
+        training_log = own_log_lines(state / "logs" / "training" / f"{node.name}.jsonl", source)[-40:]
+        series = training_series(store, node)
     return StepView(
         node,
         parent,
@@ -230,9 +422,33 @@ def step_view(store: Store, run_id: str) -> StepView:
         outputs,
         logs[-100:],
         training_log,
-        curves,
+        series,
         dict(sorted(run.data.tags.items())),
     )
+
+
+def own_log_lines(path: Path, run: Any) -> list[str]:
+    """The lines of a training log (shared by every run of the step) that `run` wrote: those naming its run id,
+    and lines without one (older logs) written between its start and end."""
+    if not path.is_file():
+        return []
+    rid = run.info.run_id
+    start = (run.info.start_time or 0) / 1000 - 1
+    end = (run.info.end_time or time.time() * 1000) / 1000 + 1
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        rec = _json_line(line)
+        if "run_id" in rec:
+            if rec["run_id"] == rid:
+                out.append(line)
+            continue
+        try:
+            ts = datetime.fromisoformat(str(rec.get("ts"))).timestamp()
+        except ValueError:
+            continue
+        if start <= ts <= end:
+            out.append(line)
+    return out
 
 
 def _get_run(c: Any, run_id: str) -> Any:
@@ -312,6 +528,46 @@ def model_view(project: Project, name: str) -> ModelView:
 def gate_of(tags: dict[str, str]) -> tuple[str, list[str]]:
     """('passed' | 'failed' | '', reasons) from a version's tags."""
     return tags.get("kollm.gate", ""), [r for r in tags.get("kollm.gate.reasons", "").splitlines() if r]
+
+
+def trouble_of(tags: dict[str, str]) -> str:
+    """Why a version should not be promoted without a second look: its canary rollout failed or it was rolled
+    back ("" when neither)."""
+    result = tags.get("kollm.rollout.result", "")
+    if result in ("rolled_back", "aborted"):
+        why = tags.get("kollm.rollout.reason", "")
+        return f"its canary rollout was {result.replace('_', ' ')}" + (f": {why}" if why else "")
+    if tags.get("kollm.rolled_back_at"):
+        why = tags.get("kollm.rolled_back_reason", "")
+        return "it was rolled back as champion" + (f": {why}" if why else "")
+    return ""
+
+
+def versus(candidate: dict[str, str], champion: dict[str, str]) -> list[dict[str, Any]]:
+    """The candidate's metrics against the champion's, metric by metric: values, difference and which is better
+    (lower is better for perplexity and nll, higher for the rest)."""
+    from kollm.eval.report import LOWER_IS_BETTER
+
+    a, b = metrics_of(candidate), metrics_of(champion)
+    rows = []
+    for k in sorted(set(a) | set(b)):
+        try:
+            x, y = float(a[k]) if k in a else None, float(b[k]) if k in b else None
+        except ValueError:
+            continue
+        better = None
+        if x is not None and y is not None and x != y:
+            better = (x < y) == any(k.endswith(m) for m in LOWER_IS_BETTER)
+        rows.append(
+            {
+                "metric": k,
+                "candidate": x,
+                "champion": y,
+                "delta": None if x is None or y is None else x - y,
+                "better": better,
+            }
+        )
+    return rows
 
 
 def metrics_of(tags: dict[str, str]) -> dict[str, str]:
@@ -434,6 +690,19 @@ class RolloutView:
         r = self.rollout
         return r is not None and r.get("status") in ("progressing", "paused")
 
+    @property
+    def failing(self) -> bool:
+        """The last analysed window failed while the rollout still goes on."""
+        r = self.rollout
+        return bool(self.active and r and r.get("history") and r["history"][-1]["result"]["verdict"] == "fail")
+
+    @property
+    def next_analysis_s(self) -> float | None:
+        r = self.rollout
+        if not r or r.get("status") != "progressing":
+            return None
+        return max(0.0, r["window_started_at"] + r["spec"]["pause_s"] - time.time())
+
 
 def rollout_view(project: Project, gateway: str | None, api_key: str | None) -> RolloutView:
     from kollm.rollout import client as rollout_client
@@ -443,8 +712,38 @@ def rollout_view(project: Project, gateway: str | None, api_key: str | None) -> 
         status = rollout_client.command("status", gateway=gateway, api_key=api_key)
     except KollmError as e:
         error = e.message
+    url = rollout_client.gateway_url(gateway)
+    served = ((status or {}).get("gateway") or {}).get("model")
+    if served and served not in registry_models(project):  # another project's gateway: show none of it
+        status = None
+        error = f"the gateway at {url} serves '{served}', which is not a registered model of this project"
     saved = [] if status is not None else saved_rollouts(project)
-    return RolloutView(status, saved, error, serving_stats(gateway), rollout_client.gateway_url(gateway))
+    return RolloutView(status, saved, error, serving_stats(gateway) if status is not None else [], url)
+
+
+CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>|==)\s*(-?[\d.eE+-]+)\s*$")
+SHORTCODES = {":rotating_light:": "🚨", ":warning:": "⚠️", ":white_check_mark:": "✅", ":x:": "❌"}
+
+
+def emoji(text: str) -> str:
+    """Slack-style shortcodes in alert texts as the emoji they stand for."""
+    return re.sub(r":[a-z0-9_+-]+:", lambda m: SHORTCODES.get(m.group(0), m.group(0)), text)
+
+
+def conditions(analysis: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """The analysis spec (`success_rate>=0.95,p95_ms<=2000`) against a window's values: metric, operator,
+    threshold, value and whether it holds (None: no value)."""
+    ops = {"<=": float.__le__, ">=": float.__ge__, "<": float.__lt__, ">": float.__gt__, "==": float.__eq__}
+    out = []
+    for part in analysis.split(","):
+        m = CONDITION.match(part)
+        if not m:
+            continue
+        name, op, limit = m.group(1), m.group(2), float(m.group(3))
+        v = values.get(name)
+        ok = ops[op](float(v), limit) if isinstance(v, (int, float)) else None
+        out.append({"metric": name, "op": op, "threshold": limit, "value": v, "ok": ok})
+    return out
 
 
 def saved_rollouts(project: Project) -> list[dict[str, Any]]:
