@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from kollm.serve.engine import (
     ChatTurn,
@@ -26,6 +26,7 @@ from kollm.serve.engine import (
     TokenChunk,
     TokenLogprob,
 )
+from kollm.serve.tools import ParsedCall, parse_calls
 
 
 class FakeEngine:
@@ -59,11 +60,14 @@ class FakeEngine:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
 
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         self.last_chat = list(messages)
         if any(m.content == "REJECT" for m in messages):
             raise PromptError("the chat template rejected the messages")
         return self.encode_prompt("".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>")
+
+    def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
+        return parse_calls("hermes", text)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str

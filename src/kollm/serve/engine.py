@@ -40,6 +40,7 @@ goes on with an empty batch; MAX_CONSECUTIVE_FAILURES failing steps in a row end
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -54,6 +55,7 @@ import torch
 
 from kollm.serve import grammar
 from kollm.serve.grammar import Constraint
+from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 
 log = logging.getLogger("kollm.serve")
@@ -102,6 +104,9 @@ class SamplingParams:
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ParsedCall, ...] = ()  # an assistant turn's tool calls
+    tool_call_ids: tuple[str, ...] = ()  # their ids (same order)
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True)
@@ -176,8 +181,13 @@ class Engine(Protocol):
         """Token ids as text (the echo of a prompt given as token ids)."""
         ...
 
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        """Apply the model's chat template (with the generation prompt) and tokenize. Raises PromptError."""
+    def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Apply the model's chat template (with the generation prompt; with `tools`, OpenAI tool definitions, shown
+        to the model by the template) and tokenize. Raises PromptError (param "tools" when it cannot show tools)."""
+        ...
+
+    def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
+        """The content and the tool calls in a generated answer, in the model family's call format."""
         ...
 
     def generate(
@@ -226,15 +236,47 @@ def decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def encode_chat(tokenizer: Any, messages: Sequence[ChatTurn]) -> list[int]:
+def _turn(m: ChatTurn) -> dict[str, Any]:
+    """A chat turn as Hugging Face chat templates read it (tool call arguments as a dict, as they expect)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        calls = []
+        for call, cid in zip(m.tool_calls, m.tool_call_ids):
+            try:
+                args: Any = json.loads(call.arguments)
+            except json.JSONDecodeError:
+                args = call.arguments
+            calls.append({"id": cid, "type": "function", "function": {"name": call.name, "arguments": args}})
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def encode_chat(
+    tokenizer: Any,
+    messages: Sequence[ChatTurn],
+    tools: Sequence[dict[str, Any]] | None = None,
+    *,
+    can_call: bool = True,
+) -> list[int]:
     """Prompt ids for a chat with the model's chat template (both backends tokenize with the HF tokenizer)."""
     if not tokenizer.chat_template:
         raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
+    if tools and not can_call:
+        raise PromptError(
+            "this model's chat template does not show tools to the model (it never mentions `tools`), so it "
+            "cannot call them; send no tools, or serve a model whose template has tool calling",
+            param="tools",
+        )
     from jinja2 import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+            [_turn(m) for m in messages],
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=True,
         )
     except TemplateError as e:
         raise PromptError(f"the model's chat template rejected the messages: {e}") from None
@@ -556,6 +598,7 @@ class TransformersEngine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)
         self.pad_id = int(pad)
         self._token_text: dict[int, str] = {}
+        self.tool_format: ToolFormat | None = tool_format(tokenizer, getattr(model.config, "model_type", None))
         self._grammars: grammar.Grammars | None = None  # made at the first request with a response_format
         self._grammars_lock = threading.Lock()
 
@@ -578,8 +621,11 @@ class TransformersEngine:
     def encode_prompt(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text)
 
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, messages, tools, can_call=self.tool_format is not None)
+
+    def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
+        return parse_calls(self.tool_format, text) if self.tool_format is not None else (text, [])
 
     def decode(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids)

@@ -23,12 +23,13 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kollm.errors import ConfigError
 
 if TYPE_CHECKING:  # parsing --inject-faults must not import torch
     from kollm.serve.engine import ChatTurn, Engine, SamplingParams, TokenChunk
+    from kollm.serve.tools import ParsedCall
 
 log = logging.getLogger("kollm.serve")
 
@@ -98,8 +99,11 @@ class FaultyEngine:
     def decode(self, ids: list[int]) -> str:
         return self.engine.decode(ids)
 
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        return self.engine.encode_chat(messages)
+    def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        return self.engine.encode_chat(messages, tools)
+
+    def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
+        return self.engine.parse_tool_calls(text, tools)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str

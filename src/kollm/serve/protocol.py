@@ -13,11 +13,11 @@ presence_penalty, frequency_penalty, logit_bias, logprobs + top_logprobs (comple
 to kollm.serve.engine.MAX_PROMPT_LOGPROBS_TOKENS tokens), prompts as token ids (completions), `name` on messages, response_format json_object / json_schema (both engines constrain the output
 to JSON, on completions too, as vLLM does; the native engine with xgrammar, the `json` extra, and without it
 answers a 400 naming `response_format`), and the vLLM extensions repetition_penalty, top_k, min_p and
-ignore_eos. Accepted and ignored because they mean nothing to a self-hosted server: user (logged, and used
-for sticky canary routing), metadata, service_tier, parallel_tool_calls, prompt_cache_key,
-safety_identifier, stream_options.include_obfuscation. Answered with a 400 naming the field when set to
-anything but their default: tools / tool_choice / functions / function_call (and tool messages), audio and
-audio modalities, prediction, web_search_options, reasoning_effort, verbosity other than medium, store,
+ignore_eos, and tools / tool_choice / parallel_tool_calls with tool messages and assistant tool_calls
+(kollm.serve.tools). Accepted and ignored because they mean nothing to a self-hosted server: user (logged, and
+used for sticky canary routing), metadata, service_tier, prompt_cache_key, safety_identifier,
+stream_options.include_obfuscation. Answered with a 400 naming the field when set to anything but their
+default: the deprecated functions / function_call (and function messages), audio and audio modalities, prediction, web_search_options, reasoning_effort, verbosity other than medium, store,
 suffix, best_of other than n, and content parts other than text.
 """
 
@@ -58,7 +58,8 @@ def _only(*allowed: Any, why: str) -> AfterValidator:
 Text = Annotated[str, AfterValidator(_utf8)]
 TokenId = Annotated[int, Field(ge=0)]
 StopText = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
-NO_TOOLS = "this server does not call tools (the model has no tool-calling template); send no tools"
+NO_FUNCTIONS = "the deprecated functions / function_call are not served: use tools and tool_choice"
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 REQUEST_CONFIG = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -77,10 +78,25 @@ class TextPart(BaseModel):
     text: Text = Field(description="The text of this part.")
 
 
+class FunctionCall(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Text = Field(description="The function called.")
+    arguments: Text = Field(description="Its arguments, as JSON text.")
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message, replayed in the history."""
+
+    model_config = REQUEST_CONFIG
+    id: Text = Field(description="The call's id (tool messages answer it by tool_call_id).")
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
-        description="Who wrote the message."
+        description="Who wrote the message (tool: the result of a tool call)."
     )
     content: Text | Annotated[list[TextPart], Field(min_length=1)] | None = Field(
         None, description="The message text or text parts (an assistant message may leave it out)."
@@ -89,16 +105,16 @@ class ChatMessage(BaseModel):
         None, description="A participant name; accepted for compatibility, not shown to the model."
     )
     refusal: Annotated[Any, _only(None, why="an assistant refusal cannot be replayed; send it as content")] = None
-    tool_calls: Annotated[Any, _only(None, [], why=NO_TOOLS)] = None
-    tool_call_id: Annotated[Any, _only(None, why=NO_TOOLS)] = None
-    function_call: Annotated[Any, _only(None, why=NO_TOOLS)] = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant message's tool calls.")
+    tool_call_id: Text | None = Field(None, description="A tool message: the id of the call it answers.")
+    function_call: Annotated[Any, _only(None, why=NO_FUNCTIONS)] = None
     audio: Annotated[Any, _only(None, why="audio is not served")] = None
 
     @field_validator("role")
     @classmethod
-    def _no_tool_roles(cls, role: str) -> str:
-        if role in ("tool", "function"):
-            raise ValueError(f"{role} messages answer tool calls; {NO_TOOLS}")
+    def _no_function_role(cls, role: str) -> str:
+        if role == "function":
+            raise ValueError(f"function messages answer the deprecated function_call; {NO_FUNCTIONS}")
         return role
 
     @field_validator("content", mode="before")
@@ -115,6 +131,55 @@ class ChatMessage(BaseModel):
         if self.content is None:
             return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Annotated[str, Field(pattern=TOOL_NAME)] = Field(
+        description="The function's name: letters, digits, _ and -, at most 64."
+    )
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description='Its arguments, as a JSON schema of an object (default: {"type": "object"}).'
+    )
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        if value.get("type", "object") != "object":
+            raise ValueError(
+                f'a function\'s parameters are a JSON schema of an object ("type": "object"), not {value.get("type")!r}'
+            )
+        props = value.get("properties", {})
+        if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
+            raise ValueError('"properties" must map each argument name to a JSON schema')
+        required = value.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise ValueError('"required" must be a list of argument names')
+        missing = [r for r in required if r not in props]
+        if missing and value.get("additionalProperties") is False:
+            raise ValueError(f'"required" names {missing[0]!r}, which is not among "properties"')
+        return value
+
+
+class Tool(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["function"] = Field(description="Only function tools are served.")
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = REQUEST_CONFIG
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = REQUEST_CONFIG
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(BaseModel):
@@ -210,11 +275,15 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = Field(
         None, description="text, json_object or json_schema (if the engine can constrain its output)."
     )
-    tools: Annotated[Any, _only(None, [], why=NO_TOOLS)] = None
-    tool_choice: Annotated[Any, _only(None, "none", "auto", why=NO_TOOLS)] = None
-    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools are called).")
-    functions: Annotated[Any, _only(None, [], why=NO_TOOLS)] = None
-    function_call: Annotated[Any, _only(None, "none", "auto", why=NO_TOOLS)] = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = Field(
+        None, description="Functions the model may call (rendered by the model's chat template)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or one named function."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Whether several calls may come in one answer.")
+    functions: Annotated[Any, _only(None, [], why=NO_FUNCTIONS)] = None
+    function_call: Annotated[Any, _only(None, "none", "auto", why=NO_FUNCTIONS)] = None
     audio: Annotated[Any, _only(None, why="audio output is not served")] = None
     modalities: Annotated[
         list[Literal["text", "audio"]] | None,
@@ -285,7 +354,7 @@ class CompletionRequest(_SamplingFields):
 
 # --- responses (serialized by the server, never validated from users) --------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -294,10 +363,30 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     refusal: None = None
+
+
+class ToolCallsMessage(BaseModel):
+    """An answer that calls tools (content: any text the model wrote before the calls)."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall]
 
 
 class TopLogprob(BaseModel):
@@ -324,7 +413,7 @@ class CompletionLogprobs(BaseModel):
 
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: AssistantMessage | ToolCallsMessage
     finish_reason: FinishReason | None
     logprobs: ChatLogprobs | None = None
 

@@ -89,9 +89,13 @@ from kollm.serve.protocol import (
     ModelCard,
     ModelList,
     TokenLogprobEntry,
+    ToolCall,
+    ToolCallFunction,
+    ToolCallsMessage,
     TopLogprob,
     Usage,
 )
+from kollm.serve.tools import ParsedCall, calls_from_json, named_schema, required_schema
 
 if TYPE_CHECKING:
     from kollm.monitor.embeddings import Embedder
@@ -694,19 +698,59 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         and body.max_tokens != body.max_completion_tokens
     ):
         raise APIError(400, "give max_tokens or max_completion_tokens, not two different values", param="max_tokens")
-    for i, m in enumerate(body.messages):
-        if m.content is None:
-            raise APIError(
-                400, f"messages.{i}.content: a {m.role} message needs content", param=f"messages.{i}.content"
-            )
-    turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
-    prompt_ids = await _tokenize(served.engine.encode_chat, turns)
+    turns = _chat_turns(body)
+    tool_mode = _tool_mode(body)
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    prompt_ids = await _tokenize(served.engine.encode_chat, turns, tools)
     max_tokens = served.budget(prompt_ids, body.max_completion_tokens or body.max_tokens, "messages")
     logprobs = body.top_logprobs_count()
-    jobs = [_Job(prompt_ids, _params(body, max_tokens, i, logprobs)) for i in range(body.choices())]
-    gens, firsts = await _start(served.engine, jobs, rid, timing)
+    jobs = [
+        _Job(prompt_ids, _tool_params(_params(body, max_tokens, i, logprobs), tool_mode, tools, body))
+        for i in range(body.choices())
+    ]
+    gens, firsts = await _start_tools(served.engine, jobs, rid, timing, tool_mode)
     cid = f"chatcmpl-{rid}"
     with_logprobs = logprobs is not None
+    if tool_mode is not None:
+        assert tools is not None
+        results = await _collect_all(gens, firsts)
+        completion = sum(r.tokens for r in results)
+        _finish_metrics(
+            served,
+            "/v1/chat/completions",
+            rid,
+            timing,
+            len(prompt_ids),
+            completion,
+            [r.finish for r in results],
+            body,
+            bool(body.stream),
+            [r.nll for r in results],
+        )
+        answers = [_tool_answer(served.engine, r, tool_mode, tools, rid, i) for i, r in enumerate(results)]
+        usage = Usage(
+            prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion
+        )
+        if not body.stream:
+            return JSONResponse(
+                ChatCompletionResponse(
+                    id=cid,
+                    model=served.model_name,
+                    system_fingerprint=served.version,
+                    choices=[
+                        ChatChoice(
+                            index=i,
+                            message=message,
+                            finish_reason=finish,
+                            logprobs=_chat_logprobs(r.logprobs) if with_logprobs else None,
+                        )
+                        for i, ((message, finish), r) in enumerate(zip(answers, results))
+                    ],
+                    usage=usage,
+                ).model_dump()
+            )
+        chunks = _tool_chunks(cid, served, answers, usage if body.include_usage() else None)
+        return StreamingResponse(iter(chunks), media_type="text/event-stream", headers={"cache-control": "no-cache"})
     if not body.stream:
         results = await _collect_all(gens, firsts)
         completion = sum(r.tokens for r in results)
@@ -923,6 +967,164 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             )
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+# --- tool calls -------------------------------------------------------------------------------------------
+# The model sees the tools through its chat template; what it writes is parsed in its family's call format
+# (engine.parse_tool_calls), or, for tool_choice required or a named function, generated under a JSON schema
+# (kollm.serve.tools). The answer is sent once complete: streamed, it comes as OpenAI streams calls (a delta with
+# the call's id, type, name and empty arguments, then argument fragments, then finish_reason tool_calls).
+
+ToolMode = str  # "auto", "required", or the name of the one function to call
+
+
+def _chat_turns(body: ChatCompletionRequest) -> list[ChatTurn]:
+    turns = []
+    for i, m in enumerate(body.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise APIError(
+                400, f"messages.{i}.content: a {m.role} message needs content", param=f"messages.{i}.content"
+            )
+        if m.role == "tool" and m.tool_call_id is None:
+            raise APIError(
+                400,
+                f"messages.{i}.tool_call_id: a tool message names the call it answers",
+                param=f"messages.{i}.tool_call_id",
+                code="invalid_request",
+            )
+        calls = m.tool_calls or []
+        turns.append(
+            ChatTurn(
+                "system" if m.role == "developer" else m.role,
+                m.text(),
+                tool_calls=tuple(ParsedCall(c.function.name, c.function.arguments) for c in calls),
+                tool_call_ids=tuple(c.id for c in calls),
+                tool_call_id=m.tool_call_id,
+            )
+        )
+    return turns
+
+
+def _tool_mode(body: ChatCompletionRequest) -> ToolMode | None:
+    """None: no tool calls are looked for (no tools, or tool_choice none)."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise APIError(
+                400,
+                "tool_choice needs tools: send the functions the model may call",
+                param="tool_choice",
+                code="invalid_request",
+            )
+        return None
+    if choice == "none":
+        return None
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    names = [t.function.name for t in body.tools]
+    if choice.function.name not in names:
+        raise APIError(
+            400,
+            f"tool_choice names the function {choice.function.name!r}, which is not among the tools ({', '.join(names)})",
+            param="tool_choice",
+            code="invalid_request",
+        )
+    return choice.function.name
+
+
+def _tool_params(
+    params: SamplingParams, mode: ToolMode | None, tools: list[dict[str, Any]] | None, body: ChatCompletionRequest
+) -> SamplingParams:
+    """tool_choice required or a named function: the output is generated under that call's JSON schema."""
+    if mode is None or mode == "auto":
+        return params
+    assert tools is not None
+    if params.response_format is not None:
+        raise APIError(
+            400, "tool_choice required or a named function cannot be combined with response_format", param="tool_choice"
+        )
+    schema = (
+        required_schema(tools, body.parallel_tool_calls is not False)
+        if mode == "required"
+        else named_schema(tools, mode)
+    )
+    return replace(params, response_format="json_schema", json_schema=schema)
+
+
+async def _start_tools(
+    engine: Engine, jobs: list[_Job], rid: str, timing: _Timing, mode: ToolMode | None
+) -> tuple[list[AsyncGenerator[TokenChunk, None]], list[TokenChunk]]:
+    """_start; a tool schema the grammar cannot use is a 400 naming `tools`."""
+    try:
+        return await _start(engine, jobs, rid, timing)
+    except APIError as e:
+        if mode not in (None, "auto") and e.param == "response_format":
+            raise APIError(400, e.message.replace("response_format", "tools"), param="tools", code=e.code) from None
+        raise
+
+
+def _tool_answer(
+    engine: Engine, r: _Result, mode: ToolMode, tools: list[dict[str, Any]], rid: str, index: int
+) -> tuple[AssistantMessage | ToolCallsMessage, str | None]:
+    if mode == "auto":
+        content, calls = engine.parse_tool_calls(r.text, tools)
+    else:
+        content, calls = None, calls_from_json(r.text, None if mode == "required" else mode)
+    if not calls:  # no call (an answer in prose, or JSON cut at max_tokens): the text is the content
+        return AssistantMessage(content=r.text), r.finish
+    tool_calls = [
+        ToolCall(id=f"call_{rid[:16]}_{index}_{k}", function=ToolCallFunction(name=c.name, arguments=c.arguments))
+        for k, c in enumerate(calls)
+    ]
+    return ToolCallsMessage(content=content, tool_calls=tool_calls), "tool_calls"
+
+
+def _tool_chunks(
+    cid: str, served: Served, answers: list[tuple[AssistantMessage | ToolCallsMessage, str | None]], usage: Usage | None
+) -> list[str]:
+    now = int(time.time())
+
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": now,
+            "model": served.model_name,
+            "system_fingerprint": served.version,
+            "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    out = []
+    for i, (message, finish) in enumerate(answers):
+        out.append(chunk(i, {"role": "assistant", "content": message.content}))
+        for k, call in enumerate(message.tool_calls if isinstance(message, ToolCallsMessage) else []):
+            head = {
+                "index": k,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": ""},
+            }
+            out.append(chunk(i, {"tool_calls": [head]}))
+            args = call.function.arguments
+            for start in range(0, len(args), 16):  # argument fragments, as OpenAI streams them
+                out.append(
+                    chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": args[start : start + 16]}}]})
+                )
+        out.append(chunk(i, {}, finish))
+    if usage is not None:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": now,
+            "model": served.model_name,
+            "system_fingerprint": served.version,
+            "choices": [],
+            "usage": usage.model_dump(),
+        }
+        out.append(f"data: {json.dumps(body, ensure_ascii=False)}\n\n")
+    out.append("data: [DONE]\n\n")
+    return out
 
 
 # --- the app ----------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ Public API:
     adapter_of(model_path)               the unmerged LoRA adapter a kollm model folder carries, if any
     INSTALL_HINT                         how to install vLLM
 
+Tool calling: the answer is parsed with vLLM's tool parser (`tool_call_parser`, as `vllm serve --tool-call-parser`),
+by default the one of the template's call format (kollm.serve.tools: hermes, llama3_json); tool_choice required or
+a named function constrain the output with vLLM's structured outputs, as the native engine does with xgrammar.
+
 LoRA: a model trained with `lora: {merge: false}` is a folder with the base weights, the adapter in `adapter/`
 and `"lora": {"adapter": "adapter", "merged": false}` in kollm.json. Served with vLLM, every request carries a
 `LoRARequest` for that adapter (vLLM applies it on the fly; `enable_lora` and `max_lora_rank` are set from the
@@ -57,6 +61,7 @@ from kollm.serve.engine import (
     encode_chat,
     encode_prompt,
 )
+from kollm.serve.tools import ParsedCall, tool_format
 
 log = logging.getLogger("kollm.serve")
 
@@ -225,6 +230,7 @@ class VLLMEngine:
         max_batch_size: int = 256,
         max_queue: int = 4096,
         engine_args: Mapping[str, Any] | None = None,
+        tool_call_parser: str | None = None,
     ):
         require_vllm()
         from transformers import AutoTokenizer
@@ -234,6 +240,9 @@ class VLLMEngine:
 
         model_path = Path(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # vLLM's tool parser names: the native engine's formats are named as vLLM names its parsers
+        model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+        self.tool_call_parser = tool_call_parser or tool_format(self.tokenizer, model_type)
         kwargs: dict[str, Any] = {"model": str(model_path), "dtype": dtype, "max_num_seqs": max_batch_size}
         if context_length:
             kwargs["max_model_len"] = context_length
@@ -278,8 +287,29 @@ class VLLMEngine:
     def decode(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids)
 
-    def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+    def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        return encode_chat(self.tokenizer, messages, tools, can_call=self.tool_call_parser is not None)
+
+    def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
+        """vLLM's tool parser (`vllm serve --tool-call-parser NAME`) over the finished answer."""
+        if self.tool_call_parser is None:
+            return text, []
+        try:
+            from vllm.tool_parsers import ToolParserManager
+        except ImportError:  # vLLM before the tool parsers moved
+            from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+        try:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        except ImportError:
+            from vllm.entrypoints.openai.protocol import ChatCompletionRequest
+
+        parser = ToolParserManager.get_tool_parser(self.tool_call_parser)(self.tokenizer)
+        request = ChatCompletionRequest(model="kollm", messages=[], tools=list(tools))
+        info = parser.extract_tool_calls(text, request)
+        if not info.tools_called:
+            return text, []
+        calls = [ParsedCall(c.function.name, c.function.arguments) for c in info.tool_calls]
+        return (info.content or None), calls
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
