@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kollm-installed
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-vllm check bench clean
+.PHONY: install demo test test-fast test-vllm airflow-env check bench clean
 
 # torch==2.13.0 first: any other torch spec pulls several GB of CUDA packages on this CPU-only setup.
 $(STAMP): pyproject.toml
@@ -56,6 +56,17 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/serve_vllm $(PYTEST_ARGS)
+
+# Apache Airflow 3 in its own environment (its pins clash with kollm's): tests/deploy/test_airflow.py loads the DAG
+# `kollm compile airflow` writes in Airflow's DagBag (skipped without this environment). .ci/run builds it.
+AIRFLOW_VENV ?= .venv-airflow
+$(AIRFLOW_VENV)/.kollm-airflow-installed:
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install -q "apache-airflow>=3,<4"
+	touch $@
+
+airflow-env: $(AIRFLOW_VENV)/.kollm-airflow-installed
 
 clean:
 	rm -rf build .pytest_cache
