@@ -1233,6 +1233,21 @@ def main() -> None:
         if e.hint:
             err.print(f"  [dim]hint:[/] {escape(mask_text(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except ImportError as e:  # an optional package a command needs is missing (or broken): one line, no traceback
+        if not e.name or e.name.split(".")[0] == "kollm":
+            raise  # kollm's own import bug: the traceback helps
+        missing = f" ('{e.name}')"
+        err.print(
+            f"[bold red]error:[/] a package this command needs is missing{missing}: {escape(str(e))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        err.print(
+            "  [dim]hint:[/] install kollm's extra for it (README: Set up), e.g. pip install 'kollm[kfp]'",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     except KeyboardInterrupt:
         _interrupted()
     except SystemExit as e:
