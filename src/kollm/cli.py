@@ -110,15 +110,41 @@ def init(
     out.print(f"[green]created[/] {path}  —  next: [bold]cd {dest} && kollm run[/]")
 
 
+def plural(n: int, word: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @app.command()
-def validate(path: PathArg = None) -> None:
+def validate(
+    path: PathArg = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the wiring as JSON: {project, file, steps: [{index, name, kind, inputs, outputs}]}."
+        ),
+    ] = False,
+) -> None:
     """Check kollm.yaml: fields, step configs, data files and the wiring of inputs."""
     from kollm.pipeline.spec import load_pipeline
 
     pipe = load_pipeline(path)
     check_offline_models(pipe)
     check_gate_metrics(pipe)
-    table = Table(title=f"{pipe.cfg.project}: {len(pipe.steps)} steps", title_justify="left")
+    if as_json:
+        steps = [
+            {
+                "index": s.index,
+                "name": s.name,
+                "kind": s.kind,
+                "inputs": {k: str(v) for k, v in s.inputs.items()},
+                "outputs": dict(s.outputs),
+            }
+            for s in pipe.steps
+        ]
+        _print_json({"project": pipe.cfg.project, "file": str(pipe.file), "steps": steps})
+        return
+    table = Table(title=f"{pipe.cfg.project}: {plural(len(pipe.steps), 'step')}", title_justify="left")
     for col in ("#", "step", "kind", "inputs", "outputs"):
         table.add_column(col)
     for s in pipe.steps:
@@ -230,7 +256,7 @@ def run_cmd(
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:
         err.print(
-            f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s"
+            f"[bold green]done[/] run {result.run_id} — {plural(len(result.steps), 'step')}, {hits} cached, {time.perf_counter() - t0:.1f}s"
         )
         summary = run_summary(result.steps.values())
         if summary:
