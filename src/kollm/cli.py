@@ -326,13 +326,12 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (full run ids).")] = False,
 ) -> None:
     """List pipeline runs (newest first)."""
-    from dataclasses import asdict
 
     from kollm.pipeline.history import list_runs
 
     rows = list_runs(path, limit=limit)
     if as_json:
-        _print_json([asdict(r) for r in rows])
+        _print_json([r.to_json() for r in rows])
         return
     table = Table(title_justify="left")
     id_column(table, "run")
@@ -354,13 +353,12 @@ def show(
     ] = False,
 ) -> None:
     """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics; a sweep's trials sorted by its metric."""
-    from dataclasses import asdict
 
     from kollm.pipeline.history import show_run
 
     info, steps = show_run(path, run_id)
     if as_json:
-        _print_json({"run": asdict(info), "steps": [asdict(s) for s in steps]})
+        _print_json({"run": info.to_json(), "steps": [s.to_json() for s in steps]})
         return
     out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
     table = Table(title_justify="left")
