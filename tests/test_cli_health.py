@@ -57,7 +57,7 @@ def test_runs_and_show_json_and_80_column_tables(tmp_path, kollm_bin):
         "count",
         "count2",
     ]
-    assert all(len(s["key"]) == 12 for s in shown["steps"])
+    assert all(len(s["key"]) == 32 for s in shown["steps"])  # full keys (tables cut them)
 
     env = {**os.environ, "COLUMNS": "80"}
     for args in (["runs"], ["show", "latest"]):
@@ -124,3 +124,26 @@ def test_validate_checks_gate_metric_names(tmp_path, kollm_bin):
     proc = _kollm(kollm_bin, "validate", str(root))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bleu_score" in proc.stderr and "does not produce" in proc.stderr and "chrf" in proc.stderr
+
+
+def test_runs_and_show_json_carry_numbers_full_ids_and_zoned_times(tmp_path, kollm_bin):
+    """Found: metrics were one string cut at 200 characters, durations strings ("0.00s"), `started` had no time zone,
+    keys were cut to 12 characters."""
+    from datetime import datetime
+
+    root = make_project(tmp_path / "p")
+    assert _kollm(kollm_bin, "run", cwd=root).returncode == 0
+    (run,) = json.loads(_kollm(kollm_bin, "runs", "--json", cwd=root).stdout)
+    assert len(run["run_id"]) == 32 and isinstance(run["duration_s"], float) and run["duration_s"] >= 0
+    started = datetime.fromisoformat(run["started"])
+    assert started.tzinfo is not None and datetime.fromisoformat(run["ended"]) >= started
+    shown = json.loads(_kollm(kollm_bin, "show", "latest", "--json", cwd=root).stdout)
+    assert shown["run"] == run
+    count = next(s for s in shown["steps"] if s["name"] == "count")
+    assert count["cache_hit"] is False and isinstance(count["duration_s"], float) and len(count["run_id"]) == 32
+    assert count["metrics"] and all(isinstance(v, (int, float)) for v in count["metrics"].values())
+    assert (
+        set(count["outputs"]) == {"m"}
+        and count["outputs"]["m"].startswith("sha256:")
+        and len(count["outputs"]["m"]) == 71
+    )

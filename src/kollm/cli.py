@@ -111,15 +111,41 @@ def init(
     out.print(f"[green]created[/] {path}  —  next: [bold]cd {dest} && kollm run[/]")
 
 
+def plural(n: int, word: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @app.command()
-def validate(path: PathArg = None) -> None:
+def validate(
+    path: PathArg = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the wiring as JSON: {project, file, steps: [{index, name, kind, inputs, outputs}]}."
+        ),
+    ] = False,
+) -> None:
     """Check kollm.yaml: fields, step configs, data files and the wiring of inputs."""
     from kollm.pipeline.spec import load_pipeline
 
     pipe = load_pipeline(path)
     check_offline_models(pipe)
     check_gate_metrics(pipe)
-    table = Table(title=f"{pipe.cfg.project}: {len(pipe.steps)} steps", title_justify="left")
+    if as_json:
+        steps = [
+            {
+                "index": s.index,
+                "name": s.name,
+                "kind": s.kind,
+                "inputs": {k: str(v) for k, v in s.inputs.items()},
+                "outputs": dict(s.outputs),
+            }
+            for s in pipe.steps
+        ]
+        _print_json({"project": pipe.cfg.project, "file": str(pipe.file), "steps": steps})
+        return
+    table = Table(title=f"{pipe.cfg.project}: {plural(len(pipe.steps), 'step')}", title_justify="left")
     for col in ("#", "step", "kind", "inputs", "outputs"):
         table.add_column(col)
     for s in pipe.steps:
@@ -228,7 +254,7 @@ def run_cmd(
     hits = sum(r.cache_hit for r in result.steps.values())
     if show:
         err.print(
-            f"[bold green]done[/] run {result.run_id} — {len(result.steps)} steps, {hits} cached, {time.perf_counter() - t0:.1f}s"
+            f"[bold green]done[/] run {result.run_id} — {plural(len(result.steps), 'step')}, {hits} cached, {time.perf_counter() - t0:.1f}s"
         )
         summary = run_summary(result.steps.values())
         if summary:
@@ -298,13 +324,12 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (full run ids).")] = False,
 ) -> None:
     """List pipeline runs (newest first)."""
-    from dataclasses import asdict
 
     from kollm.pipeline.history import list_runs
 
     rows = list_runs(path, limit=limit)
     if as_json:
-        _print_json([asdict(r) for r in rows])
+        _print_json([r.to_json() for r in rows])
         return
     table = Table(title_justify="left")
     id_column(table, "run")
@@ -326,13 +351,12 @@ def show(
     ] = False,
 ) -> None:
     """Show one pipeline run: its steps, cache hits, durations, keys, digests and metrics; a sweep's trials sorted by its metric."""
-    from dataclasses import asdict
 
     from kollm.pipeline.history import show_run
 
     info, steps = show_run(path, run_id)
     if as_json:
-        _print_json({"run": asdict(info), "steps": [asdict(s) for s in steps]})
+        _print_json({"run": info.to_json(), "steps": [s.to_json() for s in steps]})
         return
     out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
     table = Table(title_justify="left")
@@ -1310,6 +1334,21 @@ def main() -> None:
         if e.hint:
             err.print(f"  [dim]hint:[/] {escape(mask_text(e.hint))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except ImportError as e:  # an optional package a command needs is missing (or broken): one line, no traceback
+        if not e.name or e.name.split(".")[0] == "kollm":
+            raise  # kollm's own import bug: the traceback helps
+        missing = f" ('{e.name}')"
+        err.print(
+            f"[bold red]error:[/] a package this command needs is missing{missing}: {escape(str(e))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        err.print(
+            "  [dim]hint:[/] install kollm's extra for it (README: Set up), e.g. pip install 'kollm[kfp]'",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     except KeyboardInterrupt:
         _interrupted()
     except SystemExit as e:

@@ -192,3 +192,21 @@ def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, q
         assert {o: v["digest"] for o, v in got["outputs"].items()} == {o: a.digest for o, a in rec.outputs.items()}, (
             name
         )
+
+
+def test_kfp_without_kfp_kubernetes_is_one_message(tmp_path):
+    """Found: with `kfp` installed but not `kfp-kubernetes`, `kollm compile kfp` printed an ImportError traceback."""
+    import sys
+
+    from kollm.examples import init_project
+
+    root = init_project(tmp_path / "q")
+    script = (
+        "import sys\nsys.modules['kfp.kubernetes'] = None  # as if kfp-kubernetes were not installed\n"
+        f"from kollm.cli import main\nsys.argv = ['kollm', 'compile', 'kfp', {str(root)!r}, '-o', {str(tmp_path / 'p.yaml')!r}]\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "kfp-kubernetes" in r.stderr and "pip install 'kollm[kfp]'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 3 and not (tmp_path / "p.yaml").exists()

@@ -280,3 +280,19 @@ def test_cli_drift_json(tmp_path):
         timeout=180,
     )
     assert r.returncode == 2 and "--window '1x'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_drift_run_keeps_its_artifacts_in_the_project_store(tmp_path, monkeypatch):
+    """Found: `kollm monitor drift` left MLflow's default ./mlruns in the project root (the report artifact)."""
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "kollm.yaml").write_text("project: driftp\nsteps:\n  - kind: python\n    config: {callable: 'm:f'}\n")
+    _reference(project / "ref")
+    _serve(project, [KOREAN[i % len(KOREAN)].format(n=i) for i in range(30)])
+    monkeypatch.chdir(project)
+    result = check_drift(project, reference=project / "ref", window="1h", min_requests=10)
+    assert result.mlflow_run_id and not (project / "mlruns").exists()
+    from kollm.registry import client
+
+    uri = client(project).get_run(result.mlflow_run_id).info.artifact_uri
+    assert uri.startswith((project / ".kollm" / "mlartifacts").resolve().as_uri())

@@ -70,3 +70,24 @@ def test_run_runs_show_and_step_run(tmp_path, kollm_bin):
     assert step["cache_hit"] is False and step["outputs"]["m"]["type"] == "metrics"
     missing = kollm(kollm_bin, "show", "ffffffff", "--path", str(root), check=False)
     assert missing.returncode == 4 and "no run matching 'ffffffff'" in missing.stderr
+
+
+def test_validate_json_and_singular_step_count(tmp_path, kollm_bin):
+    """`validate --json` gives the wiring to scripts; a one-step pipeline is "1 step", not "1 steps"."""
+    one = make_project(
+        tmp_path / "one",
+        steps_yaml="- kind: python\n  name: corpus\n  inputs: {src: raw}\n"
+        '  config: {callable: "mysteps:make_corpus", inputs: {src: source}, outputs: {data: corpus}}\n',
+    )
+    env = {**os.environ, "COLUMNS": "120"}
+    r = subprocess.run([kollm_bin, "validate", str(one)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "testproj: 1 step" in r.stdout and "1 steps" not in r.stdout
+    r = subprocess.run(
+        [kollm_bin, "validate", str(make_project(tmp_path / "three")), "--json"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["project"] == "testproj" and [s["name"] for s in doc["steps"]] == ["corpus", "count", "count2"]
+    assert doc["steps"][1]["outputs"] == {"m": "metrics"} and doc["steps"][0]["kind"] == "python"
+    assert set(doc["steps"][1]["inputs"]) == {"data"}

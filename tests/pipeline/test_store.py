@@ -74,3 +74,31 @@ def test_s3_store_on_moto_server(tmp_path, monkeypatch):
             fresh.materialize(uri)
     finally:
         server.stop()
+
+
+def test_s3_store_without_credentials_is_one_message(tmp_path):
+    """Found: `--store s3://...` without credentials printed an 80-line botocore traceback."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("s3fs", reason="s3fs is not installed: pip install 'kollm[s3]'")
+    root = make_project(tmp_path / "p")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",  # no instance role lookup
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",  # never reached: signing fails first
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "run", str(root), "--store", "s3://kollm-no-credentials/p", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "s3://kollm-no-credentials/p" in r.stderr and "NoCredentialsError" in r.stderr
+    assert "AWS_ACCESS_KEY_ID" in r.stderr and len(r.stderr.strip().splitlines()) <= 4, r.stderr

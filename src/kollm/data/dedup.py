@@ -43,7 +43,7 @@ from functools import lru_cache
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from kollm.pipeline.step import STRICT
+from kollm._pydantic import STRICT
 
 
 class DedupConfig(BaseModel):

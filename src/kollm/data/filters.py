@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from kollm.data.korean import hangul_ratio
 from kollm.data.schema import REJECT, filter_text
-from kollm.pipeline.step import STRICT
+from kollm._pydantic import STRICT
 
 
 class FilterConfig(BaseModel):

@@ -32,7 +32,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from kollm.data.schema import REJECT, map_texts_indexed
-from kollm.pipeline.step import STRICT
+from kollm._pydantic import STRICT
 
 PII_TYPES = ("rrn", "phone", "email", "card", "account")
 

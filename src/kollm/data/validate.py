@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 from kollm.errors import StepFailed
-from kollm.pipeline.step import STRICT
+from kollm._pydantic import STRICT
 
 
 class GateConfig(BaseModel):

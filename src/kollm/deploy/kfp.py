@@ -150,7 +150,13 @@ def compile_kfp(
     unknown = [r for r in ray_steps if r not in names]
     if unknown:
         raise ConfigError(f"--ray: no step named {', '.join(map(repr, unknown))}; steps: {', '.join(sorted(names))}")
-    from kfp import compiler, dsl, kubernetes
+    try:
+        from kfp import compiler, dsl, kubernetes
+    except ImportError as e:  # kfp without kfp-kubernetes (`pip install kfp`), or a kfp of another version
+        raise KollmError(
+            f"kollm compile kfp needs kfp and kfp-kubernetes: {e}",
+            hint="pip install 'kollm[kfp]' (kfp 2.17 and kfp-kubernetes 2.17)",
+        ) from None
 
     ray = {s.name for s in p.pipeline.steps if is_ray_sized(s, set(ray_steps))}
     with tempfile.TemporaryDirectory(prefix="kollm-kfp-") as tmp:

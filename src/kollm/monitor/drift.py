@@ -296,11 +296,16 @@ def log_to_mlflow(result: DriftResult, project_dir: Path, report: Path) -> str:
     """One MLflow run in the `kollm-monitor` experiment: drift.<feature>.psi / .ks metrics, the report as an artifact."""
     from mlflow.entities import Metric, Param, RunTag
 
+    from kollm.pipeline.tracking import artifact_location
     from kollm.registry import client
 
     c = client(project_dir)
     exp = c.get_experiment_by_name(MONITOR_EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(MONITOR_EXPERIMENT)
+    exp_id = (
+        exp.experiment_id
+        if exp is not None
+        else c.create_experiment(MONITOR_EXPERIMENT, artifact_location=artifact_location(c.tracking_uri, project_dir))
+    )
     run = c.create_run(
         exp_id,
         run_name=f"drift {datetime.fromtimestamp(result.created_at, timezone.utc):%Y-%m-%d %H:%M}",

@@ -555,11 +555,18 @@ def _log_outcome(settings: WatchSettings, outcome: Outcome) -> str:
     from mlflow.entities import Metric, RunTag
 
     from kollm.monitor.drift import MONITOR_EXPERIMENT
+    from kollm.pipeline.tracking import artifact_location
     from kollm.registry import client
 
     c = client(settings.project_dir)
     exp = c.get_experiment_by_name(MONITOR_EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(MONITOR_EXPERIMENT)
+    exp_id = (
+        exp.experiment_id
+        if exp is not None
+        else c.create_experiment(
+            MONITOR_EXPERIMENT, artifact_location=artifact_location(c.tracking_uri, settings.project_dir)
+        )
+    )
     run = c.create_run(exp_id, run_name=f"watch {outcome.kind}", tags={"kollm.monitor": "watch"})
     tags = [
         RunTag("kollm.watch.outcome", outcome.kind),

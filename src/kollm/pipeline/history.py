@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -16,11 +17,25 @@ from kollm.pipeline.tracking import client_for, tracking_uri
 @dataclass(frozen=True)
 class RunRow:
     run_id: str
-    started: str
+    started: str  # for tables: local time, to the second
     status: str
     steps: int
     cache_hits: int
-    duration: str
+    duration: str  # for tables: "12.3s"
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """`kollm runs --json` / `show --json`'s run: full id, ISO 8601 times with their zone, seconds as numbers."""
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "started": _iso(self.start_ms),
+            "ended": _iso(self.end_ms),
+            "duration_s": (self.end_ms - self.start_ms) / 1000 if self.start_ms and self.end_ms else None,
+            "steps": self.steps,
+            "cache_hits": self.cache_hits,
+        }
 
 
 @dataclass(frozen=True)
@@ -35,10 +50,35 @@ class StepRow:
     metrics: str
     sweep_metric: str = ""  # a swept step: "eval_loss (min)"
     trials: list[dict[str, Any]] = field(default_factory=list)  # its trials, best first (kollm.pipeline.sweep)
+    run_id: str = ""
+    cache_key: str = ""  # the full key (`key` is cut for tables)
+    duration_s: float | None = None
+    metric_values: dict[str, float] = field(default_factory=dict)
+    output_digests: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """`kollm show --json`'s step: numbers as numbers, the full key and digests."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "status": self.status,
+            "run_id": self.run_id,
+            "cache_hit": self.cache == "hit",
+            "duration_s": self.duration_s,
+            "key": self.cache_key,
+            "outputs": self.output_digests,
+            "metrics": self.metric_values,
+            "sweep_metric": self.sweep_metric,
+            "trials": self.trials,
+        }
 
 
 def _fmt_time(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _iso(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds") if ms else None
 
 
 def _fmt_duration(start: int | None, end: int | None) -> str:
@@ -80,6 +120,8 @@ def list_runs(path: str | Path | None = None, limit: int = 20) -> list[RunRow]:
                 steps=steps,
                 cache_hits=hits,
                 duration=_fmt_duration(r.info.start_time, r.info.end_time),
+                start_ms=r.info.start_time,
+                end_ms=r.info.end_time,
             )
         )
     return rows
@@ -132,6 +174,15 @@ def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow
                 metrics=metrics[:200],
                 sweep_metric=tags.get("kollm.sweep.metric", ""),
                 trials=trial_table(tags),
+                run_id=c.info.run_id,
+                cache_key=tags.get("kollm.cache_key", ""),
+                duration_s=m.get("duration_s"),
+                metric_values={k: v for k, v in sorted(m.items()) if k != "duration_s"},
+                output_digests={
+                    k.split(".")[2]: v
+                    for k, v in sorted(tags.items())
+                    if k.startswith("kollm.output.") and k.endswith(".digest")
+                },
             )
         )
     info = RunRow(
@@ -141,5 +192,7 @@ def show_run(path: str | Path | None, run_id: str) -> tuple[RunRow, list[StepRow
         len(steps),
         sum(s.cache == "hit" for s in steps),
         _fmt_duration(run.info.start_time, run.info.end_time),
+        run.info.start_time,
+        run.info.end_time,
     )
     return info, steps

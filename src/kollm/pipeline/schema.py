@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kollm.config import ProjectConfig
-from kollm.steps import KINDS, load_kind
+from kollm.pipeline.kinds import KINDS, load_kind
 
 
 def json_schema() -> dict[str, Any]:

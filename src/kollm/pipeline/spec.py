@@ -20,7 +20,7 @@ from kollm.config import DataSource, ProjectConfig, Resources, SweepSpec, load_c
 from kollm.errors import ConfigError, KollmError
 from kollm.pipeline.artifacts import file_digest, files_digest
 from kollm.pipeline.step import Artifact, InputSpec, parse_config
-from kollm.steps import load_kind
+from kollm.pipeline.kinds import load_kind
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,9 @@ class LocalStore:
             os.close(fd)
 
 
+CLOUD_ERROR_MODULES = ("botocore", "aiobotocore", "google.auth", "google.api_core", "azure.core", "azure.identity")
+
+
 class FsspecStore:
     """Finished steps under an fsspec URL, for workers on several machines (s3://bucket/prefix, gs://...)."""
 
@@ -203,7 +206,29 @@ class FsspecStore:
     def _uri(self, path: str) -> str:
         return self.fs.unstrip_protocol(path)
 
+    @contextmanager
+    def _remote(self) -> Iterator[None]:
+        """The store's own errors (no credentials, access denied, an unknown bucket) as one message, not a
+        cloud SDK's traceback."""
+        try:
+            yield
+        except KollmError:
+            raise
+        except Exception as e:
+            if not (isinstance(e, PermissionError) or type(e).__module__.startswith(CLOUD_ERROR_MODULES)):
+                raise
+            raise KollmError(
+                f"store {self.url}: {type(e).__name__}: {e}",
+                hint="give this process credentials for the store (for s3://: AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role; AWS_ENDPOINT_URL for MinIO) "
+                "and check that the bucket exists and that they may read and write it",
+            ) from None
+
     def lookup(self, key: str) -> Manifest | None:
+        with self._remote():
+            return self._lookup(key)
+
+    def _lookup(self, key: str) -> Manifest | None:
         try:
             with self.fs.open(self._path("steps", f"{key}.json"), "rb") as f:
                 return json.loads(f.read())
@@ -224,6 +249,10 @@ class FsspecStore:
         shutil.rmtree(staged, ignore_errors=True)
 
     def publish(self, key: str, staged: Path, manifest: Manifest) -> Manifest:
+        with self._remote():
+            return self._publish(key, staged, manifest)
+
+    def _publish(self, key: str, staged: Path, manifest: Manifest) -> Manifest:
         prefix = self._path("objects", key, uuid.uuid4().hex[:12])
         for name, out in manifest["outputs"].items():
             out["uri"] = self._uri(f"{prefix}/{name}")
@@ -240,6 +269,10 @@ class FsspecStore:
         return manifest
 
     def materialize(self, uri: str) -> Artifact:
+        with self._remote():
+            return self._materialize(uri)
+
+    def _materialize(self, uri: str) -> Artifact:
         fs, path = self.fs, uri
         if "://" in uri:
             import fsspec

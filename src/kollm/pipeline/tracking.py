@@ -65,6 +65,21 @@ def tracking_uri(project_dir: Path | None = None, cfg: ProjectConfig | None = No
     return f"sqlite:///{base / 'mlflow.db'}"
 
 
+def artifact_location(uri: str, project_dir: Path, cfg: ProjectConfig | None = None) -> str | None:
+    """Where a new experiment of the project keeps its artifacts: kollm.yaml's tracking.artifact_location; else a
+    tracking server chooses (its --artifacts-destination, served to every client); a local store keeps them beside it
+    in .kollm/mlartifacts (never MLflow's default ./mlruns in the current folder)."""
+    if cfg is None and (project_dir / "kollm.yaml").exists():
+        from kollm.config import load_config
+
+        cfg, _ = load_config(project_dir)
+    if cfg is not None and cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    return (
+        None if uri.startswith(("http://", "https://")) else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri()
+    )
+
+
 def client_for(uri: str) -> MlflowClient:
     """An MlflowClient for `uri` (tracking and registry), with a clear error when the store cannot be reached."""
     from mlflow import MlflowClient
@@ -332,12 +347,7 @@ class PipelineTracker:
             client = client_for(self.uri)
             exp = client.get_experiment_by_name(name)
             if exp is None:
-                # a tracking server chooses where artifacts go (its --artifacts-destination, served to every client);
-                # a local store keeps them beside it in .kollm/mlartifacts
-                server = self.uri.startswith(("http://", "https://"))
-                location = cfg.tracking.artifact_location or (
-                    None if server else (project_dir / ".kollm" / "mlartifacts").resolve().as_uri()
-                )
+                location = artifact_location(self.uri, project_dir, cfg)
                 self.experiment_id = client.create_experiment(
                     name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
                 )

@@ -1,30 +1,8 @@
-"""Step kinds: one module per kind. Modules are imported only when a pipeline uses them (torch is heavy)."""
+"""Step kinds: one module per kind, registered by name in kollm.pipeline.kinds. Modules are imported only when a
+pipeline uses them (torch is heavy)."""
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from kollm.pipeline.kinds import KINDS, load_kind
 
-from kollm.errors import ConfigError
-
-# kind -> module. Each module follows the contract in kollm.pipeline.step.
-KINDS: dict[str, str] = {
-    "prepare": "kollm.steps.prepare",
-    "cpt": "kollm.steps.cpt",
-    "sft": "kollm.steps.sft",
-    "align": "kollm.steps.align",
-    "evaluate": "kollm.steps.evaluate",
-    "register": "kollm.steps.register",
-    "python": "kollm.steps.python",
-}
-
-
-def load_kind(kind: str, where: str = "kind") -> ModuleType:
-    """The module of a step kind; an unknown kind is a ConfigError that lists the known ones."""
-    if kind not in KINDS:
-        import difflib
-
-        close = difflib.get_close_matches(kind, list(KINDS), n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "known kinds: " + ", ".join(KINDS)
-        raise ConfigError(f"{where}: unknown step kind '{kind}'; {hint}")
-    return importlib.import_module(KINDS[kind])
+__all__ = ["KINDS", "load_kind"]
