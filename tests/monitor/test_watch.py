@@ -112,6 +112,71 @@ def test_webhook_receiver_queues_verified_events(tmp_path):
     assert store.drain() == []
 
 
+def _receiver(tmp_path):
+    import threading
+
+    settings = WatchSettings(project_dir=tmp_path, webhook_secret="s3cret", webhook_port=0)
+    server = webhook_server(settings, StateStore(tmp_path / "watch"), model_name="kodemo")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a fresh connection; what the server answers until it closes (or `timeout` passes)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        return got
+
+
+def test_webhook_receiver_refuses_big_or_bad_lengths_before_reading(tmp_path):
+    server = _receiver(tmp_path)
+    port = server.server_address[1]
+    try:
+        # 600 MB announced, nothing sent: refused at once (the body was read into memory before)
+        head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        assert _raw(port, head + b"Content-Length: 600000000\r\n\r\n").startswith(b"HTTP/1.0 413")
+        assert _raw(port, head + b"Content-Length: -5\r\n\r\n").startswith(b"HTTP/1.0 400")
+        assert _raw(port, head + b"Content-Length: 12abc\r\n\r\n").startswith(b"HTTP/1.0 400")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_receiver_drops_a_stalled_client(tmp_path, monkeypatch):
+    import socket
+
+    from kollm.monitor import watch as watch_mod
+
+    monkeypatch.setattr(watch_mod, "WEBHOOK_READ_TIMEOUT_S", 0.5)
+    server = _receiver(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=20) as sock:
+            sock.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"half":')  # then silence
+            assert sock.recv(100) == b""  # the server hung up (before: it held the thread until the client left)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_replay_after_a_restart_is_refused(tmp_path):
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "b", "version": "1"}}).encode()
+    headers = _signed("s3cret", body)
+    for expected in (202, 200):  # the second receiver is a restarted watcher: the delivery is a replay
+        server = _receiver(tmp_path)
+        try:
+            r = httpx.post(f"http://127.0.0.1:{server.server_address[1]}/", content=body, headers=headers)
+            assert r.status_code == expected, r.text
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert len(StateStore(tmp_path / "watch").drain()) == 1
+
+
 def _project(root, rows: int = 60):
     (root / "data").mkdir(parents=True)
     _append(root, 0, rows)

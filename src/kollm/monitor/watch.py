@@ -580,22 +580,74 @@ def verify_mlflow_signature(
     return hmac.compare_digest(base64.b64encode(expected).decode(), signature[3:])
 
 
+MAX_WEBHOOK_BODY = 1024 * 1024  # an MLflow registry event is a few hundred bytes
+WEBHOOK_READ_TIMEOUT_S = 10.0  # a client that stops sending mid-request is dropped after this
+WEBHOOK_MAX_AGE_S = 300.0  # a delivery's timestamp may be this old; its id is remembered this long
+
+
+class DeliveryLog:
+    """The delivery ids seen within the replay window, in `<state dir>/webhook-deliveries.jsonl`, so a delivery
+    replayed after the watcher restarts is refused as well. Shared by threads and processes under a file lock."""
+
+    def __init__(self, folder: Path, window_s: float = WEBHOOK_MAX_AGE_S):
+        self.path = Path(folder) / "webhook-deliveries.jsonl"
+        self.window_s = window_s
+
+    def first_time(self, delivery: str, now: float | None = None) -> bool:
+        """Records `delivery`; False when it was seen within the window (a replay)."""
+        now = time.time() if now is None else now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            kept = []
+            for line in f.read().splitlines():
+                try:
+                    entry = json.loads(line)
+                    if now - float(entry["at"]) <= self.window_s:
+                        kept.append(entry)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line: forgotten
+            if any(e.get("id") == delivery for e in kept):
+                return False
+            kept.append({"id": delivery, "at": now})
+            f.seek(0)
+            f.truncate()
+            f.write("".join(json.dumps(e) + "\n" for e in kept))
+            return True
+
+
 def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) -> ThreadingHTTPServer:
     """POST / (any path): a verified MLflow registry event becomes a `webhook` trigger in the inbox. Events about
-    the watched model itself (the versions this watcher registers) are acknowledged and ignored."""
+    the watched model itself (the versions this watcher registers) are acknowledged and ignored. A body over
+    MAX_WEBHOOK_BODY gets 413 and a missing or invalid Content-Length 400/411, before any of it is read; a client
+    that stalls is dropped after WEBHOOK_READ_TIMEOUT_S; replays are refused across restarts (DeliveryLog)."""
     assert settings.webhook_secret and settings.webhook_port is not None
-    secret, seen, lock = settings.webhook_secret, set(), threading.Lock()
+    secret, deliveries = settings.webhook_secret, DeliveryLog(store.folder)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = WEBHOOK_READ_TIMEOUT_S  # socket timeout for the request line, headers and body
+
         def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            if not verify_mlflow_signature(secret, dict(self.headers.items()), body):
+            length = self.headers.get("content-length")
+            if length is None:
+                return self._answer(411, {"error": "Content-Length is required"}, close=True)
+            if not length.strip().isdigit():
+                return self._answer(400, {"error": f"invalid Content-Length {length[:40]!r}"}, close=True)
+            if int(length) > MAX_WEBHOOK_BODY:
+                return self._answer(413, {"error": f"body over {MAX_WEBHOOK_BODY} bytes"}, close=True)
+            try:
+                body = self.rfile.read(int(length))
+            except TimeoutError:
+                self.close_connection = True
+                return
+            if len(body) < int(length):  # the client closed early
+                self.close_connection = True
+                return
+            if not verify_mlflow_signature(secret, dict(self.headers.items()), body, max_age_s=WEBHOOK_MAX_AGE_S):
                 return self._answer(401, {"error": "bad or missing X-MLflow-Signature, or a stale X-MLflow-Timestamp"})
-            delivery = self.headers.get("x-mlflow-delivery-id", "")
-            with lock:
-                if delivery in seen:
-                    return self._answer(200, {"status": "duplicate delivery ignored"})
-                seen.add(delivery)
+            if not deliveries.first_time(self.headers.get("x-mlflow-delivery-id", "")):
+                return self._answer(200, {"status": "duplicate delivery ignored"})
             try:
                 event = json.loads(body)
                 data = event.get("data", {})
@@ -608,11 +660,14 @@ def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) 
             store.push(Trigger(kind="webhook", detail=detail))
             self._answer(202, {"status": "queued", "trigger": detail})
 
-        def _answer(self, code: int, payload: dict[str, Any]) -> None:
+        def _answer(self, code: int, payload: dict[str, Any], close: bool = False) -> None:
             raw = json.dumps(payload).encode()
             self.send_response(code)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(raw)))
+            if close:  # the unread body must not be taken for the next request
+                self.send_header("connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(raw)
 
