@@ -108,3 +108,42 @@ def test_json_logs_rotate(tmp_path):
 def test_clip():
     assert clip("abc", 5) == "abc" and clip(None) is None and clip(3) == 3
     assert clip("가" * 10, 4) == "가가가...[10 chars]...가" and clip("가" * 10, 3) == "가가가...[10 chars]"
+
+
+class CountingTokenizer:
+    """The tiny model's real tokenizer, recording the length of every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.lengths = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.lengths.append(len(text))
+        return self._tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenizing_it(tiny_model_dir):
+    """A prompt just under the 4 MiB body limit cost ~1 GB and 5 s of tokenizing before its 400: now its character
+    count alone refuses it, and the tokenizer never sees it (completions and chat alike)."""
+    from kollm.serve.engine import load_engine, max_chars_per_token
+
+    engine = load_engine(tiny_model_dir, device="cpu", max_batch_size=2)
+    counting = CountingTokenizer(engine.tokenizer)
+    engine.tokenizer = counting
+    bound = engine.context_length * max_chars_per_token(counting)
+    huge = "가" * (3 * 1024 * 1024 // 3)  # 3 MiB of UTF-8
+    assert len(huge) > bound
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": huge, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert "characters" in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
+        if engine.tokenizer.chat_template:
+            msgs = [{"role": "user", "content": huge}]
+            r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert all(n < bound for n in counting.lengths), counting.lengths
+        # a prompt within the bound is tokenized as before and still gets the exact token count
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "가 " * 600, "max_tokens": 1})
+        assert r.status_code in (200, 400) and 1200 in counting.lengths, r.text

@@ -256,10 +256,10 @@ class VLLMEngine:
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return encode_prompt(self.tokenizer, text, self.context_length)
 
     def encode_chat(self, messages: Sequence[ChatTurn]) -> list[int]:
-        return encode_chat(self.tokenizer, messages)
+        return encode_chat(self.tokenizer, messages, self.context_length)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
