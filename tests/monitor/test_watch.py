@@ -26,7 +26,7 @@ from kollm.monitor.watch import (
     watcher_lock,
     webhook_server,
 )
-from tests.rollout.conftest import WebhookReceiver
+from tests.rollout.conftest import WebhookReceiver, registered, tracking_uri  # noqa: F401  (fixtures)
 
 KOREAN = [
     "오늘 서울의 날씨는 맑고 기온은 {n}도까지 오르겠습니다. 외출할 때 모자를 챙기세요.",
@@ -336,3 +336,57 @@ def test_long_running_watch_retrains_on_a_verified_registry_webhook(project):
     assert outcome["kind"] == "no_new_challenger" and outcome["steps_run"] == ["prep"]  # the first pipeline run
     assert [t["detail"] for t in outcome["triggers"]] == ["registry webhook model_version_alias.created base-ko 4"]
     assert not thread.is_alive()
+
+
+def test_long_running_watch_survives_a_gateway_outage(project, registered, tmp_path):  # noqa: F811
+    """The gateway is down when a trigger arrives: the watcher keeps retrying with backoff (it exited with code 1
+    before, its webhook receiver with it), alerts once for the outage and once when it ends, and runs the pending
+    trigger when the gateway comes up."""
+    import threading
+
+    from kollm.monitor.watch import watch
+    from tests.rollout.conftest import Server
+    from tests.rollout.test_rollout import make_gateway
+
+    from .conftest import free_port
+
+    hook_port, gw_port = free_port(), free_port()
+    with WebhookReceiver() as alerts:
+        settings = WatchSettings(
+            project_dir=project,
+            webhook_secret="s3cret",
+            webhook_port=hook_port,
+            model_name="watchdemo",
+            gateway=f"http://127.0.0.1:{gw_port}",  # nothing listens there yet
+            alert_webhook=alerts.url,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=watch, args=(settings,), kwargs={"interval_s": 0.2, "stop": stop})
+        thread.start()
+        store = StateStore(settings.state_dir)
+        try:
+            deadline = time.time() + 120
+            while store.load().data_digest is None:
+                assert time.time() < deadline and thread.is_alive()
+                time.sleep(0.1)
+            _append(project, 500, 5)  # a data change: the next cycle asks the gateway whether a rollout runs
+            while not alerts.received:
+                assert time.time() < deadline and thread.is_alive()
+                time.sleep(0.1)
+            time.sleep(3)  # several retries (2 s backoff and more) pass without a second alert
+            assert thread.is_alive() and len(alerts.received) == 1, alerts.received
+            assert "cycles fail" in alerts.received[0]["text"] and str(gw_port) in alerts.received[0]["text"]
+            body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "x"}}).encode()
+            url = f"http://127.0.0.1:{hook_port}/"
+            assert httpx.post(url, content=body, headers=_signed("s3cret", body), timeout=30).status_code == 202
+            with Server(make_gateway(registered, tmp_path), port=gw_port):
+                while not store.load().history:
+                    assert time.time() < deadline and thread.is_alive()
+                    time.sleep(0.1)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        texts = [a["text"] for a in alerts.received]
+        assert sum("recovered after" in t for t in texts) == 1 and sum("cycles fail" in t for t in texts) == 1, texts
+    outcome = store.load().history[0]
+    assert outcome["kind"] == "no_new_challenger" and {t["kind"] for t in outcome["triggers"]} == {"data", "webhook"}

@@ -53,6 +53,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from kollm.errors import ConfigError, GateFailed, KollmError
+from kollm.redact import mask_text
 
 log = logging.getLogger("kollm.watch")
 
@@ -677,6 +678,38 @@ def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) 
     return ThreadingHTTPServer((settings.webhook_host, settings.webhook_port), Handler)
 
 
+class Outage:
+    """A cycle that fails (the gateway or the registry unreachable, ...) is retried with backoff (from
+    min(interval, 2 s), doubling, up to max(interval, 5 min)); the outage is logged and alerted once when it starts
+    and once when it ends, not on every try."""
+
+    def __init__(self, settings: WatchSettings, interval_s: float):
+        self.settings, self.interval_s = settings, interval_s
+        self.failures, self.delay = 0, min(interval_s, 2.0)
+
+    def _alert(self, text: str) -> None:
+        from kollm.monitor.alerts import send_alert, webhook_url
+
+        asyncio.run(send_alert(webhook_url(self.settings.alert_webhook), text))
+
+    def failed(self, e: Exception) -> float:
+        """Seconds to wait before the next try."""
+        self.failures += 1
+        if self.failures == 1:
+            message = mask_text(e.message if isinstance(e, KollmError) else f"{type(e).__name__}: {e}")
+            log.error("watch cycle failed: %s; retrying with backoff (logged again when it recovers)", message)
+            self._alert(f"kollm watch: cycles fail: {message}; retrying with backoff")
+        else:
+            self.delay = min(self.delay * 2, max(self.interval_s, 300.0))
+        return self.delay
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.info("watch cycles work again after %d failed tries", self.failures)
+            self._alert(f"kollm watch: recovered after {self.failures} failed tries")
+        self.failures, self.delay = 0, min(self.interval_s, 2.0)
+
+
 def watch(settings: WatchSettings, *, interval_s: float = 60.0, stop: threading.Event | None = None) -> None:
     """Run cycles every interval_s until `stop` is set (or Ctrl-C), with the webhook receiver when configured."""
     stop = stop or threading.Event()
@@ -689,9 +722,15 @@ def watch(settings: WatchSettings, *, interval_s: float = 60.0, stop: threading.
         server = webhook_server(settings, StateStore(settings.state_dir), _model_name(settings))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         log.info("MLflow webhook receiver on http://%s:%d/", settings.webhook_host, server.server_address[1])
+    outage = Outage(settings, interval_s)
     try:
         while not stop.is_set():
-            outcome = run_cycle(settings)
+            try:
+                outcome = run_cycle(settings)
+            except Exception as e:  # noqa: BLE001 - the gateway or the registry is down: retry, the receiver stays up
+                stop.wait(outage.failed(e))
+                continue
+            outage.recovered()
             log.info("watch cycle: %s: %s", outcome.kind, outcome.message)
             stop.wait(interval_s)
     finally:
