@@ -147,3 +147,39 @@ def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenizing_it(ti
         # a prompt within the bound is tokenized as before and still gets the exact token count
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "가 " * 600, "max_tokens": 1})
         assert r.status_code in (200, 400) and 1200 in counting.lengths, r.text
+
+
+def test_a_client_that_leaves_stops_its_non_streamed_sequences(tmp_path):
+    """n=16 and a long max_tokens, not streamed: when the client leaves, its 16 sequences stop decoding (they kept
+    running to the end before, and later requests waited behind them)."""
+    import socket
+    import time
+
+    from kollm.serve.engine import load_engine
+
+    from tests.serve.conftest import start_server
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "long", context=8192, init_range=0.5)
+    engine = load_engine(folder, device="cpu", max_batch_size=16)
+    live = start_server(create_app(engine, model_name="tiny"))
+    try:
+        eos = engine.tokenizer.eos_token_id
+        body = json.dumps(
+            {"model": "tiny", "prompt": "안녕", "n": 16, "max_tokens": 8000, "logit_bias": {str(eos): -100}}
+        ).encode()
+        port = int(live.url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 60
+        while engine.running() < 16:
+            assert time.monotonic() < deadline, "the 16 sequences did not start"
+            time.sleep(0.02)
+        sock.close()  # the client leaves; 16 x 8000 tokens would take minutes here
+        deadline = time.monotonic() + 30
+        while engine.running() > 0:
+            assert time.monotonic() < deadline, f"{engine.running()} sequences still decode after the client left"
+            time.sleep(0.02)
+    finally:
+        live.stop()
