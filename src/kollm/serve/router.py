@@ -467,8 +467,8 @@ async def _collect_all(
 ) -> list[_Result]:
     """Every choice collected (a non-streamed response); every generator closed, also on failure, and as soon as
     the client disconnects (its sequences stop decoding; the answer, 499, goes nowhere)."""
-    work = asyncio.ensure_future(asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts))))
-    left = asyncio.ensure_future(_disconnected(request))
+    work: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts))))
+    left: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
