@@ -7,7 +7,7 @@ function-level imports alike, parsed with `ast`, so nothing is imported to check
     data, eval, registry
     pipeline
     config
-    errors, _version, _pydantic, redact, jsonlog   bottom
+    errors, _version, _pydantic, redact, jsonlog, hostcheck   bottom
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_pydantic": 0,
     "redact": 0,
     "jsonlog": 0,
+    "hostcheck": 0,
     "config": 1,
     "pipeline": 2,
     "data": 3,

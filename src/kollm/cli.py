@@ -749,6 +749,12 @@ def serve_cmd(
             help="Log each prompt's embedding by this Hugging Face model folder (e.g. the served model's), for `kollm monitor drift --embedding-model` (not with --canary)."
         ),
     ] = None,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="A Host name clients may use besides the bound address and loopback names, repeatable (also $KOLLM_ALLOWED_HOSTS, comma-separated; * for any). Bound to 0.0.0.0 with none given: any Host."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
 
@@ -758,7 +764,11 @@ def serve_cmd(
     from kollm.serve import serve
     from kollm.serve.vllm_engine import parse_engine_args
 
-    extra: dict[str, Any] = {"follow_interval": follow_interval, "inject_faults": inject_faults}
+    extra: dict[str, Any] = {
+        "follow_interval": follow_interval,
+        "inject_faults": inject_faults,
+        "allowed_hosts": allowed_host or [],
+    }
     if inject_faults:
         from kollm.serve.faults import parse_faults
 

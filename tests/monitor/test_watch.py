@@ -26,7 +26,7 @@ from kollm.monitor.watch import (
     watcher_lock,
     webhook_server,
 )
-from tests.rollout.conftest import WebhookReceiver
+from tests.rollout.conftest import WebhookReceiver, registered, tracking_uri  # noqa: F401  (fixtures)
 
 KOREAN = [
     "오늘 서울의 날씨는 맑고 기온은 {n}도까지 오르겠습니다. 외출할 때 모자를 챙기세요.",
@@ -110,6 +110,71 @@ def test_webhook_receiver_queues_verified_events(tmp_path):
     triggers = store.drain()
     assert [(t.kind, t.detail) for t in triggers] == [("webhook", "registry webhook model_version.created base-ko 3")]
     assert store.drain() == []
+
+
+def _receiver(tmp_path):
+    import threading
+
+    settings = WatchSettings(project_dir=tmp_path, webhook_secret="s3cret", webhook_port=0)
+    server = webhook_server(settings, StateStore(tmp_path / "watch"), model_name="kodemo")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _raw(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send `data` on a fresh connection; what the server answers until it closes (or `timeout` passes)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        return got
+
+
+def test_webhook_receiver_refuses_big_or_bad_lengths_before_reading(tmp_path):
+    server = _receiver(tmp_path)
+    port = server.server_address[1]
+    try:
+        # 600 MB announced, nothing sent: refused at once (the body was read into memory before)
+        head = b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        assert _raw(port, head + b"Content-Length: 600000000\r\n\r\n").startswith(b"HTTP/1.0 413")
+        assert _raw(port, head + b"Content-Length: -5\r\n\r\n").startswith(b"HTTP/1.0 400")
+        assert _raw(port, head + b"Content-Length: 12abc\r\n\r\n").startswith(b"HTTP/1.0 400")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_receiver_drops_a_stalled_client(tmp_path, monkeypatch):
+    import socket
+
+    from kollm.monitor import watch as watch_mod
+
+    monkeypatch.setattr(watch_mod, "WEBHOOK_READ_TIMEOUT_S", 0.5)
+    server = _receiver(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=20) as sock:
+            sock.sendall(b'POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"half":')  # then silence
+            assert sock.recv(100) == b""  # the server hung up (before: it held the thread until the client left)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_replay_after_a_restart_is_refused(tmp_path):
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "b", "version": "1"}}).encode()
+    headers = _signed("s3cret", body)
+    for expected in (202, 200):  # the second receiver is a restarted watcher: the delivery is a replay
+        server = _receiver(tmp_path)
+        try:
+            r = httpx.post(f"http://127.0.0.1:{server.server_address[1]}/", content=body, headers=headers)
+            assert r.status_code == expected, r.text
+        finally:
+            server.shutdown()
+            server.server_close()
+    assert len(StateStore(tmp_path / "watch").drain()) == 1
 
 
 def _project(root, rows: int = 60):
@@ -301,3 +366,57 @@ def test_cli_watch_logs_no_line_per_gateway_request(project):
     r = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "httpx-info False" in r.stdout, r.stdout
+
+
+def test_long_running_watch_survives_a_gateway_outage(project, registered, tmp_path):  # noqa: F811
+    """The gateway is down when a trigger arrives: the watcher keeps retrying with backoff (it exited with code 1
+    before, its webhook receiver with it), alerts once for the outage and once when it ends, and runs the pending
+    trigger when the gateway comes up."""
+    import threading
+
+    from kollm.monitor.watch import watch
+    from tests.rollout.conftest import Server
+    from tests.rollout.test_rollout import make_gateway
+
+    from .conftest import free_port
+
+    hook_port, gw_port = free_port(), free_port()
+    with WebhookReceiver() as alerts:
+        settings = WatchSettings(
+            project_dir=project,
+            webhook_secret="s3cret",
+            webhook_port=hook_port,
+            model_name="watchdemo",
+            gateway=f"http://127.0.0.1:{gw_port}",  # nothing listens there yet
+            alert_webhook=alerts.url,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=watch, args=(settings,), kwargs={"interval_s": 0.2, "stop": stop})
+        thread.start()
+        store = StateStore(settings.state_dir)
+        try:
+            deadline = time.time() + 120
+            while store.load().data_digest is None:
+                assert time.time() < deadline and thread.is_alive()
+                time.sleep(0.1)
+            _append(project, 500, 5)  # a data change: the next cycle asks the gateway whether a rollout runs
+            while not alerts.received:
+                assert time.time() < deadline and thread.is_alive()
+                time.sleep(0.1)
+            time.sleep(3)  # several retries (2 s backoff and more) pass without a second alert
+            assert thread.is_alive() and len(alerts.received) == 1, alerts.received
+            assert "cycles fail" in alerts.received[0]["text"] and str(gw_port) in alerts.received[0]["text"]
+            body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "x"}}).encode()
+            url = f"http://127.0.0.1:{hook_port}/"
+            assert httpx.post(url, content=body, headers=_signed("s3cret", body), timeout=30).status_code == 202
+            with Server(make_gateway(registered, tmp_path), port=gw_port):
+                while not store.load().history:
+                    assert time.time() < deadline and thread.is_alive()
+                    time.sleep(0.1)
+        finally:
+            stop.set()
+            thread.join(timeout=120)
+        texts = [a["text"] for a in alerts.received]
+        assert sum("recovered after" in t for t in texts) == 1 and sum("cycles fail" in t for t in texts) == 1, texts
+    outcome = store.load().history[0]
+    assert outcome["kind"] == "no_new_challenger" and {t["kind"] for t in outcome["triggers"]} == {"data", "webhook"}

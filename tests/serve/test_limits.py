@@ -108,3 +108,78 @@ def test_json_logs_rotate(tmp_path):
 def test_clip():
     assert clip("abc", 5) == "abc" and clip(None) is None and clip(3) == 3
     assert clip("가" * 10, 4) == "가가가...[10 chars]...가" and clip("가" * 10, 3) == "가가가...[10 chars]"
+
+
+class CountingTokenizer:
+    """The tiny model's real tokenizer, recording the length of every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self._tok, self.lengths = tokenizer, []
+
+    def __call__(self, text, *args, **kwargs):
+        self.lengths.append(len(text))
+        return self._tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenizing_it(tiny_model_dir):
+    """A prompt just under the 4 MiB body limit cost ~1 GB and 5 s of tokenizing before its 400: now its character
+    count alone refuses it, and the tokenizer never sees it (completions and chat alike)."""
+    from kollm.serve.engine import load_engine, max_chars_per_token
+
+    engine = load_engine(tiny_model_dir, device="cpu", max_batch_size=2)
+    counting = CountingTokenizer(engine.tokenizer)
+    engine.tokenizer = counting
+    bound = engine.context_length * max_chars_per_token(counting)
+    huge = "가" * (3 * 1024 * 1024 // 3)  # 3 MiB of UTF-8
+    assert len(huge) > bound
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": huge, "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert "characters" in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
+        if engine.tokenizer.chat_template:
+            msgs = [{"role": "user", "content": huge}]
+            r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert all(n < bound for n in counting.lengths), counting.lengths
+        # a prompt within the bound is tokenized as before and still gets the exact token count
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "가 " * 600, "max_tokens": 1})
+        assert r.status_code in (200, 400) and 1200 in counting.lengths, r.text
+
+
+def test_a_client_that_leaves_stops_its_non_streamed_sequences(tmp_path):
+    """n=16 and a long max_tokens, not streamed: when the client leaves, its 16 sequences stop decoding (they kept
+    running to the end before, and later requests waited behind them)."""
+    import socket
+    import time
+
+    from kollm.serve.engine import load_engine
+
+    from tests.serve.conftest import start_server
+    from tests.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "long", context=8192, init_range=0.5)
+    engine = load_engine(folder, device="cpu", max_batch_size=16)
+    live = start_server(create_app(engine, model_name="tiny"))
+    try:
+        eos = engine.tokenizer.eos_token_id
+        body = json.dumps(
+            {"model": "tiny", "prompt": "안녕", "n": 16, "max_tokens": 8000, "logit_bias": {str(eos): -100}}
+        ).encode()
+        port = int(live.url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 60
+        while engine.running() < 16:
+            assert time.monotonic() < deadline, "the 16 sequences did not start"
+            time.sleep(0.02)
+        sock.close()  # the client leaves; 16 x 8000 tokens would take minutes here
+        deadline = time.monotonic() + 30
+        while engine.running() > 0:
+            assert time.monotonic() < deadline, f"{engine.running()} sequences still decode after the client left"
+            time.sleep(0.02)
+    finally:
+        live.stop()

@@ -53,6 +53,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from kollm.errors import ConfigError, GateFailed, KollmError
+from kollm.redact import mask_text
 
 log = logging.getLogger("kollm.watch")
 
@@ -616,22 +617,74 @@ def verify_mlflow_signature(
     return hmac.compare_digest(base64.b64encode(expected).decode(), signature[3:])
 
 
+MAX_WEBHOOK_BODY = 1024 * 1024  # an MLflow registry event is a few hundred bytes
+WEBHOOK_READ_TIMEOUT_S = 10.0  # a client that stops sending mid-request is dropped after this
+WEBHOOK_MAX_AGE_S = 300.0  # a delivery's timestamp may be this old; its id is remembered this long
+
+
+class DeliveryLog:
+    """The delivery ids seen within the replay window, in `<state dir>/webhook-deliveries.jsonl`, so a delivery
+    replayed after the watcher restarts is refused as well. Shared by threads and processes under a file lock."""
+
+    def __init__(self, folder: Path, window_s: float = WEBHOOK_MAX_AGE_S):
+        self.path = Path(folder) / "webhook-deliveries.jsonl"
+        self.window_s = window_s
+
+    def first_time(self, delivery: str, now: float | None = None) -> bool:
+        """Records `delivery`; False when it was seen within the window (a replay)."""
+        now = time.time() if now is None else now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            kept = []
+            for line in f.read().splitlines():
+                try:
+                    entry = json.loads(line)
+                    if now - float(entry["at"]) <= self.window_s:
+                        kept.append(entry)
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line: forgotten
+            if any(e.get("id") == delivery for e in kept):
+                return False
+            kept.append({"id": delivery, "at": now})
+            f.seek(0)
+            f.truncate()
+            f.write("".join(json.dumps(e) + "\n" for e in kept))
+            return True
+
+
 def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) -> ThreadingHTTPServer:
     """POST / (any path): a verified MLflow registry event becomes a `webhook` trigger in the inbox. Events about
-    the watched model itself (the versions this watcher registers) are acknowledged and ignored."""
+    the watched model itself (the versions this watcher registers) are acknowledged and ignored. A body over
+    MAX_WEBHOOK_BODY gets 413 and a missing or invalid Content-Length 400/411, before any of it is read; a client
+    that stalls is dropped after WEBHOOK_READ_TIMEOUT_S; replays are refused across restarts (DeliveryLog)."""
     assert settings.webhook_secret and settings.webhook_port is not None
-    secret, seen, lock = settings.webhook_secret, set(), threading.Lock()
+    secret, deliveries = settings.webhook_secret, DeliveryLog(store.folder)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = WEBHOOK_READ_TIMEOUT_S  # socket timeout for the request line, headers and body
+
         def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
-            if not verify_mlflow_signature(secret, dict(self.headers.items()), body):
+            length = self.headers.get("content-length")
+            if length is None:
+                return self._answer(411, {"error": "Content-Length is required"}, close=True)
+            if not length.strip().isdigit():
+                return self._answer(400, {"error": f"invalid Content-Length {length[:40]!r}"}, close=True)
+            if int(length) > MAX_WEBHOOK_BODY:
+                return self._answer(413, {"error": f"body over {MAX_WEBHOOK_BODY} bytes"}, close=True)
+            try:
+                body = self.rfile.read(int(length))
+            except TimeoutError:
+                self.close_connection = True
+                return
+            if len(body) < int(length):  # the client closed early
+                self.close_connection = True
+                return
+            if not verify_mlflow_signature(secret, dict(self.headers.items()), body, max_age_s=WEBHOOK_MAX_AGE_S):
                 return self._answer(401, {"error": "bad or missing X-MLflow-Signature, or a stale X-MLflow-Timestamp"})
-            delivery = self.headers.get("x-mlflow-delivery-id", "")
-            with lock:
-                if delivery in seen:
-                    return self._answer(200, {"status": "duplicate delivery ignored"})
-                seen.add(delivery)
+            if not deliveries.first_time(self.headers.get("x-mlflow-delivery-id", "")):
+                return self._answer(200, {"status": "duplicate delivery ignored"})
             try:
                 event = json.loads(body)
                 data = event.get("data", {})
@@ -644,11 +697,14 @@ def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) 
             store.push(Trigger(kind="webhook", detail=detail))
             self._answer(202, {"status": "queued", "trigger": detail})
 
-        def _answer(self, code: int, payload: dict[str, Any]) -> None:
+        def _answer(self, code: int, payload: dict[str, Any], close: bool = False) -> None:
             raw = json.dumps(payload).encode()
             self.send_response(code)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(raw)))
+            if close:  # the unread body must not be taken for the next request
+                self.send_header("connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(raw)
 
@@ -656,6 +712,38 @@ def webhook_server(settings: WatchSettings, store: StateStore, model_name: str) 
             log.info("webhook: " + format, *args)
 
     return ThreadingHTTPServer((settings.webhook_host, settings.webhook_port), Handler)
+
+
+class Outage:
+    """A cycle that fails (the gateway or the registry unreachable, ...) is retried with backoff (from
+    min(interval, 2 s), doubling, up to max(interval, 5 min)); the outage is logged and alerted once when it starts
+    and once when it ends, not on every try."""
+
+    def __init__(self, settings: WatchSettings, interval_s: float):
+        self.settings, self.interval_s = settings, interval_s
+        self.failures, self.delay = 0, min(interval_s, 2.0)
+
+    def _alert(self, text: str) -> None:
+        from kollm.monitor.alerts import send_alert, webhook_url
+
+        asyncio.run(send_alert(webhook_url(self.settings.alert_webhook), text))
+
+    def failed(self, e: Exception) -> float:
+        """Seconds to wait before the next try."""
+        self.failures += 1
+        if self.failures == 1:
+            message = mask_text(e.message if isinstance(e, KollmError) else f"{type(e).__name__}: {e}")
+            log.error("watch cycle failed: %s; retrying with backoff (logged again when it recovers)", message)
+            self._alert(f"kollm watch: cycles fail: {message}; retrying with backoff")
+        else:
+            self.delay = min(self.delay * 2, max(self.interval_s, 300.0))
+        return self.delay
+
+    def recovered(self) -> None:
+        if self.failures:
+            log.info("watch cycles work again after %d failed tries", self.failures)
+            self._alert(f"kollm watch: recovered after {self.failures} failed tries")
+        self.failures, self.delay = 0, min(self.interval_s, 2.0)
 
 
 def watch(settings: WatchSettings, *, interval_s: float = 60.0, stop: threading.Event | None = None) -> None:
@@ -670,9 +758,15 @@ def watch(settings: WatchSettings, *, interval_s: float = 60.0, stop: threading.
         server = webhook_server(settings, StateStore(settings.state_dir), _model_name(settings))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         log.info("MLflow webhook receiver on http://%s:%d/", settings.webhook_host, server.server_address[1])
+    outage = Outage(settings, interval_s)
     try:
         while not stop.is_set():
-            outcome = run_cycle(settings)
+            try:
+                outcome = run_cycle(settings)
+            except Exception as e:  # noqa: BLE001 - the gateway or the registry is down: retry, the receiver stays up
+                stop.wait(outage.failed(e))
+                continue
+            outage.recovered()
             log.info("watch cycle: %s: %s", outcome.kind, outcome.message)
             stop.wait(interval_s)
     finally:

@@ -129,11 +129,16 @@ def serve_canary(
     log_level: str = "info",
     follow_interval: float = 10.0,
     inject_faults: str | None = None,
+    allowed_hosts: list[str] | None = None,
     **engine_options,
 ) -> None:
     """Serve the gateway on host:port until SIGINT/SIGTERM (in-flight requests finish first). `inject_faults`
-    ("error_rate=0.5"; a testing aid) applies to the canary arm only."""
+    ("error_rate=0.5"; a testing aid) applies to the canary arm only. A request whose Host is not the bound
+    address, a loopback name or one of `allowed_hosts` gets 421 (kollm.hostcheck), /admin/rollout/ included."""
     import uvicorn
+
+    from kollm.hostcheck import HostCheck
+    from kollm.hostcheck import allowed_hosts as hosts_for
 
     from kollm.serve import API_KEY_ENV
 
@@ -167,7 +172,7 @@ def serve_canary(
         f"; following {canary_uri} every {follow_interval:g}s" if follow_interval > 0 else "",
     )
     config = uvicorn.Config(
-        gateway,
+        HostCheck(gateway, hosts_for(host, allowed_hosts or ())),
         host=host,
         port=port,
         log_level=log_level,

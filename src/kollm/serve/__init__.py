@@ -143,6 +143,7 @@ def serve(
     engine_args: dict | None = None,
     embedding_model: str | None = None,
     kv_cache: str = "auto",
+    allowed_hosts: list[str] | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -151,10 +152,13 @@ def serve(
     A `models:/NAME@ALIAS` URI is followed: the registry is polled every `follow_interval` seconds (0: never) and
     a new version the alias points to replaces the served one without failing a request (kollm.serve.follow).
     `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults. `embedding_model`
-    logs each prompt's embedding for drift checks (kollm.monitor.embeddings).
+    logs each prompt's embedding for drift checks (kollm.monitor.embeddings). A request whose Host is not the bound
+    address, a loopback name or one of `allowed_hosts` gets 421 (kollm.hostcheck).
     """
     import uvicorn
 
+    from kollm.hostcheck import HostCheck
+    from kollm.hostcheck import allowed_hosts as hosts_for
     from kollm.serve.engine import load_engine as _load_engine
     from kollm.serve.follow import parse_alias_uri
     from kollm.serve.router import MAX_BODY_BYTES
@@ -214,7 +218,7 @@ def serve(
         )
         log.info("serving %s (version %s) from %s on %s%s", served, version, path, where, following)
         config = uvicorn.Config(
-            app,
+            HostCheck(app, hosts_for(host, allowed_hosts or ())),
             host=host,
             port=port,
             log_level=log_level,

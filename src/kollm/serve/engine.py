@@ -215,9 +215,41 @@ class Engine(Protocol):
         ...
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+class PromptTooLong(RequestError):
+    """A prompt that cannot fit the context, found before tokenizing it (see check_prompt_chars)."""
+
+    def __init__(self, message: str, *, param: str):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+_chars_per_token: dict[int, int] = {}  # id(tokenizer) -> the most characters one of its tokens stands for
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """An upper bound on the characters one token of `tokenizer` covers: its longest vocabulary entry (a byte-level
+    token's string has one character per byte, so never fewer than the text it decodes to). Cached per tokenizer."""
+    key = id(tokenizer)
+    if key not in _chars_per_token:
+        _chars_per_token[key] = max((len(t) for t in tokenizer.get_vocab()), default=1) + 1
+    return _chars_per_token[key]
+
+
+def check_prompt_chars(tokenizer: Any, chars: int, context_length: int | None, param: str) -> None:
+    """Refuse, before tokenizing, a prompt of `chars` characters that even the longest tokens cannot fit into
+    `context_length` tokens: tokenizing a 4 MiB prompt costs seconds of CPU and a GB of memory."""
+    if context_length and chars > context_length * max_chars_per_token(tokenizer):
+        raise PromptTooLong(
+            f"the prompt is {chars:,} characters, more than this model's context of {context_length} tokens can "
+            "hold; shorten the prompt",
+            param=param,
+        )
+
+
+def encode_prompt(tokenizer: Any, text: str, context_length: int | None = None) -> list[int]:
     """A completion prompt's token ids (with the tokenizer's special tokens); an empty prompt is its BOS token
-    where the tokenizer has one (else empty: the router answers 400)."""
+    where the tokenizer has one (else empty: the router answers 400). A prompt too long by its character count
+    alone for `context_length` is refused without tokenizing it (PromptTooLong)."""
+    check_prompt_chars(tokenizer, len(text), context_length, "prompt")
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     if not ids and tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id]
@@ -259,10 +291,13 @@ def encode_chat(
     tools: Sequence[dict[str, Any]] | None = None,
     *,
     can_call: bool = True,
+    context_length: int | None = None,
 ) -> list[int]:
-    """Prompt ids for a chat with the model's chat template (both backends tokenize with the HF tokenizer)."""
+    """Prompt ids for a chat with the model's chat template (both backends tokenize with the HF tokenizer). Messages
+    too long by their character count alone for `context_length` are refused before templating (PromptTooLong)."""
     if not tokenizer.chat_template:
         raise PromptError("this model has no chat template; use /v1/completions with a plain prompt")
+    check_prompt_chars(tokenizer, sum(len(m.content or "") for m in messages), context_length, "messages")
     if tools and not can_call:
         raise PromptError(
             "this model's chat template does not show tools to the model (it never mentions `tools`), so it "
@@ -619,10 +654,12 @@ class TransformersEngine:
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return encode_prompt(self.tokenizer, text, self.context_length)
 
     def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
-        return encode_chat(self.tokenizer, messages, tools, can_call=self.tool_format is not None)
+        return encode_chat(
+            self.tokenizer, messages, tools, can_call=self.tool_format is not None, context_length=self.context_length
+        )
 
     def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
         return parse_calls(self.tool_format, text) if self.tool_format is not None else (text, [])

@@ -471,12 +471,29 @@ async def _collect(gen: AsyncGenerator[TokenChunk, None], first: TokenChunk) -> 
     )
 
 
-async def _collect_all(gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk]) -> list[_Result]:
-    """Every choice collected (a non-streamed response); every generator closed, also on failure."""
+async def _collect_all(
+    gens: list[AsyncGenerator[TokenChunk, None]], firsts: list[TokenChunk], request: Request
+) -> list[_Result]:
+    """Every choice collected (a non-streamed response); every generator closed, also on failure, and as soon as
+    the client disconnects (its sequences stop decoding; the answer, 499, goes nowhere)."""
+    work: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts))))
+    left: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
     try:
-        return list(await asyncio.gather(*(_collect(g, f) for g, f in zip(gens, firsts))))
+        await asyncio.wait({work, left}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return list(work.result())
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise APIError(499, "the client closed the connection", code="client_closed_request")
     finally:
+        left.cancel()
         await asyncio.gather(*(g.aclose() for g in gens), return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the request body was read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _merged(
@@ -752,7 +769,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         chunks = _tool_chunks(cid, served, answers, usage if body.include_usage() else None)
         return StreamingResponse(iter(chunks), media_type="text/event-stream", headers={"cache-control": "no-cache"})
     if not body.stream:
-        results = await _collect_all(gens, firsts)
+        results = await _collect_all(gens, firsts, request)
         completion = sum(r.tokens for r in results)
         _finish_metrics(
             served,
@@ -878,7 +895,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     cid = f"cmpl-{rid}"
     with_logprobs = body.logprobs is not None
     if not body.stream:
-        results = await _collect_all(gens, firsts)
+        results = await _collect_all(gens, firsts, request)
         completion = sum(r.tokens for r in results)
         _finish_metrics(
             served,

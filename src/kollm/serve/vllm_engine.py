@@ -282,13 +282,19 @@ class VLLMEngine:
 
     # --- Engine protocol -----------------------------------------------------------------------------
     def encode_prompt(self, text: str) -> list[int]:
-        return encode_prompt(self.tokenizer, text)
+        return encode_prompt(self.tokenizer, text, self.context_length)
 
     def decode(self, ids: list[int]) -> str:
         return decode(self.tokenizer, ids)
 
     def encode_chat(self, messages: Sequence[ChatTurn], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
-        return encode_chat(self.tokenizer, messages, tools, can_call=self.tool_call_parser is not None)
+        return encode_chat(
+            self.tokenizer,
+            messages,
+            tools,
+            can_call=self.tool_call_parser is not None,
+            context_length=self.context_length,
+        )
 
     def parse_tool_calls(self, text: str, tools: Sequence[dict[str, Any]]) -> tuple[str | None, list[ParsedCall]]:
         """vLLM's tool parser (`vllm serve --tool-call-parser NAME`) over the finished answer."""
