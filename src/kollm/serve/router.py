@@ -730,7 +730,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     with_logprobs = logprobs is not None
     if tool_mode is not None:
         assert tools is not None
-        results = await _collect_all(gens, firsts)
+        results = await _collect_all(gens, firsts, request)
         completion = sum(r.tokens for r in results)
         _finish_metrics(
             served,
