@@ -296,7 +296,9 @@ def test_source_and_user_tags_are_the_same_through_both_writers(tmp_path):
     assert step.info.user_id == user and step.data.tags["mlflow.source.name"] == config_file
 
 
-@pytest.mark.slow  # a real prepare, a tiny model's evaluation, then a cached rerun in a fresh process
+@pytest.mark.slow(
+    reason="a real prepare, a tiny model's evaluation, then a cached rerun in a fresh process: 170-235 s on a loaded machine"
+)
 def test_cached_rerun_with_an_evaluate_step_imports_no_mlflow(tmp_path):
     """An evaluate step's reference to `champion` (registry:NAME@champion) is tagged under a key MLflow and kollm's
     writer accept, so a cached rerun of a pipeline with an evaluate step never imports MLflow."""

@@ -52,7 +52,7 @@ def test_rebinding_attack_on_a_keyless_gateway_is_refused(registered, tmp_path, 
         assert "/admin/rollout/status" in reached
 
 
-@pytest.mark.slow  # a `kollm serve` process: ~10 s alone, 80 s on a loaded machine
+@pytest.mark.slow(reason="a `kollm serve` process: ~10 s alone, 80 s on a loaded machine")
 def test_kollm_serve_answers_only_its_hosts(tiny_model_dir, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
