@@ -256,6 +256,15 @@ def test_same_model_digest_registers_no_new_version_after_a_promote(tmp_path, ti
     registry.set_alias("tiny", "challenger", "1", reason="test", project_dir=project)  # v2 now holds no alias
     assert register(project, tiny_folder, **{"kollm.model_digest": "sha256:other"}).aliases == ("challenger",)
     assert [v.version for v in registry.list_versions("tiny", project)] == ["2", "1"]
+    described = registry.register_folder(  # the same files with another description: a deliberate new version
+        "tiny",
+        tiny_folder,
+        run_id=new_run(project),
+        tags={"kollm.model_digest": "sha256:other"},
+        description="a second run",
+        project_dir=project,
+    )
+    assert described.version == "3"
 
 
 def test_registry_commands_outside_a_project_create_no_store(tmp_path):

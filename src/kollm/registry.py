@@ -472,8 +472,8 @@ def register_folder(
     (with `alias` moved to it if a killed attempt stopped short of that), and model files an earlier, killed
     attempt of the key logged completely are registered instead of being copied again.
 
-    Idempotent per model digest (the `kollm.model_digest` tag): a version of `name` with the same model files is
-    returned instead of a new one. `alias` moves to it only while it holds no alias and was never rolled back, so
+    Idempotent per model digest (the `kollm.model_digest` tag): a version of `name` with the same model files and
+    the same `description` is returned instead of a new one. `alias` moves to it only while it holds no alias and was never rolled back, so
     an unchanged rerun after `kollm registry promote` leaves the champion alone and points no `challenger` at it.
     """
     c = client(project_dir)
@@ -487,7 +487,12 @@ def register_folder(
             return _get_version(c, name, version)
         tags = {**tags, STEP_KEY_TAG: step_key}
     digest = tags.get(MODEL_DIGEST_TAG)
-    same = c.search_model_versions(f"name = '{name}' and tags.`{MODEL_DIGEST_TAG}` = '{digest}'") if digest else []
+    # the same model files registered with the same description (another description is a deliberate new version)
+    same = [
+        v
+        for v in (c.search_model_versions(_equals(f"tags.`{MODEL_DIGEST_TAG}`", digest)) if digest else [])
+        if v.name == name and (v.description or "") == description
+    ]
     if same:
         existing = min(same, key=lambda v: int(v.version))
         version = str(existing.version)

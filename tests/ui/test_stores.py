@@ -47,7 +47,7 @@ def test_a_password_with_odd_characters_is_masked_on_the_error_page(tmp_path):
 
     password = "se cr/et?#x"  # SQLAlchemy accepts '/', '?', '#' and spaces in a password
     root = project_on(tmp_path / "p", f"postgresql://nobody:{password}@127.0.0.1:1/none")
-    page = TestClient(create_app(root)).get("/runs")
+    page = TestClient(create_app(root), base_url="http://127.0.0.1").get("/runs")
     assert page.status_code == 503
     text = html.unescape(page.text)
     assert "nobody:***@127.0.0.1:1/none" in text and "cr/et" not in text, text
