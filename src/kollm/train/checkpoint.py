@@ -81,16 +81,23 @@ def save(
     tmp.mkdir()
     torch.save(trainable_state(model), tmp / "weights.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _finish(tmp, final, scheduler, state, keep)
+    return final
+
+
+def _finish(tmp: Path, final: Path, scheduler: Any, state: TrainState, keep: int) -> None:
+    """Write the loop's own state beside the weights in `tmp`, make every file durable, rename `tmp` into place as
+    `final` and keep only the newest `keep` checkpoints of its folder."""
     torch.save({"train": state.__dict__, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(checkpoint_dir)[:-keep]:
+    for old in list_checkpoints(final.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def save_sharded(
@@ -119,16 +126,7 @@ def save_sharded(
     weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=tmp / "dcp")
     if rank == 0:
-        torch.save({"train": state.__dict__, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _finish(tmp, final, scheduler, state, keep)
     dist.barrier()
     return final
 
