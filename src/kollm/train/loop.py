@@ -9,8 +9,9 @@ minimises the exact token mean however the tokens fall into micro-batches (gradi
 Language-model objectives go through `kollm.train.kernels.lm_loss` (the performance seam). Rows are packed and
 fixed-length, labels are pre-aligned, bf16 autocast runs on GPU, AdamW is fused where available, and the same
 code runs data-parallel under torch.distributed: each rank reads its shard of the data, gradients are summed
-over ranks once per optimizer step (an explicit all-reduce rather than the DistributedDataParallel wrapper,
-because `lm_loss` reaches into the model's decoder and head), and rank 0 logs and checkpoints. Under
+over ranks once per optimizer step (kollm.train.reducer's bucketed all-reduce, launched during the last
+micro-batch's backward pass as gradients become ready, rather than the DistributedDataParallel wrapper, because
+`lm_loss` reaches into the model's decoder and head), and rank 0 logs and checkpoints. Under
 `sharding: fsdp` (kollm.train.sharding) each rank holds a shard of the weights, gradients and optimizer state
 instead: FSDP2 reduce-scatters the gradients, the norm is summed over the shards, and every rank writes its
 shards of each checkpoint.
@@ -36,6 +37,7 @@ from kollm.train import checkpoint as ckpt
 from kollm.train import sharding
 from kollm.train.data import ResumableSampler
 from kollm.train.kernels import IGNORE_INDEX, causal_lm, compile_model, decoder_layers, lm_loss
+from kollm.train.reducer import GradReducer
 
 log = logging.getLogger("kollm.train")
 
@@ -337,9 +339,11 @@ def train(
             state.offset = state.offset * state.world // world
     state.world = world
     params = [p for p in raw.parameters() if p.requires_grad]
+    reducer = None
     if world > 1 and not sharded:  # every rank starts from rank 0's weights (shard broadcasts them itself)
         for p in raw.parameters():
             dist.broadcast(p.data, src=0)
+        reducer = GradReducer(params)  # sums the gradients over ranks during the last micro-batch's backward
     undo_checkpointing = None
     if cfg.gradient_checkpointing:
         undo_checkpointing = checkpoint_layers(raw, torch.bfloat16 if bf16 else None)
@@ -364,6 +368,8 @@ def train(
             epoch, offset, batch = next(batches)
             with autocast:
                 out = sharding.call(model, objective, batch)
+            if reducer is not None and micro == cfg.grad_accum - 1:
+                reducer.arm()
             out.loss_sum.backward()
             loss_sum += out.loss_sum.detach().float()
             count += out.count.detach().float()
@@ -371,14 +377,11 @@ def train(
                 metric_sums[k] = metric_sums.get(k, torch.zeros((), device=device)) + v.detach().float()
             step_tokens += batch["input_ids"].numel()
         totals = torch.stack([loss_sum, count, *metric_sums.values()])
+        if reducer is not None:  # every rank issues the buckets' all-reduces in one order, then the totals'
+            reducer.finish()
+        if world > 1:  # the gradients are sums over ranks now (FSDP reduce-scattered them in the backward pass)
+            dist.all_reduce(totals)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if world > 1 and sharded:  # FSDP reduce-scattered (summed) the gradients in the backward pass
-            dist.all_reduce(totals)
-        elif world > 1:  # data parallel: sum gradients, loss and counts over ranks, once per optimizer step
-            handles = [dist.all_reduce(g, async_op=True) for g in grads]
-            dist.all_reduce(totals)
-            for h in handles:
-                h.wait()
         denom = totals[1].clamp(min=1)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
@@ -435,6 +438,8 @@ def train(
             )
             window_t, window_tokens = now, 0
     flush()
+    if reducer is not None:
+        reducer.remove()
     if undo_checkpointing is not None:
         undo_checkpointing()
     raw.eval()
