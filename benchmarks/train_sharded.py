@@ -171,27 +171,6 @@ def run_trl(
     liger: bool,
 ) -> tt.RunResult:
     """SFTTrainer (packing, completion-only loss, bf16, its default gradient checkpointing) + PEFT when `lora`."""
-    from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    n_params = tt.param_count(model)
-    ds = Dataset.from_dict(
-        {
-            "input_ids": [e.ids.tolist() for e in examples],
-            "completion_mask": [[0] * e.prompt_len + [1] * (len(e.ids) - e.prompt_len) for e in examples],
-        }
-    )
-    meter = tt.Meter(device, args.warmup)
-
-    class Timing(TrainerCallback):
-        def on_step_end(self, targs, state, control, **kw):
-            meter.step_end(state.num_input_tokens_seen)
-
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                meter.losses.append(float(logs["loss"]))
-
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -199,46 +178,7 @@ def run_trl(
         peft_config = LoraConfig(
             r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    settings = dict(
-        per_device_train_batch_size=args.batch,
-        max_length=args.max_len,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        packing=True,
-        use_liger_kernel=liger,
-        completion_only_loss=True,
-        bf16=device.type == "cuda",
-    )
-    with tempfile.TemporaryDirectory() as out:
-        cfg = SFTConfig(
-            output_dir=out,
-            max_steps=args.warmup + args.steps,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            include_num_input_tokens_seen="non_padding",
-            use_cpu=device.type != "cuda",
-            seed=args.seed,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            **settings,
-        )
-        tt.fresh_device(device)
-        trainer = SFTTrainer(
-            model=model,
-            args=cfg,
-            train_dataset=ds,
-            processing_class=tt._tokenizer(model.config.vocab_size),
-            callbacks=[Timing()],
-            peft_config=peft_config,
-        )
-        trainer.remove_callback(PrinterCallback)
-        settings["gradient_checkpointing"] = cfg.gradient_checkpointing
-        trainer.train()
-    del trainer
-    return meter.result(name, n_params, {**settings, "peft": lora})
+    return tt.run_trl(name, args, examples, device, packing=True, liger=liger, model=model, peft_config=peft_config)
 
 
 # ------------------------------------------------------------------------------------------ cases

@@ -213,14 +213,23 @@ def _tokenizer(vocab: int) -> Any:
 
 
 def run_trl(
-    name: str, args: argparse.Namespace, examples: list[Example], device: torch.device, *, packing: bool, liger: bool
+    name: str,
+    args: argparse.Namespace,
+    examples: list[Example],
+    device: torch.device,
+    *,
+    packing: bool,
+    liger: bool,
+    model: torch.nn.Module | None = None,
+    peft_config: Any = None,
 ) -> RunResult:
+    """TRL's SFTTrainer on `model` (default: a fresh model of `args.model`'s shape), with PEFT when `peft_config`."""
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    shape = SHAPES[args.model]
-    model = build_model(shape, args.max_len, "sdpa", seed=args.seed)
+    if model is None:
+        model = build_model(SHAPES[args.model], args.max_len, "sdpa", seed=args.seed)
     n_params = param_count(model)
     ds = Dataset.from_dict(
         {
@@ -267,13 +276,19 @@ def run_trl(
         )
         fresh_device(device)
         trainer = SFTTrainer(
-            model=model, args=cfg, train_dataset=ds, processing_class=_tokenizer(shape.vocab), callbacks=[Timing()]
+            model=model,
+            args=cfg,
+            train_dataset=ds,
+            processing_class=_tokenizer(model.config.vocab_size),
+            callbacks=[Timing()],
+            peft_config=peft_config,
         )
         trainer.remove_callback(PrinterCallback)  # per-step log dicts; the table at the end says it all
         settings["gradient_checkpointing"] = cfg.gradient_checkpointing
         settings["padding_free"] = trainer.padding_free
-        settings["attn_implementation"] = "sdpa"
+        settings["attn_implementation"] = model.config._attn_implementation
         settings["optim"] = str(cfg.optim)
+        settings["peft"] = peft_config is not None
         trainer.train()
     result = meter.result(name, n_params, settings)
     del trainer, model
