@@ -174,6 +174,35 @@ def test_fsdp_with_dpo_matches_the_plain_loop(tiny_model, tokenizer):
     assert sharded_eval[1]["reward_margin"] == pytest.approx(plain_eval[1]["reward_margin"], rel=1e-4, abs=1e-6)
 
 
+def test_fsdp_with_grpo_matches_the_plain_loop(tiny_model, tokenizer):
+    """GRPO generates inside its objective: through the FSDP root each layer is gathered for every decode step."""
+    from kollm.train.modeling import end_of_turn_ids
+
+    records = [{"prompt": [{"role": "user", "content": q}]} for q in ["안녕", "서울", "한국어", "학교"]]
+
+    def run(model, update):
+        ds = prefs.PromptDataset(tokenizer, records, max_prompt_len=64)
+        objective = prefs.grpo(
+            tokenizer,
+            ds,
+            lambda prompts, completions, **_: [float(c.count("다")) for c in completions],
+            num_generations=4,
+            max_new_tokens=6,
+            temperature=1.0,
+            stop_ids=end_of_turn_ids(tokenizer),
+        )
+        torch.manual_seed(0)  # the same samples
+        logs: list = []
+        cfg = LoopConfig(max_steps=3, lr=1e-2, batch_size=4, log_every=1, **update)
+        collate = partial(prefs.collate_prompts, pad_id=tokenizer.pad_token_id)
+        train(model, ds, cfg, device=CPU, objective=objective, collate=collate, on_log=logs.append)
+        return [x for e in logs for x in (e.loss, e.metrics["reward"], e.metrics["completion_length"])]
+
+    plain, sharded = _twice(lambda: copy.deepcopy(tiny_model), run)
+    assert len(sharded) == 9
+    assert sharded == pytest.approx(plain, rel=1e-4, abs=1e-6)  # the same samples, rewards and losses
+
+
 def test_the_readme_fsdp_example_is_a_valid_step():
     """README's training section: the 8B sft step with sharding: fsdp validates as written."""
     from pathlib import Path
