@@ -64,6 +64,7 @@ def greedy_texts(path: Path, *, adapter: bool) -> list[str]:
     return out
 
 
+@pytest.mark.slow(reason="a vLLM server of its own (LoRA enabled): 129 s on the loaded 2-core machine")
 def test_unmerged_adapter_is_applied(tmp_path):
     model = save_with_adapter(tmp_path / "lora-model")
     adapted, base = greedy_texts(model, adapter=True), greedy_texts(model, adapter=False)
