@@ -34,15 +34,18 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kollm.errors import KollmError, NotFound
+from kollm.pipeline.artifacts import link_tree
 from kollm.redact import mask_uri
 
 CHAMPION = "champion"
@@ -367,6 +370,33 @@ def _download_once(cache: Path, download) -> Path:  # download: Callable[[str], 
     return cache
 
 
+def _local_path(uri: str | None) -> Path | None:
+    """The folder a file:// (or plain path) artifact URI names; None for a remote store (s3://, http://, ...)."""
+    if not uri:
+        return None
+    if uri.startswith("file://"):
+        return Path(unquote(urlparse(uri).path))
+    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+        return None
+    return Path(uri)
+
+
+def _link_or_download(source: str, tracking: str) -> Callable[[str], None]:
+    """What fills a cache folder with the artifacts at `source`: hard links where they lie on this machine (no
+    second copy on one file system; link_tree), else MLflow's download. Either writes `dst/<last part>/...`."""
+
+    def fill(dst: str) -> None:
+        from mlflow.artifacts import download_artifacts
+
+        local = _local_path(source)
+        if local is not None and local.is_dir():
+            link_tree(local, Path(dst) / local.name)
+            return
+        download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=tracking)
+
+    return fill
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z._-]+", "_", text)[:80]
 
@@ -391,11 +421,7 @@ def resolve_model_uri(uri: str, project_dir: Path | None = None) -> Path:
         key = hashlib.sha256(f"{c.tracking_uri}\0{info.source}".encode()).hexdigest()[:12]
         cache = _cache_root(project_dir) / f"{_safe(info.name)}-v{info.version}-{key}"
         source = c.get_model_version_download_uri(info.name, info.version)
-        from mlflow.artifacts import download_artifacts
-
-        folder = _download_once(
-            cache, lambda dst: download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=c.tracking_uri)
-        )
+        folder = _download_once(cache, _link_or_download(source, c.tracking_uri))
         return _hf_folder_in(_single_child(folder), f"{uri} (version {info.version})")
     if uri.startswith("runs:/"):
         match = _RUNS.match(uri)
@@ -582,8 +608,21 @@ def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, st
     try:
         # MLflow nags about type hints, Any and input examples; the choices here are deliberate. It forces its own
         # "once" filter around those checks, so filters cannot silence them: record the warnings and drop them.
-        with tempfile.TemporaryDirectory(prefix="kollm-register-") as tmp, warnings.catch_warnings(record=True):
+        # A local artifact store gets the model folder by one rename from a temp folder beside it, whose weights are
+        # hard links to `hf_folder` (no second copy on one file system; see link_tree).
+        dest = _local_path(logged.artifact_location)
+        near = None
+        if dest is not None:
+            near = dest.parent
+            near.mkdir(parents=True, exist_ok=True)
+        with (
+            tempfile.TemporaryDirectory(prefix=".kollm-register-", dir=near) as tmp,
+            warnings.catch_warnings(record=True),
+        ):
             local = Path(tmp) / MODEL_NAME
+            stub = Path(tmp) / "stub" / hf_folder.name  # MLflow copies artifacts; it gets a stand-in, linked below
+            stub.mkdir(parents=True)
+            (stub / "config.json").write_text("{}")
             spec = Model(
                 artifact_path=logged.artifact_location,
                 run_id=run_id,
@@ -594,11 +633,14 @@ def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, st
             mlflow.pyfunc.save_model(
                 path=str(local),
                 python_model=str(PYFUNC_CODE),
-                artifacts={HF_ARTIFACT: str(hf_folder)},
+                artifacts={HF_ARTIFACT: str(stub)},
                 pip_requirements=requirements,
                 mlflow_model=spec,
             )
             spec = Model.load(str(local / "MLmodel"))
+            binary = spec.flavors["python_function"]["artifacts"][HF_ARTIFACT]["path"]
+            shutil.rmtree(local / binary)
+            link_tree(hf_folder, local / binary)
             hints = spec.signature
             spec.signature = ModelSignature(
                 inputs=hints.inputs,
@@ -607,14 +649,18 @@ def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, st
             )
             spec.signature._is_signature_from_type_hint = True  # predict checks its hints, not a table schema
             _save_example(spec, INPUT_EXAMPLE, str(local))
-            binary = spec.flavors["python_function"]["artifacts"][HF_ARTIFACT]["path"]
             tokenizer = AutoTokenizer.from_pretrained(str(local / binary))
             tokenizer.save_pretrained(str(local / "components" / FlavorKey.TOKENIZER))
             spec.add_flavor("transformers", **_transformers_flavor(local / binary, binary, type(tokenizer).__name__))
             files = [f for f in local.rglob("*") if f.is_file() and f.name != "MLmodel"]
             spec.model_size_bytes = sum(f.stat().st_size for f in files)
             spec.save(str(local / "MLmodel"))
-            c.log_model_artifacts(logged.model_id, str(local))
+            if dest is not None and not (dest.exists() and any(dest.iterdir())):
+                if dest.exists():
+                    dest.rmdir()
+                os.rename(local, dest)
+            else:
+                c.log_model_artifacts(logged.model_id, str(local))  # an upload (another machine or file system)
     except BaseException:
         try:
             c.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)

@@ -240,3 +240,26 @@ def test_gradient_checkpointing_under_bf16_keeps_the_residual_stream_in_bf16(tok
         assert all(math.isfinite(x) for x in result.losses)
         assert model.get_input_embeddings()._forward_hooks == {}  # the cast is removed after training
     assert seen == {True: {torch.bfloat16}, False: {torch.float32}}
+
+
+def test_checkpoints_in_the_store_resume_on_another_node(tmp_path, tiny_model, tokenizer, rows):
+    """With `checkpoint_remote` (the artifact store's folder; fsspec's memory:// here, S3 in
+    tests/executors/test_ray_lost_node.py) checkpoints are uploaded, pruned there too, and a run with an empty local
+    folder (another node) resumes from the newest complete one."""
+    import uuid
+
+    import fsspec
+
+    remote = f"memory://kollm-test-{uuid.uuid4().hex[:8]}/checkpoints/k"
+    cfg = LoopConfig(max_steps=7, lr=1e-3, batch_size=4, checkpoint_every=2, keep_checkpoints=2)
+    train(tiny_model, RowDataset(rows), cfg, device=CPU, checkpoint_dir=tmp_path / "node-a", checkpoint_remote=remote)
+    fs, root = fsspec.core.url_to_fs(remote)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["step-00000004", "step-00000006"]
+    fs.pipe(f"{root}/step-00000008/weights.pt", b"half uploaded")  # no state.pt: a node died mid-upload
+    longer = LoopConfig(max_steps=9, lr=1e-3, batch_size=4, checkpoint_every=2, keep_checkpoints=2)
+    fresh = scratch_model("tiny", tokenizer, seed=1, attn_implementation="sdpa")
+    result = train(
+        fresh, RowDataset(rows), longer, device=CPU, checkpoint_dir=tmp_path / "node-b", checkpoint_remote=remote
+    )
+    assert result.resumed_from == 6 and result.steps == 9
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "node-b")][0] == "step-00000006"

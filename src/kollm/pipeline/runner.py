@@ -303,6 +303,7 @@ def run_attempt(
         key=key,
         attempt=attempt,
         executor=r.executor,
+        checkpoint_remote=r.store.checkpoint_url(key),
     )
     try:
         res = step.module.run(ctx) or StepResult()
@@ -350,6 +351,7 @@ def run_attempt(
         },
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    r.store.drop_checkpoints(key)
     return StepRecord(
         step.name, step.kind, key, tracker.run_id, False, r.store.outputs(manifest), manifest.get("metrics", metrics)
     )

@@ -164,6 +164,7 @@ class StepContext:
     executor: str = (
         "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
     )
+    checkpoint_remote: str | None = None  # the artifact store's folder for this key's checkpoints (remote stores)
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""

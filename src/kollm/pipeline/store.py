@@ -70,6 +70,15 @@ class ArtifactStore(Protocol):
         """A context manager held while computing `key`; a second holder waits."""
         ...
 
+    def checkpoint_url(self, key: str) -> str | None:
+        """Where the training checkpoints of `key` are mirrored so another machine can resume them (None: only in
+        the project's `.kollm/checkpoints/`, which every runner of a local store shares)."""
+        ...
+
+    def drop_checkpoints(self, key: str) -> None:
+        """Remove the mirrored checkpoints of a finished step."""
+        ...
+
 
 def open_store(url: str | Path | None, state_dir: Path) -> ArtifactStore:
     """The store at `url`: None -> the project's `.kollm/`; a path or file:// URL -> a LocalStore there;
@@ -160,6 +169,12 @@ class LocalStore:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def checkpoint_url(self, key: str) -> str | None:
+        return None
+
+    def drop_checkpoints(self, key: str) -> None:
+        pass  # the runner removes .kollm/checkpoints/<key> itself
 
     def holder(self, key: str) -> bool:
         """True when another process holds the lock of `key` right now (a step in flight)."""
@@ -311,6 +326,15 @@ class FsspecStore:
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
         yield  # object stores have no locks; see the module docstring
+
+    def checkpoint_url(self, key: str) -> str | None:
+        return self._uri(self._path("checkpoints", key)) if self.shared else None
+
+    def drop_checkpoints(self, key: str) -> None:
+        with self._remote():
+            root = self._path("checkpoints", key)
+            if self.shared and self.fs.exists(root):
+                self.fs.rm(root, recursive=True)
 
 
 def wait_note(store: ArtifactStore, key: str) -> bool:

@@ -100,6 +100,7 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
         loop,
         device=env.device,
         checkpoint_dir=job.checkpoint_dir,
+        checkpoint_remote=job.checkpoint_remote,
         progress=env.progress,
         on_log=env.on_log,
         description=f"{job.step}: training",

@@ -201,3 +201,67 @@ def _load_plain(file: Path) -> Any:
             f"(tampered, or written by an older kollm): {first}. Delete the checkpoint folder {file.parent} to start "
             "the step from scratch."
         ) from None
+
+
+# ---------------------------------------------------------------- checkpoints in the artifact store
+# A step run against a remote artifact store (s3://...) mirrors its checkpoints to `<store>/checkpoints/<key>/`
+# (the runner passes that URL), so a retry on another node resumes from the last one instead of from step 0. The
+# local folder is a node-local cache of it. A checkpoint's state.pt is uploaded last: a remote checkpoint without
+# it is incomplete (a node that died mid-upload) and is never pulled.
+
+
+def _remote_fs(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _remote_steps(fs: Any, root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root` (step, path), oldest first."""
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root)
+    except FileNotFoundError:
+        return []
+    steps = set()
+    for path in found:
+        parts = path[len(root.rstrip("/")) + 1 :].split("/")
+        if len(parts) == 2 and parts[0].startswith(PREFIX) and parts[1] == "state.pt":
+            steps.add((int(parts[0][len(PREFIX) :]), f"{root.rstrip('/')}/{parts[0]}"))
+    return sorted(steps)
+
+
+def push(remote: str, folder: Path, *, keep: int = 2) -> None:
+    """Upload the checkpoint `folder` to `remote` (state.pt last) and keep only the newest `keep` there."""
+    fs, root = _remote_fs(remote)
+    target = f"{root.rstrip('/')}/{folder.name}"
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "state.pt")
+    for path in files:
+        fs.put_file(str(path), f"{target}/{path.relative_to(folder).as_posix()}")
+    for _, old in _remote_steps(fs, root)[:-keep]:
+        fs.rm(old, recursive=True)
+
+
+def pull(remote: str, checkpoint_dir: Path) -> int | None:
+    """Download the newest complete checkpoint under `remote` into `checkpoint_dir` unless a local one is as new;
+    returns its step (None: the store holds none)."""
+    fs, root = _remote_fs(remote)
+    found = _remote_steps(fs, root)
+    if not found:
+        return None
+    step, path = found[-1]
+    local = latest(checkpoint_dir)
+    if local is not None and int(local.name[len(PREFIX) :]) >= step:
+        return step
+    tmp = checkpoint_dir / f".tmp-pull-{PREFIX}{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for remote_file in fs.find(path):
+        target = tmp / remote_file[len(path) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote_file, str(target))
+    final = checkpoint_dir / f"{PREFIX}{step:08d}"
+    try:
+        os.rename(tmp, final)
+    except OSError:  # another rank of this node pulled it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return step

@@ -308,12 +308,15 @@ def train(
     objective: LossFn = lm_objective,
     collate: Callable | None = None,
     checkpoint_dir: Path | None = None,
+    checkpoint_remote: str | None = None,
     progress: Progress = _no_progress,
     on_log: Callable[[StepLog], None] | None = None,
     description: str = "training",
 ) -> TrainResult:
     """Train `model` in place for `cfg.max_steps` optimizer steps, resuming from the newest checkpoint in
-    `checkpoint_dir` if there is one. `on_log` is called on rank 0 every `cfg.log_every` steps and at the end."""
+    `checkpoint_dir` if there is one. With `checkpoint_remote` (a folder in the artifact store) checkpoints are
+    also uploaded there, and the newest one there is pulled first: a run on another node resumes from it.
+    `on_log` is called on rank 0 every `cfg.log_every` steps and at the end."""
     rank, world = rank_and_world()
     torch.manual_seed(cfg.seed + rank)
     autocast = autocast_for(device, cfg.precision)
@@ -331,6 +334,8 @@ def train(
     scheduler = make_scheduler(optimizer, cfg)
     state = ckpt.TrainState()
     resumed_from = None
+    if checkpoint_remote and checkpoint_dir is not None:
+        ckpt.pull(checkpoint_remote, checkpoint_dir)
     last = ckpt.latest(checkpoint_dir)
     if last is not None:
         state = (ckpt.load_sharded if sharded else ckpt.load)(last, raw, optimizer, scheduler)
@@ -413,10 +418,13 @@ def train(
             and checkpoint_dir is not None
         ):
             flush()
+            saved = None
             if sharded:
-                ckpt.save_sharded(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+                saved = ckpt.save_sharded(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
             elif rank == 0:
-                ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+                saved = ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            if checkpoint_remote and rank == 0 and saved is not None:
+                ckpt.push(checkpoint_remote, saved, keep=cfg.keep_checkpoints)
             if world > 1 and not sharded:
                 dist.barrier()
         if rank == 0 and on_log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):

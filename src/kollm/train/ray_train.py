@@ -10,8 +10,11 @@ job's JSON log, the tracker and the progress bar, like `launch` does; its last r
 Fault tolerance: training checkpoints into `job.checkpoint_dir` (stable per cache key) and the loop resumes from
 the newest complete checkpoint there. A worker that dies makes Ray Train restart the worker group
 (`FailureConfig(max_failures)`), whose workers resume from that checkpoint; a killed driver takes its workers
-with it, and the next run of the step (same cache key, same folder) resumes the same way. `job.checkpoint_dir` and
-`job.output_dir` must therefore be visible to every worker: one machine, or a shared filesystem on a cluster.
+with it, and the next run of the step (same cache key, same folder) resumes the same way. With a remote artifact
+store (s3://...) the checkpoints are uploaded to it (`job.checkpoint_remote`) and each worker keeps only a scratch
+copy under its node's temp folder, so a worker group restarted on another node, or the step's retry there, pulls
+the newest one and resumes from it. With a local store `job.checkpoint_dir` and `job.output_dir` must be visible to
+every worker: one machine, or a shared filesystem on a cluster.
 
 `check_fits(resources, cluster)` lists what a step asks for that the Ray cluster does not have (the executor calls
 it at plan time, so an impossible request is an error instead of a task that waits forever).
@@ -19,7 +22,9 @@ it at plan time, so an impossible request is an error instead of a task that wai
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -103,12 +108,20 @@ class _QueueLog(TrainingLog):
         self.queue.put(record)
 
 
+def node_checkpoint_dir(key: str) -> Path:
+    """A Ray Train worker's local folder for the checkpoints of step `key` when they live in the artifact store:
+    under this node's temp folder (Ray's workers inherit the node's TMPDIR)."""
+    return Path(tempfile.gettempdir()) / "kollm-checkpoints" / key
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: `fn(job, env)` with this worker's rank, world and device."""
     import ray.train
     import ray.train.torch
 
     fn, job, queue = config["fn"], config["job"], config["queue"]
+    if job.checkpoint_remote:  # checkpoints live in the artifact store; this node keeps a scratch copy of its own
+        job = dataclasses.replace(job, checkpoint_dir=node_checkpoint_dir(job.checkpoint_dir.name))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(config["threads"])

@@ -50,6 +50,7 @@ class Job:
     log_file: Path  # JSON lines
     lineage: dict[str, Any] = field(default_factory=dict)  # run ids and input digests for kollm.json
     project_dir: Path | None = None  # where user modules (a GRPO reward function) are imported from
+    checkpoint_remote: str | None = None  # checkpoints mirrored into the artifact store (a retry on another node)
 
 
 @dataclass
@@ -117,6 +118,7 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
         tokenizer_corpus=corpus,
         output_dir=ctx.output_path("model"),
         checkpoint_dir=ctx.checkpoint_dir,
+        checkpoint_remote=ctx.checkpoint_remote,
         log_file=ctx.logs_dir("training") / f"{ctx.name}.jsonl",
         lineage=lineage,
         project_dir=ctx.project_dir,
