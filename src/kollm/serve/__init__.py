@@ -56,7 +56,7 @@ def _local_folder(model_uri: str, project_dir: Path | None) -> Path | None:
     path = Path(model_uri.removeprefix("file://")).expanduser()
     if not path.is_absolute() and project_dir is not None:
         path = Path(project_dir) / path
-    return path.resolve() if (path / "config.json").is_file() else None
+    return path.resolve() if (path / "config.json").is_file() or (path / "adapter_config.json").is_file() else None
 
 
 def describe_model_uri(model_uri: str, project_dir: Path | None = None) -> tuple[str, str]:

@@ -1101,8 +1101,10 @@ def load_engine(
     """
     from kollm.errors import ConfigError, NotFound
 
+    from kollm.adapter import is_adapter, load_causal_lm
+
     model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
+    if not (model_path / "config.json").is_file() and not is_adapter(model_path):
         raise NotFound(
             f"{model_path}: not a model folder (no config.json)",
             hint="pass a Hugging Face model folder or a models:/NAME@ALIAS URI",
@@ -1148,7 +1150,10 @@ def load_engine(
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    if is_adapter(model_path):  # a LoRA adapter: merged into its base in memory at load
+        model = load_causal_lm(model_path, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
     return TransformersEngine(
