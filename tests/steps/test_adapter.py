@@ -163,3 +163,22 @@ def test_lora_on_a_scratch_base_without_merge_says_to_merge(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"lora\.merge.*scratch.*merge: true"):
         kollm.run(root)
+
+
+@pytest.mark.slow(reason="shares the module's pipeline run")
+def test_lineage_shows_the_adapter_and_its_base(pipeline):
+    import httpx
+
+    from kollm.ui import data
+    from kollm.ui.app import create_app
+    from tests.rollout.conftest import Server
+
+    root, result = pipeline
+    cpt = result.steps["cpt"].outputs["model"]
+    store = data.Store(data.open_project(root))
+    lin = data.version_lineage(store, "ko-adapter", "challenger")
+    assert lin.base == {"digest": cpt.digest, "path": str(cpt.path), "registered": ""}
+    assert [v.name for v in data.forward_lineage(store, cpt.digest).versions] == ["ko-adapter"]
+    with Server(create_app(root, host="127.0.0.1")) as srv:
+        page = httpx.get(f"{srv.url}/lineage/ko-adapter/1", timeout=60).text
+    assert "LoRA adapter on base" in page and cpt.digest in page
