@@ -22,6 +22,10 @@ _spec.loader.exec_module(helpers)
 
 SFT = "- kind: sft\n  config: {seq_len: 128, max_steps: 4, lr: 1.0e-2, batch_size: 4, log_every: 2, lora: {r: 4, alpha: 16}}\n"
 ALIGN = "- kind: align\n  config: {seq_len: 128, max_steps: 2, batch_size: 4, log_every: 1}\n"
+EVALUATE = (
+    "- kind: evaluate\n  inputs: {model: sft.model, data: gen.chats}\n"
+    "  config: {max_eval_rows: 8, lm_eval: {tasks: [ko_quickstart_mc], limit: 4}, gate: ['perplexity <= 1000000']}\n"
+)
 REGISTER = "- kind: register\n  inputs: {model: sft.model}\n  config: {name: ko-adapter}\n"
 
 
@@ -31,7 +35,9 @@ def _bytes(folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    root = helpers.make_project(tmp_path_factory.mktemp("adapter") / "p", helpers.CPT + SFT + ALIGN + REGISTER)
+    root = helpers.make_project(
+        tmp_path_factory.mktemp("adapter") / "p", helpers.CPT + SFT + ALIGN + EVALUATE + REGISTER
+    )
     return root, kollm.run(root)
 
 
@@ -96,12 +102,22 @@ def test_registering_an_adapter_registers_megabytes_not_the_base(pipeline):
     sft, cpt = result.steps["sft"].outputs["model"], result.steps["cpt"].outputs["model"]
     version = registry.show("ko-adapter", "challenger", project_dir=root)
     assert version.tags[BASE_DIGEST_TAG] == cpt.digest and version.tags["kollm.model_digest"] == sft.digest
+    # the evaluate step measured the adapter (merged into its base at load): perplexity, lm-eval, the gate
+    assert float(version.tags["kollm.metric.perplexity"]) > 1 and version.tags["kollm.gate"] == "passed"
+    assert "kollm.metric.ko_quickstart_mc.acc" in version.tags
     folder = registry.resolve_model_uri("models:/ko-adapter@challenger", root)
     download = folder.parent  # the logged model: MLmodel, the adapter folder, code, components
     registered = _bytes(download)
     weights = _bytes(cpt.path)
     assert registered < weights / 3, (registered, weights)
     assert (folder / "adapter_model.safetensors").is_file() and not (folder / "config.json").exists()
+    import mlflow
+
+    uri = registry.tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/ko-adapter@challenger")  # kollm's pyfunc: transformers + PEFT
+    assert len(model.predict(["서울은"], params={"max_new_tokens": 3})) == 1
 
 
 @pytest.mark.slow(reason="shares the module's pipeline run")

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 import kollm
 from kollm.errors import ConfigError

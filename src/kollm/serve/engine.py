@@ -1154,7 +1154,7 @@ def load_engine(
         model = load_causal_lm(model_path, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
+    model = model.to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
     return TransformersEngine(
         model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache

@@ -674,7 +674,8 @@ def forward_lineage(store: Store, digest: str) -> Forward:
             lineage = {
                 val
                 for k, val in v.tags.items()
-                if k.startswith(("kollm.data.", "kollm.source.")) or k in ("kollm.model_digest", "kollm.base_model_digest")
+                if k.startswith(("kollm.data.", "kollm.source."))
+                or k in ("kollm.model_digest", "kollm.base_model_digest")
             }
             if lineage & reached or (v.run_id and v.run_id in consumer_runs):
                 versions.append(v)
