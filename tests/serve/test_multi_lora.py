@@ -1,0 +1,145 @@
+"""Many LoRA adapters on one base in the native engine (kollm.serve.multi_lora): each adapter's greedy answers equal
+PEFT's merged model's; one batch mixes adapters and the base; adapters load on first use and are evicted least
+recently used beyond max_adapters, with no request failing under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kollm.errors import ConfigError
+from kollm.serve.engine import RequestError, SamplingParams, TransformersEngine
+from kollm.serve.multi_lora import AdapterBank
+
+TOKENS = 6
+PROMPTS = ["서울은 대한민국의", "The quick brown", "한국어 언어 모델을", "0123"]
+# three adapters with different ranks and target modules
+SHAPES = {"ko": (4, ["q_proj", "v_proj"]), "en": (8, ["o_proj", "down_proj", "up_proj"]), "mix": (2, "all-linear")}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i, (name, (r, targets)) in enumerate(SHAPES.items()):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg)
+        with torch.no_grad():  # strong random adapters: each changes the greedy answers
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _greedy(model, ids: list[int]) -> list[int]:
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, adapters) -> dict[tuple[str | None, str], list[int]]:
+    """Greedy tokens of PEFT's merged model for each adapter (None: the base) and prompt."""
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    models = {None: base} | {
+        n: PeftModel.from_pretrained(copy.deepcopy(base), str(f)).merge_and_unload().eval() for n, f in adapters.items()
+    }
+    out = {}
+    for name, model in models.items():
+        for p in PROMPTS:
+            out[(name, p)] = _greedy(model, tok(p)["input_ids"])
+    assert len({tuple(out[(n, PROMPTS[0])]) for n in models}) > 1  # the adapters change the answers
+    return out
+
+
+def _engine(tiny_model_dir, adapters, max_adapters: int) -> TransformersEngine:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bank = AdapterBank(model, dict(adapters), max_adapters=max_adapters)
+    return TransformersEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch_size=16, adapters=bank)
+
+
+def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(tiny_model_dir, adapters, expected):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=3)
+    jobs = [(name, p) for name in (None, *adapters) for p in PROMPTS]
+
+    async def run():
+        try:
+            ids = {(n, p): engine.encode_prompt(p) for n, p in jobs}
+            params = {n: SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n) for n, _ in jobs}
+
+            async def one(n, p, i):
+                return "".join([c.text async for c in engine.generate(ids[(n, p)], params[n], f"r{i}")])
+
+            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)))
+        finally:
+            await engine.shutdown()
+
+    answers = asyncio.run(run())
+    for (n, p), got in zip(jobs, answers):
+        assert got == engine.decode(expected[(n, p)]), (n, p)
+    stats = engine.adapters.stats()
+    assert all(s["loads"] == 1 and s["evictions"] == 0 and s["requests"] == len(PROMPTS) for s in stats.values())
+    assert engine.adapters.mixed_passes > 0  # decode steps ran rows of different adapters together
+
+
+def test_adapters_beyond_max_are_evicted_lru_with_no_failed_request(tiny_model_dir, adapters, expected):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=1)  # three adapters through one slot
+    names = list(adapters)
+    jobs = [(names[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(18)] + [(None, PROMPTS[0])] * 3
+
+    async def run():
+        try:
+
+            async def one(n, p, i):
+                ids = engine.encode_prompt(p)
+                params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n)
+                await asyncio.sleep(0.01 * (i % 4))
+                return "".join([c.text async for c in engine.generate(ids, params, f"e{i}")])
+
+            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)), return_exceptions=True)
+        finally:
+            await engine.shutdown()
+
+    answers = asyncio.run(run())
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    assert not failed, failed[:3]
+    for (n, p), got in zip(jobs, answers):
+        assert got == engine.decode(expected[(n, p)]), (n, p)
+    stats = engine.adapters.stats()
+    assert sum(s["loaded"] for s in stats.values()) == 1
+    assert all(s["loads"] >= 1 for s in stats.values()) and sum(s["evictions"] for s in stats.values()) >= 2
+
+
+def test_unknown_adapter_and_a_non_lora_layer_are_clear_errors(tiny_model_dir, adapters, tmp_path):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=2)
+
+    async def ask():
+        try:
+            params = SamplingParams(max_tokens=2, adapter="nope")
+            async for _ in engine.generate(engine.encode_prompt("안녕"), params, "x"):
+                pass
+        finally:
+            await engine.shutdown()
+
+    with pytest.raises(RequestError, match="no adapter 'nope'.*en, ko, mix"):
+        asyncio.run(ask())
+    with pytest.raises(ConfigError, match="--max-adapters"):
+        AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=0)
+    with pytest.raises(ConfigError, match="not a LoRA adapter"):
+        AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"x": tmp_path}, max_adapters=1)
