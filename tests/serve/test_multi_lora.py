@@ -81,7 +81,9 @@ def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(tiny_model_
     async def run():
         try:
             ids = {(n, p): engine.encode_prompt(p) for n, p in jobs}
-            params = {n: SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n) for n, _ in jobs}
+            params = {
+                n: SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n) for n, _ in jobs
+            }
 
             async def one(n, p, i):
                 return "".join([c.text async for c in engine.generate(ids[(n, p)], params[n], f"r{i}")])
@@ -143,3 +145,74 @@ def test_unknown_adapter_and_a_non_lora_layer_are_clear_errors(tiny_model_dir, a
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=0)
     with pytest.raises(ConfigError, match="not a LoRA adapter"):
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"x": tmp_path}, max_adapters=1)
+
+
+def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model_dir, adapters, expected, tmp_path):
+    """`kollm serve BASE --adapters NAME=URI ... --max-adapters 1`: a real server on 127.0.0.1, the openai client,
+    requests of three adapters and the base at once, each answered as its merged model, none failing."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from openai import OpenAI
+
+    from tests.serve.conftest import free_port, wait_ready
+
+    port = free_port()
+    args = [a for n, f in adapters.items() for a in ("--adapters", f"{n}={f}")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(port), "--served-model-name"]
+        + ["base", "--device", "cpu", "--max-adapters", "1", *args],
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["base", "en", "ko", "mix"]
+        jobs = [(n, p) for n in ("base", *adapters) for p in PROMPTS[:2]] * 2
+
+        def ask(job):
+            name, prompt = job
+            r = client.completions.create(
+                model=name, prompt=prompt, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            return r.model, r.choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        for (name, prompt), (model, text) in zip(jobs, answers):
+            assert model == name
+            assert text == tok.decode(expected[(None if name == "base" else name, prompt)]), (name, prompt)
+        missing = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 1})
+        assert missing.status_code == 404 and "'base', 'ko', 'en', 'mix'" in missing.text
+        scrape = httpx.get(url + "/metrics").text
+        for name in adapters:
+            assert f'kollm_adapter_requests_total{{adapter="{name}",model_version="local"}} 4.0' in scrape
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_adapters_of_another_base_are_refused_naming_both_digests(tiny_model_dir, adapters, tmp_path):
+    import json
+    import shutil
+
+    from kollm.adapter import AdapterBaseMismatch
+    from kollm.pipeline.artifacts import folder_digest
+    from kollm.serve.engine import load_engine
+
+    other = tmp_path / "ko"
+    shutil.copytree(adapters["ko"], other)
+    wrong = "sha256:" + "1" * 64
+    (other / "kollm.json").write_text(json.dumps({"lora": {"merged": False, "base": {"digest": wrong, "path": None}}}))
+    with pytest.raises(AdapterBaseMismatch) as e:
+        load_engine(tiny_model_dir, backend="transformers", device="cpu", adapters={"ko": other})
+    assert wrong in str(e.value) and folder_digest(tiny_model_dir) in str(e.value)

