@@ -78,6 +78,9 @@ def read_adapter(name: str, folder: Path) -> _Adapter:
 class _RowLoRALinear(nn.Module):
     """A linear layer plus, per batch row, the LoRA delta of that row's adapter slot."""
 
+    A: torch.Tensor  # [slots + 1, r_max, in]
+    B: torch.Tensor  # [slots + 1, out, r_max], scale folded in
+
     def __init__(self, base: nn.Linear, bank: AdapterBank, slots: int, rank: int):
         super().__init__()
         self.base = base
