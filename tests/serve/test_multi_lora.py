@@ -141,12 +141,32 @@ def test_unknown_adapter_and_a_non_lora_layer_are_clear_errors(tiny_model_dir, a
 
     with pytest.raises(RequestError, match="no adapter 'nope'.*en, ko, mix"):
         asyncio.run(ask())
+    with pytest.raises(ConfigError, match="static KV cache"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        TransformersEngine(
+            model,
+            AutoTokenizer.from_pretrained(tiny_model_dir),
+            kv_cache="static",
+            adapters=AdapterBank(model, dict(adapters), 1),
+        )
     with pytest.raises(ConfigError, match="--max-adapters"):
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=0)
     with pytest.raises(ConfigError, match="not a LoRA adapter"):
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"x": tmp_path}, max_adapters=1)
 
 
+def test_the_least_recently_used_idle_adapter_is_evicted(tiny_model_dir, adapters):
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=2)
+    assert bank.acquire("ko", set()) == 1 and bank.acquire("en", set()) == 2
+    assert bank.acquire("ko", set()) == 1  # ko is now the most recently used
+    assert bank.acquire("mix", {"ko", "en"}) is None  # both slots run requests: mix waits
+    assert bank.acquire("mix", set()) == 2  # en, the least recently used, leaves
+    stats = bank.stats()
+    assert stats["en"] == {"loaded": 0, "loads": 1, "evictions": 1, "requests": 1}
+    assert stats["ko"]["loaded"] == 1 and stats["ko"]["evictions"] == 0
+
+
+@pytest.mark.slow(reason="starts a `kollm serve` process")
 def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model_dir, adapters, expected, tmp_path):
     """`kollm serve BASE --adapters NAME=URI ... --max-adapters 1`: a real server on 127.0.0.1, the openai client,
     requests of three adapters and the base at once, each answered as its merged model, none failing."""
@@ -196,6 +216,9 @@ def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model
         scrape = httpx.get(url + "/metrics").text
         for name in adapters:
             assert f'kollm_adapter_requests_total{{adapter="{name}",model_version="local"}} 4.0' in scrape
+            assert (
+                f'kollm_adapter_output_tokens_total{{adapter="{name}",model_version="local"}} {4.0 * TOKENS}' in scrape
+            )
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -216,3 +239,20 @@ def test_adapters_of_another_base_are_refused_naming_both_digests(tiny_model_dir
     with pytest.raises(AdapterBaseMismatch) as e:
         load_engine(tiny_model_dir, backend="transformers", device="cpu", adapters={"ko": other})
     assert wrong in str(e.value) and folder_digest(tiny_model_dir) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--adapters", "ko"], "--adapters ko: expected NAME=URI"),
+        (["--adapters", "ko=./x", "--canary", "models:/m@challenger"], "--adapters is not supported with --canary"),
+    ],
+)
+def test_bad_adapters_options_are_one_clear_message(args, message, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "serve", "./model", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and message in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
