@@ -109,6 +109,7 @@ def test_registering_an_adapter_registers_megabytes_not_the_base(pipeline):
     download = folder.parent  # the logged model: MLmodel, the adapter folder, code, components
     registered = _bytes(download)
     weights = _bytes(cpt.path)
+    print(f"registered adapter version: {registered} bytes; base model folder: {weights} bytes")
     assert registered < weights / 3, (registered, weights)
     assert (folder / "adapter_model.safetensors").is_file() and not (folder / "config.json").exists()
     import mlflow
