@@ -170,6 +170,7 @@ def test_the_least_recently_used_idle_adapter_is_evicted(tiny_model_dir, adapter
 def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model_dir, adapters, expected, tmp_path):
     """`kollm serve BASE --adapters NAME=URI ... --max-adapters 1`: a real server on 127.0.0.1, the openai client,
     requests of three adapters and the base at once, each answered as its merged model, none failing."""
+    import json
     import os
     import subprocess
     import sys
@@ -219,6 +220,9 @@ def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model
             assert (
                 f'kollm_adapter_output_tokens_total{{adapter="{name}",model_version="local"}} {4.0 * TOKENS}' in scrape
             )
+        log = (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text(encoding="utf-8")
+        logged = [json.loads(line).get("adapter") for line in log.splitlines()]
+        assert sorted(a for a in logged if a) == sorted([n for n in adapters] * 4) and logged.count(None) == 4
     finally:
         proc.terminate()
         proc.wait(timeout=60)

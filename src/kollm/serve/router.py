@@ -661,6 +661,8 @@ def _finish_metrics(
             user=clip(body.user),
             features=features,  # for `kollm monitor drift`; output perplexity over every choice's tokens where the engine measured it
         )
+        if adapter is not None:  # served with --adapters: which adapter answered
+            record["adapter"] = adapter
         if served.embedder is None:
             served.inference_log.log("generation", **record)
         else:  # the prompt's embedding for drift, in a worker thread: the response does not wait for it
