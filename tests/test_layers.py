@@ -4,7 +4,7 @@ function-level imports alike, parsed with `ast`, so nothing is imported to check
     cli, kollm (the package API)              top
     steps, executors, ui, examples
     train, serve, rollout, monitor, deploy
-    data, eval, registry
+    data, eval, registry, adapter
     pipeline
     config
     errors, _version, _pydantic, redact, jsonlog, hostcheck   bottom
@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "data": 3,
     "eval": 3,
     "registry": 3,
+    "adapter": 3,  # LoRA adapter folders and their bases (loads through the registry, used by eval and serve)
     "train": 4,
     "serve": 4,
     "rollout": 4,

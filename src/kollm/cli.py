@@ -755,6 +755,16 @@ def serve_cmd(
             help="A Host name clients may use besides the bound address and loopback names, repeatable (also $KOLLM_ALLOWED_HOSTS, comma-separated; * for any). Bound to 0.0.0.0 with none given: any Host."
         ),
     ] = None,
+    adapters: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--adapters",
+            help="NAME=URI of a LoRA adapter of this base (models:/ADAPTER@ALIAS, a folder, ...), repeatable: served under model name NAME, loaded on its first request.",
+        ),
+    ] = None,
+    max_adapters: Annotated[
+        int, typer.Option(help="With --adapters: most adapters loaded at once (least recently used evicted).", min=1)
+    ] = 8,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
 
@@ -773,6 +783,16 @@ def serve_cmd(
         from kollm.serve.faults import parse_faults
 
         parse_faults(inject_faults)  # a bad option is named before the model loads
+    if adapters:
+        from kollm.errors import ConfigError
+
+        pairs = [a.partition("=") for a in adapters]
+        bad = next((a for a, (n, eq, u) in zip(adapters, pairs) if not (n and eq and u)), None)
+        if bad is not None:
+            raise ConfigError(f"--adapters {bad}: expected NAME=URI, e.g. support=models:/support-lora@champion")
+        if canary is not None:
+            raise ConfigError("--adapters is not supported with --canary yet; serve the adapters without a canary")
+        extra |= {"adapters": {n: u for n, _, u in pairs}, "max_adapters": max_adapters}
     if canary is not None:
         from kollm.rollout.serving import serve_canary
 

@@ -318,7 +318,8 @@ def rollback(name: str, reason: str = "", project_dir: Path | None = None) -> Al
 
 
 def _is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    """A Hugging Face model folder, or a LoRA adapter folder (PEFT format; see kollm.adapter)."""
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def _hf_folder_in(download: Path, what: str) -> Path:
@@ -333,9 +334,11 @@ def _hf_folder_in(download: Path, what: str) -> Path:
                 return folder
     if _is_hf_folder(download):
         return download
-    candidates = sorted(p.parent for p in download.glob("*/config.json")) + sorted(
-        p.parent for p in download.glob("*/*/config.json")
+    candidates = sorted(
+        {p.parent for pattern in ("*/config.json", "*/*/config.json") for p in download.glob(pattern)}
+        | {p.parent for pattern in ("*/adapter_config.json", "*/*/adapter_config.json") for p in download.glob(pattern)}
     )
+    candidates = [c for c in candidates if not any(c != o and o in c.parents for o in candidates)]
     if len(candidates) == 1:
         return candidates[0]
     raise NotFound(
@@ -651,7 +654,10 @@ def _log_model(c: MlflowClient, run_id: str, hf_folder: Path, tags: dict[str, st
             _save_example(spec, INPUT_EXAMPLE, str(local))
             tokenizer = AutoTokenizer.from_pretrained(str(local / binary))
             tokenizer.save_pretrained(str(local / "components" / FlavorKey.TOKENIZER))
-            spec.add_flavor("transformers", **_transformers_flavor(local / binary, binary, type(tokenizer).__name__))
+            if (local / binary / "config.json").is_file():  # a LoRA adapter needs its base: pyfunc only
+                spec.add_flavor(
+                    "transformers", **_transformers_flavor(local / binary, binary, type(tokenizer).__name__)
+                )
             files = [f for f in local.rglob("*") if f.is_file() and f.name != "MLmodel"]
             spec.model_size_bytes = sum(f.stat().st_size for f in files)
             spec.save(str(local / "MLmodel"))

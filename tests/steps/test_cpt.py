@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 
 import kollm
 from kollm.errors import ConfigError
@@ -184,13 +183,14 @@ def test_cpt_from_a_local_folder_with_lora_and_a_custom_template(tmp_path, token
     folder = rec.outputs["model"].path
     meta = json.loads((folder / "kollm.json").read_text())
     assert meta["base_model"]["source"] == str((root / "mybase").resolve())
-    assert meta["lora"] == {"adapter": "adapter", "merged": False}
-    # merge: false keeps the base weights in the folder; the adapter is beside them
-    from safetensors.torch import load_file
+    # merge: false: the output is the adapter alone, its base (this local folder) referred to by digest
+    from kollm.adapter import find_base
+    from kollm.pipeline.artifacts import folder_digest
 
-    base, saved = load_file(root / "mybase" / "model.safetensors"), load_file(folder / "model.safetensors")
-    assert all(torch.equal(base[k], saved[k]) for k in base)
-    assert (folder / "adapter" / "adapter_model.safetensors").exists()
+    assert meta["lora"]["merged"] is False and meta["lora"]["base"]["path"] == str((root / "mybase").resolve())
+    assert meta["lora"]["base"]["digest"] == folder_digest(root / "mybase")
+    assert (folder / "adapter_model.safetensors").exists() and not (folder / "model.safetensors").exists()
+    assert find_base(folder) == (root / "mybase").resolve()
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(folder).chat_template == template

@@ -1,4 +1,4 @@
-"""`sft` through the real runner: LoRA on the previous step's model, adapter saved and merged; errors for a
+"""`sft` through the real runner: LoRA on the previous step's model, adapter saved and merged (`merge: true`); errors for a
 missing base model and for QLoRA without a GPU."""
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_sft_lora_on_previous_model_saves_adapter_and_merged_model(tmp_path):
     root = make_project(
         tmp_path / "p",
         CPT
-        + "- kind: sft\n  config: {seq_len: 128, max_steps: 8, lr: 1.0e-2, batch_size: 4, log_every: 2, lora: {r: 4, alpha: 8}}\n",
+        + "- kind: sft\n  config: {seq_len: 128, max_steps: 8, lr: 1.0e-2, batch_size: 4, log_every: 2, lora: {r: 4, alpha: 8, merge: true}}\n",
     )
     result = kollm.run(root)
     sft = result.steps["sft"].outputs["model"]

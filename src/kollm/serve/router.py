@@ -311,6 +311,11 @@ class Served:
     inference_log: JsonLog | None = None
     embedder: Embedder | None = None  # logs each prompt's embedding (kollm.monitor.embeddings) for drift
     created: int = field(default_factory=lambda: int(time.time()))
+    adapters: tuple[str, ...] = ()  # LoRA adapters served on the base, each under its own model name
+
+    def adapter_of(self, name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base)."""
+        return name if name in self.adapters else None
 
     def card(self) -> ModelCard:
         version = None if self.version == "unversioned" else self.version
@@ -318,11 +323,16 @@ class Served:
             id=self.model_name, created=self.created, version=version, max_model_len=self.engine.context_length
         )
 
+    def cards(self) -> list[ModelCard]:
+        base = self.card()
+        return [base] + [base.model_copy(update={"id": a}) for a in self.adapters]
+
     def check_model(self, name: str) -> None:
-        if name != self.model_name:
+        if name != self.model_name and name not in self.adapters:
+            served = ", ".join(repr(n) for n in (self.model_name, *self.adapters))
             raise APIError(
                 404,
-                f"model {name!r} is not served here; this server serves {self.model_name!r}",
+                f"model {name!r} is not served here; this server serves {served}",
                 param="model",
                 code="model_not_found",
             )
@@ -385,7 +395,11 @@ def _response_format(body: ChatCompletionRequest | CompletionRequest) -> tuple[A
 
 
 def _params(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, choice: int, logprobs: int | None
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    choice: int,
+    logprobs: int | None,
+    adapter: str | None = None,
 ) -> SamplingParams:
     response_format, schema = _response_format(body)
     return SamplingParams(
@@ -405,6 +419,7 @@ def _params(
         response_format=response_format,
         json_schema=schema,
         final_only=not body.stream,
+        adapter=adapter,
     )
 
 
@@ -617,6 +632,10 @@ def _finish_metrics(
     version = served.version
     metrics.PROMPT_TOKENS.labels(version).inc(prompt_tokens)
     metrics.OUTPUT_TOKENS.labels(version).inc(completion_tokens)
+    adapter = served.adapter_of(getattr(body, "model", ""))
+    if adapter is not None:
+        metrics.ADAPTER_REQUESTS.labels(version, adapter).inc()
+        metrics.ADAPTER_OUTPUT_TOKENS.labels(version, adapter).inc(completion_tokens)
     ttft = None
     if timing.first_token is not None:
         ttft = timing.first_token - timing.start
@@ -642,6 +661,8 @@ def _finish_metrics(
             user=clip(body.user),
             features=features,  # for `kollm monitor drift`; output perplexity over every choice's tokens where the engine measured it
         )
+        if adapter is not None:  # served with --adapters: which adapter answered
+            record["adapter"] = adapter
         if served.embedder is None:
             served.inference_log.log("generation", **record)
         else:  # the prompt's embedding for drift, in a worker thread: the response does not wait for it
@@ -694,14 +715,14 @@ async def prometheus() -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_served(request).card()])
+    return ModelList(data=_served(request).cards())
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     served = _served(request)
     served.check_model(model_id)
-    return served.card()
+    return next(c for c in served.cards() if c.id == model_id)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
@@ -722,7 +743,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     max_tokens = served.budget(prompt_ids, body.max_completion_tokens or body.max_tokens, "messages")
     logprobs = body.top_logprobs_count()
     jobs = [
-        _Job(prompt_ids, _tool_params(_params(body, max_tokens, i, logprobs), tool_mode, tools, body))
+        _Job(
+            prompt_ids,
+            _tool_params(_params(body, max_tokens, i, logprobs, served.adapter_of(body.model)), tool_mode, tools, body),
+        )
         for i in range(body.choices())
     ]
     gens, firsts = await _start_tools(served.engine, jobs, rid, timing, tool_mode)
@@ -752,7 +776,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             return JSONResponse(
                 ChatCompletionResponse(
                     id=cid,
-                    model=served.model_name,
+                    model=body.model,
                     system_fingerprint=served.version,
                     choices=[
                         ChatChoice(
@@ -795,7 +819,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return JSONResponse(
             ChatCompletionResponse(
                 id=cid,
-                model=served.model_name,
+                model=body.model,
                 system_fingerprint=served.version,
                 choices=choices,
                 usage=Usage(
@@ -822,7 +846,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
             )
             return _sse(
                 ChatCompletionChunk(
-                    id=cid, created=now, model=served.model_name, system_fingerprint=served.version, choices=[choice]
+                    id=cid, created=now, model=body.model, system_fingerprint=served.version, choices=[choice]
                 )
             )
 
@@ -846,7 +870,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                     ChatCompletionChunk(
                         id=cid,
                         created=now,
-                        model=served.model_name,
+                        model=body.model,
                         system_fingerprint=served.version,
                         choices=[],
                         usage=usage,
@@ -887,7 +911,13 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         max_tokens = served.budget(ids, body.max_tokens, "prompt")
         prompt_tokens += len(ids)
         jobs.extend(
-            _Job(ids, replace(_params(body, max_tokens, j, body.logprobs), prompt_logprobs=prompt_logprobs))
+            _Job(
+                ids,
+                replace(
+                    _params(body, max_tokens, j, body.logprobs, served.adapter_of(body.model)),
+                    prompt_logprobs=prompt_logprobs,
+                ),
+            )
             for j in range(n)
         )
         echo.extend([echoed] * n)
@@ -921,7 +951,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return JSONResponse(
             CompletionResponse(
                 id=cid,
-                model=served.model_name,
+                model=body.model,
                 system_fingerprint=served.version,
                 choices=choices,
                 usage=Usage(
@@ -956,7 +986,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                         CompletionResponse(
                             id=cid,
                             created=now,
-                            model=served.model_name,
+                            model=body.model,
                             system_fingerprint=served.version,
                             choices=[choice],
                         )
@@ -969,7 +999,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                     CompletionResponse(
                         id=cid,
                         created=now,
-                        model=served.model_name,
+                        model=body.model,
                         system_fingerprint=served.version,
                         choices=[],
                         usage=usage,
@@ -1180,6 +1210,7 @@ def create_app(
     shutdown_engine: bool = True,
     max_body_bytes: int = MAX_BODY_BYTES,
     embedder: Embedder | None = None,
+    adapters: tuple[str, ...] = (),
 ) -> FastAPI:
     """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring); with `embedder` (and a
     log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`."""
@@ -1197,7 +1228,7 @@ def create_app(
             await engine.shutdown()
 
     app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
-    app.state.served = Served(engine, model_name, version, inference_log, embedder)
+    app.state.served = Served(engine, model_name, version, inference_log, embedder, adapters=tuple(adapters))
     app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
     app.add_middleware(
         _HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes

@@ -18,10 +18,12 @@ Tool calling: the answer is parsed with vLLM's tool parser (`tool_call_parser`, 
 by default the one of the template's call format (kollm.serve.tools: hermes, llama3_json); tool_choice required or
 a named function constrain the output with vLLM's structured outputs, as the native engine does with xgrammar.
 
-LoRA: a model trained with `lora: {merge: false}` is a folder with the base weights, the adapter in `adapter/`
-and `"lora": {"adapter": "adapter", "merged": false}` in kollm.json. Served with vLLM, every request carries a
-`LoRARequest` for that adapter (vLLM applies it on the fly; `enable_lora` and `max_lora_rank` are set from the
-adapter's config). A merged folder is served as it is.
+LoRA: a LoRA step's output is an adapter folder (PEFT format, its base referred to by digest; kollm.adapter).
+vLLM loads the base (found and checked by kollm.adapter.find_base) and every request carries a `LoRARequest` for
+the adapter (vLLM applies it on the fly; `enable_lora` and `max_lora_rank` are set from the adapter's config).
+An older kollm folder with the base weights and the adapter in `adapter/` (kollm.json `lora.merged: false`) is
+served the same way; a merged folder is served as it is. (Not run here: vLLM is not installed in this
+environment; tests/serve_vllm/ covers it under `make test-vllm`.)
 
 Metrics: vLLM's own Prometheus metrics (`vllm:*`: running/waiting requests, KV-cache usage, TTFT, inter-token
 latency, prefix-cache hits, ...) register in prometheus_client's process-wide registry, which kollm's /metrics
@@ -44,6 +46,7 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kollm.adapter import find_base, is_adapter
 from kollm.errors import ConfigError
 from kollm.serve.engine import (
     ChatTurn,
@@ -114,7 +117,7 @@ STRUCTURED_FIELDS = (
     "response_format",
     "json_schema",
 )  # mapped by sampling_kwargs itself
-OUTPUT_FIELDS = ("final_only",)  # mapped to vLLM's output_kind by VLLMEngine.generate
+OUTPUT_FIELDS = ("final_only", "adapter")  # mapped by VLLMEngine.generate: output_kind, the LoRARequest
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -165,7 +168,11 @@ def parse_engine_args(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def adapter_of(model_path: Path) -> Path | None:
-    """The folder of the unmerged LoRA adapter of a kollm model folder (kollm.json `lora.merged: false`), else None."""
+    """The LoRA adapter to apply with a LoRARequest: `model_path` itself when it is an adapter folder (a LoRA step's
+    output, see kollm.adapter), the `adapter/` of an older kollm folder with the base weights beside it
+    (kollm.json `lora.merged: false`), else None."""
+    if is_adapter(model_path):
+        return model_path
     meta = model_path / "kollm.json"
     if not meta.is_file():
         return None
@@ -231,6 +238,8 @@ class VLLMEngine:
         max_queue: int = 4096,
         engine_args: Mapping[str, Any] | None = None,
         tool_call_parser: str | None = None,
+        adapters: Mapping[str, Path] | None = None,
+        max_adapters: int = 8,
     ):
         require_vllm()
         from transformers import AutoTokenizer
@@ -239,11 +248,18 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         model_path = Path(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)  # an adapter folder carries its tokenizer too
+        # an adapter folder: vLLM loads its base (found by digest) and applies the adapter on every request
+        base_path = find_base(model_path) if is_adapter(model_path) else model_path
+        if is_adapter(base_path):
+            raise ConfigError(
+                f"{model_path}: its base {base_path} is itself a LoRA adapter; vLLM applies one adapter to a plain base",
+                hint="train the earlier step with lora: {merge: true}, or serve with --backend transformers",
+            )
         # vLLM's tool parser names: the native engine's formats are named as vLLM names its parsers
-        model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+        model_type = json.loads((base_path / "config.json").read_text()).get("model_type")
         self.tool_call_parser = tool_call_parser or tool_format(self.tokenizer, model_type)
-        kwargs: dict[str, Any] = {"model": str(model_path), "dtype": dtype, "max_num_seqs": max_batch_size}
+        kwargs: dict[str, Any] = {"model": str(base_path), "dtype": dtype, "max_num_seqs": max_batch_size}
         if context_length:
             kwargs["max_model_len"] = context_length
         adapter = adapter_of(model_path)
@@ -253,6 +269,14 @@ class VLLMEngine:
             self.lora = LoRARequest(
                 lora_name=f"{model_path.name}-adapter", lora_int_id=ADAPTER_ID, lora_path=str(adapter)
             )
+        # --adapters: one LoRARequest per served adapter name; vLLM loads each on first use and keeps at most
+        # max_loras on the GPU at once (least recently used leaves first), batching rows of different adapters
+        self.loras: dict[str, Any] = {}
+        if adapters:
+            rank = max(_lora_rank(Path(f)) for f in adapters.values())
+            kwargs.update(enable_lora=True, max_loras=max_adapters, max_lora_rank=rank)
+            for i, (name, folder) in enumerate(sorted(adapters.items())):
+                self.loras[name] = LoRARequest(lora_name=name, lora_int_id=ADAPTER_ID + 1 + i, lora_path=str(folder))
         extra = dict(engine_args or {})
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(extra) - known)
@@ -335,6 +359,8 @@ class VLLMEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         check_token_ids(prompt_ids, self._vocab_size)
+        if params.adapter is not None and params.adapter not in self.loras:
+            raise RequestError(f"model: no adapter {params.adapter!r} on this server", param="model")
         kw = sampling_kwargs(params)
         if "structured_outputs" in kw:
             kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
@@ -344,7 +370,12 @@ class VLLMEngine:
             sp = VllmSamplingParams(**kw, output_kind=kind)
         except ValueError as e:  # vLLM's own validation (e.g. more logprobs than max_logprobs)
             raise RequestError(f"vLLM refused the sampling settings: {e}") from None
-        stream = self._llm.generate(tokens_input(list(prompt_ids)), sp, request_id, lora_request=self.lora)
+        stream = self._llm.generate(
+            tokens_input(list(prompt_ids)),
+            sp,
+            request_id,
+            lora_request=self.loras[params.adapter] if params.adapter else self.lora,
+        )
         # started: vLLM sent output, so the request was scheduled; a final_only request gets none before it
         # ends, so it counts as running (not waiting) from the start
         tokens, started, finished = 0, params.final_only, False

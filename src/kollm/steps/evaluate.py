@@ -268,8 +268,9 @@ def evaluate_model(
 ):
     """Every configured measurement of one model folder. Returns a ModelEval."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from kollm.adapter import load_causal_lm
     from kollm.eval import perplexity as ppl
     from kollm.eval.generation import run_suite
     from kollm.eval.harness import run_lm_eval
@@ -279,7 +280,8 @@ def evaluate_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to), which mypy sees as an unbound function
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+    # an adapter folder (a LoRA step's output) is merged into its base in memory (kollm.adapter)
+    model = load_causal_lm(folder, dtype=dtype, project_dir=ctx.project_dir).to(device).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     metrics: dict[str, float] = {}
     counts: dict[str, int] = {}

@@ -16,6 +16,8 @@ that lead back to everything it came from:
     kollm.data.<STEP>.<OUTPUT>                                    content digests of the prepared datasets
     kollm.source.<STEP>.<INPUT>                                   digests of the raw data those steps read
     kollm.model_digest, kollm.base_model                          the model artifact and what it started from
+    kollm.base_model_digest, kollm.base_model_path                a LoRA adapter's base (the version holds the
+    kollm.base_model_uri                                          adapter only; the registered base, if any)
     kollm.metric.<NAME>, kollm.gate, kollm.gate.reasons           the evaluation and the gate decision
 
 With a `metrics` input (default: the latest evaluate step) a failed gate refuses to register (GateFailed).
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
+from kollm import adapter
 from kollm._pydantic import mlflow_name
 from kollm.errors import GateFailed
 from kollm.pipeline.step import DATASET_TYPES, STRICT, InputSpec, StepContext, StepResult
@@ -116,6 +119,14 @@ def lineage_tags(ctx: StepContext) -> dict[str, str]:
     if isinstance(base, dict):
         base = base.get("source") or json.dumps(base)
     tags["kollm.base_model"] = str(base or "unknown")
+    lora = _kollm_json(model.path).get("lora") or {}
+    if lora.get("merged") is False and lora.get("base"):  # an adapter: the version is it and its base's digest
+        ref = lora["base"]
+        tags[adapter.BASE_DIGEST_TAG] = str(ref.get("digest"))
+        tags["kollm.base_model_path"] = str(ref.get("path"))
+        known = adapter._registered_with_digest(str(ref.get("digest")), ctx.project_dir)
+        if known:
+            tags[adapter.BASE_URI_TAG] = known
     return tags
 
 

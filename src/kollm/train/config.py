@@ -54,8 +54,10 @@ class LoraSettings(BaseModel):
         None, description="QLoRA: load the frozen base quantized with bitsandbytes (CUDA GPU only)."
     )
     merge: bool = Field(
-        True,
-        description="Merge the adapter into the saved model folder (it is saved in adapter/ as well). false: the folder keeps the base weights.",
+        False,
+        description="false (default): the step's output is the adapter (PEFT's adapter_config.json and "
+        "adapter_model.safetensors) and a reference to its base by digest. true: a full model folder with the adapter "
+        "merged in (and saved in adapter/ as well).",
     )
 
 

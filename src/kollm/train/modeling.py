@@ -108,9 +108,19 @@ def load_pretrained(
         kwargs["dtype"] = torch.bfloat16
     elif dtype is not None:
         kwargs["dtype"] = dtype
+    from kollm.adapter import is_adapter, load_causal_lm
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if is_adapter(Path(source)):  # a previous LoRA step's adapter: merged into its base at load
+            if quantize:
+                raise ConfigError(
+                    f"lora.quantize: the base {source} is a LoRA adapter; QLoRA needs a plain model folder "
+                    "(train the previous step with lora.merge: true)"
+                )
+            model = load_causal_lm(Path(source), **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise ConfigError(
             f"base_model: cannot load '{source}': {str(e).splitlines()[0]}",

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kollm.adapter import base_vocab_rows, folder_digest_cached
 from kollm.errors import ConfigError, StepFailed
 from kollm.jsonlog import JsonLog
 from kollm.pipeline import sweep
@@ -90,6 +91,11 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
         raise ConfigError(
             f"steps.{ctx.name}.config.base_model: {ctx.kind} needs a base model; set base_model (a hub name, a folder, or scratch) "
             "or put a step that outputs a model (cpt, sft) before it"
+        )
+    if base == "scratch" and cfg.lora is not None and not cfg.lora.merge:
+        raise ConfigError(
+            f"steps.{ctx.name}.config.lora.merge: with base_model: scratch the base is built inside this step, so a "
+            "LoRA adapter would have no base to refer to; set lora: {merge: true} (or train the scratch model first)"
         )
     if cfg.chat_template and cfg.chat_template.endswith(".jinja") and (ctx.project_dir / cfg.chat_template).exists():
         cfg = cfg.model_copy(update={"chat_template": str((ctx.project_dir / cfg.chat_template).resolve())})
@@ -389,7 +395,13 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
             upstream = job.base_artifact.path / LINEAGE_FILE if job.base_artifact.path else None
             if upstream is not None and upstream.exists():
                 base["lineage"] = json.loads(upstream.read_text()).get("base_model")
+        elif cfg.lora and not cfg.lora.merge:  # the adapter refers to this folder by digest
+            folder = _base_folder(job.base_model)
+            base.update(path=str(folder), digest=folder_digest_cached(folder, job.project_dir))
+    rows = base_vocab_rows(model)
     modeling.ensure_chat_template(model, tokenizer, cfg.chat_template)
+    if base_vocab_rows(model) != rows:  # chat tokens were added: an adapter carries the resized embeddings
+        base["resized_to"] = base_vocab_rows(model)
     if cfg.lora:
         lr = cfg.lora
         model = modeling.apply_lora(
@@ -403,6 +415,21 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
     trainable, total = modeling.count_parameters(model)
     base.update(trainable_params=trainable, total_params=total)
     return model, tokenizer, base
+
+
+def _base_folder(base_model: str) -> Path:
+    """The local folder of a base model (a folder, or a hub name's snapshot in the Hugging Face cache)."""
+    if Path(base_model).is_dir():
+        return Path(base_model).resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(base_model, local_files_only=True))
+    except Exception as e:  # huggingface_hub raises several types for a name it has no snapshot of
+        raise ConfigError(
+            f"lora: the base model {base_model} has no local folder for the adapter to refer to ({type(e).__name__})",
+            hint="download it first (huggingface-cli download), or set lora: {merge: true} for a merged folder",
+        ) from None
 
 
 def _scratch_tokenizer(job: Job, env: Env, texts: Callable[[], list[str]]) -> Any:
@@ -493,21 +520,29 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     cfg = job.config
     final: torch.nn.Module
+    lora_meta: dict[str, Any] | None = None
     if cfg.lora:
         from peft import PeftModel
 
         assert isinstance(model, PeftModel), "a LoRA job's model is the PeftModel that load_base made"
-        model.save_pretrained(str(out / "adapter"))
-        if cfg.lora.quantize:
-            if not cfg.lora.merge:
-                raise ConfigError("lora.merge: false with lora.quantize cannot write a plain folder; keep merge: true")
-            final = _merge_from_disk(job, out / "adapter")
-        else:
-            final = model.merge_and_unload() if cfg.lora.merge else model.unload()
+        if cfg.lora.merge:
+            model.save_pretrained(str(out / "adapter"))
+            final = _merge_from_disk(job, out / "adapter") if cfg.lora.quantize else model.merge_and_unload()
+            causal_lm(final).config.use_cache = True
+            causal_lm(final).save_pretrained(out, max_shard_size="5GB")
+            lora_meta = {"adapter": "adapter", "merged": True}
+        else:  # the adapter alone (PEFT format), its base referred to by digest and location
+            model.peft_config["default"].base_model_name_or_path = str(base["path"])
+            model.save_pretrained(str(out), save_embedding_layers=bool(base.get("resized_to")))
+            lora_meta = {
+                "adapter": ".",
+                "merged": False,
+                "base": {"digest": base["digest"], "path": base["path"], "source": base["source"]},
+                "vocab_size": base.get("resized_to"),
+            }
     else:
-        final = model
-    causal_lm(final).config.use_cache = True
-    causal_lm(final).save_pretrained(out, max_shard_size="5GB")
+        causal_lm(model).config.use_cache = True
+        causal_lm(model).save_pretrained(out, max_shard_size="5GB")
     tokenizer.save_pretrained(out)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -526,7 +561,7 @@ def save_model(
         "data": job.lineage.get("inputs", {}),
         "pipeline_run_id": job.lineage.get("pipeline_run_id"),
         "step_run_id": job.lineage.get("step_run_id"),
-        "lora": {"adapter": "adapter", "merged": cfg.lora.merge} if cfg.lora else None,
+        "lora": lora_meta,
         "training": {
             "steps": result.steps,
             "tokens": result.tokens,
@@ -543,6 +578,8 @@ def save_model(
         "params": base.get("total_params"),
         "trainable_params": base.get("trainable_params"),
         "lora": bool(cfg.lora),
+        "adapter": bool(lora_meta and not lora_meta["merged"]),
+        "base_digest": base.get("digest"),
         "chat_template": True,
     }
 

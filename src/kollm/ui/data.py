@@ -587,6 +587,8 @@ class Lineage:
     datasets: dict[str, str]  # <step>.<output> -> digest (kollm.data.*)
     sources: dict[str, str]  # <step>.<input> -> raw data digest (kollm.source.*)
     model_digest: str
+    # a LoRA adapter version: its base (digest, path where it was trained, the registered version with that digest)
+    base: dict[str, str] | None = None
 
 
 def version_lineage(store: Store, name: str, ref: str) -> Lineage:
@@ -617,7 +619,20 @@ def version_lineage(store: Store, name: str, ref: str) -> Lineage:
         dict(sorted(datasets.items())),
         dict(sorted(sources.items())),
         v.tags.get("kollm.model_digest", ""),
+        _adapter_base(v.tags, store.project.dir),
     )
+
+
+def _adapter_base(tags: dict[str, str], project_dir: Path) -> dict[str, str] | None:
+    """The base of an adapter version (kollm.base_model_* tags); the registered base is looked up now, so a
+    base registered after the adapter is found too."""
+    from kollm import adapter
+
+    digest = tags.get(adapter.BASE_DIGEST_TAG)
+    if not digest:
+        return None
+    uri = tags.get(adapter.BASE_URI_TAG) or adapter._registered_with_digest(digest, project_dir) or ""
+    return {"digest": digest, "path": tags.get("kollm.base_model_path", ""), "registered": uri}
 
 
 @dataclass
@@ -659,7 +674,8 @@ def forward_lineage(store: Store, digest: str) -> Forward:
             lineage = {
                 val
                 for k, val in v.tags.items()
-                if k.startswith(("kollm.data.", "kollm.source.")) or k == "kollm.model_digest"
+                if k.startswith(("kollm.data.", "kollm.source."))
+                or k in ("kollm.model_digest", "kollm.base_model_digest")
             }
             if lineage & reached or (v.run_id and v.run_id in consumer_runs):
                 versions.append(v)

@@ -1,0 +1,187 @@
+"""Many LoRA adapters on one base in the native engine: per-row LoRA applied inside each forward pass.
+
+Every linear layer that some adapter adapts is wrapped once (`_RowLoRALinear`); the wrapper holds, per adapter
+slot, the adapter's A ([r_max, in]) and B*scale ([out, r_max]) zero-padded to the largest rank (zero padding
+changes nothing), slot 0 all zeros (the base alone). Before a forward pass the engine sets one slot per batch row
+(`AdapterBank.use_rows`), and each wrapper adds
+
+    y[b] += (x[b] @ A[slot[b]].T) @ B[slot[b]].T          (two batched matmuls, torch.bmm)
+
+so one decode step runs requests of different adapters (and of the base) together, with the base's weights
+shared and never merged.
+
+Adapters are PEFT folders (a LoRA step's output, kollm.adapter). They load into a slot on the first request that
+names them and stay while slots last; beyond `max_adapters` the least recently used adapter that no running
+request uses is evicted. A request whose adapter finds no free slot waits (the engine admits it once a running
+request of an evicted-able adapter finishes), so eviction never fails a request.
+
+    AdapterBank(model, {name: folder}, max_adapters)   wraps the model's adapted linear layers
+    bank.acquire(name, busy) -> slot | None            load on first use (LRU eviction); None: wait
+    bank.use_rows([slot, ...])                         the slots of the next forward pass's rows
+    bank.stats() -> {name: {"loaded", "loads", "evictions", "requests"}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from torch import nn
+
+from kollm.errors import ConfigError
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class _Adapter:
+    name: str
+    folder: Path
+    rank: int
+    scale: float
+    modules: list[str]  # module paths in the causal LM (model.layers.0.self_attn.q_proj, ...)
+    loads: int = 0
+    evictions: int = 0
+    requests: int = 0
+    slot: int | None = None
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # loaded on first use
+
+
+def read_adapter(name: str, folder: Path) -> _Adapter:
+    """An adapter's config and the modules it adapts (weights are read when it is loaded into a slot)."""
+    from safetensors import safe_open
+
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ConfigError(f"--adapters {name}: {folder} is not a LoRA adapter (no adapter_config.json / weights)")
+    cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"--adapters {name}: {folder} is a {cfg.get('peft_type')} adapter; only LoRA is served")
+    rank, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    with safe_open(str(weights_file), framework="pt") as f:
+        keys = list(f.keys())
+    modules = sorted({k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in keys if ".lora_A." in k})
+    other = [k for k in keys if ".lora_A." not in k and ".lora_B." not in k]
+    if other:
+        raise ConfigError(
+            f"--adapters {name}: {folder} carries weights other than LoRA matrices ({other[0]}, e.g. resized "
+            "embeddings); serve it alone (kollm serve ADAPTER), which merges it into its base"
+        )
+    return _Adapter(name, folder, rank, scale, modules)
+
+
+class _RowLoRALinear(nn.Module):
+    """A linear layer plus, per batch row, the LoRA delta of that row's adapter slot."""
+
+    A: torch.Tensor  # [slots + 1, r_max, in]
+    B: torch.Tensor  # [slots + 1, out, r_max], scale folded in
+
+    def __init__(self, base: nn.Linear, bank: AdapterBank, slots: int, rank: int):
+        super().__init__()
+        self.base = base
+        self.bank = bank
+        w = base.weight
+        self.register_buffer("A", torch.zeros(slots + 1, rank, w.shape[1], dtype=w.dtype, device=w.device))
+        self.register_buffer("B", torch.zeros(slots + 1, w.shape[0], rank, dtype=w.dtype, device=w.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.bank.rows
+        if rows is None:
+            return y
+        a, b = self.A[rows], self.B[rows]  # [N, r, in], [N, out, r]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # [N, T, in]
+        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        return y + delta.reshape(y.shape)
+
+
+class AdapterBank:
+    """The adapters one engine serves on its base (see the module docstring). Its methods run in the engine's
+    worker thread, except stats() (any thread)."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, Path], max_adapters: int):
+        if max_adapters < 1:
+            raise ConfigError(f"--max-adapters: expected at least 1, got {max_adapters}")
+        self.adapters = {name: read_adapter(name, Path(folder)) for name, folder in adapters.items()}
+        self.max_adapters = max_adapters
+        self.rank = max((a.rank for a in self.adapters.values()), default=1)
+        self.rows: torch.Tensor | None = None  # the slots of the current forward pass's rows (None: all base)
+        self.mixed_passes = 0  # forward passes whose rows ran more than one adapter (or adapters and the base)
+        self._lru: OrderedDict[str, int] = OrderedDict()  # loaded adapter -> slot, least recently used first
+        self._lock = threading.Lock()
+        self.layers: dict[str, _RowLoRALinear] = {}
+        named = dict(model.named_modules())
+        for path in sorted({m for a in self.adapters.values() for m in a.modules}):
+            module = named.get(path)
+            if not isinstance(module, nn.Linear):
+                owner = next(a.name for a in self.adapters.values() if path in a.modules)
+                raise ConfigError(f"--adapters {owner}: adapts {path}, which is not a linear layer of the base model")
+            parent_path, _, attr = path.rpartition(".")
+            wrapper = _RowLoRALinear(module, self, max_adapters, self.rank)
+            setattr(named[parent_path] if parent_path else model, attr, wrapper)
+            self.layers[path] = wrapper
+
+    # --- slots -------------------------------------------------------------------------------------------
+    def acquire(self, name: str, busy: set[str]) -> int | None:
+        """The slot of adapter `name`, loading it on first use; when every slot is taken, the least recently
+        used adapter that is not in `busy` (adapters of running requests) is evicted. None: every slot is busy."""
+        adapter = self.adapters[name]
+        with self._lock:
+            if name in self._lru:
+                self._lru.move_to_end(name)
+                adapter.requests += 1
+                return self._lru[name]
+            if len(self._lru) < self.max_adapters:
+                used = set(self._lru.values())
+                slot = next(s for s in range(1, self.max_adapters + 1) if s not in used)
+            else:
+                victim = next((n for n in self._lru if n not in busy), None)
+                if victim is None:
+                    return None
+                slot = self._lru.pop(victim)
+                self.adapters[victim].evictions += 1
+                self.adapters[victim].slot = None
+            self._load(adapter, slot)
+            self._lru[name] = slot
+            adapter.requests += 1
+            return slot
+
+    def _load(self, adapter: _Adapter, slot: int) -> None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(adapter.folder / "adapter_model.safetensors"))
+        for path, layer in self.layers.items():
+            layer.A[slot].zero_()
+            layer.B[slot].zero_()
+            a = weights.get(f"{PEFT_PREFIX}{path}.lora_A.weight")
+            b = weights.get(f"{PEFT_PREFIX}{path}.lora_B.weight")
+            if a is None or b is None:
+                continue
+            layer.A[slot, : adapter.rank].copy_(a.to(layer.A.dtype))
+            layer.B[slot, :, : adapter.rank].copy_((b.float() * adapter.scale).to(layer.B.dtype))
+        adapter.loads += 1
+        adapter.slot = slot
+
+    def use_rows(self, slots: list[int]) -> None:
+        """Set the slots of the next forward pass's rows (0: the base alone); all-zero rows skip the LoRA work."""
+        device = next(iter(self.layers.values())).A.device if self.layers else None
+        if len(set(slots)) > 1:
+            self.mixed_passes += 1
+        self.rows = torch.tensor(slots, device=device) if any(slots) and device is not None else None
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {
+                n: {
+                    "loaded": int(a.slot is not None),
+                    "loads": a.loads,
+                    "evictions": a.evictions,
+                    "requests": a.requests,
+                }
+                for n, a in self.adapters.items()
+            }

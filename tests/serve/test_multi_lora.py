@@ -1,0 +1,262 @@
+"""Many LoRA adapters on one base in the native engine (kollm.serve.multi_lora): each adapter's greedy answers equal
+PEFT's merged model's; one batch mixes adapters and the base; adapters load on first use and are evicted least
+recently used beyond max_adapters, with no request failing under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kollm.errors import ConfigError
+from kollm.serve.engine import RequestError, SamplingParams, TransformersEngine
+from kollm.serve.multi_lora import AdapterBank
+
+TOKENS = 6
+PROMPTS = ["서울은 대한민국의", "The quick brown", "한국어 언어 모델을", "0123"]
+# three adapters with different ranks and target modules
+SHAPES = {"ko": (4, ["q_proj", "v_proj"]), "en": (8, ["o_proj", "down_proj", "up_proj"]), "mix": (2, "all-linear")}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i, (name, (r, targets)) in enumerate(SHAPES.items()):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg)
+        with torch.no_grad():  # strong random adapters: each changes the greedy answers
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _greedy(model, ids: list[int]) -> list[int]:
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(TOKENS):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, adapters) -> dict[tuple[str | None, str], list[int]]:
+    """Greedy tokens of PEFT's merged model for each adapter (None: the base) and prompt."""
+    from peft import PeftModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    models = {None: base} | {
+        n: PeftModel.from_pretrained(copy.deepcopy(base), str(f)).merge_and_unload().eval() for n, f in adapters.items()
+    }
+    out = {}
+    for name, model in models.items():
+        for p in PROMPTS:
+            out[(name, p)] = _greedy(model, tok(p)["input_ids"])
+    assert len({tuple(out[(n, PROMPTS[0])]) for n in models}) > 1  # the adapters change the answers
+    return out
+
+
+def _engine(tiny_model_dir, adapters, max_adapters: int) -> TransformersEngine:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    bank = AdapterBank(model, dict(adapters), max_adapters=max_adapters)
+    return TransformersEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch_size=16, adapters=bank)
+
+
+def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(tiny_model_dir, adapters, expected):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=3)
+    jobs = [(name, p) for name in (None, *adapters) for p in PROMPTS]
+
+    async def run():
+        try:
+            ids = {(n, p): engine.encode_prompt(p) for n, p in jobs}
+            params = {
+                n: SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n) for n, _ in jobs
+            }
+
+            async def one(n, p, i):
+                return "".join([c.text async for c in engine.generate(ids[(n, p)], params[n], f"r{i}")])
+
+            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)))
+        finally:
+            await engine.shutdown()
+
+    answers = asyncio.run(run())
+    for (n, p), got in zip(jobs, answers):
+        assert got == engine.decode(expected[(n, p)]), (n, p)
+    stats = engine.adapters.stats()
+    assert all(s["loads"] == 1 and s["evictions"] == 0 and s["requests"] == len(PROMPTS) for s in stats.values())
+    assert engine.adapters.mixed_passes > 0  # decode steps ran rows of different adapters together
+
+
+def test_adapters_beyond_max_are_evicted_lru_with_no_failed_request(tiny_model_dir, adapters, expected):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=1)  # three adapters through one slot
+    names = list(adapters)
+    jobs = [(names[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(18)] + [(None, PROMPTS[0])] * 3
+
+    async def run():
+        try:
+
+            async def one(n, p, i):
+                ids = engine.encode_prompt(p)
+                params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n)
+                await asyncio.sleep(0.01 * (i % 4))
+                return "".join([c.text async for c in engine.generate(ids, params, f"e{i}")])
+
+            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)), return_exceptions=True)
+        finally:
+            await engine.shutdown()
+
+    answers = asyncio.run(run())
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    assert not failed, failed[:3]
+    for (n, p), got in zip(jobs, answers):
+        assert got == engine.decode(expected[(n, p)]), (n, p)
+    stats = engine.adapters.stats()
+    assert sum(s["loaded"] for s in stats.values()) == 1
+    assert all(s["loads"] >= 1 for s in stats.values()) and sum(s["evictions"] for s in stats.values()) >= 2
+
+
+def test_unknown_adapter_and_a_non_lora_layer_are_clear_errors(tiny_model_dir, adapters, tmp_path):
+    engine = _engine(tiny_model_dir, adapters, max_adapters=2)
+
+    async def ask():
+        try:
+            params = SamplingParams(max_tokens=2, adapter="nope")
+            async for _ in engine.generate(engine.encode_prompt("안녕"), params, "x"):
+                pass
+        finally:
+            await engine.shutdown()
+
+    with pytest.raises(RequestError, match="no adapter 'nope'.*en, ko, mix"):
+        asyncio.run(ask())
+    with pytest.raises(ConfigError, match="static KV cache"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        TransformersEngine(
+            model,
+            AutoTokenizer.from_pretrained(tiny_model_dir),
+            kv_cache="static",
+            adapters=AdapterBank(model, dict(adapters), 1),
+        )
+    with pytest.raises(ConfigError, match="--max-adapters"):
+        AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=0)
+    with pytest.raises(ConfigError, match="not a LoRA adapter"):
+        AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"x": tmp_path}, max_adapters=1)
+
+
+def test_the_least_recently_used_idle_adapter_is_evicted(tiny_model_dir, adapters):
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=2)
+    assert bank.acquire("ko", set()) == 1 and bank.acquire("en", set()) == 2
+    assert bank.acquire("ko", set()) == 1  # ko is now the most recently used
+    assert bank.acquire("mix", {"ko", "en"}) is None  # both slots run requests: mix waits
+    assert bank.acquire("mix", set()) == 2  # en, the least recently used, leaves
+    stats = bank.stats()
+    assert stats["en"] == {"loaded": 0, "loads": 1, "evictions": 1, "requests": 1}
+    assert stats["ko"]["loaded"] == 1 and stats["ko"]["evictions"] == 0
+
+
+@pytest.mark.slow(reason="starts a `kollm serve` process")
+def test_kollm_serve_adapters_by_model_name_with_eviction_and_metrics(tiny_model_dir, adapters, expected, tmp_path):
+    """`kollm serve BASE --adapters NAME=URI ... --max-adapters 1`: a real server on 127.0.0.1, the openai client,
+    requests of three adapters and the base at once, each answered as its merged model, none failing."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from openai import OpenAI
+
+    from tests.serve.conftest import free_port, wait_ready
+
+    port = free_port()
+    args = [a for n, f in adapters.items() for a in ("--adapters", f"{n}={f}")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(port), "--served-model-name"]
+        + ["base", "--device", "cpu", "--max-adapters", "1", *args],
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["base", "en", "ko", "mix"]
+        jobs = [(n, p) for n in ("base", *adapters) for p in PROMPTS[:2]] * 2
+
+        def ask(job):
+            name, prompt = job
+            r = client.completions.create(
+                model=name, prompt=prompt, max_tokens=TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            return r.model, r.choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        for (name, prompt), (model, text) in zip(jobs, answers):
+            assert model == name
+            assert text == tok.decode(expected[(None if name == "base" else name, prompt)]), (name, prompt)
+        missing = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 1})
+        assert missing.status_code == 404 and "'base', 'ko', 'en', 'mix'" in missing.text
+        scrape = httpx.get(url + "/metrics").text
+        for name in adapters:
+            assert f'kollm_adapter_requests_total{{adapter="{name}",model_version="local"}} 4.0' in scrape
+            assert (
+                f'kollm_adapter_output_tokens_total{{adapter="{name}",model_version="local"}} {4.0 * TOKENS}' in scrape
+            )
+        log = (tmp_path / ".kollm" / "logs" / "inference" / "inference.jsonl").read_text(encoding="utf-8")
+        logged = [json.loads(line).get("adapter") for line in log.splitlines()]
+        assert sorted(a for a in logged if a) == sorted([n for n in adapters] * 4) and logged.count(None) == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_adapters_of_another_base_are_refused_naming_both_digests(tiny_model_dir, adapters, tmp_path):
+    import json
+    import shutil
+
+    from kollm.adapter import AdapterBaseMismatch
+    from kollm.pipeline.artifacts import folder_digest
+    from kollm.serve.engine import load_engine
+
+    other = tmp_path / "ko"
+    shutil.copytree(adapters["ko"], other)
+    wrong = "sha256:" + "1" * 64
+    (other / "kollm.json").write_text(json.dumps({"lora": {"merged": False, "base": {"digest": wrong, "path": None}}}))
+    with pytest.raises(AdapterBaseMismatch) as e:
+        load_engine(tiny_model_dir, backend="transformers", device="cpu", adapters={"ko": other})
+    assert wrong in str(e.value) and folder_digest(tiny_model_dir) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--adapters", "ko"], "--adapters ko: expected NAME=URI"),
+        (["--adapters", "ko=./x", "--canary", "models:/m@challenger"], "--adapters is not supported with --canary"),
+    ],
+)
+def test_bad_adapters_options_are_one_clear_message(args, message, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "serve", "./model", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and message in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
