@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kollm.deploy.command import SOURCE as STEP_COMMAND
 from tests.deploy.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -103,7 +104,8 @@ def test_the_tasks_run_kollm_step_run_with_explicit_inputs(quickstart, tmp_path)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "dag.py").read_text(encoding="utf-8")
     compile(text, "dag.py", "exec")  # valid Python
-    assert 'cmd = [*KOLLM, "step", "run", "kollm.yaml", "--step", step]' in text
+    assert STEP_COMMAND in text  # the one command builder, as the KFP components carry it
+    assert 'cmd = step_command(KOLLM, "kollm.yaml", step, inputs, attempt, str(out), STORE)' in text
     assert "KOLLM = ['/opt/kollm']" in text and "STORE = 's3://kollm/qs'" in text
     assert (
         'return run_step(\'sft\', {"data": prepare_sft["outputs"]["dataset"]["uri"], '
