@@ -118,6 +118,12 @@ def _fmt_ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "—"
 
 
+def _filesize(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
+
+
 def _short(digest: str, n: int = 12) -> str:
     return digest.removeprefix("sha256:")[:n]
 
@@ -204,6 +210,7 @@ def create_app(
     env.filters.update(
         duration=_duration,
         short=_short,
+        filesize=_filesize,
         num=data.fmt,
         urlq=lambda s: quote(str(s), safe=""),
         pretty=lambda o: json.dumps(o, ensure_ascii=False, indent=2, default=str),
@@ -391,6 +398,20 @@ def create_app(
             headers={
                 "Content-Security-Policy": "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:"
             },
+        )
+
+    @app.get("/steps/{run_id}/outputs/{name}", response_class=HTMLResponse)
+    def output(request: Request, run_id: str, name: str) -> HTMLResponse:
+        return page(request, "output.html", out=data.output_view(store, run_id, name))
+
+    @app.get("/steps/{run_id}/outputs/{name}/file")
+    def output_file(run_id: str, name: str, path: str) -> Response:
+        body = data.output_file(store, run_id, name, path)
+        # shown as text whatever it holds (an HTML report too: its own page is /steps/RUN/report)
+        return Response(
+            body,
+            media_type="text/plain; charset=utf-8",
+            headers={"Content-Security-Policy": "sandbox; default-src 'none'", "X-Content-Type-Options": "nosniff"},
         )
 
     # --- registry -----------------------------------------------------------------------------------
