@@ -813,6 +813,47 @@ def saved_rollouts(project: Project) -> list[dict[str, Any]]:
     return sorted(states, key=lambda s: s.get("updated_at", 0), reverse=True)
 
 
+Sample = tuple[float, list[dict[str, Any]]]  # (time, serving_stats rows)
+
+
+class ArmSamples:
+    """The gateway's per-arm counters (`serving_stats`) sampled while a rollout page is open, kept per rollout in
+    <state>/ui/arm-samples/<model>-<started ms>.jsonl: the page draws the same per-arm series after the UI restarts,
+    and from what was saved while the gateway is down. One sample a second at most, whatever the open pages."""
+
+    def __init__(self, project: Project, every_s: float = 1.0, keep: int = 3600):
+        self.folder = project.state / "ui" / "arm-samples"
+        self.every_s, self.keep = every_s, keep
+        self.lock = threading.Lock()
+        self.last: dict[Path, float] = {}
+
+    def path(self, rollout: dict[str, Any]) -> Path:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", str(rollout.get("name", "")))
+        return self.folder / f"{name}-{int(float(rollout.get('started_at', 0)) * 1000)}.jsonl"
+
+    def record(self, rollout: dict[str, Any], rows: list[dict[str, Any]], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        path = self.path(rollout)
+        with self.lock:
+            if now - self.last.get(path, 0.0) < self.every_s:
+                return
+            self.last[path] = now
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:  # one line a write: a torn last line is skipped on read
+                f.write(json.dumps({"t": now, "rows": rows}) + "\n")
+
+    def load(self, rollout: dict[str, Any]) -> list[Sample]:
+        path = self.path(rollout)
+        if not path.is_file():
+            return []
+        out: list[Sample] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-self.keep :]:
+            rec = _json_line(line)
+            if isinstance(rec.get("t"), (int, float)) and isinstance(rec.get("rows"), list):
+                out.append((float(rec["t"]), rec["rows"]))
+        return out
+
+
 def serving_stats(gateway: str | None) -> list[dict[str, Any]]:
     """Per arm and version: requests by outcome and mean latency, from the gateway's Prometheus /metrics
     (`gateway`: its URL, None: the default, see kollm.rollout.client.gateway_url)."""
