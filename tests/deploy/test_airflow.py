@@ -132,7 +132,7 @@ def airflow_env(home: Path, dags: Path) -> dict[str, str]:
 @needs_airflow
 @pytest.mark.slow(
     reason="`airflow dags test` runs the whole quickstart, one task at a time, a `kollm step run` process each: "
-    "13 min on a busy 2-core machine, besides the session's `kollm run` of it (quickstart_run)"
+    "14 min on a busy 2-core machine, besides the session's `kollm run` of it (quickstart_run)"
 )
 @pytest.mark.timeout(1800)
 def test_airflow_dags_test_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, quickstart_run):
