@@ -103,11 +103,17 @@ def project_dir(project: Path | None) -> Path | None:
 def init(
     dest: Annotated[Path, typer.Argument(help="Folder to create the project in.")],
     example: Annotated[str, typer.Option(help="Which example project to start from.")] = "korean-quickstart",
+    ci: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Also write a CI workflow: github (.github/workflows/kollm.yml, as `kollm deploy render --target github`)."
+        ),
+    ] = None,
 ) -> None:
     """Create a runnable example project (its data is generated or read from installed packages)."""
     from kollm.examples import init_project
 
-    path = init_project(dest, example)
+    path = init_project(dest, example, ci=ci)
     out.print(f"[green]created[/] {path}  —  next: [bold]cd {dest} && kollm run[/]")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kollm.deploy.command import SOURCE as STEP_COMMAND
 from tests.deploy.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -103,7 +104,8 @@ def test_the_tasks_run_kollm_step_run_with_explicit_inputs(quickstart, tmp_path)
     assert r.returncode == 0, r.stderr
     text = (tmp_path / "dag.py").read_text(encoding="utf-8")
     compile(text, "dag.py", "exec")  # valid Python
-    assert 'cmd = [*KOLLM, "step", "run", "kollm.yaml", "--step", step]' in text
+    assert STEP_COMMAND in text  # the one command builder, as the KFP components carry it
+    assert 'cmd = step_command(KOLLM, "kollm.yaml", step, inputs, attempt, str(out), STORE)' in text
     assert "KOLLM = ['/opt/kollm']" in text and "STORE = 's3://kollm/qs'" in text
     assert (
         'return run_step(\'sft\', {"data": prepare_sft["outputs"]["dataset"]["uri"], '
@@ -115,3 +117,55 @@ def test_a_bad_schedule_is_one_message(quickstart, tmp_path):
     r = compile_dag(quickstart, "--schedule", "every day", "-o", str(tmp_path / "dag.py"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "schedule" in r.stderr.lower(), r.stderr
     assert not (tmp_path / "dag.py").exists()
+
+
+def airflow_env(home: Path, dags: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    }
+
+
+@needs_airflow
+@pytest.mark.slow(
+    reason="`airflow dags test` runs the whole quickstart, one task at a time, a `kollm step run` process each: "
+    "14 min on a busy 2-core machine, besides the session's `kollm run` of it (quickstart_run)"
+)
+@pytest.mark.timeout(1800)
+def test_airflow_dags_test_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, quickstart_run):
+    """The Korean quickstart compiled to a DAG and run by `airflow dags test` (Airflow 3 on SQLite, no scheduler),
+    in its own folder and store: every task succeeds and every output of every step has the content digest
+    `kollm run` gave it."""
+    import sqlite3
+
+    from kollm.examples import init_project
+
+    _, expected = quickstart_run
+    project = init_project(tmp_path / "af", "korean-quickstart")  # the same files, no cache, its own registry
+    dags, home = tmp_path / "dags", tmp_path / "home"
+    kollm = f"{sys.executable} -m kollm.cli"  # this environment's kollm; Airflow runs in its own
+    r = compile_dag(project, "-o", str(dags / "kollm_qs.py"), "--store", str(tmp_path / "store"), "--kollm", kollm)
+    assert r.returncode == 0, r.stderr
+    env = airflow_env(home, dags)
+    airflow = str(AIRFLOW_PYTHON.parent / "airflow")
+    r = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = subprocess.run(
+        [airflow, "dags", "test", "kollm_korean_quickstart"], capture_output=True, text=True, timeout=1500, env=env
+    )
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    with sqlite3.connect(home / "airflow.db") as db:
+        states = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'kollm_korean_quickstart'"))
+        xcoms = db.execute(
+            "SELECT task_id, value FROM xcom WHERE dag_id = 'kollm_korean_quickstart' AND key = 'return_value'"
+        ).fetchall()
+    assert states == dict.fromkeys(expected.steps, "success"), states
+    results = {task: json.loads(value) for task, value in xcoms}  # each task's outputs JSON (its return value)
+    assert set(results) == set(expected.steps)
+    for name, rec in expected.steps.items():
+        assert not results[name]["cache_hit"], name  # computed here, not found in kollm run's store
+        got = {o: v["digest"] for o, v in results[name]["outputs"].items()}
+        assert got == {o: a.digest for o, a in rec.outputs.items()}, name

@@ -106,3 +106,25 @@ def test_run_lines_are_the_readmes_commands(examples):
     assert len(runs) == 4
     for line in runs:
         assert line in section, f"{line!r} is not in the README's GitHub Actions section"
+
+
+def test_kollm_init_ci_github_writes_the_workflow(examples, tmp_path, kollm_bin):
+    """`kollm init DIR --ci github`: the new project has the workflow `deploy render --target github` writes, and it
+    passes GitHub's schema and actionlint; an unknown CI system is one message and leaves no folder."""
+    r = subprocess.run(
+        [kollm_bin, "init", str(tmp_path / "qs"), "--ci", "github"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    file = tmp_path / "qs" / WORKFLOW
+    assert file.read_text(encoding="utf-8") == examples["github"][WORKFLOW]
+    assert (tmp_path / "qs" / "kollm.yaml").exists()
+    r = check_jsonschema(file)
+    assert r.returncode == 0, r.stdout + r.stderr
+    if ACTIONLINT:
+        r = actionlint(file)
+        assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(
+        [kollm_bin, "init", str(tmp_path / "other"), "--ci", "gitlab"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--ci" in r.stderr and "github" in r.stderr
+    assert not (tmp_path / "other").exists() and [p.name for p in tmp_path.iterdir()] == ["qs"]

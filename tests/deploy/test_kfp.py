@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import textwrap
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ pytest.importorskip("kfp", reason="kfp is not installed (pip install 'kollm[kfp]
 
 from google.protobuf import json_format  # noqa: E402  (kfp brings the protobuf version it needs)
 
+from kollm.deploy.command import SOURCE as STEP_COMMAND  # noqa: E402
 from kollm.deploy.kfp import compile_kfp  # noqa: E402
 from kollm.errors import ConfigError  # noqa: E402
 
@@ -97,16 +99,12 @@ def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
     container = json_format.MessageToDict(spec.deployment_spec)["executors"]["exec-step-sft"]["container"]
     assert container["image"] == "registry.example/kollm:1"
     source = "\n".join(container["command"])
-    for part in (
-        '"step", "run"',
-        "\"--step\", 'sft'",
-        '"--input", name + "=" + uri',
-        '"--attempt", "0"',
-        '"--store", store',
-        '"--outputs-json"',
-        "in_model",
-    ):
-        assert part in source, part
+    # the command line comes from the one builder the Airflow DAG carries too (tests/deploy/test_command.py)
+    assert textwrap.indent(STEP_COMMAND, "    ") in source
+    assert (
+        """cmd = step_command([sys.executable, "-m", "kollm.cli"], str(config), 'sft', """
+        """{"data": in_data, "model": in_model}, 0, str(out), store)"""
+    ) in source
 
 
 def test_resources_retries_and_caching(compiled):

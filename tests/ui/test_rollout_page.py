@@ -8,7 +8,7 @@ from kollm.rollout.api import attach_rollout
 from kollm.serve.gateway import Arm, Gateway
 from kollm.ui.app import create_app
 
-from tests.rollout.conftest import Load, Server, serving_app, wait_for
+from tests.rollout.conftest import Load, Server, free_port, serving_app, wait_for
 
 from .conftest import DESKTOP, both_widths, shoot
 
@@ -96,4 +96,24 @@ def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
         wait_for(lambda: registered.alias("champion") == "2", 10, "champion -> v2")
         assert registered.alias("previous") == "1"
         both_widths(page, f"{ui.url}/rollout", "rollout-promoted")
+        drawn = arm_series(page)
         context.close()
+    # the per-arm series outlive the UI: a new one, with the gateway gone, draws the same points from what was kept
+    assert set(drawn) >= {"Requests per second/canary v2", "Requests per second/stable v1"}, drawn
+    assert list((tmp_path / ".kollm" / "ui" / "arm-samples").glob(f"{registered.name}-*.jsonl"))
+    with Server(create_app(tmp_path, gateway=f"http://127.0.0.1:{free_port()}")) as restarted:
+        context = browser.new_context(viewport=DESKTOP)
+        page = context.new_page()
+        page.goto(f"{restarted.url}/rollout")
+        assert page.locator("#rollout-status").text_content() == "promoted"  # from the saved state
+        assert arm_series(page) == drawn
+        context.close()
+
+
+def arm_series(page) -> dict[str, str]:
+    """{chart/curve: its points} of the rollout page's per-arm charts."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('figure.chart')].flatMap(f =>
+             [...f.querySelectorAll('polyline.curve')].map(p => [f.dataset.metric + '/' + p.dataset.label,
+                                                               p.getAttribute('points')])))"""
+    )

@@ -197,6 +197,7 @@ def test_layout_at_phone_and_desktop_width(demo, page):
         "run-cached": f"/runs/{second}",
         "step-cpt": f"/steps/{steps['cpt']}",
         "step-evaluate": f"/steps/{steps['evaluate']}",
+        "output": f"/steps/{steps['prepare-corpus']}/outputs/dataset",
         "report": f"/steps/{steps['prepare-corpus']}/report?path=prepare%2Freport.html",
         "registry": "/registry/ui-demo",
         "lineage": "/lineage/ui-demo/2",

@@ -1,6 +1,7 @@
 """`kollm compile airflow`: kollm.yaml -> an Airflow 3 DAG file (TaskFlow), one task per step.
 
-Each task runs exactly one attempt of its step with explicit inputs, as a KFP component does:
+Each task runs exactly one attempt of its step with explicit inputs, as a KFP component does (the command line is
+built by `kollm.deploy.command.step_command`, whose source the DAG file carries):
 
     kollm step run kollm.yaml --step NAME --input NAME=URI ... --attempt N --store URL --outputs-json FILE
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from kollm.deploy.command import SOURCE as STEP_COMMAND
 from kollm.deploy.kfp import ident
 from kollm.deploy.options import DeployOptions, load_project
 from kollm.errors import ConfigError
@@ -38,14 +40,13 @@ KOLLM = {kollm!r}
 STORE = {store!r}
 
 
+{step_command}
+
 def run_step(step, inputs):
     """One attempt of STEP with explicit inputs (NAME -> URI); returns its outputs JSON."""
     attempt = get_current_context()["ti"].try_number - 1
     out = Path(tempfile.mkdtemp(prefix="kollm-" + step + "-")) / "outputs.json"
-    cmd = [*KOLLM, "step", "run", "kollm.yaml", "--step", step]
-    for name, uri in inputs.items():
-        cmd += ["--input", name + "=" + uri]
-    cmd += ["--attempt", str(attempt), "--outputs-json", str(out)] + (["--store", STORE] if STORE else [])
+    cmd = step_command(KOLLM, "kollm.yaml", step, inputs, attempt, str(out), STORE)
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=PROJECT_DIR)
     return json.loads(out.read_text(encoding="utf-8"))
@@ -116,6 +117,7 @@ def compile_airflow(
             store=store,  # empty: the project's own store (.kollm/)
             dag_id=f"kollm_{ident(p.slug)}",
             schedule=schedule,
+            step_command=STEP_COMMAND.rstrip("\n") + "\n",
         )
         + body
         + "\n"

@@ -1,6 +1,7 @@
 """`kollm compile kfp`: kollm.yaml -> a Kubeflow Pipelines (KFP 2.17) pipeline IR file.
 
-One lightweight component per step. Each runs exactly one attempt of its step with explicit inputs:
+One lightweight component per step. Each runs exactly one attempt of its step with explicit inputs (the command
+line is built by `kollm.deploy.command.step_command`, whose source each component carries):
 
     python -m kollm.cli step run kollm.yaml --step NAME --input NAME=URI ... --attempt 0 --store URL --outputs-json FILE
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from kollm.deploy.command import SOURCE as STEP_COMMAND
 from kollm.deploy.k8s import cluster_config, cpu_quantity, kollm_env, ray_job, settings_name
 from kollm.deploy.options import DeployOptions, Project, load_project
 from kollm.errors import ConfigError, KollmError
@@ -54,7 +56,14 @@ def _step_function(step: ResolvedStep, ray: bool) -> str:
     else:
         body = LOCAL_BODY
     return f"def {fn}({', '.join(params)}) -> NamedTuple('Outputs', [{outs}]):\n" + textwrap.indent(
-        body.format(step=step.name, inputs=inputs, returns=returns, result_file=RESULT_FILE, env_prefix="KOLLM_INPUT_"),
+        body.format(
+            step=step.name,
+            inputs=inputs,
+            returns=returns,
+            result_file=RESULT_FILE,
+            env_prefix="KOLLM_INPUT_",
+            step_command=STEP_COMMAND,
+        ),
         "    ",
     )
 
@@ -69,11 +78,9 @@ else:
     config = work / "kollm.yaml"
     config.write_text(kollm_yaml, encoding="utf-8")
 out = work / "outputs.json"
-cmd = [sys.executable, "-m", "kollm.cli", "step", "run", str(config), "--step", {step!r}]
-for name, uri in {inputs}.items():
-    if uri:  # an empty data_NAME (the default) leaves the raw source to kollm.yaml
-        cmd += ["--input", name + "=" + uri]
-cmd += ["--attempt", "0", "--store", store, "--outputs-json", str(out)]
+{step_command}
+# an empty data_NAME (the default) leaves the raw source to kollm.yaml
+cmd = step_command([sys.executable, "-m", "kollm.cli"], str(config), {step!r}, {inputs}, 0, str(out), store)
 print(" ".join(cmd), flush=True)
 subprocess.run(cmd, check=True)
 result = json.loads(out.read_text(encoding="utf-8"))

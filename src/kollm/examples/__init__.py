@@ -24,8 +24,10 @@ def konlpy_corpus_dir() -> Path:
 
     spec = importlib.util.find_spec("konlpy")
     if spec is None or not spec.submodule_search_locations:
-        raise KollmError("the korean-quickstart example reads the kolaw/kobill corpora from konlpy, which is not installed",
-                         hint="pip install konlpy")
+        raise KollmError(
+            "the korean-quickstart example reads the kolaw/kobill corpora from konlpy, which is not installed",
+            hint="pip install konlpy",
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "corpus"
 
 
@@ -55,7 +57,12 @@ def generate_quickstart_data(project: Path) -> None:
     """data/corpus/*.txt (konlpy's constitution as shipped and its ten bills with PDF line wraps joined),
     data/instructions.jsonl,
     data/preferences.jsonl and data/eval_suite.jsonl (generated Korean Q&A). Deterministic."""
-    from kollm.data.synthetic import constitution_articles, generate_eval_suite, generate_instructions, generate_preferences
+    from kollm.data.synthetic import (
+        constitution_articles,
+        generate_eval_suite,
+        generate_instructions,
+        generate_preferences,
+    )
 
     corpus = konlpy_corpus_dir()
     out = project / "data" / "corpus"
@@ -70,8 +77,14 @@ def generate_quickstart_data(project: Path) -> None:
     _write_jsonl(project / "data" / "eval_suite.jsonl", generate_eval_suite(seed=2, articles=articles))
 
 
-def init_project(dest: Path, example: str = "korean-quickstart") -> Path:
+CI = ("github",)
+
+
+def init_project(dest: Path, example: str = "korean-quickstart", ci: str | None = None) -> Path:
     """Copy the example folder to `dest` and generate its data files. Returns the project folder.
+
+    `ci="github"` also writes the project's GitHub Actions workflow (`.github/workflows/kollm.yml`, what
+    `kollm deploy render --target github` writes with its default options).
 
     Refuses a `dest` that exists and is not empty. Everything is written to a temporary folder beside
     `dest` first and renamed into place, so a failure leaves nothing half-written. An existing empty `dest`
@@ -82,6 +95,8 @@ def init_project(dest: Path, example: str = "korean-quickstart") -> Path:
     src = EXAMPLES_DIR / example
     if not (src / "kollm.yaml").exists():
         raise KollmError(f"unknown example '{example}'", hint="available examples: " + ", ".join(available()))
+    if ci is not None and ci not in CI:
+        raise KollmError(f"--ci: unknown CI system {ci!r}", hint="give one of: " + ", ".join(CI))
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise KollmError(f"{dest} already exists and is not empty", hint="choose a new folder, or empty this one first")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +105,10 @@ def init_project(dest: Path, example: str = "korean-quickstart") -> Path:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".kollm"))
         if example == "korean-quickstart":
             generate_quickstart_data(tmp)
+        if ci == "github":
+            from kollm.deploy import render
+
+            render(tmp, "github", tmp)  # checks kollm.yaml on the way: a bad one leaves no project behind
         if dest.exists():
             _move_children(tmp, dest)
             tmp.rmdir()

@@ -118,6 +118,12 @@ def _fmt_ts(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "—"
 
 
+def _filesize(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1024**2 else f"{n / 1024**2:.1f} MiB"
+
+
 def _short(digest: str, n: int = 12) -> str:
     return digest.removeprefix("sha256:")[:n]
 
@@ -204,6 +210,7 @@ def create_app(
     env.filters.update(
         duration=_duration,
         short=_short,
+        filesize=_filesize,
         num=data.fmt,
         urlq=lambda s: quote(str(s), safe=""),
         pretty=lambda o: json.dumps(o, ensure_ascii=False, indent=2, default=str),
@@ -393,6 +400,20 @@ def create_app(
             },
         )
 
+    @app.get("/steps/{run_id}/outputs/{name}", response_class=HTMLResponse)
+    def output(request: Request, run_id: str, name: str) -> HTMLResponse:
+        return page(request, "output.html", out=data.output_view(store, run_id, name))
+
+    @app.get("/steps/{run_id}/outputs/{name}/file")
+    def output_file(run_id: str, name: str, path: str) -> Response:
+        body = data.output_file(store, run_id, name, path)
+        # shown as text whatever it holds (an HTML report too: its own page is /steps/RUN/report)
+        return Response(
+            body,
+            media_type="text/plain; charset=utf-8",
+            headers={"Content-Security-Policy": "sandbox; default-src 'none'", "X-Content-Type-Options": "nosniff"},
+        )
+
     # --- registry -----------------------------------------------------------------------------------
 
     @app.get("/registry", response_class=HTMLResponse)
@@ -454,16 +475,24 @@ def create_app(
 
     # --- live rollout -------------------------------------------------------------------------------
 
-    samples: deque[tuple[float, list[dict[str, Any]]]] = deque(maxlen=900)  # the gateway's /metrics, as polled
+    samples: deque[data.Sample] = deque(maxlen=900)  # the gateway's /metrics as polled, with no rollout going on
+    saved_samples = data.ArmSamples(project)  # per rollout, kept on disk
 
     @app.get("/rollout", response_class=HTMLResponse)
     def rollout(request: Request, fragment: bool = False) -> HTMLResponse:
         view = data.rollout_view(project, gateway, api_key)
-        if view.serving:
-            samples.append((time.time(), view.serving))
-        return page(
-            request, "rollout_live.html" if fragment else "rollout.html", view=view, arm_charts=arm_charts(samples)
-        )
+        r = view.rollout
+        if r is not None:
+            if view.serving and view.active:
+                saved_samples.record(r, view.serving)
+            charts = arm_charts(
+                saved_samples.load(r), t0=float(r.get("started_at", 0)), x_label="seconds since the rollout started"
+            )
+        else:
+            if view.serving:
+                samples.append((time.time(), view.serving))
+            charts = arm_charts(samples)
+        return page(request, "rollout_live.html" if fragment else "rollout.html", view=view, arm_charts=charts)
 
     @app.get("/rollout/{cmd}", response_class=HTMLResponse)
     def rollout_confirm(request: Request, cmd: str) -> HTMLResponse:
@@ -493,28 +522,30 @@ def create_app(
     return app
 
 
-def arm_charts(samples: Sequence[tuple[float, list[dict[str, Any]]]]) -> str:
+def arm_charts(
+    samples: Sequence[data.Sample], t0: float | None = None, x_label: str = "seconds since this page opened"
+) -> str:
     """Requests per second and mean latency of each arm and version between consecutive samples of the gateway's
-    /metrics (taken while the rollout page is open: every second)."""
+    /metrics (taken while the rollout page is open: every second). X: seconds since T0 (default: the first sample).
+    An interval over which a counter went down (the gateway restarted) has no point."""
     rate: dict[str, list[tuple[float, float]]] = {}
     latency: dict[str, list[tuple[float, float]]] = {}
-    t0 = samples[0][0] if samples else 0.0
+    if t0 is None:
+        t0 = samples[0][0] if samples else 0.0
     for (t1, before), (t2, after) in zip(samples, list(samples)[1:]):
         old = {(r["arm"], r["version"]): r for r in before}
         for r in after:
-            prev = old.get((r["arm"], r["version"]))
-            if prev is None or t2 <= t1:
+            # an arm missing from the earlier sample had served nothing yet: its counters were 0
+            prev = old.get((r["arm"], r["version"]), {"requests": 0, "count": 0.0, "seconds": 0.0})
+            if t2 <= t1 or r["requests"] < prev["requests"]:
                 continue
             label = f"{r['arm']} v{r['version']}"
-            rate.setdefault(label, []).append(
-                (round(t2 - t0, 1), max(0.0, r["requests"] - prev["requests"]) / (t2 - t1))
-            )
+            rate.setdefault(label, []).append((round(t2 - t0, 1), (r["requests"] - prev["requests"]) / (t2 - t1)))
             done = r["count"] - prev["count"]
             if done > 0:
                 latency.setdefault(label, []).append(
                     (round(t2 - t0, 1), 1000 * (r["seconds"] - prev["seconds"]) / done)
                 )
-    x_label = "seconds since this page opened"
     out = []
     if rate:
         curves = [Curve(k, v) for k, v in sorted(rate.items())]

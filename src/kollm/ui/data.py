@@ -125,6 +125,7 @@ class StepNode:
     error: str = ""
     method: str = ""  # align's preference objective (dpo, orpo, ...), from the run's params
     source_run_id: str | None = None  # the step run that computed the result: itself, or for a cache hit an earlier one
+    pipeline_run_id: str | None = None  # the pipeline run it belongs to (its MLflow parent)
 
     @property
     def shown_metrics(self) -> dict[str, float]:
@@ -156,6 +157,7 @@ def step_from_run(r: Any) -> StepNode:
         error=tags.get("kollm.error", ""),
         method=r.data.params.get("method", ""),
         source_run_id=None if tags.get("kollm.cache_hit") == "true" else r.info.run_id,
+        pipeline_run_id=tags.get("mlflow.parentRunId"),
     )
 
 
@@ -425,6 +427,64 @@ def step_view(store: Store, run_id: str) -> StepView:
         series,
         dict(sorted(run.data.tags.items())),
     )
+
+
+@dataclass
+class OutputFile:
+    path: str  # relative to the output folder, with '/'
+    size: int
+
+    @property
+    def viewable(self) -> bool:
+        return self.path.endswith(TEXT_SUFFIXES) and self.size <= MAX_VIEW_BYTES
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".csv", ".html", ".log")
+MAX_VIEW_BYTES = 2 * 2**20  # larger files are listed, not shown
+
+
+@dataclass
+class OutputView:
+    """One output folder of a step run (under .kollm/steps/<key>/<name>/): its digest and files."""
+
+    step: StepView
+    name: str
+    digest: str
+    folder: str
+    files: list[OutputFile]
+
+
+def output_view(store: Store, run_id: str, name: str) -> OutputView:
+    view = step_view(store, run_id)
+    if name not in view.node.outputs:
+        outs = ", ".join(view.node.outputs) or "none"
+        raise NotFound(f"step run {run_id} has no output '{name}'", hint=f"its outputs: {outs}")
+    folder = view.output_dirs.get(name)
+    if folder is None:
+        raise NotFound(
+            f"output '{name}' of step run {run_id} is not in this project's store ({store.project.state}/steps)",
+            hint="it was written to another artifact store (--store); the digest still traces it",
+        )
+    root = Path(folder)
+    files = [
+        OutputFile(f.relative_to(root).as_posix(), f.stat().st_size)
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and not f.is_symlink()
+    ]
+    return OutputView(view, name, view.node.outputs[name], folder, files)
+
+
+def output_file(store: Store, run_id: str, name: str, path: str) -> bytes:
+    """One file of an output folder, named by its path inside the folder (nothing outside it)."""
+    out = output_view(store, run_id, name)
+    listed = {f.path: f for f in out.files}
+    f = listed.get(path)
+    if f is None or not f.viewable:
+        raise NotFound(
+            f"output '{name}' of step run {run_id} has no viewable file '{path}'",
+            hint=f"text files up to {MAX_VIEW_BYTES // 2**20} MiB listed on its output page",
+        )
+    return (Path(out.folder) / f.path).read_bytes()
 
 
 def own_log_lines(path: Path, run: Any) -> list[str]:
@@ -767,6 +827,47 @@ def saved_rollouts(project: Project) -> list[dict[str, Any]]:
     folder = project.state / "rollouts"
     states = [s for p in sorted(folder.glob("*.json")) if (s := _read_json(p)) is not None] if folder.is_dir() else []
     return sorted(states, key=lambda s: s.get("updated_at", 0), reverse=True)
+
+
+Sample = tuple[float, list[dict[str, Any]]]  # (time, serving_stats rows)
+
+
+class ArmSamples:
+    """The gateway's per-arm counters (`serving_stats`) sampled while a rollout page is open, kept per rollout in
+    <state>/ui/arm-samples/<model>-<started ms>.jsonl: the page draws the same per-arm series after the UI restarts,
+    and from what was saved while the gateway is down. One sample a second at most, whatever the open pages."""
+
+    def __init__(self, project: Project, every_s: float = 1.0, keep: int = 3600):
+        self.folder = project.state / "ui" / "arm-samples"
+        self.every_s, self.keep = every_s, keep
+        self.lock = threading.Lock()
+        self.last: dict[Path, float] = {}
+
+    def path(self, rollout: dict[str, Any]) -> Path:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", str(rollout.get("name", "")))
+        return self.folder / f"{name}-{int(float(rollout.get('started_at', 0)) * 1000)}.jsonl"
+
+    def record(self, rollout: dict[str, Any], rows: list[dict[str, Any]], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        path = self.path(rollout)
+        with self.lock:
+            if now - self.last.get(path, 0.0) < self.every_s:
+                return
+            self.last[path] = now
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:  # one line a write: a torn last line is skipped on read
+                f.write(json.dumps({"t": now, "rows": rows}) + "\n")
+
+    def load(self, rollout: dict[str, Any]) -> list[Sample]:
+        path = self.path(rollout)
+        if not path.is_file():
+            return []
+        out: list[Sample] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-self.keep :]:
+            rec = _json_line(line)
+            if isinstance(rec.get("t"), (int, float)) and isinstance(rec.get("rows"), list):
+                out.append((float(rec["t"]), rec["rows"]))
+        return out
 
 
 def serving_stats(gateway: str | None) -> list[dict[str, Any]]:
