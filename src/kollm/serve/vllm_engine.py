@@ -231,8 +231,10 @@ class VLLMEngine:
         max_queue: int = 4096,
         engine_args: Mapping[str, Any] | None = None,
         tool_call_parser: str | None = None,
+        backend_note: str = "--backend vllm",
     ):
         require_vllm()
+        self.serving_path = f"vLLM ({backend_note})"
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest

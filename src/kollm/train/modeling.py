@@ -165,11 +165,15 @@ def ensure_chat_template(model: torch.nn.Module, tokenizer: Any, chat_template: 
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant reply (eos, and <|im_end|> when the template uses it)."""
+    """Token ids that end an assistant reply: eos, and the end-of-turn marker the chat template uses (<|im_end|>,
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>, EXAONE's [|endofturn|]) when the vocabulary has it."""
+    from kollm.train.architectures import END_OF_TURN_MARKERS
+
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()
-    if IM_END in vocab and IM_END in (tokenizer.chat_template or "") and vocab[IM_END] not in ids:
-        ids.append(vocab[IM_END])
+    for marker in END_OF_TURN_MARKERS:
+        if marker in vocab and marker in (tokenizer.chat_template or "") and vocab[marker] not in ids:
+            ids.append(vocab[marker])
     return ids
 
 
