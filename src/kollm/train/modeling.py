@@ -69,11 +69,30 @@ def _chain(*parts: Iterable[str]) -> Iterable[str]:
         yield from part
 
 
-def scratch_model(preset: str, tokenizer: Any, *, seed: int, attn_implementation: str) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM sized by `preset`, matching `tokenizer`'s vocabulary."""
+def scratch_model(
+    preset: str, tokenizer: Any, *, seed: int, attn_implementation: str, architecture: str | None = None
+) -> torch.nn.Module:
+    """A freshly initialised causal LM sized by `preset`, matching `tokenizer`'s vocabulary: a LlamaForCausalLM, or
+    with `architecture` one of kollm.train.architectures."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     p = PRESETS[preset]
+    if architecture is not None:
+        from kollm.train.architectures import build_model
+
+        return build_model(
+            architecture,
+            tokenizer,
+            seed=seed,
+            attn_implementation=attn_implementation,
+            hidden=p.hidden,
+            layers=p.layers,
+            heads=p.heads,
+            kv_heads=p.kv_heads,
+            intermediate=p.intermediate,
+            max_positions=p.max_positions,
+            tied=p.tied,
+        )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=p.hidden,
