@@ -157,7 +157,36 @@ def test_scratch_builds_the_architecture_asked_for(tmp_path):
     assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
 
 
-def test_architecture_is_for_scratch_only_and_names_the_choices():
+@pytest.mark.parametrize("arch", architectures.ARCHITECTURES)
+def test_each_family_marks_assistant_replies_and_stops_at_its_end_of_turn(arch):
+    """What SFT trains on (kollm.eval.perplexity.assistant_tokens: the reply and the token ending its turn) and
+    what stops generation (end_of_turn_ids: in every saved generation config), for each family's template."""
+    from kollm.eval.perplexity import assistant_tokens
+    from kollm.train.modeling import end_of_turn_ids
+
+    tok = architectures.train_tokenizer(CORPUS, 300, arch)
+    end = {"mistral": "</s>"}.get(arch, architectures.family_tokens(arch).eos)
+    messages = [
+        {"role": "system", "content": "한국어로 답하세요."},
+        {"role": "user", "content": "서울은?"},
+        {"role": "assistant", "content": "서울은 수도입니다."},
+        {"role": "user", "content": "부산은?"},
+        {"role": "assistant", "content": "부산은 항구입니다."},
+    ]
+    ids, mask = assistant_tokens(tok, messages, hint="")
+    marked = [i for i, m in zip(ids, mask) if m]
+    text = tok.decode(marked)
+    assert text.count(end) == 2 and "서울은 수도입니다." in text and "부산은 항구입니다." in text
+    assert "서울은?" not in text and "한국어로" not in text
+    assert tok.convert_tokens_to_ids(end) in end_of_turn_ids(tok)
+
+
+def test_architecture_is_for_scratch_only_and_names_the_choices(tmp_path):
+    root = write_project(tmp_path / "p", "llama")
+    text = (root / "kollm.yaml").read_text(encoding="utf-8")
+    (root / "kollm.yaml").write_text(text.replace("base_model: base,", "base_model: base, architecture: exaone4,"))
+    with pytest.raises(ConfigError, match="architecture applies only to base_model: scratch"):
+        kollm.load(root)
     with pytest.raises(ValueError, match="architecture applies only to base_model: scratch"):
         TrainingConfig(base_model="./exaone-folder", architecture="exaone4")
     with pytest.raises(ValueError, match="architecture"):

@@ -142,14 +142,15 @@ def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
     k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    norms: tuple[torch.Tensor | None, ...]
     if model_type in GEMMA:
-        norms = (
+        gemma = (
             layer.input_layernorm.weight,
             layer.post_attention_layernorm.weight,
             layer.pre_feedforward_layernorm.weight,
             layer.post_feedforward_layernorm.weight,
         )
-        norms = tuple(_gemma_weight(w) for w in norms)
+        norms = tuple(_gemma_weight(w) for w in gemma)
         q_norm, k_norm = _gemma_weight(q_norm), _gemma_weight(k_norm)
     elif model_type == "exaone4":
         norms = (None, layer.post_attention_layernorm.weight, None, layer.post_feedforward_layernorm.weight)

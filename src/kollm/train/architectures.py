@@ -202,7 +202,8 @@ def model_config(
             sliding_window=window,
             layer_types=alternating,
         )
-    return tf.Exaone4Config(**common, head_dim=head_dim, sliding_window=window, layer_types=alternating)
+    # Exaone4Config has no head_dim: its attention takes hidden / heads
+    return tf.Exaone4Config(**common, sliding_window=window, layer_types=alternating)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, architecture: str) -> Any:
