@@ -68,8 +68,19 @@ def _model(arch: str, folders):
         )
         torch.manual_seed(0)
         return Gemma2ForCausalLM(config).eval(), tok
+    from transformers import AutoConfig
+
     path = folders(arch)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path)
+    if arch == "gemma3":  # a scale other than head_dim**-0.5, a final cap; an attention cap gemma3 ignores
+        config.update({"query_pre_attn_scalar": 5, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 1.0})
+    model = AutoModelForCausalLM.from_pretrained(path, config=config).eval()
+    with torch.no_grad():  # norms away from their initial ones (and gemma's zeros), so that each one counts
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def _prompts(tok) -> list[list[int]]:
@@ -135,6 +146,10 @@ def test_static_path_gives_the_token_ids_of_transformers_generate(arch, folders)
         assert _static_greedy(model, prompts, windows=[None] * len(model.model.layers)) != expected
     if arch == "gemma2":
         assert _static_greedy(model, prompts, softcap=False) != expected
+    # windowed or soft-capped layers decode with PyTorch's attention, even where the Triton kernels are asked for
+    with torch.inference_mode():
+        fused = StaticKV(model, slots=1, context_length=64, fused_attention=True).fused_attention
+    assert fused is (arch in ("llama", "qwen2", "qwen3"))
 
 
 def layer_windows_of(model) -> list:

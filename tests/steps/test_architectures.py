@@ -173,6 +173,16 @@ def test_each_family_marks_assistant_replies_and_stops_at_its_end_of_turn(arch):
         {"role": "user", "content": "부산은?"},
         {"role": "assistant", "content": "부산은 항구입니다."},
     ]
+    turn = {
+        "llama": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "qwen2": "<|im_start|>assistant\n",
+        "qwen3": "<|im_start|>assistant\n",
+        "mistral": "[/INST]",
+        "gemma3": "<start_of_turn>model\n",
+        "exaone4": "[|assistant|]\n",
+    }[arch]
+    rendered = tok.apply_chat_template(messages[:2], add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith(turn) and (arch != "mistral" or "[SYSTEM_PROMPT]" in rendered)
     ids, mask = assistant_tokens(tok, messages, hint="")
     marked = [i for i, m in zip(ids, mask) if m]
     text = tok.decode(marked)
