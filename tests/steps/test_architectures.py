@@ -105,6 +105,7 @@ def chat_over_http(model_folder: Path) -> tuple[str, dict]:
     return health["serving_path"], r.json()
 
 
+@pytest.mark.slow(reason="a whole pipeline run (prepare, two sft steps, evaluate, register) and a served model")
 @pytest.mark.parametrize("arch", CHAIN)
 def test_a_local_folder_of_each_architecture_goes_through_the_whole_path(arch, tmp_path):
     from transformers import AutoConfig
@@ -133,6 +134,7 @@ def test_a_local_folder_of_each_architecture_goes_through_the_whole_path(arch, t
     assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.slow(reason="a pipeline run: prepare and an sft step with LoRA on a scratch model")
 def test_scratch_builds_the_architecture_asked_for(tmp_path):
     """`base_model: scratch` with `architecture: qwen3`: a Qwen3 model and a tokenizer with ChatML and tools."""
     from transformers import AutoConfig, AutoTokenizer
@@ -140,9 +142,10 @@ def test_scratch_builds_the_architecture_asked_for(tmp_path):
     root = write_project(tmp_path / "p", "llama")
     text = (root / "kollm.yaml").read_text(encoding="utf-8")
     text = text.replace("base_model: base,", "base_model: scratch, architecture: qwen3, vocab_size: 400,")
-    text = text.split("              - kind: sft\n                name: sft-full")[0]
+    text = text.split("  - kind: sft\n    name: sft-full")[0]
     (root / "kollm.yaml").write_text(text, encoding="utf-8")
     result = kollm.run(root)
+    assert set(result.steps) == {"prepare", "sft-lora"}
     path = result.steps["sft-lora"].outputs["model"].path
     assert AutoConfig.from_pretrained(path).model_type == "qwen3"
     tok = AutoTokenizer.from_pretrained(path)
@@ -205,3 +208,25 @@ def test_architecture_is_for_scratch_only_and_names_the_choices(tmp_path):
     assert set(typing.get_args(typing.get_args(field)[0])) == set(architectures.ARCHITECTURES)
     with pytest.raises(ConfigError, match="not one of llama, qwen2, qwen3, mistral, gemma3, exaone4"):
         architectures.family_tokens("gpt2")
+
+
+@pytest.mark.slow(reason="a pipeline run (prepare, two sft steps) and two served models")
+def test_folders_of_llama_and_mistral_train_and_serve(tmp_path):
+    """One project: a llama folder trained with LoRA and a mistral folder (sliding window) trained in all weights
+    by two sft steps, each output served by the static path over HTTP (qwen3 trains in the scratch test)."""
+    root = write_project(tmp_path / "p", "llama")
+    architectures.build_folder(root / "base-mistral", "mistral", CORPUS, vocab_size=400, sliding_window=16)
+    bases = {"llama": "base", "mistral": "base-mistral"}
+    train = "seq_len: 128, batch_size: 4, max_steps: 2, lr: 1.0e-2, log_every: 1, checkpoint_every: 0"
+    head = (root / "kollm.yaml").read_text(encoding="utf-8").split("  - kind: sft")[0]
+    steps = "".join(
+        f"  - kind: sft\n    name: sft-{arch}\n    inputs: {{data: prepare.dataset}}\n"
+        f"    config: {{base_model: {bases[arch]}, {train}{lora}}}\n"
+        for arch, lora in (("llama", ", lora: {r: 4}"), ("mistral", ""))
+    )
+    (root / "kollm.yaml").write_text(head + steps, encoding="utf-8")
+    result = kollm.run(root)
+    for arch in bases:
+        path, answer = chat_over_http(result.steps[f"sft-{arch}"].outputs["model"].path)
+        assert path.startswith(f"native engine (--backend transformers), static KV cache for {arch}")
+        assert answer["usage"]["completion_tokens"] >= 1

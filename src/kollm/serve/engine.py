@@ -1108,7 +1108,7 @@ def load_engine(
     device (transformers only): "auto", "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16 on CUDA, float32 on CPU; vLLM: the model's), "bfloat16", "float16", "float32".
     engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
-    kv_cache (transformers only): "static" (slots and CUDA graphs, Llama-family models; see kollm.serve.kv),
+    kv_cache (transformers only): "static" (slots and CUDA graphs, for kollm.serve.kv.STATIC_KV_MODEL_TYPES),
     "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
     """
     from kollm.errors import ConfigError, NotFound

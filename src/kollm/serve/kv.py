@@ -5,6 +5,7 @@ Public API:
     StaticKV             one preallocated cache slot per batch row and kollm's own attention over it; on CUDA each
                          decode step and each prefill is a replayed CUDA graph (one per shape bucket)
     static_kv_unsupported(model)   why StaticKV cannot serve a model (None when it can)
+    layer_windows(config)          each layer's sliding window (None: full attention), as transformers applies it
 
 Both keep the rows of the running batch in the order the engine keeps its sequences: `prefill` computes the
 first logits of new prompts without touching the batch, `join` adds them, `decode` runs one step for every row
