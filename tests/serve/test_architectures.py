@@ -40,6 +40,16 @@ def folders(tmp_path_factory):
 
 
 def _model(arch: str, folders):
+    model, tok = _built(arch, folders)
+    with torch.no_grad():  # norms away from their initial ones (and gemma's zeros), so that each one counts
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, tok
+
+
+def _built(arch: str, folders):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if arch == "gemma2":  # gemma3's sibling with attention logit soft-capping (gemma3 applies none)
@@ -75,11 +85,6 @@ def _model(arch: str, folders):
     if arch == "gemma3":  # a scale other than head_dim**-0.5, a final cap; an attention cap gemma3 ignores
         config.update({"query_pre_attn_scalar": 5, "final_logit_softcapping": 3.0, "attn_logit_softcapping": 1.0})
     model = AutoModelForCausalLM.from_pretrained(path, config=config).eval()
-    with torch.no_grad():  # norms away from their initial ones (and gemma's zeros), so that each one counts
-        torch.manual_seed(1)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
     return model, AutoTokenizer.from_pretrained(path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import textwrap
 import typing
@@ -222,6 +223,7 @@ def test_folders_of_llama_and_mistral_train_and_serve(tmp_path):
     steps = "".join(
         f"  - kind: sft\n    name: sft-{arch}\n    inputs: {{data: prepare.dataset}}\n"
         f"    config: {{base_model: {bases[arch]}, {train}{lora}}}\n"
+        f"    resources: {{cpus: {os.cpu_count()}}}\n"  # one at a time, in this process (no child imports torch)
         for arch, lora in (("llama", ", lora: {r: 4}"), ("mistral", ""))
     )
     (root / "kollm.yaml").write_text(head + steps, encoding="utf-8")
