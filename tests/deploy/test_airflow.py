@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from kollm.deploy.command import SOURCE as STEP_COMMAND
+from tests.conftest import TRACKING_VARS
 from tests.deploy.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -129,32 +130,48 @@ def airflow_env(home: Path, dags: Path) -> dict[str, str]:
     }
 
 
-@needs_airflow
-@pytest.mark.slow(
-    reason="`airflow dags test` runs the whole quickstart, one task at a time, a `kollm step run` process each: "
-    "14 min on a busy 2-core machine, besides the session's `kollm run` of it (quickstart_run)"
-)
-@pytest.mark.timeout(1800)
-def test_airflow_dags_test_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, quickstart_run):
-    """The Korean quickstart compiled to a DAG and run by `airflow dags test` (Airflow 3 on SQLite, no scheduler),
-    in its own folder and store: every task succeeds and every output of every step has the content digest
-    `kollm run` gave it."""
-    import sqlite3
+def _small_quickstart(folder: Path) -> Path:
+    """The quickstart cut to its corpus and instructions branch: prepare-corpus -> cpt -> sft <- prepare-sft, with a
+    few training steps (a model passed from task to task, as in the whole pipeline, at a fraction of its time)."""
+    import yaml
 
     from kollm.examples import init_project
 
-    _, expected = quickstart_run
-    project = init_project(tmp_path / "af", "korean-quickstart")  # the same files, no cache, its own registry
+    project = init_project(folder, "korean-quickstart")
+    spec = yaml.safe_load((project / "kollm.yaml").read_text())
+    keep = {"prepare-corpus", "prepare-sft", "cpt", "sft"}
+    spec["steps"] = [s for s in spec["steps"] if s.get("name", s["kind"]) in keep]
+    for s in spec["steps"]:
+        if s["kind"] in ("cpt", "sft"):
+            s["config"].update(max_steps=4, checkpoint_every=2, warmup_steps=1, log_every=1)
+    (project / "kollm.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True, sort_keys=False))
+    return project
+
+
+@needs_airflow
+@pytest.mark.timeout(900)
+def test_airflow_dags_test_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
+    """A quickstart pipeline of four steps compiled to a DAG and run by `airflow dags test` (Airflow 3 on SQLite, no
+    scheduler), in its own folder and store: every task succeeds and every output of every step has the content
+    digest `kollm run` of the same project gave it."""
+    import sqlite3
+
+    import kollm
+
+    expected = kollm.run(_small_quickstart(tmp_path / "run"))
+    for k in TRACKING_VARS:  # that run pointed MLflow at its project: Airflow's tasks track into their own
+        os.environ.pop(k, None)
+    project = _small_quickstart(tmp_path / "af")  # the same files, no cache
     dags, home = tmp_path / "dags", tmp_path / "home"
-    kollm = f"{sys.executable} -m kollm.cli"  # this environment's kollm; Airflow runs in its own
-    r = compile_dag(project, "-o", str(dags / "kollm_qs.py"), "--store", str(tmp_path / "store"), "--kollm", kollm)
+    kollm_cmd = f"{sys.executable} -m kollm.cli"  # this environment's kollm; Airflow runs in its own
+    r = compile_dag(project, "-o", str(dags / "kollm_qs.py"), "--store", str(tmp_path / "store"), "--kollm", kollm_cmd)
     assert r.returncode == 0, r.stderr
     env = airflow_env(home, dags)
     airflow = str(AIRFLOW_PYTHON.parent / "airflow")
     r = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = subprocess.run(
-        [airflow, "dags", "test", "kollm_korean_quickstart"], capture_output=True, text=True, timeout=1500, env=env
+        [airflow, "dags", "test", "kollm_korean_quickstart"], capture_output=True, text=True, timeout=800, env=env
     )
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
     with sqlite3.connect(home / "airflow.db") as db:
@@ -162,6 +179,7 @@ def test_airflow_dags_test_runs_the_quickstart_with_the_digests_of_kollm_run(tmp
         xcoms = db.execute(
             "SELECT task_id, value FROM xcom WHERE dag_id = 'kollm_korean_quickstart' AND key = 'return_value'"
         ).fetchall()
+    assert len(expected.steps) == 4
     assert states == dict.fromkeys(expected.steps, "success"), states
     results = {task: json.loads(value) for task, value in xcoms}  # each task's outputs JSON (its return value)
     assert set(results) == set(expected.steps)

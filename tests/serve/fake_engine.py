@@ -42,6 +42,7 @@ class FakeEngine:
         self.tokens = list(reply)  # a string: one token per character
         self.reply = "".join(self.tokens)
         self.context_length = context_length
+        self.serving_path = "fake engine (tests)"
         self.delay = delay
         self.request_delay = request_delay
         self.fail_ratio = fail_ratio

@@ -306,7 +306,7 @@ def test_models_health_ready():
     assert r.headers["x-kollm-model-version"] == "unversioned"
     assert client.get("/v1/models/ko-chat").status_code == 200
     assert client.get("/v1/models/other").status_code == 404
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json() == {"status": "ok", "serving_path": "fake engine (tests)"}
     engine.is_ready = False
     assert client.get("/ready").status_code == 503
     assert client.get("/health").status_code == 200

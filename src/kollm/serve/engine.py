@@ -177,6 +177,7 @@ class Engine(Protocol):
     """What the HTTP layer needs from an inference backend."""
 
     context_length: int  # prompt tokens + generated tokens must fit in this
+    serving_path: str  # which backend and cache serve the model, and why (logged at start, on /health)
 
     def encode_prompt(self, text: str) -> list[int]: ...
 
@@ -594,6 +595,7 @@ class TransformersEngine:
         context_length: int | None = None,
         kv_cache: KVCacheKind = "auto",
         adapters: AdapterBank | None = None,
+        backend_note: str = "--backend transformers",
     ):
         self.model = model.eval()
         self.adapters = adapters
@@ -637,6 +639,16 @@ class TransformersEngine:
             if self.device.type == "cuda" and unsupported is None and adapters is None
             else "dynamic"
         )
+        if kv_cache != "auto":
+            why = f"--kv-cache {kv_cache}"
+        elif unsupported is not None:
+            why = f"the static path cannot serve this model: {unsupported}"
+        else:
+            why = f"--kv-cache auto on {self.device.type}" + (
+                "" if self.kv_cache == "static" else "; the static path can serve this model: --kv-cache static"
+            )
+        model_type = getattr(model.config, "model_type", "?")
+        self.serving_path = f"native engine ({backend_note}), {self.kv_cache} KV cache for {model_type} ({why})"
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -1134,7 +1146,7 @@ def load_engine(
     device (transformers only): "auto", "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (bfloat16 on CUDA, float32 on CPU; vLLM: the model's), "bfloat16", "float16", "float32".
     engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
-    kv_cache (transformers only): "static" (slots and CUDA graphs, Llama-family models; see kollm.serve.kv),
+    kv_cache (transformers only): "static" (slots and CUDA graphs, for kollm.serve.kv.STATIC_KV_MODEL_TYPES),
     "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
     """
     from kollm.errors import ConfigError, NotFound
@@ -1153,10 +1165,16 @@ def load_engine(
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise ConfigError(f"--dtype: expected auto, bfloat16, float16 or float32, got {dtype!r}")
+    note = f"--backend {backend}"
     if backend == "auto":
         from kollm.serve.vllm_engine import vllm_importable
 
-        backend = "vllm" if device == "auto" and vllm_importable() else "transformers"
+        if device != "auto":
+            backend, note = "transformers", f"--backend auto with --device {device}"
+        elif vllm_importable():
+            backend, note = "vllm", "--backend auto: vLLM imports here"
+        else:
+            backend, note = "transformers", "--backend auto: vLLM does not import here"
     if adapters:
         _check_adapter_bases(model_path, adapters)
     if backend == "vllm":
@@ -1169,7 +1187,7 @@ def load_engine(
         require_vllm()
         if kv_cache != "auto":
             raise ConfigError(f"--kv-cache {kv_cache}: applies to --backend transformers (vLLM manages its own cache)")
-        return VLLMEngine(
+        vllm_engine = VLLMEngine(
             model_path,
             dtype=dtype,
             context_length=context_length,
@@ -1177,7 +1195,10 @@ def load_engine(
             engine_args=engine_args,
             adapters=adapters,
             max_adapters=max_adapters,
+            backend_note=note,
         )
+        log.info("serving path: %s", vllm_engine.serving_path)
+        return vllm_engine
     if engine_args:
         raise ConfigError(f"--engine-arg {next(iter(engine_args))}: engine arguments are for --backend vllm")
     if device == "auto":
@@ -1199,9 +1220,17 @@ def load_engine(
     model = model.to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
     bank = AdapterBank(model, dict(adapters), max_adapters) if adapters else None
-    return TransformersEngine(
-        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache, adapters=bank
+    engine = TransformersEngine(
+        model,
+        tokenizer,
+        max_batch_size=max_batch_size,
+        context_length=context_length,
+        kv_cache=kv_cache,
+        adapters=bank,
+        backend_note=note,
     )
+    log.info("serving path: %s", engine.serving_path)
+    return engine
 
 
 def _check_adapter_bases(model_path: Path, adapters: dict[str, Path]) -> None:

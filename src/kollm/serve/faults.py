@@ -89,6 +89,7 @@ class FaultyEngine:
         self.engine = engine
         self.spec = spec
         self.context_length = engine.context_length
+        self.serving_path = engine.serving_path
         self._random = random.Random(spec.seed)
         self.injected = 0  # failures injected so far
         log.warning("fault injection ON (%s): a testing aid, not for production traffic", spec)

@@ -5,6 +5,7 @@ Public API:
     StaticKV             one preallocated cache slot per batch row and kollm's own attention over it; on CUDA each
                          decode step and each prefill is a replayed CUDA graph (one per shape bucket)
     static_kv_unsupported(model)   why StaticKV cannot serve a model (None when it can)
+    layer_windows(config)          each layer's sliding window (None: full attention), as transformers applies it
 
 Both keep the rows of the running batch in the order the engine keeps its sequences: `prefill` computes the
 first logits of new prompts without touching the batch, `join` adds them, `decode` runs one step for every row
@@ -22,8 +23,16 @@ head size they do not take, PyTorch's attention over the first `Lb` positions (L
 holding every row; then one graph per batch and length bucket). Prefill is captured too, per bucket of
 (prompts, positions): prompts padded to MIN_PROMPT_BUCKET, 32, 64, ... positions, padding rows writing into a
 spare slot; a prefill past `prefill_tokens` runs eagerly. StaticKV runs the model's own weights (norms,
-projections, MLP, rotary table) with kollm's own layer code, so it serves the Llama family: llama, mistral,
-qwen2, qwen3.
+projections, MLP, rotary tables) with kollm's own layer code, so it serves the architectures whose layers that
+code reproduces (STATIC_KV_MODEL_TYPES): the Llama family (llama, mistral, qwen2, qwen3, sliding windows included),
+gemma2 and gemma3 (text) (the (1 + weight) RMSNorm computed in float32, norms after attention and after the MLP,
+the embedding scaled by sqrt(hidden) in the model's own embedding module, query_pre_attn_scalar, sliding-window
+layers with their own rotary table, gemma2's attention logit soft-capping, the final logit soft-capping;
+transformers' Gemma3 applies no attention soft-capping, nor does kollm) and exaone4 (no norm before attention,
+norms after attention and after the MLP, q/k norms, sliding-window layers with the rotary embedding and global
+layers without it). A sliding-window layer attends to the last `sliding_window` positions (the cache still holds
+every position: no ring buffer); such models, and soft-capped ones, decode with PyTorch's attention, not the fused
+Triton kernels (those attend to every position before a row's).
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ from kollm.serve import decode_attention
 
 log = logging.getLogger("kollm.serve")
 
-STATIC_KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+STATIC_KV_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "exaone4")
+GEMMA = ("gemma2", "gemma3_text")
 MIN_LENGTH_BUCKET = 64
 MIN_PROMPT_BUCKET = 16  # prefill graphs: prompt lengths are padded to 16, 32, 64, ... positions
 MIN_DECODE_ROWS = 8  # decode graphs: at least 8 rows (cuBLAS picks slower kernels for 1 to 4 rows on an H200)
@@ -52,16 +62,22 @@ def static_kv_unsupported(model: Any) -> str | None:
     cfg = model.config
     if cfg.model_type not in STATIC_KV_MODEL_TYPES:
         return f"model type {cfg.model_type!r} (StaticKV serves {', '.join(STATIC_KV_MODEL_TYPES)})"
-    window = getattr(cfg, "sliding_window", None)
-    windowed = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
-    if windowed and window and window < cfg.max_position_embeddings:
-        return f"sliding-window attention ({window} of {cfg.max_position_embeddings} positions)"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "an unexpected module layout"
-    if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
-        return "layers other than full attention"
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(kinds - {'full_attention', 'sliding_attention'})}"
     return None
+
+
+def layer_windows(cfg: Any) -> list[int | None]:
+    """Each layer's sliding window (None: attends to every position before), as transformers' model computes it."""
+    window = getattr(cfg, "sliding_window", None)
+    kinds = getattr(cfg, "layer_types", None)
+    if cfg.model_type == "mistral" or not kinds:  # mistral: every layer, when the config has a window
+        return [window] * cfg.num_hidden_layers
+    return [window if k == "sliding_attention" else None for k in kinds]
 
 
 def step_outputs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,12 +122,19 @@ class _Spec:
     qk_eps: float
     act: Callable[[torch.Tensor], torch.Tensor]
     rotate: bool = True  # False: _attention_in leaves q and k unrotated (the fused decode attention rotates them)
+    gemma_norm: bool = False  # RMSNorm as Gemma: (normed * weight) in float32, weight held as 1 + weight
+    softcap: float | None = None  # attention logits: cap * tanh(logits / cap) (gemma2)
 
 
-def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
+def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
     """One decoder layer's weights as the argument tuples of _attention_in and _attention_out_and_mlp (plain
     tensors, so a compiled piece sees the same kind of input for every layer), with q/k/v and gate/up each
-    concatenated into one matrix multiply. The concatenations are copies: those weights are held twice."""
+    concatenated into one matrix multiply. The concatenations are copies: those weights are held twice.
+
+    The norms: (before attention, after attention, before the MLP, after the MLP), None where the architecture
+    has none: the Llama family norms before attention and before the MLP (its `post_attention_layernorm`), Gemma
+    at all four places, EXAONE 4 after attention and after the MLP only. Gemma's norm weights are held as
+    1 + weight in float32 (see _rms)."""
     a, m = layer.self_attn, layer.mlp
     biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
     qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -120,24 +143,53 @@ def _layer_weights(layer: Any) -> tuple[tuple, tuple]:
     k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    norms: tuple[torch.Tensor | None, ...]
+    if model_type in GEMMA:
+        gemma = (
+            layer.input_layernorm.weight,
+            layer.post_attention_layernorm.weight,
+            layer.pre_feedforward_layernorm.weight,
+            layer.post_feedforward_layernorm.weight,
+        )
+        norms = tuple(_gemma_weight(w) for w in gemma)
+        q_norm, k_norm = _gemma_weight(q_norm), _gemma_weight(k_norm)
+    elif model_type == "exaone4":
+        norms = (None, layer.post_attention_layernorm.weight, None, layer.post_feedforward_layernorm.weight)
+    else:
+        norms = (layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
     return (
-        (layer.input_layernorm.weight, qkv, qkv_bias, q_norm, k_norm),
+        (norms[0], qkv, qkv_bias, q_norm, k_norm),
         (
             a.o_proj.weight,
             a.o_proj.bias,
-            layer.post_attention_layernorm.weight,
+            norms[1],
+            norms[2],
             gate_up,
             gate_up_bias,
             m.down_proj.weight,
             m.down_proj.bias,
+            norms[3],
         ),
     )
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as the Llama family computes it (in float32, scaled in the input's dtype)."""
+def _gemma_weight(w: torch.Tensor | None) -> torch.Tensor | None:
+    return None if w is None else 1.0 + w.detach().float()
+
+
+def _norm_eps(module: Any) -> float:
+    return float(module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm exactly as the model computes it: in float32, scaled in the input's dtype (the Llama family), or
+    scaled in float32 by 1 + weight (Gemma; `weight` holds 1 + weight). No weight: x unchanged."""
+    if weight is None:
+        return x
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (xf * weight).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
@@ -147,25 +199,32 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_norm):
-    """Input norm, q/k/v projection, (q/k norm,) rotary embedding: x [B, T, hidden] -> (x, q [B, T, heads, D],
-    kv [B, T, 2, kv_heads, D]: the new keys and values stacked, as the cache holds them)."""
+    """Input norm, q/k/v projection, (q/k norm,) rotary embedding (none where cos is None: a layer without
+    position embedding): x [B, T, hidden] -> (x, q [B, T, heads, D], kv [B, T, 2, kv_heads, D]: the new keys and
+    values stacked, as the cache holds them)."""
     b, t = x.shape[0], x.shape[1]
-    qkv = F.linear(_rms(x, norm1, spec.eps), qkv_w, qkv_bias).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    h = _rms(x, norm1, spec.eps, spec.gemma_norm)
+    qkv = F.linear(h, qkv_w, qkv_bias).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
     q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
     if q_norm is not None and k_norm is not None:
-        q, k = _rms(q, q_norm, spec.qk_eps), _rms(k, k_norm, spec.qk_eps)
+        q, k = _rms(q, q_norm, spec.qk_eps, spec.gemma_norm), _rms(k, k_norm, spec.qk_eps, spec.gemma_norm)
         if not spec.rotate:
             qkv = torch.cat([q, k, v], dim=2)
     if not spec.rotate:  # q, and k and v as [B, T, 2, kv_heads, D]: views of one tensor
         return x, qkv[:, :, : spec.heads], qkv[:, :, spec.heads :].unflatten(2, (2, spec.kv_heads))
+    if cos is None:
+        return x, q, torch.stack([k, v], dim=2)
     return x, _rotary(q, cos, sin), torch.stack([_rotary(k, cos, sin), v], dim=2)
 
 
-def _attention_out_and_mlp(x, o, spec: _Spec, o_w, o_bias, norm2, gate_up_w, gate_up_bias, down_w, down_bias):
-    """The attention output projection and residual, then the gated MLP and its residual."""
-    x = x + F.linear(o, o_w, o_bias)
-    gate, up = F.linear(_rms(x, norm2, spec.eps), gate_up_w, gate_up_bias).chunk(2, dim=-1)
-    return x + F.linear(spec.act(gate) * up, down_w, down_bias)
+def _attention_out_and_mlp(
+    x, o, spec: _Spec, o_w, o_bias, post_attn, norm2, gate_up_w, gate_up_bias, down_w, down_bias, post_mlp
+):
+    """The attention output projection (its norm) and residual, then the (normed) gated MLP (its norm) and its
+    residual."""
+    x = x + _rms(F.linear(o, o_w, o_bias), post_attn, spec.eps, spec.gemma_norm)
+    gate, up = F.linear(_rms(x, norm2, spec.eps, spec.gemma_norm), gate_up_w, gate_up_bias).chunk(2, dim=-1)
+    return x + _rms(F.linear(spec.act(gate) * up, down_w, down_bias), post_mlp, spec.eps, spec.gemma_norm)
 
 
 def _between_layers(x, o, cos, sin, spec: _Spec, w_out: tuple, w_in: tuple):
@@ -176,7 +235,21 @@ def _between_layers(x, o, cos, sin, spec: _Spec, w_out: tuple, w_in: tuple):
 
 def _last_layer_out(x, o, spec: _Spec, w_out: tuple, final_norm, eps: float):
     """The last layer's attention output and MLP, then the model's final norm."""
-    return _rms(_attention_out_and_mlp(x, o, spec, *w_out), final_norm, eps)
+    return _rms(_attention_out_and_mlp(x, o, spec, *w_out), final_norm, eps, spec.gemma_norm)
+
+
+def _attend(q, k, v, mask, scale: float, softcap: float | None, gqa: bool) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D] (mask: bool, True where visible, or an additive
+    bias); with `softcap`, as transformers' eager attention computes it (logits * scale, capped, masked, softmax in
+    float32); else PyTorch's scaled_dot_product_attention."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    w = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    w = w.masked_fill(~mask, torch.finfo(w.dtype).min) if mask.dtype == torch.bool else w + mask
+    return torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class DynamicKV:
@@ -303,27 +376,35 @@ class StaticKV:
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(cfg.num_key_value_heads)
         self.groups = self.heads // self.kv_heads
+        self.model_type = str(cfg.model_type)
+        gemma = self.model_type in GEMMA
+        softcap = getattr(cfg, "attn_logit_softcapping", None) if self.model_type == "gemma2" else None
         self.spec = _Spec(
             heads=self.heads,
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             scale=float(attn.scaling),
-            eps=float(self.layers[0].input_layernorm.variance_epsilon),
-            qk_eps=float(attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else 0.0,
+            eps=_norm_eps(self.layers[0].post_attention_layernorm),
+            qk_eps=_norm_eps(attn.q_norm) if hasattr(attn, "q_norm") else 0.0,
             act=self.layers[0].mlp.act_fn,
+            gemma_norm=gemma,
+            softcap=float(softcap) if softcap else None,
         )
-        self.weights = [_layer_weights(layer) for layer in self.layers]
+        self.weights = [_layer_weights(layer, self.model_type) for layer in self.layers]
         # on CUDA the pieces between the attention kernels are compiled (fused norms, rotary embedding, SiLU-gate),
         # for prefill and decode: a decode graph of a few hundred kernels instead of over a thousand
-        self.final_norm = (self.inner.norm.weight, float(self.inner.norm.variance_epsilon))
+        final = self.inner.norm.weight
+        self.final_norm = (_gemma_weight(final) if gemma else final, _norm_eps(self.inner.norm))
+        self.final_softcap: float | None = getattr(cfg, "final_logit_softcapping", None) if gemma else None
         self._pieces(self.device.type == "cuda" if compile_pieces is None else compile_pieces)
         # per layer, keys and values together: [slot, k|v, kv head, position, D], so one write stores both; one
         # slot more than the batch has, where the padding rows of a prefill graph write
         shape = (slots + 1, 2, self.kv_heads, context_length, self.head_dim)
         self.kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         positions = torch.arange(context_length, device=self.device)
-        cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=self.dtype, device=self.device), positions[None])
-        self.cos, self.sin = cos[0], sin[0]  # [L, head_dim]
+        # each layer's rotary tables [L, head_dim] (None: no position embedding) and sliding window (None: none)
+        self.windows = layer_windows(cfg)
+        self.rope = self._rotary_tables(cfg, positions)
         self.positions = positions
         self.rows = torch.arange(slots, device=self.device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's next input token
@@ -333,6 +414,8 @@ class StaticKV:
         # row's own length, so one graph per batch bucket serves every length
         if fused_attention is None:
             fused_attention = self.device.type == "cuda" and decode_attention.available(self.head_dim)
+        if any(w is not None for w in self.windows) or self.spec.softcap is not None:
+            fused_attention = False  # the kernels attend to every position before a row's, uncapped
         self.fused_attention = fused_attention
         self.decode_spec = dataclasses.replace(self.spec, rotate=not fused_attention)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -355,6 +438,31 @@ class StaticKV:
         self.graphs: dict[tuple[int, int, bool | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.reset()
+
+    def _rotary_tables(self, cfg: Any, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each layer's (cos, sin) [L, head_dim], computed by the model's own rotary module: gemma3 has one per
+        layer type (local and global bases); exaone4's global layers have none when the model has sliding ones."""
+        x = torch.zeros(1, dtype=self.dtype, device=self.device)
+        kinds = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for kind in kinds:
+            if self.model_type == "exaone4" and cfg.sliding_window is not None and kind != "sliding_attention":
+                out.append(None)  # EXAONE 4's global layers: no position embedding (NoPE)
+                continue
+            key = kind if self.model_type == "gemma3_text" else "all"
+            if key not in tables:
+                args = (kind,) if self.model_type == "gemma3_text" else ()
+                cos, sin = self.inner.rotary_emb(x, positions[None], *args)
+                tables[key] = (cos[0], sin[0])
+            out.append(tables[key])
+        return out
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model.lm_head(x)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def warm_up(self) -> None:
         """With CUDA graphs: compile the pieces and capture every (batch, length) bucket's graph now, before the
@@ -477,13 +585,25 @@ class StaticKV:
         self._lengths = [self._lengths[i] for i in keep]
 
     # --- the model ----------------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend, spec: _Spec) -> torch.Tensor:
-        """Every decoder layer over x [B, T, hidden]; `attend(layer index, q, kv)` stores the new keys and values
-        and returns the attention output [B, T, heads * D]. Returns the final-normed hidden states."""
-        x, q, kv = self._first(x, cos, sin, spec, *self.weights[0][0])
+    def _layers(self, x: torch.Tensor, ropes: list, attend, spec: _Spec) -> torch.Tensor:
+        """Every decoder layer over x [B, T, hidden], layer i rotating q and k by ropes[i] ((cos, sin) indexed at
+        the rows' positions, or None); `attend(layer index, q, kv)` stores the new keys and values and returns the
+        attention output [B, T, heads * D]. Returns the final-normed hidden states."""
+        x, q, kv = self._first(x, *(ropes[0] or (None, None)), spec, *self.weights[0][0])
         for i in range(len(self.layers) - 1):
-            x, q, kv = self._between(x, attend(i, q, kv), cos, sin, spec, self.weights[i][1], self.weights[i + 1][0])
+            rope = ropes[i + 1] or (None, None)
+            x, q, kv = self._between(x, attend(i, q, kv), *rope, spec, self.weights[i][1], self.weights[i + 1][0])
         return self._last(x, attend(len(self.layers) - 1, q, kv), spec, self.weights[-1][1], *self.final_norm)
+
+    def _indexed(self, index: Callable[[torch.Tensor], torch.Tensor]) -> list:
+        """Each layer's rotary tables indexed by `index` (once per distinct table)."""
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for rope in self.rope:
+            if rope is not None and id(rope) not in done:
+                done[id(rope)] = (index(rope[0]), index(rope[1]))
+            out.append(None if rope is None else done[id(rope)])
+        return out
 
     def _prefill_forward(self, n: int, t: int) -> torch.Tensor:
         """The first n prompts of the prompt buffers, padded to t positions, in one forward pass: writes their
@@ -493,22 +613,28 @@ class StaticKV:
         ids, lengths = self.prompt_ids[:n, :t], self.prompt_lengths[:n]
         pos = self.positions[:t]
         valid = pos[None, :] < lengths[:, None]  # [n, t]
-        causal = pos[None, :] <= pos[:, None]  # [t, t]: query row, key column
-        mask = (causal[None, :, :] & valid[:, None, :])[:, None]  # [n, 1, t, t]
+        masks: dict[int | None, torch.Tensor] = {}
+        diagonal = torch.eye(t, dtype=torch.bool, device=self.device)
+        for window in set(self.windows):
+            causal = pos[None, :] <= pos[:, None]  # [t, t]: query row, key column
+            if window is not None:
+                causal = causal & (pos[None, :] > pos[:, None] - window)
+            # every query sees itself: a padding position a window past its prompt would otherwise see no key at
+            # all, and its NaN would reach real rows' outputs through 0 * NaN in the next layer's attention
+            masks[window] = ((causal[None, :, :] & valid[:, None, :]) | diagonal)[:, None]  # [n, 1, t, t]
         rows = self.prompt_slots[:n, None].expand(n, t).reshape(-1)
         cols = pos[None, :].expand(n, t).reshape(-1)
-        cos, sin = self.cos[:t][None, :, None], self.sin[:t][None, :, None]  # [1, t, 1, D]
+        ropes = self._indexed(lambda table: table[:t][None, :, None])  # [1, t, 1, D]
 
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             self.kv[i][rows, :, :, cols] = kv.flatten(0, 1)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k, v, attn_mask=mask, scale=self.spec.scale, enable_gqa=self.groups > 1
-            )
+            mask = masks[self.windows[i]]
+            o = _attend(q.transpose(1, 2), k, v, mask, self.spec.scale, self.spec.softcap, self.groups > 1)
             return o.transpose(1, 2).reshape(n, t, -1)
 
-        x = self._layers(self.inner.embed_tokens(ids), cos, sin, attend, self.spec)
-        return self.model.lm_head(x[self.rows[:n], lengths - 1])
+        x = self._layers(self.inner.embed_tokens(ids), ropes, attend, self.spec)
+        return self._head(x[self.rows[:n], lengths - 1])
 
     def _decode_forward(self, n_batch: int, n_len: int, picks: bool) -> torch.Tensor:
         """One token for slots [0, n_batch) attending over positions [0, n_len): every tensor shape depends only
@@ -517,37 +643,42 @@ class StaticKV:
         with `picks` the `step_outputs` of the greedy tokens, which it also feeds back (tokens, positions)."""
         b = n_batch
         rows, pos = self.rows[:b], self.pos[:b]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [b, 1, 1, D]
 
         def fused(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:  # q, k unrotated (decode_spec)
-            rotary = (self.cos, self.sin)
-            o = decode_attention.decode_attention(q[:, 0], kv[:, 0], self.kv[i], pos, self.spec.scale, rotary)
+            o = decode_attention.decode_attention(q[:, 0], kv[:, 0], self.kv[i], pos, self.spec.scale, self.rope[i])
             return o.reshape(b, 1, -1)
 
-        bias = None  # one additive mask for every layer
+        biases: dict[int | None, torch.Tensor] = {}  # one additive mask per sliding window (None: full)
         if not self.fused_attention:
-            visible = self.positions[:n_len][None, :] <= pos[:, None]
-            bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device)
-            bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
+            keys = self.positions[:n_len][None, :]
+            for window in set(self.windows):
+                visible = keys <= pos[:, None]
+                if window is not None:
+                    visible = visible & (keys > pos[:, None] - window)
+                bias = torch.zeros((b, 1, 1, n_len), dtype=self.dtype, device=self.device)
+                biases[window] = bias.masked_fill_(~visible[:, None, None, :], float("-inf"))
 
         def attend(i: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             cache = self.kv[i]
             cache[rows, :, :, pos] = kv[:, 0]
             # one query token: the query heads of each kv head become that head's "query positions"
             qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                qg, cache[:b, 0, :, :n_len], cache[:b, 1, :, :n_len], attn_mask=bias, scale=self.spec.scale
-            )
+            k, v = cache[:b, 0, :, :n_len], cache[:b, 1, :, :n_len]
+            o = _attend(qg, k, v, biases[self.windows[i]], self.spec.scale, self.spec.softcap, False)
             return o.reshape(b, 1, -1)
 
+        ropes = (
+            [None] * len(self.layers)
+            if self.fused_attention  # the kernels rotate q and k themselves
+            else self._indexed(lambda table: table[pos][:, None, None])  # [b, 1, 1, D]
+        )
         x = self._layers(
             self.inner.embed_tokens(self.tokens[:b])[:, None],
-            cos,
-            sin,
+            ropes,
             fused if self.fused_attention else attend,
             self.decode_spec,
         )
-        logits = self.model.lm_head(x[:, 0])
+        logits = self._head(x[:, 0])
         if not picks:
             return logits
         tokens, outputs = self._greedy_outputs(logits)  # compiled on CUDA, as the layers' pieces

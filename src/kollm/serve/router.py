@@ -693,8 +693,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     "/health", summary="Liveness: the process and its engine can serve", responses={503: {"model": ErrorResponse}}
 )
 async def health(request: Request) -> Response:
-    if _served(request).engine.alive():
-        return JSONResponse({"status": "ok"})
+    engine = _served(request).engine
+    if engine.alive():
+        return JSONResponse({"status": "ok", "serving_path": engine.serving_path})
     return error_response(
         503, "the inference engine is dead; restart the server", type="server_error", code="engine_dead"
     )

@@ -240,8 +240,10 @@ class VLLMEngine:
         tool_call_parser: str | None = None,
         adapters: Mapping[str, Path] | None = None,
         max_adapters: int = 8,
+        backend_note: str = "--backend vllm",
     ):
         require_vllm()
+        self.serving_path = f"vLLM ({backend_note})"
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.lora.request import LoRARequest

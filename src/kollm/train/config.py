@@ -68,6 +68,12 @@ class TrainingConfig(BaseModel):
         description="A hub name or local folder, or `scratch` (a new small Llama and a BPE tokenizer trained on the corpus). "
         "Default: the `model` input (a previous step's model); for cpt without one, scratch.",
     )
+    architecture: Literal["llama", "qwen2", "qwen3", "mistral", "gemma3", "exaone4"] | None = Field(
+        None,
+        description="Architecture of the scratch model and chat format of its tokenizer (kollm.train.architectures): "
+        "llama (Llama 3 headers), qwen2 / qwen3 (ChatML with tools), mistral ([INST]), gemma3 (<start_of_turn>), "
+        "exaone4 ([|user|] ... [|endofturn|]). Default: a Llama with kollm's Korean ChatML template.",
+    )
     preset: Literal["tiny", "small", "base"] = Field(
         "tiny", description="Size of the scratch model: " + ", ".join(PRESETS) + "."
     )
@@ -126,6 +132,10 @@ class TrainingConfig(BaseModel):
     def _checks(self) -> TrainingConfig:
         if self.base_model is not None and self.base_model != "scratch" and self.vocab_size is not None:
             raise ValueError("vocab_size applies only to base_model: scratch")
+        if self.base_model is not None and self.base_model != "scratch" and self.architecture is not None:
+            raise ValueError(
+                "architecture applies only to base_model: scratch (a model folder or hub name has its own)"
+            )
         if self.cpu_offload and self.sharding != "fsdp":
             raise ValueError("cpu_offload: true needs sharding: fsdp (it offloads FSDP's shards); add sharding: fsdp")
         if self.sharding == "fsdp" and self.lora is not None and self.lora.quantize:

@@ -69,11 +69,30 @@ def _chain(*parts: Iterable[str]) -> Iterable[str]:
         yield from part
 
 
-def scratch_model(preset: str, tokenizer: Any, *, seed: int, attn_implementation: str) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM sized by `preset`, matching `tokenizer`'s vocabulary."""
+def scratch_model(
+    preset: str, tokenizer: Any, *, seed: int, attn_implementation: str, architecture: str | None = None
+) -> torch.nn.Module:
+    """A freshly initialised causal LM sized by `preset`, matching `tokenizer`'s vocabulary: a LlamaForCausalLM, or
+    with `architecture` one of kollm.train.architectures."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     p = PRESETS[preset]
+    if architecture is not None:
+        from kollm.train.architectures import build_model
+
+        return build_model(
+            architecture,
+            tokenizer,
+            seed=seed,
+            attn_implementation=attn_implementation,
+            hidden=p.hidden,
+            layers=p.layers,
+            heads=p.heads,
+            kv_heads=p.kv_heads,
+            intermediate=p.intermediate,
+            max_positions=p.max_positions,
+            tied=p.tied,
+        )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=p.hidden,
@@ -175,11 +194,15 @@ def ensure_chat_template(model: torch.nn.Module, tokenizer: Any, chat_template: 
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant reply (eos, and <|im_end|> when the template uses it)."""
+    """Token ids that end an assistant reply: eos, and the end-of-turn marker the chat template uses (<|im_end|>,
+    Llama 3's <|eot_id|>, Gemma's <end_of_turn>, EXAONE's [|endofturn|]) when the vocabulary has it."""
+    from kollm.train.architectures import END_OF_TURN_MARKERS
+
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()
-    if IM_END in vocab and IM_END in (tokenizer.chat_template or "") and vocab[IM_END] not in ids:
-        ids.append(vocab[IM_END])
+    for marker in END_OF_TURN_MARKERS:
+        if marker in vocab and marker in (tokenizer.chat_template or "") and vocab[marker] not in ids:
+            ids.append(vocab[marker])
     return ids
 
 

@@ -378,8 +378,12 @@ def load_base(job: Job, env: Env, texts: Callable[[], list[str]]) -> tuple[torch
     quantize = cfg.lora.quantize if cfg.lora else None
     if job.base_model == "scratch":
         tokenizer = _scratch_tokenizer(job, env, texts)
-        model = modeling.scratch_model(cfg.preset, tokenizer, seed=cfg.seed, attn_implementation=attn)
+        model = modeling.scratch_model(
+            cfg.preset, tokenizer, seed=cfg.seed, attn_implementation=attn, architecture=cfg.architecture
+        )
         base = {"source": "scratch", "preset": cfg.preset, "vocab_size": len(tokenizer)}
+        if cfg.architecture is not None:
+            base["architecture"] = cfg.architecture
         if quantize:
             raise ConfigError("lora.quantize: QLoRA needs a pretrained base model, not scratch")
     else:
@@ -448,7 +452,12 @@ def _scratch_tokenizer(job: Job, env: Env, texts: Callable[[], list[str]]) -> An
         if not corpus:
             raise StepFailed("base_model: scratch needs text to train its tokenizer, but the corpus is empty")
         vocab = job.config.vocab_size or PRESETS[job.config.preset].vocab
-        tokenizer = modeling.train_tokenizer(corpus, vocab)
+        if job.config.architecture is not None:
+            from kollm.train.architectures import train_tokenizer
+
+            tokenizer = train_tokenizer(corpus, vocab, job.config.architecture)
+        else:
+            tokenizer = modeling.train_tokenizer(corpus, vocab)
         tmp = job.checkpoint_dir / f".tmp-tokenizer-{os.getpid()}"
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, saved)
