@@ -149,6 +149,10 @@ def _small_quickstart(folder: Path) -> Path:
 
 
 @needs_airflow
+@pytest.mark.slow(
+    reason="`kollm run` of a 4-step pipeline, `airflow db migrate`, then `airflow dags test` starting a `kollm step "
+    "run` process per task: 161 s on the busy 2-core machine (the whole quickstart took 843 s)"
+)
 @pytest.mark.timeout(900)
 def test_airflow_dags_test_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
     """A quickstart pipeline of four steps compiled to a DAG and run by `airflow dags test` (Airflow 3 on SQLite, no
