@@ -989,7 +989,7 @@ def rollout_start(
     analysis: Annotated[
         str,
         typer.Option(
-            help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate)."
+            help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate, judge_win_rate)."
         ),
     ] = DEFAULT_ANALYSIS,
     failure_limit: Annotated[
@@ -1010,6 +1010,23 @@ def rollout_start(
             help='Quality probe: a JSONL file of {"prompt": ..., "expect": ...} sent to the canary every step.'
         ),
     ] = None,
+    judge_url: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Canary judge: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8001/v1) that judges sampled canary requests answered by both arms (metric judge_win_rate)."
+        ),
+    ] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at --judge-url.")] = None,
+    judge_key_env: Annotated[
+        Optional[str],
+        typer.Option(help="Environment variable of the gateway's process that holds the judge's API key."),
+    ] = None,
+    judge_calls: Annotated[
+        int, typer.Option(help="Most judge calls per analysis window (two per sampled request: both orders).")
+    ] = 16,
+    judge_rubric: Annotated[
+        Optional[Path], typer.Option(help="A rubric file (YAML/JSON) for the judge (default: the Korean rubric).")
+    ] = None,
     gateway: GatewayOpt = None,
     api_key: AdminKeyOpt = None,
     as_json: JsonOpt = False,
@@ -1027,6 +1044,11 @@ def rollout_start(
             min_requests=min_requests,
             alert_webhook=alert_webhook,
             probe=probe,
+            judge_url=judge_url,
+            judge_model=judge_model,
+            judge_key_env=judge_key_env,
+            judge_calls=judge_calls,
+            judge_rubric=judge_rubric,
             gateway=gateway,
             api_key=api_key,
         ),
