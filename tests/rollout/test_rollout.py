@@ -130,7 +130,9 @@ def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_pa
         start(srv.url, registered.name, pause="1s", alert_webhook=dead_webhook)
         wait_for(lambda: status(srv.url)["rollout"]["step"] == 2, 10, "step 2")
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
-    assert saved["status"] == "progressing" and saved["step"] == 2 and saved["step_index"] == 1 and saved["weight"] == 40
+    assert (
+        saved["status"] == "progressing" and saved["step"] == 2 and saved["step_index"] == 1 and saved["weight"] == 40
+    )
 
     # a new process would build everything again from the project folder: new apps, new gateway
     with Server(make_gateway(registered, tmp_path)) as srv:
