@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -87,10 +89,33 @@ def test_a_better_canary_wins_the_judge_and_is_promoted_within_the_call_cap(regi
                 }
             )
             assert "judge_win_rate=1" in shown
+            gateway = (await rig.http.get("/admin/rollout/status")).json()["gateway"]
         saved = rig.saved()
         assert saved["history"][0]["judged"][0]["outcome"] == "win"  # the verdicts and reasons are kept in the state
+        assert saved["step"] == 2 and saved["step_index"] == 1  # "step 2/2" in the text output
+        assert json_keys({"rollout": saved, "gateway": gateway}) <= documented_status_fields()
 
     asyncio.run(scenario())
+
+
+def json_keys(d, skip=("values", "judged", "probe", "rubric")) -> set[str]:
+    """Every key in a status document (not the keys of metric maps or the judge's free-form records)."""
+    out: set[str] = set()
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else []
+    for k, v in items:
+        if isinstance(k, str):
+            out.add(k)
+            if k in skip:
+                continue
+        out |= json_keys(v, skip)
+    return out
+
+
+def documented_status_fields() -> set[str]:
+    """The backticked names in the README's bullet on `kollm rollout status --json`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    bullet = readme.split("- `kollm rollout status --json`", 1)[1].split("\n- ", 1)[0]
+    return set(re.findall(r"`([a-z_]+)`", bullet))
 
 
 def test_a_worse_canary_loses_the_judge_and_is_rolled_back(registered, tmp_path, webhook, fake_judge):
