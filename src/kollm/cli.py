@@ -36,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 step_app = typer.Typer(
     help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True
@@ -1349,6 +1350,45 @@ def ui_cmd(
     serve_ui(proj, host=host, port=port, api_key=api_key, gateway=gateway)
 
 
+def _readable_help(group: typer.Typer) -> None:
+    """typer shows a parameter without a metavar as its Python type (`<list[str]>`, `<bool>`, `<path>`) in --help.
+    Give each one a word instead: flags none, arguments their name (OUT_DIR), options their kind (TEXT, PATH,
+    INTEGER, NUMBER; a repeatable option says so in its help). The app's help is click's plain layout
+    (rich_markup_mode=None), which shows a flag without a type."""
+    import typing
+
+    import typer.core
+    from typer.models import ArgumentInfo, OptionInfo
+
+    # typer prints an argument's Python type beside its name whatever its metavar ("OUT_DIR <path>"); the name
+    # and its help say enough
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+
+    kinds = {int: "INTEGER", float: "NUMBER", Path: "PATH", str: "TEXT"}
+    for cmd in group.registered_commands:
+        if cmd.callback is None:
+            continue
+        # resolved once and kept: each evaluation of a string annotation (PEP 563) builds new OptionInfo objects
+        hints = typing.get_type_hints(cmd.callback, include_extras=True)
+        cmd.callback.__annotations__ = hints
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is not Annotated:
+                continue
+            base, *meta = typing.get_args(hint)
+            while typing.get_origin(base) in (typing.Union, list):
+                base = next(a for a in typing.get_args(base) if a is not type(None))
+            for info in meta:
+                if not isinstance(info, (OptionInfo, ArgumentInfo)) or info.metavar is not None:
+                    continue
+                if isinstance(info, ArgumentInfo):
+                    info.metavar = name.upper()
+                else:
+                    info.metavar = "" if base is bool else kinds.get(base, "TEXT")
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _readable_help(sub.typer_instance)
+
+
 def main() -> None:
     # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -1406,6 +1446,8 @@ def _interrupted() -> None:
     sys.stderr.flush()
     sys.exit(130)
 
+
+_readable_help(app)  # after every command above is registered
 
 if __name__ == "__main__":
     main()
