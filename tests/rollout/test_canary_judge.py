@@ -64,7 +64,7 @@ def test_a_better_canary_wins_the_judge_and_is_promoted_within_the_call_cap(regi
                 alert_webhook=webhook.url,
             )
             fake_judge.hits.clear()
-            await ask(rig, 6)
+            await ask(rig, 6, content="제 번호는 010-1234-5678 입니다.")
             await ask(rig, 5, arm="stable")  # the stable arm's requests are neither analysed nor sampled
             canary_calls = len(rig.engines["2"].calls)
             await rig.window()
@@ -77,6 +77,7 @@ def test_a_better_canary_wins_the_judge_and_is_promoted_within_the_call_cap(regi
             assert len(rig.engines["2"].calls) == canary_calls + 2  # each sampled request answered again by each arm
             assert "2 won, 0 tied, 0 lost of 2 pairs (2 of 6 canary chat requests sampled" in first.note
             assert [j["outcome"] for j in first.judged] == ["win", "win"]
+            assert all("<PHONE>" in j["question"] and "010-1234" not in j["question"] for j in first.judged)
             assert all(j["canary"] == "v2 GOOD" and j["stable"] == "v1 답변" for j in first.judged)
             assert all(len(j["reasons"]) == 2 and all(j["reasons"]) for j in first.judged)
             await ask(rig, 4)

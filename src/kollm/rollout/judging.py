@@ -7,7 +7,8 @@ bypass the gateway, so they do not count as traffic in the window's success rate
 `answer_max_tokens`, and the canary's answer is judged against the stable arm's in both orders
 (kollm.eval.judge: a win or loss only when both orders agree; identical answers are a tie without a call). So a
 window costs at most `max_calls` judge calls, whatever the traffic. Judge failures (unparseable verdicts, requests
-that fail after their retries) are counted, never guessed.
+that fail after their retries) are counted, never guessed. The per-pair records kept in the rollout state (the
+first 200 characters of question and answers, verdicts, reasons) have personal data masked (kollm.data.pii).
 """
 
 from __future__ import annotations
@@ -112,11 +113,13 @@ async def judge_window(
         request_failures=client.request_failures,
         answer_failures=unanswered + (len(bodies[: spec.pairs]) - len(prompts)),
     )
+    from kollm.data.pii import mask_text  # the records are saved in the state file: no phone numbers, RRNs, ...
+
     verdicts = [
         {
-            "question": c.question[:200],
-            "canary": c.answer[:200],
-            "stable": (c.reference_answer or "")[:200],
+            "question": mask_text(c.question[:200]),
+            "canary": mask_text(c.answer[:200]),
+            "stable": mask_text((c.reference_answer or "")[:200]),
             "outcome": c.outcome,
             "reasons": [o.get("reason", "") for o in c.orders],
             "failures": c.failures,

@@ -8,7 +8,9 @@ Each request goes to one arm:
   3. else a random draw against the weight.
 The body is read once (to find `user`) and replayed to the chosen app; a body over MAX_BODY_BYTES is not
 buffered further: what was read is replayed, the rest streams through, and the request is routed by a random
-draw (its `user` unread). The gateway itself never rejects a request for its size, at any weight. `send` is wrapped to add the
+draw (its `user` unread). While a rollout with a canary judge runs, the bodies of the canary's chat requests
+are offered to a bounded uniform sample (kollm.serve.window) that the judge answers again at the window's end.
+The gateway itself never rejects a request for its size, at any weight. `send` is wrapped to add the
 `x-kollm-model-version` and `x-kollm-arm` headers and to record, per arm, the status and latency (arrival to
 the last byte) that the rollout analysis judges.
 
