@@ -319,7 +319,7 @@ def _step_lines(show: bool):
         elif event == "cached":
             err.print(f"[green]✓[/] {step} [dim](cached, {detail['duration_s']:.2f}s)[/]")
         elif event == "finished":
-            err.print(f"[green]✓[/] {step} [dim]({detail['duration_s']:.1f}s)[/]")
+            err.print(f"[green]✓[/] {step} [dim]({finished_note(detail)})[/]")
         elif event == "waiting":
             err.print(f"[yellow]…[/] {step}: another kollm process is computing it; waiting to reuse its result")
         elif event == "retry":
@@ -330,6 +330,17 @@ def _step_lines(show: bool):
             err.print(f"[red]✗[/] {step}")
 
     return report
+
+
+def finished_note(detail: dict[str, Any]) -> str:
+    """A finished step's time, and for a training step its final loss and the checkpoint it resumed from."""
+    metrics = detail.get("metrics") or {}
+    parts = [f"{detail['duration_s']:.1f}s"]
+    if isinstance(metrics.get("train_loss"), (int, float)):
+        parts.append(f"loss {metrics['train_loss']:.4g}")
+    if isinstance(metrics.get("resumed_from_step"), (int, float)):
+        parts.append(f"resumed from the checkpoint at step {int(metrics['resumed_from_step'])}")
+    return ", ".join(parts)
 
 
 def _progress(enabled: bool):
