@@ -7,9 +7,11 @@ GOOD; a question carrying [malformed] gets unparseable verdicts). kollm serve as
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import pytest
 
@@ -214,3 +216,24 @@ def test_analysis_without_judged_pairs_is_inconclusive_and_with_them_judged():
         "judge_win_rate"
     ] == pytest.approx(1 / 6, abs=1e-4)
     assert analyse(crit, [], min_requests=0, judge=JudgeWindow(sampled=3, request_failures=6)).verdict == "inconclusive"
+
+
+def test_status_json_counts_steps_from_one_and_old_state_files_still_load(tmp_path):
+    from kollm.rollout.state import RolloutState, RolloutStore
+    from kollm.ui.data import saved_rollouts
+
+    spec = RolloutSpec.build(steps=[20, 40, 60, 80])
+    st = RolloutState(name="m", stable_version="1", canary_version="2", spec=spec, step=3, weight=80)
+    doc = st.to_json()
+    assert (doc["step"], doc["step_index"]) == (4, 3)  # as the text says: "step 4/4"
+    assert "step 4/4" in rollout_client.format_status(
+        {"gateway": {"model": "m", "stable_version": "1", "canary_version": "2", "canary_weight": 80}, "rollout": doc}
+    )
+    assert RolloutState.from_json(doc).step == 3
+    old = {k: v for k, v in doc.items() if k != "step_index"} | {"step": 3}  # written before step_index existed
+    assert RolloutState.from_json(old).step == 3
+    store = RolloutStore(tmp_path / ".kollm" / "rollouts")
+    store.folder.mkdir(parents=True)
+    store.path("m").write_text(json.dumps(old))
+    project = NS(state=tmp_path / ".kollm")
+    assert [(s["step"], s["step_index"]) for s in saved_rollouts(project)] == [(4, 3)]
