@@ -1,6 +1,7 @@
 """Runner overhead: kollm vs `dvc repro` on the same 6-step pipeline of no-op steps, in one run.
 
     .venv/bin/python benchmarks/pipeline_overhead.py [--repeats 5] [--out benchmarks/results/pipeline_overhead.json]
+    .venv/bin/python benchmarks/pipeline_overhead.py --quickstart [--repeats 5]   # the Korean quickstart case
 
 Measures
   - kollm per-step overhead: wall time of each executed step minus the time spent inside the step function
@@ -9,6 +10,9 @@ Measures
     `kollm run` and `dvc repro` as fresh processes (includes interpreter start) on unchanged pipelines. kollm
     records each rerun in MLflow as usual (a parent run and 6 nested runs in the project's SQLite store);
   - first (uncached) run of the whole pipeline for both.
+With --quickstart: the README's Korean quickstart (`kollm init`, one full run: minutes of CPU training), then its
+fully cached rerun as a fresh `kollm run --quiet` process against `dvc repro` of a cached dvc pipeline with as many
+stages (the target: kollm's cached quickstart rerun takes at most dvc's time), and in-process.
 Needs `dvc` (pip install dvc); without it only kollm is measured.
 """
 
@@ -90,10 +94,68 @@ def wall(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
+def quickstart(repeats: int, out: Path, kollm_bin: str, dvc_bin: str | None) -> None:
+    """The quickstart's fully cached rerun as a process (and in-process) against `dvc repro` of a cached pipeline
+    with the same number of stages."""
+    import kollm
+    from kollm.examples import init_project
+
+    base = Path(tempfile.mkdtemp(prefix="kollm-bench-qs-"))
+    res: dict[str, list[float]] = {"k_cached_cli": [], "k_cached_inproc": [], "d_cached_cli": []}
+    try:
+        proj = init_project(base / "qs", "korean-quickstart")
+        t0 = time.perf_counter()
+        subprocess.run([kollm_bin, "run", "--quiet"], cwd=proj, check=True, capture_output=True)
+        first_s = time.perf_counter() - t0
+        n_steps = len(kollm.load(proj).steps)
+        if dvc_bin:
+            global N_STEPS
+            N_STEPS = n_steps
+            dproj = base / "dvc"
+            dvc_project(dproj, dvc_bin)
+            subprocess.run([dvc_bin, "repro", "-q"], cwd=dproj, check=True, capture_output=True)
+        for _ in range(repeats):
+            res["k_cached_cli"].append(wall([kollm_bin, "run", "--quiet"], proj))
+            if dvc_bin:
+                res["d_cached_cli"].append(wall([dvc_bin, "repro", "-q"], dproj))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            again = kollm.run(proj)
+            res["k_cached_inproc"].append(time.perf_counter() - t0)
+            assert all(s.cache_hit for s in again.steps.values())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    med = {k: statistics.median(v) if v else None for k, v in res.items()}
+    k, d = med["k_cached_cli"], med["d_cached_cli"]
+    print(
+        f"\nquickstart — {n_steps} steps, first run {first_s:.0f}s, median of {repeats} cached reruns ({os.cpu_count()} cores)"
+    )
+    print(f"{'measure':34} {'kollm':>9} {'dvc':>9} {'dvc/kollm':>10}  note")
+    ratio = f"{d / k:.2f}x" if d else "-"
+    print(
+        f"{'cached rerun as a process (s)':34} {k:9.3f} {d if d is not None else float('nan'):9.3f} {ratio:>10}  target: kollm <= dvc"
+    )
+    print(f"{'cached rerun in-process (s)':34} {med['k_cached_inproc']:9.3f} {'':>9} {'':>10}  imports done")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "case": "quickstart",
+        "steps": n_steps,
+        "first_run_s": first_s,
+        "repeats": repeats,
+        "median": med,
+        "raw": res,
+    }
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"results: {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pipeline_overhead.json"))
+    ap.add_argument(
+        "--quickstart", action="store_true", help="the Korean quickstart's cached rerun (a full first run first)"
+    )
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     import logging
@@ -104,6 +166,12 @@ def main() -> None:
     kollm_bin = str(Path(sys.executable).parent / "kollm")
     local_dvc = Path(sys.executable).parent / "dvc"
     dvc_bin = str(local_dvc) if local_dvc.exists() else shutil.which("dvc")
+    if args.quickstart:
+        quickstart(
+            args.repeats, args.out or Path("benchmarks/results/pipeline_overhead_quickstart.json"), kollm_bin, dvc_bin
+        )
+        return
+    args.out = args.out or Path("benchmarks/results/pipeline_overhead.json")
     base = Path(tempfile.mkdtemp(prefix="kollm-bench-"))
     res: dict[str, list[float]] = {
         k: []

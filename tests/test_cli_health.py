@@ -147,3 +147,19 @@ def test_runs_and_show_json_carry_numbers_full_ids_and_zoned_times(tmp_path, kol
         and count["outputs"]["m"].startswith("sha256:")
         and len(count["outputs"]["m"]) == 71
     )
+
+
+def test_a_finished_training_step_names_its_loss_and_the_checkpoint_it_resumed_from():
+    from kollm.cli import finished_note
+    from kollm.train.loop import TrainResult
+    from kollm.train.recipe import step_metrics
+
+    resumed = step_metrics(TrainResult(steps=60, losses=[3.0, 2.5], tokens=100, seconds=1.0, resumed_from=40), None)
+    assert resumed["resumed_from_step"] == 40.0
+    assert finished_note({"duration_s": 74.24, "metrics": resumed}) == (
+        "74.2s, loss 2.5, resumed from the checkpoint at step 40"
+    )
+    fresh = step_metrics(TrainResult(steps=60, losses=[3.0], tokens=100, seconds=1.0, resumed_from=None), None)
+    assert "resumed_from_step" not in fresh
+    assert finished_note({"duration_s": 1.0, "metrics": fresh}) == "1.0s, loss 3"
+    assert finished_note({"duration_s": 0.5, "metrics": {"rows": 3.0}}) == "0.5s"  # not a training step

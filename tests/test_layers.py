@@ -120,6 +120,21 @@ def test_imports_go_down_the_layers_only():
     assert stale == [], f"allowed upward imports that no longer exist; remove them from ALLOWED: {stale}"
 
 
+# Within one layer, the packages that build on another: (importer, imported) pairs that must never appear reversed.
+# kollm.rollout drives the gateway and serving apps of kollm.serve, so serve never imports rollout (the gateway's
+# request samples live in kollm.serve.window, which the rollout analysis reads).
+BUILDS_ON = [("kollm.rollout", "kollm.serve")]
+
+
+def test_serve_does_not_import_the_rollout_that_drives_it():
+    found = []
+    for upper, lower in BUILDS_ON:
+        for path in sorted((PKG / lower.split(".")[1]).rglob("*.py")):
+            module = _module_name(path)
+            found += [(module, i) for i in sorted(_imports(path, module)) if i == upper or i.startswith(upper + ".")]
+    assert found == [], f"{found}: move what both need into the lower package"
+
+
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     src = "def f():\n    from kollm.cli import main\n    from ..steps import sft\n    import kollm.ui.app\n"
     path = PKG / "pipeline" / "x_probe_for_test.py"

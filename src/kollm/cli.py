@@ -36,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 step_app = typer.Typer(
     help="Run single steps, one process each (the building block for distributed executors).", no_args_is_help=True
@@ -76,14 +77,42 @@ def _root(
     """kollm: Korean corpus -> trained, evaluated, registered, served and rolled-out LLM."""
 
 
+# Tables (`runs`, `show`, a sweep's trials, `validate`, `registry list|show`, `monitor drift`) fit the terminal's
+# width (80 columns when piped) without breaking a word: ids are cut to one line, words wrap at their boundaries,
+# and a word or value too long for its column ends in an ellipsis. The full values are in each command's --json.
+
+
+def new_table(title: str | None = None, **kwargs: Any) -> Table:
+    """A compact table: a rule under the header and no side borders (more room for the values at 80 columns)."""
+    from rich import box
+
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, **kwargs)
+
+
 def id_column(table: Table, header: str, width: int = 12) -> None:
     """A column of ids or digests: one line, shortened with an ellipsis (the full value is in `--json`)."""
     table.add_column(header, no_wrap=True, overflow="ellipsis", max_width=width)
 
 
-def text_column(table: Table, header: str) -> None:
-    """A column of words: wrapped at word boundaries; only a single word wider than the column is folded."""
-    table.add_column(header, overflow="fold")
+def text_column(table: Table, header: str, *, min_width: int | None = None, max_width: int | None = None) -> None:
+    """A column of words: wrapped at word boundaries, never inside a word; a word wider than the column is cut
+    with an ellipsis. It is never narrower than its header's longest word (or `min_width`)."""
+    widest = max((len(w) for w in header.split()), default=0)
+    table.add_column(header, overflow="ellipsis", min_width=max(widest, min_width or 0), max_width=max_width)
+
+
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters; a longer value ends in an ellipsis (so a cell stays a few lines)."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    at = max(cut.rfind(", "), cut.rfind("; "))
+    return (cut[:at] if at > limit // 2 else cut).rstrip(" ,;") + " …"
+
+
+def print_table(table: Table) -> None:
+    """Print at the current width ($COLUMNS, else the terminal's, else 80)."""
+    Console().print(table)
 
 
 def _print_json(obj: Any) -> None:
@@ -151,14 +180,14 @@ def validate(
         ]
         _print_json({"project": pipe.cfg.project, "file": str(pipe.file), "steps": steps})
         return
-    table = Table(title=f"{pipe.cfg.project}: {plural(len(pipe.steps), 'step')}", title_justify="left")
+    table = new_table(f"{pipe.cfg.project}: {plural(len(pipe.steps), 'step')}")
     for col in ("#", "step", "kind", "inputs", "outputs"):
-        table.add_column(col)
+        text_column(table, col)
     for s in pipe.steps:
         ins = ", ".join(f"{k} <- {v}" for k, v in s.inputs.items())
         outs = ", ".join(f"{k}: {v}" for k, v in s.outputs.items())
-        table.add_row(str(s.index), s.name, s.kind, ins, outs)
-    out.print(table)
+        table.add_row(str(s.index), escape(s.name), s.kind, escape(clip(ins, 160)), escape(clip(outs, 160)))
+    print_table(table)
     out.print(f"[green]ok[/] {pipe.file}")
 
 
@@ -296,7 +325,7 @@ def _step_lines(show: bool):
         elif event == "cached":
             err.print(f"[green]✓[/] {step} [dim](cached, {detail['duration_s']:.2f}s)[/]")
         elif event == "finished":
-            err.print(f"[green]✓[/] {step} [dim]({detail['duration_s']:.1f}s)[/]")
+            err.print(f"[green]✓[/] {step} [dim]({finished_note(detail)})[/]")
         elif event == "waiting":
             err.print(f"[yellow]…[/] {step}: another kollm process is computing it; waiting to reuse its result")
         elif event == "retry":
@@ -307,6 +336,17 @@ def _step_lines(show: bool):
             err.print(f"[red]✗[/] {step}")
 
     return report
+
+
+def finished_note(detail: dict[str, Any]) -> str:
+    """A finished step's time, and for a training step its final loss and the checkpoint it resumed from."""
+    metrics = detail.get("metrics") or {}
+    parts = [f"{detail['duration_s']:.1f}s"]
+    if isinstance(metrics.get("train_loss"), (int, float)):
+        parts.append(f"loss {metrics['train_loss']:.4g}")
+    if isinstance(metrics.get("resumed_from_step"), (int, float)):
+        parts.append(f"resumed from the checkpoint at step {int(metrics['resumed_from_step'])}")
+    return ", ".join(parts)
 
 
 def _progress(enabled: bool):
@@ -337,13 +377,20 @@ def runs(
     if as_json:
         _print_json([r.to_json() for r in rows])
         return
-    table = Table(title_justify="left")
+    if not rows:
+        out.print("no runs yet — `kollm run` starts one")
+        return
+    print_table(runs_table(rows))
+
+
+def runs_table(rows: list[Any]) -> Table:
+    table = new_table()
     id_column(table, "run")
     for col in ("started", "status", "steps", "cached", "duration"):
         text_column(table, col)
     for r in rows:
         table.add_row(r.run_id, r.started, r.status, str(r.steps), str(r.cache_hits), r.duration)
-    out.print(table if rows else "no runs yet — `kollm run` starts one")
+    return table
 
 
 @app.command()
@@ -364,26 +411,42 @@ def show(
     if as_json:
         _print_json({"run": info.to_json(), "steps": [s.to_json() for s in steps]})
         return
-    out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}")
-    table = Table(title_justify="left")
+    out.print(f"[bold]{info.run_id}[/]  {info.status}  started {info.started}  {info.duration}", soft_wrap=True)
+    print_table(steps_table(steps))
+    for s in steps:
+        if s.trials:
+            print_table(trials_table(s))
+
+
+def steps_table(steps: list[StepRow]) -> Table:
+    """One row per step; outputs and metrics cut to a few lines (all of them: `show --json`)."""
+    table = new_table()
     for col in ("step", "kind", "status", "cache", "duration"):
         text_column(table, col)
     id_column(table, "key", 8)
     for col in ("outputs", "metrics"):
         text_column(table, col)
     for s in steps:
-        table.add_row(s.name, s.kind, s.status, s.cache, s.duration, s.key, s.outputs, s.metrics)
-    out.print(table)
-    for s in steps:
-        if s.trials:
-            _print_trials(s)
+        table.add_row(
+            escape(s.name),
+            s.kind,
+            s.status,
+            s.cache,
+            s.duration,
+            s.key,
+            escape(clip(s.outputs, 90)),
+            clip(s.metrics, 90),
+        )
+    return table
 
 
-def _print_trials(s: StepRow) -> None:
+def trials_table(s: StepRow) -> Table:
     """A sweep's trials, best first (the order the sweep recorded them in)."""
-    table = Table(title=f"sweep of {s.name}: {len(s.trials)} trials by {s.sweep_metric}", title_justify="left")
-    for col in ("trial", "status", "metric", "values", "reports", "key", "run"):
-        table.add_column(col, overflow="fold")
+    table = new_table(f"sweep of {s.name}: {len(s.trials)} trials by {s.sweep_metric}")
+    for col in ("trial", "status", "metric", "values", "reports"):
+        text_column(table, col)
+    id_column(table, "key", 8)
+    id_column(table, "run", 8)
     for t in s.trials:
         metric = f"{t['metric']:.4g}" if isinstance(t.get("metric"), (int, float)) else "-"
         values = ", ".join(
@@ -393,12 +456,12 @@ def _print_trials(s: StepRow) -> None:
             str(t.get("trial")),
             str(t.get("status")) + (" (cached)" if t.get("cached") else ""),
             metric,
-            values,
+            escape(clip(values, 90)),
             str(t.get("iterations", "")),
-            str(t.get("key", ""))[:12],
-            str(t.get("run_id") or "")[:12],
+            str(t.get("key", "")),
+            str(t.get("run_id") or ""),
         )
-    out.print(table)
+    return table
 
 
 @app.command()
@@ -900,21 +963,25 @@ def registry_list(name: ModelNameArg = None, project: ProjectOpt = None, as_json
     if as_json:
         print(json.dumps([_version_dict(v) for v in versions], ensure_ascii=False, indent=2))
         return
-    table = Table(title=f"{model}", title_justify="left")
+    print_table(versions_table(model, versions))
+
+
+def versions_table(model: str, versions: list[Any]) -> Table:
+    table = new_table(escape(model))
     for col in ("version", "aliases", "created", "gate", "perplexity", "base model"):
         text_column(table, col)
-    id_column(table, "pipeline run", 10)
+    id_column(table, "run", 10)  # the pipeline run that trained it
     for v in versions:
         table.add_row(
             v.version,
-            ", ".join(v.aliases),
+            escape(", ".join(v.aliases)),
             v.created.strftime("%Y-%m-%d %H:%M"),
-            v.tags.get("kollm.gate", ""),
+            escape(clip(v.tags.get("kollm.gate", ""), 60)),
             v.tags.get("kollm.metric.perplexity", ""),
-            v.tags.get("kollm.base_model", ""),
-            v.tags.get("kollm.pipeline_run_id", "")[:12],
+            escape(clip(v.tags.get("kollm.base_model", ""), 60)),
+            v.tags.get("kollm.pipeline_run_id", ""),
         )
-    out.print(table)
+    return table
 
 
 @registry_app.command("show")
@@ -941,10 +1008,7 @@ def registry_show(
         f"[bold]{escape(v.uri)}[/]  aliases: {escape(', '.join(v.aliases) or '-')}  created {v.created:%Y-%m-%d %H:%M} UTC"
     )
     out.print(f"run {v.run_id}  source {escape(v.source)}")
-    table = Table(title="tags", title_justify="left", show_header=False)
-    for key in sorted(k for k in v.tags if not k.startswith("mlflow.")):
-        table.add_row(escape(key), escape(v.tags[key]))
-    out.print(table)
+    print_table(tags_table(v.tags))
     for e in trail:
         moved = f"{e.alias} -> v{e.version}" + (f" (was v{e.replaced})" if e.replaced else "")
         out.print(f"{e.at}  {e.action:8}  {escape(moved)}  by {escape(e.user)}: {escape(e.reason)}")
@@ -978,6 +1042,16 @@ def registry_rollback(
     proj = _registry_project(project)
     move = registry.rollback(_model_name(name, proj), reason=reason, project_dir=proj)
     out.print(f"[yellow]rolled back[/] {escape(move.name)}: champion -> v{move.champion} (was v{move.replaced})")
+
+
+def tags_table(tags: dict[str, str]) -> Table:
+    """A version's tags, one per row; a long value is cut to a few lines (all of it: `registry show --json`)."""
+    table = new_table("tags", show_header=False)
+    text_column(table, "tag")
+    text_column(table, "value")
+    for key in sorted(k for k in tags if not k.startswith("mlflow.")):
+        table.add_row(escape(key), escape(clip(tags[key], 200)))
+    return table
 
 
 # --- rollout (kollm.rollout) --------------------------------------------------------------------
@@ -1015,7 +1089,7 @@ def rollout_start(
     analysis: Annotated[
         str,
         typer.Option(
-            help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate)."
+            help="Conditions on the canary's requests in each step (metrics: success_rate, error_rate, p50_ms, p95_ms, p99_ms, mean_ms, probe_pass_rate, judge_win_rate)."
         ),
     ] = DEFAULT_ANALYSIS,
     failure_limit: Annotated[
@@ -1036,6 +1110,23 @@ def rollout_start(
             help='Quality probe: a JSONL file of {"prompt": ..., "expect": ...} sent to the canary every step.'
         ),
     ] = None,
+    judge_url: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Canary judge: an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8001/v1) that judges sampled canary requests answered by both arms (metric judge_win_rate)."
+        ),
+    ] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name at --judge-url.")] = None,
+    judge_key_env: Annotated[
+        Optional[str],
+        typer.Option(help="Environment variable of the gateway's process that holds the judge's API key."),
+    ] = None,
+    judge_calls: Annotated[
+        int, typer.Option(help="Most judge calls per analysis window (two per sampled request: both orders).")
+    ] = 16,
+    judge_rubric: Annotated[
+        Optional[Path], typer.Option(help="A rubric file (YAML/JSON) for the judge (default: the Korean rubric).")
+    ] = None,
     gateway: GatewayOpt = None,
     api_key: AdminKeyOpt = None,
     as_json: JsonOpt = False,
@@ -1053,6 +1144,11 @@ def rollout_start(
             min_requests=min_requests,
             alert_webhook=alert_webhook,
             probe=probe,
+            judge_url=judge_url,
+            judge_model=judge_model,
+            judge_key_env=judge_key_env,
+            judge_calls=judge_calls,
+            judge_rubric=judge_rubric,
             gateway=gateway,
             api_key=api_key,
         ),
@@ -1192,12 +1288,21 @@ def monitor_drift(
     if as_json:
         print(json.dumps(result.to_json(), ensure_ascii=False, indent=2))
         return
-    table = Table(
-        title=f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows",
-        title_justify="left",
+    print_table(drift_table(result))
+    if (e := result.embedding) is not None:
+        out.print(
+            f"prompt embeddings ({escape(e.model)}): MMD² {e.mmd2:.4g}, p {e.p_value:.3g}: "
+            + ("[red]drifted[/]" if e.drifted else "ok")
+        )
+    out.print(f"report: {escape(result.report)}")
+
+
+def drift_table(result: Any) -> Table:
+    table = new_table(
+        f"{result.window_requests} requests in the last {result.window} vs {result.reference_rows} reference rows"
     )
     for col in ("feature", "PSI", "KS", "KS p", "reference mean", "current mean", ""):
-        table.add_column(col)
+        text_column(table, col)
     for name, f in result.features.items():
         table.add_row(
             name,
@@ -1208,13 +1313,7 @@ def monitor_drift(
             f"{f.current_mean:.3f}",
             "[red]drifted[/]" if f.drifted else "ok",
         )
-    out.print(table)
-    if (e := result.embedding) is not None:
-        out.print(
-            f"prompt embeddings ({escape(e.model)}): MMD² {e.mmd2:.4g}, p {e.p_value:.3g}: "
-            + ("[red]drifted[/]" if e.drifted else "ok")
-        )
-    out.print(f"report: {escape(result.report)}")
+    return table
 
 
 # --- watch (kollm.monitor.watch) ----------------------------------------------------------------
@@ -1353,6 +1452,45 @@ def ui_cmd(
     serve_ui(proj, host=host, port=port, api_key=api_key, gateway=gateway)
 
 
+def _readable_help(group: typer.Typer) -> None:
+    """typer shows a parameter without a metavar as its Python type (`<list[str]>`, `<bool>`, `<path>`) in --help.
+    Give each one a word instead: flags none, arguments their name (OUT_DIR), options their kind (TEXT, PATH,
+    INTEGER, NUMBER; a repeatable option says so in its help). The app's help is click's plain layout
+    (rich_markup_mode=None), which shows a flag without a type."""
+    import typing
+
+    import typer.core
+    from typer.models import ArgumentInfo, OptionInfo
+
+    # typer prints an argument's Python type beside its name whatever its metavar ("OUT_DIR <path>"); the name
+    # and its help say enough
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+
+    kinds = {int: "INTEGER", float: "NUMBER", Path: "PATH", str: "TEXT"}
+    for cmd in group.registered_commands:
+        if cmd.callback is None:
+            continue
+        # resolved once and kept: each evaluation of a string annotation (PEP 563) builds new OptionInfo objects
+        hints = typing.get_type_hints(cmd.callback, include_extras=True)
+        cmd.callback.__annotations__ = hints
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is not Annotated:
+                continue
+            base, *meta = typing.get_args(hint)
+            while typing.get_origin(base) in (typing.Union, list):
+                base = next(a for a in typing.get_args(base) if a is not type(None))
+            for info in meta:
+                if not isinstance(info, (OptionInfo, ArgumentInfo)) or info.metavar is not None:
+                    continue
+                if isinstance(info, ArgumentInfo):
+                    info.metavar = name.upper()
+                else:
+                    info.metavar = "" if base is bool else kinds.get(base, "TEXT")
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _readable_help(sub.typer_instance)
+
+
 def main() -> None:
     # kollm draws its own progress; library bars and chatter would bury it (set these to see them again).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -1410,6 +1548,8 @@ def _interrupted() -> None:
     sys.stderr.flush()
     sys.exit(130)
 
+
+_readable_help(app)  # after every command above is registered
 
 if __name__ == "__main__":
     main()

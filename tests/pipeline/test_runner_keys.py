@@ -176,6 +176,27 @@ def test_independent_steps_run_at_the_same_time(tmp_path):
     assert ma["started"] < mb["ended"] and mb["started"] < ma["ended"]
 
 
+def test_cached_independent_steps_are_read_here_without_child_processes(tmp_path):
+    """Independent steps run in child processes (`kollm step run`); when they are cached, the rerun reads them in
+    this process instead: a child's interpreter start and imports cost seconds per step (the quickstart's cached
+    rerun took 15-20 s in-process, now a fraction of a second)."""
+    steps = """\
+- {kind: python, name: a, config: {callable: "mysteps:nap", outputs: {m: metrics}, params: {seconds: 0.1}}}
+- {kind: python, name: b, config: {callable: "mysteps:nap", outputs: {m: metrics}, params: {seconds: 0.1}}}
+"""
+    root = make_project(tmp_path / "p", steps_yaml=steps)
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/.kollm/mlflow.db")
+    first = kollm.run(root)
+    pids = {n: client.get_run(first.steps[n].run_id).data.tags["kollm.pid"] for n in ("a", "b")}
+    assert str(os.getpid()) not in pids.values()  # computed in child processes
+    again = kollm.run(root)
+    assert all(r.cache_hit for r in again.steps.values())
+    for n in ("a", "b"):
+        assert client.get_run(again.steps[n].run_id).data.tags["kollm.pid"] == str(os.getpid())
+    forced = kollm.run(root, force=["a", "b"])
+    assert str(os.getpid()) not in {client.get_run(forced.steps[n].run_id).data.tags["kollm.pid"] for n in "ab"}
+
+
 def test_steps_wait_for_resources(tmp_path):
     steps = """\
 - {kind: python, name: a, resources: {cpus: 64}, config: {callable: "mysteps:nap", outputs: {m: metrics}, params: {seconds: 0.5}}}

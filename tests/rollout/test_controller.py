@@ -290,7 +290,12 @@ def test_restarted_gateway_resumes_at_the_same_step_with_a_fresh_window(register
             assert rig.verdicts() == ["pass"] and rig.gw.weight == 40
             await rig.send(2)  # in the window the restart cuts short: lost
         saved = rig.saved()
-        assert saved["status"] == "progressing" and saved["step"] == 1 and saved["weight"] == 40
+        assert (
+            saved["status"] == "progressing"
+            and saved["step"] == 2
+            and saved["step_index"] == 1
+            and saved["weight"] == 40
+        )
 
         # a new process builds everything again from the project folder; its clock reads a later time
         restarted_at = T0 + 100

@@ -116,13 +116,13 @@ def test_killed_gateway_process_resumes_the_rollout(registered, tmp_path, tiny_f
             rollout_client.start(
                 registered.name, pause="1.5s", min_requests=1, analysis="success_rate>=0.95,p95_ms<=30000", gateway=url
             )
-            wait_for(lambda: rollout_client.command("status", gateway=url)["rollout"]["step"] == 1, 60, "step 2")
+            wait_for(lambda: rollout_client.command("status", gateway=url)["rollout"]["step"] == 2, 60, "step 2")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         proc = _serve(registered.name, tmp_path, port)
         st = rollout_client.command("status", gateway=url)
-        assert st["rollout"]["status"] == "progressing" and st["rollout"]["step"] >= 1
-        assert st["gateway"]["canary_weight"] == st["rollout"]["spec"]["steps"][st["rollout"]["step"]]
+        assert st["rollout"]["status"] == "progressing" and st["rollout"]["step"] >= 2
+        assert st["gateway"]["canary_weight"] == st["rollout"]["spec"]["steps"][st["rollout"]["step_index"]]
         assert "resumed after a gateway restart" in st["rollout"]["message"]
         done = rollout_client.command("abort", reason="test over", gateway=url)
         assert done["gateway"]["canary_weight"] == 0

@@ -128,14 +128,16 @@ def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_pa
     dead_webhook = f"http://127.0.0.1:{free_port()}/nobody-listens"
     with Server(make_gateway(registered, tmp_path)) as srv, Load(srv.url, registered.name):
         start(srv.url, registered.name, pause="1s", alert_webhook=dead_webhook)
-        wait_for(lambda: status(srv.url)["rollout"]["step"] == 1, 10, "step 2")
+        wait_for(lambda: status(srv.url)["rollout"]["step"] == 2, 10, "step 2")
     saved = json.loads(state_file(tmp_path, registered.name).read_text())
-    assert saved["status"] == "progressing" and saved["step"] == 1 and saved["weight"] == 40
+    assert (
+        saved["status"] == "progressing" and saved["step"] == 2 and saved["step_index"] == 1 and saved["weight"] == 40
+    )
 
     # a new process would build everything again from the project folder: new apps, new gateway
     with Server(make_gateway(registered, tmp_path)) as srv:
         st = status(srv.url)
-        assert st["rollout"]["step"] == 1 and st["rollout"]["status"] == "progressing"
+        assert st["rollout"]["step"] == 2 and st["rollout"]["status"] == "progressing"
         assert st["gateway"]["canary_weight"] == 40
         assert "resumed" in st["rollout"]["message"]
         verdicts = [h["result"]["verdict"] for h in st["rollout"]["history"]]
@@ -144,7 +146,7 @@ def test_gateway_restart_mid_rollout_resumes_at_the_same_step(registered, tmp_pa
         assert f'kollm_rollout_step{{rollout="{registered.name}"}} 2.0' in metrics
         assert f'kollm_rollout_canary_weight_percent{{rollout="{registered.name}"}} 40.0' in metrics
         with Load(srv.url, registered.name):
-            wait_for(lambda: status(srv.url)["rollout"]["step"] == 2, 10, "step 3 after the restart")
+            wait_for(lambda: status(srv.url)["rollout"]["step"] == 3, 10, "step 3 after the restart")
         rollout_client.command("promote", gateway=srv.url)
         assert status(srv.url)["rollout"]["status"] == "promoted"
         alerts = wait_for(lambda: status(srv.url)["rollout"]["alerts"], 10, "the alert attempt")
@@ -174,7 +176,7 @@ def test_pause_resume_abort_and_api_key(registered, tmp_path, webhook):
         assert rollout_client.command("resume", **key)["rollout"]["status"] == "progressing"
         wait_for(lambda: rollout_client.command("status", **key)["rollout"]["history"], 5, "an inconclusive window")
         st = rollout_client.command("status", **key)["rollout"]
-        assert st["history"][0]["result"]["verdict"] == "inconclusive" and st["step"] == 0 and st["failures"] == 0
+        assert st["history"][0]["result"]["verdict"] == "inconclusive" and st["step"] == 1 and st["failures"] == 0
         aborted = rollout_client.command("abort", reason="bad vibes", **key)
         assert aborted["rollout"]["status"] == "aborted" and aborted["gateway"]["canary_weight"] == 0
         with pytest.raises(RolloutConflict, match="aborted"):

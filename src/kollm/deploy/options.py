@@ -112,9 +112,9 @@ def load_project(path: str | Path | None, options: DeployOptions) -> Project:
             f"--steps: {options.steps!r}; give increasing whole percentages between 0 and 100, e.g. 20,40,60,80"
         )
     for c in criteria:
-        if c.metric == "probe_pass_rate":
+        if c.metric in ("probe_pass_rate", "judge_win_rate"):
             problems.append(
-                "--analysis: probe_pass_rate needs kollm's gateway (its probe); Prometheus has no such metric"
+                f"--analysis: {c.metric} needs kollm's gateway (its probe or judge); Prometheus has no such metric"
             )
     if not options.store and not options.bucket:
         problems.append("--bucket: empty; name the S3 bucket (or give --store s3://BUCKET/PREFIX)")

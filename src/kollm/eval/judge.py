@@ -615,3 +615,11 @@ def judge(
         )
 
     return asyncio.run(main())
+
+
+async def judge_pairs(
+    client: JudgeClient, items: Sequence[Item], rubric: Rubric, max_reason_chars: int
+) -> list[Judged]:
+    """Pairwise verdicts (both orders) of items with a reference answer, inside a running event loop (the canary
+    judge's, kollm.rollout.judging): at most two judge calls per item, none for identical answers."""
+    return await _judge(client, items, rubric, ["pairwise"], max_reason_chars, _ordered)

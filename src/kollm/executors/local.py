@@ -141,7 +141,9 @@ class _Schedule:
                 started = []
                 for name in ready:
                     step = self.plan.step(name)
-                    if name in self.selection.cached_only:  # a cache read: no thread, no resources
+                    if name in self.selection.cached_only or self._cached(step):
+                        # a cache read: here, no thread, no child process (its interpreter start and imports
+                        # cost seconds), no resources
                         self._finish(name, *self._run(step))
                         pending.remove(name)
                         continue
@@ -189,6 +191,12 @@ class _Schedule:
         gpus = sum(s.resources.gpus for s in busy) + r.gpus
         mem = sum(_bytes(s.resources.memory) for s in busy) + _bytes(r.memory)
         return cpus <= cap.cpus and gpus <= cap.gpus and mem <= cap.memory
+
+    def _cached(self, step: ResolvedStep) -> bool:
+        """Whether the store already holds this step's result (and it is not forced to run again)."""
+        if step.name in self.selection.forced:
+            return False
+        return self.shared.store.lookup(self.plan.key(step, self._inputs(step))) is not None
 
     def _inputs(self, step: ResolvedStep) -> dict[str, Artifact]:
         return self.plan.inputs(step, {n: r.outputs for n, r in self.records.items()})

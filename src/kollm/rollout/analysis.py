@@ -4,6 +4,8 @@ The gateway records, for every request the canary served, whether it succeeded (
 exception) and how long it took (from the request's arrival to the last byte of the response). At the end of
 each interval the controller takes those samples and calls `analyse`: every criterion must hold for the
 interval to pass. Too few canary requests make the interval *inconclusive* (neither a pass nor a failure).
+With a canary judge (kollm.rollout.judging), `judge_win_rate` is the judged share of a sample of the interval's
+canary chat requests, each answered again by both arms; an interval with no judged pair is inconclusive for it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 from kollm.errors import ConfigError
+from kollm.serve.window import Sample
 
 # A rollout's defaults, in one place (kollm rollout start, kollm deploy, RolloutSpec, the Python client)
 DEFAULT_ANALYSIS = "success_rate>=0.95,p95_ms<=2000"
@@ -33,7 +36,9 @@ METRICS: dict[str, str] = {
     "p99_ms": "99th percentile canary latency in milliseconds",
     "mean_ms": "mean canary latency in milliseconds",
     "probe_pass_rate": "fraction of quality-probe prompts whose reply passed (needs --probe)",
+    "judge_win_rate": "canary vs stable answers to sampled canary requests, judged pairwise: (wins + ties/2) / pairs, 0..1 (needs --judge-url)",
 }
+FRACTIONS = ("success_rate", "error_rate", "probe_pass_rate", "judge_win_rate")
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -89,20 +94,12 @@ def parse_analysis(text: str) -> list[Criterion]:
             raise ConfigError(f"{where}: threshold {raw!r} is not a number") from None
         if not math.isfinite(threshold):
             raise ConfigError(f"{where}: threshold must be a finite number")
-        if metric in ("success_rate", "error_rate", "probe_pass_rate") and not 0 <= threshold <= 1:
+        if metric in FRACTIONS and not 0 <= threshold <= 1:
             raise ConfigError(f"{where}: {metric} is a fraction between 0 and 1 (write 0.95, not 95)")
         if metric.endswith("_ms") and threshold < 0:
             raise ConfigError(f"{where}: a latency threshold cannot be negative")
         criteria.append(Criterion(metric, op, threshold))
     return criteria
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One request the canary served."""
-
-    ok: bool
-    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -116,6 +113,30 @@ class ProbeResult:
     @property
     def pass_rate(self) -> float:
         return self.passed / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class JudgeWindow:
+    """The canary judge's outcome for one interval: pairs judged (canary answer vs stable answer to one sampled
+    request), by outcome, and the judge calls that failed."""
+
+    wins: int = 0
+    ties: int = 0
+    losses: int = 0
+    sampled: int = 0  # requests taken from the window's sample (each answered by both arms)
+    seen: int = 0  # canary chat requests in the window the sample was drawn from
+    calls: int = 0  # judge calls made
+    parse_failures: int = 0
+    request_failures: int = 0
+    answer_failures: int = 0  # sampled requests an arm did not answer (no pair to judge)
+
+    @property
+    def pairs(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    @property
+    def win_rate(self) -> float:
+        return (self.wins + self.ties / 2) / self.pairs if self.pairs else math.nan
 
 
 Verdict = Literal["pass", "fail", "inconclusive"]
@@ -156,8 +177,11 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure(samples: list[Sample], probe: ProbeResult | None = None) -> dict[str, float]:
-    """Every metric in METRICS that can be computed from these samples (and the probe, if any)."""
+def measure(
+    samples: list[Sample], probe: ProbeResult | None = None, judge: JudgeWindow | None = None
+) -> dict[str, float]:
+    """Every metric in METRICS that can be computed from these samples (and the probe and judge, if any), plus
+    the judge's counts (judge_pairs, judge_calls, judge_parse_failures, judge_request_failures) when it ran."""
     values: dict[str, float] = {}
     if samples:
         ok = sum(s.ok for s in samples)
@@ -170,6 +194,13 @@ def measure(samples: list[Sample], probe: ProbeResult | None = None) -> dict[str
         values["mean_ms"] = sum(lat) / len(lat)
     if probe is not None:
         values["probe_pass_rate"] = probe.pass_rate
+    if judge is not None:
+        if judge.pairs:
+            values["judge_win_rate"] = judge.win_rate
+        values["judge_pairs"] = float(judge.pairs)
+        values["judge_calls"] = float(judge.calls)
+        values["judge_parse_failures"] = float(judge.parse_failures)
+        values["judge_request_failures"] = float(judge.request_failures)
     return {k: round(v, 4) for k, v in values.items()}
 
 
@@ -180,6 +211,7 @@ def analyse(
     min_requests: int,
     pending_ms: Sequence[float] = (),
     probe: ProbeResult | None = None,
+    judge: JudgeWindow | None = None,
 ) -> AnalysisResult:
     """Judge one interval.
 
@@ -188,11 +220,12 @@ def analyse(
     bound that is already too slow, so a canary that hangs fails instead of never producing a sample. (Such a
     request is counted again when it completes; that only errs towards rolling back.)
     Traffic criteria are judged only on at least `min_requests` samples; with fewer the interval is
-    inconclusive, unless the probe (which needs no traffic) already fails."""
+    inconclusive, unless the probe (which needs no traffic) already fails. A judge_win_rate criterion with no
+    judged pair in the interval (no sampled request, or every verdict failed) makes it inconclusive too."""
     limits = [c.threshold for c in criteria if c.metric.endswith("_ms")]
     if limits:
         samples = [*samples, *(Sample(True, ms) for ms in pending_ms if ms > min(limits))]
-    values = measure(samples, probe)
+    values = measure(samples, probe, judge)
     n = len(samples)
     enough = n >= min_requests
     judged = [c for c in criteria if c.metric in values and (enough or c.metric == "probe_pass_rate")]
@@ -203,6 +236,15 @@ def analyse(
     if not enough and any(c.metric != "probe_pass_rate" for c in criteria):
         return AnalysisResult(
             "inconclusive", n, values, [], f"only {n} canary request(s) in the interval; need at least {min_requests}"
+        )
+    if any(c.metric == "judge_win_rate" for c in criteria) and "judge_win_rate" not in values:
+        j = judge or JudgeWindow()
+        why = (
+            f"{j.parse_failures} unparseable verdict(s), {j.request_failures} failed judge request(s), "
+            f"{j.answer_failures} unanswered"
+        )
+        return AnalysisResult(
+            "inconclusive", n, values, [], f"no judged pair among {j.sampled} sampled canary request(s) ({why})"
         )
     return AnalysisResult("pass", n, values, [], "passed: " + ", ".join(str(c) for c in criteria))
 

@@ -65,6 +65,11 @@ def start(
     min_requests: int = DEFAULT_MIN_REQUESTS,
     alert_webhook: str | None = None,
     probe: Path | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    judge_key_env: str | None = None,
+    judge_calls: int = 16,
+    judge_rubric: Path | None = None,
     gateway: str | None = None,
     api_key: str | None = None,
 ) -> dict[str, Any]:
@@ -74,6 +79,22 @@ def start(
         from kollm.monitor.alerts import check_webhook_url
 
         check_webhook_url(alert_webhook)
+    judge = None
+    if judge_url or judge_model:
+        if not (judge_url and judge_model):
+            raise ConfigError("--judge-url and --judge-model go together: the judge's endpoint and its model name")
+        from kollm.eval.judge import load_rubric
+
+        rubric = load_rubric(str(judge_rubric), Path.cwd()).model_dump() if judge_rubric else None
+        judge = {
+            "base_url": judge_url,
+            "model": judge_model,
+            "api_key_env": judge_key_env,
+            "max_calls": judge_calls,
+            "rubric": rubric,
+        }
+    elif judge_key_env or judge_rubric:
+        raise ConfigError("--judge-key-env and --judge-rubric need --judge-url and --judge-model")
     spec = RolloutSpec.build(
         steps=parse_steps(steps),
         pause_s=parse_duration(pause),
@@ -82,6 +103,7 @@ def start(
         min_requests=min_requests,
         alert_webhook=alert_webhook,
         probe=[p.model_dump() for p in load_probe(probe)] if probe else [],
+        judge=judge,
     )
     return _call("POST", "start", {"name": name, **spec.model_dump()}, gateway=gateway, api_key=api_key)
 
@@ -145,7 +167,7 @@ def format_status(data: dict[str, Any]) -> str:
     spec = st["spec"]
     steps = ",".join(f"{w:g}" for w in spec["steps"])
     lines.append(
-        f"rollout of version {st['canary_version']}: {st['status'].upper()}, step {st['step'] + 1}/{len(spec['steps'])} "
+        f"rollout of version {st['canary_version']}: {st['status'].upper()}, step {st['step']}/{len(spec['steps'])} "
         f"(steps {steps}, pause {spec['pause_s']:g}s), failures {st['failures']}/{spec['failure_limit']}"
     )
     lines.append(f"  {st['message']}")
@@ -155,7 +177,9 @@ def format_status(data: dict[str, Any]) -> str:
     for h in st["history"][-5:]:
         res = h["result"]
         vals = ", ".join(
-            f"{k}={v:g}" for k, v in res["values"].items() if k in ("success_rate", "p95_ms", "probe_pass_rate")
+            f"{k}={v:g}"
+            for k, v in res["values"].items()
+            if k in ("success_rate", "p95_ms", "probe_pass_rate", "judge_win_rate")
         )
         lines.append(f"  step {h['step']} @ {h['weight']:g}%: {res['verdict']} ({res['requests']} requests; {vals})")
     for a in st["alerts"][-3:]:

@@ -2,7 +2,7 @@
 
 Each step sets the canary weight on the gateway and holds it for `pause_s`; at the end of that window the
 canary's own requests in the window (recorded by the gateway) are analysed (kollm.rollout.analysis), plus the
-quality probe when one is configured.
+quality probe and the canary judge (kollm.rollout.judging: judge_win_rate) when they are configured.
   - pass: next step; after the last step the canary is promoted: the registry's `champion` alias moves to its
     version (`previous` keeps the old one) and the gateway swaps it in as the stable arm at 100 %.
   - fail: the failure is counted; at `failure_limit` the canary weight drops to 0 at once, the champion stays,
@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge
 from kollm.errors import NotFound
 from kollm.monitor.alerts import send_alert, webhook_url
 from kollm.rollout import registry_ops
-from kollm.rollout.analysis import AnalysisResult, ProbeResult, analyse, parse_analysis
+from kollm.rollout.analysis import AnalysisResult, JudgeWindow, ProbeResult, analyse, parse_analysis
 from kollm.rollout.clock import SYSTEM_CLOCK, Clock
 from kollm.rollout.state import (
     ACTIVE,
@@ -122,6 +122,7 @@ class RolloutController:
             saved.weight = self.gateway.weight
             saved.window_started_at = self.clock.now()
             if saved.status == "progressing":
+                canary.sample_prompts(saved.spec.judge.pairs if saved.spec.judge else 0)
                 canary.take_window()  # a paused rollout keeps no samples until it is resumed
             where = f"step {saved.step + 1}/{len(saved.spec.steps)}, canary weight {saved.weight:g}%"
             saved.message = (
@@ -191,6 +192,8 @@ class RolloutController:
                 )
             if spec.alert_webhook is None:
                 spec = spec.model_copy(update={"alert_webhook": webhook_url()})
+            if spec.judge is not None:
+                spec.judge.api_key()  # a judge key variable missing in this process: refused now, not every window
             now = self.clock.now()
             st = RolloutState(
                 name=name,
@@ -275,7 +278,9 @@ class RolloutController:
         st.weight = self.gateway.weight
         st.window_started_at = self.clock.now()
         assert self.gateway.canary is not None
+        self.gateway.canary.sample_prompts(st.spec.judge.pairs if st.spec.judge else 0)
         self.gateway.canary.take_window()  # the window starts empty
+        self.gateway.canary.take_prompts()
         st.message = f"{why}: step {index + 1}/{len(st.spec.steps)}, canary weight {st.weight:g}%"
         self._save(st)
         log.info("rollout %s: %s", st.name, st.message)
@@ -284,16 +289,40 @@ class RolloutController:
         canary = self.gateway.canary
         assert canary is not None
         samples, pending_ms = canary.take_window()
+        bodies, seen = canary.take_prompts()
         probe = await self._run_probe(st) if st.spec.probe else None
+        judged: JudgeWindow | None = None
+        verdicts: list[dict] = []
+        if st.spec.judge is not None:
+            from kollm.rollout.judging import judge_window
+
+            judged, verdicts = await judge_window(
+                st.spec.judge,
+                bodies,
+                seen,
+                stable=self.gateway.stable,
+                canary=canary,
+                model_name=st.name,
+                api_key=self.api_key,
+            )
         result = analyse(
             parse_analysis(st.spec.analysis),
             samples,
             min_requests=st.spec.min_requests,
             pending_ms=pending_ms,
             probe=probe,
+            judge=judged,
         )
-        note = "probe: " + "; ".join(probe.failures[:5]) if probe is not None and probe.failures else ""
-        st.history.append(StepRecord(st.step + 1, st.weight, self.clock.now(), result, note))
+        notes = []
+        if probe is not None and probe.failures:
+            notes.append("probe: " + "; ".join(probe.failures[:5]))
+        if judged is not None:
+            notes.append(
+                f"judge: {judged.wins} won, {judged.ties} tied, {judged.losses} lost of {judged.pairs} pairs "
+                f"({judged.sampled} of {judged.seen} canary chat requests sampled, {judged.calls} judge calls, "
+                f"{judged.parse_failures + judged.request_failures} failed)"
+            )
+        st.history.append(StepRecord(st.step + 1, st.weight, self.clock.now(), result, "; ".join(notes), verdicts))
         self._m_analysis.labels(st.name, result.verdict).inc()
         for metric, value in result.values.items():
             self._m_value.labels(st.name, metric).set(value)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from kollm.config import pydantic_problems
 from kollm.errors import ConfigError, KollmError
+from kollm.eval.judge import Rubric
 from kollm.pipeline.step import STRICT
 from kollm.rollout.analysis import (
     DEFAULT_ANALYSIS,
@@ -76,6 +77,53 @@ class ProbePrompt(BaseModel):
     )
 
 
+class CanaryJudge(BaseModel):
+    """The canary judge: each analysis window, a sample of the canary's chat requests is answered again by both
+    arms and the two answers are judged pairwise (both orders) by an OpenAI-compatible judge endpoint; the
+    window's `judge_win_rate` is the canary's (wins + ties/2) / judged pairs."""
+
+    model_config = STRICT
+    base_url: str = Field(
+        ..., min_length=1, description="The judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8001/v1."
+    )
+    model: str = Field(..., min_length=1, description="The judge's model name at base_url.")
+    api_key_env: str | None = Field(
+        None, description="Environment variable (of the gateway process) holding the judge's API key (none: no key)."
+    )
+    max_calls: int = Field(
+        16,
+        ge=2,
+        le=1000,
+        description="Most judge calls per analysis window; each sampled request costs two (both orders), so a "
+        "window samples max_calls // 2 of its canary chat requests.",
+    )
+    answer_max_tokens: int = Field(
+        128, ge=1, le=4096, description="max_tokens of each arm's answer to a sampled request."
+    )
+    rubric: Rubric | None = Field(None, description="Criteria and instructions (default: the Korean rubric).")
+    max_tokens: int = Field(512, gt=0, description="Most tokens of one verdict.")
+    max_reason_chars: int = Field(400, gt=0, le=4000, description="Longest reason the verdict schema allows.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per judge request.")
+    max_retries: int = Field(2, ge=0, le=10, description="Retries of a judge request after a 429, 5xx or timeout.")
+    backoff: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled each retry.")
+
+    @property
+    def pairs(self) -> int:
+        """Sampled requests per window."""
+        return self.max_calls // 2
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"--judge-key-env: the environment variable {self.api_key_env} is not set in the gateway's process",
+                hint=f"start `kollm serve` with {self.api_key_env} set, or leave --judge-key-env out",
+            )
+        return key
+
+
 class RolloutSpec(BaseModel):
     """How a rollout proceeds. The defaults (kollm.rollout.analysis) are `--steps 20,40,60,80 --pause 2m
     --analysis "success_rate>=0.95,p95_ms<=2000" --failure-limit 2`."""
@@ -109,6 +157,9 @@ class RolloutSpec(BaseModel):
         description="Quality probe: prompts sent to the canary every window (metric probe_pass_rate).",
     )
     probe_max_tokens: int = Field(32, ge=1, le=4096, description="max_tokens for each probe prompt.")
+    judge: CanaryJudge | None = Field(
+        None, description="Canary judge (metric judge_win_rate): sampled canary requests answered by both arms, judged."
+    )
 
     @field_validator("steps")
     @classmethod
@@ -131,6 +182,9 @@ class RolloutSpec(BaseModel):
         uses_probe = any(c.metric == "probe_pass_rate" for c in parse_analysis(self.analysis))
         if uses_probe and not self.probe:
             raise ValueError("analysis uses probe_pass_rate but no probe prompts were given (--probe FILE.jsonl)")
+        uses_judge = any(c.metric == "judge_win_rate" for c in parse_analysis(self.analysis))
+        if uses_judge and self.judge is None:
+            raise ValueError("analysis uses judge_win_rate but no judge was given (--judge-url URL --judge-model NAME)")
         return self
 
     @classmethod
@@ -147,6 +201,16 @@ def _as_option(problem: str) -> str:
     """'pause_s: ...' -> '--pause: ...' (the names users typed)."""
     field_name, sep, rest = problem.partition(":")
     head = field_name.split("[")[0].split(".")[0]
+    if head == "judge" and field_name.startswith("judge."):
+        sub = field_name[len("judge.") :].split(".")[0]
+        names = {
+            "base_url": "url",
+            "api_key_env": "key-env",
+            "max_calls": "calls",
+            "answer_max_tokens": "answer-tokens",
+        }
+        option = "--judge-" + names.get(sub, sub).replace("_", "-")
+        return option + field_name[len("judge.") + len(sub) :] + sep + rest
     if head in RolloutSpec.model_fields:
         option = "--" + {"pause_s": "pause", "probe_max_tokens": "probe-max-tokens"}.get(head, head).replace("_", "-")
         return option + field_name[len(head) :] + sep + rest
@@ -162,6 +226,7 @@ class StepRecord:
     at: float
     result: AnalysisResult
     note: str = ""
+    judged: list[dict] = field(default_factory=list)  # the canary judge's pairs: question, answers, outcome, reasons
 
     def to_json(self) -> dict:
         return {
@@ -170,11 +235,13 @@ class StepRecord:
             "at": self.at,
             "result": self.result.to_json(),
             "note": self.note,
+            "judged": self.judged,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> "StepRecord":
-        return cls(d["step"], d["weight"], d["at"], AnalysisResult.from_json(d["result"]), d.get("note", ""))
+        result = AnalysisResult.from_json(d["result"])
+        return cls(d["step"], d["weight"], d["at"], result, d.get("note", ""), list(d.get("judged", [])))
 
 
 @dataclass
@@ -212,7 +279,10 @@ class RolloutState:
         return self.status in ACTIVE
 
     def to_json(self) -> dict:
+        """As `kollm rollout status --json` and the state file show it: `step` is 1-based like the text output
+        ("step 2/4") and like each history entry's `step`; `step_index` is its index into spec.steps."""
         d = asdict(self)
+        d["step"], d["step_index"] = self.step + 1, self.step
         d["spec"] = self.spec.model_dump()
         d["history"] = [h.to_json() for h in self.history]
         return d
@@ -220,6 +290,8 @@ class RolloutState:
     @classmethod
     def from_json(cls, d: dict) -> "RolloutState":
         d = dict(d)
+        # files written before step_index existed hold the 0-based index in `step`
+        d["step"] = d.pop("step_index") if "step_index" in d else d["step"]
         d["spec"] = RolloutSpec.model_validate(d["spec"])
         d["history"] = [StepRecord.from_json(h) for h in d.get("history", [])]
         d["alerts"] = [Alert(**a) for a in d.get("alerts", [])]

@@ -8,7 +8,9 @@ Each request goes to one arm:
   3. else a random draw against the weight.
 The body is read once (to find `user`) and replayed to the chosen app; a body over MAX_BODY_BYTES is not
 buffered further: what was read is replayed, the rest streams through, and the request is routed by a random
-draw (its `user` unread). The gateway itself never rejects a request for its size, at any weight. `send` is wrapped to add the
+draw (its `user` unread). While a rollout with a canary judge runs, the bodies of the canary's chat requests
+are offered to a bounded uniform sample (kollm.serve.window) that the judge answers again at the window's end.
+The gateway itself never rejects a request for its size, at any weight. `send` is wrapped to add the
 `x-kollm-model-version` and `x-kollm-arm` headers and to record, per arm, the status and latency (arrival to
 the last byte) that the rollout analysis judges.
 
@@ -35,7 +37,7 @@ from typing import Any, Awaitable, Callable, Literal, MutableMapping
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from kollm.rollout.analysis import Sample
+from kollm.serve.window import PromptSample, Sample
 
 log = logging.getLogger("kollm.gateway")
 
@@ -109,6 +111,7 @@ class Arm:
     version: str
     model_name: str = ""
     _window: list[Sample] | None = field(default=None, repr=False)  # None: no analysis window open, nothing kept
+    _prompts: PromptSample | None = field(default=None, repr=False)  # chat bodies for the canary judge (None: off)
     _started: dict[int, float] = field(default_factory=dict, repr=False)  # in-flight request -> start time
     _lifespan: _Lifespan | None = field(default=None, repr=False)
     _drained: asyncio.Event | None = field(default=None, repr=False)
@@ -123,6 +126,28 @@ class Arm:
         if self._window is not None:
             self._window.append(Sample(ok, latency_ms))
 
+    @property
+    def keeps_prompts(self) -> bool:
+        return self._window is not None and self._prompts is not None and self._prompts.capacity > 0
+
+    def sample_prompts(self, capacity: int) -> None:
+        """While a window is open, also keep a uniform sample of at most `capacity` chat request bodies (the
+        canary judge's); 0 stops."""
+        self._prompts = PromptSample(capacity) if capacity > 0 else None
+
+    def record_prompt(self, body: bytes) -> None:
+        if self.keeps_prompts:
+            assert self._prompts is not None
+            self._prompts.offer(body)
+
+    def take_prompts(self) -> tuple[list[bytes], int]:
+        """The chat bodies kept since the last call and how many were seen; starts a new, empty sample."""
+        if self._prompts is None:
+            return [], 0
+        kept, seen = self._prompts.bodies, self._prompts.seen
+        self._prompts = PromptSample(self._prompts.capacity)
+        return kept, seen
+
     def take_window(self) -> tuple[list[Sample], list[float]]:
         """The requests completed since the last call (none unless a window was open), and the elapsed
         milliseconds of those still in flight (the analysis counts a still-running request once it is already
@@ -135,6 +160,8 @@ class Arm:
     def close_window(self) -> None:
         """Stop keeping samples (the rollout is paused or over) and drop those kept so far."""
         self._window = None
+        if self._prompts is not None:
+            self._prompts = PromptSample(self._prompts.capacity)
 
 
 class Gateway:
@@ -246,15 +273,21 @@ class Gateway:
         if override is not None and override not in ("always", "never"):
             await _plain(send, 400, f'header {CANARY_HEADER} must be "always" or "never", got "{override}"')
             return
-        user = None
-        if self.canary is not None and override is None and 0 < self.weight < 100 and scope.get("method") == "POST":
+        user, body = None, None
+        canary = self.canary
+        by_user = canary is not None and override is None and 0 < self.weight < 100
+        for_judge = canary is not None and canary.keeps_prompts and path.endswith("/chat/completions")
+        if (by_user or for_judge) and scope.get("method") == "POST":
             received, complete = await _read_body(receive)
             if received is None:  # the client left
                 return
             if complete:
-                user = _user_of(b"".join(m.get("body", b"") for m in received))
+                body = b"".join(m.get("body", b"") for m in received)
+                user = _user_of(body) if by_user else None
             receive = _replay(received, receive)
         arm_name, arm = self.choose(override, user)
+        if body is not None and arm_name == "canary" and path.endswith("/chat/completions"):
+            arm.record_prompt(body)  # a sample of the canary's real requests, for the canary judge
         await self._dispatch(arm_name, arm, scope, receive, send, start)
 
     async def _dispatch(

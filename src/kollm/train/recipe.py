@@ -629,5 +629,7 @@ def step_metrics(
     }
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
+    if result.resumed_from is not None:  # `kollm run` says so on the step's line
+        metrics["resumed_from_step"] = float(result.resumed_from)
     metrics.update(extra or {})
     return metrics

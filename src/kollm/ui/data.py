@@ -826,6 +826,9 @@ def saved_rollouts(project: Project) -> list[dict[str, Any]]:
     """The rollout state files of the project, most recently updated first."""
     folder = project.state / "rollouts"
     states = [s for p in sorted(folder.glob("*.json")) if (s := _read_json(p)) is not None] if folder.is_dir() else []
+    for s in states:  # a file written before step_index existed holds the 0-based index in `step`
+        if "step_index" not in s and isinstance(s.get("step"), int):
+            s["step_index"], s["step"] = s["step"], s["step"] + 1
     return sorted(states, key=lambda s: s.get("updated_at", 0), reverse=True)
 
 
