@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# The time budget: @pytest.mark.slow needs a reason; a test over 120 s fails unless marked slow (tests/slow_guard.py)
-pytest_plugins = ["tests.slow_guard"]
+# The time budget: @pytest.mark.slow needs a reason; a test over 120 s fails unless marked slow (tests/slow_guard.py);
+# under pytest-xdist, the tests that share the session's Ray instance or quickstart run share a worker (xdist_groups)
+pytest_plugins = ["tests.slow_guard", "tests.xdist_groups"]
 
 # Nothing in the suite may reach a model or data hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,38 +17,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 KOLLM = str(Path(sys.executable).parent / "kollm")
-
-# Under pytest-xdist (`make test`: -n 2 --dist loadgroup) each worker is its own session, so each would build its own
-# session fixtures. The modules that use the expensive ones share one worker per fixture (the groups below), and the
-# other modules are work units of their own (a module's fixtures are built once); the shared groups are handed out
-# first, so they run side by side from the start instead of ending the run.
-SHARED_GROUPS = {"ray_cluster": "ray", "quickstart_run": "quickstart"}
-
-
-def xdist_groups(items: list[pytest.Item]) -> dict[str, str]:
-    """The xdist work unit of each test module (by path): the group of the first shared session fixture any of its
-    tests uses, else the module itself."""
-    groups: dict[str, str] = {}
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        group = next((g for f, g in SHARED_GROUPS.items() if f in getattr(item, "fixturenames", ())), None)
-        if group and groups.get(module, module) == module:
-            groups[module] = group
-        groups.setdefault(module, module)
-    return groups
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which appends the group to each test's id
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if getattr(config.option, "dist", "no") != "loadgroup":
-        return
-    groups = xdist_groups(items)
-    order = {g: i for i, g in enumerate(SHARED_GROUPS.values())}
-    items.sort(key=lambda it: order.get(groups[it.nodeid.split("::")[0]], len(order)))  # stable: else as collected
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid.split("::")[0]]))
-
 
 # What pointing MLflow at a project writes into os.environ (kollm.pipeline.tracking._point_mlflow_at)
 TRACKING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KOLLM_SET_TRACKING_URI")
