@@ -110,7 +110,14 @@ def test_under_xdist_as_make_test_runs_it(suite, monkeypatch):
             time.sleep(0.8)
         """
     )
-    xdist = [*FAST_LIMIT, "-n", "2", "--dist", "loadgroup", "--durations=2"]
+    xdist = [
+        *FAST_LIMIT,
+        "-n",
+        "1",
+        "--dist",
+        "loadgroup",
+        "--durations=2",
+    ]  # one worker: its reports reach the controller
     r = suite.runpytest_subprocess(*xdist)
     r.assert_outcomes(passed=2, failed=1)
     r.stdout.fnmatch_lines(["*::test_over took 0.8 s, more than the suite's limit of 0.5 s per test*"])
