@@ -56,3 +56,19 @@ def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Py
     assert len((log / "ray_cluster-built").read_text().split()) == 1  # so the session fixture is built once
     for m in ("c", "d", "e"):
         assert len((log / f"test_{m}-server-built").read_text().split()) == 1
+
+
+def test_make_test_runs_two_loadgroup_workers_and_the_dev_extra_has_xdist():
+    """The README's Tests section: `make test` runs `-n 2 --dist loadgroup`, TEST_WORKERS=0 runs one process."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    makefile = (root / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^TEST_WORKERS \?= 2$", makefile, re.M)
+    target = makefile.split("\ntest: install\n", 1)[1].split("\n", 1)[0]
+    assert "-n $(TEST_WORKERS) --dist loadgroup" in target and "--durations=30" in target
+    dev = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"][
+        "dev"
+    ]
+    assert any(d.startswith("pytest-xdist") for d in dev)
