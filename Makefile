@@ -32,9 +32,13 @@ check: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# --durations=30: the slowest tests in CI's output (the suite's budget: 15 min on 2 cores; tests/slow_guard.py)
+# --durations=30: the slowest tests in CI's output (the suite's budget: 15 min on 2 cores; tests/slow_guard.py).
+# -n $(TEST_WORKERS) --dist loadgroup (pytest-xdist): many tests wait on the processes and servers they start, so two
+# workers share the 2 cores; a module runs whole on one worker, and the modules that use the session's Ray instance
+# or its quickstart run share one worker each (tests/conftest.py). TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# The time budget: @pytest.mark.slow needs a reason; a test over 120 s fails unless marked slow (tests/slow_guard.py)
-pytest_plugins = ["tests.slow_guard"]
+# The time budget: @pytest.mark.slow needs a reason; a test over 120 s fails unless marked slow (tests/slow_guard.py);
+# under pytest-xdist, the tests that share the session's Ray instance or quickstart run share a worker (xdist_groups)
+pytest_plugins = ["tests.slow_guard", "tests.xdist_groups"]
 
 # Nothing in the suite may reach a model or data hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +17,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 KOLLM = str(Path(sys.executable).parent / "kollm")
-
 
 # What pointing MLflow at a project writes into os.environ (kollm.pipeline.tracking._point_mlflow_at)
 TRACKING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KOLLM_SET_TRACKING_URI")

@@ -1,7 +1,7 @@
 """The suite's time budget, as a pytest plugin (tests/conftest.py loads it; tests/test_slow_guard.py tests it).
 
 - `@pytest.mark.slow(reason="...")`: the reason (what makes the test slow, and its time) is mandatory; a `slow`
-  marker without one fails collection, naming each test that has one.
+  marker without one fails collection, naming each test that has one (under pytest-xdist, as a collection error).
 - A test whose call (its own body; the setup of fixtures it shares with other tests is not counted) takes more than
   `slow_test_limit_s` seconds (ini option, default 120) fails unless it is marked `slow` with a reason.
 """
@@ -31,13 +31,35 @@ def _reason(item: pytest.Item) -> str | None:
     return next((r for r in reasons if r), "")
 
 
+def _no_reason(bad: list[str]) -> str:
+    return (
+        "@pytest.mark.slow needs a reason: what makes the test slow, and its time, e.g. "
+        '@pytest.mark.slow(reason="trains the quickstart: 70 s on 2 cores"). Without one:\n  ' + "\n  ".join(bad)
+    )
+
+
+def _xdist_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     bad = [item.nodeid for item in items if _reason(item) == ""]
-    if bad:
-        raise pytest.UsageError(
-            "@pytest.mark.slow needs a reason: what makes the test slow, and its time, e.g. "
-            '@pytest.mark.slow(reason="trains the quickstart: 70 s on 2 cores"). Without one:\n  ' + "\n  ".join(bad)
-        )
+    if bad and not _xdist_worker(config):
+        raise pytest.UsageError(_no_reason(bad))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """Under pytest-xdist a worker's UsageError reaches the controller as an internal error without its message: a
+    worker reports a `slow` marker without a reason as the collection error of the module (or class) instead."""
+    report = yield
+    if _xdist_worker(collector.config) and report.passed:
+        bad = [i.nodeid for i in report.result if isinstance(i, pytest.Item) and _reason(i) == ""]
+        if bad:
+            report.outcome = "failed"
+            report.longrepr = _no_reason(bad)
+            report.result = []
+    return report
 
 
 @pytest.hookimpl(wrapper=True)

@@ -3,6 +3,9 @@ marked slow. Run in pytester's own folder with the limit lowered to 0.5 s (the s
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -83,3 +86,53 @@ def test_a_module_level_slow_marker_with_a_reason_covers_its_tests(suite):
         """
     )
     suite.runpytest(*FAST_LIMIT).assert_outcomes(passed=1)
+
+
+def test_under_xdist_as_make_test_runs_it(suite, monkeypatch):
+    """`make test` runs the suite on pytest-xdist workers: a test over the limit still fails there, the slowest
+    tests are still listed, and a `slow` marker without a reason is a collection error that names the test."""
+    pytest.importorskip("xdist")
+    root = str(Path(__file__).resolve().parent.parent)  # the workers import tests.slow_guard from this checkout
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    suite.makepyfile(
+        test_timed="""
+        import time
+        import pytest
+
+        def test_fast():
+            pass
+
+        def test_over():
+            time.sleep(0.8)
+
+        @pytest.mark.slow(reason="sleeps past the limit on purpose")
+        def test_over_marked():
+            time.sleep(0.8)
+        """
+    )
+    xdist = [
+        *FAST_LIMIT,
+        "-n",
+        "1",
+        "--dist",
+        "loadgroup",
+        "--durations=2",
+    ]  # one worker: its reports reach the controller
+    r = suite.runpytest_subprocess(*xdist)
+    r.assert_outcomes(passed=2, failed=1)
+    r.stdout.fnmatch_lines(["*::test_over took 0.8 s, more than the suite's limit of 0.5 s per test*"])
+    r.stdout.fnmatch_lines(["*slowest 2 durations*", "0.8*s call*test_over*", "0.8*s call*test_over*"])
+    suite.makepyfile(
+        test_bare="""
+        import pytest
+
+        @pytest.mark.slow
+        def test_no_reason():
+            pass
+        """
+    )
+    r = suite.runpytest_subprocess(*xdist)
+    assert r.ret != 0
+    r.stdout.fnmatch_lines(
+        ["*ERROR collecting test_bare.py*", "*@pytest.mark.slow needs a reason*", "*::test_no_reason"]
+    )

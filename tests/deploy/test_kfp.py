@@ -105,6 +105,7 @@ def test_each_component_runs_one_step_attempt_with_explicit_inputs(compiled):
         """cmd = step_command([sys.executable, "-m", "kollm.cli"], str(config), 'sft', """
         """{"data": in_data, "model": in_model}, 0, str(out), store)"""
     ) in source
+    assert "pip install" in source and "'kfp==" in source  # the image gets the kfp it runs the component with
 
 
 def test_resources_retries_and_caching(compiled):
@@ -176,7 +177,11 @@ def test_kfp_local_runs_the_quickstart_with_the_digests_of_kollm_run(tmp_path, q
 
     _, expected = quickstart_run
     project = init_project(tmp_path / "kfp", "korean-quickstart")  # the same files, no cache, its own registry
-    compiled = compile_kfp(project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner")
+    # this interpreter has kfp: no `pip install kfp` before each of the eight components (seconds each)
+    compiled = compile_kfp(
+        project, tmp_path / "pipeline.yaml", image="unused-by-the-subprocess-runner", install_kfp_package=False
+    )
+    assert "pip install" not in compiled.read_text(encoding="utf-8")
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = components.load_component_from_file(str(compiled))
     pipeline(project_dir=str(project), store=str(tmp_path / "store"))  # raw data: as kollm.yaml names it

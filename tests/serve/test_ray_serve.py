@@ -29,13 +29,10 @@ def test_builder_args_are_checked():
 
 
 @pytest.fixture(scope="module")
-def ray_app(tiny_model_dir, tmp_path_factory):
-    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'kollm[ray]'")
+def ray_app(tiny_model_dir, tmp_path_factory, ray_cluster):
+    """Serve on the session's Ray instance (under xdist, this module runs on the worker that holds it)."""
     from ray import serve
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     project = tmp_path_factory.mktemp("ray-project")
@@ -56,8 +53,6 @@ def ray_app(tiny_model_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     yield url, project
     serve.shutdown()
-    if started_ray:
-        ray.shutdown()
 
 
 @pytest.mark.slow(reason="a local Ray and Ray Serve start: about a minute on two cores")

@@ -147,8 +147,10 @@ def compile_kfp(
     ray_steps: tuple[str, ...] = (),
     project_dir: str = "",
     namespace: str = "kubeflow",
+    install_kfp_package: bool = True,
 ) -> Path:
-    """Write the pipeline IR YAML for kollm.yaml at PATH. Returns the file."""
+    """Write the pipeline IR YAML for kollm.yaml at PATH. Returns the file. `install_kfp_package=False`: the
+    components do not `pip install kfp` before they run (for an image, or a kfp.local run, that already has it)."""
     if importlib.util.find_spec("kfp") is None:
         raise KollmError("kfp is not installed", hint="pip install 'kollm[kfp]' (kfp 2.17)")
     opts = options or DeployOptions()
@@ -172,7 +174,9 @@ def compile_kfp(
         for s in p.pipeline.steps:
             fn = getattr(module, ("rayjob_" if s.name in ray else "step_") + ident(s.name))
             packages = ["kubernetes", "fsspec", "s3fs"] if s.name in ray else []
-            components[s.name] = dsl.component(base_image=image, packages_to_install=packages)(fn)
+            components[s.name] = dsl.component(
+                base_image=image, packages_to_install=packages, install_kfp_package=install_kfp_package
+            )(fn)
 
         sources = sorted(p.pipeline.cfg.data)
 

@@ -1,0 +1,74 @@
+"""tests/xdist_groups.py: under `make test`'s pytest-xdist workers, the modules that use an expensive session fixture
+share one worker (so the fixture is built once), and every other module runs whole on one worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Pytester, monkeypatch):
+    pytest.importorskip("xdist")
+    root = str(Path(__file__).resolve().parent.parent)  # the workers import tests.xdist_groups from this checkout
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    log = pytester.path / "log"
+    log.mkdir()
+    pytester.makeconftest(
+        f"""
+        import os
+        import pytest
+
+        LOG = {str(log)!r}
+
+        def record(name):
+            with open(os.path.join(LOG, name), "a") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+
+        @pytest.fixture(scope="session")
+        def ray_cluster():
+            record("ray_cluster-built")
+
+        @pytest.fixture(scope="module")
+        def server(request):
+            record(request.module.__name__ + "-server-built")
+        """
+    )
+    uses_ray = "def test_{0}{1}(ray_cluster, request):\n    pass\n"
+    for m in ("a", "b"):  # b: only one of its tests asks for the fixture; its other test goes along
+        body = "".join(uses_ray.format(m, i) for i in range(3 if m == "a" else 1))
+        pytester.makepyfile(**{f"test_{m}": body + f"def test_{m}_plain():\n    pass\n"})
+    for m in ("c", "d", "e"):
+        pytester.makepyfile(**{f"test_{m}": "".join(f"def test_{m}{i}(server):\n    pass\n" for i in range(3))})
+    r = pytester.runpytest_subprocess("-p", "tests.xdist_groups", "-n", "2", "--dist", "loadgroup", "-v")
+    r.assert_outcomes(passed=15)
+    worker = {}
+    for line in r.stdout.lines:  # "[gw0] [ 6%] PASSED test_a.py::test_a0"
+        if "PASSED" in line and "::" in line:
+            worker[line.split()[-1].split("::")[0]] = worker.get(line.split()[-1].split("::")[0], set()) | {
+                line.split()[0]
+            }
+    assert all(len(w) == 1 for w in worker.values()), worker  # a module on one worker
+    assert worker["test_a.py"] == worker["test_b.py"], worker  # the Ray modules on the same one
+    assert len((log / "ray_cluster-built").read_text().split()) == 1  # so the session fixture is built once
+    for m in ("c", "d", "e"):
+        assert len((log / f"test_{m}-server-built").read_text().split()) == 1
+
+
+def test_make_test_runs_two_loadgroup_workers_and_the_dev_extra_has_xdist():
+    """The README's Tests section: `make test` runs `-n 2 --dist loadgroup`, TEST_WORKERS=0 runs one process."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    makefile = (root / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^TEST_WORKERS \?= 2$", makefile, re.M)
+    target = makefile.split("\ntest: install\n", 1)[1].split("\n", 1)[0]
+    assert "-n $(TEST_WORKERS) --dist loadgroup" in target and "--durations=30" in target
+    dev = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"][
+        "dev"
+    ]
+    assert any(d.startswith("pytest-xdist") for d in dev)
