@@ -72,3 +72,13 @@ def test_make_test_runs_two_loadgroup_workers_and_the_dev_extra_has_xdist():
         "dev"
     ]
     assert any(d.startswith("pytest-xdist") for d in dev)
+
+
+def test_ci_runs_the_checks_the_main_suite_and_the_vllm_suite():
+    """The README's Tests section: `.ci/run` runs `make check`, builds the Airflow environment, then `make test` and
+    `make test-vllm` (in that order, every command checked: `set -e`)."""
+    root = Path(__file__).resolve().parent.parent
+    lines = [x.strip() for x in (root / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert "set -euo pipefail" in lines
+    make = [x.split("#")[0].strip() for x in lines if x.startswith("make ")]
+    assert make == ["make check", "make airflow-env", "make test", "make test-vllm"]
