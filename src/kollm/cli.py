@@ -791,7 +791,10 @@ def serve_cmd(
         if bad is not None:
             raise ConfigError(f"--adapters {bad}: expected NAME=URI, e.g. support=models:/support-lora@champion")
         if canary is not None:
-            raise ConfigError("--adapters is not supported with --canary yet; serve the adapters without a canary")
+            raise ConfigError(
+                "--adapters is not supported with --canary; to canary one adapter against another on one base, "
+                "serve the adapter's versions: kollm serve models:/ADAPTER@champion --canary models:/ADAPTER@challenger"
+            )
         extra |= {"adapters": {n: u for n, _, u in pairs}, "max_adapters": max_adapters}
     if canary is not None:
         from kollm.rollout.serving import serve_canary
