@@ -157,3 +157,26 @@ def test_failing_adapter_canary_is_rolled_back(registered, tmp_path, lora_versio
     assert load.result.failed == [], load.result.failed[:3]
     assert load.result.canary_errors > 0
     assert registered.alias("champion") == "3"
+
+
+def test_a_later_adapter_challenger_joins_the_same_engine(registered, tmp_path, lora_versions, merged_answers):
+    """Following the challenger alias: a new adapter version of the same base is added to the running engine."""
+    torch.set_num_threads(1)
+    _register(registered, lora_versions[1])
+    gw = build_canary_gateway(
+        f"models:/{registered.name}@champion",
+        f"models:/{registered.name}@challenger",
+        project_dir=tmp_path,
+        device="cpu",
+        max_batch_size=8,
+        follow_interval=0.2,
+    )
+    engine = gw.stable.app.state.engine  # type: ignore[attr-defined]
+    with Server(gw) as srv:
+        client = client_for(registered.tracking_uri)
+        client.create_model_version(registered.name, source=str(lora_versions[1][0]))  # version 5: adapter 1 again
+        client.set_registered_model_alias(registered.name, "challenger", "5")
+        wait_for(lambda: gw.canary is not None and gw.canary.version == "5", 30, "the new challenger")
+        assert gw.canary is not None and gw.canary.app.state.engine is engine  # type: ignore[attr-defined]
+        assert f"{registered.name}/5" in engine.adapters.adapters
+        assert _ask(srv.url, registered.name, "always") == ("5", merged_answers[0])
