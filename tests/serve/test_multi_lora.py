@@ -340,3 +340,13 @@ def test_adapters_from_lineage_with_none_registered_is_one_clear_message(tiny_mo
     assert proc.returncode == 2 and "no registered LoRA adapter was trained on this base" in out, out
     assert folder_digest(tiny_model_dir) in out
     assert "Traceback" not in out
+
+
+def test_an_adapter_added_later_must_fit_the_wrapped_layers(tiny_model_dir, adapters):
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"ko": adapters["ko"]}, max_adapters=2)
+    bank.add("ko2", adapters["ko"])
+    assert sorted(bank.adapters) == ["ko", "ko2"] and bank.acquire("ko2", set()) == 1
+    with pytest.raises(ConfigError, match="adapter en .* adapts model.layers.0.mlp.down_proj"):
+        bank.add("en", adapters["en"])
+    with pytest.raises(ConfigError, match="adapter ko is served already"):
+        bank.add("ko", adapters["ko"])
