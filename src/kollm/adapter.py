@@ -14,6 +14,7 @@ model version whose `kollm.model_digest` tag is the digest. Its content digest i
     is_adapter(folder) -> bool
     base_ref(folder) -> BaseRef
     find_base(folder, project_dir=None) -> Path             the base's folder, digest checked
+    registered_adapters_of(digest, project_dir=None)        {name: models:/NAME/VERSION} of the adapters of a base
     load_causal_lm(folder, dtype=None, project_dir=None)    a model; an adapter is merged into its base in memory
 """
 
@@ -104,6 +105,29 @@ def _project_of(folder: Path) -> Path | None:
         if parent.name == ".kollm":
             return parent.parent
     return None
+
+
+def registered_adapters_of(digest: str, project_dir: Path | None = None) -> dict[str, str]:
+    """{registered model name: models:/NAME/VERSION} of the registered LoRA adapters trained on the base with this
+    content digest (tag kollm.base_model_digest): per name, the version its `champion` alias points to when that is
+    one of them, else the newest of them."""
+    from kollm import registry
+
+    from mlflow.exceptions import MlflowException
+
+    client = registry.client(project_dir)
+    found = client.search_model_versions(registry._equals(f"tags.`{BASE_DIGEST_TAG}`", digest))
+    versions: dict[str, set[str]] = {}
+    for v in found:
+        versions.setdefault(v.name, set()).add(str(v.version))
+    chosen: dict[str, str] = {}
+    for name, of_base in sorted(versions.items()):
+        try:  # search results carry no aliases: ask for the champion
+            champion = str(client.get_model_version_by_alias(name, "champion").version)
+        except MlflowException:
+            champion = ""
+        chosen[name] = champion if champion in of_base else max(of_base, key=int)
+    return {name: f"models:/{name}/{version}" for name, version in chosen.items()}
 
 
 def find_base(folder: Path, project_dir: Path | None = None) -> Path:

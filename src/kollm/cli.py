@@ -834,6 +834,13 @@ def serve_cmd(
     max_adapters: Annotated[
         int, typer.Option(help="With --adapters: most adapters loaded at once (least recently used evicted).", min=1)
     ] = 8,
+    adapters_from_lineage: Annotated[
+        bool,
+        typer.Option(
+            "--adapters-from-lineage",
+            help="Also serve every registered LoRA adapter trained on this base (tag kollm.base_model_digest), each under its registered model name (its champion version, else its newest).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /metrics).
 
@@ -860,8 +867,19 @@ def serve_cmd(
         if bad is not None:
             raise ConfigError(f"--adapters {bad}: expected NAME=URI, e.g. support=models:/support-lora@champion")
         if canary is not None:
-            raise ConfigError("--adapters is not supported with --canary yet; serve the adapters without a canary")
+            raise ConfigError(
+                "--adapters is not supported with --canary; to canary one adapter against another on one base, "
+                "serve the adapter's versions: kollm serve models:/ADAPTER@champion --canary models:/ADAPTER@challenger"
+            )
         extra |= {"adapters": {n: u for n, _, u in pairs}, "max_adapters": max_adapters}
+    if adapters_from_lineage:
+        if canary is not None:
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                "--adapters-from-lineage is not supported with --canary; serve the adapters without a canary"
+            )
+        extra |= {"adapters_from_lineage": True, "max_adapters": max_adapters}
     if canary is not None:
         from kollm.rollout.serving import serve_canary
 

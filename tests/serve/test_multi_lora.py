@@ -250,6 +250,10 @@ def test_adapters_of_another_base_are_refused_naming_both_digests(tiny_model_dir
     [
         (["--adapters", "ko"], "--adapters ko: expected NAME=URI"),
         (["--adapters", "ko=./x", "--canary", "models:/m@challenger"], "--adapters is not supported with --canary"),
+        (
+            ["--adapters-from-lineage", "--canary", "models:/m@challenger"],
+            "--adapters-from-lineage is not supported with --canary",
+        ),
     ],
 )
 def test_bad_adapters_options_are_one_clear_message(args, message, tmp_path):
@@ -260,3 +264,89 @@ def test_bad_adapters_options_are_one_clear_message(args, message, tmp_path):
         [sys.executable, "-m", "kollm.cli", "serve", "./model", *args], cwd=tmp_path, capture_output=True, text=True
     )
     assert proc.returncode == 2 and message in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow(reason="starts a `kollm serve` process")
+def test_adapters_found_by_lineage_to_the_base(tiny_model_dir, adapters, expected, tmp_path):
+    """`kollm serve BASE --adapters-from-lineage`: every registered adapter whose kollm.base_model_digest is the
+    base's, under its registered name (its champion version), and none of another base."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from kollm.adapter import BASE_DIGEST_TAG
+    from kollm.pipeline.artifacts import folder_digest
+    from kollm.pipeline.tracking import client_for
+    from tests.serve.conftest import free_port, wait_ready
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "kollm.yaml").write_text(f"project: p\ntracking:\n  uri: {uri}\nsteps:\n  - kind: python\n")
+    client, digest = client_for(uri), folder_digest(tiny_model_dir)
+    for name, folders, tag in [
+        ("ko-lora", [adapters["ko"], adapters["en"]], digest),  # v1 champion (ko), v2 newer (en)
+        ("mix-lora", [adapters["mix"]], digest),
+        ("stray-lora", [adapters["en"]], "sha256:" + "1" * 64),  # trained on another base
+    ]:
+        client.create_registered_model(name)
+        for folder in folders:
+            client.create_model_version(name, source=str(folder), tags={BASE_DIGEST_TAG: tag})
+    client.set_registered_model_alias("ko-lora", "champion", "1")
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", str(port), "--served-model-name"]
+        + ["base", "--device", "cpu", "--adapters-from-lineage"],
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        models = httpx.get(url + "/v1/models").json()["data"]
+        assert sorted(m["id"] for m in models) == ["base", "ko-lora", "mix-lora"]
+        tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+        for name, adapter in [("ko-lora", "ko"), ("mix-lora", "mix"), ("base", None)]:
+            r = httpx.post(
+                url + "/v1/completions",
+                json={"model": name, "prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True},
+                timeout=60,
+            )
+            assert r.json()["choices"][0]["text"] == tok.decode(expected[(adapter, PROMPTS[0])]), name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_adapters_from_lineage_with_none_registered_is_one_clear_message(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from kollm.pipeline.artifacts import folder_digest
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "kollm.yaml").write_text(f"project: p\ntracking:\n  uri: {uri}\nsteps:\n  - kind: python\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--port", "0", "--adapters-from-lineage"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "no registered LoRA adapter was trained on this base" in out, out
+    assert folder_digest(tiny_model_dir) in out
+    assert "Traceback" not in out
+
+
+def test_an_adapter_added_later_must_fit_the_wrapped_layers(tiny_model_dir, adapters):
+    bank = AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"ko": adapters["ko"]}, max_adapters=2)
+    bank.add("ko2", adapters["ko"])
+    assert sorted(bank.adapters) == ["ko", "ko2"] and bank.acquire("ko2", set()) == 1
+    with pytest.raises(ConfigError, match="adapter en .* adapts model.layers.0.mlp.down_proj"):
+        bank.add("en", adapters["en"])
+    with pytest.raises(ConfigError, match="adapter ko is served already"):
+        bank.add("ko", adapters["ko"])

@@ -6,15 +6,21 @@ canary gateway, with the rollout controller and its admin endpoints.
 
 Both models are served under the same `model` name (the stable one's), so clients need not know about the
 canary; `x-kollm-model-version` on each response says which version answered.
+
+When both versions are LoRA adapters of one base (same content digest), one engine holds the base once with both
+adapters (kollm.serve.multi_lora); each arm is an app over that engine whose requests run with its version's
+adapter, so a canary and its batch-mates share decode steps. A challenger registered later under a followed alias
+joins the same engine when it is an adapter of that base too (native engine).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from kollm.errors import ConfigError, NotFound
 from kollm.rollout.api import attach_rollout
@@ -88,20 +94,32 @@ def build_canary_gateway(
     served = served_model_name or name
     app_options: dict[str, Any] = dict(model_name=served, api_key=api_key, log_dir=root / ".kollm" / "logs")
 
-    def arm(uri: str, version: str, faults: FaultSpec | None = None) -> Arm:
-        engine = load_engine(resolve(uri, project_dir), **engine_options)
+    def arm(path: Path, version: str, faults: FaultSpec | None = None) -> Arm:
+        engine = load_engine(path, **engine_options)
         if faults is not None:
             engine = FaultyEngine(engine, faults)
         return Arm(create_app(engine, model_version=version, **app_options), version=version, model_name=served)
 
-    canary = None
-    if canary_version is not None and canary_version != stable_version:
-        canary = arm(canary_uri, canary_version, canary_faults)
-    gateway = Gateway(arm(stable_uri, stable_version), canary)
+    has_canary = canary_version is not None and canary_version != stable_version
+    paths = {stable_version: resolve(stable_uri, project_dir)}
+    if has_canary:
+        assert canary_version is not None
+        paths[canary_version] = resolve(canary_uri, project_dir)
+    load = arm_loader(name, project_dir, engine_options, app_options, canary_faults)
+    base = _shared_base(list(paths.values()), project_dir)
+    shared: SharedBase | None = None
+    if base is not None:
+        shared = SharedBase(base, name, paths, project_dir, engine_options, app_options)
+        stable = shared.arm(stable_version)
+        canary = shared.arm(canary_version, canary_faults) if has_canary and canary_version else None
+        load = shared.loader(load, canary_faults)
+    else:
+        canary = arm(paths[canary_version], canary_version, canary_faults) if has_canary and canary_version else None
+        stable = arm(paths[stable_version], stable_version)
+    gateway = Gateway(stable, canary)
     controller = attach_rollout(gateway, project_dir=project_dir, model_name=name, api_key=api_key)
     if follow:
         assert alias is not None
-        load = arm_loader(name, project_dir, engine_options, app_options, canary_faults)
         AliasFollower(
             gateway,
             name=name,
@@ -113,7 +131,80 @@ def build_canary_gateway(
             swap=controller.replace_canary,
             busy=lambda: controller.state is not None and controller.state.active,
         ).attach()
+    if shared is not None:  # the arms' apps leave the shared engine running; it stops with the gateway
+        gateway.on_shutdown.append(shared.engine.shutdown)
     return gateway
+
+
+def _shared_base(paths: list[Path], project_dir: Path | None) -> Path | None:
+    """The base folder when every path is a LoRA adapter and all were trained on one base (by content digest);
+    None otherwise (the versions are then served as models of their own)."""
+    from kollm.adapter import find_base, folder_digest_cached, is_adapter
+
+    if not all(is_adapter(p) for p in paths):
+        return None
+    bases = [find_base(p, project_dir) for p in paths]
+    return bases[0] if len({folder_digest_cached(b, project_dir) for b in bases}) == 1 else None
+
+
+class SharedBase:
+    """One engine holding a base once and, per registered version of an adapter, that adapter (engine adapter name
+    NAME/VERSION); `arm(version)` is a gateway arm whose requests for the model name run with that adapter."""
+
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        adapters: dict[str, Path],  # version -> adapter folder
+        project_dir: Path | None,
+        engine_options: dict[str, Any],
+        app_options: dict[str, Any],
+    ):
+        from kollm.adapter import folder_digest_cached
+        from kollm.serve import load_engine
+
+        self.base, self.name, self.project_dir = base, name, project_dir
+        self.digest = folder_digest_cached(base, project_dir)
+        self.app_options = app_options
+        # two slots: the stable and the canary adapter; an older challenger is evicted least recently used
+        self.engine = load_engine(
+            base, adapters={self.key(v): f for v, f in adapters.items()}, max_adapters=2, **engine_options
+        )
+        log.info("one base %s for the adapters of %s versions %s", base, name, ", ".join(adapters))
+
+    def key(self, version: str) -> str:
+        return f"{self.name}/{version}"
+
+    def arm(self, version: str, faults: FaultSpec | None = None) -> Arm:
+        from kollm.serve import create_app
+        from kollm.serve.faults import FaultyEngine
+
+        engine = FaultyEngine(self.engine, faults) if faults is not None else self.engine
+        app = create_app(
+            engine, model_version=version, base_adapter=self.key(version), shutdown_engine=False, **self.app_options
+        )
+        return Arm(app, version=version, model_name=self.app_options["model_name"])
+
+    def loader(
+        self, fallback: Callable[[str], Awaitable[Arm]], faults: FaultSpec | None
+    ) -> Callable[[str], Awaitable[Arm]]:
+        """`load(version)` for the canary alias follower: an adapter of this base joins the shared engine (native
+        engine); anything else loads as its own model (`fallback`)."""
+        from kollm.adapter import find_base, folder_digest_cached, is_adapter
+        from kollm.serve import resolve
+        from kollm.serve.engine import TransformersEngine
+
+        async def load(version: str) -> Arm:
+            path = await asyncio.to_thread(resolve, f"models:/{self.name}/{version}", self.project_dir)
+            if is_adapter(path) and isinstance(self.engine, TransformersEngine) and self.engine.adapters is not None:
+                base = await asyncio.to_thread(find_base, path, self.project_dir)
+                if await asyncio.to_thread(folder_digest_cached, base, self.project_dir) == self.digest:
+                    if self.key(version) not in self.engine.adapters.adapters:
+                        self.engine.adapters.add(self.key(version), path)
+                    return self.arm(version, faults)
+            return await fallback(version)
+
+        return load
 
 
 def serve_canary(

@@ -146,6 +146,7 @@ def serve(
     allowed_hosts: list[str] | None = None,
     adapters: dict[str, str] | None = None,
     max_adapters: int = 8,
+    adapters_from_lineage: bool = False,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -156,7 +157,9 @@ def serve(
     `inject_faults` ("error_rate=0.3,latency_ms=200") is a testing aid: see kollm.serve.faults. `embedding_model`
     logs each prompt's embedding for drift checks (kollm.monitor.embeddings). A request whose Host is not the bound
     address, a loopback name or one of `allowed_hosts` gets 421 (kollm.hostcheck). `adapters` ({model name: URI}
-    of LoRA adapters of this base) are served beside it, each under its own model name (kollm.serve.multi_lora).
+    of LoRA adapters of this base) are served beside it, each under its own model name (kollm.serve.multi_lora);
+    `adapters_from_lineage` adds every registered adapter whose recorded base digest is this base's, under its
+    registered model name (kollm.adapter.registered_adapters_of; an explicit `adapters` name wins).
     """
     import uvicorn
 
@@ -196,6 +199,9 @@ def serve(
             engine_args=engine_args,
             kv_cache=kv_cache,
         )
+        if adapters_from_lineage:
+            adapters = _lineage_adapters(path, served, project_dir) | dict(adapters or {})
+            log.info("adapters of this base by lineage: %s", ", ".join(adapters))
         if adapters:
             if served in adapters:
                 raise ConfigError(
@@ -245,6 +251,24 @@ def serve(
         sock.close()
     if not server.started:
         raise ServeError("the server failed to start; see the log above")
+
+
+def _lineage_adapters(base: Path, served: str, project_dir: Path | None) -> dict[str, str]:
+    """{registered name: models:/NAME/VERSION} of the registered adapters trained on `base` (none: a ConfigError)."""
+    from kollm.adapter import folder_digest_cached, is_adapter, registered_adapters_of
+
+    if is_adapter(base):
+        raise ConfigError(
+            f"--adapters-from-lineage: {base} is itself a LoRA adapter; serve the adapters on their base model"
+        )
+    digest = folder_digest_cached(base, project_dir)
+    found = {n: uri for n, uri in registered_adapters_of(digest, project_dir).items() if n != served}
+    if not found:
+        raise ConfigError(
+            f"--adapters-from-lineage: no registered LoRA adapter was trained on this base ({digest})",
+            hint="register an adapter (a LoRA step's output) or pass --adapters NAME=URI",
+        )
+    return found
 
 
 def _following(

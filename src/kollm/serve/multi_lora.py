@@ -126,6 +126,22 @@ class AdapterBank:
             setattr(named[parent_path] if parent_path else model, attr, wrapper)
             self.layers[path] = wrapper
 
+    def add(self, name: str, folder: Path) -> None:
+        """Serve one more adapter (a canary's next challenger); it loads on its first request. It must adapt only
+        layers that the bank wraps already, at a rank no larger than the bank's (the buffers are not resized)."""
+        adapter = read_adapter(name, Path(folder))
+        outside = [m for m in adapter.modules if m not in self.layers]
+        if outside or adapter.rank > self.rank:
+            what = f"adapts {outside[0]}" if outside else f"has rank {adapter.rank} > {self.rank}"
+            raise ConfigError(
+                f"adapter {name} ({folder}) {what}, unlike the adapters this engine was started with; "
+                "restart the server to serve it on the same base"
+            )
+        with self._lock:
+            if name in self.adapters:
+                raise ConfigError(f"adapter {name} is served already")
+            self.adapters[name] = adapter
+
     # --- slots -------------------------------------------------------------------------------------------
     def acquire(self, name: str, busy: set[str]) -> int | None:
         """The slot of adapter `name`, loading it on first use; when every slot is taken, the least recently

@@ -312,9 +312,14 @@ class Served:
     embedder: Embedder | None = None  # logs each prompt's embedding (kollm.monitor.embeddings) for drift
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: tuple[str, ...] = ()  # LoRA adapters served on the base, each under its own model name
+    # the adapter `model_name` itself runs with (None: the base alone): an arm of an adapter canary
+    # (kollm.rollout.serving) serves one adapter of a shared engine under the registered model's name
+    base_adapter: str | None = None
 
     def adapter_of(self, name: str) -> str | None:
         """The adapter a request's `model` names (None: the base)."""
+        if name == self.model_name:
+            return self.base_adapter
         return name if name in self.adapters else None
 
     def card(self) -> ModelCard:
@@ -1212,9 +1217,12 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     embedder: Embedder | None = None,
     adapters: tuple[str, ...] = (),
+    base_adapter: str | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving `engine` as `model_name` (see the module docstring); with `embedder` (and a
-    log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`."""
+    log_dir), each request's prompt embedding goes into the inference log for `kollm monitor drift --embedding-model`.
+    `adapters` are served beside the base under their own names; `base_adapter` is the engine adapter that requests
+    for `model_name` run with (None: the base alone)."""
     version = model_version or "unversioned"
     api_log = JsonLog(Path(log_dir) / "api" / "api.jsonl", "serve", model=model_name) if log_dir else None
     inference_log = (
@@ -1229,7 +1237,9 @@ def create_app(
             await engine.shutdown()
 
     app = FastAPI(title="kollm OpenAI-compatible server", version=version, lifespan=lifespan)
-    app.state.served = Served(engine, model_name, version, inference_log, embedder, adapters=tuple(adapters))
+    app.state.served = Served(
+        engine, model_name, version, inference_log, embedder, adapters=tuple(adapters), base_adapter=base_adapter
+    )
     app.state.engine, app.state.model_name, app.state.model_version = engine, model_name, version
     app.add_middleware(
         _HTTPMiddleware, version=version, api_key=api_key, api_log=api_log, max_body_bytes=max_body_bytes
