@@ -57,12 +57,15 @@ from kollm.serve import grammar
 from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
+from kollm.serve.prefix import PrefixCache
+from kollm.serve.speculative import Speculator, verify
 
 log = logging.getLogger("kollm.serve")
 
 FinishReason = Literal["stop", "length"]
 Backend = Literal["auto", "transformers", "vllm"]
 KVCacheKind = Literal["auto", "dynamic", "static"]
+SpeculativeKind = Literal["ngram"]
 
 
 # prompt logprobs need the logits of every prompt position ([L, V] at once): served for prompts up to this long
@@ -589,6 +592,9 @@ class TransformersEngine:
         max_prefill_tokens: int = 8192,
         context_length: int | None = None,
         kv_cache: KVCacheKind = "auto",
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
+        speculative: SpeculativeKind | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -649,6 +655,20 @@ class TransformersEngine:
         self._kv: DynamicKV | StaticKV | None = None  # made by the worker thread (under its inference mode)
         self._launched: _Launched | None = None  # with the static cache: the step running ahead (see _decode)
         self._pinned: list[torch.Tensor] | None = None  # host buffers of launched steps' outputs (see _launch)
+        # with the static cache: prompt blocks reused across requests (kollm.serve.prefix; made by the worker), and
+        # prompt-lookup drafts verified in one step (kollm.serve.speculative)
+        if speculative not in (None, "ngram"):
+            raise ValueError(f"speculative: expected ngram or None, got {speculative!r}")
+        self.prefix_cache, self.prefix_cache_tokens = prefix_cache, prefix_cache_tokens
+        self._prefix: PrefixCache | None = None
+        if speculative and self.kv_cache != "static":
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                f"--speculative {speculative} needs the static KV cache",
+                hint="add --kv-cache static (Llama-family models)",
+            )
+        self._speculator: Speculator | None = Speculator() if speculative else None
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -827,6 +847,12 @@ class TransformersEngine:
                 prefill_tokens=self.max_prefill_tokens,
             )
             self._kv.warm_up()
+            if self.prefix_cache:
+                self._prefix = (
+                    PrefixCache(self._kv, tokens=self.prefix_cache_tokens)
+                    if self.prefix_cache_tokens
+                    else PrefixCache(self._kv)
+                )
         else:
             self._kv = DynamicKV(self.model, self.pad_id)
         self._kv.prefill([[self.pad_id, self.pad_id]])  # not joined: the batch stays empty
@@ -887,7 +913,10 @@ class TransformersEngine:
         assert self._kv is not None
         for s in seqs:
             self._init_penalties(s)
-        handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
+        if self._prefix is not None and isinstance(self._kv, StaticKV):
+            handle, logits = self._prefix.prefill(self._kv, [s.prompt_ids for s in seqs])
+        else:
+            handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)
         for s in seqs:
             if s.params.prompt_logprobs is not None:
@@ -919,6 +948,8 @@ class TransformersEngine:
         that finishes at step t had a row in step t+1 too: that row's token is dropped (`_accept` skips it)."""
         kv = self._kv
         assert kv is not None
+        if self._speculator is not None and isinstance(kv, StaticKV) and self._speculate(kv):
+            return
         if isinstance(kv, StaticKV) and all(s.params.logprobs is None and not s.penalized for s in self._seqs):
             launched = self._launch(kv)
             if self._launched is not None:
@@ -935,6 +966,47 @@ class TransformersEngine:
         logprobs = self._logprobs(logits, tokens, self._seqs)
         kv.advance(tokens)
         self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
+
+    def prefix_cache_hit_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (not prefilled), since start."""
+        return self._prefix.hit_tokens if self._prefix is not None else 0
+
+    def _speculate(self, kv: StaticKV) -> bool:
+        """One step with prompt-lookup drafts (kollm.serve.speculative) when every running row is greedy with
+        unchanged logits and some row drafts; False (nothing done) to decode one token per row instead."""
+        spec = self._speculator
+        assert spec is not None
+        seqs = self._seqs
+        if not all(s.greedy and not s.processed and s.params.logprobs is None for s in seqs):
+            return False
+        if not any(spec.due(s) for s in seqs):
+            spec.tick(seqs)
+            return False
+        if self._launched is not None:  # a lookup needs every token so far on the host
+            launched, self._launched = self._launched, None
+            self._finish(launched)
+            seqs = self._seqs
+            if not seqs:
+                return True
+        if len(spec.states) > 2 * len(seqs):
+            spec.forget(seqs)
+        drafts = []
+        for s in seqs:
+            n_out = len(s.out_ids)
+            limit = min(s.params.max_tokens - n_out - 1, self.context_length - len(s.prompt_ids) - n_out - 1)
+            drafts.append(spec.draft(s, s.prompt_ids + s.out_ids, limit))
+        if not any(drafts):
+            return False
+        emitted, nlls = verify(kv, drafts)
+        spec.steps += 1
+        for s, d, e in zip(seqs, drafts, emitted):
+            spec.record(s, len(d), len(e) - 1)
+        for j in range(max(map(len, emitted))):  # token j of every row that emitted one; rows that finish drop out
+            rows = [i for i, e in enumerate(emitted) if len(e) > j]
+            self._accept(
+                [seqs[i] for i in rows], [emitted[i][j] for i in rows], [nlls[i][j] for i in rows], [None] * len(rows)
+            )
+        return True
 
     def _launch(self, kv: StaticKV) -> _Launched:
         """Launch one decode step; a batch of greedy rows with unchanged logits picks its tokens within the
@@ -1087,6 +1159,8 @@ def load_engine(
     context_length: int | None = None,
     engine_args: dict[str, Any] | None = None,
     kv_cache: KVCacheKind = "auto",
+    prefix_cache: bool = True,
+    speculative: str | None = None,
 ) -> Engine:
     """Load the model folder into an engine.
 
@@ -1098,6 +1172,8 @@ def load_engine(
     engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
     kv_cache (transformers only): "static" (slots and CUDA graphs, Llama-family models; see kollm.serve.kv),
     "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
+    prefix_cache, speculative (transformers with the static cache): reuse cached prompt blocks
+    (kollm.serve.prefix); "ngram" for prompt-lookup speculative decoding (kollm.serve.speculative), None for none.
     """
     from kollm.errors import ConfigError, NotFound
 
@@ -1109,6 +1185,8 @@ def load_engine(
         )
     if kv_cache not in ("auto", "dynamic", "static"):
         raise ConfigError(f"--kv-cache: expected auto, dynamic or static, got {kv_cache!r}")
+    if speculative not in (None, "ngram"):
+        raise ConfigError(f"--speculative: expected ngram, got {speculative!r}")
     if backend not in ("auto", "transformers", "vllm"):
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -1127,6 +1205,11 @@ def load_engine(
         require_vllm()
         if kv_cache != "auto":
             raise ConfigError(f"--kv-cache {kv_cache}: applies to --backend transformers (vLLM manages its own cache)")
+        if speculative is not None:
+            raise ConfigError(
+                f"--speculative {speculative}: applies to --backend transformers (give vLLM its speculative_config "
+                "with --engine-arg)"
+            )
         return VLLMEngine(
             model_path,
             dtype=dtype,
@@ -1152,5 +1235,11 @@ def load_engine(
     model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
     return TransformersEngine(
-        model, tokenizer, max_batch_size=max_batch_size, context_length=context_length, kv_cache=kv_cache
+        model,
+        tokenizer,
+        max_batch_size=max_batch_size,
+        context_length=context_length,
+        kv_cache=kv_cache,
+        prefix_cache=prefix_cache,
+        speculative="ngram" if speculative == "ngram" else None,
     )
