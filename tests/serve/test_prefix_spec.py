@@ -195,3 +195,29 @@ def test_speculative_greedy_outputs_equal_decoding_one_token_at_a_time(tok, init
 def test_speculation_needs_the_static_cache(tok, model):
     with pytest.raises(ConfigError, match="static KV cache"):
         TransformersEngine(model, tok, kv_cache="dynamic", speculative="ngram")
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_load_engine_turns_the_prefix_cache_on_or_off(tiny_model_dir, on):
+    """`kollm serve --prefix-cache` (the default) / `--no-prefix-cache`: the engine load_engine builds."""
+    from kollm.serve.engine import load_engine
+
+    engine = load_engine(tiny_model_dir, device="cpu", kv_cache="static", max_batch_size=2, prefix_cache=on)
+    assert isinstance(engine, TransformersEngine)
+    ids = engine.encode_prompt(SHARED)
+    run(engine, [[(ids, greedy(2))], [(ids, greedy(2))]])
+    assert (engine.prefix_cache_hit_tokens() > 0) is on
+
+
+def test_serve_refuses_an_unknown_speculative_method(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.serve.conftest import free_port
+
+    cmd = [sys.executable, "-m", "kollm.cli", "serve", str(tiny_model_dir), "--device", "cpu", "--port"]
+    r = subprocess.run(
+        [*cmd, str(free_port()), "--speculative", "medusa"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "--speculative: expected ngram" in r.stderr

@@ -144,6 +144,8 @@ def serve(
     embedding_model: str | None = None,
     kv_cache: str = "auto",
     allowed_hosts: list[str] | None = None,
+    prefix_cache: bool = True,
+    speculative: str | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -192,6 +194,8 @@ def serve(
             context_length=context_length,
             engine_args=engine_args,
             kv_cache=kv_cache,
+            prefix_cache=prefix_cache,
+            speculative=speculative,
         )
         app_options: dict[str, Any] = dict(
             model_name=served,
