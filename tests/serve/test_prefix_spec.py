@@ -15,7 +15,7 @@ from kollm.serve.kv import StaticKV
 from kollm.serve.prefix import BLOCK_TOKENS, PrefixCache
 from kollm.serve.speculative import MAX_REJECTED, NgramIndex, Speculator
 from tests.serve.conftest import start_server
-from tests.serve.test_kv import greedy_without_cache, tiny
+from tests.serve.test_kv import eager_graph_shapes, greedy_without_cache, tiny
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SHARED = "kollm serves models. 한국어 언어 모델을 서빙합니다. 서울은 대한민국의 수도입니다. "  # 67 tokens
@@ -50,6 +50,14 @@ def run(engine: TransformersEngine, batches: list[list[tuple[list[int], Sampling
     return asyncio.run(main())
 
 
+def as_on_cuda(monkeypatch) -> None:
+    """StaticKV in the shapes of its CUDA graphs (padded prefill buckets, decode over at least MIN_DECODE_ROWS rows,
+    greedy picks fed back on the device), run eagerly here."""
+    eager_graph_shapes(monkeypatch)
+    init = StaticKV.__init__
+    monkeypatch.setattr(StaticKV, "__init__", lambda self, model, **kw: init(self, model, **kw, cuda_graphs=True))
+
+
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
@@ -62,10 +70,14 @@ def check_greedy(tok, model, batches, outputs) -> None:
     assert len(set(outputs)) == len(flat)  # the outputs differ: the comparison means something
 
 
-def test_prompts_sharing_a_prefix_get_the_outputs_of_prefilling_them_whole(tok, model):
+@pytest.mark.parametrize("graph_shapes", [False, True])
+def test_prompts_sharing_a_prefix_get_the_outputs_of_prefilling_them_whole(tok, model, graph_shapes, monkeypatch):
     """A shared prefix of 67 tokens (4 full blocks) is cached by the first request and reused by the next two
     (together in one prefill, with different suffixes), and by a prompt that is exactly a cached prefix (3 of its
-    4 blocks reused, the last block prefilled). Greedy outputs equal recomputing the whole sequence."""
+    4 blocks reused, the last block prefilled). Greedy outputs equal recomputing the whole sequence; also in the
+    shapes the CUDA graphs run."""
+    if graph_shapes:
+        as_on_cuda(monkeypatch)
     shared = tok.encode(SHARED)
     blocks = len(shared) // BLOCK_TOKENS
     exact = shared[: blocks * BLOCK_TOKENS]
@@ -167,11 +179,14 @@ def test_a_sequence_whose_drafts_keep_being_rejected_stops_drafting():
     assert not spec.due(other)
 
 
-@pytest.mark.parametrize("init_range", [0.1, 0.5])
-def test_speculative_greedy_outputs_equal_decoding_one_token_at_a_time(tok, init_range):
+@pytest.mark.parametrize(("init_range", "graph_shapes"), [(0.1, False), (0.5, False), (0.1, True)])
+def test_speculative_greedy_outputs_equal_decoding_one_token_at_a_time(tok, init_range, graph_shapes, monkeypatch):
     """Two requests, then two more with a sampling request joining (no drafts while it runs), on a model whose
     greedy text repeats itself (init 0.1: drafts accepted, several tokens per step) and on one whose text rarely
-    does (0.5: drafts mostly rejected, the slots rolled back): greedy outputs equal recomputing the whole sequence."""
+    does (0.5: drafts mostly rejected, the slots rolled back): greedy outputs equal recomputing the whole sequence;
+    also in the shapes the CUDA graphs run (steps launched one ahead between the drafting steps)."""
+    if graph_shapes:
+        as_on_cuda(monkeypatch)
     model = tiny_model(tok, init_range=init_range).eval() if init_range != 0.5 else tiny("llama", tok)
     copy = tok.encode("서울은 대한민국의 수도입니다. " * 4)
     requests = [
