@@ -873,7 +873,8 @@ class TransformersEngine:
         return time.perf_counter() - self._waiting[0].arrived >= 2 * self._step_time
 
     def _admit(self) -> list[_Sequence]:
-        """Take waiting requests while batch slots and the prefill token budget allow (always at least one)."""
+        """Take waiting requests while batch slots and the prefill token budget allow (always at least one); prompt
+        tokens the prefix cache holds do not count against the budget."""
         out: list[_Sequence] = []
         longest = 0
         while self._waiting and len(self._seqs) + len(out) < self.max_batch_size:
@@ -881,7 +882,7 @@ class TransformersEngine:
             if s.cancelled:
                 self._waiting.popleft()
                 continue
-            n = max(longest, len(s.prompt_ids))
+            n = max(longest, len(s.prompt_ids) - (self._prefix.cached(s.prompt_ids) if self._prefix else 0))
             if out and n * (len(out) + 1) > self.max_prefill_tokens:
                 break
             longest = n

@@ -116,6 +116,20 @@ class PrefixCache:
             parent = key
         return out
 
+    def cached(self, prompt: Sequence[int], adapter: str | None = None) -> int:
+        """How many of the prompt's tokens a prefill now would take from the cache (the LRU order is untouched)."""
+        parent: int | None = None
+        n = 0
+        for j in range((len(prompt) - 1) // self.block):
+            tokens = tuple(prompt[j * self.block : (j + 1) * self.block])
+            key = self._key(parent, adapter, tokens)
+            entry = self.blocks.get(key)
+            if entry is None or entry.parent != parent or entry.tokens != tokens:
+                break
+            n += self.block
+            parent = key
+        return n
+
     def _take(self) -> int:
         if not self.free:
             _, old = self.blocks.popitem(last=False)
