@@ -58,7 +58,7 @@ from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 from kollm.serve.prefix import PrefixCache
-from kollm.serve.speculative import Speculator, verify
+from kollm.serve.speculative import Speculator, Verifier
 
 log = logging.getLogger("kollm.serve")
 
@@ -669,6 +669,7 @@ class TransformersEngine:
                 hint="add --kv-cache static (Llama-family models)",
             )
         self._speculator: Speculator | None = Speculator() if speculative else None
+        self._verifier: Verifier | None = None  # made at the first drafting step
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -998,7 +999,9 @@ class TransformersEngine:
             drafts.append(spec.draft(s, s.prompt_ids + s.out_ids, limit))
         if not any(drafts):
             return False
-        emitted, nlls = verify(kv, drafts)
+        if self._verifier is None or self._verifier.kv is not kv:
+            self._verifier = Verifier(kv)
+        emitted, nlls = self._verifier.step(drafts)
         spec.steps += 1
         for s, d, e in zip(seqs, drafts, emitted):
             spec.record(s, len(d), len(e) - 1)

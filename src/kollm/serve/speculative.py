@@ -3,7 +3,8 @@
 Public API:
     NgramIndex           where each recent n-gram of a sequence (prompt + output) last occurred, kept incrementally
     Speculator           per-sequence drafting state and the policy that turns drafting off for a sequence
-    verify(kv, chunks)   one forward pass over each row's last token + its draft; the greedy token at every position
+    Verifier             the step that feeds every row its next token and its draft and takes the greedy token at
+                         each position (a CUDA graph per batch and length bucket on CUDA)
 
 How (as prompt lookup decoding / vLLM's `ngram` method): the last n tokens (n = NGRAM_MAX down to NGRAM_MIN) of a
 sequence are looked up in its prompt and output; where they occurred before, the DRAFT_TOKENS tokens that followed
@@ -22,13 +23,17 @@ whose drafts are wholly rejected MAX_REJECTED times in a row stops drafting for 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from kollm.serve.kv import StaticKV, greedy, step_outputs
-from kollm.serve.prefix import extend_forward
+from kollm.serve.kv import MIN_LENGTH_BUCKET, StaticKV, _bucket, _buckets, greedy, step_outputs
+
+log = logging.getLogger("kollm.serve")
 
 NGRAM_MAX = 3
 NGRAM_MIN = 1
@@ -133,31 +138,107 @@ class Speculator:
         self.states = {seq: s for seq, s in self.states.items() if id(seq) in kept}
 
 
-def verify(kv: StaticKV, drafts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[float]]]:
-    """One step for every running row of `kv` (row order) with its draft (possibly empty): each row's next input
-    token followed by its draft, at the row's positions. Returns, per row, the tokens it emits (the accepted draft
-    tokens and the model's token after them: at least one) and their -log p; the rows' slots move on past them."""
-    n = len(kv.active)
-    assert len(drafts) == n
-    last = kv.tokens[torch.tensor(kv.active, device=kv.device)].tolist()
-    chunks = [[tok, *d] for tok, d in zip(last, drafts)]
-    starts = list(kv._lengths)
-    logits = extend_forward(kv, kv.active, chunks, starts, every=True)  # [n, t, V]
-    t = logits.shape[1]
-    picks = greedy(logits.flatten(0, 1))
-    rows = step_outputs(logits.flatten(0, 1), picks).view(n, t, 2).tolist()
-    emitted: list[list[int]] = []
-    nlls: list[list[float]] = []
-    for d, row in zip(drafts, rows):
-        model = [int(tok) for tok, _ in row]
-        m = 0
-        while m < len(d) and d[m] == model[m]:
-            m += 1
-        emitted.append(model[: m + 1])  # d[:m] == model[:m], then the model's own token
-        nlls.append([nll for _, nll in row[: m + 1]])
-    index = torch.tensor(kv.active, device=kv.device)
-    kv.tokens[index] = torch.tensor([e[-1] for e in emitted], device=kv.device)
-    new_lengths = [start + len(e) for start, e in zip(starts, emitted)]
-    kv.pos[index] = torch.tensor(new_lengths, device=kv.device)
-    kv._lengths = new_lengths
-    return emitted, nlls
+class Verifier:
+    """The step that verifies drafts: every row of the batch bucket (slots [0, n)) feeds its next token and up to
+    `tokens - 1` draft tokens (from `draft` / `count`, buffers on the device) at its positions pos, pos+1, ...
+    Every shape depends only on (n, n_len), every value is read from buffers, so on CUDA each (batch bucket,
+    length bucket) is captured once as a CUDA graph (in a pool of its own) and replayed; where capturing fails it
+    runs eagerly. On CPU it runs eagerly."""
+
+    def __init__(self, kv: StaticKV, tokens: int = DRAFT_TOKENS + 1):
+        self.kv, self.t = kv, tokens
+        self.draft = torch.zeros((kv.slots, tokens - 1), dtype=torch.long, device=kv.device)
+        self.count = torch.ones(kv.slots, dtype=torch.long, device=kv.device)  # tokens fed per slot (1: no draft)
+        self.length_buckets = _buckets(kv.length, min(MIN_LENGTH_BUCKET, kv.length))
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.eager = not kv.cuda_graphs or kv.device.type != "cuda"
+        self._pool: Any = None
+
+    def forward(self, n: int, n_len: int) -> torch.Tensor:
+        """`step_outputs` of the greedy token at every fed position: [n, tokens, 2] (garbage past a row's count
+        and for free slots, whose writes go to the spare slot)."""
+        kv, t = self.kv, self.t
+        offs = kv.positions[:t]
+        qpos = kv.pos[:n, None] + offs[None, :]  # [n, t]
+        valid = (offs[None, :] < self.count[:n, None]) & (kv.live[:n, None] > 0)
+        qpos_c = qpos.clamp(max=kv.length - 1)
+        rows = torch.where(valid, kv.rows[:n, None], kv.slots).reshape(-1)
+        cols = torch.where(valid, qpos_c, 0).reshape(-1)
+        mask = (kv.positions[:n_len][None, None, :] <= qpos[:, :, None])[:, None]  # [n, 1, t, n_len]
+        cos, sin = kv.cos[qpos_c][:, :, None], kv.sin[qpos_c][:, :, None]  # [n, t, 1, D]
+
+        def attend(i: int, q: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            cache = kv.kv[i]
+            cache[rows, :, :, cols] = new.flatten(0, 1)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                cache[:n, 0, :, :n_len],
+                cache[:n, 1, :, :n_len],
+                attn_mask=mask,
+                scale=kv.spec.scale,
+                enable_gqa=kv.groups > 1,
+            )
+            return o.transpose(1, 2).reshape(n, t, -1)
+
+        ids = torch.cat([kv.tokens[:n, None], self.draft[:n]], dim=1)
+        x = kv._layers(kv.inner.embed_tokens(ids), cos, sin, attend, kv.spec)
+        logits = kv.model.lm_head(x).flatten(0, 1)
+        return step_outputs(logits, greedy(logits)).view(n, t, 2)
+
+    def _run(self, n: int, n_len: int) -> torch.Tensor:
+        if self.eager:
+            return self.forward(n, n_len)
+        entry = self.graphs.get((n, n_len))
+        if entry is None:
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                stream = torch.cuda.Stream(device=self.kv.device)
+                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+                with torch.cuda.stream(stream):  # warm-up off the capture (allocator, compiling); same writes
+                    self.forward(n, n_len)
+                torch.cuda.current_stream(self.kv.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = self.forward(n, n_len)
+                entry = self.graphs[(n, n_len)] = (graph, out)
+            except Exception as e:  # noqa: BLE001 - a capture that fails: verify eagerly from now on
+                log.warning(
+                    "capturing the draft verification step failed (%s: %s); running it eagerly", type(e).__name__, e
+                )
+                self.eager = True
+                return self.forward(n, n_len)
+        entry[0].replay()
+        return entry[1]
+
+    def step(self, drafts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        """One step for every running row (row order) with its draft (possibly empty, at most tokens - 1 long).
+        Returns, per row, the tokens it emits (the accepted draft tokens and the model's token after them: at
+        least one) and their -log p; each row's slot moves on past them (rejected positions are left stale)."""
+        kv = self.kv
+        assert len(drafts) == len(kv.active)
+        n = _bucket(kv.batch_buckets, max(kv.active) + 1)
+        longest = max(length + len(d) + 1 for length, d in zip(kv._lengths, drafts))
+        n_len = _bucket(self.length_buckets, longest)
+        host = torch.zeros((len(drafts), self.t - 1), dtype=torch.long)
+        for i, d in enumerate(drafts):
+            host[i, : len(d)] = torch.tensor(list(d), dtype=torch.long)
+        index = kv._on_device(kv.active)
+        self.count.fill_(1)
+        self.draft[index] = kv._on_device(host)
+        self.count[index] = kv._on_device([len(d) + 1 for d in drafts])
+        outputs = self._run(n, n_len).tolist()
+        emitted: list[list[int]] = []
+        nlls: list[list[float]] = []
+        for slot, d in zip(kv.active, drafts):
+            row = outputs[slot]
+            model = [int(tok) for tok, _ in row]
+            m = 0
+            while m < len(d) and d[m] == model[m]:
+                m += 1
+            emitted.append(model[: m + 1])  # d[:m] == model[:m], then the model's own token
+            nlls.append([nll for _, nll in row[: m + 1]])
+        kv.tokens[index] = kv._on_device([e[-1] for e in emitted])
+        kv._lengths = [length + len(e) for length, e in zip(kv._lengths, emitted)]
+        kv.pos[index] = kv._on_device(kv._lengths)
+        return emitted, nlls
