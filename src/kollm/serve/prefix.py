@@ -44,10 +44,10 @@ def extend_forward(
     ids = torch.zeros((n, t), dtype=torch.long)
     for i, c in enumerate(chunks):
         ids[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
-    ids = ids.to(dev)
-    start = torch.tensor(list(starts), dtype=torch.long, device=dev)
-    count = torch.tensor([len(c) for c in chunks], dtype=torch.long, device=dev)
-    slot = torch.tensor(list(slots), dtype=torch.long, device=dev)
+    ids = kv._on_device(ids)  # small copies that do not wait for a decode step launched ahead
+    start = kv._on_device(list(starts))
+    count = kv._on_device([len(c) for c in chunks])
+    slot = kv._on_device(list(slots))
     offs = torch.arange(t, device=dev)
     qpos = start[:, None] + offs[None, :]  # [n, t]
     valid = offs[None, :] < count[:, None]
@@ -154,14 +154,14 @@ class PrefixCache:
             parent = key
         if not new:
             return
-        pos = torch.tensor([[j * self.block + i for i in range(self.block)] for j, _ in new], device=kv.device)
-        rows = torch.tensor([r for _, r in new], device=kv.device)
+        pos = kv._on_device(torch.tensor([[j * self.block + i for i in range(self.block)] for j, _ in new]))
+        rows = kv._on_device([r for _, r in new])
         for cache, pool in zip(kv.kv, self.pool):
             pool[rows] = cache[slot][:, :, pos].permute(2, 0, 1, 3, 4)  # [2, kvh, nb, B, D] -> [nb, 2, kvh, B, D]
 
     def load(self, kv: StaticKV, slot: int, rows: list[int]) -> None:
         """Copy cached blocks (pool rows, in prompt order) into positions 0.. of the slot."""
-        index = torch.tensor(rows, device=kv.device)
+        index = kv._on_device(rows)
         n = len(rows) * self.block
         for cache, pool in zip(kv.kv, self.pool):
             cache[slot, :, :, :n] = pool[index].permute(1, 2, 0, 3, 4).reshape(2, kv.kv_heads, n, kv.head_dim)
