@@ -57,7 +57,7 @@ from kollm.serve import grammar
 from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
-from kollm.serve.prefix import PrefixCache
+from kollm.serve.prefix import EXTEND_MODEL_TYPES, PrefixCache
 from kollm.serve.speculative import Speculator, Verifier
 
 log = logging.getLogger("kollm.serve")
@@ -659,8 +659,17 @@ class TransformersEngine:
         # prompt-lookup drafts verified in one step (kollm.serve.speculative)
         if speculative not in (None, "ngram"):
             raise ValueError(f"speculative: expected ngram or None, got {speculative!r}")
-        self.prefix_cache, self.prefix_cache_tokens = prefix_cache, prefix_cache_tokens
+        extendable = getattr(model.config, "model_type", None) in EXTEND_MODEL_TYPES
+        self.prefix_cache, self.prefix_cache_tokens = prefix_cache and extendable, prefix_cache_tokens
         self._prefix: PrefixCache | None = None
+        if speculative and self.kv_cache == "static" and not extendable:
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                f"--speculative {speculative} does not serve model type {model.config.model_type!r} yet "
+                f"(it serves {', '.join(EXTEND_MODEL_TYPES)})",
+                hint="leave out --speculative",
+            )
         if speculative and self.kv_cache != "static":
             from kollm.errors import ConfigError
 

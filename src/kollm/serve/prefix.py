@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from kollm.serve.kv import StaticKV
 
 BLOCK_TOKENS = 16  # positions per cached block
+# the model types whose attention extend_forward (and speculative.Verifier) compute exactly: full causal attention,
+# no sliding window or logit soft-capping (a family StaticKV gains later needs its own masks here first)
+EXTEND_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_CACHE_TOKENS = 16384  # the pool's size when none is given (a 6.6B GQA model: ~2 GiB in bf16)
 
 
