@@ -92,6 +92,36 @@ def test_prompts_sharing_a_prefix_get_the_outputs_of_prefilling_them_whole(tok, 
     assert engine.prefix_cache_hit_tokens() == (blocks + blocks + blocks - 1) * BLOCK_TOKENS
 
 
+def test_a_prompt_hitting_the_cache_joins_a_batch_decoding_ahead(tok, model, monkeypatch):
+    """In the CUDA graphs' shapes (a decode step launched one ahead of reading it back), prompts that hit the cache
+    join while another request decodes, and speculation drafts for them: each gets its greedy tokens."""
+    as_on_cuda(monkeypatch)
+    shared = tok.encode(SHARED)
+    engine = TransformersEngine(model, tok, max_batch_size=4, kv_cache="static", speculative="ngram")
+    requests = [(shared, 2), (shared + tok.encode("안녕하세요"), 80), (shared + tok.encode("0"), 12)]
+    running: list[int] = []
+
+    async def one(i: int, ids: list[int], n: int) -> str:
+        await asyncio.sleep((0, 0.5, 0.52)[i])  # the first caches the prefix; the third joins the second
+        chunks = []
+        async for c in engine.generate(ids, greedy(n), f"r{i}"):
+            if i == 2 and not chunks:
+                running.append(engine.running())
+            chunks.append(c)
+        return "".join(c.text for c in chunks)
+
+    async def main():
+        out = await asyncio.gather(*(one(i, ids, n) for i, (ids, n) in enumerate(requests)))
+        await engine.shutdown()
+        return out
+
+    outputs = asyncio.run(main())
+    for (ids, n), out in zip(requests, outputs):
+        assert out == tok.decode(greedy_without_cache(model, ids, n), skip_special_tokens=True)
+    assert engine.prefix_cache_hit_tokens() == 2 * (len(shared) // BLOCK_TOKENS) * BLOCK_TOKENS
+    assert running == [2]  # the third request's first token came while the second was still decoding
+
+
 def test_after_eviction_the_pool_rows_hold_the_new_blocks(tok, model):
     """A pool of 4 blocks: a second long prompt evicts the first's blocks and takes their rows; a prompt sharing
     the second's prefix reuses them (the rows' new contents), and the first prompt again gets no hit."""
