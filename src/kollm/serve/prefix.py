@@ -141,26 +141,36 @@ class PrefixCache:
         return self.free.pop()
 
     def store(self, kv: StaticKV, slot: int, prompt: Sequence[int], adapter: str | None = None) -> None:
-        """Copy the prompt's full blocks that are not cached yet from the slot's keys and values into the pool
-        (at most the pool's capacity of them)."""
-        parent: int | None = None
-        new: list[tuple[int, int]] = []  # (block number, pool row)
-        for j in range(min(len(prompt) // self.block, self.capacity)):
-            tokens = tuple(prompt[j * self.block : (j + 1) * self.block])
-            key = self._key(parent, adapter, tokens)
-            entry = self.blocks.get(key)
-            if entry is None or entry.parent != parent or entry.tokens != tokens:
-                entry = _Block(self._take(), parent, tokens)
-                self.blocks[key] = entry
-                new.append((j, entry.index))
-            self.blocks.move_to_end(key)
-            parent = key
+        """Copy the prompt's full blocks that are not cached yet from the slot into the pool."""
+        self.store_all(kv, [slot], [prompt], [adapter])
+
+    def store_all(
+        self, kv: StaticKV, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]
+    ) -> None:
+        """Copy the prompts' full blocks that are not cached yet from their slots into the pool: one gather and
+        one scatter per layer for them all, at most the pool's capacity of new blocks (so none evicts another)."""
+        new: list[tuple[int, int, int]] = []  # (slot, block number, pool row)
+        for slot, prompt, adapter in zip(slots, prompts, adapters):
+            parent: int | None = None
+            for j in range(len(prompt) // self.block):
+                tokens = tuple(prompt[j * self.block : (j + 1) * self.block])
+                key = self._key(parent, adapter, tokens)
+                entry = self.blocks.get(key)
+                if entry is None or entry.parent != parent or entry.tokens != tokens:
+                    if len(new) == self.capacity:
+                        break
+                    entry = _Block(self._take(), parent, tokens)
+                    self.blocks[key] = entry
+                    new.append((slot, j, entry.index))
+                self.blocks.move_to_end(key)
+                parent = key
         if not new:
             return
-        pos = kv._on_device(torch.tensor([[j * self.block + i for i in range(self.block)] for j, _ in new]))
-        rows = kv._on_device([r for _, r in new])
+        source = kv._on_device([slot for slot, _, _ in new])[:, None]
+        pos = kv._on_device(torch.tensor([[j * self.block + i for i in range(self.block)] for _, j, _ in new]))
+        rows = kv._on_device([r for _, _, r in new])
         for cache, pool in zip(kv.kv, self.pool):
-            pool[rows] = cache[slot][:, :, pos].permute(2, 0, 1, 3, 4)  # [2, kvh, nb, B, D] -> [nb, 2, kvh, B, D]
+            pool[rows] = cache[source, :, :, pos].permute(0, 2, 3, 1, 4)  # [nb, B, 2, kvh, D] -> [nb, 2, kvh, B, D]
 
     def load(self, kv: StaticKV, slot: int, rows: list[int]) -> None:
         """Copy cached blocks (pool rows, in prompt order) into positions 0.. of the slot."""
@@ -188,6 +198,5 @@ class PrefixCache:
             logits = extend_forward(kv, slots, [p[s:] for p, s in zip(prompts, starts)], starts, every=False)
             handle = (slots, [len(p) for p in prompts])
             self.hit_tokens += sum(starts)
-        for slot, prompt, adapter in zip(handle[0], prompts, adapters):
-            self.store(kv, slot, prompt, adapter)
+        self.store_all(kv, handle[0], prompts, adapters)
         return handle, logits
