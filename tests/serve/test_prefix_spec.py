@@ -201,11 +201,11 @@ def test_a_sequence_whose_drafts_keep_being_rejected_stops_drafting():
     seq = object()
     tokens = [1, 2, 3, 1, 2]
     for _ in range(MAX_REJECTED):
-        assert spec.draft(seq, tokens, 10) == [3, 1, 2]
+        assert spec.draft(seq, tokens[:2], tokens[2:], 10) == [3, 1, 2]
         spec.record(seq, 3, 0)
-    assert spec.draft(seq, tokens, 10) == [] and spec.state(seq).off
+    assert spec.draft(seq, tokens, [], 10) == [] and spec.state(seq).off
     other = object()  # a lookup that finds nothing waits before looking again
-    assert spec.draft(other, [1, 2, 3], 10) == []
+    assert spec.draft(other, [1, 2, 3], [], 10) == []
     assert not spec.due(other)
 
 

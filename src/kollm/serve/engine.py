@@ -1005,7 +1005,7 @@ class TransformersEngine:
         for s in seqs:
             n_out = len(s.out_ids)
             limit = min(s.params.max_tokens - n_out - 1, self.context_length - len(s.prompt_ids) - n_out - 1)
-            drafts.append(spec.draft(s, s.prompt_ids + s.out_ids, limit))
+            drafts.append(spec.draft(s, s.prompt_ids, s.out_ids, limit))
         if not any(drafts):
             return False
         if self._verifier is None or self._verifier.kv is not kv:

@@ -105,14 +105,18 @@ class Speculator:
             s = self.state(seq)
             s.wait = max(s.wait - 1, 0)
 
-    def draft(self, seq: object, tokens: Sequence[int], limit: int) -> list[int]:
-        """The draft for a sequence whose tokens so far (prompt + output) are `tokens`: at most `limit` tokens."""
+    def draft(self, seq: object, prompt: Sequence[int], output: Sequence[int], limit: int) -> list[int]:
+        """The draft for a sequence of these prompt and output tokens so far: at most `limit` tokens."""
         s = self.state(seq)
         if s.wait > 0:
             s.wait -= 1
         if s.off or s.wait > 0 or limit <= 0:
             return []
-        s.index.extend(tokens[len(s.index.tokens) :])
+        seen = len(s.index.tokens)  # the index has the first `seen` tokens of prompt + output already
+        if seen < len(prompt):
+            s.index.extend(prompt[seen:])
+            seen = len(prompt)
+        s.index.extend(output[seen - len(prompt) :])
         out = s.index.draft(min(self.draft_tokens, limit))
         if not out:
             s.misses += 1
