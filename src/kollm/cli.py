@@ -724,8 +724,12 @@ def serve_cmd(
     speculative: Annotated[
         Optional[str],
         typer.Option(
-            help="The native engine with the static KV cache: ngram for speculative decoding with prompt-lookup drafts (greedy requests; off by default)."
+            help="The native engine with the static KV cache: ngram for speculative decoding with prompt-lookup drafts, draft for drafts from --draft-model (greedy requests; off by default)."
         ),
+    ] = None,
+    draft_model: Annotated[
+        Optional[Path],
+        typer.Option(help="With --speculative draft: a small model folder of the same tokenizer that drafts tokens."),
     ] = None,
     engine_arg: Annotated[
         Optional[list[str]],
@@ -813,6 +817,7 @@ def serve_cmd(
         kv_cache=kv_cache,
         prefix_cache=prefix_cache,
         speculative=speculative,
+        draft_model=draft_model,
         **extra,
     )
 

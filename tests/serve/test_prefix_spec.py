@@ -266,3 +266,48 @@ def test_serve_refuses_an_unknown_speculative_method(tiny_model_dir, tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "--speculative: expected ngram" in r.stderr
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_draft_model_greedy_outputs_equal_decoding_one_token_at_a_time(tok, model, same):
+    """`--speculative draft`: a draft model of the same tokenizer proposes tokens that the served model verifies.
+    With the served model as its own draft every draft token is accepted; with another model most are rejected.
+    Either way the greedy outputs equal recomputing the whole sequence."""
+    target = tiny_model(tok, init_range=0.1).eval()
+    draft = tiny_model(tok, init_range=0.1).eval() if same else model
+    requests = [
+        [(tok.encode("서울은 대한민국의 수도입니다."), greedy(30)), (tok.encode("The quick brown fox"), greedy(21))],
+        [(tok.encode("안녕하세요"), greedy(17))],
+    ]
+    engine = TransformersEngine(
+        target, tok, max_batch_size=4, kv_cache="static", speculative="draft", draft_model=draft
+    )
+    outputs = run(engine, requests)
+    for (ids, p), out in zip([r for b in requests for r in b], outputs):
+        assert out == tok.decode(greedy_without_cache(target, ids, p.max_tokens), skip_special_tokens=True), ids
+    spec = engine._speculator
+    assert spec is not None and spec.proposed > 0 and spec.steps > 0
+    if same:
+        assert spec.accepted == spec.proposed
+    else:
+        assert spec.accepted < spec.proposed
+
+
+def test_a_draft_model_must_share_the_vocabulary(tok, model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok) + 7,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
+    with pytest.raises(ConfigError, match="vocabulary"):
+        TransformersEngine(model, tok, kv_cache="static", speculative="draft", draft_model=other)
+    with pytest.raises(ConfigError, match="go together"):
+        TransformersEngine(model, tok, kv_cache="static", speculative="ngram", draft_model=model)

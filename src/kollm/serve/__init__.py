@@ -146,6 +146,7 @@ def serve(
     allowed_hosts: list[str] | None = None,
     prefix_cache: bool = True,
     speculative: str | None = None,
+    draft_model: Path | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -196,6 +197,7 @@ def serve(
             kv_cache=kv_cache,
             prefix_cache=prefix_cache,
             speculative=speculative,
+            draft_model=draft_model,
         )
         app_options: dict[str, Any] = dict(
             model_name=served,

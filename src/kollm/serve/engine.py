@@ -58,14 +58,14 @@ from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 from kollm.serve.prefix import EXTEND_MODEL_TYPES, PrefixCache
-from kollm.serve.speculative import Speculator, Verifier
+from kollm.serve.speculative import DraftModel, Speculator, Verifier
 
 log = logging.getLogger("kollm.serve")
 
 FinishReason = Literal["stop", "length"]
 Backend = Literal["auto", "transformers", "vllm"]
 KVCacheKind = Literal["auto", "dynamic", "static"]
-SpeculativeKind = Literal["ngram"]
+SpeculativeKind = Literal["ngram", "draft"]
 
 
 # prompt logprobs need the logits of every prompt position ([L, V] at once): served for prompts up to this long
@@ -595,6 +595,7 @@ class TransformersEngine:
         prefix_cache: bool = True,
         prefix_cache_tokens: int | None = None,
         speculative: SpeculativeKind | None = None,
+        draft_model: Any = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -657,8 +658,12 @@ class TransformersEngine:
         self._pinned: list[torch.Tensor] | None = None  # host buffers of launched steps' outputs (see _launch)
         # with the static cache: prompt blocks reused across requests (kollm.serve.prefix; made by the worker), and
         # prompt-lookup drafts verified in one step (kollm.serve.speculative)
-        if speculative not in (None, "ngram"):
-            raise ValueError(f"speculative: expected ngram or None, got {speculative!r}")
+        if speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative: expected ngram, draft or None, got {speculative!r}")
+        if (speculative == "draft") != (draft_model is not None):
+            from kollm.errors import ConfigError
+
+            raise ConfigError("--speculative draft and --draft-model PATH go together", hint="give both or neither")
         extendable = getattr(model.config, "model_type", None) in EXTEND_MODEL_TYPES
         self.prefix_cache, self.prefix_cache_tokens = prefix_cache and extendable, prefix_cache_tokens
         self._prefix: PrefixCache | None = None
@@ -679,6 +684,10 @@ class TransformersEngine:
             )
         self._speculator: Speculator | None = Speculator() if speculative else None
         self._verifier: Verifier | None = None  # made at the first drafting step
+        self._draft_source = draft_model  # with speculative "draft": its DraftModel is made by the worker
+        self._draft: DraftModel | None = None
+        if draft_model is not None:
+            self._check_draft_model(draft_model)
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -857,6 +866,10 @@ class TransformersEngine:
                 prefill_tokens=self.max_prefill_tokens,
             )
             self._kv.warm_up()
+            if self._draft_source is not None:
+                self._draft = DraftModel(
+                    self._draft_source.eval(), slots=self.max_batch_size, context_length=self.context_length
+                )
             if self.prefix_cache:
                 self._prefix = (
                     PrefixCache(self._kv, tokens=self.prefix_cache_tokens)
@@ -978,6 +991,21 @@ class TransformersEngine:
         kv.advance(tokens)
         self._accept(self._seqs, *_to_host(logits, tokens), logprobs)
 
+    def _check_draft_model(self, draft: Any) -> None:
+        from kollm.errors import ConfigError
+
+        vocab = int(draft.get_output_embeddings().weight.shape[0])
+        if vocab != self.vocab_size:
+            raise ConfigError(
+                f"--draft-model: its vocabulary has {vocab} tokens, the served model's {self.vocab_size}",
+                hint="give a draft model of the same tokenizer",
+            )
+        unsupported = static_kv_unsupported(draft)
+        if unsupported is None and draft.config.model_type not in EXTEND_MODEL_TYPES:
+            unsupported = f"model type {draft.config.model_type!r}"
+        if unsupported is not None:
+            raise ConfigError(f"--draft-model cannot draft: {unsupported}", hint="give a Llama-family draft model")
+
     def prefix_cache_hit_tokens(self) -> int:
         """Prompt tokens whose keys and values came from the prefix cache (not prefilled), since start."""
         return self._prefix.hit_tokens if self._prefix is not None else 0
@@ -1001,19 +1029,26 @@ class TransformersEngine:
                 return True
         if len(spec.states) > 2 * len(seqs):
             spec.forget(seqs)
-        drafts = []
-        for s in seqs:
-            n_out = len(s.out_ids)
-            limit = min(s.params.max_tokens - n_out - 1, self.context_length - len(s.prompt_ids) - n_out - 1)
-            drafts.append(spec.draft(s, s.prompt_ids, s.out_ids, limit))
+        limits = [
+            min(s.params.max_tokens - len(s.out_ids) - 1, self.context_length - len(s.prompt_ids) - len(s.out_ids) - 1)
+            for s in seqs
+        ]
+        if self._draft is not None:
+            known = [s.prompt_ids + s.out_ids for s in seqs]
+            limits = [0 if spec.state(s).off else limit for s, limit in zip(seqs, limits)]
+            drafts = self._draft.drafts(kv.active, seqs, known, limits)
+        else:
+            drafts = [spec.draft(s, s.prompt_ids, s.out_ids, limit) for s, limit in zip(seqs, limits)]
         if not any(drafts):
             return False
         if self._verifier is None or self._verifier.kv is not kv:
             self._verifier = Verifier(kv)
         emitted, nlls = self._verifier.step(drafts)
         spec.steps += 1
-        for s, d, e in zip(seqs, drafts, emitted):
+        for slot, s, d, e in zip(kv.active, seqs, drafts, emitted):
             spec.record(s, len(d), len(e) - 1)
+            if self._draft is not None and d:
+                self._draft.accepted(slot, len(s.prompt_ids) + len(s.out_ids), len(d), len(e) - 1)
         for j in range(max(map(len, emitted))):  # token j of every row that emitted one; rows that finish drop out
             rows = [i for i, e in enumerate(emitted) if len(e) > j]
             self._accept(
@@ -1174,6 +1209,7 @@ def load_engine(
     kv_cache: KVCacheKind = "auto",
     prefix_cache: bool = True,
     speculative: str | None = None,
+    draft_model: Path | None = None,
 ) -> Engine:
     """Load the model folder into an engine.
 
@@ -1186,7 +1222,8 @@ def load_engine(
     kv_cache (transformers only): "static" (slots and CUDA graphs, Llama-family models; see kollm.serve.kv),
     "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
     prefix_cache, speculative (transformers with the static cache): reuse cached prompt blocks
-    (kollm.serve.prefix); "ngram" for prompt-lookup speculative decoding (kollm.serve.speculative), None for none.
+    (kollm.serve.prefix); "ngram" for prompt-lookup speculative decoding (kollm.serve.speculative), "draft" for
+    drafts from `draft_model` (a model folder of the same tokenizer), None for none.
     """
     from kollm.errors import ConfigError, NotFound
 
@@ -1198,8 +1235,12 @@ def load_engine(
         )
     if kv_cache not in ("auto", "dynamic", "static"):
         raise ConfigError(f"--kv-cache: expected auto, dynamic or static, got {kv_cache!r}")
-    if speculative not in (None, "ngram"):
-        raise ConfigError(f"--speculative: expected ngram, got {speculative!r}")
+    if speculative not in (None, "ngram", "draft"):
+        raise ConfigError(f"--speculative: expected ngram or draft, got {speculative!r}")
+    if (speculative == "draft") != (draft_model is not None):
+        raise ConfigError("--speculative draft and --draft-model PATH go together", hint="give both or neither")
+    if draft_model is not None and not (Path(draft_model) / "config.json").is_file():
+        raise NotFound(f"--draft-model {draft_model}: not a model folder (no config.json)")
     if backend not in ("auto", "transformers", "vllm"):
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -1247,6 +1288,9 @@ def load_engine(
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model = model.to(device)  # type: ignore[arg-type]  # transformers types its decorated .to() with self first
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
+    draft = None
+    if draft_model is not None:
+        draft = AutoModelForCausalLM.from_pretrained(draft_model, dtype=torch_dtype).to(device)  # type: ignore[arg-type]
     return TransformersEngine(
         model,
         tokenizer,
@@ -1254,5 +1298,6 @@ def load_engine(
         context_length=context_length,
         kv_cache=kv_cache,
         prefix_cache=prefix_cache,
-        speculative="ngram" if speculative == "ngram" else None,
+        speculative="ngram" if speculative == "ngram" else "draft" if speculative == "draft" else None,
+        draft_model=draft,
     )

@@ -3,6 +3,7 @@
 Public API:
     NgramIndex           where each recent n-gram of a sequence (prompt + output) last occurred, kept incrementally
     Speculator           per-sequence drafting state and the policy that turns drafting off for a sequence
+    DraftModel           drafts from a small model of the same tokenizer (its own StaticKV, kept in step lazily)
     Verifier             the step that feeds every row its next token and its draft and takes the greedy token at
                          each position (a CUDA graph per batch and length bucket on CUDA)
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kollm.serve.kv import MIN_LENGTH_BUCKET, StaticKV, _bucket, _buckets, greedy, step_outputs
+from kollm.serve.prefix import extend_forward
 
 log = logging.getLogger("kollm.serve")
 
@@ -246,3 +248,48 @@ class Verifier:
         kv._lengths = [length + len(e) for length, e in zip(kv._lengths, emitted)]
         kv.pos[index] = kv._on_device(kv._lengths)
         return emitted, nlls
+
+
+class DraftModel:
+    """Drafts from a small model of the same tokenizer (`--speculative draft --draft-model PATH`): its own StaticKV
+    (one slot per engine slot, run eagerly), kept in step with each sequence lazily. At each drafting step every
+    row feeds the tokens its draft cache lacks (at a sequence's first step, its whole prompt), then `tokens - 1`
+    more greedy steps give the draft. After verification, the draft cache stays valid up to the accepted tokens."""
+
+    def __init__(self, model: Any, *, slots: int, context_length: int, tokens: int = DRAFT_TOKENS):
+        self.kv = StaticKV(model, slots=slots, context_length=context_length, cuda_graphs=False)
+        self.k = tokens
+        self.owner: list[object | None] = [None] * slots  # the sequence each slot's draft cache belongs to
+        self.synced = [0] * slots  # its valid positions
+
+    def drafts(
+        self, slots: Sequence[int], seqs: Sequence[object], tokens: Sequence[Sequence[int]], limits: Sequence[int]
+    ) -> list[list[int]]:
+        """Up to min(k, limit) draft tokens per row (slot, sequence, its tokens so far: prompt + output)."""
+        for slot, seq in zip(slots, seqs):
+            if self.owner[slot] is not seq:
+                self.owner[slot], self.synced[slot] = seq, 0
+        want = [min(self.k, limit) for limit in limits]
+        out: list[list[int]] = [[] for _ in slots]
+        rows = [i for i, w in enumerate(want) if w > 0]
+        if not rows:
+            return out
+        chunks = [list(tokens[i][self.synced[slots[i]] :]) for i in rows]
+        starts = [self.synced[slots[i]] for i in rows]
+        where = [slots[i] for i in rows]
+        for step in range(max(want[i] for i in rows)):
+            logits = extend_forward(self.kv, where, chunks, starts, every=False)
+            picks = greedy(logits).tolist()
+            for j, i in enumerate(rows):
+                if step < want[i]:
+                    out[i].append(int(picks[j]))
+            starts = [s + len(c) for s, c in zip(starts, chunks)]
+            chunks = [[int(p)] for p in picks]
+        for i in rows:  # what the draft cache holds: the tokens so far, and the draft tokens fed back
+            self.synced[slots[i]] = len(tokens[i]) + len(out[i]) - 1
+        return out
+
+    def accepted(self, slot: int, known: int, drafted: int, accepted: int) -> None:
+        """After verification: the slot's draft cache is valid for the `known` tokens it had before the draft
+        and the accepted draft tokens it was fed (the last draft token never was)."""
+        self.synced[slot] = min(self.synced[slot], known + min(accepted, max(drafted - 1, 0)))
