@@ -311,3 +311,23 @@ def test_a_draft_model_must_share_the_vocabulary(tok, model):
         TransformersEngine(model, tok, kv_cache="static", speculative="draft", draft_model=other)
     with pytest.raises(ConfigError, match="go together"):
         TransformersEngine(model, tok, kv_cache="static", speculative="ngram", draft_model=model)
+
+
+def test_load_engine_loads_a_draft_model_folder(tiny_model_dir):
+    """`kollm serve --speculative draft --draft-model PATH`: the folder is loaded beside the served model and drafts."""
+    from kollm.serve.engine import load_engine
+
+    with pytest.raises(ConfigError, match="go together"):
+        load_engine(tiny_model_dir, device="cpu", kv_cache="static", speculative="draft")
+    engine = load_engine(
+        tiny_model_dir,
+        device="cpu",
+        kv_cache="static",
+        max_batch_size=2,
+        speculative="draft",
+        draft_model=tiny_model_dir,
+    )
+    assert isinstance(engine, TransformersEngine)
+    run(engine, [[(engine.encode_prompt(SHARED), greedy(6))]])
+    assert engine._draft is not None and engine._speculator is not None
+    assert engine._speculator.accepted == engine._speculator.proposed > 0  # its own draft: every token accepted
