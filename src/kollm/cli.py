@@ -784,6 +784,22 @@ def serve_cmd(
             help="The native engine's KV cache: auto (static on CUDA for Llama-family models), static (preallocated slots, CUDA graphs on CUDA) or dynamic (any model)."
         ),
     ] = "auto",
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            help="The native engine with the static KV cache: reuse the keys and values of prompt prefixes seen before (blocks of 16 tokens, least recently used evicted)."
+        ),
+    ] = True,
+    speculative: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The native engine with the static KV cache: ngram for speculative decoding with prompt-lookup drafts, draft for drafts from --draft-model (greedy requests; off by default)."
+        ),
+    ] = None,
+    draft_model: Annotated[
+        Optional[Path],
+        typer.Option(help="With --speculative draft: a small model folder of the same tokenizer that drafts tokens."),
+    ] = None,
     engine_arg: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -906,6 +922,9 @@ def serve_cmd(
         graceful_timeout=graceful_timeout,
         engine_args=parse_engine_args(engine_arg or []),
         kv_cache=kv_cache,
+        prefix_cache=prefix_cache,
+        speculative=speculative,
+        draft_model=draft_model,
         **extra,
     )
 

@@ -147,6 +147,9 @@ def serve(
     adapters: dict[str, str] | None = None,
     max_adapters: int = 8,
     adapters_from_lineage: bool = False,
+    prefix_cache: bool = True,
+    speculative: str | None = None,
+    draft_model: Path | None = None,
 ) -> None:
     """Serve `model_uri` on host:port until SIGINT/SIGTERM, then finish in-flight requests (up to graceful_timeout s).
 
@@ -198,6 +201,9 @@ def serve(
             context_length=context_length,
             engine_args=engine_args,
             kv_cache=kv_cache,
+            prefix_cache=prefix_cache,
+            speculative=speculative,
+            draft_model=draft_model,
         )
         if adapters_from_lineage:
             adapters = _lineage_adapters(path, served, project_dir) | dict(adapters or {})

@@ -58,12 +58,15 @@ from kollm.serve.grammar import Constraint
 from kollm.serve.tools import ParsedCall, ToolFormat, parse_calls, tool_format
 from kollm.serve.kv import DynamicKV, StaticKV, static_kv_unsupported, step_outputs
 from kollm.serve.multi_lora import AdapterBank
+from kollm.serve.prefix import PrefixCache, extend_unsupported
+from kollm.serve.speculative import DraftModel, Speculator, Verifier
 
 log = logging.getLogger("kollm.serve")
 
 FinishReason = Literal["stop", "length"]
 Backend = Literal["auto", "transformers", "vllm"]
 KVCacheKind = Literal["auto", "dynamic", "static"]
+SpeculativeKind = Literal["ngram", "draft"]
 
 
 # prompt logprobs need the logits of every prompt position ([L, V] at once): served for prompts up to this long
@@ -596,6 +599,10 @@ class TransformersEngine:
         kv_cache: KVCacheKind = "auto",
         adapters: AdapterBank | None = None,
         backend_note: str = "--backend transformers",
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int | None = None,
+        speculative: SpeculativeKind | None = None,
+        draft_model: Any = None,
     ):
         self.model = model.eval()
         self.adapters = adapters
@@ -673,6 +680,37 @@ class TransformersEngine:
         self._kv: DynamicKV | StaticKV | None = None  # made by the worker thread (under its inference mode)
         self._launched: _Launched | None = None  # with the static cache: the step running ahead (see _decode)
         self._pinned: list[torch.Tensor] | None = None  # host buffers of launched steps' outputs (see _launch)
+        # with the static cache: prompt blocks reused across requests (kollm.serve.prefix; made by the worker), and
+        # prompt-lookup drafts verified in one step (kollm.serve.speculative)
+        if speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative: expected ngram, draft or None, got {speculative!r}")
+        if (speculative == "draft") != (draft_model is not None):
+            from kollm.errors import ConfigError
+
+            raise ConfigError("--speculative draft and --draft-model PATH go together", hint="give both or neither")
+        not_extendable = extend_unsupported(model.config)
+        self.prefix_cache, self.prefix_cache_tokens = prefix_cache and not_extendable is None, prefix_cache_tokens
+        self._prefix: PrefixCache | None = None
+        if speculative and self.kv_cache == "static" and not_extendable is not None:
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                f"--speculative {speculative} does not serve this model yet: {not_extendable}",
+                hint="leave out --speculative",
+            )
+        if speculative and self.kv_cache != "static":
+            from kollm.errors import ConfigError
+
+            raise ConfigError(
+                f"--speculative {speculative} needs the static KV cache",
+                hint="add --kv-cache static (Llama-family models)",
+            )
+        self._speculator: Speculator | None = Speculator() if speculative else None
+        self._verifier: Verifier | None = None  # made at the first drafting step
+        self._draft_source = draft_model  # with speculative "draft": its DraftModel is made by the worker
+        self._draft: DraftModel | None = None
+        if draft_model is not None:
+            self._check_draft_model(draft_model)
         self._thread = threading.Thread(target=self._run, name="kollm-engine", daemon=True)
         self._thread.start()
 
@@ -856,6 +894,16 @@ class TransformersEngine:
                 prefill_tokens=self.max_prefill_tokens,
             )
             self._kv.warm_up()
+            if self._draft_source is not None:
+                self._draft = DraftModel(
+                    self._draft_source.eval(), slots=self.max_batch_size, context_length=self.context_length
+                )
+            if self.prefix_cache:
+                self._prefix = (
+                    PrefixCache(self._kv, tokens=self.prefix_cache_tokens)
+                    if self.prefix_cache_tokens
+                    else PrefixCache(self._kv)
+                )
         else:
             self._kv = DynamicKV(self.model, self.pad_id)
         self._use_rows([])
@@ -877,7 +925,8 @@ class TransformersEngine:
         return time.perf_counter() - self._waiting[0].arrived >= 2 * self._step_time
 
     def _admit(self) -> list[_Sequence]:
-        """Take waiting requests while batch slots and the prefill token budget allow (always at least one)."""
+        """Take waiting requests while batch slots and the prefill token budget allow (always at least one); prompt
+        tokens the prefix cache holds do not count against the budget."""
         out: list[_Sequence] = []
         longest = 0
         while self._waiting and len(self._seqs) + len(out) < self.max_batch_size:
@@ -885,7 +934,7 @@ class TransformersEngine:
             if s.cancelled:
                 self._waiting.popleft()
                 continue
-            n = max(longest, len(s.prompt_ids))
+            n = max(longest, len(s.prompt_ids) - (self._prefix.cached(s.prompt_ids) if self._prefix else 0))
             if out and n * (len(out) + 1) > self.max_prefill_tokens:
                 break
             if self.adapters is not None and s.params.adapter is not None:
@@ -925,6 +974,10 @@ class TransformersEngine:
             self._init_penalties(s)
         self._use_rows(seqs)
         handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
+        if self._prefix is not None and isinstance(self._kv, StaticKV):
+            handle, logits = self._prefix.prefill(self._kv, [s.prompt_ids for s in seqs])
+        else:
+            handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)
         for s in seqs:
             if s.params.prompt_logprobs is not None:
@@ -957,6 +1010,8 @@ class TransformersEngine:
         that finishes at step t had a row in step t+1 too: that row's token is dropped (`_accept` skips it)."""
         kv = self._kv
         assert kv is not None
+        if self._speculator is not None and isinstance(kv, StaticKV) and self._speculate(kv):
+            return
         if isinstance(kv, StaticKV) and all(s.params.logprobs is None and not s.penalized for s in self._seqs):
             launched = self._launch(kv)
             if self._launched is not None:
@@ -979,6 +1034,69 @@ class TransformersEngine:
         """With adapters: the adapter slot of each row of the next forward pass (kollm.serve.multi_lora)."""
         if self.adapters is not None:
             self.adapters.use_rows([s.slot for s in seqs])
+
+    def _check_draft_model(self, draft: Any) -> None:
+        from kollm.errors import ConfigError
+
+        vocab = int(draft.get_output_embeddings().weight.shape[0])
+        if vocab != self.vocab_size:
+            raise ConfigError(
+                f"--draft-model: its vocabulary has {vocab} tokens, the served model's {self.vocab_size}",
+                hint="give a draft model of the same tokenizer",
+            )
+        unsupported = static_kv_unsupported(draft) or extend_unsupported(draft.config)
+        if unsupported is not None:
+            raise ConfigError(f"--draft-model cannot draft: {unsupported}", hint="give a Llama-family draft model")
+
+    def prefix_cache_hit_tokens(self) -> int:
+        """Prompt tokens whose keys and values came from the prefix cache (not prefilled), since start."""
+        return self._prefix.hit_tokens if self._prefix is not None else 0
+
+    def _speculate(self, kv: StaticKV) -> bool:
+        """One step with prompt-lookup drafts (kollm.serve.speculative) when every running row is greedy with
+        unchanged logits and some row drafts; False (nothing done) to decode one token per row instead."""
+        spec = self._speculator
+        assert spec is not None
+        seqs = self._seqs
+        if not all(s.greedy and not s.processed and s.params.logprobs is None for s in seqs):
+            return False
+        if not any(spec.due(s) for s in seqs):
+            spec.tick(seqs)
+            return False
+        if self._launched is not None:  # a lookup needs every token so far on the host
+            launched, self._launched = self._launched, None
+            self._finish(launched)
+            seqs = self._seqs
+            if not seqs:
+                return True
+        if len(spec.states) > 2 * len(seqs):
+            spec.forget(seqs)
+        limits = [
+            min(s.params.max_tokens - len(s.out_ids) - 1, self.context_length - len(s.prompt_ids) - len(s.out_ids) - 1)
+            for s in seqs
+        ]
+        if self._draft is not None:
+            known = [s.prompt_ids + s.out_ids for s in seqs]
+            limits = [0 if spec.state(s).off else limit for s, limit in zip(seqs, limits)]
+            drafts = self._draft.drafts(kv.active, seqs, known, limits)
+        else:
+            drafts = [spec.draft(s, s.prompt_ids, s.out_ids, limit) for s, limit in zip(seqs, limits)]
+        if not any(drafts):
+            return False
+        if self._verifier is None or self._verifier.kv is not kv:
+            self._verifier = Verifier(kv)
+        emitted, nlls = self._verifier.step(drafts)
+        spec.steps += 1
+        for slot, s, d, e in zip(kv.active, seqs, drafts, emitted):
+            spec.record(s, len(d), len(e) - 1)
+            if self._draft is not None and d:
+                self._draft.accepted(slot, len(s.prompt_ids) + len(s.out_ids), len(d), len(e) - 1)
+        for j in range(max(map(len, emitted))):  # token j of every row that emitted one; rows that finish drop out
+            rows = [i for i, e in enumerate(emitted) if len(e) > j]
+            self._accept(
+                [seqs[i] for i in rows], [emitted[i][j] for i in rows], [nlls[i][j] for i in rows], [None] * len(rows)
+            )
+        return True
 
     def _launch(self, kv: StaticKV) -> _Launched:
         """Launch one decode step; a batch of greedy rows with unchanged logits picks its tokens within the
@@ -1133,6 +1251,9 @@ def load_engine(
     kv_cache: KVCacheKind = "auto",
     adapters: dict[str, Path] | None = None,
     max_adapters: int = 8,
+    prefix_cache: bool = True,
+    speculative: str | None = None,
+    draft_model: Path | None = None,
 ) -> Engine:
     """Load the model folder into an engine.
 
@@ -1148,6 +1269,9 @@ def load_engine(
     engine_args (vllm only): extra keyword arguments for vLLM's AsyncEngineArgs (`--engine-arg KEY=VALUE`).
     kv_cache (transformers only): "static" (slots and CUDA graphs, for kollm.serve.kv.STATIC_KV_MODEL_TYPES),
     "dynamic" (Hugging Face's DynamicCache, any model), or "auto" (static on CUDA where the model allows it).
+    prefix_cache, speculative (transformers with the static cache): reuse cached prompt blocks
+    (kollm.serve.prefix); "ngram" for prompt-lookup speculative decoding (kollm.serve.speculative), "draft" for
+    drafts from `draft_model` (a model folder of the same tokenizer), None for none.
     """
     from kollm.errors import ConfigError, NotFound
 
@@ -1161,6 +1285,12 @@ def load_engine(
         )
     if kv_cache not in ("auto", "dynamic", "static"):
         raise ConfigError(f"--kv-cache: expected auto, dynamic or static, got {kv_cache!r}")
+    if speculative not in (None, "ngram", "draft"):
+        raise ConfigError(f"--speculative: expected ngram or draft, got {speculative!r}")
+    if (speculative == "draft") != (draft_model is not None):
+        raise ConfigError("--speculative draft and --draft-model PATH go together", hint="give both or neither")
+    if draft_model is not None and not (Path(draft_model) / "config.json").is_file():
+        raise NotFound(f"--draft-model {draft_model}: not a model folder (no config.json)")
     if backend not in ("auto", "transformers", "vllm"):
         raise ConfigError(f"--backend: expected auto, transformers or vllm, got {backend!r}")
     if dtype not in ("auto", "bfloat16", "float16", "float32"):
@@ -1187,6 +1317,11 @@ def load_engine(
         require_vllm()
         if kv_cache != "auto":
             raise ConfigError(f"--kv-cache {kv_cache}: applies to --backend transformers (vLLM manages its own cache)")
+        if speculative is not None:
+            raise ConfigError(
+                f"--speculative {speculative}: applies to --backend transformers (give vLLM its speculative_config "
+                "with --engine-arg)"
+            )
         vllm_engine = VLLMEngine(
             model_path,
             dtype=dtype,
@@ -1219,6 +1354,9 @@ def load_engine(
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
     model = model.to(device)
     log.info("loaded %s on %s (%s) in %.1fs", model_path, device, torch_dtype, time.perf_counter() - started)
+    draft = None
+    if draft_model is not None:
+        draft = AutoModelForCausalLM.from_pretrained(draft_model, dtype=torch_dtype).to(device)  # type: ignore[arg-type]
     bank = AdapterBank(model, dict(adapters), max_adapters) if adapters else None
     engine = TransformersEngine(
         model,
@@ -1228,6 +1366,9 @@ def load_engine(
         kv_cache=kv_cache,
         adapters=bank,
         backend_note=note,
+        prefix_cache=prefix_cache,
+        speculative="ngram" if speculative == "ngram" else "draft" if speculative == "draft" else None,
+        draft_model=draft,
     )
     log.info("serving path: %s", engine.serving_path)
     return engine

@@ -12,6 +12,8 @@ apart by the `model_version` label. Names:
     kollm_requests_in_flight{model_version}                           gauge (/v1 requests being handled)
     kollm_queue_depth{model_version}                                  gauge (requests waiting for a batch slot)
     kollm_running_sequences{model_version}                            gauge (sequences in the running batch)
+    kollm_prefix_cache_hit_tokens_total{model_version}                counter (native engine: prompt tokens whose
+                                                                      keys and values came from the prefix cache)
 
 Server-wide output tokens/s is `rate(kollm_output_tokens_total[1m])`.
 """
@@ -21,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, float("inf"))
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, float("inf"))
@@ -71,3 +75,29 @@ def track_engine(model_version: str, queue_depth: Callable[[], int], running: Ca
     """Make the queue-depth and running gauges of this version read the engine at scrape time."""
     QUEUE_DEPTH.labels(model_version).set_function(queue_depth)
     RUNNING.labels(model_version).set_function(running)
+
+
+class _EngineCounters(Collector):
+    """Counters an engine keeps itself (read at scrape time), one series per model version."""
+
+    def __init__(self) -> None:
+        self.prefix_hits: dict[str, Callable[[], int]] = {}
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "kollm_prefix_cache_hit_tokens",
+            "Prompt tokens whose keys and values came from the prefix cache instead of a prefill",
+            labels=["model_version"],
+        )
+        for version, read in list(self.prefix_hits.items()):
+            family.add_metric([version], float(read()))
+        yield family
+
+
+ENGINE_COUNTERS = _EngineCounters()
+REGISTRY.register(ENGINE_COUNTERS)
+
+
+def track_prefix_cache(model_version: str, hit_tokens: Callable[[], int]) -> None:
+    """Make kollm_prefix_cache_hit_tokens_total of this version read the engine's count at scrape time."""
+    ENGINE_COUNTERS.prefix_hits[model_version] = hit_tokens

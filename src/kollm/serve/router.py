@@ -70,6 +70,7 @@ from kollm.serve.engine import (
     SamplingParams,
     TokenChunk,
     TokenLogprob,
+    TransformersEngine,
 )
 from kollm.serve.faults import InjectedFault
 from kollm.serve.protocol import (
@@ -1229,6 +1230,8 @@ def create_app(
         JsonLog(Path(log_dir) / "inference" / "inference.jsonl", "serve", model=model_name) if log_dir else None
     )
     metrics.track_engine(version, engine.queue_depth, engine.running)
+    if isinstance(engine, TransformersEngine):
+        metrics.track_prefix_cache(version, engine.prefix_cache_hit_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
