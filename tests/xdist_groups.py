@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-SHARED = {"ray_cluster": "ray", "quickstart_run": "quickstart"}
+# the browser: Playwright's sync API keeps an event loop running in its thread while it is open, so the UI modules
+# run together and their browser closes when they end (tests/ui/conftest.py: package scope), before any other
+# module's asyncio.run on that worker
+SHARED = {"ray_cluster": "ray", "quickstart_run": "quickstart", "browser": "ui"}
 KEY = "kollm_xdist_groups"
 
 

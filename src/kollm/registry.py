@@ -374,12 +374,13 @@ def _download_once(cache: Path, download) -> Path:  # download: Callable[[str], 
 
 
 def _local_path(uri: str | None) -> Path | None:
-    """The folder a file:// (or plain path) artifact URI names; None for a remote store (s3://, http://, ...)."""
+    """The folder a file:// (or plain path) artifact URI names; None for any other scheme (s3://, http://, the
+    tracking server's mlflow-artifacts:/, ...)."""
     if not uri:
         return None
     if uri.startswith("file://"):
         return Path(unquote(urlparse(uri).path))
-    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+    if urlparse(uri).scheme:  # s3://, http://, mlflow-artifacts:/, models:/, runs:/ ...
         return None
     return Path(uri)
 

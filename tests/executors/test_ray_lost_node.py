@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,8 @@ def test_lost_worker_node_resumes_from_the_checkpoint_in_the_store(tmp_path, pos
         "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
     }
     fs = s3fs.S3FileSystem(key="test", secret="test", endpoint_url=s3["AWS_ENDPOINT_URL"])
-    fs.mkdir("kollm")
+    bucket = f"kollm-lost-{uuid.uuid4().hex[:8]}"  # moto's buckets live in the process: another test's may be there
+    fs.mkdir(bucket)
     temps = Path(tempfile.mkdtemp(prefix="kr", dir="/tmp"))  # Ray's socket paths must stay short
     head, lost, spare = temps / "h", temps / "a", temps / "b"
     gcs = free_port()
@@ -145,7 +147,7 @@ def test_lost_worker_node_resumes_from_the_checkpoint_in_the_store(tmp_path, pos
         )
         # the data step first, locally into the same store: the cluster run finds it cached and trains
         prep = subprocess.run(
-            [sys.executable, "-m", "kollm.cli", "run", "--only", "prep", "--store", "s3://kollm/store"],
+            [sys.executable, "-m", "kollm.cli", "run", "--only", "prep", "--store", f"s3://{bucket}/store"],
             cwd=root,
             env=node_env(temps, s3, temps),
             capture_output=True,
@@ -175,7 +177,7 @@ def test_lost_worker_node_resumes_from_the_checkpoint_in_the_store(tmp_path, pos
                 "--address",
                 f"127.0.0.1:{gcs}",
                 "--store",
-                "s3://kollm/store",
+                f"s3://{bucket}/store",
             ],
             cwd=root,
             env=node_env(temps, s3, temps),
@@ -183,19 +185,19 @@ def test_lost_worker_node_resumes_from_the_checkpoint_in_the_store(tmp_path, pos
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 240
-        while not remote_steps(fs, "kollm/store"):
+        while not remote_steps(fs, f"{bucket}/store"):
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint reached the store"
             time.sleep(0.2)
         assert kill_node(lost) > 0
         time.sleep(1)
-        at_kill = remote_steps(fs, "kollm/store")
+        at_kill = remote_steps(fs, f"{bucket}/store")
         assert at_kill and max(at_kill) < MAX_STEPS
         start_node(spare, s3, f"--address=127.0.0.1:{gcs}", "--num-cpus=1")
         rc = driver.wait(timeout=400)
         output = (tmp_path / "driver.log").read_text()
         assert rc == 0, output[-3000:]
-        lineage = [json.loads(fs.cat(p)) for p in fs.glob("kollm/store/objects/*/*/model/kollm.json")]
+        lineage = [json.loads(fs.cat(p)) for p in fs.glob(f"{bucket}/store/objects/*/*/model/kollm.json")]
         assert len(lineage) == 1, output[-3000:]
         training = lineage[0]["training"]
         assert training["resumed_from"] == max(at_kill), (training, at_kill, output[-3000:])

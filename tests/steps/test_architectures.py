@@ -111,6 +111,7 @@ def chat_over_http(model_folder: Path) -> tuple[str, dict]:
 def test_a_local_folder_of_each_architecture_goes_through_the_whole_path(arch, tmp_path):
     from transformers import AutoConfig
 
+    from kollm.adapter import is_adapter
     from kollm.serve import resolve
 
     root = write_project(tmp_path / arch, arch)
@@ -118,9 +119,12 @@ def test_a_local_folder_of_each_architecture_goes_through_the_whole_path(arch, t
     lora, full = result.steps["sft-lora"], result.steps["sft-full"]
     assert lora.outputs["model"].meta["trainable_params"] < lora.outputs["model"].meta["params"] / 5
     assert full.outputs["model"].meta["trainable_params"] == full.outputs["model"].meta["params"]
-    for step in (lora, full):  # the folder keeps its architecture and its family's chat template
+    assert is_adapter(lora.outputs["model"].path)  # the LoRA step's output is its adapter, on the base folder
+    assert not is_adapter(full.outputs["model"].path)
+    full_type = AutoConfig.from_pretrained(full.outputs["model"].path).model_type
+    assert full_type == AutoConfig.from_pretrained(root / "base").model_type
+    for step in (lora, full):  # each output keeps its family's chat template
         path = step.outputs["model"].path
-        assert AutoConfig.from_pretrained(path).model_type == AutoConfig.from_pretrained(root / "base").model_type
         template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template") or (
             path / "chat_template.jinja"
         ).read_text(encoding="utf-8")
@@ -143,6 +147,7 @@ def test_scratch_builds_the_architecture_asked_for(tmp_path):
     root = write_project(tmp_path / "p", "llama")
     text = (root / "kollm.yaml").read_text(encoding="utf-8")
     text = text.replace("base_model: base,", "base_model: scratch, architecture: qwen3, vocab_size: 400,")
+    text = text.replace("lora: {r: 4, alpha: 8}", "lora: {r: 4, alpha: 8, merge: true}")  # no stored base to refer to
     text = text.split("  - kind: sft\n    name: sft-full")[0]
     (root / "kollm.yaml").write_text(text, encoding="utf-8")
     result = kollm.run(root)

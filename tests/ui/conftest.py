@@ -27,8 +27,10 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
+    """Chromium through Playwright's sync API, for the tests of this package: closed when they end, because the
+    sync API keeps an event loop running in this thread while it is open (asyncio.run elsewhere would fail)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
     exe = chromium_path()
     if exe is None:
@@ -85,7 +87,7 @@ def _kollm(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([KOLLM, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def demo(tmp_path_factory, browser):
     """Runs the pipeline while the UI is open in the browser (recording what the live pages showed), then once
     more with `--force register`."""
