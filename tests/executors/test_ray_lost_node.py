@@ -40,8 +40,10 @@ def free_port() -> int:
 
 def node_env(temp: Path, s3: dict[str, str], home: Path) -> dict[str, str]:
     paths = [str(ROOT / "src"), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KOLLM_", "RAY_ADDRESS"))}
-    # HOME: Ray reads ~/.ray (an auth token another cluster of this machine may have left there); this one has its own
+    # no RAY_*: a ray.init earlier in this process (the session's Ray instance) sets RAY_AUTH_MODE=token and others,
+    # which would make these nodes look for a token. HOME: Ray reads ~/.ray (an auth token another cluster of this
+    # machine may have left there); this one has its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "KOLLM_", "RAY_"))}
     return {
         **env,
         **s3,
