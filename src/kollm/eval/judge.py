@@ -129,15 +129,22 @@ class JudgeConfig(BaseModel):
         return self
 
     def api_key(self) -> str | None:
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"judge.api_key_env: the environment variable {self.api_key_env} is not set",
-                hint=f"export {self.api_key_env}=<the judge endpoint's key>, or remove api_key_env",
-            )
-        return key
+        return env_key(
+            self.api_key_env,
+            "judge.api_key_env: the environment variable {var} is not set",
+            "export {var}=<the judge endpoint's key>, or remove api_key_env",
+        )
+
+
+def env_key(var: str | None, problem: str, hint: str) -> str | None:
+    """The key in environment variable `var` (None when no variable is named); a ConfigError when it is named but
+    unset or empty. `problem` and `hint` are formatted with `var`."""
+    if not var:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise ConfigError(problem.format(var=var), hint=hint.format(var=var))
+    return key
 
 
 def load_rubric(path: str | None, project_dir: Path) -> Rubric:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from kollm.config import pydantic_problems
 from kollm.errors import ConfigError, KollmError
-from kollm.eval.judge import Rubric
+from kollm.eval.judge import Rubric, env_key
 from kollm.pipeline.step import STRICT
 from kollm.rollout.analysis import (
     DEFAULT_ANALYSIS,
@@ -113,15 +113,11 @@ class CanaryJudge(BaseModel):
         return self.max_calls // 2
 
     def api_key(self) -> str | None:
-        if not self.api_key_env:
-            return None
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ConfigError(
-                f"--judge-key-env: the environment variable {self.api_key_env} is not set in the gateway's process",
-                hint=f"start `kollm serve` with {self.api_key_env} set, or leave --judge-key-env out",
-            )
-        return key
+        return env_key(
+            self.api_key_env,
+            "--judge-key-env: the environment variable {var} is not set in the gateway's process",
+            "start `kollm serve` with {var} set, or leave --judge-key-env out",
+        )
 
 
 class RolloutSpec(BaseModel):
