@@ -88,17 +88,22 @@ def _ask(url: str, name: str, arm: str) -> tuple[str, str]:
     return r.headers["x-kollm-model-version"], r.json()["choices"][0]["text"]
 
 
+def _gateway(registered, project_dir, **options):
+    """The canary gateway of the registered adapter model: champion against challenger, on CPU."""
+    return build_canary_gateway(
+        f"models:/{registered.name}@champion",
+        f"models:/{registered.name}@challenger",
+        project_dir=project_dir,
+        device="cpu",
+        max_batch_size=8,
+        **options,
+    )
+
+
 def test_adapter_canary_on_one_base_is_promoted(registered, tmp_path, lora_versions, merged_answers):
     torch.set_num_threads(1)
     _register(registered, lora_versions[1])
-    gw = build_canary_gateway(
-        f"models:/{registered.name}@champion",
-        f"models:/{registered.name}@challenger",
-        project_dir=tmp_path,
-        device="cpu",
-        max_batch_size=8,
-        follow_interval=0,
-    )
+    gw = _gateway(registered, tmp_path, follow_interval=0)
     assert gw.canary is not None and (gw.stable.version, gw.canary.version) == ("3", "4")
     engine = gw.stable.app.state.engine  # type: ignore[attr-defined]
     assert gw.canary.app.state.engine is engine  # type: ignore[attr-defined]  # one base in memory
@@ -137,15 +142,7 @@ def test_adapter_canary_on_one_base_is_promoted(registered, tmp_path, lora_versi
 def test_failing_adapter_canary_is_rolled_back(registered, tmp_path, lora_versions, merged_answers):
     torch.set_num_threads(1)
     _register(registered, lora_versions[1])
-    gw = build_canary_gateway(
-        f"models:/{registered.name}@champion",
-        f"models:/{registered.name}@challenger",
-        project_dir=tmp_path,
-        device="cpu",
-        max_batch_size=8,
-        follow_interval=0,
-        canary_faults=parse_faults("error_rate=1"),
-    )
+    gw = _gateway(registered, tmp_path, follow_interval=0, canary_faults=parse_faults("error_rate=1"))
     with Server(gw) as srv, Load(srv.url, registered.name, threads=3) as load:
         rollout_client.start(registered.name, steps="50", pause="1s", min_requests=2, failure_limit=1, gateway=srv.url)
         wait_for(
@@ -163,14 +160,7 @@ def test_a_later_adapter_challenger_joins_the_same_engine(registered, tmp_path, 
     """Following the challenger alias: a new adapter version of the same base is added to the running engine."""
     torch.set_num_threads(1)
     _register(registered, lora_versions[1])
-    gw = build_canary_gateway(
-        f"models:/{registered.name}@champion",
-        f"models:/{registered.name}@challenger",
-        project_dir=tmp_path,
-        device="cpu",
-        max_batch_size=8,
-        follow_interval=0.2,
-    )
+    gw = _gateway(registered, tmp_path, follow_interval=0.2)
     engine = gw.stable.app.state.engine  # type: ignore[attr-defined]
     with Server(gw) as srv:
         client = client_for(registered.tracking_uri)
