@@ -13,8 +13,9 @@ Workloads (issue #35's targets in brackets):
              vs off [no slowdown above 3 %]
   copy       an extraction workload at concurrency 1: a document, then its first tokens again, so the natural
              continuation copies the document: output tokens/s, speculation on vs off, with the draft acceptance
-             [>= 1.5x with speculation] (a random-init model does not copy: give --model-dir with a trained model
-             for a meaningful acceptance rate)
+             [>= 1.5x with speculation] (a random-init model does not copy: give --model-dir with a trained model,
+             or --train-copy STEPS to first train the built model to continue a repeated document, as a trained
+             model does in extraction; its copy accuracy is printed)
   nomatch    distinct random tokens at concurrency 1 (drafts rarely found): output tokens/s, speculation on vs off
              [at most 5 % slower]
 
@@ -106,6 +107,50 @@ def side(workload: str, name: str, runs: list[tuple[int, float, list[float]]]) -
     )
 
 
+def train_copy(folder: Path, steps: int, device: str, doc: int = 400, rows: int = 16) -> float:
+    """Train the model in `folder` for `steps` AdamW steps on rows [document, 4 random tokens, the document again]
+    (loss on the repeat), so that its greedy continuation of a repeated document's first tokens copies the rest,
+    as the copy workload asks; save it back. Returns the next-token accuracy on the repeats of fresh rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(1)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        d = torch.randint(3, vocab, (rows, doc), generator=gen)
+        ids = torch.cat([d, torch.randint(3, vocab, (rows, 4), generator=gen), d], dim=1).to(device)
+        labels = ids.clone()
+        labels[:, : doc + 4] = -100
+        return ids, labels
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    started = time.perf_counter()
+    for step in range(steps):
+        ids, labels = batch()
+        with autocast:
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train-copy step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    model.eval()
+    with torch.no_grad(), autocast:
+        ids, labels = batch()
+        pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
+        mask = labels[:, 1:] != -100
+        accuracy = (pred == labels[:, 1:])[mask].float().mean().item()
+    print(f"train-copy: next-token accuracy on the repeats {accuracy:.3f}", flush=True)
+    model.to(torch.bfloat16 if device.startswith("cuda") else torch.float32).save_pretrained(folder)
+    return accuracy
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -121,6 +166,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of each pair of sides")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--workloads", nargs="+", default=["shared", "unshared", "copy", "nomatch"])
+    p.add_argument(
+        "--train-copy", type=int, default=0, help="first train the model STEPS steps to copy (see copy above)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -141,6 +189,7 @@ def main() -> None:
 
         args.model_dir = Path(tempfile.mkdtemp(prefix="kollm-bench-")) / "model"
         build_model(args.model_dir, preset)
+    copy_accuracy = train_copy(args.model_dir, args.train_copy, args.device) if args.train_copy else None
     engine = load_engine(
         args.model_dir,
         backend="transformers",
@@ -212,6 +261,7 @@ def main() -> None:
         meta = {
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "model": model,
+            "copy_accuracy": copy_accuracy,
             "args": {k: str(v) for k, v in vars(args).items()},
         }
         args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

@@ -166,6 +166,28 @@ def test_the_key_covers_the_adapter_and_every_earlier_token(tok, model):
         assert len(cache.lookup(prompt[: 2 * BLOCK_TOKENS], "adapter-a")) == 1  # the last token is prefilled
 
 
+def test_a_prompt_hitting_the_cache_is_not_prefilled_whole(tok, model):
+    """Only the uncached tail goes through the model: the whole-prompt prefill is not run as well."""
+    engine = TransformersEngine(model, tok, max_batch_size=2, kv_cache="static")
+    whole: list[int] = []
+
+    async def main():
+        async def ask(text: str) -> None:
+            async for _ in engine.generate(tok.encode(SHARED + text), greedy(2), text):
+                pass
+
+        await ask("안녕")
+        assert engine._kv is not None
+        prefill = engine._kv.prefill
+        engine._kv.prefill = lambda prompts, **kw: (whole.append(len(prompts)), prefill(prompts, **kw))[1]
+        await ask("하세요")
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert engine.prefix_cache_hit_tokens() >= BLOCK_TOKENS
+    assert whole == []
+
+
 def test_prefix_cache_hits_are_counted_in_metrics(tok, model):
     from kollm.serve.router import create_app
 

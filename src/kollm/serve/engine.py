@@ -973,7 +973,6 @@ class TransformersEngine:
         for s in seqs:
             self._init_penalties(s)
         self._use_rows(seqs)
-        handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         if self._prefix is not None and isinstance(self._kv, StaticKV):
             handle, logits = self._prefix.prefill(self._kv, [s.prompt_ids for s in seqs])
         else:
