@@ -9,6 +9,7 @@ Cases (each selectable with --case; all by default):
   offload   full fine-tuning of a ~3B shape (Llama-3.2-3B dimensions) on one GPU with sharding: fsdp and
             cpu_offload: true, beside kollm ddp and TRL full fine-tuning (either may run out of memory: recorded).
   fsdp_ddp  the cost of sharding: kollm fsdp vs kollm ddp on one GPU at 349M (kollm's `base` preset). Target: <= 5 %.
+            Also fsdp with the unit plan of several ranks (a unit per decoder layer) over this one GPU.
 
 A baseline whose package is missing (trl, peft, liger_kernel, bitsandbytes) is skipped with the reason printed.
 Throughput counts real (non-padding) tokens after `--warmup` untimed steps; peak memory is
@@ -352,23 +353,41 @@ def case_runs(case: str, args: argparse.Namespace, device: torch.device) -> list
                 ),
             )
         )
+
+        def per_layer() -> tt.RunResult:  # the unit plan of a run over several ranks, here over one
+            plan, sharding.per_layer_units = sharding.per_layer_units, lambda world, cpu_offload: True
+            try:
+                return run_kollm(
+                    "kollm_fsdp_per_layer",
+                    build(shape, args, device, fp32, attn),
+                    args,
+                    EXAMPLES[0],
+                    device,
+                    sharding_="fsdp",
+                    settings={"units": "per decoder layer"},
+                )
+            finally:
+                sharding.per_layer_units = plan
+
+        runs.append(("kollm_fsdp_per_layer", per_layer))
     return runs
 
 
 EXAMPLES: list[list[tt.Example]] = []
 
-BASELINES = {  # case -> (kollm run, the baseline it is compared with, in order of preference)
-    "lora": ("kollm_lora", ("trl_peft_liger", "trl_peft")),
-    "qlora": ("kollm_qlora", ("trl_qlora_liger", "trl_qlora")),
-    "offload": ("kollm_fsdp_offload", ("trl_full", "kollm_ddp_full")),
-    "fsdp_ddp": ("kollm_fsdp", ("kollm_ddp",)),
+BASELINES = {  # case -> [(kollm run, the baselines it is compared with, in order of preference)]
+    "lora": [("kollm_lora", ("trl_peft_liger", "trl_peft"))],
+    "qlora": [("kollm_qlora", ("trl_qlora_liger", "trl_qlora"))],
+    "offload": [("kollm_fsdp_offload", ("trl_full", "kollm_ddp_full"))],
+    "fsdp_ddp": [("kollm_fsdp", ("kollm_ddp",)), ("kollm_fsdp_per_layer", ("kollm_ddp",))],
 }
 
 
 def summarize(case: str, results: dict[str, tt.RunResult]) -> dict[str, Any]:
-    mine, bases = BASELINES[case]
     out: dict[str, Any] = {}
-    if mine in results and not results[mine].error:
+    for mine, bases in BASELINES[case]:
+        if mine not in results or results[mine].error:
+            continue
         for base in bases:
             b = results.get(base)
             if b is not None and not b.error and b.tokens_per_s > 0:

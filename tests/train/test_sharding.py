@@ -248,3 +248,29 @@ def test_sharded_benchmark_runs_on_cpu(tmp_path):
         or "bitsandbytes" in cases["qlora"]["skipped"]["kollm_qlora"]
     )
     assert "tokens/s vs" in proc.stdout
+
+
+@pytest.mark.parametrize(("world", "offload", "per_layer"), [(1, False, False), (1, True, True), (2, False, True)])
+def test_fsdp_units_per_layer_only_where_they_save_memory(tiny_model, world, offload, per_layer):
+    """Over one rank without offload a shard is the whole model: the root is the one unit, kept gathered from forward
+    to backward (one gather a step, not one per layer and pass), and the estimate counts the whole gathered copy."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from kollm.train.kernels import decoder_layers
+
+    assert sharding.per_layer_units(world, offload) is per_layer
+    if world == 1:
+        model = copy.deepcopy(tiny_model)
+        with sharding.process_group(CPU):
+            root = sharding.shard(model, device=CPU, bf16=False, cpu_offload=offload)
+            assert isinstance(root, FSDPModule)
+            assert [isinstance(layer, FSDPModule) for layer in decoder_layers(model)] == [per_layer] * len(
+                decoder_layers(model)
+            )
+    params = 8 * 10**9
+    est = sharding.estimate_memory(
+        params=params, trainable=params, layers=32, hidden=4096, vocab=128256, tokens=8192, world=world,
+        sharding="fsdp", cpu_offload=offload,
+    )  # fmt: skip
+    gathered = est.parameters - (0 if offload else params * 4 / world)
+    assert gathered == pytest.approx(2 * (2 * params / 32 if per_layer else params))

@@ -247,8 +247,10 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, device: torch.device
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused for the ddp path; FSDP's sharded (DTensor) parameters take the foreach implementation
-    fused = device.type == "cuda" and cfg.sharding == "ddp" and all(p.dtype.is_floating_point for p in decay + no_decay)
+    # fused on the GPU (DTensor shards too) and for shards offloaded to host memory (the fused CPU kernel)
+    fused = (device.type == "cuda" or (cfg.sharding == "fsdp" and cfg.cpu_offload)) and all(
+        p.dtype.is_floating_point for p in decay + no_decay
+    )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
@@ -323,8 +325,9 @@ def train(
     bf16 = isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
     sharded = cfg.sharding == "fsdp"
     check_memory(model, cfg, device, world, bf16=bf16)
+    per_layer = sharded and sharding.per_layer_units(world, cfg.cpu_offload)
     if sharded:  # fully_shard moves each layer's shard to the device (or, with cpu_offload, to host memory)
-        sharding.shard(model, device=device, bf16=bf16, cpu_offload=cfg.cpu_offload)
+        sharding.shard(model, device=device, bf16=bf16, cpu_offload=cfg.cpu_offload, per_layer=per_layer)
         raw = model
     else:
         raw = model.to(device)
@@ -352,8 +355,8 @@ def train(
     undo_checkpointing = None
     if cfg.gradient_checkpointing:
         undo_checkpointing = checkpoint_layers(raw, torch.bfloat16 if bf16 else None)
-    # fsdp: one graph per layer, FSDP's gathers between them (torch._dynamo skips FSDP's hooks)
-    model = compile_model(raw, per_layer=sharded) if cfg.compile else raw
+    # fsdp with a unit per layer: one graph per layer, FSDP's gathers between them (torch._dynamo skips FSDP's hooks)
+    model = compile_model(raw, per_layer=per_layer) if cfg.compile else raw
     batches = _batches(dataset, cfg, collate, state, device)
     started = time.perf_counter()
     window_t, window_tokens = time.perf_counter(), 0

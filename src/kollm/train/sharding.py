@@ -13,6 +13,10 @@ Every rank ends training with its shard only: `full_state_dict` gathers the weig
 `plain_model` rebuilds an ordinary model from them there, which `recipe.save_model` writes as the usual Hugging
 Face folder. One process with no process group gets a group of one (`process_group`), so `fsdp` runs the same
 code on one device (sharded over a world of 1, with `cpu_offload` the way to fit a larger model on one GPU).
+
+Over one rank without `cpu_offload` a shard is the whole tensor, so per-layer units would buy no memory and cost a
+gather and a reduce per layer and pass (host work that left a 349M model's GPU idle most of each step): there the
+root is the only unit and stays gathered between forward and backward (`per_layer_units`).
 """
 
 from __future__ import annotations
@@ -61,9 +65,18 @@ def process_group(device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def shard(model: nn.Module, *, device: torch.device, bf16: bool, cpu_offload: bool) -> ShardedModel:
+def per_layer_units(world: int, cpu_offload: bool) -> bool:
+    """Whether each decoder layer is an FSDP unit of its own (gathered only while it computes): when the shards are
+    smaller than the layers (more than one rank) or live in host memory. Otherwise the root is the one unit."""
+    return world > 1 or cpu_offload
+
+
+def shard(
+    model: nn.Module, *, device: torch.device, bf16: bool, cpu_offload: bool, per_layer: bool | None = None
+) -> ShardedModel:
     """Shard `model` in place over all ranks of the default process group (fully_shard on each decoder layer,
-    then on the root). Every rank starts from rank 0's weights. Returns the root to call objectives through."""
+    then on the root; only on the root when `per_layer` is False, by default `per_layer_units`). Every rank
+    starts from rank 0's weights. Returns the root to call objectives through."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -84,13 +97,16 @@ def shard(model: nn.Module, *, device: torch.device, bf16: bool, cpu_offload: bo
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
     offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    if per_layer is None:
+        per_layer = per_layer_units(world, cpu_offload)
     modules: list[FSDPModule] = []
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model) if per_layer else []:
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
         assert isinstance(layer, FSDPModule)
         modules.append(layer)
     root = ShardedModel(model)
-    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # one unit: kept gathered from forward to backward (a reshard would only free a copy the backward gathers again)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=per_layer)
     assert isinstance(root, FSDPModule)
     modules.append(root)
     for m in modules:  # plain sums (no PREMUL_SUM, which gloo lacks): the loop divides by the token count
@@ -201,14 +217,15 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Device memory of one training process, by the usual accounting.
 
-    Parameters are `param_bytes` each on average (4: fp32, 2: bf16; a bf16 base with fp32 adapters is in between),
-    the `trainable` ones' gradients `grad_bytes` each (default `param_bytes`), AdamW
-    two states of 4 bytes per trainable parameter. ddp holds all of it on every device; fsdp a 1/world share, plus
-    the gathered (`compute_bytes`) weights of two decoder layers at a time (the one computing and the next); with
-    `cpu_offload` the shares live in host memory and only the gathered layers are on the device. Activations per
-    micro-batch of `tokens` tokens: about 34 x hidden bytes per token per layer in 16-bit compute (Korthikanti et
-    al. 2022, with a fused attention kernel; 17 more x hidden for fp32), 2 x hidden x compute_bytes per token per
-    layer with gradient checkpointing, plus one chunk of the loss's logits (fp32, and its gradient).
+        Parameters are `param_bytes` each on average (4: fp32, 2: bf16; a bf16 base with fp32 adapters is in between),
+        the `trainable` ones' gradients `grad_bytes` each (default `param_bytes`), AdamW
+        two states of 4 bytes per trainable parameter. ddp holds all of it on every device; fsdp a 1/world share, plus
+        the gathered (`compute_bytes`) weights of two decoder layers at a time (the one computing and the next; of the
+    whole model over one rank without offload, where the root is the one unit); with
+        `cpu_offload` the shares live in host memory and only the gathered layers are on the device. Activations per
+        micro-batch of `tokens` tokens: about 34 x hidden bytes per token per layer in 16-bit compute (Korthikanti et
+        al. 2022, with a fused attention kernel; 17 more x hidden for fp32), 2 x hidden x compute_bytes per token per
+        layer with gradient checkpointing, plus one chunk of the loss's logits (fp32, and its gradient).
     """
     if sharding not in ("ddp", "fsdp"):
         raise ValueError(f"unknown sharding {sharding!r}")
@@ -217,8 +234,8 @@ def estimate_memory(
     p = params * param_bytes * shard * resident
     g = trainable * (param_bytes if grad_bytes is None else grad_bytes) * shard * resident
     o = trainable * 8 * shard * resident
-    if sharding == "fsdp":
-        p += 2 * (params / max(layers, 1)) * compute_bytes  # two gathered layers
+    if sharding == "fsdp":  # two gathered layers; the whole model where the root is the one unit
+        p += (2 * params / max(layers, 1) if per_layer_units(world, cpu_offload) else params) * compute_bytes
     per_token_layer = (2 * compute_bytes if gradient_checkpointing else 17 * compute_bytes) * hidden
     activations = tokens * layers * per_token_layer + min(tokens, chunk_tokens) * vocab * 4 * 2
     return MemoryEstimate(parameters=p, gradients=g, optimizer=o, activations=activations)
