@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--grad-ckpt", action="store_true", help="kollm: gradient checkpointing (TRL's default is on)")
+    ap.add_argument("--runs", default=None, help="comma-separated run names to run (default: every run of the cases)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where qlora saves its random base (default: a temporary folder)")
     ap.add_argument(
@@ -452,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, tt.RunResult] = {}
         skipped: dict[str, str] = {}
         for name, thunk in case_runs(case, args, device):
+            if args.runs is not None and name not in args.runs.split(","):
+                thunk = "not selected (--runs)"
             if isinstance(thunk, str):
                 skipped[name] = thunk
                 print(f"[{case}] {name}: skipped: {thunk}", flush=True)
