@@ -274,3 +274,14 @@ def test_fsdp_units_per_layer_only_where_they_save_memory(tiny_model, world, off
     )  # fmt: skip
     gathered = est.parameters - (0 if offload else params * 4 / world)
     assert gathered == pytest.approx(2 * (2 * params / 32 if per_layer else params))
+
+
+def test_per_layer_compile_leaves_fsdp_hooks_outside_the_graph(tiny_model):
+    """Each layer's forward is compiled, not its __call__ (which runs FSDP's gather and reshard hooks): compiling
+    __call__ on FSDP units crashed with an illegal memory access on an H100; torchtitan's form keeps hooks out."""
+    from kollm.train.kernels import compile_model, decoder_layers
+
+    model = compile_model(copy.deepcopy(tiny_model), per_layer=True)
+    for layer in decoder_layers(model):
+        assert layer._compiled_call_impl is None
+        assert hasattr(layer.forward, "_torchdynamo_orig_callable")

@@ -345,9 +345,9 @@ def compile_model(
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = activation_memory_budget
-    if per_layer:
+    if per_layer:  # each layer's forward, not its __call__: hooks around it (FSDP's gathers) stay outside the graph
         for layer in decoder_layers(model):
-            layer.compile()
+            layer.forward = torch.compile(layer.forward)  # type: ignore[method-assign]
     else:
         causal_lm(model).get_decoder().compile()
     return model
