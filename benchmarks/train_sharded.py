@@ -3,7 +3,7 @@ TRL SFTTrainer + PEFT (+ Liger), same model shape, same data, same settings, in 
 
 Cases (each selectable with --case; all by default):
   lora      LoRA r=16 SFT of an 8B-shaped Llama (Llama-3-8B dimensions, random bf16 weights built on the GPU):
-            kollm vs TRL+PEFT and TRL+PEFT+Liger. Target: kollm >= 2x TRL+PEFT+Liger tokens/s at no more peak memory.
+            kollm (without and with gradient checkpointing, TRL's default) vs TRL+PEFT and TRL+PEFT+Liger. Target: kollm >= 2x TRL+PEFT+Liger tokens/s at no more peak memory.
   qlora     the same with the base quantized to 4 bits (bitsandbytes NF4): kollm vs TRL+PEFT(+Liger). Target: kollm
             under 24 GiB peak. The random base is saved once to a temporary folder and loaded quantized (~16 GB disk).
   offload   full fine-tuning of a ~3B shape (Llama-3.2-3B dimensions) on one GPU with sharding: fsdp and
@@ -116,6 +116,7 @@ def run_kollm(
     *,
     sharding_: str = "ddp",
     cpu_offload: bool = False,
+    grad_ckpt: bool | None = None,
     settings: dict[str, Any] | None = None,
 ) -> tt.RunResult:
     rows = kdata.pack_examples([(e.ids, tt.sft_labels(e)) for e in examples], args.max_len, tt.PAD_ID)
@@ -130,7 +131,7 @@ def run_kollm(
         log_every=1,
         seed=args.seed,
         compile=args.compile,
-        gradient_checkpointing=args.grad_ckpt,
+        gradient_checkpointing=args.grad_ckpt if grad_ckpt is None else grad_ckpt,
         precision="bf16" if device.type == "cuda" else "fp32",
         sharding=sharding_,
         cpu_offload=cpu_offload,
@@ -147,7 +148,7 @@ def run_kollm(
             "sharding": sharding_,
             "cpu_offload": cpu_offload,
             "compile": args.compile,
-            "gradient_checkpointing": args.grad_ckpt,
+            "gradient_checkpointing": args.grad_ckpt if grad_ckpt is None else grad_ckpt,
             "rows": f"{args.batch} x {args.max_len}",
             **(settings or {}),
         },
@@ -204,6 +205,20 @@ def case_runs(case: str, args: argparse.Namespace, device: torch.device) -> list
                     args,
                     EXAMPLES[0],
                     device,
+                    settings={"lora_r": 16},
+                ),
+            )
+        )
+        runs.append(  # TRL checkpoints by default: the same setting, for its peak memory
+            (
+                "kollm_lora_ckpt",
+                lambda: run_kollm(
+                    "kollm_lora_ckpt",
+                    kollm_lora(build(shape, args, device, bf16, attn), False),
+                    args,
+                    EXAMPLES[0],
+                    device,
+                    grad_ckpt=True,
                     settings={"lora_r": 16},
                 ),
             )
@@ -376,7 +391,7 @@ def case_runs(case: str, args: argparse.Namespace, device: torch.device) -> list
 EXAMPLES: list[list[tt.Example]] = []
 
 BASELINES = {  # case -> [(kollm run, the baselines it is compared with, in order of preference)]
-    "lora": [("kollm_lora", ("trl_peft_liger", "trl_peft"))],
+    "lora": [("kollm_lora", ("trl_peft_liger", "trl_peft")), ("kollm_lora_ckpt", ("trl_peft_liger", "trl_peft"))],
     "qlora": [("kollm_qlora", ("trl_qlora_liger", "trl_qlora"))],
     "offload": [("kollm_fsdp_offload", ("trl_full", "kollm_ddp_full"))],
     "fsdp_ddp": [("kollm_fsdp", ("kollm_ddp",)), ("kollm_fsdp_per_layer", ("kollm_ddp",))],
