@@ -150,6 +150,21 @@ def test_fsdp_with_lora_and_gradient_checkpointing_matches_the_plain_loop(tiny_m
     assert sharded == pytest.approx(plain, rel=1e-5)
 
 
+def test_fsdp_with_cpu_offload_matches_the_plain_loop(tiny_model, rows):
+    """Offloaded shards: per-layer units and the fused AdamW kernel over host-memory shards (its grad_scale input
+    takes the clipped mean's divisor), gradient clipping on."""
+
+    def run(model, update):
+        cfg = LoopConfig(max_steps=4, lr=3e-3, batch_size=4, grad_clip=0.05, **update)
+        return train(model, RowDataset(rows), cfg, device=CPU).losses
+
+    plain = run(copy.deepcopy(tiny_model), {})
+    with sharding.process_group(CPU):
+        offloaded = run(copy.deepcopy(tiny_model), {"sharding": "fsdp", "cpu_offload": True})
+    assert offloaded == pytest.approx(plain, rel=1e-5)
+    assert len(set(plain)) == len(plain)  # it trains
+
+
 def test_fsdp_with_dpo_matches_the_plain_loop(tiny_model, tokenizer):
     records = [
         {"prompt": [{"role": "user", "content": q}], "chosen": f"좋은 답변입니다 {i}.", "rejected": f"나쁜 대답 {i}!!"}

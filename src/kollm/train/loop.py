@@ -396,15 +396,15 @@ def train(
         if sharded:  # this rank's shards (on the host with cpu_offload)
             shards = [sharding.local(g) for g in grads]
             grad_norm, divisor = _mean_and_clip(shards, denom, cfg.grad_clip, sharded=True)
-            torch._foreach_div_(shards, divisor.to(shards[0].device) if shards else divisor)
+            divisor = divisor.to(shards[0].device) if shards else divisor
             del shards
         else:
             grad_norm, divisor = _mean_and_clip(grads, denom, cfg.grad_clip)  # tensors: no host sync
-            if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
-                # the hook torch.amp.GradScaler uses; Optimizer does not declare it (GradScaler sets it under an ignore too)
-                optimizer.grad_scale = divisor  # type: ignore[attr-defined]
-            else:
-                torch._foreach_div_(grads, divisor)
+        if fused_optimizer:  # the fused kernel divides the gradients as it reads them: no extra pass over them
+            # the hook torch.amp.GradScaler uses; Optimizer does not declare it (GradScaler sets it under an ignore too)
+            optimizer.grad_scale = divisor  # type: ignore[attr-defined]
+        else:
+            torch._foreach_div_([sharding.local(g) for g in grads] if sharded else grads, divisor)
         del grads  # kept to the next step, the list would hold last step's gradients through its whole forward
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
