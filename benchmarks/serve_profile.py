@@ -59,7 +59,9 @@ def main() -> None:
 
         args.model_dir = Path(tempfile.mkdtemp(prefix="kollm-profile-")) / "model"
         build_model(args.model_dir, preset)
-    engine = load_engine(args.model_dir, backend="transformers", device=args.device, kv_cache="static", max_batch_size=8)
+    engine = load_engine(
+        args.model_dir, backend="transformers", device=args.device, kv_cache="static", max_batch_size=8
+    )
     prompt = list(range(3, 3 + args.prompt_tokens))
 
     async def run() -> dict:
@@ -87,7 +89,9 @@ def main() -> None:
         api = {e.key: e.count for e in events if e.key.startswith("cuda")}
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
-        print(f"\nwithout the profiler: {plain / plain_s:,.1f} output tokens/s ({1e3 * plain_s / plain:.3f} ms a token)")
+        print(
+            f"\nwithout the profiler: {plain / plain_s:,.1f} output tokens/s ({1e3 * plain_s / plain:.3f} ms a token)"
+        )
         print(f"under the profiler:   {tokens / wall:,.1f} output tokens/s ({1e3 * wall / tokens:.3f} ms a token)")
         if cuda:
             print(
