@@ -60,14 +60,17 @@ def shoot(pg, name: str) -> Path:
     return path
 
 
-def both_widths(pg, url: str, name: str) -> None:
+def both_widths(pg, url: str, name: str, stored: bool = False) -> None:
     """Screenshots at 1440x900 and 390x844, each checked by the layout check (tests/ui/layout.py: nothing outside
-    its container or the viewport, nothing clipped; wide tables and graphs scroll inside boxes marked to)."""
+    its container or the viewport, nothing clipped; wide tables and graphs scroll inside boxes marked to) and, with
+    `stored`, compared with the stored layout tests/ui/layouts/NAME.json."""
     for size in (WIDE, PHONE):
         pg.set_viewport_size(size)
         pg.goto(url)
         shoot(pg, f"{name}-{size['width']}")
         assert layout.check(pg) == [], (url, size)
+        if stored:
+            layout.compare(name, size["width"], layout.describe(pg))
     pg.set_viewport_size(DESKTOP)
 
 

@@ -1,5 +1,6 @@
 """`kollm ui` in a real browser (Debian's chromium through playwright) over a real project: MLflow on SQLite,
-runs made by `kollm run` in its own process, the registry moved by clicking through the confirmation pages."""
+runs made by `kollm run` in its own process, the registry moved by clicking through the confirmation pages. The
+screenshots and layout checks of these pages at both widths are test_views.test_layout_at_phone_and_desktop_width."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kollm.errors import ConfigError
 from kollm.pipeline.tracking import client_for, tracking_uri
 from kollm.ui import check_bind
 
-from .conftest import KEY, PHONE, both_widths, shoot
+from .conftest import KEY, PHONE, shoot
 
 
 def mlflow_client(project):
@@ -46,7 +47,6 @@ def test_runs_list(demo, page):
     assert cells[2] == "FINISHED" and cells[3] == "4" and cells[4] == "3"  # only the forced register ran again
     assert oldest.locator("td").nth(4).text_content() == "0"
     assert oldest.locator("td").nth(5).text_content().endswith("s")  # a duration
-    both_widths(page, f"{demo.url}/runs", "runs")
 
 
 def test_run_page_graph_metrics_and_loss_curve(demo, page):
@@ -72,7 +72,6 @@ def test_run_page_graph_metrics_and_loss_curve(demo, page):
     points = curve.get_attribute("points").split()
     history = mlflow_client(demo.dir).get_metric_history(steps["cpt"].info.run_id, "loss")
     assert len(points) == len(history) == 6
-    both_widths(page, f"{demo.url}/runs/{first}", "run")
 
     page.goto(f"{demo.url}/runs/{demo.run_ids[1]}")
     cached = page.locator('svg.dag.h g.node[data-node="cpt"]').text_content()
@@ -93,7 +92,6 @@ def test_step_page_config_digests_reports_logs(demo, page):
     assert cpt.data.tags["kollm.cache_key"] in text
     assert '"loss"' in page.locator("pre.log").last.text_content()  # the training log
     assert "step_finished" in page.locator("pre.log").first.text_content()  # the runner's events for this step
-    shoot(page, "step-cpt-1280")
 
     prep = steps["prepare-corpus"]
     page.goto(f"{demo.url}/steps/{prep.info.run_id}")
@@ -114,7 +112,6 @@ def test_step_page_config_digests_reports_logs(demo, page):
     )
     missing = httpx.get(f"{demo.url}/steps/no-such-run")
     assert missing.status_code == 404 and "no MLflow run" in missing.text
-    both_widths(page, f"{demo.url}/steps/{evaluate.info.run_id}", "step-evaluate")
 
 
 def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
@@ -126,7 +123,6 @@ def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
     assert page.locator('tr[data-dataset="prepare-corpus.dataset"] a.digest').get_attribute("title") == dataset
     nodes = page.locator("svg.dag.h g.node").evaluate_all("els => els.map(e => e.dataset.node)")
     assert f"data:{raw}" in nodes and "cpt" in nodes and "version:2" in nodes
-    both_widths(page, f"{demo.url}/lineage/ui-demo/2", "lineage-back")
 
     page.locator('tr[data-source="prepare-corpus.source"] a.digest').click()  # forward from the raw corpus
     assert page.url.startswith(f"{demo.url}/lineage?digest=")
@@ -134,7 +130,6 @@ def test_lineage_back_to_raw_data_and_forward_to_versions(demo, page):
         page.locator("table.fwd-versions tr[data-version]").evaluate_all("els => els.map(e => e.dataset.version)")
     ) == ["ui-demo/1", "ui-demo/2"]
     assert "prepare-corpus" in page.locator("main").text_content()
-    shoot(page, "lineage-forward-1280")
     page.goto(f"{demo.url}/lineage?digest=sha256:{'0' * 64}")
     assert "no step run read or wrote" in page.locator(".error-msg").text_content()
 
@@ -186,7 +181,6 @@ def test_registry_promote_and_rollback_with_confirmation(demo, page):
     history = page.locator("table.audit tbody").text_content()
     assert "지연 시간이 너무 깁니다" in history and "rollback" in history
     assert [e.reason for e in registry.audit_trail("ui-demo", demo.dir)][-1] == "지연 시간이 너무 깁니다"
-    both_widths(page, f"{demo.url}/registry/ui-demo", "registry")
 
 
 def test_korean_text_renders_with_a_korean_font(demo, page):
