@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import KOLLM
 from tests.rollout.conftest import Server, registered, tracking_uri  # noqa: F401  (fixtures for the rollout test)
+from tests.ui import layout
 from tests.ui.project import make_project
 
 from kollm.ui.app import create_app
@@ -21,6 +22,7 @@ KEY = "ui-test-key"
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "ui-screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
+WIDE = {"width": 1440, "height": 900}
 
 
 def chromium_path() -> str | None:
@@ -58,17 +60,17 @@ def shoot(pg, name: str) -> Path:
     return path
 
 
-def both_widths(pg, url: str, name: str) -> None:
-    """Screenshots at 1280x800 and at phone width (390 px); at phone width nothing makes the page scroll sideways
-    (wide tables and graphs scroll inside their own boxes)."""
-    pg.set_viewport_size(DESKTOP)
-    pg.goto(url)
-    shoot(pg, f"{name}-1280")
-    pg.set_viewport_size(PHONE)
-    pg.goto(url)
-    shoot(pg, f"{name}-390")
-    overflow = pg.evaluate("document.documentElement.scrollWidth")
-    assert overflow <= PHONE["width"], f"{url} is {overflow}px wide at phone width"
+def both_widths(pg, url: str, name: str, stored: bool = False) -> None:
+    """Screenshots at 1440x900 and 390x844, each checked by the layout check (tests/ui/layout.py: nothing outside
+    its container or the viewport, nothing clipped; wide tables and graphs scroll inside boxes marked to) and, with
+    `stored`, compared with the stored layout tests/ui/layouts/NAME.json."""
+    for size in (WIDE, PHONE):
+        pg.set_viewport_size(size)
+        pg.goto(url)
+        shoot(pg, f"{name}-{size['width']}")
+        assert layout.check(pg) == [], (url, size)
+        if stored:
+            layout.compare(name, size["width"], layout.describe(pg))
     pg.set_viewport_size(DESKTOP)
 
 

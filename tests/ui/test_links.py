@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 
-from .conftest import both_widths
 from .test_pages import step_runs
 
 
@@ -42,7 +41,6 @@ def test_an_output_folder_opens_its_files(demo, page):
     missing = httpx.get(f"{base}/no-such-output")
     assert missing.status_code == 404 and "has no output &#39;no-such-output&#39;" in missing.text
     assert f"its outputs: {name}" in missing.text  # the hint names the ones it has
-    both_widths(page, f"{base}/{name}", "output")
 
 
 def test_forward_lineage_links_steps_runs_outputs_and_models(demo, page):

@@ -10,7 +10,7 @@ from kollm.ui.app import create_app
 
 from tests.rollout.conftest import Load, Server, free_port, serving_app, wait_for
 
-from .conftest import DESKTOP, both_widths, shoot
+from .conftest import DESKTOP, both_widths
 
 KEY = "gateway-key"
 
@@ -73,7 +73,7 @@ def test_live_rollout_pause_resume_and_promote(registered, tmp_path, browser):
         page.click("button:has-text('Pause')")
         page.locator("#rollout-status", has_text="paused").wait_for()
         assert status(srv.url)["rollout"]["status"] == "paused"
-        shoot(page, "rollout-paused-1280")
+        both_widths(page, f"{ui.url}/rollout", "rollout-paused")
 
         page.evaluate("window.__stay = 2")
         rollout_client.command("resume", gateway=srv.url, api_key=KEY)  # from the command line: the page follows

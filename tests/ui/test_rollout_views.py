@@ -17,7 +17,8 @@ from kollm.ui.data import conditions, emoji
 from tests.rollout.conftest import Server, free_port, serving_app
 from tests.ui.project import make_project
 
-from .conftest import both_widths
+from . import layout
+from .conftest import PHONE, both_widths, shoot
 
 
 def saved_state(project):
@@ -56,7 +57,7 @@ def test_timeline_failing_badge_thresholds_and_emoji(tmp_path, browser):
         assert "breached" in pg.locator('table.conditions tr[data-metric="success_rate"]').text_content()
         alert = pg.locator(".rollout-state ul li").first.text_content()
         assert "🚨" in alert and ":rotating_light:" not in alert
-        both_widths(pg, f"{ui.url}/rollout", "rollout-failing")
+        both_widths(pg, f"{ui.url}/rollout", "rollout-failing", stored=True)
         context.close()
 
 
@@ -86,3 +87,20 @@ def test_an_empty_project_does_not_show_another_projects_gateway(tmp_path, brows
             assert "not a registered model of this project" in text
             assert pg.locator(".weights").count() == 0 and pg.locator(".serving table").count() == 0
             context.close()
+
+
+def test_a_small_canary_share_keeps_its_label_at_phone_width(demo, browser, tmp_path):
+    """The traffic bar with 5 % to the canary, on a phone: each part shows its whole label (the canary's was cut off
+    to a few letters) and nothing else on the page breaks the layout check."""
+    arms = [Arm(serving_app(v, name="ui-demo"), version=v, model_name="ui-demo") for v in ("1", "2")]
+    gw = Gateway(*arms)
+    gw.set_weight(5)
+    attach_rollout(gw, project_dir=tmp_path, model_name="ui-demo")
+    with Server(gw) as gateway, Server(create_app(demo.dir, gateway=gateway.url)) as ui:
+        context = browser.new_context(viewport=PHONE)
+        pg = context.new_page()
+        pg.goto(f"{ui.url}/rollout")
+        assert pg.locator(".bar .canary").text_content() == "canary 5%"
+        assert layout.check(pg) == []
+        shoot(pg, "rollout-weights-390")
+        context.close()

@@ -204,8 +204,6 @@ def create_app(
     `host` the address it is bound to (requests for any other `Host` but a loopback name get a 400)."""
     project = data.open_project(project_dir)
     store = data.Store(project)
-    warm = threading.Thread(target=store.warm, name="kollm-ui-warm", daemon=True)
-    warm.start()
     env = Environment(loader=PackageLoader("kollm.ui", "templates"), autoescape=select_autoescape(["html"]))
     env.filters.update(
         duration=_duration,
@@ -226,6 +224,23 @@ def create_app(
         metrics_of=data.metrics_of,
         fmt_ts=_fmt_ts,
     )
+
+    def warm_up() -> None:
+        """What the first pages would otherwise wait for: the store and the runs list's queries (MLflow's import
+        and set-up: seconds), the templates compiled, the model registry's store opened and the modules the
+        registry and rollout pages import. Errors are left for the pages to show."""
+        store.warm()
+        for name in env.list_templates():
+            env.get_template(name)
+        try:
+            from kollm.rollout import client  # noqa: F401  (the rollout page's)
+
+            data.registry_models(project)
+        except Exception:  # noqa: BLE001  (the page reports it)
+            pass
+
+    warm = threading.Thread(target=warm_up, name="kollm-ui-warm", daemon=True)
+    warm.start()
     app = FastAPI(title="kollm ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.warm = warm  # serve_ui reports ready once it is done
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
