@@ -16,7 +16,7 @@ from kollm.serve.kv import StaticKV
 from kollm.serve.prefix import BLOCK_TOKENS, EXTEND_TAIL_TOKENS, Extender, PrefixCache, extend_forward
 from kollm.serve.speculative import COOL_DOWN, JUDGE_STEPS, MAX_REJECTED, NgramIndex, Speculator, Verifier
 from tests.serve.conftest import start_server
-from tests.serve.test_kv import eager_graph_shapes, greedy_without_cache, tiny
+from tests.serve.test_kv import CUDA, eager_graph_shapes, greedy_without_cache, tiny
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SHARED = "kollm serves models. 한국어 언어 모델을 서빙합니다. 서울은 대한민국의 수도입니다. "  # 67 tokens
@@ -465,3 +465,24 @@ def test_speculation_stops_drafting_when_verifying_costs_more(tok, monkeypatch):
     spec = engine._speculator
     assert spec is not None and spec.pauses >= 1 and spec.accepted > 0
     assert spec.steps <= 2 * JUDGE_STEPS  # without the policy: about 120 / (tokens per step) verify steps
+
+
+@CUDA
+def test_on_cuda_prefix_hits_and_verify_steps_replay_graphs_captured_at_warm_up(tok):
+    """On a GPU: the engine captures the prefix-hit prefill and verify graphs of every bucket at warm-up; requests
+    that hit the cache and draft then replay them (none is captured on a request's path), with greedy outputs."""
+    model = tiny_model(tok, init_range=0.1).eval().cuda()
+    engine = TransformersEngine(model, tok, max_batch_size=4, kv_cache="static", speculative="ngram")
+    shared = tok.encode(SHARED + "서울은 대한민국의 수도입니다. " * 2)
+    batches = [
+        [(shared, greedy(3))],
+        [(shared + tok.encode("안녕"), greedy(30)), (shared + tok.encode("0"), greedy(20))],
+    ]
+    outputs = run(engine, batches)
+    check_greedy(tok, model, batches, outputs)
+    cache, verifier, spec = engine._prefix, engine._verifier, engine._speculator
+    assert cache is not None and cache.extender is not None and verifier is not None and spec is not None
+    assert len(cache.extender.graphs) == len(cache.extender.buckets) and cache.extender.late == 0
+    assert cache.hit_tokens > 0 and spec.steps > 0
+    assert len(verifier.graphs) == len(engine._kv.batch_buckets) * len(verifier.length_buckets)
+    assert verifier.late == 0 and not verifier.eager

@@ -188,9 +188,7 @@ class Extender:
         self._warm = True
         log.info("captured %d prefix-cache prefill graphs in %.1fs", len(self.graphs), time.perf_counter() - started)
 
-    def extend(
-        self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]
-    ) -> torch.Tensor:
+    def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
         """As extend_forward(kv, slots, chunks, starts, every=False), in the buckets' shapes: each row's last-token
         logits [len(chunks), vocab]. A tail longer than the bucket runs in several passes, chunk after chunk."""
         kv, m = self.kv, len(chunks)

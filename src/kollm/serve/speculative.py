@@ -318,12 +318,13 @@ class Verifier:
 
 class DraftModel:
     """Drafts from a small model of the same tokenizer (`--speculative draft --draft-model PATH`): its own StaticKV
-    (one slot per engine slot, run eagerly), kept in step with each sequence lazily. At each drafting step every
+    (one slot per engine slot, run eagerly and uncompiled), kept in step with each sequence lazily. At each drafting step every
     row feeds the tokens its draft cache lacks (at a sequence's first step, its whole prompt), then `tokens - 1`
     more greedy steps give the draft. After verification, the draft cache stays valid up to the accepted tokens."""
 
     def __init__(self, model: Any, *, slots: int, context_length: int, tokens: int = DRAFT_TOKENS):
-        self.kv = StaticKV(model, slots=slots, context_length=context_length, cuda_graphs=False)
+        # uncompiled: its shapes change from call to call, and nothing may compile on a request's path
+        self.kv = StaticKV(model, slots=slots, context_length=context_length, cuda_graphs=False, compile_pieces=False)
         self.k = tokens
         self.owner: list[object | None] = [None] * slots  # the sequence each slot's draft cache belongs to
         self.synced = [0] * slots  # its valid positions
