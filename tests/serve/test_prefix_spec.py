@@ -379,15 +379,20 @@ def test_load_engine_loads_a_draft_model_folder(tiny_model_dir):
     assert engine._speculator.accepted == engine._speculator.proposed > 0  # its own draft: every token accepted
 
 
-def test_prefix_hit_prefill_in_graph_shapes_equals_extending_in_exact_shapes(tok, model):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_prefix_hit_prefill_in_graph_shapes_equals_extending_in_exact_shapes(tok, model, grouped, monkeypatch):
     """Extender (the prefix-hit prefill of the CUDA graphs: rows and tails padded to a bucket, attention over the
-    whole cache length, a tail longer than the largest bucket run chunk after chunk) gives the logits and writes
-    the keys and values that extend_forward does in the batch's exact shapes."""
+    whole cache length, a tail longer than the largest bucket run chunk after chunk, rows past the largest bucket in
+    groups) gives the logits and writes the keys and values that extend_forward does in the batch's exact shapes."""
     vocab = model.config.vocab_size
+    length = EXTEND_TAIL_TOKENS + 96
+    if grouped:
+        monkeypatch.setattr(prefix, "EXTEND_GRAPH_KEYS", 2 * length)  # 2 rows per graph: rows 0-1, then row 2
     with torch.inference_mode():
-        kv = StaticKV(model, slots=4, context_length=EXTEND_TAIL_TOKENS + 96)
+        kv = StaticKV(model, slots=4, context_length=length)
         ext = Extender(kv)
-        assert not ext.capture and (3, 16) not in ext.buckets and (4, 16) in ext.buckets  # 3 rows: padded to 4
+        assert not ext.capture and (3, 16) not in ext.buckets
+        assert ext.buckets[-1][0] == (2 if grouped else 4)  # else 3 rows: padded to 4
         prompts = [[3 + (7 * i + n) % (vocab - 3) for i in range(n)] for n in (40, 23, EXTEND_TAIL_TOKENS + 70)]
         slots, starts = [0, 2, 1], [16, 0, 32]
         extend_forward(kv, [0, 1], [prompts[0][:16], prompts[2][:32]], [0, 0], every=False)  # the cached prefixes

@@ -20,8 +20,9 @@ padded to a (rows, tail tokens) bucket (rows 1, 2, 4, ... up to the slots; tails
 EXTEND_TAIL_TOKENS, at most EXTEND_GRAPH_TOKENS rows x tokens), every per-call value (token ids, start positions,
 counts, slots) is written into static buffers and the queries attend over the whole cache length (masked), so each
 bucket is one CUDA graph, captured at warm-up and replayed; a tail longer than the largest bucket runs as several
-replays, chunk after chunk. Without CUDA graphs (CPU) the same padded code runs eagerly where StaticKV is asked to
-run in its graph shapes, else extend_forward runs in the batch's exact shapes.
+replays, chunk after chunk (and where rows x cache length would pass EXTEND_GRAPH_KEYS, rows run in groups).
+Without CUDA graphs (CPU) the same padded code runs eagerly where StaticKV is asked to run in its graph shapes,
+else extend_forward runs in the batch's exact shapes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def extend_unsupported(config: Any) -> str | None:
 DEFAULT_CACHE_TOKENS = 16384  # the pool's size when none is given (a 6.6B GQA model: ~2 GiB in bf16)
 EXTEND_TAIL_TOKENS = 256  # prefix-hit prefill graphs: tails padded to 16, 32, ... this many positions
 EXTEND_GRAPH_TOKENS = 2048  # and at most this many padded positions (rows x tail) per graph
+EXTEND_GRAPH_KEYS = 1 << 16  # and at most this many key positions (rows x cache length): more rows run in groups
 
 
 def extend_forward(
@@ -113,9 +115,8 @@ class Extender:
         self.kv = kv
         tail = min(EXTEND_TAIL_TOKENS, kv.length)
         tails = _buckets(tail, min(MIN_PROMPT_BUCKET, tail))
-        self.buckets = [
-            (n, t) for n in _buckets(kv.slots, 1) for t in tails if n * t <= max(EXTEND_GRAPH_TOKENS, tails[0])
-        ]
+        rows = min(kv.slots, max(1, EXTEND_GRAPH_KEYS // kv.length))  # each row gathers its slot's whole cache
+        self.buckets = [(n, t) for n in _buckets(rows, 1) for t in tails if n * t <= max(EXTEND_GRAPH_TOKENS, tails[0])]
         dev = kv.device
         self.ids = torch.zeros((kv.slots, tail), dtype=torch.long, device=dev)
         self.start = torch.zeros(kv.slots, dtype=torch.long, device=dev)
@@ -161,16 +162,24 @@ class Extender:
             return self.forward(n, t)
         entry = self.graphs.get((n, t))
         if entry is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(device=self.kv.device)
-            stream.wait_stream(torch.cuda.current_stream(self.kv.device))
-            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, compiling); same writes
-                self.forward(n, t)
-            torch.cuda.current_stream(self.kv.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self.forward(n, t)
+            try:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                stream = torch.cuda.Stream(device=self.kv.device)
+                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
+                with torch.cuda.stream(stream):  # warm-up off the capture (allocator, compiling); same writes
+                    self.forward(n, t)
+                torch.cuda.current_stream(self.kv.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = self.forward(n, t)
+            except Exception as e:  # noqa: BLE001 - a capture that fails: run the padded shapes eagerly from now on
+                log.warning(
+                    "capturing the prefix-cache prefill failed (%s: %s); running it eagerly", type(e).__name__, e
+                )
+                self.capture = False
+                self.graphs.clear()
+                return self.forward(n, t)
             entry = self.graphs[(n, t)] = (graph, out)
             self.late += self._warm
         entry[0].replay()
@@ -190,7 +199,18 @@ class Extender:
 
     def extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
         """As extend_forward(kv, slots, chunks, starts, every=False), in the buckets' shapes: each row's last-token
-        logits [len(chunks), vocab]. A tail longer than the bucket runs in several passes, chunk after chunk."""
+        logits [len(chunks), vocab]. A tail longer than the bucket runs in several passes, chunk after chunk; more
+        rows than the largest bucket holds run in groups."""
+        most = self.buckets[-1][0]
+        if len(chunks) <= most:
+            return self._extend(slots, chunks, starts)
+        groups = [
+            self._extend(slots[i : i + most], chunks[i : i + most], starts[i : i + most]).clone()
+            for i in range(0, len(chunks), most)
+        ]
+        return torch.cat(groups)
+
+    def _extend(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int]) -> torch.Tensor:
         kv, m = self.kv, len(chunks)
         n = next(b for b, _ in self.buckets if b >= m)
         tails = [t for b, t in self.buckets if b == n]
