@@ -151,6 +151,18 @@ def train_copy(folder: Path, steps: int, device: str, doc: int = 400, rows: int 
     return accuracy
 
 
+def captured(engine) -> dict[str, int]:
+    """The engine's prefix-hit prefill and verify CUDA graphs: how many, and how many were captured after warm-up."""
+    extender = engine._prefix.extender if engine._prefix is not None else None
+    verifier = engine._verifier
+    return {
+        "prefix": len(extender.graphs) if extender is not None else 0,
+        "prefix_late": extender.late if extender is not None else 0,
+        "verify": len(verifier.graphs) if verifier is not None else 0,
+        "verify_late": verifier.late if verifier is not None else 0,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -218,7 +230,7 @@ def main() -> None:
         system = tokens(args.system_tokens)
         for workload in args.workloads:
             runs: dict[str, list] = {"on": [], "off": []}
-            accepted = proposed = 0
+            accepted = proposed = pauses = 0
             for _ in range(args.rounds):
                 for name in ("on", "off"):
                     on = name == "on"
@@ -241,10 +253,15 @@ def main() -> None:
                         if on and engine._speculator is not None:  # type: ignore[attr-defined]
                             accepted += engine._speculator.accepted  # type: ignore[attr-defined]
                             proposed += engine._speculator.proposed  # type: ignore[attr-defined]
+                            pauses += engine._speculator.pauses  # type: ignore[attr-defined]
             pair = [side(workload, name, runs[name]) for name in ("on", "off")]
             out += pair
             on_, off = pair
-            extra = f", drafts accepted {accepted}/{proposed}" if workload in ("copy", "nomatch") else ""
+            extra = (
+                f", drafts accepted {accepted}/{proposed}, drafting paused {pauses}x (verifying did not pay)"
+                if workload in ("copy", "nomatch")
+                else ""
+            )
             print(
                 f"{workload:9s} on: {on_.tokens_per_s:9.1f} tok/s, TTFT p50 {on_.ttft_p50_ms:8.1f} ms | "
                 f"off: {off.tokens_per_s:9.1f} tok/s, TTFT p50 {off.ttft_p50_ms:8.1f} ms | "
@@ -254,7 +271,15 @@ def main() -> None:
             )
         switch(True, False)
         await engine.shutdown()
+        graphs.update(captured(engine))
+        print(
+            "CUDA graphs captured at warm-up: prefix-hit prefill {prefix}, verify {verify}; after warm-up (on "
+            "requests' paths): {prefix_late} and {verify_late}".format(**graphs),
+            flush=True,
+        )
         return out
+
+    graphs: dict[str, int] = {}
 
     results = asyncio.run(run())
     if args.out:
@@ -262,6 +287,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
             "model": model,
             "copy_accuracy": copy_accuracy,
+            "graphs": graphs,
             "args": {k: str(v) for k, v in vars(args).items()},
         }
         args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))

@@ -11,15 +11,24 @@ import torch
 
 from kollm.errors import ConfigError
 from kollm.serve.engine import SamplingParams, TransformersEngine
+from kollm.serve import prefix, speculative
 from kollm.serve.kv import StaticKV
-from kollm.serve.prefix import BLOCK_TOKENS, PrefixCache
-from kollm.serve.speculative import MAX_REJECTED, NgramIndex, Speculator
+from kollm.serve.prefix import BLOCK_TOKENS, EXTEND_TAIL_TOKENS, Extender, PrefixCache, extend_forward
+from kollm.serve.speculative import COOL_DOWN, JUDGE_STEPS, MAX_REJECTED, NgramIndex, Speculator, Verifier
 from tests.serve.conftest import start_server
-from tests.serve.test_kv import eager_graph_shapes, greedy_without_cache, tiny
+from tests.serve.test_kv import CUDA, eager_graph_shapes, greedy_without_cache, tiny
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SHARED = "kollm serves models. 한국어 언어 모델을 서빙합니다. 서울은 대한민국의 수도입니다. "  # 67 tokens
 OTHER = "The quick brown fox jumps over the lazy dog. 0123456789 오늘 날씨가 좋습니다. 안녕하세요"  # 67 too
+
+
+@pytest.fixture(autouse=True)
+def no_policy_by_time(monkeypatch):
+    """Speculation's policy by time (verify vs decode step times) stays out of the tests that check what drafting
+    computes: on a shared CPU its judgement is noise. test_speculation_stops_drafting_when_verifying_costs_more turns
+    it back on."""
+    monkeypatch.setattr(speculative, "JUDGE_STEPS", 10**9)
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +377,117 @@ def test_load_engine_loads_a_draft_model_folder(tiny_model_dir):
     run(engine, [[(engine.encode_prompt(SHARED), greedy(6))]])
     assert engine._draft is not None and engine._speculator is not None
     assert engine._speculator.accepted == engine._speculator.proposed > 0  # its own draft: every token accepted
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_prefix_hit_prefill_in_graph_shapes_equals_extending_in_exact_shapes(tok, model, grouped, monkeypatch):
+    """Extender (the prefix-hit prefill of the CUDA graphs: rows and tails padded to a bucket, attention over the
+    whole cache length, a tail longer than the largest bucket run chunk after chunk, rows past the largest bucket in
+    groups) gives the logits and writes the keys and values that extend_forward does in the batch's exact shapes."""
+    vocab = model.config.vocab_size
+    length = EXTEND_TAIL_TOKENS + 96
+    if grouped:
+        monkeypatch.setattr(prefix, "EXTEND_GRAPH_KEYS", 2 * length)  # 2 rows per graph: rows 0-1, then row 2
+    with torch.inference_mode():
+        kv = StaticKV(model, slots=4, context_length=length)
+        ext = Extender(kv)
+        assert not ext.capture and (3, 16) not in ext.buckets
+        assert ext.buckets[-1][0] == (2 if grouped else 4)  # else 3 rows: padded to 4
+        prompts = [[3 + (7 * i + n) % (vocab - 3) for i in range(n)] for n in (40, 23, EXTEND_TAIL_TOKENS + 70)]
+        slots, starts = [0, 2, 1], [16, 0, 32]
+        extend_forward(kv, [0, 1], [prompts[0][:16], prompts[2][:32]], [0, 0], every=False)  # the cached prefixes
+        before = [c.clone() for c in kv.kv]
+        tails = [p[s:] for p, s in zip(prompts, starts)]
+        assert len(tails[2]) > EXTEND_TAIL_TOKENS  # two passes
+        got = ext.extend(slots, tails, starts)
+        got_kv = [c[:4].clone() for c in kv.kv]
+        for c, b in zip(kv.kv, before):
+            c.copy_(b)
+        want = extend_forward(kv, slots, tails, starts, every=False)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+        for c, g in zip(kv.kv, got_kv):
+            torch.testing.assert_close(g, c[:4], rtol=1e-4, atol=1e-4)
+
+
+def test_a_long_tail_after_a_cached_prefix_in_graph_shapes(tok, model, monkeypatch):
+    """In the CUDA graphs' shapes, a prompt whose uncached tail is longer than the largest tail bucket (several
+    passes) and one with a short tail, prefilled together after a cached prefix: greedy outputs of the whole."""
+    as_on_cuda(monkeypatch)
+    monkeypatch.setattr(prefix, "EXTEND_TAIL_TOKENS", 32)  # the tiny model's 256 positions hold no longer tail
+    shared = tok.encode(SHARED)
+    long_tail = tok.encode(OTHER)
+    assert len(long_tail) > 2 * 32
+    batches = [[(shared, greedy(2))], [(shared + long_tail, greedy(6)), (shared + tok.encode("0"), greedy(6))]]
+    engine = TransformersEngine(model, tok, max_batch_size=2, kv_cache="static")
+    outputs = run(engine, batches)
+    check_greedy(tok, model, batches, outputs)
+    assert engine.prefix_cache_hit_tokens() == 2 * (len(shared) // BLOCK_TOKENS) * BLOCK_TOKENS
+
+
+def test_verifying_stops_for_a_cool_down_when_it_costs_more_per_token_than_decoding(monkeypatch):
+    monkeypatch.setattr(speculative, "JUDGE_STEPS", JUDGE_STEPS)
+    spec = Speculator()
+    for _ in range(JUDGE_STEPS):  # nothing to compare with yet: a few plain steps are timed first
+        spec.observe_verify(0.05, 2)
+    assert not spec.drafting()
+    while not spec.drafting():
+        spec.observe_decode(0.01)
+    for _ in range(JUDGE_STEPS):  # 4 ms per emitted token against 10 ms: it pays
+        spec.observe_verify(0.02, 5)
+    assert spec.drafting() and spec.pauses == 0
+    for _ in range(JUDGE_STEPS):  # 15 ms per emitted token: not drafting for a cool-down
+        spec.observe_verify(0.03, 2)
+    assert not spec.drafting() and spec.pauses == 1
+    for _ in range(COOL_DOWN - 1):
+        spec.observe_decode(0.01)
+    assert not spec.drafting()
+    spec.observe_decode(0.01)
+    assert spec.drafting()  # probing again
+    for _ in range(JUDGE_STEPS):
+        spec.observe_verify(0.03, 2)
+    assert spec.cool_down == 2 * COOL_DOWN and spec.pauses == 2  # still not paying: a longer cool-down
+
+
+def test_speculation_stops_drafting_when_verifying_costs_more(tok, monkeypatch):
+    """A verifier 200 ms slower than a decode step: after JUDGE_STEPS verify steps (and a few timed plain steps)
+    drafting stops for a cool-down, though every draft is accepted; the outputs stay greedy."""
+    monkeypatch.setattr(speculative, "JUDGE_STEPS", JUDGE_STEPS)
+    step = Verifier.step
+
+    def slow(self, drafts):
+        import time
+
+        time.sleep(0.2)
+        return step(self, drafts)
+
+    monkeypatch.setattr(Verifier, "step", slow)
+    model = tiny_model(tok, init_range=0.1).eval()
+    ids = tok.encode("서울은 대한민국의 수도입니다. " * 4)
+    engine = TransformersEngine(model, tok, max_batch_size=2, kv_cache="static", speculative="ngram")
+    out = run(engine, [[(ids, greedy(120))]])[0]
+    assert out == tok.decode(greedy_without_cache(model, ids, 120), skip_special_tokens=True)
+    spec = engine._speculator
+    assert spec is not None and spec.pauses >= 1 and spec.accepted > 0
+    assert spec.steps <= 2 * JUDGE_STEPS  # without the policy: about 120 / (tokens per step) verify steps
+
+
+@CUDA
+def test_on_cuda_prefix_hits_and_verify_steps_replay_graphs_captured_at_warm_up(tok):
+    """On a GPU: the engine captures the prefix-hit prefill and verify graphs of every bucket at warm-up; requests
+    that hit the cache and draft then replay them (none is captured on a request's path), with greedy outputs."""
+    model = tiny_model(tok, init_range=0.1).eval().cuda()
+    engine = TransformersEngine(model, tok, max_batch_size=4, kv_cache="static", speculative="ngram")
+    shared = tok.encode(SHARED + "서울은 대한민국의 수도입니다. " * 2)
+    batches = [
+        [(shared, greedy(3))],
+        [(shared + tok.encode("안녕"), greedy(30)), (shared + tok.encode("0"), greedy(20))],
+    ]
+    outputs = run(engine, batches)
+    check_greedy(tok, model, batches, outputs)
+    cache, verifier, spec = engine._prefix, engine._verifier, engine._speculator
+    assert cache is not None and cache.extender is not None and verifier is not None and spec is not None
+    assert len(cache.extender.graphs) == len(cache.extender.buckets) and cache.extender.late == 0
+    assert cache.hit_tokens > 0 and spec.steps > 0
+    assert len(verifier.graphs) == len(engine._kv.batch_buckets) * len(verifier.length_buckets)
+    assert verifier.late == 0 and not verifier.eager

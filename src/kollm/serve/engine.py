@@ -860,9 +860,14 @@ class TransformersEngine:
                     self._merge(admitted, *prefilled)
                 if self._seqs:
                     touched = list(self._seqs)
+                    spec = self._speculator
+                    verified = spec.steps if spec is not None else 0
                     started = time.perf_counter()
                     self._decode()
-                    self._step_time = 0.9 * self._step_time + 0.1 * (time.perf_counter() - started)
+                    elapsed = time.perf_counter() - started
+                    self._step_time = 0.9 * self._step_time + 0.1 * elapsed
+                    if spec is not None and spec.steps == verified:  # a plain step: speculation's yardstick
+                        spec.observe_decode(elapsed)
                 consecutive = 0
             except Exception as e:
                 consecutive += 1
@@ -904,6 +909,10 @@ class TransformersEngine:
                     if self.prefix_cache_tokens
                     else PrefixCache(self._kv)
                 )
+                self._prefix.warm_up()  # its CUDA graphs, captured now rather than on a request's path
+            if self._speculator is not None:
+                self._verifier = Verifier(self._kv)
+                self._verifier.warm_up()
         else:
             self._kv = DynamicKV(self.model, self.pad_id)
         self._use_rows([])
@@ -1059,7 +1068,7 @@ class TransformersEngine:
         seqs = self._seqs
         if not all(s.greedy and not s.processed and s.params.logprobs is None for s in seqs):
             return False
-        if not any(spec.due(s) for s in seqs):
+        if not spec.drafting() or not any(spec.due(s) for s in seqs):
             spec.tick(seqs)
             return False
         if self._launched is not None:  # a lookup needs every token so far on the host
@@ -1068,6 +1077,7 @@ class TransformersEngine:
             seqs = self._seqs
             if not seqs:
                 return True
+        started = time.perf_counter()
         if len(spec.states) > 2 * len(seqs):
             spec.forget(seqs)
         limits = [
@@ -1095,6 +1105,7 @@ class TransformersEngine:
             self._accept(
                 [seqs[i] for i in rows], [emitted[i][j] for i in rows], [nlls[i][j] for i in rows], [None] * len(rows)
             )
+        spec.observe_verify(time.perf_counter() - started, sum(map(len, emitted)) / len(emitted))
         return True
 
     def _launch(self, kv: StaticKV) -> _Launched:

@@ -19,12 +19,18 @@ while any running request samples (or has those), the batch decodes one token pe
 
 Turning itself off: a sequence whose lookup finds nothing waits 1, 3, 7, ... up to MAX_WAIT steps before looking again
 (a lookup needs the previous step's tokens on the host, which stops the one-step-ahead launch for that step); one
-whose drafts are wholly rejected MAX_REJECTED times in a row stops drafting for good.
+whose drafts are wholly rejected MAX_REJECTED times in a row stops drafting for good. And for the whole batch, by
+time: the engine reports each plain decode step's wall time and each verify step's (lookup, verification and
+handing out the tokens) with the tokens it emitted per row; every JUDGE_STEPS verify steps, when verifying took
+longer per emitted token than a plain decode step (a moving average), nothing drafts for a cool-down of COOL_DOWN
+plain decode steps (doubled after each judgement that verifying still does not pay, up to MAX_COOL_DOWN), then
+drafting is probed again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +48,10 @@ NGRAM_MIN = 1
 DRAFT_TOKENS = 5
 MAX_WAIT = 16  # steps between lookups of a sequence whose lookups keep failing
 MAX_REJECTED = 4  # wholly rejected drafts in a row after which a sequence stops drafting
+JUDGE_STEPS = 4  # verify steps timed per judgement of whether verifying pays
+DECODE_SAMPLES = 4  # plain decode steps timed first when a judgement finds none timed yet
+COOL_DOWN = 128  # plain decode steps without drafting after verifying did not pay (doubled while it keeps not paying)
+MAX_COOL_DOWN = 4096
 
 
 class NgramIndex:
@@ -90,6 +100,46 @@ class Speculator:
         self.proposed = 0  # draft tokens proposed, all sequences
         self.accepted = 0  # of them accepted
         self.steps = 0  # steps that verified drafts
+        # the policy by time (see the module docstring)
+        self.decode_time: float | None = None  # moving average of a plain decode step, seconds
+        self.window = [0, 0.0, 0.0]  # since the last judgement: verify steps, their seconds, tokens emitted per row
+        self.cool_down = 0  # plain decode steps left without drafting
+        self.next_cool_down = COOL_DOWN
+        self.pauses = 0  # cool-downs started
+
+    def drafting(self) -> bool:
+        """False during a cool-down (verifying did not pay)."""
+        return self.cool_down == 0
+
+    def observe_decode(self, seconds: float) -> None:
+        """A plain decode step (one token per row) took `seconds`."""
+        self.decode_time = seconds if self.decode_time is None else 0.8 * self.decode_time + 0.2 * seconds
+        self.cool_down = max(self.cool_down - 1, 0)
+
+    def observe_verify(self, seconds: float, emitted: float) -> None:
+        """A verify step took `seconds` and emitted `emitted` tokens per row (on average); every JUDGE_STEPS such
+        steps, start a cool-down when they cost more per emitted token than a plain decode step."""
+        w = self.window
+        w[0], w[1], w[2] = w[0] + 1, w[1] + seconds, w[2] + emitted
+        if w[0] < JUDGE_STEPS:
+            return
+        self.window = [0, 0.0, 0.0]
+        if self.decode_time is None:  # nothing to compare with: time a few plain steps first
+            self.cool_down = DECODE_SAMPLES
+            return
+        per_token = w[1] / max(w[2], 1e-9)
+        if per_token > self.decode_time:
+            log.info(
+                "speculation: %.2f ms per emitted token verifying vs %.2f ms decoding; not drafting for %d steps",
+                1e3 * per_token,
+                1e3 * self.decode_time,
+                self.next_cool_down,
+            )
+            self.cool_down = self.next_cool_down
+            self.next_cool_down = min(2 * self.next_cool_down, MAX_COOL_DOWN)
+            self.pauses += 1
+        else:
+            self.next_cool_down = COOL_DOWN
 
     def state(self, seq: object) -> _State:
         s = self.states.get(seq)
@@ -158,7 +208,22 @@ class Verifier:
         self.length_buckets = _buckets(kv.length, min(MIN_LENGTH_BUCKET, kv.length))
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.eager = not kv.cuda_graphs or kv.device.type != "cuda"
+        self.late = 0  # graphs captured after warm-up (on a request's path)
+        self._warm = False
         self._pool: Any = None
+
+    def warm_up(self) -> None:
+        """Capture every (batch bucket, length bucket) graph now, before a request needs one (on CUDA; with no row
+        live, every write goes to the spare slot)."""
+        if self.eager:
+            return
+        started = time.perf_counter()
+        self.count.fill_(1)
+        for n in self.kv.batch_buckets:
+            for n_len in self.length_buckets:
+                self._run(n, n_len)
+        self._warm = True
+        log.info("captured %d draft verification graphs in %.1fs", len(self.graphs), time.perf_counter() - started)
 
     def forward(self, n: int, n_len: int) -> torch.Tensor:
         """`step_outputs` of the greedy token at every fed position: [n, tokens, 2] (garbage past a row's count
@@ -208,6 +273,7 @@ class Verifier:
                 with torch.cuda.graph(graph, pool=self._pool):
                     out = self.forward(n, n_len)
                 entry = self.graphs[(n, n_len)] = (graph, out)
+                self.late += self._warm
             except Exception as e:  # noqa: BLE001 - a capture that fails: verify eagerly from now on
                 log.warning(
                     "capturing the draft verification step failed (%s: %s); running it eagerly", type(e).__name__, e
@@ -252,12 +318,13 @@ class Verifier:
 
 class DraftModel:
     """Drafts from a small model of the same tokenizer (`--speculative draft --draft-model PATH`): its own StaticKV
-    (one slot per engine slot, run eagerly), kept in step with each sequence lazily. At each drafting step every
+    (one slot per engine slot, run eagerly and uncompiled), kept in step with each sequence lazily. At each drafting step every
     row feeds the tokens its draft cache lacks (at a sequence's first step, its whole prompt), then `tokens - 1`
     more greedy steps give the draft. After verification, the draft cache stays valid up to the accepted tokens."""
 
     def __init__(self, model: Any, *, slots: int, context_length: int, tokens: int = DRAFT_TOKENS):
-        self.kv = StaticKV(model, slots=slots, context_length=context_length, cuda_graphs=False)
+        # uncompiled: its shapes change from call to call, and nothing may compile on a request's path
+        self.kv = StaticKV(model, slots=slots, context_length=context_length, cuda_graphs=False, compile_pieces=False)
         self.k = tokens
         self.owner: list[object | None] = [None] * slots  # the sequence each slot's draft cache belongs to
         self.synced = [0] * slots  # its valid positions
