@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
@@ -350,17 +350,12 @@ def finished_note(detail: dict[str, Any]) -> str:
 
 
 def _progress(enabled: bool):
-    """ctx.progress for steps: a rich progress bar on a terminal, nothing otherwise."""
+    """ctx.progress for steps: rich progress bars on a terminal (done/total, elapsed time, a training step's
+    latest loss; bars of steps in child processes too), nothing otherwise."""
+    from kollm.pipeline.progress import TerminalBars
+    from kollm.pipeline.step import _no_progress
 
-    def progress(items: Iterable[T], *, total: int | None = None, description: str = "") -> Iterator[T]:
-        if not enabled or not err.is_terminal:
-            yield from items
-            return
-        from rich.progress import track
-
-        yield from track(items, total=total, description=description or "working", console=err, transient=True)
-
-    return progress
+    return TerminalBars(err) if enabled and err.is_terminal else _no_progress
 
 
 @app.command()
@@ -502,9 +497,19 @@ def step_run(
         Optional[str],
         typer.Option(help='Config overrides as JSON: {"STEP.path": value} (what a sweep trial sets).', hidden=True),
     ] = None,
+    progress_events: Annotated[
+        bool,
+        typer.Option(
+            "--progress-events",
+            help="Write the step's progress as event lines on stderr (for the `kollm run` that started it).",
+            hidden=True,
+        ),
+    ] = False,
 ) -> None:
     """Run exactly one attempt of one step, with explicit inputs: what a Kubernetes pod or a Ray task runs."""
+    from kollm.pipeline.progress import EventWriter
     from kollm.pipeline.runner import run_one
+    from kollm.pipeline.step import _no_progress
 
     given: dict[str, str] = {}
     for item in inputs or []:
@@ -522,6 +527,7 @@ def step_run(
         parent_run_id=parent_run_id,
         force=force,
         overrides=overrides,
+        progress=EventWriter(sys.stderr) if progress_events else _no_progress,
     )
     doc = {
         "step": step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -19,6 +20,8 @@ CONFIG_FILE = "kollm.yaml"
 # thousand; a "billion laughs" alias bomb of a few KB expands to billions and would exhaust memory.
 MAX_YAML_NODES = 200_000
 MAX_YAML_DEPTH = 100  # nesting, aliases expanded (a real kollm.yaml nests fewer than 10 levels)
+# libyaml's parser where PyYAML was built with it (the same events and nodes, 100x faster), else PyYAML's own
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class TrackingConfig(BaseModel):
@@ -400,8 +403,18 @@ def safe_load_bounded(
     """yaml.safe_load that refuses a document nested deeper than `max_depth` or whose alias-expanded size exceeds
     `max_nodes` (or which refers to itself), before building any Python object. Raises ConfigError for those,
     yaml.YAMLError for bad syntax."""
-    _check_depth(text, max_depth, source)
-    loader = yaml.SafeLoader(text)
+    try:
+        return _load_bounded(text, _Loader, source, max_nodes, max_depth)
+    except yaml.YAMLError:
+        if _Loader is yaml.SafeLoader:
+            raise
+        # bad syntax: parse again with PyYAML's own parser, for its (tested, more specific) message
+        return _load_bounded(text, yaml.SafeLoader, source, max_nodes, max_depth)
+
+
+def _load_bounded(text: str, loader_class: Any, source: str | None, max_nodes: int, max_depth: int) -> Any:
+    _check_depth(text, max_depth, source, loader_class)
+    loader = loader_class(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -412,7 +425,7 @@ def safe_load_bounded(
         loader.dispose()
 
 
-def _check_depth(text: str, max_depth: int, source: str | None) -> None:
+def _check_depth(text: str, max_depth: int, source: str | None, loader_class: Any = yaml.SafeLoader) -> None:
     """Refuse nesting deeper than `max_depth` (an alias counts as deep as what it names) from the parser's event
     stream, which is flat: composing and constructing recurse once per level and would end in a RecursionError."""
     heights: dict[str, int] = {}  # anchor -> height of its node
@@ -431,7 +444,7 @@ def _check_depth(text: str, max_depth: int, source: str | None) -> None:
                 hint="flatten the structure; a kollm.yaml needs only a few levels",
             )
 
-    loader = yaml.SafeLoader(text)
+    loader = loader_class(text)
     try:
         while loader.check_event():
             event = loader.get_event()
@@ -494,11 +507,24 @@ def _check_expanded_size(root: yaml.Node, max_nodes: int, source: str | None) ->
     size(root)
 
 
+_parsed: dict[tuple[str, int, int], Any] = {}  # (file, mtime, size) -> its YAML document
+
+
+def _read_yaml(file: Path) -> Any:
+    """kollm.yaml's document, parsed once per version of the file (a run reads it from several places)."""
+    st = file.stat()
+    key = (str(file), st.st_mtime_ns, st.st_size)
+    if key not in _parsed:
+        _parsed.clear()
+        _parsed[key] = safe_load_bounded(file.read_text(encoding="utf-8"), source=str(file))
+    return copy.deepcopy(_parsed[key])
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> tuple[ProjectConfig, Path]:
     """Read and validate kollm.yaml. Returns the config and the file's path. Raises ConfigError."""
     file = find_config(path)
     try:
-        raw = safe_load_bounded(file.read_text(encoding="utf-8"), source=str(file))
+        raw = _read_yaml(file)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

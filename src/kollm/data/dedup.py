@@ -41,57 +41,8 @@ import re
 from functools import lru_cache
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
 
-from kollm._pydantic import STRICT
-
-
-class DedupConfig(BaseModel):
-    model_config = STRICT
-    exact: bool = Field(
-        True, description="Drop rows whose normalized text equals an earlier row's (reason dedup:exact)."
-    )
-    near: bool = Field(True, description="Drop rows that are near-duplicates of an earlier row (reason dedup:near).")
-    threshold: float = Field(
-        0.8,
-        gt=0,
-        lt=1,
-        description="Jaccard similarity of shingles above which two rows are near-duplicates (long rows; see short_doc_slack).",
-    )
-    transliteration: bool = Field(
-        True,
-        description="Compare texts in a romanized, sound-folded form, so a loanword in Hangul and in Latin letters "
-        "(데비안 / Debian) counts as the same word. false: compare Hangul as it is.",
-    )
-    short_doc_slack: int = Field(
-        4,
-        ge=0,
-        le=1000,
-        description="Shingles that may differ on each side however short the text: a pair with n shingles "
-        "needs Jaccard >= min(threshold, (n - slack) / (n + slack)) (one changed word in a short paragraph). 0: `threshold` for all.",
-    )
-    min_threshold: float = Field(
-        0.5, gt=0, lt=1, description="The lowest threshold `short_doc_slack` may lower a pair's threshold to."
-    )
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: more accurate, slower).")
-    shingle_size: int | None = Field(
-        None,
-        ge=1,
-        le=32,
-        description="Shingle size (letters and digits only; spaces and punctuation ignored). Default: 3 sound "
-        "units (about a syllable each) with transliteration, 5 characters without.",
-    )
-    seed: int = Field(1, description="MinHash seed.")
-
-    @model_validator(mode="after")
-    def _thresholds(self) -> DedupConfig:
-        if self.min_threshold > self.threshold:
-            raise ValueError(f"min_threshold ({self.min_threshold}) must not be above threshold ({self.threshold})")
-        return self
-
-    @property
-    def shingle_chars(self) -> int:
-        return self.shingle_size or (3 if self.transliteration else 5)
+from kollm.data.config import DedupConfig as DedupConfig  # defined there (no numpy), named here too
 
 
 _NON_WORD = re.compile(r"[\W_]+")

@@ -14,96 +14,20 @@ than the rest of `prepare` (benchmarks/prepare_throughput.py --compare tokenizer
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field, field_validator, model_validator
 
+from kollm.data.config import FilterConfig
 from kollm.data.korean import hangul_ratio
 from kollm.data.schema import REJECT, filter_text
-from kollm._pydantic import STRICT
-
-
-class FilterConfig(BaseModel):
-    model_config = STRICT
-    min_chars: int = Field(
-        20, ge=0, description="Reject texts shorter than this many characters (after normalization)."
-    )
-    max_chars: int = Field(200_000, ge=1, description="Reject texts longer than this many characters.")
-    min_hangul_ratio: float = Field(
-        0.3,
-        ge=0,
-        le=1,
-        description="Reject texts whose letters are less than this fraction Hangul (0 turns the filter off).",
-    )
-    max_dup_line_fraction: float = Field(
-        0.3,
-        ge=0,
-        le=1,
-        description="Reject texts where more than this fraction of the characters sit in lines repeated elsewhere in the text.",
-    )
-    tokenizer: Literal["whitespace", "kiwi"] = Field(
-        "whitespace",
-        description="Units of the repetition check and the text statistics: whitespace words, or morphemes "
-        "from kiwipiepy's Korean analyser (`kiwi`: measures Korean whatever its spacing; much slower).",
-    )
-    ngram_size: int | None = Field(
-        None,
-        ge=1,
-        le=20,
-        description="N-gram size of the repetition check. Default: 3 words, or 5 morphemes with tokenizer: kiwi "
-        "(a Korean word is two to three morphemes; on kolaw, 5-morpheme and 3-word repetition measure alike).",
-    )
-    max_top_ngram_fraction: float = Field(
-        0.2,
-        ge=0,
-        le=1,
-        description="Reject texts where the most frequent word (or morpheme) n-gram covers more than this fraction of the characters.",
-    )
-    min_sentences: int = Field(
-        0,
-        ge=0,
-        description="Reject texts with fewer sentences than this (kiwi's sentences with tokenizer: kiwi, else split after . ! ? and "
-        "at line breaks). 0: off.",
-    )
-    repetition_min_words: int = Field(
-        30,
-        ge=0,
-        description="Apply the two repetition checks only to texts with at least this many words (short Q&A repeats the question by nature).",
-    )
-    max_symbol_ratio: float = Field(
-        0.3,
-        ge=0,
-        le=1,
-        description="Reject texts where more than this fraction of non-space characters are symbols or punctuation.",
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> FilterConfig:
-        if self.max_chars <= self.min_chars:
-            raise ValueError(f"max_chars ({self.max_chars}) must be greater than min_chars ({self.min_chars})")
-        return self
-
-    @property
-    def ngram(self) -> int:
-        return self.ngram_size or (5 if self.tokenizer == "kiwi" else 3)
-
-    @field_validator("tokenizer")
-    @classmethod
-    def _installed(cls, v: str) -> str:
-        if v == "kiwi" and importlib.util.find_spec("kiwipiepy") is None:
-            raise ValueError(
-                "tokenizer: kiwi needs kiwipiepy; install it with `pip install 'kollm[kiwi]'` or use tokenizer: whitespace"
-            )
-        return v
 
 
 # Parts of speech counted in the stats (kiwi's Sejong tags by their first letters): nouns, predicates

@@ -26,15 +26,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Literal
 
 import pandas as pd
-from pydantic import BaseModel, Field
 
+from kollm.data.config import PII_TYPES, PiiConfig
 from kollm.data.schema import REJECT, map_texts_indexed
-from kollm._pydantic import STRICT
-
-PII_TYPES = ("rrn", "phone", "email", "card", "account")
 
 _EMAIL = re.compile(
     r"[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}",
@@ -185,20 +181,6 @@ def mask_text(text: str) -> str:
 
 
 # --- batches --------------------------------------------------------------------------------------
-
-Action = Literal["mask", "drop", "keep"]
-
-
-class PiiConfig(BaseModel):
-    model_config = STRICT
-    rrn: Action = Field("mask", description="주민등록번호/외국인등록번호: mask (<RRN>), drop the row, or keep.")
-    phone: Action = Field("mask", description="Phone numbers: mask (<PHONE>), drop the row, or keep.")
-    email: Action = Field("mask", description="E-mail addresses: mask (<EMAIL>), drop the row, or keep.")
-    card: Action = Field("mask", description="Card numbers (Luhn-valid): mask (<CARD>), drop the row, or keep.")
-    account: Action = Field("mask", description="Bank account numbers: mask (<ACCOUNT>), drop the row, or keep.")
-
-    def actions(self) -> dict[str, str]:
-        return {t: getattr(self, t) for t in PII_TYPES}
 
 
 def pii_batch(batch: pd.DataFrame, kind: str, cfg: PiiConfig, per_row: bool = False):

@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from kollm.data.config import TxtMode
 from kollm.data.schema import REJECT, SOURCE
 from kollm.errors import StepFailed
 
 Format = Literal["auto", "txt", "jsonl", "parquet", "csv", "hf"]
-TxtMode = Literal["file", "paragraph"]
 
 _EXTENSIONS = {
     ".txt": "txt",
@@ -102,21 +102,6 @@ class NotDecodable(UnreadableFile):
             hint=f"convert the file, e.g. `iconv -f cp949 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`, "
             "or set the prepare step's `encoding: cp949` (or the file's encoding) in kollm.yaml",
         )
-
-
-def check_encoding(encoding: str) -> str:
-    """A codec name Python knows whose line breaks are a single "\\n" byte (UTF-8, CP949, EUC-KR, ...)."""
-    import codecs
-
-    try:
-        codecs.lookup(encoding)
-    except LookupError:
-        raise ValueError(f"unknown encoding '{encoding}' (e.g. utf-8, cp949, euc-kr)") from None
-    if "\n".encode(encoding) != b"\n":
-        raise ValueError(
-            f"'{encoding}' is not ASCII-compatible; convert the files to UTF-8 first (iconv -f {encoding} -t utf-8)"
-        )
-    return encoding
 
 
 def _lines(path: str, encoding: str, byte_range: tuple[int, int] | None = None) -> Iterator[str]:

@@ -26,7 +26,6 @@ backoff) counts in `judge_request_failures`. A case with a failed verdict is lef
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import random
@@ -402,6 +401,8 @@ class JudgeClient:
         self.request_failures = 0
 
     async def __aenter__(self) -> JudgeClient:
+        import asyncio
+
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -425,6 +426,8 @@ class JudgeClient:
 
     async def complete(self, messages: list[dict[str, str]], schema: dict[str, Any], name: str) -> dict[str, Any]:
         """The response's first choice ({message, finish_reason}); raises RequestFailed after the retries."""
+        import asyncio
+
         import httpx
 
         body = {
@@ -530,6 +533,8 @@ async def _judge(
     max_reason_chars: int,
     progress: Callable[..., Iterator[Any]],
 ) -> list[Judged]:
+    import asyncio  # here, not at the top: a cached evaluate step imports this module and needs no event loop
+
     cases = [Judged(i.id, i.question, i.answer, i.reference_answer) for i in items]
     s_schema = score_schema(rubric, max_reason_chars)
     p_schema = pairwise_schema(max_reason_chars)
@@ -595,6 +600,7 @@ def judge(
 ) -> JudgeResult:
     """Judge every item (score mode: its answer and its reference answer, if any; pairwise: the two answers in
     both orders, items without a reference answer are skipped). Blocks; runs its own event loop."""
+    import asyncio
 
     async def main() -> JudgeResult:
         client = JudgeClient(

@@ -26,6 +26,7 @@ from kollm._version import __version__
 from kollm.config import memory_bytes
 from kollm.errors import ConfigError, GateFailed, KollmError, NotFound, StepCrashed, StepFailed
 from kollm.pipeline.plan import Plan
+from kollm.pipeline.progress import read_events, replay
 from kollm.pipeline.runner import Reporter, RunResult, Selection, StepRun, drive, run_log, run_step
 from kollm.pipeline.spec import ResolvedStep
 from kollm.pipeline.step import Artifact, Progress, StepRecord
@@ -248,6 +249,7 @@ class _Schedule:
                     str(attempt),
                     "--outputs-json",
                     result_file,
+                    "--progress-events",
                     *(["--parent-run-id", self.tracker.run_id] if self.tracker.run_id else []),
                     *(["--force"] if step.name in self.selection.forced else []),
                     *[a for k, uri in sorted(inputs.items()) for a in ("--input", f"{k}={uri}")],
@@ -256,29 +258,20 @@ class _Schedule:
                     cmd += ["--overrides-json", json.dumps(self.overrides)]
                 if attempt == 0:
                     report("started", step.name, {"key": self.plan.key(step, self._inputs(step))})
-                proc = subprocess.run(
-                    cmd,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    preexec_fn=_die_with_parent,
-                )
-                if proc.returncode == 0:
+                returncode, stderr = self._child(cmd, env)
+                if returncode == 0:
                     doc = json.loads(open(result_file, encoding="utf-8").read())
                     break
-            message = _error_text(proc.stderr)
-            self.log.log(
-                "step_error", "ERROR", step=step.name, attempt=attempt, error=message, exit_code=proc.returncode
-            )
-            if proc.returncode == StepCrashed.exit_code and attempt < step.retries:
+            message = _error_text(stderr)
+            self.log.log("step_error", "ERROR", step=step.name, attempt=attempt, error=message, exit_code=returncode)
+            if returncode == StepCrashed.exit_code and attempt < step.retries:
                 delay = step.retry_backoff_s * (2**attempt)
                 attempt += 1
                 report("retry", step.name, {"attempt": attempt, "delay_s": delay, "error": message})
                 time.sleep(delay)
                 continue
             report("failed", step.name, {"error": message})
-            err_class = _EXIT_CODES.get(proc.returncode, StepFailed)
+            err_class = _EXIT_CODES.get(returncode, StepFailed)
             raise err_class(message)
         outputs = {
             n: Artifact(o["type"], Path(o["path"]), o["digest"], o.get("meta", {})) for n, o in doc["outputs"].items()
@@ -293,6 +286,28 @@ class _Schedule:
             {"key": record.key, "duration_s": duration, "metrics": record.metrics},
         )
         return record, duration
+
+    def _child(self, cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+        """Run `kollm step run` and draw the progress bars it reports (event lines on its stderr) with this run's
+        progress as they come. Returns its exit code and the rest of its stderr."""
+        other: list[str] = []
+        with subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            preexec_fn=_die_with_parent,
+        ) as proc:
+            assert proc.stderr is not None
+            try:
+                replay(read_events(proc.stderr, other), self.shared.progress)
+            except Exception as e:  # drawing is cosmetic: a bar that cannot be drawn does not fail the step
+                self.log.log("progress_error", "WARNING", error=f"{type(e).__name__}: {e}")
+            finally:
+                other.extend(proc.stderr)  # what drawing left unread: the child must not block on a full pipe
+        return proc.returncode, "".join(other)
 
     def _track(self, name: str, st: StepTracker | None) -> None:
         with self.lock:

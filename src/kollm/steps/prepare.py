@@ -26,42 +26,37 @@ Outputs: `dataset` (train.parquet, eval.parquet, stats.json) and `report` (repor
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import pickle
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
-from kollm.data.dedup import DedupConfig, NearDupIndex, exact_key, signatures_batch
-from kollm.data.filters import TEXT_STAT_COLUMNS, FilterConfig, quality_batch, text_stats
-from kollm.data.korean import normalize_text
-from kollm.data.pii import PII_TYPES, PiiConfig, mask_text, pii_batch
-from kollm.data.readers import (
-    SourceFiles,
-    TxtMode,
-    check_encoding,
-    file_format,
-    is_hf_source,
-    jsonl_ranges,
-    read_source,
-)
+from kollm.data.config import PII_TYPES, DedupConfig, FilterConfig, PiiConfig, TxtMode, check_encoding
 from kollm.data.report import ReportData, render
-from kollm.data.schema import COLUMNS, REJECT, SOURCE, content_text, map_texts, split_key_text, to_schema_batch
 from kollm.data.validate import Counts, GateConfig, check_gate, summary, violations
 from kollm.errors import KollmError, StepFailed
 from kollm.pipeline.artifacts import file_digest
 from kollm.pipeline.step import STRICT, Artifact, InputSpec, StepContext, StepResult, _no_progress
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import numpy as np
+    import pandas as pd
+
+    from kollm.data.readers import SourceFiles
+
+# numpy, pandas and the stages' modules (kollm.data.dedup, filters, pii, readers, schema) are imported inside the
+# functions that run the stages: planning a pipeline and reusing a cached step need only Config and the functions
+# up to `references`, and those imports cost seconds (tests/pipeline/test_sqlite_runs.py checks a cached rerun).
 
 KIND = "prepare"
 
@@ -175,6 +170,15 @@ def transform_batch(raw: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     Adds `_bytes` (UTF-8 bytes of the row's texts as read), `_pii_<type>` (values found), `_exact`, `_split`
     and `_minhash` (uint32 signature; empty for rejected rows) to the canonical columns. Pure.
     """
+    import numpy as np
+    import pandas as pd
+
+    from kollm.data.dedup import exact_key, signatures_batch
+    from kollm.data.filters import quality_batch
+    from kollm.data.korean import normalize_text
+    from kollm.data.pii import pii_batch
+    from kollm.data.schema import REJECT, content_text, map_texts, split_key_text, to_schema_batch
+
     kind = cfg.dataset
     frame = to_schema_batch(raw, kind, cfg.text_field)
     parsed = (frame[REJECT] == "").to_numpy()
@@ -208,16 +212,25 @@ def transform_batch(raw: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 # Columns of plain strings, per kind. `process_batch` stores them as Arrow strings: one buffer each, so a
 # batch goes to the main process without pickling every string, and Parquet writing does not convert them.
 _STRING_COLUMNS = {"corpus": ("text",), "instructions": (), "preferences": ("chosen", "rejected")}
-_ARROW_STR = pd.StringDtype("pyarrow", na_value=np.nan)
+
+
+def _arrow_str() -> pd.StringDtype:
+    import numpy as np
+    import pandas as pd
+
+    return pd.StringDtype("pyarrow", na_value=np.nan)
 
 
 def process_batch(raw: pd.DataFrame, cfg: Config) -> Processed:
     """`transform_batch`, with the signatures as one array, the PII counts summed and the texts as Arrow
     strings (for the local executor)."""
+    import numpy as np
+
+    arrow_str = _arrow_str()
     cpu0 = time.process_time()
     frame = transform_batch(raw, cfg)
     for col in _STRING_COLUMNS[cfg.dataset]:
-        frame[col] = frame[col].astype(_ARROW_STR)
+        frame[col] = frame[col].astype(arrow_str)
     sigs = np.zeros((len(frame), cfg.dedup.num_perm), dtype=np.uint32)
     for i, sig in enumerate(frame.pop("_minhash")):
         if len(sig):
@@ -252,6 +265,9 @@ def rechunk(batches: Iterable[pd.DataFrame], rows: int) -> Iterator[pd.DataFrame
 
 
 def _pool(num_proc: int) -> ProcessPoolExecutor:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     # fork (Linux): workers start at once with this process's modules already imported (like `datasets.map`
     # with num_proc). They only run the pure transforms above. Elsewhere: spawn.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -270,6 +286,11 @@ def run_transforms(batches: Iterable[pd.DataFrame], cfg: Config, progress=_no_pr
 
 
 def _example(row: pd.Series, kind: str) -> str:
+    import pandas as pd
+
+    from kollm.data.pii import mask_text
+    from kollm.data.schema import REJECT, content_text
+
     if row[REJECT].startswith(("schema:", "read:")):
         text = row.get("_raw") or ""
     else:
@@ -279,10 +300,12 @@ def _example(row: pd.Series, kind: str) -> str:
 
 
 def _read(src: SourceFiles, cfg: Config, byte_range: tuple[int, int] | None = None) -> Iterator[pd.DataFrame]:
+    from kollm.data.readers import read_source
+
     return read_source(src, cfg.txt_mode, encoding=cfg.encoding, batch_rows=cfg.batch_rows, byte_range=byte_range)
 
 
-Task = tuple[SourceFiles, tuple[int, int] | None]  # one file of a source, or a byte range of a JSON Lines file
+Task = tuple["SourceFiles", tuple[int, int] | None]  # one file of a source, or a byte range of a JSON Lines file
 
 MIN_PIECE_BYTES = 1 << 20
 
@@ -291,6 +314,8 @@ def file_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
     """What the worker processes read, in order: each file of each source, with local JSON Lines files cut into
     byte ranges so there are about 16 tasks per process, and smaller ones for the last eighth of the bytes (the
     processes then finish close together: the last task is short)."""
+    from kollm.data.readers import SourceFiles, file_format, jsonl_ranges
+
     files = [(s, f) for s in sources for f in s.files]
     sizes = [os.path.getsize(f) if "://" not in f and os.path.isfile(f) else 0 for _, f in files]
     total = sum(sizes)
@@ -310,6 +335,9 @@ def file_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
 def _process_file(task: tuple[Task, Config]) -> list[Processed]:
     """Read one file (or byte range) of a source and transform its batches (in a worker process). The batches
     go back as one: fewer, larger results cost the main process less to receive and settle."""
+    import numpy as np
+    import pandas as pd
+
     (src, byte_range), cfg = task
     cpu0 = time.process_time()
     results = [process_batch(chunk, cfg) for chunk in rechunk(_read(src, cfg, byte_range), cfg.batch_rows)]
@@ -336,6 +364,8 @@ def prepare_sources(
     run in parallel too); otherwise this process reads and hands out batches. Either way rows arrive in
     source and file order, so the result is the same. `executor="ray"`: the reading and per-row stages run as
     Ray Data tasks (see `prepare_sources_ray`), with the same result."""
+    from kollm.data.readers import is_hf_source
+
     if executor == "ray":
         return prepare_sources_ray(sources, cfg, step=step, progress=progress)
     if cfg.num_proc > 1 and not any(is_hf_source(s) for s in sources):
@@ -374,6 +404,8 @@ def _import_ray() -> Any:
 
 def ray_tasks(sources: list[SourceFiles], cfg: Config) -> list[Task]:
     """The parts Ray Data tasks read, in order: `file_tasks` per source; a Hugging Face folder as one part."""
+    from kollm.data.readers import is_hf_source
+
     return [t for s in sources for t in ([(s, None)] if is_hf_source(s) else file_tasks([s], cfg))]
 
 
@@ -381,6 +413,8 @@ def _ray_process_parts(batch: pd.DataFrame, parts: list[Task], cfg: Config) -> I
     """Ray Data `map_batches` function (in a Ray worker): read each part named in the batch and run the
     per-row stages over its pandas batches (`process_batch`). The results go back pickled, one row per part,
     so the driver gets exactly the frames, signatures and dtypes the local path gets."""
+    import pandas as pd
+
     for i in batch["part"].tolist():
         results = _process_file((parts[int(i)], cfg))
         yield pd.DataFrame({"part": [int(i)], "processed": [pickle.dumps(results, protocol=5)]})
@@ -449,6 +483,13 @@ def prepare_batches(
 
 
 def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared:
+    import numpy as np
+    import pandas as pd
+
+    from kollm.data.dedup import NearDupIndex
+    from kollm.data.filters import TEXT_STAT_COLUMNS, text_stats
+    from kollm.data.schema import COLUMNS, REJECT, SOURCE
+
     kind = cfg.dataset
     t0 = time.perf_counter()
     cpu_main0 = time.process_time()
@@ -604,12 +645,18 @@ def _prepare(processed: Iterable[Processed], cfg: Config, step: str) -> Prepared
 def _rows(frame: pd.DataFrame, cols: list[str], at: np.ndarray) -> pd.DataFrame:
     """The rows at these positions, of these columns (column by column: cheaper than DataFrame.take for a
     few columns)."""
+    import pandas as pd
+
     return pd.DataFrame({c: frame[c].array.take(at) for c in cols})
 
 
 def _decontaminate(sigs: np.ndarray, is_eval: np.ndarray, cfg: Config) -> int:
     """Without near-dedup, move every eval row that near-duplicates a train row into train (and then the eval
     rows that near-duplicate a moved one). Changes `is_eval` in place; returns how many rows moved."""
+    import numpy as np
+
+    from kollm.data.dedup import NearDupIndex
+
     index = NearDupIndex.from_config(cfg.dedup)
     for e in np.flatnonzero(is_eval):
         index.add(int(e), sigs[e])
@@ -690,6 +737,9 @@ def _check_expectations(ctx: StepContext, cfg: Config, prepared: Prepared) -> tu
 
 
 def run(ctx: StepContext) -> StepResult:
+    from kollm.data.readers import SourceFiles
+    from kollm.data.schema import COLUMNS
+
     cfg: Config = ctx.config
     # The runner's source artifacts (pipeline.spec.resolve_source) always carry these four keys.
     metas = [ctx.inputs[n].meta for n in cfg.sources]

@@ -201,6 +201,7 @@ def launch_ray(
                     training_log._write(record)
                     if record.get("event") == "train_metrics":
                         training_log.forward(record)
+                        training_log.show(record)
                 if record.get("event") == "train_metrics":
                     yield record["global_step"]
             if done:

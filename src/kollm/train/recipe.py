@@ -25,6 +25,7 @@ from kollm.adapter import base_vocab_rows, folder_digest_cached
 from kollm.errors import ConfigError, StepFailed
 from kollm.jsonlog import JsonLog
 from kollm.pipeline import sweep
+from kollm.pipeline.progress import progress_note
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
 from kollm.train.config import PRESETS, TrainingConfig
@@ -153,7 +154,9 @@ def execute(ctx: StepContext, job: Job, fn: Callable[[Job, Env], StepResult]) ->
     torch.set_num_threads(max(1, int(ctx.resources.cpus)))
     if ctx.tracker is not None:
         ctx.tracker.log_dataset(job.data, name=f"{job.step}-data", context="training")
-    training_log = TrainingLog(job.log_file, job.step, ctx.tracker, job.lineage.get("step_run_id"))
+    training_log = TrainingLog(
+        job.log_file, job.step, ctx.tracker, job.lineage.get("step_run_id"), progress=ctx.progress
+    )
     if ctx.executor == "ray":
         from kollm.train.ray_train import launch_ray
 
@@ -235,6 +238,7 @@ def launch(
                     continue
                 if training_log is not None:
                     training_log.forward(record)
+                    training_log.show(record)
                 yield record["global_step"]
 
     for _ in progress(events(), total=None, description=f"{job.step} ({world} processes)"):
@@ -309,13 +313,16 @@ def _worker(
 
 class TrainingLog:
     """on_log hook: a `train_metrics` line (kollm.jsonlog, component "train") in .kollm/logs/training/<step>.jsonl
-    every `log_every` optimizer steps, and MLflow metrics."""
+    every `log_every` optimizer steps, MLflow metrics, and the latest loss beside the progress bar."""
 
-    def __init__(self, path: Path, step_name: str, tracker: Any, run_id: str | None = None):
+    def __init__(
+        self, path: Path, step_name: str, tracker: Any, run_id: str | None = None, progress: Progress = _no_progress
+    ):
         self.path = path
         self.step_name = step_name
         self.tracker = tracker
         self.run_id = run_id  # the step's MLflow run: each line names it (every run of a step shares the file)
+        self.progress = progress  # the step's ctx.progress: the training loop's bar shows the loss
         self.log = JsonLog(path, "train", step=step_name)
 
     def _record(self, event: str, level: str = "INFO", **fields: Any) -> dict[str, Any]:
@@ -341,8 +348,14 @@ class TrainingLog:
             fields["run_id"] = self.run_id
         record = self._record("train_metrics", "INFO" if math.isfinite(entry.loss) else "WARNING", **fields)
         self._write(record)
+        self.show(record)
         if self.tracker is not None:
             self.forward(record)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """The record's loss beside the progress bar the training loop has open."""
+        if isinstance(record.get("loss"), (int, float)):
+            progress_note(self.progress, loss=float(record["loss"]))
 
     def forward(self, record: dict[str, Any]) -> None:
         """Send a `train_metrics` line's numbers to MLflow as step metrics."""
