@@ -347,7 +347,7 @@ def compile_model(
         functorch_config.activation_memory_budget = activation_memory_budget
     if per_layer:  # each layer's forward, not its __call__: hooks around it (FSDP's gathers) stay outside the graph
         for layer in decoder_layers(model):
-            layer.forward = torch.compile(layer.forward)  # type: ignore[method-assign]
+            layer.forward = torch.compile(layer.forward)
     else:
         causal_lm(model).get_decoder().compile()
     return model
