@@ -126,7 +126,7 @@ class _Spec:
     softcap: float | None = None  # attention logits: cap * tanh(logits / cap) (gemma2)
 
 
-def _layer_weights(layer: Any, model_type: str, lora: Callable[[Any], Any] | None = None) -> tuple[tuple, tuple]:
+def _layer_weights(layer: Any, model_type: str, lora: multi_lora.AdapterBank | None = None) -> tuple[tuple, tuple]:
     """One decoder layer's weights as the argument tuples of _attention_in and _attention_out_and_mlp (plain
     tensors, so a compiled piece sees the same kind of input for every layer), with q/k/v and gate/up each
     concatenated into one matrix multiply. The concatenations are copies: those weights are held twice.
@@ -136,9 +136,9 @@ def _layer_weights(layer: Any, model_type: str, lora: Callable[[Any], Any] | Non
     at all four places, EXAONE 4 after attention and after the MLP only. Gemma's norm weights are held as
     1 + weight in float32 (see _rms).
 
-    With adapters (`lora`: a linear module -> its AdapterBank (A_flat, B_flat) or None), each tuple ends with the
-    LoRA of its projections (`_lora_linear`): (q, k, v) for the first, then o, (gate, up) and down; None where no
-    adapter adapts any of them."""
+    With adapters (`lora`), each tuple ends with its projections' LoRA, None where no adapter adapts them: for
+    q/k/v and gate/up the bank's B_ext, their concatenated weight then being the bank's W_ext (`_grouped_linear`,
+    AdapterBank.group), for o and down the bank's (A_flat, B_flat) (`_lora_linear`)."""
     a, m = layer.self_attn, layer.mlp
     biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
     qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -147,6 +147,15 @@ def _layer_weights(layer: Any, model_type: str, lora: Callable[[Any], Any] | Non
     k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    lora_qkv = lora_gate_up = lora_o = lora_down = None
+    if lora is not None:
+        qkv_ext = lora.group([a.q_proj, a.k_proj, a.v_proj], qkv)
+        if qkv_ext is not None:
+            qkv, lora_qkv = qkv_ext
+        gate_up_ext = lora.group([m.gate_proj, m.up_proj], gate_up)
+        if gate_up_ext is not None:
+            gate_up, lora_gate_up = gate_up_ext
+        lora_o, lora_down = lora.flat(a.o_proj), lora.flat(m.down_proj)
     norms: tuple[torch.Tensor | None, ...]
     if model_type in GEMMA:
         gemma = (
@@ -162,14 +171,8 @@ def _layer_weights(layer: Any, model_type: str, lora: Callable[[Any], Any] | Non
     else:
         norms = (layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
 
-    def loras(*modules: Any) -> tuple | None:
-        pairs = tuple(lora(mod) if lora is not None else None for mod in modules)
-        if all(pair is None for pair in pairs):
-            return None
-        return tuple(int(mod.weight.shape[0]) if pair is None else pair for mod, pair in zip(modules, pairs))
-
     return (
-        (norms[0], qkv, qkv_bias, q_norm, k_norm, loras(a.q_proj, a.k_proj, a.v_proj)),
+        (norms[0], qkv, qkv_bias, q_norm, k_norm, lora_qkv),
         (
             a.o_proj.weight,
             a.o_proj.bias,
@@ -180,9 +183,9 @@ def _layer_weights(layer: Any, model_type: str, lora: Callable[[Any], Any] | Non
             m.down_proj.weight,
             m.down_proj.bias,
             norms[3],
-            loras(a.o_proj),
-            loras(m.gate_proj, m.up_proj),
-            loras(m.down_proj),
+            lora_o,
+            lora_gate_up,
+            lora_down,
         ),
     )
 
@@ -212,27 +215,42 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _lora_linear(h, w, bias, loras, mask):
-    """F.linear(h, w, bias), plus with adapters each row's LoRA delta (kollm.serve.multi_lora.lora_delta): `loras`
-    holds, per block of w's output rows (q, k, v of a concatenated qkv), an AdapterBank (A_flat, B_flat) or the
-    block's size where no adapter adapts it; mask [B, 1, columns] picks each row's adapter slot (None: the base)."""
+def _lora_linear(h, w, bias, lora, mask):
+    """F.linear(h, w, bias), plus with adapters each row's LoRA delta (kollm.serve.multi_lora.lora_delta): lora the
+    bank's (A_flat, B_flat) (None: no adapter adapts w), mask [B, 1, C] 1 on each row's adapter slot's columns
+    (None: every row runs the base alone)."""
     y = F.linear(h, w, bias)
-    if loras is None or mask is None:
+    if lora is None or mask is None:
         return y
-    deltas = [
-        h.new_zeros((*h.shape[:-1], lora)) if isinstance(lora, int) else multi_lora.lora_delta(h, lora, mask)
-        for lora in loras
-    ]
-    return y + (deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1))
+    return y + multi_lora.lora_delta(h, lora, mask)
+
+
+def _grouped_linear(h, w, bias, b_ext, mask):
+    """F.linear(h, w, bias) where, with adapters (b_ext not None), w is the bank's W_ext (AdapterBank.group): the
+    concatenated base weight's rows, then every adapted projection's A_flat; one matmul gives the base output and
+    u = h @ A.T of every slot, and (u * mask) @ B_ext.T adds each row's deltas (mask [B, 1, C] repeated per
+    adapted projection; None: the base output alone)."""
+    if b_ext is None:
+        return F.linear(h, w, bias)
+    out = b_ext.shape[0]
+    y = F.linear(h, w)
+    base, u = y[..., :out], y[..., out:]
+    if bias is not None:
+        base = base + bias
+    if mask is None:
+        return base.contiguous()
+    picked = (u.unflatten(-1, (-1, mask.shape[-1])) * mask.unsqueeze(-2)).flatten(-2)
+    return base + F.linear(picked, b_ext)
 
 
 def _attention_in(x, cos, sin, spec: _Spec, mask, norm1, qkv_w, qkv_bias, q_norm, k_norm, lora_qkv):
     """Input norm, q/k/v projection, (q/k norm,) rotary embedding (none where cos is None: a layer without
     position embedding): x [B, T, hidden] -> (x, q [B, T, heads, D], kv [B, T, 2, kv_heads, D]: the new keys and
-    values stacked, as the cache holds them). mask and lora_qkv: the adapters' (_lora_linear; None: none)."""
+    values stacked, as the cache holds them). mask and lora_qkv: the adapters' (_grouped_linear; None: none)."""
     b, t = x.shape[0], x.shape[1]
     h = _rms(x, norm1, spec.eps, spec.gemma_norm)
-    qkv = _lora_linear(h, qkv_w, qkv_bias, lora_qkv, mask).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    qkv = _grouped_linear(h, qkv_w, qkv_bias, lora_qkv, mask)
+    qkv = qkv.view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
     q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
     if q_norm is not None and k_norm is not None:
         q, k = _rms(q, q_norm, spec.qk_eps, spec.gemma_norm), _rms(k, k_norm, spec.qk_eps, spec.gemma_norm)
@@ -264,10 +282,10 @@ def _attention_out_and_mlp(
     lora_down,
 ):
     """The attention output projection (its norm) and residual, then the (normed) gated MLP (its norm) and its
-    residual. mask and lora_*: the adapters' (_lora_linear; None: none)."""
+    residual. mask and lora_*: the adapters' (_lora_linear, _grouped_linear; None: none)."""
     x = x + _rms(_lora_linear(o, o_w, o_bias, lora_o, mask), post_attn, spec.eps, spec.gemma_norm)
     h = _rms(x, norm2, spec.eps, spec.gemma_norm)
-    gate, up = _lora_linear(h, gate_up_w, gate_up_bias, lora_gate_up, mask).chunk(2, dim=-1)
+    gate, up = _grouped_linear(h, gate_up_w, gate_up_bias, lora_gate_up, mask).chunk(2, dim=-1)
     down = _lora_linear(spec.act(gate) * up, down_w, down_bias, lora_down, mask)
     return x + _rms(down, post_mlp, spec.eps, spec.gemma_norm)
 
@@ -439,12 +457,7 @@ class StaticKV:
         # with adapters (kollm.serve.multi_lora): the bank's buffers of each adapted projection, each cache slot's
         # adapter slot (0: the base; one more for the spare slot), set at prefill from the bank's row slots
         self.lora = lora if lora is not None and lora.layers else None
-        paths = {module: path for path, module in self.lora.layers.items()} if self.lora is not None else {}
-
-        def flat(module: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-            return lora.flat(paths[module]) if lora is not None and module in paths else None
-
-        self.weights = [_layer_weights(layer, self.model_type, flat if paths else None) for layer in self.layers]
+        self.weights = [_layer_weights(layer, self.model_type, self.lora) for layer in self.layers]
         self.adapter_slots = torch.zeros(slots + 1, dtype=torch.long, device=self.device)
         self.lora_columns = self.lora.columns(self.device) if self.lora is not None else None
         # on CUDA the pieces between the attention kernels are compiled (fused norms, rotary embedding, SiLU-gate),

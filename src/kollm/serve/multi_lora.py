@@ -16,7 +16,10 @@ reading them). Each forward pass gives every batch row one slot, and each adapte
     (slots + 1) * r] one where a column belongs to the row's slot (`columns`): every loaded adapter's low-rank
     product for every row, the others' masked out. No Python branch depends on which adapters a batch holds, so a
     decode step stays one CUDA graph; its extra cost is reading every slot's A and B once per step, whatever the
-    batch mixes (what per-adapter kernels would read anyway once every slot is in the batch).
+    batch mixes (what per-adapter kernels would read anyway once every slot is in the batch). Projections of one
+    input (q, k, v; gate, up), which StaticKV multiplies as one concatenated weight, take their A's as extra rows
+    of that weight and their B's as one block-diagonal matrix (`group`): one wider matmul, one mask and one more
+    matmul for the whole group (a step of a small model is bound by its kernel count, not by these bytes).
 
 so one decode step runs requests of different adapters (and of the base) together, with the base's weights
 shared and never merged.
@@ -29,7 +32,8 @@ request of an evicted-able adapter finishes), so eviction never fails a request.
     AdapterBank(model, {name: folder}, max_adapters)   wraps the model's adapted linear layers
     bank.acquire(name, busy) -> slot | None            load on first use (LRU eviction); None: wait
     bank.use_rows([slot, ...])                         the slots of the next forward pass's rows
-    bank.flat(path) -> (A_flat, B_flat) | None         a wrapped layer's buffers as StaticKV multiplies them
+    bank.flat(module) -> (A_flat, B_flat) | None       a layer's buffers as StaticKV multiplies them
+    bank.group(modules, weight) -> (W_ext, B_ext) | None   projections of one input, grouped (see above)
     bank.columns(device) -> [(slots + 1) * r]          the slot of each column of A_flat's output
     bank.stats() -> {name: {"loaded", "loads", "evictions", "requests"}}
 """
@@ -148,6 +152,7 @@ class AdapterBank:
         self._lru: OrderedDict[str, int] = OrderedDict()  # loaded adapter -> slot, least recently used first
         self._lock = threading.Lock()
         self.layers: dict[str, _RowLoRALinear] = {}
+        self._groups: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # group() by module ids
         named = dict(model.named_modules())
         for path in sorted({m for a in self.adapters.values() for m in a.modules}):
             module = named.get(path)
@@ -233,13 +238,55 @@ class AdapterBank:
         return self._rows
 
     # --- the static path (kollm.serve.kv.StaticKV) -----------------------------------------------------
-    def flat(self, path: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The wrapped layer at `path` as (A_flat [(slots + 1) * r, in], B_flat [out, (slots + 1) * r]): views of
+    def _wrapper(self, module: nn.Module) -> _RowLoRALinear | None:
+        return module if isinstance(module, _RowLoRALinear) and module.bank is self else None
+
+    def flat(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A linear layer of the model as (A_flat [(slots + 1) * r, in], B_flat [out, (slots + 1) * r]): views of
         its buffers (loading an adapter shows in them); None where no adapter adapts that layer."""
-        layer = self.layers.get(path)
+        layer = self._wrapper(module)
         if layer is None:
             return None
         return layer.A.flatten(0, 1), layer.B.flatten(1, 2)
+
+    def group(self, modules: list[nn.Module], weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Linear layers of one input whose weights StaticKV concatenates (`weight` [out, in], their out sizes in
+        order) as (W_ext [out + k * C, in], B_ext [out, k * C]), C = (slots + 1) * r, k the adapted ones among
+        them: W_ext is `weight` followed by each adapted layer's A_flat, B_ext holds each one's B_flat in its own
+        rows and columns (zeros elsewhere), so x @ W_ext.T gives the base output and every slot's x @ A.T at once,
+        and (that * mask) @ B_ext.T the rows' deltas. The adapted layers' A and B buffers become views of W_ext
+        and B_ext (what they held is copied), so loading an adapter shows in them; the same modules give the
+        same tensors again. None where no adapter adapts any of them."""
+        key = tuple(id(m) for m in modules)
+        if key in self._groups:
+            return self._groups[key]
+        layers = [self._wrapper(m) for m in modules]
+        if all(layer is None for layer in layers):
+            return None
+        out = int(weight.shape[0])
+        width = (self.max_adapters + 1) * self.rank
+        adapted = [layer for layer in layers if layer is not None]
+        w_ext = torch.empty(out + len(adapted) * width, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        w_ext[:out] = weight
+        b_ext = torch.zeros(out, len(adapted) * width, dtype=weight.dtype, device=weight.device)
+        row, col = 0, 0
+        for module, layer in zip(modules, layers):
+            module_weight = module.weight
+            assert isinstance(module_weight, torch.Tensor)
+            size = int(module_weight.shape[0])
+            if layer is not None:
+                a_view = w_ext[out + col : out + col + width]
+                a_view.copy_(layer.A.flatten(0, 1))
+                b_view = b_ext[row : row + size, col : col + width]
+                b_view.copy_(layer.B.flatten(1, 2))
+                layer.A = a_view.view(layer.A.shape)
+                layer.B = b_view.view(layer.B.shape)
+                col += width
+            row += size
+        if row != out:
+            raise ValueError(f"group: the layers' outputs add up to {row} rows, the weight has {out}")
+        self._groups[key] = (w_ext, b_ext)
+        return w_ext, b_ext
 
     def columns(self, device: torch.device) -> torch.Tensor:
         """The adapter slot of each column of x @ A_flat.T: [(slots + 1) * r], slot s at [s * r, (s + 1) * r)."""
