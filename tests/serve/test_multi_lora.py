@@ -1,6 +1,8 @@
 """Many LoRA adapters on one base in the native engine (kollm.serve.multi_lora): each adapter's greedy answers equal
 PEFT's merged model's; one batch mixes adapters and the base; adapters load on first use and are evicted least
-recently used beyond max_adapters, with no request failing under concurrent load."""
+recently used beyond max_adapters, with no request failing under concurrent load. On both KV caches: the dynamic
+one (Hugging Face's forward through the wrapped layers) and the static one (kollm.serve.kv.StaticKV's own layer
+code), there also in the shapes its CUDA graphs have (run eagerly: padded prompts and rows, the spare slot)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kollm.errors import ConfigError
 from kollm.serve.engine import RequestError, SamplingParams, TransformersEngine
+from kollm.serve.kv import StaticKV
 from kollm.serve.multi_lora import AdapterBank
+from tests.serve.test_kv import CUDA, eager_graph_shapes
 
 TOKENS = 6
 PROMPTS = ["서울은 대한민국의", "The quick brown", "한국어 언어 모델을", "0123"]
+# longer than one prefix-cache block (16 tokens): its blocks are cached, per adapter
+LONG = "kollm serves models with an OpenAI compatible API. 서울은 대한민국의 수도입니다."
+# the engine's KV cache: dynamic, static, or static in its CUDA graphs' shapes (run eagerly on CPU)
+CACHES = ["dynamic", "static", "graph_shapes"]
 # three adapters with different ranks and target modules
 SHAPES = {"ko": (4, ["q_proj", "v_proj"]), "en": (8, ["o_proj", "down_proj", "up_proj"]), "mix": (2, "all-linear")}
 
@@ -62,37 +70,51 @@ def expected(tiny_model_dir, adapters) -> dict[tuple[str | None, str], list[int]
     }
     out = {}
     for name, model in models.items():
-        for p in PROMPTS:
+        for p in [*PROMPTS, LONG]:
             out[(name, p)] = _greedy(model, tok(p)["input_ids"])
     assert len({tuple(out[(n, PROMPTS[0])]) for n in models}) > 1  # the adapters change the answers
     return out
 
 
-def _engine(tiny_model_dir, adapters, max_adapters: int) -> TransformersEngine:
+def _engine(
+    tiny_model_dir, adapters, max_adapters: int, cache: str = "dynamic", monkeypatch=None
+) -> TransformersEngine:
+    if cache == "graph_shapes":  # StaticKV as on CUDA (batch and prompt buckets, padding rows), steps run eagerly
+        assert monkeypatch is not None
+        eager_graph_shapes(monkeypatch)
+        init = StaticKV.__init__
+        monkeypatch.setattr(StaticKV, "__init__", lambda self, model, **kw: init(self, model, **kw, cuda_graphs=True))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     bank = AdapterBank(model, dict(adapters), max_adapters=max_adapters)
-    return TransformersEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch_size=16, adapters=bank)
+    kv_cache = "dynamic" if cache == "dynamic" else "static"
+    return TransformersEngine(
+        model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch_size=16, adapters=bank, kv_cache=kv_cache
+    )
 
 
-def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(tiny_model_dir, adapters, expected):
-    engine = _engine(tiny_model_dir, adapters, max_adapters=3)
+async def _answers(engine, jobs, prefix: str, stagger: float = 0.0) -> list:
+    """Every (adapter, prompt) job at once, greedy: its text, or the exception it raised."""
+    try:
+
+        async def one(n, p, i):
+            ids = engine.encode_prompt(p)
+            params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n)
+            await asyncio.sleep(stagger * (i % 4))
+            return "".join([c.text async for c in engine.generate(ids, params, f"{prefix}{i}")])
+
+        return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)), return_exceptions=True)
+    finally:
+        await engine.shutdown()
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(
+    tiny_model_dir, adapters, expected, cache, monkeypatch
+):
+    engine = _engine(tiny_model_dir, adapters, 3, cache, monkeypatch)
+    assert engine.kv_cache == ("dynamic" if cache == "dynamic" else "static")
     jobs = [(name, p) for name in (None, *adapters) for p in PROMPTS]
-
-    async def run():
-        try:
-            ids = {(n, p): engine.encode_prompt(p) for n, p in jobs}
-            params = {
-                n: SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n) for n, _ in jobs
-            }
-
-            async def one(n, p, i):
-                return "".join([c.text async for c in engine.generate(ids[(n, p)], params[n], f"r{i}")])
-
-            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)))
-        finally:
-            await engine.shutdown()
-
-    answers = asyncio.run(run())
+    answers = asyncio.run(_answers(engine, jobs, "r"))
     for (n, p), got in zip(jobs, answers):
         assert got == engine.decode(expected[(n, p)]), (n, p)
     stats = engine.adapters.stats()
@@ -100,25 +122,14 @@ def test_each_adapter_answers_as_its_merged_model_in_one_mixed_batch(tiny_model_
     assert engine.adapters.mixed_passes > 0  # decode steps ran rows of different adapters together
 
 
-def test_adapters_beyond_max_are_evicted_lru_with_no_failed_request(tiny_model_dir, adapters, expected):
-    engine = _engine(tiny_model_dir, adapters, max_adapters=1)  # three adapters through one slot
+@pytest.mark.parametrize("cache", CACHES)
+def test_adapters_beyond_max_are_evicted_lru_with_no_failed_request(
+    tiny_model_dir, adapters, expected, cache, monkeypatch
+):
+    engine = _engine(tiny_model_dir, adapters, 1, cache, monkeypatch)  # three adapters through one slot
     names = list(adapters)
     jobs = [(names[i % 3], PROMPTS[i % len(PROMPTS)]) for i in range(18)] + [(None, PROMPTS[0])] * 3
-
-    async def run():
-        try:
-
-            async def one(n, p, i):
-                ids = engine.encode_prompt(p)
-                params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n)
-                await asyncio.sleep(0.01 * (i % 4))
-                return "".join([c.text async for c in engine.generate(ids, params, f"e{i}")])
-
-            return await asyncio.gather(*(one(n, p, i) for i, (n, p) in enumerate(jobs)), return_exceptions=True)
-        finally:
-            await engine.shutdown()
-
-    answers = asyncio.run(run())
+    answers = asyncio.run(_answers(engine, jobs, "e", stagger=0.01))
     failed = [a for a in answers if isinstance(a, BaseException)]
     assert not failed, failed[:3]
     for (n, p), got in zip(jobs, answers):
@@ -141,18 +152,57 @@ def test_unknown_adapter_and_a_non_lora_layer_are_clear_errors(tiny_model_dir, a
 
     with pytest.raises(RequestError, match="no adapter 'nope'.*en, ko, mix"):
         asyncio.run(ask())
-    with pytest.raises(ConfigError, match="static KV cache"):
+    with pytest.raises(ConfigError, match="--speculative ngram does not run with --adapters"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         TransformersEngine(
             model,
             AutoTokenizer.from_pretrained(tiny_model_dir),
             kv_cache="static",
+            speculative="ngram",
             adapters=AdapterBank(model, dict(adapters), 1),
         )
     with pytest.raises(ConfigError, match="--max-adapters"):
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), dict(adapters), max_adapters=0)
     with pytest.raises(ConfigError, match="not a LoRA adapter"):
         AdapterBank(AutoModelForCausalLM.from_pretrained(tiny_model_dir), {"x": tmp_path}, max_adapters=1)
+
+
+def test_the_prefix_cache_keeps_each_adapters_blocks_apart(tiny_model_dir, adapters, expected, monkeypatch):
+    """One long prompt asked of every adapter and the base in turn, twice: each answer is its own merged model's
+    (a block cached under one adapter is never reused by another), and the second round reuses cached blocks."""
+    engine = _engine(tiny_model_dir, adapters, 3, "graph_shapes", monkeypatch)
+    assert len(engine.encode_prompt(LONG)) > 16  # at least one full cached block
+    order: list[str | None] = ["ko", "en", None, "mix"]
+
+    async def run():
+        out = []
+        for round_ in range(2):
+            for n in order:
+                ids = engine.encode_prompt(LONG)
+                params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True, adapter=n)
+                out.append("".join([c.text async for c in engine.generate(ids, params, f"p{round_}{n}")]))
+            if round_ == 0:
+                assert engine.prefix_cache_hit_tokens() == 0  # every adapter's blocks are its own
+        await engine.shutdown()
+        return out
+
+    answers = asyncio.run(run())
+    assert answers == [engine.decode(expected[(n, LONG)]) for n in order] * 2
+    assert engine.prefix_cache_hit_tokens() >= 16 * len(order)
+
+
+@CUDA
+def test_adapters_on_cuda_run_the_static_cache_in_cuda_graphs(tiny_model_dir, adapters, expected):
+    """On CUDA `--kv-cache auto` with adapters is the static cache, every step a replayed CUDA graph; the answers
+    are the merged models' (float32 here: the same greedy tokens as on CPU)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda()
+    bank = AdapterBank(model, dict(adapters), max_adapters=2)
+    engine = TransformersEngine(model, AutoTokenizer.from_pretrained(tiny_model_dir), max_batch_size=16, adapters=bank)
+    assert engine.kv_cache == "static"
+    jobs = [(name, p) for name in (None, *adapters) for p in PROMPTS]
+    answers = asyncio.run(_answers(engine, jobs, "g"))
+    assert answers == [engine.decode(expected[job]) for job in jobs]
+    assert engine._kv is not None and engine._kv.graphs
 
 
 def test_the_least_recently_used_idle_adapter_is_evicted(tiny_model_dir, adapters):

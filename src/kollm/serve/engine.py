@@ -606,11 +606,13 @@ class TransformersEngine:
     ):
         self.model = model.eval()
         self.adapters = adapters
-        if adapters is not None and kv_cache == "static":
+        if adapters is not None and speculative:
             from kollm.errors import ConfigError
 
             raise ConfigError(
-                "--adapters: the static KV cache does not apply per-row adapters yet", hint="use --kv-cache dynamic"
+                f"--speculative {speculative} does not run with --adapters yet (drafts are verified without the "
+                "rows' adapters)",
+                hint="leave out --speculative, or serve the adapter alone",
             )
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -643,7 +645,7 @@ class TransformersEngine:
             kv_cache
             if kv_cache != "auto"
             else "static"
-            if self.device.type == "cuda" and unsupported is None and adapters is None
+            if self.device.type == "cuda" and unsupported is None
             else "dynamic"
         )
         if kv_cache != "auto":
@@ -897,6 +899,7 @@ class TransformersEngine:
                 slots=self.max_batch_size,
                 context_length=self.context_length,
                 prefill_tokens=self.max_prefill_tokens,
+                lora=self.adapters,
             )
             self._kv.warm_up()
             if self._draft_source is not None:
@@ -943,7 +946,8 @@ class TransformersEngine:
             if s.cancelled:
                 self._waiting.popleft()
                 continue
-            n = max(longest, len(s.prompt_ids) - (self._prefix.cached(s.prompt_ids) if self._prefix else 0))
+            cached = self._prefix.cached(s.prompt_ids, s.params.adapter) if self._prefix else 0
+            n = max(longest, len(s.prompt_ids) - cached)
             if out and n * (len(out) + 1) > self.max_prefill_tokens:
                 break
             if self.adapters is not None and s.params.adapter is not None:
@@ -983,7 +987,9 @@ class TransformersEngine:
             self._init_penalties(s)
         self._use_rows(seqs)
         if self._prefix is not None and isinstance(self._kv, StaticKV):
-            handle, logits = self._prefix.prefill(self._kv, [s.prompt_ids for s in seqs])
+            handle, logits = self._prefix.prefill(
+                self._kv, [s.prompt_ids for s in seqs], [s.params.adapter for s in seqs]
+            )
         else:
             handle, logits = self._kv.prefill([s.prompt_ids for s in seqs])
         tokens = sample(logits, seqs)

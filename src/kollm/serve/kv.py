@@ -46,7 +46,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kollm.serve import decode_attention
+from kollm.serve import decode_attention, multi_lora
 
 log = logging.getLogger("kollm.serve")
 
@@ -126,7 +126,7 @@ class _Spec:
     softcap: float | None = None  # attention logits: cap * tanh(logits / cap) (gemma2)
 
 
-def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
+def _layer_weights(layer: Any, model_type: str, lora: multi_lora.AdapterBank | None = None) -> tuple[tuple, tuple]:
     """One decoder layer's weights as the argument tuples of _attention_in and _attention_out_and_mlp (plain
     tensors, so a compiled piece sees the same kind of input for every layer), with q/k/v and gate/up each
     concatenated into one matrix multiply. The concatenations are copies: those weights are held twice.
@@ -134,7 +134,11 @@ def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
     The norms: (before attention, after attention, before the MLP, after the MLP), None where the architecture
     has none: the Llama family norms before attention and before the MLP (its `post_attention_layernorm`), Gemma
     at all four places, EXAONE 4 after attention and after the MLP only. Gemma's norm weights are held as
-    1 + weight in float32 (see _rms)."""
+    1 + weight in float32 (see _rms).
+
+    With adapters (`lora`), each tuple ends with its projections' LoRA, None where no adapter adapts them: for
+    q/k/v and gate/up the bank's B_ext, their concatenated weight then being the bank's W_ext (`_grouped_linear`,
+    AdapterBank.group), for o and down the bank's (A_flat, B_flat) (`_lora_linear`)."""
     a, m = layer.self_attn, layer.mlp
     biases = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
     qkv_bias = torch.cat(biases) if all(b is not None for b in biases) else None
@@ -143,6 +147,15 @@ def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
     k_norm = a.k_norm.weight if hasattr(a, "k_norm") else None
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
     gate_up = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+    lora_qkv = lora_gate_up = lora_o = lora_down = None
+    if lora is not None:
+        qkv_ext = lora.group([a.q_proj, a.k_proj, a.v_proj], qkv)
+        if qkv_ext is not None:
+            qkv, lora_qkv = qkv_ext
+        gate_up_ext = lora.group([m.gate_proj, m.up_proj], gate_up)
+        if gate_up_ext is not None:
+            gate_up, lora_gate_up = gate_up_ext
+        lora_o, lora_down = lora.flat(a.o_proj), lora.flat(m.down_proj)
     norms: tuple[torch.Tensor | None, ...]
     if model_type in GEMMA:
         gemma = (
@@ -157,8 +170,9 @@ def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
         norms = (None, layer.post_attention_layernorm.weight, None, layer.post_feedforward_layernorm.weight)
     else:
         norms = (layer.input_layernorm.weight, None, layer.post_attention_layernorm.weight, None)
+
     return (
-        (norms[0], qkv, qkv_bias, q_norm, k_norm),
+        (norms[0], qkv, qkv_bias, q_norm, k_norm, lora_qkv),
         (
             a.o_proj.weight,
             a.o_proj.bias,
@@ -169,6 +183,9 @@ def _layer_weights(layer: Any, model_type: str) -> tuple[tuple, tuple]:
             m.down_proj.weight,
             m.down_proj.bias,
             norms[3],
+            lora_o,
+            lora_gate_up,
+            lora_down,
         ),
     )
 
@@ -198,13 +215,42 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_norm):
+def _lora_linear(h, w, bias, lora, mask):
+    """F.linear(h, w, bias), plus with adapters each row's LoRA delta (kollm.serve.multi_lora.lora_delta): lora the
+    bank's (A_flat, B_flat) (None: no adapter adapts w), mask [B, 1, C] 1 on each row's adapter slot's columns
+    (None: every row runs the base alone)."""
+    y = F.linear(h, w, bias)
+    if lora is None or mask is None:
+        return y
+    return y + multi_lora.lora_delta(h, lora, mask)
+
+
+def _grouped_linear(h, w, bias, b_ext, mask):
+    """F.linear(h, w, bias) where, with adapters (b_ext not None), w is the bank's W_ext (AdapterBank.group): the
+    concatenated base weight's rows, then every adapted projection's A_flat; one matmul gives the base output and
+    u = h @ A.T of every slot, and (u * mask) @ B_ext.T adds each row's deltas (mask [B, 1, C] repeated per
+    adapted projection; None: the base output alone)."""
+    if b_ext is None:
+        return F.linear(h, w, bias)
+    out = b_ext.shape[0]
+    y = F.linear(h, w)
+    base, u = y[..., :out], y[..., out:]
+    if bias is not None:
+        base = base + bias
+    if mask is None:
+        return base.contiguous()
+    picked = (u.unflatten(-1, (-1, mask.shape[-1])) * mask.unsqueeze(-2)).flatten(-2)
+    return base + F.linear(picked, b_ext)
+
+
+def _attention_in(x, cos, sin, spec: _Spec, mask, norm1, qkv_w, qkv_bias, q_norm, k_norm, lora_qkv):
     """Input norm, q/k/v projection, (q/k norm,) rotary embedding (none where cos is None: a layer without
     position embedding): x [B, T, hidden] -> (x, q [B, T, heads, D], kv [B, T, 2, kv_heads, D]: the new keys and
-    values stacked, as the cache holds them)."""
+    values stacked, as the cache holds them). mask and lora_qkv: the adapters' (_grouped_linear; None: none)."""
     b, t = x.shape[0], x.shape[1]
     h = _rms(x, norm1, spec.eps, spec.gemma_norm)
-    qkv = F.linear(h, qkv_w, qkv_bias).view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
+    qkv = _grouped_linear(h, qkv_w, qkv_bias, lora_qkv, mask)
+    qkv = qkv.view(b, t, spec.heads + 2 * spec.kv_heads, spec.head_dim)
     q, k, v = qkv.split([spec.heads, spec.kv_heads, spec.kv_heads], dim=2)
     if q_norm is not None and k_norm is not None:
         q, k = _rms(q, q_norm, spec.qk_eps, spec.gemma_norm), _rms(k, k_norm, spec.qk_eps, spec.gemma_norm)
@@ -218,24 +264,41 @@ def _attention_in(x, cos, sin, spec: _Spec, norm1, qkv_w, qkv_bias, q_norm, k_no
 
 
 def _attention_out_and_mlp(
-    x, o, spec: _Spec, o_w, o_bias, post_attn, norm2, gate_up_w, gate_up_bias, down_w, down_bias, post_mlp
+    x,
+    o,
+    spec: _Spec,
+    mask,
+    o_w,
+    o_bias,
+    post_attn,
+    norm2,
+    gate_up_w,
+    gate_up_bias,
+    down_w,
+    down_bias,
+    post_mlp,
+    lora_o,
+    lora_gate_up,
+    lora_down,
 ):
     """The attention output projection (its norm) and residual, then the (normed) gated MLP (its norm) and its
-    residual."""
-    x = x + _rms(F.linear(o, o_w, o_bias), post_attn, spec.eps, spec.gemma_norm)
-    gate, up = F.linear(_rms(x, norm2, spec.eps, spec.gemma_norm), gate_up_w, gate_up_bias).chunk(2, dim=-1)
-    return x + _rms(F.linear(spec.act(gate) * up, down_w, down_bias), post_mlp, spec.eps, spec.gemma_norm)
+    residual. mask and lora_*: the adapters' (_lora_linear, _grouped_linear; None: none)."""
+    x = x + _rms(_lora_linear(o, o_w, o_bias, lora_o, mask), post_attn, spec.eps, spec.gemma_norm)
+    h = _rms(x, norm2, spec.eps, spec.gemma_norm)
+    gate, up = _grouped_linear(h, gate_up_w, gate_up_bias, lora_gate_up, mask).chunk(2, dim=-1)
+    down = _lora_linear(spec.act(gate) * up, down_w, down_bias, lora_down, mask)
+    return x + _rms(down, post_mlp, spec.eps, spec.gemma_norm)
 
 
-def _between_layers(x, o, cos, sin, spec: _Spec, w_out: tuple, w_in: tuple):
+def _between_layers(x, o, cos, sin, spec: _Spec, mask, w_out: tuple, w_in: tuple):
     """One layer's attention output and MLP, then the next layer's attention input: one compiled piece, so the
     residual add and the next norm fuse. Returns what _attention_in returns."""
-    return _attention_in(_attention_out_and_mlp(x, o, spec, *w_out), cos, sin, spec, *w_in)
+    return _attention_in(_attention_out_and_mlp(x, o, spec, mask, *w_out), cos, sin, spec, mask, *w_in)
 
 
-def _last_layer_out(x, o, spec: _Spec, w_out: tuple, final_norm, eps: float):
+def _last_layer_out(x, o, spec: _Spec, mask, w_out: tuple, final_norm, eps: float):
     """The last layer's attention output and MLP, then the model's final norm."""
-    return _rms(_attention_out_and_mlp(x, o, spec, *w_out), final_norm, eps, spec.gemma_norm)
+    return _rms(_attention_out_and_mlp(x, o, spec, mask, *w_out), final_norm, eps, spec.gemma_norm)
 
 
 def _attend(q, k, v, mask, scale: float, softcap: float | None, gqa: bool) -> torch.Tensor:
@@ -360,6 +423,7 @@ class StaticKV:
         compile_pieces: bool | None = None,
         fused_attention: bool | None = None,
         prefill_tokens: int = 8192,
+        lora: multi_lora.AdapterBank | None = None,
     ):
         reason = static_kv_unsupported(model)
         if reason is not None:
@@ -390,7 +454,12 @@ class StaticKV:
             gemma_norm=gemma,
             softcap=float(softcap) if softcap else None,
         )
-        self.weights = [_layer_weights(layer, self.model_type) for layer in self.layers]
+        # with adapters (kollm.serve.multi_lora): the bank's buffers of each adapted projection, each cache slot's
+        # adapter slot (0: the base; one more for the spare slot), set at prefill from the bank's row slots
+        self.lora = lora if lora is not None and lora.layers else None
+        self.weights = [_layer_weights(layer, self.model_type, self.lora) for layer in self.layers]
+        self.adapter_slots = torch.zeros(slots + 1, dtype=torch.long, device=self.device)
+        self.lora_columns = self.lora.columns(self.device) if self.lora is not None else None
         # on CUDA the pieces between the attention kernels are compiled (fused norms, rotary embedding, SiLU-gate),
         # for prefill and decode: a decode graph of a few hundred kernels instead of over a thousand
         final = self.inner.norm.weight
@@ -524,11 +593,20 @@ class StaticKV:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
         lengths = [len(p) for p in prompts]
+        self.bind_adapters(slots)
         self.prompt_ids[:n_pad, :t_pad] = self._on_device(ids)
         self.prompt_lengths[:n_pad] = self._on_device(lengths + [1] * (n_pad - n))
         self.prompt_slots[:n_pad] = self._on_device(slots + [self.slots] * (n_pad - n))
         logits = self._replay(n_pad, t_pad, None) if bucket else self._prefill_forward(n_pad, t_pad)
         return (slots, lengths), logits[:n]
+
+    def bind_adapters(self, slots: list[int]) -> None:
+        """With adapters: the cache slots of the prompts about to be prefilled run the adapter slots the bank's
+        `use_rows` set for them (in order), in this prefill and every decode step until the slot is reused."""
+        if self.lora is not None:
+            rows = self.lora.row_slots[: len(slots)]
+            rows = rows + [0] * (len(slots) - len(rows))
+            self.adapter_slots[self._on_device(slots)] = self._on_device(rows)
 
     def _on_device(self, values: list[int] | torch.Tensor) -> torch.Tensor:
         """A small index tensor on the model's device without waiting for the GPU: from pinned memory,
@@ -585,15 +663,23 @@ class StaticKV:
         self._lengths = [self._lengths[i] for i in keep]
 
     # --- the model ----------------------------------------------------------------------------------------
-    def _layers(self, x: torch.Tensor, ropes: list, attend, spec: _Spec) -> torch.Tensor:
+    def _layers(
+        self, x: torch.Tensor, ropes: list, attend, spec: _Spec, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Every decoder layer over x [B, T, hidden], layer i rotating q and k by ropes[i] ((cos, sin) indexed at
         the rows' positions, or None); `attend(layer index, q, kv)` stores the new keys and values and returns the
-        attention output [B, T, heads * D]. Returns the final-normed hidden states."""
-        x, q, kv = self._first(x, *(ropes[0] or (None, None)), spec, *self.weights[0][0])
+        attention output [B, T, heads * D]. Returns the final-normed hidden states. With adapters, `slots` [B]
+        (the rows' cache slots) selects each row's adapter (no slots: every row runs the base alone)."""
+        mask = None
+        if self.lora_columns is not None and slots is not None:  # [B, 1, columns]: 1 on the row's adapter slot
+            mask = (self.adapter_slots[slots][:, None] == self.lora_columns[None, :]).to(self.dtype)[:, None]
+        x, q, kv = self._first(x, *(ropes[0] or (None, None)), spec, mask, *self.weights[0][0])
         for i in range(len(self.layers) - 1):
             rope = ropes[i + 1] or (None, None)
-            x, q, kv = self._between(x, attend(i, q, kv), *rope, spec, self.weights[i][1], self.weights[i + 1][0])
-        return self._last(x, attend(len(self.layers) - 1, q, kv), spec, self.weights[-1][1], *self.final_norm)
+            w_out, w_in = self.weights[i][1], self.weights[i + 1][0]
+            x, q, kv = self._between(x, attend(i, q, kv), *rope, spec, mask, w_out, w_in)
+        o = attend(len(self.layers) - 1, q, kv)
+        return self._last(x, o, spec, mask, self.weights[-1][1], *self.final_norm)
 
     def _indexed(self, index: Callable[[torch.Tensor], torch.Tensor]) -> list:
         """Each layer's rotary tables indexed by `index` (once per distinct table)."""
@@ -633,7 +719,7 @@ class StaticKV:
             o = _attend(q.transpose(1, 2), k, v, mask, self.spec.scale, self.spec.softcap, self.groups > 1)
             return o.transpose(1, 2).reshape(n, t, -1)
 
-        x = self._layers(self.inner.embed_tokens(ids), ropes, attend, self.spec)
+        x = self._layers(self.inner.embed_tokens(ids), ropes, attend, self.spec, self.prompt_slots[:n])
         return self._head(x[self.rows[:n], lengths - 1])
 
     def _decode_forward(self, n_batch: int, n_len: int, picks: bool) -> torch.Tensor:
@@ -677,6 +763,7 @@ class StaticKV:
             ropes,
             fused if self.fused_attention else attend,
             self.decode_spec,
+            rows,
         )
         logits = self._head(x[:, 0])
         if not picks:

@@ -99,7 +99,7 @@ def extend_forward(
         )
         return o.transpose(1, 2).reshape(n, t, -1)
 
-    x = kv._layers(kv.inner.embed_tokens(ids), ropes, attend, kv.spec)
+    x = kv._layers(kv.inner.embed_tokens(ids), ropes, attend, kv.spec, slot)
     if every:
         return kv._head(x)
     return kv._head(x[torch.arange(n, device=dev), count - 1])
@@ -362,6 +362,7 @@ class PrefixCache:
             if max(len(p) for p in prompts) > kv.length:
                 raise ValueError(f"a prompt is longer than the cache ({kv.length} positions)")
             slots = kv._free(len(prompts))
+            kv.bind_adapters(slots)
             starts = [len(h) * self.block for h in hits]
             for slot, rows in zip(slots, hits):
                 if rows:
