@@ -120,6 +120,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     fn, job, queue = config["fn"], config["job"], config["queue"]
+    if job.lease is not None:  # a worker group Ray Train restarts for an attempt whose step was published since
+        job.lease.check("anything (Ray Train restarted its workers)")
     if job.checkpoint_remote:  # checkpoints live in the artifact store; this node keeps a scratch copy of its own
         job = dataclasses.replace(job, checkpoint_dir=node_checkpoint_dir(job.checkpoint_dir.name))
     context = ray.train.get_context()
