@@ -36,6 +36,11 @@ class StepFailed(KollmError):
     exit_code = 1
 
 
+class Superseded(StepFailed):
+    """An attempt of a step found its step published meanwhile (by a retry or another runner: its lease,
+    kollm.pipeline.lease.Lease, has ended), so it stops without writing a checkpoint or its outputs. Never retried."""
+
+
 class StepCrashed(StepFailed):
     """A step raised an unexpected exception (not a KollmError) and used up its retries. Exit code 5, so an
     executor running `kollm step run` in a child process can tell a crash worth retrying from a user error."""

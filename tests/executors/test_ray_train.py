@@ -5,8 +5,10 @@ is reported before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,9 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from kollm.config import Resources
-from kollm.errors import StepFailed
+from kollm.errors import StepFailed, Superseded
+from kollm.pipeline.lease import Lease
 from kollm.pipeline.step import Artifact, StepContext
 from kollm.steps import cpt
+from kollm.train import checkpoint as ckpt
 from kollm.train.ray_train import check_fits, launch_ray, memory_bytes
 from kollm.train.recipe import Env, Job, TrainingLog
 from tests.train.conftest import korean_texts
@@ -246,6 +250,35 @@ def test_a_killed_driver_leaves_a_checkpoint_the_next_run_resumes_from(ray_clust
     assert lineage["training"]["resumed_from"] == 2
     assert result.metrics["steps"] == 6 and result.metrics["total_tokens"] == reference.metrics["total_tokens"]
     assert result.metrics["eval_loss"] == pytest.approx(reference.metrics["eval_loss"], rel=1e-4)
+
+
+def published_at_step_3(job: Job, env: Env):
+    """cpt.train, but after rank 0 logs step 3 (a checkpoint of step 2 exists) the step's retry publishes the step,
+    and the runner removes its checkpoint folder: this attempt's Ray Train run is the one left running."""
+    log = env.on_log
+
+    def on_log(entry):
+        log(entry)
+        if entry.step == 3:
+            assert ckpt.list_checkpoints(job.checkpoint_dir)[-1].name == "step-00000002"
+            shutil.rmtree(job.checkpoint_dir)
+
+    if env.rank == 0:
+        env.on_log = on_log
+    return cpt.train(job, env)
+
+
+def test_a_ray_train_run_left_running_writes_nothing_once_its_step_is_published(ray_cluster, tmp_path):
+    """A Ray Train run of an attempt whose step was published meanwhile (kollm.pipeline.lease): it stops at its next
+    checkpoint without writing it, writes no model, and the step's checkpoint folder stays without checkpoints; the
+    driver gets one message. (One worker and no restart, to keep it cheap: a worker group Ray Train restarts checks
+    the lease before training, in ray_train._train_loop.)"""
+    job = _job(tmp_path, "left", batch_size=2, max_steps=6)
+    job = dataclasses.replace(job, lease=Lease.new(0, job.checkpoint_dir).claim())
+    with pytest.raises(Superseded, match="without writing the checkpoint of step 4: its lease"):
+        launch_ray(published_at_step_3, job, workers=1, use_gpu=False, max_failures=0)
+    assert not job.checkpoint_dir.exists()  # neither a checkpoint nor Ray Train's own files (ray-train/) came back
+    assert not job.output_dir.exists()
 
 
 def test_a_worker_error_reaches_the_driver_as_one_message(ray_cluster, tmp_path):

@@ -41,6 +41,23 @@ def flaky(ctx):
     (ctx.output_path("m") / "ok.txt").write_text("ok")
     return {"attempts": n + 1}
 
+def published_meanwhile(ctx):
+    # Another attempt of this step (a retry that went on while this one was left running) publishes it while this
+    # one runs, as the runner does: the outputs, then the checkpoint folder removed (and this attempt's lease with it).
+    import shutil
+    from kollm.pipeline.store import LocalStore
+    if ctx.config.params.get("publish", True):
+        store = LocalStore(ctx.state_dir)
+        other = store.stage(ctx.key)
+        (other / "m").mkdir()
+        (other / "m" / "who.txt").write_text("the other attempt")
+        outputs = {"m": {"type": "metrics", "digest": "sha256:other", "meta": {}}}
+        store.publish(ctx.key, other, {"name": ctx.name, "kind": ctx.kind, "key": ctx.key, "outputs": outputs,
+                                       "metrics": {"who": 2.0}})
+    shutil.rmtree(ctx.checkpoint_dir)
+    (ctx.output_path("m") / "who.txt").write_text("this attempt")
+    return {"who": 1.0}
+
 def nap(ctx):
     import time as _t
     started = _t.time()

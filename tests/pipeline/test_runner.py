@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 import kollm
-from kollm.errors import ConfigError, StepFailed
+from kollm.errors import ConfigError, StepFailed, Superseded
 from kollm.pipeline.step import ARTIFACT_META_FILE
 
 from .helpers import calls, make_project
@@ -145,6 +145,29 @@ def test_missing_output_is_an_error(tmp_path):
     root = make_project(tmp_path / "p", steps_yaml=steps)
     with pytest.raises(StepFailed, match="finished without writing its output"):
         kollm.run(root)
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_an_attempt_whose_lease_ended_publishes_nothing(tmp_path, published):
+    """An attempt whose step was published meanwhile by another attempt (a retry that went on while this one was
+    left running; kollm.pipeline.lease) does not publish over it: the published result stands. When its lease ended
+    without a published result (the checkpoint folder removed), the step fails with one message and nothing is kept."""
+    steps = f"""\
+- kind: python
+  name: late
+  config: {{callable: "mysteps:published_meanwhile", outputs: {{m: metrics}}, params: {{publish: {str(published).lower()}}}}}
+"""
+    root = make_project(tmp_path / "p", steps_yaml=steps)
+    if not published:
+        with pytest.raises(Superseded, match="stopped without writing its outputs: its lease on the step's checkpoint"):
+            kollm.run(root)
+        assert not (root / ".kollm" / "steps").exists() or not any((root / ".kollm" / "steps").iterdir())
+    else:
+        record = kollm.run(root).steps["late"]
+        assert record.metrics == {"who": 2.0} and not record.cache_hit
+        assert (record.outputs["m"].path / "who.txt").read_text() == "the other attempt"
+    assert not list((root / ".kollm" / "tmp").iterdir())  # this attempt's staged outputs: discarded
+    assert not list((root / ".kollm" / "checkpoints").iterdir())
 
 
 def test_mlflow_lineage(tmp_path):

@@ -263,3 +263,67 @@ def test_checkpoints_in_the_store_resume_on_another_node(tmp_path, tiny_model, t
     )
     assert result.resumed_from == 6 and result.steps == 9
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "node-b")][0] == "step-00000006"
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_an_attempt_left_running_writes_no_checkpoint_once_its_step_is_published(tmp_path, tiny_model, rows, remote):
+    """An attempt left running (a Ray Train run whose coordinator died) beside its step's retry: both write the
+    step's checkpoint folder while the step is not published (one key, one training); once the retry published it
+    (the runner removes the folder, every attempt's lease with it) the attempt stops at its next checkpoint write
+    (Superseded) and writes nothing into the folder (the store's, with checkpoints in the artifact store)."""
+    import shutil
+    import uuid
+
+    import fsspec
+
+    from kollm.errors import Superseded
+    from kollm.pipeline.lease import Lease
+
+    folder = tmp_path / "step-ckpt"
+    url = f"memory://kollm-test-{uuid.uuid4().hex[:8]}/checkpoints/k" if remote else None
+    fs, root = fsspec.core.url_to_fs(url or "memory://unused")
+    left_running = Lease.new(0, folder, url).claim()
+    Lease.new(1, folder, url).claim()  # the retry's
+    seen: list[str] = []
+
+    def on_log(entry):
+        if entry.step == 3:  # the retry publishes the step; the runner then removes its checkpoint folder
+            seen.extend(sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) if url else [])
+            seen.extend(p.name for p in ckpt.list_checkpoints(folder))
+            shutil.rmtree(folder, ignore_errors=True)
+            if url:
+                fs.rm(root, recursive=True)
+
+    cfg = LoopConfig(max_steps=6, lr=1e-3, batch_size=4, checkpoint_every=2, log_every=1)
+    local = tmp_path / "node-scratch" if url else folder  # with a store: a node's scratch copy, as on Ray
+    with pytest.raises(Superseded, match="without writing the checkpoint of step 4: its lease on the step's"):
+        train(tiny_model, RowDataset(rows), cfg, device=CPU, checkpoint_dir=local, checkpoint_remote=url,
+              lease=left_running, on_log=on_log)  # fmt: skip
+    assert "step-00000002" in seen  # written while the step was not published, the retry's lease beside it
+    assert not folder.exists() and not (url and fs.exists(root))
+
+
+def test_a_checkpoint_written_as_its_step_was_published_is_removed(tmp_path):
+    """The check after a write (kollm.pipeline.lease.Lease.written), for a step published between the check before
+    the write and the write: what was written is removed again (and the folder, empty then), unless a new run of the
+    step already uses the folder (the same key, so the same training: the checkpoint resumes it as well)."""
+    import shutil
+
+    from kollm.errors import Superseded
+    from kollm.pipeline.lease import Lease
+
+    folder = tmp_path / "ckpt"
+    lease = Lease.new(0, folder).claim()
+    written = folder / "step-00000002"
+    written.mkdir()
+    lease.written("a checkpoint", [written])  # still held: kept
+    assert written.is_dir()
+    (folder / "attempts" / lease.token).unlink()  # published ...
+    Lease.new(0, folder).claim()  # ... and run again since (--force)
+    with pytest.raises(Superseded, match="without writing a checkpoint"):
+        lease.written("a checkpoint", [written])
+    assert written.is_dir()
+    shutil.rmtree(folder / "attempts")  # published, nothing else
+    with pytest.raises(Superseded, match="without writing a checkpoint"):
+        lease.written("a checkpoint", [written])
+    assert not folder.exists()

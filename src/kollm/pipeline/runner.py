@@ -25,6 +25,7 @@ from typing import Any
 from kollm.errors import ConfigError, KollmError, StepCrashed, StepFailed
 from kollm.jsonlog import JsonLog, log_path
 from kollm.pipeline.artifacts import folder_digest, write_json_atomic
+from kollm.pipeline.lease import Lease
 from kollm.pipeline.plan import Plan, plan
 from kollm.pipeline.spec import Pipeline, ResolvedStep, load_pipeline, resolve_source
 from kollm.pipeline.sqlite_runs import safe_key
@@ -281,11 +282,17 @@ def run_attempt(
     tracker: StepTracker,
     attempt: int,
 ) -> StepRecord:
-    """One try of one step with explicit inputs: stage, run, digest, publish. No retries, no cache lookup."""
+    """One try of one step with explicit inputs: stage, run, digest, publish. No retries, no cache lookup.
+
+    The attempt holds a lease on the step's checkpoint folder (kollm.pipeline.lease) from before it runs until the
+    step is published: an attempt that finds the step published meanwhile (by a retry that went on while it was
+    left running, or another runner of an object store) does not publish, and its result is the published one."""
     pipe = r.plan.pipeline
     staged = r.store.stage(key)
     checkpoint_dir = pipe.state_dir / "checkpoints" / key
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_remote = r.store.checkpoint_url(key)
+    lease = Lease.new(attempt, checkpoint_dir, checkpoint_remote).claim()
     ctx = StepContext(
         name=step.name,
         kind=step.kind,
@@ -303,7 +310,8 @@ def run_attempt(
         key=key,
         attempt=attempt,
         executor=r.executor,
-        checkpoint_remote=r.store.checkpoint_url(key),
+        checkpoint_remote=checkpoint_remote,
+        lease=lease,
     )
     try:
         res = step.module.run(ctx) or StepResult()
@@ -313,9 +321,23 @@ def run_attempt(
             raise StepFailed(
                 f"step '{step.name}' ({step.kind}) finished without writing its output(s): {', '.join(missing)}"
             )
-    except BaseException:
+        lease.check("its outputs")
+    except BaseException as e:
         r.store.discard(staged)
-        raise
+        published = _published_meanwhile(r.store, key, lease) if isinstance(e, Exception) else None
+        if published is None:
+            raise
+        # the step was published meanwhile by another attempt: its result stands (as a store's first manifest does)
+        r.log.log("step_superseded", step=step.name, key=key, attempt=attempt, error=f"{type(e).__name__}: {e}")
+        return StepRecord(
+            step.name,
+            step.kind,
+            key,
+            tracker.run_id,
+            False,
+            r.store.outputs(published),
+            published.get("metrics", {}),
+        )
     manifest_outputs = {}
     for name, typ in step.outputs.items():
         digest = folder_digest(staged / name)
@@ -355,6 +377,14 @@ def run_attempt(
     return StepRecord(
         step.name, step.kind, key, tracker.run_id, False, r.store.outputs(manifest), manifest.get("metrics", metrics)
     )
+
+
+def _published_meanwhile(store: ArtifactStore, key: str, lease: Lease) -> dict[str, Any] | None:
+    """The manifest of the step when another attempt published it while this one ran (its lease ended), else None."""
+    try:
+        return None if lease.held() else store.lookup(key)
+    except Exception:  # the store's own error: the attempt's error is the one to report
+        return None
 
 
 def _input_record(a: Artifact) -> dict[str, Any]:

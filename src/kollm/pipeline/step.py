@@ -28,6 +28,7 @@ from kollm._pydantic import STRICT as STRICT
 
 if TYPE_CHECKING:
     from kollm.config import Resources
+    from kollm.pipeline.lease import Lease
     from kollm.pipeline.tracking import StepTracker
 
 # STRICT lives in the bottom module kollm._pydantic (config, data, eval, train use it without the pipeline contract);
@@ -165,6 +166,7 @@ class StepContext:
         "local"  # which executor runs this attempt: "local" or "ray" (prepare uses Ray Data, training Ray Train)
     )
     checkpoint_remote: str | None = None  # the artifact store's folder for this key's checkpoints (remote stores)
+    lease: Lease | None = None  # this attempt's lease on the checkpoint folder; ends when the step is published
 
     def output_path(self, name: str) -> Path:
         """The folder to write output `name` into (created on first use)."""

@@ -86,6 +86,7 @@ def train(job, env) -> StepResult:  # noqa: ANN001 - recipe.Job, recipe.Env (imp
         device=env.device,
         checkpoint_dir=job.checkpoint_dir,
         checkpoint_remote=job.checkpoint_remote,
+        lease=job.lease,
         progress=env.progress,
         on_log=env.on_log,
         description=f"{job.step}: training",

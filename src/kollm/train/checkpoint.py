@@ -231,8 +231,9 @@ def _remote_steps(fs: Any, root: str) -> list[tuple[int, str]]:
     return sorted(steps)
 
 
-def push(remote: str, folder: Path, *, keep: int = 2) -> None:
-    """Upload the checkpoint `folder` to `remote` (state.pt last) and keep only the newest `keep` there."""
+def push(remote: str, folder: Path, *, keep: int = 2) -> str:
+    """Upload the checkpoint `folder` to `remote` (state.pt last) and keep only the newest `keep` there; returns
+    the store's path of the upload."""
     fs, root = _remote_fs(remote)
     target = f"{root.rstrip('/')}/{folder.name}"
     files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "state.pt")
@@ -240,6 +241,7 @@ def push(remote: str, folder: Path, *, keep: int = 2) -> None:
         fs.put_file(str(path), f"{target}/{path.relative_to(folder).as_posix()}")
     for _, old in _remote_steps(fs, root)[:-keep]:
         fs.rm(old, recursive=True)
+    return target
 
 
 def pull(remote: str, checkpoint_dir: Path) -> int | None:

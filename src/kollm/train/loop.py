@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from kollm.pipeline.lease import Lease
 from kollm.pipeline.step import Progress, _no_progress
 from kollm.train import checkpoint as ckpt
 from kollm.train import sharding
@@ -311,13 +312,16 @@ def train(
     collate: Callable | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_remote: str | None = None,
+    lease: Lease | None = None,
     progress: Progress = _no_progress,
     on_log: Callable[[StepLog], None] | None = None,
     description: str = "training",
 ) -> TrainResult:
     """Train `model` in place for `cfg.max_steps` optimizer steps, resuming from the newest checkpoint in
     `checkpoint_dir` if there is one. With `checkpoint_remote` (a folder in the artifact store) checkpoints are
-    also uploaded there, and the newest one there is pulled first: a run on another node resumes from it.
+    also uploaded there, and the newest one there is pulled first: a run on another node resumes from it. With
+    `lease` (the attempt's, kollm.pipeline.lease) every checkpoint is written only while the step is not published:
+    an attempt left running stops with Superseded instead.
     `on_log` is called on rank 0 every `cfg.log_every` steps and at the end."""
     rank, world = rank_and_world()
     torch.manual_seed(cfg.seed + rank)
@@ -422,12 +426,18 @@ def train(
         ):
             flush()
             saved = None
+            what = f"the checkpoint of step {state.step}"
+            if lease is not None and (sharded or rank == 0):  # the ranks that write
+                lease.check(what)
             if sharded:
                 saved = ckpt.save_sharded(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
             elif rank == 0:
                 saved = ckpt.save(checkpoint_dir, raw, optimizer, scheduler, state, keep=cfg.keep_checkpoints)
+            pushed = None
             if checkpoint_remote and rank == 0 and saved is not None:
-                ckpt.push(checkpoint_remote, saved, keep=cfg.keep_checkpoints)
+                pushed = ckpt.push(checkpoint_remote, saved, keep=cfg.keep_checkpoints)
+            if lease is not None and rank == 0 and saved is not None:  # published while it was written: undone
+                lease.written(what, [saved], [pushed] if pushed else [])
             if world > 1 and not sharded:
                 dist.barrier()
         if rank == 0 and on_log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps):

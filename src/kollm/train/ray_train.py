@@ -14,7 +14,9 @@ with it, and the next run of the step (same cache key, same folder) resumes the 
 store (s3://...) the checkpoints are uploaded to it (`job.checkpoint_remote`) and each worker keeps only a scratch
 copy under its node's temp folder, so a worker group restarted on another node, or the step's retry there, pulls
 the newest one and resumes from it. With a local store `job.checkpoint_dir` and `job.output_dir` must be visible to
-every worker: one machine, or a shared filesystem on a cluster.
+every worker: one machine, or a shared filesystem on a cluster. A run whose attempt failed while it went on (its
+coordinator's node died) writes nothing once the step's retry published the step: `job.lease`
+(kollm.pipeline.lease) is checked around every checkpoint, before the model and when Ray Train restarts its workers.
 
 `check_fits(resources, cluster)` lists what a step asks for that the Ray cluster does not have (the executor calls
 it at plan time, so an impossible request is an error instead of a task that waits forever).
@@ -120,6 +122,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     fn, job, queue = config["fn"], config["job"], config["queue"]
+    if job.lease is not None:  # a worker group Ray Train restarts for an attempt whose step was published since
+        job.lease.check("anything (Ray Train restarted its workers)")
     if job.checkpoint_remote:  # checkpoints live in the artifact store; this node keeps a scratch copy of its own
         job = dataclasses.replace(job, checkpoint_dir=node_checkpoint_dir(job.checkpoint_dir.name))
     context = ray.train.get_context()

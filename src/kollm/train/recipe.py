@@ -25,6 +25,7 @@ from kollm.adapter import base_vocab_rows, folder_digest_cached
 from kollm.errors import ConfigError, StepFailed
 from kollm.jsonlog import JsonLog
 from kollm.pipeline import sweep
+from kollm.pipeline.lease import Lease
 from kollm.pipeline.progress import progress_note
 from kollm.pipeline.step import Artifact, Progress, StepContext, StepResult, _no_progress
 from kollm.train import modeling
@@ -53,6 +54,7 @@ class Job:
     lineage: dict[str, Any] = field(default_factory=dict)  # run ids and input digests for kollm.json
     project_dir: Path | None = None  # where user modules (a GRPO reward function) are imported from
     checkpoint_remote: str | None = None  # checkpoints mirrored into the artifact store (a retry on another node)
+    lease: Lease | None = None  # the attempt's lease on checkpoint_dir: nothing is written once the step is published
 
 
 @dataclass
@@ -126,6 +128,7 @@ def make_job(ctx: StepContext, *, default_scratch: bool) -> Job:
         output_dir=ctx.output_path("model"),
         checkpoint_dir=ctx.checkpoint_dir,
         checkpoint_remote=ctx.checkpoint_remote,
+        lease=ctx.lease,
         log_file=ctx.logs_dir("training") / f"{ctx.name}.jsonl",
         lineage=lineage,
         project_dir=ctx.project_dir,
@@ -538,6 +541,8 @@ def save_model(
         del state
     elif not env.is_main:
         return {}
+    if job.lease is not None:  # an attempt left running whose step was published since: it writes no model
+        job.lease.check("the model")
     out = job.output_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg = job.config
