@@ -82,3 +82,67 @@ def test_ci_runs_the_checks_the_main_suite_and_the_vllm_suite():
     assert "set -euo pipefail" in lines
     make = [x.split("#")[0].strip() for x in lines if x.startswith("make ")]
     assert make == ["make check", "make airflow-env", "make test", "make test-vllm"]
+
+
+def _run_with_module_log(pytester: pytest.Pytester, monkeypatch, *args: str) -> tuple[pytest.RunResult, list[str]]:
+    """Run pytester's modules on two loadgroup workers; returns the result and "WORKER MODULE" per test, in the order
+    the tests started."""
+    root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    log = pytester.path / "started"
+    pytester.makeconftest(
+        f"""
+        import os
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def started(request):
+            with open({str(log)!r}, "a") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"] + " " + request.module.__name__ + "\\n")
+        """
+    )
+    r = pytester.runpytest_subprocess("-p", "tests.xdist_groups", "-n", "2", "--dist", "loadgroup", *args)
+    return r, log.read_text().splitlines()
+
+
+def test_units_are_handed_out_longest_first_by_the_recorded_durations(pytester: pytest.Pytester, monkeypatch):
+    """xdist alone hands out the module with the most tests first; with tests/durations.json the two modules recorded
+    as the longest start first, one on each worker, and the many short tests fill in after them."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_many="".join(f"def test_m{i}():\n    pass\n" for i in range(8)),
+        test_long="import time\ndef test_l():\n    time.sleep(1)\n",
+        test_mid="import time\ndef test_d():\n    time.sleep(1)\n",
+    )
+    r, started = _run_with_module_log(pytester, monkeypatch)
+    r.assert_outcomes(passed=10)
+    assert started[0].split()[1] == "test_many"  # no record: a module of many tests counts more (DEFAULT_TEST_S each)
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "durations.json").write_text(
+        '{"test_long.py": 90, "test_mid.py": 40, "test_many.py": 3}'
+    )
+    (pytester.path / "started").unlink()
+    r, started = _run_with_module_log(pytester, monkeypatch)
+    r.assert_outcomes(passed=10)
+    first = {}
+    for line in started:
+        first.setdefault(line.split()[0], line.split()[1])
+    assert sorted(first.values()) == ["test_long", "test_mid"], started  # each worker began with a long one
+    assert [m for _, m in map(str.split, started)].index("test_many") >= 2, started
+
+
+def test_record_durations_writes_each_modules_seconds_and_keeps_the_others(pytester: pytest.Pytester, monkeypatch):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_a="import time\ndef test_a0():\n    time.sleep(0.3)\ndef test_a1():\n    pass\n",
+        test_b="def test_b0():\n    pass\n",
+    )
+    out = pytester.path / "durations.json"
+    out.write_text('{"test_gone.py": 7.0, "test_b.py": 99.0}')
+    r, _ = _run_with_module_log(pytester, monkeypatch, "--record-durations", str(out))
+    r.assert_outcomes(passed=3)
+    import json
+
+    recorded = json.loads(out.read_text())
+    assert set(recorded) == {"test_a.py", "test_b.py", "test_gone.py"} and recorded["test_gone.py"] == 7.0
+    assert 0.3 <= recorded["test_a.py"] < 5 and recorded["test_b.py"] < 5
