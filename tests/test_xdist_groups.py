@@ -3,12 +3,16 @@ share one worker (so the fixture is built once), and every other module runs who
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+# no:langsmith_plugin: as the suite's addopts (pyproject.toml), which pytester's own folder does not read
+XDIST = ("-p", "tests.xdist_groups", "-p", "no:langsmith_plugin", "-n", "2", "--dist", "loadgroup")
 
 
 def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Pytester, monkeypatch):
@@ -43,7 +47,7 @@ def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Py
         pytester.makepyfile(**{f"test_{m}": body + f"def test_{m}_plain():\n    pass\n"})
     for m in ("c", "d", "e"):
         pytester.makepyfile(**{f"test_{m}": "".join(f"def test_{m}{i}(server):\n    pass\n" for i in range(3))})
-    r = pytester.runpytest_subprocess("-p", "tests.xdist_groups", "-n", "2", "--dist", "loadgroup", "-v")
+    r = pytester.runpytest_subprocess(*XDIST, "-v")
     r.assert_outcomes(passed=15)
     worker = {}
     for line in r.stdout.lines:  # "[gw0] [ 6%] PASSED test_a.py::test_a0"
@@ -101,48 +105,34 @@ def _run_with_module_log(pytester: pytest.Pytester, monkeypatch, *args: str) -> 
                 f.write(os.environ["PYTEST_XDIST_WORKER"] + " " + request.module.__name__ + "\\n")
         """
     )
-    r = pytester.runpytest_subprocess("-p", "tests.xdist_groups", "-n", "2", "--dist", "loadgroup", *args)
+    r = pytester.runpytest_subprocess(*XDIST, *args)
     return r, log.read_text().splitlines()
 
 
-def test_units_are_handed_out_longest_first_by_the_recorded_durations(pytester: pytest.Pytester, monkeypatch):
-    """xdist alone hands out the module with the most tests first; with tests/durations.json the two modules recorded
-    as the longest start first, one on each worker, and the many short tests fill in after them."""
+def test_units_are_handed_out_longest_first_and_record_durations_writes_their_seconds(
+    pytester: pytest.Pytester, monkeypatch
+):
+    """xdist alone hands out the modules with the most tests first (here test_many, then test_long); with
+    tests/durations.json the two modules recorded as the longest start first, one on each worker. The same run writes
+    the seconds of the modules it ran with --record-durations, keeping the modules it did not run."""
     pytest.importorskip("xdist")
     pytester.makepyfile(
+        test_long="import time\ndef test_l():\n    time.sleep(0.3)\n",
         test_many="".join(f"def test_m{i}():\n    pass\n" for i in range(8)),
-        test_long="import time\ndef test_l():\n    time.sleep(1)\n",
-        test_mid="import time\ndef test_d():\n    time.sleep(1)\n",
+        test_mid="def test_d():\n    pass\n",
     )
-    r, started = _run_with_module_log(pytester, monkeypatch)
-    r.assert_outcomes(passed=10)
-    assert started[0].split()[1] == "test_many"  # no record: a module of many tests counts more (DEFAULT_TEST_S each)
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "durations.json").write_text(
         '{"test_long.py": 90, "test_mid.py": 40, "test_many.py": 3}'
     )
-    (pytester.path / "started").unlink()
-    r, started = _run_with_module_log(pytester, monkeypatch)
+    out = pytester.path / "recorded.json"
+    out.write_text('{"test_gone.py": 7.0, "test_mid.py": 99.0}')
+    r, started = _run_with_module_log(pytester, monkeypatch, "--record-durations", str(out))
     r.assert_outcomes(passed=10)
-    first = {}
-    for line in started:
-        first.setdefault(line.split()[0], line.split()[1])
+    first: dict[str, str] = {}
+    for worker, module in map(str.split, started):
+        first.setdefault(worker, module)
     assert sorted(first.values()) == ["test_long", "test_mid"], started  # each worker began with a long one
-    assert [m for _, m in map(str.split, started)].index("test_many") >= 2, started
-
-
-def test_record_durations_writes_each_modules_seconds_and_keeps_the_others(pytester: pytest.Pytester, monkeypatch):
-    pytest.importorskip("xdist")
-    pytester.makepyfile(
-        test_a="import time\ndef test_a0():\n    time.sleep(0.3)\ndef test_a1():\n    pass\n",
-        test_b="def test_b0():\n    pass\n",
-    )
-    out = pytester.path / "durations.json"
-    out.write_text('{"test_gone.py": 7.0, "test_b.py": 99.0}')
-    r, _ = _run_with_module_log(pytester, monkeypatch, "--record-durations", str(out))
-    r.assert_outcomes(passed=3)
-    import json
-
     recorded = json.loads(out.read_text())
-    assert set(recorded) == {"test_a.py", "test_b.py", "test_gone.py"} and recorded["test_gone.py"] == 7.0
-    assert 0.3 <= recorded["test_a.py"] < 5 and recorded["test_b.py"] < 5
+    assert set(recorded) == {"test_gone.py", "test_long.py", "test_many.py", "test_mid.py"}, recorded
+    assert recorded["test_gone.py"] == 7.0 and 0.3 <= recorded["test_long.py"] < 10 and recorded["test_mid.py"] < 10
