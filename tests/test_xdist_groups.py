@@ -112,19 +112,18 @@ def _run_with_module_log(pytester: pytest.Pytester, monkeypatch, *args: str) -> 
 def test_units_are_handed_out_longest_first_and_record_durations_writes_their_seconds(
     pytester: pytest.Pytester, monkeypatch
 ):
-    """xdist alone hands out the modules with the most tests first (here test_many, then test_long); with
-    tests/durations.json the two modules recorded as the longest start first, one on each worker. The same run writes
-    the seconds of the modules it ran with --record-durations, keeping the modules it did not run."""
+    """xdist alone hands out the modules with the most tests first (here test_many, then test_long). Here the two
+    longest start first, one on each worker: test_long by tests/durations.json, test_mid (not in it) by its test
+    marked slow (SLOW_TEST_S), ahead of test_many's eight quick tests. The same run writes the seconds of the modules
+    it ran with --record-durations, keeping the modules it did not run."""
     pytest.importorskip("xdist")
     pytester.makepyfile(
         test_long="import time\ndef test_l():\n    time.sleep(0.3)\n",
         test_many="".join(f"def test_m{i}():\n    pass\n" for i in range(8)),
-        test_mid="def test_d():\n    pass\n",
+        test_mid="import pytest\n@pytest.mark.slow(reason='r')\ndef test_d():\n    pass\n",
     )
     (pytester.path / "tests").mkdir()
-    (pytester.path / "tests" / "durations.json").write_text(
-        '{"test_long.py": 90, "test_mid.py": 40, "test_many.py": 3}'
-    )
+    (pytester.path / "tests" / "durations.json").write_text('{"test_long.py": 90, "test_many.py": 20}')
     out = pytester.path / "recorded.json"
     out.write_text('{"test_gone.py": 7.0, "test_mid.py": 99.0}')
     r, started = _run_with_module_log(pytester, monkeypatch, "--record-durations", str(out))

@@ -5,7 +5,8 @@ Each worker is a session of its own, so each would build its own session fixture
 fixture (SHARED: the Ray instance, the quickstart run) run on one worker per fixture.
 
 The work units are handed out longest first, by the seconds each module took in a recorded run (DURATIONS,
-tests/durations.json; a module not in it counts DEFAULT_TEST_S per test), and a worker gets its next unit only when
+tests/durations.json; a module not in it is estimated from its tests: SLOW_TEST_S for each marked `slow`,
+FAST_TEST_S for each other), and a worker gets its next unit only when
 it is about to start the last test of its current one: the long units (a group, the end-to-end modules) run side by
 side from the start and the short ones fill in at the end, instead of a long unit being handed out last (xdist's own
 order is by number of tests, which put the quickstart group, a few tests of minutes each, near the end).
@@ -31,7 +32,9 @@ import pytest
 SHARED = {"ray_cluster": "ray", "quickstart_run": "quickstart", "browser": "ui"}
 KEY = "kollm_xdist_groups"
 DURATIONS = "tests/durations.json"  # under the rootdir
-DEFAULT_TEST_S = 2.0  # a module missing from DURATIONS: its estimate per test
+# a module missing from DURATIONS: its estimate per test (the slow ones: end-to-end runs of half a minute to minutes)
+SLOW_TEST_S = 60.0
+FAST_TEST_S = 1.0
 
 
 def module_of(nodeid: str) -> str:
@@ -59,18 +62,27 @@ def load_durations(path: Path) -> dict[str, float]:
         return {}
 
 
-def unit_weight(nodeids, durations: dict[str, float]) -> float:
-    """The estimated seconds of a work unit (its tests' node ids): the recorded seconds of each of its modules, or
-    DEFAULT_TEST_S per test of a module with none."""
+def estimates_of(items: list[pytest.Item]) -> dict[str, float]:
+    """Each test module's seconds as guessed from its tests' markers (for modules without a recorded time)."""
+    guess: dict[str, float] = {}
+    for item in items:
+        module = module_of(item.nodeid)
+        guess[module] = guess.get(module, 0.0) + (SLOW_TEST_S if item.get_closest_marker("slow") else FAST_TEST_S)
+    return guess
+
+
+def unit_weight(nodeids, durations: dict[str, float], estimates: dict[str, float]) -> float:
+    """The estimated seconds of a work unit (its tests' node ids): the recorded seconds of each of its modules, else
+    the module's estimate from its markers, else FAST_TEST_S per test."""
     tests: dict[str, int] = {}
     for nodeid in nodeids:
         tests[module_of(nodeid)] = tests.get(module_of(nodeid), 0) + 1
-    return sum(durations.get(m, DEFAULT_TEST_S * n) for m, n in tests.items())
+    return sum(durations.get(m, estimates.get(m, FAST_TEST_S * n)) for m, n in tests.items())
 
 
-def longest_first(units: dict[str, dict], durations: dict[str, float]) -> list[str]:
+def longest_first(units: dict[str, dict], durations: dict[str, float], estimates: dict[str, float]) -> list[str]:
     """The work units' scopes, heaviest first (ties: as given)."""
-    return sorted(units, key=lambda scope: -unit_weight(units[scope], durations))
+    return sorted(units, key=lambda scope: -unit_weight(units[scope], durations, estimates))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -123,13 +135,13 @@ def pytest_configure_node(node) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Worker: write each module's group for the controller's scheduler."""
+    """Worker: write each module's group and estimated seconds for the controller's scheduler."""
     target = getattr(config, "workerinput", {}).get(KEY)
     if not target:
         return
-    groups = groups_of(items)
+    found = {"groups": groups_of(items), "estimates": estimates_of(items)}
     tmp = f"{target}.{os.getpid()}"
-    Path(tmp).write_text(json.dumps(groups), encoding="utf-8")
+    Path(tmp).write_text(json.dumps(found), encoding="utf-8")
     os.replace(tmp, target)  # every worker collects the same tests, so writes the same groups
 
 
@@ -142,19 +154,23 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroupScheduling(LoadScopeScheduling):
-        groups: dict[str, str] | None = None
+        found: dict[str, dict] | None = None
         ordered = False
 
-        def _split_scope(self, nodeid: str) -> str:
-            if self.groups is None:  # read once every worker has collected (schedule() runs after that)
+        def _read(self) -> dict[str, dict]:
+            if self.found is None:  # read once every worker has collected (schedule() runs after that)
                 file = getattr(config, "_kollm_groups_file", None)
-                self.groups = json.loads(Path(file).read_text(encoding="utf-8")) if file else {}
-            return self.groups.get(module_of(nodeid), module_of(nodeid))
+                self.found = json.loads(Path(file).read_text(encoding="utf-8")) if file else {}
+            return self.found
+
+        def _split_scope(self, nodeid: str) -> str:
+            return self._read().get("groups", {}).get(module_of(nodeid), module_of(nodeid))
 
         def _assign_work_unit(self, node) -> None:
             if not self.ordered:  # the queue is complete by the first assignment (schedule() built it)
                 durations = load_durations(config.rootpath / DURATIONS)
-                for scope in longest_first(dict(self.workqueue), durations):
+                estimates = self._read().get("estimates", {})
+                for scope in longest_first(dict(self.workqueue), durations, estimates):
                     self.workqueue.move_to_end(scope)
                 self.ordered = True
                 self.log("work units, longest first:", list(self.workqueue))
