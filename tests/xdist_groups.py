@@ -5,13 +5,12 @@ Each worker is a session of its own, so each would build its own session fixture
 fixture (SHARED: the Ray instance, the quickstart run) run on one worker per fixture.
 
 The work units are handed out longest first, by the seconds each module took in a recorded run (DURATIONS,
-tests/durations.json; a module not in it is estimated from its tests: SLOW_TEST_S for each marked `slow`,
-FAST_TEST_S for each other), and a worker gets its next unit only when
-it is about to start the last test of its current one: the long units (a group, the end-to-end modules) run side by
-side from the start and the short ones fill in at the end, instead of a long unit being handed out last (xdist's own
-order is by number of tests, which put the quickstart group, a few tests of minutes each, near the end).
-`pytest --record-durations tests/durations.json` (with or without xdist) writes the seconds of the modules it ran
-into that file, keeping the others.
+tests/durations.json, when a module is in it) or else as estimated from its tests (SLOW_TEST_S for each marked
+`slow`, FAST_TEST_S for each other); a worker gets its next unit only when it is about to start the last test of its
+current one. The long units (the groups, the end-to-end modules) start side by side and the short ones fill in at the
+end; xdist's own order is by number of tests, which handed the quickstart group (a few tests of minutes each) and
+the Ray group out a third of the way through the run. `pytest --record-durations tests/durations.json` (with or
+without xdist) writes the seconds of the modules it ran into that file, keeping the others.
 
 xdist's own `xdist_group` markers do not group tests under this pytest (xdist renames `item._nodeid`, which pytest 9
 no longer reads), so the workers write each module's group to a file the controller's scheduler reads.
