@@ -105,8 +105,9 @@ class DurationRecorder:
         module = module_of(report.nodeid)
         self.seconds[module] = self.seconds.get(module, 0.0) + report.duration
 
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if hasattr(session.config, "workerinput") or not self.seconds:
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        # an interrupted run writes nothing: its last modules would count only the tests that ran
+        if hasattr(session.config, "workerinput") or not self.seconds or exitstatus == pytest.ExitCode.INTERRUPTED:
             return
         merged = {**load_durations(self.path), **{m: round(s, 1) for m, s in self.seconds.items()}}
         self.path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n", encoding="utf-8")
