@@ -10,7 +10,8 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-FAST_LIMIT = ["-p", "tests.slow_guard", "-o", "slow_test_limit_s=0.5"]
+# no:langsmith_plugin: as the suite's addopts (pyproject.toml), which pytester's own folder does not read
+FAST_LIMIT = ["-p", "tests.slow_guard", "-o", "slow_test_limit_s=0.5", "-p", "no:langsmith_plugin"]
 
 
 @pytest.fixture

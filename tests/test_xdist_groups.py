@@ -3,12 +3,16 @@ share one worker (so the fixture is built once), and every other module runs who
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
+
+# no:langsmith_plugin: as the suite's addopts (pyproject.toml), which pytester's own folder does not read
+XDIST = ("-p", "tests.xdist_groups", "-p", "no:langsmith_plugin", "-n", "2", "--dist", "loadgroup")
 
 
 def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Pytester, monkeypatch):
@@ -43,7 +47,7 @@ def test_modules_sharing_a_session_fixture_run_on_one_worker(pytester: pytest.Py
         pytester.makepyfile(**{f"test_{m}": body + f"def test_{m}_plain():\n    pass\n"})
     for m in ("c", "d", "e"):
         pytester.makepyfile(**{f"test_{m}": "".join(f"def test_{m}{i}(server):\n    pass\n" for i in range(3))})
-    r = pytester.runpytest_subprocess("-p", "tests.xdist_groups", "-n", "2", "--dist", "loadgroup", "-v")
+    r = pytester.runpytest_subprocess(*XDIST, "-v")
     r.assert_outcomes(passed=15)
     worker = {}
     for line in r.stdout.lines:  # "[gw0] [ 6%] PASSED test_a.py::test_a0"
@@ -82,3 +86,52 @@ def test_ci_runs_the_checks_the_main_suite_and_the_vllm_suite():
     assert "set -euo pipefail" in lines
     make = [x.split("#")[0].strip() for x in lines if x.startswith("make ")]
     assert make == ["make check", "make airflow-env", "make test", "make test-vllm"]
+
+
+def _run_with_module_log(pytester: pytest.Pytester, monkeypatch, *args: str) -> tuple[pytest.RunResult, list[str]]:
+    """Run pytester's modules on two loadgroup workers; returns the result and "WORKER MODULE" per test, in the order
+    the tests started."""
+    root = str(Path(__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    log = pytester.path / "started"
+    pytester.makeconftest(
+        f"""
+        import os
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def started(request):
+            with open({str(log)!r}, "a") as f:
+                f.write(os.environ["PYTEST_XDIST_WORKER"] + " " + request.module.__name__ + "\\n")
+        """
+    )
+    r = pytester.runpytest_subprocess(*XDIST, *args)
+    return r, log.read_text().splitlines()
+
+
+def test_units_are_handed_out_longest_first_and_record_durations_writes_their_seconds(
+    pytester: pytest.Pytester, monkeypatch
+):
+    """xdist alone hands out the modules with the most tests first (here test_many, then test_long). Here the two
+    longest start first, one on each worker: test_long by tests/durations.json, test_mid (not in it) by its test
+    marked slow (SLOW_TEST_S), ahead of test_many's eight quick tests. The same run writes the seconds of the modules
+    it ran with --record-durations, keeping the modules it did not run."""
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        test_long="import time\ndef test_l():\n    time.sleep(0.3)\n",
+        test_many="".join(f"def test_m{i}():\n    pass\n" for i in range(8)),
+        test_mid="import pytest\n@pytest.mark.slow(reason='r')\ndef test_d():\n    pass\n",
+    )
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "durations.json").write_text('{"test_long.py": 90, "test_many.py": 20}')
+    out = pytester.path / "recorded.json"
+    out.write_text('{"test_gone.py": 7.0, "test_mid.py": 99.0}')
+    r, started = _run_with_module_log(pytester, monkeypatch, "--record-durations", str(out))
+    r.assert_outcomes(passed=10)
+    first: dict[str, str] = {}
+    for worker, module in map(str.split, started):
+        first.setdefault(worker, module)
+    assert sorted(first.values()) == ["test_long", "test_mid"], started  # each worker began with a long one
+    recorded = json.loads(out.read_text())
+    assert set(recorded) == {"test_gone.py", "test_long.py", "test_many.py", "test_mid.py"}, recorded
+    assert recorded["test_gone.py"] == 7.0 and 0.3 <= recorded["test_long.py"] < 10 and recorded["test_mid.py"] < 10

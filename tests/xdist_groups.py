@@ -2,8 +2,15 @@
 
 Each worker is a session of its own, so each would build its own session fixtures. A module runs whole on one worker
 (its module fixtures, such as a server, are built once), and the modules whose tests use an expensive session
-fixture (SHARED: the Ray instance, the quickstart run) run on one worker per fixture; those groups are handed out
-first, so they run side by side from the start instead of ending the run.
+fixture (SHARED: the Ray instance, the quickstart run) run on one worker per fixture.
+
+The work units are handed out longest first, by the seconds each module took in a recorded run (DURATIONS,
+tests/durations.json, when a module is in it) or else as estimated from its tests (SLOW_TEST_S for each marked
+`slow`, FAST_TEST_S for each other); a worker gets its next unit only when it is about to start the last test of its
+current one. The long units (the groups, the end-to-end modules) start side by side and the short ones fill in at the
+end; xdist's own order is by number of tests, which handed the quickstart group (a few tests of minutes each) and
+the Ray group out a third of the way through the run. `pytest --record-durations tests/durations.json` (with or
+without xdist) writes the seconds of the modules it ran into that file, keeping the others.
 
 xdist's own `xdist_group` markers do not group tests under this pytest (xdist renames `item._nodeid`, which pytest 9
 no longer reads), so the workers write each module's group to a file the controller's scheduler reads.
@@ -23,6 +30,10 @@ import pytest
 # module's asyncio.run on that worker
 SHARED = {"ray_cluster": "ray", "quickstart_run": "quickstart", "browser": "ui"}
 KEY = "kollm_xdist_groups"
+DURATIONS = "tests/durations.json"  # under the rootdir
+# a module missing from DURATIONS: its estimate per test (the slow ones: end-to-end runs of half a minute to minutes)
+SLOW_TEST_S = 60.0
+FAST_TEST_S = 1.0
 
 
 def module_of(nodeid: str) -> str:
@@ -42,8 +53,74 @@ def groups_of(items: list[pytest.Item]) -> dict[str, str]:
     return groups
 
 
+def load_durations(path: Path) -> dict[str, float]:
+    """Seconds per test module (setup, call and teardown of its tests) from a recorded run; {} when there is none."""
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def estimates_of(items: list[pytest.Item]) -> dict[str, float]:
+    """Each test module's seconds as guessed from its tests' markers (for modules without a recorded time)."""
+    guess: dict[str, float] = {}
+    for item in items:
+        module = module_of(item.nodeid)
+        guess[module] = guess.get(module, 0.0) + (SLOW_TEST_S if item.get_closest_marker("slow") else FAST_TEST_S)
+    return guess
+
+
+def unit_weight(nodeids, durations: dict[str, float], estimates: dict[str, float]) -> float:
+    """The estimated seconds of a work unit (its tests' node ids): the recorded seconds of each of its modules, else
+    the module's estimate from its markers, else FAST_TEST_S per test."""
+    tests: dict[str, int] = {}
+    for nodeid in nodeids:
+        tests[module_of(nodeid)] = tests.get(module_of(nodeid), 0) + 1
+    return sum(durations.get(m, estimates.get(m, FAST_TEST_S * n)) for m, n in tests.items())
+
+
+def longest_first(units: dict[str, dict], durations: dict[str, float], estimates: dict[str, float]) -> list[str]:
+    """The work units' scopes, heaviest first (ties: as given)."""
+    return sorted(units, key=lambda scope: -unit_weight(units[scope], durations, estimates))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-durations",
+        metavar="FILE",
+        default=None,
+        help="write the seconds each test module took into FILE (JSON, merged with the modules already in it); "
+        "tests/durations.json orders `make test`'s work units, longest first",
+    )
+
+
+class DurationRecorder:
+    """Sums each module's setup, call and teardown seconds from the test reports (under xdist, on the controller)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        module = module_of(report.nodeid)
+        self.seconds[module] = self.seconds.get(module, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        # an interrupted run writes nothing: its last modules would count only the tests that ran
+        if hasattr(session.config, "workerinput") or not self.seconds or exitstatus == pytest.ExitCode.INTERRUPTED:
+            return
+        merged = {**load_durations(self.path), **{m: round(s, 1) for m, s in self.seconds.items()}}
+        self.path.write_text(json.dumps(dict(sorted(merged.items())), indent=1) + "\n", encoding="utf-8")
+
+
 def _loadgroup(config: pytest.Config) -> bool:
     return config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "loadgroup"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption("record_durations", None)
+    if path and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(DurationRecorder(Path(path)), "kollm-duration-recorder")
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -58,32 +135,57 @@ def pytest_configure_node(node) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Worker: the SHARED groups first (the scheduler hands out work units in collection order), then write them."""
+    """Worker: write each module's group and estimated seconds for the controller's scheduler."""
     target = getattr(config, "workerinput", {}).get(KEY)
     if not target:
         return
-    groups = groups_of(items)
-    order = {g: i for i, g in enumerate(SHARED.values())}
-    items.sort(key=lambda it: order.get(groups[module_of(it.nodeid)], len(order)))  # stable: else as collected
+    found = {"groups": groups_of(items), "estimates": estimates_of(items)}
     tmp = f"{target}.{os.getpid()}"
-    Path(tmp).write_text(json.dumps(groups), encoding="utf-8")
+    Path(tmp).write_text(json.dumps(found), encoding="utf-8")
     os.replace(tmp, target)  # every worker collects the same tests, so writes the same groups
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Controller: xdist's loadgroup scheduling, with each test's work unit its module's group."""
+    """Controller: xdist's loadgroup scheduling, with each test's work unit its module's group, the units handed out
+    longest first, each when its worker is about to start the last test it has."""
     if not _loadgroup(config):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ModuleGroupScheduling(LoadScopeScheduling):
-        groups: dict[str, str] | None = None
+        found: dict[str, dict] | None = None
+        ordered = False
+
+        def _read(self) -> dict[str, dict]:
+            if self.found is None:  # read once every worker has collected (schedule() runs after that)
+                file = getattr(config, "_kollm_groups_file", None)
+                self.found = json.loads(Path(file).read_text(encoding="utf-8")) if file else {}
+            return self.found
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.groups is None:  # read once every worker has collected (schedule() runs after that)
-                file = getattr(config, "_kollm_groups_file", None)
-                self.groups = json.loads(Path(file).read_text(encoding="utf-8")) if file else {}
-            return self.groups.get(module_of(nodeid), module_of(nodeid))
+            return self._read().get("groups", {}).get(module_of(nodeid), module_of(nodeid))
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the queue is complete by the first assignment (schedule() built it)
+                durations = load_durations(config.rootpath / DURATIONS)
+                estimates = self._read().get("estimates", {})
+                for scope in longest_first(dict(self.workqueue), durations, estimates):
+                    self.workqueue.move_to_end(scope)
+                self.ordered = True
+                self.log("work units, longest first:", list(self.workqueue))
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            """xdist's, but a worker gets its next unit only with one test left (it needs the next test's id to
+            start its last one), not two: a unit is not queued behind a long test while the other worker idles."""
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+                return
+            if self._pending_of(self.assigned_work[node]) > 1:
+                return
+            self._assign_work_unit(node)
 
     return ModuleGroupScheduling(config, log)
