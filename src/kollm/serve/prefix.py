@@ -154,7 +154,7 @@ class Extender:
             )
             return o.transpose(1, 2).reshape(n, t, -1)
 
-        x = kv._layers(kv.inner.embed_tokens(self.ids[:n, :t]), ropes, attend, kv.spec)
+        x = kv._layers(kv.inner.embed_tokens(self.ids[:n, :t]), ropes, attend, kv.spec, slot)  # slot: its adapter
         return kv._head(x[kv.rows[:n], (count - 1).clamp(min=0)])
 
     def _run(self, n: int, t: int) -> torch.Tensor:
