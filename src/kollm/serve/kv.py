@@ -100,6 +100,25 @@ def _greedy_outputs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, step_outputs(logits, tokens)
 
 
+def capture_graph(
+    warm: Callable[[], object], run: Callable[[], torch.Tensor], device: torch.device, pool: Any
+) -> tuple[Any, torch.cuda.CUDAGraph, torch.Tensor]:
+    """`warm()` once on a side stream (the allocator, cuBLAS workspaces and compiling happen there, not inside the
+    capture), then `run()` captured as a CUDA graph in the memory pool `pool` (a new pool when None). Returns
+    (the pool, the graph, run's output: the tensor each replay writes)."""
+    if pool is None:
+        pool = torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        warm()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    return pool, graph, out
+
+
 def _buckets(limit: int, start: int) -> list[int]:
     out, n = [], start
     while n < limit:
@@ -782,20 +801,14 @@ class StaticKV:
         def forward(picks: bool | None) -> torch.Tensor:
             return self._prefill_forward(n, t) if picks is None else self._decode_forward(n, t, picks)
 
+        def warm() -> None:
+            out = forward(None if picks is None else False)  # a decode warm-up must not move the batch on
+            if picks:
+                self._greedy_outputs(out)  # compiled here, not inside the capture; nothing fed back
+
         entry = self.graphs.get(key)
         if entry is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream(device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up off the capture (allocator, cuBLAS workspaces, compiling)
-                warm = forward(None if picks is None else False)  # a decode warm-up must not move the batch on
-                if picks:
-                    self._greedy_outputs(warm)  # compiled here, not inside the capture; nothing fed back
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = forward(picks)
+            self._pool, graph, out = capture_graph(warm, lambda: forward(picks), self.device, self._pool)
             entry = self.graphs[key] = (graph, out)
         entry[0].replay()
         return entry[1]

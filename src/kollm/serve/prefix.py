@@ -32,12 +32,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kollm.serve.kv import MIN_PROMPT_BUCKET, StaticKV, _buckets, layer_windows
+from kollm.serve.kv import MIN_PROMPT_BUCKET, StaticKV, _buckets, capture_graph, layer_windows
 
 log = logging.getLogger("kollm.serve")
 
@@ -162,17 +163,9 @@ class Extender:
             return self.forward(n, t)
         entry = self.graphs.get((n, t))
         if entry is None:
-            try:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                stream = torch.cuda.Stream(device=self.kv.device)
-                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
-                with torch.cuda.stream(stream):  # warm-up off the capture (allocator, compiling); same writes
-                    self.forward(n, t)
-                torch.cuda.current_stream(self.kv.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self.forward(n, t)
+            try:  # the warm-up run makes the same writes as the graph's
+                run = partial(self.forward, n, t)
+                self._pool, graph, out = capture_graph(run, run, self.kv.device, self._pool)
             except Exception as e:  # noqa: BLE001 - a capture that fails: run the padded shapes eagerly from now on
                 log.warning(
                     "capturing the prefix-cache prefill failed (%s: %s); running it eagerly", type(e).__name__, e

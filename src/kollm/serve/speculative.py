@@ -33,12 +33,21 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kollm.serve.kv import MIN_LENGTH_BUCKET, StaticKV, _bucket, _buckets, greedy, step_outputs
+from kollm.serve.kv import (
+    MIN_LENGTH_BUCKET,
+    StaticKV,
+    _bucket,
+    _buckets,
+    capture_graph,
+    greedy,
+    step_outputs,
+)
 from kollm.serve.prefix import extend_forward
 
 log = logging.getLogger("kollm.serve")
@@ -261,17 +270,9 @@ class Verifier:
             return self.forward(n, n_len)
         entry = self.graphs.get((n, n_len))
         if entry is None:
-            try:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                stream = torch.cuda.Stream(device=self.kv.device)
-                stream.wait_stream(torch.cuda.current_stream(self.kv.device))
-                with torch.cuda.stream(stream):  # warm-up off the capture (allocator, compiling); same writes
-                    self.forward(n, n_len)
-                torch.cuda.current_stream(self.kv.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    out = self.forward(n, n_len)
+            try:  # the warm-up run makes the same writes as the graph's
+                run = partial(self.forward, n, n_len)
+                self._pool, graph, out = capture_graph(run, run, self.kv.device, self._pool)
                 entry = self.graphs[(n, n_len)] = (graph, out)
                 self.late += self._warm
             except Exception as e:  # noqa: BLE001 - a capture that fails: verify eagerly from now on
