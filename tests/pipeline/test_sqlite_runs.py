@@ -217,7 +217,9 @@ def test_a_logged_file_lands_where_mlflow_puts_it_without_importing_mlflow(tmp_p
     assert proc.returncode == 0, proc.stderr
     b, imported = proc.stdout.split()
     assert imported == "-"
-    assert [f.path for f in client.list_artifacts(b, "prepare")] == [f.path for f in client.list_artifacts(a, "prepare")]
+    assert [f.path for f in client.list_artifacts(b, "prepare")] == [
+        f.path for f in client.list_artifacts(a, "prepare")
+    ]
     assert [f.path for f in client.list_artifacts(b)] == ["prepare", "report.html"]
     got = client.download_artifacts(b, "prepare/report.html", str(tmp_path))
     assert open(got, encoding="utf-8").read() == "<p>리포트</p>"
@@ -230,6 +232,46 @@ def test_a_logged_file_lands_where_mlflow_puts_it_without_importing_mlflow(tmp_p
     fast = SqliteRuns.open(uri, "e")
     assert fast.local_artifact_dir(b) is None and fast.local_artifact_dir(a) is not None
     fast.close()
+
+
+def test_a_prepare_step_run_imports_no_mlflow_and_its_reports_are_in_its_run(tmp_path):
+    """`kollm step run` of a `prepare` step (an Airflow task, a pod) in a project whose store exists: no MLflow
+    imported, and MLflow lists the reports it logged in the step's run."""
+    import json
+
+    root = tmp_path / "p"
+    (root / "data").mkdir(parents=True)
+    rows = [
+        {"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"대답 {i}"}]}
+        for i in range(20)
+    ]
+    (root / "data" / "chat.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8"
+    )
+    (root / "kollm.yaml").write_text(
+        "project: prepnoml\ndata: {chat: {path: data/chat.jsonl}}\nsteps:\n  - {kind: prepare, name: prep, config: "
+        "{dataset: instructions, split: {eval_fraction: 0.1}, filters: {min_chars: 1, min_hangul_ratio: 0}}}\n",
+        encoding="utf-8",
+    )
+    kollm.run(root)  # creates the store (through MLflow)
+    out = tmp_path / "out.json"
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from kollm.cli import main\ntry:\n    main()\nfinally:\n    print(','.join(m for m in {HEAVY[:2]!r} if m in sys.modules) or '-')",
+            "step", "run", str(root / "kollm.yaml"), "--step", "prep", "--force", "--outputs-json", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.split()[-1] == "-"
+    run_id = json.loads(out.read_text(encoding="utf-8"))["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve()}/.kollm/mlflow.db")
+    assert {"prepare/stats.json", "prepare/report.html"} <= {f.path for f in client.list_artifacts(run_id, "prepare")}
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_open_declines_stores_it_does_not_know(tmp_path):
