@@ -121,8 +121,7 @@ def main() -> None:
             ).fetchall()
             xcoms = dict(
                 db.execute(
-                    "SELECT task_id, value FROM xcom WHERE dag_id = 'kollm_korean_quickstart' "
-                    "AND key = 'return_value'"
+                    "SELECT task_id, value FROM xcom WHERE dag_id = 'kollm_korean_quickstart' AND key = 'return_value'"
                 ).fetchall()
             )
         process = {}

@@ -242,12 +242,15 @@ class SqliteRuns:
         ) or not all(0 < len(k) <= 255 and len(v) <= 500 for k, v in tags.items()):
             return False
         with self._transaction() as cur:
-            run = cur.execute("SELECT lifecycle_stage, experiment_id FROM runs WHERE run_uuid = ?", (run_id,)).fetchone()
+            run = cur.execute(
+                "SELECT lifecycle_stage, experiment_id FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
             if run is None or run[0] != "active" or str(run[1]) != self.experiment_id:
                 raise _UseMlflow
             exp = int(self.experiment_id)
             row = cur.execute(
-                "SELECT dataset_uuid FROM datasets WHERE experiment_id = ? AND name = ? AND digest = ?", (exp, name, digest)
+                "SELECT dataset_uuid FROM datasets WHERE experiment_id = ? AND name = ? AND digest = ?",
+                (exp, name, digest),
             ).fetchone()
             dataset_uuid = row[0] if row else uuid.uuid4().hex
             if row is None:

@@ -265,9 +265,7 @@ class RunWriter:
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
             ds = Dataset(name=name, digest=digest, source_type=source_type, source=source, profile=profile)
-            self.client.log_inputs(
-                run_id, datasets=[DatasetInput(ds, tags=[InputTag(k, v) for k, v in tags.items()])]
-            )
+            self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag(k, v) for k, v in tags.items()])])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """One file into the run's artifacts under ARTIFACT_PATH. A run whose artifacts are a local folder gets a
