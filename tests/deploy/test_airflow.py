@@ -177,10 +177,10 @@ def _dags_test_gives_the_digests_of_kollm_run(tmp_path: Path, make_project) -> d
         r = subprocess.run([airflow, "db", "migrate"], capture_output=True, text=True, timeout=600, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         r = subprocess.run(
-            [airflow, "dags", "test", "kollm_korean_quickstart"], capture_output=True, text=True, timeout=1500, env=env
+            [airflow, "dags", "test", "kollm_korean_quickstart"], capture_output=True, text=True, timeout=2000, env=env
         )
         assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
-        assert kollm_run.wait(timeout=1500) == 0, (tmp_path / "kollm-run.log").read_text()[-5000:]
+        assert kollm_run.wait(timeout=2000) == 0, (tmp_path / "kollm-run.log").read_text()[-5000:]
     finally:
         kollm_run.kill()
         kollm_run.wait()
@@ -207,7 +207,7 @@ def _dags_test_gives_the_digests_of_kollm_run(tmp_path: Path, make_project) -> d
 @needs_airflow
 @pytest.mark.slow(
     reason="`kollm run` of a 4-step pipeline beside `airflow db migrate` and `airflow dags test` starting a `kollm "
-    "step run` process per task: 161 s on the busy 2-core machine"
+    "step run` process per task: 161-390 s on the busy 2-core machine"
 )
 @pytest.mark.timeout(900)
 def test_airflow_dags_test_runs_the_pipeline_with_the_digests_of_kollm_run(tmp_path):
@@ -228,9 +228,9 @@ WHOLE_QUICKSTART = os.environ.get("KOLLM_AIRFLOW_QUICKSTART") == "1"
 )
 @pytest.mark.slow(
     reason="the whole quickstart twice: `kollm run` beside `airflow dags test` of its 8 tasks, each a `kollm step "
-    "run` process: MEASURED"
+    "run` process: 1516 s at load average 10-37 on 2 cores (234 s of CPU)"
 )
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_airflow_dags_test_runs_the_whole_quickstart_with_the_digests_of_kollm_run(tmp_path):
     """The quickstart as `kollm init --example korean-quickstart` writes it, every step of it a task of the DAG run
     by `airflow dags test`: every output digest equal to `kollm run`'s of the same project."""
