@@ -7,7 +7,7 @@ STAMP := $(VENV)/.kollm-installed
 DEMO_DIR ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-vllm airflow-env check bench clean
+.PHONY: install demo test test-fast test-vllm airflow-env test-airflow check bench clean
 
 # torch==2.13.0 first: any other torch spec pulls several GB of CUDA packages on this CPU-only setup.
 $(STAMP): pyproject.toml
@@ -71,6 +71,12 @@ $(AIRFLOW_VENV)/.kollm-airflow-installed:
 	touch $@
 
 airflow-env: $(AIRFLOW_VENV)/.kollm-airflow-installed
+
+# The whole quickstart (8 steps) under `airflow dags test`, every output digest equal to `kollm run`'s: minutes, so
+# not in `make test` (which runs a four-step cut of it); .ci/run runs it after `make test`.
+test-airflow: install $(AIRFLOW_VENV)/.kollm-airflow-installed
+	KOLLM_AIRFLOW_QUICKSTART=1 KOLLM_AIRFLOW_PYTHON=$(abspath $(AIRFLOW_VENV))/bin/python $(BIN)/python -m pytest -q \
+		-p no:cacheprovider --durations=5 "tests/deploy/test_airflow.py::test_airflow_dags_test_runs_the_whole_quickstart_with_the_digests_of_kollm_run" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -79,13 +79,13 @@ def test_make_test_runs_two_loadgroup_workers_and_the_dev_extra_has_xdist():
 
 
 def test_ci_runs_the_checks_the_main_suite_and_the_vllm_suite():
-    """The README's Tests section: `.ci/run` runs `make check`, builds the Airflow environment, then `make test` and
-    `make test-vllm` (in that order, every command checked: `set -e`)."""
+    """The README's Tests section: `.ci/run` runs `make check`, builds the Airflow environment, then `make test`,
+    `make test-airflow` and `make test-vllm` (in that order, every command checked: `set -e`)."""
     root = Path(__file__).resolve().parent.parent
     lines = [x.strip() for x in (root / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
     assert "set -euo pipefail" in lines
     make = [x.split("#")[0].strip() for x in lines if x.startswith("make ")]
-    assert make == ["make check", "make airflow-env", "make test", "make test-vllm"]
+    assert make == ["make check", "make airflow-env", "make test", "make test-airflow", "make test-vllm"]
 
 
 def _run_with_module_log(pytester: pytest.Pytester, monkeypatch, *args: str) -> tuple[pytest.RunResult, list[str]]:
@@ -135,3 +135,25 @@ def test_units_are_handed_out_longest_first_and_record_durations_writes_their_se
     recorded = json.loads(out.read_text())
     assert set(recorded) == {"test_gone.py", "test_long.py", "test_many.py", "test_mid.py"}, recorded
     assert recorded["test_gone.py"] == 7.0 and 0.3 <= recorded["test_long.py"] < 10 and recorded["test_mid.py"] < 10
+
+
+def test_make_test_airflow_runs_the_whole_quickstart_test_and_make_test_skips_it():
+    """`make test-airflow` selects the whole-quickstart Airflow test by its node id and turns it on
+    (KOLLM_AIRFLOW_QUICKSTART=1), with Airflow's environment built first; without that variable it skips."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    makefile = (root / "Makefile").read_text(encoding="utf-8")
+    head, recipe = makefile.split("\ntest-airflow: ", 1)[1].split("\n", 1)
+    assert "install" in head.split() and "$(AIRFLOW_VENV)/.kollm-airflow-installed" in head.split()
+    recipe = re.split(r"\n(?!\t)", recipe, maxsplit=1)[0].replace("\\\n", " ")
+    assert "KOLLM_AIRFLOW_QUICKSTART=1" in recipe and "-n " not in recipe
+    (node,) = re.findall(r'"(tests/[^"]+)"', recipe)
+    from tests.deploy import test_airflow
+
+    test = getattr(test_airflow, node.split("::")[1])
+    (skip,) = [m for m in test.pytestmark if m.name == "skipif"]  # `make test` has no KOLLM_AIRFLOW_QUICKSTART
+    assert (
+        skip.args == (os.environ.get("KOLLM_AIRFLOW_QUICKSTART") != "1",)
+        and "make test-airflow" in skip.kwargs["reason"]
+    )

@@ -154,6 +154,126 @@ def test_declined_writes_go_through_mlflow_and_its_errors(tmp_path):
     assert fast.set_terminated(run, "KILLED") is False  # not active any more: MLflow decides
 
 
+def test_a_dataset_input_is_the_rows_mlflow_writes(tmp_path):
+    """StepTracker.log_dataset (a training step's data) through kollm's writer: the dataset, input and input tag rows
+    MLflow's client writes for the same call, a dataset of the same name and digest reused, and MLflow reads it."""
+    from kollm.pipeline.step import Artifact
+
+    uri, client, exp = _store(tmp_path)
+    data = Artifact(type="dataset", path=tmp_path / "d", digest="sha256:" + "ab" * 32, meta={"rows": 3})
+    fast = SqliteRuns.open(uri, "e")
+    ids = []
+    no_mlflow = object()  # kollm's writer must not fall back on MLflow's client: it has none
+    for writer in (RunWriter(uri, client=client), RunWriter(uri, fast=fast, client=no_mlflow)):  # type: ignore[arg-type]
+        for _ in range(2):  # two runs on one dataset: one datasets row for both
+            tracker = StepTracker(writer, writer.create_run(exp, "s", {}))
+            tracker.log_dataset(data, name="sft-data", context="training")
+            tracker.log_dataset(data, name="sft-data", context="training")  # again: no second edge
+            ids.append(tracker.run_id)
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+
+    def edges(run_id):
+        return con.execute(
+            "SELECT d.name, d.digest, d.dataset_source_type, d.dataset_source, d.dataset_schema, d.dataset_profile,"
+            " i.source_type, i.destination_type, i.step, t.name, t.value FROM inputs i"
+            " JOIN datasets d ON d.dataset_uuid = i.source_id JOIN input_tags t ON t.input_uuid = i.input_uuid"
+            " WHERE i.destination_id = ?",
+            (run_id,),
+        ).fetchall()
+
+    assert [edges(r) for r in ids[2:]] == [edges(r) for r in ids[:2]] and len(edges(ids[0])) == 1
+    assert con.execute("SELECT count(*) FROM datasets").fetchone() == (1,)
+    con.close()
+    got = client.get_run(ids[3]).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest, [(t.key, t.value) for t in d.tags]) for d in got] == [
+        ("sft-data", "ab" * 16, [("mlflow.data.context", "training")])
+    ]
+    assert "rows" in got[0].dataset.profile
+    fast.close()
+
+
+def test_a_logged_file_lands_where_mlflow_puts_it_without_importing_mlflow(tmp_path):
+    """StepTracker.log_artifact into a run whose artifacts are a local folder copies the file where MLflow's client
+    would (MLflow lists and downloads it), in a process that never imports MLflow; elsewhere MLflow's client logs."""
+    uri, client, exp = _store(tmp_path)
+    report = tmp_path / "report.html"
+    report.write_text("<p>리포트</p>", encoding="utf-8")
+    a = client.create_run(exp, run_name="s").info.run_id
+    client.log_artifact(a, str(report), "prepare")
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from kollm.pipeline.sqlite_runs import SqliteRuns
+        from kollm.pipeline.tracking import RunWriter, StepTracker
+        fast = SqliteRuns.open({uri!r}, "e")
+        writer = RunWriter({uri!r}, fast=fast)
+        tracker = StepTracker(writer, writer.create_run({exp!r}, "s", {{}}))
+        tracker.log_artifact(Path({str(report)!r}), "prepare")
+        tracker.log_artifact(Path({str(report)!r}))
+        tracker.end("FINISHED")
+        print(tracker.run_id, ",".join(m for m in ("mlflow", "sqlalchemy") if m in sys.modules) or "-")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    b, imported = proc.stdout.split()
+    assert imported == "-"
+    assert [f.path for f in client.list_artifacts(b, "prepare")] == [
+        f.path for f in client.list_artifacts(a, "prepare")
+    ]
+    assert [f.path for f in client.list_artifacts(b)] == ["prepare", "report.html"]
+    got = client.download_artifacts(b, "prepare/report.html", str(tmp_path))
+    assert open(got, encoding="utf-8").read() == "<p>리포트</p>"
+    assert not [p for p in (tmp_path / "art").rglob(".artifact.uploading.*")]  # no temp file left behind
+    # a run whose artifacts are not a local folder: MLflow's client (and its errors) decide
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    con.execute("UPDATE runs SET artifact_uri = 's3://bucket/x' WHERE run_uuid = ?", (b,))
+    con.commit()
+    con.close()
+    fast = SqliteRuns.open(uri, "e")
+    assert fast.local_artifact_dir(b) is None and fast.local_artifact_dir(a) is not None
+    fast.close()
+
+
+def test_a_prepare_step_run_imports_no_mlflow_and_its_reports_are_in_its_run(tmp_path):
+    """`kollm step run` of a `prepare` step (an Airflow task, a pod) in a project whose store exists: no MLflow
+    imported, and MLflow lists the reports it logged in the step's run."""
+    import json
+
+    root = tmp_path / "p"
+    (root / "data").mkdir(parents=True)
+    rows = [
+        {"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"대답 {i}"}]}
+        for i in range(20)
+    ]
+    (root / "data" / "chat.jsonl").write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8"
+    )
+    (root / "kollm.yaml").write_text(
+        "project: prepnoml\ndata: {chat: {path: data/chat.jsonl}}\nsteps:\n  - {kind: prepare, name: prep, config: "
+        "{dataset: instructions, split: {eval_fraction: 0.1}, filters: {min_chars: 1, min_hangul_ratio: 0}}}\n",
+        encoding="utf-8",
+    )
+    kollm.run(root)  # creates the store (through MLflow)
+    out = tmp_path / "out.json"
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from kollm.cli import main\ntry:\n    main()\nfinally:\n    print(','.join(m for m in {HEAVY[:2]!r} if m in sys.modules) or '-')",
+            "step", "run", str(root / "kollm.yaml"), "--step", "prep", "--force", "--outputs-json", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.split()[-1] == "-"
+    run_id = json.loads(out.read_text(encoding="utf-8"))["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root.resolve()}/.kollm/mlflow.db")
+    assert {"prepare/stats.json", "prepare/report.html"} <= {f.path for f in client.list_artifacts(run_id, "prepare")}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_open_declines_stores_it_does_not_know(tmp_path):
     assert SqliteRuns.open(f"sqlite:///{tmp_path / 'none.db'}", "e") is None
     assert not (tmp_path / "none.db").exists()  # nothing created: MLflow creates new stores

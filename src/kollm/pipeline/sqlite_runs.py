@@ -231,6 +231,69 @@ class SqliteRuns:
                 raise _UseMlflow
         return not cur.use_mlflow
 
+    def log_dataset_input(
+        self, run_id: str, name: str, digest: str, source_type: str, source: str, profile: str, tags: dict[str, str]
+    ) -> bool:
+        """MlflowClient.log_inputs(run_id, datasets=[DatasetInput(Dataset(name, digest, source_type, source,
+        profile=profile), tags)]) for a run of this experiment: the dataset row (reused when the experiment has one of
+        that name and digest), the run's input edge to it and the edge's tags. False: nothing written, use MLflow."""
+        if not (
+            0 < len(name) <= 500 and 0 < len(digest) <= 36 and len(source) <= 65535 and len(profile) <= 16777215
+        ) or not all(0 < len(k) <= 255 and len(v) <= 500 for k, v in tags.items()):
+            return False
+        with self._transaction() as cur:
+            run = cur.execute(
+                "SELECT lifecycle_stage, experiment_id FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
+            if run is None or run[0] != "active" or str(run[1]) != self.experiment_id:
+                raise _UseMlflow
+            exp = int(self.experiment_id)
+            row = cur.execute(
+                "SELECT dataset_uuid FROM datasets WHERE experiment_id = ? AND name = ? AND digest = ?",
+                (exp, name, digest),
+            ).fetchone()
+            dataset_uuid = row[0] if row else uuid.uuid4().hex
+            if row is None:
+                cur.execute(
+                    "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type,"
+                    " dataset_source, dataset_schema, dataset_profile) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                    (dataset_uuid, exp, name, digest, source_type, source, profile),
+                )
+            edge = cur.execute(
+                "SELECT 1 FROM inputs WHERE source_type = 'DATASET' AND source_id = ? AND destination_type = 'RUN'"
+                " AND destination_id = ?",
+                (dataset_uuid, run_id),
+            ).fetchone()
+            if edge is None:  # as MLflow: an edge the run already has keeps its tags
+                input_uuid = uuid.uuid4().hex
+                cur.execute(
+                    "INSERT INTO inputs (input_uuid, source_type, source_id, destination_type, destination_id, step)"
+                    " VALUES (?, 'DATASET', ?, 'RUN', ?, 0)",
+                    (input_uuid, dataset_uuid, run_id),
+                )
+                cur.executemany(
+                    "INSERT INTO input_tags (input_uuid, name, value) VALUES (?, ?, ?)",
+                    [(input_uuid, k, v) for k, v in tags.items()],
+                )
+        return not cur.use_mlflow
+
+    def local_artifact_dir(self, run_id: str) -> str | None:
+        """The local folder of an active run's artifacts (its artifact URI is a plain file:// URI or an absolute
+        path); None: somewhere else (an object store, a tracking server's proxy), or no such active run."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT artifact_uri, lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
+        if row is None or row[1] != "active" or not isinstance(row[0], str):
+            return None
+        uri = row[0]
+        if uri.startswith("file://"):
+            rest = uri.removeprefix("file://")
+            if not rest.startswith("/") or any(c in rest for c in "?#;%"):  # a host, or anything to unquote
+                return None
+            return rest
+        return uri if uri.startswith("/") and not any(c in uri for c in "?#;") else None
+
     def running_runs(self, host: str, limit: int = 200) -> list[tuple[str, str | None]]:
         """(run id, kollm.pid tag) of this experiment's active RUNNING runs tagged with kollm.host = host, newest first."""
         with self._lock:

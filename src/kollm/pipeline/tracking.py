@@ -12,9 +12,11 @@ import getpass
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from kollm.errors import KollmError
 from kollm.redact import mask_text, mask_uri
-from kollm.pipeline.sqlite_runs import SqliteRuns
+from kollm.pipeline.sqlite_runs import SqliteRuns, bad_key
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -252,6 +254,41 @@ class RunWriter:
                     run_id, params=p[i : i + BATCH], metrics=m[i : i + BATCH], tags=t[i : i + BATCH], synchronous=True
                 )
 
+    def log_dataset_input(
+        self, run_id: str, *, name: str, digest: str, source_type: str, source: str, profile: str, tags: dict[str, str]
+    ) -> None:
+        with _store_errors():
+            if self.fast is not None and self.fast.log_dataset_input(
+                run_id, name, digest, source_type, source, profile, tags
+            ):
+                return
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            ds = Dataset(name=name, digest=digest, source_type=source_type, source=source, profile=profile)
+            self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag(k, v) for k, v in tags.items()])])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        """One file into the run's artifacts under ARTIFACT_PATH. A run whose artifacts are a local folder gets a
+        copy written as MLflow's LocalArtifactRepository writes it (a hidden temp file in the destination folder,
+        its mode and times copied, then renamed): no MLflow import for a step that logs a report."""
+        with _store_errors():
+            base = self.fast.local_artifact_dir(run_id) if self.fast is not None else None
+            if base is not None and (artifact_path is None or not bad_key(artifact_path)):
+                folder = os.path.join(base, artifact_path) if artifact_path else base
+                os.makedirs(folder, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=".artifact.uploading.")
+                try:
+                    with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                        shutil.copyfileobj(src, out)
+                    shutil.copystat(path, tmp)
+                    os.replace(tmp, os.path.join(folder, path.name))
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(tmp)
+                    raise
+                return
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
     def set_terminated(self, run_id: str, status: str) -> None:
         with _store_errors():
             if self.fast is not None and self.fast.set_terminated(run_id, status):
@@ -302,21 +339,18 @@ class StepTracker:
         if path.is_dir():
             self._writer.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
-            self._writer.client.log_artifact(self.run_id, str(path), artifact_path)
+            self._writer.log_artifact(self.run_id, path, artifact_path)
 
     def log_dataset(self, artifact: Artifact, name: str, context: str) -> None:
         """Record a dataset artifact as an MLflow run input (name, digest, source, row counts)."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        ds = Dataset(
+        self._writer.log_dataset_input(
+            self.run_id,
             name=name,
             digest=artifact.digest.removeprefix("sha256:")[:32],
             source_type="local",
             source=json.dumps({"uri": str(artifact.path), "type": artifact.type}),
             profile=json.dumps(artifact.meta, default=str)[:MAX_PARAM_LEN],
-        )
-        self._writer.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])]
+            tags={"mlflow.data.context": context},
         )
 
     def end(self, status: str) -> None:
