@@ -61,6 +61,9 @@ def dagbag(folder: Path, home: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+QUICKSTART_STEPS = {"prepare-corpus", "prepare-sft", "prepare-prefs", "cpt", "sft", "align", "evaluate", "register"}
+
+
 @needs_airflow
 def test_the_dag_imports_in_airflow_with_one_task_per_step(quickstart, tmp_path):
     r = compile_dag(quickstart, "--schedule", "0 3 * * 1", "-o", str(tmp_path / "dags" / "kollm_qs.py"))
@@ -69,16 +72,7 @@ def test_the_dag_imports_in_airflow_with_one_task_per_step(quickstart, tmp_path)
     assert bag["errors"] == {}
     dag = bag["dags"]["kollm_korean_quickstart"]
     tasks = dag["tasks"]
-    assert set(tasks) == {
-        "prepare-corpus",
-        "prepare-sft",
-        "prepare-prefs",
-        "cpt",
-        "sft",
-        "align",
-        "evaluate",
-        "register",
-    }
+    assert set(tasks) == QUICKSTART_STEPS
     assert tasks["sft"]["upstream"] == ["cpt", "prepare-sft"]
     assert tasks["register"]["upstream"] == ["align", "evaluate"]
     assert tasks["prepare-corpus"]["upstream"] == []
@@ -237,14 +231,5 @@ def test_airflow_dags_test_runs_the_whole_quickstart_with_the_digests_of_kollm_r
     from kollm.examples import init_project
 
     results = _dags_test_gives_the_digests_of_kollm_run(tmp_path, lambda d: init_project(d, "korean-quickstart"))
-    assert list(results) and set(results) == {
-        "prepare-corpus",
-        "prepare-sft",
-        "prepare-prefs",
-        "cpt",
-        "sft",
-        "align",
-        "evaluate",
-        "register",
-    }
+    assert list(results) and set(results) == QUICKSTART_STEPS
     assert results["register"]["outputs"] and results["evaluate"]["metrics"], results["evaluate"]
